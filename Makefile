@@ -1,0 +1,46 @@
+# Tessera — every target CI or a developer needs. `make check` is what CI runs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv sysdeps lint test check bench demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# System programs the tests and benches use (Debian packages). Installs only what is missing.
+SYSPKGS := e2fsprogs
+sysdeps:
+	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
+	fi
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: venv sysdeps
+	$(BIN)/pytest -m 'not bench and not slow'
+
+check: lint test
+
+bench: venv sysdeps
+	$(BIN)/python -m tests.bench
+
+demo: venv
+	@echo "The demo (lab engine + imageio + daemon) arrives with the oVirt and service issues."
+	@echo "Until then it runs the store tour: init a store, back up a generated image's chunks, show info."
+	$(BIN)/python -m tests.bench.demo_store
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

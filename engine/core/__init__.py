@@ -1,0 +1,1 @@
+"""Value types shared by every layer: chunk ids, errors, units. Imports nothing of ours."""

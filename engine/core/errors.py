@@ -1,0 +1,86 @@
+"""Errors carry identity and a class.
+
+Every error Tessera raises on purpose is an ``EngineError``: it has named fields (``pack``,
+``chunk``, ``snapshot``, ``path``…) kept in ``fields`` and a message template that uses them,
+so the message always names the object. Classes say what a caller may do:
+
+- ``ConfigError``      bad input from a person (arguments, files, passphrases); fix and retry.
+- ``TransientError``   may succeed when retried (timeouts, resets); ``retryable`` is True.
+- ``IntegrityError``   stored data is wrong (CRC, AEAD tag, id mismatch, tampering); never
+                       retried, always reported.
+- ``StoreError``       the store cannot do what was asked (missing chunk, locked, bad layout).
+- ``WorkerError``      a CPU worker died or misbehaved; the job fails, the pool lives on.
+
+Exit codes live in the CLI entry only; HTTP statuses only at the API edge.
+"""
+
+from typing import ClassVar
+
+
+class EngineError(Exception):
+    """Base of Tessera's errors. Subclasses set ``template``; fields fill it in."""
+
+    template: ClassVar[str] = "{message}"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+        super().__init__(self.template.format(**fields))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(EngineError):
+    template = "{message}"
+
+
+class KeyFileError(ConfigError):
+    """The key file cannot be read or unlocked."""
+
+    template = "key file {path}: {reason}"
+
+
+class TransientError(EngineError):
+    retryable = True
+
+
+class StoreError(EngineError):
+    template = "store {path}: {reason}"
+
+
+class StoreLocked(StoreError):
+    template = "store {path}: {reason}"
+
+
+class ChunkMissing(StoreError):
+    template = "chunk {chunk} is not in the store{context}"
+
+
+class SnapshotNotFound(StoreError):
+    template = "snapshot {snapshot}: {reason}"
+
+
+class IntegrityError(EngineError):
+    template = "{message}"
+
+
+class CorruptRecord(IntegrityError):
+    template = "corrupt record for chunk {chunk} in pack {pack} at offset {offset}: {reason}"
+
+
+class CorruptPack(IntegrityError):
+    template = "corrupt pack {pack}: {reason}"
+
+
+class CorruptDiskMap(IntegrityError):
+    template = "corrupt DiskMap {path}: {reason}"
+
+
+class ManifestTampered(IntegrityError):
+    template = "manifest of snapshot {snapshot} ({path}) failed authentication: {reason}"
+
+
+class WorkerError(EngineError):
+    template = "CPU worker failed while {task}: {reason}"

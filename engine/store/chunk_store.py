@@ -1,0 +1,406 @@
+"""``Store``: the chunk store facade — init, open (= recover), has/put/get, snapshots.
+
+Thread-safe: the async engine calls it from executor threads. Appends are serialised by one
+lock; a full pack is sealed by a background thread (fsync is I/O wait, and CPU workers keep
+encoding meanwhile) and its records stay readable while it seals. ``flush()`` returns once
+every record put so far is in a sealed pack whose index entries are durable — the first half
+of the commit order (see ``SnapshotWriter.commit``).
+"""
+
+import os
+import secrets
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from engine.core.errors import (
+    ChunkMissing,
+    CorruptRecord,
+    SnapshotNotFound,
+    StoreError,
+)
+from engine.core.ids import ZERO_ID, ChunkId, short
+from engine.store import format as fmt
+from engine.store import manifest as manifest_mod
+from engine.store.catalog import Catalog, CatalogEntry
+from engine.store.codec import Codec, parse_header
+from engine.store.diskmap import DiskMap
+from engine.store.index import Index
+from engine.store.keys import (
+    ENCRYPTION_AES,
+    ENCRYPTIONS,
+    KdfParams,
+    StoreKeys,
+    read_key_file,
+    write_key_file,
+)
+from engine.store.layout import STORE_FORMAT, Layout, StoreConfig
+from engine.store.locks import WriterLock
+from engine.store.manifest import DiskEntry, Manifest
+from engine.store.pack import PackWriter, SealedPack, pack_path
+from engine.store.recovery import RecoveryReport, recover
+from engine.store.snapshot import SnapshotWriter
+from engine.util.fs import atomic_write, fsync_dir
+
+DEFAULT_CHUNK_SIZE: Final = 1024 * 1024  # see the package docstring for the measurement
+DEFAULT_PACK_SIZE: Final = 64 * 1024 * 1024
+MIN_PACK_SIZE: Final = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    path: str
+    format: int
+    store_id: str
+    chunk_size: int
+    encryption: str
+    pack_size: int
+    packs: int
+    chunks: int
+    unique_bytes: int  # plaintext bytes of all stored chunks
+    stored_bytes: int  # bytes of their records
+    pack_bytes: int  # bytes of pack files (records + headers + trailers)
+    snapshots: int
+    logical_bytes: int  # data bytes referenced by all snapshots
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+def validate_chunk_size(chunk_size: int) -> None:
+    if not fmt.MIN_CHUNK_SIZE <= chunk_size <= fmt.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise StoreError(
+            path="(new)",
+            reason=f"chunk size {chunk_size} must be a power of two between "
+            f"{fmt.MIN_CHUNK_SIZE} and {fmt.MAX_CHUNK_SIZE}",
+        )
+
+
+@dataclass
+class _Pending:
+    writer: PackWriter
+    offset: int
+    length: int
+
+
+class Store:
+    """An open chunk store. Use ``Store.init`` then ``Store.open``; close when done."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        config: StoreConfig,
+        keys: StoreKeys,
+        writable: bool,
+        lock: WriterLock | None,
+    ):
+        self.path = layout.root
+        self.layout = layout
+        self.config = config
+        self.keys = keys
+        self.writable = writable
+        self._lock_file = lock
+        self.codec = Codec(keys)
+        self.index = Index(layout.index, readonly=not writable)
+        self.catalog = Catalog(layout.catalog, readonly=not writable)
+        self.report = RecoveryReport()
+        self._wlock = threading.Lock()
+        self._open: PackWriter | None = None
+        self._pending: dict[bytes, _Pending] = {}
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-sealer")
+        self._sealing: list[Future[None]] = []
+        self._failed: BaseException | None = None
+
+    # --- creation and opening --------------------------------------------------------------
+
+    @staticmethod
+    def init(
+        path: Path,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        encryption: str = ENCRYPTION_AES,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        key_file: Path | None = None,
+        passphrase: bytes | None = None,
+        kdf: KdfParams | None = None,
+    ) -> StoreConfig:
+        """Create a new store at ``path`` (which must be absent or an empty directory)."""
+        validate_chunk_size(chunk_size)
+        if encryption not in ENCRYPTIONS:
+            raise StoreError(path=path, reason=f"unknown encryption {encryption!r}")
+        if pack_size < MIN_PACK_SIZE:
+            raise StoreError(path=path, reason=f"pack size must be at least {MIN_PACK_SIZE}")
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(path=path, reason="exists and is not empty")
+        layout = Layout(path)
+        config = StoreConfig(
+            format=STORE_FORMAT,
+            store_id=secrets.token_hex(16),
+            chunk_size=chunk_size,
+            encryption=encryption,
+            pack_size=pack_size,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
+        path.mkdir(parents=True, exist_ok=True)
+        for d in (layout.packs, layout.packs / "tmp", layout.snapshots):
+            d.mkdir(exist_ok=True)
+        write_key_file(key_file or layout.default_key_file, keys, config.store_id, passphrase, kdf)
+        Index(layout.index).close()
+        Catalog(layout.catalog).close()
+        atomic_write(layout.config, config.dump(), "store.init")  # written last: store exists
+        fsync_dir(path.parent)
+        return config
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        passphrase: bytes | None = None,
+        key_file: Path | None = None,
+        writable: bool = True,
+    ) -> "Store":
+        """Open a store; a writable open takes the writer lock and recovers (see recovery)."""
+        layout = Layout(path)
+        config = StoreConfig.load(path)
+        keys = read_key_file(key_file or layout.default_key_file, config.store_id, passphrase)
+        lock = WriterLock(path) if writable else None
+        try:
+            store = cls(layout, config, keys, writable, lock)
+            if writable:
+                store.report = recover(layout, store.index, store.catalog, store.manifest)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Flush (when writable), then release everything. Idempotent."""
+        try:
+            if self.writable and self._failed is None:
+                self.flush()
+        finally:
+            if self._open is not None:
+                self._open.abort()
+                self._open = None
+            self._sealer.shutdown(wait=True)
+            self.index.close()
+            self.catalog.close()
+            if self._lock_file is not None:
+                self._lock_file.release()
+                self._lock_file = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- chunks ------------------------------------------------------------------------------
+
+    def has(self, chunk_id: bytes) -> bool:
+        """True if the chunk is stored (sealed or in a pack being written)."""
+        with self._wlock:
+            if chunk_id in self._pending:
+                return True
+        return self.index.has(chunk_id)
+
+    def put(self, chunk_id: ChunkId, record: bytes | bytearray | memoryview) -> bool:
+        """Append a verified record unless its chunk is already stored; True if written."""
+        if not self.writable:
+            raise StoreError(path=self.path, reason="opened read-only")
+        header = parse_header(record)
+        if header.chunk_id != chunk_id or header.size != len(record):
+            raise CorruptRecord(
+                chunk=short(chunk_id), pack="(new)", offset=0, reason="record does not match id"
+            )
+        with self._wlock:
+            self._raise_if_failed()
+            if chunk_id in self._pending or self.index.has(chunk_id):
+                return False
+            writer = self._open
+            if writer is None:
+                writer = self._open = PackWriter(self.layout.packs)
+            offset = writer.append(chunk_id, record, header.plain_len)
+            self._pending[chunk_id] = _Pending(writer, offset, len(record))
+            if writer.size >= self.config.pack_size:
+                self._rotate_locked()
+        return True
+
+    def put_chunk(self, plain: bytes) -> ChunkId:
+        """Hash, encode and put one chunk in the calling thread (small data: configs, tests)."""
+        chunk_id = self.codec.chunk_id(plain)
+        if not self.has(chunk_id):
+            self.put(chunk_id, self.codec.encode(plain, chunk_id))
+        return chunk_id
+
+    def get_record(self, chunk_id: bytes) -> tuple[bytes, str, int]:
+        """(record bytes, pack name, offset) of a stored chunk; raises ChunkMissing."""
+        with self._wlock:
+            pending = self._pending.get(chunk_id)
+        if pending is not None:
+            return (
+                pending.writer.read(pending.offset, pending.length),
+                pending.writer.name,
+                pending.offset,
+            )
+        loc = self.index.lookup(chunk_id)
+        if loc is None:
+            raise ChunkMissing(chunk=short(chunk_id), context="")
+        path = pack_path(self.layout.packs, loc.pack)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(
+                path=self.path, reason=f"pack {loc.pack} of chunk {short(chunk_id)} is missing"
+            ) from None
+        try:
+            record = os.pread(fd, loc.length, loc.offset)
+        finally:
+            os.close(fd)
+        if len(record) != loc.length:
+            raise CorruptRecord(
+                chunk=short(chunk_id), pack=loc.pack, offset=loc.offset, reason="pack is truncated"
+            )
+        return record, loc.pack, loc.offset
+
+    def read_chunk(self, chunk_id: ChunkId) -> bytes:
+        """The verified plaintext of a chunk (decoded in the calling thread)."""
+        if chunk_id == ZERO_ID:
+            raise ValueError("the ZERO id has no stored chunk; callers produce zeros")
+        record, pack, offset = self.get_record(chunk_id)
+        return self.codec.decode(record, chunk_id, pack, offset)
+
+    def flush(self) -> None:
+        """Seal the open pack and wait until every sealed pack's index entries are durable."""
+        with self._wlock:
+            self._raise_if_failed()
+            if self._open is not None and self._open.entries:
+                self._rotate_locked()
+            sealing, self._sealing = self._sealing, []
+        for fut in sealing:
+            fut.result()
+        self._raise_if_failed()
+
+    def _rotate_locked(self) -> None:
+        writer, self._open = self._open, None
+        assert writer is not None
+        self._sealing.append(self._sealer.submit(self._seal, writer))
+
+    def _seal(self, writer: PackWriter) -> None:
+        try:
+            sealed = writer.seal()
+            self.index.add_pack(sealed)
+        except BaseException as e:
+            with self._wlock:
+                self._failed = e
+            raise
+        with self._wlock:
+            for entry in sealed.entries:
+                p = self._pending.get(entry.chunk_id)
+                if p is not None and p.writer is writer:
+                    del self._pending[entry.chunk_id]
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise StoreError(
+                path=self.path, reason=f"a pack could not be sealed: {self._failed}"
+            ) from self._failed
+
+    def add_sealed_pack(self, sealed: SealedPack) -> None:
+        """Index a pack written by someone else (repack, replication receiver)."""
+        self.index.add_pack(sealed)
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def begin_snapshot(
+        self,
+        vm_id: str,
+        vm_name: str,
+        level: str,
+        parent: str | None = None,
+        time: datetime | None = None,
+    ) -> SnapshotWriter:
+        """Start a snapshot; nothing is visible until ``commit()`` writes its manifest."""
+        if not self.writable:
+            raise StoreError(path=self.path, reason="opened read-only")
+        return SnapshotWriter(self, vm_id, vm_name, level, parent, time)
+
+    def commit_manifest(self, manifest: Manifest) -> None:
+        """Publish a manifest (the commit point) and list it in the catalog.
+
+        Preconditions (``SnapshotWriter.commit`` ensures them): every chunk its DiskMaps
+        reference is durable and indexed, and the DiskMaps are published.
+        """
+        atomic_write(
+            self.layout.manifest(manifest.snapshot_id),
+            manifest_mod.encode(manifest, self.keys),
+            "store.manifest",
+        )
+        self.catalog.add(manifest)
+
+    def snapshots(self, vm: str | None = None) -> list[CatalogEntry]:
+        return self.catalog.entries(vm)
+
+    def resolve(self, ref: str) -> str:
+        """A full snapshot id from an id or a unique prefix; raises SnapshotNotFound."""
+        matches = self.catalog.match(ref)
+        if ref in matches:
+            return ref
+        if len(matches) == 1:
+            return matches[0]
+        reason = "no such snapshot" if not matches else f"ambiguous ({len(matches)} match)"
+        raise SnapshotNotFound(snapshot=ref, reason=reason)
+
+    def manifest(self, snapshot_id: str) -> Manifest:
+        path = self.layout.manifest(snapshot_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise SnapshotNotFound(snapshot=snapshot_id, reason="no manifest") from None
+        return manifest_mod.decode(raw, self.keys, snapshot_id, path)
+
+    def open_diskmap(self, manifest: Manifest, disk: DiskEntry) -> DiskMap:
+        """Open a snapshot's DiskMap, checked against the checksum its manifest records."""
+        return DiskMap(
+            self.layout.snapshot_dir(manifest.snapshot_id) / disk.diskmap,
+            bytes.fromhex(disk.diskmap_checksum),
+        )
+
+    # --- information and repair ---------------------------------------------------------------
+
+    def info(self) -> StoreInfo:
+        stats = self.index.stats()
+        snaps = self.catalog.entries()
+        return StoreInfo(
+            path=str(self.path),
+            format=self.config.format,
+            store_id=self.config.store_id,
+            chunk_size=self.config.chunk_size,
+            encryption=self.config.encryption,
+            pack_size=self.config.pack_size,
+            packs=stats.packs,
+            chunks=stats.chunks,
+            unique_bytes=stats.plain_bytes,
+            stored_bytes=stats.stored_bytes,
+            pack_bytes=stats.pack_bytes,
+            snapshots=len(snaps),
+            logical_bytes=sum(s.data_bytes for s in snaps),
+        )
+
+    def rebuild_index(self) -> RecoveryReport:
+        """Forget the index and rebuild it from the trailers of every sealed pack."""
+        self.flush()
+        self.index.clear()
+        self.report = recover(self.layout, self.index, self.catalog, self.manifest)
+        return self.report

@@ -1,0 +1,96 @@
+"""Where things live inside a store directory, and its ``config.json``.
+
+::
+
+    STORE/
+      config.json            StoreConfig (format, store id, chunk size, encryption, pack size)
+      keys/key               the key file (unless kept elsewhere with --key-file)
+      lock                   the writer lock (flock)
+      index.db               chunk index (SQLite WAL), rebuildable from packs
+      catalog.db             snapshot catalog (SQLite WAL), rebuildable from manifests
+      packs/tmp/*.pack.tmp   the open pack (discarded by recovery)
+      packs/nn/<name>.pack   sealed packs
+      snapshots/<id>/        DiskMaps (disk-<n>.dmap) and the manifest (commit point)
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final
+
+from engine.core.errors import StoreError
+
+STORE_FORMAT: Final = 1
+CONFIG_NAME: Final = "config.json"
+MANIFEST_NAME: Final = "manifest"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    format: int
+    store_id: str
+    chunk_size: int
+    encryption: str
+    pack_size: int
+    created: str
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+
+    @classmethod
+    def load(cls, root: Path) -> "StoreConfig":
+        path = root / CONFIG_NAME
+        try:
+            doc = json.loads(path.read_bytes())
+            config = cls(**doc)
+        except FileNotFoundError:
+            raise StoreError(path=root, reason="not a Tessera store (no config.json)") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise StoreError(path=root, reason=f"config.json is unreadable: {e}") from e
+        if config.format != STORE_FORMAT:
+            raise StoreError(path=root, reason=f"unsupported store format {config.format}")
+        return config
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def default_key_file(self) -> Path:
+        return self.root / "keys" / "key"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.db"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.db"
+
+    @property
+    def packs(self) -> Path:
+        return self.root / "packs"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot_dir(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id
+
+    def manifest(self, snapshot_id: str) -> Path:
+        return self.snapshots / snapshot_id / MANIFEST_NAME
+
+    def committed_snapshots(self) -> set[str]:
+        if not self.snapshots.exists():
+            return set()
+        return {p.parent.name for p in self.snapshots.glob(f"*/{MANIFEST_NAME}")}
+
+    def pack_files(self) -> dict[str, Path]:
+        """Sealed pack files on disk by name."""
+        return {p.stem: p for p in self.packs.glob("??/*.pack")}

@@ -1,0 +1,37 @@
+"""The store's writer lock: one process at a time may open a store for writing.
+
+Inside that process many jobs share one ``Store`` (it is thread-safe); other processes may
+open it read-only at any time (SQLite WAL readers and immutable sealed packs make that safe).
+The lock is an ``flock`` on ``STORE/lock``, released by the kernel when the process dies, so
+a killed writer never leaves a stale lock. The holder's pid is written into the file for the
+error message.
+"""
+
+import fcntl
+import os
+from pathlib import Path
+
+from engine.core.errors import StoreLocked
+
+
+class WriterLock:
+    def __init__(self, store_path: Path):
+        self._path = store_path / "lock"
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise StoreLocked(
+                path=store_path,
+                reason=f"opened for writing by another process (pid {holder}); "
+                "stop it or use a read-only command",
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1

@@ -1,0 +1,167 @@
+"""Packs: append-only files of records, sealed once and never changed.
+
+Life of a pack::
+
+    packs/tmp/<name>.pack.tmp   open: header, then records appended as they come
+          │  seal(): trailer + footer → fsync(file) → rename → fsync(dir)
+          ▼
+    packs/<nn>/<name>.pack      sealed: immutable; the trailer lists every record
+
+A crash before the rename leaves only a ``.tmp`` file, which the next open deletes (its
+chunks were never referenced by a committed manifest: manifests are written after the packs
+they use are sealed). Pack names are 32 random hex digits; ``<nn>`` is their first two, to
+keep directories small.
+"""
+
+import os
+import secrets
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from engine.core.errors import CorruptPack
+from engine.core.ids import ChunkId
+from engine.store import format as fmt
+from engine.util import failpoints
+from engine.util.fs import TMP_SUFFIX, fsync_dir, write_all
+
+PACK_SUFFIX: Final = ".pack"
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    chunk_id: ChunkId
+    offset: int
+    length: int
+    plain_len: int
+
+
+@dataclass(frozen=True)
+class SealedPack:
+    name: str
+    size: int
+    entries: list[PackEntry]
+
+
+def pack_path(packs_dir: Path, name: str) -> Path:
+    return packs_dir / name[:2] / (name + PACK_SUFFIX)
+
+
+def new_pack_name() -> str:
+    return secrets.token_hex(fmt.PACK_ID_SIZE)
+
+
+class PackWriter:
+    """One open pack. Not thread-safe: the chunk store serialises appends."""
+
+    def __init__(self, packs_dir: Path, name: str | None = None):
+        self.name = name or new_pack_name()
+        self._packs_dir = packs_dir
+        self._tmp = packs_dir / "tmp" / (self.name + PACK_SUFFIX + TMP_SUFFIX)
+        self._tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd_lock = threading.Lock()  # read() may race with seal() closing the fd
+        self.entries: list[PackEntry] = []
+        header = fmt.PACK_HEADER.pack(fmt.PACK_MAGIC, fmt.FORMAT_VERSION, bytes.fromhex(self.name))
+        write_all(self._fd, header)
+        self.size = len(header)
+
+    def append(self, chunk_id: ChunkId, record: bytes | bytearray | memoryview, plain_len: int) -> int:
+        """Append one record; returns its offset. The record must already be verified."""
+        offset = self.size
+        write_all(self._fd, record, failpoint="store.record.mid_write")
+        self.size += len(record)
+        self.entries.append(PackEntry(chunk_id, offset, len(record), plain_len))
+        failpoints.hit("store.record.after_write")
+        return offset
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read back a record of this pack, whether still open, sealing or sealed."""
+        with self._fd_lock:
+            if self._fd >= 0:
+                return os.pread(self._fd, length, offset)
+        with pack_path(self._packs_dir, self.name).open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def seal(self) -> SealedPack:
+        """Write the trailer and publish the pack durably under its final name."""
+        failpoints.hit("store.pack.before_trailer")
+        trailer = b"".join(
+            fmt.TRAILER_ENTRY.pack(e.chunk_id, e.offset, e.length, e.plain_len)
+            for e in self.entries
+        )
+        footer = fmt.PACK_FOOTER.pack(
+            fmt.PACK_FOOTER_MAGIC,
+            fmt.FORMAT_VERSION,
+            len(self.entries),
+            zlib.crc32(trailer),
+            self.size,
+        )
+        write_all(self._fd, trailer + footer, failpoint="store.pack.mid_trailer")
+        size = self.size + len(trailer) + len(footer)
+        failpoints.hit("store.pack.before_fsync")
+        os.fsync(self._fd)
+        final = pack_path(self._packs_dir, self.name)
+        new_shard = not final.parent.exists()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if new_shard:
+            fsync_dir(self._packs_dir)
+        failpoints.hit("store.pack.before_rename")
+        with self._fd_lock:
+            os.rename(self._tmp, final)
+            os.close(self._fd)
+            self._fd = -1
+        failpoints.hit("store.pack.after_rename")
+        fsync_dir(final.parent)
+        failpoints.hit("store.pack.after_dir_fsync")
+        return SealedPack(self.name, size, self.entries)
+
+    def abort(self) -> None:
+        """Drop an open pack (its records were never published)."""
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+
+def read_trailer(path: Path, name: str) -> tuple[int, list[PackEntry]]:
+    """Read a sealed pack's trailer: (file size, entries). Raises CorruptPack naming it."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < fmt.PACK_HEADER.size + fmt.PACK_FOOTER.size:
+                raise CorruptPack(pack=name, reason=f"only {size} bytes long")
+            magic, version, pack_id = fmt.PACK_HEADER.unpack(f.read(fmt.PACK_HEADER.size))
+            if magic != fmt.PACK_MAGIC or version != fmt.FORMAT_VERSION:
+                raise CorruptPack(pack=name, reason="bad pack header")
+            if pack_id.hex() != name:
+                raise CorruptPack(pack=name, reason=f"header names pack {pack_id.hex()}")
+            f.seek(size - fmt.PACK_FOOTER.size)
+            fmagic, fversion, count, crc, trailer_offset = fmt.PACK_FOOTER.unpack(
+                f.read(fmt.PACK_FOOTER.size)
+            )
+            if fmagic != fmt.PACK_FOOTER_MAGIC or fversion != fmt.FORMAT_VERSION:
+                raise CorruptPack(pack=name, reason="bad or missing trailer (truncated?)")
+            trailer_len = count * fmt.TRAILER_ENTRY.size
+            if trailer_offset + trailer_len + fmt.PACK_FOOTER.size != size:
+                raise CorruptPack(pack=name, reason="trailer does not fit the file size")
+            f.seek(trailer_offset)
+            trailer = f.read(trailer_len)
+    except OSError as e:
+        raise CorruptPack(pack=name, reason=f"unreadable: {e}") from e
+    if zlib.crc32(trailer) != crc:
+        raise CorruptPack(pack=name, reason="trailer CRC32 mismatch")
+    entries = []
+    end = fmt.PACK_HEADER.size
+    for cid, offset, length, plain_len in fmt.TRAILER_ENTRY.iter_unpack(trailer):
+        if offset != end:
+            raise CorruptPack(pack=name, reason=f"trailer entry at offset {offset} out of order")
+        end = offset + length
+        entries.append(PackEntry(ChunkId(cid), offset, length, plain_len))
+    if end != trailer_offset:
+        raise CorruptPack(pack=name, reason="records do not end where the trailer begins")
+    return size, entries

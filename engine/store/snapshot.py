@@ -1,0 +1,130 @@
+"""``SnapshotWriter``: collects one VM's DiskMaps and config, then commits the manifest.
+
+Commit order (DESIGN §4.1, never changed):
+
+    store.flush()            every record sealed in a pack, index entries durable
+    DiskMapWriter.finish()   each DiskMap fsynced and renamed into the snapshot directory
+    fsync snapshot dirs      the directory entries are durable too
+    manifest                 tmp + fsync + rename + fsync dir  ← the commit point
+    catalog                  cache update (repaired on open if a crash skips it)
+
+Until the manifest exists the snapshot directory is garbage that recovery deletes, so a
+failed or killed backup never becomes a restore point.
+"""
+
+import secrets
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.store import format as fmt
+from engine.store.diskmap import DiskMapWriter
+from engine.store.manifest import ConfigStream, DiskEntry, Manifest
+from engine.util import failpoints
+from engine.util.fs import fsync_dir
+
+if TYPE_CHECKING:
+    from engine.store.chunk_store import Store
+
+
+class SnapshotWriter:
+    def __init__(
+        self,
+        store: "Store",
+        vm_id: str,
+        vm_name: str,
+        level: str,
+        parent: str | None,
+        time: datetime | None,
+    ):
+        self._store = store
+        self.snapshot_id = secrets.token_hex(8)
+        self.vm_id = vm_id
+        self.vm_name = vm_name
+        self.level = level
+        self.parent = parent
+        self.time = (time or datetime.now(UTC)).astimezone(UTC)
+        self.dir: Path = store.layout.snapshot_dir(self.snapshot_id)
+        self.dir.mkdir(parents=True)
+        self._disks: list[tuple[DiskMapWriter, str, str, dict[str, str]]] = []
+        self._config: ConfigStream | None = None
+        self._done = False
+
+    def add_disk(
+        self, disk_id: str, name: str, size: int, attributes: dict[str, str] | None = None
+    ) -> DiskMapWriter:
+        """A DiskMap writer for one disk; the caller sets every slot before commit."""
+        writer = DiskMapWriter(
+            self.dir / f"disk-{len(self._disks)}.dmap", size, self._store.config.chunk_size
+        )
+        self._disks.append((writer, disk_id, name, dict(attributes or {})))
+        return writer
+
+    def set_config(self, format_name: str, data: bytes) -> None:
+        """Save the VM configuration (e.g. OVF) as one chunk of the store."""
+        if len(data) > fmt.MAX_CHUNK_SIZE:
+            raise ValueError(f"VM configuration of {len(data)} bytes is too large")
+        chunk_id = self._store.put_chunk(data)
+        self._config = ConfigStream(format=format_name, chunk_id=chunk_id.hex(), size=len(data))
+
+    def commit(self, consistency: str | None = None, tags: dict[str, str] | None = None) -> Manifest:
+        """Make the snapshot durable and visible; returns its manifest."""
+        if self._done:
+            raise RuntimeError(f"snapshot {self.snapshot_id} already committed or aborted")
+        try:
+            self._store.flush()
+            failpoints.hit("store.snapshot.after_flush")
+            entries = []
+            for writer, disk_id, name, attributes in self._disks:
+                checksum = writer.finish()
+                entries.append(
+                    DiskEntry(
+                        disk_id=disk_id,
+                        name=name,
+                        size=writer.disk_size,
+                        diskmap=writer.path.name,
+                        diskmap_checksum=checksum.hex(),
+                        data_bytes=writer.data_bytes,
+                        attributes=attributes,
+                    )
+                )
+            fsync_dir(self.dir)
+            fsync_dir(self.dir.parent)
+            failpoints.hit("store.snapshot.before_manifest")
+            manifest = Manifest(
+                format=fmt.FORMAT_VERSION,
+                snapshot_id=self.snapshot_id,
+                store_id=self._store.config.store_id,
+                vm_id=self.vm_id,
+                vm_name=self.vm_name,
+                time=self.time.isoformat(timespec="microseconds"),
+                level=self.level,
+                parent=self.parent,
+                chunk_size=self._store.config.chunk_size,
+                disks=tuple(entries),
+                config=self._config,
+                consistency=consistency,
+                tags=dict(tags or {}),
+            )
+            self._store.commit_manifest(manifest)
+        except BaseException:
+            if not self._store.layout.manifest(self.snapshot_id).exists():
+                self.abort()
+            raise
+        self._done = True
+        return manifest
+
+    def abort(self) -> None:
+        """Discard everything written for this snapshot (chunks stay; GC takes them)."""
+        for writer, *_ in self._disks:
+            writer.abort()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._done = True
+
+    def __enter__(self) -> "SnapshotWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if not self._done:
+            self.abort()

@@ -1,0 +1,1 @@
+"""Small mechanisms used by every layer: atomic file writes and failpoints."""

@@ -1,0 +1,74 @@
+"""Durable file operations: the only place Tessera publishes files.
+
+The publish order is always: write a temporary file in the target directory, fsync it,
+rename it over the final name, fsync the directory. A crash at any point leaves either the
+old state or the new one, never a torn file. Temporary files end in ``.tmp`` so that
+recovery on open can find and delete them.
+"""
+
+import os
+from pathlib import Path
+
+from engine.util import failpoints
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview, failpoint: str | None = None) -> None:
+    """Write every byte of ``data`` at the file position of ``fd``.
+
+    With a failpoint name and a failpoint handler installed, the write is split in two and the
+    failpoint is hit between the halves, so crash tests can kill a writer mid-write.
+    """
+    view = memoryview(data)
+    if failpoint is not None and failpoint and failpoints.active() and len(view) > 1:
+        half = len(view) // 2
+        _write_fully(fd, view[:half])
+        failpoints.hit(failpoint)
+        view = view[half:]
+    _write_fully(fd, view)
+
+
+def _write_fully(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write(path: Path, data: bytes, failpoint_prefix: str = "fs.atomic") -> None:
+    """Publish ``data`` at ``path`` durably (tmp + fsync + rename + fsync dir).
+
+    Failpoints ``<prefix>.mid_write``, ``.before_fsync``, ``.before_rename``,
+    ``.after_rename`` mark the crash windows.
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data, failpoint=f"{failpoint_prefix}.mid_write")
+        failpoints.hit(f"{failpoint_prefix}.before_fsync")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    failpoints.hit(f"{failpoint_prefix}.before_rename")
+    os.replace(tmp, path)
+    failpoints.hit(f"{failpoint_prefix}.after_rename")
+    fsync_dir(path.parent)
+
+
+def remove_tmp_files(root: Path) -> list[Path]:
+    """Delete every ``*.tmp`` file under ``root``; returns what was removed."""
+    removed = []
+    for tmp in root.rglob("*" + TMP_SUFFIX):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
