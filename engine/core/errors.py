@@ -31,6 +31,14 @@ class EngineError(Exception):
     def message(self) -> str:
         return str(self)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (CPU worker processes); rebuild from fields.
+        return (_rebuild, (type(self), self.fields))
+
+
+def _rebuild(cls: type[EngineError], fields: dict[str, object]) -> EngineError:
+    return cls(**fields)
+
 
 class ConfigError(EngineError):
     template = "{message}"

@@ -118,6 +118,7 @@ class Store:
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-sealer")
         self._sealing: list[Future[None]] = []
         self._failed: BaseException | None = None
+        self._closed = False
 
     # --- creation and opening --------------------------------------------------------------
 
@@ -186,6 +187,9 @@ class Store:
 
     def close(self) -> None:
         """Flush (when writable), then release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self.writable and self._failed is None:
                 self.flush()

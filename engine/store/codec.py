@@ -51,7 +51,7 @@ def parse_header(record: Buffer, pack: str = "?", offset: int = 0) -> RecordHead
     """Parse and sanity-check a record header; raises CorruptRecord."""
     if len(record) < fmt.RECORD_HEADER.size + fmt.RECORD_CRC.size:
         raise CorruptRecord(chunk="?", pack=pack, offset=offset, reason="shorter than a header")
-    magic, version, flags, _res, plain_len, payload_len, cid = fmt.RECORD_HEADER.unpack_from(
+    magic, version, flags, reserved, plain_len, payload_len, cid = fmt.RECORD_HEADER.unpack_from(
         record
     )
     chunk = short(cid)
@@ -61,8 +61,8 @@ def parse_header(record: Buffer, pack: str = "?", offset: int = 0) -> RecordHead
         raise CorruptRecord(
             chunk=chunk, pack=pack, offset=offset, reason=f"unknown format version {version}"
         )
-    if flags & ~fmt.KNOWN_FLAGS:
-        raise CorruptRecord(chunk=chunk, pack=pack, offset=offset, reason=f"unknown flags {flags}")
+    if flags & ~fmt.KNOWN_FLAGS or reserved:
+        raise CorruptRecord(chunk=chunk, pack=pack, offset=offset, reason=f"unknown flags {flags} or reserved bits set")
     if plain_len > fmt.MAX_CHUNK_SIZE:
         raise CorruptRecord(chunk=chunk, pack=pack, offset=offset, reason="plaintext too long")
     return RecordHeader(flags, plain_len, payload_len, ChunkId(cid))

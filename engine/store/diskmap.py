@@ -32,6 +32,17 @@ def slot_count(disk_size: int, chunk_size: int) -> int:
     return -(-disk_size // chunk_size)
 
 
+def _checksum_prefix(chunk_size: int, disk_size: int) -> bytes:
+    """The header fields the checksum covers, so a changed disk size is detected too."""
+    return fmt.DISKMAP_CHECKSUM_PREFIX.pack(
+        chunk_size, disk_size, slot_count(disk_size, chunk_size)
+    )
+
+
+def checksum_of(chunk_size: int, disk_size: int, ids: bytes) -> bytes:
+    return blake3.blake3(_checksum_prefix(chunk_size, disk_size) + ids).digest()
+
+
 def pack_header(chunk_size: int, disk_size: int, checksum: bytes) -> bytes:
     header = fmt.DISKMAP_HEADER.pack(
         fmt.DISKMAP_MAGIC,
@@ -48,7 +59,7 @@ def encode(chunk_size: int, disk_size: int, ids: bytes) -> bytes:
     """A whole DiskMap in memory (small maps and tests; the writer streams)."""
     if len(ids) != slot_count(disk_size, chunk_size) * CHUNK_ID_SIZE:
         raise ValueError("id array does not match the slot count")
-    return pack_header(chunk_size, disk_size, blake3.blake3(ids).digest()) + ids
+    return pack_header(chunk_size, disk_size, checksum_of(chunk_size, disk_size, ids)) + ids
 
 
 def parse_header(raw: bytes, path: Path | str) -> tuple[int, int, int, bytes]:
@@ -60,6 +71,8 @@ def parse_header(raw: bytes, path: Path | str) -> tuple[int, int, int, bytes]:
         raise CorruptDiskMap(path=path, reason="bad magic")
     if version != fmt.FORMAT_VERSION:
         raise CorruptDiskMap(path=path, reason=f"unknown format version {version}")
+    if any(raw[5:8]) or any(raw[fmt.DISKMAP_HEADER.size : fmt.DISKMAP_HEADER_SIZE]):
+        raise CorruptDiskMap(path=path, reason="reserved header bytes are not zero")
     if not fmt.MIN_CHUNK_SIZE <= chunk_size <= fmt.MAX_CHUNK_SIZE or chunk_size & (
         chunk_size - 1
     ):
@@ -75,7 +88,7 @@ def decode(raw: bytes, path: Path | str = "(memory)") -> tuple[int, int, bytes]:
     ids = raw[fmt.DISKMAP_HEADER_SIZE :]
     if len(ids) != slots * CHUNK_ID_SIZE:
         raise CorruptDiskMap(path=path, reason="truncated or extended id array")
-    if blake3.blake3(ids).digest() != checksum:
+    if checksum_of(chunk_size, disk_size, ids) != checksum:
         raise CorruptDiskMap(path=path, reason="id array checksum mismatch")
     return chunk_size, disk_size, ids
 
@@ -119,7 +132,7 @@ class DiskMapWriter:
         """Checksum, header, fsync, publish. Returns the id checksum for the manifest."""
         if (missing := self.missing()) != 0:
             raise ValueError(f"{self.path}: {missing} slots were never set")
-        hasher = blake3.blake3()
+        hasher = blake3.blake3(_checksum_prefix(self.chunk_size, self.disk_size))
         pos = fmt.DISKMAP_HEADER_SIZE
         end = pos + self.slots * CHUNK_ID_SIZE
         while pos < end:
@@ -166,7 +179,7 @@ class DiskMap:
             raise
 
     def _verify(self) -> None:
-        hasher = blake3.blake3()
+        hasher = blake3.blake3(_checksum_prefix(self.chunk_size, self.disk_size))
         for block in self.iter_blocks():
             hasher.update(block)
         if hasher.digest() != self.checksum:

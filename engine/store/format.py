@@ -30,7 +30,8 @@ Pack (an append-only file of records; sealed packs never change)::
 DiskMap (one per disk per snapshot; PBS's fixed index)::
 
     DISKMAP_HEADER  magic b"TSDM", version, 3 reserved, chunk size u32, disk size u64,
-                    slot count u64, BLAKE3-256 of the id array (32)          = 64 bytes
+                    slot count u64, checksum (32): BLAKE3-256 of the three
+                    sizes and the id array                                   = 64 bytes
     ids             slot count × 32 bytes, slot i at 64 + 32·i; ZERO id = all-zero slot
 
 Manifest: ``MANIFEST_MAGIC`` ‖ 64 hex digits of the keyed MAC ‖ b"\\n" ‖ JSON body.
@@ -77,6 +78,8 @@ DISKMAP_MAGIC: Final = b"TSDM"
 DISKMAP_HEADER: Final = struct.Struct(">4sB3xIQQ32s")
 DISKMAP_HEADER_SIZE: Final = 64  # header padded to 64 so slot i sits at 64 + 32·i
 DISKMAP_ENTRY_SIZE: Final = 32
+# The checksum is BLAKE3(chunk size u32 ‖ disk size u64 ‖ slot count u64 ‖ ids).
+DISKMAP_CHECKSUM_PREFIX: Final = struct.Struct(">IQQ")
 
 # --- manifests ---------------------------------------------------------------------------
 MANIFEST_MAGIC: Final = b"TSMF1 "

@@ -1,0 +1,187 @@
+"""``tessera`` command line: argument parsing, error → exit code mapping, output."""
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from engine.core.errors import ConfigError, EngineError, IntegrityError
+from engine.core.units import human_bytes
+from engine.daemon.passphrase import resolve_passphrase
+from engine.store.check import check_store
+from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
+from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
+from engine.store.layout import StoreConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64k``, ``1M``, ``1MiB``, ``64MB`` (all binary multiples) → bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1M, 64MiB, 65536)")
+    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", type=Path, help="key file kept outside the store")
+    p.add_argument(
+        "--passphrase-file",
+        type=Path,
+        help="file holding the passphrase (else $TESSERA_PASSPHRASE, else a prompt)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="Agentless backup for oVirt/RHV VMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    store = sub.add_parser("store", help="create and inspect chunk stores")
+    ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+
+    p = ssub.add_parser("init", help="create a new store")
+    p.add_argument("path", type=Path)
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE)
+    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES)
+    _add_key_options(p)
+    p.set_defaults(func=cmd_store_init)
+
+    p = ssub.add_parser("info", help="format, sizes, dedup and compression ratios")
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_store_info)
+
+    p = ssub.add_parser("rebuild-index", help="rebuild the chunk index from pack trailers")
+    p.add_argument("path", type=Path)
+    _add_key_options(p)
+    p.set_defaults(func=cmd_store_rebuild_index)
+
+    p = ssub.add_parser("verify", help="check snapshots reference stored chunks (and data)")
+    p.add_argument("path", type=Path)
+    p.add_argument("--data", action="store_true", help="also read and check every record")
+    p.add_argument("--json", action="store_true")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_store_verify)
+    return parser
+
+
+def open_store(args: argparse.Namespace, writable: bool) -> Store:
+    config = StoreConfig.load(args.path)
+    passphrase = None
+    if config.encryption != ENCRYPTION_NONE:
+        passphrase = resolve_passphrase(args.passphrase_file)
+    return Store.open(
+        args.path, passphrase=passphrase, key_file=args.key_file, writable=writable
+    )
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    passphrase = None
+    if args.encryption != ENCRYPTION_NONE:
+        passphrase = resolve_passphrase(args.passphrase_file, confirm=True)
+    config = Store.init(
+        args.path,
+        chunk_size=args.chunk_size,
+        encryption=args.encryption,
+        pack_size=args.pack_size,
+        key_file=args.key_file,
+        passphrase=passphrase,
+    )
+    key = args.key_file or args.path / "keys" / "key"
+    print(f"created store {args.path} (id {config.store_id})")
+    print(f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}")
+    print(f"  encryption {config.encryption}; key file {key}")
+    if args.encryption != ENCRYPTION_NONE:
+        print("  keep a copy of the key file and the passphrase: without both the data is lost")
+    return EXIT_OK
+
+
+def cmd_store_info(args: argparse.Namespace) -> int:
+    with open_store(args, writable=False) as store:
+        info = store.info()
+    if args.json:
+        doc = asdict(info) | {
+            "dedup_ratio": info.dedup_ratio,
+            "compression_ratio": info.compression_ratio,
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    rows = [
+        ("store", f"{info.path} (id {info.store_id})"),
+        ("format", f"{info.format}, encryption {info.encryption}"),
+        ("chunk size", human_bytes(info.chunk_size)),
+        ("pack size", human_bytes(info.pack_size)),
+        ("snapshots", str(info.snapshots)),
+        ("packs", f"{info.packs} ({human_bytes(info.pack_bytes)})"),
+        ("chunks", str(info.chunks)),
+        ("logical", f"{human_bytes(info.logical_bytes)} referenced by snapshots"),
+        ("unique", f"{human_bytes(info.unique_bytes)} after dedup"),
+        ("stored", f"{human_bytes(info.stored_bytes)} after compression/encryption"),
+        ("dedup ratio", f"{info.dedup_ratio:.2f}"),
+        ("compression", f"{info.compression_ratio:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return EXIT_OK
+
+
+def cmd_store_rebuild_index(args: argparse.Namespace) -> int:
+    with open_store(args, writable=True) as store:
+        report = store.rebuild_index()
+        stats = store.index.stats()
+    for line in report.lines():
+        print(line)
+    print(f"index rebuilt: {stats.packs} packs, {stats.chunks} chunks")
+    return EXIT_INTEGRITY if report.problems else EXIT_OK
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    with open_store(args, writable=False) as store:
+        result = check_store(store, data=args.data)
+    if args.json:
+        print(json.dumps(asdict(result) | {"ok": result.ok}, indent=2))
+    else:
+        for f in result.findings:
+            snaps = f" (snapshots: {', '.join(f.snapshots)})" if f.snapshots else ""
+            print(f"{f.kind}: {f.message}{snaps}")
+        what = f", {result.chunks_checked} chunks read" if args.data else ""
+        print(
+            f"verified {result.snapshots} snapshots{what}: "
+            + ("ok" if result.ok else f"{len(result.findings)} problems")
+        )
+    return EXIT_OK if result.ok else EXIT_INTEGRITY
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except IntegrityError as e:
+        print(f"tessera: integrity error: {e}", file=sys.stderr)
+        return EXIT_INTEGRITY
+    except EngineError as e:
+        print(f"tessera: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("tessera: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
