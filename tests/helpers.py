@@ -37,7 +37,10 @@ def read_disk(store: Store, manifest: Manifest, disk_index: int = 0) -> bytes:
 def realistic_bytes(size: int, seed: int) -> bytes:
     """Deterministic, compressible, mixed data: text-like runs, zeros and random blocks."""
     rng = random.Random(seed)
-    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    words = [
+        bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(400)
+    ]
     out = bytearray()
     while len(out) < size:
         kind = rng.random()
@@ -46,5 +49,9 @@ def realistic_bytes(size: int, seed: int) -> bytes:
         elif kind < 0.8:
             out += bytes(rng.randint(1, 8192))
         else:
-            out += rng.randbytes(rng.randint(1, 8192)) if hasattr(rng, "randbytes") else os.urandom(4096)
+            out += (
+                rng.randbytes(rng.randint(1, 8192))
+                if hasattr(rng, "randbytes")
+                else os.urandom(4096)
+            )
     return bytes(out[:size])

@@ -26,7 +26,8 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1M, 64MiB, 65536)")
-    return int(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    exponent = " kmgt".index(m.group(2).lower() or " ")
+    return int(m.group(1)) * (1 << (10 * exponent))
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -80,9 +81,7 @@ def open_store(args: argparse.Namespace, writable: bool) -> Store:
     passphrase = None
     if config.encryption != ENCRYPTION_NONE:
         passphrase = resolve_passphrase(args.passphrase_file)
-    return Store.open(
-        args.path, passphrase=passphrase, key_file=args.key_file, writable=writable
-    )
+    return Store.open(args.path, passphrase=passphrase, key_file=args.key_file, writable=writable)
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:
@@ -99,7 +98,9 @@ def cmd_store_init(args: argparse.Namespace) -> int:
     )
     key = args.key_file or args.path / "keys" / "key"
     print(f"created store {args.path} (id {config.store_id})")
-    print(f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}")
+    print(
+        f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
+    )
     print(f"  encryption {config.encryption}; key file {key}")
     if args.encryption != ENCRYPTION_NONE:
         print("  keep a copy of the key file and the passphrase: without both the data is lost")

@@ -62,7 +62,12 @@ def parse_header(record: Buffer, pack: str = "?", offset: int = 0) -> RecordHead
             chunk=chunk, pack=pack, offset=offset, reason=f"unknown format version {version}"
         )
     if flags & ~fmt.KNOWN_FLAGS or reserved:
-        raise CorruptRecord(chunk=chunk, pack=pack, offset=offset, reason=f"unknown flags {flags} or reserved bits set")
+        raise CorruptRecord(
+            chunk=chunk,
+            pack=pack,
+            offset=offset,
+            reason=f"unknown flags {flags} or reserved bits set",
+        )
     if plain_len > fmt.MAX_CHUNK_SIZE:
         raise CorruptRecord(chunk=chunk, pack=pack, offset=offset, reason="plaintext too long")
     return RecordHeader(flags, plain_len, payload_len, ChunkId(cid))

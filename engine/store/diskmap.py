@@ -73,9 +73,7 @@ def parse_header(raw: bytes, path: Path | str) -> tuple[int, int, int, bytes]:
         raise CorruptDiskMap(path=path, reason=f"unknown format version {version}")
     if any(raw[5:8]) or any(raw[fmt.DISKMAP_HEADER.size : fmt.DISKMAP_HEADER_SIZE]):
         raise CorruptDiskMap(path=path, reason="reserved header bytes are not zero")
-    if not fmt.MIN_CHUNK_SIZE <= chunk_size <= fmt.MAX_CHUNK_SIZE or chunk_size & (
-        chunk_size - 1
-    ):
+    if not fmt.MIN_CHUNK_SIZE <= chunk_size <= fmt.MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
         raise CorruptDiskMap(path=path, reason=f"bad chunk size {chunk_size}")
     if slots != slot_count(disk_size, chunk_size):
         raise CorruptDiskMap(path=path, reason="slot count does not match disk size")
@@ -119,7 +117,7 @@ class DiskMapWriter:
 
     def set_zero(self, start: int, count: int) -> None:
         """Mark ``count`` slots from ``start`` as ZERO (no write: the file is zero-filled)."""
-        if not (0 <= start and start + count <= self.slots):
+        if not (start >= 0 and start + count <= self.slots):
             raise ValueError(f"{self.path}: zero range {start}+{count} outside the map")
         if any(self._done[start : start + count]):
             raise ValueError(f"{self.path}: zero range {start}+{count} overlaps set slots")
@@ -165,9 +163,7 @@ class DiskMap:
         self._fd = os.open(path, os.O_RDONLY)
         try:
             header = os.pread(self._fd, fmt.DISKMAP_HEADER_SIZE, 0)
-            self.chunk_size, self.disk_size, self.slots, self.checksum = parse_header(
-                header, path
-            )
+            self.chunk_size, self.disk_size, self.slots, self.checksum = parse_header(header, path)
             if expected_checksum is not None and expected_checksum != self.checksum:
                 raise CorruptDiskMap(path=path, reason="checksum differs from its manifest")
             size = os.fstat(self._fd).st_size

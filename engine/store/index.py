@@ -134,7 +134,10 @@ class Index:
                 conn.executemany(
                     "INSERT OR IGNORE INTO chunks(id, pack, offset, length, plain) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    ((e.chunk_id, pack_id, e.offset, e.length, e.plain_len) for e in sealed.entries),
+                    (
+                        (e.chunk_id, pack_id, e.offset, e.length, e.plain_len)
+                        for e in sealed.entries
+                    ),
                 )
                 failpoints.hit("store.index.before_commit")
                 conn.execute("COMMIT")
@@ -186,7 +189,9 @@ class Index:
 
     def stats(self) -> IndexStats:
         conn = self._conn()
-        packs, pack_bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM packs").fetchone()
+        packs, pack_bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM packs"
+        ).fetchone()
         chunks, plain, stored = conn.execute(
             "SELECT count(*), coalesce(sum(plain), 0), coalesce(sum(length), 0) FROM chunks"
         ).fetchone()

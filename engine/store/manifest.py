@@ -68,7 +68,10 @@ def encode(manifest: Manifest, keys: StoreKeys) -> bytes:
 def decode(raw: bytes, keys: StoreKeys, snapshot: str, path: Path | str) -> Manifest:
     """Authenticate then parse; raises ManifestTampered naming the snapshot and file."""
     head = len(fmt.MANIFEST_MAGIC)
-    if not raw.startswith(fmt.MANIFEST_MAGIC) or raw[head + fmt.MANIFEST_MAC_HEX : head + fmt.MANIFEST_MAC_HEX + 1] != b"\n":
+    if (
+        not raw.startswith(fmt.MANIFEST_MAGIC)
+        or raw[head + fmt.MANIFEST_MAC_HEX : head + fmt.MANIFEST_MAC_HEX + 1] != b"\n"
+    ):
         raise ManifestTampered(snapshot=snapshot, path=path, reason="not a Tessera manifest")
     mac_hex = raw[head : head + fmt.MANIFEST_MAC_HEX]
     body = raw[head + fmt.MANIFEST_MAC_HEX + 1 :]

@@ -68,7 +68,9 @@ class PackWriter:
         write_all(self._fd, header)
         self.size = len(header)
 
-    def append(self, chunk_id: ChunkId, record: bytes | bytearray | memoryview, plain_len: int) -> int:
+    def append(
+        self, chunk_id: ChunkId, record: bytes | bytearray | memoryview, plain_len: int
+    ) -> int:
         """Append one record; returns its offset. The record must already be verified."""
         offset = self.size
         write_all(self._fd, record, failpoint="store.record.mid_write")

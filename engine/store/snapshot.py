@@ -68,7 +68,9 @@ class SnapshotWriter:
         chunk_id = self._store.put_chunk(data)
         self._config = ConfigStream(format=format_name, chunk_id=chunk_id.hex(), size=len(data))
 
-    def commit(self, consistency: str | None = None, tags: dict[str, str] | None = None) -> Manifest:
+    def commit(
+        self, consistency: str | None = None, tags: dict[str, str] | None = None
+    ) -> Manifest:
         """Make the snapshot durable and visible; returns its manifest."""
         if self._done:
             raise RuntimeError(f"snapshot {self.snapshot_id} already committed or aborted")

@@ -20,7 +20,9 @@ def maps(draw: st.DrawFn) -> tuple[int, int, bytes]:
     chunk_size = 1 << draw(st.integers(16, 23))
     disk_size = draw(st.integers(0, 40 * chunk_size))
     slots = diskmap.slot_count(disk_size, chunk_size)
-    ids = b"".join(draw(st.sampled_from([ZERO_ID, b"\x01" * 32, b"\xab" * 32])) for _ in range(slots))
+    ids = b"".join(
+        draw(st.sampled_from([ZERO_ID, b"\x01" * 32, b"\xab" * 32])) for _ in range(slots)
+    )
     return chunk_size, disk_size, ids
 
 
