@@ -97,12 +97,15 @@ def test_truncated_pack(store: tuple[Path, str, str]) -> None:
 
 def test_deleted_pack(store: tuple[Path, str, str]) -> None:
     path, a, _ = store
-    pack = the_pack(path)
-    pack.unlink()
     with Store.open(path, passphrase=PASSPHRASE, writable=False) as s:
         m = s.manifest(a)
-        with pytest.raises(StoreError, match=f"pack {pack.stem} of chunk .* is missing"):
-            read_disk(s, m)
+        with s.open_diskmap(m, m.disks[0]) as dm:
+            first = dm.get(0)
+        pack = s.index.lookup(first).pack  # type: ignore[union-attr]
+    (path / "packs" / pack[:2] / f"{pack}.pack").unlink()
+    with Store.open(path, passphrase=PASSPHRASE, writable=False) as s:
+        with pytest.raises(StoreError, match=f"pack {pack} of chunk {short(first)} is missing"):
+            read_disk(s, s.manifest(a))
     proc = verify(path)
     assert proc.returncode == 3
 

