@@ -37,10 +37,10 @@ check: lint test
 bench: venv sysdeps
 	$(BIN)/python -m tests.bench
 
-demo: venv
+demo: venv sysdeps
 	@echo "The demo (lab engine + imageio + daemon) arrives with the oVirt and service issues."
 	@echo "Until then it runs the store tour: init a store, back up a generated image's chunks, show info."
-	$(BIN)/python -m tests.bench.demo_store
+	$(BIN)/python -m tests.demo_store
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

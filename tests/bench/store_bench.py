@@ -1,0 +1,172 @@
+"""Store bench: CPU limits of the codec primitives and the store's put/get throughput.
+
+Everything is measured in this run on the same data (an ext4 image of real files, see
+``data``), so the figures that matter are ratios:
+
+- single-core MB/s of keyed BLAKE3, zstd (levels 1 and 3) and AES-256-GCM; AES is timed on
+  what the codec really encrypts (the compressed payload) but reported per plaintext byte;
+- the CPU limit: plaintext MB/s one core sustains through hash + zstd + AES, and that × cores;
+- ``Store.put`` of unique chunks through each CpuPool as a ratio to the all-core limit
+  (target ≥ 0.85), put of already-known chunks (dedup hits), and get (read + decode + verify).
+"""
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from engine.core.ids import ChunkId
+from engine.store.chunk_store import Store
+from engine.store.codec import DEFAULT_ZSTD_LEVEL
+from engine.store.keys import KdfParams
+from engine.workers import CpuPool, make_cpu_pool
+from tests.bench.data import CACHE, data_chunks, fs_image
+
+MB = 1e6
+Report = Callable[[str, float, str], None]
+
+
+def timed(fn: Callable[[], object], repeat: int = 2) -> float:
+    """Best wall time of ``repeat`` runs (the first also warms caches)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def primitives(chunks: list[bytes], report: Report) -> dict[str, float]:
+    """Single-core seconds per plaintext byte of each step; reports MB/s."""
+    total = sum(map(len, chunks))
+    key = os.urandom(32)
+    aes = AESGCM(os.urandom(32))
+    nonce = os.urandom(12)
+    cost: dict[str, float] = {}
+    t = timed(lambda: [blake3.blake3(c, key=key).digest() for c in chunks])
+    cost["blake3"] = t / total
+    for level in (1, 3):
+        cctx = zstandard.ZstdCompressor(level=level)
+        t = timed(lambda cctx=cctx: [cctx.compress(c) for c in chunks])
+        cost[f"zstd{level}"] = t / total
+        compressed = [cctx.compress(c) for c in chunks]
+        stored = sum(min(len(c), len(p)) for c, p in zip(compressed, chunks, strict=True))
+        report(f"zstd{level}_stored_fraction", stored / total, "ratio")
+    payloads = [z if len(z) < len(c) else c for z, c in zip(compressed, chunks, strict=True)]
+    t = timed(lambda: [aes.encrypt(nonce, p, b"aad") for p in payloads])
+    cost["aes"] = t / total
+    report("blake3_keyed_1core", 1 / cost["blake3"] / MB, "MB/s")
+    report("zstd1_1core", 1 / cost["zstd1"] / MB, "MB/s")
+    report("zstd3_1core", 1 / cost["zstd3"] / MB, "MB/s")
+    report("aes256gcm_1core", 1 / cost["aes"] / MB, "MB/s")
+    return cost
+
+
+async def put_all(pool: CpuPool, store: Store, chunks: list[bytes]) -> list[ChunkId]:
+    loop = asyncio.get_running_loop()
+    ids: list[ChunkId] = [ChunkId(b"")] * len(chunks)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="bench-writer")
+    window = asyncio.Semaphore(pool.capacity)
+
+    async def one(i: int) -> None:
+        try:
+            async with pool.buffer() as buf:
+                buf.load(chunks[i])
+                cid = ids[i] = await pool.chunk_id(buf)
+                if store.has(cid):
+                    return
+                record = await pool.encode(buf, cid)
+                await loop.run_in_executor(writer, store.put, cid, record)
+        finally:
+            window.release()
+
+    async with asyncio.TaskGroup() as tg:
+        for i in range(len(chunks)):
+            await window.acquire()
+            tg.create_task(one(i))
+    await loop.run_in_executor(writer, store.flush)
+    writer.shutdown()
+    return ids
+
+
+async def get_all(pool: CpuPool, store: Store, ids: list[ChunkId]) -> int:
+    loop = asyncio.get_running_loop()
+    readers = ThreadPoolExecutor(2, thread_name_prefix="bench-reader")
+    window = asyncio.Semaphore(pool.capacity)
+    total = 0
+
+    async def one(cid: ChunkId) -> None:
+        nonlocal total
+        try:
+            record, pack, offset = await loop.run_in_executor(readers, store.get_record, cid)
+            async with pool.buffer() as buf:
+                buf.load_record(record)
+                total += len(await pool.decode(buf, cid, pack, offset))
+        finally:
+            window.release()
+
+    async with asyncio.TaskGroup() as tg:
+        for cid in ids:
+            await window.acquire()
+            tg.create_task(one(cid))
+    readers.shutdown()
+    return total
+
+
+async def store_throughput(
+    kind: str, chunks: list[bytes], chunk_size: int, workdir: Path
+) -> tuple[float, float, float]:
+    """(put unique, put known, get) MB/s of plaintext through a ``kind`` CpuPool."""
+    path = workdir / f"store-{kind}-{chunk_size}"
+    shutil.rmtree(path, ignore_errors=True)
+    Store.init(path, chunk_size=chunk_size, passphrase=b"bench", kdf=KdfParams(n=2**14))
+    total = sum(map(len, chunks))
+    store = Store.open(path, passphrase=b"bench")
+    pool = make_cpu_pool(kind, store.keys, chunk_size)
+    try:
+        t = time.perf_counter()
+        ids = await put_all(pool, store, chunks)
+        put = total / (time.perf_counter() - t) / MB
+        t = time.perf_counter()
+        await put_all(pool, store, chunks)
+        known = total / (time.perf_counter() - t) / MB
+        t = time.perf_counter()
+        assert await get_all(pool, store, ids) == total
+        get = total / (time.perf_counter() - t) / MB
+    finally:
+        await pool.aclose()
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+    return put, known, get
+
+
+def run(report: Report) -> None:
+    image = fs_image(1024)
+    chunk_size = 1024 * 1024
+    chunks = data_chunks(image, chunk_size)
+    report("store_bench_data", sum(map(len, chunks)) / MB, "MB")
+    cores = os.cpu_count() or 1
+    cost = primitives(chunks[:256], report)
+    level = f"zstd{DEFAULT_ZSTD_LEVEL}"
+    limit1 = 1 / (cost["blake3"] + cost[level] + cost["aes"]) / MB
+    report("cpu_limit_1core", limit1, "MB/s")
+    report(f"cpu_limit_{cores}cores", limit1 * cores, "MB/s")
+    workdir = CACHE / "work"
+    workdir.mkdir(exist_ok=True)
+    for kind in ("thread", "process"):
+        put, known, get = asyncio.run(store_throughput(kind, chunks, chunk_size, workdir))
+        report(f"put_unique_{kind}", put, "MB/s")
+        report(f"put_unique_{kind}_vs_cpu_limit", put / (limit1 * cores), "ratio")
+        report(f"put_known_{kind}", known, "MB/s")
+        report(f"get_{kind}", get, "MB/s")
+    for size in (256 * 1024, 4 * 1024 * 1024):
+        sized = data_chunks(image, size)
+        put, _, _ = asyncio.run(store_throughput("thread", sized, size, workdir))
+        report(f"put_unique_thread_chunk{size // 1024}k", put, "MB/s")
