@@ -4,8 +4,9 @@ A *CpuPool* hashes (keyed BLAKE3), encodes (zstd, AES-256-GCM, verify) and decod
 with ``engine.store.codec.Codec``, on workers that are not the event loop. It owns a fixed
 arena of ``capacity`` *buffers* (``ChunkBuffer``), each with room for one chunk of plaintext
 (``plain``) and its largest record (``record``); work happens in place in those buffers, so
-chunk payloads are never copied between stages nor pickled. ``capacity`` bounds the chunks in
-flight, and with them the memory: about ``capacity * 2 * chunk_size``.
+chunk payloads are not copied between stages nor pickled (the one copy left: ``Codec.decode``
+returns new bytes, which the worker copies into ``plain``). ``capacity`` bounds the chunks in
+flight, and with them the memory, allocated up front: about ``capacity * 2 * chunk_size``.
 
 Implementations (one contract suite, ``tests/contract/test_cpupool.py``, runs both):
 
@@ -37,7 +38,10 @@ Raised:
   ``encode`` raises it too if verify-after-encode fails. Never retried.
 - ``KeyFileError`` from ``decode`` of an encrypted record by a pool without a data key.
 - ``WorkerError`` (process pool) when a worker process died under the call; the pool has
-  already restarted its workers, so the next call runs normally.
+  already restarted its workers, so the next call runs normally. Also from ``aclose()`` if
+  workers are still busy after its timeout.
+- ``ConfigError`` from ``make_cpu_pool`` for an unknown kind, and from ``ProcessCpuPool()``
+  when /dev/shm has no room for the arena (checked up front, not found out by a SIGBUS).
 - ``ValueError`` for a caller's mistake: lengths outside a buffer, an id that is not 32
   bytes, a record whose plaintext is larger than the pool's chunk size.
 - ``RuntimeError`` for a buffer that was given back or is busy, and for any use after

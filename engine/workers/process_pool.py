@@ -34,7 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Final, TypeVar
 
-from engine.core.errors import WorkerError
+from engine.core.errors import ConfigError, WorkerError
 from engine.core.ids import ChunkId, short
 from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec
 from engine.store.keys import StoreKeys
@@ -80,7 +80,7 @@ class ProcessCpuPool:
         self.chunk_size = chunk_size
         check_sizes(chunk_size, self.workers, self.capacity)
         layout = ArenaLayout(chunk_size, self.capacity)
-        self._shm = SharedMemory(create=True, size=layout.total)
+        self._shm = _create_arena(layout.total)
         self.arena_name = self._shm.name
         assert self._shm.buf is not None  # None only after close()
         self._arena = BufferArena(self._shm.buf, layout)
@@ -182,8 +182,12 @@ class ProcessCpuPool:
         self._retired.append(broken)
 
     async def aclose(self) -> None:
-        """Stop the workers (waiting for running tasks, bounded by ``SHUTDOWN_TIMEOUT``; stuck
-        workers are killed), then unlink and unmap the arena. Idempotent."""
+        """Let submitted tasks finish, stop the workers, then unlink and unmap the arena.
+        Idempotent.
+
+        Workers still busy after ``SHUTDOWN_TIMEOUT`` are killed and WorkerError is raised
+        (the arena is released all the same). BufferError if a caller still holds a slice of
+        a buffer (ownership rule 4 in ``engine.workers``); the arena is unlinked regardless."""
         if self._arena.closed:
             return
         self._arena.close()
@@ -197,16 +201,47 @@ class ProcessCpuPool:
                 for pid in list(processes):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            raise
+            raise WorkerError(
+                task="stopping the pool",
+                reason=f"workers still busy after {SHUTDOWN_TIMEOUT:.0f} s were killed",
+            ) from None
         finally:
             self._arena.release_views()
             self._shm.unlink()
             self._shm.close()
 
 
+def _create_arena(size: int) -> SharedMemory:
+    """Create the shared memory segment and allocate its pages now: a full /dev/shm (containers
+    default to 64 MiB) is then a ConfigError here, not a SIGBUS in whichever process first
+    touches a page that cannot be backed."""
+    try:
+        shm = SharedMemory(create=True, size=size)
+    except OSError as e:
+        raise _no_room(size, e) from e
+    fd = getattr(shm, "_fd", -1)  # SharedMemory keeps its descriptor private (POSIX only)
+    if fd >= 0:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            shm.unlink()
+            shm.close()
+            raise _no_room(size, e) from e
+    return shm
+
+
+def _no_room(size: int, e: OSError) -> ConfigError:
+    return ConfigError(
+        message=f"cannot reserve {size} bytes of shared memory for the CPU pool's buffers "
+        f"({e.strerror}); enlarge /dev/shm, lower the pool capacity or use the thread pool"
+    )
+
+
 def _shutdown_all(executors: list[ProcessPoolExecutor]) -> None:
+    # Tasks already submitted finish normally (cancelling them would surface as an unasked-for
+    # CancelledError in their callers); no new ones can be submitted once the arena is closed.
     for executor in executors:
-        executor.shutdown(wait=True, cancel_futures=True)
+        executor.shutdown(wait=True)
 
 
 def _length(n: int, limit: int, name: str) -> int:

@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
+from engine.core.errors import WorkerError
 from engine.core.ids import ChunkId
 from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec
 from engine.store.keys import StoreKeys
@@ -86,13 +87,19 @@ class ThreadCpuPool:
         return buf.data
 
     async def aclose(self) -> None:
-        """Wait for running tasks (bounded by ``SHUTDOWN_TIMEOUT``), then revoke all views.
-        Idempotent."""
+        """Let submitted tasks finish, stop the threads and revoke every view. Idempotent.
+
+        Raises WorkerError if threads are still busy after ``SHUTDOWN_TIMEOUT``."""
         if self._arena.closed:
             return
         self._arena.close()
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT):
-                await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+                await asyncio.to_thread(self._executor.shutdown, wait=True)
+        except TimeoutError:
+            raise WorkerError(
+                task="stopping the pool",
+                reason=f"threads still busy after {SHUTDOWN_TIMEOUT:.0f} s (left running)",
+            ) from None
         finally:
             self._arena.release_views()

@@ -67,7 +67,9 @@ async def encode(pool: CpuPool, data: bytes) -> tuple[ChunkId, bytes]:
     return cid, record
 
 
-async def decode(pool: CpuPool, record: bytes, cid: ChunkId, pack: str = "?", offset: int = 0) -> bytes:
+async def decode(
+    pool: CpuPool, record: bytes, cid: ChunkId, pack: str = "?", offset: int = 0
+) -> bytes:
     async with pool.buffer() as buf:
         buf.load_record(record)
         return bytes(await pool.decode(buf, cid, pack, offset))
@@ -153,7 +155,7 @@ async def test_flipped_byte_is_refused_naming_chunk_pack_offset(
 
 
 async def test_record_of_another_chunk_is_refused(pool: CpuPool) -> None:
-    cid, record = await encode(pool, compressible(CHUNK))
+    _, record = await encode(pool, compressible(CHUNK))
     other_cid, _ = await encode(pool, b"another chunk")
     with pytest.raises(CorruptRecord, match=f"chunk {short(other_cid)} .*holds chunk"):
         await decode(pool, record, other_cid, "pack-1", 48)
@@ -204,6 +206,27 @@ async def test_cancelled_waiter_loses_no_buffer(pool: CpuPool) -> None:
         assert len({buf.slot for buf in bufs}) == pool.capacity
 
 
+async def test_cancelled_call_returns_its_buffer(pool: CpuPool, keys: StoreKeys) -> None:
+    data = os.urandom(CHUNK)
+
+    async def encode_and_hang() -> None:
+        async with pool.buffer() as buf:
+            buf.load(data)
+            await pool.encode(buf, Codec(keys).chunk_id(data))
+            await asyncio.Event().wait()  # cancelled here or during the encode
+
+    task = asyncio.ensure_future(encode_and_hang())
+    await asyncio.sleep(0)  # the encode is submitted
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The buffer comes back once the worker is done with it, and every buffer is usable.
+    async with asyncio.timeout(30), contextlib.AsyncExitStack() as stack:
+        bufs = [await stack.enter_async_context(pool.buffer()) for _ in range(pool.capacity)]
+        assert len({buf.slot for buf in bufs}) == pool.capacity
+    assert (await encode(pool, data))[0] == Codec(keys).chunk_id(data)
+
+
 async def test_many_concurrent_round_trips(pool: CpuPool, keys: StoreKeys) -> None:
     count = 100  # well over capacity, so tasks queue for buffers
     assert count > pool.capacity
@@ -236,9 +259,9 @@ async def test_views_and_buffers_are_revoked_when_given_back(pool: CpuPool) -> N
         data = buf.data
         stale: ChunkBuffer = buf
     with pytest.raises(ValueError, match="released"):
-        record[0]  # noqa: B018
+        record[0]
     with pytest.raises(ValueError, match="released"):
-        data[0]  # noqa: B018
+        data[0]
     with pytest.raises(RuntimeError, match="given back"):
         await pool.chunk_id(stale)
 
@@ -274,9 +297,15 @@ def test_unknown_pool_kind_is_a_config_error() -> None:
         make_cpu_pool("gpu", StoreKeys.generate(encrypted=False), CHUNK)
 
 
-def test_factory_builds_both_kinds_with_default_capacity() -> None:
-    assert ThreadCpuPool.__name__ in repr(ThreadCpuPool)  # both exported
-    assert ProcessCpuPool.__name__ in repr(ProcessCpuPool)
+@pytest.mark.parametrize(("kind", "cls"), [("thread", ThreadCpuPool), ("process", ProcessCpuPool)])
+async def test_factory_builds_each_kind_with_default_capacity(kind: str, cls: type) -> None:
+    cpu_pool = make_cpu_pool(kind, StoreKeys.generate(encrypted=False), CHUNK, workers=3)
+    try:
+        assert isinstance(cpu_pool, cls)
+        assert cpu_pool.chunk_size == CHUNK
+        assert cpu_pool.capacity == 12  # max(8, 4 × 3)
+    finally:
+        await cpu_pool.aclose()
 
 
 # --- process pool only --------------------------------------------------------------------
@@ -325,14 +354,24 @@ async def test_process_pool_survives_a_dead_worker() -> None:
         for (done_cid, done_record), plain in done:
             assert Codec(keys).decode(done_record, done_cid) == plain
         assert await decode(pool, record, cid) == data
-        assert await encode(pool, data) == (cid, await encode(pool, data))[1:][0][:0] + (
-            cid,
-            (await encode(pool, data))[1],
-        ) or True
+        assert (await encode(pool, data))[0] == cid
     finally:
         await pool.aclose()
     with pytest.raises(FileNotFoundError):
         SharedMemory(name=arena)
+
+
+def test_process_pool_without_room_in_dev_shm_is_a_config_error() -> None:
+    shm = os.statvfs("/dev/shm")
+    if shm.f_blocks == 0:
+        pytest.skip("/dev/shm has no size limit to exceed")
+    # One buffer more than the whole of /dev/shm holds: tmpfs refuses such an fallocate at
+    # once, without allocating anything first.
+    too_many = shm.f_blocks * shm.f_frsize // fmt.MAX_CHUNK_SIZE + 1
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(ConfigError, match=r"cannot reserve .* shared memory"):
+        ProcessCpuPool(StoreKeys.generate(encrypted=False), fmt.MAX_CHUNK_SIZE, capacity=too_many)
+    assert set(os.listdir("/dev/shm")) <= before  # the segment was unlinked
 
 
 TRACKER_SCRIPT = textwrap.dedent(
