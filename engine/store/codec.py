@@ -170,50 +170,104 @@ class Codec:
             self._verify_record(out[:size], plain, chunk_id, flags, payload_len)
         return size
 
+    def _scratch(self, name: str, size: int) -> memoryview:
+        """A per-thread buffer reused across calls: fresh MiB-sized allocations page-fault
+        on every call (measured: zstd decompression runs ~1.7x faster into a reused buffer)."""
+        buf: bytearray | None = getattr(self._local, name, None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, fmt.MIN_CHUNK_SIZE))
+            setattr(self._local, name, buf)
+        return memoryview(buf)[:size]
+
     def _verify_record(
         self, record: memoryview, plain: Buffer, chunk_id: ChunkId, flags: int, payload_len: int
     ) -> None:
-        # Decode what we just wrote and compare with the plaintext in hand. Comparing bytes
-        # proves the id too (it was computed from these very bytes), so no re-hash is needed;
-        # the CRC was computed over this buffer a moment ago, so it is not re-checked either.
-        body = self._open_payload(record, chunk_id, flags, payload_len, "(new)", 0)
-        if flags & fmt.FLAG_COMPRESSED:
-            body = self._dctx().decompress(body, max_output_size=len(plain))
-        if body != plain:
+        # Decode what we just wrote and re-hash it: the keyed hash must give back the id, which
+        # was computed from the plaintext in hand. (Re-hashing runs without the GIL at GB/s;
+        # comparing memoryviews in Python holds the GIL ~1-4 ms per MiB and serialised the
+        # thread pool.) The CRC was computed over this buffer a moment ago: not re-checked.
+        out = self._scratch("verify_out", len(plain) + fmt.TAG_SIZE)
+        n = self._decode_payload(record, chunk_id, flags, payload_len, len(plain), out, "(new)", 0)
+        if n != len(plain) or self.chunk_id(out[:n]) != chunk_id:
             raise CorruptRecord(
                 chunk=short(chunk_id), pack="(new)", offset=0, reason="verify-after-encode failed"
             )
 
-    def _open_payload(
+    def _decode_payload(
         self,
         record: Buffer,
         chunk_id: ChunkId,
         flags: int,
         payload_len: int,
+        plain_len: int,
+        out: memoryview,
         pack: str,
         offset: int,
-    ) -> Buffer:
+    ) -> int:
+        """Decrypt and decompress a record's payload into ``out``; returns the length."""
         hdr = fmt.RECORD_HEADER.size
         payload = memoryview(record)[hdr : hdr + payload_len]
-        if not flags & fmt.FLAG_ENCRYPTED:
-            return payload
-        if self._aead is None:
-            raise KeyFileError(
-                path="(store keys)", reason=f"chunk {short(chunk_id)} is encrypted; no data key"
+        if flags & fmt.FLAG_ENCRYPTED:
+            if self._aead is None:
+                raise KeyFileError(
+                    path="(store keys)", reason=f"chunk {short(chunk_id)} is encrypted; no data key"
+                )
+            body_len = payload_len - fmt.NONCE_SIZE - fmt.TAG_SIZE
+            if body_len < 0:
+                raise CorruptRecord(
+                    chunk=short(chunk_id), pack=pack, offset=offset, reason="payload too short"
+                )
+            # Decrypt into the caller's buffer when the body is the plaintext, else into
+            # scratch space that zstd then reads.
+            target = out if not flags & fmt.FLAG_COMPRESSED else self._scratch("body", body_len)
+            if body_len > len(target):
+                raise CorruptRecord(
+                    chunk=short(chunk_id), pack=pack, offset=offset, reason="payload too long"
+                )
+            try:
+                self._aead.decrypt_into(
+                    payload[: fmt.NONCE_SIZE],
+                    payload[fmt.NONCE_SIZE :],
+                    fmt.record_aad(chunk_id, flags),
+                    target[:body_len],
+                )
+            except InvalidTag as e:
+                raise CorruptRecord(
+                    chunk=short(chunk_id),
+                    pack=pack,
+                    offset=offset,
+                    reason="AES-GCM authentication failed (wrong key or tampered data)",
+                ) from e
+            body: memoryview = target[:body_len]
+            in_out = target is out  # already where the caller wants it
+        else:
+            body, in_out = payload, False
+        if not flags & fmt.FLAG_COMPRESSED:
+            if len(body) > len(out):
+                raise CorruptRecord(
+                    chunk=short(chunk_id), pack=pack, offset=offset, reason="payload too long"
+                )
+            if not in_out:
+                out[: len(body)] = body
+            return len(body)
+        if plain_len > len(out):
+            raise CorruptRecord(
+                chunk=short(chunk_id), pack=pack, offset=offset, reason="plaintext too long"
             )
         try:
-            return self._aead.decrypt(
-                payload[: fmt.NONCE_SIZE],
-                payload[fmt.NONCE_SIZE :],
-                fmt.record_aad(chunk_id, flags),
-            )
-        except InvalidTag as e:
+            reader = self._dctx().stream_reader(body)
+            n = 0
+            while n < plain_len and (got := reader.readinto(out[n:plain_len])):
+                n += got
+            if reader.read(1):
+                raise CorruptRecord(
+                    chunk=short(chunk_id), pack=pack, offset=offset, reason="plaintext too long"
+                )
+        except zstandard.ZstdError as e:
             raise CorruptRecord(
-                chunk=short(chunk_id),
-                pack=pack,
-                offset=offset,
-                reason="AES-GCM authentication failed (wrong key or tampered data)",
+                chunk=short(chunk_id), pack=pack, offset=offset, reason=f"zstd: {e}"
             ) from e
+        return n
 
     def decode(
         self,
@@ -223,6 +277,22 @@ class Codec:
         offset: int = 0,
     ) -> bytes:
         """Decode a record fully checked; raises CorruptRecord naming chunk, pack, offset."""
+        header = parse_header(record, pack, offset)
+        out = bytearray(header.plain_len)
+        n = self.decode_into(record, memoryview(out), expected_id, pack, offset)
+        return bytes(out[:n]) if n != len(out) else bytes(out)
+
+    def decode_into(
+        self,
+        record: Buffer,
+        out: memoryview,
+        expected_id: ChunkId | None = None,
+        pack: str = "?",
+        offset: int = 0,
+    ) -> int:
+        """Decode a record into ``out`` (at least its plaintext length), fully checked:
+        CRC, AEAD, length and keyed hash. Returns the plaintext length. Raises
+        CorruptRecord naming chunk, pack and offset; ``out`` holds garbage after an error."""
         header = check_crc(record, pack, offset)
         cid = header.chunk_id
         if expected_id is not None and cid != expected_id:
@@ -232,22 +302,20 @@ class Codec:
                 offset=offset,
                 reason=f"record holds chunk {short(cid)} instead",
             )
-        body = self._open_payload(record, cid, header.flags, header.payload_len, pack, offset)
-        if header.flags & fmt.FLAG_COMPRESSED:
-            try:
-                plain = self._dctx().decompress(body, max_output_size=header.plain_len)
-            except zstandard.ZstdError as e:
-                raise CorruptRecord(
-                    chunk=short(cid), pack=pack, offset=offset, reason=f"zstd: {e}"
-                ) from e
-        else:
-            plain = bytes(body)
-        if len(plain) != header.plain_len:
+        if header.plain_len > len(out):
+            raise ValueError(
+                f"chunk {short(cid)} in pack {pack} at offset {offset} holds {header.plain_len} "
+                f"bytes; the buffer holds {len(out)}"
+            )
+        n = self._decode_payload(
+            record, cid, header.flags, header.payload_len, header.plain_len, out, pack, offset
+        )
+        if n != header.plain_len:
             raise CorruptRecord(
                 chunk=short(cid), pack=pack, offset=offset, reason="plaintext length mismatch"
             )
-        if self.chunk_id(plain) != cid:
+        if self.chunk_id(out[:n]) != cid:
             raise CorruptRecord(
                 chunk=short(cid), pack=pack, offset=offset, reason="content does not match its id"
             )
-        return plain
+        return n

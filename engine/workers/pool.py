@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
 
-from engine.core.ids import CHUNK_ID_SIZE, ChunkId, short
+from engine.core.ids import CHUNK_ID_SIZE, ChunkId
 from engine.store import format as fmt
 from engine.store.codec import Buffer, Codec
 
@@ -188,15 +188,10 @@ def check_chunk_id(chunk_id: bytes) -> None:
 def decode_into(
     codec: Codec, record: Buffer, out: memoryview, chunk_id: ChunkId, *, pack: str, offset: int
 ) -> int:
-    """Decode ``record`` (fully verified by the codec) into ``out``; returns the length."""
-    plain = codec.decode(record, chunk_id, pack, offset)
-    if len(plain) > out.nbytes:
-        raise ValueError(
-            f"chunk {short(chunk_id)} in pack {pack} at offset {offset} holds {len(plain)} "
-            f"bytes; this pool's buffers hold {out.nbytes} (pool chunk size too small)"
-        )
-    out[: len(plain)] = plain
-    return len(plain)
+    """Decode ``record`` (fully verified by the codec) into ``out``; returns the length.
+
+    Raises ValueError when the chunk is larger than this pool's buffers."""
+    return codec.decode_into(record, out, chunk_id, pack, offset)
 
 
 class BufferArena:

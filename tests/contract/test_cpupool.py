@@ -48,7 +48,7 @@ def keys(request: pytest.FixtureRequest) -> StoreKeys:
 
 @pytest.fixture(params=POOL_KINDS)
 async def pool(request: pytest.FixtureRequest, keys: StoreKeys) -> AsyncIterator[CpuPool]:
-    cpu_pool = make_cpu_pool(request.param, keys, CHUNK, workers=WORKERS)
+    cpu_pool = make_cpu_pool(keys, CHUNK, kind=request.param, workers=WORKERS)
     try:
         yield cpu_pool
     finally:
@@ -294,12 +294,12 @@ async def test_closed_pool_refuses_work(pool: CpuPool) -> None:
 
 def test_unknown_pool_kind_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown CPU pool kind 'gpu'"):
-        make_cpu_pool("gpu", StoreKeys.generate(encrypted=False), CHUNK)
+        make_cpu_pool(StoreKeys.generate(encrypted=False), CHUNK, kind="gpu")
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("thread", ThreadCpuPool), ("process", ProcessCpuPool)])
 async def test_factory_builds_each_kind_with_default_capacity(kind: str, cls: type) -> None:
-    cpu_pool = make_cpu_pool(kind, StoreKeys.generate(encrypted=False), CHUNK, workers=3)
+    cpu_pool = make_cpu_pool(StoreKeys.generate(encrypted=False), CHUNK, kind=kind, workers=3)
     try:
         assert isinstance(cpu_pool, cls)
         assert cpu_pool.chunk_size == CHUNK
