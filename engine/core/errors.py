@@ -92,3 +92,9 @@ class ManifestTampered(IntegrityError):
 
 class WorkerError(EngineError):
     template = "CPU worker failed while {task}: {reason}"
+
+
+class SourceError(EngineError):
+    """Reading a disk failed for good (after retries); names the disk and offset."""
+
+    template = "disk {disk} at offset {offset}: {reason}"

@@ -1,7 +1,9 @@
 """``tessera`` command line: argument parsing, error → exit code mapping, output."""
 
 import argparse
+import asyncio
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -9,6 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.core.errors import ConfigError, EngineError, IntegrityError
+from engine.daemon.progress import ProgressDisplay
+from engine.jobs.backup import LEVELS, run_backup
+from engine.obs.log import configure as configure_logging
+from engine.jobs.journal import Journal
+from engine.jobs.recovery import recover_unfinished
+from engine.pipeline.disk import DEFAULT_READERS
+from engine.sources import registry
+from engine.sources.types import Source
+from engine.workers import make_cpu_pool
 from engine.core.units import human_bytes
 from engine.daemon.passphrase import resolve_passphrase
 from engine.store.check import check_store
@@ -43,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera", description="Agentless backup for oVirt/RHV VMs."
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     store = sub.add_parser("store", help="create and inspect chunk stores")
@@ -73,6 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_key_options(p)
     p.set_defaults(func=cmd_store_verify)
+
+    backup = sub.add_parser("backup", help="back up now (without the daemon)")
+    bsub = backup.add_subparsers(dest="backup_command", required=True, metavar="WHAT")
+    p = bsub.add_parser("image", help="back up local qcow2/raw images (each one a VM)")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--vm", help="treat all PATHs as the disks of one VM with this name")
+    p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_backup_image)
+
+    p = sub.add_parser("snapshots", help="list restore points")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--vm", help="only this VM (id or name)")
+    p.add_argument("--json", action="store_true")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("restore", help="restore a snapshot's disks to local images")
+    p.add_argument("snapshot", metavar="SNAPSHOT_ID", help="id or unique prefix")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--disk", help="only this disk (id or name)")
+    p.add_argument(
+        "--to", type=Path, required=True, help="image file (one disk) or directory (several)"
+    )
+    p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_restore)
     return parser
 
 
@@ -167,6 +208,7 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(logging.WARNING - 10 * min(args.verbose, 2))
     try:
         code: int = args.func(args)
     except ConfigError as e:

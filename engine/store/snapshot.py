@@ -61,6 +61,14 @@ class SnapshotWriter:
         self._disks.append((writer, disk_id, name, dict(attributes or {})))
         return writer
 
+    def annotate(self, writer: DiskMapWriter, attributes: dict[str, str]) -> None:
+        """Add source facts to a disk's manifest entry (e.g. why it was read fully)."""
+        for w, _disk_id, _name, attrs in self._disks:
+            if w is writer:
+                attrs.update(attributes)
+                return
+        raise ValueError(f"{writer.path} is not a disk of snapshot {self.snapshot_id}")
+
     def set_config(self, format_name: str, data: bytes) -> None:
         """Save the VM configuration (e.g. OVF) as one chunk of the store."""
         if len(data) > fmt.MAX_CHUNK_SIZE:

@@ -1,0 +1,11 @@
+"""Disk I/O every source and target uses: an NBD client and qemu process wrappers.
+
+Nouns: an *export* is a disk served over NBD (its size, block size constraints and flags come
+from the handshake); an *extent* (``engine.core.extent.Extent``) is a byte range with zero /
+hole / dirty flags from NBD block status; a *metadata context* is the kind of block status
+asked for (``base:allocation`` for zero/hole, ``qemu:dirty-bitmap:NAME`` for changed ranges).
+
+Invariants: every request size is bounded (``nbd.protocol.MAX_REQUEST``), every wait on a
+server or process is bounded by a named timeout, every process started here is reaped and
+every temporary directory removed, also on errors and cancellation.
+"""

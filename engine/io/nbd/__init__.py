@@ -1,0 +1,11 @@
+"""NBD: the sans-IO protocol (``protocol``, ``handshake``, ``transmission``) and its asyncio
+client (``client``). Errors are in ``errors``.
+
+``connect(address, export_name, meta_contexts)`` → ``NbdClient`` with ``read``,
+``readinto``, ``write``, ``write_zeroes``, ``flush``, ``block_status`` and ``close``;
+``extents(client, offset, length, context)`` walks block status over a whole range.
+"""
+
+from engine.io.nbd.client import NbdClient, connect, extents
+
+__all__ = ["NbdClient", "connect", "extents"]

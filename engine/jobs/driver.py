@@ -1,0 +1,93 @@
+"""Run one job through its state table, persisting every state before acting on it.
+
+A job supplies one coroutine per working state (PREPARING, TRANSFERRING, COMMITTING), each
+returning the event that ends it, and one ``cleanup(success)`` coroutine that the cleanup
+states run (FINISHING with success=True; ABORTING and CANCELLING with success=False).
+Exceptions become the ERROR event (the message is kept on the record); cancellation
+becomes CANCEL, cleanup still runs (bounded by ``CLEANUP_TIMEOUT``), and ``CancelledError``
+is re-raised once the record says CANCELLED. Each transition is logged as one event.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+import structlog
+
+from engine.core.errors import EngineError
+from engine.jobs.journal import Journal, JobRecord
+from engine.jobs.states import CLEANUP, TABLES, TERMINAL, Event, State, next_state
+
+CLEANUP_TIMEOUT: Final = 120.0  # seconds; stopping exports and removing bitmaps is quick
+
+Step = Callable[[], Awaitable[Event]]
+Cleanup = Callable[[bool], Awaitable[None]]
+
+log = structlog.get_logger("tessera.jobs")
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, EngineError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class JobDriver:
+    def __init__(self, journal: Journal, record: JobRecord):
+        self.journal = journal
+        self.record = record
+        self._table = TABLES[record.kind]
+
+    def transition(self, event: Event) -> State:
+        record = self.record
+        new = next_state(self._table, record.state, event, record.job_id)
+        log.debug(
+            "job.transition",
+            job=record.job_id,
+            frm=record.state.value,
+            on=event.value,
+            to=new.value,
+        )
+        record.state = new
+        record.history.append(f"{record.updated} {new.value}")
+        self.journal.save(record)
+        return new
+
+    async def run(self, steps: Mapping[State, Step], cleanup: Cleanup) -> JobRecord:
+        cancelled = False
+        state = self.transition(Event.START)
+        while state not in TERMINAL:
+            if state in CLEANUP:
+                event = await self._cleanup(cleanup, success=state is State.FINISHING)
+            else:
+                try:
+                    event = await steps[state]()
+                except asyncio.CancelledError:
+                    cancelled = True
+                    event = Event.CANCEL
+                except Exception as e:
+                    self.record.error = describe(e)
+                    log.warning(
+                        "job.error",
+                        job=self.record.job_id,
+                        state=state.value,
+                        error=self.record.error,
+                    )
+                    event = Event.ERROR
+            state = self.transition(event)
+        if cancelled:
+            raise asyncio.CancelledError
+        return self.record
+
+    async def _cleanup(self, cleanup: Cleanup, success: bool) -> Event:
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                # Shielded: a second cancellation must not interrupt undoing what was made.
+                await asyncio.shield(cleanup(success))
+        except Exception as e:
+            self.record.warnings.append(f"cleanup: {describe(e)}")
+            return Event.ERROR
+        except asyncio.CancelledError:
+            self.record.warnings.append("cleanup interrupted by cancellation")
+            return Event.CANCEL
+        return Event.CLEANED

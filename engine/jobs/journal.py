@@ -1,0 +1,81 @@
+"""The job journal: one JSON file per job, rewritten atomically at every transition.
+
+A record says what the job is (kind, params), where it is (state), what it has created that
+must not outlive it (``resources``, e.g. a qemu-nbd pid, a bitmap name, a target file) and
+how it ended (summary, error, warnings). Records of finished jobs are kept (they are the
+job history) up to ``KEEP_FINISHED``, oldest dropped first.
+"""
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from engine.jobs.states import TERMINAL, State
+from engine.util.fs import atomic_write
+
+KEEP_FINISHED: Final = 1000  # a year of daily jobs for a few VMs; files are ~1 KiB
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    kind: str  # backup | restore
+    source: str  # plugin name that owns the resources (local, ovirt…)
+    state: State = State.PENDING
+    params: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=_now)
+    updated: str = field(default_factory=_now)
+    pid: int = field(default_factory=os.getpid)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)  # "time state" per transition
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL
+
+
+class Journal:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def create(self, kind: str, source: str, params: dict[str, Any]) -> JobRecord:
+        job_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        record = JobRecord(job_id=job_id, kind=kind, source=source, params=params)
+        self.save(record)
+        return record
+
+    def save(self, record: JobRecord) -> None:
+        record.updated = _now()
+        doc = asdict(record) | {"state": record.state.value}
+        atomic_write(self._path(record.job_id), json.dumps(doc, indent=1).encode(), "journal")
+
+    def load(self, job_id: str) -> JobRecord:
+        doc = json.loads(self._path(job_id).read_bytes())
+        doc["state"] = State(doc["state"])
+        return JobRecord(**doc)
+
+    def records(self) -> list[JobRecord]:
+        return [self.load(p.stem) for p in sorted(self.dir.glob("*.json"))]
+
+    def unfinished(self) -> list[JobRecord]:
+        return [r for r in self.records() if not r.finished]
+
+    def prune(self) -> None:
+        finished = [r for r in self.records() if r.finished]
+        for record in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            self._path(record.job_id).unlink(missing_ok=True)

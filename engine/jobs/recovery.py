@@ -1,0 +1,50 @@
+"""Finish or clean up the jobs a killed process left unfinished (read from the journal).
+
+Runs when a process opens the store for writing (the writer lock proves the previous owner
+is gone), before any new job. A backup whose manifest exists was committed: it is finished
+(SUCCEEDED, its source's old checkpoints dropped). Anything else is cleaned up through its
+plugin (exports stopped, the new checkpoint removed, a partial restore target deleted) and
+marked FAILED; the store's own recovery has already discarded uncommitted data.
+"""
+
+from engine.jobs.driver import JobDriver, describe
+from engine.jobs.journal import Journal
+from engine.jobs.states import CLEANUP, Event, State
+from engine.sources import registry
+from engine.store.chunk_store import Store
+
+
+async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
+    """Returns one line per action, for the operator."""
+    lines = []
+    for record in journal.unfinished():
+        driver = JobDriver(journal, record)
+        was = record.state
+        sid = record.resources.get("snapshot_id")
+        committed = (
+            record.kind == "backup" and bool(sid) and store.layout.manifest(str(sid)).exists()
+        )
+        if was is State.PENDING:
+            driver.transition(Event.CANCEL)
+            lines.append(f"job {record.job_id}: never started; marked cancelled")
+            continue
+        if was not in CLEANUP:
+            record.error = (
+                record.error or f"interrupted: process {record.pid} died while {was.value}"
+            )
+            if committed and was is State.COMMITTING:
+                driver.transition(Event.COMMITTED)
+            else:
+                driver.transition(Event.ERROR)
+        try:
+            actions = await registry.get(record.source).recover(record.resources, committed)
+            event = Event.CLEANED
+        except Exception as e:
+            actions = [f"cleanup failed: {describe(e)}"]
+            record.warnings.append(actions[0])
+            event = Event.ERROR
+        driver.transition(event)
+        lines += [f"job {record.job_id} ({record.kind}, was {was.value}): {a}" for a in actions]
+        lines.append(f"job {record.job_id}: now {record.state.value}")
+    journal.prune()
+    return lines

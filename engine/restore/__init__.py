@@ -1,0 +1,19 @@
+"""Restore: write a snapshot's disks back out, from the store into a Target.
+
+Nouns: a *window* is a run of consecutive slots planned together (``planner.WINDOW_SLOTS``);
+a *plan* (``planner.WindowPlan``) lists a window's zero runs and the records to read, grouped
+by pack and ascending inside each pack, every distinct chunk once with all the slots it
+fills; a *writer* is one connection to the target disk (``DiskWriter``).
+
+Modules: ``planner`` (pure: windows of DiskMap ids → plans), ``disk`` (``restore_disk``:
+plans → store reads → CpuPool decode → concurrent target writes → flush).
+
+Invariants:
+
+1. Every slot of the disk is written exactly once, or — on a fresh (new, sparse) target —
+   a zero slot is not written at all; data never reaches the target unverified (the
+   CpuPool's decode checks CRC, AEAD tag and the keyed id of the plaintext).
+2. Memory is bounded by one window's plan and the pool's capacity, whatever the disk size.
+3. Integrity errors (``CorruptRecord``, ``ChunkMissing``) reach the caller as themselves,
+   naming chunk, pack and offset (or disk and slot); a restore never retries them.
+"""

@@ -1,0 +1,20 @@
+"""Sources and targets: the seam between the engine and where disks live.
+
+A *Source* exposes one VM's disks for reading during one backup; a *Target* creates disks
+and accepts writes during one restore. Plugins (``plugins.local``, ``plugins.ovirt``)
+implement them and register a factory by name in ``registry``; the engine only sees these
+protocols. Every method that talks to the outside world is async.
+
+Reading model (what the pipeline relies on):
+
+- ``SourceDisk.extents(offset, length)`` says which ranges are known to read as zero (no
+  read needed: the slot gets the ZERO id);
+- ``SourceDisk.changed`` is None for a full read, or the reason-free promise that
+  ``dirty_extents`` lists every byte written since the parent checkpoint (clean slots reuse
+  the parent's ids without reading);
+- ``SourceDisk.open_reader()`` gives a new connection; the pipeline opens N of them and
+  reads whole slots concurrently with ``readinto`` (straight into CpuPool buffers).
+
+Errors: a read that may succeed when retried raises a ``TransientError``; anything else is
+an ``EngineError`` naming the disk and offset.
+"""

@@ -1,0 +1,114 @@
+"""Protocols and value types of sources and targets (see the package docstring)."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.core.extent import Extent
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One disk of a VM as the source describes it."""
+
+    disk_id: str
+    name: str
+    size: int  # virtual size in bytes
+    attributes: dict[str, str] = field(default_factory=dict)  # format, interface, bootable…
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    vm_id: str
+    name: str
+    disks: tuple[DiskInfo, ...]
+    config: bytes | None = None  # the VM configuration (OVF, JSON…), saved as first stream
+    config_format: str = "json"
+
+
+class DiskReader(Protocol):
+    """One connection to a disk; not shared between concurrent readers."""
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset`` (short reads are the reader's problem)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SourceDisk(Protocol):
+    info: DiskInfo
+    # None: read everything (full). Otherwise dirty_extents covers every changed byte.
+    checkpoint_parent: str | None
+    # Why a requested incremental became a full read of this disk (missing bitmap…), or None.
+    fallback_reason: str | None
+
+    async def extents(self, offset: int, length: int) -> Sequence[Extent]:
+        """Allocation extents covering [offset, offset+length): ``zero`` ones need no read."""
+        ...
+
+    async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
+        """Only when ``checkpoint_parent`` is set: ranges with ``dirty`` written since."""
+        ...
+
+    async def open_reader(self) -> DiskReader: ...
+
+
+class DiskWriter(Protocol):
+    """One connection to a target disk."""
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class TargetDisk(Protocol):
+    info: DiskInfo
+    fresh: bool  # a new sparse disk: zero slots need no write at all
+
+    async def open_writer(self) -> DiskWriter: ...
+
+
+class BackupSession(Protocol):
+    """A VM's disks opened for one backup run (exports started, checkpoint created)."""
+
+    vm: VmInfo
+    disks: Sequence[SourceDisk]
+    new_checkpoint: str | None  # recorded in the manifest; the next incremental's parent
+
+    async def close(self, success: bool) -> None:
+        """Stop exports; on success drop checkpoints no longer needed, else the new one."""
+        ...
+
+
+class Source(Protocol):
+    """One VM that can be backed up, as a plugin presents it."""
+
+    plugin: str  # registry name, recorded in the job journal for crash recovery
+    vm_id: str
+    vm_name: str
+
+    async def open(
+        self,
+        parent_checkpoint: str | None,
+        keep_checkpoints: Sequence[str],
+        new_checkpoint: str,
+        readers: int,
+        record: "ResourceRecorder",
+    ) -> BackupSession:
+        """Export the disks for reading. With ``parent_checkpoint``, disks whose checkpoint
+        is intact read only what changed since (``SourceDisk.checkpoint_parent``); others
+        fall back to a full read with ``fallback_reason``. ``keep_checkpoints`` survive a
+        successful close besides the new one (the last full's, for differentials)."""
+        ...
+
+
+class ResourceRecorder(Protocol):
+    """Persists what a plugin created (before it creates it) so a restarted process can
+    undo it: ``record(key, value)`` writes the job journal durably."""
+
+    def __call__(self, key: str, value: object) -> None: ...

@@ -1,0 +1,27 @@
+"""Local qcow2/raw images as backup sources and restore targets, served by ``qemu-nbd``.
+
+``source.LocalImageSource`` reads an image (full, or incremental from a qcow2 persistent
+bitmap used as the checkpoint); ``target`` writes a restore into a new sparse image.
+``PLUGIN`` is this plugin's registry entry (entry point ``tessera.plugins: local``).
+"""
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.sources.registry import Plugin
+
+
+async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
+    from plugins.local.source import recover  # noqa: PLC0415 - keep the entry point light
+
+    return await recover(dict(resources), committed)
+
+
+def _image_source(paths: Sequence[Path], vm_name: str | None = None) -> Any:
+    from plugins.local.source import LocalImageSource  # noqa: PLC0415
+
+    return LocalImageSource(paths, vm_name)
+
+
+PLUGIN = Plugin(name="local", recover=_recover, factories={"image_source": _image_source})

@@ -1,0 +1,277 @@
+"""A local qcow2 or raw image as a restore Target, written through a writable ``qemu-nbd``.
+
+::
+
+    async with LocalImageTarget(path, size, name="disk0") as disk:   # TargetDisk
+        stats = await restore_disk(store, pool, manifest, entry, disk)
+    # left normally:     qemu-nbd stopped, image published at ``path``
+    # left by an error   qemu-nbd stopped, the partial image deleted: a failed restore
+    # or cancellation:   must not leave a file that looks like a good disk
+
+A new image is created sparse, in the format the caller names or the suffix of ``path``
+says (``.qcow2`` → qcow2; ``.raw``, ``.img`` → raw), at ``path`` + ``PARTIAL_SUFFIX``; only a
+successful restore renames it to ``path``, so even a killed process leaves nothing at
+``path``. ``path`` must not exist: Tessera never overwrites an image (checked up front,
+and again when publishing, which links without replacing). The image is created with mode
+0600 (it holds a VM's data). Its disk is ``fresh``: zero slots need no write.
+
+Restoring into an existing image (``existing=True``): ``path`` must exist (its format is
+read with qemu-img, and must match ``fmt`` if given) and be at least ``size`` bytes;
+``fresh`` is False, so zero slots are written (as holes where the format can: writable
+exports pass discards through). Such an image is never deleted, also not on failure: it
+holds whatever was written before the failure.
+
+qemu sizes images in 512-byte sectors: a disk whose size is not a multiple of 512 gets a
+zero tail up to the next sector.
+
+Who closes what: ``open_writer()`` returns a new NBD connection that the caller closes
+(``restore_disk`` does); leaving the context closes any connection still open, then stops
+qemu-nbd. Durability: the writers' ``flush()`` makes the data durable (qemu-nbd flushes the
+image file); publishing fsyncs the directory.
+
+Raised: ``ConfigError`` (``path`` exists, or is missing with ``existing=True``; a partial
+image of another restore is in the way; an unknown format; an existing image too small or
+of another format; more open writers than ``max_connections``), ``QemuError`` (qemu-img or
+qemu-nbd failed), the NBD errors of ``engine.io.nbd`` from connections.
+"""
+
+import errno
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from engine.core.errors import ConfigError
+from engine.io import qemu
+from engine.io.nbd import NbdClient, connect
+from engine.sources.types import DiskInfo
+from engine.util.fs import fsync_dir
+
+FORMATS: Final = ("qcow2", "raw")
+SUFFIX_FORMATS: Final = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
+# Where a new image lives until the restore succeeds; never a name a disk image would have.
+PARTIAL_SUFFIX: Final = ".tessera-partial"
+# Writer connections the export serves at once (qemu-nbd --shared): restore_disk's default of
+# 4 writers with room to spare. qemu-nbd does not refuse a client beyond it but leaves it
+# hanging in the listen backlog, so open_writer refuses it instead.
+DEFAULT_MAX_CONNECTIONS: Final = 8
+# link(2) errors of file systems that have no hard links (vfat, some FUSE and network mounts).
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+def image_format(path: Path, fmt: str | None) -> str:
+    """``fmt`` if given (checked), else the format ``path``'s suffix implies; ConfigError."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ConfigError(message=f"image {path}: unknown format {fmt!r}; use one of {FORMATS}")
+        return fmt
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise ConfigError(
+            message=f"image {path}: cannot tell the format from the suffix "
+            f"{path.suffix or '(none)'!r}; name it (qcow2 or raw) or use one of "
+            f"{sorted(SUFFIX_FORMATS)}"
+        ) from None
+
+
+class LocalWriter:
+    """A ``DiskWriter``: one NBD connection to the export; close it when done."""
+
+    def __init__(self, client: NbdClient, disk: "LocalTargetDisk") -> None:
+        self._client = client
+        self._disk = disk
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        await self._client.write(offset, data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._client.write_zeroes(offset, length)
+
+    async def flush(self) -> None:
+        await self._client.flush()
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._disk._writers.discard(self)
+        await self._client.close()
+
+
+class LocalTargetDisk:
+    """The ``TargetDisk`` of a started ``LocalImageTarget``."""
+
+    def __init__(
+        self, info: DiskInfo, fresh: bool, export: qemu.QemuNbd, max_connections: int
+    ) -> None:
+        self.info = info
+        self.fresh = fresh
+        self._export = export
+        self._max = max_connections
+        self._writers: set[LocalWriter] = set()
+
+    async def open_writer(self) -> LocalWriter:
+        """A new connection; ConfigError beyond ``max_connections`` open at once."""
+        if len(self._writers) >= self._max:
+            raise ConfigError(
+                message=f"image {self._export.image}: {len(self._writers)} writers are open; "
+                f"its export serves at most {self._max}"
+            )
+        writer = LocalWriter(await connect(self._export.address, meta_contexts=()), self)
+        self._writers.add(writer)
+        return writer
+
+    async def close_writers(self) -> None:
+        """Close every writer still open (each close is bounded by the NBD client)."""
+        while self._writers:
+            await self._writers.pop().close()
+
+
+class LocalImageTarget:
+    """One local image to restore a disk into; an async context manager (see module doc).
+
+    ``size`` is the disk's size in bytes; ``name`` and ``disk_id`` go into ``DiskInfo``
+    (default: the file name and the path). ``fmt`` is "qcow2" or "raw" (default: from the
+    suffix of ``path`` for a new image, from qemu-img info for an existing one).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        *,
+        fmt: str | None = None,
+        existing: bool = False,
+        name: str | None = None,
+        disk_id: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        if size < 0:
+            raise ValueError(f"image {path}: negative size {size}")
+        self.path = Path(path)
+        self.size = size
+        self.fmt = fmt
+        self.existing = existing
+        self.name = name or self.path.name
+        self.disk_id = disk_id or str(self.path)
+        self.max_connections = max_connections
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self._created: Path | None = None  # the file this target made (deleted on failure)
+        self._export: qemu.QemuNbd | None = None
+        self._disk: LocalTargetDisk | None = None
+
+    async def open(self) -> LocalTargetDisk:
+        """Create (or check) the image and start qemu-nbd; on failure nothing is left."""
+        try:
+            if self.existing:
+                fmt, size = await self._check_existing()
+                image = self.path
+            else:
+                fmt, size = await self._create(), self.size
+                image = self.partial
+            export = qemu.QemuNbd(
+                image, fmt, read_only=False, cache="writeback", shared=self.max_connections
+            )
+            self._export = export
+            await export.start()
+            info = DiskInfo(self.disk_id, self.name, size, {"format": fmt})
+            disk = LocalTargetDisk(info, not self.existing, export, self.max_connections)
+        except BaseException:
+            await self.close(success=False)
+            raise
+        self._disk = disk
+        return disk
+
+    async def close(self, *, success: bool) -> None:
+        """Close leftover writers and stop qemu-nbd; then publish the new image on success,
+        or delete it otherwise. Idempotent."""
+        disk, self._disk = self._disk, None
+        export, self._export = self._export, None
+        stopped = False
+        try:
+            try:
+                if disk is not None:
+                    await disk.close_writers()
+            finally:
+                if export is not None:
+                    await export.stop()
+            stopped = True
+        finally:
+            created, self._created = self._created, None
+            if created is not None:
+                if success and stopped:
+                    self._publish(created)
+                else:
+                    created.unlink(missing_ok=True)
+
+    async def __aenter__(self) -> LocalTargetDisk:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(success=exc_type is None)
+
+    async def _create(self) -> str:
+        fmt = image_format(self.path, self.fmt)
+        if self.path.exists() or self.path.is_symlink():
+            raise ConfigError(
+                message=f"restore target {self.path} already exists; Tessera never overwrites "
+                "an image (choose a new path, or restore into it as an existing image)"
+            )
+        try:
+            # O_EXCL claims the name: two restores to one path cannot share a partial image.
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError(
+                message=f"{self.partial} exists: another restore to {self.path} is running, "
+                "or an interrupted one left it (delete it once no restore runs)"
+            ) from None
+        except FileNotFoundError:
+            raise ConfigError(
+                message=f"restore target {self.path}: directory {self.path.parent} does not exist"
+            ) from None
+        os.close(fd)
+        self._created = self.partial
+        await qemu.create(self.partial, fmt, self.size)  # into the claimed (empty) file
+        return fmt
+
+    async def _check_existing(self) -> tuple[str, int]:
+        """(format, virtual size) of the existing image; ConfigError if it cannot serve."""
+        if not self.path.exists():
+            raise ConfigError(message=f"restore target {self.path} does not exist")
+        facts = await qemu.info(self.path, fmt=self.fmt)
+        fmt = str(facts["format"])
+        if fmt not in FORMATS:
+            raise ConfigError(message=f"image {self.path}: format {fmt} is not one of {FORMATS}")
+        virtual = int(facts["virtual-size"])
+        if virtual < self.size:
+            raise ConfigError(
+                message=f"image {self.path} has {virtual} bytes; the disk needs {self.size}"
+            )
+        return fmt, virtual
+
+    def _publish(self, created: Path) -> None:
+        """Give the finished image its name without ever replacing a file at ``path``."""
+        try:
+            os.link(created, self.path)  # fails if path appeared meanwhile: never replaces
+        except FileExistsError:
+            raise ConfigError(
+                message=f"restore target {self.path} appeared during the restore and was left "
+                f"alone; the restored image is complete at {created}"
+            ) from None
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            # A file system without hard links: check, then rename (a narrow race window).
+            if self.path.exists() or self.path.is_symlink():
+                raise ConfigError(
+                    message=f"restore target {self.path} appeared during the restore and was "
+                    f"left alone; the restored image is complete at {created}"
+                ) from None
+            created.rename(self.path)
+        else:
+            created.unlink()
+        fsync_dir(self.path.parent)

@@ -1,0 +1,292 @@
+"""Restore snapshots into new and existing local images through real qemu-img and qemu-nbd.
+
+Byte identity is checked by reading raw files and, for qcow2, by ``qemu-img compare`` against
+a raw copy of the source bytes and by ``qemu-img convert -O raw``. Failures (a corrupt pack,
+cancellation) must leave no image and no qemu-nbd behind; an existing path is never
+overwritten; an existing image gets zeros where the snapshot has zero slots.
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine.core.errors import ConfigError, CorruptRecord
+from engine.core.ids import short
+from engine.io import qemu
+from engine.restore.disk import RestoreStats, restore_disk
+from engine.store.chunk_store import Store
+from engine.store.manifest import Manifest
+from engine.workers import make_cpu_pool
+from engine.workers.pool import CpuPool
+from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget
+from tests.conftest import StoreFactory
+from tests.helpers import realistic_bytes, write_snapshot
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 64 * 1024
+SECTOR = 512  # qemu sizes images in sectors
+
+
+def source_disks() -> dict[str, bytes]:
+    """Sizes are sector multiples but not chunk multiples; zero runs; repeated chunks."""
+    block = realistic_bytes(CHUNK, seed=11)
+    mixed = (
+        realistic_bytes(5 * CHUNK + 4096, seed=1)
+        + bytes(3 * CHUNK + 512)
+        + block * 4
+        + realistic_bytes(CHUNK // 2, seed=2)
+        + bytes(3 * CHUNK)
+        + block
+        + realistic_bytes(3 * 1024, seed=3)
+    )
+    return {
+        "mixed": mixed,
+        "small": block + realistic_bytes(4608, seed=4),  # shares a chunk with "mixed"
+        "zeros": bytes(2 * CHUNK + 512),
+    }
+
+
+def distinct_chunks(data: bytes) -> int:
+    chunks = {data[i : i + CHUNK] for i in range(0, len(data), CHUNK)}
+    return sum(1 for c in chunks if any(c))
+
+
+def zero_slot_bytes(data: bytes) -> int:
+    slots = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+    return sum(len(s) for s in slots if not any(s))
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[CpuPool]]:
+    """Pools made by a test; closed at teardown."""
+    made: list[CpuPool] = []
+    yield made
+    for pool in made:
+        await pool.aclose()
+
+
+def new_pool(store: Store, pools: list[CpuPool], kind: str = "thread") -> CpuPool:
+    pool = make_cpu_pool(store.keys, CHUNK, kind=kind, workers=2, capacity=6)
+    pools.append(pool)
+    return pool
+
+
+async def restore_to(
+    store: Store,
+    pool: CpuPool,
+    manifest: Manifest,
+    index: int,
+    path: Path,
+    *,
+    existing: bool = False,
+) -> RestoreStats:
+    disk = manifest.disks[index]
+    async with LocalImageTarget(path, disk.size, name=disk.name, existing=existing) as target:
+        assert target.fresh == (not existing)
+        return await restore_disk(store, pool, manifest, disk, target, writers=3)
+
+
+async def raw_bytes_of(image: Path, fmt: str, scratch: Path) -> bytes:
+    """The guest-visible bytes of an image: the file itself for raw, qemu-img convert else."""
+    if fmt == "raw":
+        return image.read_bytes()
+    out = scratch / f"{image.name}.converted.raw"
+    await qemu.qemu_img("convert", "-f", fmt, "-O", "raw", image, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def qemu_nbd_serving(tmp_path: Path) -> list[int]:
+    """Pids of qemu-nbd processes serving an image under ``tmp_path``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-nbd") and any(str(tmp_path).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("encryption", ["aes-256-gcm", "none"])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+async def test_restore_into_new_images_is_byte_identical(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path, fmt: str, encryption: str
+) -> None:
+    store = make_store(encryption=encryption, chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    pool = new_pool(store, pools)
+    for index, (name, data) in enumerate(disks.items()):
+        image = tmp_path / f"{name}.{fmt}"
+        stats = await restore_to(store, pool, manifest, index, image)
+        assert image.exists() and not Path(f"{image}{PARTIAL_SUFFIX}").exists()
+        assert stats.chunks_read == stats.chunks_decoded == distinct_chunks(data)
+        assert stats.bytes_restored == len(data)
+        assert stats.zero_bytes_written == 0, "a fresh image needs no zero writes"
+        assert stats.zero_bytes_skipped == zero_slot_bytes(data)
+        assert await raw_bytes_of(image, fmt, tmp_path) == data
+        if fmt == "qcow2":
+            source = tmp_path / f"{name}.source.raw"
+            source.write_bytes(data)
+            await qemu.qemu_img("compare", "-f", "raw", "-F", "qcow2", source, image)
+    assert not qemu_nbd_serving(tmp_path)
+
+
+async def test_qcow2_restore_leaves_zero_slots_unallocated(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    data = realistic_bytes(2 * CHUNK, seed=7) + bytes(8 * CHUNK) + realistic_bytes(CHUNK, seed=8)
+    manifest = write_snapshot(store, "vm", {"d": data})
+    image = tmp_path / "d.qcow2"
+    await restore_to(store, new_pool(store, pools), manifest, 0, image)
+    mapping = json.loads(await qemu.qemu_img("map", "--output=json", "-f", "qcow2", image))
+    allocated = sum(m["length"] for m in mapping if m["data"])
+    assert allocated == 3 * CHUNK
+
+
+async def test_process_pool_restore(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    pool = new_pool(store, pools, kind="process")
+    image = tmp_path / "mixed.qcow2"
+    await restore_to(store, pool, manifest, 0, image)
+    assert await raw_bytes_of(image, "qcow2", tmp_path) == disks["mixed"]
+
+
+async def test_size_that_is_not_a_sector_multiple_gets_a_zero_tail(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    data = realistic_bytes(CHUNK + 1001, seed=9)
+    manifest = write_snapshot(store, "vm", {"odd": data})
+    image = tmp_path / "odd.img"
+    await restore_to(store, new_pool(store, pools), manifest, 0, image)
+    restored = image.read_bytes()
+    assert len(restored) == -(-len(data) // SECTOR) * SECTOR
+    assert restored[: len(data)] == data
+    assert not any(restored[len(data) :])
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+async def test_corrupt_pack_fails_and_removes_the_partial_image(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path, fmt: str
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    data = disks["mixed"]
+    victim = store.codec.chunk_id(data[2 * CHUNK : 3 * CHUNK])
+    loc = store.index.lookup(victim)
+    assert loc is not None
+    pack = store.layout.packs / loc.pack[:2] / f"{loc.pack}.pack"
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + loc.length - 20)  # inside the payload, before the CRC
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    image = tmp_path / f"mixed.{fmt}"
+    with pytest.raises(CorruptRecord) as info:
+        await restore_to(store, new_pool(store, pools), manifest, 0, image)
+    assert info.value.fields["chunk"] == short(victim)
+    assert info.value.fields["pack"] == loc.pack
+    assert info.value.fields["offset"] == loc.offset
+    assert short(victim) in str(info.value) and loc.pack in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mixed")) == []
+    assert not qemu_nbd_serving(tmp_path)
+
+
+async def test_cancelled_restore_removes_the_partial_image(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    pool = new_pool(store, pools)
+    image = tmp_path / "mixed.qcow2"
+    disk = manifest.disks[0]
+
+    async def run() -> None:
+        async with LocalImageTarget(image, disk.size) as target:
+            me = asyncio.current_task()
+            assert me is not None
+            # Cancel from inside, at the first progress report: no timing involved.
+            await restore_disk(store, pool, manifest, disk, target, progress=lambda _: me.cancel())
+
+    task = asyncio.create_task(run())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not image.exists()
+    assert not Path(f"{image}{PARTIAL_SUFFIX}").exists()
+    assert not qemu_nbd_serving(tmp_path)
+
+
+async def test_existing_path_is_never_overwritten(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    manifest = write_snapshot(store, "vm", {"d": realistic_bytes(2 * CHUNK, seed=10)})
+    image = tmp_path / "d.qcow2"
+    image.write_bytes(b"precious")
+    with pytest.raises(ConfigError, match=f"{image} already exists"):
+        await restore_to(store, new_pool(store, pools), manifest, 0, image)
+    assert image.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("d.")) == ["d.qcow2"]
+    # A partial image in the way (a concurrent or interrupted restore) is refused too.
+    other = tmp_path / "e.raw"
+    Path(f"{other}{PARTIAL_SUFFIX}").write_bytes(b"")
+    with pytest.raises(ConfigError, match="another restore"):
+        await restore_to(store, new_pool(store, pools), manifest, 0, other)
+    assert not other.exists()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+async def test_restore_into_existing_image_writes_zeros(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path, fmt: str
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    data = disks["mixed"]
+    filled = tmp_path / "filled.raw"
+    filled.write_bytes(b"\xab" * (len(data) + CHUNK))  # larger than the disk: allowed
+    image = tmp_path / f"existing.{fmt}"
+    if fmt == "raw":
+        filled.rename(image)
+    else:
+        await qemu.qemu_img("convert", "-f", "raw", "-O", "qcow2", filled, image)
+    stats = await restore_to(store, new_pool(store, pools), manifest, 0, image, existing=True)
+    assert stats.zero_bytes_written == zero_slot_bytes(data) > 0
+    assert stats.zero_bytes_skipped == 0
+    restored = await raw_bytes_of(image, fmt, tmp_path)
+    assert restored[: len(data)] == data
+    assert restored[len(data) :] == b"\xab" * CHUNK, "beyond the disk: untouched"
+
+
+async def test_existing_image_must_exist_and_be_large_enough(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    manifest = write_snapshot(store, "vm", {"d": realistic_bytes(2 * CHUNK, seed=12)})
+    pool = new_pool(store, pools)
+    with pytest.raises(ConfigError, match="does not exist"):
+        await restore_to(store, pool, manifest, 0, tmp_path / "nope.raw", existing=True)
+    small = tmp_path / "small.qcow2"
+    await qemu.create(small, "qcow2", CHUNK)
+    with pytest.raises(ConfigError, match="the disk needs 131072"):
+        await restore_to(store, pool, manifest, 0, small, existing=True)
+    assert small.exists(), "an existing image is never deleted"
+    assert not qemu_nbd_serving(tmp_path)
