@@ -9,16 +9,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
 from engine.obs.log import configure as configure_logging
 from engine.jobs.journal import Journal
+from engine.jobs.restore import run_restore, select_disks
+from engine.jobs.states import State
 from engine.jobs.recovery import recover_unfinished
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
-from engine.sources.types import Source
+from engine.sources.types import ResourceRecorder, Source
 from engine.workers import make_cpu_pool
 from engine.core.units import human_bytes
 from engine.daemon.passphrase import resolve_passphrase
@@ -26,6 +29,7 @@ from engine.store.check import check_store
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.layout import StoreConfig
+from engine.store.manifest import DiskEntry, Manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
 
@@ -118,11 +122,142 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:
-    config = StoreConfig.load(args.path)
+    path = getattr(args, "store", None) or args.path
+    config = StoreConfig.load(path)
     passphrase = None
     if config.encryption != ENCRYPTION_NONE:
         passphrase = resolve_passphrase(args.passphrase_file)
-    return Store.open(args.path, passphrase=passphrase, key_file=args.key_file, writable=writable)
+    store = Store.open(path, passphrase=passphrase, key_file=args.key_file, writable=writable)
+    for line in store.report.lines():
+        print(f"store recovery: {line}", file=sys.stderr)
+    return store
+
+
+async def _recover_jobs(store: Store) -> Journal:
+    journal = Journal(store.path / "journal")
+    for line in await recover_unfinished(store, journal):
+        print(f"recovery: {line}", file=sys.stderr)
+    return journal
+
+
+def cmd_backup_image(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        if not path.is_file():
+            raise ConfigError(message=f"image {path} does not exist or is not a file")
+    make_source = registry.get("local").factory("image_source")
+    groups = [args.paths] if args.vm else [[p] for p in args.paths]
+    with open_store(args, writable=True) as store:
+        return asyncio.run(_backup_images(store, args, [make_source(g, args.vm) for g in groups]))
+
+
+async def _backup_images(store: Store, args: argparse.Namespace, sources: list[Source]) -> int:
+    journal = await _recover_jobs(store)
+    pool = make_cpu_pool(store.keys, store.config.chunk_size)
+    failed = 0
+    try:
+        for source in sources:
+            with ProgressDisplay(f"backup {source.vm_name}") as display:
+
+                def show(disk: str, done: int, total: int, d: ProgressDisplay = display) -> None:
+                    d.update(Path(disk).name, done, total)
+
+                outcome = await run_backup(
+                    store=store,
+                    pool=pool,
+                    source=source,
+                    journal=journal,
+                    level=args.level,
+                    readers=args.readers,
+                    progress=show,
+                )
+            for note in outcome.notes:
+                print(f"note: {note}")
+            print(outcome.summary())
+            failed += outcome.record.state is not State.SUCCEEDED
+    finally:
+        await pool.aclose()
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    with open_store(args, writable=False) as store:
+        manifests = [store.manifest(e.snapshot_id) for e in store.snapshots(args.vm)]
+    if args.json:
+        print(json.dumps([snapshot_doc(m) for m in manifests], indent=2))
+        return EXIT_OK
+    print(f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}")
+    for m in manifests:
+        print(
+            f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
+            f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
+        )
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    plugin = registry.get("local")
+    make_image_target = plugin.factory("image_target")
+    with open_store(args, writable=True) as store:
+        snapshot_id = store.resolve(args.snapshot)
+        manifest = store.manifest(snapshot_id)
+        entries = select_disks(manifest, args.disk)
+        single = len(entries) == 1 and not args.to.is_dir()
+
+        def target_path(entry: DiskEntry) -> Path:
+            if single:
+                return Path(args.to)
+            fmt = args.image_format or entry.attributes.get("format", "qcow2")
+            return Path(args.to) / f"{Path(entry.name).stem}.{fmt}"
+
+        def make_target(entry: DiskEntry, record: ResourceRecorder) -> Any:
+            return make_image_target(target_path(entry), entry, record, args.image_format)
+
+        async def run() -> int:
+            journal = await _recover_jobs(store)
+            pool = make_cpu_pool(store.keys, store.config.chunk_size)
+            try:
+                with ProgressDisplay(f"restore {manifest.vm_name}") as display:
+                    outcome = await run_restore(
+                        store=store,
+                        pool=pool,
+                        snapshot_id=snapshot_id,
+                        disks=[e.disk_id for e in entries],
+                        plugin=plugin.name,
+                        make_target=make_target,
+                        journal=journal,
+                        progress=display.update,
+                    )
+            finally:
+                await pool.aclose()
+            for stats in outcome.disks:
+                print(stats.summary())
+            print(outcome.summary())
+            return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
+
+        return asyncio.run(run())
+
+
+def snapshot_doc(m: Manifest) -> dict[str, object]:
+    return {
+        "id": m.snapshot_id,
+        "time": m.time,
+        "vm": {"id": m.vm_id, "name": m.vm_name},
+        "level": m.level,
+        "parent": m.parent,
+        "consistency": m.consistency,
+        "size": m.size,
+        "data_bytes": m.data_bytes,
+        "disks": [
+            {
+                "id": d.disk_id,
+                "name": d.name,
+                "size": d.size,
+                "data_bytes": d.data_bytes,
+                "attributes": d.attributes,
+            }
+            for d in m.disks
+        ],
+    }
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:

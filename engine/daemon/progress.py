@@ -63,7 +63,7 @@ class ProgressDisplay:
             return
         now = time.monotonic()
         start = self._started.setdefault(disk, now)
-        last, _ = self._plain.get(disk, (0.0, -1))
+        last, _ = self._plain.get(disk, (start, -1))
         if done < total and now - last < PLAIN_INTERVAL:
             return
         self._plain[disk] = (now, done)

@@ -11,7 +11,9 @@ from typing import TextIO
 import structlog
 
 
-def configure(level: int = logging.WARNING, json: bool = False, stream: TextIO | None = None) -> None:
+def configure(
+    level: int = logging.WARNING, json: bool = False, stream: TextIO | None = None
+) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

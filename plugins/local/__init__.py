@@ -24,4 +24,16 @@ def _image_source(paths: Sequence[Path], vm_name: str | None = None) -> Any:
     return LocalImageSource(paths, vm_name)
 
 
-PLUGIN = Plugin(name="local", recover=_recover, factories={"image_source": _image_source})
+def _image_target(path: Path, entry: Any, record: Any, fmt: str | None = None) -> Any:
+    """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry)."""
+    from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
+
+    record("partial_images", [str(path.with_name(path.name + PARTIAL_SUFFIX))])
+    return LocalImageTarget(path, entry.size, fmt=fmt, name=entry.name, disk_id=entry.disk_id)
+
+
+PLUGIN = Plugin(
+    name="local",
+    recover=_recover,
+    factories={"image_source": _image_source, "image_target": _image_target},
+)

@@ -56,7 +56,14 @@ class NbdReader:
 
 
 class LocalSourceDisk:
-    def __init__(self, info: DiskInfo, export: qemu.QemuNbd, control: NbdClient, parent: str | None, reason: str | None):
+    def __init__(
+        self,
+        info: DiskInfo,
+        export: qemu.QemuNbd,
+        control: NbdClient,
+        parent: str | None,
+        reason: str | None,
+    ):
         self.info = info
         self.checkpoint_parent = parent
         self.fallback_reason = reason
@@ -64,11 +71,12 @@ class LocalSourceDisk:
         self._control = control
 
     async def extents(self, offset: int, length: int) -> Sequence[Extent]:
-        return await extents(self._control, offset, length, "base:allocation")
+        return [e async for e in extents(self._control, offset, length, "base:allocation")]
 
     async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
         assert self.checkpoint_parent is not None
-        return await extents(self._control, offset, length, f"qemu:dirty-bitmap:{self.checkpoint_parent}")
+        context = f"qemu:dirty-bitmap:{self.checkpoint_parent}"
+        return [e async for e in extents(self._control, offset, length, context)]
 
     async def open_reader(self) -> NbdReader:
         return NbdReader(await connect(self._export.address))
@@ -120,9 +128,11 @@ class LocalImageSource:
     def __init__(self, paths: Sequence[Path], vm_name: str | None = None):
         self.paths = [Path(p).resolve() for p in paths]
         self.vm_name = vm_name or self.paths[0].name
-        self.vm_id = image_vm_id(self.paths[0]) if len(self.paths) == 1 else "vm-" + hashlib.sha256(
-            "|".join(map(str, self.paths)).encode()
-        ).hexdigest()[:16]
+        self.vm_id = (
+            image_vm_id(self.paths[0])
+            if len(self.paths) == 1
+            else "vm-" + hashlib.sha256("|".join(map(str, self.paths)).encode()).hexdigest()[:16]
+        )
 
     async def open(
         self,
@@ -168,7 +178,9 @@ class LocalImageSource:
                 export = qemu.QemuNbd(path, fmt, read_only=True, bitmap=parent, shared=readers + 2)
                 await export.start()
                 session._exports.append(export)
-                record("exports", [{"pid": e.pid, "socket": str(e.address)} for e in session._exports])
+                record(
+                    "exports", [{"pid": e.pid, "socket": str(e.address)} for e in session._exports]
+                )
                 contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
                 control = await connect(export.address, meta_contexts=contexts)
                 session._controls.append(control)
@@ -194,6 +206,13 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
                 os.kill(pid, signal.SIGKILL)
             done.append(f"stopped qemu-nbd {pid} left by the killed job")
         Path(export["socket"]).unlink(missing_ok=True)
+    for partial in map(Path, resources.get("partial_images", [])):
+        for pid in _qemu_nbd_serving(partial):
+            os.kill(pid, signal.SIGKILL)  # its image is being thrown away anyway
+            done.append(f"stopped qemu-nbd {pid} serving {partial}")
+        if partial.exists():
+            partial.unlink()
+            done.append(f"removed partial image {partial}")
     new = resources.get("new_checkpoint")
     keep = set(resources.get("keep_checkpoints", [])) | {new}
     for path in map(Path, resources.get("bitmaps_added", [])):
@@ -203,6 +222,20 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
             removed = await remove_bitmaps(path, lambda name: name == new)
         done += [f"removed bitmap {name} of {path}" for name in removed]
     return done
+
+
+def _qemu_nbd_serving(image: Path) -> list[int]:
+    """Pids of qemu-nbd processes whose command line names ``image``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+                pids.append(int(proc.name))
+    return pids
 
 
 def _is_our_qemu_nbd(pid: int, socket: str) -> bool:

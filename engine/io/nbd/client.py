@@ -420,9 +420,11 @@ class NbdClient:
             return [await self._wait(s) for s in sent]
         finally:
             for s in sent:
-                if not s.waiter.done():
+                # A cancelled waiter (our task was cancelled while awaiting it) has not seen
+                # its reply either: both kinds are abandoned.
+                if s.waiter.cancelled() or not s.waiter.done():
                     self._abandon(s)
-                elif not s.waiter.cancelled():
+                else:
                     s.waiter.exception()  # retrieved: the first failure was raised already
 
     async def _send(self, piece: _Piece) -> _Sent:

@@ -1,0 +1,134 @@
+"""The restore job: a snapshot's disks from the store into Targets, as a state machine.
+
+PREPARING    load and check the manifest, choose the disks
+TRANSFERRING for each disk: create the target (recorded in the journal first), write it
+             (``engine.restore.disk``), publish it
+COMMITTING   nothing is left to publish; the outcome lists the restored disks
+FINISHING / ABORTING / CANCELLING   targets clean up after themselves (a failed target
+             is deleted by its plugin); a killed process is handled by the plugin's recover
+
+``make_target(entry, record)`` is the plugin's factory: an async context manager giving a
+``TargetDisk`` that publishes on success and removes a partial disk on failure; ``record``
+lets it persist what it creates before creating it.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core.errors import SnapshotNotFound
+from engine.core.units import MiB
+from engine.jobs.driver import JobDriver
+from engine.jobs.journal import Journal, JobRecord
+from engine.jobs.states import Event, State
+from engine.restore.disk import RestoreStats, restore_disk
+from engine.sources.types import ResourceRecorder, TargetDisk
+from engine.store.chunk_store import Store
+from engine.store.manifest import DiskEntry, Manifest
+from engine.workers import CpuPool
+
+MakeTarget = Callable[[DiskEntry, ResourceRecorder], AbstractAsyncContextManager[TargetDisk]]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RestoreOutcome:
+    record: JobRecord
+    manifest: Manifest | None = None
+    disks: list[RestoreStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        written = sum(d.bytes_written for d in self.disks)
+        rate = sum(d.disk_size for d in self.disks) / self.seconds / 1e6 if self.seconds else 0.0
+        return (
+            f"restore {self.record.job_id} {self.record.state.value}: snapshot "
+            f"{self.record.params.get('snapshot')} ({len(self.disks)} disks), wrote "
+            f"{written / MiB:.1f} MiB, {self.seconds:.2f} s, {rate:.0f} MB/s"
+            + (f"; error: {self.record.error}" if self.record.error else "")
+        )
+
+
+def select_disks(manifest: Manifest, disk: str | None) -> list[DiskEntry]:
+    if disk is None:
+        return list(manifest.disks)
+    chosen = [d for d in manifest.disks if disk in (d.disk_id, d.name)]
+    if not chosen:
+        names = ", ".join(d.name for d in manifest.disks)
+        raise SnapshotNotFound(
+            snapshot=manifest.snapshot_id, reason=f"no disk {disk!r} (has: {names})"
+        )
+    return chosen
+
+
+async def run_restore(
+    *,
+    store: Store,
+    pool: CpuPool,
+    snapshot_id: str,
+    disks: Sequence[str] | None,
+    plugin: str,
+    make_target: MakeTarget,
+    journal: Journal,
+    writers: int = 4,
+    progress: Progress | None = None,
+) -> RestoreOutcome:
+    record = journal.create(
+        "restore", plugin, {"snapshot": snapshot_id, "disks": list(disks or [])}
+    )
+    outcome = RestoreOutcome(record)
+    driver = JobDriver(journal, record)
+    chosen: list[DiskEntry] = []
+    started = time.perf_counter()
+
+    def remember(key: str, value: Any) -> None:
+        record.resources[key] = value
+        journal.save(record)
+
+    async def prepare() -> Event:
+        outcome.manifest = store.manifest(snapshot_id)
+        for name in disks or [None]:  # type: ignore[list-item]
+            chosen.extend(select_disks(outcome.manifest, name))
+        return Event.PREPARED
+
+    async def transfer() -> Event:
+        assert outcome.manifest is not None
+        for entry in chosen:
+            done = 0
+
+            def advanced(n: int, entry: DiskEntry = entry) -> None:
+                nonlocal done
+                done += n
+                if progress is not None:
+                    progress(entry.name, done, entry.size)
+
+            async with make_target(entry, remember) as target:
+                stats = await restore_disk(
+                    store, pool, outcome.manifest, entry, target, writers=writers, progress=advanced
+                )
+            outcome.disks.append(stats)
+        return Event.TRANSFERRED
+
+    async def commit() -> Event:
+        remember("restored", [d.disk_id for d in outcome.disks])
+        return Event.COMMITTED
+
+    async def cleanup(success: bool) -> None:
+        return None  # targets clean up in their context managers
+
+    try:
+        await driver.run(
+            {State.PREPARING: prepare, State.TRANSFERRING: transfer, State.COMMITTING: commit},
+            cleanup,
+        )
+    finally:
+        outcome.seconds = time.perf_counter() - started
+        record.summary = {
+            "disks": [d.disk_id for d in outcome.disks],
+            "bytes_written": sum(d.bytes_written for d in outcome.disks),
+            "seconds": round(outcome.seconds, 3),
+        }
+        journal.save(record)
+    return outcome
