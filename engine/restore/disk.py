@@ -11,8 +11,9 @@
                                                                             writer (N connections)
     then: flush every writer; close every writer (always)
 
-All tasks live in one ``asyncio.TaskGroup``: the first failure cancels the rest and is
-raised as itself (not as an ``ExceptionGroup``), other failures ride along as notes.
+The pipeline's tasks live in one ``asyncio.TaskGroup`` (the flushes in a second one): the
+first failure cancels the rest and is raised as itself (not as an ``ExceptionGroup``), other
+failures ride along as notes on it.
 Blocking calls (DiskMap reads, SQLite lookups, ``pread`` of records) run in executor
 threads; when cancelled, a restore waits for such a call to return before it closes what
 the call uses.
@@ -139,7 +140,7 @@ async def restore_disk(
         )
     started = time.monotonic()
     stats = RestoreStats(disk.disk_id, disk.size)
-    diskmap = await _blocking(store.open_diskmap, manifest, disk)
+    diskmap = await _blocking(store.open_diskmap, manifest, disk, discard=DiskMap.close)
     try:
         if diskmap.disk_size != disk.size or diskmap.chunk_size != manifest.chunk_size:
             raise CorruptDiskMap(
@@ -291,16 +292,19 @@ def _next_or_none(it: Iterator[T]) -> T | None:
     return next(it, None)
 
 
-async def _blocking(fn: Callable[..., T], *args: object) -> T:
+async def _blocking(
+    fn: Callable[..., T], *args: object, discard: Callable[[T], object] | None = None
+) -> T:
     """Run a blocking call in the default executor. If cancelled, wait for the call to
-    return before propagating, so the caller never closes what a running thread uses."""
+    return before propagating, so the caller never closes what a running thread uses; a
+    result nobody will receive then goes to ``discard`` (e.g. to close it)."""
     future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         await asyncio.wait([future])
-        if not future.cancelled():
-            future.exception()  # retrieved: its error is moot once we are cancelled
+        if not future.cancelled() and future.exception() is None and discard is not None:
+            discard(future.result())
         raise
 
 

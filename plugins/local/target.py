@@ -10,13 +10,14 @@
 
 A new image is created sparse, in the format the caller names or the suffix of ``path``
 says (``.qcow2`` → qcow2; ``.raw``, ``.img`` → raw), at ``path`` + ``PARTIAL_SUFFIX``; only a
-successful restore renames it to ``path``, so even a killed process leaves nothing at
+successful restore gives it the name ``path``, so even a killed process leaves nothing at
 ``path``. ``path`` must not exist: Tessera never overwrites an image (checked up front,
 and again when publishing, which links without replacing). The image is created with mode
 0600 (it holds a VM's data). Its disk is ``fresh``: zero slots need no write.
 
-Restoring into an existing image (``existing=True``): ``path`` must exist (its format is
-read with qemu-img, and must match ``fmt`` if given) and be at least ``size`` bytes;
+Restoring into an existing image (``existing=True``): ``path`` must exist and be at least
+``size`` bytes; its format is ``fmt`` if given, else what qemu-img finds, which must then
+agree with the suffix (a qcow2 file written as raw would be destroyed);
 ``fresh`` is False, so zero slots are written (as holes where the format can: writable
 exports pass discards through). Such an image is never deleted, also not on failure: it
 holds whatever was written before the failure.
@@ -244,6 +245,13 @@ class LocalImageTarget:
             raise ConfigError(message=f"restore target {self.path} does not exist")
         facts = await qemu.info(self.path, fmt=self.fmt)
         fmt = str(facts["format"])
+        implied = SUFFIX_FORMATS.get(self.path.suffix.lower())
+        if self.fmt is None and implied is not None and implied != fmt:
+            # Writing a qcow2 file as raw (or the reverse) would destroy it: ask, never guess.
+            raise ConfigError(
+                message=f"image {self.path}: its suffix says {implied} but qemu-img finds "
+                f"{fmt}; name the format explicitly to restore into it"
+            )
         if fmt not in FORMATS:
             raise ConfigError(message=f"image {self.path}: format {fmt} is not one of {FORMATS}")
         virtual = int(facts["virtual-size"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import ConfigError, CorruptRecord
+from engine.core.errors import ChunkMissing, ConfigError, CorruptRecord
 from engine.core.ids import short
 from engine.io import qemu
 from engine.restore.disk import RestoreStats, restore_disk
@@ -289,4 +289,51 @@ async def test_existing_image_must_exist_and_be_large_enough(
     with pytest.raises(ConfigError, match="the disk needs 131072"):
         await restore_to(store, pool, manifest, 0, small, existing=True)
     assert small.exists(), "an existing image is never deleted"
+    assert not qemu_nbd_serving(tmp_path)
+
+
+async def test_existing_image_of_another_format_than_its_suffix_is_refused(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    manifest = write_snapshot(store, "vm", {"d": realistic_bytes(2 * CHUNK, seed=13)})
+    image = tmp_path / "really-qcow2.img"
+    await qemu.create(image, "qcow2", 2 * CHUNK)
+    before = image.read_bytes()
+    with pytest.raises(ConfigError, match="suffix says raw but qemu-img finds qcow2"):
+        await restore_to(store, new_pool(store, pools), manifest, 0, image, existing=True)
+    assert image.read_bytes() == before
+
+
+async def test_failed_restore_into_existing_image_keeps_it(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    store = make_store(chunk_size=CHUNK)
+    data = realistic_bytes(3 * CHUNK, seed=14)
+    manifest = write_snapshot(store, "vm", {"d": data})
+    loc = store.index.lookup(store.codec.chunk_id(data[CHUNK : 2 * CHUNK]))
+    assert loc is not None
+    store.index.drop_pack(loc.pack)  # every chunk of this small snapshot is now missing
+    image = tmp_path / "existing.raw"
+    image.write_bytes(bytes(len(data)))
+    with pytest.raises(ChunkMissing):
+        await restore_to(store, new_pool(store, pools), manifest, 0, image, existing=True)
+    assert image.stat().st_size == len(data)
+    assert not qemu_nbd_serving(tmp_path)
+
+
+async def test_writers_beyond_the_export_limit_are_refused(tmp_path: Path) -> None:
+    image = tmp_path / "d.raw"
+    async with LocalImageTarget(image, CHUNK, max_connections=2) as target:
+        first, second = await target.open_writer(), await target.open_writer()
+        with pytest.raises(ConfigError, match="at most 2"):
+            await target.open_writer()
+        await first.close()
+        third = await target.open_writer()  # a closed writer frees its place
+        await third.write(0, b"x" * 512)
+        await second.write(512, b"y" * 512)
+        await third.flush()
+        await second.flush()
+        # ``second`` and ``third`` are left open: leaving the target closes them
+    assert image.read_bytes()[:1024] == b"x" * 512 + b"y" * 512
     assert not qemu_nbd_serving(tmp_path)

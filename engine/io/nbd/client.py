@@ -59,6 +59,9 @@ MAX_STATUS_LENGTH: Final = 2 * GiB
 HANDSHAKE_BUFFER: Final = 4 * KiB
 
 
+SHUTDOWN_REASON: Final = "the server is shutting down (it answered ESHUTDOWN)"
+
+
 def describe(address: Address) -> str:
     """How errors and logs name a server: ``unix:/run/x.sock`` or ``host:port``."""
     if isinstance(address, tuple):
@@ -120,7 +123,9 @@ class _Connection(asyncio.BufferedProtocol):
         return False  # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.closing:
+        if self.shutting_down:
+            reason = SHUTDOWN_REASON
+        elif self.closing:
             reason = "the connection was closed by the client"
         elif exc is not None:
             reason = f"connection lost: {exc}"
@@ -204,7 +209,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.error is not None:
             raise _copy(self.error)
         if self.closing or self.shutting_down:
-            reason = "the server is shutting down" if self.shutting_down else "client closed"
+            reason = SHUTDOWN_REASON if self.shutting_down else "the client is closed"
             raise NbdConnectionError(server=self.server, reason=reason)
         assert self.transmission is not None
         assert self.transport is not None
@@ -213,7 +218,11 @@ class _Connection(asyncio.BufferedProtocol):
     # --- flow control ----------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its low-water mark."""
+        """Wait until the transport's write buffer is below its low-water mark.
+
+        Raises only if the connection failed: a request already written still gets its
+        reply after ``close()`` began.
+        """
         if self._write_paused and self.error is None:
             waiter = asyncio.get_running_loop().create_future()
             self._drain_waiters.append(waiter)
@@ -222,7 +231,8 @@ class _Connection(asyncio.BufferedProtocol):
             finally:
                 if waiter in self._drain_waiters:
                     self._drain_waiters.remove(waiter)
-        self.check()
+        if self.error is not None:
+            raise _copy(self.error)
 
     def _wake_writers(self) -> None:
         for waiter in self._drain_waiters:
@@ -383,6 +393,7 @@ class NbdClient:
             return
         self._closed = True
         conn = self._conn
+        conn.closing = True  # no new requests; those in flight finish
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await conn.idle.wait()  # spec: SHOULD wait until no requests are in flight
@@ -392,7 +403,6 @@ class NbdClient:
             pass  # dropped hard below
         finally:
             if not conn.closed.done():
-                conn.closing = True
                 assert conn.transport is not None
                 conn.transport.abort()
 

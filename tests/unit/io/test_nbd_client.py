@@ -258,3 +258,20 @@ async def test_connect_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 async def test_connect_refuses_unknown_contexts() -> None:
     with pytest.raises(ValueError, match="qemu:allocation-depth"):
         await connect("/nonexistent", meta_contexts=("qemu:allocation-depth",))
+
+
+def test_works_under_uvloop(tmp_path: Path) -> None:
+    """The daemon runs on uvloop: its BufferedProtocol path must fill caller buffers too."""
+    import uvloop
+
+    async def main() -> None:
+        async with FakeServer(tmp_path / "s") as server:
+            server.memory[:] = pattern(0, len(server.memory))
+            async with await connect(server.address) as client:
+                buf = bytearray(len(server.memory))
+                await client.readinto(0, memoryview(buf))
+                assert buf == server.memory
+                await client.write(100, b"x" * 100)
+                assert await client.read(100, 100) == b"x" * 100
+
+    uvloop.run(main())

@@ -1,6 +1,7 @@
 """``restore_disk`` against an in-memory target: bytes, zeros, dedup, stats, errors, cleanup."""
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -216,11 +217,18 @@ async def test_cancel_mid_restore_closes_writers_and_propagates(
         await task
     assert len(target.writers) == 2 and all(w.closed for w in target.writers)
     # Every pool buffer came back: the pool can hand out all of them again.
-    held = [cpu.buffer() for _ in range(cpu.capacity)]
-    for cm in held:
-        await cm.__aenter__()
-    for cm in held:
-        await cm.__aexit__(None, None, None)
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(cpu.capacity):
+            await stack.enter_async_context(cpu.buffer())
+
+
+async def test_empty_disk(pool: tuple[Store, CpuPool]) -> None:
+    store, cpu = pool
+    manifest = write_snapshot(store, "vm", {"d": b""})
+    target = MemoryDisk(0, fresh=False)
+    stats = await restore(store, cpu, manifest, target)
+    assert stats.bytes_restored == stats.chunks_read == 0
+    assert all(w.flushed and w.closed for w in target.writers)
 
 
 async def test_target_smaller_than_the_disk_is_refused(pool: tuple[Store, CpuPool]) -> None:
