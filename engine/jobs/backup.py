@@ -33,6 +33,7 @@ from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import Manifest
 from engine.store.snapshot import SnapshotWriter
+from engine.util.retry import DEFAULT_POLICY, RetryPolicy
 from engine.workers import CpuPool
 
 LEVELS = ("full", "incremental", "differential")
@@ -95,6 +96,7 @@ async def run_backup(
     level: str,
     readers: int = DEFAULT_READERS,
     progress: Progress | None = None,
+    retry_policy: RetryPolicy = DEFAULT_POLICY,
 ) -> BackupOutcome:
     """Back up ``source`` into ``store``; returns the outcome (never raises for a job that
     failed — the record says FAILED with the error — but re-raises cancellation)."""
@@ -180,6 +182,7 @@ async def run_backup(
                     store_executor=store_writer,
                     readers=readers,
                     progress=advanced,
+                    retry_policy=retry_policy,
                 )
                 dirty_read = pdm is not None and disk.checkpoint_parent is not None
                 facts = {"read": "dirty" if dirty_read and not stats.fallback_reason else "full"}

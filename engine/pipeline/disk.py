@@ -23,7 +23,8 @@ from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap, DiskMapWriter
-from engine.util.retry import retry
+from engine.util.retry import DEFAULT_POLICY, RetryPolicy, retry
+from engine.util.tasks import run_group
 from engine.workers import CpuPool
 
 DEFAULT_READERS: Final = 4  # connections per disk: hides per-request latency of NBD/HTTP
@@ -74,6 +75,7 @@ async def backup_disk(
     store_executor: Executor,
     readers: int = DEFAULT_READERS,
     progress: Callable[[int], None] | None = None,
+    retry_policy: RetryPolicy = DEFAULT_POLICY,
 ) -> DiskStats:
     """Fill ``diskmap`` for ``disk``. With ``parent`` and ``disk.checkpoint_parent`` set,
     clean slots reuse the parent's ids; otherwise every non-zero slot is read."""
@@ -118,12 +120,13 @@ async def backup_disk(
         for _ in range(readers):
             await queue.put(None)
 
-    async def read_slot(conn: DiskReader, slot: int) -> None:
+    async def read_slot(conn: _Connection, slot: int) -> None:
         offset = slot * chunk
         length = min(chunk, size - offset)
 
         def retried(attempt: int, error: BaseException) -> None:
             stats.retries += 1
+            conn.broken = True  # a fresh connection for the next attempt
             log.info(
                 "read.retry",
                 disk=disk.info.disk_id,
@@ -135,7 +138,9 @@ async def backup_disk(
         async with pool.buffer() as buf:
             view = buf.plain[:length]
             try:
-                await retry(lambda: conn.readinto(offset, view), on_retry=retried)
+                await retry(
+                    lambda: conn.readinto(offset, view), policy=retry_policy, on_retry=retried
+                )
             except EngineError as e:
                 raise SourceError(disk=disk.info.disk_id, offset=offset, reason=str(e)) from e
             except OSError as e:
@@ -161,16 +166,49 @@ async def backup_disk(
         advance(length)
 
     async def reader() -> None:
-        conn = await disk.open_reader()
+        conn = _Connection(disk)
         try:
             while (slot := await queue.get()) is not None:
                 await read_slot(conn, slot)
         finally:
             await conn.close()
 
-    async with asyncio.TaskGroup() as tg:
+    def start(tg: asyncio.TaskGroup) -> None:
         tg.create_task(plan())
         for _ in range(readers):
             tg.create_task(reader())
+
+    await run_group(start)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+class _Connection:
+    """A reader's connection, reopened after a failed attempt (the old one may be dead or
+    out of sync; opening a new one costs one handshake)."""
+
+    def __init__(self, disk: SourceDisk):
+        self._disk = disk
+        self._reader: DiskReader | None = None
+        self.broken = False
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        if self.broken and self._reader is not None:
+            await self._close_quietly()
+        self.broken = False
+        if self._reader is None:
+            self._reader = await self._disk.open_reader()
+        await self._reader.readinto(offset, buf)
+
+    async def _close_quietly(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                await reader.close()
+            except (EngineError, OSError) as e:
+                log.info("reader.close_failed", disk=self._disk.info.disk_id, error=str(e))
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()

@@ -129,8 +129,13 @@ def test_clones_store_only_differing_chunks(tmp_path: Path, store: Path) -> None
     run("qemu-img", "convert", "-O", "qcow2", template, b)
     # 4 slots with distinct new content (a 256 KiB slot filled with one pattern dedups with
     # any other slot of that pattern, so each gets its own)
-    qemu_io(b, "write -P 0x99 12M 64k", "write -P 0x98 50M 256k", "write -P 0x97 51M 256k",
-            "write -P 0x96 52M 256k")
+    qemu_io(
+        b,
+        "write -P 0x99 12M 64k",
+        "write -P 0x98 50M 256k",
+        "write -P 0x97 51M 256k",
+        "write -P 0x96 52M 256k",
+    )
     ok("backup", "image", a, "--store", store)
     with Store.open(store, passphrase=b"test-pass", writable=False) as s:
         after_a = s.index.stats().chunks
