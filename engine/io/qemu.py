@@ -29,7 +29,7 @@ import tempfile
 from asyncio.subprocess import DEVNULL, PIPE
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import IO, Any, Final, Literal, Self
 
 from engine.core.errors import EngineError
 from engine.core.units import KiB
@@ -77,10 +77,21 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
+async def _spawn(
+    argv: list[str], *, stdout: int, stderr: int | IO[bytes]
+) -> asyncio.subprocess.Process:
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=DEVNULL, stdout=stdout, stderr=stderr
+        )
+    except OSError as e:  # not installed, not executable
+        raise QemuError(command=shlex.join(argv), reason=f"cannot start: {e}") from e
+
+
 async def qemu_img(*args: StrPath) -> str:
     """Run ``qemu-img ARGS``; return stdout. Raises QemuError with stderr on failure."""
     argv = ["qemu-img", *(os.fspath(a) for a in args)]
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
+    proc = await _spawn(argv, stdout=PIPE, stderr=PIPE)
     try:
         stdout, stderr = await proc.communicate()
     finally:
@@ -197,9 +208,7 @@ class NbdServerProcess(abc.ABC):
         try:
             with open(self._dir / "stderr", "wb") as stderr:
                 # stderr goes to a file: a pipe nobody drains would block the server when full.
-                self._proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=DEVNULL, stdout=DEVNULL, stderr=stderr
-                )
+                self._proc = await _spawn(argv, stdout=DEVNULL, stderr=stderr)
             await self._wait_ready(self._proc, socket, shlex.join(argv))
         except BaseException:
             await self.stop()
@@ -233,7 +242,7 @@ class NbdServerProcess(abc.ABC):
                 )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
-                    await proc.wait()  # wakes early if qemu-nbd exits
+                    await proc.wait()  # wakes early if the server exits
             delay = min(delay * 2, POLL_MAX)
 
     def _stderr(self) -> str:

@@ -23,6 +23,7 @@ from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap, DiskMapWriter
+from engine.util import failpoints
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy, retry
 from engine.util.tasks import run_group
 from engine.workers import CpuPool
@@ -163,6 +164,7 @@ async def backup_disk(
                 diskmap.set(slot, ChunkId(cid))
                 stats.read_slots += 1
             stats.bytes_read += length
+        failpoints.hit("pipeline.slot.done")
         advance(length)
 
     async def reader() -> None:

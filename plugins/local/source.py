@@ -233,7 +233,7 @@ def _qemu_nbd_serving(image: Path) -> list[int]:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv:
+            if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv[1:]:
                 pids.append(int(proc.name))
     return pids
 
@@ -243,4 +243,8 @@ def _is_our_qemu_nbd(pid: int, socket: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and cmdline[0].endswith(b"qemu-nbd") and socket.encode() in cmdline
+    return (
+        bool(cmdline)
+        and cmdline[0].endswith(b"qemu-nbd")
+        and any(socket.encode() in arg for arg in cmdline)  # --socket=PATH
+    )

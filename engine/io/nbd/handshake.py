@@ -9,7 +9,9 @@ options is drawn in ``protocol.py``. Raised from ``receive_data()``:
 - ``NbdOptionError`` when the server refuses NBD_OPT_GO (unknown export, TLS required...).
 
 A server that refuses structured replies or metadata contexts is not an error: ``info`` then
-says ``structured=False`` / has fewer ``contexts`` than asked, and the caller decides.
+says ``structured=False`` / has fewer ``contexts`` than asked, and the caller decides. A
+server without NBD_OPT_GO (only very old ones lack it) is refused with
+NbdOptionError: there is no fallback to NBD_OPT_EXPORT_NAME.
 """
 
 import enum

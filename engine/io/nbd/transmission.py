@@ -18,6 +18,9 @@ raises again (the connection must be dropped).
 A command whose caller went away (cancelled) must stay registered until its reply arrives, or
 the reply could not be told from garbage: ``abandon()`` keeps it but sends the rest of its
 payload to a discard buffer, so the caller's buffer is never written after it gave up.
+
+(Longer than most modules on purpose: every check the spec puts on a reply lives here, next
+to the one parser state that can make it.)
 """
 
 import bisect

@@ -1,0 +1,85 @@
+"""A backup process killed with SIGKILL mid-transfer: the next start finishes the cleanup
+(stops the orphaned qemu-nbd, removes the run's bitmap, marks the job failed), the store
+verifies clean, and the next backup succeeds and restores exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugins.local.source import _qemu_nbd_serving
+from tests.integration.images import identical, make_fs_qcow2, qemu_io, reference, run
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "TESSERA_PASSPHRASE": "pw"}
+
+
+def tessera(
+    *args: str | Path, kill_at: tuple[str, int] | None = None
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["-m", "engine.daemon.cli"]
+    if kill_at is not None:
+        prefix = ["-m", "tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
+    return subprocess.run(
+        [sys.executable, *prefix, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        check=False,
+    )
+
+
+def bitmaps(image: Path) -> list[str]:
+    info = json.loads(run("qemu-img", "info", "--output=json", "--force-share", image))
+    return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+
+@pytest.mark.parametrize("level", ["full", "incremental"])
+def test_sigkill_mid_transfer_then_recover(tmp_path: Path, level: str) -> None:
+    store, image = tmp_path / "store", make_fs_qcow2(tmp_path, "vm", size_mib=64)
+    assert tessera("store", "init", store, "--chunk-size", "256k").returncode == 0
+    if level == "incremental":
+        assert tessera("backup", "image", image, "--store", store).returncode == 0
+        qemu_io(image, "write -P 0x61 1M 2M", "write -P 0x62 20M 4M")
+    before = bitmaps(image)
+
+    proc = tessera(
+        "backup",
+        "image",
+        image,
+        "--store",
+        store,
+        "--level",
+        level,
+        kill_at=("pipeline.slot.done", 5),
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    journal = [json.loads(p.read_text()) for p in (store / "journal").glob("*.json")]
+    killed = [r for r in journal if r["state"] == "transferring"]
+    assert len(killed) == 1
+    assert _qemu_nbd_serving(image), "the killed process left its qemu-nbd behind"
+    assert len(bitmaps(image)) == len(before) + 1
+
+    proc = tessera("backup", "image", image, "--store", store, "--level", level)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"job {killed[0]['job_id']}" in proc.stderr
+    assert "stopped qemu-nbd" in proc.stderr and "removed bitmap" in proc.stderr
+    record = json.loads((store / "journal" / f"{killed[0]['job_id']}.json").read_text())
+    assert record["state"] == "failed" and "interrupted" in record["error"]
+    assert not _qemu_nbd_serving(image)
+    assert tessera("store", "verify", store, "--data").returncode == 0
+
+    ref = reference(image, tmp_path / "ref.raw")
+    snaps = json.loads(tessera("snapshots", "--store", store, "--json").stdout)
+    assert snaps[-1]["level"] == level
+    target = tmp_path / "restored.qcow2"
+    assert tessera("restore", snaps[-1]["id"], "--store", store, "--to", target).returncode == 0
+    assert identical(ref, target)
