@@ -12,24 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import ConfigError, EngineError, IntegrityError
+from engine.core.units import human_bytes
+from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
-from engine.obs.log import configure as configure_logging
 from engine.jobs.journal import Journal
+from engine.jobs.recovery import recover_unfinished
 from engine.jobs.restore import run_restore, select_disks
 from engine.jobs.states import State
-from engine.jobs.recovery import recover_unfinished
+from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
 from engine.sources.types import ResourceRecorder, Source
-from engine.workers import make_cpu_pool
-from engine.core.units import human_bytes
-from engine.daemon.passphrase import resolve_passphrase
 from engine.store.check import check_store
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.layout import StoreConfig
 from engine.store.manifest import DiskEntry, Manifest
+from engine.workers import make_cpu_pool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
 
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_store_commands(sub)
+    _add_job_commands(sub)
+    return parser
+
+
+def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     store = sub.add_parser("store", help="create and inspect chunk stores")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
 
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_options(p)
     p.set_defaults(func=cmd_store_verify)
 
+
+def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     backup = sub.add_parser("backup", help="back up now (without the daemon)")
     bsub = backup.add_subparsers(dest="backup_command", required=True, metavar="WHAT")
     p = bsub.add_parser("image", help="back up local qcow2/raw images (each one a VM)")
@@ -118,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
     _add_key_options(p)
     p.set_defaults(func=cmd_restore)
-    return parser
 
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:

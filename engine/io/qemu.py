@@ -51,6 +51,8 @@ POLL_FIRST: Final = 0.005
 POLL_MAX: Final = 0.1
 # How much of a failing process's stderr an error message quotes.
 STDERR_TAIL: Final = 4 * KiB
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL (Linux).
+MAX_SOCKET_PATH: Final = 107
 # Clients qemu-nbd serves at once. Its default of 1 refuses a second reader, and a client
 # connecting right after the readiness probe could race the probe's disconnect.
 DEFAULT_SHARED: Final = 8
@@ -171,11 +173,13 @@ class NbdServerProcess(abc.ABC):
 
     Subclasses say how to run the server (``argv``); this class starts it, waits for an NBD
     handshake, and stops and reaps it. ``QemuNbd`` is the one Tessera uses; tests run nbdkit
-    through it too.
+    through it too. The private directory is made in ``base_dir`` (default: the system's
+    temporary directory); unix socket paths are limited to ``MAX_SOCKET_PATH`` bytes.
     """
 
-    def __init__(self, export_name: str = "") -> None:
+    def __init__(self, export_name: str = "", base_dir: StrPath | None = None) -> None:
         self.export_name = export_name
+        self.base_dir = None if base_dir is None else Path(base_dir)
         self._dir: Path | None = None
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -202,10 +206,12 @@ class NbdServerProcess(abc.ABC):
         """
         if self._proc is not None:
             raise RuntimeError(f"{type(self).__name__} is already running")
-        self._dir = Path(tempfile.mkdtemp(prefix="tessera-nbd-"))
+        self._dir = Path(tempfile.mkdtemp(prefix="tessera-nbd-", dir=self.base_dir))
         socket = self._dir / "nbd.sock"
         argv = self.argv(socket)
         try:
+            if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+                raise ValueError(f"unix socket path {socket} is too long; use a shorter base_dir")
             with open(self._dir / "stderr", "wb") as stderr:
                 # stderr goes to a file: a pipe nobody drains would block the server when full.
                 self._proc = await _spawn(argv, stdout=DEVNULL, stderr=stderr)
@@ -307,10 +313,11 @@ class QemuNbd(NbdServerProcess):
         bitmap: str | None = None,
         shared: int = DEFAULT_SHARED,
         export_name: str = "",
+        base_dir: StrPath | None = None,
     ) -> None:
         if shared < 1:
             raise ValueError(f"qemu-nbd must serve at least one client, not {shared}")
-        super().__init__(export_name)
+        super().__init__(export_name, base_dir)
         self.image = Path(image)
         self.fmt = fmt
         self.read_only = read_only

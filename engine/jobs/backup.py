@@ -24,10 +24,10 @@ import structlog
 
 from engine.core.units import MiB
 from engine.jobs.driver import JobDriver
-from engine.jobs.journal import Journal, JobRecord
+from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
 from engine.pipeline.disk import DEFAULT_READERS, DiskStats, backup_disk
-from engine.sources.types import BackupSession, Source
+from engine.sources.types import BackupSession, Source, SourceDisk
 from engine.store.catalog import CatalogEntry
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
@@ -100,134 +100,174 @@ async def run_backup(
 ) -> BackupOutcome:
     """Back up ``source`` into ``store``; returns the outcome (never raises for a job that
     failed — the record says FAILED with the error — but re-raises cancellation)."""
-    history = store.snapshots(source.vm_id)
-    effective, parent, last_full, note = choose_parent(history, level)
-    record = journal.create(
-        "backup",
-        source.plugin,
-        {
-            "vm_id": source.vm_id,
-            "vm_name": source.vm_name,
-            "requested_level": level,
-            "level": effective,
-        },
-    )
-    outcome = BackupOutcome(record, None, effective, [note] if note else [])
-    driver = JobDriver(journal, record)
-    checkpoint = f"tessera-{record.job_id}"
-    parent_manifest = store.manifest(parent.snapshot_id) if parent else None
-    parent_checkpoint = parent_manifest.tags.get("checkpoint") if parent_manifest else None
-    keep = (
-        [] if effective == "full" or last_full is None else [last_full_checkpoint(store, last_full)]
-    )
-    session: BackupSession | None = None
-    snap: SnapshotWriter | None = None
-    store_writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+    job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy)
+    steps = {
+        State.PREPARING: job.prepare,
+        State.TRANSFERRING: job.transfer,
+        State.COMMITTING: job.commit,
+    }
     started = time.perf_counter()
+    try:
+        await JobDriver(journal, job.record).run(steps, job.cleanup)
+    finally:
+        job.store_writer.shutdown(wait=True)
+        job.finish(time.perf_counter() - started)
+    return job.outcome
 
-    def remember(key: str, value: Any) -> None:
-        record.resources[key] = value
-        journal.save(record)
 
-    async def prepare() -> Event:
-        nonlocal session, snap
-        remember("new_checkpoint", checkpoint)
-        remember("keep_checkpoints", keep)
-        if parent is not None and parent_checkpoint is None:
-            outcome.notes.append(f"parent snapshot {parent.snapshot_id} has no checkpoint")
-        session = await source.open(
-            parent_checkpoint if parent is not None else None, keep, checkpoint, readers, remember
+class _BackupJob:
+    """One backup run: the state steps ``run_backup`` hands to the driver."""
+
+    def __init__(
+        self,
+        store: Store,
+        pool: CpuPool,
+        source: Source,
+        journal: Journal,
+        level: str,
+        readers: int,
+        progress: Progress | None,
+        retry_policy: RetryPolicy,
+    ):
+        self.store, self.pool, self.source, self.journal = store, pool, source, journal
+        self.readers, self.progress, self.retry_policy = readers, progress, retry_policy
+        effective, self.parent, last_full, note = choose_parent(
+            store.snapshots(source.vm_id), level
         )
-        snap = store.begin_snapshot(
-            source.vm_id, source.vm_name, effective, parent.snapshot_id if parent else None
+        self.record = journal.create(
+            "backup",
+            source.plugin,
+            {
+                "vm_id": source.vm_id,
+                "vm_name": source.vm_name,
+                "requested_level": level,
+                "level": effective,
+            },
         )
-        remember("snapshot_id", snap.snapshot_id)
+        self.outcome = BackupOutcome(self.record, None, effective, [note] if note else [])
+        self.checkpoint = f"tessera-{self.record.job_id}"
+        parent = self.parent
+        self.parent_manifest = store.manifest(parent.snapshot_id) if parent else None
+        self.parent_checkpoint = (
+            self.parent_manifest.tags.get("checkpoint") if self.parent_manifest else None
+        )
+        self.keep = (
+            []
+            if effective == "full" or last_full is None
+            else [last_full_checkpoint(store, last_full)]
+        )
+        self.session: BackupSession | None = None
+        self.snap: SnapshotWriter | None = None
+        self.store_writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+
+    def remember(self, key: str, value: Any) -> None:
+        """Persist a resource in the journal before the plugin creates it."""
+        self.record.resources[key] = value
+        self.journal.save(self.record)
+
+    async def prepare(self) -> Event:
+        self.remember("new_checkpoint", self.checkpoint)
+        self.remember("keep_checkpoints", self.keep)
+        parent = self.parent
+        if parent is not None and self.parent_checkpoint is None:
+            self.outcome.notes.append(f"parent snapshot {parent.snapshot_id} has no checkpoint")
+        self.session = await self.source.open(
+            self.parent_checkpoint if parent is not None else None,
+            self.keep,
+            self.checkpoint,
+            self.readers,
+            self.remember,
+        )
+        self.snap = self.store.begin_snapshot(
+            self.source.vm_id,
+            self.source.vm_name,
+            self.outcome.level,
+            parent.snapshot_id if parent else None,
+        )
+        self.remember("snapshot_id", self.snap.snapshot_id)
         return Event.PREPARED
 
-    async def transfer() -> Event:
-        assert session is not None and snap is not None
+    async def transfer(self) -> Event:
+        session, snap = self.session, self.snap
+        assert session is not None
+        assert snap is not None
         if session.vm.config is not None:
             snap.set_config(session.vm.config_format, session.vm.config)
         with ExitStack() as stack:
-            parents = {}
-            if parent_manifest is not None:
-                for entry in parent_manifest.disks:
-                    parents[entry.disk_id] = stack.enter_context(
-                        store.open_diskmap(parent_manifest, entry)
-                    )
+            parents: dict[str, DiskMap] = {}
+            if self.parent_manifest is not None:
+                for entry in self.parent_manifest.disks:
+                    diskmap = self.store.open_diskmap(self.parent_manifest, entry)
+                    parents[entry.disk_id] = stack.enter_context(diskmap)
             for disk in session.disks:
-                attributes = dict(disk.info.attributes)
-                pdm: DiskMap | None = parents.get(disk.info.disk_id)
-                if pdm is None and parent is not None and disk.checkpoint_parent is not None:
-                    disk.fallback_reason = "disk not in the parent snapshot: full read"
-                writer = snap.add_disk(
-                    disk.info.disk_id, disk.info.name, disk.info.size, attributes
-                )
-                done = 0
-
-                def advanced(
-                    n: int, disk_id: str = disk.info.disk_id, size: int = disk.info.size
-                ) -> None:
-                    nonlocal done
-                    done += n
-                    if progress is not None:
-                        progress(disk_id, done, size)
-
-                stats = await backup_disk(
-                    store=store,
-                    pool=pool,
-                    disk=disk,
-                    diskmap=writer,
-                    parent=pdm if disk.checkpoint_parent is not None else None,
-                    store_executor=store_writer,
-                    readers=readers,
-                    progress=advanced,
-                    retry_policy=retry_policy,
-                )
-                dirty_read = pdm is not None and disk.checkpoint_parent is not None
-                facts = {"read": "dirty" if dirty_read and not stats.fallback_reason else "full"}
-                if stats.fallback_reason:
-                    facts["fallback"] = stats.fallback_reason
-                    outcome.notes.append(f"disk {disk.info.name}: {stats.fallback_reason}")
-                snap.annotate(writer, facts)
-                outcome.disks.append(stats)
-                log.info("disk.done", job=record.job_id, summary=stats.summary())
+                await self._transfer_disk(snap, disk, parents.get(disk.info.disk_id))
         return Event.TRANSFERRED
 
-    async def commit() -> Event:
+    async def _transfer_disk(
+        self, snap: SnapshotWriter, disk: SourceDisk, pdm: DiskMap | None
+    ) -> None:
+        info = disk.info
+        if pdm is None and self.parent is not None and disk.checkpoint_parent is not None:
+            disk.fallback_reason = "disk not in the parent snapshot: full read"
+        writer = snap.add_disk(info.disk_id, info.name, info.size, dict(info.attributes))
+        done = 0
+
+        def advanced(n: int) -> None:
+            nonlocal done
+            done += n
+            if self.progress is not None:
+                self.progress(info.disk_id, done, info.size)
+
+        stats = await backup_disk(
+            store=self.store,
+            pool=self.pool,
+            disk=disk,
+            diskmap=writer,
+            parent=pdm if disk.checkpoint_parent is not None else None,
+            store_executor=self.store_writer,
+            readers=self.readers,
+            progress=advanced,
+            retry_policy=self.retry_policy,
+        )
+        dirty_read = pdm is not None and disk.checkpoint_parent is not None
+        facts = {"read": "dirty" if dirty_read and not stats.fallback_reason else "full"}
+        if stats.fallback_reason:
+            facts["fallback"] = stats.fallback_reason
+            self.outcome.notes.append(f"disk {info.name}: {stats.fallback_reason}")
+        snap.annotate(writer, facts)
+        self.outcome.disks.append(stats)
+        log.info("disk.done", job=self.record.job_id, summary=stats.summary())
+
+    async def commit(self) -> Event:
+        snap = self.snap
         assert snap is not None
+        tags = {"checkpoint": self.checkpoint, "job": self.record.job_id}
         loop = asyncio.get_running_loop()
-        outcome.manifest = await loop.run_in_executor(
-            store_writer, lambda: snap.commit(tags={"checkpoint": checkpoint, "job": record.job_id})
+        self.outcome.manifest = await loop.run_in_executor(
+            self.store_writer, lambda: snap.commit(tags=tags)
         )
         return Event.COMMITTED
 
-    async def cleanup(success: bool) -> None:
+    async def cleanup(self, success: bool) -> None:
         try:
-            if not success and snap is not None:
-                snap.abort()
+            if not success and self.snap is not None:
+                self.snap.abort()
         finally:
-            if session is not None:
-                await session.close(success)
+            if self.session is not None:
+                await self.session.close(success)
 
-    try:
-        await driver.run(
-            {State.PREPARING: prepare, State.TRANSFERRING: transfer, State.COMMITTING: commit},
-            cleanup,
-        )
-    finally:
-        store_writer.shutdown(wait=True)
-        outcome.seconds = time.perf_counter() - started
-        record.summary = {
+    def finish(self, seconds: float) -> None:
+        outcome = self.outcome
+        outcome.seconds = seconds
+        self.record.summary = {
             "snapshot": outcome.manifest.snapshot_id if outcome.manifest else None,
-            "level": effective,
+            "level": outcome.level,
             "notes": outcome.notes,
             "bytes_read": sum(d.bytes_read for d in outcome.disks),
             "new_chunks": sum(d.new_chunks for d in outcome.disks),
-            "seconds": round(outcome.seconds, 3),
+            "seconds": round(seconds, 3),
         }
-        journal.save(record)
-    return outcome
+        self.journal.save(self.record)
 
 
 def last_full_checkpoint(store: Store, last_full: CatalogEntry) -> str:

@@ -15,7 +15,7 @@ from typing import Final
 import structlog
 
 from engine.core.errors import EngineError
-from engine.jobs.journal import Journal, JobRecord
+from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import CLEANUP, TABLES, TERMINAL, Event, State, next_state
 
 CLEANUP_TIMEOUT: Final = 120.0  # seconds; stopping exports and removing bitmaps is quick
@@ -65,7 +65,7 @@ class JobDriver:
                 except asyncio.CancelledError:
                     cancelled = True
                     event = Event.CANCEL
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - the job boundary: any failure is ERROR
                     self.record.error = describe(e)
                     log.warning(
                         "job.error",
@@ -84,7 +84,7 @@ class JobDriver:
             async with asyncio.timeout(CLEANUP_TIMEOUT):
                 # Shielded: a second cancellation must not interrupt undoing what was made.
                 await asyncio.shield(cleanup(success))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failed cleanup is recorded, not raised
             self.record.warnings.append(f"cleanup: {describe(e)}")
             return Event.ERROR
         except asyncio.CancelledError:

@@ -39,7 +39,7 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
         try:
             actions = await registry.get(record.source).recover(record.resources, committed)
             event = Event.CLEANED
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - one job's failed cleanup must not stop others
             actions = [f"cleanup failed: {describe(e)}"]
             record.warnings.append(actions[0])
             event = Event.ERROR

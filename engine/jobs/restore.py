@@ -21,7 +21,7 @@ from typing import Any
 from engine.core.errors import SnapshotNotFound
 from engine.core.units import MiB
 from engine.jobs.driver import JobDriver
-from engine.jobs.journal import Journal, JobRecord
+from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
 from engine.restore.disk import RestoreStats, restore_disk
 from engine.sources.types import ResourceRecorder, TargetDisk

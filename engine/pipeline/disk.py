@@ -26,7 +26,7 @@ from engine.store.diskmap import DiskMap, DiskMapWriter
 from engine.util import failpoints
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy, retry
 from engine.util.tasks import run_group
-from engine.workers import CpuPool
+from engine.workers import ChunkBuffer, CpuPool
 
 DEFAULT_READERS: Final = 4  # connections per disk: hides per-request latency of NBD/HTTP
 # Extents are asked for this far ahead of the readers: one BLOCK_STATUS round trip per
@@ -80,109 +80,135 @@ async def backup_disk(
 ) -> DiskStats:
     """Fill ``diskmap`` for ``disk``. With ``parent`` and ``disk.checkpoint_parent`` set,
     clean slots reuse the parent's ids; otherwise every non-zero slot is read."""
-    size, chunk = disk.info.size, store.config.chunk_size
-    stats = DiskStats(disk.info.disk_id, size, slots=diskmap.slots)
-    stats.fallback_reason = disk.fallback_reason
-    incremental = parent is not None and disk.checkpoint_parent is not None
-    if parent is not None and (parent.chunk_size != chunk or parent.disk_size != size):
-        incremental = False
-        stats.fallback_reason = "disk size changed since the parent snapshot"
-    zero_ids = {n: store.codec.chunk_id(bytes(n)) for n in {chunk, size % chunk or chunk}}
-    queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=readers * QUEUE_PER_READER)
-    loop = asyncio.get_running_loop()
+    run = _DiskBackup(store, pool, disk, diskmap, parent, store_executor, progress, retry_policy)
+    run.queue = asyncio.Queue(maxsize=readers * QUEUE_PER_READER)  # bounded: memory
     started = time.perf_counter()
 
-    def advance(n: int) -> None:
-        if progress is not None:
-            progress(n)
+    def start(tg: asyncio.TaskGroup) -> None:
+        tg.create_task(run.plan(readers))
+        for _ in range(readers):
+            tg.create_task(run.reader())
 
-    async def plan() -> None:
-        slots_per_window = max(1, WINDOW_BYTES // chunk)
-        for first in range(0, diskmap.slots, slots_per_window):
-            count = min(slots_per_window, diskmap.slots - first)
-            start, end = first * chunk, min((first + count) * chunk, size)
-            zero = await disk.extents(start, end - start)
-            dirty = await disk.dirty_extents(start, end - start) if incremental else None
-            for i, decision in enumerate(classify(first, count, chunk, size, zero, dirty)):
-                slot = first + i
-                length = min(chunk, size - slot * chunk)
+    await run_group(start)
+    run.stats.seconds = time.perf_counter() - started
+    return run.stats
+
+
+class _DiskBackup:
+    """The state one ``backup_disk`` call shares between its planner and readers."""
+
+    def __init__(
+        self,
+        store: Store,
+        pool: CpuPool,
+        disk: SourceDisk,
+        diskmap: DiskMapWriter,
+        parent: DiskMap | None,
+        store_executor: Executor,
+        progress: Callable[[int], None] | None,
+        retry_policy: RetryPolicy,
+    ):
+        self.store, self.pool, self.disk, self.diskmap = store, pool, disk, diskmap
+        self.parent = parent
+        self.store_executor = store_executor
+        self.progress = progress
+        self.retry_policy = retry_policy
+        self.size, self.chunk = disk.info.size, store.config.chunk_size
+        self.stats = DiskStats(disk.info.disk_id, self.size, slots=diskmap.slots)
+        self.stats.fallback_reason = disk.fallback_reason
+        self.incremental = parent is not None and disk.checkpoint_parent is not None
+        if parent is not None and (
+            parent.chunk_size != self.chunk or parent.disk_size != self.size
+        ):
+            self.incremental = False
+            self.stats.fallback_reason = "disk size changed since the parent snapshot"
+        # Slots that read as zero although the extents did not say so hash to these.
+        lengths = {self.chunk, self.size % self.chunk or self.chunk}
+        self.zero_ids = {n: store.codec.chunk_id(bytes(n)) for n in lengths}
+        self.queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=QUEUE_PER_READER)
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
+
+    def slot_length(self, slot: int) -> int:
+        return min(self.chunk, self.size - slot * self.chunk)
+
+    async def plan(self, readers: int) -> None:
+        slots_per_window = max(1, WINDOW_BYTES // self.chunk)
+        for first in range(0, self.diskmap.slots, slots_per_window):
+            count = min(slots_per_window, self.diskmap.slots - first)
+            start, end = first * self.chunk, min((first + count) * self.chunk, self.size)
+            zero = await self.disk.extents(start, end - start)
+            dirty = await self.disk.dirty_extents(start, end - start) if self.incremental else None
+            decisions = classify(first, count, self.chunk, self.size, zero, dirty)
+            for slot, decision in enumerate(decisions, start=first):
                 if decision is Slot.ZERO:
-                    diskmap.set_zero(slot, 1)
-                    stats.zero_slots += 1
-                    advance(length)
+                    self.diskmap.set_zero(slot, 1)
+                    self.stats.zero_slots += 1
+                    self.advance(self.slot_length(slot))
                 elif decision is Slot.CLEAN:
-                    assert parent is not None
-                    diskmap.set(slot, parent.get(slot))
-                    stats.clean_slots += 1
-                    advance(length)
+                    assert self.parent is not None
+                    self.diskmap.set(slot, self.parent.get(slot))
+                    self.stats.clean_slots += 1
+                    self.advance(self.slot_length(slot))
                 else:
-                    await queue.put(slot)
+                    await self.queue.put(slot)
         # Only on success: after a failure the TaskGroup cancels the readers instead.
         for _ in range(readers):
-            await queue.put(None)
+            await self.queue.put(None)
 
-    async def read_slot(conn: _Connection, slot: int) -> None:
-        offset = slot * chunk
-        length = min(chunk, size - offset)
+    async def reader(self) -> None:
+        conn = _Connection(self.disk)
+        try:
+            while (slot := await self.queue.get()) is not None:
+                await self.read_slot(conn, slot)
+        finally:
+            await conn.close()
+
+    async def read_slot(self, conn: "_Connection", slot: int) -> None:
+        offset, length = slot * self.chunk, self.slot_length(slot)
+        disk_id, stats = self.disk.info.disk_id, self.stats
 
         def retried(attempt: int, error: BaseException) -> None:
             stats.retries += 1
             conn.broken = True  # a fresh connection for the next attempt
-            log.info(
-                "read.retry",
-                disk=disk.info.disk_id,
-                offset=offset,
-                attempt=attempt,
-                error=str(error),
-            )
+            log.info("read.retry", disk=disk_id, offset=offset, attempt=attempt, error=str(error))
 
-        async with pool.buffer() as buf:
+        async with self.pool.buffer() as buf:
             view = buf.plain[:length]
             try:
                 await retry(
-                    lambda: conn.readinto(offset, view), policy=retry_policy, on_retry=retried
+                    lambda: conn.readinto(offset, view), policy=self.retry_policy, on_retry=retried
                 )
             except EngineError as e:
-                raise SourceError(disk=disk.info.disk_id, offset=offset, reason=str(e)) from e
+                raise SourceError(disk=disk_id, offset=offset, reason=str(e)) from e
             except OSError as e:
-                raise SourceError(disk=disk.info.disk_id, offset=offset, reason=repr(e)) from e
+                raise SourceError(disk=disk_id, offset=offset, reason=repr(e)) from e
             finally:
                 view.release()
             buf.length = length
-            cid = await pool.chunk_id(buf)
-            if cid == zero_ids[length]:
-                diskmap.set(slot, ZERO_ID)
+            cid = await self.pool.chunk_id(buf)
+            if cid == self.zero_ids[length]:
+                self.diskmap.set(slot, ZERO_ID)
                 stats.zero_slots += 1
             else:
-                if store.has(cid):
-                    stats.known_chunks += 1
-                else:
-                    record = await pool.encode(buf, cid)
-                    written = await loop.run_in_executor(store_executor, store.put, cid, record)
-                    stats.new_chunks += written
-                    stats.known_chunks += not written
-                diskmap.set(slot, ChunkId(cid))
+                await self.store_chunk(buf, cid)
+                self.diskmap.set(slot, cid)
                 stats.read_slots += 1
             stats.bytes_read += length
         failpoints.hit("pipeline.slot.done")
-        advance(length)
+        self.advance(length)
 
-    async def reader() -> None:
-        conn = _Connection(disk)
-        try:
-            while (slot := await queue.get()) is not None:
-                await read_slot(conn, slot)
-        finally:
-            await conn.close()
-
-    def start(tg: asyncio.TaskGroup) -> None:
-        tg.create_task(plan())
-        for _ in range(readers):
-            tg.create_task(reader())
-
-    await run_group(start)
-    stats.seconds = time.perf_counter() - started
-    return stats
+    async def store_chunk(self, buf: ChunkBuffer, cid: ChunkId) -> None:
+        if self.store.has(cid):
+            self.stats.known_chunks += 1
+            return
+        record = await self.pool.encode(buf, cid)
+        loop = asyncio.get_running_loop()
+        written = await loop.run_in_executor(self.store_executor, self.store.put, cid, record)
+        self.stats.new_chunks += written
+        self.stats.known_chunks += not written
 
 
 class _Connection:

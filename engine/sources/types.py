@@ -76,9 +76,11 @@ class TargetDisk(Protocol):
 class BackupSession(Protocol):
     """A VM's disks opened for one backup run (exports started, checkpoint created)."""
 
-    vm: VmInfo
-    disks: Sequence[SourceDisk]
-    new_checkpoint: str | None  # recorded in the manifest; the next incremental's parent
+    @property
+    def vm(self) -> VmInfo: ...
+
+    @property
+    def disks(self) -> Sequence[SourceDisk]: ...
 
     async def close(self, success: bool) -> None:
         """Stop exports; on success drop checkpoints no longer needed, else the new one."""

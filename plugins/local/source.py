@@ -26,7 +26,7 @@ import structlog
 from engine.core.extent import Extent
 from engine.io import qemu
 from engine.io.nbd.client import NbdClient, connect, extents
-from engine.sources.types import BackupSession, DiskInfo, ResourceRecorder, VmInfo
+from engine.sources.types import BackupSession, DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 
 BITMAP_PREFIX = "tessera-"
 log = structlog.get_logger("tessera.local")
@@ -85,13 +85,17 @@ class LocalSourceDisk:
 class LocalSession:
     def __init__(self, vm: VmInfo, new_checkpoint: str, keep: Sequence[str], paths: list[Path]):
         self.vm = vm
-        self.new_checkpoint: str | None = new_checkpoint
-        self.disks: list[LocalSourceDisk] = []
+        self.new_checkpoint = new_checkpoint
+        self.local_disks: list[LocalSourceDisk] = []
         self._keep = set(keep)
         self._paths = paths
         self._exports: list[qemu.QemuNbd] = []
         self._controls: list[NbdClient] = []
         self._added: list[Path] = []
+
+    @property
+    def disks(self) -> Sequence[SourceDisk]:
+        return self.local_disks
 
     async def close(self, success: bool) -> None:
         for control in self._controls:
@@ -184,7 +188,7 @@ class LocalImageSource:
                 contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
                 control = await connect(export.address, meta_contexts=contexts)
                 session._controls.append(control)
-                session.disks.append(LocalSourceDisk(dinfo, export, control, parent, reason))
+                session.local_disks.append(LocalSourceDisk(dinfo, export, control, parent, reason))
         except BaseException:
             await session.close(success=False)
             raise

@@ -19,7 +19,7 @@ ENV = {"TESSERA_PASSPHRASE": "test-pass"}
 
 
 def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
@@ -28,7 +28,6 @@ def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
-    return proc
 
 
 def ok(*args: str | Path) -> str:

@@ -4,6 +4,7 @@
 import asyncio
 import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,17 @@ from engine.io.nbd.errors import (
     NbdTransientRequestError,
 )
 from engine.io.qemu import NbdServerProcess
+from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every server started by a test is reaped by the end (zombies count)."""
+    processes = leaks.children()
+    yield
+    assert leaks.children() <= processes
 
 
 class NbdKit(NbdServerProcess):

@@ -6,6 +6,7 @@ read back through NBD, and compared with a model built in Python.
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,20 @@ from engine.io.nbd.errors import (
     NbdOptionError,
     NbdRequestError,
 )
+from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
 
 BITMAP = "b1"
 DIRTY = p.DIRTY_BITMAP_PREFIX + BITMAP
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Every server started by a test is reaped by the end (zombies count)."""
+    processes = leaks.children()
+    yield
+    assert leaks.children() <= processes
 
 
 async def run(*argv: str | Path) -> str:
@@ -275,8 +285,7 @@ async def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 async def test_start_failure_quotes_stderr_and_cleans_up(tmp_path: Path) -> None:
-    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("tessera-nbd-*"))
-    server = qemu.QemuNbd(tmp_path / "missing.qcow2", "qcow2")
+    server = qemu.QemuNbd(tmp_path / "missing.qcow2", "qcow2", base_dir=tmp_path)
     with pytest.raises(qemu.QemuError) as info:
         await server.start()
     message = str(info.value)
@@ -284,7 +293,7 @@ async def test_start_failure_quotes_stderr_and_cleans_up(tmp_path: Path) -> None
     assert "before serving" in message
     assert "missing.qcow2" in message
     assert server.pid is None
-    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("tessera-nbd-*")) == before
+    assert list(tmp_path.iterdir()) == []  # its private directory is gone
 
 
 async def test_qemu_img_failure_names_command_and_stderr(tmp_path: Path) -> None:
@@ -310,3 +319,20 @@ async def test_overlay_on_a_backing_file(tmp_path: Path) -> None:
     async with qemu.QemuNbd(top, "qcow2", read_only=True) as server:
         async with await connect(server.address) as client:
             assert await client.read(0, 4) == b"\x07" * 4
+
+
+async def test_missing_program_and_long_socket_paths(tmp_path: Path) -> None:
+    class Missing(qemu.NbdServerProcess):
+        def argv(self, socket: Path) -> list[str]:
+            return ["/nonexistent/nbd-server", str(socket)]
+
+    server = Missing(base_dir=tmp_path)
+    with pytest.raises(qemu.QemuError, match="cannot start"):
+        await server.start()
+    assert server.pid is None
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with pytest.raises(ValueError, match="too long"):
+        await Missing(base_dir=deep).start()
+    assert list(tmp_path.iterdir()) == [deep]
+    assert list(deep.iterdir()) == []

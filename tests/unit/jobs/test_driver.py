@@ -50,7 +50,7 @@ async def test_success_path_persists_before_each_step(tmp_path: Path) -> None:
 
 
 async def test_error_runs_cleanup_and_fails_with_the_message(tmp_path: Path) -> None:
-    journal, driver = make(tmp_path)
+    _journal, driver = make(tmp_path)
     cleaned: list[bool] = []
 
     async def boom() -> Event:
@@ -97,7 +97,7 @@ async def test_cancellation_cleans_up_then_reraises(tmp_path: Path) -> None:
 
 
 async def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path) -> None:
-    journal, driver = make(tmp_path)
+    _journal, driver = make(tmp_path)
 
     async def bad_cleanup(success: bool) -> None:
         raise OSError("qemu-nbd would not stop")

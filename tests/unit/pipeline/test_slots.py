@@ -1,5 +1,7 @@
 """Slot classification from zero and dirty extents."""
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,10 +53,7 @@ def test_short_last_slot_and_window_offset() -> None:
 def extent_lists(draw: st.DrawFn, size: int, flag: str) -> list[Extent]:
     cuts = sorted(set(draw(st.lists(st.integers(1, size - 1), max_size=12))))
     bounds = [0, *cuts, size]
-    return [
-        Extent(a, b - a, **{flag: draw(st.booleans())})
-        for a, b in zip(bounds, bounds[1:], strict=False)
-    ]
+    return [Extent(a, b - a, **{flag: draw(st.booleans())}) for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=200, deadline=None)
