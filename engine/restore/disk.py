@@ -47,6 +47,7 @@ from engine.sources.types import DiskWriter, TargetDisk
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util.tasks import run_group
 from engine.workers.pool import CpuPool
 
 T = TypeVar("T")
@@ -176,8 +177,8 @@ class _Restore:
                 opened.append(await target.open_writer())
             for writer in opened:
                 self.idle.put_nowait(writer)
-            await _run_group(self._pipeline)
-            await _run_group(lambda tg: [tg.create_task(w.flush()) for w in opened])
+            await run_group(self._pipeline)
+            await run_group(lambda tg: [tg.create_task(w.flush()) for w in opened])
         except BaseException as e:
             failure = e
             raise
@@ -306,25 +307,6 @@ async def _blocking(
         if not future.cancelled() and future.exception() is None and discard is not None:
             discard(future.result())
         raise
-
-
-async def _run_group(start: Callable[[asyncio.TaskGroup], object]) -> None:
-    """Run the tasks ``start`` creates in a TaskGroup; raise the first failure as itself."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            start(tg)
-    except BaseExceptionGroup as group:
-        first, *others = _leaves(group)
-        for other in others:
-            first.add_note(f"also failed meanwhile: {other!r}")
-        raise first from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 async def _close_all(writers: Sequence[DiskWriter]) -> list[Exception]:

@@ -16,6 +16,7 @@ its contents cannot be trusted), makes that disk a full read with the reason rec
 import asyncio
 import hashlib
 import os
+import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -209,7 +210,9 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
             else:
                 os.kill(pid, signal.SIGKILL)
             done.append(f"stopped qemu-nbd {pid} left by the killed job")
-        Path(export["socket"]).unlink(missing_ok=True)
+        socket_dir = Path(export["socket"]).parent
+        if socket_dir.name.startswith("tessera-nbd-"):  # the export's private directory
+            shutil.rmtree(socket_dir, ignore_errors=True)
     for partial in map(Path, resources.get("partial_images", [])):
         for pid in _qemu_nbd_serving(partial):
             os.kill(pid, signal.SIGKILL)  # its image is being thrown away anyway
