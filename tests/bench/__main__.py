@@ -2,7 +2,7 @@
 
 import sys
 
-from tests.bench import store_bench
+from tests.bench import pipeline_bench, store_bench
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -11,7 +11,12 @@ def report(name: str, value: float, unit: str) -> None:
 
 def main() -> int:
     print(f"# python {sys.version.split()[0]}", flush=True)
-    store_bench.run(report)
+    only = sys.argv[1:]
+    cpu_limit = store_bench.run(report) if not only or "store" in only else 0.0
+    if not only or "pipeline" in only:
+        if not cpu_limit:
+            cpu_limit = float(only[only.index("--cpu-limit") + 1]) if "--cpu-limit" in only else 1e9
+        pipeline_bench.run(report, cpu_limit)
     return 0
 
 

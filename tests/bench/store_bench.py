@@ -149,7 +149,8 @@ async def store_throughput(
     return put, known, get
 
 
-def run(report: Report) -> None:
+def run(report: Report) -> float:
+    """Runs the store bench; returns the all-core CPU limit (MB/s) for later benches."""
     image = fs_image(1024)
     chunk_size = 1024 * 1024
     chunks = data_chunks(image, chunk_size)
@@ -175,3 +176,4 @@ def run(report: Report) -> None:
         sized = data_chunks(image, size)
         put, _, _ = asyncio.run(store_throughput("thread", sized, size, workdir))
         report(f"put_unique_thread_chunk{size // 1024}k", put, "MB/s")
+    return limit1 * cores

@@ -1,0 +1,211 @@
+"""Pipeline bench: backup and restore of generated disk images through the CLI.
+
+Measured in the same run, as ratios:
+
+- full backup MB/s (data bytes of non-zero slots per second of the job) vs the store bench's
+  CPU limit and vs the raw qemu-nbd read rate of the same bytes (4 connections, no
+  processing); target ≥ 0.85 of the lower;
+- incremental with 1 % of the data slots dirty vs the full's wall time (target ≤ 5 %);
+- restore MB/s vs backup MB/s (target ≥ 1.0);
+- peak RSS of the backup process for a 1 GiB vs an 8 GiB disk (flat within 20 %);
+- ``qemu-img convert`` of the same image to a local raw file, as a speed reference.
+"""
+
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.io.nbd.client import connect, extents
+from engine.io.qemu import QemuNbd
+from tests.bench.data import CACHE, fs_image
+
+MB = 1e6
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "TESSERA_PASSPHRASE": "bench"}
+SUMMARY = re.compile(r"read ([\d.]+) MiB.* ([\d.]+) s, (\d+) MB/s")
+
+
+def mixed_image(path: Path, size_gib: int, seed: int) -> Path:
+    """qcow2: the real-files ext4 image, then 256 MiB of incompressible data, then zeros;
+    repeated to fill ``size_gib`` (copies differ in one block each, so dedup is partial)."""
+    if path.exists():
+        return path
+    fs = fs_image(1024).read_bytes()
+    rng = random.Random(seed)
+    raw = path.with_suffix(".raw")
+    with raw.open("wb") as f:
+        for copy in range(size_gib):
+            block = bytearray(fs[: 768 * 2**20])
+            block[copy * 4096 : copy * 4096 + 8] = copy.to_bytes(8, "little")
+            f.write(block)
+            f.write(rng.randbytes(128 * 2**20))
+            f.write(bytes(128 * 2**20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    raw.unlink()
+    return path
+
+
+def tessera(*args: str | Path) -> tuple[str, float]:
+    """(stdout, wall seconds) of one CLI run."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"tessera {args}: {proc.stdout}{proc.stderr}")
+    return proc.stdout, wall
+
+
+def job_figures(out: str) -> tuple[float, float, float]:
+    """(MiB read, job seconds, MB/s) from a backup summary line."""
+    m = SUMMARY.search(out)
+    assert m, out
+    return float(m.group(1)), float(m.group(2)), float(m.group(3))
+
+
+async def raw_read_rate(image: Path, connections: int = 4) -> float:
+    """MB/s reading every data extent of ``image`` through qemu-nbd, no processing."""
+    async with QemuNbd(image, "qcow2", read_only=True, shared=connections + 1) as export:
+        control = await connect(export.address)
+        data = [e async for e in extents(control, 0, control.export_size) if not e.zero]
+        await control.close()
+        slices = [
+            (e.start + o, min(4 * 2**20, e.length - o))
+            for e in data
+            for o in range(0, e.length, 4 * 2**20)
+        ]
+        clients = [await connect(export.address) for _ in range(connections)]
+        total = sum(n for _, n in slices)
+        t = time.perf_counter()
+
+        async def worker(i: int) -> None:
+            buf = bytearray(4 * 2**20)
+            for offset, n in slices[i::connections]:
+                await clients[i].readinto(offset, memoryview(buf)[:n])
+
+        await asyncio.gather(*(worker(i) for i in range(connections)))
+        seconds = time.perf_counter() - t
+        for c in clients:
+            await c.close()
+    return total / seconds / MB
+
+
+def dirty_one_percent(image: Path, chunk: int) -> None:
+    """Write 1 % of the image's data slots (scattered 4 KiB writes, one per slot)."""
+    info = subprocess.run(
+        ["qemu-img", "map", "--output=json", image], capture_output=True, text=True, check=True
+    ).stdout
+    data_slots = sorted(
+        {
+            (e["start"] + o) // chunk
+            for e in json.loads(info)
+            if e["data"]
+            for o in range(0, e["length"], chunk)
+        }
+    )
+    rng = random.Random(7)
+    chosen = rng.sample(data_slots, max(1, len(data_slots) // 100))
+    argv = ["qemu-io", "-f", "qcow2"]
+    for slot in chosen:
+        argv += ["-c", f"write -P 0x{rng.randrange(1, 255):02x} {slot * chunk} 4k"]
+    subprocess.run([*argv, image], check=True, capture_output=True)
+
+
+def run(report, cpu_limit: float) -> None:  # type: ignore[no-untyped-def]
+    work = CACHE / "pipeline"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    image = work / "disk-2g.qcow2"
+    shutil.copy(mixed_image(CACHE / "mixed-2g.qcow2", 2, seed=1), image)
+    store = work / "store"
+    tessera("store", "init", store)
+
+    t = time.perf_counter()
+    subprocess.run(["qemu-img", "convert", "-O", "raw", image, work / "convert.raw"], check=True)
+    convert = time.perf_counter() - t
+    (work / "convert.raw").unlink()
+
+    raw = asyncio.run(raw_read_rate(image))
+    out, wall_full = tessera("backup", "image", image, "--store", store, "--level", "full")
+    mib, job_full, _ = job_figures(out)
+    backup_rate = mib * 2**20 / job_full / MB
+    report("pipeline_data_read", mib * 2**20 / MB, "MB")
+    report("qemu_img_convert_seconds", convert, "s")
+    report("qemu_img_convert_rate", 2 * 2**30 / convert / MB, "MB/s")
+    report("qemu_nbd_raw_read_rate", raw, "MB/s")
+    report("backup_full_rate", backup_rate, "MB/s")
+    report("backup_full_vs_cpu_limit", backup_rate / cpu_limit, "ratio")
+    report("backup_full_vs_nbd_read", backup_rate / raw, "ratio")
+    report("backup_full_vs_lower_limit", backup_rate / min(cpu_limit, raw), "ratio")
+
+    dirty_one_percent(image, 1024 * 1024)
+    out, wall_inc = tessera("backup", "image", image, "--store", store, "--level", "incremental")
+    _, job_inc, _ = job_figures(out)
+    report("backup_incremental_1pct_seconds", job_inc, "s")
+    report("backup_incremental_vs_full_time", job_inc / job_full, "ratio")
+    report("backup_incremental_vs_full_wall_incl_startup", wall_inc / wall_full, "ratio")
+
+    snaps = subprocess.run(
+        [sys.executable, "-m", "engine.daemon.cli", "snapshots", "--store", store],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=True,
+    ).stdout.splitlines()[1:]
+    full_id = snaps[0].split()[0]
+    out, _ = tessera("restore", full_id, "--store", store, "--to", work / "restored.qcow2")
+    m = re.search(r"restored disk .* in ([\d.]+) s", out)
+    assert m, out
+    restore_rate = mib * 2**20 / float(m.group(1)) / MB
+    report("restore_rate_data", restore_rate, "MB/s")
+    report("restore_vs_backup", restore_rate / backup_rate, "ratio")
+
+    rss = {}
+    for gib in (1, 8):
+        img = mixed_image(CACHE / f"mixed-{gib}g.qcow2", gib, seed=gib)
+        s = work / f"store-{gib}"
+        tessera("store", "init", s)
+        rss[gib] = max_rss_of(["backup", "image", img, "--store", s, "--level", "full"])
+        shutil.rmtree(s)
+        report(f"backup_peak_rss_{gib}gib", rss[gib] / 1024, "MiB")
+    report("backup_peak_rss_8g_vs_1g", rss[8] / rss[1], "ratio")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def max_rss_of(args: list[str | Path]) -> int:
+    """Peak RSS (KiB) of one CLI run, read from GNU time in a fresh child."""
+    proc = subprocess.run(
+        [
+            "/usr/bin/time",
+            "-f",
+            "MAXRSS %M",
+            sys.executable,
+            "-m",
+            "engine.daemon.cli",
+            *map(str, args),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout + proc.stderr)
+    m = re.search(r"MAXRSS (\d+)", proc.stderr)
+    assert m, proc.stderr
+    return int(m.group(1))
