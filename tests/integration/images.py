@@ -1,8 +1,11 @@
 """Real disk images for integration tests: an ext4 filesystem with files, made by mke2fs -d
 and converted to qcow2; changes applied with qemu-io, references taken with qemu-img."""
 
+import atexit
 import random
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 
@@ -10,8 +13,25 @@ def run(*argv: str | Path) -> str:
     return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
 
 
+_BUILT: dict[tuple[int, int], Path] = {}
+_CACHE_DIR = Path(tempfile.mkdtemp(prefix="tessera-test-images-"))
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
+
+
 def make_fs_qcow2(workdir: Path, name: str, size_mib: int = 96, seed: int = 1) -> Path:
-    """A qcow2 holding an ext4 filesystem with deterministic text and binary files."""
+    """A qcow2 holding an ext4 filesystem with deterministic text and binary files (built
+    once per size and seed in this test session, then copied)."""
+    key = (size_mib, seed)
+    if key not in _BUILT:
+        _BUILT[key] = _build(_CACHE_DIR / f"{size_mib}-{seed}", size_mib, seed)
+    image = workdir / f"{name}.qcow2"
+    shutil.copyfile(_BUILT[key], image)
+    return image
+
+
+def _build(workdir: Path, size_mib: int, seed: int) -> Path:
+    name = "image"
+    workdir.mkdir(parents=True)
     files = workdir / f"{name}-files"
     files.mkdir(parents=True)
     rng = random.Random(seed)
@@ -26,6 +46,7 @@ def make_fs_qcow2(workdir: Path, name: str, size_mib: int = 96, seed: int = 1) -
     image = workdir / f"{name}.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image)
     raw.unlink()
+    shutil.rmtree(files)
     return image
 
 
