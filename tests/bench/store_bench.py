@@ -33,8 +33,9 @@ MB = 1e6
 Report = Callable[[str, float, str], None]
 
 
-def timed(fn: Callable[[], object], repeat: int = 1) -> float:
-    """Best wall time of ``repeat`` runs."""
+def timed(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` runs: the minimum is the least disturbed by the other
+    tenants of a shared machine, and later runs reuse warm allocations."""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -44,7 +45,11 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 
 def primitives(chunks: list[bytes], report: Report) -> dict[str, float]:
-    """Single-core seconds per plaintext byte of each step; reports MB/s."""
+    """Single-core seconds per plaintext byte of each step; reports MB/s.
+
+    Each step runs the way the codec runs it: zstd returns new bytes (as in the codec), AES
+    encrypts the compressed payload into a reused buffer (``encrypt_into``, as the codec).
+    """
     total = sum(map(len, chunks))
     key = os.urandom(32)
     aes = AESGCM(os.urandom(32))
@@ -52,15 +57,17 @@ def primitives(chunks: list[bytes], report: Report) -> dict[str, float]:
     cost: dict[str, float] = {}
     t = timed(lambda: [blake3.blake3(c, key=key).digest() for c in chunks])
     cost["blake3"] = t / total
+    payloads: list[bytes] = []
     for level in (1, 3):
         cctx = zstandard.ZstdCompressor(level=level)
         t = timed(lambda cctx=cctx: [cctx.compress(c) for c in chunks])
         cost[f"zstd{level}"] = t / total
         compressed = [cctx.compress(c) for c in chunks]
-        stored = sum(min(len(c), len(p)) for c, p in zip(compressed, chunks, strict=True))
-        report(f"zstd{level}_stored_fraction", stored / total, "ratio")
-    payloads = [z if len(z) < len(c) else c for z, c in zip(compressed, chunks, strict=True)]
-    t = timed(lambda: [aes.encrypt(nonce, p, b"aad") for p in payloads])
+        payloads = [z if len(z) < len(c) else c for z, c in zip(compressed, chunks, strict=True)]
+        report(f"zstd{level}_stored_fraction", sum(map(len, payloads)) / total, "ratio")
+    out = bytearray(max(map(len, chunks)) + 16)
+    view = memoryview(out)
+    t = timed(lambda: [aes.encrypt_into(nonce, p, b"aad", view[: len(p) + 16]) for p in payloads])
     cost["aes"] = t / total
     report("blake3_keyed_1core", 1 / cost["blake3"] / MB, "MB/s")
     report("zstd1_1core", 1 / cost["zstd1"] / MB, "MB/s")
@@ -123,19 +130,30 @@ async def get_all(pool: CpuPool, store: Store, ids: list[ChunkId]) -> int:
 
 
 async def store_throughput(
-    kind: str, chunks: list[bytes], chunk_size: int, workdir: Path
+    kind: str, chunks: list[bytes], chunk_size: int, workdir: Path, rounds: int = 2
 ) -> tuple[float, float, float]:
-    """(put unique, put known, get) MB/s of plaintext through a ``kind`` CpuPool."""
-    path = workdir / f"store-{kind}-{chunk_size}"
-    shutil.rmtree(path, ignore_errors=True)
-    Store.init(path, chunk_size=chunk_size, passphrase=b"bench", kdf=KdfParams(n=2**14))
+    """(put unique, put known, get) MB/s of plaintext through a ``kind`` CpuPool. The
+    unique put runs ``rounds`` times into fresh stores and the best counts (shared machine)."""
     total = sum(map(len, chunks))
-    store = Store.open(path, passphrase=b"bench")
-    pool = make_cpu_pool(store.keys, chunk_size, kind=kind)
-    try:
+    put = 0.0
+    for round_ in range(rounds):
+        path = workdir / f"store-{kind}-{chunk_size}"
+        shutil.rmtree(path, ignore_errors=True)
+        Store.init(path, chunk_size=chunk_size, passphrase=b"bench", kdf=KdfParams(n=2**14))
+        store = Store.open(path, passphrase=b"bench")
+        pool = make_cpu_pool(store.keys, chunk_size, kind=kind)
         t = time.perf_counter()
-        ids = await put_all(pool, store, chunks)
-        put = total / (time.perf_counter() - t) / MB
+        try:
+            ids = await put_all(pool, store, chunks)
+        except BaseException:
+            await pool.aclose()
+            store.close()
+            raise
+        put = max(put, total / (time.perf_counter() - t) / MB)
+        if round_ + 1 < rounds:
+            await pool.aclose()
+            store.close()
+    try:
         t = time.perf_counter()
         await put_all(pool, store, chunks)
         known = total / (time.perf_counter() - t) / MB
@@ -156,8 +174,8 @@ def run(report: Report) -> float:
     chunks = data_chunks(image, chunk_size)
     report("store_bench_data", sum(map(len, chunks)) / MB, "MB")
     cores = os.cpu_count() or 1
-    primitives(chunks[:32], lambda *_: None)  # warm caches and allocator
-    cost = primitives(chunks, report)  # the same bytes the store puts below
+    sample = chunks[:: max(1, len(chunks) // 192)]  # ~200 MiB spread over the whole image
+    cost = primitives(sample, report)
     level = f"zstd{DEFAULT_ZSTD_LEVEL}"
     limit1 = 1 / (cost["blake3"] + cost[level] + cost["aes"]) / MB
     report("cpu_limit_1core", limit1, "MB/s")
@@ -174,6 +192,6 @@ def run(report: Report) -> float:
             report("put_unique_vs_cpu_limit", put / (limit1 * cores), "ratio")
     for size in (256 * 1024, 4 * 1024 * 1024):
         sized = data_chunks(image, size)
-        put, _, _ = asyncio.run(store_throughput("thread", sized, size, workdir))
+        put, _, _ = asyncio.run(store_throughput("thread", sized, size, workdir, rounds=1))
         report(f"put_unique_thread_chunk{size // 1024}k", put, "MB/s")
     return limit1 * cores

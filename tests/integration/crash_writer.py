@@ -6,16 +6,14 @@ Writes snapshot "B" of two disks built from SEED. Prints ``committed <id>`` when
 returns. Exit status: killed by SIGKILL when the point was reached, 0 if it never was.
 """
 
-import os
 import random
-import signal
 import sys
 from pathlib import Path
 
 from engine.store.chunk_store import Store
 from engine.util import failpoints
 from tests.conftest import PASSPHRASE
-from tests.helpers import realistic_bytes, write_snapshot
+from tests.helpers import realistic_bytes, sigkill_at, write_snapshot
 
 
 def disks_b(seed: int, chunk: int) -> dict[str, bytes]:
@@ -35,15 +33,7 @@ def main() -> None:
         int(sys.argv[3]),
         int(sys.argv[4]),
     )
-    hits = 0
-
-    def handler(name: str) -> None:
-        nonlocal hits
-        if name == point:
-            hits += 1
-            if hits == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-
+    handler = sigkill_at(point, nth)
     if "--during-open" in sys.argv:  # crash the recovery that opening runs
         failpoints.install(handler)
     store = Store.open(store_path, passphrase=PASSPHRASE)

@@ -167,3 +167,21 @@ def test_bad_input_is_named(tmp_path: Path, store: Path) -> None:
     assert proc.returncode == 1 and str(image) in proc.stdout + proc.stderr
     proc = tessera("restore", sid, "--store", store, "--disk", "sdz", "--to", tmp_path / "y.qcow2")
     assert proc.returncode == 1 and "no disk 'sdz'" in proc.stderr
+
+
+def test_multi_disk_vm_restores_into_a_directory(tmp_path: Path, store: Path) -> None:
+    boot = make_fs_qcow2(tmp_path, "boot", size_mib=32, seed=3)
+    data = tmp_path / "data.raw"
+    run("qemu-img", "convert", "-O", "raw", make_fs_qcow2(tmp_path, "d", seed=4), data)
+    out = ok("backup", "image", boot, data, "--store", store, "--vm", "db-server")
+    assert "vm db-server" in out
+    snap = snapshots(store)[0]
+    assert snap["vm"]["name"] == "db-server"
+    assert [d["name"] for d in snap["disks"]] == ["boot.qcow2", "data.raw"]
+    out_dir = tmp_path / "restored"
+    out_dir.mkdir()
+    ok("restore", snap["id"], "--store", store, "--to", out_dir)
+    assert identical(boot, out_dir / "boot.qcow2")
+    assert (out_dir / "data.raw").read_bytes() == data.read_bytes()
+    ok("restore", snap["id"], "--store", store, "--disk", "data.raw", "--to", tmp_path / "only.raw")
+    assert (tmp_path / "only.raw").read_bytes() == data.read_bytes()
