@@ -48,7 +48,8 @@ def mixed_image(path: Path, size_gib: int, seed: int) -> Path:
             block = bytearray(fs[: 768 * 2**20])
             block[1024 : 1024 + 8] = (seed * 1000 + copy).to_bytes(8, "little")
             f.write(block)
-            f.write(rng.randbytes(256 * 2**20))
+            for _ in range(16):  # randbytes of 256 MiB at once overflows a C int
+                f.write(rng.randbytes(16 * 2**20))
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
     raw.unlink()
     return path
