@@ -8,6 +8,7 @@ the disk and offset when a read keeps failing, and whatever the store or pool ra
 """
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -84,12 +85,29 @@ async def backup_disk(
     run.queue = asyncio.Queue(maxsize=readers * QUEUE_PER_READER)  # bounded: memory
     started = time.perf_counter()
 
-    def start(tg: asyncio.TaskGroup) -> None:
-        tg.create_task(run.plan(readers))
-        for _ in range(readers):
-            tg.create_task(run.reader())
+    # Readers hand filled buffers to processors and read on: the CPU pool always has work
+    # queued while reads are in flight. Buffers (the pool's capacity) bound both.
+    processors = max(2, pool.capacity - readers)
 
-    await run_group(start)
+    async def produce() -> None:
+        def start(tg: asyncio.TaskGroup) -> None:
+            tg.create_task(run.plan(readers))
+            for _ in range(readers):
+                tg.create_task(run.reader())
+
+        await run_group(start)
+        for _ in range(processors):
+            run.filled.put_nowait(None)
+
+    def start_all(tg: asyncio.TaskGroup) -> None:
+        tg.create_task(produce())
+        for _ in range(processors):
+            tg.create_task(run.processor())
+
+    try:
+        await run_group(start_all)
+    finally:
+        await run.release_unprocessed()
     run.stats.seconds = time.perf_counter() - started
     return run.stats
 
@@ -126,6 +144,8 @@ class _DiskBackup:
         lengths = {self.chunk, self.size % self.chunk or self.chunk}
         self.zero_ids = {n: store.codec.chunk_id(bytes(n)) for n in lengths}
         self.queue: asyncio.Queue[int | None] = asyncio.Queue(maxsize=QUEUE_PER_READER)
+        # Read buffers waiting for a processor; bounded by the pool's buffers.
+        self.filled: asyncio.Queue[_Filled | None] = asyncio.Queue()
 
     def advance(self, n: int) -> None:
         if self.progress is not None:
@@ -162,11 +182,18 @@ class _DiskBackup:
         conn = _Connection(self.disk)
         try:
             while (slot := await self.queue.get()) is not None:
-                await self.read_slot(conn, slot)
+                holder = contextlib.AsyncExitStack()
+                buf = await holder.enter_async_context(self.pool.buffer())
+                try:
+                    await self.read_into(conn, slot, buf)
+                except BaseException:
+                    await holder.aclose()
+                    raise
+                self.filled.put_nowait(_Filled(holder, buf, slot))
         finally:
             await conn.close()
 
-    async def read_slot(self, conn: "_Connection", slot: int) -> None:
+    async def read_into(self, conn: "_Connection", slot: int, buf: ChunkBuffer) -> None:
         offset, length = slot * self.chunk, self.slot_length(slot)
         disk_id, stats = self.disk.info.disk_id, self.stats
 
@@ -175,30 +202,44 @@ class _DiskBackup:
             conn.broken = True  # a fresh connection for the next attempt
             log.info("read.retry", disk=disk_id, offset=offset, attempt=attempt, error=str(error))
 
-        async with self.pool.buffer() as buf:
-            view = buf.plain[:length]
-            try:
-                await retry(
-                    lambda: conn.readinto(offset, view), policy=self.retry_policy, on_retry=retried
-                )
-            except EngineError as e:
-                raise SourceError(disk=disk_id, offset=offset, reason=str(e)) from e
-            except OSError as e:
-                raise SourceError(disk=disk_id, offset=offset, reason=repr(e)) from e
-            finally:
-                view.release()
-            buf.length = length
-            cid = await self.pool.chunk_id(buf)
-            if cid == self.zero_ids[length]:
-                self.diskmap.set(slot, ZERO_ID)
-                stats.zero_slots += 1
-            else:
-                await self.store_chunk(buf, cid)
-                self.diskmap.set(slot, cid)
-                stats.read_slots += 1
-            stats.bytes_read += length
-        failpoints.hit("pipeline.slot.done")
-        self.advance(length)
+        view = buf.plain[:length]
+        try:
+            await retry(
+                lambda: conn.readinto(offset, view), policy=self.retry_policy, on_retry=retried
+            )
+        except EngineError as e:
+            raise SourceError(disk=disk_id, offset=offset, reason=str(e)) from e
+        except OSError as e:
+            raise SourceError(disk=disk_id, offset=offset, reason=repr(e)) from e
+        finally:
+            view.release()
+        buf.length = length
+
+    async def processor(self) -> None:
+        while (item := await self.filled.get()) is not None:
+            async with item.holder:
+                await self.process(item.buf, item.slot)
+            failpoints.hit("pipeline.slot.done")
+            self.advance(self.slot_length(item.slot))
+
+    async def process(self, buf: ChunkBuffer, slot: int) -> None:
+        length, stats = buf.length, self.stats
+        cid = await self.pool.chunk_id(buf)
+        if cid == self.zero_ids[length]:
+            self.diskmap.set(slot, ZERO_ID)
+            stats.zero_slots += 1
+        else:
+            await self.store_chunk(buf, cid)
+            self.diskmap.set(slot, cid)
+            stats.read_slots += 1
+        stats.bytes_read += length
+
+    async def release_unprocessed(self) -> None:
+        """Give back the buffers of reads no processor took (after a failure)."""
+        while not self.filled.empty():
+            item = self.filled.get_nowait()
+            if item is not None:
+                await item.holder.aclose()
 
     async def store_chunk(self, buf: ChunkBuffer, cid: ChunkId) -> None:
         if self.store.has(cid):
@@ -209,6 +250,13 @@ class _DiskBackup:
         written = await loop.run_in_executor(self.store_executor, self.store.put, cid, record)
         self.stats.new_chunks += written
         self.stats.known_chunks += not written
+
+
+@dataclass
+class _Filled:
+    holder: contextlib.AsyncExitStack  # exiting it gives the buffer back to the pool
+    buf: ChunkBuffer
+    slot: int
 
 
 class _Connection:

@@ -1,0 +1,30 @@
+"""The fake oVirt engine: SSO, the API root and the inventory, served to the real SDK.
+
+Nouns:
+
+- ``Seed``        what a person writes: names of clusters, hosts, storage domains, VMs, disks.
+- ``Inventory``   the model built from a seed; records refer to each other by stable UUID5 ids.
+- ``Sessions``    the SSO access tokens currently valid.
+- ``FakeEngine``  owns the inventory, the sessions and an aiohttp server on 127.0.0.1 with TLS.
+
+Invariants: every response body under ``/ovirt-engine/api`` is written by ``ovirtsdk4``'s
+writers with ``Content-Type: application/xml``, errors included (``<fault>``); every SSO answer
+is JSON; every API request needs a live Bearer token. The model is read-only in this slice and
+all state lives on the event loop (handlers never block, nothing is shared with threads).
+"""
+
+from plugins.lab.engine.server import FakeEngine, make_app
+from plugins.lab.engine.sso import Sessions
+from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed, lab_id
+
+__all__ = [
+    "DiskSeed",
+    "FakeEngine",
+    "Inventory",
+    "Seed",
+    "Sessions",
+    "VmSeed",
+    "demo_seed",
+    "lab_id",
+    "make_app",
+]

@@ -1,0 +1,118 @@
+"""``FakeEngine``: the inventory, the SSO sessions and the aiohttp server, started together.
+
+    async with FakeEngine(demo_seed(), workdir) as engine:
+        conn = ovirtsdk4.Connection(url=engine.url, username=engine.username,
+                                    password=engine.password, ca_file=str(engine.ca_file))
+        ...   # call the SDK from a worker thread, never on the event loop (API-NOTES § 10.5)
+
+The server listens on 127.0.0.1 only, on a random free port, with TLS from a CA made at start.
+"""
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+from plugins.lab.engine import api, sso
+from plugins.lab.engine.state import Inventory, Seed
+from plugins.lab.engine.tls import TlsFiles, make_tls_files
+
+LISTEN_HOST = "127.0.0.1"  # loopback only: the lab's credentials are public
+SHUTDOWN_TIMEOUT = 2.0  # seconds to let in-flight requests finish at close
+MAX_REQUEST_BODY = 1024 * 1024  # API bodies are small XML; disk data never goes through here
+
+
+def make_app(
+    inventory: Inventory, sessions: sso.Sessions, clock: Callable[[], float] = time.time
+) -> web.Application:
+    """The aiohttp application alone (no TLS, no socket), for tests that drive it in-process."""
+    app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
+    app[api.INVENTORY] = inventory
+    app[api.SESSIONS] = sessions
+    app.add_routes(sso.routes(sessions, clock))
+    app.add_routes(api.routes())
+    return app
+
+
+class FakeEngine:
+    """A fake oVirt engine on ``https://127.0.0.1:<random port>/ovirt-engine/api``.
+
+    ``workdir`` must exist; the CA and server key are written there. Use as an async context
+    manager, or call ``start()`` and then ``close()`` (always, even when start failed half-way).
+    ``url``, ``port`` and ``ca_file`` are valid only after ``start()``.
+    """
+
+    def __init__(
+        self, seed: Seed, workdir: Path, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
+        self.sessions = sso.Sessions(seed.username, seed.password)
+        self.username = seed.username
+        self.password = seed.password
+        self._workdir = workdir
+        self._app = make_app(self.inventory, self.sessions, clock)
+        self._runner: web.AppRunner | None = None
+        self._tls: TlsFiles | None = None
+        self._port: int | None = None
+
+    async def start(self) -> None:
+        """Generate the TLS files, bind a free loopback port and start serving."""
+        if self._runner is not None:
+            raise RuntimeError("FakeEngine already started")
+        self._tls = make_tls_files(self._workdir)
+        self._runner = web.AppRunner(
+            self._app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None
+        )
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((LISTEN_HOST, 0))
+            self._port = sock.getsockname()[1]
+            site = web.SockSite(self._runner, sock, ssl_context=self._tls.server_context())
+            await site.start()
+        except BaseException:
+            sock.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop serving and drop the connections; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeEngine not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The API URL to give ``ovirtsdk4.Connection(url=...)``."""
+        return f"https://{LISTEN_HOST}:{self.port}/ovirt-engine/api"
+
+    @property
+    def ca_file(self) -> Path:
+        if self._tls is None:
+            raise RuntimeError("FakeEngine not started")
+        return self._tls.ca_file

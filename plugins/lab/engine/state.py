@@ -1,0 +1,298 @@
+"""The fake engine's inventory: a seed a person writes, and the model built from it.
+
+A ``Seed`` names things (VMs, disks, clusters) and refers to other things by name. ``Inventory
+.from_seed`` validates it once and turns it into frozen records that refer to each other by id.
+Ids are UUID5s of the kind and name, so the same seed always yields the same ids (tests and
+demo scripts may hard-code them). Enum-valued fields hold the engine's wire spelling (``"up"``,
+``"cow"``, ``"virtio_scsi"``), checked against the SDK's enums when the seed is loaded.
+
+This slice is read-only: nothing mutates an ``Inventory`` after it is built.
+"""
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ovirtsdk4 import types
+
+from engine.core.errors import ConfigError
+
+GiB = 1024**3
+
+# All lab ids derive from this namespace; changing it changes every id a demo may have saved.
+LAB_NAMESPACE = uuid.UUID("5d1c2f1e-6b8a-4a52-9a57-7e55e5a1ab00")
+ROOT_TAG_ID = "00000000-0000-0000-0000-000000000000"  # the engine's fixed root tag
+BLANK_TEMPLATE_ID = "00000000-0000-0000-0000-000000000000"  # the engine's fixed Blank template
+
+
+def lab_id(kind: str, name: str) -> str:
+    """The stable id of the object of ``kind`` (``"vm"``, ``"disk"``…) called ``name``."""
+    return str(uuid.uuid5(LAB_NAMESPACE, f"{kind}/{name}"))
+
+
+# --- the seed: what a person writes -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSeed:
+    """One disk of a VM. ``alias`` must be unique across the seed."""
+
+    alias: str
+    size: int  # virtual (provisioned) bytes
+    format: str = "cow"  # cow = qcow2, raw = raw
+    interface: str = "virtio_scsi"
+    bootable: bool = False
+    sparse: bool = True
+    backup: str = "incremental"  # "incremental" enables checkpoints, "none" full backups only
+    storage_domain: str = "data1"
+    actual_size: int | None = None  # None: size if preallocated, else 0 until images exist
+
+
+@dataclass(frozen=True, slots=True)
+class VmSeed:
+    name: str
+    cluster: str = "Default"
+    status: str = "up"
+    host: str | None = "host1"  # only meaningful while status is up
+    memory: int = 2 * GiB
+    sockets: int = 1
+    cores: int = 2
+    os_type: str = "rhel_9x64"
+    disks: tuple[DiskSeed, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """Everything the fake engine knows at start. Names are unique per kind."""
+
+    username: str = "admin@internal"
+    password: str = "lab"  # noqa: S105 - a throw-away lab credential, loopback only
+    data_center: str = "Default"
+    clusters: tuple[str, ...] = ("Default",)
+    compat_version: tuple[int, int] = (4, 7)  # cluster level; ≥ 4.4 means incremental backup
+    storage_domains: tuple[str, ...] = ("data1",)
+    hosts: tuple[tuple[str, str], ...] = (("host1", "Default"),)  # (name, cluster)
+    tags: tuple[str, ...] = ()
+    vms: tuple[VmSeed, ...] = ()
+
+
+def demo_seed() -> Seed:
+    """A small inventory: two clusters, three VMs with qcow2 and raw disks."""
+    return Seed(
+        clusters=("Default", "Prod"),
+        storage_domains=("data1", "data2"),
+        hosts=(("host1", "Default"), ("host2", "Prod")),
+        tags=("gold", "silver"),
+        vms=(
+            VmSeed(
+                name="web01",
+                tags=("gold",),
+                disks=(
+                    DiskSeed("web01_os", 10 * GiB, bootable=True),
+                    DiskSeed("web01_data", 20 * GiB, format="raw", sparse=False, backup="none"),
+                ),
+            ),
+            VmSeed(
+                name="web02",
+                status="down",
+                host=None,
+                disks=(DiskSeed("web02_os", 10 * GiB, interface="virtio", bootable=True),),
+            ),
+            VmSeed(
+                name="db01",
+                cluster="Prod",
+                host="host2",
+                tags=("silver",),
+                disks=(
+                    DiskSeed("db01_os", 8 * GiB, bootable=True, storage_domain="data2"),
+                    DiskSeed("db01_data", 50 * GiB, interface="sata", storage_domain="data2"),
+                ),
+            ),
+        ),
+    )
+
+
+# --- the model: what the engine serves -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataCenter:
+    id: str
+    name: str
+    version: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    id: str
+    name: str
+    data_center_id: str
+    version: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StorageDomain:
+    id: str
+    name: str
+    data_center_id: str
+    master: bool
+    available: int
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    id: str
+    name: str
+    cluster_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    id: str
+    alias: str
+    storage_domain_id: str
+    image_id: str  # the active volume
+    provisioned_size: int
+    actual_size: int
+    format: str
+    sparse: bool
+    backup: str
+    status: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A disk attached to a VM; the engine gives the attachment the disk's id."""
+
+    disk_id: str
+    interface: str
+    bootable: bool
+    active: bool = True
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Vm:
+    id: str
+    name: str
+    cluster_id: str
+    status: str
+    host_id: str | None
+    memory: int
+    sockets: int
+    cores: int
+    os_type: str
+    attachments: tuple[Attachment, ...]
+    tag_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    id: str
+    name: str
+
+
+@dataclass(slots=True)
+class Inventory:
+    """All objects by id, in seed order (lists come back in that order)."""
+
+    username: str
+    password: str
+    data_centers: dict[str, DataCenter] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
+    storage_domains: dict[str, StorageDomain] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    disks: dict[str, Disk] = field(default_factory=dict)
+    vms: dict[str, Vm] = field(default_factory=dict)
+    tags: dict[str, Tag] = field(default_factory=dict)
+
+    @classmethod
+    def from_seed(cls, seed: Seed) -> "Inventory":
+        """Build the model. Raises ``ConfigError`` naming the first bad reference or value."""
+        inv = cls(username=seed.username, password=seed.password)
+        dc = DataCenter(
+            lab_id("datacenter", seed.data_center), seed.data_center, seed.compat_version
+        )
+        inv.data_centers[dc.id] = dc
+        for name in seed.clusters:
+            _add(inv.clusters, Cluster(lab_id("cluster", name), name, dc.id, seed.compat_version))
+        for i, name in enumerate(seed.storage_domains):
+            sd = StorageDomain(lab_id("sd", name), name, dc.id, i == 0, 500 * GiB, 100 * GiB)
+            _add(inv.storage_domains, sd)
+        for name, cluster in seed.hosts:
+            _add(inv.hosts, Host(lab_id("host", name), name, _ref(inv.clusters, cluster).id))
+        for name in seed.tags:
+            _add(inv.tags, Tag(lab_id("tag", name), name))
+        for vm in seed.vms:
+            inv._add_vm(vm)
+        return inv
+
+    def _add_vm(self, seed: VmSeed) -> None:
+        _check_enum(types.VmStatus, seed.status, f"VM {seed.name} status")
+        host_id = None
+        if seed.status == "up" and seed.host is not None:
+            host_id = _ref(self.hosts, seed.host).id
+        attachments = []
+        for d in seed.disks:
+            _check_enum(types.DiskFormat, d.format, f"disk {d.alias} format")
+            _check_enum(types.DiskInterface, d.interface, f"disk {d.alias} interface")
+            _check_enum(types.DiskBackup, d.backup, f"disk {d.alias} backup")
+            if d.format == "raw" and d.backup == "incremental":
+                raise ConfigError(message=f"disk {d.alias}: incremental backup needs format cow")
+            actual = d.actual_size if d.actual_size is not None else (0 if d.sparse else d.size)
+            disk = Disk(
+                id=lab_id("disk", d.alias),
+                alias=d.alias,
+                storage_domain_id=_ref(self.storage_domains, d.storage_domain).id,
+                image_id=lab_id("volume", d.alias),
+                provisioned_size=d.size,
+                actual_size=actual,
+                format=d.format,
+                sparse=d.sparse,
+                backup=d.backup,
+            )
+            _add(self.disks, disk, label=disk.alias)
+            attachments.append(Attachment(disk.id, d.interface, d.bootable))
+        vm = Vm(
+            id=lab_id("vm", seed.name),
+            name=seed.name,
+            cluster_id=_ref(self.clusters, seed.cluster).id,
+            status=seed.status,
+            host_id=host_id,
+            memory=seed.memory,
+            sockets=seed.sockets,
+            cores=seed.cores,
+            os_type=seed.os_type,
+            attachments=tuple(attachments),
+            tag_ids=tuple(_ref(self.tags, t).id for t in seed.tags),
+        )
+        _add(self.vms, vm)
+
+    def vm_disks(self, vm: Vm) -> list[Disk]:
+        return [self.disks[a.disk_id] for a in vm.attachments]
+
+
+_Obj = TypeVar("_Obj", DataCenter, Cluster, StorageDomain, Host, Disk, Vm, Tag)
+_Ref = TypeVar("_Ref", Cluster, StorageDomain, Host, Tag)
+
+
+def _add(table: dict[str, _Obj], obj: _Obj, label: str | None = None) -> None:
+    if obj.id in table:
+        raise ConfigError(message=f"duplicate name in seed: {label or getattr(obj, 'name', '')}")
+    table[obj.id] = obj
+
+
+def _ref(table: dict[str, _Ref], name: str) -> _Ref:
+    for obj in table.values():
+        if obj.name == name:
+            return obj
+    raise ConfigError(message=f"seed refers to unknown name {name!r}")
+
+
+def _check_enum(enum: type, value: str, what: str) -> None:
+    try:
+        enum(value)
+    except ValueError:
+        raise ConfigError(message=f"{what}: {value!r} is not a valid value") from None
