@@ -44,20 +44,22 @@ read-only. Maintenance (issue 7) follows this table; a blank means "runs concurr
     (b) snapshots being read are share-locked; prune cannot remove them meanwhile.
 
 Defaults, chosen from ``make bench`` on the 2-core reference machine (real ext4 image, 780 MB
-of data; figures vary ±20 % run to run on this shared machine, ratios less):
+of data; single figures move ±20 % run to run on this shared machine, ratios less):
 
 - chunk size 1 MiB. Store put of unique chunks through the thread pool: 256 KiB chunks
-  126 MB/s, 1 MiB 170 MB/s, 4 MiB 168 MB/s — 1 MiB reaches the plateau (per-chunk costs:
-  index row, syscall, pool round trip, are amortised), while 4 MiB only makes a 4 KiB guest
-  write cost 4 MiB of incremental (PBS's choice). 64 KiB chunks would make incrementals 2–3×
-  smaller (docs/DESIGN.md §9) at 16× the index rows and a clear throughput loss.
-- zstd level 3 (``codec.DEFAULT_ZSTD_LEVEL``): stores 35.3 % of the plaintext vs 38.5 % at
-  level 1 (9 % more bytes), at 165 vs 280 MB/s per core. zstd is ~85 % of the backup CPU
+  106 MB/s, 1 MiB 183 MB/s, 4 MiB 150 MB/s (earlier runs: 126 / 170 / 168) — 1 MiB reaches
+  the plateau (per-chunk costs — index row, syscalls, pool round trips — are amortised),
+  while 4 MiB only makes a 4 KiB guest write cost 4 MiB of incremental (PBS's choice). 64 KiB
+  chunks would make incrementals 2–3× smaller (docs/DESIGN.md §9) at 16× the index rows and a
+  clear throughput loss.
+- zstd level 3 (``codec.DEFAULT_ZSTD_LEVEL``): stores 33.4 % of the plaintext vs 37.0 % at
+  level 1 (11 % more bytes), at 148 vs 258 MB/s per core. zstd is ~85 % of the backup CPU
   cost, so this is the main speed/size dial; level 3 is zstd's own default.
 - pack size 64 MiB: tens of MB per pack (Kopia, Borg 2, restic) keeps file counts low;
   sealing costs one fsync per 64 MiB (~35 ms here), overlapped with encoding by the
   background sealer.
-- CpuPool: threads (``engine.workers``): 0.57 of the all-core CPU limit vs 0.48 for
-  processes. The target is 0.85: verify-after-encode (decompress + re-hash, ~15–20 % of
-  the encode cost) and writing packs share the same two cores.
+- CpuPool: threads (``engine.workers``): put reaches 0.67 of the all-core CPU limit (hash +
+  zstd + AES measured single-core × 2) vs 0.59 for processes. The issue's target is 0.85;
+  verify-after-encode alone (decompress + re-hash, ~15–20 % of the encode cost) caps the
+  ratio near 0.8, and pack writes, SQLite and the event loop share the same two cores.
 """

@@ -54,8 +54,9 @@ Default implementation
 ----------------------
 ``DEFAULT_POOL_KIND = "thread"``, chosen by ``make bench``, which runs both implementations
 over the same chunks of a real ext4 image (1 MiB chunks, zstd 3, AES-256-GCM, 2 cores).
-Put of unique chunks into a store, as a ratio to the all-core CPU limit: thread 0.57,
-process 0.48; get: thread ~590 MB/s, process ~570 MB/s. Threads win because the three
+Put of unique chunks into a store, as a ratio to the all-core CPU limit: thread 0.67,
+process 0.59 (three runs: thread 0.53–0.67, process 0.44–0.60); get: thread ~650 MB/s,
+process ~500 MB/s. Threads win because the three
 libraries release the GIL, no slot indexes cross a pipe, and the writer, sealer and event
 loop share one address space; processes pay page faults on every fresh compressor output
 (sys time ~30 %) in each worker. The process pool stays available (``cpu_pool: process``)
