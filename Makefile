@@ -39,7 +39,7 @@ bench: venv sysdeps
 
 demo: venv sysdeps
 	@echo "The demo (lab engine + imageio + daemon) arrives with the oVirt and service issues."
-	@echo "Until then it runs the store tour: init a store, back up a generated image's chunks, show info."
+	@echo "Until then it runs the disk-image tour: full, incremental, clone, restore, store figures."
 	$(BIN)/python -m tests.demo_store
 
 clean:
