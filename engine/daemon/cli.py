@@ -127,6 +127,18 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     _add_key_options(p)
     p.set_defaults(func=cmd_restore)
 
+    lab = sub.add_parser("lab", help="the embedded lab: fake engine, imageio, generated VMs")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("up", "start the lab in the background"),
+        ("show", "print the lab's engine and VMs"),
+        ("down", "stop the lab"),
+    ):
+        p = lsub.add_parser(action, help=text)
+        p.add_argument("--dir", type=Path, required=True, help="the lab's directory")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_lab)
+
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:
     path = getattr(args, "store", None) or args.path
@@ -242,6 +254,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
             return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
 
         return asyncio.run(run())
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    action = registry.get("lab").factory(args.lab_command)
+    result = action(args.dir.resolve())
+    if args.lab_command == "down":
+        print("lab stopped" if result else f"no lab was running in {args.dir}")
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    engine = result["engine"]
+    print(f"engine   {engine['url']} (user {engine['username']}, CA {engine['ca_file']})")
+    print(f"config   {args.dir.resolve() / 'tessera.yaml'}")
+    for vm in result["vms"]:
+        disks = ", ".join(f"{d['alias']} ({d['format']})" for d in vm["disks"])
+        print(f"vm       {vm['name']:<20} {disks}")
+    return EXIT_OK
 
 
 def snapshot_doc(m: Manifest) -> dict[str, object]:

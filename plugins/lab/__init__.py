@@ -22,3 +22,28 @@ transfers through imageio, events and jobs, then restore (POST disks/vms/diskatt
 The lab listens on loopback only and must never be exposed: its credentials are the seed's
 and anyone who can reach it can read the whole (fake) inventory.
 """
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.sources.registry import Plugin
+
+
+async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
+    return []  # lab jobs run through the oVirt plugin, which recovers their resources
+
+
+def _lab_command(name: str) -> Any:
+    def call(*args: Any) -> Any:
+        from plugins.lab import lab  # noqa: PLC0415 - keep the entry point light
+
+        return getattr(lab, name)(*args)
+
+    return call
+
+
+PLUGIN = Plugin(
+    name="lab",
+    recover=_recover,
+    factories={name: _lab_command(name) for name in ("up", "show", "down")},
+)

@@ -1,0 +1,211 @@
+"""``tessera lab up | show | down``: the whole lab started in the background, in one directory.
+
+::
+
+    tessera lab up --dir D     builds D/images/* (first time), starts `python -m plugins.lab
+                               run --dir D` detached, waits for D/lab.json, returns
+    D/lab.json                 engine URL, user, password file, CA file, every VM with its disks
+                               and their image files — what tests and people read
+    D/tessera.yaml             a daemon config pointing at the lab (store in D/store)
+    tessera lab show --dir D   prints lab.json (``--json``) or a table
+    tessera lab down --dir D   SIGTERM to the lab process (pid in D/lab.pid), waits, cleans up
+
+The lab process owns the fake engine (and, with the transfer slice, ovirt-imageio and the
+qemu-nbd exports); it stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Final
+
+from engine.core.errors import ConfigError
+from engine.core.units import GiB
+from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.engine.server import FakeEngine
+from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, demo_seed
+
+START_TIMEOUT: Final = 120.0  # seconds for `up` to see lab.json: first run builds the images
+STOP_TIMEOUT: Final = 30.0  # seconds for the lab process to exit after SIGTERM
+DATAMOVER: Final = "tessera-datamover"
+
+
+def lab_seed() -> Seed:
+    """The demo inventory with small disks (quick to build and back up) and a DataMover VM."""
+    base = demo_seed()
+    vms = tuple(
+        replace(vm, disks=tuple(replace(d, size=min(d.size, 2 * GiB)) for d in vm.disks))
+        for vm in base.vms
+    )
+    datamover = VmSeed(name=DATAMOVER, disks=(DiskSeed(f"{DATAMOVER}_os", 2 * GiB, bootable=True),))
+    return replace(base, vms=(*vms, datamover))
+
+
+def _paths(directory: Path) -> dict[str, Path]:
+    return {
+        "json": directory / "lab.json",
+        "pid": directory / "lab.pid",
+        "log": directory / "lab.log",
+        "config": directory / "tessera.yaml",
+        "password": directory / "engine-password",
+        "images": directory / "images",
+        "engine": directory / "engine",
+        "work": directory / "work",
+    }
+
+
+async def run(directory: Path) -> None:
+    """The lab process: build images, serve until SIGTERM, then stop everything."""
+    p = _paths(directory)
+    seed = lab_seed()
+    p["images"].mkdir(parents=True, exist_ok=True)
+    p["engine"].mkdir(parents=True, exist_ok=True)
+    engine = FakeEngine(seed, p["engine"])
+    inventory = engine.inventory
+    requests, vms = [], []
+    for vm in inventory.vms.values():
+        disks = []
+        for attachment in vm.attachments:
+            disk = inventory.disks[attachment.disk_id]
+            fmt = "qcow2" if disk.format == "cow" else "raw"
+            path = p["images"] / f"{disk.id}.{fmt}"
+            if not path.exists():
+                requests.append(
+                    DiskRequest(
+                        disk.alias, path, fmt, disk.provisioned_size, attachment.bootable, vm.name
+                    )
+                )
+            disks.append(
+                {
+                    "id": disk.id,
+                    "alias": disk.alias,
+                    "format": fmt,
+                    "size": disk.provisioned_size,
+                    "path": str(path),
+                }
+            )
+        vms.append({"id": vm.id, "name": vm.name, "disks": disks})
+    await build_disks(requests, p["work"])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with engine:
+        p["password"].write_text(seed.password + "\n")
+        os.chmod(p["password"], 0o600)
+        doc = {
+            "pid": os.getpid(),
+            "engine": {
+                "url": engine.url,
+                "username": seed.username,
+                "password_file": str(p["password"]),
+                "ca_file": str(engine.ca_file),
+            },
+            "datamover": DATAMOVER,
+            "vms": vms,
+        }
+        p["config"].write_text(_config(directory, doc))
+        tmp = p["json"].with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.rename(p["json"])  # appears whole: `up` waits for it
+        await stop.wait()
+    p["json"].unlink(missing_ok=True)
+
+
+def _config(directory: Path, doc: dict[str, Any]) -> str:
+    engine = doc["engine"]
+    return (
+        "# Written by `tessera lab up`: a daemon configuration pointing at the lab.\n"
+        "stores:\n"
+        f"  - name: main\n    path: {directory / 'store'}\n    encryption: aes-256-gcm\n"
+        f"    passphrase_file: {directory / 'store-passphrase'}\n"
+        "engines:\n"
+        f"  - name: lab\n    url: {engine['url']}\n    username: {engine['username']}\n"
+        f"    password_file: {engine['password_file']}\n    ca_file: {engine['ca_file']}\n"
+        f"datamover:\n  vm_name: {doc['datamover']}\n"
+    )
+
+
+def up(directory: Path) -> dict[str, Any]:
+    """Start the lab in the background (idempotent while it runs); returns lab.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    p = _paths(directory)
+    if _alive(p):
+        return dict(json.loads(p["json"].read_text()))
+    p["json"].unlink(missing_ok=True)
+    with p["log"].open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # survives the CLI; `down` stops it
+        )
+    p["pid"].write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + START_TIMEOUT
+    while not p["json"].exists():
+        if proc.poll() is not None:
+            raise ConfigError(message=f"the lab failed to start; see {p['log']}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise ConfigError(
+                message=f"the lab did not start within {START_TIMEOUT:.0f} s; see {p['log']}"
+            )
+        time.sleep(0.1)
+    return dict(json.loads(p["json"].read_text()))
+
+
+def show(directory: Path) -> dict[str, Any]:
+    p = _paths(directory)
+    if not _alive(p):
+        raise ConfigError(
+            message=f"no lab is running in {directory} (start it with `tessera lab up`)"
+        )
+    return dict(json.loads(p["json"].read_text()))
+
+
+def down(directory: Path) -> bool:
+    """Stop the lab; False if none was running."""
+    p = _paths(directory)
+    if not p["pid"].exists():
+        return False
+    pid = int(p["pid"].read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        p["pid"].unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    p["pid"].unlink(missing_ok=True)
+    p["json"].unlink(missing_ok=True)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of this process still "exists": reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == 0
+
+
+def _alive(p: dict[str, Path]) -> bool:
+    if not (p["pid"].exists() and p["json"].exists()):
+        return False
+    return _pid_alive(int(p["pid"].read_text()))
