@@ -1,0 +1,12 @@
+"""The oVirt plugin: the engine's REST API through ``ovirtsdk4``, and (later) imageio.
+
+Nouns:
+
+- ``EngineClient``  one engine, one SSO token, a bounded pool of threads each with its own
+                    ``ovirtsdk4.Connection``; every SDK call goes through ``EngineClient.call``.
+- ``inventory``     typed, frozen snapshots of clusters, hosts, storage domains, VMs and disks.
+
+Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
+never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
+operation and the object.
+"""

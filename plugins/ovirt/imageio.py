@@ -1,0 +1,478 @@
+"""The imageio data path: read and write one image transfer's disk over HTTP(S).
+
+An image transfer (engine ``imagetransfers``) hands out two URLs ending in the same ticket:
+``transfer_url`` (the ovirt-imageio daemon on the host) and ``proxy_url`` (the proxy on the
+engine). ``ImageioDisk.connect`` tries the transfer URL with ``OPTIONS`` and falls back to the
+proxy only when the host cannot be reached (connection refused, unreachable, timeout); an
+HTTP error from the daemon is an answer, so it is raised, not routed around::
+
+    async with await ImageioDisk.connect(transfer_url, proxy_url, cafile=ca) as disk:
+        zeroes = await disk.extents("zero", 0, await disk.size())  # clipped
+        reader = await disk.open_reader()  # one HTTP connection
+        try:
+            await reader.readinto(offset, view)
+        finally:
+            await reader.close()
+
+What a caller must know:
+
+- Each ``ImageioReader`` / ``ImageioWriter`` owns one aiohttp session with one connection,
+  so N of them are N parallel transfers (imageio serves ``max_readers`` / ``max_writers``
+  connections per ticket, see ``options()``). None of them may be used by two tasks at once.
+  ``ImageioDisk`` has its own connection for OPTIONS and extents. Whoever opens closes.
+- ``extents(context, offset, length)``: imageio answers with the extents of the whole image;
+  the first call per context fetches them once, later calls clip the cached list (a backup
+  reads a read-only export, so they cannot change; call ``forget_extents()`` after writing).
+  ``"zero"`` extents carry ``zero``/``hole``, ``"dirty"`` extents carry only ``dirty`` (as
+  ``engine.core.extent`` requires); ``"dirty"`` needs a ticket added with ``dirty=true``.
+- ``readinto`` sends one ranged GET and copies the body straight from the socket buffers
+  into the caller's buffer; it checks the 206 status, ``Content-Range`` and the length.
+  Writers send ``PUT`` (with ``flush=n``), ``PATCH zero`` and ``PATCH flush``: data is only
+  durable after ``flush()``; after a failure, resend everything since the last flush.
+- ``https`` URLs verify the server against ``cafile`` (default: the system's CAs); ``http``
+  is for the lab.
+
+Errors (all ``EngineError``, naming the URL with the ticket shortened, the operation, offset
+and HTTP status)::
+
+    ImageioError                   400, 404, 416…: the request is wrong; never retried
+    ├── ImageioTicketGone          403: the ticket expired or was removed (transfer over)
+    └── ImageioTransientError      5xx, connection errors, timeouts, short bodies;
+        (also TransientError)      retry on a new reader/writer
+"""
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from engine.core.errors import EngineError, TransientError
+from engine.core.extent import Extent
+from engine.sources.types import DiskReader, DiskWriter
+
+# Connecting to a host's daemon or the engine's proxy: on a healthy network this takes
+# milliseconds; a host that has not accepted within 10 s is down or filtered, and waiting
+# longer only delays the fallback to the proxy.
+CONNECT_TIMEOUT: Final = 10.0
+# No byte for this long on an open connection: imageio reads from shared storage through
+# qemu-nbd, and a storage domain failover can stall I/O for tens of seconds; beyond a minute
+# the request is retried on a new connection.
+READ_TIMEOUT: Final = 60.0
+# One whole request (a read or write of one chunk, at most tens of MiB): even at 1 MiB/s
+# it is done in this time; anything slower is stuck.
+REQUEST_TIMEOUT: Final = 300.0
+# Characters of the ticket id kept in error messages: the ticket is a bearer credential
+# for the disk's data until it expires, while a prefix still finds it in the daemon's log.
+TICKET_SHOWN: Final = 8
+# How much of an error response body an error quotes.
+BODY_TAIL: Final = 512
+
+ExtentContext = Literal["zero", "dirty"]
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class ImageioError(EngineError):
+    """An imageio request failed and repeating it will not help."""
+
+    template = "imageio {url}: {op} at offset {offset}: HTTP {status}: {reason}"
+
+
+class ImageioTicketGone(ImageioError):
+    """403: imageio no longer knows the ticket (it expired, or the transfer ended)."""
+
+    template = (
+        "imageio {url}: {op} at offset {offset}: HTTP {status}: the ticket expired or was "
+        "removed (the image transfer is over; start a new one): {reason}"
+    )
+
+
+class ImageioTransientError(ImageioError, TransientError):
+    """The daemon failed (5xx) or the connection did; retry on a new connection."""
+
+
+def _ticket(url: str) -> str:
+    return urlsplit(url).path.rstrip("/").rpartition("/")[2]
+
+
+def _short(ticket: str) -> str:
+    return ticket[:TICKET_SHOWN] + "…" if len(ticket) > TICKET_SHOWN else ticket
+
+
+def redact(url: str) -> str:
+    """``url`` with the ticket (the last path segment) cut to ``TICKET_SHOWN`` characters."""
+    parts = urlsplit(url)
+    head, _, ticket = parts.path.rpartition("/")
+    return urlunsplit(parts._replace(path=f"{head}/{_short(ticket)}", query=""))
+
+
+def _ssl_context(url: str, cafile: str | None) -> ssl.SSLContext | None:
+    if urlsplit(url).scheme != "https":
+        return None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _session(url: str, cafile: str | None) -> aiohttp.ClientSession:
+    # limit=1: one connection per session, so a session is one of the N parallel streams.
+    connector = aiohttp.TCPConnector(limit=1, ssl=_ssl_context(url, cafile) or False)
+    timeout = aiohttp.ClientTimeout(
+        total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+
+async def _error(resp: aiohttp.ClientResponse, url: str, op: str, offset: int) -> ImageioError:
+    """The error for a response with an unexpected status (reads its body)."""
+    try:
+        body = (await resp.text(errors="replace")).strip()[-BODY_TAIL:]
+    except (aiohttp.ClientError, TimeoutError):
+        body = ""
+    ticket = _ticket(url if not url.endswith("/extents") else url.removesuffix("/extents"))
+    if ticket:  # imageio quotes the ticket in its messages ("No such ticket <id>")
+        body = body.replace(ticket, _short(ticket))
+    reason = body or resp.reason or "(no body)"
+    fields = {"url": redact(url), "op": op, "offset": offset, "status": resp.status}
+    if resp.status == 403:
+        return ImageioTicketGone(**fields, reason=reason)
+    if resp.status >= 500:
+        return ImageioTransientError(**fields, reason=reason)
+    return ImageioError(**fields, reason=reason)
+
+
+def _connection_error(url: str, op: str, offset: int, e: BaseException) -> ImageioTransientError:
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return ImageioTransientError(
+        url=redact(url), op=op, offset=offset, status="(none)", reason=reason
+    )
+
+
+# Errors that mean "no usable answer": the connection failed, broke or timed out.
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+@dataclass(frozen=True)
+class ImageioOptions:
+    """What ``OPTIONS`` says about a ticket: allowed methods and features.
+
+    ``max_readers`` / ``max_writers`` are the connections imageio serves per ticket; they are
+    None when the server does not say (old daemons, ``OPTIONS /images/*``)."""
+
+    allow: frozenset[str]
+    features: frozenset[str]
+    max_readers: int | None
+    max_writers: int | None
+
+
+class ImageioDisk:
+    """One image transfer's data endpoint. Make it with ``connect``; close it when done."""
+
+    def __init__(
+        self,
+        url: str,
+        options: ImageioOptions,
+        session: aiohttp.ClientSession,
+        *,
+        cafile: str | None,
+    ) -> None:
+        self.url = url
+        self.cafile = cafile
+        self._options = options
+        self._session = session
+        self._extents: dict[str, list[Extent]] = {}
+        self._extents_lock = asyncio.Lock()
+        self._size: int | None = None
+
+    @classmethod
+    async def connect(
+        cls, transfer_url: str, proxy_url: str | None = None, *, cafile: str | None = None
+    ) -> "ImageioDisk":
+        """Pick the transfer URL if its daemon answers OPTIONS, else the proxy URL.
+
+        Only a connection failure falls back; an HTTP error (403 for a gone ticket…) raises.
+        Raises ``ImageioTransientError`` if neither can be reached."""
+        candidates = [transfer_url]
+        if proxy_url and proxy_url != transfer_url:
+            candidates.append(proxy_url)
+        failures: list[str] = []
+        for url in candidates:
+            session = _session(url, cafile)
+            try:
+                options = await _options(session, url)
+            except ImageioTransientError as e:
+                await session.close()
+                if e.fields.get("status") != "(none)":
+                    raise  # a 5xx is an answer from the daemon, not an unreachable host
+                failures.append(str(e))
+                continue
+            except BaseException:
+                await session.close()
+                raise
+            return cls(url, options, session, cafile=cafile)
+        raise ImageioTransientError(
+            url=redact(transfer_url),
+            op="OPTIONS",
+            offset=0,
+            status="(none)",
+            reason="no URL of the transfer can be reached: " + "; ".join(failures),
+        )
+
+    async def options(self) -> ImageioOptions:
+        """Ask the server again (``connect`` already asked once: see ``cached_options``)."""
+        self._options = await _options(self._session, self.url)
+        return self._options
+
+    @property
+    def cached_options(self) -> ImageioOptions:
+        return self._options
+
+    async def size(self) -> int:
+        """The disk's virtual size, from the end of the zero extents."""
+        if self._size is None:
+            extents = await self._whole("zero")
+            self._size = extents[-1].end if extents else 0
+        return self._size
+
+    async def extents(self, context: ExtentContext, offset: int, length: int) -> list[Extent]:
+        """Extents of ``context`` covering ``[offset, offset + length)`` clipped to it (and to
+        the disk's end), merged where neighbours have the same flags."""
+        if offset < 0 or length <= 0:
+            raise ValueError(f"extents at offset {offset} length {length}: empty or negative")
+        end = offset + length
+        out: list[Extent] = []
+        for e in await self._whole(context):
+            if e.end <= offset:
+                continue
+            if e.start >= end:
+                break
+            start, stop = max(e.start, offset), min(e.end, end)
+            if out and out[-1].same_flags(e) and out[-1].end == start:
+                prev = out.pop()
+                start = prev.start
+            out.append(Extent(start, stop - start, zero=e.zero, hole=e.hole, dirty=e.dirty))
+        return out
+
+    def forget_extents(self) -> None:
+        """Drop the cached extents (after writes changed them)."""
+        self._extents.clear()
+
+    async def _whole(self, context: ExtentContext) -> list[Extent]:
+        async with self._extents_lock:  # concurrent windows share one fetch
+            if context not in self._extents:
+                self._extents[context] = await self._fetch_extents(context)
+            return self._extents[context]
+
+    async def _fetch_extents(self, context: ExtentContext) -> list[Extent]:
+        url = f"{self.url}/extents"
+        op = f"GET extents?context={context}"
+        try:
+            async with self._session.get(url, params={"context": context}) as resp:
+                if resp.status != 200:
+                    raise await _error(resp, url, op, 0)
+                data = await resp.json()
+        except _CONNECTION_ERRORS as e:
+            raise _connection_error(url, op, 0, e) from e
+        return _parse_extents(data, context, url)
+
+    async def open_reader(self) -> "ImageioReader":
+        """A new connection for reading (not connected until its first request)."""
+        return ImageioReader(self.url, cafile=self.cafile)
+
+    async def open_writer(self) -> "ImageioWriter":
+        """A new connection for writing; the ticket must allow writes (zero and flush)."""
+        missing = {"zero", "flush"} - self._options.features
+        if "PUT" not in self._options.allow or missing:
+            raise ImageioError(
+                url=redact(self.url),
+                op="open writer",
+                offset=0,
+                status=200,
+                reason=f"the ticket does not allow writing (allow={sorted(self._options.allow)}, "
+                f"features={sorted(self._options.features)})",
+            )
+        return ImageioWriter(self.url, cafile=self.cafile)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _options(session: aiohttp.ClientSession, url: str) -> ImageioOptions:
+    try:
+        async with session.options(url) as resp:
+            if resp.status != 200:
+                raise await _error(resp, url, "OPTIONS", 0)
+            data = await resp.json()
+            allow = resp.headers.get("Allow", "")
+    except _CONNECTION_ERRORS as e:
+        raise _connection_error(url, "OPTIONS", 0, e) from e
+    if not isinstance(data, dict):
+        raise ImageioError(
+            url=redact(url), op="OPTIONS", offset=0, status=200, reason=f"not an object: {data!r}"
+        )
+    max_readers, max_writers = data.get("max_readers"), data.get("max_writers")
+    return ImageioOptions(
+        allow=frozenset(m.strip().upper() for m in allow.split(",") if m.strip()),
+        features=frozenset(str(f) for f in data.get("features", ())),
+        max_readers=max_readers if isinstance(max_readers, int) else None,
+        max_writers=max_writers if isinstance(max_writers, int) else None,
+    )
+
+
+def _parse_extents(data: Any, context: ExtentContext, url: str) -> list[Extent]:
+    """imageio's JSON extents → sorted, contiguous, merged ``Extent`` list."""
+    op = f"GET extents?context={context}"
+    out: list[Extent] = []
+    try:
+        for item in data:
+            start, length = int(item["start"]), int(item["length"])
+            if context == "dirty":
+                e = Extent(start, length, dirty=bool(item["dirty"]))
+            else:
+                e = Extent(start, length, zero=bool(item["zero"]), hole=bool(item.get("hole")))
+            if out and out[-1].end != start:
+                raise ValueError(
+                    f"extent at {start} does not follow the one ending at {out[-1].end}"
+                )
+            if out and out[-1].same_flags(e):
+                prev = out.pop()
+                e = Extent(prev.start, prev.length + length, e.zero, e.hole, e.dirty)
+            out.append(e)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ImageioError(
+            url=redact(url), op=op, offset=0, status=200, reason=f"bad extents: {e}"
+        ) from e
+    if out and out[0].start != 0:
+        raise ImageioError(
+            url=redact(url), op=op, offset=0, status=200, reason="extents do not start at 0"
+        )
+    return out
+
+
+class ImageioReader:
+    """One connection reading a disk (``engine.sources.types.DiskReader``)."""
+
+    def __init__(self, url: str, *, cafile: str | None = None) -> None:
+        self.url = url
+        self._session = _session(url, cafile)
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``: one ``GET`` with ``Range``.
+
+        Raises ``ImageioTicketGone`` (403), ``ImageioTransientError`` (5xx, connection
+        errors, a short body) or ``ImageioError`` (anything else unexpected)."""
+        length = len(buf)
+        if length == 0:
+            return
+        op = f"GET {length} bytes"
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        try:
+            async with self._session.get(self.url, headers=headers) as resp:
+                if resp.status != 206:
+                    raise await _error(resp, self.url, op, offset)
+                self._check_range(resp, offset, length, op)
+                got = 0
+                async for chunk in resp.content.iter_any():
+                    n = len(chunk)
+                    if got + n > length:
+                        raise ImageioError(
+                            url=redact(self.url),
+                            op=op,
+                            offset=offset,
+                            status=206,
+                            reason=f"server sent more than the {length} bytes asked for",
+                        )
+                    buf[got : got + n] = chunk
+                    got += n
+        except _CONNECTION_ERRORS as e:
+            raise _connection_error(self.url, op, offset, e) from e
+        if got != length:
+            raise ImageioTransientError(
+                url=redact(self.url),
+                op=op,
+                offset=offset,
+                status=206,
+                reason=f"short body: {got} of {length} bytes",
+            )
+
+    def _check_range(self, resp: aiohttp.ClientResponse, offset: int, length: int, op: str) -> None:
+        value = resp.headers.get("Content-Range", "")
+        m = _CONTENT_RANGE.fullmatch(value.strip())
+        if m is None or (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+            raise ImageioError(
+                url=redact(self.url),
+                op=op,
+                offset=offset,
+                status=resp.status,
+                reason=f"Content-Range {value!r} does not match "
+                f"bytes {offset}-{offset + length - 1}",
+            )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class ImageioWriter:
+    """One connection writing a disk (``engine.sources.types.DiskWriter``).
+
+    Writes are not flushed one by one: call ``flush()`` before declaring the data safe."""
+
+    def __init__(self, url: str, *, cafile: str | None = None) -> None:
+        self.url = url
+        self._session = _session(url, cafile)
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        """``PUT`` ``data`` at ``offset`` (imageio uses only the start of Content-Range)."""
+        length = len(data)
+        if length == 0:
+            return
+        headers = {
+            "Content-Range": f"bytes {offset}-{offset + length - 1}/*",
+            "Content-Type": "application/octet-stream",
+        }
+        await self._send(
+            "PUT", f"PUT {length} bytes", offset, data=data, headers=headers, params={"flush": "n"}
+        )
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """``PATCH`` ``zero``: the range reads as zeroes (and may be deallocated)."""
+        if length == 0:
+            return
+        body = {"op": "zero", "offset": offset, "size": length, "flush": False}
+        await self._send("PATCH", f"zero {length} bytes", offset, json=body)
+
+    async def flush(self) -> None:
+        """``PATCH`` ``flush``: everything written so far is on storage."""
+        await self._send("PATCH", "flush", 0, json={"op": "flush"})
+
+    async def _send(self, method: str, op: str, offset: int, **kwargs: Any) -> None:
+        try:
+            async with self._session.request(method, self.url, **kwargs) as resp:
+                if resp.status != 200:
+                    raise await _error(resp, self.url, op, offset)
+                await resp.read()  # keep the connection reusable
+        except _CONNECTION_ERRORS as e:
+            raise _connection_error(self.url, op, offset, e) from e
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+if TYPE_CHECKING:  # mypy proves the classes fit the pipeline's protocols
+
+    def _fits(reader: ImageioReader, writer: ImageioWriter) -> tuple[DiskReader, DiskWriter]:
+        return reader, writer
