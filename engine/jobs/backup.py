@@ -241,7 +241,9 @@ class _BackupJob:
     async def commit(self) -> Event:
         snap = self.snap
         assert snap is not None
-        tags = {"checkpoint": self.checkpoint, "job": self.record.job_id}
+        assert self.session is not None
+        checkpoint = self.session.checkpoint
+        tags = {"job": self.record.job_id} | ({"checkpoint": checkpoint} if checkpoint else {})
         loop = asyncio.get_running_loop()
         self.outcome.manifest = await loop.run_in_executor(
             self.store_writer, lambda: snap.commit(tags=tags)

@@ -82,6 +82,12 @@ class BackupSession(Protocol):
     @property
     def disks(self) -> Sequence[SourceDisk]: ...
 
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint this run created (recorded in the manifest for the next
+        incremental): the name the job proposed, or the one the engine assigned."""
+        ...
+
     async def close(self, success: bool) -> None:
         """Stop exports; on success drop checkpoints no longer needed, else the new one."""
         ...

@@ -98,6 +98,10 @@ class LocalSession:
     def disks(self) -> Sequence[SourceDisk]:
         return self.local_disks
 
+    @property
+    def checkpoint(self) -> str | None:
+        return self.new_checkpoint
+
     async def close(self, success: bool) -> None:
         for control in self._controls:
             await control.close()

@@ -10,3 +10,17 @@ Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); 
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
 operation and the object.
 """
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.sources.registry import Plugin
+
+
+async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
+    from plugins.ovirt.backup import recover  # noqa: PLC0415 - keep the entry point light
+
+    return await recover(dict(resources), committed)
+
+
+PLUGIN = Plugin(name="ovirt", recover=_recover)
