@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
 from engine.daemon.passphrase import resolve_passphrase
@@ -32,6 +33,7 @@ from engine.store.manifest import DiskEntry, Manifest
 from engine.workers import make_cpu_pool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
+DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -109,8 +111,20 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_image)
 
+    p = bsub.add_parser("vm", help="back up oVirt VMs through the engine (names or globs)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--engine", help="engine name in the configuration (if several)")
+    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--flow", choices=("auto", "backup-api"), default="auto")
+    p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
+    _add_key_options(p)
+    p.set_defaults(func=cmd_backup_vm)
+
     p = sub.add_parser("snapshots", help="list restore points")
-    p.add_argument("--store", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path)
+    where.add_argument("--config", type=Path, help="use the configuration's store")
     p.add_argument("--vm", help="only this VM (id or name)")
     p.add_argument("--json", action="store_true")
     _add_key_options(p)
@@ -141,12 +155,18 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:
-    path = getattr(args, "store", None) or args.path
+    path = getattr(args, "store", None) or getattr(args, "path", None)
+    passphrase_file, key_file = args.passphrase_file, args.key_file
+    if path is None:  # from the daemon configuration
+        section = load_config(args.config, args.config.parent / "conf.d").store()
+        path = section.path
+        passphrase_file = passphrase_file or section.passphrase_file
+        key_file = key_file or section.key_file
     config = StoreConfig.load(path)
     passphrase = None
     if config.encryption != ENCRYPTION_NONE:
-        passphrase = resolve_passphrase(args.passphrase_file)
-    store = Store.open(path, passphrase=passphrase, key_file=args.key_file, writable=writable)
+        passphrase = resolve_passphrase(passphrase_file)
+    store = Store.open(path, passphrase=passphrase, key_file=key_file, writable=writable)
     for line in store.report.lines():
         print(f"store recovery: {line}", file=sys.stderr)
     return store
@@ -166,10 +186,10 @@ def cmd_backup_image(args: argparse.Namespace) -> int:
     make_source = registry.get("local").factory("image_source")
     groups = [args.paths] if args.vm else [[p] for p in args.paths]
     with open_store(args, writable=True) as store:
-        return asyncio.run(_backup_images(store, args, [make_source(g, args.vm) for g in groups]))
+        return asyncio.run(_backup_sources(store, args, [make_source(g, args.vm) for g in groups]))
 
 
-async def _backup_images(store: Store, args: argparse.Namespace, sources: list[Source]) -> int:
+async def _backup_sources(store: Store, args: argparse.Namespace, sources: list[Source]) -> int:
     journal = await _recover_jobs(store)
     pool = make_cpu_pool(store.keys, store.config.chunk_size)
     failed = 0
@@ -196,6 +216,22 @@ async def _backup_images(store: Store, args: argparse.Namespace, sources: list[S
     finally:
         await pool.aclose()
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_backup_vm(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.config.parent / "conf.d")
+    engine = config.engine(args.engine)
+    make_sources = registry.get("ovirt").factory("vm_sources")
+    with open_store(args, writable=True) as store:
+
+        async def run() -> int:
+            found = await make_sources(engine, args.names, args.flow)
+            try:
+                return await _backup_sources(store, args, found.sources)
+            finally:
+                await found.client.close()
+
+        return asyncio.run(run())
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:

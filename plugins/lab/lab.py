@@ -17,6 +17,7 @@ qemu-nbd exports); it stops them all on SIGTERM. Everything listens on 127.0.0.1
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -110,6 +111,10 @@ async def run(directory: Path) -> None:
             "datamover": DATAMOVER,
             "vms": vms,
         }
+        passphrase = directory / "store-passphrase"
+        if not passphrase.exists():
+            passphrase.write_text(secrets.token_urlsafe(24) + "\n")
+            os.chmod(passphrase, 0o600)
         p["config"].write_text(_config(directory, doc))
         tmp = p["json"].with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
