@@ -211,6 +211,8 @@ async def _backup_sources(store: Store, args: argparse.Namespace, sources: list[
                 )
             for note in outcome.notes:
                 print(f"note: {note}")
+            for warning in outcome.record.warnings:
+                print(f"warning: {warning}")
             print(outcome.summary())
             failed += outcome.record.state is not State.SUCCEEDED
     finally:
@@ -261,7 +263,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         def target_path(entry: DiskEntry) -> Path:
             if single:
                 return Path(args.to)
-            fmt = args.image_format or entry.attributes.get("format", "qcow2")
+            source_format = entry.attributes.get("format", "qcow2")
+            fmt = args.image_format or {"cow": "qcow2"}.get(source_format, source_format)
             return Path(args.to) / f"{Path(entry.name).stem}.{fmt}"
 
         def make_target(entry: DiskEntry, record: ResourceRecorder) -> Any:

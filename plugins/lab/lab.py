@@ -10,8 +10,9 @@
     tessera lab show --dir D   prints lab.json (``--json``) or a table
     tessera lab down --dir D   SIGTERM to the lab process (pid in D/lab.pid), waits, cleans up
 
-The lab process owns the fake engine (and, with the transfer slice, ovirt-imageio and the
-qemu-nbd exports); it stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
+The lab process owns the fake engine, an ovirt-imageio daemon (its data URL base is in
+lab.json) and the qemu-nbd exports the engine starts for image transfers of D/images/*; it
+stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
 """
 
 import asyncio
@@ -30,7 +31,8 @@ from engine.core.errors import ConfigError
 from engine.core.units import GiB
 from plugins.lab.disks import DiskRequest, build_disks
 from plugins.lab.engine.server import FakeEngine
-from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, demo_seed
+from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed
+from plugins.lab.imageio import ImageioDaemon
 
 START_TIMEOUT: Final = 120.0  # seconds for `up` to see lab.json: first run builds the images
 STOP_TIMEOUT: Final = 30.0  # seconds for the lab process to exit after SIGTERM
@@ -58,6 +60,7 @@ def _paths(directory: Path) -> dict[str, Path]:
         "images": directory / "images",
         "engine": directory / "engine",
         "work": directory / "work",
+        "imageio": directory / "imageio",
     }
 
 
@@ -67,8 +70,9 @@ async def run(directory: Path) -> None:
     seed = lab_seed()
     p["images"].mkdir(parents=True, exist_ok=True)
     p["engine"].mkdir(parents=True, exist_ok=True)
-    engine = FakeEngine(seed, p["engine"])
-    inventory = engine.inventory
+    p["imageio"].mkdir(parents=True, exist_ok=True)
+    inventory = Inventory.from_seed(seed)
+    images: dict[str, Path] = {}
     requests, vms = [], []
     for vm in inventory.vms.values():
         disks = []
@@ -76,6 +80,7 @@ async def run(directory: Path) -> None:
             disk = inventory.disks[attachment.disk_id]
             fmt = "qcow2" if disk.format == "cow" else "raw"
             path = p["images"] / f"{disk.id}.{fmt}"
+            images[disk.id] = path
             if not path.exists():
                 requests.append(
                     DiskRequest(
@@ -97,7 +102,10 @@ async def run(directory: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    async with engine:
+    async with (
+        ImageioDaemon(p["imageio"]) as daemon,
+        FakeEngine(seed, p["engine"], images=images, imageio=daemon) as engine,
+    ):
         p["password"].write_text(seed.password + "\n")
         os.chmod(p["password"], 0o600)
         doc = {
@@ -108,6 +116,7 @@ async def run(directory: Path) -> None:
                 "password_file": str(p["password"]),
                 "ca_file": str(engine.ca_file),
             },
+            "imageio": {"control_url": daemon.control_url, "log": str(daemon.log_path)},
             "datamover": DATAMOVER,
             "vms": vms,
         }

@@ -255,16 +255,38 @@ async def start_transfer(client: EngineClient, disk_id: str, backup_id: str) -> 
 
 
 async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
-    def finalize(conn: sdk.Connection) -> None:
-        service = (
-            conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
-        )
-        try:
-            service.finalize()
-        except sdk.NotFoundError:
-            return  # already gone: finalized earlier, or cleaned up by the engine
+    """Finalize a transfer and wait until the engine says it finished (the engine refuses to
+    finalize a backup while any of its transfers is still finalizing)."""
 
-    await client.call(finalize, "finalize image transfer", obj=f"transfer {transfer_id}")
+    def service(conn: sdk.Connection) -> Any:
+        return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
+
+    def finalize(conn: sdk.Connection) -> bool:
+        try:
+            service(conn).finalize()
+        except sdk.NotFoundError:
+            return False  # already gone: finalized earlier, or cleaned up by the engine
+        return True
+
+    def phase(conn: sdk.Connection) -> str | None:
+        try:
+            return str(service(conn).get().phase.value)
+        except sdk.NotFoundError:
+            return None
+
+    what = f"transfer {transfer_id}"
+    if not await client.call(finalize, "finalize image transfer", obj=what):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FINALIZE_TIMEOUT
+    while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
+        if current.startswith("finished"):
+            if current != "finished_success":
+                raise OvirtBackupError(vm="?", backup="?", reason=f"{what} ended {current}")
+            return
+        if loop.time() > deadline:
+            raise OvirtBackupError(vm="?", backup="?", reason=f"{what} still {current}")
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> None:

@@ -5,19 +5,26 @@ Nouns:
 - ``Seed``        what a person writes: names of clusters, hosts, storage domains, VMs, disks.
 - ``Inventory``   the model built from a seed; records refer to each other by stable UUID5 ids.
 - ``Sessions``    the SSO access tokens currently valid.
-- ``FakeEngine``  owns the inventory, the sessions and an aiohttp server on 127.0.0.1 with TLS.
+- ``Activity``    backups, checkpoints, image transfers and events (``backup``): the mutable
+                  part, doing real work on the disk images (qemu-img bitmaps, qemu-nbd,
+                  ovirt-imageio tickets).
+- ``FakeEngine``  owns the inventory, the sessions, the activity and an aiohttp server on
+                  127.0.0.1 with TLS.
 
 Invariants: every response body under ``/ovirt-engine/api`` is written by ``ovirtsdk4``'s
 writers with ``Content-Type: application/xml``, errors included (``<fault>``); every SSO answer
-is JSON; every API request needs a live Bearer token. The model is read-only in this slice and
-all state lives on the event loop (handlers never block, nothing is shared with threads).
+is JSON; every API request needs a live Bearer token. The inventory is read-only; the activity
+changes only through the API. All state lives on the event loop (handlers await subprocesses
+but never block; nothing is shared with threads).
 """
 
+from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.server import FakeEngine, make_app
 from plugins.lab.engine.sso import Sessions
 from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed, lab_id
 
 __all__ = [
+    "Activity",
     "DiskSeed",
     "FakeEngine",
     "Inventory",

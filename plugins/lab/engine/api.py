@@ -13,6 +13,7 @@ those sub-collections. ``all_content`` (query or ``All-Content`` header) is acce
 this slice, adds nothing: there is no OVF yet.
 """
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -27,6 +28,7 @@ from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Inventory, 
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", Sessions)
 
+_log = logging.getLogger(__name__)
 VM_FOLLOWS = frozenset({"disk_attachments", "disk_attachments.disk", "tags"})
 _T = TypeVar("_T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,12 +48,9 @@ class Fault(Exception):
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith(render.API):
         return await handler(request)
-    version = request.headers.get("Version")
-    if version not in (None, "4"):
-        return render.fault(400, "Bad Request", f"unsupported API version {version!r}")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or request.app[SESSIONS].user(token.strip()) is None:
-        return render.fault(401, "Unauthorized", "missing, unknown or revoked access token")
+    refusal = _refusal(request)
+    if refusal is not None:
+        return refusal
     try:
         return await handler(request)
     except Fault as e:
@@ -60,6 +59,20 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if e.status < 400:
             raise
         return render.fault(e.status, e.reason, f"{request.method} {request.path}: {e.reason}")
+    except Exception as e:  # noqa: BLE001 - a bug or a failing tool: still a <fault>
+        _log.exception("%s %s failed", request.method, request.path)
+        return render.fault(500, "Internal Server Error", f"{type(e).__name__}: {e}")
+
+
+def _refusal(request: web.Request) -> web.Response | None:
+    """The fault for a bad ``Version`` header or a missing/unknown token, else None."""
+    version = request.headers.get("Version")
+    if version not in (None, "4"):
+        return render.fault(400, "Bad Request", f"unsupported API version {version!r}")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or request.app[SESSIONS].user(token.strip()) is None:
+        return render.fault(401, "Unauthorized", "missing, unknown or revoked access token")
+    return None
 
 
 def _get(table: Mapping[str, _T], request: web.Request, kind: str) -> _T:

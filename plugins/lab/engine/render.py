@@ -36,7 +36,7 @@ def fault(status: int, reason: str, detail: str) -> web.Response:
     return xml_response(types.Fault(reason=reason, detail=detail), status=status)
 
 
-def _link(path: str) -> ovirtsdk4.List:
+def link(path: str) -> ovirtsdk4.List:
     return ovirtsdk4.List(f"{API}/{path}")
 
 
@@ -175,9 +175,9 @@ def vm(
         template=_ref(types.Template, "templates", state.BLANK_TEMPLATE_ID),
         original_template=_ref(types.Template, "templates", state.BLANK_TEMPLATE_ID),
         disk_attachments=(
-            list(attachments) if attachments is not None else _link(f"vms/{v.id}/diskattachments")
+            list(attachments) if attachments is not None else link(f"vms/{v.id}/diskattachments")
         ),
-        tags=list(tags) if tags is not None else _link(f"vms/{v.id}/tags"),
+        tags=list(tags) if tags is not None else link(f"vms/{v.id}/tags"),
     )
     out.href = f"{API}/vms/{v.id}"
     return out

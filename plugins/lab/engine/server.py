@@ -6,20 +6,35 @@
         ...   # call the SDK from a worker thread, never on the event loop (API-NOTES § 10.5)
 
 The server listens on 127.0.0.1 only, on a random free port, with TLS from a CA made at start.
+
+Backups and image transfers (``backup_api``) need disk images and an ovirt-imageio daemon::
+
+    async with ImageioDaemon() as daemon, FakeEngine(
+        seed, workdir, images={disk_id: Path("disk.qcow2")}, imageio=daemon
+    ) as engine:
+        ...
+
+``images`` maps disk ids to image files (qcow2 for ``cow`` disks, raw otherwise); the engine
+adds and removes checkpoint bitmaps in them and serves them with qemu-nbd, so nothing else may
+hold them open meanwhile. Without ``imageio`` every image transfer is refused with a 409.
+The caller starts and stops the daemon; ``close()`` stops every qemu-nbd the engine started
+and removes its tickets, before the caller stops the daemon.
 """
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from aiohttp import web
 
-from plugins.lab.engine import api, sso
+from plugins.lab.engine import api, backup_api, sso
+from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.state import Inventory, Seed
 from plugins.lab.engine.tls import TlsFiles, make_tls_files
+from plugins.lab.imageio import ImageioDaemon
 
 LISTEN_HOST = "127.0.0.1"  # loopback only: the lab's credentials are public
 SHUTDOWN_TIMEOUT = 2.0  # seconds to let in-flight requests finish at close
@@ -27,14 +42,21 @@ MAX_REQUEST_BODY = 1024 * 1024  # API bodies are small XML; disk data never goes
 
 
 def make_app(
-    inventory: Inventory, sessions: sso.Sessions, clock: Callable[[], float] = time.time
+    inventory: Inventory,
+    sessions: sso.Sessions,
+    clock: Callable[[], float] = time.time,
+    activity: Activity | None = None,
 ) -> web.Application:
-    """The aiohttp application alone (no TLS, no socket), for tests that drive it in-process."""
+    """The aiohttp application alone (no TLS, no socket), for tests that drive it in-process.
+
+    Without ``activity`` the backup routes serve an engine with no images and no imageio."""
     app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
     app[api.INVENTORY] = inventory
     app[api.SESSIONS] = sessions
+    app[backup_api.ACTIVITY] = activity or Activity(inventory, {}, None)
     app.add_routes(sso.routes(sessions, clock))
     app.add_routes(api.routes())
+    app.add_routes(backup_api.routes())
     return app
 
 
@@ -47,14 +69,21 @@ class FakeEngine:
     """
 
     def __init__(
-        self, seed: Seed, workdir: Path, *, clock: Callable[[], float] = time.time
+        self,
+        seed: Seed,
+        workdir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        images: Mapping[str, Path] | None = None,
+        imageio: ImageioDaemon | None = None,
     ) -> None:
         self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
+        self.activity = Activity(self.inventory, dict(images or {}), imageio)
         self.sessions = sso.Sessions(seed.username, seed.password)
         self.username = seed.username
         self.password = seed.password
         self._workdir = workdir
-        self._app = make_app(self.inventory, self.sessions, clock)
+        self._app = make_app(self.inventory, self.sessions, clock, self.activity)
         self._runner: web.AppRunner | None = None
         self._tls: TlsFiles | None = None
         self._port: int | None = None
@@ -79,10 +108,13 @@ class FakeEngine:
             raise
 
     async def close(self) -> None:
-        """Stop serving and drop the connections; idempotent."""
+        """Stop serving, then stop every qemu-nbd and remove every ticket; idempotent."""
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            await self.activity.close()
 
     async def __aenter__(self) -> Self:
         try:

@@ -1,0 +1,433 @@
+"""The fake engine's mutable side: backups, checkpoints, image transfers and events.
+
+``Activity`` holds every object the backup API creates and does the real disk work:
+
+- a backup's checkpoint is a persistent qcow2 bitmap named by the checkpoint id, added to each
+  qcow2 disk (``DiskSeed.backup == "incremental"``) with ``qemu-img bitmap --add`` when the
+  backup starts; raw disks get none, and a backup of raw disks only has no checkpoint;
+- a download transfer runs a read-only ``qemu-nbd`` on the disk's image (``--bitmap=<from
+  checkpoint>`` for an incremental disk) and installs an ovirt-imageio ticket
+  (``nbd:unix:<socket>``, ops read, ``dirty`` only for an incremental disk); an upload runs a
+  writable one (ops write). Finalize or cancel removes the ticket and stops qemu-nbd.
+
+Backups are always served in **live** mode (API-NOTES § 4.1): no VM snapshot, whatever the
+cluster level. Phases advance one step per GET (``advance_*``), so client polling loops run
+for real without timers: backup initializing → starting → ready, finalize → finalizing →
+succeeded; transfer initializing → transferring, finalize → finalizing_success →
+finished_success, cancel → finalizing_cleanup → finished_cleanup. A transfer whose qemu-nbd
+or ticket failed (e.g. the from-checkpoint bitmap was removed behind the engine's back) goes
+initializing → paused_system with event 1068; only cancel ends it.
+
+Errors raise ``api.Fault`` with the engine's status and text. Every method runs on the event
+loop; one lock serializes the mutating ones (they await qemu-img / qemu-nbd / imageio).
+``close()`` stops every qemu-nbd and removes every ticket; the ``ImageioDaemon`` itself
+belongs to the caller.
+"""
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.io import qemu
+from plugins.lab.engine.api import Fault
+from plugins.lab.engine.records import (
+    BACKUP_ACTIVE,
+    TRANSFER_CANCELLED,
+    TRANSFER_DONE,
+    TRANSFER_INITIATED,
+    TRANSFER_SUCCEEDED,
+    TRANSFER_TICKET_FAILED,
+    VM_BACKUP_FINALIZED,
+    VM_BACKUP_STARTED,
+    VM_BACKUP_SUCCEEDED,
+    VM_CHECKPOINT_DELETED,
+    Backup,
+    Checkpoint,
+    Event,
+    Transfer,
+    now,
+)
+from plugins.lab.engine.state import Disk, Inventory, Vm
+from plugins.lab.imageio import ImageioControlError, ImageioDaemon
+
+
+@dataclass(slots=True)
+class Activity:
+    """All backups, checkpoints, transfers and events of one fake engine (module docstring)."""
+
+    inventory: Inventory
+    images: Mapping[str, Path]  # disk id → image file (qcow2 for "cow" disks, else raw)
+    imageio: ImageioDaemon | None
+    backups: dict[str, Backup] = field(default_factory=dict)
+    checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # creation order
+    transfers: dict[str, Transfer] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def vm(self, vm_id: str) -> Vm:
+        try:
+            return self.inventory.vms[vm_id]
+        except KeyError:
+            raise Fault(404, f"Entity not found: VM {vm_id}", "Not Found") from None
+
+    def backup(self, vm_id: str, backup_id: str) -> Backup:
+        b = self.backups.get(backup_id)
+        if b is None or b.vm_id != vm_id:
+            raise Fault(404, f"Entity not found: backup {backup_id}", "Not Found")
+        return b
+
+    def checkpoint(self, vm_id: str, checkpoint_id: str) -> Checkpoint:
+        c = self.checkpoints.get(checkpoint_id)
+        if c is None or c.vm_id != vm_id:
+            raise Fault(404, f"Entity not found: checkpoint {checkpoint_id}", "Not Found")
+        return c
+
+    def transfer(self, transfer_id: str) -> Transfer:
+        try:
+            return self.transfers[transfer_id]
+        except KeyError:
+            raise Fault(
+                404, f"Entity not found: image transfer {transfer_id}", "Not Found"
+            ) from None
+
+    def vm_checkpoints(self, vm_id: str) -> list[Checkpoint]:
+        return [c for c in self.checkpoints.values() if c.vm_id == vm_id]
+
+    def image(self, disk: Disk) -> Path:
+        path = self.images.get(disk.id)
+        if path is None:
+            raise Fault(409, f"[Cannot transfer Virtual Disk. Disk {disk.alias} has no image.]")
+        return path
+
+    def _busy_disks(self) -> set[str]:
+        return {t.disk_id for t in self.transfers.values() if t.phase not in TRANSFER_DONE}
+
+    def event(
+        self, code: int, description: str, vm_id: str | None, severity: str = "normal"
+    ) -> None:
+        self.events.append(Event(len(self.events) + 1, code, severity, description, vm_id))
+
+    # -- backups -----------------------------------------------------------------------------
+
+    async def start_backup(
+        self,
+        vm_id: str,
+        disk_ids: list[str],
+        from_checkpoint_id: str | None,
+        backup_id: str | None,
+        description: str | None,
+    ) -> Backup:
+        """Validate as ``StartVmBackupCommand`` does, add the bitmaps, record the backup."""
+        async with self._lock:
+            vm = self.vm(vm_id)
+            if vm.status not in ("up", "down"):
+                raise Fault(409, "[Cannot backup VM. The VM should be in Up or Down status.]")
+            if not disk_ids:
+                raise Fault(400, "[Cannot backup VM. The backup must include disks.]")
+            attached = {a.disk_id for a in vm.attachments if a.active}
+            for d in disk_ids:
+                if d not in attached:
+                    raise Fault(
+                        409, f"[Cannot backup VM. Disk {d} is not an active disk of the VM.]"
+                    )
+            if any(b.vm_id == vm_id and b.phase in BACKUP_ACTIVE for b in self.backups.values()):
+                raise Fault(409, "[Cannot backup VM. The VM is during a backup operation.]")
+            if from_checkpoint_id is not None:
+                c = self.checkpoints.get(from_checkpoint_id)
+                if c is None or c.vm_id != vm_id:
+                    raise Fault(
+                        400,
+                        f"[Cannot backup VM. Checkpoint ID {from_checkpoint_id} doesn't exist.]",
+                    )
+            if backup_id is not None and backup_id in self.backups:
+                raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
+            if busy := self._busy_disks() & set(disk_ids):
+                raise Fault(409, f"[Cannot backup VM. Disks are locked: {', '.join(sorted(busy))}]")
+            disks = [self.inventory.disks[d] for d in dict.fromkeys(disk_ids)]
+            modes = {d.id: await self._mode(d, from_checkpoint_id) for d in disks}
+            tracked = [d for d in disks if d.format == "cow" and d.backup == "incremental"]
+            to_checkpoint = None
+            if tracked:
+                to_checkpoint = self.new_id()
+                for disk in tracked:
+                    await self._bitmap(qemu.bitmap_add, disk, to_checkpoint)
+                leaf = self.vm_checkpoints(vm_id)
+                self.checkpoints[to_checkpoint] = Checkpoint(
+                    to_checkpoint,
+                    vm_id,
+                    leaf[-1].id if leaf else None,
+                    tuple(d.id for d in tracked),
+                    description,
+                )
+            b = Backup(
+                id=backup_id or self.new_id(),
+                vm_id=vm_id,
+                host_id=vm.host_id,
+                disk_ids=tuple(d.id for d in disks),
+                modes=modes,
+                from_checkpoint_id=from_checkpoint_id,
+                to_checkpoint_id=to_checkpoint,
+                description=description,
+            )
+            self.backups[b.id] = b
+            self.event(VM_BACKUP_STARTED, f"Backup {b.id} for VM {vm.name} started", vm_id)
+            return b
+
+    async def _mode(self, disk: Disk, from_checkpoint_id: str | None) -> str:
+        """``incremental`` only if the from-checkpoint recorded the disk and its bitmap exists."""
+        if from_checkpoint_id is None:
+            return "full"
+        c = self.checkpoints[from_checkpoint_id]
+        if disk.id not in c.disk_ids or disk.id not in self.images:
+            return "full"
+        return "incremental" if from_checkpoint_id in await self._bitmaps(disk) else "full"
+
+    async def _bitmaps(self, disk: Disk) -> list[str]:
+        try:
+            return await qemu.bitmaps(self.image(disk))
+        except qemu.QemuError as e:
+            raise Fault(409, f"[Cannot read the bitmaps of disk {disk.alias}: {e}]") from e
+
+    async def _bitmap(
+        self, op: Callable[[Path, str], Awaitable[None]], disk: Disk, name: str
+    ) -> None:
+        path = self.image(disk)
+        try:
+            await op(path, name)
+        except qemu.QemuError as e:
+            raise Fault(409, f"[Cannot change bitmap {name} of disk {disk.alias}: {e}]") from e
+
+    def advance_backup(self, b: Backup) -> None:
+        """One polling step (a GET): initializing → starting → ready; finalizing → succeeded."""
+        step = {"initializing": "starting", "starting": "ready", "finalizing": "succeeded"}
+        nxt = step.get(b.phase)
+        if nxt is None:
+            return
+        b.phase = nxt
+        b.modified = now()
+        if nxt == "succeeded":
+            vm = self.inventory.vms[b.vm_id]
+            self.event(VM_BACKUP_SUCCEEDED, f"Backup {b.id} for VM {vm.name} completed", vm.id)
+
+    def finalize_backup(self, b: Backup) -> None:
+        if b.phase not in BACKUP_ACTIVE or b.phase == "finalizing":
+            raise Fault(
+                400,
+                f"[Cannot stop VM Backup. Backup {b.id} is already in '{b.phase}' phase, "
+                "no need to stop the backup again.]",
+            )
+        if any(
+            t.backup_id == b.id and t.phase not in TRANSFER_DONE for t in self.transfers.values()
+        ):
+            raise Fault(
+                409,
+                "[Cannot stop VM Backup. The VM backup has an active image transfer.]",
+            )
+        failed = b.phase != "ready"
+        b.phase = "failed" if failed else "finalizing"
+        b.modified = now()
+        vm = self.inventory.vms[b.vm_id]
+        if failed:  # finalize before READY fails the backup and drops its checkpoint
+            self.checkpoints.pop(b.to_checkpoint_id or "", None)
+            self.event(10792, f"Backup {b.id} for VM {vm.name} failed", vm.id, "error")
+        else:
+            self.event(VM_BACKUP_FINALIZED, f"Backup {b.id} for VM {vm.name} finalized", vm.id)
+
+    async def delete_checkpoint(self, c: Checkpoint) -> None:
+        """Remove the bitmap from every disk of the checkpoint, re-link the child, forget it."""
+        async with self._lock:
+            if any(b.vm_id == c.vm_id and b.phase in BACKUP_ACTIVE for b in self.backups.values()):
+                raise Fault(409, "[Cannot remove checkpoint. The VM is during a backup operation.]")
+            for disk_id in c.disk_ids:
+                disk = self.inventory.disks[disk_id]
+                if disk_id in self.images and c.id in await self._bitmaps(disk):
+                    await self._bitmap(qemu.bitmap_remove, disk, c.id)
+            for other in self.checkpoints.values():
+                if other.parent_id == c.id:
+                    other.parent_id = c.parent_id
+            del self.checkpoints[c.id]
+            vm = self.inventory.vms[c.vm_id]
+            self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)
+
+    # -- image transfers ---------------------------------------------------------------------
+
+    async def start_transfer(
+        self,
+        disk_id: str | None,
+        backup_id: str | None,
+        direction: str,
+        fmt: str,
+        inactivity_timeout: int | None,
+        timeout_policy: str | None,
+    ) -> Transfer:
+        """Validate as ``TransferDiskImageCommand``, start qemu-nbd, install the ticket."""
+        async with self._lock:
+            if disk_id is None or disk_id not in self.inventory.disks:
+                raise Fault(404, f"Entity not found: disk {disk_id}", "Not Found")
+            disk = self.inventory.disks[disk_id]
+            if self.imageio is None:
+                raise Fault(409, "[Cannot transfer Virtual Disk. The lab runs no ovirt-imageio.]")
+            b = self.backups.get(backup_id) if backup_id else None
+            if backup_id and b is None:
+                raise Fault(404, f"Entity not found: backup {backup_id}", "Not Found")
+            if disk_id in self._busy_disks():
+                raise Fault(409, f"[Cannot transfer Virtual Disk. Disk {disk.alias} is locked.]")
+            bitmap = None
+            if b is not None:
+                if direction != "download":
+                    raise Fault(400, "[Cannot transfer Virtual Disk. Backups are downloads.]")
+                if fmt == "cow":
+                    raise Fault(
+                        400, "[Cannot transfer Virtual Disk. Format cow is not applicable.]"
+                    )
+                if b.phase != "ready":
+                    raise Fault(
+                        409,
+                        "[Cannot transfer Virtual Disk. The VM backup is not ready, "
+                        f"backup phase is {b.phase.upper()}.]",
+                    )
+                if disk_id not in b.disk_ids:
+                    raise Fault(
+                        400, f"[Cannot transfer Virtual Disk. Disk {disk_id} not in backup.]"
+                    )
+                if b.modes[disk_id] == "incremental":
+                    bitmap = b.from_checkpoint_id
+            elif self._plugged_running(disk_id):
+                raise Fault(
+                    409, "[Cannot transfer Virtual Disk. The disk is plugged into a running VM.]"
+                )
+            image = self.image(disk)
+            read_only = direction == "download"
+            vm = self._owner(disk_id)
+            nbd = qemu.QemuNbd(
+                image,
+                "qcow2" if disk.format == "cow" else "raw",
+                read_only=read_only,
+                bitmap=bitmap,
+            )
+            t_id, ticket = self.new_id(), self.new_id()
+            failure = None
+            try:
+                await nbd.start()
+                await self.imageio.add_ticket(
+                    ticket,
+                    f"nbd:unix:{nbd.address}",
+                    disk.provisioned_size,
+                    ["read"] if read_only else ["write"],
+                    dirty=bitmap is not None,
+                    transfer_id=t_id,
+                    sparse=disk.sparse,
+                    inactivity_timeout=inactivity_timeout,
+                )
+            except (qemu.QemuError, ImageioControlError) as e:
+                # As vdsm's BitmapDoesNotExist & co: the transfer pauses (API-NOTES § 4.8).
+                await nbd.stop()
+                failure = str(e)
+            except BaseException:
+                await nbd.stop()
+                raise
+            t = Transfer(
+                id=t_id,
+                disk_id=disk_id,
+                direction=direction,
+                backup_id=backup_id,
+                ticket=ticket,
+                url=self.imageio.data_url(ticket),
+                host_id=vm.host_id if vm and vm.host_id else None,
+                inactivity_timeout=inactivity_timeout or 60,
+                timeout_policy=timeout_policy or "legacy",
+                nbd=None if failure else nbd,
+                failure=failure,
+            )
+            self.transfers[t.id] = t
+            self.event(
+                TRANSFER_INITIATED,
+                f"Image {direction} of disk {disk.alias} was initiated (transfer {t.id})",
+                vm.id if vm else None,
+            )
+            if failure:
+                self.event(
+                    TRANSFER_TICKET_FAILED,
+                    f"Transfer {t.id} was stopped by system. Reason: failed to create a ticket: "
+                    f"{failure}",
+                    vm.id if vm else None,
+                    "error",
+                )
+            return t
+
+    def _plugged_running(self, disk_id: str) -> bool:
+        return any(
+            v.status != "down" and any(a.disk_id == disk_id and a.active for a in v.attachments)
+            for v in self.inventory.vms.values()
+        )
+
+    def _owner(self, disk_id: str) -> Vm | None:
+        for v in self.inventory.vms.values():
+            if any(a.disk_id == disk_id for a in v.attachments):
+                return v
+        return None
+
+    def advance_transfer(self, t: Transfer) -> None:
+        """One polling step: initializing → transferring (paused_system if qemu-nbd or the
+        ticket failed: cancel it); finalizing_* → finished_*."""
+        step = {
+            "initializing": "transferring",
+            "finalizing_success": "finished_success",
+            "finalizing_cleanup": "finished_cleanup",
+        }
+        if t.phase == "initializing" and t.failure:
+            t.phase = "paused_system"
+        else:
+            t.phase = step.get(t.phase, t.phase)
+
+    async def end_transfer(self, t: Transfer, *, cancel: bool) -> None:
+        """Finalize (or cancel): remove the ticket, stop qemu-nbd, check an uploaded qcow2."""
+        async with self._lock:
+            allowed = ("initializing", "transferring", "paused_system")
+            if t.phase not in allowed or (t.failure and not cancel):
+                raise Fault(409, f"[Cannot finalize image transfer. Phase is {t.phase}.]")
+            await self._release(t)
+            disk = self.inventory.disks[t.disk_id]
+            ok = True
+            if t.direction == "upload" and not cancel and disk.format == "cow":
+                try:
+                    await qemu.qemu_img("check", "-q", "-f", "qcow2", self.image(disk))
+                except qemu.QemuError:
+                    ok = False
+            if cancel:
+                t.phase = "finalizing_cleanup"
+                code, what = TRANSFER_CANCELLED, "was cancelled"
+            else:
+                t.phase = "finalizing_success" if ok else "finished_failure"
+                code, what = TRANSFER_SUCCEEDED if ok else 1034, "succeeded" if ok else "failed"
+            vm = self._owner(t.disk_id)
+            self.event(
+                code,
+                f"Image {t.direction} of disk {disk.alias} {what} (transfer {t.id})",
+                vm.id if vm else None,
+            )
+
+    async def _release(self, t: Transfer) -> None:
+        nbd, t.nbd = t.nbd, None
+        try:
+            if self.imageio is not None and nbd is not None:
+                await self.imageio.remove_ticket(t.ticket)
+        finally:
+            if nbd is not None:
+                await nbd.stop()
+
+    async def close(self) -> None:
+        """Remove every ticket and stop every qemu-nbd still running; idempotent."""
+        errors: list[BaseException] = []
+        for t in self.transfers.values():
+            try:
+                await self._release(t)
+            except Exception as e:  # noqa: BLE001 - stop the others, then report
+                errors.append(e)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,78 @@
+"""The records ``backup.Activity`` keeps: checkpoints, backups, image transfers, events.
+
+Mutable dataclasses owned by the event loop; phases hold the REST spelling (``"ready"``,
+``"finished_success"``). Dates are tz-aware (the SDK needs that, API-NOTES § 10.2).
+"""
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from engine.io import qemu
+
+BACKUP_ACTIVE = frozenset({"initializing", "starting", "ready", "finalizing"})
+TRANSFER_DONE = frozenset({"finished_success", "finished_failure", "finished_cleanup"})
+
+# Event codes (API-NOTES § 9.3).
+VM_BACKUP_STARTED = 10790
+VM_BACKUP_SUCCEEDED = 10793
+VM_BACKUP_FINALIZED = 10794
+VM_CHECKPOINT_DELETED = 10797
+TRANSFER_INITIATED = 1031
+TRANSFER_SUCCEEDED = 1032
+TRANSFER_CANCELLED = 1033
+TRANSFER_TICKET_FAILED = 1068
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    id: str  # also the name of the qcow2 bitmap in each of its disks
+    vm_id: str
+    parent_id: str | None
+    disk_ids: tuple[str, ...]
+    description: str | None
+    created: datetime = field(default_factory=now)
+
+
+@dataclass(slots=True)
+class Backup:
+    id: str
+    vm_id: str
+    host_id: str | None
+    disk_ids: tuple[str, ...]
+    modes: dict[str, str]  # disk id → "full" | "incremental"
+    from_checkpoint_id: str | None
+    to_checkpoint_id: str | None
+    description: str | None
+    phase: str = "initializing"
+    created: datetime = field(default_factory=now)
+    modified: datetime = field(default_factory=now)
+
+
+@dataclass(slots=True)
+class Transfer:
+    id: str
+    disk_id: str
+    direction: str  # "download" | "upload"
+    backup_id: str | None
+    ticket: str
+    url: str  # the imageio data URL of the ticket
+    host_id: str | None
+    inactivity_timeout: int
+    timeout_policy: str
+    nbd: qemu.QemuNbd | None  # None once released, or if it failed to start
+    failure: str | None = None  # why qemu-nbd or the ticket failed: the transfer pauses
+    phase: str = "initializing"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    index: int
+    code: int
+    severity: str
+    description: str
+    vm_id: str | None
+    time: datetime = field(default_factory=now)

@@ -1,0 +1,440 @@
+"""The real ovirtsdk4 client runs SDK-EX ``backup_vm.py``'s sequence against the fake engine.
+
+Real data path: the engine adds qcow2 bitmaps with qemu-img, serves each transfer with
+qemu-nbd through a real ovirt-imageio daemon, and Tessera's own ``ImageioDisk`` reads it.
+SDK calls run in worker threads (``asyncio.to_thread``); polling loops are bounded, not timed.
+"""
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ovirtsdk4 as sdk
+import pytest
+from ovirtsdk4 import types
+
+from engine.core.units import KiB, MiB
+from engine.io import qemu
+from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
+from plugins.lab.imageio import ImageioDaemon
+from plugins.ovirt.imageio import ImageioDisk
+from tests.unit.io import leaks
+
+pytestmark = pytest.mark.integration
+
+SIZE = 8 * MiB
+RAW_SIZE = 1 * MiB
+VM_ID = lab_id("vm", "vm1")
+QCOW_ID = lab_id("disk", "vm1_os")
+RAW_ID = lab_id("disk", "vm1_raw")
+DOWN_VM_ID = lab_id("vm", "vm2")
+SPARE_ID = lab_id("disk", "vm2_os")
+POLLS = 20  # phases advance one step per GET: a handful of polls is always enough
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    before = leaks.children()
+    yield
+    assert leaks.children() <= before
+
+
+async def run(*argv: str | Path | int) -> bytes:
+    proc = await asyncio.create_subprocess_exec(
+        *map(str, argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, f"{argv}: {err.decode()}"
+    return out
+
+
+async def write(image: Path, fmt: str, pattern: int, offset: int, length: int) -> None:
+    await run("qemu-io", "-f", fmt, "-c", f"write -P {pattern:#x} {offset} {length}", image)
+
+
+async def raw_copy(image: Path, tmp: Path) -> bytes:
+    """The guest's view of ``image``: ``qemu-img convert -O raw``."""
+    out = tmp / f"{image.stem}.raw-copy"
+    await run("qemu-img", "convert", "-U", "-O", "raw", image, out)
+    return out.read_bytes()
+
+
+@dataclass
+class Lab:
+    engine: FakeEngine
+    daemon: ImageioDaemon | None
+    qcow: Path
+    raw: Path
+    tmp: Path
+    spare: Path | None = None
+
+    async def sdk(self, fn: Callable[[sdk.Connection], Any]) -> Any:
+        def call() -> Any:
+            conn = sdk.Connection(
+                url=self.engine.url,
+                username=self.engine.username,
+                password=self.engine.password,
+                ca_file=str(self.engine.ca_file),
+                timeout=30,
+            )
+            try:
+                return fn(conn)
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(call)
+
+
+def seed() -> Seed:
+    disks = (
+        DiskSeed("vm1_os", SIZE, bootable=True),
+        DiskSeed("vm1_raw", RAW_SIZE, format="raw", backup="none"),
+    )
+    spare = VmSeed("vm2", status="down", host=None, disks=(DiskSeed("vm2_os", RAW_SIZE),))
+    return Seed(vms=(VmSeed(name="vm1", disks=disks), spare))
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    qcow, raw, spare = tmp_path / "os.qcow2", tmp_path / "data.raw", tmp_path / "spare.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", spare, RAW_SIZE)
+    await run("qemu-img", "create", "-q", "-f", "qcow2", qcow, SIZE)
+    await write(qcow, "qcow2", 0xAA, 0, MiB)
+    await write(qcow, "qcow2", 0xBB, 3 * MiB, 256 * KiB)
+    await run("qemu-img", "create", "-q", "-f", "raw", raw, RAW_SIZE)
+    await write(raw, "raw", 0x11, 128 * KiB, 64 * KiB)
+    workdir = tmp_path / "engine"
+    workdir.mkdir()
+    images = {QCOW_ID: qcow, RAW_ID: raw, SPARE_ID: spare}
+    async with (
+        ImageioDaemon(tmp_path) as daemon,
+        FakeEngine(seed(), workdir, images=images, imageio=daemon) as engine,
+    ):
+        yield Lab(engine, daemon, qcow, raw, tmp_path, spare)
+
+
+# -- SDK-EX backup_vm.py steps, each one blocking call sequence in a worker thread -----------
+
+
+def start_backup(conn: sdk.Connection, from_checkpoint: str | None = None) -> types.Backup:
+    backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
+    backup = backups.add(
+        types.Backup(
+            disks=[types.Disk(id=QCOW_ID), types.Disk(id=RAW_ID)],
+            from_checkpoint_id=from_checkpoint,
+        )
+    )
+    assert backup.phase == types.BackupPhase.INITIALIZING
+    service = backups.backup_service(backup.id)
+    for _ in range(POLLS):
+        backup = service.get()
+        if backup.phase == types.BackupPhase.READY:
+            return backup
+    raise AssertionError(f"backup stuck in {backup.phase}")
+
+
+def backup_modes(conn: sdk.Connection, backup_id: str) -> dict[str, str]:
+    service = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
+    disks = service.backup_service(backup_id).disks_service().list()
+    return {d.id: d.backup_mode.value for d in disks}
+
+
+def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types.ImageTransfer:
+    transfers = conn.system_service().image_transfers_service()
+    transfer = transfers.add(
+        types.ImageTransfer(
+            disk=types.Disk(id=disk_id),
+            backup=types.Backup(id=backup_id),
+            direction=types.ImageTransferDirection.DOWNLOAD,
+            format=types.DiskFormat.RAW,
+            inactivity_timeout=120,
+        )
+    )
+    service = transfers.image_transfer_service(transfer.id)
+    for _ in range(POLLS):
+        transfer = service.get()
+        if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
+            return transfer
+        assert transfer.phase == types.ImageTransferPhase.INITIALIZING
+    raise AssertionError(f"transfer stuck in {transfer.phase}")
+
+
+def finalize_transfer(conn: sdk.Connection, transfer_id: str) -> None:
+    service = conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
+    service.finalize()
+    for _ in range(POLLS):
+        if service.get().phase == types.ImageTransferPhase.FINISHED_SUCCESS:
+            return
+    raise AssertionError("transfer did not finish")
+
+
+def stop_backup(conn: sdk.Connection, backup_id: str) -> types.Backup:
+    backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
+    service = backups.backup_service(backup_id)
+    service.finalize()
+    for _ in range(POLLS):
+        backup = service.get()
+        if backup.phase == types.BackupPhase.SUCCEEDED:
+            return backup
+    raise AssertionError(f"backup stuck in {backup.phase}")
+
+
+async def read_all(url: str, size: int, readers: int = 4) -> bytes:
+    """Read ``[0, size)`` through imageio with ``readers`` parallel connections."""
+    buf = bytearray(size)
+    chunk = 256 * KiB
+    async with await ImageioDisk.connect(url, url) as disk:
+        assert await disk.size() == size
+
+        async def stripe(first: int) -> None:
+            reader = await disk.open_reader()
+            try:
+                for offset in range(first * chunk, size, readers * chunk):
+                    n = min(chunk, size - offset)
+                    await reader.readinto(offset, memoryview(buf)[offset : offset + n])
+            finally:
+                await reader.close()
+
+        await asyncio.gather(*(stripe(i) for i in range(readers)))
+    return bytes(buf)
+
+
+async def test_full_then_incremental_backup(lab: Lab) -> None:
+    # Full backup: one checkpoint (bitmap in the qcow2 only), both disks full.
+    backup = await lab.sdk(start_backup)
+    assert backup.vm.id == VM_ID
+    assert backup.from_checkpoint_id is None
+    checkpoint = backup.to_checkpoint_id
+    assert checkpoint is not None
+    assert await lab.sdk(lambda c: backup_modes(c, backup.id)) == {QCOW_ID: "full", RAW_ID: "full"}
+    assert await qemu.bitmaps(lab.qcow, force_share=True) == [checkpoint]
+
+    for disk_id, image in ((QCOW_ID, lab.qcow), (RAW_ID, lab.raw)):
+        transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=disk_id))
+        assert transfer.transfer_url == transfer.proxy_url
+        assert transfer.transfer_url.startswith("http://127.0.0.1:")
+        expected = await raw_copy(image, lab.tmp)
+        assert await read_all(transfer.transfer_url, len(expected)) == expected
+        await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    done = await lab.sdk(lambda c: stop_backup(c, backup.id))
+    assert done.to_checkpoint_id == checkpoint
+
+    # The guest writes; an incremental backup sees exactly those ranges as dirty.
+    written = [(MiB + 64 * KiB, 64 * KiB), (6 * MiB, 128 * KiB)]
+    for (offset, length), pattern in zip(written, (0xCC, 0xDD), strict=True):
+        await write(lab.qcow, "qcow2", pattern, offset, length)
+    inc = await lab.sdk(lambda c: start_backup(c, checkpoint))
+    assert inc.from_checkpoint_id == checkpoint
+    assert inc.to_checkpoint_id not in (None, checkpoint)
+    modes = await lab.sdk(lambda c: backup_modes(c, inc.id))
+    assert modes == {QCOW_ID: "incremental", RAW_ID: "full"}
+
+    transfer = await lab.sdk(lambda c: create_transfer(c, inc.id, QCOW_ID))
+    expected = await raw_copy(lab.qcow, lab.tmp)
+    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+        dirty = [(e.start, e.length) for e in await disk.extents("dirty", 0, SIZE) if e.dirty]
+        assert dirty == written
+        reader = await disk.open_reader()
+        try:
+            for offset, length in dirty:
+                buf = bytearray(length)
+                await reader.readinto(offset, memoryview(buf))
+                assert buf == expected[offset : offset + length]
+        finally:
+            await reader.close()
+    await lab.sdk(lambda c: finalize_transfer(c, transfer.id))
+    await lab.sdk(lambda c: stop_backup(c, inc.id))
+
+    def chain(conn: sdk.Connection) -> list[types.Checkpoint]:
+        vm = conn.system_service().vms_service().vm_service(VM_ID)
+        return list(vm.checkpoints_service().list())
+
+    checkpoints = await lab.sdk(chain)
+    assert [(c.id, c.parent_id) for c in checkpoints] == [
+        (checkpoint, None),
+        (inc.to_checkpoint_id, checkpoint),
+    ]
+    assert all(c.state == types.CheckpointState.CREATED for c in checkpoints)
+    assert all(c.creation_date.tzinfo is not None for c in checkpoints)
+
+
+def fault(fn: Callable[[sdk.Connection], Any]) -> Callable[[sdk.Connection], sdk.Error]:
+    def call(conn: sdk.Connection) -> sdk.Error:
+        with pytest.raises(sdk.Error) as info:
+            fn(conn)
+        return info.value
+
+    return call
+
+
+async def test_refusals(lab: Lab) -> None:
+    def add(conn: sdk.Connection, from_checkpoint: str | None = None) -> types.Backup:
+        backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
+        return backups.add(
+            types.Backup(disks=[types.Disk(id=QCOW_ID)], from_checkpoint_id=from_checkpoint)
+        )
+
+    e = await lab.sdk(fault(lambda c: add(c, "4b9f1c9e-0000-4000-8000-000000000000")))
+    assert e.code == 400
+    assert "Checkpoint ID 4b9f1c9e-0000-4000-8000-000000000000 doesn't exist" in str(e)
+
+    backup = await lab.sdk(add)
+    e = await lab.sdk(fault(add))
+    assert e.code == 409
+    assert "[Cannot backup VM. The VM is during a backup operation.]" in str(e)
+
+    e = await lab.sdk(fault(lambda c: create_transfer(c, backup.id, QCOW_ID)))
+    assert e.code == 409
+    assert "backup phase is INITIALIZING" in str(e)
+
+    await lab.sdk(start_backup_wait(backup.id))
+    transfer = await lab.sdk(lambda c: create_transfer(c, backup.id, QCOW_ID))
+    e = await lab.sdk(fault(lambda c: stop_backup(c, backup.id)))
+    assert e.code == 409
+    assert "active image transfer" in str(e)
+
+    def cancel(conn: sdk.Connection) -> types.ImageTransfer:
+        service = conn.system_service().image_transfers_service()
+        t = service.image_transfer_service(transfer.id)
+        t.cancel()
+        return [t.get() for _ in range(2)][-1]
+
+    assert (await lab.sdk(cancel)).phase == types.ImageTransferPhase.FINISHED_CLEANUP
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
+def start_backup_wait(backup_id: str) -> Callable[[sdk.Connection], None]:
+    def wait(conn: sdk.Connection) -> None:
+        backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
+        for _ in range(POLLS):
+            if backups.backup_service(backup_id).get().phase == types.BackupPhase.READY:
+                return
+        raise AssertionError("backup not ready")
+
+    return wait
+
+
+async def test_checkpoint_delete_removes_the_bitmap_and_relinks(lab: Lab) -> None:
+    first = await lab.sdk(start_backup)
+    await lab.sdk(lambda c: stop_backup(c, first.id))
+    second = await lab.sdk(lambda c: start_backup(c, first.to_checkpoint_id))
+    await lab.sdk(lambda c: stop_backup(c, second.id))
+    names = [first.to_checkpoint_id, second.to_checkpoint_id]
+    assert await qemu.bitmaps(lab.qcow) == names
+
+    def remove(conn: sdk.Connection) -> list[types.Checkpoint]:
+        service = conn.system_service().vms_service().vm_service(VM_ID).checkpoints_service()
+        service.checkpoint_service(first.to_checkpoint_id).remove()
+        with pytest.raises(sdk.NotFoundError):
+            service.checkpoint_service(first.to_checkpoint_id).get()
+        return list(service.list())
+
+    left = await lab.sdk(remove)
+    assert [(c.id, c.parent_id) for c in left] == [(second.to_checkpoint_id, None)]
+    assert await qemu.bitmaps(lab.qcow) == [second.to_checkpoint_id]
+
+    # The bitmap is gone, so an incremental from it would be full; the checkpoint is gone too.
+    e = await lab.sdk(fault(lambda c: start_backup(c, first.to_checkpoint_id)))
+    assert e.code == 400
+
+    def events(conn: sdk.Connection) -> list[types.Event]:
+        return list(conn.system_service().events_service().list(search=first.id))
+
+    found = await lab.sdk(events)
+    assert [e.code for e in found] == [10793, 10794, 10790]  # newest first
+    assert all(first.id in e.description for e in found)
+
+
+async def test_transfers_are_refused_without_imageio(tmp_path: Path) -> None:
+    image = tmp_path / "os.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "qcow2", image, SIZE)
+    async with FakeEngine(seed(), tmp_path, images={QCOW_ID: image}) as engine:
+        lab = Lab(engine, None, image, image, tmp_path)
+        backup = await lab.sdk(start_backup)
+        e = await lab.sdk(fault(lambda c: create_transfer(c, backup.id, QCOW_ID)))
+        assert e.code == 409
+        assert "no ovirt-imageio" in str(e)
+        await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
+async def test_upload_writes_the_image(lab: Lab) -> None:
+    def add(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
+        transfers = conn.system_service().image_transfers_service()
+        t = transfers.add(
+            types.ImageTransfer(
+                disk=types.Disk(id=disk_id), direction=types.ImageTransferDirection.UPLOAD
+            )
+        )
+        return transfers.image_transfer_service(t.id).get()
+
+    e = await lab.sdk(fault(partial(add, disk_id=QCOW_ID)))  # plugged into a running VM
+    assert e.code == 409
+    transfer = await lab.sdk(partial(add, disk_id=SPARE_ID))
+    assert transfer.phase == types.ImageTransferPhase.TRANSFERRING
+    data = bytes(range(256)) * (64 * KiB // 256)
+    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+        writer = await disk.open_writer()
+        try:
+            await writer.write(128 * KiB, data)
+            await writer.flush()
+        finally:
+            await writer.close()
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    assert lab.spare is not None
+    image = await raw_copy(lab.spare, lab.tmp)
+    assert image[128 * KiB : 192 * KiB] == data
+    assert image[: 128 * KiB] == bytes(128 * KiB)
+
+
+async def test_close_stops_qemu_nbd_and_removes_tickets(lab: Lab) -> None:
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    (running,) = lab.engine.activity.transfers.values()
+    assert running.nbd is not None
+    pid = running.nbd.pid
+    assert pid is not None
+    assert lab.daemon is not None
+    ticket = await lab.daemon.get_ticket(running.ticket)
+    assert ticket["transfer_id"] == transfer.id
+    assert ticket["dirty"] is False  # a full backup
+
+    await lab.engine.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped
+    with pytest.raises(Exception, match="HTTP 404"):
+        await lab.daemon.get_ticket(running.ticket)
+    await lab.engine.close()  # idempotent
+
+
+async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
+    full = await lab.sdk(start_backup)
+    await lab.sdk(lambda c: stop_backup(c, full.id))
+    inc = await lab.sdk(lambda c: start_backup(c, full.to_checkpoint_id))
+    await qemu.bitmap_remove(lab.qcow, full.to_checkpoint_id)  # behind the engine's back
+
+    def transfer(conn: sdk.Connection) -> tuple[types.ImageTransfer, list[types.Event]]:
+        service = conn.system_service().image_transfers_service()
+        t = service.add(
+            types.ImageTransfer(
+                disk=types.Disk(id=QCOW_ID),
+                backup=types.Backup(id=inc.id),
+                direction=types.ImageTransferDirection.DOWNLOAD,
+            )
+        )
+        t = service.image_transfer_service(t.id).get()
+        events = conn.system_service().events_service().list(search="type=1068")
+        service.image_transfer_service(t.id).cancel()
+        done = service.image_transfer_service(t.id).get()  # cancel ends on the next poll
+        assert done.phase == types.ImageTransferPhase.FINISHED_CLEANUP
+        return t, list(events)
+
+    paused, events = await lab.sdk(transfer)
+    assert paused.phase == types.ImageTransferPhase.PAUSED_SYSTEM
+    assert paused.transfer_url is None
+    assert [e.severity for e in events] == [types.LogSeverity.ERROR]
+    assert paused.id in events[0].description
+    await lab.sdk(lambda c: stop_backup(c, inc.id))
