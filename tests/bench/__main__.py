@@ -2,7 +2,7 @@
 
 import sys
 
-from tests.bench import pipeline_bench, store_bench
+from tests.bench import ovirt_bench, pipeline_bench, store_bench
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -17,6 +17,8 @@ def main() -> int:
         if not cpu_limit:
             cpu_limit = float(only[only.index("--cpu-limit") + 1]) if "--cpu-limit" in only else 1e9
         pipeline_bench.run(report, cpu_limit)
+    if not only or "ovirt" in only:
+        ovirt_bench.run(report)
     return 0
 
 
