@@ -116,7 +116,12 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--engine", help="engine name in the configuration (if several)")
     p.add_argument("--level", choices=LEVELS, default="incremental")
-    p.add_argument("--flow", choices=("auto", "backup-api"), default="auto")
+    p.add_argument("--flow", choices=("auto", "backup-api", "snapshot-imageio"), default="auto")
+    p.add_argument(
+        "--require-quiesce",
+        action="store_true",
+        help="skip a VM whose guest agent cannot freeze its filesystems",
+    )
     p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_vm)
@@ -227,7 +232,9 @@ def cmd_backup_vm(args: argparse.Namespace) -> int:
     with open_store(args, writable=True) as store:
 
         async def run() -> int:
-            found = await make_sources(engine, args.names, args.flow)
+            found = await make_sources(
+                engine, args.names, args.flow, require_quiesce=args.require_quiesce
+            )
             try:
                 return await _backup_sources(store, args, found.sources)
             finally:

@@ -246,7 +246,10 @@ class _BackupJob:
         tags = {"job": self.record.job_id} | ({"checkpoint": checkpoint} if checkpoint else {})
         loop = asyncio.get_running_loop()
         self.outcome.manifest = await loop.run_in_executor(
-            self.store_writer, lambda: snap.commit(tags=tags)
+            self.store_writer,
+            lambda: snap.commit(
+                consistency=self.session.consistency if self.session else None, tags=tags
+            ),
         )
         return Event.COMMITTED
 

@@ -88,6 +88,12 @@ class BackupSession(Protocol):
         incremental): the name the job proposed, or the one the engine assigned."""
         ...
 
+    @property
+    def consistency(self) -> str | None:
+        """``application`` (filesystems frozen by a guest agent), ``crash``, ``offline``
+        (the VM was not running), or None when the source cannot tell."""
+        ...
+
     async def close(self, success: bool) -> None:
         """Stop exports; on success drop checkpoints no longer needed, else the new one."""
         ...

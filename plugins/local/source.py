@@ -102,6 +102,10 @@ class LocalSession:
     def checkpoint(self) -> str | None:
         return self.new_checkpoint
 
+    @property
+    def consistency(self) -> str | None:
+        return "offline"  # an image file nobody writes while it is exported
+
     async def close(self, success: bool) -> None:
         for control in self._controls:
             await control.close()

@@ -23,10 +23,10 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
     return await recover(dict(resources), committed)
 
 
-async def _vm_sources(*args: Any) -> Any:
+async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
     from plugins.ovirt.sources import vm_sources  # noqa: PLC0415
 
-    return await vm_sources(*args)
+    return await vm_sources(*args, **kwargs)
 
 
 PLUGIN = Plugin(name="ovirt", recover=_recover, factories={"vm_sources": _vm_sources})

@@ -75,6 +75,10 @@ class BackupApiSession:
     def checkpoint(self) -> str | None:
         return self.to_checkpoint
 
+    @property
+    def consistency(self) -> str | None:
+        return None  # the backup API does not report whether the guest froze
+
     async def close(self, success: bool) -> None:
         errors: list[str] = []
         for disk in self._disks:
@@ -226,14 +230,21 @@ async def start_transfer(client: EngineClient, disk_id: str, backup_id: str) -> 
     transfer = await client.call(
         add, "start image transfer", obj=f"disk {disk_id}", idempotent=False
     )
+    return await wait_transfer(client, transfer, f"backup {backup_id}")
+
+
+async def wait_transfer(client: EngineClient, transfer: Any, what: str) -> Any:
+    """Poll a new transfer until ``transferring`` (it then has its URLs) and return it;
+    ``paused_system``/``finished_failure`` or a timeout raise, naming ``what`` it reads."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT
+    transfer_id = transfer.id
 
     def get(conn: sdk.Connection) -> Any:
         return (
             conn.system_service()
             .image_transfers_service()
-            .image_transfer_service(transfer.id)
+            .image_transfer_service(transfer_id)
             .get()
         )
 
@@ -243,14 +254,14 @@ async def start_transfer(client: EngineClient, disk_id: str, backup_id: str) -> 
             t.ImageTransferPhase.FINISHED_FAILURE,
         ):
             raise OvirtBackupError(
-                vm="?", backup=backup_id, reason=f"transfer {transfer.id} is {transfer.phase}"
+                vm="?", backup=what, reason=f"transfer {transfer_id} is {transfer.phase}"
             )
         if loop.time() > deadline:
             raise OvirtBackupError(
-                vm="?", backup=backup_id, reason=f"transfer {transfer.id} never started"
+                vm="?", backup=what, reason=f"transfer {transfer_id} never started"
             )
         await asyncio.sleep(POLL_INTERVAL)
-        transfer = await client.call(get, "poll image transfer", obj=f"transfer {transfer.id}")
+        transfer = await client.call(get, "poll image transfer", obj=f"transfer {transfer_id}")
     return transfer
 
 
@@ -303,12 +314,15 @@ async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> N
 
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
-    """Finalize the transfers and the backup a killed job left on the engine."""
+    """Finalize the transfers, the backup and remove the snapshot a killed job left on the
+    engine (either flow: ``backup`` is flow 1's, ``snapshot`` flow 2's)."""
     from plugins.ovirt.client import EngineConfig  # noqa: PLC0415 - only recovery needs it
+    from plugins.ovirt.snapshot import remove_snapshot  # noqa: PLC0415 - imports this module
 
     backup = resources.get("backup")
+    snapshot = resources.get("snapshot")
     engine = resources.get("engine")
-    if not backup or not engine:
+    if not (backup or snapshot) or not engine:
         return []
     config = EngineConfig(
         url=engine["url"],
@@ -321,6 +335,10 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
         for transfer_id in resources.get("transfers", []):
             await finalize_transfer(client, transfer_id)
             done.append(f"finalized image transfer {transfer_id}")
-        await finalize_backup(client, backup["vm_id"], backup["backup_id"])
-        done.append(f"finalized backup {backup['backup_id']} of VM {backup['vm_id']}")
+        if backup:
+            await finalize_backup(client, backup["vm_id"], backup["backup_id"])
+            done.append(f"finalized backup {backup['backup_id']} of VM {backup['vm_id']}")
+        if snapshot:
+            await remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"])
+            done.append(f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}")
     return done

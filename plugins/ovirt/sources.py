@@ -8,18 +8,30 @@ from engine.core.errors import ConfigError
 from plugins.ovirt.backup import OvirtVmSource
 from plugins.ovirt.client import EngineClient, EngineConfig
 from plugins.ovirt.inventory import VmRef, vms
+from plugins.ovirt.snapshot import SnapshotImageioSource
 
-FLOWS = ("auto", "backup-api")  # snapshot-imageio and snapshot-attach come next
+# auto = backup-api (incremental, no snapshot); snapshot-imageio = flow 2 (full reads through a
+# VM snapshot, OVF saved); snapshot-attach comes next.
+FLOWS = ("auto", "backup-api", "snapshot-imageio")
 
 
 @dataclass
 class VmSources:
     client: EngineClient  # the caller closes it
-    sources: list[OvirtVmSource]
+    sources: list[OvirtVmSource | SnapshotImageioSource]
 
 
-async def vm_sources(engine: EngineSection, names: Sequence[str], flow: str = "auto") -> VmSources:
-    """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow."""
+async def vm_sources(
+    engine: EngineSection,
+    names: Sequence[str],
+    flow: str = "auto",
+    *,
+    require_quiesce: bool = False,
+) -> VmSources:
+    """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow.
+
+    ``require_quiesce`` (snapshot-imageio only) makes a running VM without a responsive guest
+    agent fail at open with a ConfigError instead of a crash-consistent snapshot."""
     if flow not in FLOWS:
         raise ConfigError(message=f"flow {flow!r} is not available yet; use one of {FLOWS}")
     config = EngineConfig(
@@ -42,7 +54,13 @@ async def vm_sources(engine: EngineSection, names: Sequence[str], flow: str = "a
             "password_file": str(engine.password_file),
             "ca_file": str(engine.ca_file) if engine.ca_file else None,
         }
-        return VmSources(client, [OvirtVmSource(client, vm, recovery) for vm in chosen])
+        sources: list[OvirtVmSource | SnapshotImageioSource] = [
+            SnapshotImageioSource(client, vm, recovery, require_quiesce=require_quiesce)
+            if flow == "snapshot-imageio"
+            else OvirtVmSource(client, vm, recovery)
+            for vm in chosen
+        ]
+        return VmSources(client, sources)
     except BaseException:
         await client.close()
         raise

@@ -5,7 +5,8 @@ Nouns:
 - ``Seed``        what a person writes: names of clusters, hosts, storage domains, VMs, disks.
 - ``Inventory``   the model built from a seed; records refer to each other by stable UUID5 ids.
 - ``Sessions``    the SSO access tokens currently valid.
-- ``Activity``    backups, checkpoints, image transfers and events (``backup``): the mutable
+- ``Activity``    backups, checkpoints, snapshots (``snapshots``: qcow2 overlays), image
+                  transfers and events (``backup``): the mutable
                   part, doing real work on the disk images (qemu-img bitmaps, qemu-nbd,
                   ovirt-imageio tickets).
 - ``FakeEngine``  owns the inventory, the sessions, the activity and an aiohttp server on

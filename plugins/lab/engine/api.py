@@ -9,8 +9,8 @@ Every request under the API prefix goes through ``api_middleware``:
 
 Lists accept ``search=`` (see ``search``), ``case_sensitive=`` and ``max=``; VMs also accept
 ``follow=disk_attachments``, ``follow=disk_attachments.disk`` and ``follow=tags``, which inline
-those sub-collections. ``all_content`` (query or ``All-Content`` header) is accepted and, in
-this slice, adds nothing: there is no OVF yet.
+those sub-collections. ``all_content=true`` (query, or the ``All-Content: true`` header the SDK
+adds along) adds each VM's OVF (``ovf.vm_ovf``) in ``initialization.configuration``.
 """
 
 import logging
@@ -21,7 +21,7 @@ from typing import TypeVar
 from aiohttp import web
 from ovirtsdk4 import types
 
-from plugins.lab.engine import render, search
+from plugins.lab.engine import ovf, render, search
 from plugins.lab.engine.sso import Sessions
 from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Inventory, Vm, lab_id
 
@@ -234,13 +234,13 @@ def routes() -> list[web.RouteDef]:
                 "host": inv.hosts[v.host_id].name if v.host_id else None,
                 "tag": [inv.tags[t].name for t in v.tag_ids],
             },
-            lambda v: _vm(inv, v, follow),
+            lambda v: _vm(inv, v, follow, all_content(request)),
         )
 
     async def vm(request: web.Request) -> web.Response:
         inv = request.app[INVENTORY]
         v = _get(inv.vms, request, "VM")
-        return render.xml_response(_vm(inv, v, _follows(request)))
+        return render.xml_response(_vm(inv, v, _follows(request), all_content(request)))
 
     async def vm_attachments(request: web.Request) -> web.Response:
         v = _get(request.app[INVENTORY].vms, request, "VM")
@@ -316,7 +316,13 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def _vm(inv: Inventory, v: Vm, follow: set[str]) -> types.Vm:
+def all_content(request: web.Request) -> bool:
+    """``all_content=true`` in the query or an ``All-Content: true`` header (API-NOTES § 1.3)."""
+    value = request.query.get("all_content") or request.headers.get("All-Content") or ""
+    return value.lower() == "true"
+
+
+def _vm(inv: Inventory, v: Vm, follow: set[str], content: bool = False) -> types.Vm:
     attachments = None
     if follow & {"disk_attachments", "disk_attachments.disk"}:
         full = "disk_attachments.disk" in follow
@@ -324,4 +330,5 @@ def _vm(inv: Inventory, v: Vm, follow: set[str]) -> types.Vm:
             render.attachment(v, a, inv.disks[a.disk_id] if full else None) for a in v.attachments
         ]
     tags = [render.tag(inv.tags[t]) for t in v.tag_ids] if "tags" in follow else None
-    return render.vm(v, attachments=attachments, tags=tags)
+    ovf_text = ovf.vm_ovf(inv, v) if content else None
+    return render.vm(v, attachments=attachments, tags=tags, ovf=ovf_text)

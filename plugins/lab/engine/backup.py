@@ -8,7 +8,11 @@
 - a download transfer runs a read-only ``qemu-nbd`` on the disk's image (``--bitmap=<from
   checkpoint>`` for an incremental disk) and installs an ovirt-imageio ticket
   (``nbd:unix:<socket>``, ops read, ``dirty`` only for an incremental disk); an upload runs a
-  writable one (ops write). Finalize or cancel removes the ticket and stops qemu-nbd.
+  writable one (ops write). Finalize or cancel removes the ticket and stops qemu-nbd;
+- a download with ``snapshot_volume`` serves that VM-snapshot volume read-only (no bitmap);
+  snapshots themselves (qcow2 overlays) are ``snapshots``'s work on ``Activity.snapshots``.
+  While a VM has a snapshot its backups are refused (409), and a raw disk's active layer is
+  its qcow2 overlay (``active_format``).
 
 Backups are always served in **live** mode (API-NOTES § 4.1): no VM snapshot, whatever the
 cluster level. Phases advance one step per GET (``advance_*``), so client polling loops run
@@ -46,7 +50,9 @@ from plugins.lab.engine.records import (
     Backup,
     Checkpoint,
     Event,
+    Snapshot,
     Transfer,
+    Volume,
     now,
 )
 from plugins.lab.engine.state import Disk, Inventory, Vm
@@ -63,6 +69,7 @@ class Activity:
     backups: dict[str, Backup] = field(default_factory=dict)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # creation order
     transfers: dict[str, Transfer] = field(default_factory=dict)
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)  # see ``snapshots``
     events: list[Event] = field(default_factory=list)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -103,6 +110,11 @@ class Activity:
         if path is None:
             raise Fault(409, f"[Cannot transfer Virtual Disk. Disk {disk.alias} has no image.]")
         return path
+
+    def active_format(self, disk: Disk) -> str:
+        """The format of the disk's active layer: a snapshot puts a qcow2 overlay on top."""
+        snapped = any(disk.id in s.volumes and not s.deleting for s in self.snapshots.values())
+        return "qcow2" if disk.format == "cow" or snapped else "raw"
 
     def _busy_disks(self) -> set[str]:
         return {t.disk_id for t in self.transfers.values() if t.phase not in TRANSFER_DONE}
@@ -148,6 +160,11 @@ class Activity:
                 raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
             if busy := self._busy_disks() & set(disk_ids):
                 raise Fault(409, f"[Cannot backup VM. Disks are locked: {', '.join(sorted(busy))}]")
+            if any(s.vm_id == vm_id and not s.deleting for s in self.snapshots.values()):
+                # The real engine can; this fake keeps bitmaps in one volume only.
+                raise Fault(
+                    409, "[Cannot backup VM. The lab engine backs up no VM with snapshots.]"
+                )
             disks = [self.inventory.disks[d] for d in dict.fromkeys(disk_ids)]
             modes = {d.id: await self._mode(d, from_checkpoint_id) for d in disks}
             tracked = [d for d in disks if d.format == "cow" and d.backup == "incremental"]
@@ -264,9 +281,15 @@ class Activity:
         fmt: str,
         inactivity_timeout: int | None,
         timeout_policy: str | None,
+        snapshot_volume: str | None = None,
     ) -> Transfer:
-        """Validate as ``TransferDiskImageCommand``, start qemu-nbd, install the ticket."""
+        """Validate as ``TransferDiskImageCommand``, start qemu-nbd, install the ticket.
+
+        ``snapshot_volume`` (``<snapshot id>``, a disk snapshot id) downloads that snapshot
+        volume of the disk, read-only, whether the VM runs or not."""
         async with self._lock:
+            volume = self._volume(snapshot_volume, disk_id, direction) if snapshot_volume else None
+            disk_id = volume.disk_id if volume else disk_id
             if disk_id is None or disk_id not in self.inventory.disks:
                 raise Fault(404, f"Entity not found: disk {disk_id}", "Not Found")
             disk = self.inventory.disks[disk_id]
@@ -297,16 +320,16 @@ class Activity:
                     )
                 if b.modes[disk_id] == "incremental":
                     bitmap = b.from_checkpoint_id
-            elif self._plugged_running(disk_id):
+            elif volume is None and self._plugged_running(disk_id):
                 raise Fault(
                     409, "[Cannot transfer Virtual Disk. The disk is plugged into a running VM.]"
                 )
-            image = self.image(disk)
+            image = volume.path if volume else self.image(disk)
             read_only = direction == "download"
             vm = self._owner(disk_id)
             nbd = qemu.QemuNbd(
                 image,
-                "qcow2" if disk.format == "cow" else "raw",
+                volume.fmt if volume else self.active_format(disk),
                 read_only=read_only,
                 bitmap=bitmap,
             )
@@ -343,6 +366,7 @@ class Activity:
                 timeout_policy=timeout_policy or "legacy",
                 nbd=None if failure else nbd,
                 failure=failure,
+                snapshot_volume=snapshot_volume,
             )
             self.transfers[t.id] = t
             self.event(
@@ -359,6 +383,26 @@ class Activity:
                     "error",
                 )
             return t
+
+    def _volume(self, volume_id: str, disk_id: str | None, direction: str) -> Volume:
+        """The snapshot volume a transfer names; it must be a download of an ok snapshot."""
+        if direction != "download":
+            raise Fault(400, "[Cannot transfer Virtual Disk. Snapshots are read-only.]")
+        for s in self.snapshots.values():
+            for v in s.volumes.values():
+                if v.id == volume_id:
+                    if s.status != "ok":
+                        raise Fault(
+                            409, f"[Cannot transfer Virtual Disk. Snapshot {s.id} is {s.status}.]"
+                        )
+                    if disk_id not in (None, v.disk_id):
+                        raise Fault(
+                            400,
+                            f"[Cannot transfer Virtual Disk. {volume_id} is not a snapshot "
+                            f"of disk {disk_id}.]",
+                        )
+                    return v
+        raise Fault(404, f"Entity not found: disk snapshot {volume_id}", "Not Found")
 
     def _plugged_running(self, disk_id: str) -> bool:
         return any(

@@ -9,7 +9,8 @@ client sees:
   ``to_checkpoint_id`` is shown from ready on; ``disks`` is a link to ``…/backups/{b}/disks``,
   whose disks carry ``backup_mode``.
 - ``POST imagetransfers`` → 202 ``initializing``; the next ``GET`` shows ``transferring`` and
-  the URLs (``transfer_url`` = ``proxy_url`` = the lab imageio daemon's data URL).
+  the URLs (``transfer_url`` = ``proxy_url`` = the lab imageio daemon's data URL). With
+  ``<snapshot id=…>`` (a disk snapshot id, see ``snapshot_api``) it downloads that volume.
 - Actions (``finalize``, ``cancel``, ``extend``) answer ``<action><status>complete``;
   ``DELETE`` answers 200 with an empty ``<action/>`` (the SDK raises on 204).
 - ``GET events`` lists newest first; ``search=`` is free text over the description (a backup
@@ -212,6 +213,7 @@ async def add_transfer(request: web.Request) -> web.Response:
         body.format.value if body.format else "raw",
         body.inactivity_timeout,
         body.timeout_policy.value if body.timeout_policy else None,
+        body.snapshot.id if body.snapshot else None,
     )
     return render.xml_response(render_transfer(t), status=202)
 

@@ -1,4 +1,4 @@
-"""The records ``backup.Activity`` keeps: checkpoints, backups, image transfers, events.
+"""The records ``backup.Activity`` keeps: checkpoints, backups, snapshots, transfers, events.
 
 Mutable dataclasses owned by the event loop; phases hold the REST spelling (``"ready"``,
 ``"finished_success"``). Dates are tz-aware (the SDK needs that, API-NOTES § 10.2).
@@ -6,6 +6,7 @@ Mutable dataclasses owned by the event loop; phases hold the REST spelling (``"r
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from engine.io import qemu
 
@@ -21,6 +22,9 @@ TRANSFER_INITIATED = 1031
 TRANSFER_SUCCEEDED = 1032
 TRANSFER_CANCELLED = 1033
 TRANSFER_TICKET_FAILED = 1068
+SNAPSHOT_CREATED = 68  # USER_CREATE_SNAPSHOT_FINISHED_SUCCESS
+SNAPSHOT_REMOVE_STARTED = 342
+SNAPSHOT_REMOVED = 356
 
 
 def now() -> datetime:
@@ -64,6 +68,7 @@ class Transfer:
     inactivity_timeout: int
     timeout_policy: str
     nbd: qemu.QemuNbd | None  # None once released, or if it failed to start
+    snapshot_volume: str | None = None  # a snapshot download: the volume (disk snapshot) id
     failure: str | None = None  # why qemu-nbd or the ticket failed: the transfer pauses
     phase: str = "initializing"
 
@@ -76,3 +81,28 @@ class Event:
     description: str
     vm_id: str | None
     time: datetime = field(default_factory=now)
+
+
+@dataclass(frozen=True, slots=True)
+class Volume:
+    """A snapshot's volume of one disk: the file that was the disk's top at snapshot time
+    (read-only since), and its format."""
+
+    id: str  # the disk snapshot id (``<snapshot id>`` of an image transfer)
+    disk_id: str
+    path: Path
+    fmt: str  # "qcow2" | "raw"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    id: str
+    vm_id: str
+    description: str
+    ovf: str  # the VM's OVF at creation
+    volumes: dict[str, Volume]  # disk id → volume
+    persist_memorystate: bool = False
+    status: str = "locked"  # locked → ok (next GET); deleting: locked → gone
+    deleting: bool = False
+    polls_while_deleting: int = 0
+    created: datetime = field(default_factory=now)

@@ -159,8 +159,14 @@ def vm(
     *,
     attachments: Sequence[object] | None = None,
     tags: Sequence[types.Tag] | None = None,
+    ovf: str | None = None,
 ) -> types.Vm:
-    """A VM; ``attachments``/``tags`` inline those sub-collections, else they are links."""
+    """A VM; ``attachments``/``tags`` inline those sub-collections, else they are links.
+
+    ``ovf`` (given for ``all_content``) goes to ``initialization.configuration``. A running VM
+    with a guest agent reports ``guest_operating_system`` and ``fqdn``; without one (or down)
+    both stay empty, as on a real engine (API-NOTES § 7.1)."""
+    agent = v.guest_agent and v.status == "up"
     out = types.Vm(
         id=v.id,
         name=v.name,
@@ -178,6 +184,26 @@ def vm(
             list(attachments) if attachments is not None else link(f"vms/{v.id}/diskattachments")
         ),
         tags=list(tags) if tags is not None else link(f"vms/{v.id}/tags"),
+        initialization=configuration(ovf) if ovf is not None else None,
+        guest_operating_system=(
+            types.GuestOperatingSystem(
+                family="Linux",
+                distribution="Red Hat Enterprise Linux",
+                architecture="x86_64",
+                kernel=types.Kernel(version=types.Version(full_version="5.14.0-427.el9.x86_64")),
+            )
+            if agent
+            else None
+        ),
+        fqdn=f"{v.name}.lab.example" if agent else None,
+        snapshots=link(f"vms/{v.id}/snapshots"),
     )
     out.href = f"{API}/vms/{v.id}"
     return out
+
+
+def configuration(ovf: str) -> types.Initialization:
+    """``<initialization><configuration type=ovf data=…/>`` as the engine writes an OVF."""
+    return types.Initialization(
+        configuration=types.Configuration(type=types.ConfigurationType.OVF, data=ovf)
+    )

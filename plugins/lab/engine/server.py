@@ -17,7 +17,9 @@ Backups and image transfers (``backup_api``) need disk images and an ovirt-image
 ``images`` maps disk ids to image files (qcow2 for ``cow`` disks, raw otherwise); the engine
 adds and removes checkpoint bitmaps in them and serves them with qemu-nbd, so nothing else may
 hold them open meanwhile. Without ``imageio`` every image transfer is refused with a 409.
-The caller starts and stops the daemon; ``close()`` stops every qemu-nbd the engine started
+VM snapshots (``snapshot_api``) rename those images and put qcow2 overlays at their paths
+(``snapshots``); the path of a disk's active layer never changes. The caller starts and stops
+the daemon; ``close()`` stops every qemu-nbd the engine started
 and removes its tickets, before the caller stops the daemon.
 """
 
@@ -30,7 +32,7 @@ from typing import Self
 
 from aiohttp import web
 
-from plugins.lab.engine import api, backup_api, sso
+from plugins.lab.engine import api, backup_api, snapshot_api, sso
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.state import Inventory, Seed
 from plugins.lab.engine.tls import TlsFiles, make_tls_files
@@ -57,6 +59,7 @@ def make_app(
     app.add_routes(sso.routes(sessions, clock))
     app.add_routes(api.routes())
     app.add_routes(backup_api.routes())
+    app.add_routes(snapshot_api.routes())
     return app
 
 

@@ -6,7 +6,7 @@ Ids are UUID5s of the kind and name, so the same seed always yields the same ids
 demo scripts may hard-code them). Enum-valued fields hold the engine's wire spelling (``"up"``,
 ``"cow"``, ``"virtio_scsi"``), checked against the SDK's enums when the seed is loaded.
 
-This slice is read-only: nothing mutates an ``Inventory`` after it is built.
+Nothing mutates an ``Inventory`` after it is built (snapshots live in ``backup.Activity``).
 """
 
 import uuid
@@ -60,6 +60,11 @@ class VmSeed:
     os_type: str = "rhel_9x64"
     disks: tuple[DiskSeed, ...] = ()
     tags: tuple[str, ...] = ()
+    nics: tuple[str, ...] = ()  # NIC names; none means one default "nic1" (in the OVF)
+    # A responsive guest agent: the engine then reports guest_operating_system and fqdn for
+    # the running VM (the only hint a client has that snapshots can be quiesced, API-NOTES
+    # § 7.1). False: those stay empty and snapshots of the running VM are crash-consistent.
+    guest_agent: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,8 @@ class Vm:
     os_type: str
     attachments: tuple[Attachment, ...]
     tag_ids: tuple[str, ...]
+    nics: tuple[str, ...] = ("nic1",)
+    guest_agent: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +274,8 @@ class Inventory:
             os_type=seed.os_type,
             attachments=tuple(attachments),
             tag_ids=tuple(_ref(self.tags, t).id for t in seed.tags),
+            nics=seed.nics or ("nic1",),
+            guest_agent=seed.guest_agent,
         )
         _add(self.vms, vm)
 

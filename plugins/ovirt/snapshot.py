@@ -1,0 +1,307 @@
+"""The snapshot + image-transfer flow (DESIGN §6, flow 2, LAN based) as a ``Source``.
+
+::
+
+    open():  GET vms/{vm}?all_content=true → OVF (VmInfo.config, format "ovf"), status and
+             the guest-agent facts (consistency, ``require_quiesce``)
+             POST vms/{vm}/snapshots (our own id, recorded first; description "Tessera <ckpt>",
+             persist_memorystate=false) ──poll──▶ ok
+             GET snapshots/{s}/disks → per disk its snapshot volume (image_id)
+             per disk: POST imagetransfers (download, raw, snapshot=<volume id>) ──poll──▶
+                       transferring; ImageioDisk.connect(transfer_url, proxy_url)
+    read:    extents "zero", ranged GETs per reader: every run is a full read (no checkpoint;
+             the store's dedup keeps unchanged data cheap)
+    close(): finalize every transfer, DELETE the snapshot and poll until it is gone (404),
+             on success and on failure alike
+
+Consistency: the snapshot API has no quiesce flag; vdsm freezes the guest through its agent
+and silently takes a crash-consistent snapshot without one (API-NOTES § 7.1). The only hint
+is what the agent reports: ``guest_operating_system`` / ``fqdn`` of a running VM. The result
+is recorded per disk (attribute ``consistency``: ``application`` when an agent answered,
+``crash`` without one, ``offline`` for a VM that is not running).
+
+The transfer names only ``<snapshot id=VOLUME>`` (as SDK-EX ``download_disk_snapshot.py``):
+the engine finds the disk from the volume (``GetDiskIdBySnapshotId``).
+"""
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as t
+
+from engine.core.errors import ConfigError, EngineError
+from engine.core.extent import Extent
+from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
+from plugins.ovirt.backup import POLL_INTERVAL, READY_TIMEOUT, finalize_transfer, wait_transfer
+from plugins.ovirt.client import EngineClient
+from plugins.ovirt.imageio import ImageioDisk, ImageioReader
+from plugins.ovirt.inventory import VmRef
+
+REMOVE_TIMEOUT: Final = 1800.0  # removing a snapshot of a running VM is a live merge
+FULL_READ: Final = "snapshot flow reads fully"
+
+
+class OvirtSnapshotError(EngineError):
+    template = "VM {vm}: snapshot {snapshot}: {reason}"
+
+
+@dataclass
+class _Disk:
+    info: DiskInfo
+    checkpoint_parent: str | None  # always None: every run reads fully
+    fallback_reason: str | None
+    image: ImageioDisk
+    transfer_id: str
+
+    async def extents(self, offset: int, length: int) -> Sequence[Extent]:
+        return await self.image.extents("zero", offset, length)
+
+    async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
+        raise NotImplementedError("the snapshot flow never reads incrementally")
+
+    async def open_reader(self) -> ImageioReader:
+        return await self.image.open_reader()
+
+
+class SnapshotSession:
+    """The opened snapshot; ``checkpoint`` is always None (nothing to continue from)."""
+
+    def __init__(self, client: EngineClient, vm: VmInfo, snapshot_id: str, consistency: str):
+        self.client = client
+        self.vm = vm
+        self.snapshot_id = snapshot_id
+        self.consistency = consistency  # "application" | "crash" | "offline"
+        self._disks: list[_Disk] = []
+
+    @property
+    def disks(self) -> Sequence[SourceDisk]:
+        return self._disks
+
+    @property
+    def checkpoint(self) -> str | None:
+        return None
+
+    async def close(self, success: bool) -> None:
+        """Finalize the transfers, then remove the snapshot and wait until it is gone."""
+        errors: list[str] = []
+        for disk in self._disks:
+            try:
+                await disk.image.close()
+                await finalize_transfer(self.client, disk.transfer_id)
+            except EngineError as e:
+                errors.append(str(e))
+        try:
+            await remove_snapshot(self.client, self.vm.vm_id, self.snapshot_id)
+        except EngineError as e:
+            errors.append(str(e))
+        if errors:
+            raise OvirtSnapshotError(
+                vm=self.vm.name, snapshot=self.snapshot_id, reason="; ".join(errors)
+            )
+
+
+class SnapshotImageioSource:
+    """One oVirt VM backed up through a VM snapshot and image transfers of its volumes.
+
+    ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created)
+    a running VM whose guest agent reports nothing: its snapshot would be crash-consistent."""
+
+    plugin = "ovirt"
+
+    def __init__(
+        self,
+        client: EngineClient,
+        vm: VmRef,
+        config: dict[str, Any],
+        *,
+        require_quiesce: bool = False,
+    ):
+        self.client = client
+        self.vm = vm
+        self.vm_id = vm.id
+        self.vm_name = vm.name
+        self.require_quiesce = require_quiesce
+        self._config = config  # engine url/user/password_file/ca_file, for recovery
+
+    async def open(
+        self,
+        parent_checkpoint: str | None,
+        keep_checkpoints: Sequence[str],
+        new_checkpoint: str,
+        readers: int,
+        record: ResourceRecorder,
+    ) -> SnapshotSession:
+        vm = self.vm
+        disks = [d for d in vm.disks if d.active]
+        ovf, consistency = await self._facts()
+        if consistency == "crash" and self.require_quiesce:
+            raise ConfigError(
+                message=f"VM {vm.name}: no responsive guest agent (it reports no guest OS), so "
+                "its snapshot cannot be quiesced; require_quiesce refuses a crash-consistent "
+                "backup"
+            )
+        snapshot_id = str(uuid.uuid4())
+        record("engine", self._config)
+        record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})  # before it exists
+        snapshot = t.Snapshot(
+            id=snapshot_id,
+            description=f"Tessera {new_checkpoint}",
+            persist_memorystate=False,
+            disk_attachments=[t.DiskAttachment(disk=t.Disk(id=d.id)) for d in disks],
+        )
+
+        def create(conn: sdk.Connection) -> Any:
+            vms = conn.system_service().vms_service()
+            return vms.vm_service(vm.id).snapshots_service().add(snapshot)
+
+        created = await self.client.call(
+            create, "create snapshot", obj=f"VM {vm.name}", idempotent=False
+        )
+        if created.id != snapshot_id:  # an engine that picks its own id
+            snapshot_id = created.id
+            record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})
+        reason = FULL_READ if parent_checkpoint is not None else None
+        attributes = {"consistency": consistency, "snapshot": snapshot_id}
+        info = VmInfo(
+            vm.id,
+            vm.name,
+            tuple(
+                DiskInfo(
+                    d.id,
+                    d.name,
+                    d.provisioned_size,
+                    {
+                        "format": d.format,
+                        "interface": d.interface or "",
+                        "bootable": str(d.bootable).lower(),
+                        "storage_domain": d.storage_domain_id or "",
+                    }
+                    | attributes,
+                )
+                for d in disks
+            ),
+            config=ovf,
+            config_format="ovf",
+        )
+        session = SnapshotSession(self.client, info, snapshot_id, consistency)
+        try:
+            await wait_snapshot(self.client, vm.id, snapshot_id)
+            volumes = await snapshot_volumes(self.client, vm.id, snapshot_id)
+            transfers: list[str] = []
+            for dinfo in info.disks:
+                volume = volumes.get(dinfo.disk_id)
+                if volume is None:
+                    raise OvirtSnapshotError(
+                        vm=vm.name, snapshot=snapshot_id, reason=f"disk {dinfo.name} missing"
+                    )
+                transfer = await start_snapshot_transfer(self.client, volume)
+                transfers.append(transfer.id)
+                record("transfers", list(transfers))
+                image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
+                session._disks.append(_Disk(dinfo, None, reason, image, transfer.id))
+        except BaseException:
+            await session.close(success=False)
+            raise
+        return session
+
+    async def _facts(self) -> tuple[bytes | None, str]:
+        """The VM's OVF, and the consistency its snapshot will have (module docstring)."""
+
+        def get(conn: sdk.Connection) -> Any:
+            vms = conn.system_service().vms_service()
+            return vms.vm_service(self.vm.id).get(all_content=True)
+
+        found = await self.client.call(get, "read VM configuration", obj=f"VM {self.vm.name}")
+        config = found.initialization.configuration if found.initialization else None
+        ovf = config.data.encode() if config is not None and config.data else None
+        if found.status != t.VmStatus.UP:
+            return ovf, "offline"
+        agent = found.guest_operating_system is not None or bool(found.fqdn)
+        return ovf, "application" if agent else "crash"
+
+
+def _snapshot_service(conn: sdk.Connection, vm_id: str, snapshot_id: str) -> Any:
+    vms = conn.system_service().vms_service()
+    return vms.vm_service(vm_id).snapshots_service().snapshot_service(snapshot_id)
+
+
+async def wait_snapshot(client: EngineClient, vm_id: str, snapshot_id: str) -> None:
+    """Poll until the snapshot is ``ok``; a snapshot that vanished failed to be created."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT
+
+    def status(conn: sdk.Connection) -> str | None:
+        try:
+            s = _snapshot_service(conn, vm_id, snapshot_id).get()
+        except sdk.NotFoundError:
+            return None
+        return str(s.snapshot_status.value) if s.snapshot_status else "?"
+
+    while (current := await client.call(status, "poll snapshot", obj=snapshot_id)) != "ok":
+        if current is None:
+            raise OvirtSnapshotError(vm=vm_id, snapshot=snapshot_id, reason="creation failed")
+        if loop.time() > deadline:
+            raise OvirtSnapshotError(vm=vm_id, snapshot=snapshot_id, reason=f"still {current}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+async def snapshot_volumes(client: EngineClient, vm_id: str, snapshot_id: str) -> dict[str, str]:
+    """Disk id → the snapshot's volume id of that disk (``<snapshot id>`` of a transfer)."""
+
+    def get(conn: sdk.Connection) -> dict[str, str]:
+        disks = _snapshot_service(conn, vm_id, snapshot_id).disks_service().list()
+        return {d.id: d.image_id for d in disks if d.image_id}
+
+    return await client.call(get, "list snapshot disks", obj=f"snapshot {snapshot_id}")
+
+
+async def start_snapshot_transfer(client: EngineClient, volume_id: str) -> Any:
+    def add(conn: sdk.Connection) -> Any:
+        return (
+            conn.system_service()
+            .image_transfers_service()
+            .add(
+                t.ImageTransfer(
+                    snapshot=t.DiskSnapshot(id=volume_id),
+                    direction=t.ImageTransferDirection.DOWNLOAD,
+                    format=t.DiskFormat.RAW,
+                )
+            )
+        )
+
+    transfer = await client.call(
+        add, "start image transfer", obj=f"disk snapshot {volume_id}", idempotent=False
+    )
+    return await wait_transfer(client, transfer, f"snapshot volume {volume_id}")
+
+
+async def remove_snapshot(client: EngineClient, vm_id: str, snapshot_id: str) -> None:
+    """DELETE the snapshot (a merge) and poll until it is gone; one already gone is fine."""
+
+    def remove(conn: sdk.Connection) -> bool:
+        try:
+            _snapshot_service(conn, vm_id, snapshot_id).remove()
+        except sdk.NotFoundError:
+            return False
+        return True
+
+    def present(conn: sdk.Connection) -> bool:
+        try:
+            _snapshot_service(conn, vm_id, snapshot_id).get()
+        except sdk.NotFoundError:
+            return False
+        return True
+
+    what = f"snapshot {snapshot_id}"
+    if not await client.call(remove, "remove snapshot", obj=what):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REMOVE_TIMEOUT
+    while await client.call(present, "poll snapshot removal", obj=what):
+        if loop.time() > deadline:
+            raise OvirtSnapshotError(vm=vm_id, snapshot=snapshot_id, reason="never removed")
+        await asyncio.sleep(POLL_INTERVAL)
