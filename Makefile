@@ -37,10 +37,10 @@ check: lint test
 bench: venv sysdeps
 	$(BIN)/python -m tests.bench
 
+# The lab demo: fake engine + real ovirt-imageio + generated VMs (the daemon joins with the
+# service issue). `python -m tests.demo_store` is the smaller tour on local disk images.
 demo: venv sysdeps
-	@echo "The demo (lab engine + imageio + daemon) arrives with the oVirt and service issues."
-	@echo "Until then it runs the disk-image tour: full, incremental, clone, restore, store figures."
-	$(BIN)/python -m tests.demo_store
+	$(BIN)/python -m tests.demo_lab
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -135,14 +135,24 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     _add_key_options(p)
     p.set_defaults(func=cmd_snapshots)
 
-    p = sub.add_parser("restore", help="restore a snapshot's disks to local images")
-    p.add_argument("snapshot", metavar="SNAPSHOT_ID", help="id or unique prefix")
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--disk", help="only this disk (id or name)")
-    p.add_argument(
-        "--to", type=Path, required=True, help="image file (one disk) or directory (several)"
+    p = sub.add_parser(
+        "restore",
+        help="restore a snapshot's disks to local images (--to), or into the engine as a new "
+        "VM (--config without --to)",
     )
+    p.add_argument("snapshot", metavar="SNAPSHOT_ID", help="id or unique prefix")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path)
+    where.add_argument("--config", type=Path, help="use the configuration's store and engine")
+    p.add_argument("--disk", help="only this disk (id or name; local images only)")
+    p.add_argument("--to", type=Path, help="image file (one disk) or directory (several)")
     p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
+    p.add_argument("--engine", help="engine name in the configuration (if several)")
+    p.add_argument("--name", help="the new VM's name (default: <original>-restored)")
+    p.add_argument("--cluster", help="the new VM's cluster (default: the one in its OVF)")
+    p.add_argument(
+        "--storage-domain", help="storage domain for every disk (default: the recorded ones)"
+    )
     _add_key_options(p)
     p.set_defaults(func=cmd_restore)
 
@@ -259,6 +269,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.to is None:
+        return cmd_restore_vm(args)
     plugin = registry.get("local")
     make_image_target = plugin.factory("image_target")
     with open_store(args, writable=True) as store:
@@ -298,6 +310,56 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 print(stats.summary())
             print(outcome.summary())
             return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
+
+        return asyncio.run(run())
+
+
+def cmd_restore_vm(args: argparse.Namespace) -> int:
+    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine."""
+    if args.config is None:
+        raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
+    if args.disk or args.image_format:
+        raise ConfigError(message="restore: --disk and --format apply to --to PATH only")
+    engine = load_config(args.config, args.config.parent / "conf.d").engine(args.engine)
+    plugin = registry.get("ovirt")
+    make_restore = plugin.factory("vm_restore")
+    with open_store(args, writable=True) as store:
+        snapshot_id = store.resolve(args.snapshot)
+        manifest = store.manifest(snapshot_id)
+
+        async def run() -> int:
+            journal = await _recover_jobs(store)
+            pool = make_cpu_pool(store.keys, store.config.chunk_size)
+            try:
+                async with make_restore(
+                    engine,
+                    store,
+                    manifest,
+                    name=args.name,
+                    cluster=args.cluster,
+                    storage_domain=args.storage_domain,
+                ) as vm_restore:
+                    with ProgressDisplay(f"restore {manifest.vm_name}") as display:
+                        outcome = await run_restore(
+                            store=store,
+                            pool=pool,
+                            snapshot_id=snapshot_id,
+                            disks=None,
+                            plugin=plugin.name,
+                            make_target=vm_restore.make_target,
+                            journal=journal,
+                            progress=display.update,
+                        )
+                    for stats in outcome.disks:
+                        print(stats.summary())
+                    print(outcome.summary())
+                    if outcome.record.state is not State.SUCCEEDED:
+                        return EXIT_FAILED  # leaving the context deletes what was created
+                    vm = await vm_restore.create_vm()
+            finally:
+                await pool.aclose()
+            print(f"restored VM {vm.name} id {vm.id}")
+            return EXIT_OK
 
         return asyncio.run(run())
 

@@ -5,6 +5,8 @@ Nouns:
 - ``EngineClient``  one engine, one SSO token, a bounded pool of threads each with its own
                     ``ovirtsdk4.Connection``; every SDK call goes through ``EngineClient.call``.
 - ``inventory``     typed, frozen snapshots of clusters, hosts, storage domains, VMs and disks.
+- ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
+                    image transfers, the VM created from the stored OVF).
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
@@ -29,4 +31,25 @@ async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
     return await vm_sources(*args, **kwargs)
 
 
-PLUGIN = Plugin(name="ovirt", recover=_recover, factories={"vm_sources": _vm_sources})
+def _vm_restore(
+    engine: Any,
+    store: Any,
+    manifest: Any,
+    *,
+    name: str | None = None,
+    cluster: str | None = None,
+    storage_domain: str | None = None,
+) -> Any:
+    """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
+    ``make_target`` for ``run_restore``, then ``create_vm()``)."""
+    from plugins.ovirt.restore import RestoreOptions, vm_restore  # noqa: PLC0415
+
+    options = RestoreOptions(name=name, cluster=cluster, storage_domain=storage_domain)
+    return vm_restore(engine, store, manifest, options)
+
+
+PLUGIN = Plugin(
+    name="ovirt",
+    recover=_recover,
+    factories={"vm_sources": _vm_sources, "vm_restore": _vm_restore},
+)

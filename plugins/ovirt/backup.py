@@ -118,6 +118,7 @@ class OvirtVmSource:
         vm = self.vm
         disks = [d for d in vm.disks if d.active]
         backup_id = str(uuid.uuid4())
+        ovf = await self._ovf()
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
@@ -146,10 +147,13 @@ class OvirtVmSource:
                         "interface": d.interface or "",
                         "bootable": str(d.bootable).lower(),
                         "storage_domain": d.storage_domain_id or "",
+                        "backup": "incremental" if d.incremental else "none",
                     },
                 )
                 for d in disks
             ),
+            config=ovf,
+            config_format="ovf",
         )
         session = BackupApiSession(self.client, info, backup_id)
         try:
@@ -180,6 +184,16 @@ class OvirtVmSource:
             await session.close(success=False)
             raise
         return session
+
+    async def _ovf(self) -> bytes | None:
+        """The VM's OVF (``all_content``), saved with the snapshot for a restore as a new VM."""
+
+        def get(conn: sdk.Connection) -> Any:
+            return conn.system_service().vms_service().vm_service(self.vm.id).get(all_content=True)
+
+        found = await self.client.call(get, "read VM configuration", obj=f"VM {self.vm.name}")
+        config = found.initialization.configuration if found.initialization else None
+        return config.data.encode() if config is not None and config.data else None
 
 
 async def wait_backup(client: EngineClient, vm_id: str, backup_id: str, phases: set[str]) -> Any:
@@ -315,14 +329,16 @@ async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> N
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     """Finalize the transfers, the backup and remove the snapshot a killed job left on the
-    engine (either flow: ``backup`` is flow 1's, ``snapshot`` flow 2's)."""
+    engine (either flow: ``backup`` is flow 1's, ``snapshot`` flow 2's); for a killed restore
+    into the engine (``restore``), cancel its uploads and delete the disks it created."""
     from plugins.ovirt.client import EngineConfig  # noqa: PLC0415 - only recovery needs it
     from plugins.ovirt.snapshot import remove_snapshot  # noqa: PLC0415 - imports this module
 
     backup = resources.get("backup")
     snapshot = resources.get("snapshot")
     engine = resources.get("engine")
-    if not (backup or snapshot) or not engine:
+    restored = resources.get("restore_disks")
+    if not (backup or snapshot or restored) or not engine:
         return []
     config = EngineConfig(
         url=engine["url"],
@@ -341,4 +357,13 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
         if snapshot:
             await remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"])
             done.append(f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}")
+        if restored:  # a killed restore into the engine: no disk of it is worth keeping
+            from plugins.ovirt.restore import cancel_transfer, delete_disk  # noqa: PLC0415
+
+            for transfer_id in resources.get("restore_transfers", []):
+                await cancel_transfer(client, transfer_id)
+                done.append(f"cancelled upload transfer {transfer_id}")
+            for disk_id in restored:
+                await delete_disk(client, disk_id)
+                done.append(f"deleted restored disk {disk_id}")
     return done

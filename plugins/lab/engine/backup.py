@@ -30,8 +30,8 @@ belongs to the caller.
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.io import qemu
@@ -64,8 +64,11 @@ class Activity:
     """All backups, checkpoints, transfers and events of one fake engine (module docstring)."""
 
     inventory: Inventory
-    images: Mapping[str, Path]  # disk id → image file (qcow2 for "cow" disks, else raw)
+    images: dict[str, Path]  # disk id → image file (qcow2 for "cow" disks, else raw)
     imageio: ImageioDaemon | None
+    # Where ``POST disks`` creates images (``restore``); None: the engine creates no disks.
+    images_dir: Path | None = None
+    created_images: set[str] = field(default_factory=set)  # disk ids whose image we made
     backups: dict[str, Backup] = field(default_factory=dict)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # creation order
     transfers: dict[str, Transfer] = field(default_factory=dict)
@@ -443,6 +446,9 @@ class Activity:
                     await qemu.qemu_img("check", "-q", "-f", "qcow2", self.image(disk))
                 except qemu.QemuError:
                     ok = False
+            if t.direction == "upload" and (cancel or not ok):
+                # An upload that did not succeed leaves the disk illegal (API-NOTES § 5.2).
+                self.inventory.disks[disk.id] = replace(disk, status="illegal")
             if cancel:
                 t.phase = "finalizing_cleanup"
                 code, what = TRANSFER_CANCELLED, "was cancelled"

@@ -5,11 +5,14 @@ The real engine serves the VM's OVF in ``vm.initialization.configuration`` (type
 a restore needs and what the engine's OVF writer (``OvfVmWriter``) puts in the same places:
 the name and id, CPU topology, memory, OS type, one NIC item per NIC (a seed with none gets
 ``nic1``) and one disk item per disk (disk id, volume id, format, interface, bootable, size).
-It is generated, not parsed back: nothing in the fake reads it.
+``parse_ovf`` reads such an envelope back (what ``POST vms`` from an OVF needs, § 8.3):
+the fields above, from the places this module writes them, which are where the engine's
+writer puts them too.
 """
 
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from plugins.lab.engine.state import Attachment, Disk, Inventory, Vm, lab_id
 
@@ -137,3 +140,85 @@ def vm_ovf(inv: Inventory, vm: Vm, volumes: Mapping[str, str] | None = None) -> 
 
 def _attachment(vm: Vm, disk_id: str) -> Attachment:
     return next(a for a in vm.attachments if a.disk_id == disk_id)
+
+
+@dataclass(frozen=True, slots=True)
+class OvfDisk:
+    disk_id: str
+    alias: str
+    interface: str  # the REST spelling: "virtio_scsi", "virtio", "sata"…
+    bootable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OvfVm:
+    """What ``parse_ovf`` takes from an envelope; None where the OVF says nothing."""
+
+    vm_id: str | None
+    name: str | None
+    os_type: str | None
+    memory: int | None  # bytes
+    sockets: int | None
+    cores: int | None
+    nics: tuple[str, ...]
+    disks: tuple[OvfDisk, ...]
+
+
+def parse_ovf(text: str) -> OvfVm:
+    """Read an ``ovf:Envelope`` (as ``vm_ovf`` writes it). Raises ``ValueError`` for text
+    that is not XML or not an envelope; missing fields come back as None."""
+    try:
+        env = ET.fromstring(text)  # noqa: S314 - the lab's own OVF, from a loopback client
+    except ET.ParseError as e:
+        raise ValueError(f"the OVF is not XML: {e}") from None
+    if env.tag != _q(OVF, "Envelope"):
+        raise ValueError(f"the OVF root is {env.tag}, not ovf:Envelope")
+    content = env.find("Content")
+    hw = None
+    os_section = None
+    disks: list[OvfDisk] = []
+    for section in env.iter("Section"):
+        kind = section.get(_q(XSI, "type"))
+        if kind == "ovf:VirtualHardwareSection_Type":
+            hw = section
+        elif kind == "ovf:OperatingSystemSection_Type":
+            os_section = section
+        elif kind == "ovf:DiskSection_Type":
+            for d in section.iter("Disk"):
+                disks.append(
+                    OvfDisk(
+                        disk_id=(d.get(_q(OVF, "fileRef")) or "").split("/")[0],
+                        alias=d.get(_q(OVF, "disk-alias")) or "",
+                        interface=(d.get(_q(OVF, "disk-interface")) or "virtio").lower(),
+                        bootable=d.get(_q(OVF, "boot")) == "true",
+                    )
+                )
+    memory = sockets = cores = None
+    nics: list[str] = []
+    for item in hw.iter("Item") if hw is not None else ():
+        kind = item.findtext(_q(RASD, "ResourceType"))
+        if kind == "3":
+            sockets = _int(item.findtext(_q(RASD, "num_of_sockets")))
+            cores = _int(item.findtext(_q(RASD, "cpu_per_socket")))
+        elif kind == "4":
+            mib = _int(item.findtext(_q(RASD, "VirtualQuantity")))
+            memory = mib * MiB if mib is not None else None
+        elif kind == "10":
+            nics.append(item.findtext(_q(RASD, "Name")) or f"nic{len(nics) + 1}")
+    return OvfVm(
+        vm_id=os_section.get(_q(OVF, "id")) if os_section is not None else None,
+        name=content.findtext("Name") if content is not None else None,
+        os_type=os_section.findtext("Description") if os_section is not None else None,
+        memory=memory,
+        sockets=sockets,
+        cores=cores,
+        nics=tuple(nics),
+        disks=tuple(disks),
+    )
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None

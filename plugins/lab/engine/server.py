@@ -18,7 +18,8 @@ Backups and image transfers (``backup_api``) need disk images and an ovirt-image
 adds and removes checkpoint bitmaps in them and serves them with qemu-nbd, so nothing else may
 hold them open meanwhile. Without ``imageio`` every image transfer is refused with a 409.
 VM snapshots (``snapshot_api``) rename those images and put qcow2 overlays at their paths
-(``snapshots``); the path of a disk's active layer never changes. The caller starts and stops
+(``snapshots``); the path of a disk's active layer never changes. Disks made by ``POST disks``
+(``restore``) get their images in ``workdir/images``. The caller starts and stops
 the daemon; ``close()`` stops every qemu-nbd the engine started
 and removes its tickets, before the caller stops the daemon.
 """
@@ -32,7 +33,7 @@ from typing import Self
 
 from aiohttp import web
 
-from plugins.lab.engine import api, backup_api, snapshot_api, sso
+from plugins.lab.engine import api, backup_api, restore_api, snapshot_api, sso
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.state import Inventory, Seed
 from plugins.lab.engine.tls import TlsFiles, make_tls_files
@@ -60,6 +61,7 @@ def make_app(
     app.add_routes(api.routes())
     app.add_routes(backup_api.routes())
     app.add_routes(snapshot_api.routes())
+    app.add_routes(restore_api.routes())
     return app
 
 
@@ -81,7 +83,9 @@ class FakeEngine:
         imageio: ImageioDaemon | None = None,
     ) -> None:
         self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
-        self.activity = Activity(self.inventory, dict(images or {}), imageio)
+        self.activity = Activity(
+            self.inventory, dict(images or {}), imageio, images_dir=workdir / "images"
+        )
         self.sessions = sso.Sessions(seed.username, seed.password)
         self.username = seed.username
         self.password = seed.password

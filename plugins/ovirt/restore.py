@@ -1,0 +1,475 @@
+"""Restore a snapshot into the engine as a new VM, over the LAN (API-NOTES § 8.1–§ 8.4).
+
+::
+
+    async with vm_restore(engine, store, manifest, options) as vr:   # or VmRestore(...)
+        outcome = await run_restore(..., plugin="ovirt", make_target=vr.make_target)
+        if outcome succeeded:
+            vm = await vr.create_vm()        # the new VM, down, with the disks attached
+
+    per disk (``vr.make_target(entry, record)``, an async context manager → TargetDisk):
+      enter: POST disks (floating; format/size/sparse/backup from the manifest, storage
+             domain from the options or the recorded one) → id recorded in the journal
+             ──poll──▶ ok;  POST imagetransfers (upload, raw) → recorded ──poll──▶
+             transferring;  ImageioDisk.connect(transfer_url, proxy_url)
+      exit:  success: finalize, wait finished_success (the engine checks a qcow2 volume)
+             failure: cancel, wait finished_*, DELETE the disk
+    create_vm(): POST vms from the snapshot's OVF (``regenerate_ids``: the original VM may
+             still exist) under the new name and cluster, or from plain fields when the
+             snapshot has no OVF; the id is recorded; then one POST diskattachments per
+             disk with the recorded interface and bootable flag, active.
+    leaving ``VmRestore`` before ``create_vm()`` returned (an error, a failed or cancelled
+             restore job): the new VM (if any) and every disk created are deleted.
+
+A new sparse disk is ``fresh`` (zero slots need no write); a preallocated one gets its zero
+slots written, since preallocated storage is not guaranteed to read as zeroes.
+
+Journal keys (``ResourceRecorder``): ``engine``, ``restore_disks``, ``restore_transfers`` and
+``restore_vm``; ``backup.recover`` cancels and deletes what a killed restore left.
+A process killed after the restore job succeeded but before ``create_vm`` finished leaves
+the disks (the job is no longer unfinished): the operator deletes them.
+
+Raised: ``OvirtRestoreError`` (a disk or transfer that fails on the engine), the
+``EngineError`` subclasses of ``client`` (e.g. ``EngineNotFound`` for an unknown storage
+domain or cluster), the ``ImageioError`` subclasses from writers. Cleanup failures are
+logged and added as notes to the error being raised; they never replace it.
+"""
+
+import asyncio
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as t
+import structlog
+
+from engine.config.models import EngineSection
+from engine.core.errors import EngineError
+from engine.core.ids import chunk_id_from_hex
+from engine.sources.types import DiskInfo, ResourceRecorder
+from engine.store.chunk_store import Store
+from engine.store.manifest import DiskEntry, Manifest
+from plugins.ovirt.backup import POLL_INTERVAL, finalize_transfer, wait_transfer
+from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
+from plugins.ovirt.imageio import ImageioDisk, ImageioWriter
+
+log = structlog.get_logger("tessera.ovirt.restore")
+
+DISK_TIMEOUT: Final = 600.0  # a preallocated disk on block storage takes minutes to create
+CLEANUP_TIMEOUT: Final = 120.0  # cancelling and deleting must not hang a failed restore
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+_OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1/"
+
+
+class OvirtRestoreError(EngineError):
+    template = "restore of VM {vm} into the engine: {reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreOptions:
+    """Where and as what to restore. None: ``name`` = ``<original>-restored``, ``cluster`` =
+    the OVF's cluster (else ``Default``), ``storage_domain`` = each disk's recorded one.
+    ``cluster`` and ``storage_domain`` are names or ids."""
+
+    name: str | None = None
+    cluster: str | None = None
+    storage_domain: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredVm:
+    id: str
+    name: str
+    disk_ids: tuple[str, ...]
+
+
+def _ref(cls: Any, value: str) -> Any:
+    return cls(id=value) if _UUID.match(value) else cls(name=value)
+
+
+def ovf_disk_facts(ovf: str | None) -> dict[str, dict[str, str]]:
+    """Disk id → ``{"sparse": "true"|"false"}`` read from the OVF's DiskSection
+    (``ovf:volume-type``); empty for no OVF or one that does not parse."""
+    if not ovf:
+        return {}
+    try:
+        env = ET.fromstring(ovf)  # noqa: S314 - our own stored copy of the engine's OVF
+    except ET.ParseError:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for d in env.iter("Disk"):
+        disk_id = (d.get(f"{{{_OVF_NS}}}fileRef") or "").split("/")[0]
+        vtype = d.get(f"{{{_OVF_NS}}}volume-type")
+        if disk_id and vtype:
+            out[disk_id] = {"sparse": str(vtype.lower() == "sparse").lower()}
+    return out
+
+
+def ovf_cluster(ovf: str | None) -> str | None:
+    if not ovf:
+        return None
+    try:
+        env = ET.fromstring(ovf)  # noqa: S314 - see ovf_disk_facts
+    except ET.ParseError:
+        return None
+    return env.findtext("Content/ClusterName")
+
+
+class _TargetDisk:
+    """The ``TargetDisk`` of one new engine disk while its upload transfer is open."""
+
+    def __init__(self, info: DiskInfo, fresh: bool, image: ImageioDisk) -> None:
+        self.info = info
+        self.fresh = fresh
+        self._image = image
+
+    async def open_writer(self) -> ImageioWriter:
+        """A new imageio connection; the caller closes it (``restore_disk`` does)."""
+        return await self._image.open_writer()
+
+
+class _DiskUpload:
+    """``VmRestore.make_target``'s context manager for one manifest disk (module docstring)."""
+
+    def __init__(self, vr: "VmRestore", entry: DiskEntry, record: ResourceRecorder) -> None:
+        self._vr = vr
+        self._entry = entry
+        self._record = record
+        self._disk_id: str | None = None
+        self._transfer_id: str | None = None
+        self._image: ImageioDisk | None = None
+
+    async def __aenter__(self) -> _TargetDisk:
+        try:
+            return await self._open()
+        except BaseException as e:
+            await self._vr._cleanup_disk(self._disk_id, self._transfer_id, self._image, e)
+            raise
+
+    async def _open(self) -> _TargetDisk:
+        vr, entry = self._vr, self._entry
+        attrs = dict(entry.attributes)
+        fmt = attrs.get("format", "cow")
+        sparse_text = attrs.get("sparse") or vr.ovf_facts.get(entry.disk_id, {}).get("sparse")
+        sparse = sparse_text == "true" if sparse_text else fmt == "cow"
+        domain = vr.options.storage_domain or attrs.get("storage_domain")
+        if not domain:
+            raise OvirtRestoreError(
+                vm=vr.manifest.vm_name,
+                reason=f"disk {entry.name}: no storage domain recorded; name one",
+            )
+        incremental = fmt == "cow" and attrs.get("backup") == "incremental"
+        body = t.Disk(
+            alias=entry.name,
+            name=entry.name,
+            provisioned_size=entry.size,
+            format=t.DiskFormat(fmt),
+            sparse=sparse,
+            backup=t.DiskBackup.INCREMENTAL if incremental else t.DiskBackup.NONE,
+            content_type=t.DiskContentType.DATA,
+            storage_domains=[_ref(t.StorageDomain, domain)],
+        )
+
+        def add(conn: sdk.Connection) -> Any:
+            return conn.system_service().disks_service().add(body)
+
+        created = await vr.client.call(
+            add, "create disk", obj=f"disk {entry.name}", idempotent=False
+        )
+        self._disk_id = created.id
+        vr.disk_ids.append(created.id)
+        self._record("restore_disks", list(vr.disk_ids))  # right after it exists
+        await vr.wait_disk(created.id, entry.name)
+
+        def upload(conn: sdk.Connection) -> Any:
+            return (
+                conn.system_service()
+                .image_transfers_service()
+                .add(
+                    t.ImageTransfer(
+                        disk=t.Disk(id=created.id),
+                        direction=t.ImageTransferDirection.UPLOAD,
+                        format=t.DiskFormat.RAW,  # raw guest data; the engine writes the format
+                    )
+                )
+            )
+
+        transfer = await vr.client.call(
+            upload, "start image transfer", obj=f"disk {created.id}", idempotent=False
+        )
+        self._transfer_id = transfer.id
+        vr.transfer_ids.append(transfer.id)
+        self._record("restore_transfers", list(vr.transfer_ids))
+        transfer = await wait_transfer(vr.client, transfer, f"upload to disk {created.id}")
+        self._image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
+        info = DiskInfo(created.id, entry.name, entry.size, attrs)
+        return _TargetDisk(info, sparse, self._image)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._disk_id is not None
+        assert self._transfer_id is not None
+        if exc is not None:
+            await self._vr._cleanup_disk(self._disk_id, self._transfer_id, self._image, exc)
+            return
+        try:
+            assert self._image is not None
+            await self._image.close()
+            await finalize_transfer(self._vr.client, self._transfer_id)
+        except BaseException as e:
+            # A failed finalize leaves the disk illegal: nothing worth keeping.
+            await self._vr._cleanup_disk(self._disk_id, self._transfer_id, None, e)
+            raise
+        self._vr.disks.append((self._entry, self._disk_id))
+
+
+class VmRestore:
+    """One restore of ``manifest`` into the engine as a new VM (module docstring).
+
+    ``ovf`` is the snapshot's stored VM configuration (None: the VM is created from plain
+    fields, without CPU or memory). ``recovery`` (engine url/user/password_file/ca_file) is
+    recorded in the journal for ``backup.recover``. The client stays the caller's."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        manifest: Manifest,
+        ovf: str | None,
+        options: RestoreOptions,
+        recovery: dict[str, Any],
+    ) -> None:
+        self.client = client
+        self.manifest = manifest
+        self.ovf = ovf
+        self.ovf_facts = ovf_disk_facts(ovf)
+        self.options = options
+        self.recovery = recovery
+        self.name = options.name or f"{manifest.vm_name}-restored"
+        self.disk_ids: list[str] = []  # every disk created, in creation order
+        self.transfer_ids: list[str] = []
+        self.disks: list[tuple[DiskEntry, str]] = []  # uploaded disks: entry, new disk id
+        self.vm_id: str | None = None
+        self._done = False
+
+    def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
+        """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
+        record("engine", self.recovery)
+        return _DiskUpload(self, entry, record)
+
+    async def wait_disk(self, disk_id: str, name: str) -> None:
+        """Poll the new disk until ``ok``; ``illegal`` or a timeout raise."""
+
+        def get(conn: sdk.Connection) -> Any:
+            return conn.system_service().disks_service().disk_service(disk_id).get()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DISK_TIMEOUT
+        while True:
+            disk = await self.client.call(get, "poll disk", obj=f"disk {disk_id}")
+            status = str(disk.status.value) if disk.status is not None else "?"
+            if status == "ok":
+                return
+            if status == "illegal" or loop.time() > deadline:
+                raise OvirtRestoreError(
+                    vm=self.manifest.vm_name, reason=f"new disk {name} ({disk_id}) is {status}"
+                )
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def create_vm(self) -> RestoredVm:
+        """Create the VM and attach the uploaded disks; call once, after every disk's
+        target closed successfully. The VM id is in the journal only through ``vm_id``:
+        ``VmRestore`` deletes the VM itself if an attachment fails."""
+        cluster_name = self.options.cluster or ovf_cluster(self.ovf) or "Default"
+        cluster = _ref(t.Cluster, cluster_name)
+        if self.ovf:
+            body = t.Vm(
+                name=self.name,
+                cluster=cluster,
+                initialization=t.Initialization(
+                    configuration=t.Configuration(type=t.ConfigurationType.OVF, data=self.ovf),
+                    regenerate_ids=True,
+                ),
+            )
+        else:
+            body = t.Vm(name=self.name, cluster=cluster, template=t.Template(name="Blank"))
+
+        def add(conn: sdk.Connection) -> Any:
+            return conn.system_service().vms_service().add(body)
+
+        vm = await self.client.call(add, "create VM", obj=f"VM {self.name}", idempotent=False)
+        self.vm_id = vm.id
+        for entry, disk_id in self.disks:
+            attrs = entry.attributes
+            attachment = t.DiskAttachment(
+                disk=t.Disk(id=disk_id),
+                interface=t.DiskInterface(attrs.get("interface") or "virtio_scsi"),
+                bootable=attrs.get("bootable") == "true",
+                active=True,
+                pass_discard=False,
+            )
+
+            def attach(conn: sdk.Connection, a: t.DiskAttachment = attachment) -> Any:
+                vms = conn.system_service().vms_service()
+                return vms.vm_service(vm.id).disk_attachments_service().add(a)
+
+            await self.client.call(
+                attach, "attach disk", obj=f"disk {disk_id} to VM {self.name}", idempotent=False
+            )
+        self._done = True
+        return RestoredVm(vm.id, self.name, tuple(d for _, d in self.disks))
+
+    async def _cleanup_disk(
+        self,
+        disk_id: str | None,
+        transfer_id: str | None,
+        image: ImageioDisk | None,
+        error: BaseException,
+    ) -> None:
+        """Close, cancel and delete what one disk target made; failures become notes."""
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                if image is not None:
+                    await image.close()
+                if transfer_id is not None:
+                    await cancel_transfer(self.client, transfer_id)
+                if disk_id is not None:
+                    await delete_disk(self.client, disk_id)
+                    self.disk_ids.remove(disk_id)
+        except Exception as e:  # noqa: BLE001 - the restore's own error is the one to raise
+            log.warning("restore cleanup failed", disk=disk_id, error=str(e))
+            error.add_note(f"cleanup of disk {disk_id} failed: {e}")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Unless ``create_vm()`` returned: delete the new VM and every disk created."""
+        if self._done:
+            return
+        problems: list[str] = []
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                if self.vm_id is not None:
+                    try:
+                        await delete_vm(self.client, self.vm_id)
+                    except EngineError as e:
+                        problems.append(f"VM {self.vm_id}: {e}")
+                for disk_id in list(self.disk_ids):
+                    try:
+                        await delete_disk(self.client, disk_id)
+                        self.disk_ids.remove(disk_id)
+                    except EngineError as e:
+                        problems.append(f"disk {disk_id}: {e}")
+        except TimeoutError:
+            problems.append(f"cleanup took longer than {CLEANUP_TIMEOUT:.0f} s")
+        if problems:
+            text = "restore cleanup left objects on the engine: " + "; ".join(problems)
+            log.warning(text)
+            if exc is not None:
+                exc.add_note(text)
+            else:
+                raise OvirtRestoreError(vm=self.manifest.vm_name, reason=text)
+
+
+async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:
+    """Cancel a transfer and wait until it finished (or is gone); the disk is then illegal
+    and can be deleted."""
+
+    def service(conn: sdk.Connection) -> Any:
+        return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
+
+    def cancel(conn: sdk.Connection) -> str | None:
+        try:
+            current = service(conn).get()
+            phase = str(current.phase.value) if current.phase else None
+            if phase is not None and not phase.startswith(("finished", "finalizing", "cancel")):
+                service(conn).cancel()
+        except sdk.NotFoundError:
+            return None
+        return phase
+
+    def phase(conn: sdk.Connection) -> str | None:
+        try:
+            return str(service(conn).get().phase.value)
+        except sdk.NotFoundError:
+            return None
+
+    what = f"transfer {transfer_id}"
+    if await client.call(cancel, "cancel image transfer", obj=what) is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLEANUP_TIMEOUT
+    while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
+        if current.startswith("finished") or loop.time() > deadline:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+async def delete_disk(client: EngineClient, disk_id: str) -> None:
+    """Delete a disk; one already gone is fine."""
+
+    def remove(conn: sdk.Connection) -> None:
+        conn.system_service().disks_service().disk_service(disk_id).remove()
+
+    try:
+        await client.call(remove, "delete disk", obj=f"disk {disk_id}")
+    except EngineNotFound:
+        return
+
+
+async def delete_vm(client: EngineClient, vm_id: str) -> None:
+    """Delete a VM but keep its disks (``detach_only``); one already gone is fine."""
+
+    def remove(conn: sdk.Connection) -> None:
+        conn.system_service().vms_service().vm_service(vm_id).remove(detach_only=True)
+
+    try:
+        await client.call(remove, "delete VM", obj=f"VM {vm_id}")
+    except EngineNotFound:
+        return
+
+
+@asynccontextmanager
+async def vm_restore(
+    engine: EngineSection, store: Store, manifest: Manifest, options: RestoreOptions
+) -> AsyncIterator[VmRestore]:
+    """A ``VmRestore`` with its own ``EngineClient`` for ``engine`` (closed on exit), the OVF
+    read from ``store`` (the manifest's config stream, when its format is ``ovf``).
+
+    Raises what ``store.read_chunk`` raises for a missing or corrupt config chunk."""
+    ovf = None
+    if manifest.config is not None and manifest.config.format == "ovf":
+        chunk = chunk_id_from_hex(manifest.config.chunk_id)
+        data = await asyncio.to_thread(store.read_chunk, chunk)
+        ovf = data[: manifest.config.size].decode()
+    recovery = {
+        "url": engine.url,
+        "username": engine.username,
+        "password_file": str(engine.password_file),
+        "ca_file": str(engine.ca_file) if engine.ca_file else None,
+    }
+    config = EngineConfig(
+        url=engine.url,
+        username=engine.username,
+        password_file=engine.password_file,
+        ca_file=engine.ca_file,
+    )
+    async with (
+        EngineClient(config) as client,
+        VmRestore(client, manifest, ovf, options, recovery) as vr,
+    ):
+        yield vr

@@ -1,0 +1,263 @@
+"""The fake engine's restore endpoints (API-NOTES § 8) driven by the real ovirtsdk4: new disks
+(images made with qemu-img, uploaded through real ovirt-imageio), VMs from the OVF the fake
+generates or from plain fields, disk attachments, deletes, and the engine's refusals."""
+
+from functools import partial
+from pathlib import Path
+
+import ovirtsdk4 as sdk
+import pytest
+from ovirtsdk4 import types
+
+from engine.core.units import KiB, MiB
+from engine.io import qemu
+from plugins.lab.engine import lab_id
+from plugins.lab.engine.ovf import parse_ovf, vm_ovf
+from plugins.ovirt.imageio import ImageioDisk
+from tests.lab.test_fake_engine_backup import (
+    POLLS,
+    VM_ID,
+    Lab,
+    fault,
+    finalize_transfer,
+    lab,
+    nothing_left_behind,
+    raw_copy,
+)
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["lab", "nothing_left_behind"]  # fixtures shared with the backup tests
+
+SD_ID = lab_id("sd", "data1")
+
+
+def add_disk(conn: sdk.Connection, **fields: object) -> types.Disk:
+    body = {
+        "alias": "new",
+        "provisioned_size": 2 * MiB,
+        "format": types.DiskFormat.COW,
+        "sparse": True,
+        "storage_domains": [types.StorageDomain(name="data1")],
+    } | fields
+    return conn.system_service().disks_service().add(types.Disk(**body))
+
+
+def get_disk(conn: sdk.Connection, disk_id: str) -> types.Disk:
+    return conn.system_service().disks_service().disk_service(disk_id).get()
+
+
+def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
+    transfers = conn.system_service().image_transfers_service()
+    t = transfers.add(
+        types.ImageTransfer(
+            disk=types.Disk(id=disk_id),
+            direction=types.ImageTransferDirection.UPLOAD,
+            format=types.DiskFormat.RAW,
+        )
+    )
+    for _ in range(POLLS):
+        t = transfers.image_transfer_service(t.id).get()
+        if t.phase == types.ImageTransferPhase.TRANSFERRING:
+            return t
+    raise AssertionError(f"transfer stuck in {t.phase}")
+
+
+def vm_config(conn: sdk.Connection) -> str:
+    vm = conn.system_service().vms_service().vm_service(VM_ID).get(all_content=True)
+    data = vm.initialization.configuration.data
+    assert isinstance(data, str)
+    return data
+
+
+def add_vm(conn: sdk.Connection, body: types.Vm) -> types.Vm:
+    return conn.system_service().vms_service().add(body)
+
+
+def ovf_vm(name: str, ovf: str, regenerate: bool = True) -> types.Vm:
+    return types.Vm(
+        name=name,
+        cluster=types.Cluster(name="Default"),
+        initialization=types.Initialization(
+            configuration=types.Configuration(type=types.ConfigurationType.OVF, data=ovf),
+            regenerate_ids=regenerate,
+        ),
+    )
+
+
+def attach(conn: sdk.Connection, vm_id: str, disk_id: str, **fields: object) -> object:
+    body = {"interface": types.DiskInterface.VIRTIO, "bootable": True, "active": True} | fields
+    service = conn.system_service().vms_service().vm_service(vm_id)
+    return service.disk_attachments_service().add(
+        types.DiskAttachment(disk=types.Disk(id=disk_id), **body)
+    )
+
+
+def test_parse_ovf_reads_back_what_vm_ovf_writes() -> None:
+    from plugins.lab.engine import FakeEngine, Seed, VmSeed
+    from plugins.lab.engine.state import DiskSeed
+
+    seed = Seed(
+        vms=(
+            VmSeed(
+                "a",
+                memory=3 * 1024 * MiB,
+                sockets=2,
+                cores=4,
+                nics=("eth0", "eth1"),
+                disks=(DiskSeed("a_os", MiB, interface="sata", bootable=True),),
+            ),
+        )
+    )
+    inv = FakeEngine(seed, Path("/nonexistent")).inventory
+    vm = inv.vms[lab_id("vm", "a")]
+    parsed = parse_ovf(vm_ovf(inv, vm))
+    assert (parsed.vm_id, parsed.name, parsed.os_type) == (vm.id, "a", vm.os_type)
+    assert (parsed.memory, parsed.sockets, parsed.cores) == (3 * 1024 * MiB, 2, 4)
+    assert parsed.nics == ("eth0", "eth1")
+    (disk,) = parsed.disks
+    assert (disk.disk_id, disk.alias, disk.interface, disk.bootable) == (
+        lab_id("disk", "a_os"),
+        "a_os",
+        "sata",
+        True,
+    )
+    with pytest.raises(ValueError, match="not XML"):
+        parse_ovf("<ovf")
+
+
+async def test_new_disk_upload_and_delete(lab: Lab) -> None:
+    disk = await lab.sdk(add_disk)
+    assert disk.status == types.DiskStatus.LOCKED
+    assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.OK
+    image = lab.engine.activity.images[disk.id]
+    info = await qemu.info(image)
+    assert (info["format"], info["virtual-size"]) == ("qcow2", 2 * MiB)
+
+    transfer = await lab.sdk(partial(upload, disk_id=disk.id))
+    data = b"\x5a" * (64 * KiB)
+    async with await ImageioDisk.connect(transfer.transfer_url) as target:
+        writer = await target.open_writer()
+        try:
+            await writer.write(MiB, data)
+            await writer.flush()
+        finally:
+            await writer.close()
+    e = await lab.sdk(
+        fault(lambda c: c.system_service().disks_service().disk_service(disk.id).remove())
+    )
+    assert e.code == 409  # the upload is in progress
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    copy = await raw_copy(image, lab.tmp)
+    assert copy[MiB : MiB + len(data)] == data
+    assert not any(copy[:MiB])
+
+    await lab.sdk(lambda c: c.system_service().disks_service().disk_service(disk.id).remove())
+    assert not image.exists()
+    e = await lab.sdk(fault(partial(get_disk, disk_id=disk.id)))
+    assert isinstance(e, sdk.NotFoundError)
+
+
+async def test_cancelled_upload_leaves_the_disk_illegal(lab: Lab) -> None:
+    disk = await lab.sdk(partial(add_disk, format=types.DiskFormat.RAW, sparse=False))
+    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    assert (await qemu.info(lab.engine.activity.images[disk.id]))["format"] == "raw"
+    transfer = await lab.sdk(partial(upload, disk_id=disk.id))
+
+    def cancel(conn: sdk.Connection) -> None:
+        service = conn.system_service().image_transfers_service()
+        service.image_transfer_service(transfer.id).cancel()
+        for _ in range(POLLS):
+            if service.image_transfer_service(transfer.id).get().phase.value.startswith("finished"):
+                return
+        raise AssertionError("cancel did not finish")
+
+    await lab.sdk(cancel)
+    assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.ILLEGAL
+
+
+async def test_disk_refusals(lab: Lab) -> None:
+    e = await lab.sdk(fault(partial(add_disk, format=None)))
+    assert e.code == 400
+    e = await lab.sdk(fault(partial(add_disk, storage_domains=[types.StorageDomain(name="x")])))
+    assert e.code == 404
+    e = await lab.sdk(
+        fault(partial(add_disk, format=types.DiskFormat.RAW, backup=types.DiskBackup.INCREMENTAL))
+    )
+    assert e.code == 400
+    assert "INCREMENTAL_BACKUP_NOT_SUPPORTED_FOR_RAW_DISK" in str(e)
+    disk = await lab.sdk(partial(add_disk, storage_domains=[types.StorageDomain(id=SD_ID)]))
+    e = await lab.sdk(fault(partial(add_disk, id=disk.id)))
+    assert e.code == 409
+
+
+async def test_vm_from_ovf_attach_and_delete(lab: Lab) -> None:
+    ovf = await lab.sdk(vm_config)
+    e = await lab.sdk(fault(partial(add_vm, body=ovf_vm("copy", ovf, regenerate=False))))
+    assert e.code == 409  # the OVF's VM id exists
+    e = await lab.sdk(fault(partial(add_vm, body=ovf_vm("vm1", ovf))))
+    assert e.code == 409  # name in use
+    vm = await lab.sdk(partial(add_vm, body=ovf_vm("copy", ovf)))
+    original = lab.engine.inventory.vms[VM_ID]
+    assert vm.id != VM_ID
+    assert vm.status == types.VmStatus.DOWN
+    assert vm.memory == original.memory
+    assert (vm.cpu.topology.sockets, vm.cpu.topology.cores) == (original.sockets, original.cores)
+    assert vm.os.type == original.os_type
+    assert lab.engine.inventory.vms[vm.id].nics == original.nics
+
+    disk = await lab.sdk(add_disk)
+    e = await lab.sdk(fault(partial(attach, vm_id=vm.id, disk_id=disk.id)))
+    assert e.code == 409  # still locked: nobody polled it
+    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    e = await lab.sdk(fault(partial(attach, vm_id=vm.id, disk_id=disk.id, bootable=None)))
+    assert e.code == 400
+    att = await lab.sdk(partial(attach, vm_id=vm.id, disk_id=disk.id))
+    assert att.interface == types.DiskInterface.VIRTIO
+    assert att.bootable is True
+    listed = await lab.sdk(
+        lambda c: (
+            c.system_service().vms_service().vm_service(vm.id).disk_attachments_service().list()
+        )
+    )
+    assert [a.id for a in listed] == [disk.id]
+    e = await lab.sdk(fault(partial(attach, vm_id=VM_ID, disk_id=disk.id)))
+    assert e.code == 409  # attached elsewhere
+    e = await lab.sdk(
+        fault(lambda c: c.system_service().disks_service().disk_service(disk.id).remove())
+    )
+    assert e.code == 409  # attached
+
+    await lab.sdk(
+        lambda c: c.system_service().vms_service().vm_service(vm.id).remove(detach_only=True)
+    )
+    assert vm.id not in lab.engine.inventory.vms
+    assert disk.id in lab.engine.inventory.disks
+    e = await lab.sdk(fault(lambda c: c.system_service().vms_service().vm_service(VM_ID).remove()))
+    assert e.code == 409  # running
+
+    again = await lab.sdk(partial(add_vm, body=ovf_vm("copy", ovf)))
+    await lab.sdk(partial(attach, vm_id=again.id, disk_id=disk.id))
+    image = lab.engine.activity.images[disk.id]
+    await lab.sdk(lambda c: c.system_service().vms_service().vm_service(again.id).remove())
+    assert disk.id not in lab.engine.inventory.disks
+    assert not image.exists()
+
+
+async def test_vm_from_plain_fields(lab: Lab) -> None:
+    body = types.Vm(name="plain", cluster=types.Cluster(name="Default"), memory=512 * MiB)
+    e = await lab.sdk(fault(partial(add_vm, body=body)))
+    assert e.code == 400  # no template and no OVF
+    body.template = types.Template(name="Blank")
+    body.cpu = types.Cpu(topology=types.CpuTopology(sockets=2, cores=3, threads=1))
+    vm = await lab.sdk(partial(add_vm, body=body))
+    assert (vm.name, vm.memory, vm.cpu.topology.sockets, vm.cpu.topology.cores) == (
+        "plain",
+        512 * MiB,
+        2,
+        3,
+    )
+    body.name = "other"
+    body.cluster = types.Cluster(name="nosuch")
+    e = await lab.sdk(fault(partial(add_vm, body=body)))
+    assert e.code == 404
