@@ -349,13 +349,15 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
                             make_target=vm_restore.make_target,
                             journal=journal,
                             progress=display.update,
+                            finish=vm_restore.create_vm,
                         )
                     for stats in outcome.disks:
                         print(stats.summary())
                     print(outcome.summary())
                     if outcome.record.state is not State.SUCCEEDED:
                         return EXIT_FAILED  # leaving the context deletes what was created
-                    vm = await vm_restore.create_vm()
+                    vm = vm_restore.vm
+                    assert vm is not None  # the job's COMMITTING step created it
             finally:
                 await pool.aclose()
             print(f"restored VM {vm.name} id {vm.id}")

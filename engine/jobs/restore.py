@@ -3,7 +3,7 @@
 PREPARING    load and check the manifest, choose the disks
 TRANSFERRING for each disk: create the target (recorded in the journal first), write it
              (``engine.restore.disk``), publish it
-COMMITTING   nothing is left to publish; the outcome lists the restored disks
+COMMITTING   the caller's ``finish`` step, if any (e.g. create the VM, attach the disks)
 FINISHING / ABORTING / CANCELLING   targets clean up after themselves (a failed target
              is deleted by its plugin); a killed process is handled by the plugin's recover
 
@@ -13,7 +13,7 @@ lets it persist what it creates before creating it.
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +74,10 @@ async def run_restore(
     journal: Journal,
     writers: int = 4,
     progress: Progress | None = None,
+    finish: Callable[[], Awaitable[object]] | None = None,
 ) -> RestoreOutcome:
+    """Restore the disks; then ``finish`` (e.g. create the VM and attach the disks) runs as
+    the COMMITTING step, so a failure there fails the job and its targets are cleaned up."""
     record = journal.create(
         "restore", plugin, {"snapshot": snapshot_id, "disks": list(disks or [])}
     )
@@ -113,6 +116,8 @@ async def run_restore(
 
     async def commit() -> Event:
         remember("restored", [d.disk_id for d in outcome.disks])
+        if finish is not None:
+            await finish()
         return Event.COMMITTED
 
     async def cleanup(success: bool) -> None:

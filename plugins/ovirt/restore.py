@@ -259,6 +259,7 @@ class VmRestore:
         self.disks: list[tuple[DiskEntry, str]] = []  # uploaded disks: entry, new disk id
         self.vm_id: str | None = None
         self._done = False
+        self.vm: RestoredVm | None = None  # set by create_vm
 
     def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
         """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
@@ -325,7 +326,8 @@ class VmRestore:
                 attach, "attach disk", obj=f"disk {disk_id} to VM {self.name}", idempotent=False
             )
         self._done = True
-        return RestoredVm(vm.id, self.name, tuple(d for _, d in self.disks))
+        self.vm = RestoredVm(vm.id, self.name, tuple(d for _, d in self.disks))
+        return self.vm
 
     async def _cleanup_disk(
         self,
