@@ -120,7 +120,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument(
         "--require-quiesce",
         action="store_true",
-        help="skip a VM whose guest agent cannot freeze its filesystems",
+        help="refuse a running VM whose guest agent cannot freeze its filesystems (any flow)",
     )
     p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
     _add_key_options(p)

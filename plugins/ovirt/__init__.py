@@ -1,12 +1,18 @@
-"""The oVirt plugin: the engine's REST API through ``ovirtsdk4``, and (later) imageio.
+"""The oVirt plugin: the engine's REST API through ``ovirtsdk4``, disk data through imageio.
 
 Nouns:
 
 - ``EngineClient``  one engine, one SSO token, a bounded pool of threads each with its own
                     ``ovirtsdk4.Connection``; every SDK call goes through ``EngineClient.call``.
 - ``inventory``     typed, frozen snapshots of clusters, hosts, storage domains, VMs and disks.
+- ``imageio``       the data path: ranged GETs, extents (zero, dirty), uploads, on aiohttp.
+- ``backup``        flow 1, the incremental-backup API (checkpoints, per-disk backup_mode),
+                    and ``recover`` for what a killed job left on the engine.
+- ``snapshot``      flow 2, snapshot + OVF + image transfers (LAN based), quiesce facts.
+- ``sources``       picks the flow (``auto`` = backup API) and builds one Source per VM.
 - ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
                     image transfers, the VM created from the stored OVF).
+Flow 3 (LAN free: disks attached to the DataMover) is not built yet.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the

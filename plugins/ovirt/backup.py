@@ -11,6 +11,14 @@
     close(): finalize every transfer, finalize the backup, poll until succeeded|failed
              (also after a failure: finalizing is the cleanup)
 
+Failures (API-NOTES § 4.8): a backup that goes FAILED raises ``OvirtBackupError`` quoting the
+engine's last event about it (looked up by the backup id, as SDK-EX ``backup_vm.py`` does); a
+transfer that goes ``paused_system`` is cancelled, then raises naming the disk, the transfer
+and the engine's event; either way ``close`` then finalizes what is still open. A disk the
+engine serves with ``backup_mode=full`` in an incremental backup (e.g. its bitmap is gone) is
+read in full, the reason recorded in its ``fallback`` attribute. With ``require_quiesce`` a
+running VM whose guest agent reports nothing is refused before anything is created.
+
 Every engine object is recorded in the job journal before (backup: its id is ours) or right
 after (transfers) it is created, so ``recover`` can finalize what a killed process left.
 """
@@ -24,13 +32,17 @@ from typing import Any, Final
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as t
+import structlog
 
-from engine.core.errors import EngineError
+from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 from plugins.ovirt.inventory import VmRef
+
+CANCEL_TIMEOUT: Final = 120.0  # cancelling a transfer must not hang a failed job
+log = structlog.get_logger("tessera.ovirt")
 
 POLL_INTERVAL: Final = 0.25  # seconds between phase polls: engine phases move in seconds
 READY_TIMEOUT: Final = 600.0  # a live backup with scratch disks can take minutes to start
@@ -96,15 +108,27 @@ class BackupApiSession:
 
 
 class OvirtVmSource:
-    """One oVirt VM backed up through the incremental-backup API."""
+    """One oVirt VM backed up through the incremental-backup API.
+
+    ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created on
+    the engine) a running VM whose guest agent reports nothing: a live backup of it could not
+    freeze its filesystems (API-NOTES § 7.1)."""
 
     plugin = "ovirt"
 
-    def __init__(self, client: EngineClient, vm: VmRef, config: dict[str, Any]):
+    def __init__(
+        self,
+        client: EngineClient,
+        vm: VmRef,
+        config: dict[str, Any],
+        *,
+        require_quiesce: bool = False,
+    ):
         self.client = client
         self.vm = vm
         self.vm_id = vm.id
         self.vm_name = vm.name
+        self.require_quiesce = require_quiesce
         self._config = config  # engine url/user/password_file/ca_file, for recovery
 
     async def open(
@@ -118,7 +142,13 @@ class OvirtVmSource:
         vm = self.vm
         disks = [d for d in vm.disks if d.active]
         backup_id = str(uuid.uuid4())
-        ovf = await self._ovf()
+        ovf, agent = await self._facts()
+        if self.require_quiesce and not agent:
+            raise ConfigError(
+                message=f"VM {vm.name}: no responsive guest agent (it reports no guest OS), so "
+                "its backup cannot be quiesced; require_quiesce refuses a crash-consistent "
+                "backup"
+            )
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
@@ -157,7 +187,7 @@ class OvirtVmSource:
         )
         session = BackupApiSession(self.client, info, backup_id)
         try:
-            ready = await wait_backup(self.client, vm.id, backup_id, {"ready"})
+            ready = await wait_backup(self.client, vm.id, backup_id, {"ready"}, vm_name=vm.name)
             session.to_checkpoint = ready.to_checkpoint_id
             modes = await backup_modes(self.client, vm.id, backup_id)
             transfers: list[str] = []
@@ -167,9 +197,12 @@ class OvirtVmSource:
                 reason = None
                 if parent_checkpoint is not None and not incremental:
                     reason = f"the engine reported backup_mode={mode} for this disk: full read"
-                transfer = await start_transfer(self.client, dinfo.disk_id, backup_id)
+                transfer = await add_transfer(self.client, dinfo.disk_id, backup_id)
                 transfers.append(transfer.id)
                 record("transfers", list(transfers))
+                transfer = await wait_transfer(
+                    self.client, transfer, f"{backup_id}: disk {dinfo.name}", vm=vm.name
+                )
                 image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
                 session._disks.append(
                     _Disk(
@@ -180,24 +213,39 @@ class OvirtVmSource:
                         transfer.id,
                     )
                 )
-        except BaseException:
-            await session.close(success=False)
+        except BaseException as e:
+            try:
+                await session.close(success=False)
+            except EngineError as cleanup:  # keep the first error; say what is left
+                log.warning("backup cleanup failed", vm=vm.name, error=str(cleanup))
+                e.add_note(f"cleanup: {cleanup}")
             raise
         return session
 
-    async def _ovf(self) -> bytes | None:
-        """The VM's OVF (``all_content``), saved with the snapshot for a restore as a new VM."""
+    async def _facts(self) -> tuple[bytes | None, bool]:
+        """The VM's OVF (``all_content``), saved with the snapshot for a restore as a new VM,
+        and whether a guest agent could quiesce it (down, or up with an agent reporting)."""
 
         def get(conn: sdk.Connection) -> Any:
             return conn.system_service().vms_service().vm_service(self.vm.id).get(all_content=True)
 
         found = await self.client.call(get, "read VM configuration", obj=f"VM {self.vm.name}")
         config = found.initialization.configuration if found.initialization else None
-        return config.data.encode() if config is not None and config.data else None
+        ovf = config.data.encode() if config is not None and config.data else None
+        agent = found.guest_operating_system is not None or bool(found.fqdn)
+        return ovf, found.status != t.VmStatus.UP or agent
 
 
-async def wait_backup(client: EngineClient, vm_id: str, backup_id: str, phases: set[str]) -> Any:
-    """Poll the backup until its phase is one of ``phases``; FAILED raises with the reason."""
+async def wait_backup(
+    client: EngineClient,
+    vm_id: str,
+    backup_id: str,
+    phases: set[str],
+    *,
+    vm_name: str | None = None,
+) -> Any:
+    """Poll the backup until its phase is one of ``phases``; FAILED raises, quoting the
+    engine's last event about the backup."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT
 
@@ -211,10 +259,31 @@ async def wait_backup(client: EngineClient, vm_id: str, backup_id: str, phases: 
         if phase in phases:
             return backup
         if phase == "failed":
-            raise OvirtBackupError(vm=vm_id, backup=backup_id, reason="the engine reports FAILED")
+            event = await last_event(client, backup_id)
+            raise OvirtBackupError(
+                vm=vm_name or vm_id,
+                backup=backup_id,
+                reason=f"the engine reports FAILED: {event or 'no event says why'}",
+            )
         if loop.time() > deadline:
-            raise OvirtBackupError(vm=vm_id, backup=backup_id, reason=f"still {phase}")
+            raise OvirtBackupError(vm=vm_name or vm_id, backup=backup_id, reason=f"still {phase}")
         await asyncio.sleep(POLL_INTERVAL)
+
+
+async def last_event(client: EngineClient, text: str) -> str | None:
+    """The description of the newest engine event that mentions ``text`` (a backup or transfer
+    id: the engine's free-text event search, API-NOTES § 9.2), or None. Best effort: an
+    engine error while looking is logged and gives None, so it never hides the failure."""
+
+    def newest(conn: sdk.Connection) -> str | None:
+        events = conn.system_service().events_service().list(search=text, max=1)
+        return str(events[0].description) if events and events[0].description else None
+
+    try:
+        return await client.call(newest, "list events", obj=f"events about {text}")
+    except EngineError as e:
+        log.warning("cannot read engine events", about=text, error=str(e))
+        return None
 
 
 async def backup_modes(client: EngineClient, vm_id: str, backup_id: str) -> dict[str, str]:
@@ -226,7 +295,10 @@ async def backup_modes(client: EngineClient, vm_id: str, backup_id: str) -> dict
     return await client.call(get, "list backup disks", obj=f"backup {backup_id}")
 
 
-async def start_transfer(client: EngineClient, disk_id: str, backup_id: str) -> Any:
+async def add_transfer(client: EngineClient, disk_id: str, backup_id: str) -> Any:
+    """Create the download transfer of one disk of a backup; return it as created (not yet
+    ``transferring``: record its id, then ``wait_transfer``)."""
+
     def add(conn: sdk.Connection) -> Any:
         return (
             conn.system_service()
@@ -241,15 +313,15 @@ async def start_transfer(client: EngineClient, disk_id: str, backup_id: str) -> 
             )
         )
 
-    transfer = await client.call(
-        add, "start image transfer", obj=f"disk {disk_id}", idempotent=False
-    )
-    return await wait_transfer(client, transfer, f"backup {backup_id}")
+    return await client.call(add, "start image transfer", obj=f"disk {disk_id}", idempotent=False)
 
 
-async def wait_transfer(client: EngineClient, transfer: Any, what: str) -> Any:
-    """Poll a new transfer until ``transferring`` (it then has its URLs) and return it;
-    ``paused_system``/``finished_failure`` or a timeout raise, naming ``what`` it reads."""
+async def wait_transfer(client: EngineClient, transfer: Any, what: str, *, vm: str = "?") -> Any:
+    """Poll a new transfer until ``transferring`` (it then has its URLs) and return it.
+
+    ``paused_system`` or ``finished_failure`` cancel the transfer (so nothing is left open and
+    its backup can be finalized) and raise ``OvirtBackupError`` naming ``what`` it reads, the
+    transfer and the engine's last event about it; a timeout cancels and raises too."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT
     transfer_id = transfer.id
@@ -263,20 +335,60 @@ async def wait_transfer(client: EngineClient, transfer: Any, what: str) -> Any:
         )
 
     while transfer.phase != t.ImageTransferPhase.TRANSFERRING:
+        stuck = None
         if transfer.phase in (
             t.ImageTransferPhase.PAUSED_SYSTEM,
             t.ImageTransferPhase.FINISHED_FAILURE,
         ):
+            stuck = f"is {transfer.phase.value}"
+        elif loop.time() > deadline:
+            stuck = "never started"
+        if stuck is not None:
+            event = await last_event(client, transfer_id)
+            await cancel_transfer(client, transfer_id)
             raise OvirtBackupError(
-                vm="?", backup=what, reason=f"transfer {transfer_id} is {transfer.phase}"
-            )
-        if loop.time() > deadline:
-            raise OvirtBackupError(
-                vm="?", backup=what, reason=f"transfer {transfer_id} never started"
+                vm=vm,
+                backup=what,
+                reason=f"transfer {transfer_id} {stuck} ({event or 'no event says why'}); "
+                "cancelled",
             )
         await asyncio.sleep(POLL_INTERVAL)
         transfer = await client.call(get, "poll image transfer", obj=f"transfer {transfer_id}")
     return transfer
+
+
+async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:
+    """Cancel a transfer and wait until it finished (or is gone, or CANCEL_TIMEOUT passed).
+    An upload's disk is then illegal and can be deleted."""
+
+    def service(conn: sdk.Connection) -> Any:
+        return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
+
+    def cancel(conn: sdk.Connection) -> str | None:
+        try:
+            current = service(conn).get()
+            phase = str(current.phase.value) if current.phase else None
+            if phase is not None and not phase.startswith(("finished", "finalizing", "cancel")):
+                service(conn).cancel()
+        except sdk.NotFoundError:
+            return None
+        return phase
+
+    def phase(conn: sdk.Connection) -> str | None:
+        try:
+            return str(service(conn).get().phase.value)
+        except sdk.NotFoundError:
+            return None
+
+    what = f"transfer {transfer_id}"
+    if await client.call(cancel, "cancel image transfer", obj=what) is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_TIMEOUT
+    while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
+        if current.startswith("finished") or loop.time() > deadline:
+            return
+        await asyncio.sleep(POLL_INTERVAL)
 
 
 async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
@@ -315,10 +427,17 @@ async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
 
 
 async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> None:
+    """Finalize the backup and wait until it ended; one that never existed, is gone or
+    already ended (e.g. FAILED) needs nothing."""
+
     def finalize(conn: sdk.Connection) -> bool:
         vm = conn.system_service().vms_service().vm_service(vm_id)
+        service = vm.backups_service().backup_service(backup_id)
         try:
-            vm.backups_service().backup_service(backup_id).finalize()
+            phase = service.get().phase
+            if phase in (t.BackupPhase.SUCCEEDED, t.BackupPhase.FAILED):
+                return False
+            service.finalize()
         except sdk.NotFoundError:
             return False  # never created, or purged: nothing to finalize
         return True
@@ -358,7 +477,7 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
             await remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"])
             done.append(f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}")
         if restored:  # a killed restore into the engine: no disk of it is worth keeping
-            from plugins.ovirt.restore import cancel_transfer, delete_disk  # noqa: PLC0415
+            from plugins.ovirt.restore import delete_disk  # noqa: PLC0415
 
             for transfer_id in resources.get("restore_transfers", []):
                 await cancel_transfer(client, transfer_id)

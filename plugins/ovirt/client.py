@@ -313,7 +313,10 @@ class EngineClient:
         if isinstance(e, sdk.NotFoundError):
             return EngineNotFound(url=url, what=what, object=obj, reason=reason)
         if _is_transient(e):
-            return EngineUnavailable(url=url, what=what, object=obj, code=e.code, reason=reason)
+            status = f"HTTP {e.code}: " if isinstance(e.code, int) else ""
+            return EngineUnavailable(
+                url=url, what=what, object=obj, code=e.code, reason=status + reason
+            )
         return EngineApiError(url=url, what=what, object=obj, code=e.code, reason=reason)
 
 

@@ -54,7 +54,7 @@ from engine.core.ids import chunk_id_from_hex
 from engine.sources.types import DiskInfo, ResourceRecorder
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
-from plugins.ovirt.backup import POLL_INTERVAL, finalize_transfer, wait_transfer
+from plugins.ovirt.backup import POLL_INTERVAL, cancel_transfer, finalize_transfer, wait_transfer
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
 from plugins.ovirt.imageio import ImageioDisk, ImageioWriter
 
@@ -385,40 +385,6 @@ class VmRestore:
                 exc.add_note(text)
             else:
                 raise OvirtRestoreError(vm=self.manifest.vm_name, reason=text)
-
-
-async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:
-    """Cancel a transfer and wait until it finished (or is gone); the disk is then illegal
-    and can be deleted."""
-
-    def service(conn: sdk.Connection) -> Any:
-        return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
-
-    def cancel(conn: sdk.Connection) -> str | None:
-        try:
-            current = service(conn).get()
-            phase = str(current.phase.value) if current.phase else None
-            if phase is not None and not phase.startswith(("finished", "finalizing", "cancel")):
-                service(conn).cancel()
-        except sdk.NotFoundError:
-            return None
-        return phase
-
-    def phase(conn: sdk.Connection) -> str | None:
-        try:
-            return str(service(conn).get().phase.value)
-        except sdk.NotFoundError:
-            return None
-
-    what = f"transfer {transfer_id}"
-    if await client.call(cancel, "cancel image transfer", obj=what) is None:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + CLEANUP_TIMEOUT
-    while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
-        if current.startswith("finished") or loop.time() > deadline:
-            return
-        await asyncio.sleep(POLL_INTERVAL)
 
 
 async def delete_disk(client: EngineClient, disk_id: str) -> None:

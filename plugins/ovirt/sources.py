@@ -30,8 +30,9 @@ async def vm_sources(
 ) -> VmSources:
     """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow.
 
-    ``require_quiesce`` (snapshot-imageio only) makes a running VM without a responsive guest
-    agent fail at open with a ConfigError instead of a crash-consistent snapshot."""
+    ``require_quiesce`` (either flow) makes a running VM without a responsive guest agent fail
+    at open with a ConfigError, before anything is created, instead of a crash-consistent
+    backup."""
     if flow not in FLOWS:
         raise ConfigError(message=f"flow {flow!r} is not available yet; use one of {FLOWS}")
     config = EngineConfig(
@@ -57,7 +58,7 @@ async def vm_sources(
         sources: list[OvirtVmSource | SnapshotImageioSource] = [
             SnapshotImageioSource(client, vm, recovery, require_quiesce=require_quiesce)
             if flow == "snapshot-imageio"
-            else OvirtVmSource(client, vm, recovery)
+            else OvirtVmSource(client, vm, recovery, require_quiesce=require_quiesce)
             for vm in chosen
         ]
         return VmSources(client, sources)

@@ -264,3 +264,19 @@ def _login_token(engine: FakeEngine) -> str:
         return str(conn.authenticate())
     finally:
         conn.close(logout=False)  # keep the token alive for the raw requests
+
+
+async def test_http_5xx_refuses_the_next_authenticated_requests(engine: FakeEngine) -> None:
+    engine.faults.http_5xx = 2
+    engine.faults.slow_ms = 1  # every response late; the answers stay the same
+
+    def run(conn: sdk.Connection) -> int:
+        vms = conn.system_service().vms_service()
+        for _ in range(2):
+            with pytest.raises(sdk.Error, match=r"Faults\.http_5xx") as caught:
+                vms.list()
+            assert caught.value.code == 503
+        return len(vms.list())
+
+    assert await with_sdk(engine, run) > 0  # the SSO login did not count
+    assert engine.faults.http_5xx == 0

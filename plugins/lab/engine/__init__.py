@@ -9,17 +9,20 @@ Nouns:
                   transfers and events (``backup``): the mutable
                   part, doing real work on the disk images (qemu-img bitmaps, qemu-nbd,
                   ovirt-imageio tickets).
+- ``Faults``      the test's fault knobs (``faults``): a FAILED backup, paused transfers,
+                  503s, slow responses; held by the activity, set on the event loop.
 - ``FakeEngine``  owns the inventory, the sessions, the activity and an aiohttp server on
                   127.0.0.1 with TLS.
 
 Invariants: every response body under ``/ovirt-engine/api`` is written by ``ovirtsdk4``'s
 writers with ``Content-Type: application/xml``, errors included (``<fault>``); every SSO answer
 is JSON; every API request needs a live Bearer token. The inventory is read-only; the activity
-changes only through the API. All state lives on the event loop (handlers await subprocesses
-but never block; nothing is shared with threads).
+changes only through the API (and ``Faults``, which tests set). All state lives on the event
+loop (handlers await subprocesses but never block; nothing is shared with threads).
 """
 
 from plugins.lab.engine.backup import Activity
+from plugins.lab.engine.faults import Faults
 from plugins.lab.engine.server import FakeEngine, make_app
 from plugins.lab.engine.sso import Sessions
 from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed, lab_id
@@ -28,6 +31,7 @@ __all__ = [
     "Activity",
     "DiskSeed",
     "FakeEngine",
+    "Faults",
     "Inventory",
     "Seed",
     "Sessions",

@@ -5,7 +5,9 @@ Every request under the API prefix goes through ``api_middleware``:
 - ``Authorization: Bearer <token>`` must name a live SSO token, else 401 ``<fault>``;
 - a ``Version`` header other than ``4`` is a 400 (the SDK always sends ``Version: 4``);
 - any error, including aiohttp's own 404/405, leaves as an XML ``<fault>``: the SDK only maps
-  status codes to ``NotFoundError``/``AuthError`` when the body is XML or empty.
+  status codes to ``NotFoundError``/``AuthError`` when the body is XML or empty;
+- the ``FAULTS`` knobs (``faults``), when the app has them, delay every request (``slow_ms``)
+  and refuse the next authenticated ones with a 503 ``<fault>`` (``http_5xx``).
 
 Lists accept ``search=`` (see ``search``), ``case_sensitive=`` and ``max=``; VMs also accept
 ``follow=disk_attachments``, ``follow=disk_attachments.disk`` and ``follow=tags``, which inline
@@ -13,6 +15,7 @@ those sub-collections. ``all_content=true`` (query, or the ``All-Content: true``
 adds along) adds each VM's OVF (``ovf.vm_ovf``) in ``initialization.configuration``.
 """
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,6 +26,7 @@ from aiohttp import web
 from ovirtsdk4 import types
 
 from plugins.lab.engine import ovf, render, search
+from plugins.lab.engine.faults import FAULTS
 from plugins.lab.engine.sso import Sessions
 from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Disk, Inventory, Vm, lab_id
 
@@ -49,6 +53,9 @@ class Fault(Exception):
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith(render.API):
         return await handler(request)
+    faults = request.app.get(FAULTS)
+    if faults is not None and faults.slow_ms > 0:
+        await asyncio.sleep(faults.slow_ms / 1000)
     refusal = _refusal(request)
     if refusal is not None:
         return refusal
@@ -66,13 +73,20 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 def _refusal(request: web.Request) -> web.Response | None:
-    """The fault for a bad ``Version`` header or a missing/unknown token, else None."""
+    """The fault for a bad ``Version`` header or a missing/unknown token, else None; or the
+    503 ``Faults.http_5xx`` still asks for."""
     version = request.headers.get("Version")
     if version not in (None, "4"):
         return render.fault(400, "Bad Request", f"unsupported API version {version!r}")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or request.app[SESSIONS].user(token.strip()) is None:
         return render.fault(401, "Unauthorized", "missing, unknown or revoked access token")
+    faults = request.app.get(FAULTS)
+    if faults is not None and faults.http_5xx > 0:
+        faults.http_5xx -= 1
+        return render.fault(
+            503, "Service Unavailable", "the lab engine refuses this request (Faults.http_5xx)"
+        )
     return None
 
 

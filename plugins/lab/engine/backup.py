@@ -22,6 +22,9 @@ finished_success, cancel → finalizing_cleanup → finished_cleanup. A transfer
 or ticket failed (e.g. the from-checkpoint bitmap was removed behind the engine's back) goes
 initializing → paused_system with event 1068; only cancel ends it.
 
+``faults`` (the ``Faults`` knobs) adds: a backup of a VM in ``fail_backup_of`` goes
+initializing → failed with event 10792; with ``pause_transfers`` every new transfer pauses.
+
 Errors raise ``api.Fault`` with the engine's status and text. Every method runs on the event
 loop; one lock serializes the mutating ones (they await qemu-img / qemu-nbd / imageio).
 ``close()`` stops every qemu-nbd and removes every ticket; the ``ImageioDaemon`` itself
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from engine.io import qemu
 from plugins.lab.engine.api import Fault
+from plugins.lab.engine.faults import Faults
 from plugins.lab.engine.records import (
     BACKUP_ACTIVE,
     TRANSFER_CANCELLED,
@@ -43,6 +47,7 @@ from plugins.lab.engine.records import (
     TRANSFER_INITIATED,
     TRANSFER_SUCCEEDED,
     TRANSFER_TICKET_FAILED,
+    VM_BACKUP_FAILED,
     VM_BACKUP_FINALIZED,
     VM_BACKUP_STARTED,
     VM_BACKUP_SUCCEEDED,
@@ -74,6 +79,7 @@ class Activity:
     transfers: dict[str, Transfer] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)  # see ``snapshots``
     events: list[Event] = field(default_factory=list)
+    faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -170,7 +176,15 @@ class Activity:
                 )
             disks = [self.inventory.disks[d] for d in dict.fromkeys(disk_ids)]
             modes = {d.id: await self._mode(d, from_checkpoint_id) for d in disks}
-            tracked = [d for d in disks if d.format == "cow" and d.backup == "incremental"]
+            failure = None
+            if vm.name in self.faults.fail_backup_of:
+                self.faults.fail_backup_of.discard(vm.name)
+                failure = "lab fault injected by Faults.fail_backup_of"
+            tracked = [
+                d
+                for d in disks
+                if d.format == "cow" and d.backup == "incremental" and failure is None
+            ]
             to_checkpoint = None
             if tracked:
                 to_checkpoint = self.new_id()
@@ -193,6 +207,7 @@ class Activity:
                 from_checkpoint_id=from_checkpoint_id,
                 to_checkpoint_id=to_checkpoint,
                 description=description,
+                failure=failure,
             )
             self.backups[b.id] = b
             self.event(VM_BACKUP_STARTED, f"Backup {b.id} for VM {vm.name} started", vm_id)
@@ -223,10 +238,22 @@ class Activity:
             raise Fault(409, f"[Cannot change bitmap {name} of disk {disk.alias}: {e}]") from e
 
     def advance_backup(self, b: Backup) -> None:
-        """One polling step (a GET): initializing → starting → ready; finalizing → succeeded."""
+        """One polling step (a GET): initializing → starting → ready; finalizing → succeeded;
+        initializing → failed (event 10792) for a backup ``Faults.fail_backup_of`` picked."""
         step = {"initializing": "starting", "starting": "ready", "finalizing": "succeeded"}
         nxt = step.get(b.phase)
         if nxt is None:
+            return
+        if b.phase == "initializing" and b.failure is not None:
+            b.phase = "failed"
+            b.modified = now()
+            vm = self.inventory.vms[b.vm_id]
+            self.event(
+                VM_BACKUP_FAILED,
+                f"Backup {b.id} for VM {vm.name} failed: {b.failure}",
+                vm.id,
+                "error",
+            )
             return
         b.phase = nxt
         b.modified = now()
@@ -254,7 +281,7 @@ class Activity:
         vm = self.inventory.vms[b.vm_id]
         if failed:  # finalize before READY fails the backup and drops its checkpoint
             self.checkpoints.pop(b.to_checkpoint_id or "", None)
-            self.event(10792, f"Backup {b.id} for VM {vm.name} failed", vm.id, "error")
+            self.event(VM_BACKUP_FAILED, f"Backup {b.id} for VM {vm.name} failed", vm.id, "error")
         else:
             self.event(VM_BACKUP_FINALIZED, f"Backup {b.id} for VM {vm.name} finalized", vm.id)
 
@@ -337,26 +364,15 @@ class Activity:
                 bitmap=bitmap,
             )
             t_id, ticket = self.new_id(), self.new_id()
-            failure = None
-            try:
-                await nbd.start()
-                await self.imageio.add_ticket(
-                    ticket,
-                    f"nbd:unix:{nbd.address}",
-                    disk.provisioned_size,
-                    ["read"] if read_only else ["write"],
-                    dirty=bitmap is not None,
-                    transfer_id=t_id,
-                    sparse=disk.sparse,
-                    inactivity_timeout=inactivity_timeout,
-                )
-            except (qemu.QemuError, ImageioControlError) as e:
-                # As vdsm's BitmapDoesNotExist & co: the transfer pauses (API-NOTES § 4.8).
-                await nbd.stop()
-                failure = str(e)
-            except BaseException:
-                await nbd.stop()
-                raise
+            failure = await self._serve(
+                nbd,
+                ticket,
+                t_id,
+                disk,
+                read_only=read_only,
+                dirty=bitmap is not None,
+                inactivity_timeout=inactivity_timeout,
+            )
             t = Transfer(
                 id=t_id,
                 disk_id=disk_id,
@@ -386,6 +402,43 @@ class Activity:
                     "error",
                 )
             return t
+
+    async def _serve(
+        self,
+        nbd: qemu.QemuNbd,
+        ticket: str,
+        transfer_id: str,
+        disk: Disk,
+        *,
+        read_only: bool,
+        dirty: bool,
+        inactivity_timeout: int | None,
+    ) -> str | None:
+        """Start qemu-nbd and install the ticket; return why that failed (the transfer then
+        pauses), or None. ``Faults.pause_transfers`` fails it without starting anything."""
+        if self.faults.pause_transfers:
+            return "paused by the lab (Faults.pause_transfers)"
+        assert self.imageio is not None  # start_transfer refused the transfer otherwise
+        try:
+            await nbd.start()
+            await self.imageio.add_ticket(
+                ticket,
+                f"nbd:unix:{nbd.address}",
+                disk.provisioned_size,
+                ["read"] if read_only else ["write"],
+                dirty=dirty,
+                transfer_id=transfer_id,
+                sparse=disk.sparse,
+                inactivity_timeout=inactivity_timeout,
+            )
+        except (qemu.QemuError, ImageioControlError) as e:
+            # As vdsm's BitmapDoesNotExist & co: the transfer pauses (API-NOTES § 4.8).
+            await nbd.stop()
+            return str(e)
+        except BaseException:
+            await nbd.stop()
+            raise
+        return None
 
     def _volume(self, volume_id: str, disk_id: str | None, direction: str) -> Volume:
         """The snapshot volume a transfer names; it must be a download of an ok snapshot."""

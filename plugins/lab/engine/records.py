@@ -15,6 +15,7 @@ TRANSFER_DONE = frozenset({"finished_success", "finished_failure", "finished_cle
 
 # Event codes (API-NOTES § 9.3).
 VM_BACKUP_STARTED = 10790
+VM_BACKUP_FAILED = 10792
 VM_BACKUP_SUCCEEDED = 10793
 VM_BACKUP_FINALIZED = 10794
 VM_CHECKPOINT_DELETED = 10797
@@ -54,6 +55,7 @@ class Backup:
     phase: str = "initializing"
     created: datetime = field(default_factory=now)
     modified: datetime = field(default_factory=now)
+    failure: str | None = None  # set: the backup goes initializing → failed (``faults``)
 
 
 @dataclass(slots=True)

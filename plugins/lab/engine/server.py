@@ -22,6 +22,9 @@ VM snapshots (``snapshot_api``) rename those images and put qcow2 overlays at th
 (``restore``) get their images in ``workdir/images``. The caller starts and stops
 the daemon; ``close()`` stops every qemu-nbd the engine started
 and removes its tickets, before the caller stops the daemon.
+
+``engine.faults`` (``faults.Faults``) injects failures: a FAILED backup, paused transfers, 503s
+and slow responses; the ``faults`` module says what each knob does.
 """
 
 import socket
@@ -35,6 +38,7 @@ from aiohttp import web
 
 from plugins.lab.engine import api, backup_api, restore_api, snapshot_api, sso
 from plugins.lab.engine.backup import Activity
+from plugins.lab.engine.faults import FAULTS, Faults
 from plugins.lab.engine.state import Inventory, Seed
 from plugins.lab.engine.tls import TlsFiles, make_tls_files
 from plugins.lab.imageio import ImageioDaemon
@@ -56,7 +60,9 @@ def make_app(
     app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
     app[api.INVENTORY] = inventory
     app[api.SESSIONS] = sessions
-    app[backup_api.ACTIVITY] = activity or Activity(inventory, {}, None)
+    activity = activity or Activity(inventory, {}, None)
+    app[backup_api.ACTIVITY] = activity
+    app[FAULTS] = activity.faults
     app.add_routes(sso.routes(sessions, clock))
     app.add_routes(api.routes())
     app.add_routes(backup_api.routes())
@@ -86,6 +92,8 @@ class FakeEngine:
         self.activity = Activity(
             self.inventory, dict(images or {}), imageio, images_dir=workdir / "images"
         )
+        # The fault knobs (``faults`` module): set them on the event loop to misbehave.
+        self.faults: Faults = self.activity.faults
         self.sessions = sso.Sessions(seed.username, seed.password)
         self.username = seed.username
         self.password = seed.password

@@ -1,0 +1,41 @@
+"""``Faults``: the knobs a test turns to make the fake engine misbehave (API-NOTES § 4.8, § 11.4).
+
+The engine holds one ``Faults`` (``FakeEngine.faults``, also ``Activity.faults``); tests set its
+fields on the event loop, between or during runs, and the next requests see them:
+
+- ``fail_backup_of``: VM names. The next backup of such a VM is accepted (201) and then goes
+  initializing → failed on its first poll, with event 10792 ``VM_BACKUP_FAILED`` (severity
+  error) whose description names the backup id; no checkpoint is created. The name is removed
+  from the set once used, so only one backup fails.
+- missing bitmap: no knob. A test removes a checkpoint's bitmap from a disk image behind the
+  engine's back (``qemu-img bitmap --remove``). A backup started after that reports
+  ``backup_mode=full`` for the disk (the engine looks for the bitmap when the backup starts,
+  as it does for a disk not in the from-checkpoint); a bitmap removed after the backup started
+  makes that disk's transfer go paused_system with event 1068, as vdsm's
+  ``BitmapDoesNotExist`` does in hybrid/cold mode.
+- ``pause_transfers``: every new image transfer goes initializing → paused_system with event
+  1068 ``TRANSFER_IMAGE_STOPPED_BY_SYSTEM_FAILED_TO_CREATE_TICKET``, no qemu-nbd and no ticket;
+  only cancel ends it.
+- ``http_5xx``: the next N authenticated API requests answer 503 with an XML ``<fault>`` before
+  reaching their handler (SSO logins and unauthenticated requests are not counted).
+- ``slow_ms``: every API request (under ``/ovirt-engine/api``) is answered this many
+  milliseconds late (``asyncio.sleep`` in the middleware).
+- guest agent missing: no knob, a seed property (``VmSeed.guest_agent=False``).
+"""
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass(slots=True)
+class Faults:
+    """The fake engine's fault knobs (module docstring); all off by default."""
+
+    fail_backup_of: set[str] = field(default_factory=set)  # VM names
+    pause_transfers: bool = False
+    http_5xx: int = 0  # API requests still to refuse with 503
+    slow_ms: int = 0  # delay added to every API response
+
+
+FAULTS = web.AppKey("faults", Faults)
