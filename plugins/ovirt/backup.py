@@ -223,17 +223,26 @@ class OvirtVmSource:
         return session
 
     async def _facts(self) -> tuple[bytes | None, bool]:
-        """The VM's OVF (``all_content``), saved with the snapshot for a restore as a new VM,
-        and whether a guest agent could quiesce it (down, or up with an agent reporting)."""
+        """The VM's OVF, and whether it can be quiesced (down, or an agent reporting)."""
+        ovf, consistency = await vm_facts(self.client, self.vm)
+        return ovf, consistency != "crash"
 
-        def get(conn: sdk.Connection) -> Any:
-            return conn.system_service().vms_service().vm_service(self.vm.id).get(all_content=True)
 
-        found = await self.client.call(get, "read VM configuration", obj=f"VM {self.vm.name}")
-        config = found.initialization.configuration if found.initialization else None
-        ovf = config.data.encode() if config is not None and config.data else None
-        agent = found.guest_operating_system is not None or bool(found.fqdn)
-        return ovf, found.status != t.VmStatus.UP or agent
+async def vm_facts(client: EngineClient, vm: VmRef) -> tuple[bytes | None, str]:
+    """The VM's OVF (read with ``all_content``, saved with every snapshot so a restore can
+    recreate the VM) and the consistency a backup of it now gets: ``offline`` (not running),
+    ``application`` (a guest agent reports, so it can freeze the filesystems) or ``crash``."""
+
+    def get(conn: sdk.Connection) -> Any:
+        return conn.system_service().vms_service().vm_service(vm.id).get(all_content=True)
+
+    found = await client.call(get, "read VM configuration", obj=f"VM {vm.name}")
+    config = found.initialization.configuration if found.initialization else None
+    ovf = config.data.encode() if config is not None and config.data else None
+    if found.status != t.VmStatus.UP:
+        return ovf, "offline"
+    agent = found.guest_operating_system is not None or bool(found.fqdn)
+    return ovf, "application" if agent else "crash"
 
 
 async def wait_backup(

@@ -36,7 +36,13 @@ import ovirtsdk4.types as t
 from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
-from plugins.ovirt.backup import POLL_INTERVAL, READY_TIMEOUT, finalize_transfer, wait_transfer
+from plugins.ovirt.backup import (
+    POLL_INTERVAL,
+    READY_TIMEOUT,
+    finalize_transfer,
+    vm_facts,
+    wait_transfer,
+)
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 from plugins.ovirt.inventory import VmRef
@@ -61,7 +67,7 @@ class _Disk:
         return await self.image.extents("zero", offset, length)
 
     async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
-        raise NotImplementedError("the snapshot flow never reads incrementally")
+        raise RuntimeError("the snapshot flow never reads incrementally: no dirty extents")
 
     async def open_reader(self) -> ImageioReader:
         return await self.image.open_reader()
@@ -210,18 +216,7 @@ class SnapshotImageioSource:
 
     async def _facts(self) -> tuple[bytes | None, str]:
         """The VM's OVF, and the consistency its snapshot will have (module docstring)."""
-
-        def get(conn: sdk.Connection) -> Any:
-            vms = conn.system_service().vms_service()
-            return vms.vm_service(self.vm.id).get(all_content=True)
-
-        found = await self.client.call(get, "read VM configuration", obj=f"VM {self.vm.name}")
-        config = found.initialization.configuration if found.initialization else None
-        ovf = config.data.encode() if config is not None and config.data else None
-        if found.status != t.VmStatus.UP:
-            return ovf, "offline"
-        agent = found.guest_operating_system is not None or bool(found.fqdn)
-        return ovf, "application" if agent else "crash"
+        return await vm_facts(self.client, self.vm)
 
 
 def _snapshot_service(conn: sdk.Connection, vm_id: str, snapshot_id: str) -> Any:
