@@ -47,6 +47,7 @@ from engine.sources.types import DiskWriter, TargetDisk
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util import failpoints
 from engine.util.tasks import run_group
 from engine.workers.pool import CpuPool
 
@@ -274,6 +275,7 @@ class _Restore:
                         await writer.write(self.geometry.slot_offset(slot), data)
                         self.stats.bytes_written += len(data)
                         self._progress(len(data))
+            failpoints.hit("restore.chunk.written")
 
     @contextlib.asynccontextmanager
     async def _writer(self) -> AsyncIterator[DiskWriter]:

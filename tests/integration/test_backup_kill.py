@@ -83,3 +83,27 @@ def test_sigkill_mid_transfer_then_recover(tmp_path: Path, level: str) -> None:
     target = tmp_path / "restored.qcow2"
     assert tessera("restore", snaps[-1]["id"], "--store", store, "--to", target).returncode == 0
     assert identical(ref, target)
+
+
+def test_sigkill_mid_restore_then_recover(tmp_path: Path) -> None:
+    """A restore killed mid-write leaves a partial image and its qemu-nbd; the next start
+    removes both, and the same restore then succeeds and is exact."""
+    store, image = tmp_path / "store", make_fs_qcow2(tmp_path, "vm", size_mib=64)
+    assert tessera("store", "init", store, "--chunk-size", "256k").returncode == 0
+    assert tessera("backup", "image", image, "--store", store).returncode == 0
+    snap = json.loads(tessera("snapshots", "--store", store, "--json").stdout)[0]["id"]
+    target = tmp_path / "restored.qcow2"
+    partial = tmp_path / "restored.qcow2.tessera-partial"
+
+    proc = tessera(
+        "restore", snap, "--store", store, "--to", target, kill_at=("restore.chunk.written", 5)
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert partial.exists() and not target.exists()
+    assert _qemu_nbd_serving(partial), "the killed restore left its qemu-nbd behind"
+
+    proc = tessera("restore", snap, "--store", store, "--to", target)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "removed partial image" in proc.stderr and "stopped qemu-nbd" in proc.stderr
+    assert not partial.exists() and not _qemu_nbd_serving(partial)
+    assert identical(image, target)
