@@ -107,12 +107,13 @@ class BackupApiSession:
             raise OvirtBackupError(vm=self.vm.name, backup=self.backup_id, reason="; ".join(errors))
 
 
-class OvirtVmSource:
-    """One oVirt VM backed up through the incremental-backup API.
+class OvirtSourceBase:
+    """What every oVirt backup flow shares: the VM, the engine client, the recovery config,
+    and the guest facts read before anything is created on the engine.
 
-    ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created on
-    the engine) a running VM whose guest agent reports nothing: a live backup of it could not
-    freeze its filesystems (API-NOTES § 7.1)."""
+    ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created) a
+    running VM whose guest agent reports nothing: its backup could only be crash-consistent
+    (API-NOTES § 7.1)."""
 
     plugin = "ovirt"
 
@@ -131,6 +132,21 @@ class OvirtVmSource:
         self.require_quiesce = require_quiesce
         self._config = config  # engine url/user/password_file/ca_file, for recovery
 
+    async def facts(self) -> tuple[bytes | None, str]:
+        """(OVF, consistency) from ``vm_facts``; raises ConfigError under require_quiesce."""
+        ovf, consistency = await vm_facts(self.client, self.vm)
+        if consistency == "crash" and self.require_quiesce:
+            raise ConfigError(
+                message=f"VM {self.vm.name}: no responsive guest agent (it reports no guest "
+                "OS), so its backup cannot be quiesced; require_quiesce refuses a "
+                "crash-consistent backup"
+            )
+        return ovf, consistency
+
+
+class OvirtVmSource(OvirtSourceBase):
+    """One oVirt VM backed up through the incremental-backup API."""
+
     async def open(
         self,
         parent_checkpoint: str | None,
@@ -142,13 +158,7 @@ class OvirtVmSource:
         vm = self.vm
         disks = [d for d in vm.disks if d.active]
         backup_id = str(uuid.uuid4())
-        ovf, agent = await self._facts()
-        if self.require_quiesce and not agent:
-            raise ConfigError(
-                message=f"VM {vm.name}: no responsive guest agent (it reports no guest OS), so "
-                "its backup cannot be quiesced; require_quiesce refuses a crash-consistent "
-                "backup"
-            )
+        ovf, _consistency = await self.facts()
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
@@ -221,11 +231,6 @@ class OvirtVmSource:
                 e.add_note(f"cleanup: {cleanup}")
             raise
         return session
-
-    async def _facts(self) -> tuple[bytes | None, bool]:
-        """The VM's OVF, and whether it can be quiesced (down, or an agent reporting)."""
-        ovf, consistency = await vm_facts(self.client, self.vm)
-        return ovf, consistency != "crash"
 
 
 async def vm_facts(client: EngineClient, vm: VmRef) -> tuple[bytes | None, str]:

@@ -33,19 +33,18 @@ from typing import Any, Final
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as t
 
-from engine.core.errors import ConfigError, EngineError
+from engine.core.errors import EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     READY_TIMEOUT,
+    OvirtSourceBase,
     finalize_transfer,
-    vm_facts,
     wait_transfer,
 )
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
-from plugins.ovirt.inventory import VmRef
 
 REMOVE_TIMEOUT: Final = 1800.0  # removing a snapshot of a running VM is a live merge
 FULL_READ: Final = "snapshot flow reads fully"
@@ -110,28 +109,8 @@ class SnapshotSession:
             )
 
 
-class SnapshotImageioSource:
-    """One oVirt VM backed up through a VM snapshot and image transfers of its volumes.
-
-    ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created)
-    a running VM whose guest agent reports nothing: its snapshot would be crash-consistent."""
-
-    plugin = "ovirt"
-
-    def __init__(
-        self,
-        client: EngineClient,
-        vm: VmRef,
-        config: dict[str, Any],
-        *,
-        require_quiesce: bool = False,
-    ):
-        self.client = client
-        self.vm = vm
-        self.vm_id = vm.id
-        self.vm_name = vm.name
-        self.require_quiesce = require_quiesce
-        self._config = config  # engine url/user/password_file/ca_file, for recovery
+class SnapshotImageioSource(OvirtSourceBase):
+    """One oVirt VM backed up through a VM snapshot and image transfers of its volumes."""
 
     async def open(
         self,
@@ -143,13 +122,7 @@ class SnapshotImageioSource:
     ) -> SnapshotSession:
         vm = self.vm
         disks = [d for d in vm.disks if d.active]
-        ovf, consistency = await self._facts()
-        if consistency == "crash" and self.require_quiesce:
-            raise ConfigError(
-                message=f"VM {vm.name}: no responsive guest agent (it reports no guest OS), so "
-                "its snapshot cannot be quiesced; require_quiesce refuses a crash-consistent "
-                "backup"
-            )
+        ovf, consistency = await self.facts()
         snapshot_id = str(uuid.uuid4())
         record("engine", self._config)
         record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})  # before it exists
@@ -213,10 +186,6 @@ class SnapshotImageioSource:
             await session.close(success=False)
             raise
         return session
-
-    async def _facts(self) -> tuple[bytes | None, str]:
-        """The VM's OVF, and the consistency its snapshot will have (module docstring)."""
-        return await vm_facts(self.client, self.vm)
 
 
 def _snapshot_service(conn: sdk.Connection, vm_id: str, snapshot_id: str) -> Any:
