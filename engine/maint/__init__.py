@@ -1,0 +1,13 @@
+"""Store maintenance: retention (pure), prune and protect, space accounting.
+
+Nouns: a *rule* set (``retention.Rules``) says which snapshots to keep; a *plan* is one
+``Decision`` (keep or remove, with reasons) per snapshot; *pruning* removes the snapshots a
+plan does not keep — their manifests, never chunks: the chunks become garbage for GC, which
+runs separately (DESIGN §4.9). A removed snapshot waits in ``STORE/removed/`` for GC's grace
+period (the undo window). A *protected* snapshot is never removed.
+
+Modules: ``retention`` (pure planning), ``prune`` (protect, remove, undo; the prune lock),
+``usage`` (space per snapshot, VM and store, with bounded memory).
+
+This package sits above ``engine.store`` and below ``engine.jobs`` / ``engine.daemon``.
+"""
