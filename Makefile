@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # System programs the tests and benches use (Debian packages). Installs only what is missing.
-SYSPKGS := e2fsprogs qemu-utils nbdkit time
+# libnbd-bin: nbdfuse, which shows disks attached to the lab's DataMover as local devices.
+SYSPKGS := e2fsprogs qemu-utils nbdkit time libnbd-bin
 sysdeps:
 	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

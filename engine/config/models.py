@@ -29,8 +29,15 @@ class EngineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
 
 class DataMoverSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The VM Tessera runs in, for the LAN-free flow (disks attached to it): found by
+    ``vm_name`` or ``host_uuid`` (default: this machine's SMBIOS UUID). Attached disks are
+    found under ``by_id_dir`` by their serial (the disk id); one that has not appeared there
+    ``device_timeout`` seconds after the attachment fails the disk."""
+
     vm_name: str | None = None
     host_uuid: str | None = None
+    by_id_dir: Path = Path("/dev/disk/by-id")
+    device_timeout: float = 60.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

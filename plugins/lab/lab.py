@@ -9,10 +9,16 @@
     D/tessera.yaml             a daemon config pointing at the lab (store in D/store)
     tessera lab show --dir D   prints lab.json (``--json``) or a table
     tessera lab down --dir D   SIGTERM to the lab process (pid in D/lab.pid), waits, cleans up
+                               (unmounts whatever a killed lab left under D/devices)
 
 The lab process owns the fake engine, an ovirt-imageio daemon (its data URL base is in
 lab.json) and the qemu-nbd exports the engine starts for image transfers of D/images/*; it
 stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
+
+The DataMover VM (``tessera-datamover``) has local devices: a disk attached to it through the
+API appears under D/devices/by-id as udev would name it (FUSE mounts in D/devices/mnt,
+``engine.devices``); tessera.yaml points ``datamover.by_id_dir`` there, so the LAN-free flow
+(``--flow snapshot-attach``, ``restore --flow attach``) runs against the lab as it is.
 """
 
 import asyncio
@@ -30,6 +36,7 @@ from typing import Any, Final
 from engine.core.errors import ConfigError
 from engine.core.units import GiB
 from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.engine.devices import unmount_all
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed
 from plugins.lab.imageio import ImageioDaemon
@@ -61,6 +68,7 @@ def _paths(directory: Path) -> dict[str, Path]:
         "engine": directory / "engine",
         "work": directory / "work",
         "imageio": directory / "imageio",
+        "devices": directory / "devices",
     }
 
 
@@ -98,13 +106,21 @@ async def run(directory: Path) -> None:
             )
         vms.append({"id": vm.id, "name": vm.name, "disks": disks})
     await build_disks(requests, p["work"])
+    await unmount_all(p["devices"])  # a killed lab's devices
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     async with (
         ImageioDaemon(p["imageio"]) as daemon,
-        FakeEngine(seed, p["engine"], images=images, imageio=daemon) as engine,
+        FakeEngine(
+            seed,
+            p["engine"],
+            images=images,
+            imageio=daemon,
+            datamover=DATAMOVER,
+            devices_dir=p["devices"],
+        ) as engine,
     ):
         p["password"].write_text(seed.password + "\n")
         os.chmod(p["password"], 0o600)
@@ -118,6 +134,7 @@ async def run(directory: Path) -> None:
             },
             "imageio": {"control_url": daemon.control_url, "log": str(daemon.log_path)},
             "datamover": DATAMOVER,
+            "by_id_dir": str(p["devices"] / "by-id"),
             "vms": vms,
         }
         passphrase = directory / "store-passphrase"
@@ -142,7 +159,8 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
         "engines:\n"
         f"  - name: lab\n    url: {engine['url']}\n    username: {engine['username']}\n"
         f"    password_file: {engine['password_file']}\n    ca_file: {engine['ca_file']}\n"
-        f"datamover:\n  vm_name: {doc['datamover']}\n"
+        f"datamover:\n  vm_name: {doc['datamover']}\n  by_id_dir: {doc['by_id_dir']}\n"
+        "  device_timeout: 30\n"
     )
 
 
@@ -203,6 +221,7 @@ def down(directory: Path) -> bool:
         time.sleep(0.05)
     p["pid"].unlink(missing_ok=True)
     p["json"].unlink(missing_ok=True)
+    asyncio.run(unmount_all(p["devices"]))  # only if the lab could not (killed)
     return True
 
 

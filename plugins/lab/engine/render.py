@@ -144,6 +144,8 @@ def attachment(vm: state.Vm, a: state.Attachment, full_disk: state.Disk | None =
         disk=disk(full_disk) if full_disk else _ref(types.Disk, "disks", a.disk_id),
         vm=_ref(types.Vm, "vms", vm.id),
     )
+    if a.snapshot_id is not None:
+        out.disk.snapshot = types.Snapshot(id=a.snapshot_id)
     out.href = f"{API}/vms/{vm.id}/diskattachments/{a.disk_id}"
     return out
 

@@ -23,6 +23,10 @@ VM snapshots (``snapshot_api``) rename those images and put qcow2 overlays at th
 the daemon; ``close()`` stops every qemu-nbd the engine started
 and removes its tickets, before the caller stops the daemon.
 
+With ``datamover`` (a VM name) and ``devices_dir``, disks attached to that VM (``attach_api``,
+a snapshot's disk or a plain one) appear as files under ``devices_dir/by-id`` named as udev
+names them (``devices``; needs root, /dev/fuse and nbdfuse); ``close()`` unplugs them all.
+
 ``engine.faults`` (``faults.Faults``) injects failures: a FAILED backup, paused transfers, 503s
 and slow responses; the ``faults`` module says what each knob does.
 """
@@ -36,8 +40,9 @@ from typing import Self
 
 from aiohttp import web
 
-from plugins.lab.engine import api, backup_api, restore_api, snapshot_api, sso
+from plugins.lab.engine import api, attach_api, backup_api, restore_api, snapshot_api, sso
 from plugins.lab.engine.backup import Activity
+from plugins.lab.engine.devices import Devices
 from plugins.lab.engine.faults import FAULTS, Faults
 from plugins.lab.engine.state import Inventory, Seed
 from plugins.lab.engine.tls import TlsFiles, make_tls_files
@@ -53,21 +58,28 @@ def make_app(
     sessions: sso.Sessions,
     clock: Callable[[], float] = time.time,
     activity: Activity | None = None,
+    devices: Devices | None = None,
+    datamover: str | None = None,
 ) -> web.Application:
     """The aiohttp application alone (no TLS, no socket), for tests that drive it in-process.
 
-    Without ``activity`` the backup routes serve an engine with no images and no imageio."""
+    Without ``activity`` the backup routes serve an engine with no images and no imageio.
+    With ``devices`` the attachments of the VM named ``datamover`` become local devices."""
     app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
     app[api.INVENTORY] = inventory
     app[api.SESSIONS] = sessions
     activity = activity or Activity(inventory, {}, None)
     app[backup_api.ACTIVITY] = activity
     app[FAULTS] = activity.faults
+    if devices is not None and datamover is not None:
+        app[attach_api.DEVICES] = devices
+        app[attach_api.DATAMOVER] = datamover
     app.add_routes(sso.routes(sessions, clock))
     app.add_routes(api.routes())
     app.add_routes(backup_api.routes())
     app.add_routes(snapshot_api.routes())
-    app.add_routes(restore_api.routes())
+    app.add_routes(attach_api.routes())
+    app.add_routes(r for r in restore_api.routes() if r.handler is not restore_api.add_attachment)
     return app
 
 
@@ -87,6 +99,8 @@ class FakeEngine:
         clock: Callable[[], float] = time.time,
         images: Mapping[str, Path] | None = None,
         imageio: ImageioDaemon | None = None,
+        datamover: str | None = None,
+        devices_dir: Path | None = None,
     ) -> None:
         self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
         self.activity = Activity(
@@ -98,7 +112,16 @@ class FakeEngine:
         self.username = seed.username
         self.password = seed.password
         self._workdir = workdir
-        self._app = make_app(self.inventory, self.sessions, clock, self.activity)
+        # The DataMover's local devices (``devices``): its attached disks as files under
+        # ``devices_dir/by-id`` (FUSE mounts in ``devices_dir/mnt``).
+        self.devices = (
+            Devices(devices_dir / "by-id", devices_dir / "mnt")
+            if devices_dir is not None and datamover is not None
+            else None
+        )
+        self._app = make_app(
+            self.inventory, self.sessions, clock, self.activity, self.devices, datamover
+        )
         self._runner: web.AppRunner | None = None
         self._tls: TlsFiles | None = None
         self._port: int | None = None
@@ -129,7 +152,11 @@ class FakeEngine:
             if runner is not None:
                 await runner.cleanup()
         finally:
-            await self.activity.close()
+            try:
+                if self.devices is not None:
+                    await self.devices.close()  # before: the devices' qemu-nbd hold images
+            finally:
+                await self.activity.close()
 
     async def __aenter__(self) -> Self:
         try:

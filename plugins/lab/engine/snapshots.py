@@ -158,6 +158,11 @@ async def delete(a: Activity, s: Snapshot) -> None:
             return
         if s.status != "ok":
             raise Fault(409, f"[Cannot remove Snapshot. Snapshot is {s.status}.]")
+        for vm in a.inventory.vms.values():  # a transient attachment (``attach_api``)
+            if any(x.snapshot_id == s.id for x in vm.attachments):
+                raise Fault(
+                    409, f"[Cannot remove Snapshot. A disk of it is attached to VM {vm.name}.]"
+                )
         volume_ids = {v.id for v in s.volumes.values()}
         if any(
             t.phase not in TRANSFER_DONE

@@ -178,6 +178,7 @@ class Attachment:
     bootable: bool
     active: bool = True
     read_only: bool = False
+    snapshot_id: str | None = None  # a snapshot's disk, attached transient (``attach``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,207 @@
+"""The lab DataMover's local block devices: an attached disk as a file under a by-id directory.
+
+A real DataMover VM sees a hot-plugged disk as ``/dev/sdX`` with a udev link in
+``/dev/disk/by-id`` named from the disk's serial, which the engine sets to the disk id
+(API-NOTES § 7 step 8). The lab has no guest and no ``/dev/nbd*``, so it builds the same
+picture with FUSE::
+
+    image (qcow2/raw) ◀── qemu-nbd (unix socket; --snapshot for a snapshot disk)
+                              ◀── nbdfuse MNT/<disk id> --unix SOCKET   → MNT/<disk id>/nbd
+    BY_ID/scsi-0QEMU_QEMU_HARDDISK_<first 20 chars of the disk id> ──symlink──▶ …/nbd
+    BY_ID/virtio-<first 20 chars>                 (for a virtio-blk attachment)
+
+``MNT/<disk id>/nbd`` is a regular file of the disk's virtual size holding its guest data as
+raw bytes. A snapshot disk is served by ``qemu-nbd --snapshot``: writes land in a temporary
+overlay that goes away with the device, so the snapshot never changes (the engine attaches
+snapshot disks *transient*). A plain disk is served writable and its writes persist in the
+image once the device is unplugged (``qemu-nbd`` exits only after the unmount, flushing).
+
+Unplugging removes the link, unmounts (lazily if something still holds the file open, then
+the FUSE daemon is stopped so such holders see I/O errors, like a hot-unplugged disk), then
+stops qemu-nbd. ``unmount_all`` unmounts whatever a killed lab left under a directory
+(``tessera lab down`` and ``up`` call it).
+
+Needs root, ``/dev/fuse`` and ``nbdfuse`` (Debian package ``libnbd-bin``).
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from engine.io import qemu
+
+SERIAL_PREFIX: Final = 20  # what the guest sees of the serial (VIRTIO_BLK_ID_BYTES, SCSI devid)
+MOUNT_TIMEOUT: Final = 20.0  # nbdfuse mounts within a second; a loaded CI machine is slow
+UNMOUNT_TIMEOUT: Final = 10.0  # then the FUSE daemon is killed
+LINK_PREFIX: Final = {"virtio": "virtio-", "virtio_scsi": "scsi-0QEMU_QEMU_HARDDISK_"}
+
+
+class DeviceError(Exception):
+    """A device could not be made (nbdfuse or qemu-nbd failed); the message names the disk."""
+
+
+def link_name(disk_id: str, interface: str) -> str:
+    """The by-id name udev gives the device of ``disk_id`` attached on ``interface``."""
+    prefix = LINK_PREFIX.get(interface, LINK_PREFIX["virtio_scsi"])
+    return prefix + disk_id[:SERIAL_PREFIX]
+
+
+class _TransientNbd(qemu.QemuNbd):
+    """qemu-nbd with ``--snapshot``: writes go to a temporary overlay, the image stays."""
+
+    def argv(self, socket: Path) -> list[str]:
+        argv = super().argv(socket)
+        return [*argv[:-1], "--snapshot", argv[-1]]
+
+
+@dataclass
+class Device:
+    disk_id: str
+    link: Path
+    mountpoint: Path
+    nbd: qemu.QemuNbd
+    fuse: asyncio.subprocess.Process | None = None
+
+
+class Devices:
+    """The DataMover's devices: ``by_id`` holds the links, ``mounts`` the FUSE mounts."""
+
+    def __init__(self, by_id: Path, mounts: Path) -> None:
+        self.by_id = by_id
+        self.mounts = mounts
+        self.plugged: dict[str, Device] = {}  # disk id → device
+
+    def path(self, disk_id: str) -> Path | None:
+        device = self.plugged.get(disk_id)
+        return device.link if device else None
+
+    async def plug(
+        self, disk_id: str, interface: str, image: Path, fmt: str, *, transient: bool
+    ) -> Path:
+        """Expose ``image`` (format ``fmt``) as the device of ``disk_id``; returns the link.
+
+        Raises ``DeviceError`` naming the disk; nothing is left then."""
+        if disk_id in self.plugged:
+            raise DeviceError(f"disk {disk_id} is already plugged into the DataMover")
+        self.by_id.mkdir(parents=True, exist_ok=True)
+        mountpoint = self.mounts / disk_id
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        cls = _TransientNbd if transient else qemu.QemuNbd
+        device = Device(
+            disk_id, self.by_id / link_name(disk_id, interface), mountpoint, cls(image, fmt)
+        )
+        try:
+            await device.nbd.start()
+            device.fuse = await _mount(mountpoint, device.nbd.address, disk_id)
+            tmp = device.link.with_name(device.link.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(mountpoint / "nbd")
+            tmp.rename(device.link)  # appears whole, as udev's link does
+        except BaseException as e:
+            await _teardown(device)
+            if isinstance(e, qemu.QemuError):
+                raise DeviceError(f"disk {disk_id}: qemu-nbd failed: {e}") from e
+            raise
+        self.plugged[disk_id] = device
+        return device.link
+
+    async def unplug(self, disk_id: str) -> None:
+        """Remove the device of ``disk_id`` (link, mount, qemu-nbd); unknown ids are fine."""
+        device = self.plugged.pop(disk_id, None)
+        if device is not None:
+            await _teardown(device)
+
+    async def close(self) -> None:
+        """Unplug every device, then unmount anything left under ``mounts``; idempotent."""
+        for disk_id in list(self.plugged):
+            await self.unplug(disk_id)
+        await unmount_all(self.mounts)
+
+
+async def _mount(mountpoint: Path, socket: Path, disk_id: str) -> asyncio.subprocess.Process:
+    """Start nbdfuse on ``mountpoint`` and wait until its file is there."""
+    if shutil.which("nbdfuse") is None:
+        raise DeviceError(
+            f"disk {disk_id}: nbdfuse is not installed (Debian package libnbd-bin); the lab "
+            "needs it to show attached disks as DataMover devices"
+        )
+    stderr = mountpoint.with_name(mountpoint.name + ".log")
+    with stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            "nbdfuse",
+            str(mountpoint),
+            "--unix",
+            str(socket),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=err,
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MOUNT_TIMEOUT
+    while not (os.path.ismount(mountpoint) and (mountpoint / "nbd").exists()):
+        if proc.returncode is not None or loop.time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            text = stderr.read_text(errors="replace").strip()[-500:]
+            raise DeviceError(f"disk {disk_id}: nbdfuse did not mount {mountpoint}: {text}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await proc.wait()
+    stderr.unlink(missing_ok=True)
+    return proc
+
+
+async def _teardown(device: Device) -> None:
+    device.link.unlink(missing_ok=True)
+    try:
+        if os.path.ismount(device.mountpoint):
+            await _umount(device.mountpoint)
+        if device.fuse is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(UNMOUNT_TIMEOUT):
+                    await device.fuse.wait()
+            if device.fuse.returncode is None:
+                device.fuse.kill()  # held open after a lazy unmount: holders get EIO
+                await device.fuse.wait()
+    finally:
+        await device.nbd.stop()  # after nbdfuse disconnected: qemu-nbd flushes and exits
+        with contextlib.suppress(OSError):
+            device.mountpoint.rmdir()
+        device.mountpoint.with_name(device.mountpoint.name + ".log").unlink(missing_ok=True)
+
+
+async def _umount(mountpoint: Path) -> None:
+    """``umount``; if busy, ``umount -l`` (the mount goes away when its last user closes)."""
+    for argv in (["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        if await proc.wait() == 0:
+            return
+
+
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points at or below ``directory`` (from ``/proc/self/mounts``), deepest first."""
+    root = os.path.realpath(directory)
+    found = []
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1:
+                point = fields[1].encode().decode("unicode_escape")  # \040 for a space
+                if point == root or point.startswith(root + os.sep):
+                    found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+async def unmount_all(directory: Path) -> list[Path]:
+    """Unmount every mount at or below ``directory`` (lazily if busy); returns them."""
+    points = mounts_under(directory)
+    for point in points:
+        await _umount(point)
+    return points
