@@ -14,6 +14,7 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
+from engine.daemon import cli_maint
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -21,6 +22,7 @@ from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
 from engine.jobs.restore import run_restore, select_disks
 from engine.jobs.states import State
+from engine.maint.prune import is_protected
 from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_store_commands(sub)
     _add_job_commands(sub)
+    cli_maint.register(sub, open_store, _add_key_options)  # prune, protect, store status
     return parser
 
 
@@ -126,8 +129,8 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_vm)
 
-    p = sub.add_parser("snapshots", help="list restore points")
-    where = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser("snapshots", help="list restore points (or protect one: ACTION)")
+    where = p.add_mutually_exclusive_group()  # required unless an ACTION says otherwise
     where.add_argument("--store", type=Path)
     where.add_argument("--config", type=Path, help="use the configuration's store")
     p.add_argument("--vm", help="only this VM (id or name)")
@@ -243,27 +246,39 @@ def cmd_backup_vm(args: argparse.Namespace) -> int:
 
         async def run() -> int:
             found = await make_sources(
-                engine, args.names, args.flow, require_quiesce=args.require_quiesce
+                engine,
+                args.names,
+                args.flow,
+                require_quiesce=args.require_quiesce,
+                datamover=config.datamover,
             )
             try:
                 return await _backup_sources(store, args, found.sources)
             finally:
                 await found.client.close()
 
-        return asyncio.run(run())
+        return aio.run(run())
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
+    if args.store is None and args.config is None:
+        raise ConfigError(message="snapshots: one of --store or --config is required")
     with open_store(args, writable=False) as store:
         manifests = [store.manifest(e.snapshot_id) for e in store.snapshots(args.vm)]
+        protected = {m.snapshot_id for m in manifests if is_protected(store.layout, m.snapshot_id)}
     if args.json:
-        print(json.dumps([snapshot_doc(m) for m in manifests], indent=2))
+        docs = [snapshot_doc(m) | {"protected": m.snapshot_id in protected} for m in manifests]
+        print(json.dumps(docs, indent=2))
         return EXIT_OK
-    print(f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}")
+    print(
+        f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
+        "  PROTECTED"
+    )
     for m in manifests:
         print(
             f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
             f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
+            + ("  yes" if m.snapshot_id in protected else "")
         )
     return EXIT_OK
 
