@@ -246,18 +246,14 @@ def cmd_backup_vm(args: argparse.Namespace) -> int:
 
         async def run() -> int:
             found = await make_sources(
-                engine,
-                args.names,
-                args.flow,
-                require_quiesce=args.require_quiesce,
-                datamover=config.datamover,
+                engine, args.names, args.flow, require_quiesce=args.require_quiesce
             )
             try:
                 return await _backup_sources(store, args, found.sources)
             finally:
                 await found.client.close()
 
-        return aio.run(run())
+        return asyncio.run(run())
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
