@@ -1,13 +1,23 @@
-"""The daemon configuration as frozen msgspec structs (unknown keys rejected)."""
+"""The daemon configuration as frozen msgspec structs (unknown keys rejected).
+
+Secrets are never values: only ``*_file`` paths (a literal ``password:`` is rejected by the
+loader). Defaults are the values a fresh install runs with; each limit says why.
+"""
 
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
+from zoneinfo import ZoneInfo
 
 import msgspec
 
+from engine.config.types import ByteSize, Duration, Port, PositiveInt
 from engine.core.errors import ConfigError
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE
 from engine.store.keys import ENCRYPTION_AES
+
+DEFAULT_SOCKET = Path("/run/tessera/api.sock")
+DEFAULT_STATE_FILE = Path("/var/lib/tessera/scheduler.json")
+DEFAULT_MISFIRE_GRACE = Duration("1h")
 
 
 class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -40,16 +50,119 @@ class DataMoverSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     device_timeout: float = 60.0
 
 
+class LimitsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How much runs at once. Every limit is a named semaphore in the job runner."""
+
+    concurrent_vms: PositiveInt = 4  # VMs backed up at the same time
+    transfers_per_host: PositiveInt = 4  # imageio transfers served by one hypervisor
+    transfers_per_storage_domain: PositiveInt = 8  # reads hitting one storage domain
+    cpu_tasks: PositiveInt | None = None  # hash/compress/encrypt in flight; None: 2 per core
+    api_calls: PositiveInt = 8  # concurrent engine REST calls (the engine is easily overrun)
+
+
+class TcpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The optional TCP listener: always TLS, always bearer tokens."""
+
+    listen: str  # "HOST:PORT", e.g. "0.0.0.0:8443" or "[::]:8443"
+    cert_file: Path
+    key_file: Path
+    tokens_file: Path
+
+    def __post_init__(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"tcp.listen must be HOST:PORT, got {self.listen!r}")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class ApiSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    socket: Path = DEFAULT_SOCKET  # root-only unix socket the CLI talks to
+    tcp: TcpSection | None = None
+
+
+class LoggingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = True  # JSON lines on stdout (journald); False: human-readable
+
+
+class SyslogSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """RFC 5424 forwarding to a central syslog server."""
+
+    host: str
+    port: Port | None = None  # default 514 (udp, tcp) or 6514 (tls)
+    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    ca_file: Path | None = None  # tls only; None: the system's CA bundle
+
+    def __post_init__(self) -> None:
+        if self.ca_file is not None and self.protocol != "tls":
+            raise ValueError("syslog ca_file needs protocol: tls")
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 6514 if self.protocol == "tls" else 514
+
+
+class SmtpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: str
+    sender: str = msgspec.field(name="from")
+    port: Port = 587
+    starttls: bool = True
+    username: str | None = None
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("smtp username and password_file go together")
+
+
+class PeerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Another Tessera site, reached over HTTPS with mutual TLS."""
+
+    name: str
+    url: str
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    bandwidth_limit: ByteSize | None = None  # bytes per second ("50MiB"); None: unlimited
+    streams: PositiveInt = 4  # parallel record streams per session
+
+
+class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    timezone: ZoneInfo | None = None  # zone of calendar expressions; None: the host's
+    misfire_grace: Duration = DEFAULT_MISFIRE_GRACE  # catch up a missed run this late at most
+    state_file: Path = DEFAULT_STATE_FILE  # last run times, to detect misfires over restarts
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     stores: tuple[StoreSection, ...] = ()
     engines: tuple[EngineSection, ...] = ()
     datamover: DataMoverSection = DataMoverSection()
+    limits: LimitsSection = LimitsSection()
+    api: ApiSection = ApiSection()
+    logging: LoggingSection = LoggingSection()
+    syslog: SyslogSection | None = None
+    smtp: SmtpSection | None = None
+    peers: tuple[PeerSection, ...] = ()
+    scheduler: SchedulerSection = SchedulerSection()
+    policies_dir: Path | None = None  # relative to the config file; default: policies.d/
 
     def store(self, name: str | None = None) -> StoreSection:
         return _pick(self.stores, name, "store")
 
     def engine(self, name: str | None = None) -> EngineSection:
         return _pick(self.engines, name, "engine")
+
+    def peer(self, name: str) -> PeerSection:
+        return _pick(self.peers, name, "peer")
 
 
 class _Named(Protocol):

@@ -1,0 +1,134 @@
+"""Backup policies (``policies.d/*.yaml``, one policy per file) as frozen msgspec structs.
+
+A policy says which VMs (``selection``), when (``schedule``: calendar expressions), at which
+level (``level``), through which read path (``flow``), how long to keep restore points
+(``retention``, applied by ``engine.maint.retention``), where to replicate, which peer keeps a
+cold standby, and who hears about it. Short forms the loader accepts: ``schedule: daily 02:00``
+for a one-element list, ``level: differential`` for ``level: {default: differential}``,
+``notifications.on: failure`` for a one-element list.
+"""
+
+from collections.abc import Collection
+from datetime import datetime, tzinfo
+from fnmatch import fnmatchcase
+from typing import Literal
+
+import msgspec
+
+from engine.config.types import Duration, NonNegativeInt, Schedule
+from engine.sched.calendar import Calendar
+from engine.sched.level import WEEKDAY_NAMES, Level, LevelDecision, choose_level
+
+Flow = Literal["auto", "backup-api", "snapshot-imageio", "snapshot-attach"]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Event = Literal["failure", "success", "integrity"]
+
+
+class Selection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """VMs chosen by cluster, name/glob or tag (any of them selects), minus ``exclude``
+    (names/globs); ``disks`` limits the disks backed up (names/globs; empty: all)."""
+
+    engine: str | None = None  # engine name in the daemon config; None: the only one
+    clusters: tuple[str, ...] = ()
+    vms: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    disks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.clusters or self.vms or self.tags):
+            raise ValueError("the selection needs clusters, vms or tags")
+
+    def selects_vm(self, name: str, cluster: str | None = None, tags: Collection[str] = ()) -> bool:
+        if any(fnmatchcase(name, pattern) for pattern in self.exclude):
+            return False
+        return (
+            any(fnmatchcase(name, pattern) for pattern in self.vms)
+            or (cluster is not None and any(fnmatchcase(cluster, c) for c in self.clusters))
+            or any(tag in tags for tag in self.tags)
+        )
+
+    def selects_disk(self, name: str) -> bool:
+        return not self.disks or any(fnmatchcase(name, pattern) for pattern in self.disks)
+
+
+class LevelRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``default`` for ordinary runs; a full one every ``full_every`` and/or on the
+    ``full_on`` weekdays (see ``engine.sched.level`` for the order of the rules)."""
+
+    default: Level = "incremental"
+    full_every: Duration | None = None
+    full_on: tuple[Weekday, ...] = ()
+
+    def decide(
+        self, last_full: datetime | None, now: datetime, tz: tzinfo | None = None
+    ) -> LevelDecision:
+        return choose_level(
+            default=self.default,
+            last_full=last_full,
+            now=now,
+            full_every=self.full_every.delta if self.full_every is not None else None,
+            full_on={WEEKDAY_NAMES.index(day) for day in self.full_on},
+            tz=tz,
+        )
+
+
+class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What to keep; None means the rule is off. ``keep_within`` is a duration string
+    (``Duration`` is a ``str`` with ``.delta``)."""
+
+    keep_last: NonNegativeInt | None = None
+    keep_hourly: NonNegativeInt | None = None
+    keep_daily: NonNegativeInt | None = None
+    keep_weekly: NonNegativeInt | None = None
+    keep_monthly: NonNegativeInt | None = None
+    keep_yearly: NonNegativeInt | None = None
+    keep_within: Duration | None = None
+
+
+class ReplicationTarget(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    peer: str  # a peer name in the daemon config
+    mode: Literal["push", "pull"] = "push"
+
+
+class Standby(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A cold-standby copy kept up to date at a peer after each replicated snapshot."""
+
+    peer: str
+    cluster: str
+    storage_domain: str | None = None  # None: the cluster's default
+    name_suffix: str = "-standby"
+
+
+class Notifications(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    on: tuple[Event, ...] = ("failure", "integrity")
+    to: tuple[str, ...] = ()  # e-mail addresses; empty: no e-mail
+
+    def __post_init__(self) -> None:
+        bad = [address for address in self.to if "@" not in address]
+        if bad:
+            raise ValueError(f"not an e-mail address: {bad[0]!r}")
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    selection: Selection
+    schedule: tuple[Schedule, ...] = ()  # empty: runs only when started by hand
+    enabled: bool = True
+    store: str | None = None  # store name in the daemon config; None: the only one
+    level: LevelRules = LevelRules()
+    flow: Flow = "auto"
+    require_quiesce: bool = False  # fail instead of taking a crash-consistent snapshot
+    retention: Retention = Retention()
+    replication: tuple[ReplicationTarget, ...] = ()
+    standby: Standby | None = None
+    notifications: Notifications = Notifications()
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"policy name {self.name!r}: non-empty, without '/'")
+
+    @property
+    def calendars(self) -> tuple[Calendar, ...]:
+        """The parsed schedule (what ``engine.sched.scheduler.Scheduler`` reads)."""
+        return tuple(s.calendar for s in self.schedule) if self.enabled else ()
