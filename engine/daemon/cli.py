@@ -1,7 +1,6 @@
 """``tessera`` command line: argument parsing, error → exit code mapping, output."""
 
 import argparse
-import asyncio
 import json
 import logging
 import re
@@ -32,6 +31,7 @@ from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Stor
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.layout import StoreConfig
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util import aio
 from engine.workers import make_cpu_pool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
@@ -119,7 +119,12 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--engine", help="engine name in the configuration (if several)")
     p.add_argument("--level", choices=LEVELS, default="incremental")
-    p.add_argument("--flow", choices=("auto", "backup-api", "snapshot-imageio"), default="auto")
+    p.add_argument(
+        "--flow",
+        choices=("auto", "backup-api", "snapshot-imageio", "snapshot-attach"),
+        default="auto",
+        help="snapshot-attach: LAN free, through the config's datamover VM",
+    )
     p.add_argument(
         "--require-quiesce",
         action="store_true",
@@ -155,6 +160,13 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--cluster", help="the new VM's cluster (default: the one in its OVF)")
     p.add_argument(
         "--storage-domain", help="storage domain for every disk (default: the recorded ones)"
+    )
+    p.add_argument(
+        "--flow",
+        choices=("imageio", "attach"),
+        default="imageio",
+        help="how disks are written into the engine: imageio uploads, or attach (LAN free, "
+        "through the config's datamover VM)",
     )
     _add_key_options(p)
     p.set_defaults(func=cmd_restore)
@@ -204,7 +216,7 @@ def cmd_backup_image(args: argparse.Namespace) -> int:
     make_source = registry.get("local").factory("image_source")
     groups = [args.paths] if args.vm else [[p] for p in args.paths]
     with open_store(args, writable=True) as store:
-        return asyncio.run(_backup_sources(store, args, [make_source(g, args.vm) for g in groups]))
+        return aio.run(_backup_sources(store, args, [make_source(g, args.vm) for g in groups]))
 
 
 async def _backup_sources(store: Store, args: argparse.Namespace, sources: list[Source]) -> int:
@@ -246,14 +258,18 @@ def cmd_backup_vm(args: argparse.Namespace) -> int:
 
         async def run() -> int:
             found = await make_sources(
-                engine, args.names, args.flow, require_quiesce=args.require_quiesce
+                engine,
+                args.names,
+                args.flow,
+                require_quiesce=args.require_quiesce,
+                datamover=config.datamover,
             )
             try:
                 return await _backup_sources(store, args, found.sources)
             finally:
                 await found.client.close()
 
-        return asyncio.run(run())
+        return aio.run(run())
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -322,7 +338,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(outcome.summary())
             return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
 
-        return asyncio.run(run())
+        return aio.run(run())
 
 
 def cmd_restore_vm(args: argparse.Namespace) -> int:
@@ -331,7 +347,8 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
         raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
     if args.disk or args.image_format:
         raise ConfigError(message="restore: --disk and --format apply to --to PATH only")
-    engine = load_config(args.config, args.config.parent / "conf.d").engine(args.engine)
+    config = load_config(args.config, args.config.parent / "conf.d")
+    engine = config.engine(args.engine)
     plugin = registry.get("ovirt")
     make_restore = plugin.factory("vm_restore")
     with open_store(args, writable=True) as store:
@@ -349,6 +366,8 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
                     name=args.name,
                     cluster=args.cluster,
                     storage_domain=args.storage_domain,
+                    flow=args.flow,
+                    datamover=config.datamover,
                 ) as vm_restore:
                     with ProgressDisplay(f"restore {manifest.vm_name}") as display:
                         outcome = await run_restore(
@@ -374,7 +393,7 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
             print(f"restored VM {vm.name} id {vm.id}")
             return EXIT_OK
 
-        return asyncio.run(run())
+        return aio.run(run())
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
