@@ -12,7 +12,8 @@ Nouns:
 - ``sources``       picks the flow (``auto`` = backup API) and builds one Source per VM.
 - ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
                     image transfers, the VM created from the stored OVF).
-Flow 3 (LAN free: disks attached to the DataMover) is not built yet.
+- ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
+                    local devices; restore writing new disks the same way (``--flow attach``).
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
@@ -22,13 +23,18 @@ operation and the object.
 from collections.abc import Mapping
 from typing import Any
 
+from engine.core.errors import ConfigError
 from engine.sources.registry import Plugin
+
+RESTORE_FLOWS = ("imageio", "attach")  # `tessera restore --flow`: upload, or via the DataMover
 
 
 async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
-    from plugins.ovirt.backup import recover  # noqa: PLC0415 - keep the entry point light
+    from plugins.ovirt import attach  # noqa: PLC0415 - keep the entry point light
+    from plugins.ovirt.backup import recover  # noqa: PLC0415
 
-    return await recover(dict(resources), committed)
+    done = await attach.recover(dict(resources), committed)  # detach before removing
+    return done + await recover(dict(resources), committed)
 
 
 async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
@@ -45,13 +51,23 @@ def _vm_restore(
     name: str | None = None,
     cluster: str | None = None,
     storage_domain: str | None = None,
+    flow: str = "imageio",
+    datamover: Any = None,
 ) -> Any:
     """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
-    ``make_target`` for ``run_restore``, then ``create_vm()``)."""
-    from plugins.ovirt.restore import RestoreOptions, vm_restore  # noqa: PLC0415
+    ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio`` uploads
+    the disks; ``attach`` writes them through the DataMover (``datamover``: the config's
+    section)."""
+    from functools import partial  # noqa: PLC0415
 
+    from plugins.ovirt.attach import AttachVmRestore  # noqa: PLC0415
+    from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
+
+    if flow not in RESTORE_FLOWS:
+        raise ConfigError(message=f"restore flow {flow!r} is unknown; use one of {RESTORE_FLOWS}")
     options = RestoreOptions(name=name, cluster=cluster, storage_domain=storage_domain)
-    return vm_restore(engine, store, manifest, options)
+    factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
+    return vm_restore(engine, store, manifest, options, factory=factory)
 
 
 PLUGIN = Plugin(

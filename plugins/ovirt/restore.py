@@ -38,7 +38,7 @@ logged and added as notes to the error being raised; they never replace it.
 import asyncio
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -151,40 +151,13 @@ class _DiskUpload:
             await self._vr._cleanup_disk(self._disk_id, self._transfer_id, self._image, e)
             raise
 
+    def _created(self, disk_id: str) -> None:
+        self._disk_id = disk_id
+
     async def _open(self) -> _TargetDisk:
         vr, entry = self._vr, self._entry
         attrs = dict(entry.attributes)
-        fmt = attrs.get("format", "cow")
-        sparse_text = attrs.get("sparse") or vr.ovf_facts.get(entry.disk_id, {}).get("sparse")
-        sparse = sparse_text == "true" if sparse_text else fmt == "cow"
-        domain = vr.options.storage_domain or attrs.get("storage_domain")
-        if not domain:
-            raise OvirtRestoreError(
-                vm=vr.manifest.vm_name,
-                reason=f"disk {entry.name}: no storage domain recorded; name one",
-            )
-        incremental = fmt == "cow" and attrs.get("backup") == "incremental"
-        body = t.Disk(
-            alias=entry.name,
-            name=entry.name,
-            provisioned_size=entry.size,
-            format=t.DiskFormat(fmt),
-            sparse=sparse,
-            backup=t.DiskBackup.INCREMENTAL if incremental else t.DiskBackup.NONE,
-            content_type=t.DiskContentType.DATA,
-            storage_domains=[_ref(t.StorageDomain, domain)],
-        )
-
-        def add(conn: sdk.Connection) -> Any:
-            return conn.system_service().disks_service().add(body)
-
-        created = await vr.client.call(
-            add, "create disk", obj=f"disk {entry.name}", idempotent=False
-        )
-        self._disk_id = created.id
-        vr.disk_ids.append(created.id)
-        self._record("restore_disks", list(vr.disk_ids))  # right after it exists
-        await vr.wait_disk(created.id, entry.name)
+        created, sparse = await vr.add_disk(entry, self._record, self._created)
 
         def upload(conn: sdk.Connection) -> Any:
             return (
@@ -265,6 +238,48 @@ class VmRestore:
         """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
         record("engine", self.recovery)
         return _DiskUpload(self, entry, record)
+
+    async def add_disk(
+        self, entry: DiskEntry, record: ResourceRecorder, created_cb: Callable[[str], None]
+    ) -> tuple[Any, bool]:
+        """Create the floating disk of ``entry`` (format, size, sparse, backup flag from the
+        manifest; storage domain from the options or the recorded one), record it in
+        ``restore_disks`` (``created_cb`` hears its id at once) and wait until it is ``ok``.
+        Returns (the new disk as the engine answered, sparse). Shared by the imageio and the
+        DataMover targets."""
+        attrs = dict(entry.attributes)
+        fmt = attrs.get("format", "cow")
+        sparse_text = attrs.get("sparse") or self.ovf_facts.get(entry.disk_id, {}).get("sparse")
+        sparse = sparse_text == "true" if sparse_text else fmt == "cow"
+        domain = self.options.storage_domain or attrs.get("storage_domain")
+        if not domain:
+            raise OvirtRestoreError(
+                vm=self.manifest.vm_name,
+                reason=f"disk {entry.name}: no storage domain recorded; name one",
+            )
+        incremental = fmt == "cow" and attrs.get("backup") == "incremental"
+        body = t.Disk(
+            alias=entry.name,
+            name=entry.name,
+            provisioned_size=entry.size,
+            format=t.DiskFormat(fmt),
+            sparse=sparse,
+            backup=t.DiskBackup.INCREMENTAL if incremental else t.DiskBackup.NONE,
+            content_type=t.DiskContentType.DATA,
+            storage_domains=[_ref(t.StorageDomain, domain)],
+        )
+
+        def add(conn: sdk.Connection) -> Any:
+            return conn.system_service().disks_service().add(body)
+
+        created = await self.client.call(
+            add, "create disk", obj=f"disk {entry.name}", idempotent=False
+        )
+        created_cb(created.id)
+        self.disk_ids.append(created.id)
+        record("restore_disks", list(self.disk_ids))  # right after it exists
+        await self.wait_disk(created.id, entry.name)
+        return created, sparse
 
     async def wait_disk(self, disk_id: str, name: str) -> None:
         """Poll the new disk until ``ok``; ``illegal`` or a timeout raise."""
@@ -413,10 +428,17 @@ async def delete_vm(client: EngineClient, vm_id: str) -> None:
 
 @asynccontextmanager
 async def vm_restore(
-    engine: EngineSection, store: Store, manifest: Manifest, options: RestoreOptions
+    engine: EngineSection,
+    store: Store,
+    manifest: Manifest,
+    options: RestoreOptions,
+    *,
+    factory: Callable[..., VmRestore] = VmRestore,
 ) -> AsyncIterator[VmRestore]:
     """A ``VmRestore`` with its own ``EngineClient`` for ``engine`` (closed on exit), the OVF
     read from ``store`` (the manifest's config stream, when its format is ``ovf``).
+    ``factory`` makes it (same arguments as ``VmRestore``): ``attach.AttachVmRestore`` writes
+    the disks through the DataMover instead of imageio uploads.
 
     Raises what ``store.read_chunk`` raises for a missing or corrupt config chunk."""
     ovf = None
@@ -438,6 +460,6 @@ async def vm_restore(
     )
     async with (
         EngineClient(config) as client,
-        VmRestore(client, manifest, ovf, options, recovery) as vr,
+        factory(client, manifest, ovf, options, recovery) as vr,
     ):
         yield vr

@@ -3,22 +3,25 @@
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.config.models import EngineSection
+from engine.config.models import DataMoverSection, EngineSection
 from engine.core.errors import ConfigError
+from plugins.ovirt.attach import SnapshotAttachSource, find_datamover
 from plugins.ovirt.backup import OvirtVmSource
 from plugins.ovirt.client import EngineClient, EngineConfig
 from plugins.ovirt.inventory import VmRef, vms
 from plugins.ovirt.snapshot import SnapshotImageioSource
 
 # auto = backup-api (incremental, no snapshot); snapshot-imageio = flow 2 (full reads through a
-# VM snapshot, OVF saved); snapshot-attach comes next.
-FLOWS = ("auto", "backup-api", "snapshot-imageio")
+# VM snapshot, OVF saved); snapshot-attach = flow 3 (the snapshot's disks attached to the
+# DataMover and read as local devices: LAN free; needs the config's datamover section).
+FLOWS = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
+Source = OvirtVmSource | SnapshotImageioSource | SnapshotAttachSource
 
 
 @dataclass
 class VmSources:
     client: EngineClient  # the caller closes it
-    sources: list[OvirtVmSource | SnapshotImageioSource]
+    sources: list[Source]
 
 
 async def vm_sources(
@@ -27,12 +30,16 @@ async def vm_sources(
     flow: str = "auto",
     *,
     require_quiesce: bool = False,
+    datamover: DataMoverSection | None = None,
 ) -> VmSources:
     """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow.
 
     ``require_quiesce`` (either flow) makes a running VM without a responsive guest agent fail
     at open with a ConfigError, before anything is created, instead of a crash-consistent
-    backup."""
+    backup.
+
+    ``datamover`` (the configuration's section) is needed by ``snapshot-attach``: the DataMover
+    VM is looked up once here (``DataMoverNotFound``, a ConfigError, before anything is made)."""
     if flow not in FLOWS:
         raise ConfigError(message=f"flow {flow!r} is not available yet; use one of {FLOWS}")
     config = EngineConfig(
@@ -55,12 +62,26 @@ async def vm_sources(
             "password_file": str(engine.password_file),
             "ca_file": str(engine.ca_file) if engine.ca_file else None,
         }
-        sources: list[OvirtVmSource | SnapshotImageioSource] = [
-            SnapshotImageioSource(client, vm, recovery, require_quiesce=require_quiesce)
-            if flow == "snapshot-imageio"
-            else OvirtVmSource(client, vm, recovery, require_quiesce=require_quiesce)
-            for vm in chosen
-        ]
+        sources: list[Source]
+        if flow == "snapshot-attach":
+            dm = await find_datamover(client, datamover)
+            assert datamover is not None  # find_datamover refused None
+            sources = [
+                SnapshotAttachSource(
+                    client, vm, recovery, dm, datamover, require_quiesce=require_quiesce
+                )
+                for vm in chosen
+            ]
+        elif flow == "snapshot-imageio":
+            sources = [
+                SnapshotImageioSource(client, vm, recovery, require_quiesce=require_quiesce)
+                for vm in chosen
+            ]
+        else:
+            sources = [
+                OvirtVmSource(client, vm, recovery, require_quiesce=require_quiesce)
+                for vm in chosen
+            ]
         return VmSources(client, sources)
     except BaseException:
         await client.close()
