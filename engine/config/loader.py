@@ -103,6 +103,9 @@ def _line(node: yaml.Node | None, json_path: str) -> int | None:
 
 def _error(path: Path, node: yaml.Node | None, json_path: str, reason: str) -> ConfigError:
     line = _line(node, json_path)
+    unknown = re.search(r"unknown field `(\w+)`", reason)
+    if unknown:  # point at the offending key, not at the mapping holding it
+        line = _line(node, f"{json_path}.{unknown.group(1)}") or line
     where = json_path.removeprefix("$").lstrip(".") or "(top level)"
     at = f" (line {line})" if line else ""
     return ConfigError(message=f"{path}: {where}{at}: {reason}")
@@ -243,6 +246,41 @@ def load_all(
         policies_dir,
         {policy.name: path for policy, path, _ in loaded},
     )
+
+
+def check_all(
+    main: Path, drop_in_dir: Path | None = None, policies_dir: Path | None = None
+) -> tuple[LoadedConfig | None, list[ConfigError]]:
+    """Like ``load_all`` but reports every broken policy file, not only the first: the
+    loaded configuration (None if any error) and the errors (``check-config``)."""
+    try:
+        loaded = load_all(main, drop_in_dir, policies_dir)
+    except ConfigError as e:
+        first = e
+    else:
+        return loaded, []
+    try:
+        config, _ = _load_config(main, drop_in_dir or main.parent / "conf.d")
+    except ConfigError:
+        return None, [first]  # the daemon config itself is broken: that is the error
+    directory = policies_dir or main.parent / (config.policies_dir or Path("policies.d"))
+    errors: list[ConfigError] = []
+    names: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+        try:
+            policy, node = _load_policy(path)
+            _check_references(config, policy, path, node)
+            if policy.name in names:
+                raise _error(
+                    path,
+                    node,
+                    "$.name",
+                    f"policy {policy.name!r} is also defined in {names[policy.name]}",
+                )
+            names[policy.name] = path
+        except ConfigError as e:
+            errors.append(e)
+    return None, errors or [first]
 
 
 def _check_references(config: Config, policy: Policy, path: Path, node: yaml.Node | None) -> None:

@@ -100,4 +100,8 @@ def enc_hook(obj: Any) -> Any:
         return str(obj)
     if isinstance(obj, ZoneInfo):
         return obj.key
+    if isinstance(obj, Duration | Schedule):
+        return str(obj)
+    if isinstance(obj, ByteSize):
+        return int(obj)
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")

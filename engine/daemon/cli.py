@@ -13,7 +13,7 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import cli_maint
+from engine.daemon import cli_config, cli_maint
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_job_commands(sub)
     cli_maint.register(sub, open_store, _add_key_options)  # prune, protect, store status
+    cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
     return parser
 
 

@@ -33,7 +33,7 @@ engines:
     [
         (
             GOOD.replace("    path: /srv/store", "    path: /srv/store\n    colour: red"),
-            "stores[0] (line 2): Object contains unknown field `colour`",
+            "stores[0] (line 4): Object contains unknown field `colour`",
         ),
         (
             GOOD.replace("name: lab", "name: 7"),

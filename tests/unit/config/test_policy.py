@@ -116,7 +116,7 @@ def _policy_file(tmp_path: Path, text: str) -> Path:
     [
         (
             ("  vms: [web01]\n", "  vms: [web01]\n  colour: red\n"),
-            "selection (line 2): Object contains unknown field `colour`",
+            "selection (line 4): Object contains unknown field `colour`",
         ),
         (
             ("keep_daily: 7", "keep_daily: seven"),
