@@ -6,6 +6,7 @@ turns every problem into a ``ConfigError`` naming the file, the key path and the
 ``/etc/tessera/config.yaml: stores[0].chunk_size (line 7): expected int, got str``.
 Secrets are never values here: only ``*_file`` paths.
 
-This slice covers the sections the CLI uses today (stores, engines, datamover); policies,
-schedules, API, logging, SMTP and peers arrive with the service issue.
+``policy`` holds the policy models (``policies.d/*.yaml``, one per file) and ``types`` the
+parsed field values (``Duration``, ``Schedule``, ``ByteSize``). ``loader.load_all`` reads the
+daemon config, its drop-ins and the policies and checks the names they share.
 """
