@@ -212,6 +212,7 @@ def down(directory: Path) -> bool:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         p["pid"].unlink(missing_ok=True)
+        asyncio.run(unmount_all(p["devices"]))  # a killed lab's devices
         return False
     deadline = time.monotonic() + STOP_TIMEOUT
     while _pid_alive(pid):
