@@ -250,7 +250,7 @@ def _print_status(usage: StoreUsage, per_snapshot: bool) -> None:
     print(f"{'VM':<36}  {'SNAPS':>5}  {header}")
     for vm in usage.vms:
         print(f"{vm.vm_name[:36]:<36}  {vm.usage.snapshots:>5}  {_row(vm.usage)}")
-        if per_snapshot:  # P marks a protected snapshot
+        if per_snapshot:  # time in UTC, as in `tessera snapshots`; P marks a protected one
             for s in vm.snapshots:
                 mark = "P" if s.protected else " "
                 when = s.time[:16].replace("T", " ")
