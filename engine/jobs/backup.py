@@ -97,10 +97,11 @@ async def run_backup(
     readers: int = DEFAULT_READERS,
     progress: Progress | None = None,
     retry_policy: RetryPolicy = DEFAULT_POLICY,
+    job_id: str | None = None,
 ) -> BackupOutcome:
     """Back up ``source`` into ``store``; returns the outcome (never raises for a job that
     failed — the record says FAILED with the error — but re-raises cancellation)."""
-    job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy)
+    job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy, job_id)
     steps = {
         State.PREPARING: job.prepare,
         State.TRANSFERRING: job.transfer,
@@ -128,6 +129,7 @@ class _BackupJob:
         readers: int,
         progress: Progress | None,
         retry_policy: RetryPolicy,
+        job_id: str | None = None,
     ):
         self.store, self.pool, self.source, self.journal = store, pool, source, journal
         self.readers, self.progress, self.retry_policy = readers, progress, retry_policy
@@ -143,6 +145,7 @@ class _BackupJob:
                 "requested_level": level,
                 "level": effective,
             },
+            job_id,
         )
         self.outcome = BackupOutcome(self.record, None, effective, [note] if note else [])
         self.checkpoint = f"tessera-{self.record.job_id}"

@@ -45,6 +45,11 @@ class JobRecord:
         return self.state in TERMINAL
 
 
+def new_job_id() -> str:
+    """Sortable by start time, unique enough for one store: ``20261128T130236-0cf2a2``."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
 class Journal:
     def __init__(self, directory: Path):
         self.dir = directory
@@ -53,8 +58,12 @@ class Journal:
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
 
-    def create(self, kind: str, source: str, params: dict[str, Any]) -> JobRecord:
-        job_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    def create(
+        self, kind: str, source: str, params: dict[str, Any], job_id: str | None = None
+    ) -> JobRecord:
+        """A new PENDING record, saved; ``job_id`` lets a caller (the daemon) name the job
+        before it starts, else one is made from the time."""
+        job_id = job_id or new_job_id()
         record = JobRecord(job_id=job_id, kind=kind, source=source, params=params)
         self.save(record)
         return record

@@ -75,11 +75,12 @@ async def run_restore(
     writers: int = 4,
     progress: Progress | None = None,
     finish: Callable[[], Awaitable[object]] | None = None,
+    job_id: str | None = None,
 ) -> RestoreOutcome:
     """Restore the disks; then ``finish`` (e.g. create the VM and attach the disks) runs as
     the COMMITTING step, so a failure there fails the job and its targets are cleaned up."""
     record = journal.create(
-        "restore", plugin, {"snapshot": snapshot_id, "disks": list(disks or [])}
+        "restore", plugin, {"snapshot": snapshot_id, "disks": list(disks or [])}, job_id
     )
     outcome = RestoreOutcome(record)
     driver = JobDriver(journal, record)
