@@ -14,7 +14,7 @@ lets it persist what it creates before creating it.
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from engine.jobs.states import Event, State
 from engine.restore.disk import RestoreStats, restore_disk
 from engine.sources.types import ResourceRecorder, TargetDisk
 from engine.store.chunk_store import Store
+from engine.store.locks import reading_snapshot
 from engine.store.manifest import DiskEntry, Manifest
 from engine.workers import CpuPool
 
@@ -91,7 +92,10 @@ async def run_restore(
         record.resources[key] = value
         journal.save(record)
 
+    held = ExitStack()  # the snapshot's share lock, from PREPARING to the end
+
     async def prepare() -> Event:
+        held.enter_context(reading_snapshot(store.layout, snapshot_id))  # prune skips it
         outcome.manifest = store.manifest(snapshot_id)
         for name in disks or [None]:  # type: ignore[list-item]
             chosen.extend(select_disks(outcome.manifest, name))
@@ -130,6 +134,7 @@ async def run_restore(
             cleanup,
         )
     finally:
+        held.close()
         outcome.seconds = time.perf_counter() - started
         record.summary = {
             "disks": [d.disk_id for d in outcome.disks],

@@ -9,9 +9,12 @@ error message.
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from engine.core.errors import StoreLocked
+from engine.core.errors import SnapshotNotFound, StoreLocked
+from engine.store.layout import Layout
 
 
 class WriterLock:
@@ -35,3 +38,20 @@ class WriterLock:
         if self._fd >= 0:
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
+
+
+@contextmanager
+def reading_snapshot(layout: Layout, snapshot_id: str) -> Iterator[None]:
+    """Share-lock a snapshot while it is read (restore, verify): prune skips a snapshot
+    whose manifest someone holds with ``flock(LOCK_SH)`` and says it is in use. Raises
+    SnapshotNotFound when the snapshot has no manifest (never committed, or pruned)."""
+    path = layout.manifest(snapshot_id)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SnapshotNotFound(snapshot=snapshot_id, reason="no manifest") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # drops the lock

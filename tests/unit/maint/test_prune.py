@@ -23,6 +23,7 @@ from engine.maint.prune import (
 from engine.maint.retention import Rules
 from engine.store.check import check_store
 from engine.store.chunk_store import Store
+from engine.store.locks import reading_snapshot
 from engine.store.manifest import Manifest
 from engine.util import failpoints
 from tests.conftest import PASSPHRASE, StoreFactory
@@ -226,3 +227,15 @@ def test_removed_dir_survives_recovery(make_store: StoreFactory) -> None:
         assert store.report.lines() == []
     finally:
         store.close()
+
+
+def test_a_snapshot_being_read_is_skipped_until_the_reader_ends(make_store: StoreFactory) -> None:
+    store = make_store()
+    ids = daily(store, "vm1", 3)
+    with reading_snapshot(store.layout, ids[0]):  # what a restore or verify holds
+        result = prune(store, Rules(keep_last=1), now=NOW, tz=UTC)
+        assert result.removed == [ids[1]]
+        assert result.skipped == {ids[0]: "in use by a restore or verify"}
+    assert prune(store, Rules(keep_last=1), now=NOW, tz=UTC).removed == [ids[0]]
+    with pytest.raises(SnapshotNotFound), reading_snapshot(store.layout, ids[0]):
+        pass
