@@ -247,9 +247,12 @@ class AttachSession:
         raised together (``OvirtSnapshotError``) after every step was tried."""
         errors: list[str] = []
         for disk in self._disks:
-            await disk.control.close()
+            try:
+                await disk.control.close()
+            except Exception as e:  # noqa: BLE001 - a broken connection must not keep disks attached
+                errors.append(f"disk {disk.info.disk_id}: closing its export connection: {e!r}")
         for export in self.exports:
-            await export.stop()
+            await export.stop()  # never raises: terminates, kills, reaps
         for disk_id in reversed(self.attached):
             try:
                 await detach_disk(self.client, self.datamover.id, disk_id)

@@ -8,7 +8,10 @@ disks at backup time, the VM's data unchanged by the snapshot merge, nothing lef
 engine (snapshot, attachment, transfer, disk, VM) after success, failure or a killed run."""
 
 import asyncio
+import contextlib
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from plugins.ovirt import PLUGIN
 from plugins.ovirt.attach import AttachSession
 from plugins.ovirt.sources import vm_sources
 from tests.integration.images import identical, qemu_io, reference
-from tests.ovirt.test_backup_api_flow import tessera
+from tests.ovirt.test_backup_api_flow import ROOT, tessera
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -271,3 +274,70 @@ async def test_recover_detaches_what_a_killed_run_left(lab: Lab) -> None:
     assert await lab.clean() == before
     for alias, image in lab.images.items():
         assert identical(before_images[alias], image), alias
+
+
+async def test_a_cancelled_open_detaches_and_removes_the_snapshot(lab: Lab) -> None:
+    before = await lab.view()
+    nowhere = lab.tmp / "no-devices"
+    nowhere.mkdir()
+    section = DataMoverSection(vm_name=DM, by_id_dir=nowhere, device_timeout=60)
+    found = await vm_sources(lab.section(), ["vm1"], "snapshot-attach", datamover=section)
+    dm = next(v for v in lab.engine.inventory.vms.values() if v.name == DM)
+    try:
+        task = asyncio.create_task(
+            found.sources[0].open(None, (), "tessera-x", 1, lambda key, value: None)
+        )
+        for _ in range(200):  # until the first disk is attached: open waits for its device
+            if len(lab.engine.inventory.vms[dm.id].attachments) > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(lab.engine.inventory.vms[dm.id].attachments) == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await found.client.close()
+    assert await lab.clean() == before
+
+
+async def test_a_killed_restore_is_undone_by_the_next_start(lab: Lab) -> None:
+    config = lab.config("config.yaml")
+    code, out, err = await tessera(
+        "backup", "vm", "vm1", "--flow", "snapshot-attach", "--config", config
+    )
+    assert code == 0, out + err
+    code, out, _ = await tessera("snapshots", "--config", config, "--json")
+    (doc,) = json.loads(out)
+    before = await lab.view()
+    assert lab.engine.devices is not None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine.daemon.cli",
+        *("restore", doc["id"], "--config", str(config), "--flow", "attach", "--name", "vm1-k"),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "TESSERA_PASSPHRASE": "flow-test"},
+    )
+    try:
+        for _ in range(6000):  # the new disk's device is plugged: the restore writes it now
+            if lab.engine.devices.plugged or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert lab.engine.devices.plugged, "the restore never attached a disk"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    left = await lab.view()
+    assert len(left["vms"][DM]) == 2 and len(left["disks"]) == len(before["disks"]) + 1
+
+    # The next command that opens the store for writing detaches and deletes, then restores.
+    code, out, err = await tessera(
+        "restore", doc["id"], "--config", config, "--flow", "attach", "--name", "vm1-k"
+    )
+    assert code == 0, out + err
+    after = await lab.clean()
+    assert set(after["vms"]) == set(before["vms"]) | {"vm1-k"}
+    assert after["disks"] == before["disks"] | after["vms"]["vm1-k"]
