@@ -299,6 +299,8 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.to is None:
         return cmd_restore_vm(args)
+    if args.flow != "imageio":
+        raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
     plugin = registry.get("local")
     make_image_target = plugin.factory("image_target")
     with open_store(args, writable=True) as store:

@@ -26,7 +26,7 @@ from plugins.lab.engine.devices import mounts_under
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.ovirt import PLUGIN
-from plugins.ovirt.attach import AttachSession
+from plugins.ovirt.attach import AttachSession, OvirtAttachError, find_devices, wait_device
 from plugins.ovirt.sources import vm_sources
 from tests.integration.images import identical, qemu_io, reference
 from tests.ovirt.test_backup_api_flow import ROOT, tessera
@@ -341,3 +341,29 @@ async def test_a_killed_restore_is_undone_by_the_next_start(lab: Lab) -> None:
     after = await lab.clean()
     assert set(after["vms"]) == set(before["vms"]) | {"vm1-k"}
     assert after["disks"] == before["disks"] | after["vms"]["vm1-k"]
+
+
+async def test_device_matching_by_serial_prefix(tmp_path: Path) -> None:
+    disk = "0b9e1c7a-3f2d-4c55-9a8e-6d1f2e3a4b5c"
+    other = "0b9e1c7a-3f2d-4c55-0000-000000000000"  # shares 19 characters, not 20
+    target = tmp_path / "sdb"
+    target.write_bytes(b"")
+    for name in (
+        f"scsi-0QEMU_QEMU_HARDDISK_{disk[:20]}-part1",  # a partition: never the disk
+        f"virtio-{other[:20]}",
+        "wwn-0x5000c500a1b2c3d4",
+    ):
+        (tmp_path / name).symlink_to(target)
+    assert find_devices(tmp_path, disk) == []
+    with pytest.raises(OvirtAttachError, match=f"no device with serial {disk[:20]}"):
+        await wait_device(tmp_path, disk, 0.2, DM)
+    full = tmp_path / f"scsi-0QEMU_QEMU_HARDDISK_{disk}"  # a QEMU giving the whole serial
+    full.symlink_to(target)
+    assert await wait_device(tmp_path, disk, 0.2, DM) == full
+    (tmp_path / f"virtio-{disk[:20]}").symlink_to(target)  # the same device twice is fine
+    assert len(find_devices(tmp_path, disk)) == 2
+    other_target = tmp_path / "sdc"
+    other_target.write_bytes(b"")
+    (tmp_path / f"scsi-SQEMU_QEMU_HARDDISK_{disk[:20]}").symlink_to(other_target)
+    with pytest.raises(OvirtAttachError, match="several devices match"):
+        await wait_device(tmp_path, disk, 0.2, DM)
