@@ -9,8 +9,8 @@ point; the *catalog* lists snapshots by VM and time.
 
 Modules: ``format`` (every byte layout), ``keys`` (key file, scrypt), ``codec`` (record
 encode/decode), ``pack``, ``index``, ``diskmap``, ``manifest``, ``catalog``, ``layout``,
-``locks``, ``recovery`` (open = recover), ``snapshot`` (commit order), ``chunk_store``
-(the ``Store`` facade).
+``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover),
+``snapshot`` (commit order), ``chunk_store`` (the ``Store`` facade).
 
 Invariants:
 
@@ -39,9 +39,42 @@ read-only. Maintenance (issue 7) follows this table; a blank means "runs concurr
     GC sweep     lease (a) lock (b)  lock (b) lease (a) one GC
     ===========  ========  ========  =======  ========  =========  ===========
 
-    (a) a backup/replication registers a lease with its start time; sweep removes only
-        chunks unreferenced since before the oldest live lease minus a safety margin.
-    (b) snapshots being read are share-locked; prune cannot remove them meanwhile.
+    (a) a backup/replication holds a lease (its start stamp); GC deletes a chunk only if
+        it was condemned before every lease live during the GC began (protocol below).
+    (b) snapshots being read are share-locked; prune cannot remove them meanwhile. A reader
+        whose pack GC retired meanwhile looks the chunk up again (``Store.get_record``).
+
+Where GC runs: in the process that holds the writer lock (the daemon, or ``tessera gc``
+when no daemon or backup holds it), so every session that can reference chunks runs in the
+same process and its lease is in the in-memory ``LeaseRegistry`` (``leases``); leases need
+no durability because a dead process's sessions are dead and open = recover deletes their
+uncommitted snapshots. ``SnapshotWriter`` takes a lease from creation to commit/abort;
+``Store.lease`` is for sessions without one (replication receivers).
+
+GC protocol (``engine.maint.gc``; the danger is a session that finds a chunk with
+``has``/``put`` just before GC deletes it, then commits a snapshot referencing it):
+
+1. GC starts a *lease watch*: the oldest start of every lease live at any moment of the run.
+2. Mark: ids of every committed manifest (and of removed snapshots still in their grace
+   period) go into an on-disk SQLite table — bounded RAM.
+3. Unmarked live index rows are *condemned* in short transactions: ``condemned = -1``
+   committed first, then stamped with ``LeaseClock.now()``. From the first commit on,
+   ``has``/``put`` treat the chunk as absent, so writers store it again (the new location
+   replaces the row and revives it: ``add_pack`` upserts over condemned rows); ``get``
+   still reads it. Marked rows that were condemned are absolved (``condemned = 0``).
+4. A row is deleted only if unmarked and condemned at a stamp older than the watch's oldest
+   lease (``DELETE … WHERE condemned BETWEEN 1 AND cutoff``: a revived row is never hit).
+   Any session that found the chunk before it was condemned began before the stamp, was
+   live during the run (or committed before the mark, so the mark saw it), so it holds the
+   deletion back; a session begun after the stamp could not find it.
+5. Packs: no rows → linked into ``trash/`` and forgotten; sparse → live records copied into
+   a new sealed pack, then link into trash → one index transaction (rows move) → unlink.
+   Open = recover finishes or undoes a half-retired pack; the trash is emptied after the
+   grace period (the undo window against a mistaken or malicious prune).
+
+No touched-id set and no commit-time re-check are needed: condemnation makes a chunk
+invisible to deduplication before anything is deleted, and the stamp orders it after every
+session that could have seen it.
 
 Defaults, chosen from ``make bench`` on the 2-core reference machine (real ext4 image, 780 MB
 of data; single figures move ±20 % run to run on this shared machine, ratios less):

@@ -10,7 +10,9 @@ of the commit order (see ``SnapshotWriter.commit``).
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +40,7 @@ from engine.store.keys import (
     write_key_file,
 )
 from engine.store.layout import STORE_FORMAT, Layout, StoreConfig
+from engine.store.leases import Lease, LeaseRegistry
 from engine.store.locks import WriterLock
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackWriter, SealedPack, pack_path
@@ -112,6 +115,7 @@ class Store:
         self.index = Index(layout.index, readonly=not writable)
         self.catalog = Catalog(layout.catalog, readonly=not writable)
         self.report = RecoveryReport()
+        self.leases = LeaseRegistry()
         self._wlock = threading.Lock()
         self._open: PackWriter | None = None
         self._pending: dict[bytes, _Pending] = {}
@@ -248,6 +252,12 @@ class Store:
             self.put(chunk_id, self.codec.encode(plain, chunk_id))
         return chunk_id
 
+    @contextmanager
+    def lease(self, kind: str, what: str) -> Iterator[Lease]:
+        """Hold a lease while referencing chunks outside a ``SnapshotWriter`` (replication)."""
+        with self.leases.hold(kind, what) as lease:
+            yield lease
+
     def get_record(self, chunk_id: bytes) -> tuple[bytes, str, int]:
         """(record bytes, pack name, offset) of a stored chunk; raises ChunkMissing."""
         with self._wlock:
@@ -265,6 +275,10 @@ class Store:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
+            # GC may have repacked the chunk and retired the pack since the lookup.
+            moved = self.index.lookup(chunk_id)
+            if moved is not None and moved.pack != loc.pack:
+                return self.get_record(chunk_id)
             raise StoreError(
                 path=self.path, reason=f"pack {loc.pack} of chunk {short(chunk_id)} is missing"
             ) from None

@@ -6,12 +6,16 @@ whole store, only SQLite's page cache.
 
 Tables::
 
-    packs(id, name, size, records)                 one row per sealed pack
-    chunks(id BLOB 32, pack, offset, length, plain) one row per record, WITHOUT ROWID
+    packs(id, name, size, records)                            one row per sealed pack
+    chunks(id BLOB 32, pack, offset, length, plain, condemned) one row per record, WITHOUT ROWID
 
 A sealed pack's entries are added in one transaction with ``synchronous=FULL``, so after
 ``add_pack`` returns the entries are durable. A chunk id seen in two packs keeps its first
-location (the duplicate record is dead weight that GC repacks away).
+location (the duplicate record is dead weight that GC repacks away) — unless the first is
+*condemned*: ``condemned`` is 0 for a live chunk, else the ``LeaseClock`` stamp at which GC
+found it unreferenced. A condemned chunk still reads (``lookup``) but does not deduplicate
+(``has`` is false), so a writer stores it again and the new location replaces the row and
+revives it; GC deletes rows only once condemned (protocol: ``engine.store`` docstring).
 
 Connections are per thread (SQLite connections must not be shared); writes are serialised
 by a lock.
@@ -19,7 +23,7 @@ by a lock.
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS chunks(
     pack INTEGER NOT NULL REFERENCES packs(id),
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
-    plain INTEGER NOT NULL
+    plain INTEGER NOT NULL,
+    condemned INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack);
 """
@@ -61,6 +66,15 @@ class PackRow:
 
 
 @dataclass(frozen=True)
+class PackUsage:
+    name: str
+    size: int
+    records: int
+    live: int  # rows located in the pack (live or condemned-but-kept)
+    live_bytes: int  # their record bytes
+
+
+@dataclass(frozen=True)
 class IndexStats:
     packs: int
     chunks: int
@@ -76,9 +90,18 @@ class Index:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._has_sql = "SELECT condemned FROM chunks WHERE id = ?"
         if not readonly:
             conn = self._conn()
             conn.executescript(_SCHEMA)
+            if not self._has_condemned(conn):  # a store from before GC: add the column
+                conn.execute("ALTER TABLE chunks ADD COLUMN condemned INTEGER NOT NULL DEFAULT 0")
+        elif not self._has_condemned(self._conn()):
+            self._has_sql = "SELECT 0 FROM chunks WHERE id = ?"
+
+    @staticmethod
+    def _has_condemned(conn: sqlite3.Connection) -> bool:
+        return any(r[1] == "condemned" for r in conn.execute("PRAGMA table_info(chunks)"))
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -115,10 +138,9 @@ class Index:
         return Location(*row) if row else None
 
     def has(self, chunk_id: bytes) -> bool:
-        return (
-            self._conn().execute("SELECT 1 FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
-            is not None
-        )
+        """True if the chunk is stored and not condemned (a condemned one is stored again)."""
+        row = self._conn().execute(self._has_sql, (chunk_id,)).fetchone()
+        return row is not None and row[0] == 0
 
     def add_pack(self, sealed: SealedPack) -> None:
         """Add a sealed pack and its entries durably, in one transaction."""
@@ -132,8 +154,10 @@ class Index:
                 )
                 pack_id = cur.lastrowid
                 conn.executemany(
-                    "INSERT OR IGNORE INTO chunks(id, pack, offset, length, plain) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO chunks(id, pack, offset, length, plain) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset, "
+                    "length = excluded.length, plain = excluded.plain, condemned = 0 "
+                    "WHERE chunks.condemned != 0",
                     (
                         (e.chunk_id, pack_id, e.offset, e.length, e.plain_len)
                         for e in sealed.entries
@@ -163,6 +187,113 @@ class Index:
                 conn.execute("ROLLBACK")
                 raise
         return n
+
+    # --- garbage collection (engine.maint.gc; protocol in the engine.store docstring) -------
+
+    def _write(self, statements: Callable[[sqlite3.Connection], int]) -> int:
+        """Run ``statements`` in one short write transaction; returns what it returns."""
+        conn = self._conn()
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = statements(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return n
+
+    def condemn(self, chunk_ids: Iterable[bytes], stamp: int) -> int:
+        """Mark live chunks condemned at ``stamp``; returns how many changed."""
+        rows = [(stamp, cid) for cid in chunk_ids]
+        return self._write(
+            lambda c: (
+                c.executemany(
+                    "UPDATE chunks SET condemned = ? WHERE id = ? AND condemned = 0", rows
+                ).rowcount
+            )
+        )
+
+    def stamp(self, chunk_ids: Iterable[bytes], stamp: int) -> int:
+        """Write the stamp of chunks condemned with the placeholder -1 (see the protocol)."""
+        rows = [(stamp, cid) for cid in chunk_ids]
+        return self._write(
+            lambda c: (
+                c.executemany(
+                    "UPDATE chunks SET condemned = ? WHERE id = ? AND condemned = -1", rows
+                ).rowcount
+            )
+        )
+
+    def absolve(self, chunk_ids: Iterable[bytes]) -> int:
+        """Make condemned chunks live again (a snapshot references them after all)."""
+        rows = [(cid,) for cid in chunk_ids]
+        return self._write(
+            lambda c: (
+                c.executemany(
+                    "UPDATE chunks SET condemned = 0 WHERE id = ? AND condemned != 0", rows
+                ).rowcount
+            )
+        )
+
+    def delete_condemned(self, chunk_ids: Iterable[bytes], cutoff: int) -> int:
+        """Delete rows still condemned at a stamp ``<= cutoff`` (a revived row is kept)."""
+        rows = [(cid, cutoff) for cid in chunk_ids]
+        return self._write(
+            lambda c: (
+                c.executemany(
+                    "DELETE FROM chunks WHERE id = ? AND condemned BETWEEN 1 AND ?", rows
+                ).rowcount
+            )
+        )
+
+    def pack_usage(self) -> list[PackUsage]:
+        """Every pack with the count and record bytes of the rows located in it."""
+        rows = self._conn().execute(
+            "SELECT p.name, p.size, p.records, count(c.id), coalesce(sum(c.length), 0) "
+            "FROM packs p LEFT JOIN chunks c ON c.pack = p.id GROUP BY p.id ORDER BY p.id"
+        )
+        return [PackUsage(*r) for r in rows]
+
+    def pack_rows(self, name: str) -> list[tuple[ChunkId, Location]]:
+        """The rows located in one pack, in offset order (one pack: bounded)."""
+        rows = self._conn().execute(
+            "SELECT c.id, p.name, c.offset, c.length, c.plain FROM chunks c "
+            "JOIN packs p ON p.id = c.pack WHERE p.name = ? ORDER BY c.offset",
+            (name,),
+        )
+        return [(ChunkId(cid), Location(*loc)) for cid, *loc in rows]
+
+    def replace_packs(self, sources: list[str], sealed: SealedPack | None) -> int:
+        """Retire ``sources``: rows of theirs whose chunk ``sealed`` holds move to it, the
+        other rows are deleted, and the sources are forgotten — one transaction. Returns how
+        many rows moved. ``sealed`` must be a pack on disk that is not indexed yet."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            ids = [
+                r[0]
+                for name in sources
+                if (r := conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone())
+            ]
+            moved = 0
+            if sealed is not None:
+                new_id = conn.execute(
+                    "INSERT INTO packs(name, size, records) VALUES (?, ?, ?)",
+                    (sealed.name, sealed.size, len(sealed.entries)),
+                ).lastrowid
+                marks = ",".join("?" * len(ids)) or "NULL"
+                moved = conn.executemany(
+                    "UPDATE chunks SET pack = ?, offset = ?, length = ? "
+                    f"WHERE id = ? AND pack IN ({marks})",
+                    ((new_id, e.offset, e.length, e.chunk_id, *ids) for e in sealed.entries),
+                ).rowcount
+            for pack_id in ids:
+                conn.execute("DELETE FROM chunks WHERE pack = ?", (pack_id,))
+                conn.execute("DELETE FROM packs WHERE id = ?", (pack_id,))
+            failpoints.hit("gc.index.before_commit")
+            return moved
+
+        return self._write(run)
 
     def packs(self) -> list[PackRow]:
         rows = self._conn().execute("SELECT name, size, records FROM packs ORDER BY id")

@@ -11,6 +11,8 @@
       packs/tmp/*.pack.tmp   the open pack (discarded by recovery)
       packs/nn/<name>.pack   sealed packs
       snapshots/<id>/        DiskMaps (disk-<n>.dmap) and the manifest (commit point)
+      trash/<t>-<name>.pack  packs GC retired at unix time t, deleted after the grace period
+      gc/                    GC's lock and work database (temporary; rebuilt by each run)
 """
 
 import json
@@ -79,6 +81,20 @@ class Layout:
     @property
     def snapshots(self) -> Path:
         return self.root / "snapshots"
+
+    @property
+    def trash(self) -> Path:
+        return self.root / "trash"
+
+    @property
+    def gc(self) -> Path:
+        return self.root / "gc"
+
+    def trash_files(self) -> dict[str, Path]:
+        """Packs in the trash by pack name (``<unix time>-<name>.pack``)."""
+        if not self.trash.exists():
+            return {}
+        return {p.stem.partition("-")[2]: p for p in self.trash.glob("*-*.pack")}
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id

@@ -5,10 +5,13 @@ Runs under the writer lock, before any job, so nothing it removes can be in use:
 1. temp files (``*.tmp``: the open pack, DiskMaps and manifests being written) are deleted —
    nothing half-written is ever served;
 2. index rows whose pack file is missing or has a different size are dropped and reported;
-3. sealed packs the index does not know (a crash between seal and index commit) are indexed
+3. a pack GC was retiring (linked into ``trash/``) is finished: if the index still lists it
+   the GC did not commit and the trash link goes; if not, the GC committed and the copy in
+   ``packs/`` goes;
+4. sealed packs the index does not know (a crash between seal and index commit) are indexed
    from their trailers; a pack whose trailer cannot be read is reported and left for repair;
-4. snapshot directories without a manifest (a crash before the commit point) are deleted;
-5. the catalog is reconciled with the manifests on disk.
+5. snapshot directories without a manifest (a crash before the commit point) are deleted;
+6. the catalog is reconciled with the manifests on disk.
 """
 
 import shutil
@@ -21,7 +24,7 @@ from engine.store.index import Index
 from engine.store.layout import Layout
 from engine.store.manifest import Manifest
 from engine.store.pack import SealedPack, read_trailer
-from engine.util.fs import remove_tmp_files
+from engine.util.fs import fsync_dir, remove_tmp_files
 
 
 @dataclass
@@ -29,6 +32,7 @@ class RecoveryReport:
     removed_temp_files: list[str] = field(default_factory=list)
     dropped_packs: list[str] = field(default_factory=list)  # "name: reason, N chunks"
     indexed_packs: list[str] = field(default_factory=list)
+    gc_finished: list[str] = field(default_factory=list)  # "pack N: ..." (a GC was killed)
     unreadable_packs: list[str] = field(default_factory=list)
     discarded_snapshots: list[str] = field(default_factory=list)
     catalog_added: int = 0
@@ -44,6 +48,7 @@ class RecoveryReport:
     def lines(self) -> list[str]:
         out = [f"removed temp file {p}" for p in self.removed_temp_files]
         out += [f"indexed pack {p} from its trailer" for p in self.indexed_packs]
+        out += self.gc_finished
         out += [f"discarded uncommitted snapshot {s}" for s in self.discarded_snapshots]
         out += self.problems
         if self.catalog_added or self.catalog_removed:
@@ -69,6 +74,16 @@ def recover(
             report.dropped_packs.append(f"{row.name} ({reason}, {n} chunks)")
             on_disk.pop(row.name, None)
     known = {row.name for row in index.packs()}
+    for name, trashed in sorted(layout.trash_files().items()):
+        if name in known:  # the GC that linked it there did not commit: the pack stays
+            trashed.unlink()
+            fsync_dir(trashed.parent)
+            report.gc_finished.append(f"pack {name}: interrupted GC undone (trash link removed)")
+        elif name in on_disk:  # the GC committed: finish moving the pack to the trash
+            stale = on_disk.pop(name)
+            stale.unlink()
+            fsync_dir(stale.parent)
+            report.gc_finished.append(f"pack {name}: interrupted GC finished (moved to trash)")
     for name in sorted(set(on_disk) - known):
         try:
             size, entries = read_trailer(on_disk[name], name)

@@ -46,7 +46,14 @@ class SnapshotWriter:
         self.parent = parent
         self.time = (time or datetime.now(UTC)).astimezone(UTC)
         self.dir: Path = store.layout.snapshot_dir(self.snapshot_id)
-        self.dir.mkdir(parents=True)
+        # The lease tells GC a session may reference chunks no manifest names yet; it ends
+        # once the manifest is committed or the snapshot aborted.
+        self._lease = store.leases.begin("backup", self.snapshot_id)
+        try:
+            self.dir.mkdir(parents=True)
+        except BaseException:
+            store.leases.end(self._lease)
+            raise
         self._disks: list[tuple[DiskMapWriter, str, str, dict[str, str]]] = []
         self._config: ConfigStream | None = None
         self._done = False
@@ -122,6 +129,8 @@ class SnapshotWriter:
             if not self._store.layout.manifest(self.snapshot_id).exists():
                 self.abort()
             raise
+        finally:
+            self._store.leases.end(self._lease)
         self._done = True
         return manifest
 
@@ -130,6 +139,7 @@ class SnapshotWriter:
         for writer, *_ in self._disks:
             writer.abort()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._store.leases.end(self._lease)
         self._done = True
 
     def __enter__(self) -> "SnapshotWriter":

@@ -1,0 +1,508 @@
+"""Garbage collection: free the chunks no snapshot references, repack sparse packs, keep
+retired packs in a trash for a grace period. Runs beside backups (DESIGN §4.9); the protocol
+that makes that safe is in the ``engine.store`` docstring. One run::
+
+    gc lock (one GC at a time)           lease watch starts: every lease live from here on
+      │                                    counts for the delete cutoff
+      ├─ 1 prune lock: delete removed/<id> past the grace; list snapshots/ + removed/; unlock
+      ├─ 2 mark: every listed manifest's config chunk and DiskMap ids → work db ``mark``
+      ├─ 3 judge (index in id order, batches): marked+condemned → absolved; unmarked+live in
+      │      an old pack → condemned (−1, then stamped after the commit); −1 left by a
+      │      killed run → stamped
+      ├─ 4 delete: rows condemned at a stamp older than the oldest watched lease, unmarked
+      ├─ 5 packs: no rows → trash; live bytes / size < threshold → records copied into new
+      │      packs (CRC checked, rate-limited), then per group: seal new pack → link sources
+      │      into trash/ → one index transaction (rows move, sources forgotten) → unlink
+      └─ 6 trash: files older than the grace deleted
+
+Every step commits in short transactions and is idempotent, so a run killed anywhere leaves
+a consistent store (open = recover finishes or undoes a half-retired pack) and the next run
+completes the work. Nothing is deleted if any manifest or DiskMap cannot be read: a GC that
+cannot see every reference must not sweep.
+
+Memory is bounded independently of store size: the marked set is a SQLite table in
+``STORE/gc/mark.db`` (one B-tree row per distinct referenced chunk, ~50 bytes on disk) with
+its page cache capped at ``_CACHE_KIB``; Python holds one DiskMap block (32 Ki ids, 1 MiB),
+one batch of ``_BATCH`` index rows, one pack's rows and one record at a time. Measured
+(``tests/bench/gc_bench.py``, a 2 M-chunk store): see the bench output and
+``tests/integration/test_gc_memory.py`` for the asserted bound.
+"""
+
+import fcntl
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from engine.core.errors import CorruptRecord, SnapshotNotFound, StoreError, StoreLocked
+from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, short
+from engine.maint.prune import REMOVED_DIR, prune_lock, removed_snapshots
+from engine.store import manifest as manifest_mod
+from engine.store.codec import check_crc
+from engine.store.diskmap import DiskMap
+from engine.store.layout import MANIFEST_NAME, Layout
+from engine.store.manifest import Manifest
+from engine.store.pack import PACK_SUFFIX, PackWriter, SealedPack, pack_path
+from engine.util import failpoints
+from engine.util.fs import fsync_dir
+
+if TYPE_CHECKING:
+    from engine.store.chunk_store import Store
+
+DEFAULT_GRACE: Final = timedelta(days=7)
+DEFAULT_REPACK_THRESHOLD: Final = 0.5
+# Packs sealed less than this before the oldest live lease began are treated as that
+# session's: their unreferenced chunks are not condemned yet (it is about to reference them).
+# Only an optimisation — safety never depends on pack times (file mtimes).
+YOUNG_PACK_MARGIN: Final = timedelta(minutes=5)
+_BATCH: Final = 5_000  # index rows per judge/delete transaction: milliseconds, never stalls
+#                        the sealer's index commits for long
+_CACHE_KIB: Final = 16 * 1024  # page cache of the mark database
+CONDEMNING: Final = -1  # condemned, stamp not yet written (see the protocol)
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+@dataclass
+class GcOptions:
+    dry_run: bool = False
+    repack_threshold: float = DEFAULT_REPACK_THRESHOLD
+    grace: timedelta = DEFAULT_GRACE
+    rate_limit: float | None = None  # bytes per second of repack I/O (read + write)
+    young_pack_margin: timedelta = YOUNG_PACK_MARGIN
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)  # injected in tests
+    sleep: Callable[[float], None] = time.sleep
+    progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.repack_threshold <= 1.0:
+            raise ValueError(f"repack threshold {self.repack_threshold} is not within 0..1")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ValueError("the rate limit must be positive")
+
+
+@dataclass
+class GcResult:
+    dry_run: bool
+    snapshots: int = 0  # marked from (committed + removed within the grace period)
+    removed_expired: list[str] = field(default_factory=list)  # removed/<id> deleted
+    marked_chunks: int = 0
+    index_chunks: int = 0
+    unreferenced_chunks: int = 0
+    unreferenced_bytes: int = 0
+    condemned: int = 0
+    absolved: int = 0
+    deleted_chunks: int = 0
+    deferred_chunks: int = 0  # condemned, kept because a lease older than that is live
+    packs_trashed: int = 0  # without a live record
+    packs_repacked: int = 0
+    packs_written: int = 0
+    bytes_copied: int = 0
+    bytes_retired: int = 0  # pack bytes moved to the trash
+    trash_deleted: int = 0
+    trash_bytes_freed: int = 0
+    leases: list[str] = field(default_factory=list)  # sessions live during the run
+    seconds: float = 0.0
+
+    def doc(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    def lines(self) -> list[str]:
+        what = "would " if self.dry_run else ""
+        out = [
+            f"marked {self.marked_chunks} chunks from {self.snapshots} snapshots; "
+            f"{self.unreferenced_chunks} of {self.index_chunks} chunks unreferenced "
+            f"({self.unreferenced_bytes} bytes)",
+        ]
+        if self.removed_expired:
+            out.append(f"{what}delete {len(self.removed_expired)} removed snapshots past grace")
+        if not self.dry_run:
+            out.append(
+                f"condemned {self.condemned}, absolved {self.absolved}, deleted "
+                f"{self.deleted_chunks} chunks; {self.deferred_chunks} wait for running "
+                "sessions"
+            )
+        out.append(
+            f"{what}trash {self.packs_trashed} empty packs, {what}repack {self.packs_repacked} "
+            f"packs into {self.packs_written} ({self.bytes_copied} bytes copied, "
+            f"{self.bytes_retired} pack bytes to trash)"
+        )
+        out.append(f"{what}empty {self.trash_deleted} trash files ({self.trash_bytes_freed} bytes)")
+        out += [f"live session: {s}" for s in self.leases]
+        return out
+
+
+@contextmanager
+def gc_lock(layout: Layout) -> Iterator[None]:
+    """``STORE/gc/lock``, exclusive; raises StoreLocked if another GC holds it."""
+    layout.gc.mkdir(exist_ok=True)
+    fd = os.open(layout.gc / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreLocked(path=layout.root, reason="another GC is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def gc(store: "Store", options: GcOptions | None = None) -> GcResult:
+    """Collect garbage in a store opened for writing (this process holds the writer lock,
+    so every session that can reference chunks runs here and holds a lease).
+
+    Raises StoreError for a read-only store, StoreLocked if a GC runs, PruneLocked if a
+    prune holds its lock during step 1, and whatever reading a manifest or DiskMap raises
+    (nothing has been deleted then).
+    """
+    opts = options or GcOptions()
+    if not store.writable:
+        raise StoreError(path=store.path, reason="GC needs the store opened for writing")
+    started = time.monotonic()
+    result = GcResult(dry_run=opts.dry_run)
+    layout = store.layout
+    with gc_lock(layout), store.leases.watch() as watch:
+        work = layout.gc / "mark.db"
+        for leftover in layout.gc.glob("mark.db*"):
+            leftover.unlink()
+        db = sqlite3.connect(work, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+            db.execute("CREATE TABLE mark(id BLOB PRIMARY KEY) WITHOUT ROWID")
+            db.execute("ATTACH DATABASE ? AS idx", (f"file:{layout.index}?mode=ro",))
+            run = _Run(store, opts, result, db, lambda: watch.oldest)
+            run.list_and_expire()
+            run.mark()
+            run.judge()
+            run.delete()
+            run.packs()
+            run.empty_trash()
+            result.leases = [f"{lease.kind} {lease.what}" for lease in watch.seen]
+        finally:
+            db.close()
+            for leftover in layout.gc.glob("mark.db*"):
+                leftover.unlink()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+class _RateLimit:
+    """Sleep so that bytes pass at most at ``rate`` per second (None: no limit)."""
+
+    def __init__(self, rate: float | None, sleep: Callable[[float], None]):
+        self.rate, self.sleep = rate, sleep
+        self.start = time.monotonic()
+        self.bytes = 0
+
+    def consume(self, n: int) -> None:
+        if self.rate is None:
+            return
+        self.bytes += n
+        ahead = self.bytes / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+class _Run:
+    def __init__(
+        self,
+        store: "Store",
+        opts: GcOptions,
+        result: GcResult,
+        db: sqlite3.Connection,
+        oldest_lease: Callable[[], int | None],
+    ):
+        self.store, self.opts, self.result, self.db = store, opts, result, db
+        self.layout = store.layout
+        self.oldest_lease = oldest_lease
+        self.snapshots: list[str] = []
+
+    def progress(self, step: str, done: int, total: int) -> None:
+        if self.opts.progress is not None:
+            self.opts.progress(step, done, total)
+
+    # --- 1: removed snapshots past the grace period, and what to mark from --------------------
+
+    def list_and_expire(self) -> None:
+        now = self.opts.now()
+        with prune_lock(self.layout, "collect garbage"):
+            for r in removed_snapshots(self.layout):
+                has_manifest = (r.path / MANIFEST_NAME).exists()
+                if has_manifest and (r.removed_at is None or r.removed_at + self.opts.grace > now):
+                    continue
+                self.result.removed_expired.append(r.snapshot_id)
+                if not self.opts.dry_run:
+                    # manifest first: a half-deleted directory is never a snapshot again
+                    (r.path / MANIFEST_NAME).unlink(missing_ok=True)
+                    fsync_dir(r.path)
+                    shutil.rmtree(r.path)
+                    fsync_dir(r.path.parent)
+            removed = self.layout.root / REMOVED_DIR
+            listed = set(self.layout.committed_snapshots())
+            if removed.exists():
+                listed |= {p.parent.name for p in removed.glob(f"*/{MANIFEST_NAME}")}
+        failpoints.hit("gc.listed")
+        self.snapshots = sorted(listed)
+        self.result.snapshots = len(self.snapshots)
+
+    # --- 2: mark ------------------------------------------------------------------------------
+
+    def _manifest(self, sid: str) -> tuple[Manifest, Path]:
+        """A listed snapshot's manifest from snapshots/ or removed/ (prune may move it)."""
+        for _ in range(3):
+            for d in (self.layout.snapshot_dir(sid), self.layout.root / REMOVED_DIR / sid):
+                try:
+                    raw = (d / MANIFEST_NAME).read_bytes()
+                except FileNotFoundError:
+                    continue
+                return manifest_mod.decode(raw, self.store.keys, sid, d / MANIFEST_NAME), d
+        raise SnapshotNotFound(snapshot=sid, reason="its manifest vanished during GC")
+
+    def mark(self) -> None:
+        db = self.db
+        db.execute("BEGIN")
+        for n, sid in enumerate(self.snapshots):
+            manifest, d = self._manifest(sid)
+            if manifest.config is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO mark VALUES (?)",
+                    (bytes.fromhex(manifest.config.chunk_id),),
+                )
+            for disk in manifest.disks:
+                with DiskMap(d / disk.diskmap, bytes.fromhex(disk.diskmap_checksum)) as dm:
+                    for block in dm.iter_blocks():
+                        db.executemany(
+                            "INSERT OR IGNORE INTO mark VALUES (?)",
+                            (
+                                (block[i : i + CHUNK_ID_SIZE],)
+                                for i in range(0, len(block), CHUNK_ID_SIZE)
+                                if block[i : i + CHUNK_ID_SIZE] != ZERO_ID
+                            ),
+                        )
+            self.progress("mark", n + 1, len(self.snapshots))
+        db.execute("COMMIT")
+        self.result.marked_chunks = db.execute("SELECT count(*) FROM mark").fetchone()[0]
+        failpoints.hit("gc.marked")
+
+    # --- 3: judge -----------------------------------------------------------------------------
+
+    def _young_packs(self) -> set[int]:
+        """Index ids of packs sealed after the oldest live lease began (minus the margin)."""
+        oldest = self.oldest_lease()
+        if oldest is None:
+            return set()
+        since = oldest / 1e9 - self.opts.young_pack_margin.total_seconds()
+        young = set()
+        for pack_id, name in self.db.execute("SELECT id, name FROM idx.packs"):
+            try:
+                if pack_path(self.layout.packs, name).stat().st_mtime >= since:
+                    young.add(pack_id)
+            except FileNotFoundError:
+                continue
+        return young
+
+    def _scan(self, where: str = "") -> Iterator[list[tuple[bytes, int, int, int, int]]]:
+        """Index rows (id, pack id, condemned, length, marked) in id order, in batches."""
+        last = b""
+        while True:
+            rows = self.db.execute(
+                "SELECT c.id, c.pack, c.condemned, c.length, "
+                "EXISTS(SELECT 1 FROM mark m WHERE m.id = c.id) FROM idx.chunks c "
+                f"WHERE c.id > ? {where} ORDER BY c.id LIMIT ?",
+                (last, _BATCH),
+            ).fetchall()
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
+
+    def judge(self) -> None:
+        index, res, dry = self.store.index, self.result, self.opts.dry_run
+        young = self._young_packs()
+        total = self.db.execute("SELECT count(*) FROM idx.chunks").fetchone()[0]
+        res.index_chunks = total
+        done = 0
+        for rows in self._scan():
+            absolve, condemn, unstamped = [], [], []
+            for cid, pack, condemned, length, marked in rows:
+                if marked:
+                    if condemned:
+                        absolve.append(cid)
+                    continue
+                res.unreferenced_chunks += 1
+                res.unreferenced_bytes += length
+                if condemned == CONDEMNING:
+                    unstamped.append(cid)
+                elif condemned == 0 and pack not in young:
+                    condemn.append(cid)
+            done += len(rows)
+            if not dry:
+                if absolve:
+                    res.absolved += index.absolve(absolve)
+                if condemn:
+                    # Invisible to has() from this commit on; stamped only after it, so
+                    # every lease that could have deduplicated against one started earlier.
+                    res.condemned += index.condemn(condemn, CONDEMNING)
+                    failpoints.hit("gc.condemned")
+                if condemn or unstamped:
+                    index.stamp(condemn + unstamped, self.store.leases.clock.now())
+                    failpoints.hit("gc.stamped")
+            self.progress("judge", done, total)
+
+    # --- 4: delete ----------------------------------------------------------------------------
+
+    def _cutoff(self) -> int:
+        oldest = self.oldest_lease()
+        return (oldest - 1) if oldest is not None else self.store.leases.clock.now()
+
+    def delete(self) -> None:
+        if self.opts.dry_run:
+            return
+        res, index = self.result, self.store.index
+        for rows in self._scan("AND c.condemned != 0"):
+            cutoff = self._cutoff()
+            doomed = [r[0] for r in rows if not r[4] and 0 < r[2] <= cutoff]
+            res.deferred_chunks += sum(1 for r in rows if not r[4] and not 0 < r[2] <= cutoff)
+            if doomed:
+                res.deleted_chunks += index.delete_condemned(doomed, cutoff)
+                failpoints.hit("gc.deleted")
+            self.progress("delete", res.deleted_chunks, res.unreferenced_chunks)
+
+    # --- 5: packs -----------------------------------------------------------------------------
+
+    def packs(self) -> None:
+        opts, res = self.opts, self.result
+        if opts.dry_run:
+            self._plan_dry()
+            return
+        usage = self.store.index.pack_usage()
+        empty = [u for u in usage if u.live == 0]
+        sparse = [u for u in usage if u.live and u.live_bytes < opts.repack_threshold * u.size]
+        total = len(empty) + len(sparse)
+        for n, u in enumerate(empty):
+            self._retire([u.name], None)
+            res.packs_trashed += 1
+            res.bytes_retired += u.size
+            self.progress("trash", n + 1, total)
+        limit = _RateLimit(opts.rate_limit, opts.sleep)
+        writer: PackWriter | None = None
+        sources: list[str] = []
+        for n, u in enumerate(sparse):
+            if writer is None:
+                writer = PackWriter(self.layout.packs)
+            self._copy(u.name, writer, limit)
+            sources.append(u.name)
+            res.packs_repacked += 1
+            res.bytes_retired += u.size
+            if writer.size >= self.store.config.pack_size:
+                self._seal_and_retire(writer, sources)
+                writer, sources = None, []
+            self.progress("repack", len(empty) + n + 1, total)
+        if writer is not None:
+            self._seal_and_retire(writer, sources)
+
+    def _plan_dry(self) -> None:
+        """What step 5 would do if every unreferenced chunk were deleted now."""
+        res, t = self.result, self.opts.repack_threshold
+        rows = self.db.execute(
+            "SELECT p.size, count(c.id), coalesce(sum(c.length), 0) FROM idx.packs p "
+            "LEFT JOIN (SELECT c.pack, c.id, c.length FROM idx.chunks c "
+            "WHERE EXISTS(SELECT 1 FROM mark m WHERE m.id = c.id)) c ON c.pack = p.id "
+            "GROUP BY p.id"
+        )
+        for size, live, live_bytes in rows:
+            if live == 0:
+                res.packs_trashed += 1
+                res.bytes_retired += size
+            elif live_bytes < t * size:
+                res.packs_repacked += 1
+                res.bytes_retired += size
+                res.bytes_copied += live_bytes
+        self._empty_trash_plan()
+
+    def _copy(self, name: str, writer: PackWriter, limit: _RateLimit) -> None:
+        """Append every record located in pack ``name`` to ``writer``, CRC checked."""
+        path = pack_path(self.layout.packs, name)
+        with path.open("rb") as f:
+            for cid, loc in self.store.index.pack_rows(name):
+                record = os.pread(f.fileno(), loc.length, loc.offset)
+                header = check_crc(record, name, loc.offset)
+                if header.chunk_id != cid:
+                    raise CorruptRecord(
+                        chunk=short(cid), pack=name, offset=loc.offset, reason="id differs"
+                    )
+                writer.append(cid, record, loc.plain_len)
+                self.result.bytes_copied += loc.length
+                limit.consume(2 * loc.length)
+
+    def _seal_and_retire(self, writer: PackWriter, sources: list[str]) -> None:
+        try:
+            sealed = writer.seal()
+        except BaseException:
+            writer.abort()
+            raise
+        self.result.packs_written += 1
+        failpoints.hit("gc.repack.sealed")
+        self._retire(sources, sealed)
+
+    def _retire(self, sources: list[str], sealed: SealedPack | None) -> None:
+        """Link ``sources`` into the trash, commit the index, unlink them from packs/."""
+        trash = self.layout.trash
+        if not trash.exists():
+            trash.mkdir()
+            fsync_dir(self.layout.root)
+        stamp = int(self.opts.now().timestamp())
+        for name in sources:
+            link = trash / f"{stamp}-{name}{PACK_SUFFIX}"
+            if not link.exists():
+                os.link(pack_path(self.layout.packs, name), link)
+        fsync_dir(trash)
+        failpoints.hit("gc.retire.linked")
+        self.store.index.replace_packs(sources, sealed)
+        failpoints.hit("gc.retire.committed")
+        for name in sources:
+            path = pack_path(self.layout.packs, name)
+            path.unlink()
+            fsync_dir(path.parent)
+        failpoints.hit("gc.retire.unlinked")
+
+    # --- 6: trash -----------------------------------------------------------------------------
+
+    def _expired_trash(self) -> list[Path]:
+        now = self.opts.now().timestamp()
+        grace = self.opts.grace.total_seconds()
+        expired = []
+        for path in self.layout.trash_files().values():
+            try:
+                stamp = int(path.name.partition("-")[0])
+            except ValueError:
+                continue
+            if stamp + grace <= now:
+                expired.append(path)
+        return sorted(expired)
+
+    def _empty_trash_plan(self) -> None:
+        for path in self._expired_trash():
+            self.result.trash_deleted += 1
+            self.result.trash_bytes_freed += path.stat().st_size
+
+    def empty_trash(self) -> None:
+        if self.opts.dry_run:
+            return
+        expired = self._expired_trash()
+        for n, path in enumerate(expired):
+            size = path.stat().st_size
+            path.unlink()
+            self.result.trash_deleted += 1
+            self.result.trash_bytes_freed += size
+            self.progress("trash", n + 1, len(expired))
+        if expired:
+            fsync_dir(self.layout.trash)
