@@ -243,6 +243,7 @@ class _Run:
                     # manifest first: a half-deleted directory is never a snapshot again
                     (r.path / MANIFEST_NAME).unlink(missing_ok=True)
                     fsync_dir(r.path)
+                    failpoints.hit("gc.expire.unlinked")
                     shutil.rmtree(r.path)
                     fsync_dir(r.path.parent)
             removed = self.layout.root / REMOVED_DIR
