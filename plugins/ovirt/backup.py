@@ -6,7 +6,7 @@
              for an incremental)  ──poll──▶ ready  (tolerates ``starting`` of hybrid mode)
              GET backups/{b}/disks → backup_mode per disk (full ⇒ full read, reason kept)
              per disk: POST imagetransfers (download, raw, backup=b) ──poll──▶ transferring
-                       ImageioDisk.connect(transfer_url, proxy_url)
+                       ImageioDisk.connect(transfer_url, proxy_url, keep_alive=extend)
     read:    extents "zero" (and "dirty" for incremental disks), ranged GETs per reader
     close(): finalize every transfer, finalize the backup, poll until succeeded|failed
              (also after a failure: finalizing is the cleanup)
@@ -25,7 +25,7 @@ after (transfers) it is created, so ``recover`` can finalize what a killed proce
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -213,7 +213,11 @@ class OvirtVmSource(OvirtSourceBase):
                 transfer = await wait_transfer(
                     self.client, transfer, f"{backup_id}: disk {dinfo.name}", vm=vm.name
                 )
-                image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
+                image = await ImageioDisk.connect(
+                    transfer.transfer_url,
+                    transfer.proxy_url,
+                    keep_alive=keep_alive(self.client, transfer.id),
+                )
                 session._disks.append(
                     _Disk(
                         dinfo,
@@ -369,6 +373,20 @@ async def wait_transfer(client: EngineClient, transfer: Any, what: str, *, vm: s
         await asyncio.sleep(POLL_INTERVAL)
         transfer = await client.call(get, "poll image transfer", obj=f"transfer {transfer_id}")
     return transfer
+
+
+def keep_alive(client: EngineClient, transfer_id: str) -> Callable[[], Awaitable[None]]:
+    """The ``extend`` action of a transfer (it renews the transfer's imageio ticket), for
+    ``ImageioDisk.connect(keep_alive=...)``."""
+
+    def extend(conn: sdk.Connection) -> None:
+        service = conn.system_service().image_transfers_service()
+        service.image_transfer_service(transfer_id).extend()
+
+    async def call() -> None:
+        await client.call(extend, "extend image transfer", obj=f"transfer {transfer_id}")
+
+    return call
 
 
 async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:

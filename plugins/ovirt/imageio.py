@@ -31,6 +31,12 @@ What a caller must know:
   durable after ``flush()``; after a failure, resend everything since the last flush.
 - ``https`` URLs verify the server against ``cafile`` (default: the system's CAs); ``http``
   is for the lab.
+- Tickets expire (the engine gives them ``ImageTransferClientTicketValidityInSeconds``, 300 s;
+  imageio restarts that time after each request it completes) and imageio then answers 403 to
+  everything: a transfer left idle that long is lost, e.g. a backup's second disk while the
+  first one is read. ``connect(..., keep_alive=extend)`` runs a ``TicketKeeper`` that calls
+  ``extend()`` (the engine's ``extend`` action on the transfer) every ``EXTEND_INTERVAL``
+  seconds until ``close()``.
 
 Errors (all ``EngineError``, naming the URL with the ticket shortened, the operation, offset
 and HTTP status)::
@@ -44,12 +50,14 @@ and HTTP status)::
 import asyncio
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import structlog
 
 from engine.core.errors import EngineError, TransientError
 from engine.core.extent import Extent
@@ -71,6 +79,13 @@ REQUEST_TIMEOUT: Final = 300.0
 TICKET_SHOWN: Final = 8
 # How much of an error response body an error quotes.
 BODY_TAIL: Final = 512
+# Seconds between two extends of a transfer's ticket. The engine's tickets live 300 s
+# (ImageTransferClientTicketValidityInSeconds) from the last extend: extending every minute
+# leaves room for four missed extends (an engine restart, a run of retried 503s) before the
+# ticket expires mid-transfer.
+EXTEND_INTERVAL: Final = 60.0
+
+log = structlog.get_logger("tessera.ovirt")
 
 ExtentContext = Literal["zero", "dirty"]
 
@@ -168,6 +183,63 @@ class ImageioOptions:
     max_writers: int | None
 
 
+class TicketKeeper:
+    """Keeps one image transfer's ticket alive: ``extend()`` every ``interval`` seconds (the
+    module's ``EXTEND_INTERVAL`` when None) from ``start()`` until ``stop()``.
+
+    The keeper owns one task; ``stop()`` cancels and awaits it (call it in ``finally``). A
+    failed extend (``EngineError``: the engine is unreachable after its retries, or refuses)
+    is logged naming ``what`` and tried again at the next tick: the transfer itself reports a
+    ticket that really expired (403, ``ImageioTicketGone``). ``sleep`` is injectable so tests
+    run the schedule without waiting."""
+
+    def __init__(
+        self,
+        extend: Callable[[], Awaitable[None]],
+        what: str,
+        *,
+        interval: float | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.interval = EXTEND_INTERVAL if interval is None else interval
+        if self.interval <= 0:
+            raise ValueError(f"{what}: ticket extend interval {self.interval} is not positive")
+        self.what = what
+        self.extends = 0  # successful extends so far
+        self._extend = extend
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"{self.what}: ticket keeper already started")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"extend ticket of {self.what}"
+        )
+
+    async def _run(self) -> None:
+        while True:
+            await self._sleep(self.interval)
+            try:
+                await self._extend()
+            except EngineError as e:
+                log.warning("cannot extend the image transfer", what=self.what, error=str(e))
+            else:
+                self.extends += 1
+
+    async def stop(self) -> None:
+        """Cancel the task and wait for it; idempotent."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # wait() raises only if *we* are cancelled meanwhile; the keeper's own CancelledError
+        # is the expected end, and anything else it raised is a bug to report.
+        await asyncio.wait([task])
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
 class ImageioDisk:
     """One image transfer's data endpoint. Make it with ``connect``; close it when done."""
 
@@ -186,15 +258,22 @@ class ImageioDisk:
         self._extents: dict[str, list[Extent]] = {}
         self._extents_lock = asyncio.Lock()
         self._size: int | None = None
+        self._keeper: TicketKeeper | None = None
 
     @classmethod
     async def connect(
-        cls, transfer_url: str, proxy_url: str | None = None, *, cafile: str | None = None
+        cls,
+        transfer_url: str,
+        proxy_url: str | None = None,
+        *,
+        cafile: str | None = None,
+        keep_alive: Callable[[], Awaitable[None]] | None = None,
     ) -> "ImageioDisk":
         """Pick the transfer URL if its daemon answers OPTIONS, else the proxy URL.
 
         Only a connection failure falls back; an HTTP error (403 for a gone ticket…) raises.
-        Raises ``ImageioTransientError`` if neither can be reached."""
+        Raises ``ImageioTransientError`` if neither can be reached. ``keep_alive`` (the
+        engine's ``extend`` of this transfer) runs in a ``TicketKeeper`` until ``close()``."""
         candidates = [transfer_url]
         if proxy_url and proxy_url != transfer_url:
             candidates.append(proxy_url)
@@ -212,7 +291,11 @@ class ImageioDisk:
             except BaseException:
                 await session.close()
                 raise
-            return cls(url, options, session, cafile=cafile)
+            disk = cls(url, options, session, cafile=cafile)
+            if keep_alive is not None:
+                disk._keeper = TicketKeeper(keep_alive, redact(url))
+                disk._keeper.start()
+            return disk
         raise ImageioTransientError(
             url=redact(transfer_url),
             op="OPTIONS",
@@ -297,7 +380,13 @@ class ImageioDisk:
         return ImageioWriter(self.url, cafile=self.cafile)
 
     async def close(self) -> None:
-        await self._session.close()
+        """Stop extending the ticket, close the connection."""
+        keeper, self._keeper = self._keeper, None
+        try:
+            if keeper is not None:
+                await keeper.stop()
+        finally:
+            await self._session.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -11,7 +11,8 @@
       enter: POST disks (floating; format/size/sparse/backup from the manifest, storage
              domain from the options or the recorded one) → id recorded in the journal
              ──poll──▶ ok;  POST imagetransfers (upload, raw) → recorded ──poll──▶
-             transferring;  ImageioDisk.connect(transfer_url, proxy_url)
+             transferring;  ImageioDisk.connect(transfer_url, proxy_url), extending the
+             transfer's ticket until closed
       exit:  success: finalize, wait finished_success (the engine checks a qcow2 volume)
              failure: cancel, wait finished_*, DELETE the disk
     create_vm(): POST vms from the snapshot's OVF (``regenerate_ids``: the original VM may
@@ -54,7 +55,13 @@ from engine.core.ids import chunk_id_from_hex
 from engine.sources.types import DiskInfo, ResourceRecorder
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
-from plugins.ovirt.backup import POLL_INTERVAL, cancel_transfer, finalize_transfer, wait_transfer
+from plugins.ovirt.backup import (
+    POLL_INTERVAL,
+    cancel_transfer,
+    finalize_transfer,
+    keep_alive,
+    wait_transfer,
+)
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
 from plugins.ovirt.imageio import ImageioDisk, ImageioWriter
 
@@ -179,7 +186,11 @@ class _DiskUpload:
         vr.transfer_ids.append(transfer.id)
         self._record("restore_transfers", list(vr.transfer_ids))
         transfer = await wait_transfer(vr.client, transfer, f"upload to disk {created.id}")
-        self._image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
+        self._image = await ImageioDisk.connect(
+            transfer.transfer_url,
+            transfer.proxy_url,
+            keep_alive=keep_alive(vr.client, transfer.id),  # extends the ticket until closed
+        )
         info = DiskInfo(created.id, entry.name, entry.size, attrs)
         return _TargetDisk(info, sparse, self._image)
 

@@ -5,22 +5,15 @@
 - a backup's checkpoint is a persistent qcow2 bitmap named by the checkpoint id, added to each
   qcow2 disk (``DiskSeed.backup == "incremental"``) with ``qemu-img bitmap --add`` when the
   backup starts; raw disks get none, and a backup of raw disks only has no checkpoint;
-- a download transfer runs a read-only ``qemu-nbd`` on the disk's image (``--bitmap=<from
-  checkpoint>`` for an incremental disk) and installs an ovirt-imageio ticket
-  (``nbd:unix:<socket>``, ops read, ``dirty`` only for an incremental disk); an upload runs a
-  writable one (ops write). Finalize or cancel removes the ticket and stops qemu-nbd;
-- a download with ``snapshot_volume`` serves that VM-snapshot volume read-only (no bitmap);
-  snapshots themselves (qcow2 overlays) are ``snapshots``'s work on ``Activity.snapshots``.
-  While a VM has a snapshot its backups are refused (409), and a raw disk's active layer is
-  its qcow2 overlay (``active_format``).
+- image transfers (qemu-nbd exports behind imageio tickets) are ``transfers``'s work on
+  ``Activity.transfers``; snapshots themselves (qcow2 overlays) are ``snapshots``'s work on
+  ``Activity.snapshots``. While a VM has a snapshot its backups are refused (409), and a raw
+  disk's active layer is its qcow2 overlay (``active_format``).
 
 Backups are always served in **live** mode (API-NOTES § 4.1): no VM snapshot, whatever the
 cluster level. Phases advance one step per GET (``advance_*``), so client polling loops run
 for real without timers: backup initializing → starting → ready, finalize → finalizing →
-succeeded; transfer initializing → transferring, finalize → finalizing_success →
-finished_success, cancel → finalizing_cleanup → finished_cleanup. A transfer whose qemu-nbd
-or ticket failed (e.g. the from-checkpoint bitmap was removed behind the engine's back) goes
-initializing → paused_system with event 1068; only cancel ends it.
+succeeded.
 
 ``faults`` (the ``Faults`` knobs) adds: a backup of a VM in ``fail_backup_of`` goes
 initializing → failed with event 10792; with ``pause_transfers`` every new transfer pauses.
@@ -34,7 +27,7 @@ belongs to the caller.
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.io import qemu
@@ -42,11 +35,7 @@ from plugins.lab.engine.api import Fault
 from plugins.lab.engine.faults import Faults
 from plugins.lab.engine.records import (
     BACKUP_ACTIVE,
-    TRANSFER_CANCELLED,
     TRANSFER_DONE,
-    TRANSFER_INITIATED,
-    TRANSFER_SUCCEEDED,
-    TRANSFER_TICKET_FAILED,
     VM_BACKUP_FAILED,
     VM_BACKUP_FINALIZED,
     VM_BACKUP_STARTED,
@@ -57,11 +46,10 @@ from plugins.lab.engine.records import (
     Event,
     Snapshot,
     Transfer,
-    Volume,
     now,
 )
 from plugins.lab.engine.state import Disk, Inventory, Vm
-from plugins.lab.imageio import ImageioControlError, ImageioDaemon
+from plugins.lab.imageio import ImageioDaemon
 
 
 @dataclass(slots=True)
@@ -79,6 +67,7 @@ class Activity:
     transfers: dict[str, Transfer] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)  # see ``snapshots``
     events: list[Event] = field(default_factory=list)
+    extends: dict[str, int] = field(default_factory=dict)  # transfer id → extend actions
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -301,219 +290,7 @@ class Activity:
             vm = self.inventory.vms[c.vm_id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)
 
-    # -- image transfers ---------------------------------------------------------------------
-
-    async def start_transfer(
-        self,
-        disk_id: str | None,
-        backup_id: str | None,
-        direction: str,
-        fmt: str,
-        inactivity_timeout: int | None,
-        timeout_policy: str | None,
-        snapshot_volume: str | None = None,
-    ) -> Transfer:
-        """Validate as ``TransferDiskImageCommand``, start qemu-nbd, install the ticket.
-
-        ``snapshot_volume`` (``<snapshot id>``, a disk snapshot id) downloads that snapshot
-        volume of the disk, read-only, whether the VM runs or not."""
-        async with self._lock:
-            volume = self._volume(snapshot_volume, disk_id, direction) if snapshot_volume else None
-            disk_id = volume.disk_id if volume else disk_id
-            if disk_id is None or disk_id not in self.inventory.disks:
-                raise Fault(404, f"Entity not found: disk {disk_id}", "Not Found")
-            disk = self.inventory.disks[disk_id]
-            if self.imageio is None:
-                raise Fault(409, "[Cannot transfer Virtual Disk. The lab runs no ovirt-imageio.]")
-            b = self.backups.get(backup_id) if backup_id else None
-            if backup_id and b is None:
-                raise Fault(404, f"Entity not found: backup {backup_id}", "Not Found")
-            if disk_id in self._busy_disks():
-                raise Fault(409, f"[Cannot transfer Virtual Disk. Disk {disk.alias} is locked.]")
-            bitmap = None
-            if b is not None:
-                if direction != "download":
-                    raise Fault(400, "[Cannot transfer Virtual Disk. Backups are downloads.]")
-                if fmt == "cow":
-                    raise Fault(
-                        400, "[Cannot transfer Virtual Disk. Format cow is not applicable.]"
-                    )
-                if b.phase != "ready":
-                    raise Fault(
-                        409,
-                        "[Cannot transfer Virtual Disk. The VM backup is not ready, "
-                        f"backup phase is {b.phase.upper()}.]",
-                    )
-                if disk_id not in b.disk_ids:
-                    raise Fault(
-                        400, f"[Cannot transfer Virtual Disk. Disk {disk_id} not in backup.]"
-                    )
-                if b.modes[disk_id] == "incremental":
-                    bitmap = b.from_checkpoint_id
-            elif volume is None and self._plugged_running(disk_id):
-                raise Fault(
-                    409, "[Cannot transfer Virtual Disk. The disk is plugged into a running VM.]"
-                )
-            image = volume.path if volume else self.image(disk)
-            read_only = direction == "download"
-            vm = self._owner(disk_id)
-            nbd = qemu.QemuNbd(
-                image,
-                volume.fmt if volume else self.active_format(disk),
-                read_only=read_only,
-                bitmap=bitmap,
-            )
-            t_id, ticket = self.new_id(), self.new_id()
-            failure = await self._serve(
-                nbd,
-                ticket,
-                t_id,
-                disk,
-                read_only=read_only,
-                dirty=bitmap is not None,
-                inactivity_timeout=inactivity_timeout,
-            )
-            t = Transfer(
-                id=t_id,
-                disk_id=disk_id,
-                direction=direction,
-                backup_id=backup_id,
-                ticket=ticket,
-                url=self.imageio.data_url(ticket),
-                host_id=vm.host_id if vm and vm.host_id else None,
-                inactivity_timeout=inactivity_timeout or 60,
-                timeout_policy=timeout_policy or "legacy",
-                nbd=None if failure else nbd,
-                failure=failure,
-                snapshot_volume=snapshot_volume,
-            )
-            self.transfers[t.id] = t
-            self.event(
-                TRANSFER_INITIATED,
-                f"Image {direction} of disk {disk.alias} was initiated (transfer {t.id})",
-                vm.id if vm else None,
-            )
-            if failure:
-                self.event(
-                    TRANSFER_TICKET_FAILED,
-                    f"Transfer {t.id} was stopped by system. Reason: failed to create a ticket: "
-                    f"{failure}",
-                    vm.id if vm else None,
-                    "error",
-                )
-            return t
-
-    async def _serve(
-        self,
-        nbd: qemu.QemuNbd,
-        ticket: str,
-        transfer_id: str,
-        disk: Disk,
-        *,
-        read_only: bool,
-        dirty: bool,
-        inactivity_timeout: int | None,
-    ) -> str | None:
-        """Start qemu-nbd and install the ticket; return why that failed (the transfer then
-        pauses), or None. ``Faults.pause_transfers`` fails it without starting anything."""
-        if self.faults.pause_transfers:
-            return "paused by the lab (Faults.pause_transfers)"
-        assert self.imageio is not None  # start_transfer refused the transfer otherwise
-        try:
-            await nbd.start()
-            await self.imageio.add_ticket(
-                ticket,
-                f"nbd:unix:{nbd.address}",
-                disk.provisioned_size,
-                ["read"] if read_only else ["write"],
-                dirty=dirty,
-                transfer_id=transfer_id,
-                sparse=disk.sparse,
-                inactivity_timeout=inactivity_timeout,
-            )
-        except (qemu.QemuError, ImageioControlError) as e:
-            # As vdsm's BitmapDoesNotExist & co: the transfer pauses (API-NOTES § 4.8).
-            await nbd.stop()
-            return str(e)
-        except BaseException:
-            await nbd.stop()
-            raise
-        return None
-
-    def _volume(self, volume_id: str, disk_id: str | None, direction: str) -> Volume:
-        """The snapshot volume a transfer names; it must be a download of an ok snapshot."""
-        if direction != "download":
-            raise Fault(400, "[Cannot transfer Virtual Disk. Snapshots are read-only.]")
-        for s in self.snapshots.values():
-            for v in s.volumes.values():
-                if v.id == volume_id:
-                    if s.status != "ok":
-                        raise Fault(
-                            409, f"[Cannot transfer Virtual Disk. Snapshot {s.id} is {s.status}.]"
-                        )
-                    if disk_id not in (None, v.disk_id):
-                        raise Fault(
-                            400,
-                            f"[Cannot transfer Virtual Disk. {volume_id} is not a snapshot "
-                            f"of disk {disk_id}.]",
-                        )
-                    return v
-        raise Fault(404, f"Entity not found: disk snapshot {volume_id}", "Not Found")
-
-    def _plugged_running(self, disk_id: str) -> bool:
-        return any(
-            v.status != "down" and any(a.disk_id == disk_id and a.active for a in v.attachments)
-            for v in self.inventory.vms.values()
-        )
-
-    def _owner(self, disk_id: str) -> Vm | None:
-        for v in self.inventory.vms.values():
-            if any(a.disk_id == disk_id for a in v.attachments):
-                return v
-        return None
-
-    def advance_transfer(self, t: Transfer) -> None:
-        """One polling step: initializing → transferring (paused_system if qemu-nbd or the
-        ticket failed: cancel it); finalizing_* → finished_*."""
-        step = {
-            "initializing": "transferring",
-            "finalizing_success": "finished_success",
-            "finalizing_cleanup": "finished_cleanup",
-        }
-        if t.phase == "initializing" and t.failure:
-            t.phase = "paused_system"
-        else:
-            t.phase = step.get(t.phase, t.phase)
-
-    async def end_transfer(self, t: Transfer, *, cancel: bool) -> None:
-        """Finalize (or cancel): remove the ticket, stop qemu-nbd, check an uploaded qcow2."""
-        async with self._lock:
-            allowed = ("initializing", "transferring", "paused_system")
-            if t.phase not in allowed or (t.failure and not cancel):
-                raise Fault(409, f"[Cannot finalize image transfer. Phase is {t.phase}.]")
-            await self._release(t)
-            disk = self.inventory.disks[t.disk_id]
-            ok = True
-            if t.direction == "upload" and not cancel and disk.format == "cow":
-                try:
-                    await qemu.qemu_img("check", "-q", "-f", "qcow2", self.image(disk))
-                except qemu.QemuError:
-                    ok = False
-            if t.direction == "upload" and (cancel or not ok):
-                # An upload that did not succeed leaves the disk illegal (API-NOTES § 5.2).
-                self.inventory.disks[disk.id] = replace(disk, status="illegal")
-            if cancel:
-                t.phase = "finalizing_cleanup"
-                code, what = TRANSFER_CANCELLED, "was cancelled"
-            else:
-                t.phase = "finalizing_success" if ok else "finished_failure"
-                code, what = TRANSFER_SUCCEEDED if ok else 1034, "succeeded" if ok else "failed"
-            vm = self._owner(t.disk_id)
-            self.event(
-                code,
-                f"Image {t.direction} of disk {disk.alias} {what} (transfer {t.id})",
-                vm.id if vm else None,
-            )
+    # -- image transfers (``transfers`` does the work) ----------------------------------
 
     async def _release(self, t: Transfer) -> None:
         nbd, t.nbd = t.nbd, None

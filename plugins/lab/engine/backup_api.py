@@ -11,6 +11,7 @@ client sees:
 - ``POST imagetransfers`` → 202 ``initializing``; the next ``GET`` shows ``transferring`` and
   the URLs (``transfer_url`` = ``proxy_url`` = the lab imageio daemon's data URL). With
   ``<snapshot id=…>`` (a disk snapshot id, see ``snapshot_api``) it downloads that volume.
+- ``POST imagetransfers/{t}/extend`` renews the transfer's imageio ticket (``transfers``).
 - Actions (``finalize``, ``cancel``, ``extend``) answer ``<action><status>complete``;
   ``DELETE`` answers 200 with an empty ``<action/>`` (the SDK raises on 204).
 - ``GET events`` lists newest first; ``search=`` is free text over the description (a backup
@@ -22,6 +23,7 @@ from ovirtsdk4 import types
 from ovirtsdk4.reader import Reader
 
 from plugins.lab.engine import render, search
+from plugins.lab.engine import transfers as transfer_ops
 from plugins.lab.engine.api import Fault
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.records import Backup, Checkpoint, Event, Transfer
@@ -206,7 +208,8 @@ async def add_transfer(request: web.Request) -> web.Response:
     assert isinstance(body, types.ImageTransfer)
     disk_id = body.disk.id if body.disk else (body.image.id if body.image else None)
     direction = body.direction.value if body.direction else "upload"
-    t = await act(request).start_transfer(
+    t = await transfer_ops.start(
+        act(request),
         disk_id,
         body.backup.id if body.backup else None,
         direction,
@@ -221,24 +224,25 @@ async def add_transfer(request: web.Request) -> web.Response:
 async def transfer(request: web.Request) -> web.Response:
     a = act(request)
     t = a.transfer(request.match_info["id"])
-    a.advance_transfer(t)
+    transfer_ops.advance(a, t)
     return render.xml_response(render_transfer(t))
 
 
 async def finalize_transfer(request: web.Request) -> web.Response:
     a = act(request)
-    await a.end_transfer(a.transfer(request.match_info["id"]), cancel=False)
+    await transfer_ops.end(a, a.transfer(request.match_info["id"]), cancel=False)
     return _action()
 
 
 async def cancel_transfer(request: web.Request) -> web.Response:
     a = act(request)
-    await a.end_transfer(a.transfer(request.match_info["id"]), cancel=True)
+    await transfer_ops.end(a, a.transfer(request.match_info["id"]), cancel=True)
     return _action()
 
 
 async def extend_transfer(request: web.Request) -> web.Response:
-    act(request).transfer(request.match_info["id"])
+    a = act(request)
+    await transfer_ops.extend(a, a.transfer(request.match_info["id"]))
     return _action()
 
 

@@ -20,6 +20,13 @@ fields on the event loop, between or during runs, and the next requests see them
   reaching their handler (SSO logins and unauthenticated requests are not counted).
 - ``slow_ms``: every API request (under ``/ovirt-engine/api``) is answered this many
   milliseconds late (``asyncio.sleep`` in the middleware).
+- ``ticket_timeout``: seconds an imageio ticket lives (the engine's
+  ``ImageTransferClientTicketValidityInSeconds``, 300) from its creation, its last completed
+  request or its last ``extend`` action; imageio then answers 403 on every request. The lab
+  renews a ticket only on ``extend`` (``transfers``), so a client must extend transfers that
+  stay idle that long.
+- ``storage_iops``: slow storage. Every qemu-nbd the engine starts from now on serves at most
+  this many read/write requests per second (a qemu ``throttle`` filter); 0 is unthrottled.
 - guest agent missing: no knob, a seed property (``VmSeed.guest_agent=False``).
 """
 
@@ -36,6 +43,8 @@ class Faults:
     pause_transfers: bool = False
     http_5xx: int = 0  # API requests still to refuse with 503
     slow_ms: int = 0  # delay added to every API response
+    ticket_timeout: int = 300  # seconds an imageio ticket lives without an extend
+    storage_iops: int = 0  # requests/s every new qemu-nbd export serves; 0: unthrottled
 
 
 FAULTS = web.AppKey("faults", Faults)

@@ -4,7 +4,7 @@
   and ``format`` are mandatory, a client-supplied ``id`` is honoured, ``backup=incremental``
   needs ``cow``. The image is made at once with ``qemu-img create`` (qcow2 for ``cow``, raw
   otherwise) in ``Activity.images_dir``; the disk starts ``locked`` and its next GET
-  (``api``) shows ``ok``. It can then take an upload transfer (``Activity.start_transfer``).
+  (``api``) shows ``ok``. It can then take an upload transfer (``transfers.start``).
 - ``create_vm``: a new VM, ``down``, without disks. From an OVF
   (``initialization.configuration`` type ``ovf``) CPU, memory, OS and NICs come from the OVF
   and request fields override them (the name, memory, CPU); without an OVF, ``template`` is
