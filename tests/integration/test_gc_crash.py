@@ -80,9 +80,9 @@ def garbage_store(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     expected = {}
     with Store.open(path, passphrase=PASSPHRASE) as store:
         for vm, seed in (("a", 1), ("b", 2)):
-            data = chunks(32, seed)
+            data = chunks(48, seed)  # 16 records fill a 1 MiB pack: 3 packs
             snapshot(store, vm, data, t0)
-            kept = data[:8] + data[16::2]  # pack 1 fully live, later packs half live
+            kept = data[0:16:2] + data[40:48]  # packs 1 and 3 half live, pack 2 dead
             m = snapshot(store, vm, kept, t0 + timedelta(days=1))
             expected[m.snapshot_id] = b"".join(kept)
         prune(store, Rules(keep_last=1))
@@ -141,7 +141,7 @@ def test_gc_in_one_go_for_reference(garbage_store: tuple[Path, dict[str, bytes]]
     path, expected = garbage_store
     with Store.open(path, passphrase=PASSPHRASE) as store:
         result: GcResult = gc(store, options())
-        assert result.deleted_chunks == 32
+        assert result.deleted_chunks == 64
         assert result.packs_repacked and result.packs_trashed
         assert_consistent(store, expected)
 
