@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
+from engine.daemon import cli_gc
 from engine.maint.prune import PruneResult, prune, set_protected
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
@@ -73,6 +74,7 @@ def register(
     p.add_argument("--json", action="store_true")
     add_key_options(p)
     p.set_defaults(func=lambda a: cmd_store_status(a, open_store))
+    cli_gc.register(sub, open_store, add_key_options)  # tessera gc (engine.daemon.cli_gc)
 
 
 def _subparsers(

@@ -250,6 +250,7 @@ class _Run:
             listed = set(self.layout.committed_snapshots())
             if removed.exists():
                 listed |= {p.parent.name for p in removed.glob(f"*/{MANIFEST_NAME}")}
+            listed -= set(self.result.removed_expired)  # a dry run plans as if deleted
         failpoints.hit("gc.listed")
         self.snapshots = sorted(listed)
         self.result.snapshots = len(self.snapshots)
