@@ -68,6 +68,7 @@ class Activity:
     snapshots: dict[str, Snapshot] = field(default_factory=dict)  # see ``snapshots``
     events: list[Event] = field(default_factory=list)
     extends: dict[str, int] = field(default_factory=dict)  # transfer id → extend actions
+    hybrid: dict[str, str] = field(default_factory=dict)  # hybrid backup id → its snapshot id
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -131,8 +132,12 @@ class Activity:
         from_checkpoint_id: str | None,
         backup_id: str | None,
         description: str | None,
+        snapshot: Callable[[Vm, list[Disk], str], Awaitable[object]] | None = None,
     ) -> Backup:
-        """Validate as ``StartVmBackupCommand`` does, add the bitmaps, record the backup."""
+        """Validate as ``StartVmBackupCommand`` does, add the bitmaps, record the backup.
+
+        ``snapshot(vm, disks, backup_id)`` (a hybrid backup, ``hybrid.take_snapshot``) runs
+        under the lock once the bitmaps are in place, unless the backup is set to fail."""
         async with self._lock:
             vm = self.vm(vm_id)
             if vm.status not in ("up", "down"):
@@ -187,8 +192,11 @@ class Activity:
                     tuple(d.id for d in tracked),
                     description,
                 )
+            b_id = backup_id or self.new_id()
+            if snapshot is not None and failure is None:
+                await snapshot(vm, disks, b_id)
             b = Backup(
-                id=backup_id or self.new_id(),
+                id=b_id,
                 vm_id=vm_id,
                 host_id=vm.host_id,
                 disk_ids=tuple(d.id for d in disks),

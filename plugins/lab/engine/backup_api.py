@@ -4,8 +4,10 @@ Handlers parse request bodies with the SDK's reader and answer with its writers,
 ``api``; the work and the state are ``backup.Activity``'s (app key ``ACTIVITY``). What a
 client sees:
 
-- ``POST vms/{id}/backups`` → 202 with ``phase=initializing``; each ``GET`` of the backup
-  advances one phase (initializing → starting → ready; finalizing → succeeded).
+- ``POST vms/{id}/backups[?legacy=true]`` → 202 with ``phase=initializing``; each ``GET`` of
+  the backup advances one phase (initializing → starting → ready; finalizing → succeeded).
+  On a hybrid cluster (``hybrid``) the backup carries ``<snapshot id>`` and stays
+  ``finalizing`` one more poll while its snapshot is removed.
   ``to_checkpoint_id`` is shown from ready on; ``disks`` is a link to ``…/backups/{b}/disks``,
   whose disks carry ``backup_mode``.
 - ``POST imagetransfers`` → 202 ``initializing``; the next ``GET`` shows ``transferring`` and
@@ -18,11 +20,13 @@ client sees:
   id finds its events) or ``type=<code>`` / ``severity=``; ``from=<index>`` and ``max=``.
 """
 
+from functools import partial
+
 from aiohttp import web
 from ovirtsdk4 import types
 from ovirtsdk4.reader import Reader
 
-from plugins.lab.engine import render, search
+from plugins.lab.engine import hybrid, render, search
 from plugins.lab.engine import transfers as transfer_ops
 from plugins.lab.engine.api import Fault
 from plugins.lab.engine.backup import Activity
@@ -38,7 +42,7 @@ def _ref(cls: type, collection: str, obj_id: str) -> object:
     return ref
 
 
-def render_backup(b: Backup) -> types.Backup:
+def render_backup(b: Backup, snapshot_id: str | None = None) -> types.Backup:
     shown = b.phase in ("ready", "finalizing", "succeeded")
     out = types.Backup(
         id=b.id,
@@ -51,6 +55,9 @@ def render_backup(b: Backup) -> types.Backup:
         vm=_ref(types.Vm, "vms", b.vm_id),
         host=_ref(types.Host, "hosts", b.host_id) if b.host_id else None,
         disks=render.link(f"vms/{b.vm_id}/backups/{b.id}/disks"),
+        snapshot=_ref(types.Snapshot, f"vms/{b.vm_id}/snapshots", snapshot_id)
+        if snapshot_id
+        else None,
     )
     out.href = f"{API}/vms/{b.vm_id}/backups/{b.id}"
     return out
@@ -131,7 +138,7 @@ def act(request: web.Request) -> Activity:
 async def backups(request: web.Request) -> web.Response:
     a = act(request)
     vm = a.vm(request.match_info["id"])
-    items = [render_backup(b) for b in a.backups.values() if b.vm_id == vm.id]
+    items = [render_backup(b, a.hybrid.get(b.id)) for b in a.backups.values() if b.vm_id == vm.id]
     return render.xml_response(items, root="backups")
 
 
@@ -140,17 +147,21 @@ async def add_backup(request: web.Request) -> web.Response:
     body = await _body(request, types.Backup)
     assert isinstance(body, types.Backup)
     disk_ids = [d.id for d in body.disks or [] if d.id]
+    vm = a.vm(request.match_info["id"])
+    legacy = request.query.get("legacy", "").lower() == "true"
+    snapshot = partial(hybrid.take_snapshot, a) if hybrid.applies(a, vm, legacy) else None
     b = await a.start_backup(
-        request.match_info["id"], disk_ids, body.from_checkpoint_id, body.id, body.description
+        vm.id, disk_ids, body.from_checkpoint_id, body.id, body.description, snapshot
     )
-    return render.xml_response(render_backup(b), status=202)
+    return render.xml_response(render_backup(b, a.hybrid.get(b.id)), status=202)
 
 
 async def backup(request: web.Request) -> web.Response:
     a = act(request)
     b = a.backup(request.match_info["id"], request.match_info["backup_id"])
-    a.advance_backup(b)
-    return render.xml_response(render_backup(b))
+    if not (b.phase == "finalizing" and hybrid.removing(a, b)):
+        a.advance_backup(b)
+    return render.xml_response(render_backup(b, a.hybrid.get(b.id)))
 
 
 async def backup_disks(request: web.Request) -> web.Response:
@@ -168,6 +179,7 @@ async def finalize_backup(request: web.Request) -> web.Response:
     a = act(request)
     b = a.backup(request.match_info["id"], request.match_info["backup_id"])
     a.finalize_backup(b)
+    await hybrid.remove_snapshot(a, b)
     return _action()
 
 

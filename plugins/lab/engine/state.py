@@ -78,6 +78,10 @@ class Seed:
     data_center: str = "Default"
     clusters: tuple[str, ...] = ("Default",)
     compat_version: tuple[int, int] = (4, 7)  # cluster level; ≥ 4.4 means incremental backup
+    # engine-config UseHybridBackup for cluster levels ≥ 4.7: a backup is then snapshot-based
+    # (API-NOTES § 4.1, ``hybrid``). The real engine's default there is true; the lab's is
+    # false, so its backups stay live unless a seed asks.
+    use_hybrid_backup: bool = False
     storage_domains: tuple[str, ...] = ("data1",)
     hosts: tuple[tuple[str, str], ...] = (("host1", "Default"),)  # (name, cluster)
     tags: tuple[str, ...] = ()
@@ -210,6 +214,7 @@ class Inventory:
 
     username: str
     password: str
+    use_hybrid_backup: bool = False  # the seed's
     data_centers: dict[str, DataCenter] = field(default_factory=dict)
     clusters: dict[str, Cluster] = field(default_factory=dict)
     storage_domains: dict[str, StorageDomain] = field(default_factory=dict)
@@ -221,7 +226,11 @@ class Inventory:
     @classmethod
     def from_seed(cls, seed: Seed) -> "Inventory":
         """Build the model. Raises ``ConfigError`` naming the first bad reference or value."""
-        inv = cls(username=seed.username, password=seed.password)
+        inv = cls(
+            username=seed.username,
+            password=seed.password,
+            use_hybrid_backup=seed.use_hybrid_backup,
+        )
         dc = DataCenter(
             lab_id("datacenter", seed.data_center), seed.data_center, seed.compat_version
         )

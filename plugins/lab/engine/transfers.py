@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.io import qemu
+from plugins.lab.engine import hybrid
 from plugins.lab.engine.api import Fault
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.records import (
@@ -123,6 +124,7 @@ async def start(
                 raise Fault(400, f"[Cannot transfer Virtual Disk. Disk {disk_id} not in backup.]")
             if b.modes[disk_id] == "incremental":
                 bitmap = b.from_checkpoint_id
+            volume = hybrid.volume(a, b, disk_id)  # a hybrid backup reads its snapshot
         elif volume is None and _plugged_running(a, disk_id):
             raise Fault(
                 409, "[Cannot transfer Virtual Disk. The disk is plugged into a running VM.]"
