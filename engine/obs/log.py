@@ -1,7 +1,8 @@
 """structlog setup. Nothing is configured at import time; entry points call ``configure``.
 
 The CLI logs ``key=value`` lines to stderr at WARNING (INFO with ``-v``) so stdout stays
-for results; the daemon (service issue) will log JSON to stdout for journald.
+for results; the daemon logs JSON to stdout for journald and may also forward every event
+to a central syslog server (``engine.obs.syslog``).
 """
 
 import logging
@@ -10,20 +11,42 @@ from typing import TextIO
 
 import structlog
 
+from engine.obs.syslog import Facility, SyslogForwarder, SyslogSettings
+
+_forwarder: SyslogForwarder | None = None  # the one the last ``configure`` started
+
 
 def configure(
-    level: int = logging.WARNING, json: bool = False, stream: TextIO | None = None
-) -> None:
+    level: int = logging.WARNING,
+    json: bool = False,
+    stream: TextIO | None = None,
+    syslog: SyslogSettings | None = None,
+    *,
+    facility: int = Facility.DAEMON,
+) -> SyslogForwarder | None:
+    """Configure structlog for the whole process. With ``syslog`` (a
+    ``config.models.SyslogSection``), events at ``level`` and above are also forwarded in
+    RFC 5424 form; the started forwarder is returned so the caller can read its counters
+    and ``close()`` it at shutdown. A forwarder from an earlier call is closed first."""
+    global _forwarder
+    if _forwarder is not None:
+        _forwarder.close()
+        _forwarder = None
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if syslog is not None:
+        _forwarder = SyslogForwarder(syslog, facility=facility)
+        _forwarder.start()
+        processors.append(_forwarder)
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    return _forwarder
