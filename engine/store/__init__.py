@@ -72,6 +72,11 @@ GC protocol (``engine.maint.gc``; the danger is a session that finds a chunk wit
    Open = recover finishes or undoes a half-retired pack; the trash is emptied after the
    grace period (the undo window against a mistaken or malicious prune).
 
+A session must hold its lease before it references chunks without asking ``has`` (an
+incremental copies its parent's DiskMap ids): the backup job reads the parent's manifest just
+before ``begin_snapshot``, which is safe because a parent is its VM's newest snapshot (prune
+never removes it) or within the removed-snapshot grace period (still marked).
+
 No touched-id set and no commit-time re-check are needed: condemnation makes a chunk
 invisible to deduplication before anything is deleted, and the stamp orders it after every
 session that could have seen it.

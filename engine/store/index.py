@@ -12,10 +12,11 @@ Tables::
 A sealed pack's entries are added in one transaction with ``synchronous=FULL``, so after
 ``add_pack`` returns the entries are durable. A chunk id seen in two packs keeps its first
 location (the duplicate record is dead weight that GC repacks away) — unless the first is
-*condemned*: ``condemned`` is 0 for a live chunk, else the ``LeaseClock`` stamp at which GC
-found it unreferenced. A condemned chunk still reads (``lookup``) but does not deduplicate
-(``has`` is false), so a writer stores it again and the new location replaces the row and
-revives it; GC deletes rows only once condemned (protocol: ``engine.store`` docstring).
+*condemned*: ``condemned`` is 0 for a live chunk, -1 while GC is condemning it, else the
+``LeaseClock`` stamp written right after GC condemned it. A condemned chunk still reads
+(``lookup``) but does not deduplicate (``has`` is false), so a writer stores it again and the
+new location replaces the row and revives it; GC deletes rows only once condemned (protocol:
+``engine.store`` docstring).
 
 Connections are per thread (SQLite connections must not be shared); writes are serialised
 by a lock.
@@ -285,7 +286,11 @@ class Index:
                 moved = conn.executemany(
                     "UPDATE chunks SET pack = ?, offset = ?, length = ? "
                     f"WHERE id = ? AND pack IN ({marks})",
-                    ((new_id, e.offset, e.length, e.chunk_id, *ids) for e in sealed.entries),
+                    (
+                        (new_id, e.offset, e.length, e.chunk_id, *ids)
+                        # in id order: B-tree pages are visited once, not once per row
+                        for e in sorted(sealed.entries, key=lambda e: e.chunk_id)
+                    ),
                 ).rowcount
             for pack_id in ids:
                 conn.execute("DELETE FROM chunks WHERE pack = ?", (pack_id,))
