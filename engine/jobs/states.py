@@ -78,7 +78,8 @@ def _lifecycle() -> dict[tuple[State, Event], State]:
 
 BACKUP: Table = _lifecycle()
 RESTORE: Table = _lifecycle()
-TABLES: Mapping[str, Table] = {"backup": BACKUP, "restore": RESTORE}
+REPLICATE: Table = _lifecycle()  # engine.replication.job: open session, send, commit
+TABLES: Mapping[str, Table] = {"backup": BACKUP, "restore": RESTORE, "replicate": REPLICATE}
 
 
 class IllegalTransition(EngineError):

@@ -136,8 +136,13 @@ class Store:
         key_file: Path | None = None,
         passphrase: bytes | None = None,
         kdf: KdfParams | None = None,
+        keys: StoreKeys | None = None,
     ) -> StoreConfig:
-        """Create a new store at ``path`` (which must be absent or an empty directory)."""
+        """Create a new store at ``path`` (which must be absent or an empty directory).
+
+        ``keys``: another store's keys instead of new ones — sites that replicate share them
+        (a replica given keys without a data key is *encrypted-only*: it checks CRCs, stores
+        and serves records, but cannot read them)."""
         validate_chunk_size(chunk_size)
         if encryption not in ENCRYPTIONS:
             raise StoreError(path=path, reason=f"unknown encryption {encryption!r}")
@@ -154,7 +159,8 @@ class Store:
             pack_size=pack_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
+        if keys is None:
+            keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
         path.mkdir(parents=True, exist_ok=True)
         for d in (layout.packs, layout.packs / "tmp", layout.snapshots):
             d.mkdir(exist_ok=True)
@@ -305,9 +311,13 @@ class Store:
             self._raise_if_failed()
             if self._open is not None and self._open.entries:
                 self._rotate_locked()
-            sealing, self._sealing = self._sealing, []
+            # Every seal in flight, also those another thread's flush started: a chunk that
+            # thread's put deduplicated against ours is durable only once its pack is.
+            sealing = list(self._sealing)
         for fut in sealing:
             fut.result()
+        with self._wlock:
+            self._sealing = [f for f in self._sealing if not f.done()]
         self._raise_if_failed()
 
     def _rotate_locked(self) -> None:

@@ -1,0 +1,53 @@
+"""A token bucket shared by every stream of a session: the per-peer bandwidth limit.
+
+``take(n)`` waits until ``n`` bytes may go. Tokens refill at ``rate`` bytes per second up to
+``burst`` (one second's worth by default, at least one record batch's worth so a large record
+never waits forever). Debt is allowed: a request larger than the bucket takes what is there
+and the next caller waits for the rest, so the long-run rate is exact. Clock and sleep are
+injected so tests never wait.
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class TokenBucket:
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        if rate <= 0:
+            raise ValueError(f"bandwidth limit {rate} must be positive")
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else rate)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = asyncio.Lock()  # callers queue in order: no starvation
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    async def take(self, n: int) -> None:
+        async with self._lock:
+            self._refill()
+            self._tokens -= n
+            if self._tokens < 0:
+                await self._sleep(-self._tokens / self.rate)
+                self._refill()
+
+
+class Unlimited:
+    async def take(self, n: int) -> None:
+        return None
+
+
+Throttle = TokenBucket | Unlimited
