@@ -13,7 +13,7 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import cli_config, cli_maint
+from engine.daemon import cli_config, cli_maint, cli_service
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     cli_maint.register(sub, open_store, _add_key_options)  # prune, protect, store status
     cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
+    cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
     return parser
 
 
@@ -104,7 +105,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    backup = sub.add_parser("backup", help="back up now (without the daemon)")
+    backup = sub.add_parser("backup", help="back up now (through the daemon when it runs)")
     bsub = backup.add_subparsers(dest="backup_command", required=True, metavar="WHAT")
     p = bsub.add_parser("image", help="back up local qcow2/raw images (each one a VM)")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -132,9 +133,14 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="refuse a running VM whose guest agent cannot freeze its filesystems (any flow)",
     )
     p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
+    p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_vm)
 
+    _add_restore_commands(sub)
+
+
+def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("snapshots", help="list restore points (or protect one: ACTION)")
     where = p.add_mutually_exclusive_group()  # required unless an ACTION says otherwise
     where.add_argument("--store", type=Path)
@@ -169,6 +175,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="how disks are written into the engine: imageio uploads, or attach (LAN free, "
         "through the config's datamover VM)",
     )
+    p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
     p.set_defaults(func=cmd_restore)
 
@@ -252,6 +259,12 @@ async def _backup_sources(store: Store, args: argparse.Namespace, sources: list[
 
 
 def cmd_backup_vm(args: argparse.Namespace) -> int:
+    """Through the daemon when one answers on the config's socket (it holds the store),
+    else in this process."""
+    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
+        body = {"vms": args.names, "level": args.level, "flow": args.flow}
+        body |= {"require_quiesce": args.require_quiesce, "engine": args.engine}
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/backups", body))
     config = load_config(args.config, args.config.parent / "conf.d")
     engine = config.engine(args.engine)
     make_sources = registry.get("ovirt").factory("vm_sources")
@@ -350,6 +363,10 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
         raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
     if args.disk or args.image_format:
         raise ConfigError(message="restore: --disk and --format apply to --to PATH only")
+    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
+        body = {"snapshot": args.snapshot, "name": args.name, "cluster": args.cluster}
+        body |= {"storage_domain": args.storage_domain, "flow": args.flow, "engine": args.engine}
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/restores", body))
     config = load_config(args.config, args.config.parent / "conf.d")
     engine = config.engine(args.engine)
     plugin = registry.get("ovirt")

@@ -161,6 +161,11 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
         f"    password_file: {engine['password_file']}\n    ca_file: {engine['ca_file']}\n"
         f"datamover:\n  vm_name: {doc['datamover']}\n  by_id_dir: {doc['by_id_dir']}\n"
         "  device_timeout: 30\n"
+        "# `tessera run --config` on this file: the API socket, schedule state and policies\n"
+        "# live in the lab directory (policies.d/ beside this file; empty at first).\n"
+        f"api:\n  socket: {directory / 'api.sock'}\n"
+        f"scheduler:\n  state_file: {directory / 'scheduler.json'}\n"
+        "logging:\n  level: info\n"
     )
 
 

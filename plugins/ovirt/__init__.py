@@ -70,8 +70,40 @@ def _vm_restore(
     return vm_restore(engine, store, manifest, options, factory=factory)
 
 
+async def _list_vms(engine: Any) -> list[dict[str, Any]]:
+    """Every VM of ``engine`` (the config's ``EngineSection``) as plain dicts: id, name,
+    cluster, status, tags, disks (id, alias, size). What policies select from and the daemon
+    API lists."""
+    from plugins.ovirt.client import EngineClient, EngineConfig  # noqa: PLC0415
+    from plugins.ovirt.inventory import vms  # noqa: PLC0415
+
+    client = EngineClient(
+        EngineConfig(
+            url=engine.url,
+            username=engine.username,
+            password_file=engine.password_file,
+            ca_file=engine.ca_file,
+        )
+    )
+    try:
+        found = await vms(client)
+    finally:
+        await client.close()
+    return [
+        {
+            "id": v.id,
+            "name": v.name,
+            "cluster": v.cluster,
+            "status": v.status,
+            "tags": list(v.tags),
+            "disks": [{"id": d.id, "alias": d.name, "size": d.provisioned_size} for d in v.disks],
+        }
+        for v in found
+    ]
+
+
 PLUGIN = Plugin(
     name="ovirt",
     recover=_recover,
-    factories={"vm_sources": _vm_sources, "vm_restore": _vm_restore},
+    factories={"vm_sources": _vm_sources, "vm_restore": _vm_restore, "list_vms": _list_vms},
 )

@@ -1,0 +1,364 @@
+"""The daemon's REST API (aiohttp): what ``tessera`` CLI commands and scripts talk to.
+
+Listeners: a unix socket (mode 0600, so only root — the daemon's user — may connect; no
+token) and, when configured, TCP with TLS where every request needs ``Authorization: Bearer
+TOKEN`` with a token from ``tokens_file`` (one per line; ``#`` comments). Bodies are JSON
+decoded into frozen structs (unknown keys refused). Every error is a JSON ``{"error": ...}``
+with a 4xx status naming what was wrong; an unexpected fault is a 500 with a short message
+(the traceback goes to the log, never to the client).
+
+Routes (``GET /v1/openapi.json`` describes them): status, vms, policies (+ run now), jobs
+(+ cancel), backups, restores, snapshots (+ protect), store usage, and ``/metrics``.
+"""
+
+import asyncio
+import hmac
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
+from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
+from engine.daemon.jobs import Busy, ShuttingDown
+from engine.daemon.service import Service
+from engine.maint.prune import is_protected, set_protected
+from engine.maint.usage import store_usage
+from engine.store.manifest import Manifest
+
+log = structlog.get_logger("tessera.api")
+
+API: Final = "/v1"
+SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def load_tokens(path: Path) -> tuple[bytes, ...]:
+    """Bearer tokens, one per line; raises ConfigError naming the file."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(message=f"tokens file {path}: {e.strerror}") from e
+    tokens = tuple(t.encode() for line in lines if (t := line.split("#", 1)[0].strip()))
+    if not tokens:
+        raise ConfigError(message=f"tokens file {path} holds no token")
+    return tokens
+
+
+def _auth(tokens: tuple[bytes, ...]) -> Any:
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        # compare against every token so the time taken says nothing about which matched
+        ok = [hmac.compare_digest(given, t) for t in tokens]
+        if scheme.lower() != "bearer" or not given or not any(ok):
+            response = _error(401, "a valid bearer token is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tessera"'
+            return response
+        return await handler(request)
+
+    return auth
+
+
+# The HTTP status of each error class a handler may raise, most specific first
+# (4xx: the request was wrong; 5xx: the daemon, the store or the engine failed).
+_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
+    ((msgspec.DecodeError, msgspec.ValidationError), 400),
+    (Busy, 409),
+    (ShuttingDown, 503),
+    (SnapshotNotFound, 404),
+    (StoreError, 500),
+)
+
+
+def _status_of(e: Exception) -> int:
+    for kind, code in _STATUS:
+        if isinstance(e, kind):
+            return code
+    if isinstance(e, ConfigError):
+        return 404 if str(e).startswith("no ") else 400
+    return 502  # the engine or another remote side failed
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status >= 400 and e.content_type != "application/json":
+            return _error(e.status, e.reason)
+        raise
+    except (msgspec.DecodeError, msgspec.ValidationError, EngineError) as e:
+        code = _status_of(e)
+        if code >= 500:
+            log.warning("api.error", path=request.path, error=str(e))
+        prefix = "bad request body: " if code == 400 and not isinstance(e, EngineError) else ""
+        return _error(code, prefix + str(e))
+    except Exception as e:  # the API edge: a 500, the traceback to the log
+        log.error("api.fault", path=request.path, error=repr(e), exc_info=True)
+        return _error(500, f"internal error ({type(e).__name__}); see the daemon log")
+
+
+async def _body(request: web.Request, kind: type[Any]) -> Any:
+    raw = await request.read()
+    return msgspec.json.decode(raw or b"{}", type=kind)
+
+
+def snapshot_doc(m: Manifest, protected: bool) -> dict[str, Any]:
+    return {
+        "id": m.snapshot_id,
+        "time": m.time,
+        "vm": {"id": m.vm_id, "name": m.vm_name},
+        "level": m.level,
+        "parent": m.parent,
+        "size": m.size,
+        "protected": protected,
+        "disks": [
+            {"id": d.disk_id, "name": d.name, "size": d.size, "data_bytes": d.data_bytes}
+            for d in m.disks
+        ],
+    }
+
+
+def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.Application:
+    """The API on ``service``; with ``tokens`` every request must carry one of them."""
+    middlewares: list[Any] = [errors]
+    if tokens is not None:
+        middlewares.insert(0, _auth(tokens))
+    app = web.Application(middlewares=middlewares, client_max_size=1024**2)
+    app[SERVICE] = service
+    app.add_routes(
+        [
+            web.get(f"{API}/status", status),
+            web.get(f"{API}/vms", vms),
+            web.get(f"{API}/policies", policies),
+            web.post(f"{API}/policies/{{name}}/run", run_policy),
+            web.get(f"{API}/jobs", jobs),
+            web.get(f"{API}/jobs/{{id}}", job),
+            web.post(f"{API}/jobs/{{id}}/cancel", cancel_job),
+            web.post(f"{API}/backups", start_backup),
+            web.post(f"{API}/restores", start_restore),
+            web.get(f"{API}/snapshots", snapshots),
+            web.get(f"{API}/snapshots/{{id}}", snapshot),
+            web.post(f"{API}/snapshots/{{id}}/protect", protect),
+            web.get(f"{API}/store", store),
+            web.get(f"{API}/openapi.json", openapi),
+        ]
+    )
+    return app
+
+
+def _service(request: web.Request) -> Service:
+    return request.app[SERVICE]
+
+
+async def status(request: web.Request) -> web.Response:
+    s = _service(request)
+    return web.json_response(
+        {
+            "started": s.started.isoformat(timespec="seconds"),
+            "pid": os.getpid(),
+            "stores": sorted(s.stores),
+            "policies": len(s.policies),
+            "running_jobs": [j.job_id for j in s.jobs.running()],
+        }
+    )
+
+
+async def vms(request: web.Request) -> web.Response:
+    found = await _service(request).list_vms(request.query.get("engine"))
+    return web.json_response(found)
+
+
+async def policies(request: web.Request) -> web.Response:
+    s = _service(request)
+    status = {p.name: p for p in s.scheduler.status()} if s.scheduler else {}
+    docs = []
+    for policy in s.policies:
+        st = status.get(policy.name)
+        docs.append(
+            {
+                "name": policy.name,
+                "enabled": policy.enabled,
+                "schedule": [str(c) for c in policy.calendars] if policy.enabled else [],
+                "flow": policy.flow,
+                "level": policy.level.default,
+                "next_run": st.next_run.isoformat() if st and st.next_run else None,
+                "running": st.running.isoformat() if st and st.running else None,
+                "last_started": st.last_started.isoformat() if st and st.last_started else None,
+            }
+        )
+    return web.json_response(docs)
+
+
+async def run_policy(request: web.Request) -> web.Response:
+    s = _service(request)
+    name = request.match_info["name"]
+    if s.scheduler is None or name not in {p.name for p in s.policies if p.enabled}:
+        raise ConfigError(message=f"no enabled policy {name!r}")
+    event = await s.scheduler.trigger(name)
+    return web.json_response(
+        {"policy": name, "outcome": event.outcome, "reason": event.reason}, status=202
+    )
+
+
+async def jobs(request: web.Request) -> web.Response:
+    running = request.query.get("running") in {"1", "true", "yes"}
+    views = _service(request).jobs.jobs(running_only=running)
+    return web.json_response([v.doc() for v in views])
+
+
+async def job(request: web.Request) -> web.Response:
+    view = _service(request).jobs.get(request.match_info["id"])
+    return web.json_response(view.doc(lines=True))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    view = _service(request).jobs.cancel(request.match_info["id"])
+    return web.json_response(view.doc(), status=202)
+
+
+async def start_backup(request: web.Request) -> web.Response:
+    s = _service(request)
+    body: BackupRequest = await _body(request, BackupRequest)
+    if not body.vms:
+        raise msgspec.ValidationError("`vms` must name at least one VM")
+    level, flow, quiesce, store_name = body.level, body.flow, body.require_quiesce, body.store
+    engine = body.engine
+    if body.policy is not None:
+        policy = next((p for p in s.policies if p.name == body.policy), None)
+        if policy is None:
+            raise ConfigError(message=f"no policy {body.policy!r}")
+        flow, quiesce, store_name = policy.flow, policy.require_quiesce, policy.store
+        engine, level = policy.selection.engine, policy.level.default
+    known = [v["name"] for v in await s.list_vms(engine)]
+    names: list[str] = []
+    for pattern in body.vms:
+        matched = [n for n in known if fnmatchcase(n, pattern)]
+        if not matched:
+            raise ConfigError(message=f"no VM matches {pattern!r}")
+        names += [n for n in matched if n not in names]
+    views = s.start_backup(
+        names,
+        level=level,
+        flow=flow,
+        require_quiesce=quiesce,
+        engine=engine,
+        store=store_name,
+        policy=body.policy,
+    )
+    return web.json_response({"jobs": [v.doc() for v in views]}, status=202)
+
+
+async def start_restore(request: web.Request) -> web.Response:
+    body: RestoreRequest = await _body(request, RestoreRequest)
+    view = _service(request).start_restore(
+        body.snapshot,
+        name=body.name,
+        cluster=body.cluster,
+        storage_domain=body.storage_domain,
+        flow=body.flow,
+        engine=body.engine,
+        store=body.store,
+    )
+    return web.json_response({"jobs": [view.doc()]}, status=202)
+
+
+async def snapshots(request: web.Request) -> web.Response:
+    handle = _service(request).store(request.query.get("store"))
+
+    def read() -> list[dict[str, Any]]:
+        st = handle.store
+        entries = st.snapshots(request.query.get("vm"))
+        return [
+            snapshot_doc(st.manifest(e.snapshot_id), is_protected(st.layout, e.snapshot_id))
+            for e in entries
+        ]
+
+    return web.json_response(await asyncio.to_thread(read))
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    handle = _service(request).store(request.query.get("store"))
+    st = handle.store
+    snapshot_id = st.resolve(request.match_info["id"])
+    manifest = await asyncio.to_thread(st.manifest, snapshot_id)
+    doc = snapshot_doc(manifest, is_protected(st.layout, snapshot_id))
+    doc["tags"] = dict(manifest.tags)
+    return web.json_response(doc)
+
+
+async def protect(request: web.Request) -> web.Response:
+    handle = _service(request).store(request.query.get("store"))
+    body: ProtectRequest = await _body(request, ProtectRequest)
+    snapshot_id = handle.store.resolve(request.match_info["id"])
+    await asyncio.to_thread(set_protected, handle.store, snapshot_id, body.protected)
+    return web.json_response({"id": snapshot_id, "protected": body.protected})
+
+
+async def store(request: web.Request) -> web.Response:
+    handle = _service(request).store(request.query.get("store"))
+    usage = await asyncio.to_thread(store_usage, handle.store)
+    return web.json_response({"store": handle.section.name} | usage.doc())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from engine.daemon.openapi import document  # noqa: PLC0415 - built on demand
+
+    return web.json_response(document())
+
+
+async def start_listeners(service: Service) -> Callable[[], Awaitable[None]]:
+    """Start the unix socket (and TCP+TLS) listeners; returns their cleanup."""
+    section = service.config.api
+    runners: list[web.AppRunner] = []
+    try:
+        unix = web.AppRunner(build_app(service), access_log=None)
+        await unix.setup()
+        runners.append(unix)
+        section.socket.parent.mkdir(parents=True, exist_ok=True)
+        section.socket.unlink(missing_ok=True)
+        old = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            await web.UnixSite(unix, str(section.socket)).start()
+        finally:
+            os.umask(old)
+        if section.tcp is not None:
+            tcp = section.tcp
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tcp.cert_file, tcp.key_file)
+            host, _, port = tcp.listen.rpartition(":")
+            runner = web.AppRunner(
+                build_app(service, load_tokens(tcp.tokens_file)), access_log=None
+            )
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context).start()
+        log.info(
+            "api.listening",
+            socket=str(section.socket),
+            tcp=section.tcp.listen if section.tcp else None,
+        )
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
+
+    async def stop() -> None:
+        for runner in runners:
+            await runner.cleanup()
+        section.socket.unlink(missing_ok=True)
+
+    return stop

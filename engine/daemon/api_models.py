@@ -1,0 +1,27 @@
+"""Request bodies of the daemon API: frozen structs, unknown keys refused (400)."""
+
+import msgspec
+
+
+class BackupRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    vms: tuple[str, ...]  # names or globs
+    level: str = "incremental"
+    flow: str = "auto"
+    require_quiesce: bool = False
+    engine: str | None = None
+    store: str | None = None
+    policy: str | None = None  # take level rules, flow, quiesce and store from this policy
+
+
+class RestoreRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    snapshot: str
+    name: str | None = None
+    cluster: str | None = None
+    storage_domain: str | None = None
+    flow: str = "imageio"
+    engine: str | None = None
+    store: str | None = None
+
+
+class ProtectRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    protected: bool = True

@@ -1,0 +1,222 @@
+"""``tessera run`` (the daemon) and the operator commands that talk to it over its API:
+``vms``, ``policies``, ``jobs``, ``job ID [--follow]``, ``cancel ID``; plus
+``submit_and_follow``, which ``backup vm`` and ``restore --config`` use when a daemon runs.
+
+Human tables by default, ``--json`` for scripts. Registered by ``engine.daemon.cli``.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+from engine.config.loader import load, load_all
+from engine.daemon.client import ApiClient
+from engine.daemon.progress import ProgressDisplay
+from engine.obs.log import configure as configure_logging
+from engine.util import aio
+
+EXIT_OK, EXIT_FAILED = 0, 1
+FOLLOW_INTERVAL: Final = 0.5  # seconds between progress polls
+FINAL: Final = ("succeeded", "failed", "cancelled", "aborted")
+
+
+def register(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]", default_config: Path
+) -> None:
+    p = sub.add_parser("run", help="run the DataMover service (systemd starts this)")
+    p.add_argument("--config", type=Path, default=default_config)
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        help="seconds running jobs get to finish after SIGTERM (a second SIGTERM cancels)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    def client_parser(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", type=Path, default=default_config)
+        p.add_argument("--socket", type=Path, help="the daemon's API socket (default: config)")
+        p.add_argument("--json", action="store_true")
+        return p
+
+    p = client_parser("vms", "VMs of the engine, as the daemon sees them")
+    p.add_argument("--engine")
+    p.set_defaults(func=cmd_vms)
+    p = client_parser("policies", "policies with their schedule and next run")
+    p.add_argument("--run", metavar="NAME", help="run this policy now")
+    p.set_defaults(func=cmd_policies)
+    p = client_parser("jobs", "running and recent jobs")
+    p.add_argument("--running", action="store_true", help="only the running ones")
+    p.set_defaults(func=cmd_jobs)
+    p = client_parser("job", "one job: state, per-disk progress, log")
+    p.add_argument("job_id", metavar="ID")
+    p.add_argument("--follow", action="store_true", help="live progress until the job ends")
+    p.set_defaults(func=cmd_job)
+    p = client_parser("cancel", "cancel a running job (it cleans up first)")
+    p.add_argument("job_id", metavar="ID")
+    p.set_defaults(func=cmd_cancel)
+
+
+def socket_of(args: argparse.Namespace) -> Path:
+    if getattr(args, "socket", None) is not None:
+        return Path(args.socket)
+    return load(args.config, args.config.parent / "conf.d").api.socket
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.daemon.api import start_listeners  # noqa: PLC0415 - aiohttp server only here
+    from engine.daemon.service import Service  # noqa: PLC0415
+
+    loaded = load_all(args.config)
+    section = loaded.config.logging
+    level = getattr(logging, section.level.upper())
+    configure_logging(level, json=section.json, stream=sys.stdout)
+    service = Service(loaded, grace=args.grace)
+    aio.run(service.run(start_listeners))
+    return EXIT_OK
+
+
+async def _call(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, **q: Any
+) -> Any:
+    async with ApiClient(socket_of(args)) as client:
+        return await client.request(method, path, body, **q)
+
+
+def _print(doc: Any) -> None:
+    print(json.dumps(doc, indent=2))
+
+
+def cmd_vms(args: argparse.Namespace) -> int:
+    vms = aio.run(_call(args, "GET", "/v1/vms", engine=args.engine))
+    if args.json:
+        _print(vms)
+        return EXIT_OK
+    print(f"{'NAME':<24}  {'CLUSTER':<16}  {'STATUS':<10}  {'DISKS':>5}  TAGS")
+    for vm in vms:
+        print(
+            f"{vm['name'][:24]:<24}  {(vm.get('cluster') or '-')[:16]:<16}  "
+            f"{(vm.get('status') or '-'):<10}  {len(vm['disks']):>5}  {','.join(vm['tags'])}"
+        )
+    return EXIT_OK
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    if args.run:
+        doc = aio.run(_call(args, "POST", f"/v1/policies/{args.run}/run"))
+        if args.json:
+            _print(doc)
+        else:
+            print(f"policy {doc['policy']}: {doc['outcome']} {doc['reason']}".rstrip())
+        return EXIT_OK if doc["outcome"] != "failed" else EXIT_FAILED
+    docs = aio.run(_call(args, "GET", "/v1/policies"))
+    if args.json:
+        _print(docs)
+        return EXIT_OK
+    print(f"{'NAME':<20}  {'NEXT RUN':<25}  {'RUNNING':<8}  SCHEDULE")
+    for p in docs:
+        print(
+            f"{p['name'][:20]:<20}  {(p['next_run'] or '-')[:25]:<25}  "
+            f"{'yes' if p['running'] else '':<8}  {'; '.join(p['schedule']) or 'by hand'}"
+        )
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    docs = aio.run(_call(args, "GET", "/v1/jobs", running="1" if args.running else None))
+    if args.json:
+        _print(docs)
+        return EXIT_OK
+    print(f"{'ID':<22}  {'KIND':<8}  {'VM':<24}  {'STATE':<10}  {'POLICY':<12}  PROGRESS")
+    for j in docs:
+        print(
+            f"{j['id']:<22}  {j['kind']:<8}  {j['vm'][:24]:<24}  {j['state']:<10}  "
+            f"{(j['policy'] or '-')[:12]:<12}  {_percent(j)}"
+        )
+    return EXIT_OK
+
+
+def _percent(job: dict[str, Any]) -> str:
+    done = sum(d["done"] for d in job["disks"].values())
+    total = sum(d["total"] for d in job["disks"].values())
+    return f"{100 * done / total:.0f}%" if total else "-"
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    if args.follow:
+        return aio.run(follow(socket_of(args), [args.job_id], json_lines=args.json))
+    doc = aio.run(_call(args, "GET", f"/v1/jobs/{args.job_id}"))
+    if args.json:
+        _print(doc)
+        return EXIT_OK
+    print(f"job {doc['id']}: {doc['kind']} of {doc['vm']} — {doc['state']}")
+    for name, d in doc["disks"].items():
+        print(f"  disk {name}: {d['done'] / 2**20:.1f}/{d['total'] / 2**20:.1f} MiB")
+    for line in doc.get("log", []):
+        print(f"  {line}")
+    if doc["error"]:
+        print(f"  error: {doc['error']}")
+    return EXIT_OK if doc["state"] not in {"failed", "cancelled", "aborted"} else EXIT_FAILED
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    doc = aio.run(_call(args, "POST", f"/v1/jobs/{args.job_id}/cancel"))
+    print(f"job {doc['id']}: cancel requested (state {doc['state']})")
+    return EXIT_OK
+
+
+async def follow(socket: Path, job_ids: list[str], *, json_lines: bool = False) -> int:
+    """Show live progress of the jobs until they all end; EXIT_FAILED if any did not
+    succeed. Prints each job's new log lines as they come and its summary at the end."""
+    failed = 0
+    async with ApiClient(socket) as client:
+        for job_id in job_ids:
+            seen = 0
+            doc = await client.request("GET", f"/v1/jobs/{job_id}")
+            with ProgressDisplay(f"{doc['kind']} {doc['vm']}") as display:
+                while True:
+                    for line in doc.get("log", [])[seen:]:
+                        print(line if not json_lines else json.dumps({"log": line}), flush=True)
+                    seen = len(doc.get("log", []))
+                    for name, d in doc["disks"].items():
+                        display.update(name, d["done"], d["total"])
+                    if doc["state"] in FINAL:
+                        break
+                    await asyncio.sleep(FOLLOW_INTERVAL)
+                    doc = await client.request("GET", f"/v1/jobs/{job_id}")
+            if json_lines:
+                print(json.dumps(doc))
+            failed += doc["state"] != "succeeded"
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def submit_and_follow(socket: Path, path: str, body: dict[str, Any]) -> int:
+    """POST a backup or restore to the daemon, then follow its jobs."""
+    async with ApiClient(socket) as client:
+        doc = await client.request("POST", path, body)
+    ids = [j["id"] for j in doc["jobs"]]
+    for job_id in ids:
+        print(f"job {job_id} submitted to the daemon")
+    return await follow(socket, ids)
+
+
+def daemon_socket(config: Path) -> Path | None:
+    """The daemon's socket if one answers there, else None (run the job in-process)."""
+    try:
+        socket = load(config, config.parent / "conf.d").api.socket
+    except OSError:
+        return None
+
+    async def probe() -> bool:
+        try:
+            async with ApiClient(socket) as client:
+                return await client.available()
+        except Exception:  # noqa: BLE001 - any failure to talk means "no daemon"
+            return False
+
+    return socket if socket.exists() and aio.run(probe()) else None

@@ -1,0 +1,242 @@
+"""The daemon's job manager: runs backup and restore jobs, holds their live state for the API.
+
+A *job* here is one VM's backup or one snapshot's restore, the same unit as in the journal
+(same id). ``JobManager`` starts each one as a task in its own TaskGroup, bounded by the
+``limits.concurrent_vms`` semaphore, with at most one job per VM at a time (a second request
+for a busy VM is refused with ``Busy``, which the API answers 409 and the scheduler records
+as skipped). Each job's ``JobView`` holds what the API shows: state, per-disk progress (bytes,
+total, rate, ETA), log lines and the summary.
+
+Shutdown (``drain``): no new jobs; running ones finish within the grace period; then
+``cancel_all`` cancels the rest, whose state machines clean up (CANCELLING) before the tasks
+end. Nothing here touches the engine or the store directly: jobs go through
+``engine.jobs`` and plugins through the registry.
+"""
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import structlog
+
+from engine.core.errors import ConfigError, EngineError
+from engine.jobs.journal import new_job_id
+
+log = structlog.get_logger("tessera.daemon")
+
+LOG_LINES: Final = 200  # kept per job for the API; everything is in the daemon log too
+FINISHED_KEPT: Final = 500  # finished jobs kept in memory; older ones are in the journal
+
+
+class Busy(EngineError):
+    """A job for this VM is already running."""
+
+    template = "VM {vm} already has a running job {job_id}"
+
+
+class ShuttingDown(EngineError):
+    template = "the daemon is shutting down: no new jobs{why}"
+
+
+@dataclass
+class DiskProgress:
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def doc(self) -> dict[str, Any]:
+        seconds = max(time.monotonic() - self.started, 1e-6)
+        rate = self.done / seconds
+        left = max(self.total - self.done, 0)
+        return {
+            "done": self.done,
+            "total": self.total,
+            "rate": round(rate),
+            "eta": round(left / rate, 1) if rate > 0 and left else (0.0 if not left else None),
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobView:
+    job_id: str
+    kind: str  # backup | restore
+    vm: str
+    policy: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    state: str = "queued"  # queued, running, then the journal's final state in lower case
+    created: str = field(default_factory=_now)
+    started: str | None = None
+    finished: str | None = None
+    disks: dict[str, DiskProgress] = field(default_factory=dict)
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    def say(self, line: str) -> None:
+        self.lines.append(f"{_now()} {line}")
+
+    def progress(self, disk: str, done: int, total: int) -> None:
+        p = self.disks.setdefault(disk, DiskProgress(total=total))
+        p.done, p.total = done, total
+
+    def doc(self, lines: bool = False) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": self.job_id,
+            "kind": self.kind,
+            "vm": self.vm,
+            "policy": self.policy,
+            "params": self.params,
+            "state": self.state,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "disks": {name: p.doc() for name, p in self.disks.items()},
+            "summary": self.summary,
+            "error": self.error,
+        }
+        if lines:
+            doc["log"] = list(self.lines)
+        return doc
+
+
+# What a job runs: given its view (to report progress and lines), returns the final state
+# ("succeeded", "failed", ...) and a summary; raises for a job that could not even start.
+JobBody = Callable[[JobView], Awaitable[tuple[str, dict[str, Any]]]]
+Listener = Callable[[JobView], Awaitable[None]]
+
+
+class JobManager:
+    def __init__(self, concurrent_vms: int, on_finished: Listener | None = None):
+        self._slots = asyncio.Semaphore(concurrent_vms)
+        self._jobs: dict[str, JobView] = {}
+        self._busy: dict[str, str] = {}  # vm -> running job id
+        self._on_finished = on_finished
+        self._group: asyncio.TaskGroup | None = None
+        self._accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = asyncio.Event()
+
+    # -- what the API reads -------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobView:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise ConfigError(message=f"no job {job_id!r}") from None
+
+    def jobs(self, *, running_only: bool = False) -> list[JobView]:
+        jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.job_id))
+        return [j for j in jobs if not (running_only and j.done)]
+
+    def running(self) -> list[JobView]:
+        return [j for j in self._jobs.values() if not j.done]
+
+    def busy_job(self, vm: str) -> str | None:
+        return self._busy.get(vm)
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Own the job tasks until ``close``; returns when every job has ended."""
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            await self._closed.wait()
+        self._group = None
+
+    def submit(
+        self,
+        kind: str,
+        vm: str,
+        body: JobBody,
+        *,
+        policy: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> JobView:
+        """Start a job now (it waits for a free slot); raises Busy or ShuttingDown."""
+        if not self._accepting or self._group is None:
+            raise ShuttingDown(why="")
+        if vm in self._busy:
+            raise Busy(vm=vm, job_id=self._busy[vm])
+        view = JobView(new_job_id(), kind, vm, policy, dict(params or {}))
+        self._jobs[view.job_id] = view
+        self._busy[vm] = view.job_id
+        self._idle.clear()
+        view.task = self._group.create_task(self._run(view, body), name=f"job {view.job_id}")
+        self._forget_old()
+        return view
+
+    async def _run(self, view: JobView, body: JobBody) -> None:
+        bound = log.bind(job=view.job_id, kind=view.kind, vm=view.vm, policy=view.policy)
+        try:
+            async with self._slots:
+                view.state, view.started = "running", _now()
+                view.say(f"{view.kind} of {view.vm} started")
+                bound.info("job.started", params=view.params)
+                view.state, view.summary = await body(view)
+        except asyncio.CancelledError:
+            view.state, view.error = "cancelled", view.error or "cancelled"
+            # The job's own state machine has cleaned up; the task ends normally so that
+            # one cancelled job never cancels its siblings in the TaskGroup.
+        except Exception as e:  # noqa: BLE001 - the daemon's boundary: one job fails, not all
+            view.state, view.error = "failed", str(e)
+            bound.warning("job.error", error=str(e), error_type=type(e).__name__, exc_info=True)
+        finally:
+            view.finished = _now()
+            self._busy.pop(view.vm, None)
+            if not self._busy:
+                self._idle.set()
+            view.say(f"{view.kind} {view.state}" + (f": {view.error}" if view.error else ""))
+            bound.info("job.finished", state=view.state, error=view.error, summary=view.summary)
+        if self._on_finished is not None:
+            try:
+                await self._on_finished(view)
+            except Exception as e:  # noqa: BLE001 - notifications never take the daemon down
+                bound.warning("job.listener_failed", error=str(e))
+
+    def cancel(self, job_id: str) -> JobView:
+        view = self.get(job_id)
+        if view.task is not None and not view.done:
+            view.error = "cancelled by request"
+            view.task.cancel()
+        return view
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting jobs and wait up to ``grace`` seconds for the running ones;
+        True if none is left."""
+        self._accepting = False
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        for view in self.running():
+            if view.task is not None:
+                view.error = reason
+                view.task.cancel()
+
+    def close(self) -> None:
+        """Let ``run`` return once the running jobs have ended (call after drain)."""
+        self._accepting = False
+        self._closed.set()
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self.jobs() if j.done]
+        for view in finished[: max(0, len(finished) - FINISHED_KEPT)]:
+            del self._jobs[view.job_id]

@@ -1,0 +1,101 @@
+"""The OpenAPI 3.1 description of the daemon's API (``GET /v1/openapi.json``).
+
+Kept next to the routes in ``api``; a test checks that every route is described here and
+that every path described here is a route, so the two cannot drift apart.
+"""
+
+from typing import Any
+
+import msgspec
+
+from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
+
+_ERROR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _op(
+    summary: str, *, body: str | None = None, params: tuple[str, ...] = (), ok: str = "200"
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            ok: {"description": "OK", "content": {"application/json": {}}},
+            "4XX": _ERROR,
+        },
+    }
+    if params:
+        op["parameters"] = [
+            {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+            for n in params
+        ]
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
+    return op
+
+
+def _id(name: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/status": {"get": _op("Daemon status: stores, policies, running jobs")},
+    "/v1/vms": {"get": _op("VMs of an engine (name, cluster, tags, disks)", params=("engine",))},
+    "/v1/policies": {"get": _op("Policies with their schedule and next run")},
+    "/v1/policies/{name}/run": {
+        "post": _op("Run a policy now", ok="202") | {"parameters": _id("name")}
+    },
+    "/v1/jobs": {"get": _op("Jobs (running and recent)", params=("running",))},
+    "/v1/jobs/{id}": {
+        "get": _op("One job: state, per-disk progress, log") | {"parameters": _id("id")}
+    },
+    "/v1/jobs/{id}/cancel": {"post": _op("Cancel a job", ok="202") | {"parameters": _id("id")}},
+    "/v1/backups": {"post": _op("Back up VMs now", body="BackupRequest", ok="202")},
+    "/v1/restores": {
+        "post": _op("Restore a snapshot as a new VM", body="RestoreRequest", ok="202")
+    },
+    "/v1/snapshots": {"get": _op("Snapshots (restore points)", params=("vm", "store"))},
+    "/v1/snapshots/{id}": {
+        "get": _op("One snapshot", params=("store",)) | {"parameters": _id("id")}
+    },
+    "/v1/snapshots/{id}/protect": {
+        "post": _op("Protect or unprotect a snapshot", body="ProtectRequest")
+        | {"parameters": _id("id")}
+    },
+    "/v1/store": {
+        "get": _op("Store space: logical, unique, shared, stored bytes", params=("store",))
+    },
+    "/v1/openapi.json": {"get": _op("This description")},
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "text exposition"}},
+        }
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    _, defs = msgspec.json.schema_components(
+        (BackupRequest, RestoreRequest, ProtectRequest), ref_template="#/components/schemas/{name}"
+    )
+    defs["Error"] = {
+        "type": "object",
+        "properties": {"error": {"type": "string"}},
+        "required": ["error"],
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tessera DataMover API", "version": "1"},
+        "paths": PATHS,
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],
+    }

@@ -1,0 +1,365 @@
+"""``tessera run``: the DataMover service — stores, job manager, scheduler, API, in one loop.
+
+Startup order (each step can fail with a clear error before the next starts):
+
+1. configuration and policies loaded and checked (``engine.config.loader.load_all``);
+2. logging configured (JSON to stdout for journald, optional syslog forwarding);
+3. every configured store opened for writing (open = recover) and the jobs a killed
+   process left unfinished are finished or cleaned up (journal → plugin ``recover``);
+4. CPU pools, the job manager, the API listeners (root-only unix socket; TCP+TLS with
+   bearer tokens when configured), the scheduler;
+5. ``READY=1`` to systemd, then the watchdog pings.
+
+Stop: the first SIGTERM (or SIGINT) stops the scheduler and the API from starting jobs and
+gives running jobs ``grace`` seconds to finish; a second signal, or the end of the grace
+period, cancels them — their state machines clean up (snapshot removed, transfers
+cancelled, disks detached) before the process exits. Anything a crash interrupts is the
+next start's step 3.
+"""
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from engine.config.loader import LoadedConfig
+from engine.config.models import Config, StoreSection
+from engine.config.policy import Policy
+from engine.core.errors import ConfigError
+from engine.daemon import sdnotify
+from engine.daemon.jobs import JobManager, JobView
+from engine.daemon.passphrase import resolve_passphrase
+from engine.jobs.backup import LEVELS, run_backup
+from engine.jobs.journal import Journal
+from engine.jobs.recovery import recover_unfinished
+from engine.jobs.restore import run_restore
+from engine.jobs.states import State
+from engine.sched.clock import Clock, SystemClock
+from engine.sched.scheduler import Event, Scheduler
+from engine.sources import registry
+from engine.store.chunk_store import Store
+from engine.store.keys import ENCRYPTION_NONE
+from engine.store.layout import StoreConfig
+from engine.workers import CpuPool, make_cpu_pool
+
+log = structlog.get_logger("tessera.daemon")
+
+DEFAULT_GRACE: Final = 300.0  # seconds running jobs get after the first SIGTERM
+BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
+
+
+@dataclass
+class StoreHandle:
+    section: StoreSection
+    store: Store
+    pool: CpuPool
+    journal: Journal
+
+
+@dataclass
+class Service:
+    """One daemon process. ``run`` returns after a clean stop."""
+
+    loaded: LoadedConfig
+    clock: Clock = field(default_factory=SystemClock)
+    grace: float = DEFAULT_GRACE
+    stores: dict[str, StoreHandle] = field(default_factory=dict)
+    listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.jobs = JobManager(self.config.limits.concurrent_vms, on_finished=self._finished)
+        self.scheduler: Scheduler[Policy] | None = None
+        self.started = datetime.now(UTC)
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    @property
+    def policies(self) -> tuple[Policy, ...]:
+        return self.loaded.policies
+
+    @property
+    def tz(self) -> tzinfo:
+        zone = self.config.scheduler.timezone
+        return zone if zone is not None else datetime.now().astimezone().tzinfo or UTC
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(
+        self, api: Callable[["Service"], Awaitable[Callable[[], Awaitable[None]]]]
+    ) -> None:
+        """Run until stopped. ``api`` starts the listeners and returns their cleanup."""
+        async with AsyncExitStack() as stack:
+            sdnotify.status("opening stores")
+            for section in self.config.stores:
+                handle = await self._open_store(section)
+                stack.push_async_callback(self._close_store, handle)
+            self.scheduler = Scheduler(
+                [p for p in self.policies if p.enabled],
+                self.run_policy,
+                clock=self.clock,
+                tz=self.tz,
+                state_file=self.config.scheduler.state_file,
+                misfire_grace=self.config.scheduler.misfire_grace.delta,
+                on_event=self._scheduler_event,
+            )
+            stop_api = await api(self)
+            stack.push_async_callback(stop_api)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+                stack.callback(loop.remove_signal_handler, sig)
+            async with asyncio.TaskGroup() as tg:
+                manager = tg.create_task(self.jobs.run(), name="jobs")
+                scheduler = tg.create_task(self.scheduler.run(), name="scheduler")
+                watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                sdnotify.ready()
+                sdnotify.status(f"ready: {len(self.policies)} policies")
+                log.info("daemon.ready", stores=list(self.stores), policies=len(self.policies))
+                await self._stop.wait()
+                sdnotify.stopping()
+                log.info("daemon.stopping", running=len(self.jobs.running()), grace=self.grace)
+                scheduler.cancel()
+                if not await self.jobs.drain(self.grace) or self._signals > 1:
+                    self.jobs.cancel_all("cancelled: the daemon is stopping")
+                self.jobs.close()
+                await manager
+                watchdog.cancel()
+        log.info("daemon.stopped")
+
+    def request_stop(self) -> None:
+        """First call: drain; second call: cancel running jobs now."""
+        self._signals += 1
+        if self._signals == 1:
+            self._stop.set()
+        else:
+            log.warning("daemon.cancelling_jobs", running=len(self.jobs.running()))
+            self.jobs.cancel_all("cancelled: the daemon was told to stop again")
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _open_store(self, section: StoreSection) -> StoreHandle:
+        def open_() -> Store:
+            config = StoreConfig.load(section.path)
+            passphrase = None
+            if config.encryption != ENCRYPTION_NONE:
+                passphrase = resolve_passphrase(section.passphrase_file, interactive=False)
+            return Store.open(
+                section.path, passphrase=passphrase, key_file=section.key_file, writable=True
+            )
+
+        store = await asyncio.to_thread(open_)
+        for line in store.report.lines():
+            log.warning("store.recovery", store=section.name, detail=line)
+        journal = Journal(store.path / "journal")
+        for line in await recover_unfinished(store, journal):
+            log.warning("job.recovered", store=section.name, detail=line)
+        pool = make_cpu_pool(
+            store.keys, store.config.chunk_size, workers=self.config.limits.cpu_tasks
+        )
+        handle = StoreHandle(section, store, pool, journal)
+        self.stores[section.name] = handle
+        return handle
+
+    async def _close_store(self, handle: StoreHandle) -> None:
+        await handle.pool.aclose()
+        handle.store.close()
+
+    def store(self, name: str | None = None) -> StoreHandle:
+        section = self.config.store(name)
+        return self.stores[section.name]
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    async def list_vms(self, engine: str | None = None) -> list[dict[str, Any]]:
+        list_vms = registry.get("ovirt").factory("list_vms")
+        vms: list[dict[str, Any]] = await list_vms(self.config.engine(engine))
+        return vms
+
+    def start_backup(
+        self,
+        vms: list[str],
+        *,
+        level: str = "incremental",
+        flow: str = "auto",
+        require_quiesce: bool = False,
+        engine: str | None = None,
+        store: str | None = None,
+        policy: str | None = None,
+    ) -> list[JobView]:
+        """One backup job per VM name (exact names; the API resolves globs first)."""
+        if level not in LEVELS:
+            raise ConfigError(message=f"level {level!r} is unknown; use one of {LEVELS}")
+        if flow not in BACKUP_FLOWS:
+            raise ConfigError(message=f"flow {flow!r} is unknown; use one of {BACKUP_FLOWS}")
+        engine_section = self.config.engine(engine)
+        handle = self.store(store)
+        params: dict[str, Any] = {"level": level, "flow": flow, "engine": engine_section.name}
+        params |= {"store": handle.section.name, "require_quiesce": require_quiesce}
+        views = []
+        for vm in vms:
+
+            async def body(view: JobView, vm: str = vm) -> tuple[str, dict[str, Any]]:
+                make_sources = registry.get("ovirt").factory("vm_sources")
+                found = await make_sources(
+                    engine_section,
+                    [vm],
+                    flow,
+                    require_quiesce=require_quiesce,
+                    datamover=self.config.datamover,
+                )
+                try:
+                    (source,) = found.sources
+                    outcome = await run_backup(
+                        store=handle.store,
+                        pool=handle.pool,
+                        source=source,
+                        journal=handle.journal,
+                        level=level,
+                        progress=view.progress,
+                        job_id=view.job_id,
+                    )
+                finally:
+                    await found.client.close()
+                for note in outcome.notes:
+                    view.say(f"note: {note}")
+                for warning in outcome.record.warnings:
+                    view.say(f"warning: {warning}")
+                view.say(outcome.summary())
+                view.error = outcome.record.error
+                summary = {
+                    "snapshot": outcome.manifest.snapshot_id if outcome.manifest else None,
+                    "level": outcome.level,
+                    "seconds": round(outcome.seconds, 2),
+                    "bytes_read": sum(d.bytes_read for d in outcome.disks),
+                    "new_chunks": sum(d.new_chunks for d in outcome.disks),
+                    "known_chunks": sum(d.known_chunks for d in outcome.disks),
+                    "disks": [d.summary() for d in outcome.disks],
+                    "line": outcome.summary(),
+                }
+                return outcome.record.state.value.lower(), summary
+
+            views.append(self.jobs.submit("backup", vm, body, policy=policy, params=params))
+        return views
+
+    def start_restore(
+        self,
+        snapshot: str,
+        *,
+        name: str | None = None,
+        cluster: str | None = None,
+        storage_domain: str | None = None,
+        flow: str = "imageio",
+        engine: str | None = None,
+        store: str | None = None,
+    ) -> JobView:
+        """A snapshot restored into the engine as a new VM."""
+        handle = self.store(store)
+        snapshot_id = handle.store.resolve(snapshot)
+        manifest = handle.store.manifest(snapshot_id)
+        engine_section = self.config.engine(engine)
+        new_name = name or f"{manifest.vm_name}-restored"
+        params: dict[str, Any] = {"snapshot": snapshot_id, "name": new_name, "flow": flow}
+        params["cluster"] = cluster
+        params |= {"storage_domain": storage_domain, "store": handle.section.name}
+        plugin = registry.get("ovirt")
+
+        async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+            make_restore = plugin.factory("vm_restore")
+            async with make_restore(
+                engine_section,
+                handle.store,
+                manifest,
+                name=new_name,
+                cluster=cluster,
+                storage_domain=storage_domain,
+                flow=flow,
+                datamover=self.config.datamover,
+            ) as vm_restore:
+                outcome = await run_restore(
+                    store=handle.store,
+                    pool=handle.pool,
+                    snapshot_id=snapshot_id,
+                    disks=None,
+                    plugin=plugin.name,
+                    make_target=vm_restore.make_target,
+                    journal=handle.journal,
+                    progress=view.progress,
+                    finish=vm_restore.create_vm,
+                    job_id=view.job_id,
+                )
+                vm = vm_restore.vm
+            view.say(outcome.summary())
+            view.error = outcome.record.error
+            summary: dict[str, Any] = {"line": outcome.summary()}
+            if outcome.record.state is State.SUCCEEDED and vm is not None:
+                summary |= {"vm_id": vm.id, "vm_name": vm.name}
+            return outcome.record.state.value.lower(), summary
+
+        return self.jobs.submit("restore", new_name, body, params=params)
+
+    async def run_policy(self, policy: Policy, planned: datetime) -> None:
+        """What the scheduler starts: a backup of every VM the policy selects, each at the
+        level its rules give; returns when they have all ended (so the scheduler coalesces a
+        fire that comes while they run)."""
+        vms = await self.list_vms(policy.selection.engine)
+        chosen = [
+            v["name"]
+            for v in vms
+            if policy.selection.selects_vm(v["name"], v.get("cluster"), v.get("tags", ()))
+        ]
+        handle = self.store(policy.store)
+        views: list[JobView] = []
+        for vm in chosen:
+            history = handle.store.snapshots(vm)
+            fulls = [datetime.fromisoformat(e.time) for e in history if e.level == "full"]
+            decision = policy.level.decide(max(fulls) if fulls else None, self.clock.now(), self.tz)
+            busy = self.jobs.busy_job(vm)
+            if busy is not None:
+                log.warning("policy.vm_busy", policy=policy.name, vm=vm, job=busy)
+                continue
+            views += self.start_backup(
+                [vm],
+                level=decision.level,
+                flow=policy.flow,
+                require_quiesce=policy.require_quiesce,
+                engine=policy.selection.engine,
+                store=policy.store,
+                policy=policy.name,
+            )
+        log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
+        tasks = [v.task for v in views if v.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _scheduler_event(self, event: Event) -> None:
+        log.info(
+            "schedule.event",
+            policy=event.policy,
+            planned=event.planned.isoformat(),
+            outcome=event.outcome,
+            reason=event.reason,
+        )
+
+    async def _finished(self, view: JobView) -> None:
+        for listener in self.listeners:
+            await listener(view)
+
+
+def default_config_path() -> Path:
+    return Path("/etc/tessera/config.yaml")

@@ -1,0 +1,267 @@
+"""`tessera run` end to end: the daemon in a subprocess against the lab (fake engine + real
+ovirt-imageio + qemu-nbd), driven through its API by the operator CLI.
+
+A policy run by hand backs up its VM; `tessera backup vm` goes through the running daemon;
+a restore through the daemon creates a new VM; a SIGTERM during a backup stops the daemon
+cleanly (the job is cancelled and cleaned up, nothing left on the engine); a SIGKILL during
+a backup leaves a journal that the next start cleans up, and the next run succeeds.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.core.units import MiB
+from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.engine.server import FakeEngine
+from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
+from plugins.lab.imageio import ImageioDaemon
+from tests.ovirt.test_faults import assert_clean
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "TESSERA_PASSPHRASE": "daemon-test"}
+SEED = Seed(
+    vms=(
+        VmSeed(name="web01", disks=(DiskSeed("web01_os", 256 * MiB, bootable=True),)),
+        VmSeed(name="db01", disks=(DiskSeed("db01_os", 256 * MiB, bootable=True),)),
+    )
+)
+POLICY = """\
+name: nightly
+selection:
+  vms: [web*]
+schedule: daily 02:00
+level: {default: incremental, full_every: 7d}
+"""
+
+
+async def tessera(*args: str | Path, timeout: float = 300) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine.daemon.cli",
+        *map(str, args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=ENV,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+class Daemon:
+    """`tessera run` as a subprocess, its stdout (JSON log lines) in a file."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config, self.log = config, log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, *args: str) -> None:
+        ready_before = self.log.read_text().count('"daemon.ready"') if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "engine.daemon.cli",
+                "run",
+                "--config",
+                str(self.config),
+                *args,
+                cwd=ROOT,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=ENV,
+            )
+        for _ in range(300):
+            if self.log.read_text().count('"daemon.ready"') > ready_before:
+                return
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"the daemon did not start:\n{self.log.read_text()}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        docs = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{") and f'"{name}"' in line:
+                docs.append(json.loads(line))
+        return docs
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), 120)
+
+    async def kill(self) -> None:
+        """Test teardown: whatever happened, no daemon outlives the test."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path]]:
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    probe = FakeEngine(SEED, engine_dir)
+    disks = {d.alias: d for d in probe.inventory.disks.values()}
+    images = {alias: tmp_path / f"{alias}.qcow2" for alias in disks}
+    await build_disks(
+        [
+            DiskRequest(
+                alias,
+                path,
+                "qcow2",
+                disks[alias].provisioned_size,
+                template=True,
+                vm=alias.split("_")[0],
+            )
+            for alias, path in images.items()
+        ],
+        tmp_path / "work",
+    )
+    async with ImageioDaemon(base_dir=tmp_path) as imageio:
+        engine = FakeEngine(
+            SEED, engine_dir, images={disks[a].id: p for a, p in images.items()}, imageio=imageio
+        )
+        async with engine:
+            (tmp_path / "engine-password").write_text(SEED.password + "\n")
+            (tmp_path / "policies.d").mkdir()
+            (tmp_path / "policies.d" / "nightly.yaml").write_text(POLICY)
+            config = tmp_path / "config.yaml"
+            config.write_text(
+                "stores:\n"
+                f"  - name: main\n    path: {tmp_path / 'store'}\n"
+                "engines:\n"
+                f"  - name: lab\n    url: {engine.url}\n    username: {SEED.username}\n"
+                f"    password_file: {tmp_path / 'engine-password'}\n"
+                f"    ca_file: {engine.ca_file}\n"
+                f"api:\n  socket: {tmp_path / 'api.sock'}\n"
+                f"scheduler:\n  state_file: {tmp_path / 'scheduler.json'}\n"
+            )
+            code, out = await tessera("store", "init", tmp_path / "store")
+            assert code == 0, out
+            yield engine, config
+
+
+async def wait_jobs(config: Path, count: int) -> list[dict[str, Any]]:
+    """The daemon's jobs once ``count`` of them have ended."""
+    for _ in range(600):
+        code, out = await tessera("jobs", "--config", config, "--json")
+        assert code == 0, out
+        jobs: list[dict[str, Any]] = json.loads(out)
+        if sum(j["finished"] is not None for j in jobs) >= count:
+            return jobs
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"jobs did not end: {out}")
+
+
+async def test_policy_cli_backup_and_restore_through_the_daemon(
+    tmp_path: Path, lab: tuple[FakeEngine, Path]
+) -> None:
+    engine, config = lab
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        code, out = await tessera("policies", "--config", config, "--json")
+        assert code == 0, out
+        (policy,) = json.loads(out)
+        assert policy["name"] == "nightly" and policy["next_run"] is not None
+
+        code, out = await tessera("policies", "--config", config, "--run", "nightly")
+        assert code == 0, out
+        (job,) = await wait_jobs(config, 1)
+        assert (job["vm"], job["policy"], job["state"]) == ("web01", "nightly", "succeeded")
+        assert job["params"]["level"] == "full"  # no full yet: the level rules say full
+
+        # `backup vm` finds the daemon on the config's socket and follows the job there
+        code, out = await tessera("backup", "vm", "db01", "--config", config, "--level", "full")
+        assert code == 0, out
+        assert "submitted to the daemon" in out and "succeeded" in out
+
+        code, out = await tessera("job", job["id"], "--config", config, "--json")
+        assert code == 0, out
+        detail = json.loads(out)
+        assert any("started" in line for line in detail["log"])
+        assert detail["summary"]["snapshot"]
+
+        code, out = await tessera("snapshots", "--config", config, "--json")
+        assert code == 0, out
+        snaps = {s["vm"]["name"]: s for s in json.loads(out)}
+        assert set(snaps) == {"web01", "db01"}
+
+        code, out = await tessera(
+            "restore", snaps["db01"]["id"], "--config", config, "--name", "db01-copy"
+        )
+        assert code == 0, out
+        names = {vm.name for vm in engine.inventory.vms.values()}
+        assert "db01-copy" in names
+        await assert_clean(engine, SEED)
+    finally:
+        code = await daemon.stop()
+        await daemon.kill()
+        assert code == 0, daemon.log.read_text()
+    assert daemon.events("daemon.stopped")
+    assert not (tmp_path / "api.sock").exists()
+
+
+async def test_sigterm_during_a_backup_stops_cleanly_and_kill_is_recovered(
+    tmp_path: Path, lab: tuple[FakeEngine, Path]
+) -> None:
+    engine, config = lab
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        await sigterm_then_kill(engine, config, daemon)
+    finally:
+        await daemon.kill()
+
+
+async def sigterm_then_kill(engine: FakeEngine, config: Path, daemon: Daemon) -> None:
+    engine.faults.storage_iops = 40  # slow disks: the backup is still running when we signal
+    await daemon.start("--grace", "0")
+    code, out = await tessera("policies", "--config", config, "--run", "nightly")
+    assert code == 0, out
+    await until_transferring(config)
+    assert await daemon.stop(signal.SIGTERM) == 0, daemon.log.read_text()
+    (finished,) = daemon.events("job.finished")
+    assert finished["state"] == "cancelled"
+    await assert_clean(engine, SEED)  # the job's own cleanup ran before the exit
+
+    # A SIGKILL leaves the job in the journal; the next start cleans up what it created.
+    await daemon.start()
+    code, out = await tessera("policies", "--config", config, "--run", "nightly")
+    assert code == 0, out
+    await until_transferring(config)
+    assert await daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    engine.faults.storage_iops = 0
+    await daemon.start()
+    assert daemon.events("job.recovered"), daemon.log.read_text()
+    await assert_clean(engine, SEED)
+    code, out = await tessera("policies", "--config", config, "--run", "nightly")
+    assert code == 0, out
+    jobs = await wait_jobs(config, 1)
+    assert jobs[-1]["state"] == "succeeded", jobs
+    assert await daemon.stop() == 0
+
+
+async def until_transferring(config: Path) -> None:
+    """Wait until the running job has read some bytes (it is mid-transfer)."""
+    for _ in range(600):
+        code, out = await tessera("jobs", "--config", config, "--json", "--running")
+        jobs = json.loads(out) if code == 0 else []
+        if any(d["done"] > 0 for j in jobs for d in j["disks"].values()):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no job started transferring")

@@ -1,0 +1,142 @@
+"""The daemon API's edges: auth on the TCP listener, clear 4xx answers for bad requests,
+never a traceback, and an OpenAPI description that matches the routes."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.config.loader import load_all
+from engine.core.errors import ConfigError
+from engine.daemon.api import build_app, load_tokens
+from engine.daemon.jobs import JobView
+from engine.daemon.openapi import PATHS, document
+from engine.daemon.service import Service
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Service:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"api:\n  socket: {tmp_path / 'api.sock'}\n")
+    return Service(load_all(config))
+
+
+@pytest.fixture
+async def client(service: Service) -> AsyncIterator[TestClient[object, object]]:
+    async with TestClient(TestServer(build_app(service, (TOKEN.encode(),)))) as c:
+        yield c
+
+
+@pytest.fixture
+async def open_client(service: Service) -> AsyncIterator[TestClient[object, object]]:
+    async with TestClient(TestServer(build_app(service))) as c:
+        yield c
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer "},
+    ],
+)
+async def test_tcp_listener_refuses_requests_without_a_valid_token(
+    client: TestClient[object, object], headers: dict[str, str]
+) -> None:
+    response = await client.get("/v1/status", headers=headers)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert await response.json() == {"error": "a valid bearer token is required"}
+
+
+async def test_valid_token_is_accepted(client: TestClient[object, object]) -> None:
+    response = await client.get("/v1/status", headers=AUTH)
+    assert response.status == 200
+    assert (await response.json())["running_jobs"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"not json", 400, "bad request body"),
+        (b'{"vms": ["a"], "colour": "red"}', 400, "unknown field `colour`"),
+        (b'{"vms": "a"}', 400, "Expected `array`"),
+        (b'{"vms": []}', 400, "at least one VM"),
+        (b'{"vms": ["a"]}', 400, "0 engines"),  # no engine configured: said, not a 500
+    ],
+)
+async def test_bad_backup_requests_get_clear_400s(
+    open_client: TestClient[object, object], body: bytes, status: int, fragment: str
+) -> None:
+    response = await open_client.post("/v1/backups", data=body)
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert fragment in error
+    assert "Traceback" not in error
+
+
+async def test_unknown_objects_are_404_with_the_name(
+    open_client: TestClient[object, object],
+) -> None:
+    response = await open_client.get("/v1/jobs/nope")
+    assert response.status == 404
+    assert "nope" in (await response.json())["error"]
+    response = await open_client.post("/v1/policies/missing/run")
+    assert response.status == 404
+    assert "missing" in (await response.json())["error"]
+    response = await open_client.get("/v1/no-such-route")
+    assert response.status == 404
+    assert "error" in await response.json()
+
+
+async def test_unexpected_fault_is_a_500_without_traceback(
+    open_client: TestClient[object, object], service: Service
+) -> None:
+    async def broken(engine: str | None = None) -> list[dict[str, object]]:
+        raise ZeroDivisionError("boom")
+
+    service.list_vms = broken  # type: ignore[method-assign]
+    response = await open_client.get("/v1/vms")
+    assert response.status == 500
+    error = (await response.json())["error"]
+    assert error == "internal error (ZeroDivisionError); see the daemon log"
+
+
+async def test_jobs_listing_shows_progress(
+    open_client: TestClient[object, object], service: Service
+) -> None:
+    view = JobView("20261128T000000-abcdef", "backup", "vm1")
+    view.progress("disk-a", 50, 100)
+    service.jobs._jobs[view.job_id] = view  # a job as the manager holds it
+    (doc,) = await (await open_client.get("/v1/jobs")).json()
+    assert doc["disks"]["disk-a"]["done"] == 50
+    assert doc["disks"]["disk-a"]["total"] == 100
+
+
+async def test_openapi_describes_every_route(open_client: TestClient[object, object]) -> None:
+    doc = await (await open_client.get("/v1/openapi.json")).json()
+    assert doc == document() | {}
+    app = open_client.server.app
+    assert app is not None
+    routes = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+    assert routes - {"/metrics"} == set(PATHS) - {"/metrics"}
+    assert "BackupRequest" in doc["components"]["schemas"]
+
+
+def test_tokens_file_errors_name_the_file(tmp_path: Path) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ConfigError, match=f"tokens file {empty} holds no token"):
+        load_tokens(empty)
+    with pytest.raises(ConfigError, match=r"tokens file .*missing"):
+        load_tokens(tmp_path / "missing")
+    empty.write_text("abc # a comment\n def\n")
+    assert load_tokens(empty) == (b"abc", b"def")
