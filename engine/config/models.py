@@ -56,7 +56,7 @@ class LimitsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     concurrent_vms: PositiveInt = 4  # VMs backed up at the same time
     transfers_per_host: PositiveInt = 4  # imageio transfers served by one hypervisor
     transfers_per_storage_domain: PositiveInt = 8  # reads hitting one storage domain
-    cpu_tasks: PositiveInt | None = None  # hash/compress/encrypt in flight; None: 2 per core
+    cpu_tasks: PositiveInt | None = None  # chunks encoded at once; None: max(8, 4 per core)
     api_calls: PositiveInt = 8  # concurrent engine REST calls (the engine is easily overrun)
 
 

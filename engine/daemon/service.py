@@ -170,7 +170,7 @@ class Service:
         for line in await recover_unfinished(store, journal):
             log.warning("job.recovered", store=section.name, detail=line)
         pool = make_cpu_pool(
-            store.keys, store.config.chunk_size, workers=self.config.limits.cpu_tasks
+            store.keys, store.config.chunk_size, capacity=self.config.limits.cpu_tasks
         )
         handle = StoreHandle(section, store, pool, journal)
         self.stores[section.name] = handle
