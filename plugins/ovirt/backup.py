@@ -14,6 +14,12 @@
              ``finalizing`` while the engine removes its snapshot); a hybrid backup's snapshot
              still there afterwards (event 10813) is reported as a leftover
 
+Checkpoints (``checkpoints``): an incremental whose parent checkpoint the engine no longer
+has (or has ``invalid``) starts as a full backup, every disk's ``fallback`` saying why; after
+a successful backup Tessera's checkpoints older than the new one, except
+``keep_checkpoints``, are deleted oldest first (a failure there is logged, not raised: the
+backup itself is complete).
+
 Failures (API-NOTES § 4.8): a backup that goes FAILED raises ``OvirtBackupError`` quoting the
 engine's last event about it (looked up by the backup id, as SDK-EX ``backup_vm.py`` does); a
 transfer that goes ``paused_system`` is cancelled, then raises naming the disk, the transfer
@@ -40,6 +46,7 @@ import structlog
 from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
+from plugins.ovirt import checkpoints
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 from plugins.ovirt.inventory import VmRef
@@ -75,10 +82,18 @@ class _Disk:
 
 
 class BackupApiSession:
-    def __init__(self, client: EngineClient, vm: VmInfo, backup_id: str):
+    def __init__(
+        self,
+        client: EngineClient,
+        vm: VmInfo,
+        backup_id: str,
+        keep_checkpoints: Sequence[str] = (),
+    ):
         self.client = client
         self.vm = vm
         self.backup_id = backup_id
+        self.keep_checkpoints = frozenset(keep_checkpoints)
+        self.dropped_checkpoints: list[str] = []
         self.to_checkpoint: str | None = None
         self.hybrid_snapshot: str | None = None  # the engine's snapshot of a hybrid backup
         self._disks: list[_Disk] = []
@@ -113,6 +128,17 @@ class BackupApiSession:
             errors.append(str(e))
         if errors:
             raise OvirtBackupError(vm=self.vm.name, backup=self.backup_id, reason="; ".join(errors))
+        if success and self.to_checkpoint is not None:
+            try:
+                self.dropped_checkpoints = await checkpoints.drop_stale(
+                    self.client,
+                    self.vm.vm_id,
+                    self.vm.name,
+                    self.to_checkpoint,
+                    self.keep_checkpoints,
+                )
+            except EngineError as e:
+                log.warning("cannot delete stale checkpoints", vm=self.vm.name, error=str(e))
 
 
 class OvirtSourceBase:
@@ -167,13 +193,17 @@ class OvirtVmSource(OvirtSourceBase):
         disks = [d for d in vm.disks if d.active]
         backup_id = str(uuid.uuid4())
         ovf, _consistency = await self.facts()
+        gone = None  # why the parent checkpoint cannot be used
+        if parent_checkpoint is not None:
+            gone = await checkpoints.problem(self.client, vm.id, parent_checkpoint)
+        from_checkpoint = None if gone else parent_checkpoint
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
             id=backup_id,
             disks=[t.Disk(id=d.id) for d in disks],
-            from_checkpoint_id=parent_checkpoint,
-            description=f"Tessera {new_checkpoint}",
+            from_checkpoint_id=from_checkpoint,
+            description=f"{checkpoints.DESCRIPTION_PREFIX}{new_checkpoint}",
         )
 
         def start(conn: sdk.Connection) -> Any:
@@ -203,7 +233,7 @@ class OvirtVmSource(OvirtSourceBase):
             config=ovf,
             config_format="ovf",
         )
-        session = BackupApiSession(self.client, info, backup_id)
+        session = BackupApiSession(self.client, info, backup_id, keep_checkpoints)
         try:
             ready = await wait_backup(self.client, vm.id, backup_id, {"ready"}, vm_name=vm.name)
             session.to_checkpoint = ready.to_checkpoint_id
@@ -214,9 +244,9 @@ class OvirtVmSource(OvirtSourceBase):
             transfers: list[str] = []
             for dinfo in info.disks:
                 mode = modes.get(dinfo.disk_id, "full")
-                incremental = parent_checkpoint is not None and mode == "incremental"
-                reason = None
-                if parent_checkpoint is not None and not incremental:
+                incremental = from_checkpoint is not None and mode == "incremental"
+                reason = gone
+                if from_checkpoint is not None and not incremental:
                     reason = f"the engine reported backup_mode={mode} for this disk: full read"
                 transfer = await add_transfer(self.client, dinfo.disk_id, backup_id)
                 transfers.append(transfer.id)

@@ -69,6 +69,8 @@ class Activity:
     events: list[Event] = field(default_factory=list)
     extends: dict[str, int] = field(default_factory=dict)  # transfer id → extend actions
     hybrid: dict[str, str] = field(default_factory=dict)  # hybrid backup id → its snapshot id
+    # Checkpoints of a down VM being deleted: shown ``invalid`` until their next GET (404).
+    deleting_checkpoints: set[str] = field(default_factory=set)
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -159,6 +161,10 @@ class Activity:
                         400,
                         f"[Cannot backup VM. Checkpoint ID {from_checkpoint_id} doesn't exist.]",
                     )
+                if c.id in self.deleting_checkpoints:
+                    raise Fault(
+                        400, f"[Cannot backup VM. Checkpoint ID {c.id} is in invalid state.]"
+                    )
             if backup_id is not None and backup_id in self.backups:
                 raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
             if busy := self._busy_disks() & set(disk_ids):
@@ -184,7 +190,9 @@ class Activity:
                 to_checkpoint = self.new_id()
                 for disk in tracked:
                     await self._bitmap(qemu.bitmap_add, disk, to_checkpoint)
-                leaf = self.vm_checkpoints(vm_id)
+                leaf = [
+                    c for c in self.vm_checkpoints(vm_id) if c.id not in self.deleting_checkpoints
+                ]
                 self.checkpoints[to_checkpoint] = Checkpoint(
                     to_checkpoint,
                     vm_id,
@@ -283,8 +291,14 @@ class Activity:
             self.event(VM_BACKUP_FINALIZED, f"Backup {b.id} for VM {vm.name} finalized", vm.id)
 
     async def delete_checkpoint(self, c: Checkpoint) -> None:
-        """Remove the bitmap from every disk of the checkpoint, re-link the child, forget it."""
+        """Remove the bitmap from every disk of the checkpoint, re-link the child, forget it.
+
+        A live delete (VM up) is synchronous. A cold one (VM down) finishes later in the real
+        engine: here the checkpoint stays listed, ``invalid``, until its next GET (404 then,
+        ``checkpoint_polled``), so a client has to poll as SDK-EX ``checkpoints.py`` does."""
         async with self._lock:
+            if c.id in self.deleting_checkpoints:
+                return
             if any(b.vm_id == c.vm_id and b.phase in BACKUP_ACTIVE for b in self.backups.values()):
                 raise Fault(409, "[Cannot remove checkpoint. The VM is during a backup operation.]")
             for disk_id in c.disk_ids:
@@ -294,6 +308,17 @@ class Activity:
             for other in self.checkpoints.values():
                 if other.parent_id == c.id:
                     other.parent_id = c.parent_id
+            vm = self.inventory.vms[c.vm_id]
+            if vm.status == "down":
+                self.deleting_checkpoints.add(c.id)
+                return
+            del self.checkpoints[c.id]
+            self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)
+
+    def checkpoint_polled(self, c: Checkpoint) -> None:
+        """A GET of a checkpoint: a cold delete in progress is done after this answer."""
+        if c.id in self.deleting_checkpoints:
+            self.deleting_checkpoints.discard(c.id)
             del self.checkpoints[c.id]
             vm = self.inventory.vms[c.vm_id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)

@@ -15,7 +15,8 @@ client sees:
   ``<snapshot id=…>`` (a disk snapshot id, see ``snapshot_api``) it downloads that volume.
 - ``POST imagetransfers/{t}/extend`` renews the transfer's imageio ticket (``transfers``).
 - Actions (``finalize``, ``cancel``, ``extend``) answer ``<action><status>complete``;
-  ``DELETE`` answers 200 with an empty ``<action/>`` (the SDK raises on 204).
+  ``DELETE`` answers 200 with an empty ``<action/>`` (the SDK raises on 204). A checkpoint of
+  a down VM is deleted "later": it shows ``state=invalid`` until its next ``GET``, then 404.
 - ``GET events`` lists newest first; ``search=`` is free text over the description (a backup
   id finds its events) or ``type=<code>`` / ``severity=``; ``from=<index>`` and ``max=``.
 """
@@ -63,12 +64,12 @@ def render_backup(b: Backup, snapshot_id: str | None = None) -> types.Backup:
     return out
 
 
-def render_checkpoint(c: Checkpoint) -> types.Checkpoint:
+def render_checkpoint(c: Checkpoint, invalid: bool = False) -> types.Checkpoint:
     out = types.Checkpoint(
         id=c.id,
         parent_id=c.parent_id,
         creation_date=c.created,
-        state=types.CheckpointState.CREATED,
+        state=types.CheckpointState.INVALID if invalid else types.CheckpointState.CREATED,
         description=c.description,
         vm=_ref(types.Vm, "vms", c.vm_id),
         disks=render.link(f"vms/{c.vm_id}/checkpoints/{c.id}/disks"),
@@ -186,14 +187,16 @@ async def finalize_backup(request: web.Request) -> web.Response:
 async def checkpoints(request: web.Request) -> web.Response:
     a = act(request)
     vm = a.vm(request.match_info["id"])
-    items = [render_checkpoint(c) for c in a.vm_checkpoints(vm.id)]
+    items = [render_checkpoint(c, c.id in a.deleting_checkpoints) for c in a.vm_checkpoints(vm.id)]
     return render.xml_response(items, root="checkpoints")
 
 
 async def checkpoint(request: web.Request) -> web.Response:
     a = act(request)
     c = a.checkpoint(request.match_info["id"], request.match_info["checkpoint_id"])
-    return render.xml_response(render_checkpoint(c))
+    out = render_checkpoint(c, c.id in a.deleting_checkpoints)
+    a.checkpoint_polled(c)
+    return render.xml_response(out)
 
 
 async def checkpoint_disks(request: web.Request) -> web.Response:
