@@ -164,9 +164,7 @@ class Sender:
         self.sender_name = sender_name
         self.session_id: str | None = None
         self.throttle: Throttle = (
-            TokenBucket(target.bandwidth_limit, max(target.bandwidth_limit, batch_bytes))
-            if target.bandwidth_limit
-            else Unlimited()
+            TokenBucket(target.bandwidth_limit) if target.bandwidth_limit else Unlimited()
         )
         self._http: aiohttp.ClientSession | None = None
         self._base = target.url.rstrip("/") + proto.PREFIX

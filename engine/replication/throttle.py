@@ -1,15 +1,18 @@
 """A token bucket shared by every stream of a session: the per-peer bandwidth limit.
 
 ``take(n)`` waits until ``n`` bytes may go. Tokens refill at ``rate`` bytes per second up to
-``burst`` (one second's worth by default, at least one record batch's worth so a large record
-never waits forever). Debt is allowed: a request larger than the bucket takes what is there
-and the next caller waits for the rest, so the long-run rate is exact. Clock and sleep are
+``burst`` (default: a tenth of a second's worth, at least 64 KiB, so even a short session
+keeps to the limit). Debt is allowed: a record larger than the bucket takes what is there
+and waits for the rest, so any record passes and the long-run rate is exact. Clock and sleep are
 injected so tests never wait.
 """
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
+
+MIN_BURST: Final = 64 * 1024
 
 
 class TokenBucket:
@@ -24,7 +27,7 @@ class TokenBucket:
         if rate <= 0:
             raise ValueError(f"bandwidth limit {rate} must be positive")
         self.rate = float(rate)
-        self.burst = float(burst if burst is not None else rate)
+        self.burst = float(burst if burst is not None else max(MIN_BURST, rate / 10))
         self._clock = clock
         self._sleep = sleep
         self._tokens = self.burst

@@ -247,3 +247,34 @@ def _ids(store: Store, manifest: Manifest) -> list[tuple[int, bytes]]:
 
 def _locations(store: Store, manifest: Manifest) -> list:  # type: ignore[type-arg]
     return [store.index.lookup(cid) for _, cid in _ids(store, manifest)]
+
+
+async def test_encrypted_only_receiver_stores_and_serves_back(
+    make_store: StoreFactory, tmp_path: Path, pki: Pki
+) -> None:
+    """A site without the data key checks CRCs, stores the records as they are, and can
+    push them on to a keyed site, where they restore exactly."""
+    origin = make_store("origin", chunk_size=CHUNK)
+    vault = init_replica(tmp_path / "vault", origin, encrypted_only=True)
+    restored = init_replica(tmp_path / "restored", origin)
+    try:
+        assert vault.keys.data_key is None
+        data = realistic_bytes(12 * CHUNK, seed=41)
+        m = write_snapshot(origin, "vm5", {"root": data}, config=b"ovf")
+        async with receiver(vault, pki) as (server, _):
+            out = await run_replication(
+                store=origin, snapshot_id=m.snapshot_id, target=target(pki, server.port)
+            )
+        assert out.record.state is State.SUCCEEDED, out.record.error
+        for _, cid in _ids(origin, m):
+            assert vault.get_record(cid)[0] == origin.get_record(cid)[0]
+        async with receiver(restored, pki) as (server, _):
+            back = await run_replication(
+                store=vault, snapshot_id=m.snapshot_id, target=target(pki, server.port)
+            )
+        assert back.record.state is State.SUCCEEDED, back.record.error
+        assert read_disk(restored, restored.manifest(m.snapshot_id)) == data
+        assert check_store(restored, data=True).ok
+    finally:
+        vault.close()
+        restored.close()
