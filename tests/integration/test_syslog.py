@@ -3,6 +3,7 @@ messages arrive in RFC 5424 form; a server that is down costs counted drops, nev
 exception; delivery resumes when it is back."""
 
 import contextlib
+import io
 import queue
 import select
 import socket
@@ -270,7 +271,7 @@ def test_through_structlog_configure() -> None:
     receiver = StreamReceiver()
     try:
         section = SyslogSection(host="127.0.0.1", port=receiver.port, protocol="tcp")
-        forwarder = log.configure(level=20, json=True, stream=_Sink(), syslog=section)
+        forwarder = log.configure(level=20, json=True, stream=io.StringIO(), syslog=section)
         assert forwarder is not None
         try:
             logger = structlog.get_logger("t")
@@ -286,11 +287,3 @@ def test_through_structlog_configure() -> None:
     assert (m.facility, m.severity, m.msgid, m.app) == (Facility.DAEMON, 4, "job.failed", "tessera")
     assert m.sd == {SD_ID: {"job": "j9", "vm": "vm02", "error": "disk 1: reset"}}
     assert receiver.messages.empty()
-
-
-class _Sink:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass

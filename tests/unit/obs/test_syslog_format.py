@@ -3,6 +3,7 @@ facility, bounds that keep the message parseable."""
 
 import io
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import structlog
@@ -23,7 +24,7 @@ from tests.unit.obs.rfc5424 import parse
 NOW = datetime(2026, 11, 28, 13, 10, 21, 123456, tzinfo=UTC)
 
 
-def fmt(event: dict[str, object], **kw: object) -> bytes:
+def fmt(event: Mapping[str, object], **kw: object) -> bytes:
     options: dict[str, object] = {"hostname": "dm01", "procid": "4242", "now": NOW} | kw
     return format_message(event, **options)  # type: ignore[arg-type]
 
