@@ -13,7 +13,7 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import cli_config, cli_maint, cli_service
+from engine.daemon import cli_config, cli_maint, cli_peer, cli_service
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_maint.register(sub, open_store, _add_key_options)  # prune, protect, store status
     cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
+    cli_peer.register(sub, open_store, _add_key_options)  # peer init-ca|issue|serve, replicate
     return parser
 
 
