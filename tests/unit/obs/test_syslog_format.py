@@ -3,6 +3,8 @@ facility, bounds that keep the message parseable."""
 
 import io
 import json
+import socket
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -106,3 +108,64 @@ def test_processor_passes_the_event_on_and_configure_returns_the_forwarder() -> 
         log.configure()  # closes the forwarder
         structlog.reset_defaults()
     assert forwarder.sent + forwarder.dropped == 1
+
+
+class _Refused(SyslogForwarder):
+    """A forwarder whose server always refuses: counts connection attempts."""
+
+    attempts = 0
+
+    def _open(self) -> socket.socket:
+        self.attempts += 1
+        raise ConnectionRefusedError
+
+
+def test_reconnection_backs_off_on_the_injected_clock() -> None:
+    now = [100.0]
+    section = SyslogSection(host="127.0.0.1", port=9, protocol="tcp")
+    forwarder = _Refused(section, backoff_initial=1.0, backoff_max=4.0, monotonic=lambda: now[0])
+    forwarder.start()
+    try:
+
+        def send_at(moment: float) -> int:
+            now[0] = moment
+            forwarder(None, "info", {"event": "e", "level": "info"})
+            assert forwarder.flush()
+            return forwarder.attempts
+
+        assert send_at(100.0) == 1  # first attempt at once; next one after 1 s
+        assert send_at(100.5) == 1
+        assert send_at(101.0) == 2  # then 2 s
+        assert send_at(102.9) == 2
+        assert send_at(103.0) == 3  # then 4 s, the cap
+        assert send_at(107.0) == 4
+        assert send_at(110.9) == 4
+        assert send_at(111.0) == 5  # still 4 s
+    finally:
+        forwarder.close()
+    assert (forwarder.sent, forwarder.dropped) == (0, 8)
+
+
+class _Stalled(SyslogForwarder):
+    """A server that hangs on connect until released."""
+
+    release = threading.Event()
+
+    def _open(self) -> socket.socket:
+        self.release.wait(10)
+        raise ConnectionRefusedError
+
+
+def test_a_stalled_server_never_blocks_the_caller() -> None:
+    section = SyslogSection(host="127.0.0.1", port=9, protocol="tcp")
+    forwarder = _Stalled(section, queue_depth=2)
+    forwarder.start()
+    try:
+        for _ in range(10):  # returns at once although the sender thread is stuck
+            forwarder(None, "info", {"event": "e", "level": "info"})
+        assert forwarder.dropped >= 7  # the queue holds 2, the thread at most 1
+    finally:
+        forwarder.release.set()
+        forwarder.close()
+    assert forwarder.sent == 0
+    assert forwarder.dropped == 10
