@@ -271,6 +271,7 @@ def test_through_structlog_configure() -> None:
     receiver = StreamReceiver()
     try:
         section = SyslogSection(host="127.0.0.1", port=receiver.port, protocol="tcp")
+        saved = structlog.get_config()
         forwarder = log.configure(level=20, json=True, stream=io.StringIO(), syslog=section)
         assert forwarder is not None
         try:
@@ -279,8 +280,8 @@ def test_through_structlog_configure() -> None:
             logger.warning("job.failed", job="j9", vm="vm02", error="disk 1: reset")
             message = receiver.messages.get(timeout=WAIT)
         finally:
-            log.configure()
-            structlog.reset_defaults()
+            log.configure()  # closes the forwarder
+            structlog.configure(**saved)
     finally:
         receiver.stop()
     m = parse(message)

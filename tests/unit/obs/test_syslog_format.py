@@ -96,6 +96,7 @@ def test_octet_counting_frame() -> None:
 def test_processor_passes_the_event_on_and_configure_returns_the_forwarder() -> None:
     section = SyslogSection(host="127.0.0.1", port=9, protocol="udp")
     out = io.StringIO()
+    saved = structlog.get_config()
     forwarder = log.configure(level=20, json=True, stream=out, syslog=section)
     try:
         assert isinstance(forwarder, SyslogForwarder)
@@ -106,7 +107,7 @@ def test_processor_passes_the_event_on_and_configure_returns_the_forwarder() -> 
         assert forwarder.flush()
     finally:
         log.configure()  # closes the forwarder
-        structlog.reset_defaults()
+        structlog.configure(**saved)
     assert forwarder.sent + forwarder.dropped == 1
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.config.models import DEFAULT_SOCKET, DEFAULT_STATE_FILE
 from engine.daemon.cli import build_parser
 
@@ -73,6 +75,7 @@ def test_exec_start_is_a_command_the_cli_parses() -> None:
     assert args.config == Path("/etc/tessera/config.yaml")
 
 
+@pytest.mark.integration
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # systemd-analyze comes with Debian's systemd package; a machine without it (a bare
     # container) checks the unit through the tests above only.
