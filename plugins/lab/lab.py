@@ -7,7 +7,8 @@
     D/lab.json                 engine URL, user, password file, CA file, every VM with its disks
                                and their image files — what tests and people read
     D/tessera.yaml             a daemon config pointing at the lab (store in D/store)
-    tessera lab show --dir D   prints lab.json (``--json``) or a table
+    tessera lab show --dir D   prints lab.json (``--json``) or a table, with the VMs and disks
+                               the engine has now (restores add some)
     tessera lab down --dir D   SIGTERM to the lab process (pid in D/lab.pid), waits, cleans up
                                (unmounts whatever a killed lab left under D/devices)
 
@@ -33,6 +34,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
+import ovirtsdk4 as sdk
+from ovirtsdk4 import types
+
 from engine.core.errors import ConfigError
 from engine.core.units import GiB
 from plugins.lab.disks import DiskRequest, build_disks
@@ -43,6 +47,7 @@ from plugins.lab.imageio import ImageioDaemon
 
 START_TIMEOUT: Final = 120.0  # seconds for `up` to see lab.json: first run builds the images
 STOP_TIMEOUT: Final = 30.0  # seconds for the lab process to exit after SIGTERM
+SHOW_TIMEOUT: Final = 30  # seconds per engine request of `show` (a loopback fake: instant)
 DATAMOVER: Final = "tessera-datamover"
 
 
@@ -199,12 +204,73 @@ def up(directory: Path) -> dict[str, Any]:
 
 
 def show(directory: Path) -> dict[str, Any]:
+    """lab.json, with ``vms`` (and ``floating_disks``) read from the running engine: what a
+    restore created is listed too, and what was deleted is not. Each disk has its image
+    ``path`` (a generated one, or one the engine made in D/engine/images; None if neither
+    exists). Raises ``ConfigError`` when no lab runs or its engine does not answer."""
     p = _paths(directory)
     if not _alive(p):
         raise ConfigError(
             message=f"no lab is running in {directory} (start it with `tessera lab up`)"
         )
-    return dict(json.loads(p["json"].read_text()))
+    doc = dict(json.loads(p["json"].read_text()))
+    doc["vms"], doc["floating_disks"] = _engine_state(doc, p)
+    return doc
+
+
+def _engine_state(
+    doc: dict[str, Any], p: dict[str, Path]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(VMs with their disks, disks attached to no VM) as the lab's engine lists them now."""
+    engine = doc["engine"]
+    known = {d["id"]: d["path"] for vm in doc["vms"] for d in vm["disks"]}
+
+    def disk_doc(disk: Any) -> dict[str, Any]:
+        fmt = "qcow2" if disk.format == types.DiskFormat.COW else "raw"
+        path: str | None = known.get(disk.id)
+        made = p["engine"] / "images" / f"{disk.id}.{fmt}"  # restore.create_disk's name
+        if path is None and made.exists():
+            path = str(made)
+        status = disk.status.value if disk.status else None
+        return {
+            "id": disk.id,
+            "alias": disk.alias,
+            "format": fmt,
+            "size": disk.provisioned_size,
+            "status": status,
+            "path": path,
+        }
+
+    try:
+        conn = sdk.Connection(
+            url=engine["url"],
+            username=engine["username"],
+            password=Path(engine["password_file"]).read_text().strip(),
+            ca_file=engine["ca_file"],
+            timeout=SHOW_TIMEOUT,
+        )
+        try:
+            system = conn.system_service()
+            disks = {d.id: d for d in system.disks_service().list()}
+            vms, attached = [], set()
+            for vm in system.vms_service().list():
+                service = system.vms_service().vm_service(vm.id)
+                ids = [a.disk.id for a in service.disk_attachments_service().list()]
+                attached.update(ids)
+                vms.append(
+                    {
+                        "id": vm.id,
+                        "name": vm.name,
+                        "status": vm.status.value if vm.status else None,
+                        "disks": [disk_doc(disks[i]) for i in ids if i in disks],
+                    }
+                )
+            floating = [disk_doc(d) for i, d in disks.items() if i not in attached]
+        finally:
+            conn.close()
+    except (sdk.Error, OSError) as e:
+        raise ConfigError(message=f"the lab's engine {engine['url']} does not answer: {e}") from e
+    return vms, floating
 
 
 def down(directory: Path) -> bool:

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def tessera(*args: str | Path, passphrase: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TESSERA_PASSPHRASE": passphrase} if passphrase else None
     return subprocess.run(
         [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
         cwd=ROOT,
@@ -20,6 +21,7 @@ def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
         check=False,
+        env=env,
     )
 
 
@@ -63,3 +65,53 @@ async def test_up_show_down(tmp_path: Path) -> None:
         os.kill(doc["pid"], 0)
     shown = tessera("lab", "show", "--dir", lab)
     assert shown.returncode == 2 and "no lab is running" in shown.stderr
+
+
+@pytest.mark.integration
+def test_show_lists_what_a_restore_created(tmp_path: Path) -> None:
+    """`lab show` asks the engine: a VM and disk a restore made are listed, with the image
+    the engine wrote; lab.json (the generated inventory) does not change."""
+    lab = tmp_path / "lab"
+    up = tessera("lab", "up", "--dir", lab)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        generated = json.loads((lab / "lab.json").read_text())
+        config = lab / "tessera.yaml"
+        passphrase = (lab / "store-passphrase").read_text().strip()
+        for args in (
+            ("store", "init", lab / "store"),
+            ("backup", "vm", "web02", "--config", config),
+        ):
+            done = tessera(*args, passphrase=passphrase)
+            assert done.returncode == 0, done.stdout + done.stderr
+        snaps = tessera("snapshots", "--config", config, "--json", passphrase=passphrase)
+        snapshot = json.loads(snaps.stdout)[0]["id"]
+        done = tessera(
+            "restore", snapshot, "--config", config, "--name", "web02-copy", passphrase=passphrase
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        shown = tessera("lab", "show", "--dir", lab, "--json")
+        assert shown.returncode == 0, shown.stderr
+        doc = json.loads(shown.stdout)
+        vms = {vm["name"]: vm for vm in doc["vms"]}
+        assert set(vms) == {vm["name"] for vm in generated["vms"]} | {"web02-copy"}
+        (original,) = vms["web02"]["disks"]
+        (copy,) = vms["web02-copy"]["disks"]
+        assert copy["id"] != original["id"]
+        assert (copy["alias"], copy["format"], copy["size"]) == (
+            original["alias"],
+            original["format"],
+            original["size"],
+        )
+        assert copy["status"] == "ok"
+        assert Path(copy["path"]).parent == lab / "engine" / "images"
+        assert Path(copy["path"]).exists()
+        assert doc["floating_disks"] == []
+        assert json.loads((lab / "lab.json").read_text()) == generated
+
+        table = tessera("lab", "show", "--dir", lab)
+        assert table.returncode == 0 and "web02-copy" in table.stdout, table.stdout
+    finally:
+        down = tessera("lab", "down", "--dir", lab)
+    assert down.returncode == 0, down.stdout + down.stderr
