@@ -23,7 +23,8 @@ cannot see every reference must not sweep.
 Memory is bounded independently of store size: the marked set is a SQLite table in
 ``STORE/gc/mark.db`` (one B-tree row per distinct referenced chunk, ~50 bytes on disk) with
 its page cache capped at ``_CACHE_KIB``; Python holds one DiskMap block (32 Ki ids, 1 MiB),
-one batch of ``_BATCH`` index rows, one pack's rows and one record at a time. Measured
+one batch of ``_BATCH`` index rows, one record, and the entries of one new pack (at most
+``_REPACK_RECORDS``). Measured
 (``tests/bench/gc_bench.py``, a 2 M-chunk store): see the bench output and
 ``tests/integration/test_gc_memory.py`` for the asserted bound.
 """
@@ -64,6 +65,10 @@ YOUNG_PACK_MARGIN: Final = timedelta(minutes=5)
 _BATCH: Final = 5_000  # index rows per judge/delete transaction: milliseconds, never stalls
 #                        the sealer's index commits for long
 _CACHE_KIB: Final = 16 * 1024  # page cache of the mark database
+# Records per new pack at most (besides the pack size): its writer keeps one entry per record
+# in RAM and its index commit moves them in one transaction; a 64 MiB pack of well-compressed
+# records would otherwise hold 10^5–10^6 of them.
+_REPACK_RECORDS: Final = 16 * 1024
 CONDEMNING: Final = -1  # condemned, stamp not yet written (see the protocol)
 
 Progress = Callable[[str, int, int], None]  # (step, done, total)
@@ -224,6 +229,9 @@ class _Run:
         self.layout = store.layout
         self.oldest_lease = oldest_lease
         self.snapshots: list[str] = []
+        self.writer: PackWriter | None = None  # the new pack repacked records go to
+        self.sources: list[str] = []  # packs with records in it
+        self.complete: list[str] = []  # packs whose every record is in it or committed
 
     def progress(self, step: str, done: int, total: int) -> None:
         if self.opts.progress is not None:
@@ -390,26 +398,58 @@ class _Run:
         sparse = [u for u in usage if u.live and u.live_bytes < opts.repack_threshold * u.size]
         total = len(empty) + len(sparse)
         for n, u in enumerate(empty):
-            self._retire([u.name], None)
+            self._retire(None, [], [u.name])
             res.packs_trashed += 1
             res.bytes_retired += u.size
             self.progress("trash", n + 1, total)
         limit = _RateLimit(opts.rate_limit, opts.sleep)
-        writer: PackWriter | None = None
-        sources: list[str] = []
         for n, u in enumerate(sparse):
-            if writer is None:
-                writer = PackWriter(self.layout.packs)
-            self._copy(u.name, writer, limit)
-            sources.append(u.name)
+            self._copy(u.name, limit)
+            self.complete.append(u.name)  # retired by the commit of its last records
             res.packs_repacked += 1
             res.bytes_retired += u.size
-            if writer.size >= self.store.config.pack_size:
-                self._seal_and_retire(writer, sources)
-                writer, sources = None, []
             self.progress("repack", len(empty) + n + 1, total)
-        if writer is not None:
-            self._seal_and_retire(writer, sources)
+        if self.writer is not None or self.complete:
+            self._flush()
+
+    def _copy(self, name: str, limit: _RateLimit) -> None:
+        """Append every record located in pack ``name`` to the open new pack, CRC checked;
+        the new pack is sealed and committed whenever full (also in the middle of a source)."""
+        index, pack_size = self.store.index, self.store.config.pack_size
+        with pack_path(self.layout.packs, name).open("rb") as f:
+            after = b""
+            while rows := index.pack_rows(name, after, _BATCH):
+                after = rows[-1][0]
+                for cid, loc in sorted(rows, key=lambda r: r[1].offset):  # sequential reads
+                    record = os.pread(f.fileno(), loc.length, loc.offset)
+                    header = check_crc(record, name, loc.offset)
+                    if header.chunk_id != cid:
+                        raise CorruptRecord(
+                            chunk=short(cid), pack=name, offset=loc.offset, reason="id differs"
+                        )
+                    if self.writer is None:
+                        self.writer = PackWriter(self.layout.packs)
+                    if name not in self.sources:
+                        self.sources.append(name)
+                    self.writer.append(cid, record, loc.plain_len)
+                    self.result.bytes_copied += loc.length
+                    limit.consume(2 * loc.length)
+                    if self.writer.size >= pack_size or len(self.writer.entries) >= _REPACK_RECORDS:
+                        self._flush()
+
+    def _flush(self) -> None:
+        """Seal the open new pack (if any), move its rows, retire the complete sources."""
+        sealed = None
+        if self.writer is not None:
+            try:
+                sealed = self.writer.seal()
+            except BaseException:
+                self.writer.abort()
+                raise
+            self.result.packs_written += 1
+            failpoints.hit("gc.repack.sealed")
+        self._retire(sealed, self.sources, self.complete)
+        self.writer, self.sources, self.complete = None, [], []
 
     def _plan_dry(self) -> None:
         """What step 5 would do if every unreferenced chunk were deleted now."""
@@ -430,47 +470,24 @@ class _Run:
                 res.bytes_copied += live_bytes
         self._empty_trash_plan()
 
-    def _copy(self, name: str, writer: PackWriter, limit: _RateLimit) -> None:
-        """Append every record located in pack ``name`` to ``writer``, CRC checked."""
-        path = pack_path(self.layout.packs, name)
-        with path.open("rb") as f:
-            for cid, loc in self.store.index.pack_rows(name):
-                record = os.pread(f.fileno(), loc.length, loc.offset)
-                header = check_crc(record, name, loc.offset)
-                if header.chunk_id != cid:
-                    raise CorruptRecord(
-                        chunk=short(cid), pack=name, offset=loc.offset, reason="id differs"
-                    )
-                writer.append(cid, record, loc.plain_len)
-                self.result.bytes_copied += loc.length
-                limit.consume(2 * loc.length)
-
-    def _seal_and_retire(self, writer: PackWriter, sources: list[str]) -> None:
-        try:
-            sealed = writer.seal()
-        except BaseException:
-            writer.abort()
-            raise
-        self.result.packs_written += 1
-        failpoints.hit("gc.repack.sealed")
-        self._retire(sources, sealed)
-
-    def _retire(self, sources: list[str], sealed: SealedPack | None) -> None:
-        """Link ``sources`` into the trash, commit the index, unlink them from packs/."""
+    def _retire(self, sealed: SealedPack | None, sources: list[str], retire: list[str]) -> None:
+        """Link ``retire`` into the trash, commit the index (rows of ``sources`` move into
+        ``sealed``, ``retire`` is forgotten), then unlink ``retire`` from packs/."""
         trash = self.layout.trash
         if not trash.exists():
             trash.mkdir()
             fsync_dir(self.layout.root)
         stamp = int(self.opts.now().timestamp())
-        for name in sources:
+        for name in retire:
             link = trash / f"{stamp}-{name}{PACK_SUFFIX}"
             if not link.exists():
                 os.link(pack_path(self.layout.packs, name), link)
-        fsync_dir(trash)
+        if retire:
+            fsync_dir(trash)
         failpoints.hit("gc.retire.linked")
-        self.store.index.replace_packs(sources, sealed)
+        self.store.index.replace_packs(sealed, sources, retire)
         failpoints.hit("gc.retire.committed")
-        for name in sources:
+        for name in retire:
             path = pack_path(self.layout.packs, name)
             path.unlink()
             fsync_dir(path.parent)

@@ -256,26 +256,34 @@ class Index:
         )
         return [PackUsage(*r) for r in rows]
 
-    def pack_rows(self, name: str) -> list[tuple[ChunkId, Location]]:
-        """The rows located in one pack, in offset order (one pack: bounded)."""
+    def pack_rows(
+        self, name: str, after: bytes = b"", limit: int = 5_000
+    ) -> list[tuple[ChunkId, Location]]:
+        """Up to ``limit`` rows located in one pack with ids above ``after``, in id order
+        (page on with the last id: a pack of tiny records can hold 10^5 rows)."""
         rows = self._conn().execute(
             "SELECT c.id, p.name, c.offset, c.length, c.plain FROM chunks c "
-            "JOIN packs p ON p.id = c.pack WHERE p.name = ? ORDER BY c.offset",
-            (name,),
+            "JOIN packs p ON p.id = c.pack WHERE p.name = ? AND c.id > ? ORDER BY c.id LIMIT ?",
+            (name, after, limit),
         )
         return [(ChunkId(cid), Location(*loc)) for cid, *loc in rows]
 
-    def replace_packs(self, sources: list[str], sealed: SealedPack | None) -> int:
-        """Retire ``sources``: rows of theirs whose chunk ``sealed`` holds move to it, the
-        other rows are deleted, and the sources are forgotten — one transaction. Returns how
-        many rows moved. ``sealed`` must be a pack on disk that is not indexed yet."""
+    def replace_packs(
+        self, sealed: SealedPack | None, sources: list[str], retire: list[str]
+    ) -> int:
+        """One transaction: rows located in ``sources`` whose chunk ``sealed`` holds move to
+        it; then the packs in ``retire`` are forgotten with any rows still in them. Returns
+        how many rows moved. ``sealed`` must be a pack on disk that is not indexed yet."""
 
-        def run(conn: sqlite3.Connection) -> int:
-            ids = [
+        def pack_ids(conn: sqlite3.Connection, names: list[str]) -> list[int]:
+            return [
                 r[0]
-                for name in sources
+                for name in names
                 if (r := conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone())
             ]
+
+        def run(conn: sqlite3.Connection) -> int:
+            ids = pack_ids(conn, sources)
             moved = 0
             if sealed is not None:
                 new_id = conn.execute(
@@ -292,7 +300,7 @@ class Index:
                         for e in sorted(sealed.entries, key=lambda e: e.chunk_id)
                     ),
                 ).rowcount
-            for pack_id in ids:
+            for pack_id in pack_ids(conn, retire):
                 conn.execute("DELETE FROM chunks WHERE pack = ?", (pack_id,))
                 conn.execute("DELETE FROM packs WHERE id = ?", (pack_id,))
             failpoints.hit("gc.index.before_commit")

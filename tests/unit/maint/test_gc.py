@@ -215,3 +215,18 @@ def test_rate_limit_sleeps_for_the_bytes_copied(make_store: StoreFactory) -> Non
     assert result.bytes_copied > 0
     # 2 × bytes copied at 1 MiB/s: the sleeps cover it up to the time really spent
     assert sum(slept) > 2 * result.bytes_copied / (1024 * 1024) - result.seconds - 0.5
+
+
+def test_repack_splits_sources_over_new_packs_of_bounded_records(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.maint.gc._REPACK_RECORDS", 5)  # new packs of 5 records
+    store = make_store()
+    _a, b, _ = two_snapshots(store)
+    prune(store, Rules(keep_last=1))
+    result = run_gc(store, datetime.now(UTC) + 8 * DAY, repack_threshold=0.75)
+    assert result.packs_written >= 4  # ~20 live records moved, sources split across packs
+    assert all(p.records <= 5 for p in store.index.packs())  # B's own new pack holds 4
+    assert check_store(store, data=True).ok
+    assert read_disk(store, b) == b"".join(chunks(40, seed=1)[::2] + chunks(4, seed=2))
+    assert not set(store.layout.trash_files()) & {p.name for p in store.index.packs()}
