@@ -155,6 +155,7 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.post(f"{API}/snapshots/{{id}}/protect", protect),
             web.get(f"{API}/store", store),
             web.get(f"{API}/openapi.json", openapi),
+            web.get("/metrics", metrics),
         ]
     )
     return app
@@ -312,6 +313,13 @@ async def store(request: web.Request) -> web.Response:
     handle = _service(request).store(request.query.get("store"))
     usage = await asyncio.to_thread(store_usage, handle.store)
     return web.json_response({"store": handle.section.name} | usage.doc())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = _service(request).metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 async def openapi(request: web.Request) -> web.Response:

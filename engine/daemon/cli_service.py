@@ -75,9 +75,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_all(args.config)
     section = loaded.config.logging
     level = getattr(logging, section.level.upper())
-    configure_logging(level, json=section.json, stream=sys.stdout)
-    service = Service(loaded, grace=args.grace)
-    aio.run(service.run(start_listeners))
+    forwarder = configure_logging(
+        level, json=section.json, stream=sys.stdout, syslog=loaded.config.syslog
+    )
+    try:
+        service = Service(loaded, grace=args.grace)
+        if forwarder is not None:
+            service.metrics.watch_counter(
+                "tessera_syslog_dropped",
+                "log lines the syslog server did not get",
+                lambda: forwarder.dropped,
+            )
+        aio.run(service.run(start_listeners))
+    finally:
+        if forwarder is not None:
+            forwarder.close()
     return EXIT_OK
 
 

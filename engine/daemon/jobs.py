@@ -119,8 +119,14 @@ Listener = Callable[[JobView], Awaitable[None]]
 
 
 class JobManager:
-    def __init__(self, concurrent_vms: int, on_finished: Listener | None = None):
+    def __init__(
+        self,
+        concurrent_vms: int,
+        on_finished: Listener | None = None,
+        on_started: Callable[[JobView], None] | None = None,
+    ):
         self._slots = asyncio.Semaphore(concurrent_vms)
+        self._on_started = on_started
         self._jobs: dict[str, JobView] = {}
         self._busy: dict[str, str] = {}  # vm -> running job id
         self._on_finished = on_finished
@@ -184,6 +190,8 @@ class JobManager:
         try:
             async with self._slots:
                 view.state, view.started = "running", _now()
+                if self._on_started is not None:
+                    self._on_started(view)
                 view.say(f"{view.kind} of {view.vm} started")
                 bound.info("job.started", params=view.params)
                 view.state, view.summary = await body(view)

@@ -40,6 +40,8 @@ from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
 from engine.jobs.restore import run_restore
 from engine.jobs.states import State
+from engine.obs.metrics import Metrics
+from engine.obs.notify import DiskSummary, JobSummary, Notifier
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
@@ -73,7 +75,20 @@ class Service:
     listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.jobs = JobManager(self.config.limits.concurrent_vms, on_finished=self._finished)
+        self.jobs = JobManager(
+            self.config.limits.concurrent_vms,
+            on_finished=self._finished,
+            on_started=lambda view: self.metrics.job_started(view.kind),
+        )
+        self.metrics = Metrics()
+        self.notifier = Notifier(self.config.smtp) if self.config.smtp is not None else None
+        if self.notifier is not None:
+            notifier = self.notifier
+            self.metrics.watch_counter(
+                "tessera_notifications_failed",
+                "e-mails that could not be sent",
+                lambda: notifier.failed,
+            )
         self.scheduler: Scheduler[Policy] | None = None
         self.started = datetime.now(UTC)
         self._stop = asyncio.Event()
@@ -247,9 +262,20 @@ class Service:
                     "level": outcome.level,
                     "seconds": round(outcome.seconds, 2),
                     "bytes_read": sum(d.bytes_read for d in outcome.disks),
+                    "bytes_stored": sum(d.bytes_stored for d in outcome.disks),
+                    "disk_stats": [
+                        {
+                            "disk": d.disk_id,
+                            "bytes_read": d.bytes_read,
+                            "bytes_stored": d.bytes_stored,
+                            "new_chunks": d.new_chunks,
+                            "line": d.summary(),
+                        }
+                        for d in outcome.disks
+                    ],
+                    "integrity": outcome.record.integrity,
                     "new_chunks": sum(d.new_chunks for d in outcome.disks),
                     "known_chunks": sum(d.known_chunks for d in outcome.disks),
-                    "disks": [d.summary() for d in outcome.disks],
                     "line": outcome.summary(),
                 }
                 return outcome.record.state.value.lower(), summary
@@ -357,8 +383,60 @@ class Service:
         )
 
     async def _finished(self, view: JobView) -> None:
+        """Metrics, the store gauges and the policy's e-mail for a job that ended."""
+        summary = job_summary(view)
+        self.metrics.job_finished(
+            view.kind,
+            view.state,
+            view.vm,
+            bytes_read=summary.bytes_read,
+            bytes_stored=summary.bytes_stored,
+            seconds=float(view.summary.get("seconds") or 0.0),
+            new_chunks=int(view.summary.get("new_chunks") or 0),
+        )
+        store = view.params.get("store")
+        if store in self.stores:
+            info = await asyncio.to_thread(self.stores[store].store.info)
+            self.metrics.set_store_usage(
+                store, info.pack_bytes, info.dedup_ratio, info.compression_ratio
+            )
+        policy = next((p for p in self.policies if p.name == view.policy), None)
+        if self.notifier is not None and policy is not None:
+            await self.notifier.notify(summary, policy.notifications)
         for listener in self.listeners:
             await listener(view)
+
+
+def job_summary(view: JobView) -> JobSummary:
+    """The e-mail/metrics view of a finished job."""
+    s = view.summary
+    disks = tuple(
+        DiskSummary(
+            name=d["disk"],
+            bytes_read=d["bytes_read"],
+            bytes_stored=d["bytes_stored"],
+            new_chunks=d["new_chunks"],
+            read=d["line"],
+        )
+        for d in s.get("disk_stats", [])
+    )
+    return JobSummary(
+        job_id=view.job_id,
+        kind=view.kind,
+        vm=view.vm,
+        state=view.state,
+        started=datetime.fromisoformat(view.started or view.created),
+        finished=datetime.fromisoformat(view.finished) if view.finished else None,
+        level=s.get("level"),
+        policy=view.policy,
+        snapshot=s.get("snapshot"),
+        bytes_read=int(s.get("bytes_read") or 0),
+        bytes_stored=int(s.get("bytes_stored") or 0),
+        disks=disks,
+        notes=tuple(line for line in view.lines if " note: " in line or " warning: " in line),
+        error=view.error,
+        integrity=bool(s.get("integrity")),
+    )
 
 
 def default_config_path() -> Path:

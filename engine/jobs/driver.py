@@ -14,7 +14,7 @@ from typing import Final
 
 import structlog
 
-from engine.core.errors import EngineError
+from engine.core.errors import EngineError, IntegrityError
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import CLEANUP, TABLES, TERMINAL, Event, State, next_state
 
@@ -67,6 +67,7 @@ class JobDriver:
                     event = Event.CANCEL
                 except Exception as e:  # noqa: BLE001 - the job boundary: any failure is ERROR
                     self.record.error = describe(e)
+                    self.record.integrity = isinstance(e, IntegrityError)
                     log.warning(
                         "job.error",
                         job=self.record.job_id,

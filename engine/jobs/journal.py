@@ -37,6 +37,7 @@ class JobRecord:
     pid: int = field(default_factory=os.getpid)
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    integrity: bool = False  # the error was an IntegrityError: stored data is wrong (alert)
     warnings: list[str] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # "time state" per transition
 

@@ -49,6 +49,7 @@ class DiskStats:
     bytes_read: int = 0
     new_chunks: int = 0
     known_chunks: int = 0
+    bytes_stored: int = 0  # record bytes this backup appended (compressed, encrypted)
     retries: int = 0
     seconds: float = 0.0
     fallback_reason: str | None = None
@@ -250,6 +251,7 @@ class _DiskBackup:
         written = await loop.run_in_executor(self.store_executor, self.store.put, cid, record)
         self.stats.new_chunks += written
         self.stats.known_chunks += not written
+        self.stats.bytes_stored += len(record) if written else 0
 
 
 @dataclass

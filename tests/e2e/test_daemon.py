@@ -8,14 +8,18 @@ a backup leaves a journal that the next start cleans up, and the next run succee
 """
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from engine.core.units import MiB
@@ -23,7 +27,10 @@ from plugins.lab.disks import DiskRequest, build_disks
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
+from tests.integration.test_smtp import Mailbox, smtp_server
+from tests.integration.test_syslog import StreamReceiver
 from tests.ovirt.test_faults import assert_clean
+from tests.unit.obs.rfc5424 import Parsed, parse
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +48,7 @@ selection:
   vms: [web*]
 schedule: daily 02:00
 level: {default: incremental, full_every: 7d}
+notifications: {on: [success, failure], to: [ops@example.org]}
 """
 
 
@@ -168,10 +176,50 @@ async def wait_jobs(config: Path, count: int) -> list[dict[str, Any]]:
     raise AssertionError(f"jobs did not end: {out}")
 
 
+def add_config(config: Path, text: str) -> None:
+    config.write_text(config.read_text() + text)
+
+
+async def metrics_text(socket_path: Path) -> str:
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get("http://tessera/metrics") as response:
+            assert response.status == 200
+            return await response.text()
+
+
+def syslog_lines(sock: socket.socket) -> list[Parsed]:
+    lines = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            lines.append(parse(sock.recv(65536)))
+    return lines
+
+
 async def test_policy_cli_backup_and_restore_through_the_daemon(
     tmp_path: Path, lab: tuple[FakeEngine, Path]
 ) -> None:
     engine, config = lab
+    mailbox = Mailbox()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    async with smtp_server(mailbox) as smtp_port:
+        add_config(
+            config,
+            f"syslog:\n  host: 127.0.0.1\n  port: {udp.getsockname()[1]}\n  protocol: udp\n"
+            f"smtp:\n  host: 127.0.0.1\n  port: {smtp_port}\n  starttls: false\n"
+            "  from: tessera@dm01.example.org\n",
+        )
+        try:
+            await through_the_daemon(tmp_path, engine, config, mailbox, udp)
+        finally:
+            udp.close()
+
+
+async def through_the_daemon(
+    tmp_path: Path, engine: FakeEngine, config: Path, mailbox: Mailbox, udp: socket.socket
+) -> None:
     daemon = Daemon(config, tmp_path / "daemon.log")
     await daemon.start()
     try:
@@ -185,6 +233,25 @@ async def test_policy_cli_backup_and_restore_through_the_daemon(
         (job,) = await wait_jobs(config, 1)
         assert (job["vm"], job["policy"], job["state"]) == ("web01", "nightly", "succeeded")
         assert job["params"]["level"] == "full"  # no full yet: the level rules say full
+
+        # the policy's e-mail, the metrics and the syslog lines say so
+        for _ in range(100):
+            if mailbox.envelopes:
+                break
+            await asyncio.sleep(0.1)
+        (envelope,) = mailbox.envelopes
+        assert envelope.rcpt_tos == ["ops@example.org"]
+        message = mailbox.message()
+        assert "web01" in message["Subject"] and "succeeded" in message["Subject"].lower()
+        assert job["id"] in message.get_payload()
+        text = await metrics_text(tmp_path / "api.sock")
+        assert 'tessera_jobs_finished_total{kind="backup",state="succeeded"} 1.0' in text
+        assert 'tessera_last_success_timestamp_seconds{vm="web01"}' in text
+        lines = syslog_lines(udp)
+        finished = [m for m in lines if m.msgid == "job.finished"]
+        assert finished, [m.msgid for m in lines]
+        assert finished[0].app == "tessera"
+        assert next(iter(finished[0].sd.values()))["job"] == job["id"]
 
         # `backup vm` finds the daemon on the config's socket and follows the job there
         code, out = await tessera("backup", "vm", "db01", "--config", config, "--level", "full")
@@ -221,11 +288,19 @@ async def test_sigterm_during_a_backup_stops_cleanly_and_kill_is_recovered(
     tmp_path: Path, lab: tuple[FakeEngine, Path]
 ) -> None:
     engine, config = lab
+    receiver = StreamReceiver()  # syslog over TCP this time
+    add_config(config, f"syslog:\n  host: 127.0.0.1\n  port: {receiver.port}\n  protocol: tcp\n")
     daemon = Daemon(config, tmp_path / "daemon.log")
     try:
         await sigterm_then_kill(engine, config, daemon)
     finally:
         await daemon.kill()
+        receiver.stop()
+    events = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            events.append(parse(receiver.messages.get_nowait()).msgid)
+    assert {"daemon.ready", "daemon.stopping", "job.finished", "job.recovered"} <= set(events)
 
 
 async def sigterm_then_kill(engine: FakeEngine, config: Path, daemon: Daemon) -> None:
