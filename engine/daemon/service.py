@@ -350,16 +350,19 @@ class Service:
             if policy.selection.selects_vm(v["name"], v.get("cluster"), v.get("tags", ()))
         ]
         handle = self.store(policy.store)
-        views: list[JobView] = []
-        for vm in chosen:
+        log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
+
+        async def one(vm: str) -> None:
+            # Another policy's job on this VM: wait for it (serialised, never overlapping).
+            while (busy := self.jobs.busy_job(vm)) is not None:
+                log.info("policy.vm_busy", policy=policy.name, vm=vm, job=busy)
+                task = self.jobs.get(busy).task
+                if task is not None:
+                    await asyncio.wait([task])
             history = handle.store.snapshots(vm)
             fulls = [datetime.fromisoformat(e.time) for e in history if e.level == "full"]
             decision = policy.level.decide(max(fulls) if fulls else None, self.clock.now(), self.tz)
-            busy = self.jobs.busy_job(vm)
-            if busy is not None:
-                log.warning("policy.vm_busy", policy=policy.name, vm=vm, job=busy)
-                continue
-            views += self.start_backup(
+            (view,) = self.start_backup(
                 [vm],
                 level=decision.level,
                 flow=policy.flow,
@@ -368,10 +371,13 @@ class Service:
                 store=policy.store,
                 policy=policy.name,
             )
-        log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
-        tasks = [v.task for v in views if v.task is not None]
-        if tasks:
-            await asyncio.wait(tasks)
+            view.say(f"level {decision.level}: {decision.reason}")
+            if view.task is not None:
+                await asyncio.wait([view.task])
+
+        async with asyncio.TaskGroup() as tg:
+            for vm in chosen:
+                tg.create_task(one(vm))
 
     def _scheduler_event(self, event: Event) -> None:
         log.info(
