@@ -324,16 +324,21 @@ class Sender:
             sent = 0
 
             async def body() -> AsyncIterator[bytes]:
+                # The next record is read (a thread) while this one goes out.
                 nonlocal sent
-                for cid, _ in todo:
-                    record, _pack, _offset = await asyncio.to_thread(
-                        self.store.get_record, ChunkId(cid)
-                    )
-                    await self.throttle.take(len(record))
-                    sent += len(record)
-                    self.stats.chunks_sent += 1
-                    self.stats.record_bytes_sent += len(record)
-                    yield record
+                ahead = _read_ahead(self.store, todo[0][0])
+                try:
+                    for i in range(len(todo)):
+                        record = await ahead
+                        if i + 1 < len(todo):
+                            ahead = _read_ahead(self.store, todo[i + 1][0])
+                        await self.throttle.take(len(record))
+                        sent += len(record)
+                        self.stats.chunks_sent += 1
+                        self.stats.record_bytes_sent += len(record)
+                        yield record
+                finally:
+                    ahead.cancel()
 
             try:
                 doc = await self._request("POST", f"/sessions/{self.session_id}/records", body())
@@ -372,6 +377,14 @@ class Sender:
         )
         self.session_id = None
         return msgspec.convert(doc, proto.Committed)
+
+
+def _read_ahead(store: Store, chunk_id: bytes) -> "asyncio.Future[bytes]":
+    async def read() -> bytes:
+        record, _pack, _offset = await asyncio.to_thread(store.get_record, ChunkId(chunk_id))
+        return record
+
+    return asyncio.ensure_future(read())
 
 
 async def _file_body(path: Path) -> AsyncIterator[bytes]:

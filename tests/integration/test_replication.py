@@ -33,6 +33,8 @@ pytestmark = pytest.mark.integration
 
 CHUNK = 64 * 1024
 BATCH = 256 * 1024  # small record batches so a few MiB make many requests and streams
+# A VM configuration larger than a chunk (set_config allows up to 8 MiB).
+CONFIG = b'{"name": "vm1", "ovf": "' + realistic_bytes(100 * 1024, seed=8).hex().encode() + b'"}'
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 
 
@@ -81,7 +83,7 @@ def pair(make_store: StoreFactory, tmp_path: Path) -> tuple[Store, Store]:
 async def test_full_then_incremental(pair: tuple[Store, Store], pki: Pki) -> None:
     sender, replica = pair
     v1 = {"root": disk_v1(), "data": realistic_bytes(8 * CHUNK + 4096, seed=9)}
-    m1 = write_snapshot(sender, "vm1", v1, config=b'{"name": "vm1"}')
+    m1 = write_snapshot(sender, "vm1", v1, config=CONFIG)
     chunks, missing_bytes = record_bytes(sender, m1)
     async with receiver(replica, pki) as (server, recv), Proxy(server.port) as proxy:
         full = await run_replication(
@@ -108,7 +110,7 @@ async def test_full_then_incremental(pair: tuple[Store, Store], pki: Pki) -> Non
         v2 = dict(v1)
         v2["root"] = changed(v1["root"], [3, 17, 30], seed=100)
         v2["data"] = v1["root"][:CHUNK] + v1["data"][CHUNK:]
-        m2 = write_snapshot(sender, "vm1", v2, config=b'{"name": "vm1"}')
+        m2 = write_snapshot(sender, "vm1", v2, config=CONFIG)
         before = proxy.total
         incr = await run_replication(
             store=sender,
