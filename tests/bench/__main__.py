@@ -2,7 +2,7 @@
 
 import sys
 
-from tests.bench import ovirt_bench, pipeline_bench, store_bench
+from tests.bench import ovirt_bench, pipeline_bench, replication_bench, store_bench
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -19,6 +19,8 @@ def main() -> int:
         pipeline_bench.run(report, cpu_limit)
     if not only or "ovirt" in only:
         ovirt_bench.run(report)
+    if not only or "replication" in only:
+        replication_bench.run(report)
     return 0
 
 
