@@ -10,7 +10,8 @@ point; the *catalog* lists snapshots by VM and time.
 Modules: ``format`` (every byte layout), ``keys`` (key file, scrypt), ``codec`` (record
 encode/decode), ``pack``, ``index``, ``diskmap``, ``manifest``, ``catalog``, ``layout``,
 ``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover),
-``snapshot`` (commit order), ``chunk_store`` (the ``Store`` facade).
+``snapshot`` (commit order), ``replica`` (a replicated snapshot's commit order),
+``chunk_store`` (the ``Store`` facade).
 
 Invariants:
 
@@ -34,7 +35,7 @@ read-only. Maintenance (issue 7) follows this table; a blank means "runs concurr
     backup                                                          lease (a)
     restore                                                         snapshot lock (b)
     verify                                                          snapshot lock (b)
-    replicate                                                       lease (a)
+    replicate                                                       lease (a) lock (b)
     GC mark                                                         one GC at a time
     GC sweep     lease (a) lock (b)  lock (b) lease (a) one GC
     ===========  ========  ========  =======  ========  =========  ===========
@@ -43,6 +44,9 @@ read-only. Maintenance (issue 7) follows this table; a blank means "runs concurr
         it was condemned before every lease live during the GC began (protocol below).
     (b) snapshots being read are share-locked; prune cannot remove them meanwhile. A reader
         whose pack GC retired meanwhile looks the chunk up again (``Store.get_record``).
+        Replication: the receiver's session holds a lease from its opening (before its
+        first "which ids do you lack" answer) to the manifest commit (``replica``); the
+        sender share-locks the snapshot it sends and the one it diffs against.
 
 Where GC runs: in the process that holds the writer lock (the daemon, or ``tessera gc``
 when no daemon or backup holds it), so every session that can reference chunks runs in the
