@@ -549,7 +549,9 @@ async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> N
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     """Finalize the transfers, the backup and remove the snapshot a killed job left on the
     engine (either flow: ``backup`` is flow 1's, ``snapshot`` flow 2's); for a killed restore
-    into the engine (``restore``), cancel its uploads and delete the disks it created."""
+    into the engine, delete the VM it created (``restore_vm``: with ``detach_only``, so its
+    disks stay), cancel its uploads (``restore_transfers``) and delete every disk it created
+    (``restore_disks``)."""
     from plugins.ovirt.client import EngineConfig  # noqa: PLC0415 - only recovery needs it
     from plugins.ovirt.snapshot import remove_snapshot  # noqa: PLC0415 - imports this module
 
@@ -557,7 +559,8 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     snapshot = resources.get("snapshot")
     engine = resources.get("engine")
     restored = resources.get("restore_disks")
-    if not (backup or snapshot or restored) or not engine:
+    restored_vm = resources.get("restore_vm")
+    if not (backup or snapshot or restored or restored_vm) or not engine:
         return []
     config = EngineConfig(
         url=engine["url"],
@@ -576,13 +579,16 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
         if snapshot:
             await remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"])
             done.append(f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}")
-        if restored:  # a killed restore into the engine: no disk of it is worth keeping
-            from plugins.ovirt.restore import delete_disk  # noqa: PLC0415
+        if restored or restored_vm:  # a killed restore: nothing of it is worth keeping
+            from plugins.ovirt.restore import delete_disk, delete_vm  # noqa: PLC0415
 
+            if restored_vm:  # first: the disks are attached to it
+                await delete_vm(client, restored_vm)
+                done.append(f"deleted restored VM {restored_vm}")
             for transfer_id in resources.get("restore_transfers", []):
                 await cancel_transfer(client, transfer_id)
                 done.append(f"cancelled upload transfer {transfer_id}")
-            for disk_id in restored:
+            for disk_id in restored or []:
                 await delete_disk(client, disk_id)
                 done.append(f"deleted restored disk {disk_id}")
     return done

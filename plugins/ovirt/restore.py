@@ -55,6 +55,7 @@ from engine.core.ids import chunk_id_from_hex
 from engine.sources.types import DiskInfo, ResourceRecorder
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util import failpoints
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     cancel_transfer,
@@ -244,10 +245,12 @@ class VmRestore:
         self.vm_id: str | None = None
         self._done = False
         self.vm: RestoredVm | None = None  # set by create_vm
+        self._record: ResourceRecorder | None = None  # the job's, for ``restore_vm``
 
     def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
         """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
         record("engine", self.recovery)
+        self._record = record
         return _DiskUpload(self, entry, record)
 
     async def add_disk(
@@ -313,8 +316,9 @@ class VmRestore:
 
     async def create_vm(self) -> RestoredVm:
         """Create the VM and attach the uploaded disks; call once, after every disk's
-        target closed successfully. The VM id is in the journal only through ``vm_id``:
-        ``VmRestore`` deletes the VM itself if an attachment fails."""
+        target closed successfully. The VM id is recorded (``restore_vm``) right after it
+        exists, for a killed process; ``VmRestore`` deletes the VM itself if an attachment
+        fails."""
         cluster_name = self.options.cluster or ovf_cluster(self.ovf) or "Default"
         cluster = _ref(t.Cluster, cluster_name)
         if self.ovf:
@@ -334,6 +338,9 @@ class VmRestore:
 
         vm = await self.client.call(add, "create VM", obj=f"VM {self.name}", idempotent=False)
         self.vm_id = vm.id
+        if self._record is not None:
+            self._record("restore_vm", vm.id)
+        failpoints.hit("ovirt.restore.vm_created")
         for entry, disk_id in self.disks:
             attrs = entry.attributes
             attachment = t.DiskAttachment(
