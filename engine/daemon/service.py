@@ -40,6 +40,8 @@ from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
 from engine.jobs.restore import run_restore
 from engine.jobs.states import State
+from engine.maint.prune import prune
+from engine.maint.retention import Rules
 from engine.obs.metrics import Metrics
 from engine.obs.notify import DiskSummary, JobSummary, Notifier
 from engine.sched.clock import Clock, SystemClock
@@ -378,6 +380,35 @@ class Service:
         async with asyncio.TaskGroup() as tg:
             for vm in chosen:
                 tg.create_task(one(vm))
+        await self.apply_retention(policy, handle, chosen)
+
+    async def apply_retention(self, policy: Policy, handle: StoreHandle, vms: list[str]) -> None:
+        """After a policy's backups: its retention rules, per VM (prune; GC frees the space
+        later, after its grace period). No rules: keep everything."""
+        r = policy.retention
+        rules = Rules(
+            keep_last=r.keep_last,
+            keep_hourly=r.keep_hourly,
+            keep_daily=r.keep_daily,
+            keep_weekly=r.keep_weekly,
+            keep_monthly=r.keep_monthly,
+            keep_yearly=r.keep_yearly,
+            keep_within=str(r.keep_within) if r.keep_within is not None else None,
+        )
+        if rules.empty():
+            return
+        for vm in vms:
+            result = await asyncio.to_thread(
+                prune, handle.store, rules, vm=vm, now=self.clock.now(), tz=self.tz
+            )
+            log.info(
+                "retention.applied",
+                policy=policy.name,
+                vm=vm,
+                rules=rules.describe(),
+                removed=result.removed,
+                skipped=result.skipped,
+            )
 
     def _scheduler_event(self, event: Event) -> None:
         log.info(

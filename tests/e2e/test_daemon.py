@@ -49,6 +49,7 @@ selection:
 schedule: daily 02:00
 level: {default: incremental, full_every: 7d}
 notifications: {on: [success, failure], to: [ops@example.org]}
+retention: {keep_last: 1}
 """
 
 
@@ -257,6 +258,19 @@ async def through_the_daemon(
         code, out = await tessera("backup", "vm", "db01", "--config", config, "--level", "full")
         assert code == 0, out
         assert "submitted to the daemon" in out and "succeeded" in out
+
+        # the policy again: an incremental of web01, then its retention keeps only that one
+        code, out = await tessera("policies", "--config", config, "--run", "nightly")
+        assert code == 0, out
+        jobs = await wait_jobs(config, 3)
+        assert jobs[-1]["state"] == "succeeded" and jobs[-1]["params"]["level"] == "incremental"
+        for _ in range(100):
+            if len(daemon.events("retention.applied")) == 2:  # after each run
+                break
+            await asyncio.sleep(0.1)
+        first, second = daemon.events("retention.applied")
+        assert first["removed"] == []  # one snapshot: nothing to remove
+        assert second["vm"] == "web01" and len(second["removed"]) == 1
 
         code, out = await tessera("job", job["id"], "--config", config, "--json")
         assert code == 0, out
