@@ -10,10 +10,12 @@
   ``Activity.snapshots``. While a VM has a snapshot its backups are refused (409), and a raw
   disk's active layer is its qcow2 overlay (``active_format``).
 
-Backups are always served in **live** mode (API-NOTES § 4.1): no VM snapshot, whatever the
-cluster level. Phases advance one step per GET (``advance_*``), so client polling loops run
-for real without timers: backup initializing → starting → ready, finalize → finalizing →
-succeeded.
+Backups are served in **live** mode (API-NOTES § 4.1), no VM snapshot, unless the seed turns
+on hybrid backups for cluster levels ≥ 4.7 (``hybrid``: a snapshot per backup, made through
+the ``snapshot`` callback of ``start_backup``). Phases advance one step per GET
+(``advance_*``), so client polling loops run for real without timers: backup initializing →
+starting → ready, finalize → finalizing → succeeded. A down VM's checkpoint delete ends only
+on the checkpoint's next GET (``checkpoint_polled``), as a cold delete finishes later.
 
 ``faults`` (the ``Faults`` knobs) adds: a backup of a VM in ``fail_backup_of`` goes
 initializing → failed with event 10792; with ``pause_transfers`` every new transfer pauses.
