@@ -174,6 +174,7 @@ async def status(request: web.Request) -> web.Response:
             "stores": sorted(s.stores),
             "policies": len(s.policies),
             "running_jobs": [j.job_id for j in s.jobs.running()],
+            "limits": s.limits.stats(),
         }
     )
 
@@ -244,7 +245,8 @@ async def start_backup(request: web.Request) -> web.Response:
             raise ConfigError(message=f"no policy {body.policy!r}")
         flow, quiesce, store_name = policy.flow, policy.require_quiesce, policy.store
         engine, level = policy.selection.engine, policy.level.default
-    known = [v["name"] for v in await s.list_vms(engine)]
+    vms_found = await s.list_vms(engine)
+    known = [v["name"] for v in vms_found]
     names: list[str] = []
     for pattern in body.vms:
         matched = [n for n in known if fnmatchcase(n, pattern)]
@@ -253,6 +255,7 @@ async def start_backup(request: web.Request) -> web.Response:
         names += [n for n in matched if n not in names]
     views = s.start_backup(
         names,
+        facts={v["name"]: v for v in vms_found},
         level=level,
         flow=flow,
         require_quiesce=quiesce,

@@ -1,11 +1,12 @@
 """The daemon's job manager: runs backup and restore jobs, holds their live state for the API.
 
 A *job* here is one VM's backup or one snapshot's restore, the same unit as in the journal
-(same id). ``JobManager`` starts each one as a task in its own TaskGroup, bounded by the
-``limits.concurrent_vms`` semaphore, with at most one job per VM at a time (a second request
-for a busy VM is refused with ``Busy``, which the API answers 409 and the scheduler records
-as skipped). Each job's ``JobView`` holds what the API shows: state, per-disk progress (bytes,
-total, rate, ETA), log lines and the summary.
+(same id). ``JobManager`` starts each one as a task in its own TaskGroup. A job first holds
+its named limits (``engine.util.limits``): ``vms`` (``limits.concurrent_vms``) and the image
+transfers it opens per host and per storage domain. At most one job per VM runs at a time: a
+second request for a busy VM is refused with ``Busy`` (the API answers 409; a policy run
+waits for it). Each job's ``JobView`` holds what the API shows: state, per-disk progress
+(bytes, total, rate, ETA), log lines and the summary.
 
 Shutdown (``drain``): no new jobs; running ones finish within the grace period; then
 ``cancel_all`` cancels the rest, whose state machines clean up (CANCELLING) before the tasks
@@ -16,7 +17,7 @@ end. Nothing here touches the engine or the store directly: jobs go through
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -25,6 +26,7 @@ import structlog
 
 from engine.core.errors import ConfigError, EngineError
 from engine.jobs.journal import new_job_id
+from engine.util.limits import Limits
 
 log = structlog.get_logger("tessera.daemon")
 
@@ -121,11 +123,13 @@ Listener = Callable[[JobView], Awaitable[None]]
 class JobManager:
     def __init__(
         self,
-        concurrent_vms: int,
+        limits: Limits,
         on_finished: Listener | None = None,
         on_started: Callable[[JobView], None] | None = None,
     ):
-        self._slots = asyncio.Semaphore(concurrent_vms)
+        """``limits`` must have a ``vms`` family (jobs at once); a job's other ``needs``
+        (e.g. ``transfers/host/<id>``) are held with it, in name order."""
+        self.limits = limits
         self._on_started = on_started
         self._jobs: dict[str, JobView] = {}
         self._busy: dict[str, str] = {}  # vm -> running job id
@@ -171,8 +175,10 @@ class JobManager:
         *,
         policy: str | None = None,
         params: dict[str, Any] | None = None,
+        needs: Mapping[str, int] | None = None,
     ) -> JobView:
-        """Start a job now (it waits for a free slot); raises Busy or ShuttingDown."""
+        """Start a job now; it waits until the ``vms`` limit and its ``needs`` (limit name →
+        units) have room. Raises Busy or ShuttingDown."""
         if not self._accepting or self._group is None:
             raise ShuttingDown(why="")
         if vm in self._busy:
@@ -181,14 +187,15 @@ class JobManager:
         self._jobs[view.job_id] = view
         self._busy[vm] = view.job_id
         self._idle.clear()
-        view.task = self._group.create_task(self._run(view, body), name=f"job {view.job_id}")
+        held = {"vms": 1, **(needs or {})}
+        view.task = self._group.create_task(self._run(view, body, held), name=f"job {view.job_id}")
         self._forget_old()
         return view
 
-    async def _run(self, view: JobView, body: JobBody) -> None:
+    async def _run(self, view: JobView, body: JobBody, needs: Mapping[str, int]) -> None:
         bound = log.bind(job=view.job_id, kind=view.kind, vm=view.vm, policy=view.policy)
         try:
-            async with self._slots:
+            async with self.limits.hold(needs):
                 view.state, view.started = "running", _now()
                 if self._on_started is not None:
                     self._on_started(view)

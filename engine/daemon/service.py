@@ -19,7 +19,8 @@ next start's step 3.
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -50,6 +51,7 @@ from engine.sources import registry
 from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE
 from engine.store.layout import StoreConfig
+from engine.util.limits import Limits
 from engine.workers import CpuPool, make_cpu_pool
 
 log = structlog.get_logger("tessera.daemon")
@@ -77,8 +79,16 @@ class Service:
     listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        lim = self.config.limits
+        self.limits = Limits(
+            {
+                "vms": lim.concurrent_vms,
+                "transfers/host": lim.transfers_per_host,
+                "transfers/sd": lim.transfers_per_storage_domain,
+            }
+        )
         self.jobs = JobManager(
-            self.config.limits.concurrent_vms,
+            self.limits,
             on_finished=self._finished,
             on_started=lambda view: self.metrics.job_started(view.kind),
         )
@@ -218,8 +228,11 @@ class Service:
         engine: str | None = None,
         store: str | None = None,
         policy: str | None = None,
+        facts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[JobView]:
-        """One backup job per VM name (exact names; the API resolves globs first)."""
+        """One backup job per VM name (exact names; the API resolves globs first). ``facts``
+        (``list_vms`` entries by name) give each job its transfer needs per host and
+        storage domain."""
         if level not in LEVELS:
             raise ConfigError(message=f"level {level!r} is unknown; use one of {LEVELS}")
         if flow not in BACKUP_FLOWS:
@@ -282,7 +295,10 @@ class Service:
                 }
                 return outcome.record.state.value.lower(), summary
 
-            views.append(self.jobs.submit("backup", vm, body, policy=policy, params=params))
+            needs = transfer_needs((facts or {}).get(vm))
+            views.append(
+                self.jobs.submit("backup", vm, body, policy=policy, params=params, needs=needs)
+            )
         return views
 
     def start_restore(
@@ -339,13 +355,19 @@ class Service:
                 summary |= {"vm_id": vm.id, "vm_name": vm.name}
             return outcome.record.state.value.lower(), summary
 
-        return self.jobs.submit("restore", new_name, body, params=params)
+        domains = Counter(
+            storage_domain or d.attributes.get("storage_domain_id") or "default"
+            for d in manifest.disks
+        )
+        needs = {f"transfers/sd/{sd}": n for sd, n in domains.items()}
+        return self.jobs.submit("restore", new_name, body, params=params, needs=needs)
 
     async def run_policy(self, policy: Policy, planned: datetime) -> None:
         """What the scheduler starts: a backup of every VM the policy selects, each at the
         level its rules give; returns when they have all ended (so the scheduler coalesces a
         fire that comes while they run)."""
         vms = await self.list_vms(policy.selection.engine)
+        by_name = {v["name"]: v for v in vms}
         chosen = [
             v["name"]
             for v in vms
@@ -372,6 +394,7 @@ class Service:
                 engine=policy.selection.engine,
                 store=policy.store,
                 policy=policy.name,
+                facts=by_name,
             )
             view.say(f"level {decision.level}: {decision.reason}")
             if view.task is not None:
@@ -442,6 +465,21 @@ class Service:
             await self.notifier.notify(summary, policy.notifications)
         for listener in self.listeners:
             await listener(view)
+
+
+def transfer_needs(vm: Mapping[str, Any] | None) -> dict[str, int]:
+    """Image transfers one VM's backup opens: one per disk, on the VM's host (when it runs)
+    and on each disk's storage domain."""
+    if vm is None:
+        return {}
+    disks = vm.get("disks", [])
+    needs: dict[str, int] = {}
+    if vm.get("host_id") and disks:
+        needs[f"transfers/host/{vm['host_id']}"] = len(disks)
+    for sd, n in Counter(d.get("storage_domain_id") for d in disks).items():
+        if sd:
+            needs[f"transfers/sd/{sd}"] = n
+    return needs
 
 
 def job_summary(view: JobView) -> JobSummary:

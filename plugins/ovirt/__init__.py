@@ -96,7 +96,16 @@ async def _list_vms(engine: Any) -> list[dict[str, Any]]:
             "cluster": v.cluster,
             "status": v.status,
             "tags": list(v.tags),
-            "disks": [{"id": d.id, "alias": d.name, "size": d.provisioned_size} for d in v.disks],
+            "host_id": v.host_id,
+            "disks": [
+                {
+                    "id": d.id,
+                    "alias": d.name,
+                    "size": d.provisioned_size,
+                    "storage_domain_id": d.storage_domain_id,
+                }
+                for d in v.disks
+            ],
         }
         for v in found
     ]

@@ -181,10 +181,10 @@ def add_config(config: Path, text: str) -> None:
     config.write_text(config.read_text() + text)
 
 
-async def metrics_text(socket_path: Path) -> str:
+async def get_text(socket_path: Path, path: str) -> str:
     connector = aiohttp.UnixConnector(path=str(socket_path))
     async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.get("http://tessera/metrics") as response:
+        async with session.get(f"http://tessera{path}") as response:
             assert response.status == 200
             return await response.text()
 
@@ -245,7 +245,7 @@ async def through_the_daemon(
         message = mailbox.message()
         assert "web01" in message["Subject"] and "succeeded" in message["Subject"].lower()
         assert job["id"] in message.get_payload()
-        text = await metrics_text(tmp_path / "api.sock")
+        text = await get_text(tmp_path / "api.sock", "/metrics")
         assert 'tessera_jobs_finished_total{kind="backup",state="succeeded"} 1.0' in text
         assert 'tessera_last_success_timestamp_seconds{vm="web01"}' in text
         lines = syslog_lines(udp)
@@ -271,6 +271,11 @@ async def through_the_daemon(
         first, second = daemon.events("retention.applied")
         assert first["removed"] == []  # one snapshot: nothing to remove
         assert second["vm"] == "web01" and len(second["removed"]) == 1
+
+        status = json.loads(await get_text(tmp_path / "api.sock", "/v1/status"))
+        limits = {lim["name"]: lim for lim in status["limits"]}
+        assert limits["vms"]["acquired"] == 3 and limits["vms"]["in_use"] == 0
+        assert any(name.startswith("transfers/sd/") for name in limits), limits
 
         code, out = await tessera("job", job["id"], "--config", config, "--json")
         assert code == 0, out
