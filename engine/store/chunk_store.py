@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+import structlog
+
 from engine.core.errors import (
     ChunkMissing,
     CorruptRecord,
@@ -28,6 +30,7 @@ from engine.core.ids import ZERO_ID, ChunkId, short
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
+from engine.store.check import clear_healed
 from engine.store.codec import Codec, parse_header
 from engine.store.diskmap import DiskMap
 from engine.store.index import Index
@@ -47,6 +50,8 @@ from engine.store.pack import PackWriter, SealedPack, pack_path
 from engine.store.recovery import RecoveryReport, recover
 from engine.store.snapshot import SnapshotWriter
 from engine.util.fs import atomic_write, fsync_dir
+
+log = structlog.get_logger("tessera.store")
 
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024  # see the package docstring for the measurement
 DEFAULT_PACK_SIZE: Final = 64 * 1024 * 1024
@@ -223,7 +228,8 @@ class Store:
     # --- chunks ------------------------------------------------------------------------------
 
     def has(self, chunk_id: bytes) -> bool:
-        """True if the chunk is stored (sealed or in a pack being written)."""
+        """True if the chunk is stored (sealed or in a pack being written) and not marked bad
+        by verify (a bad chunk is stored again by the next put: ``Index.add_pack``)."""
         with self._wlock:
             if chunk_id in self._pending:
                 return True
@@ -328,7 +334,7 @@ class Store:
     def _seal(self, writer: PackWriter) -> None:
         try:
             sealed = writer.seal()
-            self.index.add_pack(sealed)
+            healed = self.index.add_pack(sealed)
         except BaseException as e:
             with self._wlock:
                 self._failed = e
@@ -338,6 +344,25 @@ class Store:
                 p = self._pending.get(entry.chunk_id)
                 if p is not None and p.writer is writer:
                     del self._pending[entry.chunk_id]
+        self._healed(healed)
+
+    def _healed(self, healed: list[ChunkId]) -> None:
+        """Chunks verify had marked bad are stored again (``Index.add_pack`` repointed them
+        to the new, durable record): drop them from the snapshots' damage marks. A failure
+        here costs only a stale mark (``check.damage_of`` re-checks), never the pack."""
+        if not healed:
+            return
+        try:
+            cleared = clear_healed(self.layout, self.index)
+        except (OSError, ValueError) as e:
+            log.warning("store.heal_marks_failed", store=str(self.path), error=str(e))
+            return
+        log.info(
+            "store.healed",
+            store=str(self.path),
+            chunks=[short(c) for c in healed],
+            snapshots_undamaged=cleared,
+        )
 
     def _raise_if_failed(self) -> None:
         if self._failed is not None:
@@ -347,7 +372,7 @@ class Store:
 
     def add_sealed_pack(self, sealed: SealedPack) -> None:
         """Index a pack written by someone else (repack, replication receiver)."""
-        self.index.add_pack(sealed)
+        self._healed(self.index.add_pack(sealed))
 
     # --- snapshots ---------------------------------------------------------------------------
 

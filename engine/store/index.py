@@ -16,7 +16,8 @@ location (the duplicate record is dead weight that GC repacks away) — unless t
 ``LeaseClock`` stamp written right after GC condemned it. A condemned chunk still reads
 (``lookup``) but does not deduplicate (``has`` is false), so a writer stores it again and the
 new location replaces the row and revives it; GC deletes rows only once condemned (protocol:
-``engine.store`` docstring).
+``engine.store`` docstring). A chunk in ``bad_chunks`` (verify found its record damaged or
+missing) is treated the same way: not deduplicated, replaced and *healed* by the next put.
 
 Connections are per thread (SQLite connections must not be shared); writes are serialised
 by a lock.
@@ -25,6 +26,7 @@ by a lock.
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,23 @@ CREATE TABLE IF NOT EXISTS chunks(
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pack);
 """
+_BAD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bad_chunks(
+    id BLOB PRIMARY KEY,
+    pack TEXT,
+    offset INTEGER,
+    reason TEXT NOT NULL,
+    since TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+# bad_chunks: chunks verify found damaged (pack/offset: the bad record; NULL: missing). A bad
+# chunk does not deduplicate (``has`` is false), so the next writer that produces its data
+# stores a good record; ``add_pack`` repoints the row to it and drops the id from the list
+# in the same transaction (the new pack is sealed and durable before that, so a crash leaves
+# either the old row and the mark, or the new row without it).
+
+
+_BAD_WRITE_TIMEOUT = 60.0  # seconds a read-only open waits for the writer's transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +76,18 @@ class Location:
     offset: int
     length: int
     plain_len: int
+
+
+@dataclass(frozen=True)
+class BadChunk:
+    """A chunk verify found damaged: its record at ``pack``/``offset`` fails its checks, or
+    (``pack`` None) it is referenced but not stored."""
+
+    chunk_id: ChunkId
+    pack: str | None
+    offset: int | None
+    reason: str
+    since: str  # RFC 3339 time of the finding
 
 
 @dataclass(frozen=True)
@@ -91,18 +122,28 @@ class Index:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._has_sql = "SELECT condemned FROM chunks WHERE id = ?"
+        conn = self._conn()
         if not readonly:
-            conn = self._conn()
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + _BAD_SCHEMA)
             if not self._has_condemned(conn):  # a store from before GC: add the column
                 conn.execute("ALTER TABLE chunks ADD COLUMN condemned INTEGER NOT NULL DEFAULT 0")
-        elif not self._has_condemned(self._conn()):
-            self._has_sql = "SELECT 0 FROM chunks WHERE id = ?"
+        # ``has``: 1 if live. A read-only open of an older index may lack the column/table.
+        live = "condemned = 0" if self._has_condemned(conn) else "1"
+        if self._has_bad_table(conn):
+            live += " AND NOT EXISTS(SELECT 1 FROM bad_chunks b WHERE b.id = chunks.id)"
+        self._has_sql = f"SELECT {live} FROM chunks WHERE id = ?"
 
     @staticmethod
     def _has_condemned(conn: sqlite3.Connection) -> bool:
         return any(r[1] == "condemned" for r in conn.execute("PRAGMA table_info(chunks)"))
+
+    @staticmethod
+    def _has_bad_table(conn: sqlite3.Connection) -> bool:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bad_chunks'"
+            ).fetchone()
+        )
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -139,12 +180,14 @@ class Index:
         return Location(*row) if row else None
 
     def has(self, chunk_id: bytes) -> bool:
-        """True if the chunk is stored and not condemned (a condemned one is stored again)."""
+        """True if the chunk is stored, not condemned and not bad (those are stored again)."""
         row = self._conn().execute(self._has_sql, (chunk_id,)).fetchone()
-        return row is not None and row[0] == 0
+        return row is not None and row[0] == 1
 
-    def add_pack(self, sealed: SealedPack) -> None:
-        """Add a sealed pack and its entries durably, in one transaction."""
+    def add_pack(self, sealed: SealedPack) -> list[ChunkId]:
+        """Add a sealed pack and its entries durably, in one transaction. A chunk in the
+        pack that is condemned or bad is repointed to it; bad ones are *healed* (dropped
+        from ``bad_chunks``) and returned."""
         conn = self._conn()
         with self._lock:
             conn.execute("BEGIN IMMEDIATE")
@@ -158,18 +201,30 @@ class Index:
                     "INSERT INTO chunks(id, pack, offset, length, plain) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET pack = excluded.pack, offset = excluded.offset, "
                     "length = excluded.length, plain = excluded.plain, condemned = 0 "
-                    "WHERE chunks.condemned != 0",
+                    "WHERE chunks.condemned != 0 "
+                    "OR EXISTS(SELECT 1 FROM bad_chunks b WHERE b.id = excluded.id)",
                     (
                         (e.chunk_id, pack_id, e.offset, e.length, e.plain_len)
                         for e in sealed.entries
                     ),
                 )
+                healed: list[ChunkId] = []
+                if conn.execute("SELECT 1 FROM bad_chunks LIMIT 1").fetchone():
+                    healed = [
+                        ChunkId(r[0])
+                        for r in conn.execute(
+                            "DELETE FROM bad_chunks WHERE id IN "
+                            "(SELECT id FROM chunks WHERE pack = ?) RETURNING id",
+                            (pack_id,),
+                        ).fetchall()
+                    ]
                 failpoints.hit("store.index.before_commit")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         failpoints.hit("store.index.after_commit")
+        return healed
 
     def drop_pack(self, name: str) -> int:
         """Forget a pack and every chunk located in it; returns how many chunks."""
@@ -307,6 +362,84 @@ class Index:
             return moved
 
         return self._write(run)
+
+    # --- bad chunks (engine.maint.verify marks them, the next put of their data heals) -----
+
+    @contextmanager
+    def _bad_writer(self) -> Iterator[sqlite3.Connection]:
+        """A connection that may write ``bad_chunks``: verify runs in a read-only open
+        beside the writer process, so a read-only index opens a short-lived one (SQLite
+        serialises it with the writer's transactions)."""
+        if not self._readonly:
+            with self._lock:
+                yield self._conn()
+            return
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=_BAD_WRITE_TIMEOUT)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(_BAD_SCHEMA)
+            yield conn
+        finally:
+            conn.close()
+
+    def mark_bad(self, marks: Iterable[BadChunk]) -> int:
+        """Record damaged chunks; returns how many were marked. A mark naming a pack holds
+        only while the index still locates the chunk at that pack and offset (a writer may
+        have replaced it meanwhile); a mark without a pack (the chunk is missing) only while
+        the chunk is not indexed."""
+        located = [
+            (m.chunk_id, m.pack, m.offset, m.reason, m.since, m.chunk_id, m.pack, m.offset)
+            for m in marks
+            if m.pack is not None
+        ]
+        missing = [(m.chunk_id, m.reason, m.since, m.chunk_id) for m in marks if m.pack is None]
+        n = 0
+        with self._bad_writer() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if located:
+                    n += conn.executemany(
+                        "INSERT OR REPLACE INTO bad_chunks(id, pack, offset, reason, since) "
+                        "SELECT ?, ?, ?, ?, ? WHERE EXISTS(SELECT 1 FROM chunks c JOIN packs p "
+                        "ON p.id = c.pack WHERE c.id = ? AND p.name = ? AND c.offset = ?)",
+                        located,
+                    ).rowcount
+                if missing:
+                    n += conn.executemany(
+                        "INSERT OR REPLACE INTO bad_chunks(id, pack, offset, reason, since) "
+                        "SELECT ?, NULL, NULL, ?, ? "
+                        "WHERE NOT EXISTS(SELECT 1 FROM chunks WHERE id = ?)",
+                        missing,
+                    ).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return n
+
+    def unmark_bad(self, chunk_ids: Iterable[bytes]) -> int:
+        """Forget marks (a chunk that reads back correctly after all, or a lost one no longer
+        referenced or indexed); returns how many."""
+        rows = [(cid,) for cid in chunk_ids]
+        with self._bad_writer() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = conn.executemany("DELETE FROM bad_chunks WHERE id = ?", rows).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return n
+
+    def bad_chunks(self) -> list[BadChunk]:
+        """Every marked chunk (few: damage, not data), in id order."""
+        conn = self._conn()
+        if not self._has_bad_table(conn):
+            return []
+        rows = conn.execute(
+            "SELECT id, pack, offset, reason, since FROM bad_chunks ORDER BY id"
+        ).fetchall()
+        return [BadChunk(ChunkId(cid), *rest) for cid, *rest in rows]
 
     def packs(self) -> list[PackRow]:
         rows = self._conn().execute("SELECT name, size, records FROM packs ORDER BY id")

@@ -1,0 +1,169 @@
+"""``tessera store verify`` and ``tessera store repair`` (``engine.maint.verify``).
+
+Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` is
+passed in so this module does not import ``cli``. Verify opens the store read-only, so it
+runs while a backup or the daemon holds the writer lock; repair takes the writer lock.
+Exit status: 0 when everything is whole, 3 (integrity) when anything is wrong or lost.
+"""
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.core.units import human_bytes
+from engine.daemon.progress import ProgressDisplay
+from engine.maint.verify import (
+    RepairResult,
+    VerifyOptions,
+    VerifyProgress,
+    VerifyResult,
+    repair,
+    verify,
+)
+from engine.store.check import Finding
+from engine.store.chunk_store import Store
+
+EXIT_OK, EXIT_INTEGRITY = 0, 3  # the values of engine.daemon.cli's exit codes
+
+OpenStore = Callable[[argparse.Namespace, bool], Store]
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"percentage {text!r} must be in (0, 100]")
+    return value
+
+
+def register(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    open_store: OpenStore,
+    add_key_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``store verify`` and ``store repair`` to the ``store`` command."""
+    store_sub = _subparsers(sub.choices["store"])
+    p = store_sub.add_parser(
+        "verify",
+        help="check snapshots reference stored chunks (and data); marks what is damaged",
+        description="Structure: manifests authenticate, DiskMaps match their checksums, every "
+        "referenced chunk is indexed in a whole pack. --data also reads every record (CRC, "
+        "AEAD, re-hash); --percent P reads a sample of P %% of the packs, least recently "
+        "verified first. A killed run is resumed by the next one with the same options. "
+        "Damaged snapshots are marked (see `tessera snapshots`) and their bad chunks are "
+        "stored again by the next backup that reads their data. Runs beside backups.",
+    )
+    p.add_argument("path", type=Path)
+    p.add_argument("--data", action="store_true", help="also read and check every record")
+    p.add_argument(
+        "--percent", type=_percent, metavar="P", help="read a sample of P %% of the packs"
+    )
+    p.add_argument("--json", action="store_true")
+    add_key_options(p)
+    p.set_defaults(func=lambda a: cmd_store_verify(a, open_store))
+
+    p = store_sub.add_parser(
+        "repair",
+        help="rebuild the index, quarantine unreadable packs, list what is lost",
+        description="Rebuild the chunk index from pack trailers, move packs whose trailer "
+        "cannot be read to STORE/quarantine/ (with a note), then verify the structure: "
+        "snapshots with missing chunks are marked damaged and listed with their VMs. Takes "
+        "the writer lock (stop the daemon first). Exit 3 when anything is lost.",
+    )
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true")
+    add_key_options(p)
+    p.set_defaults(func=lambda a: cmd_store_repair(a, open_store))
+
+
+def _subparsers(
+    parser: argparse.ArgumentParser,
+) -> "argparse._SubParsersAction[argparse.ArgumentParser]":
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise AssertionError(f"{parser.prog} has no subcommands")
+
+
+def _show(display: ProgressDisplay) -> Callable[[VerifyProgress], None]:
+    def progress(p: VerifyProgress) -> None:
+        if p.step == "data" and p.bytes_total:
+            display.update("packs", p.bytes_done, p.bytes_total)
+
+    return progress
+
+
+def cmd_store_verify(args: argparse.Namespace, open_store: OpenStore) -> int:
+    with open_store(args, False) as store, ProgressDisplay(f"verify {store.path}") as display:
+        result = verify(
+            store, VerifyOptions(data=args.data, percent=args.percent, progress=_show(display))
+        )
+    if args.json:
+        print(json.dumps(result.doc(), indent=2))
+    else:
+        _print_verify(result)
+    return EXIT_OK if result.ok else EXIT_INTEGRITY
+
+
+def _finding_line(f: Finding) -> str:
+    who = []
+    if f.snapshots:
+        who.append(f"snapshots: {', '.join(f.snapshots)}")
+    if f.vms:
+        who.append(f"VMs: {', '.join(f.vms)}")
+    return f"{f.kind}: {f.message}" + (f" ({'; '.join(who)})" if who else "")
+
+
+def _print_verify(result: VerifyResult) -> None:
+    for f in result.findings:
+        print(_finding_line(f))
+    what = ""
+    if result.data:
+        what = f", {result.chunks_checked} chunks read ({human_bytes(result.bytes_checked)})"
+        run = f"run {result.run}" + (" (resumed)" if result.resumed else "")
+        print(
+            f"{run}: {result.packs_checked} packs read now, {result.packs_in_run} of "
+            f"{result.packs_total} in the run ({result.percent:g} %), least recently verified "
+            "first"
+        )
+    if result.damaged:
+        print(f"damaged snapshots: {', '.join(result.damaged)} (VMs: {', '.join(result.vms)})")
+    if result.undamaged:
+        print(f"no longer damaged: {', '.join(result.undamaged)}")
+    print(
+        f"verified {result.snapshots} snapshots{what}: "
+        + ("ok" if result.ok else f"{len(result.findings)} problems")
+    )
+
+
+def cmd_store_repair(args: argparse.Namespace, open_store: OpenStore) -> int:
+    with open_store(args, True) as store, ProgressDisplay(f"repair {store.path}") as display:
+        result = repair(store, progress=_show(display))
+    if args.json:
+        print(json.dumps(result.doc(), indent=2))
+    else:
+        _print_repair(result)
+    return EXIT_INTEGRITY if result.lost else EXIT_OK
+
+
+def _print_repair(result: RepairResult) -> None:
+    for line in result.recovery:
+        print(line)
+    print(f"index rebuilt: {result.indexed_packs} packs, {result.indexed_chunks} chunks")
+    for q in result.quarantined:
+        print(f"quarantined pack {q.pack} to {q.path}: {q.reason}")
+    for f in result.verify.findings:
+        print(_finding_line(f))
+    if not result.lost:
+        print("nothing is lost")
+        return
+    if result.verify.damaged:
+        print(
+            f"lost: {len(result.verify.damaged)} snapshots have missing or damaged data: "
+            f"{', '.join(result.verify.damaged)} (VMs: {', '.join(result.verify.vms)})"
+        )
+    else:
+        print("lost: no snapshot references the quarantined packs' chunks")
