@@ -276,6 +276,8 @@ async def start_restore(request: web.Request) -> web.Response:
         flow=body.flow,
         engine=body.engine,
         store=body.store,
+        disk=body.disk,
+        into_vm=body.into_vm,
     )
     return web.json_response({"jobs": [view.doc()]}, status=202)
 

@@ -21,6 +21,8 @@ class RestoreRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     flow: str = "imageio"
     engine: str | None = None
     store: str | None = None
+    disk: str | None = None  # one disk (id or name) of the snapshot; None: all
+    into_vm: str | None = None  # attach to this existing VM instead of creating one
 
 
 class ProtectRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

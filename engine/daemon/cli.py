@@ -411,13 +411,14 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
                     storage_domain=args.storage_domain,
                     flow=args.flow,
                     datamover=config.datamover,
+                    into_vm=args.into_vm,
                 ) as vm_restore:
                     with ProgressDisplay(f"restore {manifest.vm_name}") as display:
                         outcome = await run_restore(
                             store=store,
                             pool=pool,
                             snapshot_id=snapshot_id,
-                            disks=None,
+                            disks=[args.disk] if args.disk else None,
                             plugin=plugin.name,
                             make_target=vm_restore.make_target,
                             journal=journal,
@@ -433,7 +434,8 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
                     assert vm is not None  # the job's COMMITTING step created it
             finally:
                 await pool.aclose()
-            print(f"restored VM {vm.name} id {vm.id}")
+            what = "disks attached to VM" if args.into_vm else "restored VM"
+            print(f"{what} {vm.name} id {vm.id}")
             return EXIT_OK
 
         return aio.run(run())

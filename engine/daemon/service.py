@@ -39,7 +39,7 @@ from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.backup import LEVELS, run_backup
 from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
-from engine.jobs.restore import run_restore
+from engine.jobs.restore import run_restore, select_disks
 from engine.jobs.states import State
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
@@ -311,13 +311,17 @@ class Service:
         flow: str = "imageio",
         engine: str | None = None,
         store: str | None = None,
+        disk: str | None = None,
+        into_vm: str | None = None,
     ) -> JobView:
-        """A snapshot restored into the engine as a new VM."""
+        """A snapshot restored into the engine as a new VM, or its disk(s) attached to the
+        existing VM ``into_vm``."""
         handle = self.store(store)
         snapshot_id = handle.store.resolve(snapshot)
         manifest = handle.store.manifest(snapshot_id)
         engine_section = self.config.engine(engine)
-        new_name = name or f"{manifest.vm_name}-restored"
+        new_name = into_vm or name or f"{manifest.vm_name}-restored"
+        chosen = select_disks(manifest, disk)  # ConfigError naming an unknown disk
         params: dict[str, Any] = {"snapshot": snapshot_id, "name": new_name, "flow": flow}
         params["cluster"] = cluster
         params |= {"storage_domain": storage_domain, "store": handle.section.name}
@@ -334,12 +338,13 @@ class Service:
                 storage_domain=storage_domain,
                 flow=flow,
                 datamover=self.config.datamover,
+                into_vm=into_vm,
             ) as vm_restore:
                 outcome = await run_restore(
                     store=handle.store,
                     pool=handle.pool,
                     snapshot_id=snapshot_id,
-                    disks=None,
+                    disks=[disk] if disk else None,
                     plugin=plugin.name,
                     make_target=vm_restore.make_target,
                     journal=handle.journal,
@@ -356,8 +361,7 @@ class Service:
             return outcome.record.state.value.lower(), summary
 
         domains = Counter(
-            storage_domain or d.attributes.get("storage_domain_id") or "default"
-            for d in manifest.disks
+            storage_domain or d.attributes.get("storage_domain_id") or "default" for d in chosen
         )
         needs = {f"transfers/sd/{sd}": n for sd, n in domains.items()}
         return self.jobs.submit("restore", new_name, body, params=params, needs=needs)

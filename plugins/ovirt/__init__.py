@@ -53,11 +53,13 @@ def _vm_restore(
     storage_domain: str | None = None,
     flow: str = "imageio",
     datamover: Any = None,
+    into_vm: str | None = None,
 ) -> Any:
     """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
     ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio`` uploads
     the disks; ``attach`` writes them through the DataMover (``datamover``: the config's
-    section)."""
+    section). ``into_vm`` (an existing VM's name or id) gets the disks attached instead of
+    a new VM being created."""
     from functools import partial  # noqa: PLC0415
 
     from plugins.ovirt.attach import AttachVmRestore  # noqa: PLC0415
@@ -65,7 +67,9 @@ def _vm_restore(
 
     if flow not in RESTORE_FLOWS:
         raise ConfigError(message=f"restore flow {flow!r} is unknown; use one of {RESTORE_FLOWS}")
-    options = RestoreOptions(name=name, cluster=cluster, storage_domain=storage_domain)
+    options = RestoreOptions(
+        name=name, cluster=cluster, storage_domain=storage_domain, into_vm=into_vm
+    )
     factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
     return vm_restore(engine, store, manifest, options, factory=factory)
 

@@ -50,12 +50,13 @@ import ovirtsdk4.types as t
 import structlog
 
 from engine.config.models import EngineSection
-from engine.core.errors import EngineError
+from engine.core.errors import ConfigError, EngineError
 from engine.core.ids import chunk_id_from_hex
 from engine.sources.types import DiskInfo, ResourceRecorder
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
+from plugins.ovirt import inventory
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     cancel_transfer,
@@ -87,6 +88,7 @@ class RestoreOptions:
     name: str | None = None
     cluster: str | None = None
     storage_domain: str | None = None
+    into_vm: str | None = None  # an existing VM (name or id): attach the disks to it instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +274,11 @@ class VmRestore:
                 reason=f"disk {entry.name}: no storage domain recorded; name one",
             )
         incremental = fmt == "cow" and attrs.get("backup") == "incremental"
+        # Into an existing VM the disk sits beside the VM's own: say where it came from.
+        alias = entry.name if self.options.into_vm is None else f"{entry.name}-restored"
         body = t.Disk(
-            alias=entry.name,
-            name=entry.name,
+            alias=alias,
+            name=alias,
             provisioned_size=entry.size,
             format=t.DiskFormat(fmt),
             sparse=sparse,
@@ -314,11 +318,80 @@ class VmRestore:
                 )
             await asyncio.sleep(POLL_INTERVAL)
 
+    async def find_target_vm(self) -> RestoredVm:
+        """The existing VM of ``options.into_vm`` (by name or id); ConfigError naming it when
+        the engine has no such VM. Called before any disk is created."""
+        wanted = self.options.into_vm
+        assert wanted is not None
+        found = [v for v in await inventory.vms(self.client, name_glob=wanted) if v.name == wanted]
+        if not found and _UUID.match(wanted):
+            try:
+                found = [await inventory.vm(self.client, wanted)]
+            except EngineNotFound:
+                found = []
+        if len(found) != 1:
+            raise ConfigError(
+                message=f"restore into VM {wanted!r}: the engine has "
+                + ("no such VM" if not found else f"{len(found)} VMs of that name")
+            )
+        return RestoredVm(found[0].id, found[0].name, ())
+
+    async def attach_to_existing(self) -> RestoredVm:
+        """``create_vm`` for ``options.into_vm``: attach the uploaded disks to the existing VM
+        (not bootable: it has its boot disk). The VM is never deleted; if an attachment
+        fails, the disks attached so far are detached so that cleanup can delete them."""
+        target = await self.find_target_vm()
+        attached: list[str] = []
+        try:
+            for entry, disk_id in self.disks:
+                await self._attach(target.id, target.name, entry, disk_id, bootable=False)
+                attached.append(disk_id)
+        except BaseException:
+            for disk_id in attached:
+                await self._detach(target.id, disk_id)
+            raise
+        self._done = True
+        self.vm = RestoredVm(target.id, target.name, tuple(d for _, d in self.disks))
+        return self.vm
+
+    async def _attach(
+        self, vm_id: str, vm_name: str, entry: DiskEntry, disk_id: str, *, bootable: bool
+    ) -> None:
+        attrs = entry.attributes
+        attachment = t.DiskAttachment(
+            disk=t.Disk(id=disk_id),
+            interface=t.DiskInterface(attrs.get("interface") or "virtio_scsi"),
+            bootable=bootable,
+            active=True,
+            pass_discard=False,
+        )
+
+        def attach(conn: sdk.Connection) -> Any:
+            vms = conn.system_service().vms_service()
+            return vms.vm_service(vm_id).disk_attachments_service().add(attachment)
+
+        await self.client.call(
+            attach, "attach disk", obj=f"disk {disk_id} to VM {vm_name}", idempotent=False
+        )
+
+    async def _detach(self, vm_id: str, disk_id: str) -> None:
+        def detach(conn: sdk.Connection) -> None:
+            vms = conn.system_service().vms_service()
+            attachments = vms.vm_service(vm_id).disk_attachments_service()
+            attachments.attachment_service(disk_id).remove(detach_only=True)
+
+        try:
+            await self.client.call(detach, "detach disk", obj=f"disk {disk_id} from VM {vm_id}")
+        except EngineError as e:
+            log.warning("detach after a failed restore failed", disk=disk_id, error=str(e))
+
     async def create_vm(self) -> RestoredVm:
         """Create the VM and attach the uploaded disks; call once, after every disk's
         target closed successfully. The VM id is recorded (``restore_vm``) right after it
         exists, for a killed process; ``VmRestore`` deletes the VM itself if an attachment
-        fails."""
+        fails. With ``options.into_vm`` the disks go to that existing VM instead."""
+        if self.options.into_vm is not None:
+            return await self.attach_to_existing()
         cluster_name = self.options.cluster or ovf_cluster(self.ovf) or "Default"
         cluster = _ref(t.Cluster, cluster_name)
         if self.ovf:
@@ -342,22 +415,8 @@ class VmRestore:
             self._record("restore_vm", vm.id)
         failpoints.hit("ovirt.restore.vm_created")
         for entry, disk_id in self.disks:
-            attrs = entry.attributes
-            attachment = t.DiskAttachment(
-                disk=t.Disk(id=disk_id),
-                interface=t.DiskInterface(attrs.get("interface") or "virtio_scsi"),
-                bootable=attrs.get("bootable") == "true",
-                active=True,
-                pass_discard=False,
-            )
-
-            def attach(conn: sdk.Connection, a: t.DiskAttachment = attachment) -> Any:
-                vms = conn.system_service().vms_service()
-                return vms.vm_service(vm.id).disk_attachments_service().add(a)
-
-            await self.client.call(
-                attach, "attach disk", obj=f"disk {disk_id} to VM {self.name}", idempotent=False
-            )
+            bootable = entry.attributes.get("bootable") == "true"
+            await self._attach(vm.id, self.name, entry, disk_id, bootable=bootable)
         self._done = True
         self.vm = RestoredVm(vm.id, self.name, tuple(d for _, d in self.disks))
         return self.vm
@@ -480,4 +539,6 @@ async def vm_restore(
         EngineClient(config) as client,
         factory(client, manifest, ovf, options, recovery) as vr,
     ):
+        if options.into_vm is not None:
+            await vr.find_target_vm()  # an unknown VM fails before any disk is created
         yield vr

@@ -167,3 +167,44 @@ async def test_a_failed_restore_leaves_nothing(tmp_path: Path, lab: Lab, failure
     if failure == "corrupt-chunk":
         assert "corrupt" in (out + err).lower()
         assert any(p == "finished_cleanup" for p in after.transfers)  # cancelled mid-upload
+
+
+async def test_one_disk_restored_into_an_existing_vm(tmp_path: Path, lab: Lab) -> None:
+    """`--disk D --into-vm VM`: one new disk, attached (not bootable) to the existing VM,
+    holding the disk's data at backup time; the VM and its own disks are untouched."""
+    engine, config, images = lab
+    snapshot_id, refs = await full_backup(config, tmp_path, images)
+    before = await asyncio.to_thread(view, engine)
+
+    code, out, err = await tessera(
+        "restore", snapshot_id, "--config", config, "--disk", "vm1_data", "--into-vm", "vm1"
+    )
+    assert code == 0, out + err
+    after = await asyncio.to_thread(view, engine)
+    assert set(after.vms) == set(before.vms)  # no VM created
+    vm1 = after.vms["vm1"]
+    assert f"disks attached to VM vm1 id {vm1['id']}" in out
+    disks = vm1["disks"]
+    assert isinstance(disks, dict)
+    old_disks = before.vms["vm1"]["disks"]
+    assert isinstance(old_disks, dict)
+    assert set(disks) == set(old_disks) | {"vm1_data-restored"}
+    for alias, facts in old_disks.items():
+        assert disks[alias] == facts  # the VM's own disks are as they were
+    restored = disks["vm1_data-restored"]
+    assert restored["bootable"] is False and restored["active"] is True
+    assert identical(refs["vm1_data"], engine.activity.images[restored["id"]])
+    assert after.disks == before.disks | {restored["id"]}
+
+
+async def test_into_an_unknown_vm_fails_before_creating_anything(tmp_path: Path, lab: Lab) -> None:
+    engine, config, images = lab
+    snapshot_id, _ = await full_backup(config, tmp_path, images)
+    before = await asyncio.to_thread(view, engine)
+    code, out, err = await tessera(
+        "restore", snapshot_id, "--config", config, "--disk", "vm1_os", "--into-vm", "nope"
+    )
+    assert code == 2, out + err
+    assert "restore into VM 'nope': the engine has no such VM" in err
+    after = await asyncio.to_thread(view, engine)
+    assert after.disks == before.disks and set(after.vms) == set(before.vms)
