@@ -194,6 +194,8 @@ class Store:
             store = cls(layout, config, keys, writable, lock)
             if writable:
                 store.report = recover(layout, store.index, store.catalog, store.manifest)
+                if store.report.indexed_packs:  # they may have healed bad chunks
+                    store._clear_marks()
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -350,19 +352,18 @@ class Store:
         """Chunks verify had marked bad are stored again (``Index.add_pack`` repointed them
         to the new, durable record): drop them from the snapshots' damage marks. A failure
         here costs only a stale mark (``check.damage_of`` re-checks), never the pack."""
-        if not healed:
-            return
+        if healed:
+            log.info("store.healed", store=str(self.path), chunks=[short(c) for c in healed])
+            self._clear_marks()
+
+    def _clear_marks(self) -> None:
         try:
             cleared = clear_healed(self.layout, self.index)
         except (OSError, ValueError) as e:
             log.warning("store.heal_marks_failed", store=str(self.path), error=str(e))
             return
-        log.info(
-            "store.healed",
-            store=str(self.path),
-            chunks=[short(c) for c in healed],
-            snapshots_undamaged=cleared,
-        )
+        if cleared:
+            log.info("store.undamaged", store=str(self.path), snapshots=cleared)
 
     def _raise_if_failed(self) -> None:
         if self._failed is not None:
