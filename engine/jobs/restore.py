@@ -10,8 +10,14 @@ FINISHING / ABORTING / CANCELLING   targets clean up after themselves (a failed 
 ``make_target(entry, record)`` is the plugin's factory: an async context manager giving a
 ``TargetDisk`` that publishes on success and removes a partial disk on failure; ``record``
 lets it persist what it creates before creating it.
+
+``base(entry)`` (optional; called in an executor thread before the disk's target is made)
+gives the DiskMap of the ids the target already holds, or None: only the slots that differ
+from it are written (``engine.restore.disk``); the job closes it. A standby refresh
+(``engine.standby``) runs this job as kind ``standby`` with a base per disk.
 """
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack
@@ -26,11 +32,13 @@ from engine.jobs.states import Event, State
 from engine.restore.disk import RestoreStats, restore_disk
 from engine.sources.types import ResourceRecorder, TargetDisk
 from engine.store.chunk_store import Store
+from engine.store.diskmap import DiskMap
 from engine.store.locks import reading_snapshot
 from engine.store.manifest import DiskEntry, Manifest
 from engine.workers import CpuPool
 
 MakeTarget = Callable[[DiskEntry, ResourceRecorder], AbstractAsyncContextManager[TargetDisk]]
+Base = Callable[[DiskEntry], DiskMap | None]
 Progress = Callable[[str, int, int], None]
 
 
@@ -77,11 +85,19 @@ async def run_restore(
     progress: Progress | None = None,
     finish: Callable[[], Awaitable[object]] | None = None,
     job_id: str | None = None,
+    base: Base | None = None,
+    kind: str = "restore",
+    params: dict[str, Any] | None = None,
 ) -> RestoreOutcome:
     """Restore the disks; then ``finish`` (e.g. create the VM and attach the disks) runs as
-    the COMMITTING step, so a failure there fails the job and its targets are cleaned up."""
+    the COMMITTING step, so a failure there fails the job and its targets are cleaned up.
+    ``base``: see the module docstring; ``kind`` and ``params`` (added to the journal's)
+    name the job."""
     record = journal.create(
-        "restore", plugin, {"snapshot": snapshot_id, "disks": list(disks or [])}, job_id
+        kind,
+        plugin,
+        {"snapshot": snapshot_id, "disks": list(disks or [])} | (params or {}),
+        job_id,
     )
     outcome = RestoreOutcome(record)
     driver = JobDriver(journal, record)
@@ -112,10 +128,22 @@ async def run_restore(
                 if progress is not None:
                     progress(entry.name, done, entry.size)
 
-            async with make_target(entry, remember) as target:
-                stats = await restore_disk(
-                    store, pool, outcome.manifest, entry, target, writers=writers, progress=advanced
-                )
+            diskmap = await asyncio.to_thread(base, entry) if base is not None else None
+            try:
+                async with make_target(entry, remember) as target:
+                    stats = await restore_disk(
+                        store,
+                        pool,
+                        outcome.manifest,
+                        entry,
+                        target,
+                        writers=writers,
+                        progress=advanced,
+                        base=diskmap,
+                    )
+            finally:
+                if diskmap is not None:
+                    diskmap.close()
             outcome.disks.append(stats)
         return Event.TRANSFERRED
 
@@ -139,6 +167,8 @@ async def run_restore(
         record.summary = {
             "disks": [d.disk_id for d in outcome.disks],
             "bytes_written": sum(d.bytes_written for d in outcome.disks),
+            "slots_written": sum(d.slots_written for d in outcome.disks),
+            "slots_skipped": sum(d.slots_skipped for d in outcome.disks),
             "seconds": round(outcome.seconds, 3),
         }
         journal.save(record)

@@ -11,6 +11,12 @@
                                                                             writer (N connections)
     then: flush every writer; close every writer (always)
 
+With ``base`` (the DiskMap of the same disk in the snapshot the target already holds), slots
+whose id equals the base's at the same slot are *unchanged*: not read, not written (counted
+in ``RestoreStats.slots_skipped``); every other slot is written, a slot that became ZERO
+with ``write_zeroes`` (the target holds the base's data, so it is never treated as fresh).
+A restore with a base is a refresh: only the slots that differ travel.
+
 The pipeline's tasks live in one ``asyncio.TaskGroup`` (the flushes in a second one): the
 first failure cancels the rest and is raised as itself (not as an ``ExceptionGroup``), other
 failures ride along as notes on it.
@@ -28,7 +34,8 @@ Raised: ``CorruptRecord`` (naming chunk, pack and offset) and ``ChunkMissing`` (
 chunk, disk, slot and offset) as themselves; ``CorruptDiskMap`` from opening the DiskMap;
 ``ConfigError`` when the target disk is smaller than the disk; whatever the target's
 writers raise (their own ``EngineError``s), unchanged; ``ValueError`` for caller mistakes
-(``writers`` < 1, a pool whose buffers are smaller than the store's chunks).
+(``writers`` < 1, a pool whose buffers are smaller than the store's chunks, a base with
+another chunk size).
 """
 
 import asyncio
@@ -72,13 +79,21 @@ class RestoreStats:
     bytes_written: int = 0  # data bytes written from decoded chunks (every slot counted)
     zero_bytes_skipped: int = 0  # zero slots left alone on a fresh target
     zero_bytes_written: int = 0  # zero slots written with write_zeroes
+    unchanged_bytes: int = 0  # slots equal to the base's: neither read nor written
+    slots_written: int = 0  # slots that got data or zeroes
+    slots_skipped: int = 0  # slots equal to the base's (only with a base)
     chunks_read: int = 0  # records read from packs (a chunk shared by slots counts once)
     chunks_decoded: int = 0
     seconds: float = 0.0
 
     @property
     def bytes_restored(self) -> int:
-        return self.bytes_written + self.zero_bytes_skipped + self.zero_bytes_written
+        return (
+            self.bytes_written
+            + self.zero_bytes_skipped
+            + self.zero_bytes_written
+            + self.unchanged_bytes
+        )
 
     @property
     def mb_per_s(self) -> float:
@@ -91,7 +106,8 @@ class RestoreStats:
             f"{self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s); "
             f"{human_bytes(self.bytes_written)} data from {self.chunks_read} chunks read "
             f"({self.chunks_decoded} decoded), zero {human_bytes(self.zero_bytes_skipped)} "
-            f"skipped / {human_bytes(self.zero_bytes_written)} written"
+            f"skipped / {human_bytes(self.zero_bytes_written)} written; "
+            f"{self.slots_written} slots written, {self.slots_skipped} unchanged"
         )
 
 
@@ -121,12 +137,15 @@ async def restore_disk(
     *,
     writers: int = 4,
     progress: Callable[[int], None] | None = None,
+    base: DiskMap | None = None,
 ) -> RestoreStats:
     """Restore ``disk`` of ``manifest`` from ``store`` into ``target``; see the module doc.
 
     ``writers`` is the number of concurrent connections to the target. ``progress`` is
     called on the event loop with the disk bytes just finished (written, zeroed or skipped);
-    the calls add up to ``disk.size`` when the restore succeeds.
+    the calls add up to ``disk.size`` when the restore succeeds. ``base``: the ids the
+    target already holds (module doc); it stays open (the caller's), read from an executor
+    thread while the restore runs.
     """
     if writers < 1:
         raise ValueError(f"a restore needs at least one writer, not {writers}")
@@ -134,6 +153,11 @@ async def restore_disk(
         raise ValueError(
             f"the CpuPool's buffers hold {pool.chunk_size} bytes; the store's chunks are "
             f"{manifest.chunk_size}"
+        )
+    if base is not None and base.chunk_size != manifest.chunk_size:
+        raise ValueError(
+            f"base {base.path} has chunks of {base.chunk_size} bytes; disk {disk.disk_id} "
+            f"of snapshot {manifest.snapshot_id} has {manifest.chunk_size}"
         )
     if target.info.size < disk.size:
         raise ConfigError(
@@ -151,7 +175,8 @@ async def restore_disk(
                 f"its manifest says {disk.size} in chunks of {manifest.chunk_size}",
             )
         geometry = DiskGeometry(disk.disk_id, disk.size, manifest.chunk_size)
-        run = _Restore(store, pool, diskmap, geometry, target.fresh, stats, progress)
+        fresh = target.fresh and base is None  # a refreshed target holds the base's data
+        run = _Restore(store, pool, diskmap, geometry, fresh, stats, progress, base)
         await run.execute(target, writers)
     finally:
         diskmap.close()
@@ -168,6 +193,7 @@ class _Restore:
     fresh: bool
     stats: RestoreStats
     progress: Callable[[int], None] | None
+    base: DiskMap | None = None
     idle: asyncio.Queue[DiskWriter] = field(default_factory=asyncio.Queue)
 
     async def execute(self, target: TargetDisk, writers: int) -> None:
@@ -205,7 +231,10 @@ class _Restore:
             tg.create_task(self._worker(work))
 
     async def _planner(self, plans: asyncio.Queue[WindowPlan | None]) -> None:
-        windows = plan_disk(self.diskmap.iter_blocks(), self.store.index.lookup, self.geometry)
+        base = self.base.iter_blocks() if self.base is not None else None
+        windows = plan_disk(
+            self.diskmap.iter_blocks(), self.store.index.lookup, self.geometry, base=base
+        )
         while (plan := await _blocking(_next_or_none, windows)) is not None:
             await plans.put(plan)
         await plans.put(None)
@@ -217,12 +246,18 @@ class _Restore:
         workers: int,
     ) -> None:
         while (plan := await plans.get()) is not None:
+            for run in plan.unchanged_runs:
+                _, length = self.geometry.run_span(run)
+                self.stats.slots_skipped += run.count
+                self.stats.unchanged_bytes += length
+                self._progress(length)
             for run in plan.zero_runs:
                 offset, length = self.geometry.run_span(run)
                 if self.fresh:
                     self.stats.zero_bytes_skipped += length
                     self._progress(length)
                     continue
+                self.stats.slots_written += run.count
                 for piece in range(offset, offset + length, MAX_ZERO_REQUEST):
                     await work.put(_Zero(piece, min(MAX_ZERO_REQUEST, offset + length - piece)))
             for read in plan.reads():
@@ -274,6 +309,7 @@ class _Restore:
                     for slot in read.slots:
                         await writer.write(self.geometry.slot_offset(slot), data)
                         self.stats.bytes_written += len(data)
+                        self.stats.slots_written += 1
                         self._progress(len(data))
             failpoints.hit("restore.chunk.written")
 

@@ -6,6 +6,10 @@ each window the planner returns a ``WindowPlan``::
     DiskMap ids ─► windows of WINDOW_SLOTS ids ─► plan_window ─► WindowPlan
                                                                   ├─ zero_runs: maximal runs of
                                                                   │  ZERO slots (never read)
+                                                                  ├─ unchanged_runs: slots whose
+                                                                  │  id equals the base's (only
+                                                                  │  with a base: never read,
+                                                                  │  never written)
                                                                   └─ packs: one PackReads per
                                                                      pack, in order of the first
                                                                      slot that needs it; its
@@ -15,6 +19,11 @@ Each ``Read`` is one distinct chunk of the window with every slot of the window 
 it, so a chunk repeated inside a disk (a template VM's blocks, filler patterns) is read and
 decoded once per window and written to all its slots. Reads inside a pack ascend, so a pack
 is read front to back.
+
+With a *base* (the ids of the same disk in the snapshot the target already holds, e.g. a
+standby disk refreshed from its previous snapshot), a slot whose id equals the base's id at
+the same slot is *unchanged*: it is left out of both the zero runs and the reads. Slots past
+the base's end (the disk grew) are planned as without a base.
 
 Pure: no I/O except through the ``lookup`` callable the caller passes (in a restore,
 ``store.index.lookup``, which is blocking: call the planner from an executor thread).
@@ -114,6 +123,7 @@ class WindowPlan:
     slot_count: int
     zero_runs: tuple[SlotRun, ...]  # maximal runs of ZERO slots, ascending
     packs: tuple[PackReads, ...]  # in order of the first slot that needs each pack
+    unchanged_runs: tuple[SlotRun, ...] = ()  # slots equal to the base's, ascending
 
     def reads(self) -> Iterator[Read]:
         """Every read of the window, pack by pack, each pack front to back."""
@@ -151,10 +161,16 @@ def windows(
 
 
 def plan_window(
-    first_slot: int, ids: bytes | memoryview, lookup: Lookup, geometry: DiskGeometry
+    first_slot: int,
+    ids: bytes | memoryview,
+    lookup: Lookup,
+    geometry: DiskGeometry,
+    base: bytes | memoryview | None = None,
 ) -> WindowPlan:
     """Plan one window whose ids (``CHUNK_ID_SIZE`` bytes per slot) start at ``first_slot``.
 
+    ``base``: the base's ids for the same slots (it may be shorter: slots past its end are
+    planned as changed); a slot equal to its base id is unchanged (module docstring).
     Calls ``lookup`` once per distinct data chunk, in order of first use; raises
     ChunkMissing / CorruptRecord as described in the module docstring.
     """
@@ -167,11 +183,28 @@ def plan_window(
             f"of disk {geometry.disk_id}"
         )
     zero_runs: list[SlotRun] = []
+    unchanged: list[SlotRun] = []
     slots_of: dict[bytes, list[int]] = {}  # insertion order = order of first use
     run_start = -1
+    same_start = -1
+    base_slots = 0 if base is None else len(base) // CHUNK_ID_SIZE
     for i in range(count):
         slot = first_slot + i
         chunk_id = bytes(ids[i * CHUNK_ID_SIZE : (i + 1) * CHUNK_ID_SIZE])
+        if (
+            i < base_slots
+            and base is not None
+            and base[i * CHUNK_ID_SIZE : (i + 1) * CHUNK_ID_SIZE] == chunk_id
+        ):
+            if same_start < 0:
+                same_start = slot
+            if run_start >= 0:
+                zero_runs.append(SlotRun(run_start, slot - run_start))
+                run_start = -1
+            continue
+        if same_start >= 0:
+            unchanged.append(SlotRun(same_start, slot - same_start))
+            same_start = -1
         if chunk_id == ZERO_ID:
             if run_start < 0:
                 run_start = slot
@@ -182,6 +215,8 @@ def plan_window(
         slots_of.setdefault(chunk_id, []).append(slot)
     if run_start >= 0:
         zero_runs.append(SlotRun(run_start, first_slot + count - run_start))
+    if same_start >= 0:
+        unchanged.append(SlotRun(same_start, first_slot + count - same_start))
 
     by_pack: dict[str, list[Read]] = {}  # insertion order = order of the first slot needing it
     for chunk_id, slots in slots_of.items():
@@ -213,7 +248,7 @@ def plan_window(
         PackReads(pack, tuple(sorted(reads, key=lambda r: r.location.offset)))
         for pack, reads in by_pack.items()
     )
-    return WindowPlan(first_slot, count, tuple(zero_runs), packs)
+    return WindowPlan(first_slot, count, tuple(zero_runs), packs, tuple(unchanged))
 
 
 def plan_disk(
@@ -221,14 +256,22 @@ def plan_disk(
     lookup: Lookup,
     geometry: DiskGeometry,
     window_slots: int = WINDOW_SLOTS,
+    base: Iterable[bytes] | None = None,
 ) -> Iterator[WindowPlan]:
     """Lazily plan a whole disk from its id array (e.g. ``DiskMap.iter_blocks()``).
 
-    ValueError, after the last window, if the ids do not cover exactly the disk's slots.
+    ``base``: the base's id array in blocks (e.g. the previous snapshot's
+    ``DiskMap.iter_blocks()``), read window by window alongside; ids past the disk's end
+    are ignored. ValueError, after the last window, if the ids do not cover exactly the
+    disk's slots.
     """
     covered = 0
+    base_windows: Iterator[tuple[int, bytes]] = iter(())
+    if base is not None:
+        base_windows = windows(base, window_slots)
     for first, ids in windows(blocks, window_slots):
-        plan = plan_window(first, ids, lookup, geometry)
+        base_ids = next(base_windows, None)
+        plan = plan_window(first, ids, lookup, geometry, base_ids[1] if base_ids else None)
         covered += plan.slot_count
         yield plan
     if covered != geometry.slots:
