@@ -29,10 +29,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from engine.core.ids import ChunkId
 from engine.store.pack import SealedPack
 from engine.util import failpoints
+
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
@@ -67,6 +70,7 @@ CREATE TABLE IF NOT EXISTS bad_chunks(
 # either the old row and the mark, or the new row without it).
 
 
+_IN_BATCH = 500  # ids per ``IN (...)`` query (SQLite's variable limit is far above)
 _BAD_WRITE_TIMEOUT = 60.0  # seconds a read-only open waits for the writer's transaction
 
 
@@ -179,6 +183,23 @@ class Index:
         )
         return Location(*row) if row else None
 
+    def packs_of(self, chunk_ids: list[bytes]) -> dict[bytes, str]:
+        """The pack of each indexed chunk among ``chunk_ids`` (unindexed ones are absent);
+        batched: a DiskMap block costs a few queries, not one per slot."""
+        out: dict[bytes, str] = {}
+        conn = self._conn()
+        for i in range(0, len(chunk_ids), _IN_BATCH):
+            batch = chunk_ids[i : i + _IN_BATCH]
+            marks = ",".join("?" * len(batch))
+            out.update(
+                conn.execute(
+                    "SELECT c.id, p.name FROM chunks c JOIN packs p ON p.id = c.pack "
+                    f"WHERE c.id IN ({marks})",
+                    batch,
+                ).fetchall()
+            )
+        return out
+
     def has(self, chunk_id: bytes) -> bool:
         """True if the chunk is stored, not condemned and not bad (those are stored again)."""
         row = self._conn().execute(self._has_sql, (chunk_id,)).fetchone()
@@ -246,7 +267,7 @@ class Index:
 
     # --- garbage collection (engine.maint.gc; protocol in the engine.store docstring) -------
 
-    def _write(self, statements: Callable[[sqlite3.Connection], int]) -> int:
+    def _write(self, statements: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``statements`` in one short write transaction; returns what it returns."""
         conn = self._conn()
         with self._lock:
@@ -259,49 +280,95 @@ class Index:
                 raise
         return n
 
-    def condemn(self, chunk_ids: Iterable[bytes], stamp: int) -> int:
-        """Mark live chunks condemned at ``stamp``; returns how many changed."""
-        rows = [(stamp, cid) for cid in chunk_ids]
+    # GC works on id ranges of about ``batch`` rows, each in a short transaction run wholly by
+    # SQLite (no per-row Python, so the GIL stays free for the backups beside it), against a
+    # work database attached as ``gc`` holding ``mark(id)`` and ``young(id)`` (pack ids).
+
+    @contextmanager
+    def gc_attached(self, work: Path) -> Iterator[None]:
+        """Attach GC's work database to this thread's connection for the block."""
+        conn = self._conn()
+        conn.execute("ATTACH DATABASE ? AS gc", (str(work),))
+        try:
+            yield
+        finally:
+            conn.execute("DETACH DATABASE gc")
+
+    def gc_ranges(self, batch: int) -> Iterator[tuple[bytes, bytes]]:
+        """``(lo, hi]`` id ranges of about ``batch`` rows covering the index (read lazily)."""
+        lo = b""
+        while True:
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT id FROM chunks WHERE id > ? ORDER BY id LIMIT 1 OFFSET ?",
+                    (lo, batch - 1),
+                )
+                .fetchone()
+            )
+            if row is None:
+                last = self._conn().execute("SELECT max(id) FROM chunks WHERE id > ?", (lo,))
+                hi = last.fetchone()[0]
+                if hi is not None:
+                    yield lo, hi
+                return
+            yield lo, row[0]
+            lo = row[0]
+
+    def gc_judge(self, lo: bytes, hi: bytes, max_pack: int) -> tuple[int, int]:
+        """Absolve marked condemned rows; condemn (-1) unmarked live rows of packs up to
+        ``max_pack`` not in ``gc.young``. Returns (absolved, condemned)."""
+
+        def run(c: sqlite3.Connection) -> tuple[int, int]:
+            absolved = c.execute(
+                "UPDATE chunks SET condemned = 0 WHERE id > ? AND id <= ? AND condemned != 0 "
+                "AND id IN (SELECT id FROM gc.mark)",
+                (lo, hi),
+            ).rowcount
+            condemned = c.execute(
+                "UPDATE chunks SET condemned = -1 WHERE id > ? AND id <= ? AND condemned = 0 "
+                "AND pack <= ? AND id NOT IN (SELECT id FROM gc.mark) "
+                "AND pack NOT IN (SELECT id FROM gc.young)",
+                (lo, hi, max_pack),
+            ).rowcount
+            return absolved, condemned
+
+        return self._write(run)
+
+    def gc_stamp(self, lo: bytes, hi: bytes, stamp: int) -> int:
+        """Write ``stamp`` on the rows condemned with the placeholder -1."""
         return self._write(
             lambda c: (
-                c.executemany(
-                    "UPDATE chunks SET condemned = ? WHERE id = ? AND condemned = 0", rows
+                c.execute(
+                    "UPDATE chunks SET condemned = ? WHERE id > ? AND id <= ? AND condemned = -1",
+                    (stamp, lo, hi),
                 ).rowcount
             )
         )
 
-    def stamp(self, chunk_ids: Iterable[bytes], stamp: int) -> int:
-        """Write the stamp of chunks condemned with the placeholder -1 (see the protocol)."""
-        rows = [(stamp, cid) for cid in chunk_ids]
+    def gc_delete(self, lo: bytes, hi: bytes, cutoff: int) -> int:
+        """Delete unmarked rows condemned at a stamp ``<= cutoff`` (a revived row is kept)."""
         return self._write(
             lambda c: (
-                c.executemany(
-                    "UPDATE chunks SET condemned = ? WHERE id = ? AND condemned = -1", rows
+                c.execute(
+                    "DELETE FROM chunks WHERE id > ? AND id <= ? AND condemned BETWEEN 1 AND ? "
+                    "AND id NOT IN (SELECT id FROM gc.mark)",
+                    (lo, hi, cutoff),
                 ).rowcount
             )
         )
 
-    def absolve(self, chunk_ids: Iterable[bytes]) -> int:
-        """Make condemned chunks live again (a snapshot references them after all)."""
-        rows = [(cid,) for cid in chunk_ids]
-        return self._write(
-            lambda c: (
-                c.executemany(
-                    "UPDATE chunks SET condemned = 0 WHERE id = ? AND condemned != 0", rows
-                ).rowcount
+    def gc_unreferenced(self) -> tuple[int, int, int]:
+        """(count, record bytes, how many condemned) of the rows not in ``gc.mark``."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT count(*), coalesce(sum(length), 0), count(nullif(condemned, 0)) "
+                "FROM chunks WHERE id NOT IN (SELECT id FROM gc.mark)"
             )
+            .fetchone()
         )
-
-    def delete_condemned(self, chunk_ids: Iterable[bytes], cutoff: int) -> int:
-        """Delete rows still condemned at a stamp ``<= cutoff`` (a revived row is kept)."""
-        rows = [(cid, cutoff) for cid in chunk_ids]
-        return self._write(
-            lambda c: (
-                c.executemany(
-                    "DELETE FROM chunks WHERE id = ? AND condemned BETWEEN 1 AND ?", rows
-                ).rowcount
-            )
-        )
+        return int(row[0]), int(row[1]), int(row[2])
 
     def pack_usage(self) -> list[PackUsage]:
         """Every pack with the count and record bytes of the rows located in it."""

@@ -2,7 +2,7 @@
 
 import sys
 
-from tests.bench import ovirt_bench, pipeline_bench, replication_bench, store_bench
+from tests.bench import gc_bench, ovirt_bench, pipeline_bench, replication_bench, store_bench
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -21,6 +21,8 @@ def main() -> int:
         ovirt_bench.run(report)
     if not only or "replication" in only:
         replication_bench.run(report)
+    if not only or "gc" in only:
+        gc_bench.run(report)
     return 0
 
 
