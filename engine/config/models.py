@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from engine.config.types import ByteSize, Duration, Port, PositiveInt
+from engine.config.types import ByteSize, Duration, Port, PositiveInt, Schedule
 from engine.core.errors import ConfigError
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE
 from engine.store.keys import ENCRYPTION_AES
@@ -136,6 +136,18 @@ class PeerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     streams: PositiveInt = 4  # parallel record streams per session
 
 
+class MaintenanceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Store maintenance the daemon schedules (every configured store); None: never.
+    Findings (a failed verify, a GC error) are e-mailed to ``notify``."""
+
+    gc: Schedule | None = None  # e.g. "sun 03:00"
+    gc_grace: Duration = Duration("7d")  # retired packs and pruned snapshots kept this long
+    repack_threshold: float = 0.5  # repack packs whose live share is below this
+    verify: Schedule | None = None  # e.g. "sat 04:00"
+    verify_percent: float = 10.0  # share of the packs read per run, oldest-verified first
+    notify: tuple[str, ...] = ()  # e-mail addresses for findings
+
+
 class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     timezone: ZoneInfo | None = None  # zone of calendar expressions; None: the host's
     misfire_grace: Duration = DEFAULT_MISFIRE_GRACE  # catch up a missed run this late at most
@@ -153,6 +165,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     smtp: SmtpSection | None = None
     peers: tuple[PeerSection, ...] = ()
     scheduler: SchedulerSection = SchedulerSection()
+    maintenance: MaintenanceSection = MaintenanceSection()
     policies_dir: Path | None = None  # relative to the config file; default: policies.d/
 
     def store(self, name: str | None = None) -> StoreSection:

@@ -33,7 +33,7 @@ from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError
-from engine.daemon import sdnotify
+from engine.daemon import maintenance, sdnotify
 from engine.daemon.jobs import JobManager, JobView
 from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.backup import LEVELS, run_backup
@@ -102,6 +102,7 @@ class Service:
                 lambda: notifier.failed,
             )
         self.scheduler: Scheduler[Policy] | None = None
+        self.maintenance: Scheduler[maintenance.Task] | None = None
         self.started = datetime.now(UTC)
         self._stop = asyncio.Event()
         self._signals = 0
@@ -139,6 +140,15 @@ class Service:
                 misfire_grace=self.config.scheduler.misfire_grace.delta,
                 on_event=self._scheduler_event,
             )
+            self.maintenance = Scheduler(
+                maintenance.tasks(self.config.maintenance),
+                lambda task, planned: maintenance.run_task(self, task),
+                clock=self.clock,
+                tz=self.tz,
+                state_file=maintenance.state_file_for(self.config.scheduler.state_file),
+                misfire_grace=self.config.scheduler.misfire_grace.delta,
+                on_event=self._scheduler_event,
+            )
             stop_api = await api(self)
             stack.push_async_callback(stop_api)
             loop = asyncio.get_running_loop()
@@ -148,6 +158,7 @@ class Service:
             async with asyncio.TaskGroup() as tg:
                 manager = tg.create_task(self.jobs.run(), name="jobs")
                 scheduler = tg.create_task(self.scheduler.run(), name="scheduler")
+                upkeep = tg.create_task(self.maintenance.run(), name="maintenance")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
                 sdnotify.ready()
                 sdnotify.status(f"ready: {len(self.policies)} policies")
@@ -156,6 +167,7 @@ class Service:
                 sdnotify.stopping()
                 log.info("daemon.stopping", running=len(self.jobs.running()), grace=self.grace)
                 scheduler.cancel()
+                upkeep.cancel()
                 if not await self.jobs.drain(self.grace) or self._signals > 1:
                     self.jobs.cancel_all("cancelled: the daemon is stopping")
                 self.jobs.close()
@@ -467,6 +479,16 @@ class Service:
         policy = next((p for p in self.policies if p.name == view.policy), None)
         if self.notifier is not None and policy is not None:
             await self.notifier.notify(summary, policy.notifications)
+        recipients = self.config.maintenance.notify
+        if (
+            self.notifier is not None
+            and view.kind in ("gc", "verify")
+            and recipients
+            and view.state != "succeeded"
+        ):
+            await self.notifier.send_job(
+                summary, recipients, "integrity" if summary.integrity else "failure"
+            )
         for listener in self.listeners:
             await listener(view)
 

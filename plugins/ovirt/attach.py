@@ -533,6 +533,7 @@ class AttachVmRestore(VmRestore):
 
     def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskViaDataMover:  # type: ignore[override]
         record("engine", self.recovery)
+        self._record = record  # create_vm records the new VM with it (recovery deletes it)
         return _DiskViaDataMover(self, entry, record)
 
 

@@ -1,0 +1,104 @@
+"""Scheduled store maintenance in the daemon: garbage collection and verify.
+
+``config.maintenance`` gives calendar expressions (``gc: "sun 03:00"``, ``verify: "sat
+04:00"``); each becomes a scheduled *task* with the same scheduler rules as policies (no
+overlap, misfire grace, state file ``<scheduler state>-maintenance.json``). A run is a job
+of the ``JobManager`` (kind ``gc`` or ``verify``, its "VM" ``store:<name>``), so it shows in
+``tessera jobs`` with its log and summary, and it runs beside backups: GC honours the leases
+of running backups (``engine.maint.gc``), verify reads a read-only view. A verify with
+findings or a failed run is e-mailed to ``maintenance.notify``.
+
+The work runs in a thread (both are blocking, resumable store walks); a daemon stop waits for
+a running one to reach its next commit — both are safe to kill and resume.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from engine.config.models import MaintenanceSection
+from engine.daemon.jobs import JobView
+from engine.maint.gc import GcOptions, gc
+from engine.maint.verify import VerifyOptions, verify
+from engine.sched.calendar import Calendar
+
+if TYPE_CHECKING:
+    from engine.daemon.service import Service, StoreHandle
+
+log = structlog.get_logger("tessera.maintenance")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the scheduler needs (``name``, ``calendars``) plus what to run."""
+
+    name: str  # "maintenance/gc"
+    kind: str  # gc | verify
+    calendars: tuple[Calendar, ...] = field(default_factory=tuple)
+
+
+def tasks(section: MaintenanceSection) -> list[Task]:
+    out = []
+    if section.gc is not None:
+        out.append(Task("maintenance/gc", "gc", (section.gc.calendar,)))
+    if section.verify is not None:
+        out.append(Task("maintenance/verify", "verify", (section.verify.calendar,)))
+    return out
+
+
+async def run_task(service: "Service", task: Task) -> None:
+    """One run of ``task`` on every store, as daemon jobs; returns when they have ended."""
+    views = [start(service, task.kind, handle) for handle in service.stores.values()]
+    waits = [v.task for v in views if v.task is not None]
+    if waits:
+        await asyncio.wait(waits)
+
+
+def start(service: "Service", kind: str, handle: "StoreHandle") -> JobView:
+    section = service.config.maintenance
+
+    async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+        if kind == "gc":
+            options = GcOptions(
+                grace=section.gc_grace.delta,
+                repack_threshold=section.repack_threshold,
+            )
+            result = await asyncio.to_thread(gc, handle.store, options)
+            for line in result.lines():
+                view.say(line)
+            return "succeeded", result.doc() | {"seconds": round(result.seconds, 2)}
+        found = await asyncio.to_thread(
+            verify, handle.store, VerifyOptions(percent=section.verify_percent)
+        )
+        for finding in found.findings:
+            where = f" (snapshots {', '.join(finding.snapshots)})" if finding.snapshots else ""
+            view.say(f"{finding.kind} {finding.subject}: {finding.message}{where}")
+        view.say(
+            f"verify: {found.packs_checked} packs, {found.chunks_checked} chunks checked, "
+            f"{len(found.findings)} findings"
+        )
+        summary = {
+            "ok": found.ok,
+            "findings": len(found.findings),
+            "damaged": found.damaged,
+            "vms": found.vms,
+            "packs_checked": found.packs_checked,
+            "chunks_checked": found.chunks_checked,
+            "seconds": round(found.seconds, 2),
+            "integrity": not found.ok,
+        }
+        if not found.ok:
+            view.error = f"{len(found.findings)} findings; damaged snapshots: {found.damaged}"
+        return ("succeeded" if found.ok else "failed"), summary
+
+    return service.jobs.submit(
+        kind, f"store:{handle.section.name}", body, params={"store": handle.section.name}
+    )
+
+
+def state_file_for(scheduler_state: Path) -> Path:
+    """The maintenance scheduler's state file beside the policies' one."""
+    return scheduler_state.with_name(scheduler_state.stem + "-maintenance.json")
