@@ -76,6 +76,8 @@ if TYPE_CHECKING:
 STATE_DIR: Final = "verify"
 QUARANTINE_DIR: Final = "quarantine"
 VERIFY_THREADS: Final = 2  # decode releases the GIL (zstd, AES, BLAKE3); 2 cores measured
+_TASK_BYTES: Final = 4 * 1024 * 1024  # per thread-pool task: amortises the task overhead
+_TASK_RECORDS: Final = 512
 _ROWS: Final = 4096  # index rows per page of one pack: bounded memory for packs of tiny records
 
 _STATE_SCHEMA = """
@@ -297,6 +299,20 @@ def _pack_rows(store: "Store", name: str) -> Iterator[list[tuple[ChunkId, Locati
         yield sorted(rows, key=lambda r: r[1].offset)  # sequential reads
 
 
+def _slices(rows: list[tuple[ChunkId, Location]]) -> list[list[tuple[ChunkId, Location]]]:
+    """Consecutive runs of records of about ``_TASK_BYTES`` (or ``_TASK_RECORDS``): one
+    thread-pool task each, so tiny records do not cost a task apiece."""
+    out: list[list[tuple[ChunkId, Location]]] = [[]]
+    size = 0
+    for row in rows:
+        if out[-1] and (size >= _TASK_BYTES or len(out[-1]) >= _TASK_RECORDS):
+            out.append([])
+            size = 0
+        out[-1].append(row)
+        size += row[1].length
+    return out
+
+
 def _verify_pack(
     store: "Store",
     name: str,
@@ -336,11 +352,14 @@ def _verify_pack(
                 return str(e)
             return None
 
+        def check_all(rows: list[tuple[ChunkId, Location]]) -> list[str | None]:
+            return [check(row) for row in rows]
+
         for rows in _pack_rows(store, name):
             if broken is not None:
                 errors: list[str | None] = [broken] * len(rows)
             else:
-                errors = list(pool.map(check, rows))
+                errors = [e for part in pool.map(check_all, _slices(rows)) for e in part]
             for (cid, loc), error in zip(rows, errors, strict=True):
                 result.chunks_checked += 1
                 result.bytes_checked += loc.length

@@ -196,12 +196,16 @@ def _check_ids(
     damaged: set[bytes],
 ) -> None:
     """Add to ``damaged`` every id that is bad, unindexed or in a bad pack."""
+    ask = []
     for chunk_id in ids:
         if chunk_id in bad_chunks or chunk_id in damaged:
             damaged.add(chunk_id)
-            continue
-        loc = store.index.lookup(chunk_id)
-        if loc is None or loc.pack in bad_packs:
+        else:
+            ask.append(chunk_id)
+    packs = store.index.packs_of(sorted(ask))  # in id order: B-tree pages visited in order
+    for chunk_id in ask:
+        pack = packs.get(chunk_id)
+        if pack is None or pack in bad_packs:
             damaged.add(chunk_id)
 
 

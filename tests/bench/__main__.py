@@ -2,7 +2,14 @@
 
 import sys
 
-from tests.bench import gc_bench, ovirt_bench, pipeline_bench, replication_bench, store_bench
+from tests.bench import (
+    gc_bench,
+    ovirt_bench,
+    pipeline_bench,
+    replication_bench,
+    store_bench,
+    verify_bench,
+)
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -23,6 +30,8 @@ def main() -> int:
         replication_bench.run(report)
     if not only or "gc" in only:
         gc_bench.run(report)
+    if not only or "verify" in only:
+        verify_bench.run(report)
     return 0
 
 
