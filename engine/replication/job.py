@@ -14,6 +14,7 @@ Summary: offered, lacked, sent, skipped, record bytes vs body bytes on the wire,
 """
 
 import asyncio
+import os
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from engine.core.errors import SnapshotNotFound
 from engine.core.units import MiB
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
-from engine.jobs.states import Event, State
+from engine.jobs.states import CLEANUP, Event, State
 from engine.replication import protocol as proto
 from engine.replication.sender import (
     DEFAULT_RETRY,
@@ -78,8 +79,31 @@ class ReplicationOutcome:
 
 def default_journal(store: Store) -> Journal:
     """A sender's own journal (``STORE/replication/journal``): a sender may run beside the
-    process holding the writer lock, whose recovery must not judge its live records."""
-    return Journal(state_dir(store.path) / "journal")
+    process holding the writer lock, whose recovery must not judge its live records.
+    Records a dead process left unfinished are marked FAILED (nothing to undo on this
+    side: the receiver drops an uncommitted session's staged files when it expires)."""
+    journal = Journal(state_dir(store.path) / "journal")
+    for record in journal.unfinished():
+        if record.kind == JOB_KIND and not _alive(record.pid):
+            driver = JobDriver(journal, record)
+            record.error = record.error or f"interrupted: process {record.pid} died"
+            if record.state is State.PENDING:
+                driver.transition(Event.CANCEL)
+                continue
+            if record.state not in CLEANUP:
+                driver.transition(Event.ERROR)
+            driver.transition(Event.CLEANED)
+    return journal
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 class _Replicate:
@@ -139,12 +163,14 @@ class _Replicate:
             try:
                 await self.sender.commit(manifest)
             except proto.PeerError as e:
-                if self.base is None or "missing chunks" not in str(e):
+                if self.base is not None and "missing chunks" in str(e):
+                    # The receiver lacks chunks the base had: offer every id once more.
+                    self.base = self.outcome.base = None
+                    await self.sender.transfer(manifest, None)
+                    await self.sender.commit(manifest)
+                elif not (await self.sender.open(manifest, None)).committed:
                     raise
-                # The receiver lacks chunks the base had: offer every id once more.
-                self.base = self.outcome.base = None
-                await self.sender.transfer(manifest, None)
-                await self.sender.commit(manifest)
+                # else: the commit went through and only its answer was lost
         await asyncio.to_thread(
             self.state.replicated, manifest.vm_id, manifest.snapshot_id, manifest.time
         )

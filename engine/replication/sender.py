@@ -239,7 +239,8 @@ class Sender:
             "open", lambda: self._request("POST", "/sessions", body, sent=len(body))
         )
         opened = msgspec.convert(doc, proto.SessionOpened)
-        self.session_id = opened.session
+        # A receiver that holds the snapshot already keeps no session for it.
+        self.session_id = None if opened.committed else opened.session
         return opened
 
     async def abort(self) -> None:
@@ -275,8 +276,8 @@ class Sender:
                         await queue.put(batch)
             finally:
                 gen.close()
-                for _ in range(streams):
-                    await queue.put(None)
+            for _ in range(streams):  # not on failure: the group cancels the streams then
+                await queue.put(None)
 
         async def stream() -> None:
             while (batch := await queue.get()) is not None:

@@ -10,6 +10,7 @@ Wire bound (TCP bytes both ways, counted by a proxy, TLS included)::
 with both certificates; the 64 bytes per offered id are inside the 5 %.)
 """
 
+import asyncio
 import ssl
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from engine.jobs.states import State
 from engine.replication import protocol as proto
 from engine.replication import tls
-from engine.replication.job import run_replication
+from engine.replication.job import default_journal, run_replication
 from engine.replication.state import PeerState
 from engine.store.check import check_store
 from engine.store.chunk_store import Store
@@ -280,3 +281,72 @@ async def test_encrypted_only_receiver_stores_and_serves_back(
     finally:
         vault.close()
         restored.close()
+
+
+async def test_receiver_without_the_base_gets_every_id(
+    pair: tuple[Store, Store], pki: Pki, tmp_path: Path
+) -> None:
+    """The per-peer state says m1 went to site-b, but site-b is a fresh store now (rebuilt,
+    or pruned there): the session learns the base is not held and offers every id."""
+    sender, replica = pair
+    data = realistic_bytes(10 * CHUNK, seed=51)
+    m1 = write_snapshot(sender, "vm6", {"root": data})
+    async with receiver(replica, pki) as (server, _):
+        first = await run_replication(
+            store=sender, snapshot_id=m1.snapshot_id, target=target(pki, server.port)
+        )
+    assert first.record.state is State.SUCCEEDED
+    m2 = write_snapshot(sender, "vm6", {"root": changed(data, [2], seed=52)})
+    fresh = init_replica(tmp_path / "fresh", sender)
+    try:
+        async with receiver(fresh, pki) as (server, _):
+            out = await run_replication(
+                store=sender, snapshot_id=m2.snapshot_id, target=target(pki, server.port)
+            )
+        assert out.record.state is State.SUCCEEDED, out.record.error
+        assert out.base is None
+        assert out.stats.lacked == 10
+        assert read_disk(fresh, fresh.manifest(m2.snapshot_id)) == read_disk(sender, m2)
+    finally:
+        fresh.close()
+
+
+async def test_cancelled_job_aborts_the_receiver_session(
+    pair: tuple[Store, Store], pki: Pki
+) -> None:
+    sender, replica = pair
+    m = write_snapshot(sender, "vm7", {"root": realistic_bytes(32 * CHUNK, seed=61)})
+    async with receiver(replica, pki) as (server, recv):
+        batch_done = asyncio.Event()
+        job = asyncio.create_task(
+            run_replication(
+                store=sender,
+                snapshot_id=m.snapshot_id,
+                target=target(pki, server.port, streams=1),
+                batch_bytes=BATCH,
+                progress=lambda _stats: batch_done.set(),
+            )
+        )
+        await batch_done.wait()
+        assert recv.sessions
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert not recv.sessions  # the cleanup told the receiver
+        assert not replica.layout.snapshot_dir(m.snapshot_id).exists()
+        assert replica.snapshots() == []
+        records = default_journal(sender).records()
+        assert [r.state for r in records] == [State.CANCELLED]
+
+
+def test_a_dead_senders_unfinished_record_is_marked_failed(make_store: StoreFactory) -> None:
+    store = make_store("a", chunk_size=CHUNK)
+    journal = default_journal(store)
+    record = journal.create("replicate", "replication", {"snapshot": "x"})
+    record.state = State.TRANSFERRING
+    record.pid = 2**22 + 7  # above any pid_max: no such process
+    journal.save(record)
+    again = default_journal(store).load(record.job_id)
+    assert again.state is State.FAILED
+    assert again.error is not None
+    assert "interrupted" in again.error
