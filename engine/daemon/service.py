@@ -21,7 +21,7 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
@@ -85,6 +85,7 @@ class Service:
                 "vms": lim.concurrent_vms,
                 "transfers/host": lim.transfers_per_host,
                 "transfers/sd": lim.transfers_per_storage_domain,
+                "api": lim.api_calls,
             }
         )
         self.jobs = JobManager(
@@ -219,6 +220,12 @@ class Service:
         await handle.pool.aclose()
         handle.store.close()
 
+    def api_gate(self, engine: str) -> Callable[[], AbstractAsyncContextManager[object]]:
+        """What every engine call of every job holds: the ``api/<engine>`` limit
+        (``limits.api_calls`` concurrent REST calls per engine, across jobs)."""
+        limit = self.limits.get(f"api/{engine}")
+        return limit.hold
+
     def store(self, name: str | None = None) -> StoreHandle:
         section = self.config.store(name)
         return self.stores[section.name]
@@ -227,7 +234,8 @@ class Service:
 
     async def list_vms(self, engine: str | None = None) -> list[dict[str, Any]]:
         list_vms = registry.get("ovirt").factory("list_vms")
-        vms: list[dict[str, Any]] = await list_vms(self.config.engine(engine))
+        section = self.config.engine(engine)
+        vms: list[dict[str, Any]] = await list_vms(section, api_gate=self.api_gate(section.name))
         return vms
 
     def start_backup(
@@ -264,6 +272,7 @@ class Service:
                     flow,
                     require_quiesce=require_quiesce,
                     datamover=self.config.datamover,
+                    api_gate=self.api_gate(engine_section.name),
                 )
                 try:
                     (source,) = found.sources
@@ -351,6 +360,7 @@ class Service:
                 flow=flow,
                 datamover=self.config.datamover,
                 into_vm=into_vm,
+                api_gate=self.api_gate(engine_section.name),
             ) as vm_restore:
                 outcome = await run_restore(
                     store=handle.store,

@@ -14,6 +14,8 @@ Nouns:
                     image transfers, the VM created from the stored OVF).
 - ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
                     local devices; restore writing new disks the same way (``--flow attach``).
+- ``standby``       the cold standby's targets (``engine.standby``): a full restore as
+                    ``<vm><suffix>``, then refreshes uploading changed slots into its disks.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
@@ -30,10 +32,11 @@ RESTORE_FLOWS = ("imageio", "attach")  # `tessera restore --flow`: upload, or vi
 
 
 async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
-    from plugins.ovirt import attach  # noqa: PLC0415 - keep the entry point light
+    from plugins.ovirt import attach, standby  # noqa: PLC0415 - keep the entry point light
     from plugins.ovirt.backup import recover  # noqa: PLC0415
 
     done = await attach.recover(dict(resources), committed)  # detach before removing
+    done += await standby.recover(dict(resources))  # a refresh's uploads into standby disks
     return done + await recover(dict(resources), committed)
 
 
@@ -54,6 +57,7 @@ def _vm_restore(
     flow: str = "imageio",
     datamover: Any = None,
     into_vm: str | None = None,
+    api_gate: Any = None,
 ) -> Any:
     """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
     ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio`` uploads
@@ -71,10 +75,19 @@ def _vm_restore(
         name=name, cluster=cluster, storage_domain=storage_domain, into_vm=into_vm
     )
     factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
-    return vm_restore(engine, store, manifest, options, factory=factory)
+    return vm_restore(engine, store, manifest, options, factory=factory, api_gate=api_gate)
 
 
-async def _list_vms(engine: Any) -> list[dict[str, Any]]:
+def _standby_refresh(engine: Any, store: Any, manifest: Any, standby: Any) -> Any:
+    """``standby.standby_refresh``: an async context manager giving the ``StandbyTargets``
+    of ``engine.standby`` (the config's engine section, the store, the snapshot's manifest,
+    the policy's ``Standby``)."""
+    from plugins.ovirt.standby import standby_refresh  # noqa: PLC0415
+
+    return standby_refresh(engine, store, manifest, standby)
+
+
+async def _list_vms(engine: Any, api_gate: Any = None) -> list[dict[str, Any]]:
     """Every VM of ``engine`` (the config's ``EngineSection``) as plain dicts: id, name,
     cluster, status, tags, disks (id, alias, size). What policies select from and the daemon
     API lists."""
@@ -87,6 +100,7 @@ async def _list_vms(engine: Any) -> list[dict[str, Any]]:
             username=engine.username,
             password_file=engine.password_file,
             ca_file=engine.ca_file,
+            gate=api_gate,
         )
     )
     try:
@@ -118,5 +132,10 @@ async def _list_vms(engine: Any) -> list[dict[str, Any]]:
 PLUGIN = Plugin(
     name="ovirt",
     recover=_recover,
-    factories={"vm_sources": _vm_sources, "vm_restore": _vm_restore, "list_vms": _list_vms},
+    factories={
+        "vm_sources": _vm_sources,
+        "vm_restore": _vm_restore,
+        "list_vms": _list_vms,
+        "standby_refresh": _standby_refresh,
+    },
 )

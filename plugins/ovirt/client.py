@@ -34,6 +34,7 @@ import re
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -108,7 +109,9 @@ class EngineConfig:
     ``url`` is the API URL (``https://engine.example/ovirt-engine/api``). ``password_file``
     is read when a connection is opened (so a rotated password is picked up on the next login);
     one trailing newline is ignored. ``ca_file`` is the engine CA in PEM; None uses the system
-    store. ``max_calls`` bounds the threads (and connections) of one client.
+    store. ``max_calls`` bounds the threads (and connections) of one client; ``gate``
+    (e.g. the daemon's ``api/<engine>`` named limit) bounds calls across all clients of an
+    engine: every call holds it while its request runs.
     """
 
     url: str
@@ -117,6 +120,7 @@ class EngineConfig:
     ca_file: Path | None = None
     request_timeout: int = REQUEST_TIMEOUT
     max_calls: int = MAX_API_CALLS
+    gate: Callable[[], AbstractAsyncContextManager[object]] | None = None
 
 
 class EngineClient:
@@ -179,8 +183,10 @@ class EngineClient:
         async def attempt() -> T:
             if self._closed:
                 raise RuntimeError(f"EngineClient for {self.config.url} is closed")
+            gate = self.config.gate() if self.config.gate is not None else nullcontext()
             try:
-                return await loop.run_in_executor(self._executor, self._run, fn)
+                async with gate:
+                    return await loop.run_in_executor(self._executor, self._run, fn)
             except sdk.Error as e:
                 raise self._map_error(e, what, obj or what) from e
 

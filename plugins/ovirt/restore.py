@@ -40,7 +40,7 @@ import asyncio
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
@@ -511,6 +511,7 @@ async def vm_restore(
     options: RestoreOptions,
     *,
     factory: Callable[..., VmRestore] = VmRestore,
+    api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
 ) -> AsyncIterator[VmRestore]:
     """A ``VmRestore`` with its own ``EngineClient`` for ``engine`` (closed on exit), the OVF
     read from ``store`` (the manifest's config stream, when its format is ``ovf``).
@@ -534,6 +535,7 @@ async def vm_restore(
         username=engine.username,
         password_file=engine.password_file,
         ca_file=engine.ca_file,
+        gate=api_gate,
     )
     async with (
         EngineClient(config) as client,

@@ -1,6 +1,7 @@
 """Build backup Sources for named VMs of one engine (what ``tessera backup vm`` uses)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from engine.config.models import DataMoverSection, EngineSection
@@ -31,6 +32,7 @@ async def vm_sources(
     *,
     require_quiesce: bool = False,
     datamover: DataMoverSection | None = None,
+    api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
 ) -> VmSources:
     """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow.
 
@@ -47,6 +49,7 @@ async def vm_sources(
         username=engine.username,
         password_file=engine.password_file,
         ca_file=engine.ca_file,
+        gate=api_gate,
     )
     client = EngineClient(config)
     try:

@@ -276,6 +276,7 @@ async def through_the_daemon(
         limits = {lim["name"]: lim for lim in status["limits"]}
         assert limits["vms"]["acquired"] == 3 and limits["vms"]["in_use"] == 0
         assert any(name.startswith("transfers/sd/") for name in limits), limits
+        assert limits["api/lab"]["acquired"] > 10 and limits["api/lab"]["peak"] <= 8
 
         code, out = await tessera("job", job["id"], "--config", config, "--json")
         assert code == 0, out
