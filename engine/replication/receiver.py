@@ -181,9 +181,7 @@ class PeerReceiver:
 
     async def lacking(self, request: web.Request) -> web.Response:
         self._session(request)
-        body = await request.read()
-        if len(body) > proto.OFFER_BATCH * 32:
-            return _refuse(413, f"more than {proto.OFFER_BATCH} ids in one offer")
+        body = await _body(request, proto.OFFER_BATCH * 32, f"more than {proto.OFFER_BATCH} ids")
         try:
             ids = proto.split_ids(body)
         except ValueError as e:
@@ -278,23 +276,13 @@ class PeerReceiver:
 
     async def diskmap(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        if (request.content_length or 0) > proto.MAX_DISKMAP_BYTES:
-            return _refuse(413, "DiskMap too large")
-        data = await request.content.read(proto.MAX_DISKMAP_BYTES + 1)
-        while len(data) <= proto.MAX_DISKMAP_BYTES and (
-            more := await request.content.read(1 << 20)
-        ):
-            data += more
-        if len(data) > proto.MAX_DISKMAP_BYTES:
-            return _refuse(413, "DiskMap too large")
+        data = await _body(request, proto.MAX_DISKMAP_BYTES, "DiskMap too large")
         await asyncio.to_thread(session.imp.stage_diskmap, request.match_info["name"], data)
         return _json_response({"staged": request.match_info["name"], "bytes": len(data)})
 
     async def commit(self, request: web.Request) -> web.Response:
         session = self._session(request)
-        raw = await request.content.read(proto.MAX_MANIFEST_BYTES + 1)
-        if len(raw) > proto.MAX_MANIFEST_BYTES or not request.content.at_eof():
-            return _refuse(413, "manifest too large")
+        raw = await _body(request, proto.MAX_MANIFEST_BYTES, "manifest too large")
         async with session.commit_lock:
             manifest = await asyncio.to_thread(session.imp.commit, raw)
         self._end(session, abort=False)
@@ -328,10 +316,33 @@ def _peer_name(request: web.Request) -> str | None:
     return None
 
 
+async def _body(request: web.Request, limit: int, what: str) -> bytes:
+    """The whole body, refused with 413 past ``limit`` bytes (read in pieces as they come:
+    ``StreamReader.read(n)`` returns what is buffered, not ``n`` bytes)."""
+    if (request.content_length or 0) > limit:
+        raise _http_refusal(web.HTTPRequestEntityTooLarge, what, limit, request.content_length)
+    parts, size = [], 0
+    async for part in request.content.iter_any():
+        size += len(part)
+        if size > limit:
+            raise _http_refusal(web.HTTPRequestEntityTooLarge, what, limit, size)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _http_refusal(
+    kind: type[web.HTTPRequestEntityTooLarge], what: str, limit: int, size: int | None
+) -> web.HTTPRequestEntityTooLarge:
+    return kind(
+        max_size=limit,
+        actual_size=size or limit + 1,
+        text=msgspec.json.encode(proto.Refusal(error=what)).decode(),
+        content_type="application/json",
+    )
+
+
 async def _json(request: web.Request, kind: type[Any]) -> Any:
-    raw = await request.content.read(proto.MAX_JSON_BYTES + 1)
-    if len(raw) > proto.MAX_JSON_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=proto.MAX_JSON_BYTES, actual_size=len(raw))
+    raw = await _body(request, proto.MAX_JSON_BYTES, "request too large")
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.DecodeError as e:

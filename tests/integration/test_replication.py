@@ -11,6 +11,7 @@ with both certificates; the 64 bytes per offered id are inside the 5 %.)
 """
 
 import asyncio
+import os
 import ssl
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from engine.jobs.states import State
 from engine.replication import protocol as proto
 from engine.replication import tls
 from engine.replication.job import default_journal, run_replication
+from engine.replication.sender import Sender
 from engine.replication.state import PeerState
 from engine.store.check import check_store
 from engine.store.chunk_store import Store
@@ -350,3 +352,19 @@ def test_a_dead_senders_unfinished_record_is_marked_failed(make_store: StoreFact
     assert again.state is State.FAILED
     assert again.error is not None
     assert "interrupted" in again.error
+
+
+async def test_a_full_offer_batch_is_answered_and_a_larger_one_refused(
+    pair: tuple[Store, Store], pki: Pki
+) -> None:
+    sender, replica = pair
+    m = write_snapshot(sender, "vm8", {"root": realistic_bytes(2 * CHUNK, seed=71)})
+    ids = [os.urandom(32) for _ in range(proto.OFFER_BATCH)]
+    async with receiver(replica, pki) as (server, recv):
+        async with Sender(sender, target(pki, server.port)) as session:
+            await session.open(m, None)
+            assert await session.lacking(ids) == ids
+            with pytest.raises(proto.PeerError, match="HTTP 413"):
+                await session.lacking([*ids, ids[0]])
+            await session.abort()
+        assert not recv.sessions
