@@ -50,7 +50,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from engine.core.errors import CorruptPack, CorruptRecord, IntegrityError, SnapshotNotFound
+from engine.core.errors import (
+    CorruptPack,
+    CorruptRecord,
+    IntegrityError,
+    SnapshotNotFound,
+    StoreError,
+)
 from engine.core.ids import ChunkId, short
 from engine.store.check import (
     DAMAGED_NAME,
@@ -162,13 +168,18 @@ class VerifyState:
 
     def __init__(self, root: Path):
         directory = root / STATE_DIR
-        if not directory.exists():
-            directory.mkdir()
-            fsync_dir(root)
-        self._db = sqlite3.connect(directory / "state.db", isolation_level=None, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_STATE_SCHEMA)
+        try:
+            if not directory.exists():
+                directory.mkdir()
+                fsync_dir(root)
+            self._db = sqlite3.connect(directory / "state.db", isolation_level=None, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_STATE_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(
+                path=root, reason=f"verify state {directory / 'state.db'} is not writable: {e}"
+            ) from e
 
     def close(self) -> None:
         self._db.close()

@@ -85,6 +85,9 @@ def pack_problems(store: "Store") -> dict[str, str]:
         if size != row.size:
             state = "is missing" if size is None else f"has {size} bytes, expected {row.size}"
             bad[row.name] = f"pack {row.name} {state}"
+    if bad:  # GC may have retired a pack meanwhile: that is no damage
+        indexed = {row.name for row in store.index.packs()}
+        bad = {name: reason for name, reason in bad.items() if name in indexed}
     return bad
 
 
