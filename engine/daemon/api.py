@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
+from engine.daemon import maintenance
 from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
 from engine.daemon.jobs import Busy, ShuttingDown
 from engine.daemon.service import Service
@@ -154,6 +155,7 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.get(f"{API}/snapshots/{{id}}", snapshot),
             web.post(f"{API}/snapshots/{{id}}/protect", protect),
             web.get(f"{API}/store", store),
+            web.post(f"{API}/maintenance/{{kind}}", start_maintenance),
             web.get(f"{API}/openapi.json", openapi),
             web.get("/metrics", metrics),
         ]
@@ -318,6 +320,18 @@ async def store(request: web.Request) -> web.Response:
     handle = _service(request).store(request.query.get("store"))
     usage = await asyncio.to_thread(store_usage, handle.store)
     return web.json_response({"store": handle.section.name} | usage.doc())
+
+
+async def start_maintenance(request: web.Request) -> web.Response:
+    """Run GC or verify now on one store (``?store=``) or every store."""
+    s = _service(request)
+    kind = request.match_info["kind"]
+    if kind not in ("gc", "verify"):
+        raise ConfigError(message=f"no maintenance {kind!r} (gc or verify)")
+    name = request.query.get("store")
+    handles = [s.store(name)] if name else list(s.stores.values())
+    views = [maintenance.start(s, kind, handle) for handle in handles]
+    return web.json_response({"jobs": [v.doc() for v in views]}, status=202)
 
 
 async def metrics(request: web.Request) -> web.Response:

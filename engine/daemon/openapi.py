@@ -70,6 +70,10 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/store": {
         "get": _op("Store space: logical, unique, shared, stored bytes", params=("store",))
     },
+    "/v1/maintenance/{kind}": {
+        "post": _op("Run gc or verify now (every store, or ?store=)", ok="202")
+        | {"parameters": _id("kind") + _op("", params=("store",))["parameters"]}
+    },
     "/v1/openapi.json": {"get": _op("This description")},
     "/metrics": {
         "get": {
