@@ -13,7 +13,7 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import cli_config, cli_maint, cli_peer, cli_service, cli_verify
+from engine.daemon import cli_config, cli_maint, cli_peer, cli_service, cli_standby, cli_verify
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
     cli_peer.register(sub, open_store, _add_key_options)  # peer init-ca|issue|serve, replicate
+    cli_standby.register(sub, open_store, _add_key_options)  # standby refresh
     return parser
 
 

@@ -79,7 +79,13 @@ def _lifecycle() -> dict[tuple[State, Event], State]:
 BACKUP: Table = _lifecycle()
 RESTORE: Table = _lifecycle()
 REPLICATE: Table = _lifecycle()  # engine.replication.job: open session, send, commit
-TABLES: Mapping[str, Table] = {"backup": BACKUP, "restore": RESTORE, "replicate": REPLICATE}
+STANDBY: Table = _lifecycle()  # engine.standby.job: a restore (full or refresh) of a standby
+TABLES: Mapping[str, Table] = {
+    "backup": BACKUP,
+    "restore": RESTORE,
+    "replicate": REPLICATE,
+    "standby": STANDBY,
+}
 
 
 class IllegalTransition(EngineError):

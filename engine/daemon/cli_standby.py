@@ -1,0 +1,95 @@
+"""``tessera standby refresh VM``: bring a VM's cold standby to a snapshot, in this process.
+
+Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` and the
+key options are passed in so this module does not import ``cli`` (which imports it). The
+daemon refreshes standbys itself after each replicated snapshot (``engine.standby.job.
+refresh_standby``); this command is the direct run, for a first copy or by hand::
+
+    tessera standby refresh web01 --config /etc/tessera/config.yaml --cluster DR \\
+        [--storage-domain dr-data] [--suffix -standby] [--snapshot ID] [--engine NAME]
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.config.loader import load as load_config
+from engine.config.policy import Standby
+from engine.daemon.progress import ProgressDisplay
+from engine.jobs.journal import Journal
+from engine.jobs.recovery import recover_unfinished
+from engine.standby.job import refresh_standby
+from engine.store.chunk_store import Store
+from engine.util import aio
+from engine.workers import make_cpu_pool
+
+EXIT_OK, EXIT_FAILED = 0, 1  # the values of engine.daemon.cli's exit codes
+
+OpenStore = Callable[[argparse.Namespace, bool], Store]
+
+
+def register(
+    sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    open_store: OpenStore,
+    add_key_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add ``standby refresh`` to the parser."""
+    standby = sub.add_parser("standby", help="cold-standby copies of VMs on this site's engine")
+    ssub = standby.add_subparsers(dest="standby_command", required=True, metavar="ACTION")
+    p = ssub.add_parser(
+        "refresh",
+        help="create the standby VM, or write the slots changed since its last refresh",
+    )
+    p.add_argument("vm", metavar="VM", help="the backed-up VM (name or id) in the store")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--engine", help="engine name in the configuration (if several)")
+    p.add_argument("--cluster", required=True, help="the standby VM's cluster (name or id)")
+    p.add_argument("--storage-domain", help="for the standby disks (default: as backed up)")
+    p.add_argument("--suffix", default="-standby", help="standby VM name = VM name + suffix")
+    p.add_argument("--snapshot", help="snapshot id or prefix (default: the VM's newest)")
+    add_key_options(p)
+    p.set_defaults(func=lambda args: cmd_standby_refresh(args, open_store))
+
+
+def cmd_standby_refresh(args: argparse.Namespace, open_store: OpenStore) -> int:
+    config = load_config(args.config, args.config.parent / "conf.d")
+    engine = config.engine(args.engine)
+    standby = Standby(
+        peer="local",  # a direct run: the snapshots are already in this store
+        cluster=args.cluster,
+        storage_domain=args.storage_domain,
+        name_suffix=args.suffix,
+    )
+    with open_store(args, True) as store:
+
+        async def run() -> int:
+            journal = Journal(store.path / "journal")
+            for line in await recover_unfinished(store, journal):
+                print(f"recovery: {line}", file=sys.stderr)
+            pool = make_cpu_pool(store.keys, store.config.chunk_size)
+            try:
+                with ProgressDisplay(f"standby {args.vm}") as display:
+                    outcome = await refresh_standby(
+                        store,
+                        pool,
+                        journal,
+                        engine,
+                        args.vm,
+                        standby,
+                        args.snapshot,
+                        progress=display.update,
+                    )
+            finally:
+                await pool.aclose()
+            if outcome.restore is not None:
+                for stats in outcome.restore.disks:
+                    print(stats.summary())
+            for action in outcome.actions:
+                print(f"standby: {action}")
+            print(outcome.summary())
+            if outcome.ok and outcome.standby_vm_id:
+                print(f"standby VM {outcome.standby_vm_name} id {outcome.standby_vm_id}")
+            return EXIT_OK if outcome.ok else EXIT_FAILED
+
+        return aio.run(run())
