@@ -51,7 +51,7 @@ def register(
         help="check snapshots reference stored chunks (and data); marks what is damaged",
         description="Structure: manifests authenticate, DiskMaps match their checksums, every "
         "referenced chunk is indexed in a whole pack. --data also reads every record (CRC, "
-        "AEAD, re-hash); --percent P reads a sample of P %% of the packs, least recently "
+        "AEAD, re-hash); --percent P reads a sample of P percent of the packs, least recently "
         "verified first. A killed run is resumed by the next one with the same options. "
         "Damaged snapshots are marked (see `tessera snapshots`) and their bad chunks are "
         "stored again by the next backup that reads their data. Runs beside backups.",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.ids import ChunkId, short
+from engine.daemon.cli import build_parser, main
 from engine.maint.verify import (
     QUARANTINE_DIR,
     VerifyOptions,
@@ -466,3 +467,31 @@ def test_repair_of_a_whole_store(two: tuple[Store, Manifest, Manifest, bytes, by
     result = repair(store)
     assert not result.lost and not result.quarantined and result.verify.ok
     assert result.indexed_chunks == store.index.stats().chunks > 0
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["0", "101", "ten"])
+def test_cli_rejects_bad_percent(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["store", "verify", str(tmp_path), "--percent", bad])
+    assert e.value.code == 2
+
+
+def test_cli_verify_text_names_vms(
+    two: tuple[Store, Manifest, Manifest, bytes, bytes],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, a, b, _, _ = two
+    flip(store, slot_id(store, a, 0))
+    monkeypatch.setenv("TESSERA_PASSPHRASE", PASSPHRASE.decode())
+    assert main(["store", "verify", str(store.path), "--percent", "100"]) == 3
+    out = capsys.readouterr().out
+    assert f"(snapshots: {min(a.snapshot_id, b.snapshot_id)}" in out and "VMs: vm-a, vm-b" in out
+    assert "run 1: " in out and "(100 %)" in out
+    assert main(["snapshots", "--store", str(store.path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith("PROTECTED  DAMAGED")
+    assert all(line.endswith("yes (1 chunks)") for line in table[1:])
