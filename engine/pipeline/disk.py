@@ -136,6 +136,9 @@ class _DiskBackup:
         self.stats = DiskStats(disk.info.disk_id, self.size, slots=diskmap.slots)
         self.stats.fallback_reason = disk.fallback_reason
         self.incremental = parent is not None and disk.checkpoint_parent is not None
+        # Chunks verify found damaged: a clean slot holding one is read again, so that the
+        # backup stores a good copy (heals it) instead of referencing the bad one.
+        self.bad = {b.chunk_id for b in store.index.bad_chunks()} if self.incremental else set()
         if parent is not None and (
             parent.chunk_size != self.chunk or parent.disk_size != self.size
         ):
@@ -168,8 +171,11 @@ class _DiskBackup:
                     self.diskmap.set_zero(slot, 1)
                     self.stats.zero_slots += 1
                     self.advance(self.slot_length(slot))
-                elif decision is Slot.CLEAN:
-                    assert self.parent is not None
+                elif (
+                    decision is Slot.CLEAN
+                    and self.parent is not None
+                    and (self.parent.get(slot) not in self.bad)
+                ):
                     self.diskmap.set(slot, self.parent.get(slot))
                     self.stats.clean_slots += 1
                     self.advance(self.slot_length(slot))

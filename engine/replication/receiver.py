@@ -52,6 +52,7 @@ from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.codec import check_crc
 from engine.store.leases import Lease
+from engine.store.manifest import Manifest
 from engine.store.replica import SnapshotImport, check_snapshot_id
 
 log = structlog.get_logger("tessera.replication")
@@ -87,7 +88,15 @@ class ReceiverStats:
 class PeerReceiver:
     """The sessions of one store. Every store call runs in a thread (SQLite, fsync)."""
 
-    def __init__(self, store: Store, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
+    def __init__(
+        self,
+        store: Store,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        on_commit: Callable[[Manifest, str | None], None] | None = None,
+    ):
+        """``on_commit(manifest, sender)`` hears of each committed snapshot (the daemon
+        starts standby refreshes from it); it must not block."""
+        self.on_commit = on_commit
         if not store.writable:
             raise ValueError("a replication receiver needs a store opened for writing")
         self.store = store
@@ -287,6 +296,11 @@ class PeerReceiver:
             manifest = await asyncio.to_thread(session.imp.commit, raw)
         self._end(session, abort=False)
         self.stats.committed.append(manifest.snapshot_id)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(manifest, session.sender)
+            except Exception as e:  # noqa: BLE001 - the replica is committed whatever it says
+                log.warning("peer.on_commit_failed", snapshot=manifest.snapshot_id, error=str(e))
         log.info(
             "peer.snapshot.committed",
             snapshot=manifest.snapshot_id,
@@ -393,11 +407,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 RECEIVER: Final = web.AppKey("peer_receiver", PeerReceiver)
 
 
-def build_peer_app(store: Store, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> web.Application:
+def build_peer_app(
+    store: Store,
+    *,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    on_commit: Callable[[Manifest, str | None], None] | None = None,
+) -> web.Application:
     """The receiver application for ``store`` (opened for writing, shared keys). Serve it
     with ``PeerServer`` or any TLS listener using ``tls.server_context``; on cleanup every
     open session is aborted. ``app[RECEIVER]`` holds the sessions and counters."""
-    receiver = PeerReceiver(store, idle_timeout)
+    receiver = PeerReceiver(store, idle_timeout, on_commit)
     app = web.Application(middlewares=[_errors], client_max_size=proto.MAX_JSON_BYTES)
     app[RECEIVER] = receiver
     p = proto.PREFIX
