@@ -33,12 +33,13 @@ import msgspec
 import structlog
 
 from engine.config.models import PeerSection
-from engine.core.errors import ChunkMissing
+from engine.core.errors import ChunkMissing, EngineError
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, ChunkId, short
 from engine.replication import protocol as proto
 from engine.replication.throttle import Throttle, TokenBucket, Unlimited
 from engine.replication.tls import client_context
 from engine.store.chunk_store import Store
+from engine.store.codec import check_crc
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import Manifest
 from engine.util.retry import RetryPolicy, retry
@@ -195,6 +196,8 @@ class Sender:
             async with self._http.request(method, url, data=data) as response:
                 body = await response.read()
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, ConnectionError) as e:
+            if (ours := _our_error(e)) is not None:
+                raise ours from None  # the body failed here (our store), not the connection
             raise proto.TransientPeerError(
                 peer=self.target.name, reason=f"{method} {path}: {type(e).__name__}: {e}"
             ) from e
@@ -380,10 +383,28 @@ class Sender:
         return msgspec.convert(doc, proto.Committed)
 
 
+def _our_error(error: BaseException) -> EngineError | None:
+    """The engine error a request body raised, which aiohttp wraps in a connection error."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, EngineError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def _read_ahead(store: Store, chunk_id: bytes) -> "asyncio.Future[bytes]":
-    async def read() -> bytes:
-        record, _pack, _offset = await asyncio.to_thread(store.get_record, ChunkId(chunk_id))
+    def read_checked() -> bytes:
+        # A record damaged in our own pack is an integrity error here (never retried), not
+        # a refusal the receiver would answer to every resend.
+        record, pack, offset = store.get_record(ChunkId(chunk_id))
+        check_crc(record, pack, offset)
         return record
+
+    async def read() -> bytes:
+        return await asyncio.to_thread(read_checked)
 
     return asyncio.ensure_future(read())
 

@@ -368,3 +368,31 @@ async def test_a_full_offer_batch_is_answered_and_a_larger_one_refused(
                 await session.lacking([*ids, ids[0]])
             await session.abort()
         assert not recv.sessions
+
+
+async def test_a_damaged_record_in_the_senders_pack_fails_the_job_unretried(
+    pair: tuple[Store, Store], pki: Pki
+) -> None:
+    sender, replica = pair
+    m = write_snapshot(sender, "vm9", {"root": realistic_bytes(4 * CHUNK, seed=81)})
+    sender.flush()
+    cid = next(cid for _, cid in _ids(sender, m))
+    loc = sender.index.lookup(cid)
+    assert loc is not None
+    path = sender.layout.pack_files()[loc.pack]
+    with path.open("r+b") as f:
+        f.seek(loc.offset + 100)
+        byte = f.read(1)
+        f.seek(loc.offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    async with receiver(replica, pki) as (server, recv):
+        out = await run_replication(
+            store=sender, snapshot_id=m.snapshot_id, target=target(pki, server.port)
+        )
+        assert not recv.sessions
+    assert out.record.state is State.FAILED
+    assert out.record.error is not None
+    assert f"pack {loc.pack}" in out.record.error
+    assert "CRC32 mismatch" in out.record.error
+    assert out.stats.retries == 0
+    assert replica.snapshots() == []
