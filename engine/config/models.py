@@ -148,6 +148,17 @@ class MaintenanceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     notify: tuple[str, ...] = ()  # e-mail addresses for findings
 
 
+class PeerServerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """This site as a replication receiver: HTTPS with mutual TLS (client certificates
+    signed by ``ca_file``; the certificate's common name is the sending site's peer name)."""
+
+    listen: str  # "HOST:PORT", e.g. "0.0.0.0:8444"
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    store: str | None = None  # the store replicas go into; None: the only one
+
+
 class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     timezone: ZoneInfo | None = None  # zone of calendar expressions; None: the host's
     misfire_grace: Duration = DEFAULT_MISFIRE_GRACE  # catch up a missed run this late at most
@@ -166,6 +177,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     peers: tuple[PeerSection, ...] = ()
     scheduler: SchedulerSection = SchedulerSection()
     maintenance: MaintenanceSection = MaintenanceSection()
+    peer_server: PeerServerSection | None = None
     policies_dir: Path | None = None  # relative to the config file; default: policies.d/
 
     def store(self, name: str | None = None) -> StoreSection:

@@ -31,6 +31,7 @@ from engine.daemon.jobs import Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
+from engine.replication.state import PeerState, state_dir
 from engine.store.manifest import Manifest
 
 log = structlog.get_logger("tessera.api")
@@ -156,6 +157,7 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.post(f"{API}/snapshots/{{id}}/protect", protect),
             web.get(f"{API}/store", store),
             web.post(f"{API}/maintenance/{{kind}}", start_maintenance),
+            web.get(f"{API}/replication", replication),
             web.get(f"{API}/openapi.json", openapi),
             web.get("/metrics", metrics),
         ]
@@ -332,6 +334,24 @@ async def start_maintenance(request: web.Request) -> web.Response:
     handles = [s.store(name)] if name else list(s.stores.values())
     views = [maintenance.start(s, kind, handle) for handle in handles]
     return web.json_response({"jobs": [v.doc() for v in views]}, status=202)
+
+
+async def replication(request: web.Request) -> web.Response:
+    """What each store has pushed to each peer: per VM the last snapshot replicated and
+    when, and the jobs of kind ``replicate`` still running."""
+    s = _service(request)
+
+    def read() -> list[dict[str, Any]]:
+        out = []
+        for name, handle in sorted(s.stores.items()):
+            directory = state_dir(handle.store.path)
+            for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+                state = PeerState.load(handle.store.path, path.stem)
+                out.append({"store": name, "peer": state.peer, "vms": state.vms})
+        return out
+
+    running = [j.doc() for j in s.jobs.running() if j.kind == "replicate"]
+    return web.json_response({"peers": await asyncio.to_thread(read), "running": running})
 
 
 async def metrics(request: web.Request) -> web.Response:

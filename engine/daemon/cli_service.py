@@ -57,6 +57,8 @@ def register(
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--follow", action="store_true", help="live progress until the job ends")
     p.set_defaults(func=cmd_job)
+    p = client_parser("replication", "what was replicated to each peer, per VM")
+    p.set_defaults(func=cmd_replication)
     p = client_parser("cancel", "cancel a running job (it cleans up first)")
     p.add_argument("job_id", metavar="ID")
     p.set_defaults(func=cmd_cancel)
@@ -174,6 +176,23 @@ def cmd_job(args: argparse.Namespace) -> int:
     if doc["error"]:
         print(f"  error: {doc['error']}")
     return EXIT_OK if doc["state"] not in {"failed", "cancelled", "aborted"} else EXIT_FAILED
+
+
+def cmd_replication(args: argparse.Namespace) -> int:
+    doc = aio.run(_call(args, "GET", "/v1/replication"))
+    if args.json:
+        _print(doc)
+        return EXIT_OK
+    print(f"{'STORE':<10}  {'PEER':<16}  {'VM':<36}  {'SNAPSHOT':<16}  REPLICATED")
+    for peer in doc["peers"]:
+        for vm, last in sorted(peer["vms"].items()):
+            print(
+                f"{peer['store'][:10]:<10}  {peer['peer'][:16]:<16}  {vm[:36]:<36}  "
+                f"{last['snapshot']:<16}  {last.get('replicated', '-')}"
+            )
+    for job in doc["running"]:
+        print(f"running: {job['id']} {job['vm']} {_percent(job)}")
+    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -74,6 +74,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("Run gc or verify now (every store, or ?store=)", ok="202")
         | {"parameters": _id("kind") + _op("", params=("store",))["parameters"]}
     },
+    "/v1/replication": {"get": _op("Replication state per store, peer and VM")},
     "/v1/openapi.json": {"get": _op("This description")},
     "/metrics": {
         "get": {

@@ -30,11 +30,11 @@ from typing import Any, Final
 import structlog
 
 from engine.config.loader import LoadedConfig
-from engine.config.models import Config, StoreSection
+from engine.config.models import Config, PeerServerSection, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError
 from engine.daemon import maintenance, sdnotify
-from engine.daemon.jobs import JobManager, JobView
+from engine.daemon.jobs import Busy, JobManager, JobView
 from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.backup import LEVELS, run_backup
 from engine.jobs.journal import Journal
@@ -45,12 +45,18 @@ from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.obs.metrics import Metrics
 from engine.obs.notify import DiskSummary, JobSummary, Notifier
+from engine.replication.job import run_replication
+from engine.replication.receiver import PeerServer, build_peer_app
+from engine.replication.sender import PeerTarget, ReplicationStats
+from engine.replication.tls import server_context
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
+from engine.standby.job import refresh_standby
 from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE
 from engine.store.layout import StoreConfig
+from engine.store.manifest import Manifest
 from engine.util.limits import Limits
 from engine.workers import CpuPool, make_cpu_pool
 
@@ -152,6 +158,9 @@ class Service:
             )
             stop_api = await api(self)
             stack.push_async_callback(stop_api)
+            if self.config.peer_server is not None:
+                peer_server = await self._start_peer_server(self.config.peer_server)
+                stack.push_async_callback(peer_server.stop)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -175,6 +184,103 @@ class Service:
                 await manager
                 watchdog.cancel()
         log.info("daemon.stopped")
+
+    async def _start_peer_server(self, section: PeerServerSection) -> PeerServer:
+        """Receive replicas from peers (mutual TLS) into the section's store."""
+        handle = self.store(section.store)
+        host, _, port = section.listen.rpartition(":")
+        app = build_peer_app(handle.store, on_commit=self._replica_committed)
+        context = server_context(section.cert_file, section.key_file, section.ca_file)
+        server = PeerServer(app, host.strip("[]"), int(port), context)
+        await server.start()
+        log.info("peers.listening", listen=section.listen, store=handle.section.name)
+        return server
+
+    def _replica_committed(self, manifest: Manifest, sender: str | None) -> None:
+        """A peer committed a snapshot here: refresh the standby of every policy that keeps
+        one of that VM for that peer."""
+        for policy in self.policies:
+            standby = policy.standby
+            if standby is None or not policy.enabled or standby.peer != sender:
+                continue
+            if not policy.selection.selects_vm(manifest.vm_name):
+                continue
+            try:
+                self.start_standby(policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
+            except Busy:
+                log.info("standby.busy", vm=manifest.vm_name, snapshot=manifest.snapshot_id)
+
+    def start_standby(
+        self, policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
+    ) -> JobView:
+        """Refresh the cold-standby copy of one VM from the newest (or a given) snapshot."""
+        standby = policy.standby
+        assert standby is not None
+        handle = self.store(policy.store)
+        engine_section = self.config.engine(policy.selection.engine)
+
+        async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+            outcome = await refresh_standby(
+                handle.store,
+                handle.pool,
+                handle.journal,
+                engine_section,
+                vm_id,
+                standby,
+                snapshot_id,
+                job_id=view.job_id,
+                progress=view.progress,
+            )
+            view.say(outcome.summary())
+            summary = {
+                "mode": outcome.mode,
+                "reason": outcome.reason,
+                "standby_vm": outcome.standby_vm_name,
+                "slots_written": outcome.slots_written,
+                "slots_skipped": outcome.slots_skipped,
+                "bytes_written": outcome.bytes_written,
+                "seconds": round(outcome.seconds, 2),
+                "line": outcome.summary(),
+            }
+            return ("succeeded" if outcome.ok else "failed"), summary
+
+        params = {"store": handle.section.name, "snapshot": snapshot_id, "vm": vm_name}
+        return self.jobs.submit(
+            "standby", f"standby:{vm_name}", body, policy=policy.name, params=params
+        )
+
+    def start_replication(
+        self, policy: Policy | None, vm: str, snapshot_id: str, peer: str
+    ) -> JobView:
+        """Push one snapshot to a peer (only the chunks it lacks)."""
+        handle = self.store(policy.store if policy else None)
+        target = PeerTarget.from_section(self.config.peer(peer))
+
+        async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+            def progress(stats: ReplicationStats) -> None:
+                view.progress(f"to {peer}", stats.record_bytes_sent, max(stats.lacked_bytes, 1))
+
+            outcome = await run_replication(
+                store=handle.store,
+                snapshot_id=snapshot_id,
+                target=target,
+                journal=handle.journal,
+                job_id=view.job_id,
+                progress=progress,
+            )
+            view.say(outcome.summary())
+            view.error = outcome.record.error
+            summary = outcome.record.summary | {"line": outcome.summary(), "peer": peer}
+            return outcome.record.state.value.lower(), summary
+
+        params = {"store": handle.section.name, "snapshot": snapshot_id, "peer": peer}
+        return self.jobs.submit(
+            "replicate",
+            f"replicate:{vm}:{peer}",
+            body,
+            policy=policy.name if policy else None,
+            params=params,
+        )
 
     def request_stop(self) -> None:
         """First call: drain; second call: cancel running jobs now."""
@@ -425,6 +531,17 @@ class Service:
             view.say(f"level {decision.level}: {decision.reason}")
             if view.task is not None:
                 await asyncio.wait([view.task])
+            snapshot = view.summary.get("snapshot")
+            if view.state != "succeeded" or not snapshot:
+                return
+            pushes = [
+                self.start_replication(policy, vm, snapshot, target.peer)
+                for target in policy.replication
+                if target.mode == "push"
+            ]
+            waits = [p.task for p in pushes if p.task is not None]
+            if waits:
+                await asyncio.wait(waits)
 
         async with asyncio.TaskGroup() as tg:
             for vm in chosen:
