@@ -16,6 +16,7 @@ Summary: offered, lacked, sent, skipped, record bytes vs body bytes on the wire,
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Final
@@ -43,6 +44,7 @@ from engine.util.retry import RetryPolicy
 JOB_KIND: Final = "replicate"
 JOB_SOURCE: Final = "replication"
 CLOSE_TIMEOUT: Final = 30.0  # seconds to tell the receiver a session is over
+MAX_REOPEN: Final = 3  # sessions lost in one job (receiver restarts) before it fails
 
 
 @dataclass
@@ -151,30 +153,63 @@ class _Replicate:
         return Event.PREPARED
 
     async def transfer(self) -> Event:
-        assert self.outcome.manifest is not None
-        if not self.outcome.already_there:
-            await self.sender.transfer(self.outcome.manifest, self.base)
+        await self._in_session(self._send, resend=False)
         return Event.TRANSFERRED
 
     async def commit(self) -> Event:
         manifest = self.outcome.manifest
         assert manifest is not None
-        if not self.outcome.already_there:
-            try:
-                await self.sender.commit(manifest)
-            except proto.PeerError as e:
-                if self.base is not None and "missing chunks" in str(e):
-                    # The receiver lacks chunks the base had: offer every id once more.
-                    self.base = self.outcome.base = None
-                    await self.sender.transfer(manifest, None)
-                    await self.sender.commit(manifest)
-                elif not (await self.sender.open(manifest, None)).committed:
-                    raise
-                # else: the commit went through and only its answer was lost
+        await self._in_session(self._commit, resend=True)
         await asyncio.to_thread(
             self.state.replicated, manifest.vm_id, manifest.snapshot_id, manifest.time
         )
         return Event.COMMITTED
+
+    async def _send(self) -> None:
+        assert self.outcome.manifest is not None
+        if not self.outcome.already_there:
+            await self.sender.transfer(self.outcome.manifest, self.base)
+
+    async def _commit(self) -> None:
+        manifest = self.outcome.manifest
+        assert manifest is not None
+        if self.outcome.already_there:
+            return
+        try:
+            await self.sender.commit(manifest)
+        except proto.SessionLost:
+            raise
+        except proto.PeerError as e:
+            if self.base is not None and "missing chunks" in str(e):
+                # The receiver lacks chunks the base had: offer every id once more.
+                self.base = self.outcome.base = None
+                await self.sender.transfer(manifest, None)
+                await self.sender.commit(manifest)
+            elif not (await self.sender.open(manifest, None)).committed:
+                raise
+            # else: the commit went through and only its answer was lost
+
+    async def _in_session(self, step: Callable[[], Awaitable[None]], resend: bool) -> None:
+        """Run ``step``; when the receiver lost the session (restarted), open a new one and
+        run it again (``resend``: send what it lacks first — its ``lacking`` answers skip
+        what arrived; a lost session drops staged DiskMaps, never records)."""
+        manifest = self.outcome.manifest
+        assert manifest is not None
+        for reopened in range(MAX_REOPEN + 1):
+            try:
+                await step()
+            except proto.SessionLost as e:
+                if reopened == MAX_REOPEN:
+                    raise
+                self.outcome.record.warnings.append(f"session lost, reopened: {e}")
+                opened = await self.sender.open(manifest, self.outcome.base)
+                if not opened.base_held:
+                    self.base = self.outcome.base = None
+                self.outcome.already_there = opened.committed
+                if not opened.committed and resend:
+                    await self.sender.transfer(manifest, self.base)
+            else:
+                return
 
     async def cleanup(self, success: bool) -> None:
         try:

@@ -47,6 +47,11 @@ class TransientPeerError(PeerError):
     retryable = True
 
 
+class SessionLost(PeerError):
+    """The receiver no longer knows the session (it restarted, or the session expired):
+    the job opens a new one and offers again; what arrived is not sent twice."""
+
+
 class BatchRejected(PeerError):
     """The receiver found a damaged record in a batch (CRC or decode): the batch is resent."""
 

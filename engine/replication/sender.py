@@ -213,6 +213,8 @@ class Sender:
             raise proto.TransientPeerError(peer=self.target.name, reason=reason)
         if response.status == 422 and path.endswith("/records"):
             raise proto.BatchRejected(peer=self.target.name, reason=reason)
+        if response.status == 404 and path.startswith("/sessions/"):
+            raise proto.SessionLost(peer=self.target.name, reason=reason)
         raise proto.PeerError(peer=self.target.name, reason=reason)
 
     async def _retry(self, what: str, fn: Callable[[], Any]) -> Any:

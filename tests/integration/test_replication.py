@@ -22,6 +22,7 @@ from engine.jobs.states import State
 from engine.replication import protocol as proto
 from engine.replication import tls
 from engine.replication.job import default_journal, run_replication
+from engine.replication.receiver import PeerServer, build_peer_app
 from engine.replication.sender import Sender
 from engine.replication.state import PeerState
 from engine.store.check import check_store
@@ -396,3 +397,41 @@ async def test_a_damaged_record_in_the_senders_pack_fails_the_job_unretried(
     assert "CRC32 mismatch" in out.record.error
     assert out.stats.retries == 0
     assert replica.snapshots() == []
+
+
+async def test_receiver_restart_mid_transfer_continues_in_a_new_session(
+    pair: tuple[Store, Store], pki: Pki
+) -> None:
+    """The receiver stops after the first batch (its sessions are dropped) and comes back
+    on the same port: the job opens a new session and sends only what had not arrived."""
+    sender, replica = pair
+    data = realistic_bytes(40 * CHUNK, seed=91)
+    m = write_snapshot(sender, "vm10", {"root": data})
+    chunks, _ = record_bytes(sender, m)
+    first = PeerServer(build_peer_app(replica), "127.0.0.1", 0, pki.server_context())
+    await first.start()
+    port = first.port
+    batch_done = asyncio.Event()
+    job = asyncio.create_task(
+        run_replication(
+            store=sender,
+            snapshot_id=m.snapshot_id,
+            target=target(pki, port, streams=1),
+            batch_bytes=BATCH,
+            progress=lambda _stats: batch_done.set(),
+        )
+    )
+    await batch_done.wait()
+    await first.stop()
+    arrived = sum(1 for _, cid in _ids(sender, m) if replica.index.lookup(cid) is not None)
+    async with PeerServer(build_peer_app(replica), "127.0.0.1", port, pki.server_context()):
+        out = await job
+    assert out.record.state is State.SUCCEEDED, out.record.error
+    assert any("session lost" in w for w in out.record.warnings)
+    assert 0 < arrived < chunks
+    # Everything arrived before the stop is never sent again; at most the batch in flight
+    # at the stop (which the new session's "lacking" answer re-requests) goes twice.
+    per_batch = BATCH // min(loc.length for loc in _locations(sender, m)) + 1
+    assert out.stats.chunks_sent <= chunks + per_batch
+    assert out.stats.chunks_sent - out.stats.chunks_skipped <= chunks + per_batch
+    assert read_disk(replica, replica.manifest(m.snapshot_id)) == data
