@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from engine.config.loader import load as load_config
 from engine.config.types import ByteSize
 from engine.core.errors import ConfigError
+from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.states import State
 from engine.replication import tls
 from engine.replication.job import latest_snapshot, run_replication
@@ -143,8 +144,6 @@ def cmd_init_store(args: argparse.Namespace, open_store: OpenStore) -> int:
         if keys.data_key is None:
             raise ConfigError(message=f"store {args.store} keeps no data key to leave out")
         keys = StoreKeys(id_key=keys.id_key, mac_key=keys.mac_key, data_key=None)
-    from engine.daemon.passphrase import resolve_passphrase  # noqa: PLC0415 - CLI only
-
     passphrase = None
     if keys.data_key is not None and config.encryption != ENCRYPTION_NONE:
         passphrase = resolve_passphrase(args.passphrase_file, confirm=True)

@@ -23,8 +23,10 @@ Protocol (HTTPS, mutual TLS with the sites' own CA; routes under ``/peer/v1``)::
 
 Invariants: the receiver never deletes anything it holds; a manifest is committed only
 when every chunk it names is indexed there; a batch is answered only once what arrived is
-durable, so resuming (a retry, or a new session) re-asks ``lacking`` and sends only the
-rest; a damaged record (CRC) is never put, its batch is resent.
+durable, so resuming (a retry, a new session after a receiver restart, or a new job after
+a sender restart) re-asks ``lacking`` and sends only the rest; a record damaged in transit
+(CRC) is never put, its batch is resent; one damaged in the sender's own pack fails the job
+(integrity errors are not retried).
 
 Modules: ``protocol`` (routes, bounds, messages), ``tls`` (CA, site certificates, ssl
 contexts), ``throttle`` (token bucket), ``state`` (last snapshot replicated per peer and
