@@ -280,6 +280,8 @@ class Index:
                 raise
         return n
 
+    # (Membership is tested with EXISTS on mark's primary key: ``IN (SELECT …)`` would copy
+    # the whole mark table into a temporary index for every statement.)
     # GC works on id ranges of about ``batch`` rows, each in a short transaction run wholly by
     # SQLite (no per-row Python, so the GIL stays free for the backups beside it), against a
     # work database attached as ``gc`` holding ``mark(id)`` and ``young(id)`` (pack ids).
@@ -322,12 +324,12 @@ class Index:
         def run(c: sqlite3.Connection) -> tuple[int, int]:
             absolved = c.execute(
                 "UPDATE chunks SET condemned = 0 WHERE id > ? AND id <= ? AND condemned != 0 "
-                "AND id IN (SELECT id FROM gc.mark)",
+                "AND EXISTS(SELECT 1 FROM gc.mark m WHERE m.id = chunks.id)",
                 (lo, hi),
             ).rowcount
             condemned = c.execute(
                 "UPDATE chunks SET condemned = -1 WHERE id > ? AND id <= ? AND condemned = 0 "
-                "AND pack <= ? AND id NOT IN (SELECT id FROM gc.mark) "
+                "AND pack <= ? AND NOT EXISTS(SELECT 1 FROM gc.mark m WHERE m.id = chunks.id) "
                 "AND pack NOT IN (SELECT id FROM gc.young)",
                 (lo, hi, max_pack),
             ).rowcount
@@ -352,7 +354,7 @@ class Index:
             lambda c: (
                 c.execute(
                     "DELETE FROM chunks WHERE id > ? AND id <= ? AND condemned BETWEEN 1 AND ? "
-                    "AND id NOT IN (SELECT id FROM gc.mark)",
+                    "AND NOT EXISTS(SELECT 1 FROM gc.mark m WHERE m.id = chunks.id)",
                     (lo, hi, cutoff),
                 ).rowcount
             )
@@ -364,7 +366,7 @@ class Index:
             self._conn()
             .execute(
                 "SELECT count(*), coalesce(sum(length), 0), count(nullif(condemned, 0)) "
-                "FROM chunks WHERE id NOT IN (SELECT id FROM gc.mark)"
+                "FROM chunks WHERE NOT EXISTS(SELECT 1 FROM gc.mark m WHERE m.id = chunks.id)"
             )
             .fetchone()
         )
