@@ -260,11 +260,10 @@ class Service:
             def progress(stats: ReplicationStats) -> None:
                 view.progress(f"to {peer}", stats.record_bytes_sent, max(stats.lacked_bytes, 1))
 
-            outcome = await run_replication(
+            outcome = await run_replication(  # its own journal: STORE/replication/journal
                 store=handle.store,
                 snapshot_id=snapshot_id,
                 target=target,
-                journal=handle.journal,
                 job_id=view.job_id,
                 progress=progress,
             )
