@@ -27,6 +27,7 @@ SEED = Seed(
     vms=(
         VmSeed(
             name="vm1",
+            nics=("nic1", "backend"),  # two NICs: a restore must bring both back (OVF)
             disks=(
                 DiskSeed("vm1_os", 256 * MiB, bootable=True),
                 DiskSeed("vm1_data", 192 * MiB, format="raw", sparse=False, backup="none"),

@@ -101,6 +101,8 @@ async def test_restore_as_a_new_vm(tmp_path: Path, lab: Lab) -> None:
     for fact in ("cluster", "memory", "sockets", "cores", "os"):
         assert new[fact] == original[fact], fact
     assert new["cores"] == 2  # the seed's default, carried by the OVF
+    by_name = {v.name: v for v in engine.inventory.vms.values()}
+    assert by_name["vm1-restored"].nics == by_name["vm1"].nics == ("nic1", "backend")
     new_disks = new["disks"]
     assert isinstance(new_disks, dict)
     old_disks = original["disks"]
