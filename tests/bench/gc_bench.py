@@ -22,6 +22,7 @@ peak under its own.
 
 import json
 import resource
+import secrets
 import subprocess
 import sys
 import threading
@@ -154,8 +155,9 @@ def backup_ratio(path: Path, report: Report, mb: int = 160) -> None:
             snap.commit()
         return len(chunks) * CHUNK / MB / (time.perf_counter() - t)
 
+    salt = secrets.randbits(62)  # new chunks on every run, even on a reused store
     with Store.open(path, passphrase=PASSPHRASE) as store:
-        alone = backup(1)
+        alone = backup(salt)
         stop = threading.Event()
         runs = 0
 
@@ -168,11 +170,11 @@ def backup_ratio(path: Path, report: Report, mb: int = 160) -> None:
         thread = threading.Thread(target=collect, name="gc")
         thread.start()
         try:
-            during = backup(2)
+            during = backup(salt + 1)
         finally:
             stop.set()
             thread.join()
-        alone2 = backup(3)
+        alone2 = backup(salt + 2)
     base = max(alone, alone2)
     report("gc.backup_alone", base, "MB/s")
     report("gc.backup_during_gc", during, "MB/s")

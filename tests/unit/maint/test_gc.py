@@ -230,3 +230,24 @@ def test_repack_splits_sources_over_new_packs_of_bounded_records(
     assert check_store(store, data=True).ok
     assert read_disk(store, b) == b"".join(chunks(40, seed=1)[::2] + chunks(4, seed=2))
     assert not set(store.layout.trash_files()) & {p.name for p in store.index.packs()}
+
+
+def test_a_damaged_record_keeps_its_pack_and_gc_finishes(make_store: StoreFactory) -> None:
+    store = make_store()
+    _a, _b, data = two_snapshots(store)
+    prune(store, Rules(keep_last=1))
+    bad = store.codec.chunk_id(data[0])  # kept by B, in a pack half of which is garbage
+    loc = store.index.lookup(bad)
+    assert loc is not None
+    path = store.layout.pack_files()[loc.pack]
+    with path.open("r+b") as f:  # flip a payload byte: the CRC check fails
+        f.seek(loc.offset + 100)
+        byte = f.read(1)
+        f.seek(loc.offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run_gc(store, datetime.now(UTC) + 8 * DAY, repack_threshold=0.75)
+    assert any(loc.pack in n for n in result.notes)
+    assert loc.pack in {p.name for p in store.index.packs()}
+    assert result.packs_repacked >= 1
+    findings = check_store(store, data=True).findings
+    assert findings and all(f.kind == "bad-chunk" for f in findings)
