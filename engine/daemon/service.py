@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,12 +48,13 @@ from engine.obs.metrics import Metrics
 from engine.obs.notify import DiskSummary, JobSummary, Notifier
 from engine.replication.job import run_replication
 from engine.replication.receiver import PeerServer, build_peer_app
-from engine.replication.sender import PeerTarget, ReplicationStats
+from engine.replication.sender import PeerTarget, ReplicationStats, request_pull
 from engine.replication.tls import server_context
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
 from engine.standby.job import refresh_standby
+from engine.store.catalog import CatalogEntry
 from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE
 from engine.store.layout import StoreConfig
@@ -189,7 +191,9 @@ class Service:
         """Receive replicas from peers (mutual TLS) into the section's store."""
         handle = self.store(section.store)
         host, _, port = section.listen.rpartition(":")
-        app = build_peer_app(handle.store, on_commit=self._replica_committed)
+        app = build_peer_app(
+            handle.store, on_commit=self._replica_committed, on_pull=self._pull_requested
+        )
         context = server_context(section.cert_file, section.key_file, section.ca_file)
         server = PeerServer(app, host.strip("[]"), int(port), context)
         await server.start()
@@ -209,6 +213,34 @@ class Service:
                 self.start_standby(policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
             except Busy:
                 log.info("standby.busy", vm=manifest.vm_name, snapshot=manifest.snapshot_id)
+
+    def _pull_requested(self, peer: str, patterns: tuple[str, ...]) -> list[str]:
+        """A peer asks for the newest snapshot of the VMs matching ``patterns``: push each to
+        it (a peer of this config only: its URL and our client certificate are there)."""
+        self.config.peer(peer)  # ConfigError: the receiver answers 409 naming it
+        handle = self.store(self.config.peer_server.store if self.config.peer_server else None)
+        latest: dict[str, CatalogEntry] = {}
+        for entry in handle.store.snapshots():
+            if any(fnmatchcase(entry.vm_name, p) for p in patterns):
+                latest[entry.vm_name] = entry  # entries are ordered by time within a VM
+        jobs = []
+        for vm, entry in sorted(latest.items()):
+            try:
+                jobs.append(self.start_replication(None, vm, entry.snapshot_id, peer).job_id)
+            except Busy as e:
+                log.info("pull.busy", peer=peer, vm=vm, job=str(e))
+        log.info("pull.requested", peer=peer, vms=sorted(latest), jobs=jobs)
+        return jobs
+
+    async def pull(self, policy: Policy, patterns: list[str]) -> None:
+        """A pull policy's run: ask each pull peer to push the newest snapshots of the VMs
+        its selection names (the standby refresh follows each replica's commit here)."""
+        for target in policy.replication:
+            if target.mode != "pull":
+                continue
+            peer = PeerTarget.from_section(self.config.peer(target.peer))
+            jobs = await request_pull(peer, patterns)
+            log.info("pull.started", policy=policy.name, peer=target.peer, jobs=jobs)
 
     def start_standby(
         self, policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
@@ -496,7 +528,11 @@ class Service:
     async def run_policy(self, policy: Policy, planned: datetime) -> None:
         """What the scheduler starts: a backup of every VM the policy selects, each at the
         level its rules give; returns when they have all ended (so the scheduler coalesces a
-        fire that comes while they run)."""
+        fire that comes while they run). A policy whose replication targets are all ``pull``
+        backs nothing up here: it asks those peers to push the VMs its selection names."""
+        if policy.replication and all(t.mode == "pull" for t in policy.replication):
+            await self.pull(policy, list(policy.selection.vms))
+            return
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
         chosen = [

@@ -108,6 +108,17 @@ class Refusal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     durable: int = 0  # records of the batch made durable before the damaged one
 
 
+class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A peer asks this site to push it the newest snapshot of each VM named (names or
+    globs, matched against this site's snapshots)."""
+
+    vms: tuple[str, ...]
+
+
+class PullAccepted(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    jobs: tuple[str, ...]  # the replication jobs started here, one per VM found
+
+
 class Committed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     snapshot_id: str
     disks: int

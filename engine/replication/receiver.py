@@ -63,6 +63,10 @@ DRAIN_LIMIT: Final = 2 * proto.RECORD_BATCH_BYTES  # body read after a refusal, 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# ``on_pull(peer, vms)``: start pushing those VMs' newest snapshots to ``peer``; job ids.
+PullHandler = Callable[[str, tuple[str, ...]], list[str]]
+
+
 @dataclass
 class _Session:
     id: str
@@ -316,6 +320,26 @@ class PeerReceiver:
         return _json_response({"aborted": request.match_info["id"]})
 
 
+def _pull_handler(on_pull: PullHandler | None) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /pull``: the peer named by its certificate asks for the newest snapshots of
+    some VMs; ``on_pull(peer, vms)`` (the daemon) starts pushing them and names the jobs."""
+
+    async def pull(request: web.Request) -> web.Response:
+        if on_pull is None:
+            return _refuse(404, "this site does not serve pulls (no daemon behind it)")
+        peer = _peer_name(request)
+        if peer is None:
+            return _refuse(403, "a pull needs the peer's client certificate")
+        body = await _json(request, proto.PullRequest)
+        try:
+            jobs = on_pull(peer, body.vms)
+        except EngineError as e:
+            return _refuse(409, str(e))
+        return _json_response(proto.PullAccepted(tuple(jobs)), status=202)
+
+    return pull
+
+
 def _peer_name(request: web.Request) -> str | None:
     """The client certificate's common name (TLS verified it against the CA)."""
     if request.transport is None:
@@ -412,6 +436,7 @@ def build_peer_app(
     *,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     on_commit: Callable[[Manifest, str | None], None] | None = None,
+    on_pull: PullHandler | None = None,
 ) -> web.Application:
     """The receiver application for ``store`` (opened for writing, shared keys). Serve it
     with ``PeerServer`` or any TLS listener using ``tls.server_context``; on cleanup every
@@ -428,6 +453,7 @@ def build_peer_app(
             web.put(f"{p}/sessions/{{id}}/diskmaps/{{name}}", receiver.diskmap),
             web.post(f"{p}/sessions/{{id}}/commit", receiver.commit),
             web.delete(f"{p}/sessions/{{id}}", receiver.abort),
+            web.post(f"{p}/pull", _pull_handler(on_pull)),
         ]
     )
 

@@ -22,7 +22,7 @@ per distinct changed chunk); record batches are streamed one record at a time.
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -73,6 +73,31 @@ class PeerTarget:
             streams=section.streams,
             bandwidth_limit=section.bandwidth_limit,
         )
+
+
+async def request_pull(target: PeerTarget, vms: Sequence[str]) -> list[str]:
+    """Ask ``target`` to push us the newest snapshot of each of ``vms`` (names or globs);
+    returns the ids of the jobs it started. Raises PeerError with the peer's answer."""
+    connector = aiohttp.TCPConnector(ssl=target.ssl)
+    timeout = aiohttp.ClientTimeout(total=60)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
+            http.post(
+                f"{target.url.rstrip('/')}{proto.PREFIX}/pull",
+                data=msgspec.json.encode(proto.PullRequest(tuple(vms))),
+                headers={"Content-Type": "application/json"},
+            ) as response,
+        ):
+            raw = await response.read()
+            if response.status != 202:
+                reason = (
+                    f"pull refused: HTTP {response.status} {raw[:300].decode(errors='replace')}"
+                )
+                raise proto.PeerError(peer=target.name, reason=reason)
+            return list(msgspec.json.decode(raw, type=proto.PullAccepted).jobs)
+    except aiohttp.ClientError as e:
+        raise proto.PeerError(peer=target.name, reason=f"pull request failed: {e}") from e
 
 
 @dataclass

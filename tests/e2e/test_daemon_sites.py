@@ -89,14 +89,17 @@ async def sites(tmp_path: Path) -> AsyncIterator[tuple[Site, Site]]:
                 "peer", "init-store", b_dir / "store", "--from-store", a_dir / "store"
             )
             assert code == 0, out
-            port = free_port()
+            port, port_a = free_port(), free_port()
             config_a = a_dir / "config.yaml"
             config_a.write_text(base_config(a_dir, engine_a, SEED_A))
             add_config(
                 config_a,
                 f"peers:\n  - name: site-b\n    url: https://127.0.0.1:{port}\n"
                 f"    cert_file: {a_tls.cert}\n    key_file: {a_tls.key}\n"
-                f"    ca_file: {a_tls.ca}\n    streams: 2\n",
+                f"    ca_file: {a_tls.ca}\n    streams: 2\n"
+                # A serves pulls (and could receive replicas) on its own peer listener
+                f"peer_server:\n  listen: 127.0.0.1:{port_a}\n  cert_file: {a_tls.cert}\n"
+                f"  key_file: {a_tls.key}\n  ca_file: {a_tls.ca}\n",
             )
             (a_dir / "policies.d").mkdir()
             (a_dir / "policies.d" / "nightly.yaml").write_text(
@@ -109,8 +112,8 @@ async def sites(tmp_path: Path) -> AsyncIterator[tuple[Site, Site]]:
                 config_b,
                 f"peer_server:\n  listen: 127.0.0.1:{port}\n  cert_file: {b_tls.cert}\n"
                 f"  key_file: {b_tls.key}\n  ca_file: {b_tls.ca}\n"
-                # site A as B knows it (B never pushes there in this test)
-                f"peers:\n  - name: site-a\n    url: https://127.0.0.1:{free_port()}\n"
+                # site A as B knows it: B asks it for pulls
+                f"peers:\n  - name: site-a\n    url: https://127.0.0.1:{port_a}\n"
                 f"    cert_file: {b_tls.cert}\n    key_file: {b_tls.key}\n"
                 f"    ca_file: {b_tls.ca}\n",
             )
@@ -118,6 +121,10 @@ async def sites(tmp_path: Path) -> AsyncIterator[tuple[Site, Site]]:
             (b_dir / "policies.d" / "dr.yaml").write_text(
                 "name: dr\nselection: {vms: [web01]}\n"
                 "standby: {peer: site-a, cluster: Default, storage_domain: data1}\n"
+            )
+            (b_dir / "policies.d" / "pull.yaml").write_text(
+                "name: pull-dr\nselection: {vms: [web*]}\n"
+                "replication: [{peer: site-a, mode: pull}]\n"
             )
             yield (
                 Site("a", engine_a, config_a, images_a),
@@ -190,6 +197,34 @@ async def test_policy_pushes_to_the_peer_which_keeps_a_standby(
         assert second["summary"]["mode"] == "refresh"
         assert 1 <= second["summary"]["slots_written"] <= 2
         assert identical(ref1, b.engine.activity.images[attachment.disk_id])
+    finally:
+        for daemon in (daemon_a, daemon_b):
+            await daemon.kill()
+
+
+async def test_a_pull_policy_asks_the_peer_to_push(
+    tmp_path: Path, sites: tuple[Site, Site]
+) -> None:
+    a, b = sites
+    daemon_a = Daemon(a.config, tmp_path / "a.log")
+    daemon_b = Daemon(b.config, tmp_path / "b.log")
+    try:
+        await daemon_a.start()
+        await daemon_b.start()
+        ref = reference(a.images["web01_os"], tmp_path / "t0.raw")
+        code, out = await tessera("backup", "vm", "web01", "--config", a.config, "--level", "full")
+        assert code == 0, out  # by hand: no policy, so nothing is pushed
+        assert not [j for j in await jobs_of(a.config) if j["kind"] == "replicate"]
+
+        code, out = await tessera("policies", "--config", b.config, "--run", "pull-dr")
+        assert code == 0, out
+        (push,) = await until(a.config, "replicate", 1)
+        assert push["state"] == "succeeded" and push["params"]["peer"] == "site-b", push
+        (standby,) = await until(b.config, "standby", 1)
+        assert standby["state"] == "succeeded", standby
+        vm = next(v for v in b.engine.inventory.vms.values() if v.name == "web01-standby")
+        assert identical(ref, b.engine.activity.images[vm.attachments[0].disk_id])
+        assert [e["peer"] for e in daemon_a.events("pull.requested")] == ["site-b"]
     finally:
         for daemon in (daemon_a, daemon_b):
             await daemon.kill()
