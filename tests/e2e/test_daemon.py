@@ -324,7 +324,7 @@ async def test_sigterm_during_a_backup_stops_cleanly_and_kill_is_recovered(
 
 
 async def sigterm_then_kill(engine: FakeEngine, config: Path, daemon: Daemon) -> None:
-    engine.faults.storage_iops = 40  # slow disks: the backup is still running when we signal
+    engine.faults.storage_iops = 4  # slow disks: the backup is still running when we signal
     await daemon.start("--grace", "0")
     code, out = await tessera("policies", "--config", config, "--run", "nightly")
     assert code == 0, out
@@ -352,11 +352,13 @@ async def sigterm_then_kill(engine: FakeEngine, config: Path, daemon: Daemon) ->
 
 
 async def until_transferring(config: Path) -> None:
-    """Wait until the running job has read some bytes (it is mid-transfer)."""
-    for _ in range(600):
-        code, out = await tessera("jobs", "--config", config, "--json", "--running")
-        jobs = json.loads(out) if code == 0 else []
-        if any(d["done"] > 0 for j in jobs for d in j["disks"].values()):
-            return
-        await asyncio.sleep(0.1)
+    """Wait until the running job has read some bytes (it is mid-transfer), asking the
+    daemon's API directly (a CLI process per poll is too slow to catch a short backup)."""
+    socket_path = config.parent / "api.sock"
+    for _ in range(1200):
+        if socket_path.exists():
+            jobs = json.loads(await get_text(socket_path, "/v1/jobs?running=1"))
+            if any(d["done"] > 0 for j in jobs for d in j["disks"].values()):
+                return
+        await asyncio.sleep(0.05)
     raise AssertionError("no job started transferring")
