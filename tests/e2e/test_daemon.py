@@ -92,7 +92,7 @@ class Daemon:
                 stderr=asyncio.subprocess.STDOUT,
                 env=ENV,
             )
-        for _ in range(300):
+        for _ in range(1200):  # two minutes: a loaded machine opens stores slowly
             if self.log.read_text().count('"daemon.ready"') > ready_before:
                 return
             if self.proc.returncode is not None:
