@@ -31,7 +31,7 @@ lint: venv
 	$(BIN)/lint-imports
 
 test: venv sysdeps
-	$(BIN)/pytest -m 'not bench and not slow'
+	$(BIN)/pytest -m 'not bench and not slow' -n 2 --dist loadfile --durations=25
 
 check: lint test
 

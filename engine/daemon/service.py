@@ -24,18 +24,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
 from engine.config.loader import LoadedConfig
-from engine.config.models import Config, PeerServerSection, StoreSection
+from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError
-from engine.daemon import maintenance, sdnotify
-from engine.daemon.jobs import Busy, JobManager, JobView
+from engine.daemon import maintenance, sdnotify, sites
+from engine.daemon.jobs import JobManager, JobView
 from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.backup import LEVELS, run_backup
 from engine.jobs.journal import Journal
@@ -46,19 +44,12 @@ from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.obs.metrics import Metrics
 from engine.obs.notify import DiskSummary, JobSummary, Notifier
-from engine.replication.job import run_replication
-from engine.replication.receiver import PeerServer, build_peer_app
-from engine.replication.sender import PeerTarget, ReplicationStats, request_pull
-from engine.replication.tls import server_context
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
-from engine.standby.job import refresh_standby
-from engine.store.catalog import CatalogEntry
 from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE
 from engine.store.layout import StoreConfig
-from engine.store.manifest import Manifest
 from engine.util.limits import Limits
 from engine.workers import CpuPool, make_cpu_pool
 
@@ -161,7 +152,7 @@ class Service:
             stop_api = await api(self)
             stack.push_async_callback(stop_api)
             if self.config.peer_server is not None:
-                peer_server = await self._start_peer_server(self.config.peer_server)
+                peer_server = await sites.start_peer_server(self, self.config.peer_server)
                 stack.push_async_callback(peer_server.stop)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -186,132 +177,6 @@ class Service:
                 await manager
                 watchdog.cancel()
         log.info("daemon.stopped")
-
-    async def _start_peer_server(self, section: PeerServerSection) -> PeerServer:
-        """Receive replicas from peers (mutual TLS) into the section's store."""
-        handle = self.store(section.store)
-        host, _, port = section.listen.rpartition(":")
-        app = build_peer_app(
-            handle.store, on_commit=self._replica_committed, on_pull=self._pull_requested
-        )
-        context = server_context(section.cert_file, section.key_file, section.ca_file)
-        server = PeerServer(app, host.strip("[]"), int(port), context)
-        await server.start()
-        log.info("peers.listening", listen=section.listen, store=handle.section.name)
-        return server
-
-    def _replica_committed(self, manifest: Manifest, sender: str | None) -> None:
-        """A peer committed a snapshot here: refresh the standby of every policy that keeps
-        one of that VM for that peer."""
-        for policy in self.policies:
-            standby = policy.standby
-            if standby is None or not policy.enabled or standby.peer != sender:
-                continue
-            if not policy.selection.selects_vm(manifest.vm_name):
-                continue
-            try:
-                self.start_standby(policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
-            except Busy:
-                log.info("standby.busy", vm=manifest.vm_name, snapshot=manifest.snapshot_id)
-
-    def _pull_requested(self, peer: str, patterns: tuple[str, ...]) -> list[str]:
-        """A peer asks for the newest snapshot of the VMs matching ``patterns``: push each to
-        it (a peer of this config only: its URL and our client certificate are there)."""
-        self.config.peer(peer)  # ConfigError: the receiver answers 409 naming it
-        handle = self.store(self.config.peer_server.store if self.config.peer_server else None)
-        latest: dict[str, CatalogEntry] = {}
-        for entry in handle.store.snapshots():
-            if any(fnmatchcase(entry.vm_name, p) for p in patterns):
-                latest[entry.vm_name] = entry  # entries are ordered by time within a VM
-        jobs = []
-        for vm, entry in sorted(latest.items()):
-            try:
-                jobs.append(self.start_replication(None, vm, entry.snapshot_id, peer).job_id)
-            except Busy as e:
-                log.info("pull.busy", peer=peer, vm=vm, job=str(e))
-        log.info("pull.requested", peer=peer, vms=sorted(latest), jobs=jobs)
-        return jobs
-
-    async def pull(self, policy: Policy, patterns: list[str]) -> None:
-        """A pull policy's run: ask each pull peer to push the newest snapshots of the VMs
-        its selection names (the standby refresh follows each replica's commit here)."""
-        for target in policy.replication:
-            if target.mode != "pull":
-                continue
-            peer = PeerTarget.from_section(self.config.peer(target.peer))
-            jobs = await request_pull(peer, patterns)
-            log.info("pull.started", policy=policy.name, peer=target.peer, jobs=jobs)
-
-    def start_standby(
-        self, policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
-    ) -> JobView:
-        """Refresh the cold-standby copy of one VM from the newest (or a given) snapshot."""
-        standby = policy.standby
-        assert standby is not None
-        handle = self.store(policy.store)
-        engine_section = self.config.engine(policy.selection.engine)
-
-        async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-            outcome = await refresh_standby(
-                handle.store,
-                handle.pool,
-                handle.journal,
-                engine_section,
-                vm_id,
-                standby,
-                snapshot_id,
-                job_id=view.job_id,
-                progress=view.progress,
-            )
-            view.say(outcome.summary())
-            summary = {
-                "mode": outcome.mode,
-                "reason": outcome.reason,
-                "standby_vm": outcome.standby_vm_name,
-                "slots_written": outcome.slots_written,
-                "slots_skipped": outcome.slots_skipped,
-                "bytes_written": outcome.bytes_written,
-                "seconds": round(outcome.seconds, 2),
-                "line": outcome.summary(),
-            }
-            return ("succeeded" if outcome.ok else "failed"), summary
-
-        params = {"store": handle.section.name, "snapshot": snapshot_id, "vm": vm_name}
-        return self.jobs.submit(
-            "standby", f"standby:{vm_name}", body, policy=policy.name, params=params
-        )
-
-    def start_replication(
-        self, policy: Policy | None, vm: str, snapshot_id: str, peer: str
-    ) -> JobView:
-        """Push one snapshot to a peer (only the chunks it lacks)."""
-        handle = self.store(policy.store if policy else None)
-        target = PeerTarget.from_section(self.config.peer(peer))
-
-        async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-            def progress(stats: ReplicationStats) -> None:
-                view.progress(f"to {peer}", stats.record_bytes_sent, max(stats.lacked_bytes, 1))
-
-            outcome = await run_replication(  # its own journal: STORE/replication/journal
-                store=handle.store,
-                snapshot_id=snapshot_id,
-                target=target,
-                job_id=view.job_id,
-                progress=progress,
-            )
-            view.say(outcome.summary())
-            view.error = outcome.record.error
-            summary = outcome.record.summary | {"line": outcome.summary(), "peer": peer}
-            return outcome.record.state.value.lower(), summary
-
-        params = {"store": handle.section.name, "snapshot": snapshot_id, "peer": peer}
-        return self.jobs.submit(
-            "replicate",
-            f"replicate:{vm}:{peer}",
-            body,
-            policy=policy.name if policy else None,
-            params=params,
-        )
 
     def request_stop(self) -> None:
         """First call: drain; second call: cancel running jobs now."""
@@ -531,7 +396,7 @@ class Service:
         fire that comes while they run). A policy whose replication targets are all ``pull``
         backs nothing up here: it asks those peers to push the VMs its selection names."""
         if policy.replication and all(t.mode == "pull" for t in policy.replication):
-            await self.pull(policy, list(policy.selection.vms))
+            await sites.pull(self, policy, list(policy.selection.vms))
             return
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
@@ -570,7 +435,7 @@ class Service:
             if view.state != "succeeded" or not snapshot:
                 return
             pushes = [
-                self.start_replication(policy, vm, snapshot, target.peer)
+                sites.start_replication(self, policy, vm, snapshot, target.peer)
                 for target in policy.replication
                 if target.mode == "push"
             ]
@@ -700,7 +565,3 @@ def job_summary(view: JobView) -> JobSummary:
         error=view.error,
         integrity=bool(s.get("integrity")),
     )
-
-
-def default_config_path() -> Path:
-    return Path("/etc/tessera/config.yaml")

@@ -1,4 +1,5 @@
-"""Store maintenance: retention (pure), prune and protect, space accounting.
+"""Store maintenance: retention (pure), prune and protect, space accounting, garbage
+collection, verify and repair.
 
 Nouns: a *rule* set (``retention.Rules``) says which snapshots to keep; a *plan* is one
 ``Decision`` (keep or remove, with reasons) per snapshot; *pruning* removes the snapshots a
@@ -7,7 +8,10 @@ runs separately (DESIGN §4.9). A removed snapshot waits in ``STORE/removed/`` f
 period (the undo window). A *protected* snapshot is never removed.
 
 Modules: ``retention`` (pure planning), ``prune`` (protect, remove, undo; the prune lock),
-``usage`` (space per snapshot, VM and store, with bounded memory).
+``usage`` (space per snapshot, VM and store, with bounded memory), ``gc`` (condemn-then-
+delete beside backups under leases, repack, trash with a grace period; the protocol is in
+the ``engine.store`` docstring), ``verify`` (structure and data, sampled oldest-first,
+resumable; damage marks and the bad-chunk list that the next backup heals; ``repair``).
 
 This package sits above ``engine.store`` and below ``engine.jobs`` / ``engine.daemon``.
 """

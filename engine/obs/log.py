@@ -16,6 +16,12 @@ from engine.obs.syslog import Facility, SyslogForwarder, SyslogSettings
 _forwarder: SyslogForwarder | None = None  # the one the last ``configure`` started
 
 
+def _current_stderr(*args: object) -> structlog.PrintLogger:
+    """A logger on whatever ``sys.stderr`` is *now* (loggers are not cached): a stream
+    captured at configure time may be closed later (a test's capture, a redirected CLI)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(
     level: int = logging.WARNING,
     json: bool = False,
@@ -46,7 +52,7 @@ def configure(
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream) if stream else _current_stderr,
         cache_logger_on_first_use=False,
     )
     return _forwarder

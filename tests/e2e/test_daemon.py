@@ -362,3 +362,33 @@ async def until_transferring(config: Path) -> None:
                 return
         await asyncio.sleep(0.05)
     raise AssertionError("no job started transferring")
+
+
+async def test_a_schedule_fires_by_itself(tmp_path: Path, lab: tuple[FakeEngine, Path]) -> None:
+    """No "run now": the policy's calendar (every 3 s) starts the backup; the scheduler then
+    shows the next run, and runs of the policy never overlap."""
+    _, config = lab
+    (tmp_path / "policies.d" / "nightly.yaml").write_text(
+        POLICY.replace("schedule: daily 02:00", 'schedule: "*:*:0/3"')
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        await daemon.start()
+        (job,) = (await wait_jobs(config, 1))[:1]
+        assert (job["vm"], job["policy"], job["state"]) == ("web01", "nightly", "succeeded")
+        fired = [e for e in daemon.events("schedule.event") if e["outcome"] == "started"]
+        assert fired and fired[0]["reason"] != "started by hand"
+        code, out = await tessera("policies", "--config", config, "--json")
+        assert code == 0, out
+        (policy,) = json.loads(out)
+        assert policy["next_run"] is not None
+        code = await daemon.stop()
+    finally:
+        await daemon.kill()
+    assert code == 0
+    jobs_by_vm = [e for e in daemon.events("job.started") if e["vm"] == "web01"]
+    finished = daemon.events("job.finished")
+    # never two backups of web01 at once: every start follows the previous one's end
+    starts = [e["timestamp"] for e in jobs_by_vm]
+    ends = [e["timestamp"] for e in finished]
+    assert all(s >= e for s, e in zip(starts[1:], ends, strict=False))

@@ -1,0 +1,166 @@
+"""The daemon's links to other sites: the replication receiver, pushes, pulls, standby.
+
+- ``start_peer_server``: ``peer_server`` in the config → the receiver (mutual TLS) beside the
+  API; each committed replica calls ``replica_committed``, each pull request
+  ``pull_requested``.
+- ``start_replication``: one snapshot pushed to one peer as a ``replicate`` job (the
+  policy's push targets after each backup; a peer's pull).
+- ``pull``: a pull policy's run asks its peers to push to us.
+- ``start_standby``: a ``standby`` job refreshing the cold-standby VM of a replicated VM.
+"""
+
+from fnmatch import fnmatchcase
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from engine.config.models import PeerServerSection
+from engine.config.policy import Policy
+from engine.daemon.jobs import Busy, JobView
+from engine.replication.job import run_replication
+from engine.replication.receiver import PeerServer, build_peer_app
+from engine.replication.sender import PeerTarget, ReplicationStats, request_pull
+from engine.replication.tls import server_context
+from engine.standby.job import refresh_standby
+from engine.store.catalog import CatalogEntry
+from engine.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from engine.daemon.service import Service
+
+log = structlog.get_logger("tessera.daemon")
+
+
+async def start_peer_server(service: "Service", section: PeerServerSection) -> PeerServer:
+    """Receive replicas from peers (mutual TLS) into the section's store."""
+    handle = service.store(section.store)
+    host, _, port = section.listen.rpartition(":")
+    app = build_peer_app(
+        handle.store,
+        on_commit=partial(replica_committed, service),
+        on_pull=partial(pull_requested, service),
+    )
+    context = server_context(section.cert_file, section.key_file, section.ca_file)
+    server = PeerServer(app, host.strip("[]"), int(port), context)
+    await server.start()
+    log.info("peers.listening", listen=section.listen, store=handle.section.name)
+    return server
+
+
+def replica_committed(service: "Service", manifest: Manifest, sender: str | None) -> None:
+    """A peer committed a snapshot here: refresh the standby of every policy that keeps
+    one of that VM for that peer."""
+    for policy in service.policies:
+        standby = policy.standby
+        if standby is None or not policy.enabled or standby.peer != sender:
+            continue
+        if not policy.selection.selects_vm(manifest.vm_name):
+            continue
+        try:
+            start_standby(service, policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
+        except Busy:
+            log.info("standby.busy", vm=manifest.vm_name, snapshot=manifest.snapshot_id)
+
+
+def pull_requested(service: "Service", peer: str, patterns: tuple[str, ...]) -> list[str]:
+    """A peer asks for the newest snapshot of the VMs matching ``patterns``: push each to
+    it (a peer of this config only: its URL and our client certificate are there)."""
+    service.config.peer(peer)  # ConfigError: the receiver answers 409 naming it
+    handle = service.store(service.config.peer_server.store if service.config.peer_server else None)
+    latest: dict[str, CatalogEntry] = {}
+    for entry in handle.store.snapshots():
+        if any(fnmatchcase(entry.vm_name, p) for p in patterns):
+            latest[entry.vm_name] = entry  # entries are ordered by time within a VM
+    jobs = []
+    for vm, entry in sorted(latest.items()):
+        try:
+            jobs.append(start_replication(service, None, vm, entry.snapshot_id, peer).job_id)
+        except Busy as e:
+            log.info("pull.busy", peer=peer, vm=vm, job=str(e))
+    log.info("pull.requested", peer=peer, vms=sorted(latest), jobs=jobs)
+    return jobs
+
+
+async def pull(service: "Service", policy: Policy, patterns: list[str]) -> None:
+    """A pull policy's run: ask each pull peer to push the newest snapshots of the VMs
+    its selection names (the standby refresh follows each replica's commit here)."""
+    for target in policy.replication:
+        if target.mode != "pull":
+            continue
+        peer = PeerTarget.from_section(service.config.peer(target.peer))
+        jobs = await request_pull(peer, patterns)
+        log.info("pull.started", policy=policy.name, peer=target.peer, jobs=jobs)
+
+
+def start_standby(
+    service: "Service", policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
+) -> JobView:
+    """Refresh the cold-standby copy of one VM from the newest (or a given) snapshot."""
+    standby = policy.standby
+    assert standby is not None
+    handle = service.store(policy.store)
+    engine_section = service.config.engine(policy.selection.engine)
+
+    async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+        outcome = await refresh_standby(
+            handle.store,
+            handle.pool,
+            handle.journal,
+            engine_section,
+            vm_id,
+            standby,
+            snapshot_id,
+            job_id=view.job_id,
+            progress=view.progress,
+        )
+        view.say(outcome.summary())
+        summary = {
+            "mode": outcome.mode,
+            "reason": outcome.reason,
+            "standby_vm": outcome.standby_vm_name,
+            "slots_written": outcome.slots_written,
+            "slots_skipped": outcome.slots_skipped,
+            "bytes_written": outcome.bytes_written,
+            "seconds": round(outcome.seconds, 2),
+            "line": outcome.summary(),
+        }
+        return ("succeeded" if outcome.ok else "failed"), summary
+
+    params = {"store": handle.section.name, "snapshot": snapshot_id, "vm": vm_name}
+    return service.jobs.submit(
+        "standby", f"standby:{vm_name}", body, policy=policy.name, params=params
+    )
+
+
+def start_replication(
+    service: "Service", policy: Policy | None, vm: str, snapshot_id: str, peer: str
+) -> JobView:
+    """Push one snapshot to a peer (only the chunks it lacks)."""
+    handle = service.store(policy.store if policy else None)
+    target = PeerTarget.from_section(service.config.peer(peer))
+
+    async def body(view: JobView) -> tuple[str, dict[str, Any]]:
+        def progress(stats: ReplicationStats) -> None:
+            view.progress(f"to {peer}", stats.record_bytes_sent, max(stats.lacked_bytes, 1))
+
+        outcome = await run_replication(  # its own journal: STORE/replication/journal
+            store=handle.store,
+            snapshot_id=snapshot_id,
+            target=target,
+            job_id=view.job_id,
+            progress=progress,
+        )
+        view.say(outcome.summary())
+        view.error = outcome.record.error
+        summary = outcome.record.summary | {"line": outcome.summary(), "peer": peer}
+        return outcome.record.state.value.lower(), summary
+
+    params = {"store": handle.section.name, "snapshot": snapshot_id, "peer": peer}
+    return service.jobs.submit(
+        "replicate",
+        f"replicate:{vm}:{peer}",
+        body,
+        policy=policy.name if policy else None,
+        params=params,
+    )
