@@ -15,9 +15,11 @@ from pathlib import Path
 
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
+from engine.daemon import cli_service
 from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult, gc
 from engine.maint.retention import Duration
 from engine.store.chunk_store import Store
+from engine.util import aio
 
 EXIT_OK = 0  # the value of engine.daemon.cli's exit code
 MB = 1_000_000  # --rate-limit unit, as disk tools quote it
@@ -38,7 +40,14 @@ def register(
         "deduplicated against them, repack packs whose live share is under the threshold, "
         "and delete packs that have been in STORE/trash/ longer than the grace period.",
     )
-    p.add_argument("--store", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path)
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="the daemon configuration: through the running daemon (it holds the store), "
+        "else on the configuration's store here",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="report what would happen, change nothing"
     )
@@ -83,6 +92,13 @@ def _progress(step: str, done: int, total: int) -> None:
 
 def cmd_gc(args: argparse.Namespace, open_store: OpenStore) -> int:
     opts = options_from_args(args)
+    if args.config is not None and (socket := cli_service.daemon_socket(args.config)):
+        if args.dry_run:
+            raise ConfigError(
+                message="gc: --dry-run runs here only; stop the daemon or use --store"
+            )
+        # The daemon runs it as a job with its configured grace and threshold.
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/maintenance/gc", {}))
     with open_store(args, True) as store:
         result = gc(store, opts)
     if opts.progress is not None:

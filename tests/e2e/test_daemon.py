@@ -296,6 +296,11 @@ async def through_the_daemon(
         names = {vm.name for vm in engine.inventory.vms.values()}
         assert "db01-copy" in names
         await assert_clean(engine, SEED)
+
+        # maintenance while the daemon holds the store: `tessera gc --config` is a daemon job
+        code, out = await tessera("gc", "--config", config)
+        assert code == 0, out
+        assert "submitted to the daemon" in out and "gc succeeded" in out, out
     finally:
         code = await daemon.stop()
         await daemon.kill()
