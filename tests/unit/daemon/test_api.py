@@ -140,3 +140,45 @@ def test_tokens_file_errors_name_the_file(tmp_path: Path) -> None:
         load_tokens(tmp_path / "missing")
     empty.write_text("abc # a comment\n def\n")
     assert load_tokens(empty) == (b"abc", b"def")
+
+
+async def test_tcp_listener_with_tls_and_tokens(tmp_path: Path) -> None:
+    """The configured TCP listener really serves TLS and wants a token; the unix socket is
+    created 0600 and needs none."""
+    import socket
+    import stat
+
+    import aiohttp
+
+    from engine.daemon.api import start_listeners
+    from tests.integration.selfsigned import make_cert
+
+    cert = make_cert(tmp_path)
+    (tmp_path / "tokens").write_text(f"{TOKEN}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"api:\n  socket: {tmp_path / 'api.sock'}\n  tcp:\n    listen: 127.0.0.1:{port}\n"
+        f"    cert_file: {cert.cert}\n    key_file: {cert.key}\n"
+        f"    tokens_file: {tmp_path / 'tokens'}\n"
+    )
+    stop = await start_listeners(Service(load_all(config)))
+    try:
+        assert stat.S_IMODE((tmp_path / "api.sock").stat().st_mode) == 0o600
+        connector = aiohttp.TCPConnector(ssl=cert.client_context())
+        async with aiohttp.ClientSession(connector=connector) as http:
+            url = f"https://localhost:{port}/v1/status"
+            async with http.get(url) as response:
+                assert response.status == 401
+            async with http.get(url, headers=AUTH) as response:
+                assert response.status == 200
+                assert (await response.json())["running_jobs"] == []
+        unix = aiohttp.UnixConnector(path=str(tmp_path / "api.sock"))
+        async with aiohttp.ClientSession(connector=unix) as http:
+            async with http.get("http://tessera/v1/status") as response:
+                assert response.status == 200
+    finally:
+        await stop()
+    assert not (tmp_path / "api.sock").exists()
