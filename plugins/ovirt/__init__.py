@@ -94,15 +94,7 @@ async def _list_vms(engine: Any, api_gate: Any = None) -> list[dict[str, Any]]:
     from plugins.ovirt.client import EngineClient, EngineConfig  # noqa: PLC0415
     from plugins.ovirt.inventory import vms  # noqa: PLC0415
 
-    client = EngineClient(
-        EngineConfig(
-            url=engine.url,
-            username=engine.username,
-            password_file=engine.password_file,
-            ca_file=engine.ca_file,
-            gate=api_gate,
-        )
-    )
+    client = EngineClient(EngineConfig.from_section(engine, gate=api_gate))
     try:
         found = await vms(client)
     finally:

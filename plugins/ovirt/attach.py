@@ -550,12 +550,7 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     done = await local_recover({"exports": resources.get("attach_exports", [])}, committed)
     if not attachments or not engine:
         return done
-    config = EngineConfig(
-        url=engine["url"],
-        username=engine["username"],
-        password_file=Path(engine["password_file"]),
-        ca_file=Path(engine["ca_file"]) if engine.get("ca_file") else None,
-    )
+    config = EngineConfig.from_record(engine)
     async with EngineClient(config) as client:
         for a in reversed(attachments):
             if await detach_disk(client, a["vm_id"], a["disk_id"]):

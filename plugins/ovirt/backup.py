@@ -36,7 +36,6 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import ovirtsdk4 as sdk
@@ -562,12 +561,7 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     restored_vm = resources.get("restore_vm")
     if not (backup or snapshot or restored or restored_vm) or not engine:
         return []
-    config = EngineConfig(
-        url=engine["url"],
-        username=engine["username"],
-        password_file=Path(engine["password_file"]),
-        ca_file=Path(engine["ca_file"]) if engine.get("ca_file") else None,
-    )
+    config = EngineConfig.from_record(engine)
     done = []
     async with EngineClient(config) as client:
         for transfer_id in resources.get("transfers", []):

@@ -32,17 +32,18 @@ import asyncio
 import itertools
 import re
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import ovirtsdk4 as sdk
 import structlog
 
+from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError, TransientError
 from engine.util.retry import RetryPolicy, retry
 
@@ -121,6 +122,41 @@ class EngineConfig:
     request_timeout: int = REQUEST_TIMEOUT
     max_calls: int = MAX_API_CALLS
     gate: Callable[[], AbstractAsyncContextManager[object]] | None = None
+
+    @classmethod
+    def from_section(
+        cls,
+        section: EngineSection,
+        gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+    ) -> "EngineConfig":
+        """From the daemon configuration's ``engines`` entry."""
+        return cls(
+            url=section.url,
+            username=section.username,
+            password_file=section.password_file,
+            ca_file=section.ca_file,
+            gate=gate,
+        )
+
+    def record(self) -> dict[str, str | None]:
+        """What a job journal keeps (``engine``) so that recovery can reach the engine again:
+        paths, never the password."""
+        return {
+            "url": self.url,
+            "username": self.username,
+            "password_file": str(self.password_file),
+            "ca_file": str(self.ca_file) if self.ca_file else None,
+        }
+
+    @classmethod
+    def from_record(cls, doc: Mapping[str, Any]) -> "EngineConfig":
+        """The inverse of ``record`` (recovery after a killed job)."""
+        return cls(
+            url=doc["url"],
+            username=doc["username"],
+            password_file=Path(doc["password_file"]),
+            ca_file=Path(doc["ca_file"]) if doc.get("ca_file") else None,
+        )
 
 
 class EngineClient:

@@ -524,19 +524,8 @@ async def vm_restore(
         chunk = chunk_id_from_hex(manifest.config.chunk_id)
         data = await asyncio.to_thread(store.read_chunk, chunk)
         ovf = data[: manifest.config.size].decode()
-    recovery = {
-        "url": engine.url,
-        "username": engine.username,
-        "password_file": str(engine.password_file),
-        "ca_file": str(engine.ca_file) if engine.ca_file else None,
-    }
-    config = EngineConfig(
-        url=engine.url,
-        username=engine.username,
-        password_file=engine.password_file,
-        ca_file=engine.ca_file,
-        gate=api_gate,
-    )
+    recovery = EngineConfig.from_section(engine).record()
+    config = EngineConfig.from_section(engine, gate=api_gate)
     async with (
         EngineClient(config) as client,
         factory(client, manifest, ovf, options, recovery) as vr,

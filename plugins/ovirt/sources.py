@@ -44,13 +44,7 @@ async def vm_sources(
     VM is looked up once here (``DataMoverNotFound``, a ConfigError, before anything is made)."""
     if flow not in FLOWS:
         raise ConfigError(message=f"flow {flow!r} is not available yet; use one of {FLOWS}")
-    config = EngineConfig(
-        url=engine.url,
-        username=engine.username,
-        password_file=engine.password_file,
-        ca_file=engine.ca_file,
-        gate=api_gate,
-    )
+    config = EngineConfig.from_section(engine, gate=api_gate)
     client = EngineClient(config)
     try:
         chosen: list[VmRef] = []
@@ -59,12 +53,7 @@ async def vm_sources(
             if not found:
                 raise ConfigError(message=f"engine {engine.name}: no VM matches {name!r}")
             chosen += [vm for vm in found if vm.id not in {c.id for c in chosen}]
-        recovery = {
-            "url": engine.url,
-            "username": engine.username,
-            "password_file": str(engine.password_file),
-            "ca_file": str(engine.ca_file) if engine.ca_file else None,
-        }
+        recovery = EngineConfig.from_section(engine).record()
         sources: list[Source]
         if flow == "snapshot-attach":
             dm = await find_datamover(client, datamover)

@@ -38,7 +38,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -79,12 +78,7 @@ class OvirtStandbyError(EngineError):
 
 
 def _recovery(engine: EngineSection) -> dict[str, Any]:
-    return {
-        "url": engine.url,
-        "username": engine.username,
-        "password_file": str(engine.password_file),
-        "ca_file": str(engine.ca_file) if engine.ca_file else None,
-    }
+    return EngineConfig.from_section(engine).record()
 
 
 class _RefreshUpload:
@@ -289,12 +283,7 @@ class OvirtStandby:
 
 
 def _config(engine: EngineSection) -> EngineConfig:
-    return EngineConfig(
-        url=engine.url,
-        username=engine.username,
-        password_file=engine.password_file,
-        ca_file=engine.ca_file,
-    )
+    return EngineConfig.from_section(engine)
 
 
 @asynccontextmanager
@@ -313,12 +302,7 @@ async def recover(resources: dict[str, Any]) -> list[str]:
     engine = resources.get("engine")
     if not transfers or not engine:
         return []
-    config = EngineConfig(
-        url=engine["url"],
-        username=engine["username"],
-        password_file=Path(engine["password_file"]),
-        ca_file=Path(engine["ca_file"]) if engine.get("ca_file") else None,
-    )
+    config = EngineConfig.from_record(engine)
     done = []
     async with EngineClient(config) as client:
         for transfer_id in transfers:
