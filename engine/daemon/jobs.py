@@ -149,7 +149,7 @@ class JobManager:
             raise ConfigError(message=f"no job {job_id!r}") from None
 
     def jobs(self, *, running_only: bool = False) -> list[JobView]:
-        jobs = sorted(self._jobs.values(), key=lambda j: (j.created, j.job_id))
+        jobs = list(self._jobs.values())  # in submission order (ids sort by second only)
         return [j for j in jobs if not (running_only and j.done)]
 
     def running(self) -> list[JobView]:
