@@ -126,7 +126,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
         if args.json:
             _print(doc)
         else:
-            print(f"policy {doc['policy']}: {doc['outcome']} {doc['reason']}".rstrip())
+            why = f" ({doc['reason']})" if doc["reason"] else ""
+            print(f"policy {doc['policy']}: {doc['outcome']}{why}")
         return EXIT_OK if doc["outcome"] != "failed" else EXIT_FAILED
     docs = aio.run(_call(args, "GET", "/v1/policies"))
     if args.json:
