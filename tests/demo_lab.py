@@ -69,10 +69,14 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     raise SystemExit("demo: the daemon did not start")
 
 
-def follow_all(config: Path) -> None:
-    """Follow every job the daemon is running until it ends."""
-    time.sleep(1)
-    jobs = json.loads(tessera("jobs", "--config", config, "--json", "--running", quiet=True))
+def follow_all(config: Path, count: int) -> None:
+    """Follow the policy's ``count`` jobs until they end (the run lists the engine's VMs
+    first, so wait for its jobs to appear)."""
+    jobs: list[dict[str, str]] = []
+    for _ in range(600):
+        jobs = json.loads(tessera("jobs", "--config", config, "--json", quiet=True))
+        if len(jobs) >= count:
+            break
     for job in jobs:
         tessera("job", job["id"], "--config", config, "--follow")
 
@@ -100,7 +104,7 @@ def main() -> None:
             tessera("policies", "--config", config)
             step("run the policy now: full backups of web01 and db01 (the first ones are full)")
             tessera("policies", "--config", config, "--run", "demo")
-            follow_all(config)
+            follow_all(config, 2)  # web01 and db01
             step("the guest of web01 writes (scattered blocks and a 4 MiB file)")
             web01 = next(vm for vm in doc["vms"] if vm["name"] == "web01")
             os_disk = Path(web01["disks"][0]["path"])

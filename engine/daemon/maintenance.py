@@ -65,6 +65,7 @@ def start(service: "Service", kind: str, handle: "StoreHandle") -> JobView:
             options = GcOptions(
                 grace=section.gc_grace.delta,
                 repack_threshold=section.repack_threshold,
+                now=service.clock.now,  # the daemon's clock (injected in tests)
             )
             result = await asyncio.to_thread(gc, handle.store, options)
             for line in result.lines():
