@@ -1,5 +1,7 @@
 """Shared fixtures. Stores in tests use a cheap scrypt cost; everything else is real."""
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import pytest
 
 from engine.store.chunk_store import Store
 from engine.store.keys import KdfParams
+from tests.faults.harness import TOTALS_ENV, read_totals
 
 CHEAP_KDF = KdfParams(n=2**10, r=8, p=1)  # the real default costs ~0.3 s per open
 PASSPHRASE = b"correct horse battery staple"
@@ -41,3 +44,32 @@ def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
     yield factory
     for store in opened:
         store.close()
+
+
+# --- the fault-injection suite's totals (tests/faults) ---------------------------------------
+# Each case appends its counts to a directory named by ``TESSERA_FAULT_TOTALS``, set here
+# before xdist starts its workers (they inherit it); the summary adds them up per suite.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TOTALS_ENV not in os.environ and not hasattr(config, "workerinput"):
+        os.environ[TOTALS_ENV] = tempfile.mkdtemp(prefix="tessera-fault-totals-")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    directory = os.environ.get(TOTALS_ENV)
+    if not directory or not Path(directory).is_dir():
+        return
+    totals = read_totals(Path(directory))
+    if not totals:
+        return
+    tr = terminalreporter
+    tr.section("fault injection totals")
+    keys = ("cases", "injected", "detected", "committed", "lost", "undetected")
+    tr.write_line(f"{'suite':<28}" + "".join(f"{k:>12}" for k in keys))
+    grand = dict.fromkeys(keys, 0)
+    for suite, counts in sorted(totals.items()):
+        tr.write_line(f"{suite:<28}" + "".join(f"{counts[k]:>12}" for k in keys))
+        for k in keys:
+            grand[k] += counts[k]
+    tr.write_line(f"{'all':<28}" + "".join(f"{grand[k]:>12}" for k in keys))

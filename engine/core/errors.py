@@ -58,6 +58,14 @@ class StoreError(EngineError):
     template = "store {path}: {reason}"
 
 
+class StoreWriteError(StoreError):
+    """Writing to the store failed (a full disk, an I/O error). ``what`` names the file or
+    pack, ``reason`` the errno and, for a full disk, the space needed and free. The write was
+    abandoned; committed snapshots are untouched (``engine.store`` docstring)."""
+
+    template = "store {path}: cannot write {what}: {reason}"
+
+
 class StoreLocked(StoreError):
     template = "store {path}: {reason}"
 

@@ -14,7 +14,7 @@ from typing import Final
 
 import structlog
 
-from engine.core.errors import EngineError, IntegrityError
+from engine.core.errors import EngineError, IntegrityError, StoreWriteError
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import CLEANUP, TABLES, TERMINAL, Event, State, next_state
 
@@ -50,12 +50,31 @@ class JobDriver:
         )
         record.state = new
         record.history.append(f"{record.updated} {new.value}")
-        self.journal.save(record)
+        try:
+            self.journal.save(record)
+        except StoreWriteError as e:
+            if new not in CLEANUP and new not in TERMINAL:
+                raise  # never act on a state the journal does not hold
+            # Undoing what the job made must happen even when the journal cannot say so (a
+            # full disk): a killed process leaves the older state, and recovery repeats the
+            # cleanup, which is idempotent.
+            record.warnings.append(f"journal not saved at {new.value}: {e}")
+            log.warning("job.journal_failed", job=record.job_id, state=new.value, error=str(e))
         return new
+
+    def _advance(self, event: Event) -> State:
+        """``transition``, turning a journal that cannot record a working state into the
+        job's error (then cleanup runs, as for any failure)."""
+        try:
+            return self.transition(event)
+        except StoreWriteError as e:
+            self.record.error = describe(e)
+            log.warning("job.error", job=self.record.job_id, error=self.record.error)
+            return self.transition(Event.ERROR)
 
     async def run(self, steps: Mapping[State, Step], cleanup: Cleanup) -> JobRecord:
         cancelled = False
-        state = self.transition(Event.START)
+        state = self._advance(Event.START)
         while state not in TERMINAL:
             if state in CLEANUP:
                 event = await self._cleanup(cleanup, success=state is State.FINISHING)
@@ -75,7 +94,7 @@ class JobDriver:
                         error=self.record.error,
                     )
                     event = Event.ERROR
-            state = self.transition(event)
+            state = self._advance(event)
         if cancelled:
             raise asyncio.CancelledError
         return self.record

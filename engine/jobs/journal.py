@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from engine.jobs.states import TERMINAL, State
+from engine.store.failure import write_failure
 from engine.util.fs import atomic_write
 
 KEEP_FINISHED: Final = 1000  # a year of daily jobs for a few VMs; files are ~1 KiB
@@ -70,9 +71,15 @@ class Journal:
         return record
 
     def save(self, record: JobRecord) -> None:
+        """Rewrite the record atomically; raises ``StoreWriteError`` naming the file (the
+        old record stays as it was)."""
         record.updated = _now()
         doc = asdict(record) | {"state": record.state.value}
-        atomic_write(self._path(record.job_id), json.dumps(doc, indent=1).encode(), "journal")
+        path = self._path(record.job_id)
+        try:
+            atomic_write(path, json.dumps(doc, indent=1).encode(), "journal")
+        except OSError as e:
+            raise write_failure(self.dir, f"job journal {path.name}", e) from e
 
     def load(self, job_id: str) -> JobRecord:
         doc = json.loads(self._path(job_id).read_bytes())

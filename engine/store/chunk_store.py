@@ -9,6 +9,7 @@ of the commit order (see ``SnapshotWriter.commit``).
 
 import os
 import secrets
+import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ from engine.core.errors import (
     CorruptRecord,
     SnapshotNotFound,
     StoreError,
+    StoreWriteError,
 )
 from engine.core.ids import ZERO_ID, ChunkId, short
 from engine.store import format as fmt
@@ -33,6 +35,7 @@ from engine.store.catalog import Catalog, CatalogEntry
 from engine.store.check import clear_healed
 from engine.store.codec import Codec, parse_header
 from engine.store.diskmap import DiskMap
+from engine.store.failure import write_failure
 from engine.store.index import Index
 from engine.store.keys import (
     ENCRYPTION_AES,
@@ -126,7 +129,9 @@ class Store:
         self._pending: dict[bytes, _Pending] = {}
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-sealer")
         self._sealing: list[Future[None]] = []
-        self._failed: BaseException | None = None
+        self._abandoned = 0  # packs given up after a failed write (``_abandon_locked``)
+        self._last_abandoned: StoreWriteError | None = None
+        self._catalog_stale = False  # a manifest was committed but catalog.add failed
         self._closed = False
 
     # --- creation and opening --------------------------------------------------------------
@@ -208,7 +213,7 @@ class Store:
             return
         self._closed = True
         try:
-            if self.writable and self._failed is None:
+            if self.writable:
                 self.flush()
         finally:
             if self._open is not None:
@@ -247,17 +252,44 @@ class Store:
                 chunk=short(chunk_id), pack="(new)", offset=0, reason="record does not match id"
             )
         with self._wlock:
-            self._raise_if_failed()
             if chunk_id in self._pending or self.index.has(chunk_id):
                 return False
             writer = self._open
-            if writer is None:
-                writer = self._open = PackWriter(self.layout.packs)
-            offset = writer.append(chunk_id, record, header.plain_len)
+            try:
+                if writer is None:
+                    writer = self._open = PackWriter(self.layout.packs)
+                offset = writer.append(chunk_id, record, header.plain_len)
+            except (OSError, sqlite3.Error) as e:
+                raise self._abandon_locked(writer, e, needed=len(record)) from e
             self._pending[chunk_id] = _Pending(writer, offset, len(record))
             if writer.size >= self.config.pack_size:
                 self._rotate_locked()
         return True
+
+    def write_token(self) -> int:
+        """A mark to pass to ``flush(since=…)``: how many packs were abandoned so far."""
+        with self._wlock:
+            return self._abandoned
+
+    def _abandon_locked(
+        self, writer: PackWriter | None, error: BaseException, needed: int | None = None
+    ) -> StoreWriteError:
+        """Give up ``writer`` after a failed write, fsync, rename or index commit: it is
+        never appended to or indexed again, its records stop deduplicating (``has`` is false
+        for them, so the next put stores them again in a new pack) and sessions that began
+        before now fail their commit (``flush(since=…)``). Returns the error to raise."""
+        what = "a new pack" if writer is None else f"pack {writer.name}"
+        failure = write_failure(self.path, what, error, needed)
+        if writer is not None:
+            if self._open is writer:
+                self._open = None
+            for cid in [c for c, p in self._pending.items() if p.writer is writer]:
+                del self._pending[cid]
+            writer.abort()
+        self._abandoned += 1
+        self._last_abandoned = failure
+        log.error("store.pack_abandoned", store=str(self.path), error=str(failure))
+        return failure
 
     def put_chunk(self, plain: bytes) -> ChunkId:
         """Hash, encode and put one chunk in the calling thread (small data: configs, tests)."""
@@ -313,20 +345,38 @@ class Store:
         record, pack, offset = self.get_record(chunk_id)
         return self.codec.decode(record, chunk_id, pack, offset)
 
-    def flush(self) -> None:
-        """Seal the open pack and wait until every sealed pack's index entries are durable."""
+    def flush(self, since: int | None = None) -> None:
+        """Seal the open pack and wait until every sealed pack's index entries are durable.
+
+        Raises ``StoreWriteError`` if a pack being sealed failed, or — with ``since`` (a
+        ``write_token()`` taken when a session began) — if any pack was abandoned since then:
+        the session may have deduplicated against a record of that pack, so it must not
+        commit. The store itself stays usable: the next put opens a new pack."""
         with self._wlock:
-            self._raise_if_failed()
             if self._open is not None and self._open.entries:
                 self._rotate_locked()
             # Every seal in flight, also those another thread's flush started: a chunk that
             # thread's put deduplicated against ours is durable only once its pack is.
             sealing = list(self._sealing)
+        first: BaseException | None = None
         for fut in sealing:
-            fut.result()
+            try:
+                fut.result()
+            except BaseException as e:  # noqa: BLE001 - wait for every seal, raise the first
+                first = first or e
         with self._wlock:
             self._sealing = [f for f in self._sealing if not f.done()]
-        self._raise_if_failed()
+            abandoned, last = self._abandoned, self._last_abandoned
+        if first is not None:
+            raise first
+        if since is not None and abandoned > since:
+            assert last is not None
+            raise StoreWriteError(
+                path=self.path,
+                what="this snapshot",
+                reason=f"a pack was abandoned while it was written ({last.fields['what']}: "
+                f"{last.fields['reason']}); it may refer to records of that pack",
+            ) from last
 
     def _rotate_locked(self) -> None:
         writer, self._open = self._open, None
@@ -337,10 +387,9 @@ class Store:
         try:
             sealed = writer.seal()
             healed = self.index.add_pack(sealed)
-        except BaseException as e:
+        except (OSError, sqlite3.Error) as e:
             with self._wlock:
-                self._failed = e
-            raise
+                raise self._abandon_locked(writer, e) from e
         with self._wlock:
             for entry in sealed.entries:
                 p = self._pending.get(entry.chunk_id)
@@ -359,17 +408,11 @@ class Store:
     def _clear_marks(self) -> None:
         try:
             cleared = clear_healed(self.layout, self.index)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, sqlite3.Error) as e:
             log.warning("store.heal_marks_failed", store=str(self.path), error=str(e))
             return
         if cleared:
             log.info("store.undamaged", store=str(self.path), snapshots=cleared)
-
-    def _raise_if_failed(self) -> None:
-        if self._failed is not None:
-            raise StoreError(
-                path=self.path, reason=f"a pack could not be sealed: {self._failed}"
-            ) from self._failed
 
     def add_sealed_pack(self, sealed: SealedPack) -> None:
         """Index a pack written by someone else (repack, replication receiver)."""
@@ -396,18 +439,45 @@ class Store:
         Preconditions (``SnapshotWriter.commit`` ensures them): every chunk its DiskMaps
         reference is durable and indexed, and the DiskMaps are published.
         """
-        atomic_write(
-            self.layout.manifest(manifest.snapshot_id),
-            manifest_mod.encode(manifest, self.keys),
-            "store.manifest",
-        )
-        self.catalog.add(manifest)
+        path = self.layout.manifest(manifest.snapshot_id)
+        try:
+            atomic_write(path, manifest_mod.encode(manifest, self.keys), "store.manifest")
+        except (OSError, sqlite3.Error) as e:
+            raise write_failure(
+                self.path, f"manifest {path.name} of {manifest.snapshot_id}", e
+            ) from e
+        # The manifest is the commit point: from here on the snapshot exists. The catalog is
+        # a cache; a failure to list it there must not turn a committed backup into a failed
+        # one. It is reconciled with the manifests on the next listing (and on open).
+        try:
+            self.catalog.add(manifest)
+        except (OSError, sqlite3.Error) as e:
+            self._catalog_stale = True
+            log.warning(
+                "store.catalog_stale",
+                store=str(self.path),
+                snapshot=manifest.snapshot_id,
+                error=str(write_failure(self.path, "catalog.db", e)),
+            )
+
+    def _reconcile_catalog(self) -> None:
+        """Bring the catalog up to date after a failed ``catalog.add`` (writer only)."""
+        if not (self._catalog_stale and self.writable):
+            return
+        try:
+            self.catalog.reconcile(self.layout.committed_snapshots(), self.manifest)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("store.catalog_stale", store=str(self.path), error=str(e))
+            return
+        self._catalog_stale = False
 
     def snapshots(self, vm: str | None = None) -> list[CatalogEntry]:
+        self._reconcile_catalog()
         return self.catalog.entries(vm)
 
     def resolve(self, ref: str) -> str:
         """A full snapshot id from an id or a unique prefix; raises SnapshotNotFound."""
+        self._reconcile_catalog()
         matches = self.catalog.match(ref)
         if ref in matches:
             return ref

@@ -12,6 +12,7 @@ bug, not a silent zero. The manifest records the id checksum, so a DiskMap swapp
 on disk is detected when opened through its manifest.
 """
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,9 @@ import blake3
 from engine.core.errors import CorruptDiskMap
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, ChunkId
 from engine.store import format as fmt
+from engine.store.failure import write_failure
 from engine.util import failpoints
-from engine.util.fs import TMP_SUFFIX, fsync_dir
+from engine.util.fs import TMP_SUFFIX, fsync_dir, pwrite_all
 
 _IO_BLOCK: Final = 32 * 1024  # ids per read/hash step: 1 MiB, bounded memory for any disk
 
@@ -92,10 +94,14 @@ def decode(raw: bytes, path: Path | str = "(memory)") -> tuple[int, int, bytes]:
 
 
 class DiskMapWriter:
-    """Build a DiskMap at ``path`` slot by slot, then publish it atomically."""
+    """Build a DiskMap at ``path`` slot by slot, then publish it atomically.
 
-    def __init__(self, path: Path, disk_size: int, chunk_size: int):
+    A failed write raises ``StoreWriteError`` naming the store (``root``) and the map; the
+    caller aborts the snapshot."""
+
+    def __init__(self, path: Path, disk_size: int, chunk_size: int, root: Path | None = None):
         self.path = path
+        self._root = root if root is not None else path.parent
         self.disk_size = disk_size
         self.chunk_size = chunk_size
         self.slots = slot_count(disk_size, chunk_size)
@@ -111,7 +117,17 @@ class DiskMapWriter:
         if self._done[slot]:
             raise ValueError(f"{self.path}: slot {slot} set twice")
         if chunk_id != ZERO_ID:
-            os.pwrite(self._fd, chunk_id, fmt.DISKMAP_HEADER_SIZE + slot * CHUNK_ID_SIZE)
+            # Checked in full: a short write would leave zeros, which read as the ZERO id.
+            try:
+                pwrite_all(
+                    self._fd,
+                    chunk_id,
+                    fmt.DISKMAP_HEADER_SIZE + slot * CHUNK_ID_SIZE,
+                    failpoint="store.diskmap.mid_write",
+                )
+            except OSError as e:
+                what = f"DiskMap {self.path.parent.name}/{self.path.name}"
+                raise write_failure(self._root, what, e) from e
             self.data_bytes += min(self.chunk_size, self.disk_size - slot * self.chunk_size)
         self._done[slot] = 1
 
@@ -138,21 +154,25 @@ class DiskMapWriter:
             hasher.update(block)
             pos += len(block)
         checksum = hasher.digest()
-        os.pwrite(self._fd, pack_header(self.chunk_size, self.disk_size, checksum), 0)
+        pwrite_all(self._fd, pack_header(self.chunk_size, self.disk_size, checksum), 0)
         failpoints.hit("store.diskmap.before_fsync")
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+        failpoints.hit("store.diskmap.before_rename")
         os.replace(self._tmp, self.path)
         failpoints.hit("store.diskmap.after_rename")
-        fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent, "store.diskmap.before_dir_fsync")
         return checksum
 
     def abort(self) -> None:
+        """Drop the unpublished map; quiet on failure paths (the snapshot directory goes)."""
         if self._fd >= 0:
-            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             self._fd = -1
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
 
 
 class DiskMap:

@@ -13,6 +13,7 @@ they use are sealed). Pack names are 32 random hex digits; ``<nn>`` is their fir
 keep directories small.
 """
 
+import contextlib
 import os
 import secrets
 import threading
@@ -25,7 +26,7 @@ from engine.core.errors import CorruptPack
 from engine.core.ids import ChunkId
 from engine.store import format as fmt
 from engine.util import failpoints
-from engine.util.fs import TMP_SUFFIX, fsync_dir, write_all
+from engine.util.fs import TMP_SUFFIX, fsync_dir, pwrite_all
 
 PACK_SUFFIX: Final = ".pack"
 
@@ -54,7 +55,14 @@ def new_pack_name() -> str:
 
 
 class PackWriter:
-    """One open pack. Not thread-safe: the chunk store serialises appends."""
+    """One open pack. Not thread-safe: the chunk store serialises appends.
+
+    Every write goes to an explicit offset (``pwrite``) computed from ``size``, which counts
+    only bytes known written. A write, fsync or rename that fails *poisons* the writer
+    (``broken`` is the error): it refuses every later append and seal, because a torn record
+    or a page the kernel dropped after a failed fsync may sit anywhere in it. The owner then
+    ``abort()``s it — its records were never indexed, so nothing refers to them.
+    """
 
     def __init__(self, packs_dir: Path, name: str | None = None):
         self.name = name or new_pack_name()
@@ -64,16 +72,28 @@ class PackWriter:
         self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._fd_lock = threading.Lock()  # read() may race with seal() closing the fd
         self.entries: list[PackEntry] = []
+        self.broken: BaseException | None = None
+        self.published = False  # renamed to its final name (seal got past the rename)
+        self.size = 0
         header = fmt.PACK_HEADER.pack(fmt.PACK_MAGIC, fmt.FORMAT_VERSION, bytes.fromhex(self.name))
-        write_all(self._fd, header)
+        self._write(header, None)
         self.size = len(header)
+
+    def _write(self, data: bytes | bytearray | memoryview, failpoint: str | None) -> None:
+        if self.broken is not None:
+            raise self.broken
+        try:
+            pwrite_all(self._fd, data, self.size, failpoint=failpoint)
+        except BaseException as e:
+            self.broken = e
+            raise
 
     def append(
         self, chunk_id: ChunkId, record: bytes | bytearray | memoryview, plain_len: int
     ) -> int:
         """Append one record; returns its offset. The record must already be verified."""
         offset = self.size
-        write_all(self._fd, record, failpoint="store.record.mid_write")
+        self._write(record, "store.record.mid_write")
         self.size += len(record)
         self.entries.append(PackEntry(chunk_id, offset, len(record), plain_len))
         failpoints.hit("store.record.after_write")
@@ -89,45 +109,62 @@ class PackWriter:
             return f.read(length)
 
     def seal(self) -> SealedPack:
-        """Write the trailer and publish the pack durably under its final name."""
-        failpoints.hit("store.pack.before_trailer")
-        trailer = b"".join(
-            fmt.TRAILER_ENTRY.pack(e.chunk_id, e.offset, e.length, e.plain_len)
-            for e in self.entries
-        )
-        footer = fmt.PACK_FOOTER.pack(
-            fmt.PACK_FOOTER_MAGIC,
-            fmt.FORMAT_VERSION,
-            len(self.entries),
-            zlib.crc32(trailer),
-            self.size,
-        )
-        write_all(self._fd, trailer + footer, failpoint="store.pack.mid_trailer")
-        size = self.size + len(trailer) + len(footer)
-        failpoints.hit("store.pack.before_fsync")
-        os.fsync(self._fd)
-        final = pack_path(self._packs_dir, self.name)
-        new_shard = not final.parent.exists()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if new_shard:
-            fsync_dir(self._packs_dir)
-        failpoints.hit("store.pack.before_rename")
-        with self._fd_lock:
-            os.rename(self._tmp, final)
-            os.close(self._fd)
-            self._fd = -1
-        failpoints.hit("store.pack.after_rename")
-        fsync_dir(final.parent)
-        failpoints.hit("store.pack.after_dir_fsync")
+        """Write the trailer and publish the pack durably under its final name.
+
+        Raises the ``OSError`` of a failed write, fsync or rename; the writer is broken then
+        (``published`` says whether the final name exists: a failure of the last directory
+        fsync leaves a complete pack that is not known durable)."""
+        if self.broken is not None:
+            raise self.broken
+        try:
+            failpoints.hit("store.pack.before_trailer")
+            trailer = b"".join(
+                fmt.TRAILER_ENTRY.pack(e.chunk_id, e.offset, e.length, e.plain_len)
+                for e in self.entries
+            )
+            footer = fmt.PACK_FOOTER.pack(
+                fmt.PACK_FOOTER_MAGIC,
+                fmt.FORMAT_VERSION,
+                len(self.entries),
+                zlib.crc32(trailer),
+                self.size,
+            )
+            pwrite_all(self._fd, trailer + footer, self.size, failpoint="store.pack.mid_trailer")
+            size = self.size + len(trailer) + len(footer)
+            failpoints.hit("store.pack.before_fsync")
+            os.fsync(self._fd)
+            final = pack_path(self._packs_dir, self.name)
+            new_shard = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if new_shard:
+                fsync_dir(self._packs_dir, "store.pack.before_shard_fsync")
+            failpoints.hit("store.pack.before_rename")
+            with self._fd_lock:
+                os.rename(self._tmp, final)
+                self.published = True
+                os.close(self._fd)
+                self._fd = -1
+            failpoints.hit("store.pack.after_rename")
+            fsync_dir(final.parent, "store.pack.before_dir_fsync")
+            failpoints.hit("store.pack.after_dir_fsync")
+        except BaseException as e:
+            self.broken = e
+            raise
         return SealedPack(self.name, size, self.entries)
 
     def abort(self) -> None:
-        """Drop an open pack (its records were never published)."""
+        """Drop an unpublished pack (its records were never indexed). Idempotent and quiet:
+        it runs on failure paths, where the disk may refuse even an unlink. A pack already
+        published is left in place (complete; the next open indexes it from its trailer, and
+        GC reclaims what nothing references)."""
         with self._fd_lock:
             if self._fd >= 0:
-                os.close(self._fd)
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
                 self._fd = -1
-        self._tmp.unlink(missing_ok=True)
+        if not self.published:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
 
 
 def read_trailer(path: Path, name: str) -> tuple[int, list[PackEntry]]:

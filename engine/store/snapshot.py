@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from engine.store import format as fmt
 from engine.store.diskmap import DiskMapWriter
+from engine.store.failure import write_failure
 from engine.store.manifest import ConfigStream, DiskEntry, Manifest
 from engine.util import failpoints
 from engine.util.fs import fsync_dir
@@ -49,8 +50,14 @@ class SnapshotWriter:
         # The lease tells GC a session may reference chunks no manifest names yet; it ends
         # once the manifest is committed or the snapshot aborted.
         self._lease = store.leases.begin("backup", self.snapshot_id)
+        # Packs the store abandons from now on (a failed write) may hold records this
+        # snapshot deduplicated against: commit refuses then (``Store.flush(since=…)``).
+        self._token = store.write_token()
         try:
             self.dir.mkdir(parents=True)
+        except OSError as e:
+            store.leases.end(self._lease)
+            raise write_failure(store.path, f"snapshot directory {self.dir.name}", e) from e
         except BaseException:
             store.leases.end(self._lease)
             raise
@@ -62,9 +69,11 @@ class SnapshotWriter:
         self, disk_id: str, name: str, size: int, attributes: dict[str, str] | None = None
     ) -> DiskMapWriter:
         """A DiskMap writer for one disk; the caller sets every slot before commit."""
-        writer = DiskMapWriter(
-            self.dir / f"disk-{len(self._disks)}.dmap", size, self._store.config.chunk_size
-        )
+        path = self.dir / f"disk-{len(self._disks)}.dmap"
+        try:
+            writer = DiskMapWriter(path, size, self._store.config.chunk_size, self._store.path)
+        except OSError as e:
+            raise write_failure(self._store.path, f"DiskMap {self.dir.name}/{path.name}", e) from e
         self._disks.append((writer, disk_id, name, dict(attributes or {})))
         return writer
 
@@ -90,11 +99,15 @@ class SnapshotWriter:
         if self._done:
             raise RuntimeError(f"snapshot {self.snapshot_id} already committed or aborted")
         try:
-            self._store.flush()
+            self._store.flush(since=self._token)
             failpoints.hit("store.snapshot.after_flush")
             entries = []
             for writer, disk_id, name, attributes in self._disks:
-                checksum = writer.finish()
+                try:
+                    checksum = writer.finish()
+                except OSError as e:
+                    what = f"DiskMap {self.dir.name}/{writer.path.name}"
+                    raise write_failure(self._store.path, what, e) from e
                 entries.append(
                     DiskEntry(
                         disk_id=disk_id,
@@ -106,8 +119,11 @@ class SnapshotWriter:
                         attributes=attributes,
                     )
                 )
-            fsync_dir(self.dir)
-            fsync_dir(self.dir.parent)
+            try:
+                fsync_dir(self.dir, "store.snapshot.before_dir_fsync")
+                fsync_dir(self.dir.parent)
+            except OSError as e:
+                raise write_failure(self._store.path, f"snapshot {self.snapshot_id}", e) from e
             failpoints.hit("store.snapshot.before_manifest")
             manifest = Manifest(
                 format=fmt.FORMAT_VERSION,
