@@ -52,6 +52,7 @@ from engine.maint.prune import REMOVED_DIR, prune_lock, removed_snapshots
 from engine.store import manifest as manifest_mod
 from engine.store.codec import check_crc
 from engine.store.diskmap import DiskMap
+from engine.store.failure import write_failure
 from engine.store.layout import MANIFEST_NAME, Layout
 from engine.store.manifest import Manifest
 from engine.store.pack import PACK_SUFFIX, PackWriter, SealedPack, pack_path
@@ -192,6 +193,17 @@ def gc(store: "Store", options: GcOptions | None = None) -> GcResult:
     if not store.writable:
         raise StoreError(path=store.path, reason="GC needs the store opened for writing")
     started = time.monotonic()
+    try:
+        result = _gc(store, opts)
+    except (OSError, sqlite3.Error) as e:
+        # Each step leaves the store consistent (open = recover finishes a half-retired
+        # pack); a full disk or an I/O error is reported naming the store, never raw.
+        raise write_failure(store.path, "garbage collection", e) from e
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _gc(store: "Store", opts: GcOptions) -> GcResult:
     result = GcResult(dry_run=opts.dry_run)
     layout = store.layout
     with gc_lock(layout), store.leases.watch() as watch:
@@ -219,7 +231,6 @@ def gc(store: "Store", options: GcOptions | None = None) -> GcResult:
             db.close()
             for leftover in layout.gc.glob("mark.db*"):
                 leftover.unlink()
-    result.seconds = time.monotonic() - started
     return result
 
 
@@ -415,18 +426,28 @@ class _Run:
             res.bytes_retired += u.size
             self.progress("trash", n + 1, total)
         limit = _RateLimit(opts.rate_limit, opts.sleep)
-        for n, u in enumerate(sparse):
-            try:
-                self._copy(u.name, limit)
-            except CorruptRecord as e:  # its good records moved so far stay moved
-                res.notes.append(f"pack {u.name} not repacked: {e} (see tessera store verify)")
-                continue
-            self.complete.append(u.name)  # retired by the commit of its last records
-            res.packs_repacked += 1
-            res.bytes_retired += u.size
-            self.progress("repack", len(empty) + n + 1, total)
-        if self.writer is not None or self.complete:
-            self._flush()
+        try:
+            for n, u in enumerate(sparse):
+                try:
+                    self._copy(u.name, limit)
+                except CorruptRecord as e:  # its good records moved so far stay moved
+                    res.notes.append(f"pack {u.name} not repacked: {e} (see tessera store verify)")
+                    continue
+                self.complete.append(u.name)  # retired by the commit of its last records
+                res.packs_repacked += 1
+                res.bytes_retired += u.size
+                self.progress("repack", len(empty) + n + 1, total)
+            if self.writer is not None or self.complete:
+                self._flush()
+        except (OSError, sqlite3.Error) as e:
+            # A failed write (a full disk) abandons the new pack: its records were never
+            # indexed, and the packs it copied from are still indexed and whole.
+            what = "a repacked pack" if self.writer is None else f"pack {self.writer.name}"
+            raise write_failure(self.layout.root, what, e) from e
+        finally:
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
 
     def _copy(self, name: str, limit: _RateLimit) -> None:
         """Append every record located in pack ``name`` to the open new pack, CRC checked;
@@ -498,16 +519,18 @@ class _Run:
         for name in retire:
             link = trash / f"{stamp}-{name}{PACK_SUFFIX}"
             if not link.exists():
+                failpoints.hit("gc.retire.before_link")
                 os.link(pack_path(self.layout.packs, name), link)
         if retire:
-            fsync_dir(trash)
+            fsync_dir(trash, "gc.retire.before_dir_fsync")
         failpoints.hit("gc.retire.linked")
         self.store.index.replace_packs(sealed, sources, retire)
         failpoints.hit("gc.retire.committed")
         for name in retire:
             path = pack_path(self.layout.packs, name)
+            failpoints.hit("gc.retire.before_unlink")
             path.unlink()
-            fsync_dir(path.parent)
+            fsync_dir(path.parent, "gc.retire.before_unlink_fsync")
         failpoints.hit("gc.retire.unlinked")
 
     # --- 6: trash -----------------------------------------------------------------------------
