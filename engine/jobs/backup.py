@@ -275,7 +275,7 @@ class _BackupJob:
             "new_chunks": sum(d.new_chunks for d in outcome.disks),
             "seconds": round(seconds, 3),
         }
-        self.journal.save(self.record)
+        self.journal.save_summary(self.record)
 
 
 def last_full_checkpoint(store: Store, last_full: CatalogEntry) -> str:

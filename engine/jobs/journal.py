@@ -14,9 +14,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
+from engine.core.errors import StoreWriteError
 from engine.jobs.states import TERMINAL, State
 from engine.store.failure import write_failure
 from engine.util.fs import atomic_write
+
+log = structlog.get_logger("tessera.jobs")
 
 KEEP_FINISHED: Final = 1000  # a year of daily jobs for a few VMs; files are ~1 KiB
 
@@ -80,6 +85,16 @@ class Journal:
             atomic_write(path, json.dumps(doc, indent=1).encode(), "journal")
         except OSError as e:
             raise write_failure(self.dir, f"job journal {path.name}", e) from e
+
+    def save_summary(self, record: JobRecord) -> None:
+        """Save a finished job's summary. The outcome is decided by then (a snapshot may
+        be committed): a failure to write costs a warning on the record, never the job —
+        the journal keeps its last state and the next open's recovery ends it."""
+        try:
+            self.save(record)
+        except StoreWriteError as e:
+            record.warnings.append(f"journal: summary not saved: {e}")
+            log.warning("job.journal_failed", job=record.job_id, state="summary", error=str(e))
 
     def load(self, job_id: str) -> JobRecord:
         doc = json.loads(self._path(job_id).read_bytes())

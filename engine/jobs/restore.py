@@ -171,5 +171,5 @@ async def run_restore(
             "slots_skipped": sum(d.slots_skipped for d in outcome.disks),
             "seconds": round(outcome.seconds, 3),
         }
-        journal.save(record)
+        journal.save_summary(record)
     return outcome

@@ -269,7 +269,7 @@ async def run_replication(
             "base": outcome.base,
             "already_there": outcome.already_there,
         }
-        journal.save(record)
+        journal.save_summary(record)
     return outcome
 
 
