@@ -193,7 +193,7 @@ class VerifyState:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_STATE_SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            reason = os_reason(e) if isinstance(e, OSError) else describe(e)
+            reason = os_reason(e) if isinstance(e, OSError) else describe(e, self._path)
             if warnings is None:
                 raise StoreError(
                     path=root, reason=f"verify state {self._path} is not writable: {reason}"
@@ -332,6 +332,9 @@ def _files_step(store: "Store", opts: VerifyOptions, result: VerifyResult) -> No
             )
         if why is not None:
             result.findings.append(Finding("database", str(path), f"{why}; {fix}"))
+    for note in (store.index.note, store.catalog.note):
+        if note is not None:
+            result.warnings.append(note)
     if store.layout.index.name in store.db_problems and opts.mark:
         opts.mark = False
         result.warnings.append("nothing is marked: the index is a temporary copy")

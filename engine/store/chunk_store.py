@@ -218,7 +218,7 @@ class Store:
                     for name in problems:  # empty, so __init__ opens them; filled below
                         (Index if name == layout.index.name else Catalog)(caches / name).close()
                 store = cls(layout, config, keys, writable, lock, caches)
-                store.db_problems = problems
+                store.db_problems = {} if writable else problems  # writable: rebuilt
                 if writable:
                     store.report = recover(
                         layout, store.index, store.catalog, store.manifest, store._decode()

@@ -39,23 +39,40 @@ _SIDE_FILES: Final = ("-wal", "-shm")  # SQLite's WAL and shared-memory index be
 _DAMAGE: Final = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
 
 
+def connect_ro(path: Path) -> tuple[sqlite3.Connection, str | None]:
+    """A read-only connection to ``path``; (connection, note). A WAL database read-only
+    still needs its shared-memory file, which a full disk cannot grow
+    (``SQLITE_IOERR_SHMSIZE``): when that fails and no WAL file is there (so no writer has
+    uncommitted pages), the file is opened ``immutable`` instead and the note says so."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as e:
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise
+        conn.close()
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False
+        )
+        return conn, f"{path.name} opened immutable ({describe(e, path)})"
+    return conn, None
+
+
 def problem(path: Path) -> str | None:
     """Why ``path`` is not a usable SQLite database (``MISSING`` or the damage), or None.
     Cheap: reads the schema page only (``quick_check`` is verify's, not every open's)."""
     if not path.exists():
         return MISSING
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        finally:
-            conn.close()
+        conn, _ = connect_ro(path)
+        conn.close()
     except sqlite3.Error as e:
         if getattr(e, "sqlite_errorname", None) in _DAMAGE or (
             isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
         ):
             return f"is not a database ({e})"
-        raise StoreError(path=path, reason=describe(e)) from e
+        raise StoreError(path=path, reason=describe(e, path)) from e
     return None
 
 
@@ -63,7 +80,7 @@ def quick_check(path: Path) -> str | None:
     """SQLite's ``PRAGMA quick_check`` of ``path`` (every page read): None when it is whole,
     else what it says (or why it could not run)."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn, _ = connect_ro(path)
         try:
             rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
         finally:
@@ -101,10 +118,23 @@ def drop_orphans(path: Path) -> list[Path]:
     return moved
 
 
-def describe(e: sqlite3.Error) -> str:
+_LOW_SPACE: Final = 64 * 1024  # less free than this: SQLite's I/O errors are a full disk
+
+
+def describe(e: sqlite3.Error, path: Path | None = None) -> str:
+    """The SQLite error with its condition name; a full disk says ``ENOSPC`` (SQLite may
+    report it as SQLITE_FULL or, growing its shared-memory file, as an I/O error)."""
     name = getattr(e, "sqlite_errorname", None) or type(e).__name__
+    enospc = f"no space left on device, {errno.errorcode[errno.ENOSPC]}"
     if name == "SQLITE_FULL":
-        return f"{e} ({name}: no space left on device, {errno.errorcode[errno.ENOSPC]})"
+        return f"{e} ({name}: {enospc})"
+    if path is not None and name.startswith("SQLITE_IOERR"):
+        try:
+            st = os.statvfs(path.parent)
+        except OSError:
+            return f"{e} ({name})"
+        if st.f_bavail * st.f_frsize < _LOW_SPACE:
+            return f"{e} ({name}: {enospc})"
     return f"{e} ({name})"
 
 
@@ -120,7 +150,7 @@ def sqlite_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as e:
-        raise StoreError(path=path, reason=describe(e)) from e
+        raise StoreError(path=path, reason=describe(e, path)) from e
 
 
 @contextmanager
