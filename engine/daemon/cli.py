@@ -96,7 +96,10 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     _add_key_options(p)
     p.set_defaults(func=cmd_store_info)
 
-    p = ssub.add_parser("rebuild-index", help="rebuild the chunk index from pack trailers")
+    p = ssub.add_parser(
+        "rebuild-index",
+        help="rebuild the chunk index (and a missing or damaged catalog) from packs and manifests",
+    )
     p.add_argument("path", type=Path)
     _add_key_options(p)
     p.set_defaults(func=cmd_store_rebuild_index)

@@ -3,7 +3,9 @@
 Manifests are the truth; the catalog is a cache of what they say, so listing thousands of
 snapshots never reads thousands of files. It is updated right after a manifest is committed
 and reconciled with the manifests on disk when the store is opened for writing (a crash
-between the two is repaired then), so it never lists a snapshot that does not exist.
+between the two is repaired then), so it never lists a snapshot that does not exist. A
+missing or damaged ``catalog.db`` is rebuilt from the manifests by a writable open
+(``dbfiles``).
 """
 
 import sqlite3

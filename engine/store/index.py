@@ -1,6 +1,8 @@
 """The chunk index: ChunkId → (pack, offset, length), on disk in SQLite (WAL mode).
 
-It is a cache: everything in it can be rebuilt from pack trailers (``rebuild-index``). RAM
+It is a cache: everything in it can be rebuilt from the packs (``rebuild-index``: trailers,
+or a scan of the records where a trailer is damaged; a damaged ``index.db`` is moved aside
+first — ``dbfiles``). RAM
 stays flat however large the store grows: Python never holds per-chunk objects for the
 whole store, only SQLite's page cache.
 
