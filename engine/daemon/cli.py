@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import re
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,6 +29,7 @@ from engine.sources import registry
 from engine.sources.types import ResourceRecorder, Source
 from engine.store.check import damage_of
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
+from engine.store.dbfiles import describe, os_reason
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.layout import StoreConfig
 from engine.store.manifest import DiskEntry, Manifest
@@ -94,7 +96,10 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     _add_key_options(p)
     p.set_defaults(func=cmd_store_info)
 
-    p = ssub.add_parser("rebuild-index", help="rebuild the chunk index from pack trailers")
+    p = ssub.add_parser(
+        "rebuild-index",
+        help="rebuild the chunk index (and a missing or damaged catalog) from packs and manifests",
+    )
     p.add_argument("path", type=Path)
     _add_key_options(p)
     p.set_defaults(func=cmd_store_rebuild_index)
@@ -206,6 +211,9 @@ def open_store(args: argparse.Namespace, writable: bool) -> Store:
     if config.encryption != ENCRYPTION_NONE:
         passphrase = resolve_passphrase(passphrase_file)
     store = Store.open(path, passphrase=passphrase, key_file=key_file, writable=writable)
+    if not writable:
+        for line in store.db_problems.values():
+            print(f"store {path}: {line}: using a temporary copy", file=sys.stderr)
     for line in store.report.lines():
         print(f"store recovery: {line}", file=sys.stderr)
     return store
@@ -543,7 +551,10 @@ def cmd_store_rebuild_index(args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     print(f"index rebuilt: {stats.packs} packs, {stats.chunks} chunks")
-    return EXIT_INTEGRITY if report.problems else EXIT_OK
+    # A missing or damaged index.db / catalog.db is what this command fixes: reported, but
+    # not a reason for exit 3. A damaged trailer is (the pack needs `store repair`).
+    left = [p for p in report.problems if p not in report.files]
+    return EXIT_INTEGRITY if left else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -564,6 +575,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130
+    except (sqlite3.Error, OSError) as e:  # a last resort: the store maps what it knows
+        where = getattr(args, "path", None) or getattr(args, "store", None) or "tessera"
+        reason = describe(e) if isinstance(e, sqlite3.Error) else os_reason(e)
+        print(f"tessera: {where}: {reason}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 

@@ -8,17 +8,17 @@ Exit status: 0 when everything is whole, 3 (integrity) when anything is wrong or
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from engine.core.units import human_bytes
 from engine.daemon.progress import ProgressDisplay
+from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
-    RepairResult,
     VerifyOptions,
     VerifyProgress,
     VerifyResult,
-    repair,
     verify,
 )
 from engine.store.check import Finding
@@ -67,9 +67,12 @@ def register(
 
     p = store_sub.add_parser(
         "repair",
-        help="rebuild the index, quarantine unreadable packs, list what is lost",
-        description="Rebuild the chunk index from pack trailers, move packs whose trailer "
-        "cannot be read to STORE/quarantine/ (with a note), then verify the structure: "
+        help="rebuild the index, re-seal packs with a damaged trailer, list what is lost",
+        description="Rebuild the chunk index from pack trailers (scanning the records of a "
+        "pack whose trailer is damaged: every intact record is kept), re-seal such packs "
+        "(their intact records go to a new pack, the old one to STORE/quarantine/ with a "
+        "note), quarantine packs without an intact record, rebuild a missing or damaged "
+        "index.db / catalog.db (a damaged one is moved aside), then verify the structure: "
         "snapshots with missing chunks are marked damaged and listed with their VMs. Takes "
         "the writer lock (stop the daemon first). Exit 3 when anything is lost.",
     )
@@ -118,6 +121,8 @@ def _finding_line(f: Finding) -> str:
 
 
 def _print_verify(result: VerifyResult) -> None:
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for f in result.findings:
         print(_finding_line(f))
     what = ""
@@ -153,6 +158,18 @@ def _print_repair(result: RepairResult) -> None:
     for line in result.recovery:
         print(line)
     print(f"index rebuilt: {result.indexed_packs} packs, {result.indexed_chunks} chunks")
+    lost_in = {f.subject: f for f in result.verify.findings}
+    for r in result.resealed:
+        print(
+            f"re-sealed pack {r.pack} ({r.reason}) as {r.new_pack}: {r.kept} records kept, "
+            f"{len(r.lost)} damaged ranges lost; old pack moved to quarantine"
+        )
+        for line, chunk in zip(r.lost, r.lost_chunks + [""] * len(r.lost), strict=False):
+            hurt = lost_in.get(chunk)
+            who = f" (snapshots: {', '.join(hurt.snapshots)})" if hurt and hurt.snapshots else ""
+            print(f"  lost {line}{who}")
+    for w in result.verify.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for q in result.quarantined:
         print(f"quarantined pack {q.pack} to {q.path}: {q.reason}")
     for f in result.verify.findings:
@@ -166,4 +183,4 @@ def _print_repair(result: RepairResult) -> None:
             f"{', '.join(result.verify.damaged)} (VMs: {', '.join(result.verify.vms)})"
         )
     else:
-        print("lost: no snapshot references the quarantined packs' chunks")
+        print("lost: no snapshot references the lost records' chunks")

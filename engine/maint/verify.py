@@ -2,10 +2,16 @@
 
 Verify runs on a read-only open, beside a backup that holds the writer lock::
 
-    1 packs      every indexed pack is on disk at its indexed size (cheap, always)
+    0 files      ``index.db`` and ``catalog.db`` open and pass SQLite's ``quick_check``; a
+                 missing or damaged one is a finding naming the file, and the rest of the
+                 run checks against a temporary copy the read-only open rebuilt from the
+                 packs / manifests (``engine.store.dbfiles``); nothing is marked then
+    1 packs      every indexed pack is on disk at its indexed size, and its trailer reads
+                 (footer, CRC32) and lists as many records as the index (cheap, always)
     2 data       (--data / --percent) the packs of this run, oldest-verified first: every
                  record located in them is read, CRC and AEAD checked and re-hashed to its id
-                 (CRC and id only where the store holds no data key); a bad record's chunk
+                 (CRC and id only where the store holds no data key), and the trailer is
+                 compared with those records; a bad record's chunk
                  is marked bad in the index (``Index.mark_bad``) before the pack is recorded
                  as verified, so a killed run loses nothing it found
     3 structure  every snapshot (share-locked): manifest MAC, DiskMap checksums, and every
@@ -16,6 +22,12 @@ Verify runs on a read-only open, beside a backup that holds the writer lock::
                  is whole again loses its mark
 
 Every finding is reported (never only the first), naming the pack, chunk, snapshots and VMs.
+A damaged trailer is a finding of its own (kind ``trailer``): the records are intact and
+indexed, but a rebuild would have to scan them; ``repair`` re-seals the pack.
+
+Writes that fail (a full disk: ``verify/state.db``, the bad-chunk list, damage marks) are
+warnings in the result, never the end of the run: verify still reads and reports. Without
+its state file a run is not resumable and every pack counts as never verified.
 
 Sampling and resumption. Per-pack state lives in ``STORE/verify/state.db`` (SQLite,
 ``synchronous=FULL``: each commit is atomic and durable): the time and run of each pack's
@@ -31,13 +43,10 @@ backup that reads its data stores a good record; ``Index.add_pack`` repoints the
 and drops it from the list in one transaction after the new pack is durable, and the store
 then removes it from the damage marks (``check.clear_healed``).
 
-Repair (writer lock) rebuilds the index from pack trailers, moves packs whose trailer cannot
-be read to ``STORE/quarantine/`` with a note (their chunks become missing), then verifies the
-structure, which marks and lists what is lost.
+Repair is ``engine.maint.repair``.
 """
 
 import hashlib
-import json
 import math
 import os
 import secrets
@@ -51,7 +60,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from engine.core.errors import (
-    CorruptPack,
     CorruptRecord,
     IntegrityError,
     SnapshotNotFound,
@@ -67,20 +75,22 @@ from engine.store.check import (
     pack_problems,
     remove_damage,
     still_bad,
+    trailer_mismatch,
+    trailer_problems,
     write_damage,
 )
 from engine.store.codec import check_crc
+from engine.store.dbfiles import describe, os_reason, quick_check
 from engine.store.index import BadChunk, Location
 from engine.store.locks import reading_snapshot
-from engine.store.pack import PACK_SUFFIX, pack_path, read_trailer
+from engine.store.pack import pack_path
 from engine.util import failpoints
-from engine.util.fs import atomic_write, fsync_dir
+from engine.util.fs import fsync_dir
 
 if TYPE_CHECKING:
     from engine.store.chunk_store import Store
 
 STATE_DIR: Final = "verify"
-QUARANTINE_DIR: Final = "quarantine"
 VERIFY_THREADS: Final = 2  # decode releases the GIL (zstd, AES, BLAKE3); 2 cores measured
 _TASK_BYTES: Final = 4 * 1024 * 1024  # per thread-pool task: amortises the task overhead
 _TASK_RECORDS: Final = 512
@@ -146,6 +156,7 @@ class VerifyResult(CheckResult):
     damaged: list[str] = field(default_factory=list)  # damaged snapshot ids
     undamaged: list[str] = field(default_factory=list)  # snapshots whose mark was cleared
     vms: list[str] = field(default_factory=list)  # names of VMs with a damaged snapshot
+    warnings: list[str] = field(default_factory=list)  # writes that failed (a full disk)
     seconds: float = 0.0
 
     def doc(self) -> dict[str, object]:
@@ -166,20 +177,47 @@ class _Run:
 class VerifyState:
     """``STORE/verify/state.db``: per-pack last verification and the run in progress."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, warnings: list[str] | None = None):
+        """Open (create) the state file. When that fails (a full disk, a read-only store)
+        and ``warnings`` is given, the reason goes there and the state lives in memory for
+        this run; without ``warnings`` it raises StoreError."""
         directory = root / STATE_DIR
+        self._path = directory / "state.db"
+        self._warnings = warnings
         try:
             if not directory.exists():
                 directory.mkdir()
                 fsync_dir(root)
-            self._db = sqlite3.connect(directory / "state.db", isolation_level=None, timeout=60)
+            self._db = sqlite3.connect(self._path, isolation_level=None, timeout=60)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_STATE_SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(
-                path=root, reason=f"verify state {directory / 'state.db'} is not writable: {e}"
-            ) from e
+            reason = os_reason(e) if isinstance(e, OSError) else describe(e, self._path)
+            if warnings is None:
+                raise StoreError(
+                    path=root, reason=f"verify state {self._path} is not writable: {reason}"
+                ) from e
+            warnings.append(
+                f"verify state {self._path} is not writable ({reason}): this run is not "
+                "recorded (not resumable; the next run starts over)"
+            )
+            self._db = sqlite3.connect(":memory:", isolation_level=None)
+            self._db.executescript(_STATE_SCHEMA)
+
+    def _record(self, sql: str, args: tuple[object, ...]) -> None:
+        """A state write; a failure (a full disk) becomes one warning, then memory."""
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as e:
+            if self._warnings is None:
+                raise
+            self._warnings.append(
+                f"verify state {self._path}: {describe(e)}: the rest of this run is not recorded"
+            )
+            self._db.close()
+            self._db = sqlite3.connect(":memory:", isolation_level=None)
+            self._db.executescript(_STATE_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -192,15 +230,21 @@ class VerifyState:
         ).fetchone()
         if row is not None and row[2] == percent:
             return _Run(row[0], row[1], row[3], resumed=True)
-        self._db.execute("UPDATE runs SET finished = ? WHERE finished IS NULL", (now,))
         planned = min(packs, math.ceil(packs * percent / 100)) if packs else 0
         seed = secrets.token_hex(8)
-        cur = self._db.execute(
+        self._record("UPDATE runs SET finished = ? WHERE finished IS NULL", (now,))
+        self._record(
             "INSERT INTO runs(started, seed, percent, planned) VALUES (?, ?, ?, ?)",
             (now, seed, percent, planned),
         )
-        assert cur.lastrowid is not None
-        return _Run(cur.lastrowid, seed, planned, resumed=False)
+        row = self._db.execute("SELECT id FROM runs WHERE seed = ?", (seed,)).fetchone()
+        if row is None:  # the write failed: the in-memory state that replaced the file
+            self._record(
+                "INSERT INTO runs(started, seed, percent, planned) VALUES (?, ?, ?, ?)",
+                (now, seed, percent, planned),
+            )
+            row = self._db.execute("SELECT id FROM runs WHERE seed = ?", (seed,)).fetchone()
+        return _Run(row[0], seed, planned, resumed=False)
 
     def plan(self, run: _Run, names: list[str]) -> tuple[list[str], int]:
         """(packs still to verify in ``run``, in order; how many the run already did).
@@ -209,9 +253,8 @@ class VerifyState:
             name: (verified, r)
             for name, verified, r in self._db.execute("SELECT name, verified, run FROM packs")
         }
-        gone = set(known) - set(names)
-        if gone:
-            self._db.executemany("DELETE FROM packs WHERE name = ?", [(n,) for n in gone])
+        for gone in set(known) - set(names):
+            self._record("DELETE FROM packs WHERE name = ?", (gone,))
         done = sum(1 for n in names if n in known and known[n][1] == run.id)
 
         def key(name: str) -> tuple[float, bytes]:
@@ -222,13 +265,13 @@ class VerifyState:
         return todo[: max(0, run.planned - done)], done
 
     def verified(self, run: _Run, name: str, now: float, bad: int) -> None:
-        self._db.execute(
+        self._record(
             "INSERT OR REPLACE INTO packs(name, verified, run, bad) VALUES (?, ?, ?, ?)",
             (name, now, run.id, bad),
         )
 
     def finish(self, run: _Run, now: float) -> None:
-        self._db.execute("UPDATE runs SET finished = ? WHERE id = ?", (now, run.id))
+        self._record("UPDATE runs SET finished = ? WHERE id = ?", (now, run.id))
 
     def last_verified(self) -> dict[str, float]:
         """Each pack's last verification time (tests, status)."""
@@ -245,9 +288,12 @@ def verify(store: "Store", options: VerifyOptions | None = None) -> VerifyResult
     opts = options or VerifyOptions()
     started = time.monotonic()
     result = VerifyResult(data=opts.data, percent=opts.percent or 100.0)
+    _files_step(store, opts, result)
     bad_packs = pack_problems(store)
     for name, reason in bad_packs.items():
         result.findings.append(Finding("pack", name, reason))
+    for name, reason in trailer_problems(store, bad_packs).items():
+        result.findings.append(Finding("trailer", name, f"{reason}; {_RESEAL}"))
     found: dict[bytes, BadChunk] = {}  # found by this call's data step
     if opts.data:
         _data_step(store, opts, result, bad_packs, found)
@@ -265,6 +311,35 @@ def verify(store: "Store", options: VerifyOptions | None = None) -> VerifyResult
     return result
 
 
+_RESEAL: Final = "its records are intact: `tessera store repair` re-seals the pack"
+
+
+def _files_step(store: "Store", opts: VerifyOptions, result: VerifyResult) -> None:
+    """Findings for a missing or damaged ``index.db`` / ``catalog.db``. With the index
+    replaced by a temporary copy, nothing is marked (marks belong in the real index)."""
+    for name in (store.layout.index.name, store.layout.catalog.name):
+        path = store.path / name
+        why = store.db_problems.get(name)
+        if why is None:
+            damage = quick_check(path)
+            why = None if damage is None else f"{name} is damaged: {damage}"
+            fix = "`tessera store repair` moves it aside and rebuilds it"
+        else:
+            source = "packs" if name == store.layout.index.name else "manifests"
+            fix = (
+                f"this run used a temporary copy rebuilt from the {source}; `tessera store "
+                "rebuild-index` or `repair` rebuilds it"
+            )
+        if why is not None:
+            result.findings.append(Finding("database", str(path), f"{why}; {fix}"))
+    for note in (store.index.note, store.catalog.note):
+        if note is not None:
+            result.warnings.append(note)
+    if store.layout.index.name in store.db_problems and opts.mark:
+        opts.mark = False
+        result.warnings.append("nothing is marked: the index is a temporary copy")
+
+
 def _data_step(
     store: "Store",
     opts: VerifyOptions,
@@ -275,7 +350,7 @@ def _data_step(
     packs = store.index.packs()
     sizes = {p.name: p.size for p in packs}
     result.packs_total = len(packs)
-    state = VerifyState(store.path)
+    state = VerifyState(store.path, result.warnings)
     try:
         run = state.begin(result.percent, len(packs), opts.now())
         todo, done = state.plan(run, list(sizes))
@@ -288,8 +363,10 @@ def _data_step(
         with ThreadPoolExecutor(opts.threads, thread_name_prefix="verify") as pool:
             for n, name in enumerate(todo):
                 bad = _verify_pack(store, name, bad_packs.get(name), crc_only, pool, result)
-                if opts.mark:
-                    result.marked_bad += store.index.mark_bad(bad)
+                if name not in bad_packs:
+                    _check_trailer(store, name, result)
+                if opts.mark and bad:
+                    result.marked_bad += _try_mark(store, bad, result)
                 found.update((b.chunk_id, b) for b in bad)
                 state.verified(run, name, opts.now(), len(bad))
                 failpoints.hit("verify.pack.done")
@@ -301,6 +378,36 @@ def _data_step(
         state.finish(run, opts.now())
     finally:
         state.close()
+
+
+def _check_trailer(store: "Store", name: str, result: VerifyResult) -> None:
+    """A finding when the pack's trailer does not describe the records the index locates
+    in it (unless the cheap pack step already reported its trailer)."""
+    if any(f.kind == "trailer" and f.subject == name for f in result.findings):
+        return
+    rows = {
+        loc.offset: (bytes(cid), loc.length)
+        for page in _pack_rows(store, name)
+        for cid, loc in page
+    }
+    path = pack_path(store.layout.packs, name)
+    why = trailer_mismatch(path, name, rows)
+    if why is not None and path.exists():
+        result.findings.append(
+            Finding("trailer", name, f"pack {name}: damaged trailer ({why}); {_RESEAL}")
+        )
+
+
+def _try_mark(store: "Store", bad: list[BadChunk], result: VerifyResult) -> int:
+    """``Index.mark_bad``; a failed write (a full disk) is a warning: the findings stand."""
+    try:
+        return store.index.mark_bad(bad)
+    except (sqlite3.Error, StoreError) as e:
+        reason = describe(e) if isinstance(e, sqlite3.Error) else str(e)
+        result.warnings.append(
+            f"could not mark {len(bad)} bad chunks in {store.layout.index}: {reason}"
+        )
+        return 0
 
 
 def _pack_rows(store: "Store", name: str) -> Iterator[list[tuple[ChunkId, Location]]]:
@@ -402,7 +509,10 @@ def _report_unreferenced(
         else:
             result.findings.append(Finding("bad-chunk", short(cid), reason))
     if forget and opts.mark:
-        store.index.unmark_bad(forget)
+        try:
+            store.index.unmark_bad(forget)
+        except sqlite3.Error as e:
+            result.warnings.append(f"could not unmark chunks in {store.layout.index}: {e}")
 
 
 def _mark(
@@ -428,7 +538,7 @@ def _mark(
             reason = f"chunk {short(cid)}: {bad_packs.get(loc.pack, 'unreadable')}"
             new.append(BadChunk(ChunkId(cid), loc.pack, loc.offset, reason, since))
     if new:
-        result.marked_bad += store.index.mark_bad(new)
+        result.marked_bad += _try_mark(store, new, result)
     reasons = bad | {b.chunk_id: b.reason for b in new}
     layout = store.layout
     for sid, dmg in sorted(damage.items()):
@@ -441,6 +551,8 @@ def _mark(
                 write_damage(layout, sid, dmg, lambda c: reasons.get(c, "missing"))
         except (SnapshotNotFound, FileNotFoundError):  # pruned meanwhile
             continue
+        except OSError as e:  # a full disk: the finding stands, the mark is not written
+            result.warnings.append(f"could not mark snapshot {sid} damaged: {os_reason(e)}")
     for path in sorted(layout.snapshots.glob(f"*/{DAMAGED_NAME}")):
         sid = path.parent.name
         if damage.get(sid):
@@ -451,87 +563,7 @@ def _mark(
                     result.undamaged.append(sid)
         except SnapshotNotFound:
             continue
+        except OSError as e:
+            result.warnings.append(f"could not clear the mark of {sid}: {os_reason(e)}")
     for sid in [s for s, d in damage.items() if not d]:
         del damage[sid]
-
-
-# --- repair -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Quarantined:
-    pack: str
-    reason: str
-    path: str
-
-
-@dataclass
-class RepairResult:
-    recovery: list[str] = field(default_factory=list)  # what rebuilding the index did
-    quarantined: list[Quarantined] = field(default_factory=list)
-    verify: VerifyResult = field(default_factory=VerifyResult)
-    indexed_packs: int = 0
-    indexed_chunks: int = 0
-
-    @property
-    def lost(self) -> bool:
-        return bool(self.quarantined) or not self.verify.ok
-
-    def doc(self) -> dict[str, object]:
-        return {
-            "recovery": self.recovery,
-            "quarantined": [asdict(q) for q in self.quarantined],
-            "indexed_packs": self.indexed_packs,
-            "indexed_chunks": self.indexed_chunks,
-            "verify": self.verify.doc(),
-            "damaged": self.verify.damaged,
-            "vms": self.verify.vms,
-            "lost": self.lost,
-        }
-
-
-def repair(store: "Store", progress: Progress | None = None) -> RepairResult:
-    """Rebuild the index from pack trailers, quarantine unreadable packs, then verify the
-    structure (marking what is lost). Needs the store opened for writing."""
-    if not store.writable:
-        raise ValueError("repair needs the store opened for writing")
-    result = RepairResult()
-    report = store.rebuild_index()
-    result.recovery = report.lines()
-    indexed = {p.name for p in store.index.packs()}
-    for name, path in sorted(store.layout.pack_files().items()):
-        if name in indexed:
-            continue
-        try:
-            read_trailer(path, name)
-        except CorruptPack as e:
-            reason = str(e)
-        else:  # readable after all (indexed by a concurrent open?): leave it to recovery
-            continue
-        result.quarantined.append(_quarantine(store.path, name, path, reason))
-    stats = store.index.stats()
-    result.indexed_packs, result.indexed_chunks = stats.packs, stats.chunks
-    result.verify = verify(store, VerifyOptions(progress=progress))
-    return result
-
-
-def _quarantine(root: Path, name: str, path: Path, reason: str) -> Quarantined:
-    """Move a pack to ``STORE/quarantine/`` beside a note (written first, so a moved pack
-    always has one; a crash in between leaves the pack in place for the next repair)."""
-    directory = root / QUARANTINE_DIR
-    if not directory.exists():
-        directory.mkdir()
-        fsync_dir(root)
-    note = {
-        "pack": name,
-        "reason": reason,
-        "size": path.stat().st_size,
-        "quarantined": datetime.now(UTC).isoformat(timespec="seconds"),
-        "from": str(path.relative_to(root)),
-    }
-    atomic_write(directory / f"{name}.json", json.dumps(note, indent=1).encode(), "verify.note")
-    target = directory / f"{name}{PACK_SUFFIX}"
-    os.rename(path, target)
-    fsync_dir(directory)
-    fsync_dir(path.parent)
-    return Quarantined(name, reason, str(target))

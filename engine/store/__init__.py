@@ -3,13 +3,16 @@
 Nouns (see docs/DESIGN.md §2): a *chunk* is the bytes of one fixed-size *slot* of a disk,
 named by its *ChunkId* (keyed BLAKE3-256). A *record* is one encoded chunk; records are
 appended to *packs*, which are sealed once and never change. The *index* maps ChunkId →
-(pack, offset, length) and can always be rebuilt from pack trailers. A *DiskMap* lists one
-ChunkId per slot of a disk; a *manifest* names a snapshot's DiskMaps and is its commit
-point; the *catalog* lists snapshots by VM and time.
+(pack, offset, length) and can always be rebuilt from the packs: from their trailers, or,
+where a trailer is damaged, by scanning the self-describing records (``scan``). A *DiskMap*
+lists one ChunkId per slot of a disk; a *manifest* names a snapshot's DiskMaps and is its
+commit point; the *catalog* lists snapshots by VM and time.
 
 Modules: ``format`` (every byte layout), ``keys`` (key file, scrypt), ``codec`` (record
 encode/decode), ``pack``, ``index``, ``diskmap``, ``manifest``, ``catalog``, ``layout``,
-``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover),
+``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover), ``scan``
+(records of a pack whose trailer is damaged), ``dbfiles`` (missing or damaged SQLite files,
+SQLite and OS errors as ``StoreError``),
 ``snapshot`` (commit order), ``replica`` (a replicated snapshot's commit order),
 ``chunk_store`` (the ``Store`` facade).
 
@@ -17,9 +20,12 @@ Invariants:
 
 1. One write order: records → pack sealed (fsync, rename, fsync dir) → index entries durable
    → DiskMaps → manifest (tmp+fsync+rename+fsync dir). No manifest, no snapshot.
-2. Open = recover (writer only): temp files deleted, index rows of missing/short packs
-   dropped and reported, unindexed sealed packs indexed from their trailers, uncommitted
-   snapshot directories deleted, catalog reconciled.
+2. Open = recover (writer only): a missing or damaged index.db / catalog.db rebuilt (a
+   damaged one moved aside, never deleted), temp files deleted, index rows of missing/short
+   packs dropped and reported, unindexed sealed packs indexed from their trailers — or, with
+   a damaged trailer, from their intact records (reported once; ``repair`` re-seals them) —
+   uncommitted snapshot directories deleted, catalog reconciled. A read-only open with a
+   missing or damaged index or catalog works on temporary copies and says so.
 3. ``put`` of a chunk already stored writes nothing. ``get`` returns verified plaintext or
    raises an error naming chunk, pack and offset — never wrong bytes.
 4. No per-chunk Python objects for the whole store: the index and catalog are SQLite files;

@@ -3,7 +3,9 @@
 Manifests are the truth; the catalog is a cache of what they say, so listing thousands of
 snapshots never reads thousands of files. It is updated right after a manifest is committed
 and reconciled with the manifests on disk when the store is opened for writing (a crash
-between the two is repaired then), so it never lists a snapshot that does not exist.
+between the two is repaired then), so it never lists a snapshot that does not exist. A
+missing or damaged ``catalog.db`` is rebuilt from the manifests by a writable open
+(``dbfiles``).
 """
 
 import sqlite3
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.store.dbfiles import connect_ro
 from engine.store.manifest import Manifest
 from engine.util import failpoints
 
@@ -50,12 +53,12 @@ class Catalog:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
         self._lock = threading.Lock()
+        self.note: str | None = None  # how a read-only open had to degrade (a full disk)
         if readonly:
             if not path.exists():
                 raise FileNotFoundError(path)
-            self._conn = sqlite3.connect(
-                f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
-            )
+            self._conn, self.note = connect_ro(path)
+            self._conn.isolation_level = None
         else:
             self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")

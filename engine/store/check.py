@@ -18,15 +18,18 @@ sampling, resumption and marks belong to ``engine.maint.verify``.
 """
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from engine.core.errors import EngineError, SnapshotNotFound
+from engine.core.errors import CorruptPack, EngineError, SnapshotNotFound
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, short
+from engine.store import format as fmt
 from engine.store.locks import reading_snapshot
+from engine.store.pack import pack_path, read_trailer
 from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
@@ -39,7 +42,7 @@ DAMAGED_NAME: Final = "damaged"
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # manifest | diskmap | missing-chunk | bad-chunk | pack
+    kind: str  # manifest | diskmap | missing-chunk | bad-chunk | pack | trailer | database
     subject: str  # the snapshot, file, chunk or pack concerned
     message: str
     snapshots: tuple[str, ...] = ()
@@ -91,12 +94,72 @@ def pack_problems(store: "Store") -> dict[str, str]:
     return bad
 
 
+def trailer_problems(store: "Store", skip: Mapping[str, str]) -> dict[str, str]:
+    """Indexed packs (not in ``skip``: missing or short) whose trailer cannot be read or
+    does not list as many records as the index says, with the reason. Their records are
+    indexed and read fine — the index was rebuilt by scanning them — but the trailer, what
+    a rebuild reads first, is wrong until ``repair`` re-seals the pack. Cheap: one footer
+    and trailer read per pack."""
+    bad: dict[str, str] = {}
+    for row in store.index.packs():
+        if row.name in skip:
+            continue
+        path = pack_path(store.layout.packs, row.name)
+        try:
+            _, entries = read_trailer(path, row.name)
+        except CorruptPack as e:
+            if path.exists():  # else GC retired it since the listing
+                bad[row.name] = f"pack {row.name}: damaged trailer ({e.fields['reason']})"
+            continue
+        if len(entries) != row.records:
+            bad[row.name] = (
+                f"pack {row.name}: trailer lists {len(entries)} records, the index {row.records}"
+            )
+    return bad
+
+
+def trailer_mismatch(path: Path, name: str, rows: Mapping[int, tuple[bytes, int]]) -> str | None:
+    """Why the trailer of the pack at ``path`` does not describe its records, or None.
+    ``rows``: offset → (chunk id, length) of every index row located in the pack, checked by
+    reading their records; a trailer entry no row covers (a duplicate) has its record header
+    read to compare the id and length."""
+    try:
+        _, entries = read_trailer(path, name)
+        with path.open("rb") as f:
+            for e in entries:
+                row = rows.get(e.offset)
+                if row is None:
+                    raw = _pread(f.fileno(), fmt.RECORD_HEADER.size, e.offset)
+                    magic, *_, payload_len, cid = fmt.RECORD_HEADER.unpack(raw)
+                    size = fmt.RECORD_HEADER.size + payload_len + fmt.RECORD_CRC.size
+                    row = (cid, size) if magic == fmt.RECORD_MAGIC else (b"", -1)
+                if row != (e.chunk_id, e.length):
+                    return f"trailer entry at offset {e.offset} does not match the record there"
+    except CorruptPack as e:
+        return str(e.fields["reason"])
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    listed = {e.offset for e in entries}
+    if not rows.keys() <= listed:
+        return f"trailer omits the record at offset {min(rows.keys() - listed)}"
+    return None
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise ValueError(f"short read at offset {offset}")
+    return data
+
+
 def check_store(store: "Store", data: bool = False) -> CheckResult:
     result = CheckResult()
     bad_chunks: dict[bytes, str] = {}
     bad_packs = pack_problems(store)
     for name, reason in bad_packs.items():
         result.findings.append(Finding("pack", name, reason))
+    for name, reason in trailer_problems(store, bad_packs).items():
+        result.findings.append(Finding("trailer", name, reason))
     if data:
         for chunk_id, location in store.index.iter_chunks():
             try:

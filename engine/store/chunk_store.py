@@ -9,7 +9,9 @@ of the commit order (see ``SnapshotWriter.commit``).
 
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ from engine.core.errors import (
     StoreWriteError,
 )
 from engine.core.ids import ZERO_ID, ChunkId, short
+from engine.store import dbfiles
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
@@ -50,7 +53,8 @@ from engine.store.leases import Lease, LeaseRegistry
 from engine.store.locks import WriterLock
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackWriter, SealedPack, pack_path
-from engine.store.recovery import RecoveryReport, recover
+from engine.store.recovery import RecoveryReport, index_packs, recover
+from engine.store.scan import Decode
 from engine.store.snapshot import SnapshotWriter
 from engine.util.fs import atomic_write, fsync_dir
 
@@ -112,7 +116,11 @@ class Store:
         keys: StoreKeys,
         writable: bool,
         lock: WriterLock | None,
+        caches: Path | None = None,
     ):
+        """``caches``: a directory holding temporary ``index.db`` / ``catalog.db`` built by a
+        read-only open because the store's own are missing or damaged (see ``dbfiles``);
+        removed on close."""
         self.path = layout.root
         self.layout = layout
         self.config = config
@@ -120,8 +128,14 @@ class Store:
         self.writable = writable
         self._lock_file = lock
         self.codec = Codec(keys)
-        self.index = Index(layout.index, readonly=not writable)
-        self.catalog = Catalog(layout.catalog, readonly=not writable)
+        self._caches = caches
+        index = caches / "index.db" if caches and (caches / "index.db").exists() else None
+        catalog = caches / "catalog.db" if caches and (caches / "catalog.db").exists() else None
+        self.index = Index(index or layout.index, readonly=not writable)
+        self.catalog = Catalog(catalog or layout.catalog, readonly=not writable)
+        # Missing or damaged SQLite files, by file name: a read-only open works on temporary
+        # copies and verify reports these; a writable open rebuilt them (``report.files``).
+        self.db_problems: dict[str, str] = {}
         self.report = RecoveryReport()
         self.leases = LeaseRegistry()
         self._wlock = threading.Lock()
@@ -190,22 +204,70 @@ class Store:
         key_file: Path | None = None,
         writable: bool = True,
     ) -> "Store":
-        """Open a store; a writable open takes the writer lock and recovers (see recovery)."""
+        """Open a store; a writable open takes the writer lock and recovers (see recovery),
+        including a missing or damaged index or catalog (``dbfiles``). Raises StoreError —
+        naming the file and the errno or SQLite condition — when the store cannot be opened
+        (a full disk among others)."""
         layout = Layout(path)
         config = StoreConfig.load(path)
         keys = read_key_file(key_file or layout.default_key_file, config.store_id, passphrase)
         lock = WriterLock(path) if writable else None
+        caches: Path | None = None
         try:
-            store = cls(layout, config, keys, writable, lock)
-            if writable:
-                store.report = recover(layout, store.index, store.catalog, store.manifest)
-                if store.report.indexed_packs:  # they may have healed bad chunks
-                    store._clear_marks()
+            with dbfiles.os_errors(path), dbfiles.sqlite_errors(layout.index):
+                problems = _db_problems(layout)
+                if writable:
+                    files = _set_aside(layout, problems)
+                elif problems:
+                    caches = Path(tempfile.mkdtemp(prefix="tessera-caches-"))
+                    for name in problems:  # empty, so __init__ opens them; filled below
+                        (Index if name == layout.index.name else Catalog)(caches / name).close()
+                store = cls(layout, config, keys, writable, lock, caches)
+                store.db_problems = {} if writable else problems  # writable: rebuilt
+                if writable:
+                    store.report = recover(
+                        layout, store.index, store.catalog, store.manifest, store._decode()
+                    )
+                    store.report.files = files
+                    if store.report.indexed_packs:  # they may have healed bad chunks
+                        store._clear_marks()
+                elif caches is not None:
+                    store._build_caches(caches)
         except BaseException:
             if lock is not None:
                 lock.release()
+            if caches is not None:
+                shutil.rmtree(caches, ignore_errors=True)
             raise
         return store
+
+    def _decode(self) -> Decode | None:
+        """The full record check (AEAD, re-hash) when this store can run it, else None
+        (an encrypted-only replica checks CRCs)."""
+        if self.keys.data_key is None and self.config.encryption != "none":
+            return None
+        return self.codec.decode
+
+    def _build_caches(self, caches: Path) -> None:
+        """Read-only open with a missing or damaged index or catalog: fill the temporary
+        copies (``Store.__init__`` opened them read-only) from the packs and manifests."""
+        for name in self.db_problems:
+            if name == self.layout.index.name:
+                self.index.close()
+                index = Index(caches / name)
+                try:
+                    index_packs(index, self.layout.pack_files(), self._decode(), self.report)
+                finally:
+                    index.close()
+                self.index = Index(caches / name, readonly=True)
+            else:
+                self.catalog.close()
+                catalog = Catalog(caches / name)
+                try:
+                    catalog.reconcile(self.layout.committed_snapshots(), self.manifest)
+                finally:
+                    catalog.close()
+                self.catalog = Catalog(caches / name, readonly=True)
 
     def close(self) -> None:
         """Flush (when writable), then release everything. Idempotent."""
@@ -222,6 +284,8 @@ class Store:
             self._sealer.shutdown(wait=True)
             self.index.close()
             self.catalog.close()
+            if self._caches is not None:
+                shutil.rmtree(self._caches, ignore_errors=True)
             if self._lock_file is not None:
                 self._lock_file.release()
                 self._lock_file = None
@@ -523,8 +587,42 @@ class Store:
         )
 
     def rebuild_index(self) -> RecoveryReport:
-        """Forget the index and rebuild it from the trailers of every sealed pack."""
+        """Forget the index and rebuild it from every sealed pack: from its trailer, or from
+        a scan of its records when the trailer is damaged (``recovery``). What the open
+        found wrong with the SQLite files (``report.files``) is kept in the report. Raises
+        StoreError naming the file on a full disk or an unusable database."""
+        files = self.report.files
         self.flush()
-        self.index.clear()
-        self.report = recover(self.layout, self.index, self.catalog, self.manifest)
+        with dbfiles.os_errors(self.path), dbfiles.sqlite_errors(self.layout.index):
+            self.index.clear()
+            self.report = recover(
+                self.layout, self.index, self.catalog, self.manifest, self._decode()
+            )
+        self.report.files = files
         return self.report
+
+
+def _db_problems(layout: Layout) -> dict[str, str]:
+    """``{file name: what is wrong}`` for the index and catalog (``dbfiles.problem``)."""
+    out = {}
+    for path in (layout.index, layout.catalog):
+        why = dbfiles.problem(path)
+        if why is not None:
+            out[path.name] = f"{path.name} {why}"
+    return out
+
+
+def _set_aside(layout: Layout, problems: dict[str, str]) -> list[str]:
+    """Writable open: move a damaged database aside (a missing one's leftover WAL too), so
+    ``Store.__init__`` creates an empty one that recovery fills; what was done, as lines."""
+    lines = []
+    for name, why in problems.items():
+        path = layout.root / name
+        source = "the packs" if path == layout.index else "the manifests"
+        if path.exists():
+            moved = dbfiles.move_aside(path)
+            lines.append(f"{why}: moved aside to {moved.name}, rebuilt from {source}")
+        else:
+            dbfiles.drop_orphans(path)
+            lines.append(f"{why}: rebuilt from {source}")
+    return lines

@@ -18,7 +18,8 @@ Record (one encoded chunk; ``RECORD_HEADER`` + payload + CRC)::
 
     AES-GCM associated data = chunk id ‖ version ‖ flags, so a store cannot swap records.
 
-Pack (an append-only file of records; sealed packs never change)::
+Pack (an append-only file of records; sealed packs never change; the trailer is an index of
+the records for speed — the records alone are enough to rebuild it, see ``scan``)::
 
     PACK_HEADER   magic b"TSPK", version, 3 reserved, pack id (16 bytes)     = 24 bytes
     records…      back to back

@@ -1,6 +1,8 @@
 """The chunk index: ChunkId → (pack, offset, length), on disk in SQLite (WAL mode).
 
-It is a cache: everything in it can be rebuilt from pack trailers (``rebuild-index``). RAM
+It is a cache: everything in it can be rebuilt from the packs (``rebuild-index``: trailers,
+or a scan of the records where a trailer is damaged; a damaged ``index.db`` is moved aside
+first — ``dbfiles``). RAM
 stays flat however large the store grows: Python never holds per-chunk objects for the
 whole store, only SQLite's page cache.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from engine.core.ids import ChunkId
+from engine.store.dbfiles import connect_ro
 from engine.store.pack import SealedPack
 from engine.util import failpoints
 
@@ -126,6 +129,7 @@ class Index:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self.note: str | None = None  # how a read-only open had to degrade (a full disk)
         conn = self._conn()
         if not readonly:
             conn.executescript(_SCHEMA + _BAD_SCHEMA)
@@ -153,8 +157,8 @@ class Index:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             if self._readonly:
-                uri = f"file:{self.path}?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                conn, note = connect_ro(self.path)
+                self.note = self.note or note
             else:
                 conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
                 conn.execute("PRAGMA journal_mode=WAL")

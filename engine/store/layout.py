@@ -13,6 +13,9 @@
       snapshots/<id>/        DiskMaps (disk-<n>.dmap) and the manifest (commit point)
       trash/<t>-<name>.pack  packs GC retired at unix time t, deleted after the grace period
       gc/                    GC's lock and work database (temporary; rebuilt by each run)
+      quarantine/<name>.pack packs repair took out of use, each beside <name>.json (why; the
+                             pack that replaced it, when its intact records were re-sealed)
+      *.db.damaged-<time>    an index or catalog that was not a database, moved aside
 """
 
 import json
@@ -89,6 +92,10 @@ class Layout:
     @property
     def gc(self) -> Path:
         return self.root / "gc"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
 
     def trash_files(self) -> dict[str, Path]:
         """Packs in the trash by pack name (``<unix time>-<name>.pack``)."""

@@ -9,21 +9,34 @@ Runs under the writer lock, before any job, so nothing it removes can be in use:
    the GC did not commit and the trash link goes; if not, the GC committed and the copy in
    ``packs/`` goes;
 4. sealed packs the index does not know (a crash between seal and index commit) are indexed
-   from their trailers; a pack whose trailer cannot be read is reported and left for repair;
+   from their trailers; when a trailer is damaged or missing, from a scan of the records
+   (``scan``: every record whose CRC — and, with the data key, AEAD and id — holds is kept),
+   reported once with what was lost; the next ``repair`` re-seals it (then verify is clean).
+   Only a pack without a single intact record stays unindexed, for repair to quarantine.
+   A pack repair was replacing (its note in ``quarantine/`` names a replacement that is on
+   disk) is moved into the quarantine instead: repair's index commit happened or the
+   replacement, indexed here, holds every intact record;
 5. snapshot directories without a manifest (a crash before the commit point) are deleted;
 6. the catalog is reconciled with the manifests on disk.
+
+(The SQLite files themselves — a missing or damaged ``index.db`` or ``catalog.db`` — are
+dealt with by ``Store.open`` before this runs: see ``dbfiles``.)
 """
 
+import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine.core.errors import CorruptPack
 from engine.store.catalog import Catalog
 from engine.store.index import Index
 from engine.store.layout import Layout
 from engine.store.manifest import Manifest
-from engine.store.pack import SealedPack, read_trailer
+from engine.store.pack import PACK_SUFFIX, SealedPack, read_trailer
+from engine.store.scan import Decode, PackScan, scan_pack
 from engine.util.fs import fsync_dir, remove_tmp_files
 
 
@@ -34,6 +47,9 @@ class RecoveryReport:
     indexed_packs: list[str] = field(default_factory=list)
     gc_finished: list[str] = field(default_factory=list)  # "pack N: ..." (a GC was killed)
     unreadable_packs: list[str] = field(default_factory=list)
+    scanned: list[PackScan] = field(default_factory=list)  # indexed by scanning records
+    quarantine_finished: list[str] = field(default_factory=list)  # a repair was killed
+    files: list[str] = field(default_factory=list)  # index.db / catalog.db missing, rebuilt
     discarded_snapshots: list[str] = field(default_factory=list)
     catalog_added: int = 0
     catalog_removed: int = 0
@@ -41,14 +57,21 @@ class RecoveryReport:
     @property
     def problems(self) -> list[str]:
         """Findings an operator must hear about (the rest is routine crash cleanup)."""
-        return [f"dropped index entries of pack {p}" for p in self.dropped_packs] + [
-            f"unreadable pack {p}" for p in self.unreadable_packs
-        ]
+        return (
+            list(self.files)
+            + [f"dropped index entries of pack {p}" for p in self.dropped_packs]
+            + [scanned_line(s) for s in self.scanned]
+            + [f"unreadable pack {p}" for p in self.unreadable_packs]
+        )
 
     def lines(self) -> list[str]:
         out = [f"removed temp file {p}" for p in self.removed_temp_files]
         out += [f"indexed pack {p} from its trailer" for p in self.indexed_packs]
         out += self.gc_finished
+        out += [
+            f"pack {p}: interrupted repair finished (moved to quarantine)"
+            for p in self.quarantine_finished
+        ]
         out += [f"discarded uncommitted snapshot {s}" for s in self.discarded_snapshots]
         out += self.problems
         if self.catalog_added or self.catalog_removed:
@@ -56,9 +79,26 @@ class RecoveryReport:
         return out
 
 
+def scanned_line(scan: PackScan) -> str:
+    lost = "; ".join(f"lost {x.line()}" for x in scan.lost)
+    return (
+        f"pack {scan.name}: damaged trailer ({scan.trailer}): indexed {len(scan.entries)} "
+        f"intact records by scanning them"
+        + (f"; {lost}" if lost else "")
+        + " (`tessera store repair` "
+        "re-seals it)"
+    )
+
+
 def recover(
-    layout: Layout, index: Index, catalog: Catalog, load: Callable[[str], Manifest]
+    layout: Layout,
+    index: Index,
+    catalog: Catalog,
+    load: Callable[[str], Manifest],
+    decode: Decode | None = None,
 ) -> RecoveryReport:
+    """Recover as the module docstring says. ``decode`` (the store's codec, when it holds
+    the data key) also checks the records of a pack indexed by scanning."""
     report = RecoveryReport()
     report.removed_temp_files = [
         str(p.relative_to(layout.root)) for p in remove_tmp_files(layout.root)
@@ -84,14 +124,12 @@ def recover(
             stale.unlink()
             fsync_dir(stale.parent)
             report.gc_finished.append(f"pack {name}: interrupted GC finished (moved to trash)")
-    for name in sorted(set(on_disk) - known):
-        try:
-            size, entries = read_trailer(on_disk[name], name)
-        except CorruptPack as e:
-            report.unreadable_packs.append(f"{name} ({e.fields['reason']})")
-            continue
-        index.add_pack(SealedPack(name, size, entries))
-        report.indexed_packs.append(name)
+    unindexed = {name: on_disk[name] for name in set(on_disk) - known}
+    replaced = _replaced_by_repair(layout, unindexed)
+    index_packs(index, {n: p for n, p in unindexed.items() if n not in replaced}, decode, report)
+    for name in sorted(replaced):
+        _finish_quarantine(layout, name, unindexed[name])
+        report.quarantine_finished.append(name)
 
     if layout.snapshots.exists():
         for d in sorted(layout.snapshots.iterdir()):
@@ -102,3 +140,51 @@ def recover(
         layout.committed_snapshots(), load
     )
     return report
+
+
+def index_packs(
+    index: Index, packs: dict[str, Path], decode: Decode | None, report: RecoveryReport
+) -> None:
+    """Index each of ``packs`` from its trailer or, when that is damaged, from a scan of its
+    records; a pack without one intact record is reported unreadable and left alone."""
+    for name in sorted(packs):
+        try:
+            size, entries = read_trailer(packs[name], name)
+        except CorruptPack as e:
+            try:
+                scan = scan_pack(packs[name], name, decode)
+            except CorruptPack as unreadable:
+                report.unreadable_packs.append(f"{name} ({unreadable.fields['reason']})")
+                continue
+            if not scan.entries:
+                report.unreadable_packs.append(
+                    f"{name} ({e.fields['reason']}; no intact record found by scanning)"
+                )
+                continue
+            scan.trailer = scan.trailer or str(e.fields["reason"])
+            index.add_pack(SealedPack(name, scan.size, scan.entries))
+            report.scanned.append(scan)
+            continue
+        index.add_pack(SealedPack(name, size, entries))
+        report.indexed_packs.append(name)
+
+
+def _replaced_by_repair(layout: Layout, unindexed: dict[str, Path]) -> set[str]:
+    """Unindexed packs with a quarantine note naming a replacement pack that is on disk."""
+    out = set()
+    for name in unindexed:
+        try:
+            note = json.loads((layout.quarantine / f"{name}.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        new = note.get("replaced_by") if isinstance(note, dict) else None
+        if isinstance(new, str) and new != name and new in layout.pack_files():
+            out.add(name)
+    return out
+
+
+def _finish_quarantine(layout: Layout, name: str, path: Path) -> None:
+    target = layout.quarantine / f"{name}{PACK_SUFFIX}"
+    os.rename(path, target)
+    fsync_dir(target.parent)
+    fsync_dir(path.parent)

@@ -11,12 +11,11 @@ import pytest
 
 from engine.core.ids import ChunkId, short
 from engine.daemon.cli import build_parser, main
+from engine.maint.repair import repair
 from engine.maint.verify import (
-    QUARANTINE_DIR,
     VerifyOptions,
     VerifyProgress,
     VerifyState,
-    repair,
     verify,
 )
 from engine.store.check import DAMAGED_NAME, damage_of, read_damage
@@ -434,7 +433,28 @@ def test_encrypted_only_replica_checks_crc(make_store: StoreFactory, tmp_path: P
 # --- repair -------------------------------------------------------------------------------
 
 
-def test_repair_quarantines_unreadable_pack(
+def test_repair_reseals_a_pack_whose_footer_is_broken(
+    two: tuple[Store, Manifest, Manifest, bytes, bytes],
+) -> None:
+    store, a, b, disk_a, disk_b = two
+    loc = store.index.lookup(slot_id(store, b, 11))
+    assert loc is not None
+    path = pack_path(store.layout.packs, loc.pack)
+    records = store.index.packs()[[p.name for p in store.index.packs()].index(loc.pack)].records
+    with path.open("r+b") as f:  # break the footer: the trailer cannot be read
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\xff")
+    result = repair(store)
+    assert result.quarantined == [] and not result.lost and result.verify.ok
+    assert [(r.pack, r.kept, r.lost) for r in result.resealed] == [(loc.pack, records, [])]
+    assert not path.exists() and (store.path / "quarantine" / path.name).exists()
+    note = json.loads((store.path / "quarantine" / f"{loc.pack}.json").read_text())
+    assert note["replaced_by"] == result.resealed[0].new_pack and note["kept"] == records
+    assert read_disk(store, a) == disk_a and read_disk(store, b) == disk_b
+    assert verify(store, VerifyOptions(data=True)).ok
+
+
+def test_repair_quarantines_a_pack_without_intact_records(
     two: tuple[Store, Manifest, Manifest, bytes, bytes],
 ) -> None:
     store, _, b, _, disk_b = two
@@ -442,15 +462,16 @@ def test_repair_quarantines_unreadable_pack(
     loc = store.index.lookup(victim)
     assert loc is not None
     path = pack_path(store.layout.packs, loc.pack)
-    with path.open("r+b") as f:  # break the footer: the trailer cannot be read
-        f.seek(-4, os.SEEK_END)
-        f.write(b"\xff\xff\xff\xff")
+    size = path.stat().st_size
+    with path.open("r+b") as f:  # every record and the trailer overwritten
+        f.seek(24)
+        f.write(b"\x00" * (size - 24))
     result = repair(store)
     assert [q.pack for q in result.quarantined] == [loc.pack]
-    moved = store.path / QUARANTINE_DIR / path.name
+    moved = store.path / "quarantine" / path.name
     assert moved.exists() and not path.exists()
-    note = json.loads((store.path / QUARANTINE_DIR / f"{loc.pack}.json").read_text())
-    assert note["pack"] == loc.pack and "trailer" in note["reason"]
+    note = json.loads((store.path / "quarantine" / f"{loc.pack}.json").read_text())
+    assert note["pack"] == loc.pack and "no intact record" in note["reason"]
     assert result.lost and b.snapshot_id in result.verify.damaged
     assert "vm-b" in result.verify.vms
     missing = [f for f in result.verify.findings if f.kind == "missing-chunk"]
