@@ -162,7 +162,11 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     where.add_argument("--store", type=Path)
     where.add_argument("--config", type=Path, help="use the configuration's store and engine")
     p.add_argument("--disk", help="only this disk (id or name): with --to, or with --into-vm")
-    p.add_argument("--to", type=Path, help="image file (one disk) or directory (several)")
+    p.add_argument(
+        "--to",
+        type=cli_args.absolute_path,
+        help="image file (one disk) or directory (several)",
+    )
     p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
     p.add_argument("--engine", help="engine name in the configuration (if several)")
     p.add_argument("--name", help="the new VM's name (default: <original>-restored)")

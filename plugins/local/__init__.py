@@ -5,6 +5,7 @@ bitmap used as the checkpoint); ``target`` writes a restore into a new sparse im
 ``PLUGIN`` is this plugin's registry entry (entry point ``tessera.plugins: local``).
 """
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ def _image_target(path: Path, entry: Any, record: Any, fmt: str | None = None) -
     """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry)."""
     from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
 
+    path = Path(os.path.abspath(path))  # the journal outlives this working directory
     record("partial_images", [str(path.with_name(path.name + PARTIAL_SUFFIX))])
     return LocalImageTarget(path, entry.size, fmt=fmt, name=entry.name, disk_id=entry.disk_id)
 

@@ -148,7 +148,8 @@ class LocalImageTarget:
     ) -> None:
         if size < 0:
             raise ValueError(f"image {path}: negative size {size}")
-        self.path = Path(path)
+        # Absolute: the partial image's path is journaled, and recovery may run elsewhere.
+        self.path = Path(os.path.abspath(path))
         self.size = size
         self.fmt = fmt
         self.existing = existing

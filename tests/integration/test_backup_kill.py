@@ -21,17 +21,18 @@ ENV = {**os.environ, "TESSERA_PASSPHRASE": "pw"}
 
 
 def tessera(
-    *args: str | Path, kill_at: tuple[str, int] | None = None
+    *args: str | Path, kill_at: tuple[str, int] | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in ``cwd`` (the modules are found from the repository wherever it runs)."""
     prefix = ["-m", "engine.daemon.cli"]
     if kill_at is not None:
         prefix = ["-m", "tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
     return subprocess.run(
         [sys.executable, *prefix, *map(str, args)],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
-        env=ENV,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
         timeout=300,
         check=False,
     )
@@ -107,3 +108,40 @@ def test_sigkill_mid_restore_then_recover(tmp_path: Path) -> None:
     assert "removed partial image" in proc.stderr and "stopped qemu-nbd" in proc.stderr
     assert not partial.exists() and not _qemu_nbd_serving(partial)
     assert identical(image, target)
+
+
+def test_killed_restore_to_a_relative_path_is_recovered_from_elsewhere(tmp_path: Path) -> None:
+    """The journal names the partial image by its absolute path: a restore killed in A with
+    ``--to disk.qcow2`` is cleaned up by the next command run in B, and the name is free."""
+    store, image = tmp_path / "store", make_fs_qcow2(tmp_path, "vm", size_mib=64)
+    assert tessera("store", "init", store, "--chunk-size", "256k").returncode == 0
+    assert tessera("backup", "image", image, "--store", store).returncode == 0
+    snap = json.loads(tessera("snapshots", "--store", store, "--json").stdout)[0]["id"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    partial = a / "disk.qcow2.tessera-partial"
+
+    killed = tessera(
+        "restore",
+        snap,
+        "--store",
+        store,
+        "--to",
+        "disk.qcow2",
+        kill_at=("restore.chunk.written", 3),
+        cwd=a,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert partial.exists()
+
+    listed = tessera("store", "verify", store, cwd=b)  # read-only: no recovery yet
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    again = tessera("restore", snap, "--store", store, "--to", "disk.qcow2", cwd=b)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"removed partial image {partial}" in again.stderr
+    assert not partial.exists() and not _qemu_nbd_serving(partial)
+    assert identical(image, b / "disk.qcow2")
+
+    rerun = tessera("restore", snap, "--store", store, "--to", "disk.qcow2", cwd=a)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert identical(image, a / "disk.qcow2")

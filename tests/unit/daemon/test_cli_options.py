@@ -1,6 +1,9 @@
 """Every numeric option of ``tessera`` is checked by argparse: a bad value is a usage error
 (exit 2, naming the option) before anything runs; a good one arrives converted."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from engine.daemon.cli import build_parser, main
@@ -97,3 +100,12 @@ def test_good_value_arrives_converted(
 def test_gc_grace_zero_and_default_parse() -> None:
     assert build_parser().parse_args([*GC, "--grace", "0h"]).grace.hours == 0
     assert build_parser().parse_args(GC).grace.days == 7  # the default goes through type=
+
+
+def test_restore_to_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative --to names the file in the directory the command ran in, whatever the
+    directory of the command that later finds it in the journal."""
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["restore", "s", "--store", "st", "--to", "out/d.qcow2"])
+    assert args.to == tmp_path / "out" / "d.qcow2" and args.to.is_absolute()
+    assert os.fspath(args.to) == os.path.join(os.getcwd(), "out", "d.qcow2")
