@@ -11,6 +11,12 @@ The image must not be written by anyone else while it is exported (qemu's image 
 refuses it anyway). A raw image has no bitmaps: every run reads it fully (``fallback_reason``
 says so). A bitmap that is missing, or flagged ``in-use`` (not saved cleanly after a crash:
 its contents cannot be trusted), makes that disk a full read with the reason recorded.
+
+Journal keys (each written before what it names exists): ``bitmaps_added``,
+``new_checkpoint``/``keep_checkpoints``, ``exports`` (each qemu-nbd's private directory,
+and its pid once started; ``export_records``) and, from the restore target,
+``partial_images``. ``recover`` stops exports found by their directories (``stop_exports``),
+removes partial images and fixes bitmaps; every step is idempotent.
 """
 
 import hashlib
