@@ -3,7 +3,6 @@
 import argparse
 import json
 import logging
-import re
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -14,7 +13,15 @@ from typing import Any
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import cli_config, cli_maint, cli_peer, cli_service, cli_standby, cli_verify
+from engine.daemon import (
+    cli_args,
+    cli_config,
+    cli_maint,
+    cli_peer,
+    cli_service,
+    cli_standby,
+    cli_verify,
+)
 from engine.daemon.passphrase import resolve_passphrase
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, run_backup
@@ -38,17 +45,6 @@ from engine.workers import make_cpu_pool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
 DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``65536``, ``64k``, ``1M``, ``1MiB``, ``64MB`` (all binary multiples) → bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1M, 64MiB, 65536)")
-    exponent = " kmgt".index(m.group(2).lower() or " ")
-    return int(m.group(1)) * (1 << (10 * exponent))
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -84,8 +80,8 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
 
     p = ssub.add_parser("init", help="create a new store")
     p.add_argument("path", type=Path)
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_SIZE)
+    p.add_argument("--chunk-size", type=cli_args.chunk_size, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--pack-size", type=cli_args.pack_size, default=DEFAULT_PACK_SIZE)
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES)
     _add_key_options(p)
     p.set_defaults(func=cmd_store_init)
@@ -113,7 +109,12 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--level", choices=LEVELS, default="incremental")
     p.add_argument("--vm", help="treat all PATHs as the disks of one VM with this name")
-    p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
+    p.add_argument(
+        "--readers",
+        type=cli_args.positive_int,
+        default=DEFAULT_READERS,
+        help="connections per disk",
+    )
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_image)
 
@@ -133,7 +134,12 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         action="store_true",
         help="refuse a running VM whose guest agent cannot freeze its filesystems (any flow)",
     )
-    p.add_argument("--readers", type=int, default=DEFAULT_READERS, help="connections per disk")
+    p.add_argument(
+        "--readers",
+        type=cli_args.positive_int,
+        default=DEFAULT_READERS,
+        help="connections per disk",
+    )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
     p.set_defaults(func=cmd_backup_vm)
@@ -161,7 +167,11 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     where.add_argument("--store", type=Path)
     where.add_argument("--config", type=Path, help="use the configuration's store and engine")
     p.add_argument("--disk", help="only this disk (id or name): with --to, or with --into-vm")
-    p.add_argument("--to", type=Path, help="image file (one disk) or directory (several)")
+    p.add_argument(
+        "--to",
+        type=cli_args.absolute_path,
+        help="image file (one disk) or directory (several)",
+    )
     p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
     p.add_argument("--engine", help="engine name in the configuration (if several)")
     p.add_argument("--name", help="the new VM's name (default: <original>-restored)")

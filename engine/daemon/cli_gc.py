@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.daemon import cli_service
+from engine.daemon import cli_args, cli_service
 from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult, gc
 from engine.maint.retention import Duration
 from engine.store.chunk_store import Store
@@ -54,7 +54,7 @@ def register(
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--repack-threshold",
-        type=float,
+        type=cli_args.ratio,
         default=DEFAULT_REPACK_THRESHOLD,
         metavar="RATIO",
         help=f"repack packs whose live bytes are below RATIO of their size "
@@ -62,18 +62,21 @@ def register(
     )
     p.add_argument(
         "--grace",
+        type=cli_args.duration,
         default="7d",
         metavar="DURATION",
         help="keep retired packs and removed snapshots this long (default 7d; e.g. 12h, 2w)",
     )
-    p.add_argument("--rate-limit", type=float, metavar="MB/s", help="cap repack I/O")
+    p.add_argument(
+        "--rate-limit", type=cli_args.positive_float, metavar="MB/s", help="cap repack I/O"
+    )
     add_key_options(p)
     p.set_defaults(func=lambda a: cmd_gc(a, open_store))
 
 
 def options_from_args(args: argparse.Namespace) -> GcOptions:
     try:
-        duration = Duration.parse(args.grace)
+        duration: Duration = args.grace
         now = datetime.now(UTC)
         return GcOptions(
             dry_run=args.dry_run,

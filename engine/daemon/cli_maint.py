@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.daemon import cli_gc
+from engine.daemon import cli_args, cli_gc
 from engine.maint.prune import PruneResult, prune, set_protected
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
@@ -45,7 +45,7 @@ def register(
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--vm", help="only this VM (id or name)")
     for what in _KEEP_COUNTS:
-        p.add_argument(f"--keep-{what}", type=int, metavar="N")
+        p.add_argument(f"--keep-{what}", type=cli_args.non_negative_int, metavar="N")
     p.add_argument("--keep-within", metavar="DURATION", help="e.g. 30d, 12h, 2w, 6m, 1y")
     p.add_argument("--tz", help="time zone of the calendar buckets (default: local)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing")

@@ -23,8 +23,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine.config.loader import load as load_config
-from engine.config.types import ByteSize
 from engine.core.errors import ConfigError
+from engine.daemon import cli_args
 from engine.daemon.passphrase import resolve_passphrase
 from engine.jobs.states import State
 from engine.replication import tls
@@ -60,7 +60,7 @@ def register(
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dns", action="append", default=[], help="DNS name (SAN), repeatable")
     p.add_argument("--ip", action="append", default=[], help="IP address (SAN), repeatable")
-    p.add_argument("--port", type=int, default=DEFAULT_PEER_PORT, help="for the snippet")
+    p.add_argument("--port", type=cli_args.port, default=DEFAULT_PEER_PORT, help="for the snippet")
     p.set_defaults(func=cmd_issue)
 
     p = psub.add_parser("init-store", help="create a replica store sharing another's keys")
@@ -89,8 +89,10 @@ def register(
     p.add_argument("--config", type=Path, help="daemon configuration holding --peer")
     p.add_argument("--peer-url", help="https://HOST:PORT of the receiver")
     _add_tls_options(p, required=False)
-    p.add_argument("--streams", type=int, help="parallel record streams (default 4)")
-    p.add_argument("--bwlimit", type=ByteSize, help="bytes per second, e.g. 50MiB")
+    p.add_argument(
+        "--streams", type=cli_args.positive_int, help="parallel record streams (default 4)"
+    )
+    p.add_argument("--bwlimit", type=cli_args.byte_rate, help="bytes per second, e.g. 50MiB")
     p.add_argument("--full", action="store_true", help="offer every id, not only changes")
     add_key_options(p)
     p.set_defaults(func=lambda a: cmd_replicate(a, open_store))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from engine.config.loader import load, load_all
+from engine.daemon import cli_args
 from engine.daemon.client import ApiClient
 from engine.daemon.progress import ProgressDisplay
 from engine.obs.log import configure as configure_logging
@@ -31,7 +32,7 @@ def register(
     p.add_argument("--config", type=Path, default=default_config)
     p.add_argument(
         "--grace",
-        type=float,
+        type=cli_args.non_negative_seconds,
         default=300.0,
         help="seconds running jobs get to finish after SIGTERM (a second SIGTERM cancels)",
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.core.units import human_bytes
+from engine.daemon import cli_args
 from engine.daemon.progress import ProgressDisplay
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
@@ -27,16 +28,6 @@ from engine.store.chunk_store import Store
 EXIT_OK, EXIT_INTEGRITY = 0, 3  # the values of engine.daemon.cli's exit codes
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"percentage {text!r} must be in (0, 100]")
-    return value
 
 
 def register(
@@ -59,7 +50,7 @@ def register(
     p.add_argument("path", type=Path)
     p.add_argument("--data", action="store_true", help="also read and check every record")
     p.add_argument(
-        "--percent", type=_percent, metavar="P", help="read a sample of P %% of the packs"
+        "--percent", type=cli_args.percent, metavar="P", help="read a sample of P %% of the packs"
     )
     p.add_argument("--json", action="store_true")
     add_key_options(p)

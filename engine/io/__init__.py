@@ -7,5 +7,7 @@ asked for (``base:allocation`` for zero/hole, ``qemu:dirty-bitmap:NAME`` for cha
 
 Invariants: every request size is bounded (``nbd.protocol.MAX_REQUEST``), every wait on a
 server or process is bounded by a named timeout, every process started here is reaped and
-every temporary directory removed, also on errors and cancellation.
+every temporary directory removed, also on errors and cancellation. A server process dies
+with the process that started it (``PR_SET_PDEATHSIG``), and its private directory exists
+before it does, so a job can journal it and recovery can find what a killed job left.
 """

@@ -12,19 +12,32 @@ lifecycle is ``NbdServerProcess``'s, which can run any NBD server)::
         async with await connect(server.address, meta_contexts=server.meta_contexts) as c:
             ...
 
-``start()`` returns once the socket answers an NBD handshake; ``stop()`` sends SIGTERM,
+``prepare()`` makes the private directory (``tessera-nbd-*``) and returns it, so a caller can
+journal it *before* a process exists; ``start()`` prepares if that was not done, spawns the
+server and returns once the socket answers an NBD handshake; ``stop()`` sends SIGTERM,
 SIGKILL after ``STOP_TIMEOUT``, always reaps the process and removes the directory (also when
 ``start()`` fails or either is cancelled). qemu-nbd locks the image while it runs: another
 qemu-img on it needs ``force_share=True`` (``-U``) and may see stale metadata.
+
+Helpers cannot outlive their owner. Servers are spawned with ``PR_SET_PDEATHSIG``
+(``PARENT_DEATH_SIGNAL``): when the process that started them dies, even by SIGKILL, the
+kernel kills them. The signal fires when the spawning *thread* exits, so start
+servers from the thread that runs the event loop for as long as they should live (the CLI
+and the daemon run one loop in the main thread). What the kernel cannot clean up, the private
+directory, and a server that survived anyway (it ignored the signal, or its owner died in the
+instant between fork and prctl), ``stop_leftovers(directory)`` finds by that directory in the
+servers' command lines: recovery passes the directories that jobs journaled.
 """
 
 import abc
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shlex
 import shutil
+import signal
 import tempfile
 from asyncio.subprocess import DEVNULL, PIPE
 from pathlib import Path
@@ -36,6 +49,7 @@ from engine.core.units import KiB
 from engine.io.nbd import protocol as nbd_protocol
 from engine.io.nbd.client import connect
 from engine.io.nbd.errors import NbdConnectionError
+from engine.util import failpoints
 
 StrPath = str | os.PathLike[str]
 
@@ -56,6 +70,17 @@ MAX_SOCKET_PATH: Final = 107
 # Clients qemu-nbd serves at once. Its default of 1 refuses a second reader, and a client
 # connecting right after the readiness probe could race the probe's disconnect.
 DEFAULT_SHARED: Final = 8
+# The private directory of every server: ``stop_leftovers`` removes only directories so named.
+WORKDIR_PREFIX: Final = "tessera-nbd-"
+# What a server gets when its owner dies. Not SIGTERM: qemu-nbd loses a SIGTERM that arrives
+# while it is still opening the image (its main loop resets the flag the handler set), and an
+# owner killed just after the spawn is the case this is for. Nothing needs a clean exit: a
+# read-only export changes nothing, a killed restore's image is thrown away.
+PARENT_DEATH_SIGNAL: Final = signal.SIGKILL
+_PR_SET_PDEATHSIG: Final = 1  # <linux/prctl.h>
+# Resolved once here: the preexec function runs in the forked child, which should do as
+# little as possible before exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class QemuError(EngineError):
@@ -79,12 +104,29 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the forked child, before exec: take ``PARENT_DEATH_SIGNAL`` when ``parent`` dies.
+
+    A parent that died before the prctl took effect is caught by the ppid check (the child
+    was reparented already). Works under uvloop too: it runs ``preexec_fn`` in the child."""
+    if _prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+        os._exit(127)  # an exec'd server that would outlive us is worse than none
+    if os.getppid() != parent:
+        os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+
+
 async def _spawn(
-    argv: list[str], *, stdout: int, stderr: int | IO[bytes]
+    argv: list[str], *, stdout: int, stderr: int | IO[bytes], tied: bool = False
 ) -> asyncio.subprocess.Process:
+    """Start ``argv``; ``tied``: it gets ``PARENT_DEATH_SIGNAL`` when this process dies."""
+    parent = os.getpid()
     try:
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=DEVNULL, stdout=stdout, stderr=stderr
+            *argv,
+            stdin=DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=(lambda: _die_with_parent(parent)) if tied else None,
         )
     except OSError as e:  # not installed, not executable
         raise QemuError(command=shlex.join(argv), reason=f"cannot start: {e}") from e
@@ -198,23 +240,40 @@ class NbdServerProcess(abc.ABC):
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def workdir(self) -> Path | None:
+        """The private directory (holding ``nbd.sock``) once prepared, until stopped."""
+        return self._dir
+
+    def prepare(self) -> Path:
+        """Make the private directory and return it; no process yet. Idempotent.
+
+        Journal the directory before ``start()``: ``stop_leftovers`` finds the server by it
+        if this process dies before it learnt the pid. ``stop()`` removes it.
+        """
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=self.base_dir))
+        return self._dir
+
     async def start(self) -> None:
         """Start the server; return once it answers an NBD handshake.
 
         Raises QemuError quoting the server's stderr if it exits or does not answer within
-        ``START_TIMEOUT``; nothing is left running or on disk then.
+        ``START_TIMEOUT``; nothing is left running or on disk then. The failpoint
+        ``helper.spawned`` is hit once the process exists, before its pid is known to the
+        caller.
         """
         if self._proc is not None:
             raise RuntimeError(f"{type(self).__name__} is already running")
-        self._dir = Path(tempfile.mkdtemp(prefix="tessera-nbd-", dir=self.base_dir))
-        socket = self._dir / "nbd.sock"
+        socket = self.prepare() / "nbd.sock"
         argv = self.argv(socket)
         try:
             if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
                 raise ValueError(f"unix socket path {socket} is too long; use a shorter base_dir")
-            with open(self._dir / "stderr", "wb") as stderr:
+            with open(self.prepare() / "stderr", "wb") as stderr:
                 # stderr goes to a file: a pipe nobody drains would block the server when full.
-                self._proc = await _spawn(argv, stdout=DEVNULL, stderr=stderr)
+                self._proc = await _spawn(argv, stdout=DEVNULL, stderr=stderr, tied=True)
+            failpoints.hit("helper.spawned")
             await self._wait_ready(self._proc, socket, shlex.join(argv))
         except BaseException:
             await self.stop()
@@ -352,3 +411,51 @@ class QemuNbd(NbdServerProcess):
             argv.append(f"--bitmap={self.bitmap}")
         argv.append(os.fspath(self.image))
         return argv
+
+
+def processes_naming(workdir: StrPath) -> list[int]:
+    """Pids of live processes (not this one) whose command line names a path in ``workdir``.
+
+    A server's private directory is unique (``mkdtemp``), so this finds exactly the server
+    that was started in it, whether or not its pid was ever recorded. Zombies have no
+    command line and are not listed.
+    """
+    needle = os.fsencode(os.path.abspath(workdir)) + b"/"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if any(needle in arg for arg in argv):
+            found.append(int(entry.name))
+    return found
+
+
+async def stop_leftovers(workdir: StrPath) -> list[int]:
+    """Stop the server a dead process left in ``workdir`` and remove the directory.
+
+    SIGTERM, SIGKILL after ``STOP_TIMEOUT``; returns the pids that were signalled. Idempotent:
+    no process and no directory is success. Refuses (ValueError) a directory that is not a
+    server's private one, so a damaged journal cannot make recovery delete anything else.
+    """
+    path = Path(os.path.abspath(workdir))
+    if not path.name.startswith(WORKDIR_PREFIX):
+        raise ValueError(f"{path} is not an NBD server's private directory")
+    pids = processes_naming(path)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_naming(path):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT
+        delay = POLL_FIRST
+        while processes_naming(path) and loop.time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+        if not processes_naming(path):
+            break
+    shutil.rmtree(path, ignore_errors=True)
+    return pids

@@ -5,6 +5,8 @@ bitmap used as the checkpoint); ``target`` writes a restore into a new sparse im
 ``PLUGIN`` is this plugin's registry entry (entry point ``tessera.plugins: local``).
 """
 
+import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,36 @@ def _image_source(paths: Sequence[Path], vm_name: str | None = None) -> Any:
     return LocalImageSource(paths, vm_name)
 
 
+# What each job's recorder was given per key, so that the targets of several disks of one
+# restore add to a journal list instead of replacing it (a recorder stores a key's value).
+# Keyed by the recorder: it lives as long as its job.
+_recorded: "weakref.WeakKeyDictionary[Any, dict[str, list[Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _append(record: Any, key: str, value: Any) -> None:
+    values = _recorded.setdefault(record, {}).setdefault(key, [])
+    if value not in values:
+        values.append(value)
+    record(key, list(values))
+
+
 def _image_target(path: Path, entry: Any, record: Any, fmt: str | None = None) -> Any:
-    """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry)."""
+    """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry).
+
+    Journals (before each exists) the partial image and qemu-nbd's private directory, by
+    absolute path: recovery may run in another working directory."""
     from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
 
-    record("partial_images", [str(path.with_name(path.name + PARTIAL_SUFFIX))])
-    return LocalImageTarget(path, entry.size, fmt=fmt, name=entry.name, disk_id=entry.disk_id)
+    path = Path(os.path.abspath(path))
+    _append(record, "partial_images", str(path.with_name(path.name + PARTIAL_SUFFIX)))
+    return LocalImageTarget(
+        path,
+        entry.size,
+        fmt=fmt,
+        name=entry.name,
+        disk_id=entry.disk_id,
+        journal_export=lambda workdir: _append(record, "exports", {"dir": str(workdir)}),
+    )
 
 
 PLUGIN = Plugin(

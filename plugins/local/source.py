@@ -11,12 +11,16 @@ The image must not be written by anyone else while it is exported (qemu's image 
 refuses it anyway). A raw image has no bitmaps: every run reads it fully (``fallback_reason``
 says so). A bitmap that is missing, or flagged ``in-use`` (not saved cleanly after a crash:
 its contents cannot be trusted), makes that disk a full read with the reason recorded.
+
+Journal keys (each written before what it names exists): ``bitmaps_added``,
+``new_checkpoint``/``keep_checkpoints``, ``exports`` (each qemu-nbd's private directory,
+and its pid once started; ``export_records``) and, from the restore target,
+``partial_images``. ``recover`` stops exports found by their directories (``stop_exports``),
+removes partial images and fixes bitmaps; every step is idempotent.
 """
 
-import asyncio
 import hashlib
 import os
-import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,11 +193,11 @@ class LocalImageSource:
                     await qemu.bitmap_add(path, new_checkpoint)
                     session._added.append(path)
                 export = qemu.QemuNbd(path, fmt, read_only=True, bitmap=parent, shared=readers + 2)
-                await export.start()
+                export.prepare()
                 session._exports.append(export)
-                record(
-                    "exports", [{"pid": e.pid, "socket": str(e.address)} for e in session._exports]
-                )
+                record("exports", export_records(session._exports))  # before the process exists
+                await export.start()
+                record("exports", export_records(session._exports))  # now with its pid
                 contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
                 control = await connect(export.address, meta_contexts=contexts)
                 session._controls.append(control)
@@ -204,23 +208,37 @@ class LocalImageSource:
         return session
 
 
-async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
-    """Undo what a killed local backup left: stop its qemu-nbd, fix up bitmaps."""
+def export_records(exports: Sequence[qemu.NbdServerProcess]) -> list[dict[str, Any]]:
+    """The journal entries of prepared exports: private directory, and pid once running."""
+    return [{"dir": str(e.workdir), "pid": e.pid} for e in exports if e.workdir is not None]
+
+
+async def stop_exports(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Stop the NBD servers journaled as ``export_records`` and remove their directories.
+
+    Found by directory, so an export journaled before its process started (no pid) is
+    found as well as one that ran; an entry of an older journal names its ``socket`` in
+    that directory. Idempotent: what is gone already is skipped silently.
+    """
     done = []
-    for export in resources.get("exports", []):
-        pid = int(export["pid"])
-        if _is_our_qemu_nbd(pid, export["socket"]):
-            os.kill(pid, signal.SIGTERM)  # a clean exit closes the image properly
-            for _ in range(100):
-                if not _is_our_qemu_nbd(pid, export["socket"]):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                os.kill(pid, signal.SIGKILL)
-            done.append(f"stopped qemu-nbd {pid} left by the killed job")
-        socket_dir = Path(export["socket"]).parent
-        if socket_dir.name.startswith("tessera-nbd-"):  # the export's private directory
-            shutil.rmtree(socket_dir, ignore_errors=True)
+    for entry in entries:
+        workdir = Path(entry["dir"]) if "dir" in entry else Path(entry["socket"]).parent
+        existed = workdir.exists()
+        try:
+            pids = await qemu.stop_leftovers(workdir)
+        except ValueError as e:  # not a server directory: never delete it
+            done.append(f"left {workdir} alone: {e}")
+            continue
+        done += [f"stopped qemu-nbd {pid} left by the killed job in {workdir}" for pid in pids]
+        if existed:
+            done.append(f"removed export directory {workdir}")
+    return done
+
+
+async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
+    """Undo what a killed local backup or restore left: stop its qemu-nbd exports (found by
+    their journaled directories) and remove those, remove a partial image, fix up bitmaps."""
+    done = await stop_exports(resources.get("exports", []))
     for partial in map(Path, resources.get("partial_images", [])):
         for pid in _qemu_nbd_serving(partial):
             os.kill(pid, signal.SIGKILL)  # its image is being thrown away anyway
@@ -251,15 +269,3 @@ def _qemu_nbd_serving(image: Path) -> list[int]:
             if argv and argv[0].endswith(b"qemu-nbd") and str(image).encode() in argv[1:]:
                 pids.append(int(proc.name))
     return pids
-
-
-def _is_our_qemu_nbd(pid: int, socket: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return (
-        bool(cmdline)
-        and cmdline[0].endswith(b"qemu-nbd")
-        and any(socket.encode() in arg for arg in cmdline)  # --socket=PATH
-    )

@@ -27,7 +27,9 @@ zero tail up to the next sector.
 
 Who closes what: ``open_writer()`` returns a new NBD connection that the caller closes
 (``restore_disk`` does); leaving the context closes any connection still open, then stops
-qemu-nbd. Durability: the writers' ``flush()`` makes the data durable (qemu-nbd flushes the
+qemu-nbd. ``journal_export(directory)`` is called with qemu-nbd's private directory before
+the process is started, so the caller can journal it (recovery stops a server found there).
+Durability: the writers' ``flush()`` makes the data durable (qemu-nbd flushes the
 image file); publishing fsyncs the directory.
 
 Raised: ``ConfigError`` (``path`` exists, or is missing with ``existing=True``; a partial
@@ -38,6 +40,7 @@ qemu-nbd failed), the NBD errors of ``engine.io.nbd`` from connections.
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -145,16 +148,19 @@ class LocalImageTarget:
         name: str | None = None,
         disk_id: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        journal_export: Callable[[Path], None] | None = None,
     ) -> None:
         if size < 0:
             raise ValueError(f"image {path}: negative size {size}")
-        self.path = Path(path)
+        # Absolute: the partial image's path is journaled, and recovery may run elsewhere.
+        self.path = Path(os.path.abspath(path))
         self.size = size
         self.fmt = fmt
         self.existing = existing
         self.name = name or self.path.name
         self.disk_id = disk_id or str(self.path)
         self.max_connections = max_connections
+        self.journal_export = journal_export
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._created: Path | None = None  # the file this target made (deleted on failure)
         self._export: qemu.QemuNbd | None = None
@@ -222,6 +228,8 @@ class LocalImageTarget:
                 image, fmt, read_only=False, cache=cache, shared=self.max_connections
             )
             self._export = export
+            if self.journal_export is not None:
+                self.journal_export(export.prepare())  # before the process exists
             try:
                 await export.start()
             except qemu.QemuError as e:

@@ -29,14 +29,16 @@ prefix starts with those 20 characters; ``-partN`` links never match. The direct
 
 Journal keys: ``engine``, ``snapshot`` (flow 2's, removed by ``backup.recover``),
 ``attachments`` (``{vm_id, disk_id}``, written before each POST) and ``attach_exports``
-(qemu-nbd pid and socket). ``recover`` stops the exports and detaches the disks; it runs
+(each qemu-nbd's private directory, written before the process starts, and its pid once
+known). ``recover`` stops the exports (found by directory, see ``engine.io.qemu``) and
+detaches the disks; it runs
 before ``backup.recover`` (the snapshot and new disks cannot go while attached).
 """
 
 import asyncio
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -52,6 +54,7 @@ from engine.io import qemu
 from engine.io.nbd.client import NbdClient, connect, extents
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from engine.store.manifest import DiskEntry
+from plugins.local.source import export_records, stop_exports
 from plugins.local.target import DEFAULT_MAX_CONNECTIONS, LocalTargetDisk
 from plugins.ovirt.backup import OvirtSourceBase
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
@@ -373,9 +376,11 @@ class SnapshotAttachSource(OvirtSourceBase):
             self.section.by_id_dir, dinfo.disk_id, self.section.device_timeout, dm.name
         )
         export = qemu.QemuNbd(device, "raw", read_only=True, shared=readers + 2)
+        export.prepare()
         session.exports.append(export)
+        record("attach_exports", export_records(session.exports))  # before the process exists
         await export.start()
-        record("attach_exports", _exports(session.exports))
+        record("attach_exports", export_records(session.exports))  # now with its pid
         control = await connect(export.address, meta_contexts=["base:allocation"])
         if control.export_size < dinfo.size:
             await control.close()
@@ -386,10 +391,6 @@ class SnapshotAttachSource(OvirtSourceBase):
                 f"{dinfo.size}",
             )
         return _DeviceDisk(dinfo, reason, export, control)
-
-
-def _exports(exports: Sequence[qemu.QemuNbd]) -> list[dict[str, Any]]:
-    return [{"pid": e.pid, "socket": str(e.address)} for e in exports if e.pid is not None]
 
 
 # --- restore -----------------------------------------------------------------------------------
@@ -412,6 +413,12 @@ class _DiskViaDataMover:
     def _created(self, disk_id: str) -> None:
         self._disk_id = disk_id
 
+    def _journal_export(self, export: qemu.QemuNbd) -> None:
+        """Journal a prepared export, before its process starts (it is stopped with the
+        others on release, and found by its directory by recovery)."""
+        self._vr.exports.append(export)
+        self._record("attach_exports", export_records(self._vr.exports))
+
     async def __aenter__(self) -> LocalTargetDisk:
         try:
             return await self._open()
@@ -430,9 +437,7 @@ class _DiskViaDataMover:
         self._device = await wait_device(
             vr.section.by_id_dir, created.id, vr.section.device_timeout, dm.name
         )
-        self._export = await _serve_writable(self._device)
-        vr.exports.append(self._export)
-        self._record("attach_exports", _exports(vr.exports))
+        self._export = await _serve_writable(self._device, self._journal_export)
         probe = await connect(self._export.address, meta_contexts=())
         size = probe.export_size
         await probe.close()
@@ -458,7 +463,8 @@ class _DiskViaDataMover:
         finally:
             if export is not None:
                 await export.stop()
-                vr.exports.remove(export)
+            for stopped in [e for e in vr.exports if e.workdir is None]:
+                vr.exports.remove(stopped)  # this disk's, also failed attempts
         if self._device is not None and self._device.exists():
             await asyncio.to_thread(_fsync, self._device)
         if self._attached and self._disk_id is not None:
@@ -494,14 +500,17 @@ class _DiskViaDataMover:
         self._vr.disks.append((self._entry, self._disk_id))
 
 
-async def _serve_writable(device: Path) -> qemu.QemuNbd:
+async def _serve_writable(device: Path, journal: Callable[[qemu.QemuNbd], None]) -> qemu.QemuNbd:
     """qemu-nbd over the device, O_DIRECT first (a block device takes it; a FUSE file may
-    not, then the page cache is used and the fsync at the end makes it durable)."""
+    not, then the page cache is used and the fsync at the end makes it durable). Each
+    attempt is prepared and given to ``journal`` before its process starts."""
     last: Exception | None = None
     for cache in ("none", "writeback"):
         export = qemu.QemuNbd(
             device, "raw", read_only=False, cache=cache, shared=DEFAULT_MAX_CONNECTIONS
         )
+        export.prepare()
+        journal(export)
         try:
             await export.start()
         except qemu.QemuError as e:
@@ -543,11 +552,9 @@ class AttachVmRestore(VmRestore):
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     """Stop the qemu-nbd exports of devices and detach the disks a killed job attached to
     the DataMover (``backup.recover`` then removes the snapshot or the new disks)."""
-    from plugins.local.source import recover as local_recover  # noqa: PLC0415
-
     attachments = resources.get("attachments") or []
     engine = resources.get("engine")
-    done = await local_recover({"exports": resources.get("attach_exports", [])}, committed)
+    done = await stop_exports(resources.get("attach_exports", []))
     if not attachments or not engine:
         return done
     config = EngineConfig.from_record(engine)

@@ -22,6 +22,7 @@ from engine.io.nbd.errors import (
     NbdOptionError,
     NbdRequestError,
 )
+from plugins.local.source import stop_exports
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -282,6 +283,45 @@ async def test_stop_leaves_nothing_behind(tmp_path: Path) -> None:
         await client.read(0, 512)
     await client.close()
     await server.stop()  # idempotent
+
+
+async def test_prepare_makes_the_directory_before_the_process(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    await qemu.create(image, "raw", 1 * MiB)
+    server = qemu.QemuNbd(image, "raw", base_dir=tmp_path)
+    workdir = server.prepare()
+    assert workdir.is_dir() and workdir.name.startswith(qemu.WORKDIR_PREFIX)
+    assert server.prepare() == workdir and server.pid is None  # idempotent, nothing runs
+    await server.start()
+    assert server.address.parent == workdir == server.workdir
+    await server.stop()
+    assert not workdir.exists() and server.workdir is None
+    never_started = qemu.QemuNbd(image, "raw", base_dir=tmp_path)
+    unused = never_started.prepare()
+    await never_started.stop()  # a prepared server that never ran leaves nothing either
+    assert not unused.exists()
+
+
+async def test_recovery_finds_an_unrecorded_server_by_its_directory(tmp_path: Path) -> None:
+    """Only the directory was journaled (the owner died before it learnt the pid): the server
+    is found by it and stopped, the directory removed; a second run finds nothing to do."""
+    image = tmp_path / "disk.raw"
+    await qemu.create(image, "raw", 1 * MiB)
+    server = qemu.QemuNbd(image, "raw")
+    entry = {"dir": str(server.prepare()), "pid": None}
+    await server.start()
+    pid = server.pid
+    assert pid is not None and qemu.processes_naming(entry["dir"]) == [pid]
+    done = await stop_exports([entry])
+    assert done == [
+        f"stopped qemu-nbd {pid} left by the killed job in {entry['dir']}",
+        f"removed export directory {entry['dir']}",
+    ]
+    assert qemu.processes_naming(entry["dir"]) == [] and not Path(entry["dir"]).exists()
+    assert await stop_exports([entry]) == []  # idempotent: gone is success
+    with pytest.raises(ValueError, match="not an NBD server"):
+        await qemu.stop_leftovers(tmp_path)  # never deletes a directory it does not own
+    await server.stop()  # reap the child
 
 
 async def test_start_failure_quotes_stderr_and_cleans_up(tmp_path: Path) -> None:
