@@ -14,12 +14,15 @@ Nouns:
                     image transfers, the VM created from the stored OVF).
 - ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
                     local devices; restore writing new disks the same way (``--flow attach``).
+- ``idempotent``    which engine answers mean "already done" (404, 409 ``Phase is …``, 400
+                    ``already in '…' phase``) and ``Steps``: recovery steps run independently.
 - ``standby``       the cold standby's targets (``engine.standby``): a full restore as
                     ``<vm><suffix>``, then refreshes uploading changed slots into its disks.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
-operation and the object.
+operation and the object. Every recovery step is idempotent: running ``recover`` again over
+the same journal resources changes nothing and returns ``[]``.
 """
 
 from collections.abc import Mapping

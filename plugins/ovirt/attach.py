@@ -29,8 +29,9 @@ prefix starts with those 20 characters; ``-partN`` links never match. The direct
 
 Journal keys: ``engine``, ``snapshot`` (flow 2's, removed by ``backup.recover``),
 ``attachments`` (``{vm_id, disk_id}``, written before each POST) and ``attach_exports``
-(qemu-nbd pid and socket). ``recover`` stops the exports and detaches the disks; it runs
-before ``backup.recover`` (the snapshot and new disks cannot go while attached).
+(qemu-nbd pid and socket). ``recover`` stops the exports and detaches the disks (a disk no
+longer attached is done, ``idempotent``); it runs before ``backup.recover`` (the snapshot
+and new disks cannot go while attached).
 """
 
 import asyncio

@@ -30,6 +30,11 @@ running VM whose guest agent reports nothing is refused before anything is creat
 
 Every engine object is recorded in the job journal before (backup: its id is ours) or right
 after (transfers) it is created, so ``recover`` can finalize what a killed process left.
+Finalizing is idempotent (``idempotent``): a transfer the engine already finalized (409
+``Phase is finished_success``) or a backup it already finalized (400 ``already in
+'succeeded' phase``) is done, so a process killed anywhere in ``close()`` (failpoints
+``ovirt.backup.transfer_finalize.{sent,done}``, ``ovirt.backup.finalize.{sent,done}``) is
+recovered, and a second recovery changes nothing.
 """
 
 import asyncio

@@ -12,7 +12,9 @@
     read:    extents "zero", ranged GETs per reader: every run is a full read (no checkpoint;
              the store's dedup keeps unchanged data cheap)
     close(): finalize every transfer, DELETE the snapshot and poll until it is gone (404),
-             on success and on failure alike
+             on success and on failure alike (a snapshot still ``locked``, being created or
+             already being removed, is waited for first: the engine refuses its DELETE;
+             failpoints ``ovirt.snapshot.transfer_finalize.*``, ``ovirt.snapshot.remove.*``)
 
 Consistency: the snapshot API has no quiesce flag; vdsm freezes the guest through its agent
 and silently takes a crash-consistent snapshot without one (API-NOTES § 7.1). The only hint
