@@ -14,15 +14,19 @@ Nouns:
                     image transfers, the VM created from the stored OVF).
 - ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
                     local devices; restore writing new disks the same way (``--flow attach``).
+- ``idempotent``    which engine answers mean "already done" (404, 409 ``Phase is …``, 400
+                    ``already in '…' phase``) and ``Steps``: recovery steps run independently.
 - ``standby``       the cold standby's targets (``engine.standby``): a full restore as
                     ``<vm><suffix>``, then refreshes uploading changed slots into its disks.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
-operation and the object.
+operation and the object. Every recovery step is idempotent: running ``recover`` again over
+the same journal resources changes nothing and returns ``[]``.
 """
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from engine.core.errors import ConfigError
@@ -32,12 +36,32 @@ RESTORE_FLOWS = ("imageio", "attach")  # `tessera restore --flow`: upload, or vi
 
 
 async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
-    from plugins.ovirt import attach, standby  # noqa: PLC0415 - keep the entry point light
-    from plugins.ovirt.backup import recover  # noqa: PLC0415
+    """Every recovery of the plugin, each run even when another failed (a failed detach
+    still lets the transfers and the backup be finalized); their failures are raised
+    together (``idempotent.OvirtRecoveryError``), after everything was tried."""
+    from plugins.ovirt import attach, backup, standby  # noqa: PLC0415 - keep the entry point light
+    from plugins.ovirt.idempotent import OvirtRecoveryError  # noqa: PLC0415
 
-    done = await attach.recover(dict(resources), committed)  # detach before removing
-    done += await standby.recover(dict(resources))  # a refresh's uploads into standby disks
-    return done + await recover(dict(resources), committed)
+    done: list[str] = []
+    failed: list[OvirtRecoveryError] = []
+    for recover in (
+        partial(attach.recover, committed=committed),  # detach before removing
+        standby.recover,  # a refresh's uploads into standby disks
+        partial(backup.recover, committed=committed),
+    ):
+        try:
+            done += await recover(dict(resources))
+        except OvirtRecoveryError as e:
+            failed.append(e)
+    if len(failed) == 1:
+        raise failed[0]
+    if failed:
+        raise OvirtRecoveryError(
+            failed=sum(int(str(e.fields["failed"])) for e in failed),
+            reasons="; ".join(str(e.fields["reasons"]) for e in failed),
+            done=f" (done: {'; '.join(done)})" if done else "",
+        )
+    return done
 
 
 async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
@@ -64,8 +88,6 @@ def _vm_restore(
     the disks; ``attach`` writes them through the DataMover (``datamover``: the config's
     section). ``into_vm`` (an existing VM's name or id) gets the disks attached instead of
     a new VM being created."""
-    from functools import partial  # noqa: PLC0415
-
     from plugins.ovirt.attach import AttachVmRestore  # noqa: PLC0415
     from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
 

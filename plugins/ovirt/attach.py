@@ -31,8 +31,8 @@ Journal keys: ``engine``, ``snapshot`` (flow 2's, removed by ``backup.recover``)
 ``attachments`` (``{vm_id, disk_id}``, written before each POST) and ``attach_exports``
 (each qemu-nbd's private directory, written before the process starts, and its pid once
 known). ``recover`` stops the exports (found by directory, see ``engine.io.qemu``) and
-detaches the disks; it runs
-before ``backup.recover`` (the snapshot and new disks cannot go while attached).
+detaches the disks (a disk no longer attached is done, ``idempotent``); it runs before
+``backup.recover`` (the snapshot and new disks cannot go while attached).
 """
 
 import asyncio
@@ -54,10 +54,12 @@ from engine.io import qemu
 from engine.io.nbd.client import NbdClient, connect, extents
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from engine.store.manifest import DiskEntry
+from engine.util import failpoints
 from plugins.local.source import export_records, stop_exports
 from plugins.local.target import DEFAULT_MAX_CONNECTIONS, LocalTargetDisk
 from plugins.ovirt.backup import OvirtSourceBase
-from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
+from plugins.ovirt.client import EngineClient, EngineConfig
+from plugins.ovirt.idempotent import Steps, Wanted, already_done
 from plugins.ovirt.inventory import VmRef, datamover_vm
 from plugins.ovirt.restore import CLEANUP_TIMEOUT, VmRestore
 from plugins.ovirt.snapshot import (
@@ -158,20 +160,25 @@ async def attach_disk(
     await client.call(add, "attach disk", obj=what, idempotent=False)
 
 
-async def detach_disk(client: EngineClient, vm_id: str, disk_id: str) -> bool:
-    """Detach (never delete) ``disk_id`` from the VM; False if it was not attached."""
+async def detach_disk(
+    client: EngineClient, vm_id: str, disk_id: str, *, failpoint: str | None = None
+) -> bool:
+    """Detach (never delete) ``disk_id`` from the VM; False if it was not attached (404,
+    ``idempotent.already_done``). ``failpoint`` (crash tests) is hit after a detach."""
 
     def remove(conn: sdk.Connection) -> bool:
         try:
             _attachments(conn, vm_id).attachment_service(disk_id).remove(detach_only=True)
-        except sdk.NotFoundError:
-            return False
+        except sdk.Error as e:
+            if already_done(e, Wanted.GONE):
+                return False
+            raise
         return True
 
-    try:
-        return bool(await client.call(remove, "detach disk", obj=f"disk {disk_id} from VM {vm_id}"))
-    except EngineNotFound:
-        return False
+    detached = await client.call(remove, "detach disk", obj=f"disk {disk_id} from VM {vm_id}")
+    if failpoint is not None and detached:
+        failpoints.hit(failpoint)
+    return detached
 
 
 async def find_datamover(client: EngineClient, section: DataMoverSection | None) -> VmRef:
@@ -258,11 +265,15 @@ class AttachSession:
             await export.stop()  # never raises: terminates, kills, reaps
         for disk_id in reversed(self.attached):
             try:
-                await detach_disk(self.client, self.datamover.id, disk_id)
+                await detach_disk(
+                    self.client, self.datamover.id, disk_id, failpoint="ovirt.attach.detached"
+                )
             except EngineError as e:
                 errors.append(str(e))
         try:
-            await remove_snapshot(self.client, self.vm.vm_id, self.snapshot_id)
+            await remove_snapshot(
+                self.client, self.vm.vm_id, self.snapshot_id, failpoint="ovirt.attach.remove"
+            )
         except EngineError as e:
             errors.append(str(e))
         if errors:
@@ -551,15 +562,25 @@ class AttachVmRestore(VmRestore):
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     """Stop the qemu-nbd exports of devices and detach the disks a killed job attached to
-    the DataMover (``backup.recover`` then removes the snapshot or the new disks)."""
+    the DataMover (``backup.recover`` then removes the snapshot or the new disks).
+
+    Each step runs even when another failed; a disk no longer attached needs nothing
+    (``idempotent.Steps``). Raises ``OvirtRecoveryError`` naming every step that failed."""
     attachments = resources.get("attachments") or []
     engine = resources.get("engine")
-    done = await stop_exports(resources.get("attach_exports", []))
-    if not attachments or not engine:
-        return done
-    config = EngineConfig.from_record(engine)
-    async with EngineClient(config) as client:
-        for a in reversed(attachments):
-            if await detach_disk(client, a["vm_id"], a["disk_id"]):
-                done.append(f"detached disk {a['disk_id']} from DataMover VM {a['vm_id']}")
-    return done
+    steps = Steps()
+    exports = resources.get("attach_exports", [])
+    try:
+        steps.done += await stop_exports(exports)
+    except Exception as e:  # noqa: BLE001 - the detaches below must still run
+        steps.errors.append(f"stop the DataMover's qemu-nbd exports: {e}")
+    if attachments and engine:
+        config = EngineConfig.from_record(engine)
+        async with EngineClient(config) as client:
+            for a in reversed(attachments):
+                await steps.run(
+                    detach_disk(client, a["vm_id"], a["disk_id"]),
+                    f"detach disk {a['disk_id']} from DataMover VM {a['vm_id']}",
+                    f"detached disk {a['disk_id']} from DataMover VM {a['vm_id']}",
+                )
+    return steps.result()

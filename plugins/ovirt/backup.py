@@ -30,9 +30,15 @@ running VM whose guest agent reports nothing is refused before anything is creat
 
 Every engine object is recorded in the job journal before (backup: its id is ours) or right
 after (transfers) it is created, so ``recover`` can finalize what a killed process left.
+Finalizing is idempotent (``idempotent``): a transfer the engine already finalized (409
+``Phase is finished_success``) or a backup it already finalized (400 ``already in
+'succeeded' phase``) is done, so a process killed anywhere in ``close()`` (failpoints
+``ovirt.backup.transfer_finalize.{sent,done}``, ``ovirt.backup.finalize.{sent,done}``) is
+recovered, and a second recovery changes nothing.
 """
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -45,8 +51,10 @@ import structlog
 from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
+from engine.util import failpoints
 from plugins.ovirt import checkpoints
-from plugins.ovirt.client import EngineClient
+from plugins.ovirt.client import EngineApiError, EngineClient, EngineNotFound
+from plugins.ovirt.idempotent import Steps, Wanted, already_done
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 from plugins.ovirt.inventory import VmRef
 
@@ -114,11 +122,15 @@ class BackupApiSession:
         for disk in self._disks:
             try:
                 await disk.image.close()
-                await finalize_transfer(self.client, disk.transfer_id)
+                await finalize_transfer(
+                    self.client, disk.transfer_id, failpoint="ovirt.backup.transfer_finalize"
+                )
             except EngineError as e:
                 errors.append(str(e))
         try:
-            await finalize_backup(self.client, self.vm.vm_id, self.backup_id)
+            await finalize_backup(
+                self.client, self.vm.vm_id, self.backup_id, failpoint="ovirt.backup.finalize"
+            )
             if self.hybrid_snapshot is not None:
                 await check_snapshot_removed(
                     self.client, self.vm.vm_id, self.vm.name, self.hybrid_snapshot
@@ -456,22 +468,26 @@ def keep_alive(client: EngineClient, transfer_id: str) -> Callable[[], Awaitable
     return call
 
 
-async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:
+async def cancel_transfer(client: EngineClient, transfer_id: str) -> bool:
     """Cancel a transfer and wait until it finished (or is gone, or CANCEL_TIMEOUT passed).
-    An upload's disk is then illegal and can be deleted."""
+    An upload's disk is then illegal and can be deleted. False when it had already ended
+    (``idempotent.already_done``: finalized, finished, cancelled or gone)."""
 
     def service(conn: sdk.Connection) -> Any:
         return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
 
-    def cancel(conn: sdk.Connection) -> str | None:
+    def cancel(conn: sdk.Connection) -> bool:
         try:
-            current = service(conn).get()
-            phase = str(current.phase.value) if current.phase else None
-            if phase is not None and not phase.startswith(("finished", "finalizing", "cancel")):
-                service(conn).cancel()
-        except sdk.NotFoundError:
-            return None
-        return phase
+            current = service(conn).get().phase
+            phase = str(current.value) if current else ""
+            if phase.startswith(("finished", "finalizing", "cancel")):
+                return False
+            service(conn).cancel()
+        except sdk.Error as e:
+            if already_done(e, Wanted.TRANSFER_ENDED):
+                return False
+            raise
+        return True
 
     def phase(conn: sdk.Connection) -> str | None:
         try:
@@ -480,19 +496,27 @@ async def cancel_transfer(client: EngineClient, transfer_id: str) -> None:
             return None
 
     what = f"transfer {transfer_id}"
-    if await client.call(cancel, "cancel image transfer", obj=what) is None:
-        return
+    acted = await client.call(cancel, "cancel image transfer", obj=what)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CANCEL_TIMEOUT
     while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
         if current.startswith("finished") or loop.time() > deadline:
-            return
+            break
         await asyncio.sleep(POLL_INTERVAL)
+    return acted
 
 
-async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
+async def finalize_transfer(
+    client: EngineClient, transfer_id: str, *, failpoint: str | None = None
+) -> bool:
     """Finalize a transfer and wait until the engine says it finished (the engine refuses to
-    finalize a backup while any of its transfers is still finalizing)."""
+    finalize a backup while any of its transfers is still finalizing).
+
+    Returns False when it already was finalizing, finished, cancelled or gone (the engine's
+    409 ``Phase is …`` or 404, ``idempotent.already_done``): it is still waited for. Raises
+    ``OvirtBackupError`` when it ends other than ``finished_success``, whoever ended it.
+    ``failpoint`` (crash tests) is hit after the finalize was sent, with ``.sent``, and once
+    the transfer finished, with ``.done``."""
 
     def service(conn: sdk.Connection) -> Any:
         return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
@@ -500,8 +524,10 @@ async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
     def finalize(conn: sdk.Connection) -> bool:
         try:
             service(conn).finalize()
-        except sdk.NotFoundError:
-            return False  # already gone: finalized earlier, or cleaned up by the engine
+        except sdk.Error as e:
+            if already_done(e, Wanted.TRANSFER_ENDED):
+                return False
+            raise
         return True
 
     def phase(conn: sdk.Connection) -> str | None:
@@ -511,38 +537,62 @@ async def finalize_transfer(client: EngineClient, transfer_id: str) -> None:
             return None
 
     what = f"transfer {transfer_id}"
-    if not await client.call(finalize, "finalize image transfer", obj=what):
-        return
+    acted = await client.call(finalize, "finalize image transfer", obj=what)
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.sent")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FINALIZE_TIMEOUT
     while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
         if current.startswith("finished"):
             if current != "finished_success":
                 raise OvirtBackupError(vm="?", backup="?", reason=f"{what} ended {current}")
-            return
+            break
         if loop.time() > deadline:
             raise OvirtBackupError(vm="?", backup="?", reason=f"{what} still {current}")
         await asyncio.sleep(POLL_INTERVAL)
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.done")
+    return acted
 
 
-async def finalize_backup(client: EngineClient, vm_id: str, backup_id: str) -> None:
-    """Finalize the backup and wait until it ended; one that never existed, is gone or
-    already ended (e.g. FAILED) needs nothing."""
+async def end_transfer(client: EngineClient, transfer_id: str) -> bool:
+    """Recovery: leave the transfer ended, however. Finalize it; one the engine will not
+    finalize (``paused_system``) or that did not end ``finished_success`` is cancelled
+    (which changes nothing on one that already ended). False when it had already ended."""
+    try:
+        return await finalize_transfer(client, transfer_id)
+    except (EngineApiError, OvirtBackupError) as e:
+        log.info("cannot finalize, cancelling", transfer=transfer_id, error=str(e))
+        return await cancel_transfer(client, transfer_id)
+
+
+async def finalize_backup(
+    client: EngineClient, vm_id: str, backup_id: str, *, failpoint: str | None = None
+) -> bool:
+    """Finalize the backup and wait until it ended (``succeeded`` or ``failed``).
+
+    Returns False when there was nothing to finalize: the engine answered that it is already
+    finalizing or ended, or it never existed or was purged (``idempotent.already_done``).
+    ``failpoint`` as for ``finalize_transfer``."""
 
     def finalize(conn: sdk.Connection) -> bool:
         vm = conn.system_service().vms_service().vm_service(vm_id)
-        service = vm.backups_service().backup_service(backup_id)
         try:
-            phase = service.get().phase
-            if phase in (t.BackupPhase.SUCCEEDED, t.BackupPhase.FAILED):
+            vm.backups_service().backup_service(backup_id).finalize()
+        except sdk.Error as e:
+            if already_done(e, Wanted.BACKUP_FINALIZED):
                 return False
-            service.finalize()
-        except sdk.NotFoundError:
-            return False  # never created, or purged: nothing to finalize
+            raise
         return True
 
-    if await client.call(finalize, "finalize backup", obj=f"backup {backup_id}"):
+    acted = await client.call(finalize, "finalize backup", obj=f"backup {backup_id}")
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.sent")
+    with contextlib.suppress(EngineNotFound):  # never created, or purged after it ended
         await wait_backup(client, vm_id, backup_id, {"succeeded", "failed"})
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.done")
+    return acted
 
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
@@ -550,8 +600,13 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     engine (either flow: ``backup`` is flow 1's, ``snapshot`` flow 2's); for a killed restore
     into the engine, delete the VM it created (``restore_vm``: with ``detach_only``, so its
     disks stay), cancel its uploads (``restore_transfers``) and delete every disk it created
-    (``restore_disks``)."""
+    (``restore_disks``).
+
+    Every step is idempotent and runs even when an earlier one failed (``idempotent.Steps``):
+    returns what it changed (``[]`` when everything already was cleaned up), or raises
+    ``OvirtRecoveryError`` naming every step that failed."""
     from plugins.ovirt.client import EngineConfig  # noqa: PLC0415 - only recovery needs it
+    from plugins.ovirt.restore import delete_disk, delete_vm  # noqa: PLC0415 - imports this
     from plugins.ovirt.snapshot import remove_snapshot  # noqa: PLC0415 - imports this module
 
     backup = resources.get("backup")
@@ -562,27 +617,44 @@ async def recover(resources: dict[str, Any], committed: bool) -> list[str]:
     if not (backup or snapshot or restored or restored_vm) or not engine:
         return []
     config = EngineConfig.from_record(engine)
-    done = []
+    steps = Steps()
     async with EngineClient(config) as client:
         for transfer_id in resources.get("transfers", []):
-            await finalize_transfer(client, transfer_id)
-            done.append(f"finalized image transfer {transfer_id}")
+            await steps.run(
+                end_transfer(client, transfer_id),
+                f"finalize image transfer {transfer_id}",
+                f"finalized image transfer {transfer_id}",
+            )
         if backup:
-            await finalize_backup(client, backup["vm_id"], backup["backup_id"])
-            done.append(f"finalized backup {backup['backup_id']} of VM {backup['vm_id']}")
+            await steps.run(
+                finalize_backup(client, backup["vm_id"], backup["backup_id"]),
+                f"finalize backup {backup['backup_id']}",
+                f"finalized backup {backup['backup_id']} of VM {backup['vm_id']}",
+            )
         if snapshot:
-            await remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"])
-            done.append(f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}")
-        if restored or restored_vm:  # a killed restore: nothing of it is worth keeping
-            from plugins.ovirt.restore import delete_disk, delete_vm  # noqa: PLC0415
-
-            if restored_vm:  # first: the disks are attached to it
-                await delete_vm(client, restored_vm)
-                done.append(f"deleted restored VM {restored_vm}")
-            for transfer_id in resources.get("restore_transfers", []):
-                await cancel_transfer(client, transfer_id)
-                done.append(f"cancelled upload transfer {transfer_id}")
-            for disk_id in restored or []:
-                await delete_disk(client, disk_id)
-                done.append(f"deleted restored disk {disk_id}")
-    return done
+            await steps.run(
+                remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"]),
+                f"remove snapshot {snapshot['snapshot_id']}",
+                f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}",
+            )
+        # A killed restore: nothing of it is worth keeping. The VM first: the disks are
+        # attached to it.
+        if restored_vm:
+            await steps.run(
+                delete_vm(client, restored_vm),
+                f"delete restored VM {restored_vm}",
+                f"deleted restored VM {restored_vm}",
+            )
+        for transfer_id in resources.get("restore_transfers", []):
+            await steps.run(
+                cancel_transfer(client, transfer_id),
+                f"cancel upload transfer {transfer_id}",
+                f"cancelled upload transfer {transfer_id}",
+            )
+        for disk_id in restored or []:
+            await steps.run(
+                delete_disk(client, disk_id),
+                f"delete restored disk {disk_id}",
+                f"deleted restored disk {disk_id}",
+            )
+    return steps.result()

@@ -65,6 +65,7 @@ from plugins.ovirt.backup import (
     wait_transfer,
 )
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
+from plugins.ovirt.idempotent import Wanted, already_done
 from plugins.ovirt.imageio import ImageioDisk, ImageioWriter
 
 log = structlog.get_logger("tessera.ovirt.restore")
@@ -479,28 +480,34 @@ class VmRestore:
                 raise OvirtRestoreError(vm=self.manifest.vm_name, reason=text)
 
 
-async def delete_disk(client: EngineClient, disk_id: str) -> None:
-    """Delete a disk; one already gone is fine."""
+async def delete_disk(client: EngineClient, disk_id: str) -> bool:
+    """Delete a disk; False when it was already gone (``idempotent.already_done``)."""
 
-    def remove(conn: sdk.Connection) -> None:
-        conn.system_service().disks_service().disk_service(disk_id).remove()
+    def remove(conn: sdk.Connection) -> bool:
+        try:
+            conn.system_service().disks_service().disk_service(disk_id).remove()
+        except sdk.Error as e:
+            if already_done(e, Wanted.GONE):
+                return False
+            raise
+        return True
 
-    try:
-        await client.call(remove, "delete disk", obj=f"disk {disk_id}")
-    except EngineNotFound:
-        return
+    return await client.call(remove, "delete disk", obj=f"disk {disk_id}")
 
 
-async def delete_vm(client: EngineClient, vm_id: str) -> None:
-    """Delete a VM but keep its disks (``detach_only``); one already gone is fine."""
+async def delete_vm(client: EngineClient, vm_id: str) -> bool:
+    """Delete a VM but keep its disks (``detach_only``); False when it was already gone."""
 
-    def remove(conn: sdk.Connection) -> None:
-        conn.system_service().vms_service().vm_service(vm_id).remove(detach_only=True)
+    def remove(conn: sdk.Connection) -> bool:
+        try:
+            conn.system_service().vms_service().vm_service(vm_id).remove(detach_only=True)
+        except sdk.Error as e:
+            if already_done(e, Wanted.GONE):
+                return False
+            raise
+        return True
 
-    try:
-        await client.call(remove, "delete VM", obj=f"VM {vm_id}")
-    except EngineNotFound:
-        return
+    return await client.call(remove, "delete VM", obj=f"VM {vm_id}")
 
 
 @asynccontextmanager

@@ -12,7 +12,9 @@
     read:    extents "zero", ranged GETs per reader: every run is a full read (no checkpoint;
              the store's dedup keeps unchanged data cheap)
     close(): finalize every transfer, DELETE the snapshot and poll until it is gone (404),
-             on success and on failure alike
+             on success and on failure alike (a snapshot still ``locked``, being created or
+             already being removed, is waited for first: the engine refuses its DELETE;
+             failpoints ``ovirt.snapshot.transfer_finalize.*``, ``ovirt.snapshot.remove.*``)
 
 Consistency: the snapshot API has no quiesce flag; vdsm freezes the guest through its agent
 and silently takes a crash-consistent snapshot without one (API-NOTES § 7.1). The only hint
@@ -36,6 +38,7 @@ import ovirtsdk4.types as t
 from engine.core.errors import EngineError
 from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
+from engine.util import failpoints
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     READY_TIMEOUT,
@@ -44,6 +47,7 @@ from plugins.ovirt.backup import (
     wait_transfer,
 )
 from plugins.ovirt.client import EngineClient
+from plugins.ovirt.idempotent import Wanted, already_done
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 
 REMOVE_TIMEOUT: Final = 1800.0  # removing a snapshot of a running VM is a live merge
@@ -96,11 +100,15 @@ class SnapshotSession:
         for disk in self._disks:
             try:
                 await disk.image.close()
-                await finalize_transfer(self.client, disk.transfer_id)
+                await finalize_transfer(
+                    self.client, disk.transfer_id, failpoint="ovirt.snapshot.transfer_finalize"
+                )
             except EngineError as e:
                 errors.append(str(e))
         try:
-            await remove_snapshot(self.client, self.vm.vm_id, self.snapshot_id)
+            await remove_snapshot(
+                self.client, self.vm.vm_id, self.snapshot_id, failpoint="ovirt.snapshot.remove"
+            )
         except EngineError as e:
             errors.append(str(e))
         if errors:
@@ -243,29 +251,49 @@ async def start_snapshot_transfer(client: EngineClient, volume_id: str) -> Any:
     return await wait_transfer(client, transfer, f"snapshot volume {volume_id}")
 
 
-async def remove_snapshot(client: EngineClient, vm_id: str, snapshot_id: str) -> None:
-    """DELETE the snapshot (a merge) and poll until it is gone; one already gone is fine."""
+async def remove_snapshot(
+    client: EngineClient, vm_id: str, snapshot_id: str, *, failpoint: str | None = None
+) -> bool:
+    """DELETE the snapshot (a merge) and poll until it is gone (404).
+
+    A ``locked`` snapshot (still being created, or already being removed: the engine refuses
+    a DELETE of either with 409) is waited for first; then one that is gone needs nothing.
+    Returns False when it was gone without this call's DELETE (``idempotent.already_done``).
+    ``failpoint`` (crash tests) is hit after the DELETE was sent (``.sent``) and once the
+    snapshot is gone (``.done``)."""
+
+    def status(conn: sdk.Connection) -> str | None:
+        try:
+            s = _snapshot_service(conn, vm_id, snapshot_id).get()
+        except sdk.NotFoundError:
+            return None
+        return str(s.snapshot_status.value) if s.snapshot_status else "?"
 
     def remove(conn: sdk.Connection) -> bool:
         try:
             _snapshot_service(conn, vm_id, snapshot_id).remove()
-        except sdk.NotFoundError:
-            return False
-        return True
-
-    def present(conn: sdk.Connection) -> bool:
-        try:
-            _snapshot_service(conn, vm_id, snapshot_id).get()
-        except sdk.NotFoundError:
-            return False
+        except sdk.Error as e:
+            if already_done(e, Wanted.GONE):
+                return False
+            raise
         return True
 
     what = f"snapshot {snapshot_id}"
-    if not await client.call(remove, "remove snapshot", obj=what):
-        return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + REMOVE_TIMEOUT
-    while await client.call(present, "poll snapshot removal", obj=what):
+    while (current := await client.call(status, "poll snapshot", obj=what)) == "locked":
+        if loop.time() > deadline:
+            raise OvirtSnapshotError(vm=vm_id, snapshot=snapshot_id, reason="still locked")
+        await asyncio.sleep(POLL_INTERVAL)
+    if current is None:
+        return False
+    acted = await client.call(remove, "remove snapshot", obj=what)
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.sent")
+    while await client.call(status, "poll snapshot removal", obj=what) is not None:
         if loop.time() > deadline:
             raise OvirtSnapshotError(vm=vm_id, snapshot=snapshot_id, reason="never removed")
         await asyncio.sleep(POLL_INTERVAL)
+    if failpoint is not None and acted:
+        failpoints.hit(f"{failpoint}.done")
+    return acted

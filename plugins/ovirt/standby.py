@@ -55,8 +55,15 @@ from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
 from plugins.ovirt import inventory
-from plugins.ovirt.backup import cancel_transfer, finalize_transfer, keep_alive, wait_transfer
+from plugins.ovirt.backup import (
+    cancel_transfer,
+    end_transfer,
+    finalize_transfer,
+    keep_alive,
+    wait_transfer,
+)
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
+from plugins.ovirt.idempotent import Steps
 from plugins.ovirt.imageio import ImageioDisk
 from plugins.ovirt.restore import (
     RestoreOptions,
@@ -297,22 +304,22 @@ async def standby_refresh(
 
 async def recover(resources: dict[str, Any]) -> list[str]:
     """For a killed refresh: finalize each upload it recorded (the disks are dirty in the
-    standby state), cancelling one that cannot be finalized."""
+    standby state), cancelling one that cannot be finalized (``backup.end_transfer``); one
+    that already ended needs nothing. Raises ``OvirtRecoveryError`` naming every failure."""
     transfers = resources.get("standby_transfers") or []
     engine = resources.get("engine")
     if not transfers or not engine:
         return []
     config = EngineConfig.from_record(engine)
-    done = []
+    steps = Steps()
     async with EngineClient(config) as client:
         for transfer_id in transfers:
-            try:
-                await finalize_transfer(client, transfer_id)
-                done.append(f"finalized standby upload {transfer_id} (disk left dirty)")
-            except EngineError:
-                await cancel_transfer(client, transfer_id)
-                done.append(f"cancelled standby upload {transfer_id}")
-    return done
+            await steps.run(
+                end_transfer(client, transfer_id),
+                f"end standby upload {transfer_id}",
+                f"ended standby upload {transfer_id} (disk left dirty)",
+            )
+    return steps.result()
 
 
 if TYPE_CHECKING:  # mypy proves the classes fit the job's protocols

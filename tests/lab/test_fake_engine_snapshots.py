@@ -206,3 +206,47 @@ async def test_snapshot_refusals(lab: Lab) -> None:
     assert await lab.sdk(remove_while_transferring) == 409
     await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
     await lab.sdk(partial(remove_snapshot, snapshot_id=s.id))
+
+
+async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -> None:
+    """What recovery meets after a kill: a finished transfer refuses finalize and cancel
+    (409 ``Phase is finished_success``), a snapshot being removed refuses another DELETE
+    (409 ``locked``) and is then gone (404): ``plugins.ovirt.idempotent`` reads these."""
+    s = await lab.sdk(create_snapshot)
+    disks = await lab.sdk(
+        lambda c: snapshots_service(c).snapshot_service(s.id).disks_service().list()
+    )
+    transfer = await lab.sdk(partial(snapshot_transfer, volume_id=disks[0].image_id))
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+
+    def again(conn: sdk.Connection) -> list[tuple[int, str]]:
+        service = conn.system_service().image_transfers_service()
+        snapshot = snapshots_service(conn).snapshot_service(s.id)
+        answers = []
+        calls = [
+            service.image_transfer_service(transfer.id).finalize,
+            service.image_transfer_service(transfer.id).cancel,
+            snapshot.remove,
+            snapshot.remove,  # once more while it is being removed
+        ]
+        for n, call in enumerate(calls):
+            if n == 3:
+                assert snapshot.get().snapshot_status == types.SnapshotStatus.LOCKED
+            try:
+                call()
+            except sdk.Error as e:
+                answers.append((int(e.code or 0), str(e.fault.detail if e.fault else e)))
+            else:
+                answers.append((200, ""))
+        with pytest.raises(sdk.NotFoundError):
+            snapshot.get()
+        with pytest.raises(sdk.NotFoundError):
+            snapshot.remove()
+        return answers
+
+    assert await lab.sdk(again) == [
+        (409, "[Cannot finalize image transfer. Phase is finished_success.]"),
+        (409, "[Cannot cancel image transfer. Phase is finished_success.]"),
+        (200, ""),
+        (409, "[Cannot remove Snapshot. Snapshot is locked.]"),
+    ]

@@ -21,8 +21,9 @@ Limits, kept simple on purpose: one snapshot per VM at a time (a second one is a
 backup of a VM while it has a snapshot and no snapshot during a backup (409 both ways); no
 preview/restore. Phases advance per GET like the rest of the fake: created ``locked`` → ``ok``
 on the next GET; after ``DELETE`` (the merge runs at once) the snapshot shows ``locked`` on
-one more GET, then is gone (404). The list also shows the VM's ``Active VM`` snapshot (type
-``active``), as the real engine does; it cannot be deleted.
+one more GET, then is gone (404). A ``DELETE`` of a ``locked`` snapshot (being created or
+already being removed) is a 409 ``Snapshot is locked``. The list also shows the VM's
+``Active VM`` snapshot (type ``active``), as the real engine does; it cannot be deleted.
 """
 
 import os
@@ -152,10 +153,12 @@ def advance(a: Activity, s: Snapshot) -> None:
 
 
 async def delete(a: Activity, s: Snapshot) -> None:
-    """Merge the overlays back into the volumes (content unchanged), then mark it deleting."""
+    """Merge the overlays back into the volumes (content unchanged), then mark it deleting.
+
+    Only an ``ok`` snapshot can be removed: one still being created or already being removed
+    is ``locked`` and a DELETE of it is a 409, as the engine's ``RemoveSnapshotCommand``
+    validation refuses a locked snapshot (a client polls until it is gone: 404)."""
     async with a._lock:
-        if s.deleting:
-            return
         if s.status != "ok":
             raise Fault(409, f"[Cannot remove Snapshot. Snapshot is {s.status}.]")
         for vm in a.inventory.vms.values():  # a transient attachment (``attach_api``)

@@ -8,6 +8,9 @@
 - ``advance`` (one per GET): initializing → transferring, or paused_system when qemu-nbd or
   the ticket failed (event 1068; only cancel ends it); finalizing_* → finished_*.
 - ``end``: finalize or cancel: remove the ticket, stop qemu-nbd, check an uploaded qcow2.
+  A transfer that is already finalizing, finished or cancelled is refused with 409
+  ``[Cannot finalize image transfer. Phase is finished_success.]`` (``cancel`` alike): a
+  repeated finalize changes nothing, and a client has to recognise that answer as done.
 - ``extend``: the ``extend`` action: the ticket expires ``Faults.ticket_timeout`` seconds
   from now again (imageio control ``PATCH /tickets/{id}``).
 
@@ -274,7 +277,8 @@ async def end(a: Activity, t: Transfer, *, cancel: bool) -> None:
     async with a._lock:
         allowed = ("initializing", "transferring", "paused_system")
         if t.phase not in allowed or (t.failure and not cancel):
-            raise Fault(409, f"[Cannot finalize image transfer. Phase is {t.phase}.]")
+            action = "cancel" if cancel else "finalize"
+            raise Fault(409, f"[Cannot {action} image transfer. Phase is {t.phase}.]")
         await a._release(t)
         disk = a.inventory.disks[t.disk_id]
         ok = True
