@@ -23,6 +23,7 @@ from engine.util.fs import atomic_write
 
 log = structlog.get_logger("tessera.jobs")
 
+DAMAGED_SUFFIX: Final = ".damaged"
 KEEP_FINISHED: Final = 1000  # a year of daily jobs for a few VMs; files are ~1 KiB
 
 
@@ -61,6 +62,7 @@ class Journal:
     def __init__(self, directory: Path):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.damaged: list[str] = []  # unreadable records set aside by ``records``
 
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
@@ -102,7 +104,27 @@ class Journal:
         return JobRecord(**doc)
 
     def records(self) -> list[JobRecord]:
-        return [self.load(p.stem) for p in sorted(self.dir.glob("*.json"))]
+        """Every readable record, oldest first. A record that cannot be read (damaged on
+        disk) is moved aside to ``<job>.json.damaged`` and named in ``damaged`` — one bad
+        file must not stop recovery of the others, nor every later start."""
+        out = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(self.load(path.stem))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                self.damaged.append(self._set_aside(path, e))
+        return out
+
+    def _set_aside(self, path: Path, error: BaseException) -> str:
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        try:
+            os.replace(path, aside)
+        except OSError as e:
+            line = f"journal record {path} is unreadable ({error}) and could not be moved: {e}"
+        else:
+            line = f"journal record {path.name} is unreadable ({error}): moved aside to {aside}"
+        log.warning("journal.damaged", path=str(path), error=str(error))
+        return line
 
     def unfinished(self) -> list[JobRecord]:
         return [r for r in self.records() if not r.finished]

@@ -47,4 +47,5 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
         lines += [f"job {record.job_id} ({record.kind}, was {was.value}): {a}" for a in actions]
         lines.append(f"job {record.job_id}: now {record.state.value}")
     journal.prune()
+    lines += journal.damaged
     return lines
