@@ -295,16 +295,20 @@ def verify(store: "Store", options: VerifyOptions | None = None) -> VerifyResult
     for name, reason in trailer_problems(store, bad_packs).items():
         result.findings.append(Finding("trailer", name, f"{reason}; {_RESEAL}"))
     found: dict[bytes, BadChunk] = {}  # found by this call's data step
+    read: set[str] = set()  # packs whose every record this call read and checked
     if opts.data:
-        _data_step(store, opts, result, bad_packs, found)
+        _data_step(store, opts, result, bad_packs, found, read)
     listed: dict[bytes, BadChunk] = {b.chunk_id: b for b in store.index.bad_chunks()}
     bad = {cid: b.reason for cid, b in (listed | found).items()}
-    damage = check_structure(store, result, bad, bad_packs, report_unreferenced=False)
+    # A pack of the wrong size whose records were all read is judged record by record
+    # (``found``); one not read this time stays suspect as a whole.
+    suspect = {n: r for n, r in bad_packs.items() if n not in read}
+    damage = check_structure(store, result, bad, suspect, report_unreferenced=False)
     _report_unreferenced(store, opts, result, bad, damage)
     if opts.progress:
         opts.progress(VerifyProgress("structure", result.snapshots, result.snapshots))
     if opts.mark:
-        _mark(store, opts, result, damage, listed, bad, bad_packs)
+        _mark(store, opts, result, damage, listed, bad, suspect)
     result.damaged = sorted(damage)
     result.vms = sorted({d.vm_name for d in damage.values()})
     result.seconds = time.monotonic() - started
@@ -346,6 +350,7 @@ def _data_step(
     result: VerifyResult,
     bad_packs: dict[str, str],
     found: dict[bytes, BadChunk],
+    read: set[str],
 ) -> None:
     packs = store.index.packs()
     sizes = {p.name: p.size for p in packs}
@@ -362,7 +367,9 @@ def _data_step(
         crc_only = store.keys.data_key is None and store.config.encryption != "none"
         with ThreadPoolExecutor(opts.threads, thread_name_prefix="verify") as pool:
             for n, name in enumerate(todo):
-                bad = _verify_pack(store, name, bad_packs.get(name), crc_only, pool, result)
+                bad = _verify_pack(store, name, crc_only, pool, result)
+                if pack_path(store.layout.packs, name).exists():
+                    read.add(name)
                 if name not in bad_packs:
                     _check_trailer(store, name, result)
                 if opts.mark and bad:
@@ -434,18 +441,19 @@ def _slices(rows: list[tuple[ChunkId, Location]]) -> list[list[tuple[ChunkId, Lo
 def _verify_pack(
     store: "Store",
     name: str,
-    broken: str | None,
     crc_only: bool,
     pool: ThreadPoolExecutor,
     result: VerifyResult,
 ) -> list[BadChunk]:
     """Read and check every record the index locates in pack ``name``; the bad ones. A pack
-    that is missing or not its indexed size (``broken``) is not read: all its chunks are bad
-    (its trailer is gone, so the chunks are lost to a rebuilt index too)."""
+    that is not its indexed size (``broken``) is still read record by record: records are
+    self-describing, so a cut or grown tail costs only the records it reaches (a rebuilt
+    index keeps the rest by scanning). A missing pack makes all its chunks bad."""
     since = datetime.now(UTC).isoformat(timespec="seconds")
     bad: list[BadChunk] = []
+    broken: str | None = None
     try:
-        fd = -1 if broken else os.open(pack_path(store.layout.packs, name), os.O_RDONLY)
+        fd = os.open(pack_path(store.layout.packs, name), os.O_RDONLY)
     except FileNotFoundError:
         broken = f"pack {name} is missing"
         fd = -1
