@@ -12,9 +12,9 @@ Modules: ``format`` (every byte layout), ``keys`` (key file, scrypt), ``codec`` 
 encode/decode), ``pack``, ``index``, ``diskmap``, ``manifest``, ``catalog``, ``layout``,
 ``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover), ``scan``
 (records of a pack whose trailer is damaged), ``dbfiles`` (missing or damaged SQLite files,
-SQLite and OS errors as ``StoreError``),
-``snapshot`` (commit order), ``replica`` (a replicated snapshot's commit order),
-``chunk_store`` (the ``Store`` facade).
+SQLite and OS errors as ``StoreError``), ``failure`` (write failures as ``StoreWriteError``
+with the errno and free space), ``snapshot`` (commit order), ``replica`` (a replicated
+snapshot's commit order), ``chunk_store`` (the ``Store`` facade).
 
 Invariants:
 
@@ -30,6 +30,12 @@ Invariants:
    raises an error naming chunk, pack and offset — never wrong bytes.
 4. No per-chunk Python objects for the whole store: the index and catalog are SQLite files;
    DiskMaps are read and written in bounded blocks.
+5. A failed write poisons, never corrupts: a pack whose write, fsync, rename or index commit
+   fails is abandoned (never appended to or indexed again; its pending records stop
+   deduplicating), snapshots begun before the failure refuse to commit
+   (``write_token``/``flush(since=…)``), and the next put opens a new pack — the store stays
+   usable in a long-running process. Failures surface as ``StoreWriteError`` naming the
+   store, the object and the errno (``failure``).
 
 Concurrency and locking. One process opens a store for writing (``WriterLock``, an flock);
 within it the ``Store`` is thread-safe and shared by all jobs. Other processes may open it

@@ -1,12 +1,15 @@
-"""Failpoints: named places where crash tests may stop the process.
+"""Failpoints: named places where crash and fault tests stop or fail the process.
 
 Production code calls ``hit("store.pack.before_rename")`` at every point where a crash must
-leave the store consistent. With no handler installed (always, outside tests) a hit is one
-global lookup. Crash tests install a handler in a writer subprocess that SIGKILLs itself at
-the N-th hit of a chosen name, then reopen the store and check what survived.
+leave the store consistent, and before every write, fsync, rename and SQLite commit a fault
+must be survivable (names end in ``mid_write``, ``before_fsync``, ``before_rename``,
+``before_dir_fsync``, ``before_commit``…). With no handler installed (always, outside tests)
+a hit is one global lookup. Crash tests install a handler that SIGKILLs the process at the
+N-th hit of a chosen name; fault tests (``tests/faults``) one that raises the ``OSError`` or
+``sqlite3`` error the operation would, then check what survived.
 
-``active()`` lets hot paths do extra work (splitting a write in two, to crash mid-write) only
-when a test asked for it.
+``active()`` lets hot paths do extra work (splitting a write in two, to crash or fail
+mid-write: a torn write) only when a test asked for it.
 """
 
 from collections.abc import Callable
