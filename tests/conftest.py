@@ -1,6 +1,7 @@
 """Shared fixtures. Stores in tests use a cheap scrypt cost; everything else is real."""
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,3 +74,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         for k in keys:
             grand[k] += counts[k]
     tr.write_line(f"{'all':<28}" + "".join(f"{grand[k]:>12}" for k in keys))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    directory = os.environ.get(TOTALS_ENV)
+    if directory and not hasattr(config, "workerinput"):
+        shutil.rmtree(directory, ignore_errors=True)
