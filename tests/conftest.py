@@ -52,9 +52,13 @@ def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
 # before xdist starts its workers (they inherit it); the summary adds them up per suite.
 
 
+_made_totals: list[str] = []  # the directory this run made (removed at its end)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if TOTALS_ENV not in os.environ and not hasattr(config, "workerinput"):
         os.environ[TOTALS_ENV] = tempfile.mkdtemp(prefix="tessera-fault-totals-")
+        _made_totals.append(os.environ[TOTALS_ENV])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -77,6 +81,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    directory = os.environ.get(TOTALS_ENV)
-    if directory and not hasattr(config, "workerinput"):
+    for directory in _made_totals:
         shutil.rmtree(directory, ignore_errors=True)
+        os.environ.pop(TOTALS_ENV, None)
