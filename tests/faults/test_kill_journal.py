@@ -76,3 +76,50 @@ def test_kill_at_journal_step(
     )
     assert lost == 0
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_kill_restore_at_every_journal_step(
+    tmp_path: Path,
+    tmpdir_env: Path,  # noqa: F811 - the imported fixture
+) -> None:
+    """A restore killed at its n-th journal save, for n = 1, 2, … until a run is not
+    reached by the kill: each time the next restore to the same name recovers (the partial
+    image and its qemu-nbd go) and writes an identical image."""
+    store, image = tmp_path / "store", make_fs_qcow2(tmp_path, "vm", size_mib=32)
+    assert tessera("store", "init", store, "--chunk-size", "256k").returncode == 0
+    assert tessera("backup", "image", image, "--store", store).returncode == 0
+    snap = json.loads(tessera("snapshots", "--store", store, "--json").stdout)[0]["id"]
+    target = tmp_path / "restored.qcow2"
+    partial = target.with_name(target.name + ".tessera-partial")
+    n = 0
+    while True:
+        n += 1
+        killed = tessera(
+            "restore",
+            snap,
+            "--store",
+            store,
+            "--to",
+            target,
+            kill_at=("journal.after_rename", n),
+            tmpdir=tmpdir_env,
+        )
+        if killed.returncode == 0:  # the restore ended before its n-th save: all covered
+            break
+        assert killed.returncode == -9, killed.stdout + killed.stderr
+        assert eventually(lambda: not _qemu_nbd_serving(partial)), "qemu-nbd outlived its job"
+        target.unlink(missing_ok=True)  # a restore killed after its last step finished
+        again = tessera("restore", snap, "--store", store, "--to", target, tmpdir=tmpdir_env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        ok = identical(image, target) and not partial.exists()
+        assert not list(tmpdir_env.glob("tessera-nbd-*"))
+        record_case(
+            "SIGKILL at journal steps",
+            f"restore journal.after_rename#{n}",
+            detected=1,
+            lost=int(not ok),
+            committed=1,
+        )
+        assert ok
+        target.unlink()
+    assert n > 3, "the restore saved its journal fewer times than expected"
