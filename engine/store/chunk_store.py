@@ -276,7 +276,12 @@ class Store:
         self._closed = True
         try:
             if self.writable:
-                self.flush()
+                try:
+                    self.flush()
+                except StoreWriteError as e:
+                    # A pack that failed to seal was abandoned, and every session that could
+                    # refer to it failed its commit: nothing committed is at stake here.
+                    log.warning("store.close_flush_failed", store=str(self.path), error=str(e))
         finally:
             if self._open is not None:
                 self._open.abort()
@@ -323,8 +328,11 @@ class Store:
                 if writer is None:
                     writer = self._open = PackWriter(self.layout.packs)
                 offset = writer.append(chunk_id, record, header.plain_len)
-            except (OSError, sqlite3.Error) as e:
-                raise self._abandon_locked(writer, e, needed=len(record)) from e
+            except BaseException as e:  # the pack's state is unknown: never use it again
+                failure = self._abandon_locked(writer, e, needed=len(record))
+                if isinstance(e, Exception):
+                    raise failure from e
+                raise
             self._pending[chunk_id] = _Pending(writer, offset, len(record))
             if writer.size >= self.config.pack_size:
                 self._rotate_locked()
@@ -431,9 +439,13 @@ class Store:
         with self._wlock:
             self._sealing = [f for f in self._sealing if not f.done()]
             abandoned, last = self._abandoned, self._last_abandoned
-        if first is not None:
-            raise first
-        if since is not None and abandoned > since:
+        if since is None:
+            if first is not None:
+                raise first
+            return
+        # With a token, only what failed since the session began concerns it (a seal that
+        # failed before was abandoned before its records could be deduplicated against).
+        if abandoned > since:
             assert last is not None
             raise StoreWriteError(
                 path=self.path,
@@ -451,9 +463,12 @@ class Store:
         try:
             sealed = writer.seal()
             healed = self.index.add_pack(sealed)
-        except (OSError, sqlite3.Error) as e:
+        except BaseException as e:  # every failure abandons: flush(since=…) relies on it
             with self._wlock:
-                raise self._abandon_locked(writer, e) from e
+                failure = self._abandon_locked(writer, e)
+            if isinstance(e, Exception):
+                raise failure from e
+            raise
         with self._wlock:
             for entry in sealed.entries:
                 p = self._pending.get(entry.chunk_id)
