@@ -38,7 +38,7 @@ from engine.store.catalog import Catalog, CatalogEntry
 from engine.store.check import clear_healed
 from engine.store.codec import Codec, parse_header
 from engine.store.diskmap import DiskMap
-from engine.store.failure import write_failure
+from engine.store.failure import is_write_failure, write_failure
 from engine.store.index import Index
 from engine.store.keys import (
     ENCRYPTION_AES,
@@ -330,9 +330,9 @@ class Store:
                 offset = writer.append(chunk_id, record, header.plain_len)
             except BaseException as e:  # the pack's state is unknown: never use it again
                 failure = self._abandon_locked(writer, e, needed=len(record))
-                if isinstance(e, Exception):
+                if is_write_failure(e):
                     raise failure from e
-                raise
+                raise  # not an I/O failure (a bug, an interrupt): abandoned, raised as is
             self._pending[chunk_id] = _Pending(writer, offset, len(record))
             if writer.size >= self.config.pack_size:
                 self._rotate_locked()
@@ -466,7 +466,7 @@ class Store:
         except BaseException as e:  # every failure abandons: flush(since=…) relies on it
             with self._wlock:
                 failure = self._abandon_locked(writer, e)
-            if isinstance(e, Exception):
+            if is_write_failure(e):
                 raise failure from e
             raise
         with self._wlock:
