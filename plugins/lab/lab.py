@@ -77,10 +77,12 @@ def _paths(directory: Path) -> dict[str, Path]:
     }
 
 
-async def run(directory: Path) -> None:
-    """The lab process: build images, serve until SIGTERM, then stop everything."""
+async def run(directory: Path, seed: Seed | None = None) -> None:
+    """The lab process: build images, serve until SIGTERM, then stop everything.
+
+    ``seed`` (default ``lab_seed()``) lets a test serve another inventory the same way."""
     p = _paths(directory)
-    seed = lab_seed()
+    seed = seed or lab_seed()
     p["images"].mkdir(parents=True, exist_ok=True)
     p["engine"].mkdir(parents=True, exist_ok=True)
     p["imageio"].mkdir(parents=True, exist_ok=True)

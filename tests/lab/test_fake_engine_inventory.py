@@ -236,9 +236,16 @@ async def test_unknown_ids_are_not_found(engine: FakeEngine) -> None:
         conn.system_service().disks_service().disk_service(missing).get()
 
     def get_path(conn: sdk.Connection) -> None:
-        conn.system_service().templates_service().list()  # not served in this slice
+        conn.system_service().affinity_labels_service().list()  # not served by the lab
 
-    for fn in (get_vm, get_disk, get_path):
+    def get_template(conn: sdk.Connection) -> None:
+        conn.system_service().templates_service().template_service(missing).get()
+
+    def get_disk_snapshots(conn: sdk.Connection) -> None:
+        disk = conn.system_service().disks_service().disk_service(missing)
+        disk.disk_snapshots_service().list()
+
+    for fn in (get_vm, get_disk, get_path, get_template, get_disk_snapshots):
         with pytest.raises(sdk.NotFoundError):
             await with_sdk(engine, fn)
 

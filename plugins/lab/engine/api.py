@@ -9,7 +9,8 @@ Every request under the API prefix goes through ``api_middleware``:
 - the ``FAULTS`` knobs (``faults``), when the app has them, delay every request (``slow_ms``)
   and refuse the next authenticated ones with a 503 ``<fault>`` (``http_5xx``).
 
-Lists accept ``search=`` (see ``search``), ``case_sensitive=`` and ``max=``; VMs also accept
+Lists accept ``search=`` (see ``search``; ``page N`` pages by ``max``), ``case_sensitive=`` and
+``max=``; VMs also accept
 ``follow=disk_attachments``, ``follow=disk_attachments.disk`` and ``follow=tags``, which inline
 those sub-collections. ``all_content=true`` (query, or the ``All-Content: true`` header the SDK
 adds along) adds each VM's OVF (``ovf.vm_ovf``) in ``initialization.configuration``.
@@ -34,6 +35,7 @@ INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", Sessions)
 
 _log = logging.getLogger(__name__)
+SEARCH_RESULTS_LIMIT = 100  # engine-config SearchResultsLimit: the page size without max=
 VM_FOLLOWS = frozenset({"disk_attachments", "disk_attachments.disk", "tags"})
 _T = TypeVar("_T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -117,11 +119,17 @@ def _listing(
     except search.SearchError as e:
         raise Fault(400, str(e)) from None
     selected = [o for o in items if query.matches(fields(o))]
+    limit = None
     if "max" in q:
         try:
-            selected = selected[: max(0, int(q["max"]))]
+            limit = max(0, int(q["max"]))
         except ValueError:
             raise Fault(400, f"max={q['max']!r} is not a number") from None
+    if query.page is not None:  # ``page N``: pages of ``max`` (else the engine's 100)
+        size = SEARCH_RESULTS_LIMIT if limit is None else limit
+        selected = selected[(query.page - 1) * size : query.page * size]
+    elif limit is not None:
+        selected = selected[:limit]
     return render.xml_response([render_one(o) for o in selected], root=root)
 
 

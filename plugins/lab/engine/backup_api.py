@@ -109,8 +109,8 @@ def render_event(e: Event) -> types.Event:
         severity=types.LogSeverity(e.severity),
         description=e.description,
         time=e.time,
-        origin="oVirt",
-        custom_id=-1,
+        origin=e.origin,
+        custom_id=e.custom_id,
         vm=_ref(types.Vm, "vms", e.vm_id) if e.vm_id else None,
     )
     out.href = f"{API}/events/{e.index}"

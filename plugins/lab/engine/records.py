@@ -83,6 +83,8 @@ class Event:
     description: str
     vm_id: str | None
     time: datetime = field(default_factory=now)
+    origin: str = "oVirt"  # the engine's own; ``POST events`` (``inventory_api``) names others
+    custom_id: int = -1
 
 
 @dataclass(frozen=True, slots=True)

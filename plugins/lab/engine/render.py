@@ -199,6 +199,9 @@ def vm(
         ),
         fqdn=f"{v.name}.lab.example" if agent else None,
         snapshots=link(f"vms/{v.id}/snapshots"),
+        nics=link(f"vms/{v.id}/nics"),
+        reported_devices=link(f"vms/{v.id}/reporteddevices"),
+        permissions=link(f"vms/{v.id}/permissions"),
     )
     out.href = f"{API}/vms/{v.id}"
     return out

@@ -1,14 +1,16 @@
 """The subset of the engine's search language that backup clients send (``?search=``).
 
-    query  := term (("and" | "or") term)*        "and" binds tighter than "or"
+    query  := [terms] ["page" N]                 N ≥ 1: the Nth page of ``max`` results
+    terms  := term (("and" | "or") term)*        "and" binds tighter than "or"
     term   := field ("=" | "!=") value           value: word or "quoted words";
                                                  ``*`` in a value matches any run of characters
 
-Examples: ``name=web*``, ``cluster=Default and status=up``, ``id=<uuid> or name="my vm"``.
+Examples: ``name=web*``, ``cluster=Default and status=up``, ``id=<uuid> or name="my vm"``,
+``page 2`` (SDK-EX ``page_vms.py`` pages with ``search="page N"`` and ``max=``).
 Each collection says which fields it knows; an object exposes, per field, one value or several
 (a VM has many tags: ``tag=gold`` matches if any of them is ``gold``). Matching is
 case-sensitive unless the caller says otherwise, like the engine's ``case_sensitive=`` default.
-The engine's ``Vms:`` prefixes, ``<``/``>``, sorting (``sortby``) and paging are not supported.
+The engine's ``Vms:`` prefixes, ``<``/``>`` and sorting (``sortby``) are not supported.
 """
 
 import re
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 _TERM = re.compile(r'\s*([A-Za-z_][\w.]*)\s*(!=|=)\s*(?:"([^"]*)"|([^\s"]+))\s*')
 _JOIN = re.compile(r"(and|or)\s+", re.IGNORECASE)
+_PAGE = re.compile(r"(?:^|\s+)page\s+(\d+)\s*$", re.IGNORECASE)
 
 
 class SearchError(ValueError):
@@ -36,6 +39,7 @@ class Query:
 
     groups: tuple[tuple[_Term, ...], ...]
     case_sensitive: bool = True
+    page: int | None = None  # ``page N``: the caller selects the Nth ``max``-sized slice
 
     def matches(self, fields: Mapping[str, str | Iterable[str] | None]) -> bool:
         """Whether an object with these field values is selected; a missing value never equals."""
@@ -52,8 +56,14 @@ class Query:
 
 def parse(query: str | None, known: Iterable[str], *, case_sensitive: bool = True) -> Query:
     """Parse ``query`` (None or blank selects everything). Raises ``SearchError``."""
+    page = None
+    if query is not None and (m := _PAGE.search(query)) is not None:
+        page = int(m.group(1))
+        if page < 1:
+            raise SearchError(f"page must be 1 or more in search {query!r}")
+        query = query[: m.start()]
     if query is None or not query.strip():
-        return Query((), case_sensitive)
+        return Query((), case_sensitive, page)
     allowed = set(known)
     groups: list[list[_Term]] = [[]]
     pos = 0
@@ -75,4 +85,4 @@ def parse(query: str | None, known: Iterable[str], *, case_sensitive: bool = Tru
         if j.group(1).lower() == "or":
             groups.append([])
         pos = j.end()
-    return Query(tuple(tuple(g) for g in groups), case_sensitive)
+    return Query(tuple(tuple(g) for g in groups), case_sensitive, page)

@@ -40,7 +40,15 @@ from typing import Self
 
 from aiohttp import web
 
-from plugins.lab.engine import api, attach_api, backup_api, restore_api, snapshot_api, sso
+from plugins.lab.engine import (
+    api,
+    attach_api,
+    backup_api,
+    inventory_api,
+    restore_api,
+    snapshot_api,
+    sso,
+)
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.devices import Devices
 from plugins.lab.engine.faults import FAULTS, Faults
@@ -79,6 +87,7 @@ def make_app(
     app.add_routes(backup_api.routes())
     app.add_routes(snapshot_api.routes())
     app.add_routes(attach_api.routes())
+    app.add_routes(inventory_api.routes())
     app.add_routes(r for r in restore_api.routes() if r.handler is not restore_api.add_attachment)
     return app
 

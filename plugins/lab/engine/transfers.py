@@ -160,7 +160,8 @@ async def start(
             backup_id=backup_id,
             ticket=ticket,
             url=a.imageio.data_url(ticket),
-            host_id=vm.host_id if vm and vm.host_id else None,
+            # The engine always picks a host: the VM's, else any host up in the data center.
+            host_id=vm.host_id if vm and vm.host_id else next(iter(a.inventory.hosts), None),
             inactivity_timeout=inactivity_timeout or 60,
             timeout_policy=timeout_policy or "legacy",
             nbd=None if failure else nbd,
