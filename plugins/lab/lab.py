@@ -16,6 +16,10 @@ The lab process owns the fake engine, an ovirt-imageio daemon (its data URL base
 lab.json) and the qemu-nbd exports the engine starts for image transfers of D/images/*; it
 stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
 
+As on a real engine, imageio speaks TLS only, with a certificate from the engine CA
+(D/engine/ca.pem, the ``ca_file`` of lab.json and tessera.yaml, also served at
+``/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``).
+
 The DataMover VM (``tessera-datamover``) has local devices: a disk attached to it through the
 API appears under D/devices/by-id as udev would name it (FUSE mounts in D/devices/mnt,
 ``engine.devices``); tessera.yaml points ``datamover.by_id_dir`` there, so the LAN-free flow
@@ -137,7 +141,11 @@ async def run(directory: Path) -> None:
                 "password_file": str(p["password"]),
                 "ca_file": str(engine.ca_file),
             },
-            "imageio": {"control_url": daemon.control_url, "log": str(daemon.log_path)},
+            "imageio": {
+                "control_url": daemon.control_url,
+                "log": str(daemon.log_path),
+                "ca_file": str(engine.ca_file),  # the same CA as the engine's
+            },
             "datamover": DATAMOVER,
             "by_id_dir": str(p["devices"] / "by-id"),
             "vms": vms,
