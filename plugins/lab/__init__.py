@@ -35,10 +35,10 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
 
 
 def _lab_command(name: str) -> Any:
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         from plugins.lab import lab  # noqa: PLC0415 - keep the entry point light
 
-        return getattr(lab, name)(*args)
+        return getattr(lab, name)(*args, **kwargs)
 
     return call
 

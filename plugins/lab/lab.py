@@ -18,7 +18,10 @@ stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
 
 As on a real engine, imageio speaks TLS only, with a certificate from the engine CA
 (D/engine/ca.pem, the ``ca_file`` of lab.json and tessera.yaml, also served at
-``/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``).
+``/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``), and SSO
+tokens expire: ``up(sso_idle_timeout=…, sso_lifetime=…)`` (``tessera lab up
+--sso-idle-timeout/--sso-lifetime``) shortens the engine's 30-minute idle timeout and
+10-hour lifetime to try long jobs against expiring tokens.
 
 The DataMover VM (``tessera-datamover``) has local devices: a disk attached to it through the
 API appears under D/devices/by-id as udev would name it (FUSE mounts in D/devices/mnt,
@@ -44,6 +47,7 @@ from ovirtsdk4 import types
 from engine.core.errors import ConfigError
 from engine.core.units import GiB
 from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.engine import sso
 from plugins.lab.engine.devices import unmount_all
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed
@@ -81,7 +85,12 @@ def _paths(directory: Path) -> dict[str, Path]:
     }
 
 
-async def run(directory: Path) -> None:
+async def run(
+    directory: Path,
+    *,
+    sso_idle_timeout: float = sso.IDLE_TIMEOUT,
+    sso_lifetime: float = sso.LIFETIME,
+) -> None:
     """The lab process: build images, serve until SIGTERM, then stop everything."""
     p = _paths(directory)
     seed = lab_seed()
@@ -129,6 +138,8 @@ async def run(directory: Path) -> None:
             imageio=daemon,
             datamover=DATAMOVER,
             devices_dir=p["devices"],
+            sso_idle_timeout=sso_idle_timeout,
+            sso_lifetime=sso_lifetime,
         ) as engine,
     ):
         p["password"].write_text(seed.password + "\n")
@@ -146,6 +157,7 @@ async def run(directory: Path) -> None:
                 "log": str(daemon.log_path),
                 "ca_file": str(engine.ca_file),  # the same CA as the engine's
             },
+            "sso": {"idle_timeout": sso_idle_timeout, "lifetime": sso_lifetime},
             "datamover": DATAMOVER,
             "by_id_dir": str(p["devices"] / "by-id"),
             "vms": vms,
@@ -182,16 +194,27 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
     )
 
 
-def up(directory: Path) -> dict[str, Any]:
-    """Start the lab in the background (idempotent while it runs); returns lab.json."""
+def up(
+    directory: Path,
+    *,
+    sso_idle_timeout: float | None = None,
+    sso_lifetime: float | None = None,
+) -> dict[str, Any]:
+    """Start the lab in the background (idempotent while it runs: a running lab keeps its
+    settings); returns lab.json. The SSO knobs default to the engine's (``sso``)."""
     directory.mkdir(parents=True, exist_ok=True)
     p = _paths(directory)
     if _alive(p):
         return dict(json.loads(p["json"].read_text()))
     p["json"].unlink(missing_ok=True)
+    command = [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)]
+    if sso_idle_timeout is not None:
+        command += ["--sso-idle-timeout", str(sso_idle_timeout)]
+    if sso_lifetime is not None:
+        command += ["--sso-lifetime", str(sso_lifetime)]
     with p["log"].open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

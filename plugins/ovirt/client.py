@@ -18,6 +18,12 @@ lazily opens its own ``Connection``. They share one SSO token: one login per cli
 SDK's ``wait=False`` futures are never used: a transport error on one of them can leave
 another blocked forever (API-NOTES § 10.5).
 
+SSO tokens expire (after 30 idle minutes, and 10 hours after login, on a default engine), so
+a long backup or a daemon running for days outlives its token. Every ``Connection`` keeps
+the password, and the SDK answers the engine's 401 by logging in again and repeating the
+request once (API-NOTES § 1.2), so each thread's connection renews its own token when it
+finds it expired; the client remembers the newest token for the threads it opens later.
+
 ``engine_ca()`` is the engine CA that imageio's certificates are verified with
 (``engine_ca``: the configured ``ca_file``, else fetched from the engine once per client).
 
@@ -297,7 +303,16 @@ class EngineClient:
         if conn is None:
             conn = self._open()
             self._local.conn = conn
-        return fn(conn)
+        try:
+            return fn(conn)
+        finally:
+            # A 401 made the SDK log in again: threads opened later start from this token
+            # instead of each finding the old one expired. (authenticate() makes no request
+            # while the connection has a token.)
+            token = conn.authenticate()
+            if token != self._token:
+                with self._login_lock:
+                    self._token = token
 
     def _open(self) -> sdk.Connection:
         """In a worker thread: a new Connection; the first one of the client logs in.

@@ -94,6 +94,7 @@ class FakeEngine:
     """A fake oVirt engine on ``https://127.0.0.1:<random port>/ovirt-engine/api``.
 
     ``workdir`` must exist; the CA certificate and the server key are written there.
+    ``sso_idle_timeout`` / ``sso_lifetime`` are the SSO tokens' lifetimes (``sso.Sessions``).
     Use as an async context manager, or call ``start()`` and then ``close()`` (always, even
     when start failed half-way).
     ``url``, ``port`` and ``ca_file`` are valid only after ``start()``.
@@ -110,6 +111,8 @@ class FakeEngine:
         datamover: str | None = None,
         devices_dir: Path | None = None,
         ca: LabCa | None = None,
+        sso_idle_timeout: float = sso.IDLE_TIMEOUT,
+        sso_lifetime: float = sso.LIFETIME,
     ) -> None:
         # One CA for the engine and imageio, as on a real setup (the engine CA).
         self.ca = ca if ca is not None else imageio.ca if imageio is not None else LabCa()
@@ -119,7 +122,9 @@ class FakeEngine:
         )
         # The fault knobs (``faults`` module): set them on the event loop to misbehave.
         self.faults: Faults = self.activity.faults
-        self.sessions = sso.Sessions(seed.username, seed.password)
+        self.sessions = sso.Sessions(
+            seed.username, seed.password, idle_timeout=sso_idle_timeout, lifetime=sso_lifetime
+        )
         self.username = seed.username
         self.password = seed.password
         self._workdir = workdir
