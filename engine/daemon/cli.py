@@ -205,6 +205,22 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
         p = lsub.add_parser(action, help=text)
         p.add_argument("--dir", type=Path, required=True, help="the lab's directory")
         p.add_argument("--json", action="store_true")
+        if action == "up":
+            p.add_argument(
+                "--sso-idle-timeout",
+                type=cli_args.positive_float,
+                metavar="SECONDS",
+                help="an SSO token expires after this long without a request (default: 1800, "
+                "the engine's UserSessionTimeOutInterval of 30 minutes)",
+            )
+            p.add_argument(
+                "--sso-lifetime",
+                type=cli_args.positive_float,
+                metavar="SECONDS",
+                help="an SSO token expires this long after login, however busy (default: "
+                "36000, the engine's UserSessionHardLimit of 600 minutes); clients must log "
+                "in again on the engine's 401, as ovirtsdk4 does once per request",
+            )
         p.set_defaults(func=cmd_lab)
 
 
@@ -462,7 +478,14 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
 
 def cmd_lab(args: argparse.Namespace) -> int:
     action = registry.get("lab").factory(args.lab_command)
-    result = action(args.dir.resolve())
+    if args.lab_command == "up":
+        result = action(
+            args.dir.resolve(),
+            sso_idle_timeout=args.sso_idle_timeout,
+            sso_lifetime=args.sso_lifetime,
+        )
+    else:
+        result = action(args.dir.resolve())
     if args.lab_command == "down":
         print("lab stopped" if result else f"no lab was running in {args.dir}")
         return EXIT_OK

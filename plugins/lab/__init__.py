@@ -5,9 +5,10 @@ with a fake that speaks the engine's REST API closely enough for the real ``ovir
 and keeps the data path real:
 
 - **fake engine** (``plugins.lab.engine``): an aiohttp application on 127.0.0.1 behind TLS
-  with a throw-away CA. It serves SSO, the API root and the inventory from an in-memory model
-  built from a ``Seed``. Responses are written by the SDK's own XML writers, so what the
-  client parses is what the real engine's schema allows.
+  with a throw-away CA (``tls``), the engine CA that also signs imageio's certificate. It
+  serves SSO, the API root and the inventory from an in-memory model built from a ``Seed``.
+  Responses are written by the SDK's own XML writers, so what the client parses is what the
+  real engine's schema allows.
 - **real ovirt-imageio**, **qemu-nbd** and **generated qcow2/raw disks** (later slices): image
   transfers hand out real imageio tickets backed by qemu-nbd, checkpoints are real qcow2
   bitmaps, so backups read real bytes and real dirty extents.
@@ -34,10 +35,10 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
 
 
 def _lab_command(name: str) -> Any:
-    def call(*args: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         from plugins.lab import lab  # noqa: PLC0415 - keep the entry point light
 
-        return getattr(lab, name)(*args)
+        return getattr(lab, name)(*args, **kwargs)
 
     return call
 

@@ -4,6 +4,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from plugins.lab.engine import sso
 from plugins.lab.lab import run
 
 
@@ -11,8 +12,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m plugins.lab")
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--sso-idle-timeout", type=float, default=sso.IDLE_TIMEOUT)
+    parser.add_argument("--sso-lifetime", type=float, default=sso.LIFETIME)
     args = parser.parse_args()
-    asyncio.run(run(args.dir.resolve()))
+    asyncio.run(
+        run(
+            args.dir.resolve(),
+            sso_idle_timeout=args.sso_idle_timeout,
+            sso_lifetime=args.sso_lifetime,
+        )
+    )
 
 
 if __name__ == "__main__":

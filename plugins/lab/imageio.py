@@ -2,12 +2,12 @@
 
 ``ImageioDaemon`` runs the ``ovirt-imageio`` package (installed in the same Python
 environment) as a subprocess with a private configuration, so it behaves like the daemon on an
-oVirt host without root, systemd or TLS::
+oVirt host without root or systemd, and like it, serves images over TLS only::
 
-    async with ImageioDaemon() as daemon:
+    async with ImageioDaemon(ca=lab_ca) as daemon:
         await daemon.add_ticket(ticket, "nbd:unix:/path/nbd.sock", size, ["read"])
-        url = daemon.data_url(ticket)  # http://127.0.0.1:PORT/images/<ticket>
-        ...
+        url = daemon.data_url(ticket)  # https://127.0.0.1:PORT/images/<ticket>
+        ...   # clients verify it with daemon.ca_file (the engine CA)
         await daemon.remove_ticket(ticket)
 
 What a caller must know:
@@ -17,8 +17,14 @@ What a caller must know:
   removes it unless ``keep_dir`` was set. ``log_path`` is the daemon's log, quoted in errors.
 - The data service listens on 127.0.0.1 and the control service on localhost (IPv4), both on
   ports the kernel picks (port 0), read back from the daemon's log: no port can be taken by
-  someone else between choosing and binding it. TLS is off and the local (unix socket)
-  service is disabled, so OPTIONS advertises no ``unix_socket``.
+  someone else between choosing and binding it. The local (unix socket) service is disabled,
+  so OPTIONS advertises no ``unix_socket``.
+- The data service speaks TLS (imageio's ``[tls] enable = true``, as on every oVirt host)
+  with a certificate for 127.0.0.1 issued by ``ca`` (``plugins.lab.tls.LabCa``; a new one
+  when not given). Give the fake engine the same CA (``FakeEngine`` takes the daemon's by
+  default) and it is the engine CA of a real setup: clients need ``ca_file`` (a copy of the
+  CA certificate in the daemon's directory) and a plain ``http://`` client is refused. The
+  control service stays plain HTTP on localhost, as vdsm reaches it over a local socket.
 - ``start()`` returns once the control service answers; it raises ``ImageioDaemonError``
   (quoting the log) if the daemon exits or is not ready within ``START_TIMEOUT``, and leaves
   nothing running or on disk then. ``stop()`` sends SIGTERM, SIGKILL after ``STOP_TIMEOUT``,
@@ -41,6 +47,7 @@ from typing import Any, Final, Self
 import aiohttp
 
 from engine.core.errors import EngineError
+from plugins.lab.tls import LabCa, TlsFiles
 
 # Starting imports the package and binds two sockets; well under a second on an idle
 # machine, but a loaded CI box can be slow to start a Python process.
@@ -79,7 +86,7 @@ class ImageioControlError(EngineError):
     template = "ovirt-imageio control {method} ticket {ticket}: HTTP {status}: {reason}"
 
 
-def _config(directory: Path, remove_timeout: int) -> str:
+def _config(directory: Path, remove_timeout: int, tls: TlsFiles) -> str:
     log_file = directory / "daemon.log"
     # The [handler_logfile] args/kwargs are evaluated by logging.config.fileConfig; the
     # default kwargs (maxBytes, backupCount) only suit RotatingFileHandler.
@@ -92,7 +99,10 @@ systemd_enable = false
 run_dir = {directory / "run"}
 
 [tls]
-enable = false
+enable = true
+key_file = {tls.key_file}
+cert_file = {tls.cert_file}
+ca_file = {tls.ca_file}
 
 [remote]
 host = 127.0.0.1
@@ -128,6 +138,7 @@ class ImageioDaemon:
         keep_dir: bool = False,
         remove_timeout: int = REMOVE_TIMEOUT,
         python: str = sys.executable,
+        ca: LabCa | None = None,
     ) -> None:
         if remove_timeout < 1:
             # remove_ticket() relies on the daemon waiting before it answers 409.
@@ -136,6 +147,8 @@ class ImageioDaemon:
         self.keep_dir = keep_dir
         self.remove_timeout = remove_timeout
         self.python = python
+        self.ca = ca if ca is not None else LabCa()  # signs the data service's certificate
+        self._tls: TlsFiles | None = None
         self._dir: Path | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -166,8 +179,10 @@ class ImageioDaemon:
         try:
             (self._dir / "conf.d").mkdir()
             (self._dir / "run").mkdir()
+            (self._dir / "pki").mkdir()
+            self._tls = self.ca.issue(self._dir / "pki", "imageio")
             (self._dir / "conf.d" / "99-tessera-lab.conf").write_text(
-                _config(self._dir, self.remove_timeout)
+                _config(self._dir, self.remove_timeout, self._tls)
             )
             # Output before logging is configured (bad config, import errors) goes here; a
             # file, because a pipe nobody drains would block the daemon when full.
@@ -271,6 +286,7 @@ class ImageioDaemon:
                     await proc.wait()
             finally:
                 self._remote_port = self._control_port = None
+                self._tls = None
                 if self._dir is not None and not self.keep_dir:
                     shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
@@ -303,7 +319,14 @@ class ImageioDaemon:
 
     def data_url(self, ticket: str) -> str:
         """The transfer URL of ``ticket`` (what the engine reports as ``transfer_url``)."""
-        return f"http://127.0.0.1:{self.remote_port}/images/{ticket}"
+        return f"https://127.0.0.1:{self.remote_port}/images/{ticket}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate (PEM) that verifies ``data_url``: the lab's engine CA."""
+        if self._tls is None:
+            raise RuntimeError("ImageioDaemon is not running")
+        return self._tls.ca_file
 
     # -- control API -----------------------------------------------------------------------
 

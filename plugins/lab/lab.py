@@ -16,6 +16,13 @@ The lab process owns the fake engine, an ovirt-imageio daemon (its data URL base
 lab.json) and the qemu-nbd exports the engine starts for image transfers of D/images/*; it
 stops them all on SIGTERM. Everything listens on 127.0.0.1 only.
 
+As on a real engine, imageio speaks TLS only, with a certificate from the engine CA
+(D/engine/ca.pem, the ``ca_file`` of lab.json and tessera.yaml, also served at
+``/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``), and SSO
+tokens expire: ``up(sso_idle_timeout=…, sso_lifetime=…)`` (``tessera lab up
+--sso-idle-timeout/--sso-lifetime``) shortens the engine's 30-minute idle timeout and
+10-hour lifetime to try long jobs against expiring tokens.
+
 The DataMover VM (``tessera-datamover``) has local devices: a disk attached to it through the
 API appears under D/devices/by-id as udev would name it (FUSE mounts in D/devices/mnt,
 ``engine.devices``); tessera.yaml points ``datamover.by_id_dir`` there, so the LAN-free flow
@@ -40,6 +47,7 @@ from ovirtsdk4 import types
 from engine.core.errors import ConfigError
 from engine.core.units import GiB
 from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.engine import sso
 from plugins.lab.engine.devices import unmount_all
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_seed
@@ -77,7 +85,13 @@ def _paths(directory: Path) -> dict[str, Path]:
     }
 
 
-async def run(directory: Path, seed: Seed | None = None) -> None:
+async def run(
+    directory: Path,
+    seed: Seed | None = None,
+    *,
+    sso_idle_timeout: float = sso.IDLE_TIMEOUT,
+    sso_lifetime: float = sso.LIFETIME,
+) -> None:
     """The lab process: build images, serve until SIGTERM, then stop everything.
 
     ``seed`` (default ``lab_seed()``) lets a test serve another inventory the same way."""
@@ -127,6 +141,8 @@ async def run(directory: Path, seed: Seed | None = None) -> None:
             imageio=daemon,
             datamover=DATAMOVER,
             devices_dir=p["devices"],
+            sso_idle_timeout=sso_idle_timeout,
+            sso_lifetime=sso_lifetime,
         ) as engine,
     ):
         p["password"].write_text(seed.password + "\n")
@@ -139,7 +155,12 @@ async def run(directory: Path, seed: Seed | None = None) -> None:
                 "password_file": str(p["password"]),
                 "ca_file": str(engine.ca_file),
             },
-            "imageio": {"control_url": daemon.control_url, "log": str(daemon.log_path)},
+            "imageio": {
+                "control_url": daemon.control_url,
+                "log": str(daemon.log_path),
+                "ca_file": str(engine.ca_file),  # the same CA as the engine's
+            },
+            "sso": {"idle_timeout": sso_idle_timeout, "lifetime": sso_lifetime},
             "datamover": DATAMOVER,
             "by_id_dir": str(p["devices"] / "by-id"),
             "vms": vms,
@@ -176,16 +197,27 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
     )
 
 
-def up(directory: Path) -> dict[str, Any]:
-    """Start the lab in the background (idempotent while it runs); returns lab.json."""
+def up(
+    directory: Path,
+    *,
+    sso_idle_timeout: float | None = None,
+    sso_lifetime: float | None = None,
+) -> dict[str, Any]:
+    """Start the lab in the background (idempotent while it runs: a running lab keeps its
+    settings); returns lab.json. The SSO knobs default to the engine's (``sso``)."""
     directory.mkdir(parents=True, exist_ok=True)
     p = _paths(directory)
     if _alive(p):
         return dict(json.loads(p["json"].read_text()))
     p["json"].unlink(missing_ok=True)
+    command = [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)]
+    if sso_idle_timeout is not None:
+        command += ["--sso-idle-timeout", str(sso_idle_timeout)]
+    if sso_lifetime is not None:
+        command += ["--sso-lifetime", str(sso_lifetime)]
     with p["log"].open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -268,6 +268,7 @@ class OvirtVmSource(OvirtSourceBase):
                 image = await ImageioDisk.connect(
                     transfer.transfer_url,
                     transfer.proxy_url,
+                    ca=await self.client.engine_ca(),
                     keep_alive=keep_alive(self.client, transfer.id),
                 )
                 session._disks.append(

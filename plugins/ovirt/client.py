@@ -18,6 +18,15 @@ lazily opens its own ``Connection``. They share one SSO token: one login per cli
 SDK's ``wait=False`` futures are never used: a transport error on one of them can leave
 another blocked forever (API-NOTES § 10.5).
 
+SSO tokens expire (after 30 idle minutes, and 10 hours after login, on a default engine), so
+a long backup or a daemon running for days outlives its token. Every ``Connection`` keeps
+the password, and the SDK answers the engine's 401 by logging in again and repeating the
+request once (API-NOTES § 1.2), so each thread's connection renews its own token when it
+finds it expired; the client remembers the newest token for the threads it opens later.
+
+``engine_ca()`` is the engine CA that imageio's certificates are verified with
+(``engine_ca``: the configured ``ca_file``, else fetched from the engine once per client).
+
 Errors (all ``EngineError``; the SDK's never escape ``call``):
 
 - ``EngineAuthError``    (a ``ConfigError``) bad credentials or missing permission; not retried.
@@ -46,6 +55,7 @@ import structlog
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError, TransientError
 from engine.util.retry import RetryPolicy, retry
+from plugins.ovirt.engine_ca import EngineCa, load_engine_ca
 
 log = structlog.get_logger("tessera.ovirt")
 
@@ -192,6 +202,8 @@ class EngineClient:
         self._token: str | None = None
         self._connections: list[sdk.Connection] = []
         self._closed = False
+        self._ca: EngineCa | None = None
+        self._ca_lock = asyncio.Lock()
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -231,6 +243,15 @@ class EngineClient:
 
         policy = self._retry_policy if idempotent else RetryPolicy(attempts=1)
         return await retry(attempt, policy=policy, on_retry=on_retry, sleep=self._sleep)
+
+    async def engine_ca(self) -> EngineCa:
+        """The engine CA for imageio (``engine_ca.load_engine_ca``), loaded once per client.
+
+        Raises ``EngineCaError`` (a ``ConfigError``) or ``EngineCaUnavailable``."""
+        async with self._ca_lock:
+            if self._ca is None:
+                self._ca = await load_engine_ca(self.config.url, self.config.ca_file)
+            return self._ca
 
     async def test(self) -> str:
         """Log in and read the API root; return the engine's version ("4.5.7-…").
@@ -282,7 +303,16 @@ class EngineClient:
         if conn is None:
             conn = self._open()
             self._local.conn = conn
-        return fn(conn)
+        try:
+            return fn(conn)
+        finally:
+            # A 401 made the SDK log in again: threads opened later start from this token
+            # instead of each finding the old one expired. (authenticate() makes no request
+            # while the connection has a token.)
+            token = conn.authenticate()
+            if token != self._token:
+                with self._login_lock:
+                    self._token = token
 
     def _open(self) -> sdk.Connection:
         """In a worker thread: a new Connection; the first one of the client logs in.

@@ -6,7 +6,8 @@ engine). ``ImageioDisk.connect`` tries the transfer URL with ``OPTIONS`` and fal
 proxy only when the host cannot be reached (connection refused, unreachable, timeout); an
 HTTP error from the daemon is an answer, so it is raised, not routed around::
 
-    async with await ImageioDisk.connect(transfer_url, proxy_url, cafile=ca) as disk:
+    ca = await engine_client.engine_ca()  # engine_ca.EngineCa: the engine's own CA
+    async with await ImageioDisk.connect(transfer_url, proxy_url, ca=ca) as disk:
         zeroes = await disk.extents("zero", 0, await disk.size())  # clipped
         reader = await disk.open_reader()  # one HTTP connection
         try:
@@ -29,8 +30,13 @@ What a caller must know:
   into the caller's buffer; it checks the 206 status, ``Content-Range`` and the length.
   Writers send ``PUT`` (with ``flush=n``), ``PATCH zero`` and ``PATCH flush``: data is only
   durable after ``flush()``; after a failure, resend everything since the last flush.
-- ``https`` URLs verify the server against ``cafile`` (default: the system's CAs); ``http``
-  is for the lab.
+- ``https`` URLs verify the server (certificate and host name) against ``ca``, the engine
+  CA (``engine_ca``): imageio's certificates are issued by it, never by a public CA. Without
+  ``ca`` the system's CAs are used, which fails against every real engine. A certificate that
+  does not verify raises ``ImageioTlsError`` naming the URL and the CA's source at once: it is
+  not retried and not routed around through the proxy (both present the same CA's
+  certificates, and a mismatch is a configuration error or an interception). Plain ``http``
+  URLs get no TLS; no engine hands them out.
 - Tickets expire (the engine gives them ``ImageTransferClientTicketValidityInSeconds``, 300 s;
   imageio restarts that time after each request it completes) and imageio then answers 403 to
   everything: a transfer left idle that long is lost, e.g. a backup's second disk while the
@@ -43,6 +49,7 @@ and HTTP status)::
 
     ImageioError                   400, 404, 416…: the request is wrong; never retried
     ├── ImageioTicketGone          403: the ticket expired or was removed (transfer over)
+    ├── ImageioTlsError            the TLS handshake failed: the certificate is not the CA's
     └── ImageioTransientError      5xx, connection errors, timeouts, short bodies;
         (also TransientError)      retry on a new reader/writer
 """
@@ -62,6 +69,7 @@ import structlog
 from engine.core.errors import EngineError, TransientError
 from engine.core.extent import Extent
 from engine.sources.types import DiskReader, DiskWriter
+from plugins.ovirt.engine_ca import EngineCa
 
 # Connecting to a host's daemon or the engine's proxy: on a healthy network this takes
 # milliseconds; a host that has not accepted within 10 s is down or filtered, and waiting
@@ -111,6 +119,16 @@ class ImageioTransientError(ImageioError, TransientError):
     """The daemon failed (5xx) or the connection did; retry on a new connection."""
 
 
+class ImageioTlsError(ImageioError):
+    """The TLS handshake failed: the server's certificate does not verify with the engine CA
+    (or its host name does not match), or the server does not speak TLS."""
+
+    template = (
+        "imageio {url}: {op}: TLS handshake failed, the server's certificate was checked "
+        "against the engine CA {ca}: {reason}"
+    )
+
+
 def _ticket(url: str) -> str:
     return urlsplit(url).path.rstrip("/").rpartition("/")[2]
 
@@ -126,15 +144,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(path=f"{head}/{_short(ticket)}", query=""))
 
 
-def _ssl_context(url: str, cafile: str | None) -> ssl.SSLContext | None:
+def _ssl_context(url: str, ca: EngineCa | None) -> ssl.SSLContext | None:
     if urlsplit(url).scheme != "https":
         return None
-    return ssl.create_default_context(cafile=cafile)
+    return ca.context() if ca is not None else ssl.create_default_context()
 
 
-def _session(url: str, cafile: str | None) -> aiohttp.ClientSession:
+def _ca_source(ca: EngineCa | None) -> str:
+    return ca.source if ca is not None else "(none given: the system's CAs)"
+
+
+def _session(url: str, ca: EngineCa | None) -> aiohttp.ClientSession:
     # limit=1: one connection per session, so a session is one of the N parallel streams.
-    connector = aiohttp.TCPConnector(limit=1, ssl=_ssl_context(url, cafile) or False)
+    connector = aiohttp.TCPConnector(limit=1, ssl=_ssl_context(url, ca) or False)
     timeout = aiohttp.ClientTimeout(
         total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
     )
@@ -159,7 +181,21 @@ async def _error(resp: aiohttp.ClientResponse, url: str, op: str, offset: int) -
     return ImageioError(**fields, reason=reason)
 
 
-def _connection_error(url: str, op: str, offset: int, e: BaseException) -> ImageioTransientError:
+def _connection_error(
+    url: str, op: str, offset: int, e: BaseException, ca: EngineCa | None
+) -> ImageioError:
+    if isinstance(e, aiohttp.ClientSSLError):
+        # aiohttp wraps the ssl error; its own text repeats host and port around it.
+        cause = e.__cause__ or getattr(e, "certificate_error", None) or e
+        reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+        return ImageioTlsError(
+            url=redact(url),
+            op=op,
+            offset=offset,
+            status="(none)",
+            ca=_ca_source(ca),
+            reason=str(reason or cause),
+        )
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return ImageioTransientError(
         url=redact(url), op=op, offset=offset, status="(none)", reason=reason
@@ -249,10 +285,10 @@ class ImageioDisk:
         options: ImageioOptions,
         session: aiohttp.ClientSession,
         *,
-        cafile: str | None,
+        ca: EngineCa | None,
     ) -> None:
         self.url = url
-        self.cafile = cafile
+        self.ca = ca
         self._options = options
         self._session = session
         self._extents: dict[str, list[Extent]] = {}
@@ -266,12 +302,14 @@ class ImageioDisk:
         transfer_url: str,
         proxy_url: str | None = None,
         *,
-        cafile: str | None = None,
+        ca: EngineCa | None = None,
         keep_alive: Callable[[], Awaitable[None]] | None = None,
     ) -> "ImageioDisk":
         """Pick the transfer URL if its daemon answers OPTIONS, else the proxy URL.
 
-        Only a connection failure falls back; an HTTP error (403 for a gone ticket…) raises.
+        ``ca`` is the engine CA every https URL is verified with (module docstring).
+        Only a connection failure falls back; an HTTP error (403 for a gone ticket…) and a
+        certificate that does not verify (``ImageioTlsError``) raise.
         Raises ``ImageioTransientError`` if neither can be reached. ``keep_alive`` (the
         engine's ``extend`` of this transfer) runs in a ``TicketKeeper`` until ``close()``."""
         candidates = [transfer_url]
@@ -279,9 +317,9 @@ class ImageioDisk:
             candidates.append(proxy_url)
         failures: list[str] = []
         for url in candidates:
-            session = _session(url, cafile)
+            session = _session(url, ca)
             try:
-                options = await _options(session, url)
+                options = await _options(session, url, ca)
             except ImageioTransientError as e:
                 await session.close()
                 if e.fields.get("status") != "(none)":
@@ -291,7 +329,7 @@ class ImageioDisk:
             except BaseException:
                 await session.close()
                 raise
-            disk = cls(url, options, session, cafile=cafile)
+            disk = cls(url, options, session, ca=ca)
             if keep_alive is not None:
                 disk._keeper = TicketKeeper(keep_alive, redact(url))
                 disk._keeper.start()
@@ -306,7 +344,7 @@ class ImageioDisk:
 
     async def options(self) -> ImageioOptions:
         """Ask the server again (``connect`` already asked once: see ``cached_options``)."""
-        self._options = await _options(self._session, self.url)
+        self._options = await _options(self._session, self.url, self.ca)
         return self._options
 
     @property
@@ -358,12 +396,12 @@ class ImageioDisk:
                     raise await _error(resp, url, op, 0)
                 data = await resp.json()
         except _CONNECTION_ERRORS as e:
-            raise _connection_error(url, op, 0, e) from e
+            raise _connection_error(url, op, 0, e, self.ca) from e
         return _parse_extents(data, context, url)
 
     async def open_reader(self) -> "ImageioReader":
         """A new connection for reading (not connected until its first request)."""
-        return ImageioReader(self.url, cafile=self.cafile)
+        return ImageioReader(self.url, ca=self.ca)
 
     async def open_writer(self) -> "ImageioWriter":
         """A new connection for writing; the ticket must allow writes (zero and flush)."""
@@ -377,7 +415,7 @@ class ImageioDisk:
                 reason=f"the ticket does not allow writing (allow={sorted(self._options.allow)}, "
                 f"features={sorted(self._options.features)})",
             )
-        return ImageioWriter(self.url, cafile=self.cafile)
+        return ImageioWriter(self.url, ca=self.ca)
 
     async def close(self) -> None:
         """Stop extending the ticket, close the connection."""
@@ -400,7 +438,7 @@ class ImageioDisk:
         await self.close()
 
 
-async def _options(session: aiohttp.ClientSession, url: str) -> ImageioOptions:
+async def _options(session: aiohttp.ClientSession, url: str, ca: EngineCa | None) -> ImageioOptions:
     try:
         async with session.options(url) as resp:
             if resp.status != 200:
@@ -408,7 +446,7 @@ async def _options(session: aiohttp.ClientSession, url: str) -> ImageioOptions:
             data = await resp.json()
             allow = resp.headers.get("Allow", "")
     except _CONNECTION_ERRORS as e:
-        raise _connection_error(url, "OPTIONS", 0, e) from e
+        raise _connection_error(url, "OPTIONS", 0, e, ca) from e
     if not isinstance(data, dict):
         raise ImageioError(
             url=redact(url), op="OPTIONS", offset=0, status=200, reason=f"not an object: {data!r}"
@@ -455,9 +493,10 @@ def _parse_extents(data: Any, context: ExtentContext, url: str) -> list[Extent]:
 class ImageioReader:
     """One connection reading a disk (``engine.sources.types.DiskReader``)."""
 
-    def __init__(self, url: str, *, cafile: str | None = None) -> None:
+    def __init__(self, url: str, *, ca: EngineCa | None = None) -> None:
         self.url = url
-        self._session = _session(url, cafile)
+        self.ca = ca
+        self._session = _session(url, ca)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``: one ``GET`` with ``Range``.
@@ -488,7 +527,7 @@ class ImageioReader:
                     buf[got : got + n] = chunk
                     got += n
         except _CONNECTION_ERRORS as e:
-            raise _connection_error(self.url, op, offset, e) from e
+            raise _connection_error(self.url, op, offset, e, self.ca) from e
         if got != length:
             raise ImageioTransientError(
                 url=redact(self.url),
@@ -520,9 +559,10 @@ class ImageioWriter:
 
     Writes are not flushed one by one: call ``flush()`` before declaring the data safe."""
 
-    def __init__(self, url: str, *, cafile: str | None = None) -> None:
+    def __init__(self, url: str, *, ca: EngineCa | None = None) -> None:
         self.url = url
-        self._session = _session(url, cafile)
+        self.ca = ca
+        self._session = _session(url, ca)
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         """``PUT`` ``data`` at ``offset`` (imageio uses only the start of Content-Range)."""
@@ -555,7 +595,7 @@ class ImageioWriter:
                     raise await _error(resp, self.url, op, offset)
                 await resp.read()  # keep the connection reusable
         except _CONNECTION_ERRORS as e:
-            raise _connection_error(self.url, op, offset, e) from e
+            raise _connection_error(self.url, op, offset, e, self.ca) from e
 
     async def close(self) -> None:
         await self._session.close()

@@ -193,6 +193,7 @@ class _DiskUpload:
         self._image = await ImageioDisk.connect(
             transfer.transfer_url,
             transfer.proxy_url,
+            ca=await vr.client.engine_ca(),
             keep_alive=keep_alive(vr.client, transfer.id),  # extends the ticket until closed
         )
         info = DiskInfo(created.id, entry.name, entry.size, attrs)

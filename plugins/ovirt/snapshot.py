@@ -188,7 +188,9 @@ class SnapshotImageioSource(OvirtSourceBase):
                 transfer = await start_snapshot_transfer(self.client, volume)
                 transfers.append(transfer.id)
                 record("transfers", list(transfers))
-                image = await ImageioDisk.connect(transfer.transfer_url, transfer.proxy_url)
+                image = await ImageioDisk.connect(
+                    transfer.transfer_url, transfer.proxy_url, ca=await self.client.engine_ca()
+                )
                 session._disks.append(_Disk(dinfo, None, reason, image, transfer.id))
         except BaseException:
             await session.close(success=False)

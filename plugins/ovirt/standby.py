@@ -140,6 +140,7 @@ class _RefreshUpload:
         self._image = await ImageioDisk.connect(
             transfer.transfer_url,
             transfer.proxy_url,
+            ca=await sb.client.engine_ca(),
             keep_alive=keep_alive(sb.client, transfer.id),
         )
         failpoints.hit("ovirt.standby.transferring")

@@ -7,12 +7,15 @@ SDK calls run in worker threads (``asyncio.to_thread``); polling loops are bound
 
 import asyncio
 import os
+import ssl
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import ovirtsdk4 as sdk
 import pytest
 from ovirtsdk4 import types
@@ -21,6 +24,7 @@ from engine.core.units import KiB, MiB
 from engine.io import qemu
 from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
+from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import ImageioDisk
 from tests.unit.io import leaks
 
@@ -71,6 +75,11 @@ class Lab:
     raw: Path
     tmp: Path
     spare: Path | None = None
+
+    @property
+    def ca(self) -> EngineCa:
+        """The engine CA, which also issued imageio's certificate."""
+        return EngineCa.from_file(self.engine.ca_file)
 
     async def sdk(self, fn: Callable[[sdk.Connection], Any]) -> Any:
         def call() -> Any:
@@ -183,11 +192,12 @@ def stop_backup(conn: sdk.Connection, backup_id: str) -> types.Backup:
     raise AssertionError(f"backup stuck in {backup.phase}")
 
 
-async def read_all(url: str, size: int, readers: int = 4) -> bytes:
-    """Read ``[0, size)`` through imageio with ``readers`` parallel connections."""
+async def read_all(url: str, size: int, ca: EngineCa, readers: int = 4) -> bytes:
+    """Read ``[0, size)`` through imageio (verified with the engine ``ca``) with ``readers``
+    parallel connections."""
     buf = bytearray(size)
     chunk = 256 * KiB
-    async with await ImageioDisk.connect(url, url) as disk:
+    async with await ImageioDisk.connect(url, url, ca=ca) as disk:
         assert await disk.size() == size
 
         async def stripe(first: int) -> None:
@@ -203,6 +213,34 @@ async def read_all(url: str, size: int, readers: int = 4) -> bytes:
     return bytes(buf)
 
 
+async def test_the_engine_publishes_the_ca_that_issued_imageio_certificate(lab: Lab) -> None:
+    """As a real engine: one CA for the engine's HTTPS and imageio's, served at pki-resource
+    to anyone (no token), and ovirt-imageio's own client downloads with it (as ovirt-img
+    and the SDK examples do)."""
+    assert lab.daemon is not None
+    pem = lab.engine.ca_file.read_bytes()
+    assert lab.daemon.ca_file.read_bytes() == pem
+    base = f"https://127.0.0.1:{lab.engine.port}/ovirt-engine/services/pki-resource"
+    context = ssl.create_default_context(cafile=lab.engine.ca_file)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
+        query = {"resource": "ca-certificate", "format": "X509-PEM-CA"}
+        async with http.get(base, params=query) as resp:
+            assert resp.status == 200
+            assert await resp.read() == pem
+        async with http.get(base, params={"resource": "engine-certificate"}) as resp:
+            assert resp.status == 400
+
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    out = lab.tmp / "ovirt-imageio-client.raw"
+    # In its own process, as ovirt-img runs it (the client leaves a socket for the GC).
+    download = "import sys; from ovirt_imageio import client; client.download(*sys.argv[1:])"
+    await run(sys.executable, "-c", download, transfer.transfer_url, out, lab.engine.ca_file, "raw")
+    await run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", lab.qcow, out)
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
 async def test_full_then_incremental_backup(lab: Lab) -> None:
     # Full backup: one checkpoint (bitmap in the qcow2 only), both disks full.
     backup = await lab.sdk(start_backup)
@@ -216,9 +254,9 @@ async def test_full_then_incremental_backup(lab: Lab) -> None:
     for disk_id, image in ((QCOW_ID, lab.qcow), (RAW_ID, lab.raw)):
         transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=disk_id))
         assert transfer.transfer_url == transfer.proxy_url
-        assert transfer.transfer_url.startswith("http://127.0.0.1:")
+        assert transfer.transfer_url.startswith("https://127.0.0.1:")  # TLS, as the engine
         expected = await raw_copy(image, lab.tmp)
-        assert await read_all(transfer.transfer_url, len(expected)) == expected
+        assert await read_all(transfer.transfer_url, len(expected), lab.ca) == expected
         await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
     done = await lab.sdk(lambda c: stop_backup(c, backup.id))
     assert done.to_checkpoint_id == checkpoint
@@ -235,7 +273,7 @@ async def test_full_then_incremental_backup(lab: Lab) -> None:
 
     transfer = await lab.sdk(lambda c: create_transfer(c, inc.id, QCOW_ID))
     expected = await raw_copy(lab.qcow, lab.tmp)
-    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+    async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
         dirty = [(e.start, e.length) for e in await disk.extents("dirty", 0, SIZE) if e.dirty]
         assert dirty == written
         reader = await disk.open_reader()
@@ -376,7 +414,7 @@ async def test_upload_writes_the_image(lab: Lab) -> None:
     transfer = await lab.sdk(partial(add, disk_id=SPARE_ID))
     assert transfer.phase == types.ImageTransferPhase.TRANSFERRING
     data = bytes(range(256)) * (64 * KiB // 256)
-    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+    async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
         writer = await disk.open_writer()
         try:
             await writer.write(128 * KiB, data)

@@ -136,7 +136,7 @@ async def test_new_disk_upload_and_delete(lab: Lab) -> None:
 
     transfer = await lab.sdk(partial(upload, disk_id=disk.id))
     data = b"\x5a" * (64 * KiB)
-    async with await ImageioDisk.connect(transfer.transfer_url) as target:
+    async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as target:
         writer = await target.open_writer()
         try:
             await writer.write(MiB, data)

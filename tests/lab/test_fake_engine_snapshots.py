@@ -140,7 +140,7 @@ async def test_snapshot_reads_snapshot_time_content_and_delete_keeps_data(lab: L
     for disk_id, volume in volumes.items():
         transfer = await lab.sdk(partial(snapshot_transfer, volume_id=volume))
         expected = at_snapshot[disk_id]
-        assert await read_all(transfer.transfer_url, len(expected)) == expected
+        assert await read_all(transfer.transfer_url, len(expected), lab.ca) == expected
         await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
 
     assert await lab.sdk(partial(remove_snapshot, snapshot_id=s.id)) >= 1  # async delete

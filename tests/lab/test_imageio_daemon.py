@@ -2,11 +2,13 @@
 
 The image is a qcow2 written with qemu-io, served read-only by qemu-nbd with a persistent
 dirty bitmap exported, and registered as a ticket with an ``nbd:unix:<socket>`` URL as vdsm
-does; requests use plain aiohttp so these tests check the daemon, not Tessera's client.
+does; requests use plain aiohttp so these tests check the daemon, not Tessera's client. The
+data service speaks TLS only, with a certificate from the lab's CA (``daemon.ca_file``).
 """
 
 import asyncio
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +56,9 @@ async def test_tickets_and_data_over_qemu_nbd(tmp_path: Path) -> None:
     async with (
         QemuNbd(image, "qcow2", read_only=True, bitmap="b1") as nbd,
         ImageioDaemon(tmp_path) as daemon,
-        aiohttp.ClientSession() as http,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=daemon.ca_file))
+        ) as http,
     ):
         url = f"nbd:unix:{nbd.address}"
         await daemon.add_ticket(TICKET, url, SIZE, ["read"], dirty=True, transfer_id="tr-1")
@@ -73,7 +77,15 @@ async def test_tickets_and_data_over_qemu_nbd(tmp_path: Path) -> None:
         assert (await daemon.get_ticket(TICKET))["expires"] >= ticket["expires"] + 300
 
         data_url = daemon.data_url(TICKET)
-        assert data_url == f"http://127.0.0.1:{daemon.remote_port}/images/{TICKET}"
+        assert data_url == f"https://127.0.0.1:{daemon.remote_port}/images/{TICKET}"
+        # TLS only: plain http gets no HTTP answer, and only the lab CA verifies the daemon.
+        with pytest.raises(aiohttp.ClientError):
+            async with http.options(data_url.replace("https:", "http:", 1)):
+                pass
+        async with aiohttp.ClientSession() as system_cas:
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                async with system_cas.options(data_url):
+                    pass
 
         async with http.options(data_url) as resp:
             assert resp.status == 200

@@ -28,11 +28,13 @@ def tessera(*args: str | Path, passphrase: str | None = None) -> subprocess.Comp
 @pytest.mark.integration
 async def test_up_show_down(tmp_path: Path) -> None:
     lab = tmp_path / "lab"
-    up = tessera("lab", "up", "--dir", lab)
+    up = tessera("lab", "up", "--dir", lab, "--sso-idle-timeout", "900", "--sso-lifetime", "7200")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "tessera-datamover" in up.stdout
         doc = json.loads(tessera("lab", "show", "--dir", lab, "--json").stdout)
+        assert doc["sso"] == {"idle_timeout": 900, "lifetime": 7200}
+        assert doc["imageio"]["ca_file"] == doc["engine"]["ca_file"]
         assert tessera("lab", "up", "--dir", lab).returncode == 0  # idempotent while running
         assert (
             json.loads(tessera("lab", "show", "--dir", lab, "--json").stdout)["pid"] == doc["pid"]
@@ -115,3 +117,13 @@ def test_show_lists_what_a_restore_created(tmp_path: Path) -> None:
     finally:
         down = tessera("lab", "down", "--dir", lab)
     assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_up_help_documents_the_token_knobs() -> None:
+    result = tessera("lab", "up", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--sso-idle-timeout SECONDS" in text and "--sso-lifetime SECONDS" in text
+    assert "UserSessionTimeOutInterval" in text and "UserSessionHardLimit" in text
+    bad = tessera("lab", "up", "--dir", "/nonexistent", "--sso-lifetime", "0")
+    assert bad.returncode == 2 and "more than 0" in bad.stderr

@@ -26,6 +26,7 @@ from plugins.lab.engine.records import SNAPSHOT_CREATED, SNAPSHOT_REMOVED
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import lab_id
 from plugins.lab.imageio import ImageioDaemon
+from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import ImageioDisk
 from tests.integration.images import identical, qemu_io, reference
 from tests.ovirt.test_backup_api_flow import SEED, tessera
@@ -164,9 +165,9 @@ def finish(conn: sdk.Connection, transfer_id: str) -> None:
     raise AssertionError("transfer did not finish")
 
 
-async def read_disk(url: str, size: int) -> bytes:
+async def read_disk(url: str, size: int, ca_file: Path) -> bytes:
     buf = bytearray(size)
-    async with await ImageioDisk.connect(url) as disk:
+    async with await ImageioDisk.connect(url, ca=EngineCa.from_file(ca_file)) as disk:
         reader = await disk.open_reader()
         try:
             for offset in range(0, size, 8 * MiB):
@@ -191,7 +192,7 @@ async def test_the_fake_serves_a_point_in_time_snapshot_and_removes_it(
 
     qemu_io(images["vm1_os"], "write -P 0x5a 0 1M")  # the VM writes during the backup
     t = await call(engine, lambda c: transfer(c, backup.id))
-    assert await read_disk(t.transfer_url, len(before)) == before  # as at the start
+    assert await read_disk(t.transfer_url, len(before), engine.ca_file) == before  # as at start
     await call(engine, lambda c: finish(c, t.id))
 
     phases = await call(engine, lambda c: stop(c, backup.id))

@@ -5,6 +5,7 @@ for the allocation, ``qemu-img compare`` for what the writers produced.
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -18,10 +19,14 @@ from engine.core.units import KiB, MiB
 from engine.io.qemu import QemuNbd
 from engine.sources.types import DiskReader, DiskWriter
 from plugins.lab.imageio import ImageioDaemon
+from plugins.lab.tls import LabCa
+from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import (
     ImageioDisk,
     ImageioError,
+    ImageioReader,
     ImageioTicketGone,
+    ImageioTlsError,
     ImageioTransientError,
 )
 from tests.unit.io import leaks
@@ -47,6 +52,11 @@ async def daemon(tmp_path: Path) -> AsyncIterator[ImageioDaemon]:
     async with ImageioDaemon(tmp_path) as d:
         yield d
     assert list(tmp_path.glob("tessera-imageio-*")) == []
+
+
+def engine_ca(daemon: ImageioDaemon) -> EngineCa:
+    """The CA that issued the daemon's certificate (what a real engine's CA is to imageio)."""
+    return EngineCa.from_file(daemon.ca_file)
 
 
 async def run(*argv: str | Path | int) -> str:
@@ -111,7 +121,9 @@ async def test_concurrent_readers_read_the_image(tmp_path: Path, daemon: Imageio
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw)
     async with QemuNbd(image, "qcow2", read_only=True) as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
-        async with await ImageioDisk.connect(daemon.data_url(READ_TICKET)) as disk:
+        async with await ImageioDisk.connect(
+            daemon.data_url(READ_TICKET), ca=engine_ca(daemon)
+        ) as disk:
             options = disk.cached_options
             assert options.max_readers == 8
             assert {"extents"} <= options.features
@@ -132,7 +144,9 @@ async def test_zero_extents_match_the_allocation(tmp_path: Path, daemon: Imageio
             expected.append((m["start"], m["length"], m["zero"]))
     async with QemuNbd(image, "qcow2", read_only=True) as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
-        async with await ImageioDisk.connect(daemon.data_url(READ_TICKET)) as disk:
+        async with await ImageioDisk.connect(
+            daemon.data_url(READ_TICKET), ca=engine_ca(daemon)
+        ) as disk:
             extents = await disk.extents("zero", 0, SIZE)
             assert [(e.start, e.length, e.zero) for e in extents] == expected
             assert all(not e.dirty for e in extents)
@@ -173,7 +187,9 @@ async def test_dirty_extents_are_exactly_the_writes(tmp_path: Path, daemon: Imag
     )
     async with QemuNbd(image, "qcow2", read_only=True, bitmap="ckpt-1") as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"], dirty=True)
-        async with await ImageioDisk.connect(daemon.data_url(READ_TICKET)) as disk:
+        async with await ImageioDisk.connect(
+            daemon.data_url(READ_TICKET), ca=engine_ca(daemon)
+        ) as disk:
             extents = await disk.extents("dirty", 0, SIZE)
             assert [(e.start, e.length) for e in extents if e.dirty] == [
                 (MiB, 64 * KiB),
@@ -195,7 +211,9 @@ async def test_removed_ticket_gives_a_clear_error(tmp_path: Path, daemon: Imagei
     image = await make_source(tmp_path)
     async with QemuNbd(image, "qcow2", read_only=True) as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
-        async with await ImageioDisk.connect(daemon.data_url(READ_TICKET)) as disk:
+        async with await ImageioDisk.connect(
+            daemon.data_url(READ_TICKET), ca=engine_ca(daemon)
+        ) as disk:
             reader = await disk.open_reader()
             try:
                 buf = bytearray(4 * KiB)
@@ -226,8 +244,8 @@ async def test_writers_then_qemu_img_compare(tmp_path: Path, daemon: ImageioDaem
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{src_nbd.address}", SIZE, ["read"])
         await daemon.add_ticket(WRITE_TICKET, f"nbd:unix:{dst_nbd.address}", SIZE, ["write"])
         async with (
-            await ImageioDisk.connect(daemon.data_url(READ_TICKET)) as src,
-            await ImageioDisk.connect(daemon.data_url(WRITE_TICKET)) as dst,
+            await ImageioDisk.connect(daemon.data_url(READ_TICKET), ca=engine_ca(daemon)) as src,
+            await ImageioDisk.connect(daemon.data_url(WRITE_TICKET), ca=engine_ca(daemon)) as dst,
         ):
             assert {"zero", "flush"} <= dst.cached_options.features
             with pytest.raises(ImageioError, match="does not allow writing"):
@@ -272,11 +290,11 @@ async def test_writers_then_qemu_img_compare(tmp_path: Path, daemon: ImageioDaem
 
 async def test_falls_back_to_the_proxy_url(tmp_path: Path, daemon: ImageioDaemon) -> None:
     image = await make_source(tmp_path)
-    dead = f"http://127.0.0.1:{closed_port()}/images/{READ_TICKET}"
+    dead = f"https://127.0.0.1:{closed_port()}/images/{READ_TICKET}"
     async with QemuNbd(image, "qcow2", read_only=True) as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
         proxy = daemon.data_url(READ_TICKET)
-        async with await ImageioDisk.connect(dead, proxy) as disk:
+        async with await ImageioDisk.connect(dead, proxy, ca=engine_ca(daemon)) as disk:
             assert disk.url == proxy
             reader = await disk.open_reader()
             try:
@@ -286,17 +304,17 @@ async def test_falls_back_to_the_proxy_url(tmp_path: Path, daemon: ImageioDaemon
                 await reader.close()
             assert buf == b"\x33" * len(buf)
         # The transfer URL answers: it is used, the proxy is not even tried.
-        async with await ImageioDisk.connect(proxy, dead) as disk:
+        async with await ImageioDisk.connect(proxy, dead, ca=engine_ca(daemon)) as disk:
             assert disk.url == proxy
         # An HTTP answer is not routed around: 403 from the daemon raises.
         unknown = daemon.data_url("no-such-ticket-0000")
         with pytest.raises(ImageioTicketGone):
-            await ImageioDisk.connect(unknown, proxy)
+            await ImageioDisk.connect(unknown, proxy, ca=engine_ca(daemon))
         await daemon.remove_ticket(READ_TICKET)
 
     # Neither reachable: retryable, and both failures are named.
     with pytest.raises(ImageioTransientError, match="no URL of the transfer") as info:
-        await ImageioDisk.connect(dead, dead.replace("/images/", "/images/x"))
+        await ImageioDisk.connect(dead, dead.replace("/images/", "/images/x"), ca=engine_ca(daemon))
     assert isinstance(info.value, TransientError)
     assert info.value.retryable
 
@@ -305,7 +323,7 @@ async def test_connection_loss_is_transient(tmp_path: Path, daemon: ImageioDaemo
     image = await make_source(tmp_path)
     async with QemuNbd(image, "qcow2", read_only=True) as nbd:
         await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
-        disk = await ImageioDisk.connect(daemon.data_url(READ_TICKET))
+        disk = await ImageioDisk.connect(daemon.data_url(READ_TICKET), ca=engine_ca(daemon))
         reader = await disk.open_reader()
         try:
             await daemon.stop()
@@ -315,3 +333,63 @@ async def test_connection_loss_is_transient(tmp_path: Path, daemon: ImageioDaemo
         finally:
             await reader.close()
             await disk.close()
+
+
+async def test_a_wrong_ca_fails_at_once_naming_url_and_ca(
+    tmp_path: Path, daemon: ImageioDaemon
+) -> None:
+    """imageio's certificate checked against a CA that did not issue it: a clear, final error
+    (no proxy fallback, no retry), naming the imageio URL and the CA file."""
+    other = tmp_path / "other"
+    other.mkdir()
+    wrong = LabCa().issue(other).ca_file  # another engine's CA
+    image = await make_source(tmp_path)
+    async with QemuNbd(image, "qcow2", read_only=True) as nbd:
+        await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
+        url = daemon.data_url(READ_TICKET)
+        with pytest.raises(ImageioTlsError) as info:
+            await ImageioDisk.connect(url, url, ca=EngineCa.from_file(wrong))
+        message = str(info.value)
+        assert f"https://127.0.0.1:{daemon.remote_port}/images/0b7e4d52…" in message
+        assert str(wrong) in message
+        assert "certificate verify failed" in message or "self-signed" in message
+        assert "HTTP None" not in message and READ_TICKET not in message
+        assert not info.value.retryable
+        # The right CA reads; a reader with the wrong one fails the same way.
+        async with await ImageioDisk.connect(url, ca=engine_ca(daemon)) as disk:
+            reader = ImageioReader(url, ca=EngineCa.from_file(wrong))
+            try:
+                with pytest.raises(ImageioTlsError, match=str(wrong)):
+                    await reader.readinto(0, memoryview(bytearray(4 * KiB)))
+            finally:
+                await reader.close()
+            assert await disk.size() == SIZE
+        await daemon.remove_ticket(READ_TICKET)
+
+
+async def test_the_daemon_refuses_plain_http(tmp_path: Path, daemon: ImageioDaemon) -> None:
+    """TLS is really on: an http client gets no HTTP answer at all from the data port."""
+    image = await make_source(tmp_path)
+    async with QemuNbd(image, "qcow2", read_only=True) as nbd:
+        await daemon.add_ticket(READ_TICKET, f"nbd:unix:{nbd.address}", SIZE, ["read"])
+        url = daemon.data_url(READ_TICKET)
+        assert url.startswith("https://")
+        plain = url.replace("https://", "http://", 1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.remote_port)
+        try:
+            writer.write(f"OPTIONS {plain} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            await writer.drain()
+            answer = b""
+            try:
+                async with asyncio.timeout(10):
+                    answer = await reader.read(1024)
+            except ConnectionResetError:
+                pass
+            assert not answer.startswith(b"HTTP/"), answer
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        with pytest.raises(ImageioError):
+            await ImageioDisk.connect(plain, ca=engine_ca(daemon))
+        await daemon.remove_ticket(READ_TICKET)

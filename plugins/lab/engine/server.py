@@ -5,7 +5,10 @@
                                     password=engine.password, ca_file=str(engine.ca_file))
         ...   # call the SDK from a worker thread, never on the event loop (API-NOTES § 10.5)
 
-The server listens on 127.0.0.1 only, on a random free port, with TLS from a CA made at start.
+The server listens on 127.0.0.1 only, on a random free port, with TLS from the lab's CA
+(``plugins.lab.tls.LabCa``): the one given as ``ca``, else the imageio daemon's, else a new
+one. Like a real engine it signs the engine's certificate and imageio's, and the engine
+publishes it at ``/ovirt-engine/services/pki-resource`` (``pki``).
 
 Backups and image transfers (``backup_api``) need disk images and an ovirt-imageio daemon::
 
@@ -45,6 +48,7 @@ from plugins.lab.engine import (
     attach_api,
     backup_api,
     inventory_api,
+    pki,
     restore_api,
     snapshot_api,
     sso,
@@ -53,8 +57,8 @@ from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.devices import Devices
 from plugins.lab.engine.faults import FAULTS, Faults
 from plugins.lab.engine.state import Inventory, Seed
-from plugins.lab.engine.tls import TlsFiles, make_tls_files
 from plugins.lab.imageio import ImageioDaemon
+from plugins.lab.tls import LabCa, TlsFiles
 
 LISTEN_HOST = "127.0.0.1"  # loopback only: the lab's credentials are public
 SHUTDOWN_TIMEOUT = 2.0  # seconds to let in-flight requests finish at close
@@ -68,11 +72,13 @@ def make_app(
     activity: Activity | None = None,
     devices: Devices | None = None,
     datamover: str | None = None,
+    ca_pem: bytes | None = None,
 ) -> web.Application:
     """The aiohttp application alone (no TLS, no socket), for tests that drive it in-process.
 
     Without ``activity`` the backup routes serve an engine with no images and no imageio.
-    With ``devices`` the attachments of the VM named ``datamover`` become local devices."""
+    With ``devices`` the attachments of the VM named ``datamover`` become local devices.
+    With ``ca_pem`` the engine publishes that CA certificate (``pki``)."""
     app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
     app[api.INVENTORY] = inventory
     app[api.SESSIONS] = sessions
@@ -83,6 +89,8 @@ def make_app(
         app[attach_api.DEVICES] = devices
         app[attach_api.DATAMOVER] = datamover
     app.add_routes(sso.routes(sessions, clock))
+    if ca_pem is not None:
+        app.add_routes(pki.routes(ca_pem))
     app.add_routes(api.routes())
     app.add_routes(backup_api.routes())
     app.add_routes(snapshot_api.routes())
@@ -95,8 +103,10 @@ def make_app(
 class FakeEngine:
     """A fake oVirt engine on ``https://127.0.0.1:<random port>/ovirt-engine/api``.
 
-    ``workdir`` must exist; the CA and server key are written there. Use as an async context
-    manager, or call ``start()`` and then ``close()`` (always, even when start failed half-way).
+    ``workdir`` must exist; the CA certificate and the server key are written there.
+    ``sso_idle_timeout`` / ``sso_lifetime`` are the SSO tokens' lifetimes (``sso.Sessions``).
+    Use as an async context manager, or call ``start()`` and then ``close()`` (always, even
+    when start failed half-way).
     ``url``, ``port`` and ``ca_file`` are valid only after ``start()``.
     """
 
@@ -110,14 +120,21 @@ class FakeEngine:
         imageio: ImageioDaemon | None = None,
         datamover: str | None = None,
         devices_dir: Path | None = None,
+        ca: LabCa | None = None,
+        sso_idle_timeout: float = sso.IDLE_TIMEOUT,
+        sso_lifetime: float = sso.LIFETIME,
     ) -> None:
+        # One CA for the engine and imageio, as on a real setup (the engine CA).
+        self.ca = ca if ca is not None else imageio.ca if imageio is not None else LabCa()
         self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
         self.activity = Activity(
             self.inventory, dict(images or {}), imageio, images_dir=workdir / "images"
         )
         # The fault knobs (``faults`` module): set them on the event loop to misbehave.
         self.faults: Faults = self.activity.faults
-        self.sessions = sso.Sessions(seed.username, seed.password)
+        self.sessions = sso.Sessions(
+            seed.username, seed.password, idle_timeout=sso_idle_timeout, lifetime=sso_lifetime
+        )
         self.username = seed.username
         self.password = seed.password
         self._workdir = workdir
@@ -129,7 +146,13 @@ class FakeEngine:
             else None
         )
         self._app = make_app(
-            self.inventory, self.sessions, clock, self.activity, self.devices, datamover
+            self.inventory,
+            self.sessions,
+            clock,
+            self.activity,
+            self.devices,
+            datamover,
+            ca_pem=self.ca.pem,
         )
         self._runner: web.AppRunner | None = None
         self._tls: TlsFiles | None = None
@@ -139,7 +162,7 @@ class FakeEngine:
         """Generate the TLS files, bind a free loopback port and start serving."""
         if self._runner is not None:
             raise RuntimeError("FakeEngine already started")
-        self._tls = make_tls_files(self._workdir)
+        self._tls = self.ca.issue(self._workdir)
         self._runner = web.AppRunner(
             self._app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None
         )

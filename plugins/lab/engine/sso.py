@@ -10,27 +10,59 @@
 
 The SDK ignores the HTTP status of SSO answers: it raises ``AuthError`` when the JSON has an
 ``error`` key, and a generic ``Error`` when the body is not JSON, so every answer here is JSON.
-Tokens do not expire on their own; ``Sessions.revoke_all`` simulates expiry (the SDK then
-gets a 401, logs in again and retries the request once).
+
+Tokens expire as the engine's sessions do: after ``idle_timeout`` seconds without a request
+(the engine's ``UserSessionTimeOutInterval``, 30 minutes) and at the latest ``lifetime``
+seconds after login (``UserSessionHardLimit``, 600 minutes; the ``exp`` the token answer
+reports). An expired token gets the same 401 as an unknown one; the SDK then logs in again and
+retries the request once (API-NOTES § 1.2). ``Sessions.revoke_all`` expires every token now.
 """
 
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
-TOKEN_TTL = 10 * 3600  # seconds; only reported in "exp", the fake never expires tokens itself
+IDLE_TIMEOUT = 30 * 60.0  # seconds; the engine's UserSessionTimeOutInterval default
+LIFETIME = 600 * 60.0  # seconds; the engine's UserSessionHardLimit default
 SCOPE = "ovirt-app-api"
 
 
-class Sessions:
-    """Valid access tokens and whom they belong to. Not thread-safe: use on the loop only."""
+@dataclass(slots=True)
+class _Session:
+    user: str
+    born: float  # monotonic seconds
+    last_used: float
 
-    def __init__(self, username: str, password: str) -> None:
+
+class Sessions:
+    """Valid access tokens and whom they belong to. Not thread-safe: use on the loop only.
+
+    ``idle_timeout``, ``lifetime`` (seconds, > 0) and ``clock`` (monotonic seconds) are knobs
+    a test may change at any time, on the loop: they apply to every token at its next use."""
+
+    def __init__(
+        self,
+        username: str,
+        password: str,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        lifetime: float = LIFETIME,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if idle_timeout <= 0 or lifetime <= 0:
+            raise ValueError(
+                f"SSO idle timeout {idle_timeout} s and lifetime {lifetime} s must be positive"
+            )
         self._username = username
         self._password = password
-        self._tokens: dict[str, str] = {}
+        self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        self.clock = clock
+        self._tokens: dict[str, _Session] = {}
+        self.expired = 0  # tokens that expired so far (tests read it)
 
     def login(self, username: str, password: str) -> str | None:
         """A new token, or None when the credentials are wrong."""
@@ -39,11 +71,23 @@ class Sessions:
         if not (ok_user and ok_password):
             return None
         token = secrets.token_urlsafe(32)
-        self._tokens[token] = username
+        now = self.clock()
+        self._tokens[token] = _Session(username, now, now)
         return token
 
     def user(self, token: str) -> str | None:
-        return self._tokens.get(token)
+        """Whose token this is, or None if it is unknown, revoked or expired; a use of a
+        live token restarts its idle time."""
+        session = self._tokens.get(token)
+        if session is None:
+            return None
+        now = self.clock()
+        if now - session.last_used >= self.idle_timeout or now - session.born >= self.lifetime:
+            del self._tokens[token]
+            self.expired += 1
+            return None
+        session.last_used = now
+        return session.user
 
     def revoke(self, token: str) -> None:
         self._tokens.pop(token, None)
@@ -76,7 +120,7 @@ def routes(sessions: Sessions, clock: Callable[[], float] = time.time) -> list[w
                 "access_denied",
                 f"Cannot authenticate user '{username}': The username or password is incorrect.",
             )
-        exp_ms = int((clock() + TOKEN_TTL) * 1000)
+        exp_ms = int((clock() + sessions.lifetime) * 1000)
         return web.json_response(
             {
                 "access_token": access_token,
