@@ -167,6 +167,11 @@ class Activity:
                     raise Fault(
                         400, f"[Cannot backup VM. Checkpoint ID {c.id} is in invalid state.]"
                     )
+            # StartVmBackupCommand.getDisks: shareable and LUN (not snapable) disks are
+            # silently filtered out (API-NOTES § 4.2); the backup's disks list shows the rest.
+            disk_ids = [d for d in disk_ids if self.inventory.disks[d].snapable]
+            if not disk_ids:
+                raise Fault(400, "[Cannot backup VM. The backup must include disks.]")
             if backup_id is not None and backup_id in self.backups:
                 raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
             if busy := self._busy_disks() & set(disk_ids):
