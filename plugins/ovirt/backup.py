@@ -56,7 +56,7 @@ from plugins.ovirt import checkpoints
 from plugins.ovirt.client import EngineApiError, EngineClient, EngineNotFound
 from plugins.ovirt.idempotent import Steps, Wanted, already_done
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
-from plugins.ovirt.inventory import VmRef
+from plugins.ovirt.inventory import DiskRef, VmRef
 
 CANCEL_TIMEOUT: Final = 120.0  # cancelling a transfer must not hang a failed job
 log = structlog.get_logger("tessera.ovirt")
@@ -177,6 +177,22 @@ class OvirtSourceBase:
         self.require_quiesce = require_quiesce
         self._config = config  # engine url/user/password_file/ca_file, for recovery
 
+    def readable_disks(self) -> tuple[list[DiskRef], tuple[tuple[str, str], ...]]:
+        """(the active disks a flow reads, (name, reason) of each disk it must skip).
+
+        Direct LUNs and shareable disks are never put in a backup request, snapshot or
+        transfer: the engine filters them out of backups and snapshots, and neither has an
+        image to read (``DiskRef.skip_reason``). Inactive (unplugged) disks are left out as
+        before, without a note."""
+        disks, skipped = [], []
+        for d in self.vm.disks:
+            if (why := d.skip_reason) is not None:
+                skipped.append((d.name, why))
+                log.info("disk skipped", vm=self.vm.name, disk=d.name, reason=why)
+            elif d.active:
+                disks.append(d)
+        return disks, tuple(skipped)
+
     async def facts(self) -> tuple[bytes | None, str]:
         """(OVF, consistency) from ``vm_facts``; raises ConfigError under require_quiesce."""
         ovf, consistency = await vm_facts(self.client, self.vm)
@@ -201,7 +217,7 @@ class OvirtVmSource(OvirtSourceBase):
         record: ResourceRecorder,
     ) -> "BackupApiSession":
         vm = self.vm
-        disks = [d for d in vm.disks if d.active]
+        disks, skipped = self.readable_disks()
         backup_id = str(uuid.uuid4())
         ovf, _consistency = await self.facts()
         gone = None  # why the parent checkpoint cannot be used
@@ -243,6 +259,7 @@ class OvirtVmSource(OvirtSourceBase):
             ),
             config=ovf,
             config_format="ovf",
+            skipped=skipped,
         )
         session = BackupApiSession(self.client, info, backup_id, keep_checkpoints)
         try:
