@@ -217,13 +217,41 @@ class OvirtVmSource(OvirtSourceBase):
         record: ResourceRecorder,
     ) -> "BackupApiSession":
         vm = self.vm
-        disks, skipped = self.readable_disks()
-        backup_id = str(uuid.uuid4())
-        ovf, _consistency = await self.facts()
         gone = None  # why the parent checkpoint cannot be used
         if parent_checkpoint is not None:
             gone = await checkpoints.problem(self.client, vm.id, parent_checkpoint)
         from_checkpoint = None if gone else parent_checkpoint
+        args = (parent_checkpoint, keep_checkpoints, new_checkpoint, record)
+        try:
+            return await self._start(from_checkpoint, gone, *args)
+        except OvirtBackupError as e:
+            if from_checkpoint is None:
+                raise
+            # A failed checkpoint redefine (after a VM restart) makes the engine drop the
+            # VM's whole chain and fail the backup (event 10791, API-NOTES § 4.8). The
+            # chain is gone for good: read every disk in full now, in this run.
+            lost = await checkpoints.problem(self.client, vm.id, from_checkpoint)
+            if lost is None:
+                raise
+            reason = f"the engine dropped the checkpoint chain ({e.fields['reason']}); {lost}"
+            log.warning("checkpoint chain lost: full backup", vm=vm.name, reason=reason)
+            return await self._start(None, reason, *args)
+
+    async def _start(
+        self,
+        from_checkpoint: str | None,
+        gone: str | None,
+        parent_checkpoint: str | None,
+        keep_checkpoints: Sequence[str],
+        new_checkpoint: str,
+        record: ResourceRecorder,
+    ) -> "BackupApiSession":
+        """One backup on the engine, from ``from_checkpoint`` (None: full, ``gone`` says
+        why when an incremental was asked); ready with every disk's transfer open."""
+        vm = self.vm
+        disks, skipped = self.readable_disks()
+        backup_id = str(uuid.uuid4())
+        ovf, _consistency = await self.facts()
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
