@@ -509,6 +509,7 @@ def snapshot_doc(m: Manifest) -> dict[str, object]:
         "level": m.level,
         "parent": m.parent,
         "consistency": m.consistency,
+        "tags": dict(m.tags),
         "size": m.size,
         "data_bytes": m.data_bytes,
         "disks": [

@@ -196,6 +196,8 @@ class _BackupJob:
         assert snap is not None
         if session.vm.config is not None:
             snap.set_config(session.vm.config_format, session.vm.config)
+        for name, why in session.vm.skipped:
+            self.outcome.notes.append(f"disk {name} skipped: {why}")
         with ExitStack() as stack:
             parents: dict[str, DiskMap] = {}
             if self.parent_manifest is not None:
@@ -247,6 +249,8 @@ class _BackupJob:
         assert self.session is not None
         checkpoint = self.session.checkpoint
         tags = {"job": self.record.job_id} | ({"checkpoint": checkpoint} if checkpoint else {})
+        if skipped := self.session.vm.skipped:
+            tags["skipped_disks"] = "; ".join(f"{name}: {why}" for name, why in skipped)
         loop = asyncio.get_running_loop()
         self.outcome.manifest = await loop.run_in_executor(
             self.store_writer,

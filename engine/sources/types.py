@@ -24,6 +24,9 @@ class VmInfo:
     disks: tuple[DiskInfo, ...]
     config: bytes | None = None  # the VM configuration (OVF, JSON…), saved as first stream
     config_format: str = "json"
+    # Disks of the VM that no flow can read (a direct LUN, a shareable disk): (name, why).
+    # The job records them in the manifest (tag ``skipped_disks``) and its notes.
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 class DiskReader(Protocol):

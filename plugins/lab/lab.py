@@ -107,6 +107,8 @@ async def run(
         disks = []
         for attachment in vm.attachments:
             disk = inventory.disks[attachment.disk_id]
+            if disk.storage_type != "image":
+                continue  # a direct LUN: storage outside every domain, no image
             fmt = "qcow2" if disk.format == "cow" else "raw"
             path = p["images"] / f"{disk.id}.{fmt}"
             images[disk.id] = path
@@ -266,6 +268,16 @@ def _engine_state(
         if path is None and made.exists():
             path = str(made)
         status = disk.status.value if disk.status else None
+        if disk.storage_type == types.DiskStorageType.LUN:  # storage outside the lab's images
+            return {
+                "id": disk.id,
+                "alias": disk.alias,
+                "storage_type": "lun",
+                "format": "lun",
+                "size": _lun_size(disk),
+                "status": None,
+                "path": None,
+            }
         return {
             "id": disk.id,
             "alias": disk.alias,
@@ -348,3 +360,8 @@ def _alive(p: dict[str, Path]) -> bool:
     if not (p["pid"].exists() and p["json"].exists()):
         return False
     return _pid_alive(int(p["pid"].read_text()))
+
+
+def _lun_size(disk: Any) -> int | None:
+    units = disk.lun_storage.logical_units if disk.lun_storage is not None else None
+    return int(units[0].size) if units else None

@@ -310,7 +310,7 @@ class SnapshotAttachSource(OvirtSourceBase):
         vm = self.vm
         if vm.id == self.datamover.id:
             raise ConfigError(message=f"VM {vm.name} is the DataMover: it cannot back itself up")
-        disks = [d for d in vm.disks if d.active]
+        disks, skipped = self.readable_disks()
         ovf, consistency = await self.facts()
         snapshot_id = str(uuid.uuid4())
         record("engine", self._config)
@@ -354,6 +354,7 @@ class SnapshotAttachSource(OvirtSourceBase):
             ),
             config=ovf,
             config_format="ovf",
+            skipped=skipped,
         )
         session = AttachSession(self.client, info, snapshot_id, consistency, self.datamover)
         try:

@@ -56,7 +56,7 @@ from plugins.ovirt import checkpoints
 from plugins.ovirt.client import EngineApiError, EngineClient, EngineNotFound
 from plugins.ovirt.idempotent import Steps, Wanted, already_done
 from plugins.ovirt.imageio import ImageioDisk, ImageioReader
-from plugins.ovirt.inventory import VmRef
+from plugins.ovirt.inventory import DiskRef, VmRef
 
 CANCEL_TIMEOUT: Final = 120.0  # cancelling a transfer must not hang a failed job
 log = structlog.get_logger("tessera.ovirt")
@@ -177,6 +177,22 @@ class OvirtSourceBase:
         self.require_quiesce = require_quiesce
         self._config = config  # engine url/user/password_file/ca_file, for recovery
 
+    def readable_disks(self) -> tuple[list[DiskRef], tuple[tuple[str, str], ...]]:
+        """(the active disks a flow reads, (name, reason) of each disk it must skip).
+
+        Direct LUNs and shareable disks are never put in a backup request, snapshot or
+        transfer: the engine filters them out of backups and snapshots, and neither has an
+        image to read (``DiskRef.skip_reason``). Inactive (unplugged) disks are left out as
+        before, without a note."""
+        disks, skipped = [], []
+        for d in self.vm.disks:
+            if (why := d.skip_reason) is not None:
+                skipped.append((d.name, why))
+                log.info("disk skipped", vm=self.vm.name, disk=d.name, reason=why)
+            elif d.active:
+                disks.append(d)
+        return disks, tuple(skipped)
+
     async def facts(self) -> tuple[bytes | None, str]:
         """(OVF, consistency) from ``vm_facts``; raises ConfigError under require_quiesce."""
         ovf, consistency = await vm_facts(self.client, self.vm)
@@ -201,13 +217,41 @@ class OvirtVmSource(OvirtSourceBase):
         record: ResourceRecorder,
     ) -> "BackupApiSession":
         vm = self.vm
-        disks = [d for d in vm.disks if d.active]
-        backup_id = str(uuid.uuid4())
-        ovf, _consistency = await self.facts()
         gone = None  # why the parent checkpoint cannot be used
         if parent_checkpoint is not None:
             gone = await checkpoints.problem(self.client, vm.id, parent_checkpoint)
         from_checkpoint = None if gone else parent_checkpoint
+        args = (parent_checkpoint, keep_checkpoints, new_checkpoint, record)
+        try:
+            return await self._start(from_checkpoint, gone, *args)
+        except OvirtBackupError as e:
+            if from_checkpoint is None:
+                raise
+            # A failed checkpoint redefine (after a VM restart) makes the engine drop the
+            # VM's whole chain and fail the backup (event 10791, API-NOTES § 4.8). The
+            # chain is gone for good: read every disk in full now, in this run.
+            lost = await checkpoints.problem(self.client, vm.id, from_checkpoint)
+            if lost is None:
+                raise
+            reason = f"the engine dropped the checkpoint chain ({e.fields['reason']}); {lost}"
+            log.warning("checkpoint chain lost: full backup", vm=vm.name, reason=reason)
+            return await self._start(None, reason, *args)
+
+    async def _start(
+        self,
+        from_checkpoint: str | None,
+        gone: str | None,
+        parent_checkpoint: str | None,
+        keep_checkpoints: Sequence[str],
+        new_checkpoint: str,
+        record: ResourceRecorder,
+    ) -> "BackupApiSession":
+        """One backup on the engine, from ``from_checkpoint`` (None: full, ``gone`` says
+        why when an incremental was asked); ready with every disk's transfer open."""
+        vm = self.vm
+        disks, skipped = self.readable_disks()
+        backup_id = str(uuid.uuid4())
+        ovf, _consistency = await self.facts()
         record("engine", self._config)
         record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
@@ -243,6 +287,7 @@ class OvirtVmSource(OvirtSourceBase):
             ),
             config=ovf,
             config_format="ovf",
+            skipped=skipped,
         )
         session = BackupApiSession(self.client, info, backup_id, keep_checkpoints)
         try:

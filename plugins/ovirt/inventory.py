@@ -87,6 +87,19 @@ class DiskRef:
     storage_domain_id: str | None
     image_id: str | None  # the active volume
     status: str | None
+    storage_type: str = "image"  # "image"; "lun" (direct LUN), "managed_block_storage"…
+    shareable: bool = False
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why no backup flow reads this disk, or None. The engine leaves direct LUNs and
+        shareable disks out of backups and snapshots (API-NOTES § 4.2), and neither has an
+        image a transfer could read."""
+        if self.storage_type != "image":
+            return f"a {self.storage_type} disk (not an image in a storage domain): not backed up"
+        if self.shareable:
+            return "a shareable disk (the engine excludes it from backups and snapshots)"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,13 +325,13 @@ def _disks(conn: sdk.Connection, v: Any) -> list[DiskRef]:
     out = []
     for a in _expand(conn, v.disk_attachments):
         disk = a.disk
-        if disk.provisioned_size is None:  # a bare <disk id href/>: not inlined
-            disk = conn.follow_link(disk)
+        if disk.provisioned_size is None and disk.storage_type is None:
+            disk = conn.follow_link(disk)  # a bare <disk id href/>: not inlined
         out.append(
             DiskRef(
                 id=str(disk.id),
                 name=str(disk.alias or disk.name),
-                provisioned_size=int(disk.provisioned_size),
+                provisioned_size=_size(disk),
                 actual_size=disk.actual_size,
                 format=_enum(disk.format) or "raw",
                 interface=_enum(a.interface),
@@ -328,9 +341,19 @@ def _disks(conn: sdk.Connection, v: Any) -> list[DiskRef]:
                 storage_domain_id=_id(disk.storage_domains[0]) if disk.storage_domains else None,
                 image_id=disk.image_id,
                 status=_enum(disk.status),
+                storage_type=_enum(disk.storage_type) or "image",
+                shareable=bool(disk.shareable),
             )
         )
     return out
+
+
+def _size(disk: Any) -> int:
+    """The virtual size; a direct LUN has no provisioned_size, only its LUN's size."""
+    if disk.provisioned_size is not None:
+        return int(disk.provisioned_size)
+    units = disk.lun_storage.logical_units if disk.lun_storage is not None else None
+    return sum(int(u.size or 0) for u in units or ())
 
 
 def _expand(conn: sdk.Connection, items: Any) -> list[Any]:

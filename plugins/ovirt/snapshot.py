@@ -129,7 +129,7 @@ class SnapshotImageioSource(OvirtSourceBase):
         record: ResourceRecorder,
     ) -> SnapshotSession:
         vm = self.vm
-        disks = [d for d in vm.disks if d.active]
+        disks, skipped = self.readable_disks()
         ovf, consistency = await self.facts()
         snapshot_id = str(uuid.uuid4())
         record("engine", self._config)
@@ -173,6 +173,7 @@ class SnapshotImageioSource(OvirtSourceBase):
             ),
             config=ovf,
             config_format="ovf",
+            skipped=skipped,
         )
         session = SnapshotSession(self.client, info, snapshot_id, consistency)
         try:

@@ -189,7 +189,15 @@ async def test_vm_disk_attachments_and_disks(engine: FakeEngine) -> None:
     inline = followed[0].disk_attachments
     assert [a.disk.alias for a in inline] == ["web01_os", "web01_data"]
     assert inline[1].disk.provisioned_size == 20 * GiB
-    assert len(all_disks) == 5
+    assert len(all_disks) == 7
+    # db01's direct LUN and shareable disk, as the engine writes them (API-NOTES § 3).
+    by_alias = {d.alias: d for d in all_disks}
+    lun = by_alias["db01_lun"]
+    assert lun.storage_type == types.DiskStorageType.LUN
+    assert lun.provisioned_size is None and lun.format is None and not lun.storage_domains
+    assert lun.lun_storage.logical_units[0].size == 100 * GiB
+    assert by_alias["db01_quorum"].shareable is True
+    assert by_alias["db01_os"].shareable is False
 
 
 async def test_wrong_password_is_auth_error(engine: FakeEngine) -> None:

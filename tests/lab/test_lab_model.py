@@ -48,7 +48,13 @@ def test_seed_ids_are_stable_and_references_resolve() -> None:
     inv = Inventory.from_seed(demo_seed())
     db = inv.vms[lab_id("vm", "db01")]
     assert inv.clusters[db.cluster_id].name == "Prod"
-    assert [d.alias for d in inv.vm_disks(db)] == ["db01_os", "db01_data"]
+    assert [d.alias for d in inv.vm_disks(db)] == [
+        "db01_os",
+        "db01_data",
+        "db01_quorum",
+        "db01_lun",
+    ]
+    assert [d.snapable for d in inv.vm_disks(db)] == [True, True, False, False]
     assert inv.vms[lab_id("vm", "web02")].host_id is None  # down VMs run nowhere
 
 

@@ -81,7 +81,8 @@ async def test_vms_listed_with_cluster_status_tags_and_disks(client: EngineClien
         ("silver",),
     )
     assert [d.name for d in web01.disks] == ["web01_os", "web01_data"]
-    assert [d.name for d in db01.disks] == ["db01_os", "db01_data"]
+    assert [d.name for d in db01.disks] == ["db01_os", "db01_data", "db01_quorum", "db01_lun"]
+    assert [d.skip_reason is None for d in db01.disks] == [True, True, False, False]
 
 
 async def test_vm_search_by_cluster_name_glob_and_tag(client: EngineClient) -> None:
@@ -152,6 +153,14 @@ async def test_vm_disks_match_the_seed(client: EngineClient) -> None:
     assert [(d.name, d.provisioned_size, d.interface, d.storage_domain_id) for d in db01] == [
         ("db01_os", 8 * GiB, "virtio_scsi", lab_id("sd", "data2")),
         ("db01_data", 50 * GiB, "sata", lab_id("sd", "data2")),
+        ("db01_quorum", 1 * GiB, "virtio_scsi", lab_id("sd", "data2")),
+        ("db01_lun", 100 * GiB, "virtio_scsi", None),  # the LUN's size; no domain
+    ]
+    assert [(d.storage_type, d.shareable) for d in db01] == [
+        ("image", False),
+        ("image", False),
+        ("image", True),
+        ("lun", False),
     ]
 
 

@@ -17,6 +17,9 @@ the ``snapshot`` callback of ``start_backup``). Phases advance one step per GET
 starting → ready, finalize → finalizing → succeeded. A down VM's checkpoint delete ends only
 on the checkpoint's next GET (``checkpoint_polled``), as a cold delete finishes later.
 
+``restart_vm`` restarts a running VM; with ``redefine_fails`` its next incremental backup
+loses the VM's checkpoint chain as the real engine's does (events 10791 and 10792).
+
 ``faults`` (the ``Faults`` knobs) adds: a backup of a VM in ``fail_backup_of`` goes
 initializing → failed with event 10792; with ``pause_transfers`` every new transfer pauses.
 
@@ -43,6 +46,7 @@ from plugins.lab.engine.records import (
     VM_BACKUP_STARTED,
     VM_BACKUP_SUCCEEDED,
     VM_CHECKPOINT_DELETED,
+    VM_INCREMENTAL_BACKUP_FAILED_FULL_VM_BACKUP_NEEDED,
     Backup,
     Checkpoint,
     Event,
@@ -73,6 +77,9 @@ class Activity:
     hybrid: dict[str, str] = field(default_factory=dict)  # hybrid backup id → its snapshot id
     # Checkpoints of a down VM being deleted: shown ``invalid`` until their next GET (404).
     deleting_checkpoints: set[str] = field(default_factory=set)
+    # VMs restarted since their last backup whose libvirt checkpoints cannot be redefined
+    # (``restart_vm(redefine_fails=True)``): their next incremental loses the chain.
+    broken_redefine: set[str] = field(default_factory=set)
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -157,16 +164,18 @@ class Activity:
             if any(b.vm_id == vm_id and b.phase in BACKUP_ACTIVE for b in self.backups.values()):
                 raise Fault(409, "[Cannot backup VM. The VM is during a backup operation.]")
             if from_checkpoint_id is not None:
-                c = self.checkpoints.get(from_checkpoint_id)
-                if c is None or c.vm_id != vm_id:
-                    raise Fault(
-                        400,
-                        f"[Cannot backup VM. Checkpoint ID {from_checkpoint_id} doesn't exist.]",
-                    )
-                if c.id in self.deleting_checkpoints:
-                    raise Fault(
-                        400, f"[Cannot backup VM. Checkpoint ID {c.id} is in invalid state.]"
-                    )
+                self._check_from(vm_id, from_checkpoint_id)
+            # StartVmBackupCommand.getDisks: shareable and LUN (not snapable) disks are
+            # silently filtered out (API-NOTES § 4.2); the backup's disks list shows the rest.
+            disk_ids = [d for d in disk_ids if self.inventory.disks[d].snapable]
+            if not disk_ids:
+                raise Fault(400, "[Cannot backup VM. The backup must include disks.]")
+            chain_lost = from_checkpoint_id is not None and vm_id in self.broken_redefine
+            if chain_lost:
+                # RedefineVmCheckpointCommand failed: the engine removes the VM's whole
+                # chain, accepts the backup and fails it (API-NOTES § 4.8, event 10791).
+                await self._drop_chain(vm_id)
+            self.broken_redefine.discard(vm_id)
             if backup_id is not None and backup_id in self.backups:
                 raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
             if busy := self._busy_disks() & set(disk_ids):
@@ -177,9 +186,14 @@ class Activity:
                     409, "[Cannot backup VM. The lab engine backs up no VM with snapshots.]"
                 )
             disks = [self.inventory.disks[d] for d in dict.fromkeys(disk_ids)]
-            modes = {d.id: await self._mode(d, from_checkpoint_id) for d in disks}
+            modes = {
+                d.id: "full" if chain_lost else await self._mode(d, from_checkpoint_id)
+                for d in disks
+            }
             failure = None
-            if vm.name in self.faults.fail_backup_of:
+            if chain_lost:
+                failure = "redefining the checkpoints of the VM failed; the chain was removed"
+            elif vm.name in self.faults.fail_backup_of:
                 self.faults.fail_backup_of.discard(vm.name)
                 failure = "lab fault injected by Faults.fail_backup_of"
             tracked = [
@@ -215,10 +229,20 @@ class Activity:
                 to_checkpoint_id=to_checkpoint,
                 description=description,
                 failure=failure,
+                chain_lost=chain_lost,
             )
             self.backups[b.id] = b
             self.event(VM_BACKUP_STARTED, f"Backup {b.id} for VM {vm.name} started", vm_id)
             return b
+
+    def _check_from(self, vm_id: str, from_checkpoint_id: str) -> None:
+        c = self.checkpoints.get(from_checkpoint_id)
+        if c is None or c.vm_id != vm_id:
+            raise Fault(
+                400, f"[Cannot backup VM. Checkpoint ID {from_checkpoint_id} doesn't exist.]"
+            )
+        if c.id in self.deleting_checkpoints:
+            raise Fault(400, f"[Cannot backup VM. Checkpoint ID {c.id} is in invalid state.]")
 
     async def _mode(self, disk: Disk, from_checkpoint_id: str | None) -> str:
         """``incremental`` only if the from-checkpoint recorded the disk and its bitmap exists."""
@@ -255,6 +279,13 @@ class Activity:
             b.phase = "failed"
             b.modified = now()
             vm = self.inventory.vms[b.vm_id]
+            if b.chain_lost:
+                self.event(
+                    VM_INCREMENTAL_BACKUP_FAILED_FULL_VM_BACKUP_NEEDED,
+                    f"Incremental backup {b.id} for VM {vm.name} failed. Full backup is now needed",
+                    vm.id,
+                    "error",
+                )
             self.event(
                 VM_BACKUP_FAILED,
                 f"Backup {b.id} for VM {vm.name} failed: {b.failure}",
@@ -316,6 +347,38 @@ class Activity:
                 return
             del self.checkpoints[c.id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)
+
+    async def restart_vm(self, vm_id: str, *, redefine_fails: bool) -> None:
+        """The VM is restarted (a new qemu process; libvirt forgets its checkpoints).
+
+        The engine redefines the checkpoints in libvirt before the next live backup. With
+        ``redefine_fails`` that fails, as it does when the restart left the bitmaps unusable
+        (an unclean shutdown marks them in-use/inconsistent; the lab removes them): the
+        next backup with ``from_checkpoint_id`` is accepted, the engine drops the VM's whole
+        checkpoint chain and the backup fails with events 10791 and 10792; a later backup
+        from any old checkpoint is refused (400, it no longer exists)."""
+        async with self._lock:
+            vm = self.vm(vm_id)
+            if vm.status != "up":
+                raise Fault(409, f"[Cannot restart VM. VM {vm.name} is {vm.status}.]")
+            if redefine_fails:
+                for c in self.vm_checkpoints(vm_id):
+                    for disk_id in c.disk_ids:
+                        disk = self.inventory.disks[disk_id]
+                        if disk_id in self.images and c.id in await self._bitmaps(disk):
+                            await self._bitmap(qemu.bitmap_remove, disk, c.id)
+                self.broken_redefine.add(vm_id)
+            self.event(61, f"VM {vm.name} was restarted.", vm.id)
+
+    async def _drop_chain(self, vm_id: str) -> None:
+        """Forget every checkpoint of the VM (and any bitmap still there); caller locks."""
+        for c in self.vm_checkpoints(vm_id):
+            for disk_id in c.disk_ids:
+                disk = self.inventory.disks[disk_id]
+                if disk_id in self.images and c.id in await self._bitmaps(disk):
+                    await self._bitmap(qemu.bitmap_remove, disk, c.id)
+            self.checkpoints.pop(c.id, None)
+            self.deleting_checkpoints.discard(c.id)
 
     def checkpoint_polled(self, c: Checkpoint) -> None:
         """A GET of a checkpoint: a cold delete in progress is done after this answer."""

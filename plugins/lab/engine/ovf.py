@@ -46,6 +46,8 @@ def vm_ovf(inv: Inventory, vm: Vm, volumes: Mapping[str, str] | None = None) -> 
     disks: list[tuple[Disk, str]] = []
     for a in vm.attachments:
         d = inv.disks[a.disk_id]
+        if d.storage_type != "image":
+            continue  # a direct LUN is a device of the VM, not an OVF disk
         volume = volumes.get(d.id, d.image_id)
         disks.append((d, volume))
         ET.SubElement(refs, "File", {_q(OVF, "href"): f"{d.id}/{volume}", _q(OVF, "id"): volume})

@@ -15,6 +15,7 @@ TRANSFER_DONE = frozenset({"finished_success", "finished_failure", "finished_cle
 
 # Event codes (API-NOTES § 9.3).
 VM_BACKUP_STARTED = 10790
+VM_INCREMENTAL_BACKUP_FAILED_FULL_VM_BACKUP_NEEDED = 10791
 VM_BACKUP_FAILED = 10792
 VM_BACKUP_SUCCEEDED = 10793
 VM_BACKUP_FINALIZED = 10794
@@ -56,6 +57,7 @@ class Backup:
     created: datetime = field(default_factory=now)
     modified: datetime = field(default_factory=now)
     failure: str | None = None  # set: the backup goes initializing → failed (``faults``)
+    chain_lost: bool = False  # the failure is a failed checkpoint redefine: event 10791 too
 
 
 @dataclass(slots=True)

@@ -109,6 +109,30 @@ def host(h: state.Host) -> types.Host:
 
 
 def disk(d: state.Disk) -> types.Disk:
+    """A disk as ``DiskMapper`` writes it. A direct LUN has ``lun_storage`` (the LUN and its
+    size) and no provisioned_size, format, image, status or storage domain."""
+    if d.storage_type == "lun":
+        lun = types.Disk(
+            id=d.id,
+            name=d.alias,
+            alias=d.alias,
+            storage_type=types.DiskStorageType.LUN,
+            shareable=d.shareable,
+            lun_storage=types.HostStorage(
+                type=types.StorageType.ISCSI,
+                logical_units=[
+                    types.LogicalUnit(
+                        id=f"36001405{d.id.replace('-', '')[:24]}",
+                        size=d.provisioned_size,
+                        vendor_id="LIO-ORG",
+                        product_id="lab",
+                    )
+                ],
+            ),
+            content_type=types.DiskContentType.DATA,
+        )
+        lun.href = f"{API}/disks/{d.id}"
+        return lun
     out = types.Disk(
         id=d.id,
         name=d.alias,
@@ -124,7 +148,7 @@ def disk(d: state.Disk) -> types.Disk:
         status=types.DiskStatus(d.status),
         storage_type=types.DiskStorageType.IMAGE,
         content_type=types.DiskContentType.DATA,
-        shareable=False,
+        shareable=d.shareable,
         storage_domains=[_ref(types.StorageDomain, "storagedomains", d.storage_domain_id)],
     )
     out.href = f"{API}/disks/{d.id}"

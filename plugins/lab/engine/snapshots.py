@@ -87,6 +87,8 @@ async def create(
         for d in chosen:
             if d not in attached:
                 raise Fault(400, f"[Cannot create Snapshot. Disk {d} is not attached to the VM.]")
+        # As CreateSnapshotForVmCommand's DisksFilter: LUN and shareable disks are left out.
+        chosen = [d for d in chosen if a.inventory.disks[d].snapable]
         if busy := a._busy_disks() & set(chosen):
             raise Fault(409, f"[Cannot create Snapshot. Disks are locked: {sorted(busy)}]")
         s_id = snapshot_id or a.new_id()

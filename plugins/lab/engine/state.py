@@ -48,6 +48,13 @@ class DiskSeed:
     backup: str = "incremental"  # "incremental" enables checkpoints, "none" full backups only
     storage_domain: str = "data1"
     actual_size: int | None = None  # None: size if preallocated, else 0 until images exist
+    # "image" (a volume in a storage domain) or "lun": a direct LUN, which the engine shows
+    # with ``lun_storage`` and no provisioned_size, format, image or storage domain; the lab
+    # has no image for it. ``size`` is then the LUN's size.
+    storage_type: str = "image"
+    # Attached to several VMs at once (raw only, no checkpoints): the engine leaves it out of
+    # backups and snapshots (API-NOTES § 4.2 DisksFilter ONLY_NOT_SHAREABLE).
+    shareable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,8 @@ class Seed:
 
 
 def demo_seed() -> Seed:
-    """A small inventory: two clusters, three VMs with qcow2 and raw disks."""
+    """A small inventory: two clusters, three VMs with qcow2 and raw disks; db01 also has a
+    shareable disk and a direct LUN."""
     return Seed(
         clusters=("Default", "Prod"),
         storage_domains=("data1", "data2"),
@@ -118,6 +126,25 @@ def demo_seed() -> Seed:
                 disks=(
                     DiskSeed("db01_os", 8 * GiB, bootable=True, storage_domain="data2"),
                     DiskSeed("db01_data", 50 * GiB, interface="sata", storage_domain="data2"),
+                    # A cluster quorum disk shared with other VMs, and a direct LUN: the
+                    # engine leaves both out of backups and snapshots.
+                    DiskSeed(
+                        "db01_quorum",
+                        1 * GiB,
+                        format="raw",
+                        sparse=False,
+                        backup="none",
+                        storage_domain="data2",
+                        shareable=True,
+                    ),
+                    DiskSeed(
+                        "db01_lun",
+                        100 * GiB,
+                        format="raw",
+                        sparse=False,
+                        backup="none",
+                        storage_type="lun",
+                    ),
                 ),
             ),
         ),
@@ -171,6 +198,13 @@ class Disk:
     sparse: bool
     backup: str
     status: str = "ok"
+    storage_type: str = "image"  # "image" | "lun" (``DiskSeed.storage_type``)
+    shareable: bool = False
+
+    @property
+    def snapable(self) -> bool:
+        """Whether backups and snapshots include the disk: neither a LUN nor shareable."""
+        return self.storage_type == "image" and not self.shareable
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +294,15 @@ class Inventory:
             _check_enum(types.DiskBackup, d.backup, f"disk {d.alias} backup")
             if d.format == "raw" and d.backup == "incremental":
                 raise ConfigError(message=f"disk {d.alias}: incremental backup needs format cow")
+            _check_enum(types.DiskStorageType, d.storage_type, f"disk {d.alias} storage_type")
+            if d.storage_type not in ("image", "lun"):
+                raise ConfigError(message=f"disk {d.alias}: the lab has image and lun disks only")
+            if (d.shareable or d.storage_type == "lun") and (
+                d.format != "raw" or d.backup != "none"
+            ):
+                raise ConfigError(
+                    message=f"disk {d.alias}: a shareable or LUN disk is raw, without backup"
+                )
             actual = d.actual_size if d.actual_size is not None else (0 if d.sparse else d.size)
             disk = Disk(
                 id=lab_id("disk", d.alias),
@@ -271,6 +314,8 @@ class Inventory:
                 format=d.format,
                 sparse=d.sparse,
                 backup=d.backup,
+                storage_type=d.storage_type,
+                shareable=d.shareable,
             )
             _add(self.disks, disk, label=disk.alias)
             attachments.append(Attachment(disk.id, d.interface, d.bootable))
