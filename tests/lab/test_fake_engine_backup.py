@@ -460,3 +460,48 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
     assert [e.severity for e in events] == [types.LogSeverity.ERROR]
     assert paused.id in events[0].description
     await lab.sdk(lambda c: stop_backup(c, inc.id))
+
+
+async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> None:
+    # The engine's inactivity monitor reads imageio's idle_time; extend does not reset it.
+    lab.engine.faults.inactivity_timeout = 1
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    assert transfer.host is not None and transfer.host.id
+    assert transfer.inactivity_timeout == 1
+
+    def extend(conn: sdk.Connection) -> None:
+        service = conn.system_service().image_transfers_service()
+        service.image_transfer_service(transfer.id).extend()
+
+    t = lab.engine.activity.transfers[transfer.id]
+    async with asyncio.timeout(30):
+        while t.phase == "transferring":
+            await lab.sdk(extend)
+            await asyncio.sleep(0.2)
+    assert t.phase in ("cancelled_system", "finalizing_failure", "finished_failure")
+    assert await unpolled(lab.engine, lambda: t.phase) == "finished_failure"
+    (event,) = [e for e in lab.engine.activity.events if e.code == 1072]  # legacy download
+    assert transfer.id in event.description and "inactive" in event.description
+    assert lab.daemon is not None
+    with pytest.raises(Exception, match="HTTP 404"):
+        await lab.daemon.get_ticket(t.ticket)  # removed with the transfer
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
+async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
+    lab.engine.faults.inactivity_timeout = 1
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    t = lab.engine.activity.transfers[transfer.id]
+    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+        reader = await disk.open_reader()
+        try:
+            for _ in range(8):  # 4 s of small reads: four times the inactivity timeout
+                await reader.readinto(0, memoryview(bytearray(4096)))
+                await asyncio.sleep(0.5)
+        finally:
+            await reader.close()
+    assert t.phase == "transferring"
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
