@@ -11,8 +11,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m plugins.lab")
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument(
+        "--knob", action="append", default=[], metavar="FIELD=VALUE", help="a Faults field"
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.dir.resolve()))
+    knobs = {}
+    for knob in args.knob:
+        name, _, value = knob.partition("=")
+        knobs[name] = float(value)
+    asyncio.run(run(args.dir.resolve(), knobs))
 
 
 if __name__ == "__main__":

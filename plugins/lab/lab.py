@@ -77,8 +77,9 @@ def _paths(directory: Path) -> dict[str, Path]:
     }
 
 
-async def run(directory: Path) -> None:
-    """The lab process: build images, serve until SIGTERM, then stop everything."""
+async def run(directory: Path, knobs: dict[str, float] | None = None) -> None:
+    """The lab process: build images, serve until SIGTERM, then stop everything.
+    ``knobs`` are ``Faults`` fields set on the engine before it serves."""
     p = _paths(directory)
     seed = lab_seed()
     p["images"].mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,9 @@ async def run(directory: Path) -> None:
             devices_dir=p["devices"],
         ) as engine,
     ):
+        for name, value in (knobs or {}).items():
+            getattr(engine.faults, name)  # AttributeError: not a knob
+            setattr(engine.faults, name, value if name == "phase_seconds" else int(value))
         p["password"].write_text(seed.password + "\n")
         os.chmod(p["password"], 0o600)
         doc = {
@@ -174,8 +178,11 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
     )
 
 
-def up(directory: Path) -> dict[str, Any]:
-    """Start the lab in the background (idempotent while it runs); returns lab.json."""
+def up(directory: Path, knobs: dict[str, float] | None = None) -> dict[str, Any]:
+    """Start the lab in the background (idempotent while it runs); returns lab.json.
+
+    ``knobs``: ``Faults`` fields to set in the lab engine (``tessera lab up --help``: the
+    transfer inactivity timeout, slow reads, phase time, ticket timeout)."""
     directory.mkdir(parents=True, exist_ok=True)
     p = _paths(directory)
     if _alive(p):
@@ -183,7 +190,10 @@ def up(directory: Path) -> dict[str, Any]:
     p["json"].unlink(missing_ok=True)
     with p["log"].open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)],
+            [
+                *(sys.executable, "-m", "plugins.lab", "run", "--dir", str(directory)),
+                *(f"--knob={k}={v}" for k, v in (knobs or {}).items()),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

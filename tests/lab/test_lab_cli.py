@@ -115,3 +115,17 @@ def test_show_lists_what_a_restore_created(tmp_path: Path) -> None:
     finally:
         down = tessera("lab", "down", "--dir", lab)
     assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_lab_up_help_documents_the_timing_and_fault_knobs() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.daemon.cli", "lab", "up", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in ("--inactivity-timeout", "--slow-reads", "--phase-seconds", "--ticket-timeout"):
+        assert option in out, out
