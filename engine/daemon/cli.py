@@ -222,6 +222,8 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
                 "in again on the engine's 401, as ovirtsdk4 does once per request",
             )
         p.set_defaults(func=cmd_lab)
+        if action == "up":
+            _lab_knobs(p)
 
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:
@@ -476,11 +478,62 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
         return aio.run(run())
 
 
+def _lab_knobs(p: argparse.ArgumentParser) -> None:
+    """``lab up``'s timing and fault knobs (the lab engine's ``Faults``); the lab behaves as
+    a real engine with any of them, only sooner or slower."""
+    k = p.add_argument_group(
+        "timing and fault knobs",
+        "The lab behaves like ovirt-engine by default: idle image transfers are cancelled, "
+        "phases move with time. These make it happen sooner or slower.",
+    )
+    k.add_argument(
+        "--inactivity-timeout",
+        type=cli_args.int_at_least(1),
+        metavar="SECONDS",
+        help="cancel an image transfer whose imageio ticket sat idle this long, whatever "
+        "inactivity_timeout it asked for (default: its own, else the engine's 60 s)",
+    )
+    k.add_argument(
+        "--slow-reads",
+        type=cli_args.int_at_least(1),
+        metavar="IOPS",
+        help="slow storage: every disk export serves at most IOPS requests per second, so "
+        "imageio reads and writes crawl (default: unthrottled)",
+    )
+    k.add_argument(
+        "--phase-seconds",
+        type=cli_args.positive_float,
+        metavar="SECONDS",
+        help="how long the engine's background work takes per phase step of transfers, "
+        "backups and checkpoint deletes (default: 0.25)",
+    )
+    k.add_argument(
+        "--ticket-timeout",
+        type=cli_args.int_at_least(1),
+        metavar="SECONDS",
+        help="imageio ticket validity after its last use or extend (default: the engine's 300)",
+    )
+
+
+LAB_KNOBS = {  # lab up option → the lab engine's Faults field
+    "inactivity_timeout": "inactivity_timeout",
+    "slow_reads": "storage_iops",
+    "phase_seconds": "phase_seconds",
+    "ticket_timeout": "ticket_timeout",
+}
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     action = registry.get("lab").factory(args.lab_command)
     if args.lab_command == "up":
+        knobs = {
+            field: getattr(args, option)
+            for option, field in LAB_KNOBS.items()
+            if getattr(args, option) is not None
+        }
         result = action(
             args.dir.resolve(),
+            knobs,
             sso_idle_timeout=args.sso_idle_timeout,
             sso_lifetime=args.sso_lifetime,
         )

@@ -223,17 +223,25 @@ class _BackupJob:
             if self.progress is not None:
                 self.progress(info.disk_id, done, info.size)
 
-        stats = await backup_disk(
-            store=self.store,
-            pool=self.pool,
-            disk=disk,
-            diskmap=writer,
-            parent=pdm if disk.checkpoint_parent is not None else None,
-            store_executor=self.store_writer,
-            readers=self.readers,
-            progress=advanced,
-            retry_policy=self.retry_policy,
-        )
+        try:
+            stats = await backup_disk(
+                store=self.store,
+                pool=self.pool,
+                disk=disk,
+                diskmap=writer,
+                parent=pdm if disk.checkpoint_parent is not None else None,
+                store_executor=self.store_writer,
+                readers=self.readers,
+                progress=advanced,
+                retry_policy=self.retry_policy,
+            )
+        except BaseException as e:
+            try:
+                await disk.release()
+            except Exception as cleanup:  # noqa: BLE001 - the read's error is the one to raise
+                e.add_note(f"releasing disk {info.name}: {cleanup}")
+            raise
+        await disk.release()  # read: free its export before the next disk is read
         dirty_read = pdm is not None and disk.checkpoint_parent is not None
         facts = {"read": "dirty" if dirty_read and not stats.fallback_reason else "full"}
         if stats.fallback_reason:

@@ -56,6 +56,13 @@ class SourceDisk(Protocol):
 
     async def open_reader(self) -> DiskReader: ...
 
+    async def release(self) -> None:
+        """The job has finished reading this disk (or given up on it): the source may free
+        what serves it now rather than at ``BackupSession.close`` (oVirt finalizes the disk's
+        image transfer, which the engine would cancel if it sat idle while other disks are
+        read). No call on the disk follows; idempotent; raises what freeing raised."""
+        ...
+
 
 class DiskWriter(Protocol):
     """One connection to a target disk."""

@@ -14,10 +14,19 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--sso-idle-timeout", type=float, default=sso.IDLE_TIMEOUT)
     parser.add_argument("--sso-lifetime", type=float, default=sso.LIFETIME)
+    parser.add_argument(
+        "--knob", action="append", default=[], metavar="FIELD=VALUE", help="a Faults field"
+    )
     args = parser.parse_args()
+    knobs = {}
+    for knob in args.knob:
+        name, _, value = knob.partition("=")
+        knobs[name] = float(value)
     asyncio.run(
         run(
             args.dir.resolve(),
+            None,
+            knobs,
             sso_idle_timeout=args.sso_idle_timeout,
             sso_lifetime=args.sso_lifetime,
         )

@@ -88,13 +88,15 @@ def _paths(directory: Path) -> dict[str, Path]:
 async def run(
     directory: Path,
     seed: Seed | None = None,
+    knobs: dict[str, float] | None = None,
     *,
     sso_idle_timeout: float = sso.IDLE_TIMEOUT,
     sso_lifetime: float = sso.LIFETIME,
 ) -> None:
     """The lab process: build images, serve until SIGTERM, then stop everything.
 
-    ``seed`` (default ``lab_seed()``) lets a test serve another inventory the same way."""
+    ``seed`` (default ``lab_seed()``) lets a test serve another inventory the same way;
+    ``knobs`` are ``Faults`` fields set on the engine before it serves."""
     p = _paths(directory)
     seed = seed or lab_seed()
     p["images"].mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,9 @@ async def run(
             sso_lifetime=sso_lifetime,
         ) as engine,
     ):
+        for name, value in (knobs or {}).items():
+            getattr(engine.faults, name)  # AttributeError: not a knob
+            setattr(engine.faults, name, value if name == "phase_seconds" else int(value))
         p["password"].write_text(seed.password + "\n")
         os.chmod(p["password"], 0o600)
         doc = {
@@ -201,12 +206,17 @@ def _config(directory: Path, doc: dict[str, Any]) -> str:
 
 def up(
     directory: Path,
+    knobs: dict[str, float] | None = None,
     *,
     sso_idle_timeout: float | None = None,
     sso_lifetime: float | None = None,
 ) -> dict[str, Any]:
     """Start the lab in the background (idempotent while it runs: a running lab keeps its
-    settings); returns lab.json. The SSO knobs default to the engine's (``sso``)."""
+    settings); returns lab.json.
+
+    ``knobs``: ``Faults`` fields to set in the lab engine (``tessera lab up --help``: the
+    transfer inactivity timeout, slow reads, phase time, ticket timeout). The SSO knobs
+    default to the engine's (``sso``)."""
     directory.mkdir(parents=True, exist_ok=True)
     p = _paths(directory)
     if _alive(p):
@@ -219,7 +229,7 @@ def up(
         command += ["--sso-lifetime", str(sso_lifetime)]
     with p["log"].open("ab") as log:
         proc = subprocess.Popen(
-            command,
+            [*command, *(f"--knob={k}={v}" for k, v in (knobs or {}).items())],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -86,6 +86,9 @@ class LocalSourceDisk:
     async def open_reader(self) -> NbdReader:
         return NbdReader(await connect(self._export.address))
 
+    async def release(self) -> None:
+        """Nothing to free early: the session's ``close`` stops the export."""
+
 
 class LocalSession:
     def __init__(self, vm: VmInfo, new_checkpoint: str, keep: Sequence[str], paths: list[Path]):

@@ -223,6 +223,9 @@ class _DeviceDisk:
     async def open_reader(self) -> _NbdReader:
         return _NbdReader(await connect(self.export.address, meta_contexts=()))
 
+    async def release(self) -> None:
+        """Nothing to free early: the session's ``close`` stops the export."""
+
 
 class AttachSession:
     """The snapshot with its disks attached to the DataMover; ``checkpoint`` is None."""

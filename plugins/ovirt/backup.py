@@ -6,10 +6,14 @@
              for an incremental)  ──poll──▶ ready  (hybrid mode: ``starting`` while the
              engine takes its snapshot; the backup then names it in ``<snapshot id>``)
              GET backups/{b}/disks → backup_mode per disk (full ⇒ full read, reason kept)
-             per disk: POST imagetransfers (download, raw, backup=b) ──poll──▶ transferring
-                       ImageioDisk.connect(transfer_url, proxy_url, keep_alive=extend)
-    read:    extents "zero" (and "dirty" for incremental disks), ranged GETs per reader
-    close(): finalize every transfer, finalize the backup, poll until succeeded|failed
+    read, disk by disk (``TransferDisk``: a transfer is open only while its disk is read):
+             first use: POST imagetransfers (download, raw, backup=b, inactivity_timeout,
+                        timeout_policy=cancel) ──poll──▶ transferring
+                        ImageioDisk.connect(transfer_url, proxy_url, ca=, keep_alive=extend)
+             extents "zero" (and "dirty" for incremental disks), ranged GETs per reader
+             release (the job read the disk): close, finalize ──poll──▶ finished_success
+    close(): finalize any transfer still open, finalize the backup, poll until
+             succeeded|failed
              (also after a failure: finalizing is the cleanup; hybrid mode stays
              ``finalizing`` while the engine removes its snapshot); a hybrid backup's snapshot
              still there afterwards (event 10813) is reported as a leftover
@@ -22,8 +26,13 @@ backup itself is complete).
 
 Failures (API-NOTES § 4.8): a backup that goes FAILED raises ``OvirtBackupError`` quoting the
 engine's last event about it (looked up by the backup id, as SDK-EX ``backup_vm.py`` does); a
-transfer that goes ``paused_system`` is cancelled, then raises naming the disk, the transfer
-and the engine's event; either way ``close`` then finalizes what is still open. A disk the
+transfer in any phase but initializing/resuming/transferring (paused_*, cancelled_*,
+finalizing_failure, finished_*: the engine's inactivity monitor, a lost ticket, an
+administrator) is cancelled at once, then raises naming the disk, the phase, the transfer and
+the engine's event; a finalize that ends anywhere but ``finished_success`` raises at once the
+same way; either way ``close`` then finalizes what is still open. Every transfer is created
+with ``inactivity_timeout`` and ``timeout_policy=cancel`` (``new_transfer``); ``extend`` keeps
+its ticket valid but not the transfer open (it does not reset imageio's idle time). A disk the
 engine serves with ``backup_mode=full`` in an incremental backup (e.g. its bitmap is gone) is
 read in full, the reason recorded in its ``fallback`` attribute. With ``require_quiesce`` a
 running VM whose guest agent reports nothing is refused before anything is created.
@@ -41,7 +50,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import ovirtsdk4 as sdk
@@ -64,28 +73,101 @@ log = structlog.get_logger("tessera.ovirt")
 POLL_INTERVAL: Final = 0.25  # seconds between phase polls: engine phases move in seconds
 READY_TIMEOUT: Final = 600.0  # a live backup with scratch disks can take minutes to start
 FINALIZE_TIMEOUT: Final = 600.0  # hybrid finalize removes a snapshot (a block commit)
+# Sent with every transfer (API-NOTES § 5.1), so no engine-config default decides it: the
+# engine stops a transfer whose imageio ticket sat idle this long. Each transfer is open only
+# while its disk is read, so idle time means a stalled job, and a minute is plenty.
+INACTIVITY_TIMEOUT: Final = 60
+# An idle transfer is cancelled (cancelled_system), not paused holding its disk locked until
+# someone cancels it; the job then fails naming the disk and the phase.
+TIMEOUT_POLICY: Final = t.ImageTransferTimeoutPolicy.CANCEL
+# Transfer phases a client waits through; every other one but transferring is an end or a
+# stuck state (paused_*: only a cancel or an administrator's resume moves it), handled at once.
+_STARTING: Final = frozenset({"initializing", "resuming", "unknown"})
+_FINALIZING: Final = frozenset({"initializing", "transferring", "resuming", "unknown"})
 
 
 class OvirtBackupError(EngineError):
     template = "VM {vm}: backup {backup}: {reason}"
 
 
-@dataclass
-class _Disk:
-    info: DiskInfo
-    checkpoint_parent: str | None
-    fallback_reason: str | None
-    image: ImageioDisk
-    transfer_id: str
+class TransferDisk:
+    """A ``SourceDisk`` read through an image transfer that is open only while the job reads
+    the disk: the first call (extents or a reader) creates the transfer with ``add`` (its id
+    goes to ``created`` at once, for the journal), waits until it is ``transferring`` and
+    connects to imageio; ``release()`` (the job read the disk) closes the connection and
+    finalizes the transfer. The engine cancels a transfer whose ticket sat idle for its
+    ``inactivity_timeout``: opened up front, a second disk's transfer would sit idle while the
+    first is read. Shared by the backup-API and the snapshot flows."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        info: DiskInfo,
+        checkpoint_parent: str | None,
+        fallback_reason: str | None,
+        *,
+        add: Callable[[], Awaitable[Any]],
+        created: Callable[[str], None],
+        what: str,
+        vm: str,
+        failpoint: str,
+    ) -> None:
+        self.info = info
+        self.checkpoint_parent = checkpoint_parent
+        self.fallback_reason = fallback_reason
+        self.transfer_id: str | None = None
+        self._client = client
+        self._add = add
+        self._created = created
+        self._what = what  # "disk <name>" (of backup B): errors name it
+        self._vm = vm
+        self._failpoint = failpoint
+        self._image: ImageioDisk | None = None
+        self._released = False
+        self._lock = asyncio.Lock()  # readers start concurrently: one transfer
+
+    async def image(self) -> ImageioDisk:
+        """The connected imageio disk, the transfer made on first use."""
+        async with self._lock:
+            if self._released:
+                raise RuntimeError(f"{self._what}: read after its transfer was released")
+            if self._image is None:
+                transfer = await self._add()
+                self.transfer_id = transfer.id
+                self._created(transfer.id)
+                transfer = await wait_transfer(self._client, transfer, self._what, vm=self._vm)
+                self._image = await ImageioDisk.connect(
+                    transfer.transfer_url,
+                    transfer.proxy_url,
+                    ca=await self._client.engine_ca(),
+                    keep_alive=keep_alive(self._client, transfer.id),
+                )
+            return self._image
 
     async def extents(self, offset: int, length: int) -> Sequence[Extent]:
-        return await self.image.extents("zero", offset, length)
+        return await (await self.image()).extents("zero", offset, length)
 
     async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
-        return await self.image.extents("dirty", offset, length)
+        return await (await self.image()).extents("dirty", offset, length)
 
     async def open_reader(self) -> ImageioReader:
-        return await self.image.open_reader()
+        return await (await self.image()).open_reader()
+
+    async def release(self) -> None:
+        """Close the imageio connection and finalize the transfer, once (idempotent; later
+        calls do nothing, even after a failure: the job journal keeps the transfer for
+        recovery). Raises what finalizing raised (``OvirtBackupError`` naming the disk)."""
+        async with self._lock:
+            if self._released:
+                return
+            self._released = True
+            image, self._image = self._image, None
+            if image is not None:
+                await image.close()
+            if self.transfer_id is not None:
+                await finalize_transfer(
+                    self._client, self.transfer_id, what=self._what, failpoint=self._failpoint
+                )
 
 
 class BackupApiSession:
@@ -103,7 +185,7 @@ class BackupApiSession:
         self.dropped_checkpoints: list[str] = []
         self.to_checkpoint: str | None = None
         self.hybrid_snapshot: str | None = None  # the engine's snapshot of a hybrid backup
-        self._disks: list[_Disk] = []
+        self._disks: list[TransferDisk] = []
 
     @property
     def disks(self) -> Sequence[SourceDisk]:
@@ -119,12 +201,9 @@ class BackupApiSession:
 
     async def close(self, success: bool) -> None:
         errors: list[str] = []
-        for disk in self._disks:
+        for disk in self._disks:  # those the job did not release (it failed on the way)
             try:
-                await disk.image.close()
-                await finalize_transfer(
-                    self.client, disk.transfer_id, failpoint="ovirt.backup.transfer_finalize"
-                )
+                await disk.release()
             except EngineError as e:
                 errors.append(str(e))
         try:
@@ -298,31 +377,28 @@ class OvirtVmSource(OvirtSourceBase):
                 log.info("hybrid backup", vm=vm.name, backup=backup_id, snapshot=ready.snapshot.id)
             modes = await backup_modes(self.client, vm.id, backup_id)
             transfers: list[str] = []
+
+            def created(transfer_id: str) -> None:
+                transfers.append(transfer_id)
+                record("transfers", list(transfers))  # right after it exists
+
             for dinfo in info.disks:
                 mode = modes.get(dinfo.disk_id, "full")
                 incremental = from_checkpoint is not None and mode == "incremental"
                 reason = gone
                 if from_checkpoint is not None and not incremental:
                     reason = f"the engine reported backup_mode={mode} for this disk: full read"
-                transfer = await add_transfer(self.client, dinfo.disk_id, backup_id)
-                transfers.append(transfer.id)
-                record("transfers", list(transfers))
-                transfer = await wait_transfer(
-                    self.client, transfer, f"{backup_id}: disk {dinfo.name}", vm=vm.name
-                )
-                image = await ImageioDisk.connect(
-                    transfer.transfer_url,
-                    transfer.proxy_url,
-                    ca=await self.client.engine_ca(),
-                    keep_alive=keep_alive(self.client, transfer.id),
-                )
                 session._disks.append(
-                    _Disk(
+                    TransferDisk(
+                        self.client,
                         dinfo,
                         parent_checkpoint if incremental else None,
                         reason,
-                        image,
-                        transfer.id,
+                        add=partial(add_transfer, self.client, dinfo.disk_id, backup_id),
+                        created=created,
+                        what=f"{backup_id}: disk {dinfo.name}",
+                        vm=vm.name,
+                        failpoint="ovirt.backup.transfer_finalize",
                     )
                 )
         except BaseException as e:
@@ -438,6 +514,17 @@ async def backup_modes(client: EngineClient, vm_id: str, backup_id: str) -> dict
     return await client.call(get, "list backup disks", obj=f"backup {backup_id}")
 
 
+def new_transfer(**fields: Any) -> t.ImageTransfer:
+    """The body of a new image transfer: raw guest data, ``INACTIVITY_TIMEOUT`` and
+    ``TIMEOUT_POLICY`` always sent, plus ``fields`` (direction, disk / snapshot, backup)."""
+    return t.ImageTransfer(
+        format=t.DiskFormat.RAW,
+        inactivity_timeout=INACTIVITY_TIMEOUT,
+        timeout_policy=TIMEOUT_POLICY,
+        **fields,
+    )
+
+
 async def add_transfer(client: EngineClient, disk_id: str, backup_id: str) -> Any:
     """Create the download transfer of one disk of a backup; return it as created (not yet
     ``transferring``: record its id, then ``wait_transfer``)."""
@@ -447,11 +534,10 @@ async def add_transfer(client: EngineClient, disk_id: str, backup_id: str) -> An
             conn.system_service()
             .image_transfers_service()
             .add(
-                t.ImageTransfer(
+                new_transfer(
                     disk=t.Disk(id=disk_id),
                     backup=t.Backup(id=backup_id),
                     direction=t.ImageTransferDirection.DOWNLOAD,
-                    format=t.DiskFormat.RAW,
                 )
             )
         )
@@ -459,11 +545,17 @@ async def add_transfer(client: EngineClient, disk_id: str, backup_id: str) -> An
     return await client.call(add, "start image transfer", obj=f"disk {disk_id}", idempotent=False)
 
 
+def _phase(transfer: Any) -> str:
+    return str(transfer.phase.value) if transfer.phase is not None else "unknown"
+
+
 async def wait_transfer(client: EngineClient, transfer: Any, what: str, *, vm: str = "?") -> Any:
     """Poll a new transfer until ``transferring`` (it then has its URLs) and return it.
 
-    ``paused_system`` or ``finished_failure`` cancel the transfer (so nothing is left open and
-    its backup can be finalized) and raise ``OvirtBackupError`` naming ``what`` it reads, the
+    Any other phase than initializing/resuming (paused_system, paused_user, cancelled_*,
+    finalizing_*, finished_*) is an end or a stuck state: the transfer is cancelled (so nothing
+    is left open and its backup can be finalized; a no-op on one that ended) and
+    ``OvirtBackupError`` raised at once naming ``what`` it reads (the disk), the phase, the
     transfer and the engine's last event about it; a timeout cancels and raises too."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT
@@ -477,15 +569,12 @@ async def wait_transfer(client: EngineClient, transfer: Any, what: str, *, vm: s
             .get()
         )
 
-    while transfer.phase != t.ImageTransferPhase.TRANSFERRING:
+    while (phase := _phase(transfer)) != "transferring":
         stuck = None
-        if transfer.phase in (
-            t.ImageTransferPhase.PAUSED_SYSTEM,
-            t.ImageTransferPhase.FINISHED_FAILURE,
-        ):
-            stuck = f"is {transfer.phase.value}"
+        if phase not in _STARTING:
+            stuck = f"is {phase}"
         elif loop.time() > deadline:
-            stuck = "never started"
+            stuck = f"never started (still {phase})"
         if stuck is not None:
             event = await last_event(client, transfer_id)
             await cancel_transfer(client, transfer_id)
@@ -502,7 +591,9 @@ async def wait_transfer(client: EngineClient, transfer: Any, what: str, *, vm: s
 
 def keep_alive(client: EngineClient, transfer_id: str) -> Callable[[], Awaitable[None]]:
     """The ``extend`` action of a transfer (it renews the transfer's imageio ticket), for
-    ``ImageioDisk.connect(keep_alive=...)``."""
+    ``ImageioDisk.connect(keep_alive=...)``. It does not reset the ticket's idle time (the
+    engine's inactivity monitor reads imageio's ``idle_time``, which only requests to imageio
+    reset), so it keeps a ticket valid, never an idle transfer open."""
 
     def extend(conn: sdk.Connection) -> None:
         service = conn.system_service().image_transfers_service()
@@ -537,7 +628,7 @@ async def cancel_transfer(client: EngineClient, transfer_id: str) -> bool:
 
     def phase(conn: sdk.Connection) -> str | None:
         try:
-            return str(service(conn).get().phase.value)
+            return _phase(service(conn).get())
         except sdk.NotFoundError:
             return None
 
@@ -553,14 +644,21 @@ async def cancel_transfer(client: EngineClient, transfer_id: str) -> bool:
 
 
 async def finalize_transfer(
-    client: EngineClient, transfer_id: str, *, failpoint: str | None = None
+    client: EngineClient,
+    transfer_id: str,
+    *,
+    what: str | None = None,
+    failpoint: str | None = None,
 ) -> bool:
     """Finalize a transfer and wait until the engine says it finished (the engine refuses to
     finalize a backup while any of its transfers is still finalizing).
 
     Returns False when it already was finalizing, finished, cancelled or gone (the engine's
     409 ``Phase is …`` or 404, ``idempotent.already_done``): it is still waited for. Raises
-    ``OvirtBackupError`` when it ends other than ``finished_success``, whoever ended it.
+    ``OvirtBackupError`` at once, naming ``what`` (the disk), the phase and the transfer, when
+    it is anywhere but on its way to ``finished_success`` (finalizing_failure,
+    finished_failure, cancelled_*, finalizing_cleanup, finished_cleanup, paused_*), whoever
+    ended it: a cancelled or paused transfer is never finalized, so waiting is pointless.
     ``failpoint`` (crash tests) is hit after the finalize was sent, with ``.sent``, and once
     the transfer finished, with ``.done``."""
 
@@ -578,23 +676,28 @@ async def finalize_transfer(
 
     def phase(conn: sdk.Connection) -> str | None:
         try:
-            return str(service(conn).get().phase.value)
+            return _phase(service(conn).get())
         except sdk.NotFoundError:
             return None
 
-    what = f"transfer {transfer_id}"
-    acted = await client.call(finalize, "finalize image transfer", obj=what)
+    name = f"transfer {transfer_id}"
+    subject = what or name
+
+    def failed(reason: str) -> OvirtBackupError:
+        return OvirtBackupError(vm="?", backup=subject, reason=f"{name} {reason}")
+
+    acted = await client.call(finalize, "finalize image transfer", obj=name)
     if failpoint is not None and acted:
         failpoints.hit(f"{failpoint}.sent")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FINALIZE_TIMEOUT
-    while (current := await client.call(phase, "poll image transfer", obj=what)) is not None:
-        if current.startswith("finished"):
-            if current != "finished_success":
-                raise OvirtBackupError(vm="?", backup="?", reason=f"{what} ended {current}")
+    while (current := await client.call(phase, "poll image transfer", obj=name)) is not None:
+        if current == "finished_success":
             break
+        if current != "finalizing_success" and current not in _FINALIZING:
+            raise failed(f"is {current}, not finalized")
         if loop.time() > deadline:
-            raise OvirtBackupError(vm="?", backup="?", reason=f"{what} still {current}")
+            raise failed(f"still {current}")
         await asyncio.sleep(POLL_INTERVAL)
     if failpoint is not None and acted:
         failpoints.hit(f"{failpoint}.done")

@@ -62,6 +62,7 @@ from plugins.ovirt.backup import (
     cancel_transfer,
     finalize_transfer,
     keep_alive,
+    new_transfer,
     wait_transfer,
 )
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
@@ -175,10 +176,9 @@ class _DiskUpload:
                 conn.system_service()
                 .image_transfers_service()
                 .add(
-                    t.ImageTransfer(
+                    new_transfer(  # raw guest data; the engine writes the format
                         disk=t.Disk(id=created.id),
                         direction=t.ImageTransferDirection.UPLOAD,
-                        format=t.DiskFormat.RAW,  # raw guest data; the engine writes the format
                     )
                 )
             )
@@ -189,7 +189,9 @@ class _DiskUpload:
         self._transfer_id = transfer.id
         vr.transfer_ids.append(transfer.id)
         self._record("restore_transfers", list(vr.transfer_ids))
-        transfer = await wait_transfer(vr.client, transfer, f"upload to disk {created.id}")
+        transfer = await wait_transfer(
+            vr.client, transfer, f"upload to disk {entry.name} ({created.id})"
+        )
         self._image = await ImageioDisk.connect(
             transfer.transfer_url,
             transfer.proxy_url,
@@ -213,7 +215,11 @@ class _DiskUpload:
         try:
             assert self._image is not None
             await self._image.close()
-            await finalize_transfer(self._vr.client, self._transfer_id)
+            await finalize_transfer(
+                self._vr.client,
+                self._transfer_id,
+                what=f"upload to disk {self._entry.name} ({self._disk_id})",
+            )
         except BaseException as e:
             # A failed finalize leaves the disk illegal: nothing worth keeping.
             await self._vr._cleanup_disk(self._disk_id, self._transfer_id, None, e)

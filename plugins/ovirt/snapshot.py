@@ -7,11 +7,15 @@
              POST vms/{vm}/snapshots (our own id, recorded first; description "Tessera <ckpt>",
              persist_memorystate=false) ──poll──▶ ok
              GET snapshots/{s}/disks → per disk its snapshot volume (image_id)
-             per disk: POST imagetransfers (download, raw, snapshot=<volume id>) ──poll──▶
-                       transferring; ImageioDisk.connect(transfer_url, proxy_url)
-    read:    extents "zero", ranged GETs per reader: every run is a full read (no checkpoint;
+    read, disk by disk (``backup.TransferDisk``: a transfer is open only while its disk is
+             read, so none sits idle until the engine cancels it):
+             first use: POST imagetransfers (download, raw, snapshot=<volume id>,
+                        inactivity_timeout, timeout_policy=cancel) ──poll──▶ transferring;
+                        ImageioDisk.connect(transfer_url, proxy_url, ca=, keep_alive=extend)
+             extents "zero", ranged GETs per reader: every run is a full read (no checkpoint;
              the store's dedup keeps unchanged data cheap)
-    close(): finalize every transfer, DELETE the snapshot and poll until it is gone (404),
+             release (the job read the disk): close, finalize ──poll──▶ finished_success
+    close(): finalize any transfer still open, DELETE the snapshot and poll until it is gone (404),
              on success and on failure alike (a snapshot still ``locked``, being created or
              already being removed, is waited for first: the engine refuses its DELETE;
              failpoints ``ovirt.snapshot.transfer_finalize.*``, ``ovirt.snapshot.remove.*``)
@@ -29,26 +33,24 @@ the engine finds the disk from the volume (``GetDiskIdBySnapshotId``).
 import asyncio
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as t
 
 from engine.core.errors import EngineError
-from engine.core.extent import Extent
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from engine.util import failpoints
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     READY_TIMEOUT,
     OvirtSourceBase,
-    finalize_transfer,
-    wait_transfer,
+    TransferDisk,
+    new_transfer,
 )
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.idempotent import Wanted, already_done
-from plugins.ovirt.imageio import ImageioDisk, ImageioReader
 
 REMOVE_TIMEOUT: Final = 1800.0  # removing a snapshot of a running VM is a live merge
 FULL_READ: Final = "snapshot flow reads fully"
@@ -56,24 +58,6 @@ FULL_READ: Final = "snapshot flow reads fully"
 
 class OvirtSnapshotError(EngineError):
     template = "VM {vm}: snapshot {snapshot}: {reason}"
-
-
-@dataclass
-class _Disk:
-    info: DiskInfo
-    checkpoint_parent: str | None  # always None: every run reads fully
-    fallback_reason: str | None
-    image: ImageioDisk
-    transfer_id: str
-
-    async def extents(self, offset: int, length: int) -> Sequence[Extent]:
-        return await self.image.extents("zero", offset, length)
-
-    async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
-        raise RuntimeError("the snapshot flow never reads incrementally: no dirty extents")
-
-    async def open_reader(self) -> ImageioReader:
-        return await self.image.open_reader()
 
 
 class SnapshotSession:
@@ -84,7 +68,7 @@ class SnapshotSession:
         self.vm = vm
         self.snapshot_id = snapshot_id
         self.consistency = consistency  # "application" | "crash" | "offline"
-        self._disks: list[_Disk] = []
+        self._disks: list[TransferDisk] = []
 
     @property
     def disks(self) -> Sequence[SourceDisk]:
@@ -97,12 +81,9 @@ class SnapshotSession:
     async def close(self, success: bool) -> None:
         """Finalize the transfers, then remove the snapshot and wait until it is gone."""
         errors: list[str] = []
-        for disk in self._disks:
+        for disk in self._disks:  # those the job did not release (it failed on the way)
             try:
-                await disk.image.close()
-                await finalize_transfer(
-                    self.client, disk.transfer_id, failpoint="ovirt.snapshot.transfer_finalize"
-                )
+                await disk.release()
             except EngineError as e:
                 errors.append(str(e))
         try:
@@ -180,19 +161,30 @@ class SnapshotImageioSource(OvirtSourceBase):
             await wait_snapshot(self.client, vm.id, snapshot_id)
             volumes = await snapshot_volumes(self.client, vm.id, snapshot_id)
             transfers: list[str] = []
+
+            def created(transfer_id: str) -> None:
+                transfers.append(transfer_id)
+                record("transfers", list(transfers))  # right after it exists
+
             for dinfo in info.disks:
                 volume = volumes.get(dinfo.disk_id)
                 if volume is None:
                     raise OvirtSnapshotError(
                         vm=vm.name, snapshot=snapshot_id, reason=f"disk {dinfo.name} missing"
                     )
-                transfer = await start_snapshot_transfer(self.client, volume)
-                transfers.append(transfer.id)
-                record("transfers", list(transfers))
-                image = await ImageioDisk.connect(
-                    transfer.transfer_url, transfer.proxy_url, ca=await self.client.engine_ca()
+                session._disks.append(
+                    TransferDisk(
+                        self.client,
+                        dinfo,
+                        None,
+                        reason,
+                        add=partial(add_snapshot_transfer, self.client, volume),
+                        created=created,
+                        what=f"snapshot {snapshot_id}: disk {dinfo.name} (volume {volume})",
+                        vm=vm.name,
+                        failpoint="ovirt.snapshot.transfer_finalize",
+                    )
                 )
-                session._disks.append(_Disk(dinfo, None, reason, image, transfer.id))
         except BaseException:
             await session.close(success=False)
             raise
@@ -234,24 +226,25 @@ async def snapshot_volumes(client: EngineClient, vm_id: str, snapshot_id: str) -
     return await client.call(get, "list snapshot disks", obj=f"snapshot {snapshot_id}")
 
 
-async def start_snapshot_transfer(client: EngineClient, volume_id: str) -> Any:
+async def add_snapshot_transfer(client: EngineClient, volume_id: str) -> Any:
+    """Create the download transfer of one snapshot volume; return it as created (record its
+    id, then ``wait_transfer``)."""
+
     def add(conn: sdk.Connection) -> Any:
         return (
             conn.system_service()
             .image_transfers_service()
             .add(
-                t.ImageTransfer(
+                new_transfer(
                     snapshot=t.DiskSnapshot(id=volume_id),
                     direction=t.ImageTransferDirection.DOWNLOAD,
-                    format=t.DiskFormat.RAW,
                 )
             )
         )
 
-    transfer = await client.call(
+    return await client.call(
         add, "start image transfer", obj=f"disk snapshot {volume_id}", idempotent=False
     )
-    return await wait_transfer(client, transfer, f"snapshot volume {volume_id}")
 
 
 async def remove_snapshot(

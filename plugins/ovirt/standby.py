@@ -60,6 +60,7 @@ from plugins.ovirt.backup import (
     end_transfer,
     finalize_transfer,
     keep_alive,
+    new_transfer,
     wait_transfer,
 )
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
@@ -120,10 +121,9 @@ class _RefreshUpload:
                 conn.system_service()
                 .image_transfers_service()
                 .add(
-                    t.ImageTransfer(
+                    new_transfer(  # raw guest data; the engine keeps the format
                         disk=t.Disk(id=disk_id),
                         direction=t.ImageTransferDirection.UPLOAD,
-                        format=t.DiskFormat.RAW,  # raw guest data; the engine keeps the format
                     )
                 )
             )
@@ -160,7 +160,11 @@ class _RefreshUpload:
         assert self._transfer_id is not None
         try:
             await self._image.close()
-            await finalize_transfer(self._sb.client, self._transfer_id)
+            await finalize_transfer(
+                self._sb.client,
+                self._transfer_id,
+                what=f"upload to standby disk {self._disk.standby_disk_id}",
+            )
         except BaseException as e:
             self._image = None  # closed (or unusable): end the transfer with a cancel
             await self._end(e)

@@ -16,7 +16,8 @@ from ovirtsdk4 import types
 from engine.core.units import KiB, MiB
 from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.engine.devices import link_name, mounts_under
-from tests.lab.test_fake_engine_backup import POLLS, Lab, raw_copy, run, write
+from tests.lab.polling import polls
+from tests.lab.test_fake_engine_backup import Lab, raw_copy, run, write
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
 def snapshot(conn: sdk.Connection) -> str:
     service = conn.system_service().vms_service().vm_service(VM_ID).snapshots_service()
     s = service.add(types.Snapshot(description="attach test", persist_memorystate=False))
-    for _ in range(POLLS):
+    for _ in polls():
         if service.snapshot_service(s.id).get().snapshot_status == types.SnapshotStatus.OK:
             return str(s.id)
     raise AssertionError("snapshot stuck")

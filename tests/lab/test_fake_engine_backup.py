@@ -26,6 +26,7 @@ from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
 from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import ImageioDisk
+from tests.lab.polling import polls
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ QCOW_ID = lab_id("disk", "vm1_os")
 RAW_ID = lab_id("disk", "vm1_raw")
 DOWN_VM_ID = lab_id("vm", "vm2")
 SPARE_ID = lab_id("disk", "vm2_os")
-POLLS = 20  # phases advance one step per GET: a handful of polls is always enough
+POLLS = 20  # snapshot phases advance one step per GET: a handful of polls is enough
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +140,7 @@ def start_backup(conn: sdk.Connection, from_checkpoint: str | None = None) -> ty
     )
     assert backup.phase == types.BackupPhase.INITIALIZING
     service = backups.backup_service(backup.id)
-    for _ in range(POLLS):
+    for _ in polls():
         backup = service.get()
         if backup.phase == types.BackupPhase.READY:
             return backup
@@ -164,7 +165,7 @@ def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types
         )
     )
     service = transfers.image_transfer_service(transfer.id)
-    for _ in range(POLLS):
+    for _ in polls():
         transfer = service.get()
         if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
             return transfer
@@ -175,7 +176,7 @@ def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types
 def finalize_transfer(conn: sdk.Connection, transfer_id: str) -> None:
     service = conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
     service.finalize()
-    for _ in range(POLLS):
+    for _ in polls():
         if service.get().phase == types.ImageTransferPhase.FINISHED_SUCCESS:
             return
     raise AssertionError("transfer did not finish")
@@ -185,7 +186,7 @@ def stop_backup(conn: sdk.Connection, backup_id: str) -> types.Backup:
     backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
     service = backups.backup_service(backup_id)
     service.finalize()
-    for _ in range(POLLS):
+    for _ in polls():
         backup = service.get()
         if backup.phase == types.BackupPhase.SUCCEEDED:
             return backup
@@ -335,20 +336,30 @@ async def test_refusals(lab: Lab) -> None:
     assert e.code == 409
     assert "active image transfer" in str(e)
 
-    def cancel(conn: sdk.Connection) -> types.ImageTransfer:
-        service = conn.system_service().image_transfers_service()
-        t = service.image_transfer_service(transfer.id)
-        t.cancel()
-        return [t.get() for _ in range(2)][-1]
+    def service(conn: sdk.Connection) -> Any:
+        return conn.system_service().image_transfers_service().image_transfer_service(transfer.id)
 
-    assert (await lab.sdk(cancel)).phase == types.ImageTransferPhase.FINISHED_CLEANUP
+    await lab.sdk(lambda c: service(c).cancel())
+    # The cancel finishes on its own, with nobody polling (the engine's background work).
+    await unpolled(lab.engine, lambda: lab.engine.activity.transfers[transfer.id].phase)
+    seen = await lab.sdk(lambda c: service(c).get())
+    assert seen.phase == types.ImageTransferPhase.FINISHED_CLEANUP
     await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
+async def unpolled(engine: FakeEngine, phase: Callable[[], str], end: str = "finished") -> str:
+    """Wait, sending no request, until ``phase()`` (read from the engine's state) starts with
+    ``end``: what the engine's own background work reaches, with no client polling."""
+    async with asyncio.timeout(30):
+        while not (now := phase()).startswith(end):
+            await asyncio.sleep(0.05)
+    return now
 
 
 def start_backup_wait(backup_id: str) -> Callable[[sdk.Connection], None]:
     def wait(conn: sdk.Connection) -> None:
         backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
-        for _ in range(POLLS):
+        for _ in polls():
             if backups.backup_service(backup_id).get().phase == types.BackupPhase.READY:
                 return
         raise AssertionError("backup not ready")
@@ -407,7 +418,12 @@ async def test_upload_writes_the_image(lab: Lab) -> None:
                 disk=types.Disk(id=disk_id), direction=types.ImageTransferDirection.UPLOAD
             )
         )
-        return transfers.image_transfer_service(t.id).get()
+        assert t.host is not None and t.host.id  # the engine picks one: a floating disk
+        for _ in polls():
+            t = transfers.image_transfer_service(t.id).get()
+            if t.phase != types.ImageTransferPhase.INITIALIZING:
+                break
+        return t
 
     e = await lab.sdk(fault(partial(add, disk_id=QCOW_ID)))  # plugged into a running VM
     assert e.code == 409
@@ -463,10 +479,16 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
                 direction=types.ImageTransferDirection.DOWNLOAD,
             )
         )
-        t = service.image_transfer_service(t.id).get()
+        for _ in polls():
+            t = service.image_transfer_service(t.id).get()
+            if t.phase != types.ImageTransferPhase.INITIALIZING:
+                break
         events = conn.system_service().events_service().list(search="type=1068")
         service.image_transfer_service(t.id).cancel()
-        done = service.image_transfer_service(t.id).get()  # cancel ends on the next poll
+        for _ in polls():
+            done = service.image_transfer_service(t.id).get()
+            if done.phase == types.ImageTransferPhase.FINISHED_CLEANUP:
+                break
         assert done.phase == types.ImageTransferPhase.FINISHED_CLEANUP
         return t, list(events)
 
@@ -476,3 +498,52 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
     assert [e.severity for e in events] == [types.LogSeverity.ERROR]
     assert paused.id in events[0].description
     await lab.sdk(lambda c: stop_backup(c, inc.id))
+
+
+async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> None:
+    # The engine's inactivity monitor reads imageio's idle_time; extend does not reset it.
+    lab.engine.faults.inactivity_timeout = 1
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    assert transfer.host is not None and transfer.host.id
+    assert transfer.inactivity_timeout == 1
+
+    def extend(conn: sdk.Connection) -> None:
+        service = conn.system_service().image_transfers_service()
+        try:
+            service.image_transfer_service(transfer.id).extend()
+        except sdk.Error as e:  # the monitor cancelled it since the loop looked: 409
+            if e.code != 409 or "Phase is" not in str(e):
+                raise
+
+    t = lab.engine.activity.transfers[transfer.id]
+    async with asyncio.timeout(30):
+        while t.phase == "transferring":
+            await lab.sdk(extend)
+            await asyncio.sleep(0.2)
+    assert t.phase in ("cancelled_system", "finalizing_failure", "finished_failure")
+    assert await unpolled(lab.engine, lambda: t.phase) == "finished_failure"
+    (event,) = [e for e in lab.engine.activity.events if e.code == 1072]  # legacy download
+    assert transfer.id in event.description and "inactive" in event.description
+    assert lab.daemon is not None
+    with pytest.raises(Exception, match="HTTP 404"):
+        await lab.daemon.get_ticket(t.ticket)  # removed with the transfer
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
+
+
+async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
+    lab.engine.faults.inactivity_timeout = 1
+    backup = await lab.sdk(start_backup)
+    transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
+    t = lab.engine.activity.transfers[transfer.id]
+    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+        reader = await disk.open_reader()
+        try:
+            for _ in range(8):  # 4 s of small reads: four times the inactivity timeout
+                await reader.readinto(0, memoryview(bytearray(4096)))
+                await asyncio.sleep(0.5)
+        finally:
+            await reader.close()
+    assert t.phase == "transferring"
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    await lab.sdk(lambda c: stop_backup(c, backup.id))

@@ -14,8 +14,8 @@ from engine.io import qemu
 from plugins.lab.engine import lab_id
 from plugins.lab.engine.ovf import parse_ovf, vm_ovf
 from plugins.ovirt.imageio import ImageioDisk
+from tests.lab.polling import polls
 from tests.lab.test_fake_engine_backup import (
-    POLLS,
     VM_ID,
     Lab,
     fault,
@@ -56,7 +56,7 @@ def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
             format=types.DiskFormat.RAW,
         )
     )
-    for _ in range(POLLS):
+    for _ in polls():
         t = transfers.image_transfer_service(t.id).get()
         if t.phase == types.ImageTransferPhase.TRANSFERRING:
             return t
@@ -167,7 +167,7 @@ async def test_cancelled_upload_leaves_the_disk_illegal(lab: Lab) -> None:
     def cancel(conn: sdk.Connection) -> None:
         service = conn.system_service().image_transfers_service()
         service.image_transfer_service(transfer.id).cancel()
-        for _ in range(POLLS):
+        for _ in polls():
             if service.image_transfer_service(transfer.id).get().phase.value.startswith("finished"):
                 return
         raise AssertionError("cancel did not finish")

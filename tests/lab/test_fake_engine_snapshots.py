@@ -14,6 +14,7 @@ from ovirtsdk4 import types
 from engine.core.units import KiB, MiB
 from engine.io import qemu
 from tests.lab import test_fake_engine_backup as base
+from tests.lab.polling import polls
 from tests.lab.test_fake_engine_backup import (
     DOWN_VM_ID,
     POLLS,
@@ -44,7 +45,7 @@ def create_snapshot(conn: sdk.Connection) -> types.Snapshot:
     )
     assert s.snapshot_status == types.SnapshotStatus.LOCKED
     service = snapshots_service(conn).snapshot_service(s.id)
-    for _ in range(POLLS):
+    for _ in polls():
         s = service.get()
         if s.snapshot_status == types.SnapshotStatus.OK:
             return s
@@ -61,7 +62,7 @@ def snapshot_transfer(conn: sdk.Connection, volume_id: str) -> types.ImageTransf
         )
     )
     service = transfers.image_transfer_service(transfer.id)
-    for _ in range(POLLS):
+    for _ in polls():
         transfer = service.get()
         if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
             return transfer
@@ -72,11 +73,11 @@ def remove_snapshot(conn: sdk.Connection, snapshot_id: str) -> int:
     """DELETE, then poll until 404; returns how many GETs still saw it."""
     service = snapshots_service(conn).snapshot_service(snapshot_id)
     service.remove()
-    for polls in range(POLLS):
+    for seen in range(POLLS):
         try:
             assert service.get().snapshot_status == types.SnapshotStatus.LOCKED
         except sdk.NotFoundError:
-            return polls
+            return seen
     raise AssertionError("snapshot never went away")
 
 

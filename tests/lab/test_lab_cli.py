@@ -130,3 +130,17 @@ def test_up_help_documents_the_token_knobs() -> None:
     assert "UserSessionTimeOutInterval" in text and "UserSessionHardLimit" in text
     bad = tessera("lab", "up", "--dir", "/nonexistent", "--sso-lifetime", "0")
     assert bad.returncode == 2 and "more than 0" in bad.stderr
+
+
+def test_lab_up_help_documents_the_timing_and_fault_knobs() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.daemon.cli", "lab", "up", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in ("--inactivity-timeout", "--slow-reads", "--phase-seconds", "--ticket-timeout"):
+        assert option in out, out

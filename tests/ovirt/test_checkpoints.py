@@ -25,6 +25,7 @@ from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
 from tests.integration.images import identical, qemu_io, reference, run
+from tests.lab.polling import polls
 from tests.ovirt.test_backup_api_flow import tessera
 from tests.ovirt.test_faults import assert_clean
 
@@ -42,7 +43,6 @@ SEED = Seed(
 )
 VM_ID = lab_id("vm", "cold")
 DISK_ID = lab_id("disk", "cold_os")
-POLLS = 20
 
 Lab = tuple[FakeEngine, Path, Path]
 
@@ -102,11 +102,11 @@ def foreign_backup(conn: sdk.Connection) -> str:
     backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
     b = backups.add(types.Backup(disks=[types.Disk(id=DISK_ID)], description="OtherProduct"))
     service = backups.backup_service(b.id)
-    for _ in range(POLLS):
+    for _ in polls():
         if (b := service.get()).phase == types.BackupPhase.READY:
             break
     service.finalize()
-    for _ in range(POLLS):
+    for _ in polls():
         if service.get().phase == types.BackupPhase.SUCCEEDED:
             return str(b.to_checkpoint_id)
     raise AssertionError("the foreign backup did not finish")
@@ -116,7 +116,7 @@ def admin_delete(conn: sdk.Connection, checkpoint: str) -> None:
     """What an administrator does: delete, then wait for the cold delete to end."""
     service = checkpoints(conn).checkpoint_service(checkpoint)
     service.remove()
-    for _ in range(POLLS):
+    for _ in polls():
         try:
             service.get()
         except sdk.NotFoundError:

@@ -39,19 +39,20 @@ __all__ = ["lab"]  # the fixture, shared
 Lab = tuple[FakeEngine, Path, dict[str, Path]]
 PASSPHRASE = "flow-test"
 
-# (flow, failpoint, nth hit): vm1 has two disks, so two transfers to finalize.
+# (flow, failpoint, nth hit, transfers made): vm1 has two disks, so two transfers, each made
+# when its disk is read and finalized right after.
 BACKUP_API = [
-    ("backup-api", "ovirt.backup.transfer_finalize.sent", 1),  # first transfer finalizing
-    ("backup-api", "ovirt.backup.transfer_finalize.done", 1),  # first finished, second open
-    ("backup-api", "ovirt.backup.transfer_finalize.done", 2),  # both finished, backup ready
-    ("backup-api", "ovirt.backup.finalize.sent", 1),  # backup finalizing
-    ("backup-api", "ovirt.backup.finalize.done", 1),  # all done, journal not yet told
+    ("backup-api", "ovirt.backup.transfer_finalize.sent", 1, 1),  # first finalizing
+    ("backup-api", "ovirt.backup.transfer_finalize.done", 1, 1),  # first finished, no second
+    ("backup-api", "ovirt.backup.transfer_finalize.done", 2, 2),  # both finished, backup ready
+    ("backup-api", "ovirt.backup.finalize.sent", 1, 2),  # backup finalizing
+    ("backup-api", "ovirt.backup.finalize.done", 1, 2),  # all done, journal not yet told
 ]
 SNAPSHOT = [
-    ("snapshot-imageio", "ovirt.snapshot.transfer_finalize.sent", 1),
-    ("snapshot-imageio", "ovirt.snapshot.transfer_finalize.done", 2),
-    ("snapshot-imageio", "ovirt.snapshot.remove.sent", 1),  # snapshot being removed
-    ("snapshot-imageio", "ovirt.snapshot.remove.done", 1),
+    ("snapshot-imageio", "ovirt.snapshot.transfer_finalize.sent", 1, 1),
+    ("snapshot-imageio", "ovirt.snapshot.transfer_finalize.done", 2, 2),
+    ("snapshot-imageio", "ovirt.snapshot.remove.sent", 1, 2),  # snapshot being removed
+    ("snapshot-imageio", "ovirt.snapshot.remove.done", 1, 2),
 ]
 
 
@@ -103,12 +104,12 @@ def engine_state(engine: FakeEngine) -> tuple[object, ...]:
 
 
 @pytest.mark.parametrize(
-    ("flow", "point", "nth"),
+    ("flow", "point", "nth", "made"),
     BACKUP_API + SNAPSHOT,
-    ids=[f"{p}-{n}" for _, p, n in BACKUP_API + SNAPSHOT],
+    ids=[f"{p}-{n}" for _, p, n, _ in BACKUP_API + SNAPSHOT],
 )
 async def test_killed_in_cleanup_then_recovered_twice(
-    lab: Lab, flow: str, point: str, nth: int
+    lab: Lab, flow: str, point: str, nth: int, made: int
 ) -> None:
     engine, config, _ = lab
     assert await killed_backup(config, flow, point, nth) == -signal.SIGKILL
@@ -123,7 +124,7 @@ async def test_killed_in_cleanup_then_recovered_twice(
 
     backups, transfers = await assert_clean(engine)
     assert all(p == "succeeded" for p in backups), backups
-    assert len(transfers) == 2, transfers
+    assert len(transfers) == made, transfers
     assert not engine.activity.snapshots, engine.activity.snapshots
     cleaned = engine_state(engine)
 

@@ -4,10 +4,10 @@ is open, so a backup and a restore on slow storage succeed.
 
 The lab's tickets live ``Faults.ticket_timeout`` = 3 s after their creation, their last
 completed request (imageio's own renewal) or their last extend; ``Faults.storage_iops``
-throttles every qemu-nbd export so that reading one disk takes well over 3 s. A backup opens
-every disk's transfer first and reads the disks one after another, so the second disk's
-ticket sits idle that long: without extends the backup fails on imageio's 403 "expired" and
-leaves nothing open. An upload uses its ticket continuously (imageio renews it on every
+throttles every qemu-nbd export so that reading one disk takes well over 3 s. A backup makes
+each disk's transfer only when it reads that disk, so no ticket sits idle that long even
+without extends (``test_idle_transfers`` has the engine's inactivity monitor). An upload uses
+its ticket continuously (imageio renews it on every
 request), so the restore test checks that each upload was extended while it ran and that the
 data arrived intact. ``tessera`` runs in a subprocess with
 ``plugins.ovirt.imageio.EXTEND_INTERVAL`` set (1 s, or an hour for "never").
@@ -138,22 +138,17 @@ def test_default_interval_is_well_inside_the_engines_ticket() -> None:
 
 
 async def test_backup_outlives_its_tickets(tmp_path: Path, lab: Lab) -> None:
+    # Each disk's transfer is made when that disk is read and finalized right after, and
+    # every completed read renews its ticket: even never extended, no ticket expires.
     engine, config, _ = lab
     slow_storage(engine)
     code, out = await tessera(
         EXTEND_NEVER, "backup", "vm", "vm1", "--config", config, "--level", "full"
     )
-    assert code != 0, out
-    assert "HTTP 403" in out and "expired" in out, out
-    await assert_clean(engine)
-
-    code, out = await tessera(
-        EXTEND_OFTEN, "backup", "vm", "vm1", "--config", config, "--level", "full"
-    )
     assert code == 0, out
     backups, transfers = await assert_clean(engine)
-    assert backups == ["succeeded", "succeeded"], backups  # the failed run was finalized too
-    assert transfers and engine.activity.extends
+    assert backups == ["succeeded"], backups
+    assert len(transfers) == 2, transfers
 
 
 async def test_restore_outlives_its_tickets(tmp_path: Path, lab: Lab) -> None:

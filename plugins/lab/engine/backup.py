@@ -12,10 +12,11 @@
 
 Backups are served in **live** mode (API-NOTES § 4.1), no VM snapshot, unless the seed turns
 on hybrid backups for cluster levels ≥ 4.7 (``hybrid``: a snapshot per backup, made through
-the ``snapshot`` callback of ``start_backup``). Phases advance one step per GET
-(``advance_*``), so client polling loops run for real without timers: backup initializing →
-starting → ready, finalize → finalizing → succeeded. A down VM's checkpoint delete ends only
-on the checkpoint's next GET (``checkpoint_polled``), as a cold delete finishes later.
+the ``snapshot`` callback of ``start_backup``). Phases move with time, as the engine's own
+background work moves them, whether a client polls or not: ``monitor`` calls
+``advance_backup`` once a phase is ``Faults.phase_seconds`` old (backup initializing →
+starting → ready, finalize → finalizing → succeeded). A down VM's checkpoint delete finishes
+later in the same way (``finish_checkpoint_delete``): listed ``invalid`` until then.
 
 ``restart_vm`` restarts a running VM; with ``redefine_fails`` its next incremental backup
 loses the VM's checkpoint chain as the real engine's does (events 10791 and 10792).
@@ -30,6 +31,7 @@ belongs to the caller.
 """
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -75,13 +77,15 @@ class Activity:
     events: list[Event] = field(default_factory=list)
     extends: dict[str, int] = field(default_factory=dict)  # transfer id → extend actions
     hybrid: dict[str, str] = field(default_factory=dict)  # hybrid backup id → its snapshot id
-    # Checkpoints of a down VM being deleted: shown ``invalid`` until their next GET (404).
-    deleting_checkpoints: set[str] = field(default_factory=set)
+    # Checkpoints of a down VM being deleted → ``clock()`` at the DELETE: shown ``invalid``
+    # until ``monitor`` finishes the delete (then 404).
+    deleting_checkpoints: dict[str, float] = field(default_factory=dict)
     # VMs restarted since their last backup whose libvirt checkpoints cannot be redefined
     # (``restart_vm(redefine_fails=True)``): their next incremental loses the chain.
     broken_redefine: set[str] = field(default_factory=set)
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
+    clock: Callable[[], float] = field(default=time.monotonic)  # phase ages (``monitor``)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # -- lookups -----------------------------------------------------------------------------
@@ -230,6 +234,7 @@ class Activity:
                 description=description,
                 failure=failure,
                 chain_lost=chain_lost,
+                since=self.clock(),
             )
             self.backups[b.id] = b
             self.event(VM_BACKUP_STARTED, f"Backup {b.id} for VM {vm.name} started", vm_id)
@@ -269,12 +274,14 @@ class Activity:
             raise Fault(409, f"[Cannot change bitmap {name} of disk {disk.alias}: {e}]") from e
 
     def advance_backup(self, b: Backup) -> None:
-        """One polling step (a GET): initializing → starting → ready; finalizing → succeeded;
-        initializing → failed (event 10792) for a backup ``Faults.fail_backup_of`` picked."""
+        """One step of the engine's work (``monitor``): initializing → starting → ready;
+        finalizing → succeeded; initializing → failed (event 10792) for a backup
+        ``Faults.fail_backup_of`` picked."""
         step = {"initializing": "starting", "starting": "ready", "finalizing": "succeeded"}
         nxt = step.get(b.phase)
         if nxt is None:
             return
+        b.since = self.clock()
         if b.phase == "initializing" and b.failure is not None:
             b.phase = "failed"
             b.modified = now()
@@ -316,6 +323,7 @@ class Activity:
         failed = b.phase != "ready"
         b.phase = "failed" if failed else "finalizing"
         b.modified = now()
+        b.since = self.clock()
         vm = self.inventory.vms[b.vm_id]
         if failed:  # finalize before READY fails the backup and drops its checkpoint
             self.checkpoints.pop(b.to_checkpoint_id or "", None)
@@ -327,8 +335,9 @@ class Activity:
         """Remove the bitmap from every disk of the checkpoint, re-link the child, forget it.
 
         A live delete (VM up) is synchronous. A cold one (VM down) finishes later in the real
-        engine: here the checkpoint stays listed, ``invalid``, until its next GET (404 then,
-        ``checkpoint_polled``), so a client has to poll as SDK-EX ``checkpoints.py`` does."""
+        engine: here the checkpoint stays listed, ``invalid``, until ``monitor`` finishes it
+        ``Faults.phase_seconds`` later (404 then, ``finish_checkpoint_delete``), so a client
+        has to poll as SDK-EX ``checkpoints.py`` does."""
         async with self._lock:
             if c.id in self.deleting_checkpoints:
                 return
@@ -343,7 +352,7 @@ class Activity:
                     other.parent_id = c.parent_id
             vm = self.inventory.vms[c.vm_id]
             if vm.status == "down":
-                self.deleting_checkpoints.add(c.id)
+                self.deleting_checkpoints[c.id] = self.clock()
                 return
             del self.checkpoints[c.id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)
@@ -378,12 +387,11 @@ class Activity:
                 if disk_id in self.images and c.id in await self._bitmaps(disk):
                     await self._bitmap(qemu.bitmap_remove, disk, c.id)
             self.checkpoints.pop(c.id, None)
-            self.deleting_checkpoints.discard(c.id)
+            self.deleting_checkpoints.pop(c.id, None)
 
-    def checkpoint_polled(self, c: Checkpoint) -> None:
-        """A GET of a checkpoint: a cold delete in progress is done after this answer."""
-        if c.id in self.deleting_checkpoints:
-            self.deleting_checkpoints.discard(c.id)
+    def finish_checkpoint_delete(self, c: Checkpoint) -> None:
+        """The engine's background work (``monitor``): a cold delete in progress is done."""
+        if self.deleting_checkpoints.pop(c.id, None) is not None:
             del self.checkpoints[c.id]
             vm = self.inventory.vms[c.vm_id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)

@@ -4,19 +4,25 @@ Handlers parse request bodies with the SDK's reader and answer with its writers,
 ``api``; the work and the state are ``backup.Activity``'s (app key ``ACTIVITY``). What a
 client sees:
 
-- ``POST vms/{id}/backups[?legacy=true]`` → 202 with ``phase=initializing``; each ``GET`` of
-  the backup advances one phase (initializing → starting → ready; finalizing → succeeded).
+- Phases move with time (``monitor``, one step per ``Faults.phase_seconds``), not per GET: a
+  ``GET`` only reads them.
+- ``POST vms/{id}/backups[?legacy=true]`` → 202 with ``phase=initializing``, then
+  initializing → starting → ready; finalizing → succeeded.
   On a hybrid cluster (``hybrid``) the backup carries ``<snapshot id>`` and stays
-  ``finalizing`` one more poll while its snapshot is removed.
+  ``finalizing`` one more step while its snapshot is removed.
   ``to_checkpoint_id`` is shown from ready on; ``disks`` is a link to ``…/backups/{b}/disks``,
   whose disks carry ``backup_mode``.
-- ``POST imagetransfers`` → 202 ``initializing``; the next ``GET`` shows ``transferring`` and
-  the URLs (``transfer_url`` = ``proxy_url`` = the lab imageio daemon's data URL). With
-  ``<snapshot id=…>`` (a disk snapshot id, see ``snapshot_api``) it downloads that volume.
-- ``POST imagetransfers/{t}/extend`` renews the transfer's imageio ticket (``transfers``).
+- ``POST imagetransfers`` → 202 ``initializing`` with ``<host>`` (always); then
+  ``transferring`` with the URLs (``transfer_url`` = ``proxy_url`` = the lab imageio daemon's
+  data URL). With ``<snapshot id=…>`` (a disk snapshot id, see ``snapshot_api``) it
+  downloads that volume. An idle transfer is stopped by the inactivity monitor
+  (``transfers.time_out``).
+- ``POST imagetransfers/{t}/extend`` renews the transfer's imageio ticket (``transfers``); it
+  does not reset the ticket's idle time.
 - Actions (``finalize``, ``cancel``, ``extend``) answer ``<action><status>complete``;
   ``DELETE`` answers 200 with an empty ``<action/>`` (the SDK raises on 204). A checkpoint of
-  a down VM is deleted "later": it shows ``state=invalid`` until its next ``GET``, then 404.
+  a down VM is deleted "later": it shows ``state=invalid`` until ``monitor`` finishes the
+  delete, then 404.
 - ``GET events`` lists newest first; ``search=`` is free text over the description (a backup
   id finds its events) or ``type=<code>`` / ``severity=``; ``from=<index>`` and ``max=``.
 """
@@ -160,8 +166,6 @@ async def add_backup(request: web.Request) -> web.Response:
 async def backup(request: web.Request) -> web.Response:
     a = act(request)
     b = a.backup(request.match_info["id"], request.match_info["backup_id"])
-    if not (b.phase == "finalizing" and hybrid.removing(a, b)):
-        a.advance_backup(b)
     return render.xml_response(render_backup(b, a.hybrid.get(b.id)))
 
 
@@ -194,9 +198,7 @@ async def checkpoints(request: web.Request) -> web.Response:
 async def checkpoint(request: web.Request) -> web.Response:
     a = act(request)
     c = a.checkpoint(request.match_info["id"], request.match_info["checkpoint_id"])
-    out = render_checkpoint(c, c.id in a.deleting_checkpoints)
-    a.checkpoint_polled(c)
-    return render.xml_response(out)
+    return render.xml_response(render_checkpoint(c, c.id in a.deleting_checkpoints))
 
 
 async def checkpoint_disks(request: web.Request) -> web.Response:
@@ -238,9 +240,7 @@ async def add_transfer(request: web.Request) -> web.Response:
 
 async def transfer(request: web.Request) -> web.Response:
     a = act(request)
-    t = a.transfer(request.match_info["id"])
-    transfer_ops.advance(a, t)
-    return render.xml_response(render_transfer(t))
+    return render.xml_response(render_transfer(a.transfer(request.match_info["id"])))
 
 
 async def finalize_transfer(request: web.Request) -> web.Response:

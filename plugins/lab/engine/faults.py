@@ -28,6 +28,16 @@ fields on the event loop, between or during runs, and the next requests see them
 - ``storage_iops``: slow storage. Every qemu-nbd the engine starts from now on serves at most
   this many read/write requests per second (a qemu ``throttle`` filter); 0 is unthrottled.
 - guest agent missing: no knob, a seed property (``VmSeed.guest_agent=False``).
+
+Timing knobs (the engine's behaviour is the same with any value; only the clock is shorter):
+
+- ``inactivity_timeout``: seconds. When set, every new image transfer gets this inactivity
+  timeout instead of the one it asked for (the engine's default when it asks for none is
+  60 s), so a test need not wait a minute for the engine's inactivity monitor (``monitor``)
+  to cancel an idle transfer. None: the transfer's own value, else 60.
+- ``phase_seconds``: how long the engine's background work takes per phase step (``monitor``:
+  transfers, backups, cold checkpoint deletes move one step per this many seconds, whether
+  anyone polls or not).
 """
 
 from dataclasses import dataclass, field
@@ -37,7 +47,7 @@ from aiohttp import web
 
 @dataclass(slots=True)
 class Faults:
-    """The fake engine's fault knobs (module docstring); all off by default."""
+    """The fake engine's fault and timing knobs (module docstring); faults off by default."""
 
     fail_backup_of: set[str] = field(default_factory=set)  # VM names
     pause_transfers: bool = False
@@ -45,6 +55,8 @@ class Faults:
     slow_ms: int = 0  # delay added to every API response
     ticket_timeout: int = 300  # seconds an imageio ticket lives without an extend
     storage_iops: int = 0  # requests/s every new qemu-nbd export serves; 0: unthrottled
+    inactivity_timeout: int | None = None  # overrides every new transfer's; None: its own/60
+    phase_seconds: float = 0.25  # seconds per background phase step (``monitor``)
 
 
 FAULTS = web.AppKey("faults", Faults)

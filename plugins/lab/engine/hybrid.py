@@ -13,8 +13,8 @@ On a cluster of level ≥ 4.7 with ``Seed.use_hybrid_backup`` (engine-config
   disks as they were when the backup started, whatever the VM writes meanwhile.
 - ``remove_snapshot`` (at finalize, also of a failed backup): the overlays are merged back
   (``snapshots.delete``: bitmaps merged, data committed); the backup then shows
-  ``finalizing`` for one more poll (the engine's REMOVING_SNAPSHOT), the snapshot is gone
-  (event 356) and the backup ``succeeded``.
+  ``finalizing`` for one more step (the engine's REMOVING_SNAPSHOT, ``monitor``), the
+  snapshot is gone (event 356) and the backup ``succeeded``.
 
 ``Activity.hybrid`` maps each hybrid backup's id to its snapshot id.
 """
@@ -85,13 +85,13 @@ async def remove_snapshot(a: Activity, b: Backup) -> None:
     s_id = a.hybrid.get(b.id)
     if s_id is not None and s_id in a.snapshots:
         await snapshots.delete(a, a.snapshots[s_id])
-        if b.phase != "finalizing":  # failed (finalized before ready): no poll will follow
+        if b.phase != "finalizing":  # failed (finalized before ready): no step will follow
             removing(a, b)
 
 
 def removing(a: Activity, b: Backup) -> bool:
-    """One poll of a finalizing hybrid backup: True while its snapshot still had to go (the
-    backup stays ``finalizing``); the snapshot is forgotten then (event 356)."""
+    """One step (``monitor``) of a finalizing hybrid backup: True while its snapshot still
+    had to go (the backup stays ``finalizing``); the snapshot is forgotten then (event 356)."""
     s_id = a.hybrid.get(b.id)
     if s_id is None or s_id not in a.snapshots:
         return False

@@ -12,6 +12,7 @@ from engine.io import qemu
 
 BACKUP_ACTIVE = frozenset({"initializing", "starting", "ready", "finalizing"})
 TRANSFER_DONE = frozenset({"finished_success", "finished_failure", "finished_cleanup"})
+DEFAULT_INACTIVITY_TIMEOUT = 60  # seconds: the engine's, for a transfer that asks for none
 
 # Event codes (API-NOTES § 9.3).
 VM_BACKUP_STARTED = 10790
@@ -24,6 +25,9 @@ TRANSFER_INITIATED = 1031
 TRANSFER_SUCCEEDED = 1032
 TRANSFER_CANCELLED = 1033
 TRANSFER_TICKET_FAILED = 1068
+TRANSFER_DOWNLOAD_CANCELLED_TIMEOUT = 1072  # legacy policy, a download
+TRANSFER_CANCELLED_TIMEOUT = 1076  # policy cancel
+TRANSFER_PAUSED_TIMEOUT = 1077  # policy pause (or legacy, an upload)
 SNAPSHOT_CREATED = 68  # USER_CREATE_SNAPSHOT_FINISHED_SUCCESS
 SNAPSHOT_REMOVE_STARTED = 342
 SNAPSHOT_REMOVED = 356
@@ -58,6 +62,7 @@ class Backup:
     modified: datetime = field(default_factory=now)
     failure: str | None = None  # set: the backup goes initializing → failed (``faults``)
     chain_lost: bool = False  # the failure is a failed checkpoint redefine: event 10791 too
+    since: float = 0.0  # ``Activity.clock()`` when the phase last changed (``monitor``)
 
 
 @dataclass(slots=True)
@@ -75,6 +80,7 @@ class Transfer:
     snapshot_volume: str | None = None  # a snapshot download: the volume (disk snapshot) id
     failure: str | None = None  # why qemu-nbd or the ticket failed: the transfer pauses
     phase: str = "initializing"
+    since: float = 0.0  # ``Activity.clock()`` when the phase last changed (``monitor``)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,13 @@ names them (``devices``; needs root, /dev/fuse and nbdfuse); ``close()`` unplugs
 
 ``engine.faults`` (``faults.Faults``) injects failures: a FAILED backup, paused transfers, 503s
 and slow responses; the ``faults`` module says what each knob does.
+
+The engine's background work (``monitor``: phases moving with time, the transfer inactivity
+monitor, cold checkpoint deletes finishing) is one task ``start()`` creates and ``close()``
+cancels and awaits; an app made by ``make_app`` alone has none (call ``monitor.tick``).
 """
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +53,7 @@ from plugins.lab.engine import (
     attach_api,
     backup_api,
     inventory_api,
+    monitor,
     pki,
     restore_api,
     snapshot_api,
@@ -155,6 +161,7 @@ class FakeEngine:
             ca_pem=self.ca.pem,
         )
         self._runner: web.AppRunner | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self._tls: TlsFiles | None = None
         self._port: int | None = None
 
@@ -163,6 +170,7 @@ class FakeEngine:
         if self._runner is not None:
             raise RuntimeError("FakeEngine already started")
         self._tls = self.ca.issue(self._workdir)
+        self._monitor = asyncio.create_task(monitor.run(self.activity), name="lab-monitor")
         self._runner = web.AppRunner(
             self._app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None
         )
@@ -178,12 +186,17 @@ class FakeEngine:
             raise
 
     async def close(self) -> None:
-        """Stop serving, then stop every qemu-nbd and remove every ticket; idempotent."""
+        """Stop serving and the background work, then stop every qemu-nbd and remove every
+        ticket; idempotent."""
         runner, self._runner = self._runner, None
+        task, self._monitor = self._monitor, None
         try:
             if runner is not None:
                 await runner.cleanup()
         finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])  # its CancelledError stays its own
             try:
                 if self.devices is not None:
                     await self.devices.close()  # before: the devices' qemu-nbd hold images

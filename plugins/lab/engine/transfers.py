@@ -5,14 +5,24 @@
   a backup) and installs an ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty``
   only for an incremental disk); an upload runs a writable one (ops write). A download with
   ``snapshot_volume`` serves that VM-snapshot volume read-only (no bitmap).
-- ``advance`` (one per GET): initializing → transferring, or paused_system when qemu-nbd or
-  the ticket failed (event 1068; only cancel ends it); finalizing_* → finished_*.
+- ``step`` (the engine's background monitor, ``monitor``, never a GET): initializing →
+  transferring, or paused_system when qemu-nbd or the ticket failed (event 1068; only cancel
+  ends it); while transferring, the ticket's ``idle_time`` (read from imageio's control API,
+  as the engine reads it through vdsm) is compared with the transfer's ``inactivity_timeout``
+  and an idle transfer is stopped by its ``timeout_policy`` (``time_out``); cancelled_user →
+  finalizing_cleanup → finished_cleanup, cancelled_system → finalizing_failure →
+  finished_failure, finalizing_success → finished_success. One step per
+  ``Faults.phase_seconds``; paused_system and paused_user stay until cancelled.
 - ``end``: finalize or cancel: remove the ticket, stop qemu-nbd, check an uploaded qcow2.
   A transfer that is already finalizing, finished or cancelled is refused with 409
   ``[Cannot finalize image transfer. Phase is finished_success.]`` (``cancel`` alike): a
   repeated finalize changes nothing, and a client has to recognise that answer as done.
 - ``extend``: the ``extend`` action: the ticket expires ``Faults.ticket_timeout`` seconds
-  from now again (imageio control ``PATCH /tickets/{id}``).
+  from now again (imageio control ``PATCH /tickets/{id}``). It does not touch the ticket's
+  ``idle_time``: only a request to imageio's data API does (a read, ``OPTIONS``).
+
+Every transfer has a host, as on the engine: the VM's when it runs, else one the engine picks
+(the first host of the VM's cluster, or the first host at all for a floating disk).
 
 Tickets get ``Faults.ticket_timeout`` seconds (the engine's
 ``ImageTransferClientTicketValidityInSeconds``, 300). imageio refuses every request on an
@@ -33,8 +43,12 @@ from plugins.lab.engine import hybrid
 from plugins.lab.engine.api import Fault
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.records import (
+    DEFAULT_INACTIVITY_TIMEOUT,
     TRANSFER_CANCELLED,
+    TRANSFER_CANCELLED_TIMEOUT,
+    TRANSFER_DOWNLOAD_CANCELLED_TIMEOUT,
     TRANSFER_INITIATED,
+    TRANSFER_PAUSED_TIMEOUT,
     TRANSFER_SUCCEEDED,
     TRANSFER_TICKET_FAILED,
     Transfer,
@@ -143,6 +157,7 @@ async def start(
             bitmap=bitmap,
         )
         t_id, ticket = a.new_id(), a.new_id()
+        idle_limit = a.faults.inactivity_timeout or inactivity_timeout or DEFAULT_INACTIVITY_TIMEOUT
         failure = await _serve(
             a,
             nbd,
@@ -151,7 +166,7 @@ async def start(
             disk,
             read_only=read_only,
             dirty=bitmap is not None,
-            inactivity_timeout=inactivity_timeout,
+            inactivity_timeout=idle_limit,
         )
         t = Transfer(
             id=t_id,
@@ -160,13 +175,13 @@ async def start(
             backup_id=backup_id,
             ticket=ticket,
             url=a.imageio.data_url(ticket),
-            # The engine always picks a host: the VM's, else any host up in the data center.
-            host_id=vm.host_id if vm and vm.host_id else next(iter(a.inventory.hosts), None),
-            inactivity_timeout=inactivity_timeout or 60,
+            host_id=_host(a, vm),
+            inactivity_timeout=idle_limit,
             timeout_policy=timeout_policy or "legacy",
             nbd=None if failure else nbd,
             failure=failure,
             snapshot_volume=snapshot_volume,
+            since=a.clock(),
         )
         a.transfers[t.id] = t
         a.event(
@@ -194,7 +209,7 @@ async def _serve(
     *,
     read_only: bool,
     dirty: bool,
-    inactivity_timeout: int | None,
+    inactivity_timeout: int,
 ) -> str | None:
     """Start qemu-nbd and install the ticket; return why that failed (the transfer then
     pauses), or None. ``Faults.pause_transfers`` fails it without starting anything."""
@@ -252,6 +267,17 @@ def _plugged_running(a: Activity, disk_id: str) -> bool:
     )
 
 
+def _host(a: Activity, vm: Vm | None) -> str:
+    """The host serving a transfer: the running VM's, else the engine's pick."""
+    if vm is not None and vm.host_id:
+        return vm.host_id
+    hosts = list(a.inventory.hosts.values())
+    if not hosts:
+        raise Fault(409, "[Cannot transfer Virtual Disk. No host is up in the data center.]")
+    mine = [h for h in hosts if vm is not None and h.cluster_id == vm.cluster_id]
+    return (mine or hosts)[0].id
+
+
 def _owner(a: Activity, disk_id: str) -> Vm | None:
     for v in a.inventory.vms.values():
         if any(a.disk_id == disk_id for a in v.attachments):
@@ -259,25 +285,79 @@ def _owner(a: Activity, disk_id: str) -> Vm | None:
     return None
 
 
-def advance(a: Activity, t: Transfer) -> None:
-    """One polling step: initializing → transferring (paused_system if qemu-nbd or the
-    ticket failed: cancel it); finalizing_* → finished_*."""
-    step = {
-        "initializing": "transferring",
-        "finalizing_success": "finished_success",
-        "finalizing_cleanup": "finished_cleanup",
-    }
-    if t.phase == "initializing" and t.failure:
-        t.phase = "paused_system"
+# The engine's background steps: phase → the next one, one per ``Faults.phase_seconds``.
+_NEXT = {
+    "finalizing_success": "finished_success",
+    "finalizing_failure": "finished_failure",
+    "cancelled_user": "finalizing_cleanup",
+    "finalizing_cleanup": "finished_cleanup",
+    "cancelled_system": "finalizing_failure",
+}
+
+
+def _phase(a: Activity, t: Transfer, phase: str) -> None:
+    t.phase = phase
+    t.since = a.clock()
+
+
+async def step(a: Activity, t: Transfer) -> None:
+    """One look of the engine's monitor at ``t`` (module docstring); the caller holds the
+    lock. A phase younger than ``Faults.phase_seconds`` stays."""
+    if a.clock() - t.since < a.faults.phase_seconds:
+        return
+    if t.phase == "initializing":
+        _phase(a, t, "paused_system" if t.failure else "transferring")
+    elif t.phase in _NEXT:
+        _phase(a, t, _NEXT[t.phase])
+    elif t.phase == "transferring" and t.nbd is not None and a.imageio is not None:
+        try:
+            ticket = await a.imageio.get_ticket(t.ticket)
+        except ImageioControlError:
+            return  # as vdsm's failed status call: the engine looks again next time
+        idle = int(ticket.get("idle_time") or 0)
+        if idle > t.inactivity_timeout:
+            await time_out(a, t, idle)
+
+
+async def time_out(a: Activity, t: Transfer, idle: int) -> None:
+    """The client left ``t`` idle past its ``inactivity_timeout``: stop it by its
+    ``timeout_policy`` (API-NOTES § 5.2): ``cancel``, or ``legacy`` for a download, →
+    cancelled_system (→ finalizing_failure → finished_failure); ``pause``, or ``legacy`` for
+    an upload, → paused_system (only cancel ends it). Either way the ticket is removed and
+    qemu-nbd stopped; a cancelled upload leaves its disk illegal."""
+    cancel = t.timeout_policy == "cancel" or (
+        t.timeout_policy == "legacy" and t.direction == "download"
+    )
+    await a._release(t)
+    disk = a.inventory.disks[t.disk_id]
+    why = f"the client was inactive for {idle} s (inactivity_timeout {t.inactivity_timeout} s)"
+    if cancel:
+        _phase(a, t, "cancelled_system")
+        if t.direction == "upload":
+            a.inventory.disks[disk.id] = replace(disk, status="illegal")
+        code = (
+            TRANSFER_CANCELLED_TIMEOUT
+            if t.timeout_policy == "cancel"
+            else TRANSFER_DOWNLOAD_CANCELLED_TIMEOUT
+        )
+        what = "was cancelled by the system"
     else:
-        t.phase = step.get(t.phase, t.phase)
+        _phase(a, t, "paused_system")
+        code, what = TRANSFER_PAUSED_TIMEOUT, "was paused by the system"
+    vm = _owner(a, t.disk_id)
+    a.event(
+        code,
+        f"Image {t.direction} of disk {disk.alias} {what} (transfer {t.id}): {why}",
+        vm.id if vm else None,
+        "error",
+    )
 
 
 async def end(a: Activity, t: Transfer, *, cancel: bool) -> None:
     """Finalize (or cancel): remove the ticket, stop qemu-nbd, check an uploaded qcow2."""
     async with a._lock:
-        allowed = ("initializing", "transferring", "paused_system")
-        if t.phase not in allowed or (t.failure and not cancel):
+        allowed = ("initializing", "transferring", "paused_system", "paused_user")
+        if t.phase not in allowed or (not cancel and (t.failure or t.phase.startswith("paused"))):
             action = "cancel" if cancel else "finalize"
             raise Fault(409, f"[Cannot {action} image transfer. Phase is {t.phase}.]")
         await a._release(t)
@@ -292,10 +372,10 @@ async def end(a: Activity, t: Transfer, *, cancel: bool) -> None:
             # An upload that did not succeed leaves the disk illegal (API-NOTES § 5.2).
             a.inventory.disks[disk.id] = replace(disk, status="illegal")
         if cancel:
-            t.phase = "finalizing_cleanup"
+            _phase(a, t, "cancelled_user")
             code, what = TRANSFER_CANCELLED, "was cancelled"
         else:
-            t.phase = "finalizing_success" if ok else "finished_failure"
+            _phase(a, t, "finalizing_success" if ok else "finalizing_failure")
             code, what = TRANSFER_SUCCEEDED if ok else 1034, "succeeded" if ok else "failed"
         vm = _owner(a, t.disk_id)
         a.event(
