@@ -168,3 +168,29 @@ async def test_initial_size_covers_what_qemu_img_measure_needs(tmp_path: Path) -
     _, full = await volumes.measure(virtual)
     assert required <= estimate <= full
     assert await volumes.initial_size(virtual, virtual) == full
+
+
+async def test_a_standby_refresh_that_outgrows_its_block_volume_runs_full(
+    tmp_path: Path, lab: Lab
+) -> None:
+    engine, config, images = lab
+    args = ["standby", "refresh", "vm1", "--config", config, "--cluster", "Default"]
+    code, out, err = await tessera("backup", "vm", "vm1", "--config", config, "--level", "full")
+    assert code == 0, out + err
+    code, out, err = await tessera(*args, "--storage-domain", "block1")
+    assert code == 0, out + err
+    assert "full (first refresh)" in out
+
+    # Far more new data than the 10 % vdsm adds to initial_size: the volume cannot take it.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 64M 48M", images["vm1_os"])
+    refs = {a: reference(p, tmp_path / f"ref1-{a}.raw") for a, p in images.items()}
+    code, out, err = await tessera("backup", "vm", "vm1", "--config", config)
+    assert code == 0, out + err
+    code, out, err = await tessera(*args)
+    assert code == 0, out + err
+    assert "full (" in out and "on block domain block1" in out, out
+    inv = engine.inventory
+    vm = next(v for v in inv.vms.values() if v.name == "vm1-standby")
+    for x in vm.attachments:
+        disk = inv.disks[x.disk_id]
+        assert identical(refs[disk.alias], engine.activity.images[disk.id]), disk.alias
