@@ -124,6 +124,8 @@ async def run(
                 {
                     "id": disk.id,
                     "alias": disk.alias,
+                    "storage_type": "image",
+                    "shareable": disk.shareable,
                     "format": fmt,
                     "size": disk.provisioned_size,
                     "path": str(path),
@@ -283,6 +285,7 @@ def _engine_state(
                 "id": disk.id,
                 "alias": disk.alias,
                 "storage_type": "lun",
+                "shareable": bool(disk.shareable),
                 "format": "lun",
                 "size": _lun_size(disk),
                 "status": None,
@@ -291,6 +294,8 @@ def _engine_state(
         return {
             "id": disk.id,
             "alias": disk.alias,
+            "storage_type": "image",
+            "shareable": bool(disk.shareable),
             "format": fmt,
             "size": disk.provisioned_size,
             "status": status,

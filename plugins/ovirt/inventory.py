@@ -69,6 +69,12 @@ class StorageDomainRef:
     available: int | None  # bytes
     used: int | None  # bytes
     master: bool
+    storage_type: str | None = None  # nfs, iscsi, fcp, glusterfs, localfs, posixfs…
+
+    @property
+    def block(self) -> bool:
+        """Block storage (iSCSI, FC): thin disks are qcow2 volumes of a fixed allocation."""
+        return self.storage_type in ("iscsi", "fcp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +308,7 @@ def _storage_domain(s: Any) -> StorageDomainRef:
         available=s.available,
         used=s.used,
         master=bool(s.master),
+        storage_type=_enum(s.storage.type) if s.storage is not None else None,
     )
 
 

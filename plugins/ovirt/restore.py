@@ -25,6 +25,11 @@
 A new sparse disk is ``fresh`` (zero slots need no write); a preallocated one gets its zero
 slots written, since preallocated storage is not guaranteed to read as zeroes.
 
+On a block storage domain (iSCSI, FC) a thin disk is created as qcow2 with ``initial_size``
+(a sparse raw one too: the engine refuses sparse raw there), so that the upload fits its
+volume, which the engine does not extend during a transfer (``volumes``). Both the imageio
+and the DataMover restore create their disks here (``add_disk``).
+
 Journal keys (``ResourceRecorder``): ``engine``, ``restore_disks``, ``restore_transfers`` and
 ``restore_vm``; ``backup.recover`` cancels and deletes what a killed restore left.
 A process killed after the restore job succeeded but before ``create_vm`` finished leaves
@@ -56,7 +61,7 @@ from engine.sources.types import DiskInfo, ResourceRecorder
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
-from plugins.ovirt import inventory
+from plugins.ovirt import inventory, volumes
 from plugins.ovirt.backup import (
     POLL_INTERVAL,
     cancel_transfer,
@@ -256,6 +261,7 @@ class VmRestore:
         self._done = False
         self.vm: RestoredVm | None = None  # set by create_vm
         self._record: ResourceRecorder | None = None  # the job's, for ``restore_vm``
+        self._domains: list[inventory.StorageDomainRef] | None = None  # listed once
 
     def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
         """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
@@ -282,14 +288,20 @@ class VmRestore:
                 reason=f"disk {entry.name}: no storage domain recorded; name one",
             )
         incremental = fmt == "cow" and attrs.get("backup") == "incremental"
+        sd = await self._storage_domain(domain)
+        # On block storage: sparse raw becomes thin qcow2, thin qcow2 gets initial_size.
+        want = await volumes.shape(
+            fmt, sparse, block=sd.block, virtual=entry.size, data_bytes=entry.data_bytes
+        )
         # Into an existing VM the disk sits beside the VM's own: say where it came from.
         alias = entry.name if self.options.into_vm is None else f"{entry.name}-restored"
         body = t.Disk(
             alias=alias,
             name=alias,
             provisioned_size=entry.size,
-            format=t.DiskFormat(fmt),
-            sparse=sparse,
+            initial_size=want.initial_size,
+            format=t.DiskFormat(want.format),
+            sparse=want.sparse,
             backup=t.DiskBackup.INCREMENTAL if incremental else t.DiskBackup.NONE,
             content_type=t.DiskContentType.DATA,
             storage_domains=[_ref(t.StorageDomain, domain)],
@@ -306,6 +318,18 @@ class VmRestore:
         record("restore_disks", list(self.disk_ids))  # right after it exists
         await self.wait_disk(created.id, entry.name)
         return created, sparse
+
+    async def _storage_domain(self, ref: str) -> inventory.StorageDomainRef:
+        """The storage domain named by ``ref`` (an id or a name); listed once per restore.
+        Raises ``EngineNotFound`` for an unknown one, before any disk is created."""
+        if self._domains is None:
+            self._domains = await inventory.storage_domains(self.client)
+        for sd in self._domains:
+            if ref in (sd.id, sd.name):
+                return sd
+        raise EngineNotFound(
+            url=self.client.config.url, what="create disk", object=f"storage domain {ref}"
+        )
 
     async def wait_disk(self, disk_id: str, name: str) -> None:
         """Poll the new disk until ``ok``; ``illegal`` or a timeout raise."""

@@ -5,7 +5,10 @@
     standby_refresh(engine, store, manifest, standby)   # plugin factory → OvirtStandby
       check(state):  GET the standby VM (gone → full run); not down → refuse (it is in use);
                      each recorded disk attached to it and ok (gone, detached → full run;
-                     illegal — an upload that was cancelled — → full run; locked → refuse)
+                     illegal — an upload that was cancelled — → full run; locked → refuse);
+                     a thin disk on block storage whose volume (``actual_size``) is smaller
+                     than the new snapshot's ``volumes.initial_size`` → full run (the
+                     engine extends no volume during an upload)
       refresh_target(entry, disk):  POST imagetransfers (upload, raw, <disk id> = the
                      existing standby disk; allowed because the VM is down, API-NOTES § 8.2)
                      → id recorded (``standby_transfers``) → transferring → ImageioDisk,
@@ -54,7 +57,7 @@ from engine.standby.state import StandbyDisk, StandbyState
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
-from plugins.ovirt import inventory
+from plugins.ovirt import inventory, volumes
 from plugins.ovirt.backup import (
     cancel_transfer,
     end_transfer,
@@ -234,6 +237,7 @@ class OvirtStandby:
         self.name = f"{manifest.vm_name}{standby.name_suffix}"
         self.recovery = _recovery(engine)
         self.transfer_ids: list[str] = []
+        self._domains: dict[str, inventory.StorageDomainRef] | None = None  # listed once
 
     def error(self, reason: str) -> OvirtStandbyError:
         return OvirtStandbyError(standby=self.name, vm=self.manifest.vm_name, reason=reason)
@@ -249,6 +253,7 @@ class OvirtStandby:
                 "(it is in use, e.g. after a failover; stop or delete it to resume refreshes)"
             )
         attached = {d.id: d for d in vm.disks}
+        entries = {e.disk_id: e for e in manifest.disks}
         for source_id, disk in state.disks.items():
             what = f"standby disk {disk.name or source_id} ({disk.standby_disk_id})"
             found = attached.get(disk.standby_disk_id)
@@ -260,7 +265,30 @@ class OvirtStandby:
                 raise self.error(f"{what} is {found.status}; try again later")
             if found.provisioned_size < disk.size:
                 return f"{what} has {found.provisioned_size} bytes, fewer than {disk.size}"
+            entry = entries.get(source_id)
+            if entry is not None and (reason := await self._too_small(found, entry)):
+                return f"{what} {reason}"
         return None
+
+    async def _too_small(self, found: inventory.DiskRef, entry: DiskEntry) -> str | None:
+        """Why a thin volume on block storage cannot take ``entry``'s data (the engine
+        does not extend it during an upload, ``volumes``), or None."""
+        if found.format != "cow" or found.actual_size is None:
+            return None
+        if found.actual_size >= found.provisioned_size:
+            return None  # preallocated: the volume holds the whole disk
+        if self._domains is None:
+            self._domains = {d.id: d for d in await inventory.storage_domains(self.client)}
+        sd = self._domains.get(found.storage_domain_id or "")
+        if sd is None or not sd.block:
+            return None  # file storage grows with the upload
+        needed = await volumes.initial_size(entry.size, entry.data_bytes)
+        if needed <= found.actual_size:
+            return None
+        return (
+            f"is a {found.actual_size}-byte volume on block domain {sd.name}; the snapshot's "
+            f"data needs up to {needed} and an upload cannot extend it"
+        )
 
     def refresh_target(
         self, entry: DiskEntry, disk: StandbyDisk, record: ResourceRecorder

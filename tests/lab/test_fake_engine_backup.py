@@ -536,7 +536,7 @@ async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
     backup = await lab.sdk(start_backup)
     transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
     t = lab.engine.activity.transfers[transfer.id]
-    async with await ImageioDisk.connect(transfer.transfer_url) as disk:
+    async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
         reader = await disk.open_reader()
         try:
             for _ in range(8):  # 4 s of small reads: four times the inactivity timeout

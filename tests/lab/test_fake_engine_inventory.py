@@ -82,9 +82,10 @@ async def test_clusters_storage_domains_hosts(engine: FakeEngine) -> None:
     assert (clusters[0].version.major, clusters[0].version.minor) == (4, 7)
     assert clusters[0].data_center.id == dcs[0].id
     assert [c.name for c in prod] == ["Prod"]
-    assert [(s.name, s.type, s.master) for s in sds] == [
-        ("data1", types.StorageDomainType.DATA, True),
-        ("data2", types.StorageDomainType.DATA, False),
+    assert [(s.name, s.type, s.master, s.storage.type) for s in sds] == [
+        ("data1", types.StorageDomainType.DATA, True, types.StorageType.NFS),
+        ("data2", types.StorageDomainType.DATA, False, types.StorageType.NFS),
+        ("block1", types.StorageDomainType.DATA, False, types.StorageType.ISCSI),
     ]
     assert [h.name for h in hosts] == ["host1", "host2"]
     assert host2.cluster.id == prod[0].id

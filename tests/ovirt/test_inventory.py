@@ -56,9 +56,10 @@ async def test_clusters_hosts_storage_domains(client: EngineClient) -> None:
     ]
 
     sds = await inventory.storage_domains(client)
-    assert [(s.name, s.type, s.master) for s in sds] == [
-        ("data1", "data", True),
-        ("data2", "data", False),
+    assert [(s.name, s.type, s.master, s.storage_type, s.block) for s in sds] == [
+        ("data1", "data", True, "nfs", False),
+        ("data2", "data", False, "nfs", False),
+        ("block1", "data", False, "iscsi", True),
     ]
     assert sds[0].available == 500 * GiB
 

@@ -9,6 +9,8 @@ Nouns:
                   transfers and events (``backup``): the mutable
                   part, doing real work on the disk images (qemu-img bitmaps, qemu-nbd,
                   ovirt-imageio tickets).
+- block volumes  thin disks on the seed's iSCSI/FC domains have a fixed allocation that
+                  uploads and DataMover writes cannot pass (``volumes``).
 - ``Faults``      the test's fault knobs (``faults``): a FAILED backup, paused transfers,
                   503s, slow responses; held by the activity, set on the event loop.
 - ``FakeEngine``  owns the inventory, the sessions, the activity and an aiohttp server on

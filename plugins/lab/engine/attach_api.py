@@ -111,7 +111,12 @@ async def plug(a: Activity, devices: Devices, vm_id: str, att: Attachment) -> No
             image, fmt = a.image(disk), a.active_format(disk)
         try:
             await devices.plug(
-                disk.id, att.interface, image, fmt, transient=att.snapshot_id is not None
+                disk.id,
+                att.interface,
+                image,
+                fmt,
+                transient=att.snapshot_id is not None,
+                volume_size=a.volume_sizes.get(image),  # a block volume: no extension
             )
         except DeviceError as e:
             _drop(a, vm_id, att.disk_id)

@@ -70,6 +70,8 @@ class Activity:
     # Where ``POST disks`` creates images (``restore``); None: the engine creates no disks.
     images_dir: Path | None = None
     created_images: set[str] = field(default_factory=set)  # disk ids whose image we made
+    # Block volumes (``volumes``): image file → its allocation; writable exports stop there.
+    volume_sizes: dict[Path, int] = field(default_factory=dict)
     backups: dict[str, Backup] = field(default_factory=dict)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)  # creation order
     transfers: dict[str, Transfer] = field(default_factory=dict)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.io import qemu
+from plugins.lab.engine.volumes import BlockVolumeNbd
 
 SERIAL_PREFIX: Final = 20  # what the guest sees of the serial (VIRTIO_BLK_ID_BYTES, SCSI devid)
 MOUNT_TIMEOUT: Final = 20.0  # nbdfuse mounts within a second; a loaded CI machine is slow
@@ -80,9 +81,18 @@ class Devices:
         return device.link if device else None
 
     async def plug(
-        self, disk_id: str, interface: str, image: Path, fmt: str, *, transient: bool
+        self,
+        disk_id: str,
+        interface: str,
+        image: Path,
+        fmt: str,
+        *,
+        transient: bool,
+        volume_size: int | None = None,
     ) -> Path:
         """Expose ``image`` (format ``fmt``) as the device of ``disk_id``; returns the link.
+        ``volume_size``: the image is a block volume of that allocation, which writes
+        through the device cannot pass (ENOSPC, ``volumes``).
 
         Raises ``DeviceError`` naming the disk; nothing is left then."""
         if disk_id in self.plugged:
@@ -90,10 +100,14 @@ class Devices:
         self.by_id.mkdir(parents=True, exist_ok=True)
         mountpoint = self.mounts / disk_id
         mountpoint.mkdir(parents=True, exist_ok=True)
-        cls = _TransientNbd if transient else qemu.QemuNbd
-        device = Device(
-            disk_id, self.by_id / link_name(disk_id, interface), mountpoint, cls(image, fmt)
-        )
+        nbd: qemu.QemuNbd
+        if transient:
+            nbd = _TransientNbd(image, fmt)
+        elif volume_size is not None:
+            nbd = BlockVolumeNbd(image, fmt, size=volume_size)
+        else:
+            nbd = qemu.QemuNbd(image, fmt)
+        device = Device(disk_id, self.by_id / link_name(disk_id, interface), mountpoint, nbd)
         try:
             await device.nbd.start()
             device.fuse = await _mount(mountpoint, device.nbd.address, disk_id)

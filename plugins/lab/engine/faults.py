@@ -27,6 +27,9 @@ fields on the event loop, between or during runs, and the next requests see them
   stay idle that long.
 - ``storage_iops``: slow storage. Every qemu-nbd the engine starts from now on serves at most
   this many read/write requests per second (a qemu ``throttle`` filter); 0 is unthrottled.
+- ``volume_chunk``: not a fault but the lab's ``volume_utilization_chunk_mb``: the bytes a
+  thin disk created on a block domain without ``initial_size`` may hold (``volumes``; 1 MiB,
+  where vdsm's is 1 GiB for disks a hundred times the lab's). Uploads past it fail.
 - guest agent missing: no knob, a seed property (``VmSeed.guest_agent=False``).
 
 Timing knobs (the engine's behaviour is the same with any value; only the clock is shorter):
@@ -44,6 +47,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from plugins.lab.engine.volumes import LAB_VOLUME_CHUNK
+
 
 @dataclass(slots=True)
 class Faults:
@@ -57,6 +62,7 @@ class Faults:
     storage_iops: int = 0  # requests/s every new qemu-nbd export serves; 0: unthrottled
     inactivity_timeout: int | None = None  # overrides every new transfer's; None: its own/60
     phase_seconds: float = 0.25  # seconds per background phase step (``monitor``)
+    volume_chunk: int = LAB_VOLUME_CHUNK  # a new thin block volume without initial_size
 
 
 FAULTS = web.AppKey("faults", Faults)

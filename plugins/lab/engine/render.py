@@ -76,12 +76,19 @@ def cluster(c: state.Cluster) -> types.Cluster:
     return out
 
 
+def _host_storage(sd: state.StorageDomain) -> types.HostStorage:
+    kind = types.StorageType(sd.storage_type)
+    if sd.block:  # a volume group on LUNs; no export path
+        return types.HostStorage(type=kind, volume_group=types.VolumeGroup(id=f"vg-{sd.id}"))
+    return types.HostStorage(type=kind, address="127.0.0.1", path="/lab")
+
+
 def storage_domain(sd: state.StorageDomain) -> types.StorageDomain:
     out = types.StorageDomain(
         id=sd.id,
         name=sd.name,
         type=types.StorageDomainType.DATA,
-        storage=types.HostStorage(type=types.StorageType.NFS, address="127.0.0.1", path="/lab"),
+        storage=_host_storage(sd),
         master=sd.master,
         available=sd.available,
         used=sd.used,

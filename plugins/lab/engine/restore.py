@@ -5,6 +5,10 @@
   needs ``cow``. The image is made at once with ``qemu-img create`` (qcow2 for ``cow``, raw
   otherwise) in ``Activity.images_dir``; the disk starts ``locked`` and its next GET
   (``api``) shows ``ok``. It can then take an upload transfer (``transfers.start``).
+  On a block domain (iSCSI, FC) sparse raw is refused (400, as ``AddDiskCommand``), and a
+  thin ``cow`` disk is a volume of fixed allocation from ``initial_size`` (else the lab's
+  chunk), which uploads and DataMover writes cannot pass (``volumes``); ``initial_size`` is
+  ignored on file domains, as vdsm does.
 - ``create_vm``: a new VM, ``down``, without disks. From an OVF
   (``initialization.configuration`` type ``ovf``) CPU, memory, OS and NICs come from the OVF
   and request fields override them (the name, memory, CPU); without an OVF, ``template`` is
@@ -21,6 +25,7 @@ Errors raise ``api.Fault`` with the engine's status. The mutating calls take the
 lock: they share it with transfers and snapshots.
 """
 
+import os
 import uuid
 from dataclasses import replace
 from typing import TypeVar
@@ -29,6 +34,7 @@ from ovirtsdk4 import types
 
 from engine.io import qemu
 from plugins.lab.engine import ovf as ovf_mod
+from plugins.lab.engine import volumes
 from plugins.lab.engine.api import Fault
 from plugins.lab.engine.backup import Activity
 from plugins.lab.engine.records import TRANSFER_DONE
@@ -79,13 +85,21 @@ async def create_disk(a: Activity, body: types.Disk) -> Disk:
             "FOR_RAW_DISK]",
         )
     sd = _domain(a, body.storage_domains[0])
+    sparse = body.sparse if body.sparse is not None else fmt == "cow"
+    if sd.block and fmt == "raw" and sparse:
+        # AddDiskCommand → ImagesHandler.checkImageConfiguration (ACTION_TYPE_FAILED_DISK_
+        # CONFIGURATION_NOT_SUPPORTED): a logical volume cannot be a sparse raw file.
+        raise Fault(
+            400,
+            "[Cannot add Virtual Disk. Disk configuration (RAW Sparse) is incompatible with "
+            "the storage domain type.]",
+        )
     if a.images_dir is None:
         raise Fault(409, "[Cannot add Virtual Disk. The lab engine has no images directory.]")
     async with a._lock:
         disk_id = body.id or a.new_id()
         if disk_id in a.inventory.disks:
             raise Fault(409, f"[Cannot add Virtual Disk. Disk {disk_id} already exists.]")
-        sparse = body.sparse if body.sparse is not None else fmt == "cow"
         alias = body.alias or body.name or f"disk_{disk_id[:8]}"
         a.images_dir.mkdir(parents=True, exist_ok=True)
         path = a.images_dir / f"{disk_id}.{'qcow2' if fmt == 'cow' else 'raw'}"
@@ -93,13 +107,19 @@ async def create_disk(a: Activity, body: types.Disk) -> Disk:
             await qemu.create(path, "qcow2" if fmt == "cow" else "raw", body.provisioned_size)
         except qemu.QemuError as e:
             raise Fault(409, f"[Cannot add Virtual Disk. {e}]") from e
+        actual = 0 if sparse else body.provisioned_size
+        if sd.block and fmt == "cow" and sparse:
+            # A logical volume of a fixed size (``volumes``); the engine reports its size.
+            actual = volumes.allocation(body.initial_size, a.faults.volume_chunk)
+            os.truncate(path, max(actual, path.stat().st_size))
+            a.volume_sizes[path] = actual
         disk = Disk(
             id=disk_id,
             alias=alias,
             storage_domain_id=sd.id,
             image_id=str(uuid.uuid4()),
             provisioned_size=body.provisioned_size,
-            actual_size=0 if sparse else body.provisioned_size,
+            actual_size=actual,
             format=fmt,
             sparse=sparse,
             backup=backup,
@@ -138,6 +158,8 @@ async def delete_disk(a: Activity, disk_id: str) -> None:
 def _forget_disk(a: Activity, disk: Disk) -> None:
     del a.inventory.disks[disk.id]
     path = a.images.pop(disk.id, None)
+    if path is not None:
+        a.volume_sizes.pop(path, None)
     if disk.id in a.created_images and path is not None:
         a.created_images.discard(disk.id)
         path.unlink(missing_ok=True)

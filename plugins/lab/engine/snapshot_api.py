@@ -108,10 +108,9 @@ async def get_snapshot(request: web.Request) -> web.Response:
 async def snapshot_disks(request: web.Request) -> web.Response:
     a = act(request)
     s = _snapshot_or_active(request)
-    if isinstance(s, Vm):
-        return render.xml_response(
-            [render.disk(a.inventory.disks[x.disk_id]) for x in s.attachments], root="disks"
-        )
+    if isinstance(s, Vm):  # the active layer: the images snapshots are made of
+        disks = [a.inventory.disks[x.disk_id] for x in s.attachments]
+        return render.xml_response([render.disk(d) for d in disks if d.snapable], root="disks")
     out = []
     for disk_id, volume in s.volumes.items():
         d = render.disk(a.inventory.disks[disk_id])

@@ -89,7 +89,10 @@ class Seed:
     # (API-NOTES § 4.1, ``hybrid``). The real engine's default there is true; the lab's is
     # false, so its backups stay live unless a seed asks.
     use_hybrid_backup: bool = False
-    storage_domains: tuple[str, ...] = ("data1",)
+    storage_domains: tuple[str, ...] = ("data1",)  # file storage (NFS)
+    # Block storage domains beside them, (name, "iscsi" | "fcp"): thin disks there are qcow2
+    # volumes of a fixed allocation, sparse raw is refused (``volumes``, ``restore``).
+    block_storage_domains: tuple[tuple[str, str], ...] = (("block1", "iscsi"),)
     hosts: tuple[tuple[str, str], ...] = (("host1", "Default"),)  # (name, cluster)
     tags: tuple[str, ...] = ()
     vms: tuple[VmSeed, ...] = ()
@@ -177,6 +180,12 @@ class StorageDomain:
     master: bool
     available: int
     used: int
+    storage_type: str = "nfs"  # the engine's StorageType: nfs, iscsi, fcp…
+
+    @property
+    def block(self) -> bool:
+        """Whether volumes are logical volumes of a fixed size (iSCSI, FC)."""
+        return self.storage_type in ("iscsi", "fcp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +283,14 @@ class Inventory:
         for i, name in enumerate(seed.storage_domains):
             sd = StorageDomain(lab_id("sd", name), name, dc.id, i == 0, 500 * GiB, 100 * GiB)
             _add(inv.storage_domains, sd)
+        for name, kind in seed.block_storage_domains:
+            _check_enum(types.StorageType, kind, f"storage domain {name} type")
+            if kind not in ("iscsi", "fcp"):
+                raise ConfigError(message=f"storage domain {name}: block types are iscsi, fcp")
+            sd = StorageDomain(
+                lab_id("sd", name), name, dc.id, False, 500 * GiB, 100 * GiB, storage_type=kind
+            )
+            _add(inv.storage_domains, sd)
         for name, cluster in seed.hosts:
             _add(inv.hosts, Host(lab_id("host", name), name, _ref(inv.clusters, cluster).id))
         for name in seed.tags:
@@ -302,6 +319,11 @@ class Inventory:
             ):
                 raise ConfigError(
                     message=f"disk {d.alias}: a shareable or LUN disk is raw, without backup"
+                )
+            sd = _ref(self.storage_domains, d.storage_domain) if d.storage_type == "image" else None
+            if sd is not None and sd.block and d.format == "raw" and d.sparse:
+                raise ConfigError(
+                    message=f"disk {d.alias}: sparse raw is impossible on block domain {sd.name}"
                 )
             actual = d.actual_size if d.actual_size is not None else (0 if d.sparse else d.size)
             disk = Disk(

@@ -33,6 +33,8 @@ real engine also renews tickets while it monitors transfers; this fake renews th
 ``extend`` (counted in ``Activity.extends``), so a client that never extends loses an idle
 transfer. ``Faults.storage_iops`` makes the storage
 slow: every export goes through a qemu ``throttle`` filter of that many requests per second.
+An upload into a thin disk on a block domain cannot write past its volume's allocation
+(``volumes.BlockVolumeNbd``): imageio then fails the request with ENOSPC.
 """
 
 from dataclasses import replace
@@ -55,6 +57,7 @@ from plugins.lab.engine.records import (
     Volume,
 )
 from plugins.lab.engine.state import Disk, Vm
+from plugins.lab.engine.volumes import BlockVolumeNbd
 from plugins.lab.imageio import ImageioControlError
 
 
@@ -79,6 +82,9 @@ class ThrottledQemuNbd(qemu.QemuNbd):
 def _nbd(
     a: Activity, image: Path, fmt: str, *, read_only: bool, bitmap: str | None
 ) -> qemu.QemuNbd:
+    size = a.volume_sizes.get(image)
+    if size is not None and not read_only:  # a block volume: an upload cannot extend it
+        return BlockVolumeNbd(image, fmt, size=size, iops=a.faults.storage_iops)
     if a.faults.storage_iops > 0:
         return ThrottledQemuNbd(
             image, fmt, iops=a.faults.storage_iops, read_only=read_only, bitmap=bitmap
