@@ -13,12 +13,14 @@
   from every layer of the chain (``chain``). A raw disk's active layer under a snapshot is
   its qcow2 overlay (``active_format``).
 
-Backups are served in **live** mode (API-NOTES § 4.1), no VM snapshot, unless the seed turns
-on hybrid backups for cluster levels ≥ 4.7 (``hybrid``: a snapshot per backup, made through
-the ``snapshot`` callback of ``start_backup``). Phases advance one step per GET
-(``advance_*``), so client polling loops run for real without timers: backup initializing →
-starting → ready, finalize → finalizing → succeeded. A down VM's checkpoint delete ends only
-on the checkpoint's next GET (``checkpoint_polled``), as a cold delete finishes later.
+Backups of a VM in a cluster of level ≥ 4.7 are **hybrid**, as the real engine's default
+``UseHybridBackup`` makes them (API-NOTES § 4.1; ``hybrid``: a snapshot per backup, made
+through the ``snapshot`` callback of ``start_backup``); on levels ≤ 4.6, with
+``?legacy=true`` or ``Seed.use_hybrid_backup=False`` they are **live**, without a snapshot.
+Phases advance one step per GET (``advance_*``), so client polling loops run for real
+without timers: backup initializing → starting → ready, finalize → finalizing → succeeded.
+A down VM's checkpoint delete ends only on the checkpoint's next GET
+(``checkpoint_polled``), as a cold delete finishes later.
 
 ``restart_vm`` restarts a running VM; with ``redefine_fails`` its next incremental backup
 loses the VM's checkpoint chain as the real engine's does (events 10791 and 10792).

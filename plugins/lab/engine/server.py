@@ -51,6 +51,7 @@ from plugins.lab.engine import (
     pki,
     restore_api,
     snapshot_api,
+    snapshots,
     sso,
 )
 from plugins.lab.engine.backup import Activity
@@ -162,6 +163,7 @@ class FakeEngine:
         """Generate the TLS files, bind a free loopback port and start serving."""
         if self._runner is not None:
             raise RuntimeError("FakeEngine already started")
+        await snapshots.seed(self.activity)  # the seed's user snapshots, before any request
         self._tls = self.ca.issue(self._workdir)
         self._runner = web.AppRunner(
             self._app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None

@@ -36,6 +36,7 @@ a 409 ``Snapshot is locked``. The list also shows the VM's ``Active VM`` snapsho
 seed names (``VmSeed.snapshots``) when the engine starts.
 """
 
+import asyncio
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -230,3 +231,56 @@ def _above(a: Activity, s: Snapshot, disk_id: str) -> Snapshot | None:
         if disk_id in other.volumes and not other.deleting:
             return other
     return None
+
+
+SEEDED_WRITE = "64k"  # what the guest writes after a seeded snapshot, 1 MiB before the end
+
+
+async def seed(a: Activity) -> None:
+    """Make the user snapshots the seed names (``VmSeed.snapshots``), oldest first, for the
+    disks with images; after each, the guest writes ``SEEDED_WRITE`` to every disk's active
+    layer 1 MiB before its end, so each layer holds something of its own.
+
+    Ids are stable (``lab_id``). A snapshot whose volume files already exist (the images of
+    a lab started before) is only recorded."""
+    async with a._lock:
+        for vm in a.inventory.vms.values():
+            for n, description in enumerate(vm.snapshots):
+                s_id = lab_id("snapshot", f"{vm.name}/{description}")
+                if s_id in a.snapshots:
+                    continue
+                volumes: dict[str, Volume] = {}
+                for disk in a.inventory.vm_disks(vm):
+                    if disk.id not in a.images or not disk.snapable:
+                        continue
+                    path = a.images[disk.id]
+                    volume = Volume(
+                        lab_id("volume", f"{disk.alias}/{description}"),
+                        disk.id,
+                        path.with_name(f"{path.name}.{s_id}"),
+                        a.active_format(disk),
+                    )
+                    if not volume.path.exists():
+                        await _overlay(path, volume)
+                        offset = max(0, disk.provisioned_size - 1024 * 1024)
+                        await _guest_write(path, 0x50 + n, offset)
+                    volumes[disk.id] = volume
+                a.snapshots[s_id] = Snapshot(
+                    id=s_id,
+                    vm_id=vm.id,
+                    description=description,
+                    ovf=ovf.vm_ovf(a.inventory, vm, {d: v.id for d, v in volumes.items()}),
+                    volumes=volumes,
+                    status="ok",
+                )
+
+
+async def _guest_write(path: Path, pattern: int, offset: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} {SEEDED_WRITE}", path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        reason = err.decode(errors="replace").strip()
+        raise qemu.QemuError(command=f"qemu-io {path}", reason=reason)
