@@ -13,6 +13,7 @@ from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
 from engine.io import qemu
+from plugins.ovirt.imageio import ImageioDisk
 from tests.lab import test_fake_engine_backup as base
 from tests.lab.polling import polls
 from tests.lab.test_fake_engine_backup import (
@@ -172,6 +173,79 @@ async def test_snapshot_reads_snapshot_time_content_and_delete_keeps_data(lab: L
     await lab.sdk(lambda c: stop_backup(c, inc.id))
 
 
+async def dirty_extents(lab: Lab, backup_id: str) -> list[tuple[int, int]]:
+    """The dirty ranges of the qcow2 disk's transfer of incremental backup ``backup_id``,
+    each checked against the guest's view of the active layer."""
+    transfer = await lab.sdk(lambda c: base.create_transfer(c, backup_id, QCOW_ID))
+    expected = await raw_copy(lab.qcow, lab.tmp)
+    async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
+        dirty = [(e.start, e.length) for e in await disk.extents("dirty", 0, base.SIZE) if e.dirty]
+        reader = await disk.open_reader()
+        try:
+            for offset, length in dirty:
+                buf = bytearray(length)
+                await reader.readinto(offset, memoryview(buf))
+                assert buf == expected[offset : offset + length], offset
+        finally:
+            await reader.close()
+    await lab.sdk(lambda c: finalize_transfer(c, transfer.id))
+    return dirty
+
+
+async def test_backups_across_snapshots_read_the_active_layer_and_only_changes(
+    lab: Lab,
+) -> None:
+    """As the engine backs up a VM with user snapshots: a full backup reads the active layer
+    (through the chain), and an incremental from a checkpoint older than the snapshots reads
+    exactly the blocks written since, before and after each snapshot (the bitmaps are copied
+    into every new top layer). Removing the snapshots, middle one first, keeps the content
+    and every checkpoint's change set."""
+    first = await lab.sdk(start_backup)
+    c1 = first.to_checkpoint_id
+    await lab.sdk(lambda c: stop_backup(c, first.id))
+    x, y, z = (MiB + 64 * KiB, 64 * KiB), (6 * MiB, 128 * KiB), (2 * MiB, 64 * KiB)
+    await write(lab.qcow, "qcow2", 0xCC, *x)  # before the snapshots
+    s1 = await lab.sdk(create_snapshot)
+    await write(lab.qcow, "qcow2", 0xDD, *y)  # between them
+    await write(lab.raw, "qcow2", 0x22, 0, 64 * KiB)  # the raw disk's overlay
+    s2 = await lab.sdk(create_snapshot)
+    await write(lab.qcow, "qcow2", 0xEE, *z)  # after both
+
+    full = await lab.sdk(start_backup)
+    for disk_id, image in ((QCOW_ID, lab.qcow), (RAW_ID, lab.raw)):
+        transfer = await lab.sdk(lambda c, d=disk_id: base.create_transfer(c, full.id, d))
+        expected = await raw_copy(image, lab.tmp)
+        assert await read_all(transfer.transfer_url, len(expected), lab.ca) == expected
+        await lab.sdk(lambda c, t=transfer.id: finalize_transfer(c, t))
+    await lab.sdk(lambda c: stop_backup(c, full.id))
+
+    inc = await lab.sdk(lambda c: start_backup(c, c1))
+    modes = await lab.sdk(lambda c: base.backup_modes(c, inc.id))
+    assert modes[QCOW_ID] == "incremental"
+    assert await dirty_extents(lab, inc.id) == sorted([x, y, z])
+    await lab.sdk(lambda c: stop_backup(c, inc.id))
+
+    w = (4 * MiB, 64 * KiB)
+    await write(lab.qcow, "qcow2", 0x77, *w)  # after the last checkpoint only
+    inc2 = await lab.sdk(lambda c: start_backup(c, inc.to_checkpoint_id))
+    assert await dirty_extents(lab, inc2.id) == [w]
+    await lab.sdk(lambda c: stop_backup(c, inc2.id))
+
+    before = {d: await raw_copy(p, lab.tmp) for d, p in ((QCOW_ID, lab.qcow), (RAW_ID, lab.raw))}
+    for s in (s1, s2):  # the middle one first: its child is the next snapshot's volume
+        await lab.sdk(partial(remove_snapshot, snapshot_id=s.id))
+    for disk_id, image in ((QCOW_ID, lab.qcow), (RAW_ID, lab.raw)):
+        assert await raw_copy(image, lab.tmp) == before[disk_id]
+    assert (await qemu.info(lab.qcow)).get("backing-filename") is None
+    assert (await qemu.info(lab.raw))["format"] == "raw"
+    assert not list(lab.tmp.glob(f"*.{s1.id}")) and not list(lab.tmp.glob(f"*.{s2.id}"))
+    checkpoints = {c1, full.to_checkpoint_id, inc.to_checkpoint_id, inc2.to_checkpoint_id}
+    assert set(await qemu.bitmaps(lab.qcow)) == checkpoints
+    inc3 = await lab.sdk(lambda c: start_backup(c, inc.to_checkpoint_id))
+    assert await dirty_extents(lab, inc3.id) == [w]  # made after s2: kept by the merge
+    await lab.sdk(lambda c: stop_backup(c, inc3.id))
+
+
 async def test_snapshot_refusals(lab: Lab) -> None:
     def fails(fn: object) -> int:
         assert callable(fn)
@@ -185,17 +259,17 @@ async def test_snapshot_refusals(lab: Lab) -> None:
     assert await lab.sdk(no_description) == 400
     s = await lab.sdk(create_snapshot)
 
-    def refusals(conn: sdk.Connection) -> list[int]:
+    def remove_active(conn: sdk.Connection) -> int:
         svc = snapshots_service(conn)
-        active = svc.list()[0].id
-        backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
-        return [
-            fails(lambda: svc.add(types.Snapshot(description="second"))),
-            fails(lambda: svc.snapshot_service(active).remove()),
-            fails(lambda: backups.add(types.Backup(disks=[types.Disk(id=QCOW_ID)]))),
-        ]
+        return fails(lambda: svc.snapshot_service(svc.list()[0].id).remove())
 
-    assert await lab.sdk(refusals) == [409, 409, 409]
+    def snapshot_during_backup(conn: sdk.Connection) -> int:
+        return fails(lambda: snapshots_service(conn).add(types.Snapshot(description="second")))
+
+    assert await lab.sdk(remove_active) == 409
+    backup = await lab.sdk(start_backup)  # a VM with a snapshot is backed up, as the engine
+    assert await lab.sdk(snapshot_during_backup) == 409
+    await lab.sdk(lambda c: stop_backup(c, backup.id))
     disks = await lab.sdk(
         lambda c: snapshots_service(c).snapshot_service(s.id).disks_service().list()
     )

@@ -10,7 +10,6 @@ and the engine is left without any snapshot, backup or transfer still open."""
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from tests.ovirt.test_faults import assert_clean
 
 pytestmark = pytest.mark.integration
 
-HYBRID = replace(SEED, use_hybrid_backup=True)  # cluster level 4.7 (the seed's default)
+HYBRID = SEED  # cluster level 4.7, the seed's default: hybrid by default, as the engine
 VM_ID = lab_id("vm", "vm1")
 OS_ID = lab_id("disk", "vm1_os")
 DATA_ID = lab_id("disk", "vm1_data")

@@ -7,16 +7,21 @@
   backup starts; raw disks get none, and a backup of raw disks only has no checkpoint;
 - image transfers (qemu-nbd exports behind imageio tickets) are ``transfers``'s work on
   ``Activity.transfers``; snapshots themselves (qcow2 overlays) are ``snapshots``'s work on
-  ``Activity.snapshots``. While a VM has a snapshot its backups are refused (409), and a raw
-  disk's active layer is its qcow2 overlay (``active_format``).
+  ``Activity.snapshots``. A VM with snapshots is backed up from its active layer (the
+  export reads through the chain); each overlay carries a copy of the bitmaps below it, so
+  the top layer's bitmap is the checkpoint's whole change set, and a checkpoint is removed
+  from every layer of the chain (``chain``). A raw disk's active layer under a snapshot is
+  its qcow2 overlay (``active_format``).
 
-Backups are served in **live** mode (API-NOTES § 4.1), no VM snapshot, unless the seed turns
-on hybrid backups for cluster levels ≥ 4.7 (``hybrid``: a snapshot per backup, made through
-the ``snapshot`` callback of ``start_backup``). Phases move with time, as the engine's own
-background work moves them, whether a client polls or not: ``monitor`` calls
-``advance_backup`` once a phase is ``Faults.phase_seconds`` old (backup initializing →
-starting → ready, finalize → finalizing → succeeded). A down VM's checkpoint delete finishes
-later in the same way (``finish_checkpoint_delete``): listed ``invalid`` until then.
+Backups of a VM in a cluster of level ≥ 4.7 are **hybrid**, as the real engine's default
+``UseHybridBackup`` makes them (API-NOTES § 4.1; ``hybrid``: a snapshot per backup, made
+through the ``snapshot`` callback of ``start_backup``); on levels ≤ 4.6, with
+``?legacy=true`` or ``Seed.use_hybrid_backup=False`` they are **live**, without a snapshot.
+Phases move with time, as the engine's own background work moves them, whether a client
+polls or not: ``monitor`` calls ``advance_backup`` once a phase is ``Faults.phase_seconds``
+old (backup initializing → starting → ready, finalize → finalizing → succeeded). A down
+VM's checkpoint delete finishes later in the same way (``finish_checkpoint_delete``):
+listed ``invalid`` until then.
 
 ``restart_vm`` restarts a running VM; with ``redefine_fails`` its next incremental backup
 loses the VM's checkpoint chain as the real engine's does (events 10791 and 10792).
@@ -186,11 +191,6 @@ class Activity:
                 raise Fault(400, f"[Cannot backup VM. Backup ID {backup_id} already exists.]")
             if busy := self._busy_disks() & set(disk_ids):
                 raise Fault(409, f"[Cannot backup VM. Disks are locked: {', '.join(sorted(busy))}]")
-            if any(s.vm_id == vm_id and not s.deleting for s in self.snapshots.values()):
-                # The real engine can; this fake keeps bitmaps in one volume only.
-                raise Fault(
-                    409, "[Cannot backup VM. The lab engine backs up no VM with snapshots.]"
-                )
             disks = [self.inventory.disks[d] for d in dict.fromkeys(disk_ids)]
             modes = {
                 d.id: "full" if chain_lost else await self._mode(d, from_checkpoint_id)
@@ -265,6 +265,27 @@ class Activity:
             return await qemu.bitmaps(self.image(disk))
         except qemu.QemuError as e:
             raise Fault(409, f"[Cannot read the bitmaps of disk {disk.alias}: {e}]") from e
+
+    def chain(self, disk: Disk) -> list[Path]:
+        """The disk's qcow2 files that can hold bitmaps, top (active layer) first."""
+        below = [
+            s.volumes[disk.id]
+            for s in reversed(self.snapshots.values())
+            if disk.id in s.volumes and not s.deleting
+        ]
+        top = [self.image(disk)] if self.active_format(disk) == "qcow2" else []
+        return top + [v.path for v in below if v.fmt == "qcow2"]
+
+    async def _remove_bitmap(self, disk: Disk, name: str) -> None:
+        """Remove bitmap ``name`` from every layer of the disk that has it (vdsm does)."""
+        if disk.id not in self.images:
+            return
+        for path in self.chain(disk):
+            try:
+                if name in await qemu.bitmaps(path):
+                    await qemu.bitmap_remove(path, name)
+            except qemu.QemuError as e:
+                raise Fault(409, f"[Cannot remove bitmap {name} of {disk.alias}: {e}]") from e
 
     async def _bitmap(
         self, op: Callable[[Path, str], Awaitable[None]], disk: Disk, name: str
@@ -346,9 +367,7 @@ class Activity:
             if any(b.vm_id == c.vm_id and b.phase in BACKUP_ACTIVE for b in self.backups.values()):
                 raise Fault(409, "[Cannot remove checkpoint. The VM is during a backup operation.]")
             for disk_id in c.disk_ids:
-                disk = self.inventory.disks[disk_id]
-                if disk_id in self.images and c.id in await self._bitmaps(disk):
-                    await self._bitmap(qemu.bitmap_remove, disk, c.id)
+                await self._remove_bitmap(self.inventory.disks[disk_id], c.id)
             for other in self.checkpoints.values():
                 if other.parent_id == c.id:
                     other.parent_id = c.parent_id
@@ -375,9 +394,7 @@ class Activity:
             if redefine_fails:
                 for c in self.vm_checkpoints(vm_id):
                     for disk_id in c.disk_ids:
-                        disk = self.inventory.disks[disk_id]
-                        if disk_id in self.images and c.id in await self._bitmaps(disk):
-                            await self._bitmap(qemu.bitmap_remove, disk, c.id)
+                        await self._remove_bitmap(self.inventory.disks[disk_id], c.id)
                 self.broken_redefine.add(vm_id)
             self.event(61, f"VM {vm.name} was restarted.", vm.id)
 
@@ -385,9 +402,7 @@ class Activity:
         """Forget every checkpoint of the VM (and any bitmap still there); caller locks."""
         for c in self.vm_checkpoints(vm_id):
             for disk_id in c.disk_ids:
-                disk = self.inventory.disks[disk_id]
-                if disk_id in self.images and c.id in await self._bitmaps(disk):
-                    await self._bitmap(qemu.bitmap_remove, disk, c.id)
+                await self._remove_bitmap(self.inventory.disks[disk_id], c.id)
             self.checkpoints.pop(c.id, None)
             self.deleting_checkpoints.pop(c.id, None)
 

@@ -1,8 +1,10 @@
 """Hybrid (snapshot-based) backups of the fake engine (API-NOTES § 4.1, § 4.6).
 
-On a cluster of level ≥ 4.7 with ``Seed.use_hybrid_backup`` (engine-config
-``UseHybridBackup``) a ``POST vms/{vm}/backups`` without ``?legacy=true`` runs the engine's
-``HybridBackup`` instead of a live backup:
+On a cluster of level ≥ 4.7 (``Seed.cluster_levels``, ``compat_version``) with
+``Seed.use_hybrid_backup`` (engine-config ``UseHybridBackup``, true there by default as in the
+real engine) a ``POST vms/{vm}/backups`` without ``?legacy=true`` runs the engine's
+``HybridBackup`` instead of a live (or, for a down VM, cold) backup; clusters ≤ 4.6 get live
+backups. A VM with user snapshots gets its hybrid snapshot on top of them (``snapshots``):
 
 - ``take_snapshot`` (at start, after the new checkpoint's bitmaps were added): a VM snapshot
   "Auto-generated for Backup VM" of the backup's disks, made like any lab snapshot
@@ -48,7 +50,9 @@ async def take_snapshot(a: Activity, vm: Vm, disks: list[Disk], backup_id: str) 
     volumes: dict[str, Volume] = {}
     try:
         for disk in disks:
-            path = a.image(disk)
+            if disk.id not in a.images:  # a lab engine without images for some disks
+                continue
+            path = a.images[disk.id]
             volume = Volume(
                 a.new_id(), disk.id, path.with_name(f"{path.name}.{s_id}"), a.active_format(disk)
             )
@@ -77,7 +81,7 @@ async def take_snapshot(a: Activity, vm: Vm, disks: list[Disk], backup_id: str) 
 def volume(a: Activity, b: Backup, disk_id: str) -> Volume | None:
     """The snapshot volume a transfer of hybrid backup ``b`` serves (None: not hybrid)."""
     s_id = a.hybrid.get(b.id)
-    return a.snapshots[s_id].volumes[disk_id] if s_id in a.snapshots else None
+    return a.snapshots[s_id].volumes.get(disk_id) if s_id in a.snapshots else None
 
 
 async def remove_snapshot(a: Activity, b: Backup) -> None:

@@ -57,6 +57,7 @@ from plugins.lab.engine import (
     pki,
     restore_api,
     snapshot_api,
+    snapshots,
     sso,
 )
 from plugins.lab.engine.backup import Activity
@@ -169,6 +170,7 @@ class FakeEngine:
         """Generate the TLS files, bind a free loopback port and start serving."""
         if self._runner is not None:
             raise RuntimeError("FakeEngine already started")
+        await snapshots.seed(self.activity)  # the seed's user snapshots, before any request
         self._tls = self.ca.issue(self._workdir)
         self._monitor = asyncio.create_task(monitor.run(self.activity), name="lab-monitor")
         self._runner = web.AppRunner(

@@ -74,6 +74,10 @@ class VmSeed:
     # the running VM (the only hint a client has that snapshots can be quiesced, API-NOTES
     # § 7.1). False: those stay empty and snapshots of the running VM are crash-consistent.
     guest_agent: bool = True
+    # User snapshots the VM has when the engine starts, oldest first, by description: each
+    # is made as ``POST snapshots`` makes one, and the guest then writes to the active layer
+    # (``snapshots.seed``), so the VM's disks are real chains.
+    snapshots: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +89,13 @@ class Seed:
     data_center: str = "Default"
     clusters: tuple[str, ...] = ("Default",)
     compat_version: tuple[int, int] = (4, 7)  # cluster level; ≥ 4.4 means incremental backup
-    # engine-config UseHybridBackup for cluster levels ≥ 4.7: a backup is then snapshot-based
-    # (API-NOTES § 4.1, ``hybrid``). The real engine's default there is true; the lab's is
-    # false, so its backups stay live unless a seed asks.
-    use_hybrid_backup: bool = False
+    # Clusters whose level is not ``compat_version``: (name, level). The data center's level
+    # is the lowest of its clusters'.
+    cluster_levels: tuple[tuple[str, tuple[int, int]], ...] = ()
+    # engine-config UseHybridBackup at cluster levels 4.7 and 4.8, true as in the real engine
+    # (it is false for ≤ 4.6): a plain backup of a VM there is snapshot-based (API-NOTES
+    # § 4.1, ``hybrid``); ``?legacy=true`` or False here make it live.
+    use_hybrid_backup: bool = True
     storage_domains: tuple[str, ...] = ("data1",)  # file storage (NFS)
     # Block storage domains beside them, (name, "iscsi" | "fcp"): thin disks there are qcow2
     # volumes of a fixed allocation, sparse raw is refused (``volumes``, ``restore``).
@@ -100,9 +107,12 @@ class Seed:
 
 def demo_seed() -> Seed:
     """A small inventory: two clusters, three VMs with qcow2 and raw disks; db01 also has a
-    shareable disk and a direct LUN."""
+    shareable disk and a direct LUN. "Default" is at level 4.7 (its backups are hybrid) and
+    "Prod" at 4.6 (live), so both engine-side backup modes run by default; web02 has a user
+    snapshot."""
     return Seed(
         clusters=("Default", "Prod"),
+        cluster_levels=(("Prod", (4, 6)),),
         storage_domains=("data1", "data2"),
         hosts=(("host1", "Default"), ("host2", "Prod")),
         tags=("gold", "silver"),
@@ -120,6 +130,7 @@ def demo_seed() -> Seed:
                 status="down",
                 host=None,
                 disks=(DiskSeed("web02_os", 10 * GiB, interface="virtio", bootable=True),),
+                snapshots=("Before upgrade",),
             ),
             VmSeed(
                 name="db01",
@@ -243,6 +254,7 @@ class Vm:
     tag_ids: tuple[str, ...]
     nics: tuple[str, ...] = ("nic1",)
     guest_agent: bool = True
+    snapshots: tuple[str, ...] = ()  # the seed's user snapshots (``VmSeed.snapshots``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +269,7 @@ class Inventory:
 
     username: str
     password: str
-    use_hybrid_backup: bool = False  # the seed's
+    use_hybrid_backup: bool = True  # the seed's
     data_centers: dict[str, DataCenter] = field(default_factory=dict)
     clusters: dict[str, Cluster] = field(default_factory=dict)
     storage_domains: dict[str, StorageDomain] = field(default_factory=dict)
@@ -274,12 +286,19 @@ class Inventory:
             password=seed.password,
             use_hybrid_backup=seed.use_hybrid_backup,
         )
+        levels = dict.fromkeys(seed.clusters, seed.compat_version)
+        for name, level in seed.cluster_levels:
+            if name not in levels:
+                raise ConfigError(message=f"seed gives a level to unknown cluster {name!r}")
+            levels[name] = level
         dc = DataCenter(
-            lab_id("datacenter", seed.data_center), seed.data_center, seed.compat_version
+            lab_id("datacenter", seed.data_center),
+            seed.data_center,
+            min(levels.values(), default=seed.compat_version),
         )
         inv.data_centers[dc.id] = dc
-        for name in seed.clusters:
-            _add(inv.clusters, Cluster(lab_id("cluster", name), name, dc.id, seed.compat_version))
+        for name, level in levels.items():
+            _add(inv.clusters, Cluster(lab_id("cluster", name), name, dc.id, level))
         for i, name in enumerate(seed.storage_domains):
             sd = StorageDomain(lab_id("sd", name), name, dc.id, i == 0, 500 * GiB, 100 * GiB)
             _add(inv.storage_domains, sd)
@@ -355,6 +374,7 @@ class Inventory:
             tag_ids=tuple(_ref(self.tags, t).id for t in seed.tags),
             nics=seed.nics or ("nic1",),
             guest_agent=seed.guest_agent,
+            snapshots=seed.snapshots,
         )
         _add(self.vms, vm)
 
