@@ -254,7 +254,14 @@ class _DiskBackup:
             return
         record = await self.pool.encode(buf, cid)
         loop = asyncio.get_running_loop()
-        written = await loop.run_in_executor(self.store_executor, self.store.put, cid, record)
+        put = loop.run_in_executor(self.store_executor, self.store.put, cid, record)
+        try:
+            written = await asyncio.shield(put)
+        except asyncio.CancelledError:
+            # The put goes on in the store thread and reads ``record``, a view of the pool's
+            # buffer: the buffer goes back to the pool (when this task unwinds) only after it.
+            await asyncio.wait([put])
+            raise
         self.stats.new_chunks += written
         self.stats.known_chunks += not written
         self.stats.bytes_stored += len(record) if written else 0

@@ -315,8 +315,9 @@ class Store:
         """Append a verified record unless its chunk is already stored; True if written."""
         if not self.writable:
             raise StoreError(path=self.path, reason="opened read-only")
+        size = len(record)
         header = parse_header(record)
-        if header.chunk_id != chunk_id or header.size != len(record):
+        if header.chunk_id != chunk_id or header.size != size:
             raise CorruptRecord(
                 chunk=short(chunk_id), pack="(new)", offset=0, reason="record does not match id"
             )
@@ -329,11 +330,11 @@ class Store:
                     writer = self._open = PackWriter(self.layout.packs)
                 offset = writer.append(chunk_id, record, header.plain_len)
             except BaseException as e:  # the pack's state is unknown: never use it again
-                failure = self._abandon_locked(writer, e, needed=len(record))
+                failure = self._abandon_locked(writer, e, needed=size)
                 if is_write_failure(e):
                     raise failure from e
                 raise  # not an I/O failure (a bug, an interrupt): abandoned, raised as is
-            self._pending[chunk_id] = _Pending(writer, offset, len(record))
+            self._pending[chunk_id] = _Pending(writer, offset, size)
             if writer.size >= self.config.pack_size:
                 self._rotate_locked()
         return True

@@ -92,10 +92,10 @@ class PackWriter:
         self, chunk_id: ChunkId, record: bytes | bytearray | memoryview, plain_len: int
     ) -> int:
         """Append one record; returns its offset. The record must already be verified."""
-        offset = self.size
-        self._write(record, "store.record.mid_write")
-        self.size += len(record)
-        self.entries.append(PackEntry(chunk_id, offset, len(record), plain_len))
+        offset, length = self.size, len(record)  # before the write: the caller's buffer
+        self._write(record, "store.record.mid_write")  # may be gone once it returns
+        self.size += length
+        self.entries.append(PackEntry(chunk_id, offset, length, plain_len))
         failpoints.hit("store.record.after_write")
         return offset
 
