@@ -101,7 +101,6 @@ async def get_snapshot(request: web.Request) -> web.Response:
     s = _snapshot_or_active(request)
     if isinstance(s, Vm):
         return render.xml_response(render_active(request, s))
-    snapshots.advance(act(request), s)
     return render.xml_response(render_snapshot(s, all_content(request)))
 
 
