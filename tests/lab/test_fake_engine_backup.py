@@ -38,7 +38,6 @@ QCOW_ID = lab_id("disk", "vm1_os")
 RAW_ID = lab_id("disk", "vm1_raw")
 DOWN_VM_ID = lab_id("vm", "vm2")
 SPARE_ID = lab_id("disk", "vm2_os")
-POLLS = 20  # snapshot phases advance one step per GET: a handful of polls is enough
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,12 @@ from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
 from engine.io import qemu
+from plugins.lab.engine.records import SNAPSHOT_CREATED, SNAPSHOT_REMOVED
 from plugins.ovirt.imageio import ImageioDisk
 from tests.lab import test_fake_engine_backup as base
 from tests.lab.polling import polls
 from tests.lab.test_fake_engine_backup import (
     DOWN_VM_ID,
-    POLLS,
     QCOW_ID,
     RAW_ID,
     VM_ID,
@@ -28,6 +28,7 @@ from tests.lab.test_fake_engine_backup import (
     read_all,
     start_backup,
     stop_backup,
+    unpolled,
     write,
 )
 
@@ -74,7 +75,7 @@ def remove_snapshot(conn: sdk.Connection, snapshot_id: str) -> int:
     """DELETE, then poll until 404; returns how many GETs still saw it."""
     service = snapshots_service(conn).snapshot_service(snapshot_id)
     service.remove()
-    for seen in range(POLLS):
+    for seen in polls():
         try:
             assert service.get().snapshot_status == types.SnapshotStatus.LOCKED
         except sdk.NotFoundError:
@@ -283,6 +284,24 @@ async def test_snapshot_refusals(lab: Lab) -> None:
     await lab.sdk(partial(remove_snapshot, snapshot_id=s.id))
 
 
+async def test_snapshot_phases_move_with_nobody_polling(lab: Lab) -> None:
+    """The engine's snapshot commands finish in its own threads: a new snapshot becomes ok,
+    and a removed one goes, with no client sending a GET (the lab used to move them one
+    step per GET, so an unpolled snapshot stayed locked for ever)."""
+    a = lab.engine.activity
+    made = await lab.sdk(lambda c: snapshots_service(c).add(types.Snapshot(description="unpolled")))
+    assert made.snapshot_status == types.SnapshotStatus.LOCKED
+    await unpolled(lab.engine, lambda: a.snapshots[made.id].status, "ok")
+    assert a.events[-1].code == SNAPSHOT_CREATED
+
+    await lab.sdk(lambda c: snapshots_service(c).snapshot_service(made.id).remove())
+    assert a.snapshots[made.id].status == "locked"
+    await unpolled(lab.engine, lambda: "gone" if made.id not in a.snapshots else "there", "gone")
+    assert a.events[-1].code == SNAPSHOT_REMOVED
+    seen = await lab.sdk(lambda c: [s.id for s in snapshots_service(c).list()])
+    assert made.id not in seen
+
+
 async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -> None:
     """What recovery meets after a kill: a finished transfer refuses finalize and cancel
     (409 ``Phase is finished_success``), a snapshot being removed refuses another DELETE
@@ -313,6 +332,11 @@ async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -
                 answers.append((int(e.code or 0), str(e.fault.detail if e.fault else e)))
             else:
                 answers.append((200, ""))
+        for _ in polls():  # the removal ends on its own a phase step later
+            try:
+                snapshot.get()
+            except sdk.NotFoundError:
+                break
         with pytest.raises(sdk.NotFoundError):
             snapshot.get()
         with pytest.raises(sdk.NotFoundError):

@@ -123,6 +123,14 @@ class Lab:
 
 @pytest.fixture
 async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    async with attach_lab(tmp_path) as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def attach_lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    """vm1 (two disks) and the DataMover in a lab with no imageio; the store initialised.
+    Also used by ``test_idle_transfers`` (the slow first disk in the LAN-free flow)."""
     before = leaks.children()
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()

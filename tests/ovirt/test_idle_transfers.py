@@ -4,14 +4,16 @@ the 60 s), and a transfer in an end or stuck phase never moves again for a clien
 
 - A two-disk VM whose first disk reads slower than the inactivity timeout (throttled storage,
   ``Faults.storage_iops``) backs up and restores identically in the backup-API and the
-  snapshot flows: each disk's transfer exists only while that disk is read. (The attach flow
-  reads the DataMover's local devices: no transfer, nothing to time out.)
+  snapshot flows: each disk's transfer exists only while that disk is read. The attach flow
+  (LAN free) reads the DataMover's local devices, which the same slow storage serves: it makes
+  no transfer, so a slow read cannot cost it one, and it too backs up and restores identically.
 - ``wait_transfer`` / ``finalize_transfer`` raise at once on every end or stuck phase, naming
   the disk, the phase and the transfer (they used to wait 600 s on most of them).
 """
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from plugins.lab.engine.server import FakeEngine
 from plugins.ovirt import backup as flow
 from tests.integration.images import identical, reference
+from tests.ovirt.test_attach_flow import attach_lab
 from tests.ovirt.test_backup_api_flow import lab, tessera
 from tests.ovirt.test_faults import assert_clean
 
@@ -29,6 +32,9 @@ Lab = tuple[FakeEngine, Path, dict[str, Path]]
 
 IDLE = 1  # seconds: imageio's idle_time counts whole seconds; the monitor acts past it
 IOPS = 8  # the first disk takes many times IDLE to read
+# The attach flow reads whole devices (no extents): vm1_os is 160 MiB, ≥ 160 FUSE reads.
+ATTACH_IOPS = 40
+ATTACH_FIRST_READS = 160
 
 
 @pytest.mark.integration
@@ -60,6 +66,57 @@ async def test_slow_first_disk_does_not_lose_the_second(
     assert code == 0, out + err
     for disk in snap["disks"]:
         assert identical(refs[disk["name"]], next(restored.glob(f"{disk['name']}.*")))
+
+
+@pytest.mark.integration
+async def test_slow_first_disk_in_the_attach_flow(tmp_path: Path) -> None:
+    async with attach_lab(tmp_path) as lab:
+        engine = lab.engine
+        assert engine.devices is not None
+        engine.faults.inactivity_timeout = IDLE
+        engine.faults.storage_iops = ATTACH_IOPS
+        refs = {a: reference(p, tmp_path / f"ref-{a}.raw") for a, p in lab.images.items()}
+        config = lab.config("config.yaml")
+        throttled: dict[str, int] = {}
+
+        async def watch() -> None:  # the devices the DataMover reads: on the slow storage?
+            while True:
+                for disk_id, device in list(engine.devices.plugged.items()):
+                    throttled[disk_id] = getattr(device.nbd, "iops", 0)
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        started = time.monotonic()
+        try:
+            code, out, err = await tessera(
+                *("backup", "vm", "vm1", "--config", config, "--level", "full"),
+                *("--flow", "snapshot-attach"),
+            )
+        finally:
+            watcher.cancel()
+        took = time.monotonic() - started
+        assert code == 0, out + err
+        assert len(throttled) == 2 and set(throttled.values()) == {ATTACH_IOPS}, throttled
+        # The first disk alone is ATTACH_FIRST_READS requests at least (FUSE reads ≤ 1 MiB).
+        assert took > ATTACH_FIRST_READS / ATTACH_IOPS > IDLE * 2, took
+        # No transfer made, so none cancelled: the slow read cost the flow nothing.
+        assert engine.activity.transfers == {}
+        timed_out = [e for e in engine.activity.events if e.code in (1072, 1076, 1077)]
+        assert not timed_out, timed_out
+        await lab.clean()
+
+        code, out, _ = await tessera("snapshots", "--config", config, "--json")
+        (snap,) = json.loads(out)
+        assert {d["attributes"]["transport"] for d in snap["disks"]} == {"attach"}
+        restored = tmp_path / "restored"
+        restored.mkdir()
+        code, out, err = await tessera(
+            "restore", snap["id"], "--store", tmp_path / "store", "--to", restored
+        )
+        assert code == 0, out + err
+        assert {d["name"] for d in snap["disks"]} == set(refs)
+        for disk in snap["disks"]:
+            assert identical(refs[disk["name"]], next(restored.glob(f"{disk['name']}.*")))
 
 
 class _Transfer:

@@ -117,6 +117,7 @@ async def plug(a: Activity, devices: Devices, vm_id: str, att: Attachment) -> No
                 fmt,
                 transient=att.snapshot_id is not None,
                 volume_size=a.volume_sizes.get(image),  # a block volume: no extension
+                iops=a.faults.storage_iops,  # slow storage is slow for the DataMover too
             )
         except DeviceError as e:
             _drop(a, vm_id, att.disk_id)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.io import qemu
-from plugins.lab.engine.volumes import BlockVolumeNbd
+from plugins.lab.engine.volumes import BlockVolumeNbd, ThrottledQemuNbd
 
 SERIAL_PREFIX: Final = 20  # what the guest sees of the serial (VIRTIO_BLK_ID_BYTES, SCSI devid)
 MOUNT_TIMEOUT: Final = 20.0  # nbdfuse mounts within a second; a loaded CI machine is slow
@@ -56,7 +56,11 @@ class _TransientNbd(qemu.QemuNbd):
 
     def argv(self, socket: Path) -> list[str]:
         argv = super().argv(socket)
-        return [*argv[:-1], "--snapshot", argv[-1]]
+        return [argv[0], "--snapshot", *argv[1:]]  # before any --image-opts
+
+
+class _TransientThrottledNbd(_TransientNbd, ThrottledQemuNbd):
+    """A transient device on slow storage (``Faults.storage_iops``)."""
 
 
 @dataclass
@@ -89,10 +93,13 @@ class Devices:
         *,
         transient: bool,
         volume_size: int | None = None,
+        iops: int = 0,
     ) -> Path:
         """Expose ``image`` (format ``fmt``) as the device of ``disk_id``; returns the link.
         ``volume_size``: the image is a block volume of that allocation, which writes
-        through the device cannot pass (ENOSPC, ``volumes``).
+        through the device cannot pass (ENOSPC, ``volumes``). ``iops`` > 0: the storage
+        serves at most that many requests per second (``Faults.storage_iops``), as it does
+        for an image transfer's qemu-nbd.
 
         Raises ``DeviceError`` naming the disk; nothing is left then."""
         if disk_id in self.plugged:
@@ -101,10 +108,14 @@ class Devices:
         mountpoint = self.mounts / disk_id
         mountpoint.mkdir(parents=True, exist_ok=True)
         nbd: qemu.QemuNbd
-        if transient:
+        if transient and iops > 0:
+            nbd = _TransientThrottledNbd(image, fmt, iops=iops)
+        elif transient:
             nbd = _TransientNbd(image, fmt)
         elif volume_size is not None:
-            nbd = BlockVolumeNbd(image, fmt, size=volume_size)
+            nbd = BlockVolumeNbd(image, fmt, size=volume_size, iops=iops)
+        elif iops > 0:
+            nbd = ThrottledQemuNbd(image, fmt, iops=iops)
         else:
             nbd = qemu.QemuNbd(image, fmt)
         device = Device(disk_id, self.by_id / link_name(disk_id, interface), mountpoint, nbd)

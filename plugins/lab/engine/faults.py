@@ -25,8 +25,9 @@ fields on the event loop, between or during runs, and the next requests see them
   request or its last ``extend`` action; imageio then answers 403 on every request. The lab
   renews a ticket only on ``extend`` (``transfers``), so a client must extend transfers that
   stay idle that long.
-- ``storage_iops``: slow storage. Every qemu-nbd the engine starts from now on serves at most
-  this many read/write requests per second (a qemu ``throttle`` filter); 0 is unthrottled.
+- ``storage_iops``: slow storage. Every qemu-nbd the engine starts from now on (an image
+  transfer's, a DataMover device's) serves at most this many read/write requests per second
+  (a qemu ``throttle`` filter); 0 is unthrottled.
 - ``volume_chunk``: not a fault but the lab's ``volume_utilization_chunk_mb``: the bytes a
   thin disk created on a block domain without ``initial_size`` may hold (``volumes``; 1 MiB,
   where vdsm's is 1 GiB for disks a hundred times the lab's). Uploads past it fail.

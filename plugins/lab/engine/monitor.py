@@ -11,7 +11,8 @@ activity's lock, and moves each whose phase is ``Faults.phase_seconds`` old one 
   cancelled/finalizing → finished);
 - backups: ``Activity.advance_backup`` (a finalizing hybrid backup first waits one step for
   its snapshot to go, ``hybrid.removing``);
-- checkpoint deletes of a down VM: ``Activity.finish_checkpoint_delete``.
+- checkpoint deletes of a down VM: ``Activity.finish_checkpoint_delete``;
+- VM snapshots: ``snapshots.step`` (created locked → ok; a deleted one goes).
 
 ``FakeEngine`` owns the task (started by ``start()``, cancelled and awaited by ``close()``);
 tests that build an app without a server call ``tick`` themselves. A tick that fails is
@@ -22,7 +23,7 @@ import asyncio
 import logging
 from typing import Final
 
-from plugins.lab.engine import hybrid, transfers
+from plugins.lab.engine import hybrid, snapshots, transfers
 from plugins.lab.engine.backup import Activity
 
 # Seconds between two looks: well below every phase time a test sets, so a step happens
@@ -33,7 +34,7 @@ _log = logging.getLogger(__name__)
 
 
 async def tick(a: Activity) -> None:
-    """Move every transfer, backup and cold checkpoint delete that is due one step."""
+    """Move every transfer, backup, cold checkpoint delete and snapshot due one step."""
     async with a._lock:
         for t in list(a.transfers.values()):
             await transfers.step(a, t)
@@ -49,6 +50,8 @@ async def tick(a: Activity) -> None:
         for c_id, since in list(a.deleting_checkpoints.items()):
             if now - since >= due:
                 a.finish_checkpoint_delete(a.checkpoints[c_id])
+        for s in list(a.snapshots.values()):
+            snapshots.step(a, s)
 
 
 async def run(a: Activity) -> None:

@@ -114,7 +114,7 @@ class Snapshot:
     ovf: str  # the VM's OVF at creation
     volumes: dict[str, Volume]  # disk id → volume
     persist_memorystate: bool = False
-    status: str = "locked"  # locked → ok (next GET); deleting: locked → gone
+    status: str = "locked"  # locked → ok; deleting: locked → gone (``monitor``)
     deleting: bool = False
-    polls_while_deleting: int = 0
+    since: float = 0.0  # ``Activity.clock()`` when the status last changed (``monitor``)
     created: datetime = field(default_factory=now)

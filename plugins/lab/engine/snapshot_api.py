@@ -1,15 +1,16 @@
 """The snapshot routes (API-NOTES § 7): ``vms/{id}/snapshots[/{s}[/disks]]``.
 
 - ``POST vms/{id}/snapshots`` with ``<snapshot><description>…`` (mandatory; ``id`` is honoured
-  when given, ``disk_attachments`` limits the disks) → 202 ``snapshot_status=locked``; the next
-  ``GET`` shows ``ok``. The work (overlays, bitmaps) is ``snapshots``'s.
+  when given, ``disk_attachments`` limits the disks) → 202 ``snapshot_status=locked``, ``ok``
+  ``Faults.phase_seconds`` later whoever polls (``monitor``). The work (overlays, bitmaps) is
+  ``snapshots``'s.
 - ``GET`` of one snapshot or the list, with ``all_content=true``, carries the OVF the VM had
   at creation in ``initialization.configuration`` (the SDK's ``SnapshotService.get`` needs
   ``query={'all_content': 'true'}``, § 7 step 5).
 - ``GET …/snapshots/{s}/disks``: the snapshot's disks; ``image_id`` is the snapshot volume id,
   which is what ``<snapshot id>`` of an image transfer names; ``format`` that volume's.
 - ``DELETE …/snapshots/{s}`` → 200; the merge is done at once; the snapshot shows ``locked``
-  on one more GET, then 404.
+  for ``Faults.phase_seconds``, then 404.
 """
 
 from aiohttp import web
@@ -101,7 +102,6 @@ async def get_snapshot(request: web.Request) -> web.Response:
     s = _snapshot_or_active(request)
     if isinstance(s, Vm):
         return render.xml_response(render_active(request, s))
-    snapshots.advance(act(request), s)
     return render.xml_response(render_snapshot(s, all_content(request)))
 
 

@@ -27,11 +27,13 @@ the VM (and any later snapshot) sees is unchanged and checkpoints stay usable. A
 that takes a qcow2 child's place makes the layer above it rebase (``qemu-img rebase -u``).
 
 A VM may have several snapshots. No snapshot during a backup (409, as the engine); a VM with
-snapshots is backed up from its active layer (``backup``). No preview/restore. Phases advance
-per GET like the rest of the fake: created ``locked`` → ``ok`` on the next GET; after
-``DELETE`` (the merge runs at once) the snapshot shows ``locked`` on one more GET, then is
-gone (404). A ``DELETE`` of a ``locked`` snapshot (being created or already being removed) is
-a 409 ``Snapshot is locked``. The list also shows the VM's ``Active VM`` snapshot (type
+snapshots is backed up from its active layer (``backup``). No preview/restore. Phases move
+with time, whoever polls (``step``, run by ``monitor`` as the engine's command callbacks
+run): created ``locked``, ``ok`` ``Faults.phase_seconds`` later; after ``DELETE`` (the merge
+runs at once) the snapshot shows ``locked`` for ``Faults.phase_seconds``, then is gone
+(404). A hybrid backup's snapshot goes with its backup instead (``hybrid.removing``). A
+``DELETE`` of a ``locked`` snapshot (being created or already being removed) is a 409
+``Snapshot is locked``. The list also shows the VM's ``Active VM`` snapshot (type
 ``active``), as the real engine does; it cannot be deleted. ``seed`` makes the snapshots a
 seed names (``VmSeed.snapshots``) when the engine starts.
 """
@@ -126,6 +128,7 @@ async def create(
             ovf=ovf.vm_ovf(a.inventory, vm, {d: v.id for d, v in volumes.items()}),
             volumes=volumes,
             persist_memorystate=persist_memorystate,
+            since=a.clock(),
         )
         a.snapshots[s.id] = s
         return s
@@ -146,19 +149,19 @@ async def _overlay(path: Path, volume: Volume) -> None:
         raise
 
 
-def advance(a: Activity, s: Snapshot) -> None:
-    """One polling step (a GET): locked → ok; a deleted snapshot shows locked once, then goes.
-
-    Raises the 404 when it went."""
+def step(a: Activity, s: Snapshot) -> None:
+    """One step of the engine's background work (``monitor``, under the activity's lock),
+    once the status is ``Faults.phase_seconds`` old: locked → ok; a deleted snapshot goes.
+    A hybrid backup's snapshot is left to its backup (``hybrid.removing``)."""
+    if a.clock() - s.since < a.faults.phase_seconds or s.id in a.hybrid.values():
+        return
     if s.deleting:
-        s.polls_while_deleting += 1
-        if s.polls_while_deleting > 1:
-            del a.snapshots[s.id]
-            vm = a.inventory.vms[s.vm_id]
-            a.event(SNAPSHOT_REMOVED, f"Snapshot '{s.description}' deleted for VM {vm.name}", vm.id)
-            raise Fault(404, f"Entity not found: snapshot {s.id}", "Not Found")
+        del a.snapshots[s.id]
+        vm = a.inventory.vms[s.vm_id]
+        a.event(SNAPSHOT_REMOVED, f"Snapshot '{s.description}' deleted for VM {vm.name}", vm.id)
     elif s.status == "locked":
         s.status = "ok"
+        s.since = a.clock()
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_CREATED,
@@ -217,6 +220,7 @@ async def delete(a: Activity, s: Snapshot) -> None:
                 )
         s.deleting = True
         s.status = "locked"
+        s.since = a.clock()
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_REMOVE_STARTED, f"Snapshot '{s.description}' deletion for VM {vm.name}", vm.id

@@ -57,26 +57,8 @@ from plugins.lab.engine.records import (
     Volume,
 )
 from plugins.lab.engine.state import Disk, Vm
-from plugins.lab.engine.volumes import BlockVolumeNbd
+from plugins.lab.engine.volumes import BlockVolumeNbd, ThrottledQemuNbd
 from plugins.lab.imageio import ImageioControlError
-
-
-class ThrottledQemuNbd(qemu.QemuNbd):
-    """``qemu-nbd`` whose image sits under a ``throttle`` filter of ``iops`` requests/s."""
-
-    def __init__(self, image: Path, fmt: str, *, iops: int, **kwargs: object) -> None:
-        super().__init__(image, fmt, **kwargs)  # type: ignore[arg-type]
-        self.iops = iops
-
-    def argv(self, socket: Path) -> list[str]:
-        argv = [a for a in super().argv(socket)[:-1] if not a.startswith("--format=")]
-        path = str(self.image).replace(",", ",,")  # qemu option syntax escapes commas
-        opts = (
-            f"driver=throttle,throttle-group=lab,file.driver={self.fmt},"
-            f"file.file.driver=file,file.file.filename={path}"
-        )
-        group = f"throttle-group,id=lab,x-iops-total={self.iops}"
-        return [*argv, "--object", group, "--image-opts", opts]
 
 
 def _nbd(

@@ -71,3 +71,21 @@ class BlockVolumeNbd(qemu.QemuNbd):
         group = f"throttle-group,id=lab,x-iops-total={self.iops}"
         opts = f"driver=throttle,throttle-group=lab,{node}"
         return [*argv, "--object", group, "--image-opts", opts]
+
+
+class ThrottledQemuNbd(qemu.QemuNbd):
+    """``qemu-nbd`` whose image sits under a ``throttle`` filter of ``iops`` requests/s."""
+
+    def __init__(self, image: Path, fmt: str, *, iops: int, **kwargs: object) -> None:
+        super().__init__(image, fmt, **kwargs)  # type: ignore[arg-type]
+        self.iops = iops
+
+    def argv(self, socket: Path) -> list[str]:
+        argv = [a for a in super().argv(socket)[:-1] if not a.startswith("--format=")]
+        path = str(self.image).replace(",", ",,")  # qemu option syntax escapes commas
+        opts = (
+            f"driver=throttle,throttle-group=lab,file.driver={self.fmt},"
+            f"file.file.driver=file,file.file.filename={path}"
+        )
+        group = f"throttle-group,id=lab,x-iops-total={self.iops}"
+        return [*argv, "--object", group, "--image-opts", opts]
