@@ -14,4 +14,7 @@
 Memory is bounded by the queue and the pool's buffers, whatever the disk size; DiskMap
 slots complete out of order (they are positional). ``slots`` holds the pure slot
 classification, ``disk`` the concurrent part.
+
+A buffer goes back to the pool only when nothing reads it: a cancelled processor waits for
+its ``store.put`` (which runs on in the writer thread, reading the record) before it lets go.
 """

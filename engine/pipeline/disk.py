@@ -261,6 +261,8 @@ class _DiskBackup:
             # The put goes on in the store thread and reads ``record``, a view of the pool's
             # buffer: the buffer goes back to the pool (when this task unwinds) only after it.
             await asyncio.wait([put])
+            if not put.cancelled():
+                put.exception()  # retrieved: the job already fails or stops for another cause
             raise
         self.stats.new_chunks += written
         self.stats.known_chunks += not written
