@@ -1,23 +1,33 @@
 """The oVirt plugin: the engine's REST API through ``ovirtsdk4``, disk data through imageio.
 
-Nouns:
+Nouns, top down (each layer imports only those below it: DESIGN §6, the layers contract):
 
-- ``EngineClient``  one engine, one SSO token, a bounded pool of threads each with its own
-                    ``ovirtsdk4.Connection``; every SDK call goes through ``EngineClient.call``.
-- ``inventory``     typed, frozen snapshots of clusters, hosts, storage domains, VMs and disks.
-- ``imageio``       the data path: ranged GETs, extents (zero, dirty), uploads, on aiohttp.
-- ``backup``        flow 1, the incremental-backup API (checkpoints, per-disk backup_mode),
-                    and ``recover`` for what a killed job left on the engine.
-- ``snapshot``      flow 2, snapshot + OVF + image transfers (LAN based), quiesce facts.
-- ``sources``       picks the flow (``auto`` = backup API) and builds one Source per VM.
-- ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
-                    image transfers, the VM created from the stored OVF).
-- ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
-                    local devices; restore writing new disks the same way (``--flow attach``).
-- ``idempotent``    which engine answers mean "already done" (404, 409 ``Phase is …``, 400
-                    ``already in '…' phase``) and ``Steps``: recovery steps run independently.
+- ``sources``       picks the backup flow (``auto`` = backup API) and builds one Source per VM.
 - ``standby``       the cold standby's targets (``engine.standby``): a full restore as
                     ``<vm><suffix>``, then refreshes uploading changed slots into its disks.
+- ``attach_restore`` restore writing new disks through the DataMover (``--flow attach``).
+- ``backup``        flow 1, the incremental-backup API (checkpoints, per-disk backup_mode,
+                    chain loss turned into a full read in the same run).
+- ``snapshot``      flow 2, snapshot + OVF + image transfers (LAN based), quiesce facts.
+- ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
+                    local devices.
+- ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
+                    image transfers, the VM created from the stored OVF).
+- ``recovery``      what a killed job left on the engine and the DataMover, undone from its
+                    journal keys.
+- ``transfers``, ``backups``, ``snapshots``, ``disks``, ``datamover``, ``base``: the middle
+                    layer the flows share (image transfers and their lifecycle, the backup
+                    API's calls, VM snapshots, disk attach/detach/delete, DataMover devices,
+                    what every backup flow reads first).
+- ``checkpoints``, ``events``, ``imageio`` (the data path: ranged GETs, extents, uploads, on
+                    aiohttp), ``inventory`` (typed, frozen snapshots of clusters, hosts,
+                    storage domains, VMs and disks), ``volumes`` (disk shapes on block
+                    storage), ``idempotent`` (which engine answers mean "already done", and
+                    ``Steps``: recovery steps run independently).
+- ``EngineClient``  (``client``) one engine, one SSO token, a bounded pool of threads each with
+                    its own ``ovirtsdk4.Connection``; every SDK call goes through
+                    ``EngineClient.call``; its ``clock`` (``polling``) is what every wait on
+                    the engine's objects reads.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the
@@ -36,32 +46,10 @@ RESTORE_FLOWS = ("imageio", "attach")  # `tessera restore --flow`: upload, or vi
 
 
 async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
-    """Every recovery of the plugin, each run even when another failed (a failed detach
-    still lets the transfers and the backup be finalized); their failures are raised
-    together (``idempotent.OvirtRecoveryError``), after everything was tried."""
-    from plugins.ovirt import attach, backup, standby  # noqa: PLC0415 - keep the entry point light
-    from plugins.ovirt.idempotent import OvirtRecoveryError  # noqa: PLC0415
+    """``recovery.recover``: what a killed job left on the engine and the DataMover."""
+    from plugins.ovirt.recovery import recover  # noqa: PLC0415 - keep the entry point light
 
-    done: list[str] = []
-    failed: list[OvirtRecoveryError] = []
-    for recover in (
-        partial(attach.recover, committed=committed),  # detach before removing
-        standby.recover,  # a refresh's uploads into standby disks
-        partial(backup.recover, committed=committed),
-    ):
-        try:
-            done += await recover(dict(resources))
-        except OvirtRecoveryError as e:
-            failed.append(e)
-    if len(failed) == 1:
-        raise failed[0]
-    if failed:
-        raise OvirtRecoveryError(
-            failed=sum(int(str(e.fields["failed"])) for e in failed),
-            reasons="; ".join(str(e.fields["reasons"]) for e in failed),
-            done=f" (done: {'; '.join(done)})" if done else "",
-        )
-    return done
+    return await recover(resources, committed)
 
 
 async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
@@ -88,7 +76,7 @@ def _vm_restore(
     the disks; ``attach`` writes them through the DataMover (``datamover``: the config's
     section). ``into_vm`` (an existing VM's name or id) gets the disks attached instead of
     a new VM being created."""
-    from plugins.ovirt.attach import AttachVmRestore  # noqa: PLC0415
+    from plugins.ovirt.attach_restore import AttachVmRestore  # noqa: PLC0415
     from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
 
     if flow not in RESTORE_FLOWS:

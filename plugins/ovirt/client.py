@@ -56,6 +56,7 @@ from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError, TransientError
 from engine.util.retry import RetryPolicy, retry
 from plugins.ovirt.engine_ca import EngineCa, load_engine_ca
+from plugins.ovirt.polling import LOOP_CLOCK, Clock
 
 log = structlog.get_logger("tessera.ovirt")
 
@@ -176,6 +177,8 @@ class EngineClient:
     threads: ``close()`` (or leaving ``async with``) waits for calls in flight, logs every SSO
     token out, closes every connection and joins the threads. Use one client from one event
     loop. ``retry_policy``/``sleep`` are injectable so tests run quickly and never wait.
+    ``clock`` is what every wait on this engine's objects reads (``polling``): a transfer's
+    phases, a snapshot's status, a backup's phase.
     """
 
     def __init__(
@@ -184,11 +187,13 @@ class EngineClient:
         *,
         retry_policy: RetryPolicy = DEFAULT_RETRY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Clock = LOOP_CLOCK,
     ) -> None:
         if config.max_calls < 1:
             raise ConfigError(message=f"oVirt engine {config.url}: max_calls must be ≥ 1")
         self.config = config
         self.thread_name_prefix = f"ovirt-api-{next(_client_ids)}"
+        self.clock = clock
         self._retry_policy = retry_policy
         self._sleep = sleep
         self._executor = ThreadPoolExecutor(

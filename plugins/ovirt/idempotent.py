@@ -1,6 +1,6 @@
 """Idempotent cleanup: an engine object already in the wanted state is success.
 
-Recovery (``recover`` in ``backup``, ``attach``, ``standby``) may run after a process was
+Recovery (``recovery.recover``) may run after a process was
 killed anywhere in its own cleanup, and may itself be killed and run again. So every step
 asks the engine to reach a state (a transfer ended, a backup finalized, a snapshot, an
 attachment, a VM or a disk gone) and treats "it is already there" as done. How the engine

@@ -12,7 +12,7 @@
              domain from the options or the recorded one) → id recorded in the journal
              ──poll──▶ ok;  POST imagetransfers (upload, raw) → recorded ──poll──▶
              transferring;  ImageioDisk.connect(transfer_url, proxy_url), extending the
-             transfer's ticket until closed
+             transfer's ticket until closed (``transfers.open_image``)
       exit:  success: finalize, wait finished_success (the engine checks a qcow2 volume)
              failure: cancel, wait finished_*, DELETE the disk
     create_vm(): POST vms from the snapshot's OVF (``regenerate_ids``: the original VM may
@@ -31,7 +31,7 @@ volume, which the engine does not extend during a transfer (``volumes``). Both t
 and the DataMover restore create their disks here (``add_disk``).
 
 Journal keys (``ResourceRecorder``): ``engine``, ``restore_disks``, ``restore_transfers`` and
-``restore_vm``; ``backup.recover`` cancels and deletes what a killed restore left.
+``restore_vm``; ``recovery.recover`` cancels and deletes what a killed restore left.
 A process killed after the restore job succeeded but before ``create_vm`` finished leaves
 the disks (the job is no longer unfinished): the operator deletes them.
 
@@ -47,6 +47,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -57,22 +58,22 @@ import structlog
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError
 from engine.core.ids import chunk_id_from_hex
-from engine.sources.types import DiskInfo, ResourceRecorder
+from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
 from plugins.ovirt import inventory, volumes
-from plugins.ovirt.backup import (
-    POLL_INTERVAL,
+from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
+from plugins.ovirt.disks import attach_disk, delete_disk, delete_vm, detach_disk
+from plugins.ovirt.imageio import ImageioDisk
+from plugins.ovirt.polling import Wait
+from plugins.ovirt.transfers import (
+    UploadTarget,
+    add_transfer,
     cancel_transfer,
     finalize_transfer,
-    keep_alive,
-    new_transfer,
-    wait_transfer,
+    open_image,
 )
-from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
-from plugins.ovirt.idempotent import Wanted, already_done
-from plugins.ovirt.imageio import ImageioDisk, ImageioWriter
 
 log = structlog.get_logger("tessera.ovirt.restore")
 
@@ -137,19 +138,6 @@ def ovf_cluster(ovf: str | None) -> str | None:
     return env.findtext("Content/ClusterName")
 
 
-class _TargetDisk:
-    """The ``TargetDisk`` of one new engine disk while its upload transfer is open."""
-
-    def __init__(self, info: DiskInfo, fresh: bool, image: ImageioDisk) -> None:
-        self.info = info
-        self.fresh = fresh
-        self._image = image
-
-    async def open_writer(self) -> ImageioWriter:
-        """A new imageio connection; the caller closes it (``restore_disk`` does)."""
-        return await self._image.open_writer()
-
-
 class _DiskUpload:
     """``VmRestore.make_target``'s context manager for one manifest disk (module docstring)."""
 
@@ -161,7 +149,7 @@ class _DiskUpload:
         self._transfer_id: str | None = None
         self._image: ImageioDisk | None = None
 
-    async def __aenter__(self) -> _TargetDisk:
+    async def __aenter__(self) -> UploadTarget:
         try:
             return await self._open()
         except BaseException as e:
@@ -171,40 +159,30 @@ class _DiskUpload:
     def _created(self, disk_id: str) -> None:
         self._disk_id = disk_id
 
-    async def _open(self) -> _TargetDisk:
+    def _transfer_created(self, transfer_id: str) -> None:
+        self._transfer_id = transfer_id
+        self._vr.transfer_ids.append(transfer_id)
+        self._record("restore_transfers", list(self._vr.transfer_ids))  # right after it exists
+
+    async def _open(self) -> UploadTarget:
         vr, entry = self._vr, self._entry
         attrs = dict(entry.attributes)
         created, sparse = await vr.add_disk(entry, self._record, self._created)
 
-        def upload(conn: sdk.Connection) -> Any:
-            return (
-                conn.system_service()
-                .image_transfers_service()
-                .add(
-                    new_transfer(  # raw guest data; the engine writes the format
-                        disk=t.Disk(id=created.id),
-                        direction=t.ImageTransferDirection.UPLOAD,
-                    )
-                )
-            )
-
-        transfer = await vr.client.call(
-            upload, "start image transfer", obj=f"disk {created.id}", idempotent=False
-        )
-        self._transfer_id = transfer.id
-        vr.transfer_ids.append(transfer.id)
-        self._record("restore_transfers", list(vr.transfer_ids))
-        transfer = await wait_transfer(
-            vr.client, transfer, f"upload to disk {entry.name} ({created.id})"
-        )
-        self._image = await ImageioDisk.connect(
-            transfer.transfer_url,
-            transfer.proxy_url,
-            ca=await vr.client.engine_ca(),
-            keep_alive=keep_alive(vr.client, transfer.id),  # extends the ticket until closed
+        self._image = await open_image(
+            vr.client,
+            partial(
+                add_transfer,  # raw guest data; the engine writes the format
+                vr.client,
+                f"disk {created.id}",
+                disk=t.Disk(id=created.id),
+                direction=t.ImageTransferDirection.UPLOAD,
+            ),
+            self._transfer_created,
+            f"VM {vr.name}: upload to disk {entry.name} ({created.id})",
         )
         info = DiskInfo(created.id, entry.name, entry.size, attrs)
-        return _TargetDisk(info, sparse, self._image)
+        return UploadTarget(info, sparse, self._image)
 
     async def __aexit__(
         self,
@@ -223,7 +201,7 @@ class _DiskUpload:
             await finalize_transfer(
                 self._vr.client,
                 self._transfer_id,
-                what=f"upload to disk {self._entry.name} ({self._disk_id})",
+                what=f"VM {self._vr.name}: upload to disk {self._entry.name} ({self._disk_id})",
             )
         except BaseException as e:
             # A failed finalize leaves the disk illegal: nothing worth keeping.
@@ -237,7 +215,7 @@ class VmRestore:
 
     ``ovf`` is the snapshot's stored VM configuration (None: the VM is created from plain
     fields, without CPU or memory). ``recovery`` (engine url/user/password_file/ca_file) is
-    recorded in the journal for ``backup.recover``. The client stays the caller's."""
+    recorded in the journal for ``recovery.recover``. The client stays the caller's."""
 
     def __init__(
         self,
@@ -263,7 +241,9 @@ class VmRestore:
         self._record: ResourceRecorder | None = None  # the job's, for ``restore_vm``
         self._domains: list[inventory.StorageDomainRef] | None = None  # listed once
 
-    def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]:
         """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
         record("engine", self.recovery)
         self._record = record
@@ -337,18 +317,17 @@ class VmRestore:
         def get(conn: sdk.Connection) -> Any:
             return conn.system_service().disks_service().disk_service(disk_id).get()
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DISK_TIMEOUT
+        wait = Wait(self.client.clock, DISK_TIMEOUT)
         while True:
             disk = await self.client.call(get, "poll disk", obj=f"disk {disk_id}")
             status = str(disk.status.value) if disk.status is not None else "?"
             if status == "ok":
                 return
-            if status == "illegal" or loop.time() > deadline:
+            if status == "illegal" or wait.expired:
                 raise OvirtRestoreError(
                     vm=self.manifest.vm_name, reason=f"new disk {name} ({disk_id}) is {status}"
                 )
-            await asyncio.sleep(POLL_INTERVAL)
+            await wait.pause()
 
     async def find_target_vm(self) -> RestoredVm:
         """The existing VM of ``options.into_vm`` (by name or id); ConfigError naming it when
@@ -389,31 +368,14 @@ class VmRestore:
     async def _attach(
         self, vm_id: str, vm_name: str, entry: DiskEntry, disk_id: str, *, bootable: bool
     ) -> None:
-        attrs = entry.attributes
-        attachment = t.DiskAttachment(
-            disk=t.Disk(id=disk_id),
-            interface=t.DiskInterface(attrs.get("interface") or "virtio_scsi"),
-            bootable=bootable,
-            active=True,
-            pass_discard=False,
-        )
-
-        def attach(conn: sdk.Connection) -> Any:
-            vms = conn.system_service().vms_service()
-            return vms.vm_service(vm_id).disk_attachments_service().add(attachment)
-
-        await self.client.call(
-            attach, "attach disk", obj=f"disk {disk_id} to VM {vm_name}", idempotent=False
+        interface = entry.attributes.get("interface") or "virtio_scsi"
+        await attach_disk(
+            self.client, vm_id, vm_name, disk_id, interface=interface, bootable=bootable
         )
 
     async def _detach(self, vm_id: str, disk_id: str) -> None:
-        def detach(conn: sdk.Connection) -> None:
-            vms = conn.system_service().vms_service()
-            attachments = vms.vm_service(vm_id).disk_attachments_service()
-            attachments.attachment_service(disk_id).remove(detach_only=True)
-
         try:
-            await self.client.call(detach, "detach disk", obj=f"disk {disk_id} from VM {vm_id}")
+            await detach_disk(self.client, vm_id, disk_id)
         except EngineError as e:
             log.warning("detach after a failed restore failed", disk=disk_id, error=str(e))
 
@@ -509,36 +471,6 @@ class VmRestore:
                 exc.add_note(text)
             else:
                 raise OvirtRestoreError(vm=self.manifest.vm_name, reason=text)
-
-
-async def delete_disk(client: EngineClient, disk_id: str) -> bool:
-    """Delete a disk; False when it was already gone (``idempotent.already_done``)."""
-
-    def remove(conn: sdk.Connection) -> bool:
-        try:
-            conn.system_service().disks_service().disk_service(disk_id).remove()
-        except sdk.Error as e:
-            if already_done(e, Wanted.GONE):
-                return False
-            raise
-        return True
-
-    return await client.call(remove, "delete disk", obj=f"disk {disk_id}")
-
-
-async def delete_vm(client: EngineClient, vm_id: str) -> bool:
-    """Delete a VM but keep its disks (``detach_only``); False when it was already gone."""
-
-    def remove(conn: sdk.Connection) -> bool:
-        try:
-            conn.system_service().vms_service().vm_service(vm_id).remove(detach_only=True)
-        except sdk.Error as e:
-            if already_done(e, Wanted.GONE):
-                return False
-            raise
-        return True
-
-    return await client.call(remove, "delete VM", obj=f"VM {vm_id}")
 
 
 @asynccontextmanager

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from engine.config.models import DataMoverSection, EngineSection
 from engine.core.errors import ConfigError
-from plugins.ovirt.attach import SnapshotAttachSource, find_datamover
+from plugins.ovirt.attach import SnapshotAttachSource
 from plugins.ovirt.backup import OvirtVmSource
 from plugins.ovirt.client import EngineClient, EngineConfig
+from plugins.ovirt.datamover import find_datamover
 from plugins.ovirt.inventory import VmRef, vms
 from plugins.ovirt.snapshot import SnapshotImageioSource
 

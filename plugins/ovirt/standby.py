@@ -31,7 +31,7 @@ because the job's state says so (and the next refresh rewrites it).
 
 Journal keys: ``engine`` (recovery credentials), ``standby_transfers`` (refresh uploads):
 ``recover`` finalizes (else cancels) what a killed refresh left; a killed full run is
-``VmRestore``'s (``restore_disks``, ``restore_vm``: deleted by ``backup.recover``).
+``VmRestore``'s (``restore_disks``, ``restore_vm``); ``recovery.recover`` handles both.
 
 Raised: ``OvirtStandbyError`` naming the VM (and disk) when the standby must not be touched
 or a transfer fails; ``EngineError``s of ``client``; ``ImageioError``s from writers.
@@ -39,44 +39,35 @@ or a transfer fails; ``EngineError``s of ``client``; ``ImageioError``s from writ
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-import ovirtsdk4 as sdk
 import ovirtsdk4.types as t
 import structlog
 
 from engine.config.models import EngineSection
 from engine.config.policy import Standby
 from engine.core.errors import EngineError
-from engine.sources.types import DiskInfo, ResourceRecorder
+from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
 from engine.standby.job import CreatedStandby, FullStandby, StandbyTargets
 from engine.standby.state import StandbyDisk, StandbyState
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
 from plugins.ovirt import inventory, volumes
-from plugins.ovirt.backup import (
-    cancel_transfer,
-    end_transfer,
-    finalize_transfer,
-    keep_alive,
-    new_transfer,
-    wait_transfer,
-)
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
-from plugins.ovirt.idempotent import Steps
+from plugins.ovirt.disks import delete_disk, delete_vm
 from plugins.ovirt.imageio import ImageioDisk
-from plugins.ovirt.restore import (
-    RestoreOptions,
-    VmRestore,
-    _DiskUpload,
-    _TargetDisk,
-    delete_disk,
-    delete_vm,
-    vm_restore,
+from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore
+from plugins.ovirt.transfers import (
+    UploadTarget,
+    add_transfer,
+    cancel_transfer,
+    finalize_transfer,
+    open_image,
 )
 
 log = structlog.get_logger("tessera.ovirt.standby")
@@ -105,50 +96,40 @@ class _RefreshUpload:
         self._transfer_id: str | None = None
         self._image: ImageioDisk | None = None
 
+    def _transfer_created(self, transfer_id: str) -> None:
+        self._transfer_id = transfer_id
+        self._sb.transfer_ids.append(transfer_id)
+        self._record("standby_transfers", list(self._sb.transfer_ids))  # right after it exists
+
     def _error(self, reason: str) -> OvirtStandbyError:
         return self._sb.error(f"disk {self._entry.name} ({self._disk.standby_disk_id}): {reason}")
 
-    async def __aenter__(self) -> _TargetDisk:
+    async def __aenter__(self) -> UploadTarget:
         try:
             return await self._open()
         except BaseException as e:
             await self._end(e)
             raise
 
-    async def _open(self) -> _TargetDisk:
+    async def _open(self) -> UploadTarget:
         sb, disk_id = self._sb, self._disk.standby_disk_id
         self._record("engine", sb.recovery)
 
-        def upload(conn: sdk.Connection) -> Any:
-            return (
-                conn.system_service()
-                .image_transfers_service()
-                .add(
-                    new_transfer(  # raw guest data; the engine keeps the format
-                        disk=t.Disk(id=disk_id),
-                        direction=t.ImageTransferDirection.UPLOAD,
-                    )
-                )
-            )
-
-        transfer = await sb.client.call(
-            upload, "start image transfer", obj=f"standby disk {disk_id}", idempotent=False
-        )
-        self._transfer_id = transfer.id
-        sb.transfer_ids.append(transfer.id)
-        self._record("standby_transfers", list(sb.transfer_ids))
-        transfer = await wait_transfer(
-            sb.client, transfer, f"upload to standby disk {disk_id}", vm=sb.name
-        )
-        self._image = await ImageioDisk.connect(
-            transfer.transfer_url,
-            transfer.proxy_url,
-            ca=await sb.client.engine_ca(),
-            keep_alive=keep_alive(sb.client, transfer.id),
+        self._image = await open_image(
+            sb.client,
+            partial(
+                add_transfer,  # raw guest data; the engine keeps the format
+                sb.client,
+                f"standby disk {disk_id}",
+                disk=t.Disk(id=disk_id),
+                direction=t.ImageTransferDirection.UPLOAD,
+            ),
+            self._transfer_created,
+            f"VM {sb.name}: upload to standby disk {disk_id}",
         )
         failpoints.hit("ovirt.standby.transferring")
         info = DiskInfo(disk_id, self._entry.name, self._disk.size, dict(self._entry.attributes))
-        return _TargetDisk(info, False, self._image)
+        return UploadTarget(info, False, self._image)
 
     async def __aexit__(
         self,
@@ -166,7 +147,7 @@ class _RefreshUpload:
             await finalize_transfer(
                 self._sb.client,
                 self._transfer_id,
-                what=f"upload to standby disk {self._disk.standby_disk_id}",
+                what=f"VM {self._sb.name}: upload to standby disk {self._disk.standby_disk_id}",
             )
         except BaseException as e:
             self._image = None  # closed (or unusable): end the transfer with a cancel
@@ -208,7 +189,9 @@ class _Full:
 
     vr: VmRestore
 
-    def make_target(self, entry: DiskEntry, record: ResourceRecorder) -> _DiskUpload:
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]:
         return self.vr.make_target(entry, record)
 
     async def create(self) -> CreatedStandby:
@@ -333,26 +316,6 @@ async def standby_refresh(
     """The plugin factory: an ``OvirtStandby`` with its own client (closed on exit)."""
     async with EngineClient(_config(engine)) as client:
         yield OvirtStandby(client, engine, store, manifest, standby)
-
-
-async def recover(resources: dict[str, Any]) -> list[str]:
-    """For a killed refresh: finalize each upload it recorded (the disks are dirty in the
-    standby state), cancelling one that cannot be finalized (``backup.end_transfer``); one
-    that already ended needs nothing. Raises ``OvirtRecoveryError`` naming every failure."""
-    transfers = resources.get("standby_transfers") or []
-    engine = resources.get("engine")
-    if not transfers or not engine:
-        return []
-    config = EngineConfig.from_record(engine)
-    steps = Steps()
-    async with EngineClient(config) as client:
-        for transfer_id in transfers:
-            await steps.run(
-                end_transfer(client, transfer_id),
-                f"end standby upload {transfer_id}",
-                f"ended standby upload {transfer_id} (disk left dirty)",
-            )
-    return steps.result()
 
 
 if TYPE_CHECKING:  # mypy proves the classes fit the job's protocols

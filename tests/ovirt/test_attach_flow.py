@@ -26,7 +26,8 @@ from plugins.lab.engine.devices import mounts_under
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.ovirt import PLUGIN
-from plugins.ovirt.attach import AttachSession, OvirtAttachError, find_devices, wait_device
+from plugins.ovirt.attach import AttachSession
+from plugins.ovirt.datamover import OvirtAttachError, find_devices, wait_device
 from plugins.ovirt.sources import vm_sources
 from tests.integration.images import identical, qemu_io, reference
 from tests.ovirt.test_backup_api_flow import ROOT, tessera

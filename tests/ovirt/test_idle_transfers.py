@@ -8,7 +8,9 @@ the 60 s), and a transfer in an end or stuck phase never moves again for a clien
   (LAN free) reads the DataMover's local devices, which the same slow storage serves: it makes
   no transfer, so a slow read cannot cost it one, and it too backs up and restores identically.
 - ``wait_transfer`` / ``finalize_transfer`` raise at once on every end or stuck phase, naming
-  the disk, the phase and the transfer (they used to wait 600 s on most of them).
+  the disk, the phase and the transfer (they used to wait 600 s on most of them); a transfer
+  that stays in a phase a client waits through ends the wait at the timeout of the client's
+  clock (``polling``), here a ``StepClock`` that runs 600 s in no real time.
 """
 
 import asyncio
@@ -20,8 +22,9 @@ from typing import Any
 import pytest
 
 from plugins.lab.engine.server import FakeEngine
-from plugins.ovirt import backup as flow
+from plugins.ovirt import transfers
 from tests.integration.images import identical, reference
+from tests.ovirt.clock import StepClock
 from tests.ovirt.test_attach_flow import attach_lab
 from tests.ovirt.test_backup_api_flow import lab, tessera
 from tests.ovirt.test_faults import assert_clean
@@ -134,6 +137,7 @@ class _Client:
     def __init__(self, phase: str) -> None:
         self.phase = phase
         self.calls: list[str] = []
+        self.clock = StepClock()
 
     async def call(self, fn: Any, what: str, obj: str = "", idempotent: bool = True) -> Any:
         self.calls.append(what)
@@ -165,26 +169,54 @@ END_PHASES = [
 async def test_wait_transfer_ends_at_once_on_an_end_phase(phase: str) -> None:
     client = _Client(phase)
     async with asyncio.timeout(30):  # the old code waited READY_TIMEOUT (600 s)
-        with pytest.raises(flow.OvirtBackupError) as e:
-            await flow.wait_transfer(
+        with pytest.raises(transfers.OvirtTransferError) as e:
+            await transfers.wait_transfer(
                 client,  # type: ignore[arg-type]
                 _Transfer(phase),
-                "B: disk vm1_data",
-                vm="vm1",
+                "VM vm1: backup B: disk vm1_data",
             )
     text = str(e.value)
     assert "disk vm1_data" in text and phase in text and "T-1" in text, text
+    assert client.clock.slept == 0  # raised at the first read, never waited
 
 
 @pytest.mark.parametrize("phase", [p for p in END_PHASES if p != "finished_success"])
 async def test_finalize_transfer_ends_at_once_on_an_end_phase(phase: str) -> None:
     client = _Client(phase)
     async with asyncio.timeout(30):  # the old code waited FINALIZE_TIMEOUT on most
-        with pytest.raises(flow.OvirtBackupError) as e:
-            await flow.finalize_transfer(
+        with pytest.raises(transfers.OvirtTransferError) as e:
+            await transfers.finalize_transfer(
                 client,  # type: ignore[arg-type]
                 "T-1",
                 what="disk vm1_data",
             )
     text = str(e.value)
     assert "disk vm1_data" in text and phase in text and "T-1" in text, text
+    assert client.clock.slept == 0  # raised at the first read, never waited
+
+
+async def test_a_transfer_that_never_starts_times_out_on_the_clients_clock() -> None:
+    client = _Client("initializing")
+    async with asyncio.timeout(30):  # 600 s on the client's clock, none in real time
+        with pytest.raises(transfers.OvirtTransferError) as e:
+            await transfers.wait_transfer(
+                client,  # type: ignore[arg-type]
+                _Transfer("initializing"),
+                "VM vm1: backup B: disk vm1_data",
+            )
+    assert "never started (still initializing)" in str(e.value)
+    assert "cancel image transfer" in client.calls  # nothing is left open
+    assert transfers.READY_TIMEOUT <= client.clock.now < transfers.READY_TIMEOUT + 1
+
+
+async def test_a_finalize_that_never_ends_times_out_on_the_clients_clock() -> None:
+    client = _Client("finalizing_success")
+    async with asyncio.timeout(30):
+        with pytest.raises(transfers.OvirtTransferError) as e:
+            await transfers.finalize_transfer(
+                client,  # type: ignore[arg-type]
+                "T-1",
+                what="disk vm1_data",
+            )
+    assert "still finalizing_success" in str(e.value)
+    assert transfers.FINALIZE_TIMEOUT <= client.clock.now < transfers.FINALIZE_TIMEOUT + 1

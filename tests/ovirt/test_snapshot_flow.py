@@ -25,7 +25,7 @@ from engine.io import qemu
 from engine.store.chunk_store import Store
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
-from plugins.ovirt.backup import recover
+from plugins.ovirt.recovery import recover
 from plugins.ovirt.sources import vm_sources
 from tests.integration.images import identical, qemu_io, reference
 from tests.ovirt import test_backup_api_flow as base
