@@ -321,7 +321,7 @@ async def protect(request: web.Request) -> web.Response:
 async def store(request: web.Request) -> web.Response:
     handle = _service(request).store(request.query.get("store"))
     usage = await asyncio.to_thread(store_usage, handle.store)
-    return web.json_response({"store": handle.section.name} | usage.doc())
+    return web.json_response({"store": handle.name} | usage.doc())
 
 
 async def start_maintenance(request: web.Request) -> web.Response:

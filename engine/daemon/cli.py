@@ -5,11 +5,23 @@ import json
 import logging
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+from engine.app.backup import BACKUP_FLOWS, VmBackupRequest, backup_sources, backup_vms
+from engine.app.passphrase import resolve_passphrase
+from engine.app.restore import (
+    RESTORE_FLOWS,
+    ImageRestoreRequest,
+    VmRestoreRequest,
+    plan_vm_restore,
+    restore_images,
+    restore_vm,
+)
+from engine.app.stores import JobStore, open_for_jobs
+from engine.app.stores import open_store as app_open_store
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
@@ -22,28 +34,21 @@ from engine.daemon import (
     cli_standby,
     cli_verify,
 )
-from engine.daemon.passphrase import resolve_passphrase
+from engine.daemon.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from engine.daemon.progress import ProgressDisplay
-from engine.jobs.backup import LEVELS, run_backup
-from engine.jobs.journal import Journal
-from engine.jobs.recovery import recover_unfinished
-from engine.jobs.restore import run_restore, select_disks
+from engine.jobs.backup import LEVELS, BackupOutcome, Progress
 from engine.jobs.states import State
 from engine.maint.prune import is_protected
 from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
-from engine.sources.types import ResourceRecorder, Source
 from engine.store.check import damage_of
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
 from engine.store.dbfiles import describe, os_reason
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
-from engine.store.layout import StoreConfig
-from engine.store.manifest import DiskEntry, Manifest
+from engine.store.manifest import Manifest
 from engine.util import aio
-from engine.workers import make_cpu_pool
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 0, 1, 2, 3
 DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
 
 
@@ -125,7 +130,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--level", choices=LEVELS, default="incremental")
     p.add_argument(
         "--flow",
-        choices=("auto", "backup-api", "snapshot-imageio", "snapshot-attach"),
+        choices=BACKUP_FLOWS,
         default="auto",
         help="snapshot-attach: LAN free, through the config's datamover VM",
     )
@@ -181,7 +186,7 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument(
         "--flow",
-        choices=("imageio", "attach"),
+        choices=RESTORE_FLOWS,
         default="imageio",
         help="how disks are written into the engine: imageio uploads, or attach (LAN free, "
         "through the config's datamover VM)",
@@ -227,6 +232,8 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def open_store(args: argparse.Namespace, writable: bool) -> Store:
+    """The store of ``--store``/``path``, else the configuration's (``--config``); its
+    passphrase from ``--passphrase-file``, the environment or a prompt."""
     path = getattr(args, "store", None) or getattr(args, "path", None)
     passphrase_file, key_file = args.passphrase_file, args.key_file
     if path is None:  # from the daemon configuration
@@ -234,11 +241,9 @@ def open_store(args: argparse.Namespace, writable: bool) -> Store:
         path = section.path
         passphrase_file = passphrase_file or section.passphrase_file
         key_file = key_file or section.key_file
-    config = StoreConfig.load(path)
-    passphrase = None
-    if config.encryption != ENCRYPTION_NONE:
-        passphrase = resolve_passphrase(passphrase_file)
-    store = Store.open(path, passphrase=passphrase, key_file=key_file, writable=writable)
+    store = app_open_store(
+        path, passphrase_file=passphrase_file, key_file=key_file, writable=writable
+    )
     if not writable:
         for line in store.db_problems.values():
             print(f"store {path}: {line}: using a temporary copy", file=sys.stderr)
@@ -247,11 +252,32 @@ def open_store(args: argparse.Namespace, writable: bool) -> Store:
     return store
 
 
-async def _recover_jobs(store: Store) -> Journal:
-    journal = Journal(store.path / "journal")
-    for line in await recover_unfinished(store, journal):
+async def _job_store(store: Store) -> JobStore:
+    """``store`` ready for jobs; what recovering its unfinished jobs did goes to stderr."""
+    target, recovered = await open_for_jobs(str(store.path), store)
+    for line in recovered:
         print(f"recovery: {line}", file=sys.stderr)
-    return journal
+    return target
+
+
+@contextmanager
+def _progress(vm: str) -> Iterator[Progress]:
+    with ProgressDisplay(f"backup {vm}") as display:
+
+        def show(disk: str, done: int, total: int) -> None:
+            display.update(Path(disk).name, done, total)
+
+        yield show
+
+
+def _print_backup(outcome: BackupOutcome) -> bool:
+    """Print a backup's notes, warnings and summary; True when it succeeded."""
+    for note in outcome.notes:
+        print(f"note: {note}")
+    for warning in outcome.record.warnings:
+        print(f"warning: {warning}")
+    print(outcome.summary())
+    return outcome.record.state is State.SUCCEEDED
 
 
 def cmd_backup_image(args: argparse.Namespace) -> int:
@@ -260,67 +286,55 @@ def cmd_backup_image(args: argparse.Namespace) -> int:
             raise ConfigError(message=f"image {path} does not exist or is not a file")
     make_source = registry.get("local").factory("image_source")
     groups = [args.paths] if args.vm else [[p] for p in args.paths]
+    sources = [make_source(g, args.vm) for g in groups]
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        failed = 0
+        try:
+            backups = backup_sources(
+                target, sources, level=args.level, readers=args.readers, progress=_progress
+            )
+            async for outcome in backups:
+                failed += not _print_backup(outcome)
+        finally:
+            await target.pool.aclose()
+        return EXIT_FAILED if failed else EXIT_OK
+
     with open_store(args, writable=True) as store:
-        return aio.run(_backup_sources(store, args, [make_source(g, args.vm) for g in groups]))
-
-
-async def _backup_sources(store: Store, args: argparse.Namespace, sources: list[Source]) -> int:
-    journal = await _recover_jobs(store)
-    pool = make_cpu_pool(store.keys, store.config.chunk_size)
-    failed = 0
-    try:
-        for source in sources:
-            with ProgressDisplay(f"backup {source.vm_name}") as display:
-
-                def show(disk: str, done: int, total: int, d: ProgressDisplay = display) -> None:
-                    d.update(Path(disk).name, done, total)
-
-                outcome = await run_backup(
-                    store=store,
-                    pool=pool,
-                    source=source,
-                    journal=journal,
-                    level=args.level,
-                    readers=args.readers,
-                    progress=show,
-                )
-            for note in outcome.notes:
-                print(f"note: {note}")
-            for warning in outcome.record.warnings:
-                print(f"warning: {warning}")
-            print(outcome.summary())
-            failed += outcome.record.state is not State.SUCCEEDED
-    finally:
-        await pool.aclose()
-    return EXIT_FAILED if failed else EXIT_OK
+        return aio.run(run(store))
 
 
 def cmd_backup_vm(args: argparse.Namespace) -> int:
     """Through the daemon when one answers on the config's socket (it holds the store),
-    else in this process."""
+    else in this process (``engine.app.backup``)."""
+    request = VmBackupRequest(
+        vms=tuple(args.names),
+        level=args.level,
+        flow=args.flow,
+        require_quiesce=args.require_quiesce,
+        engine=args.engine,
+        readers=args.readers,
+    )
+    request.check()
     if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
         body = {"vms": args.names, "level": args.level, "flow": args.flow}
         body |= {"require_quiesce": args.require_quiesce, "engine": args.engine}
         return aio.run(cli_service.submit_and_follow(socket, "/v1/backups", body))
     config = load_config(args.config, args.config.parent / "conf.d")
-    engine = config.engine(args.engine)
-    make_sources = registry.get("ovirt").factory("vm_sources")
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        failed = 0
+        try:
+            async for outcome in backup_vms(config, target, request, progress=_progress):
+                failed += not _print_backup(outcome)
+        finally:
+            await target.pool.aclose()
+        return EXIT_FAILED if failed else EXIT_OK
+
     with open_store(args, writable=True) as store:
-
-        async def run() -> int:
-            found = await make_sources(
-                engine,
-                args.names,
-                args.flow,
-                require_quiesce=args.require_quiesce,
-                datamover=config.datamover,
-            )
-            try:
-                return await _backup_sources(store, args, found.sources)
-            finally:
-                await found.client.close()
-
-        return aio.run(run())
+        return aio.run(run(store))
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -371,111 +385,70 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return cmd_restore_vm(args)
     if args.flow != "imageio":
         raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
-    plugin = registry.get("local")
-    make_image_target = plugin.factory("image_target")
+    request = ImageRestoreRequest(args.snapshot, Path(args.to), args.disk, args.image_format)
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        try:
+            manifest = store.manifest(store.resolve(request.snapshot))
+            with ProgressDisplay(f"restore {manifest.vm_name}") as display:
+                outcome = await restore_images(target, request, progress=display.update)
+        finally:
+            await target.pool.aclose()
+        for stats in outcome.disks:
+            print(stats.summary())
+        print(outcome.summary())
+        return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
+
     with open_store(args, writable=True) as store:
-        snapshot_id = store.resolve(args.snapshot)
-        manifest = store.manifest(snapshot_id)
-        entries = select_disks(manifest, args.disk)
-        single = len(entries) == 1 and not args.to.is_dir()
-
-        def target_path(entry: DiskEntry) -> Path:
-            if single:
-                return Path(args.to)
-            source_format = entry.attributes.get("format", "qcow2")
-            fmt = args.image_format or {"cow": "qcow2"}.get(source_format, source_format)
-            return Path(args.to) / f"{Path(entry.name).stem}.{fmt}"
-
-        def make_target(entry: DiskEntry, record: ResourceRecorder) -> Any:
-            return make_image_target(target_path(entry), entry, record, args.image_format)
-
-        async def run() -> int:
-            journal = await _recover_jobs(store)
-            pool = make_cpu_pool(store.keys, store.config.chunk_size)
-            try:
-                with ProgressDisplay(f"restore {manifest.vm_name}") as display:
-                    outcome = await run_restore(
-                        store=store,
-                        pool=pool,
-                        snapshot_id=snapshot_id,
-                        disks=[e.disk_id for e in entries],
-                        plugin=plugin.name,
-                        make_target=make_target,
-                        journal=journal,
-                        progress=display.update,
-                    )
-            finally:
-                await pool.aclose()
-            for stats in outcome.disks:
-                print(stats.summary())
-            print(outcome.summary())
-            return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
-
-        return aio.run(run())
+        return aio.run(run(store))
 
 
 def cmd_restore_vm(args: argparse.Namespace) -> int:
-    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine."""
+    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine
+    (through the daemon when one answers, else ``engine.app.restore`` in this process)."""
     if args.config is None:
         raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
     if args.image_format:
         raise ConfigError(message="restore: --format applies to --to PATH only")
     if args.disk and not args.into_vm:
         raise ConfigError(message="restore: --disk needs --to PATH or --into-vm VM")
+    request = VmRestoreRequest(
+        snapshot=args.snapshot,
+        name=args.name,
+        cluster=args.cluster,
+        storage_domain=args.storage_domain,
+        flow=args.flow,
+        engine=args.engine,
+        disk=args.disk,
+        into_vm=args.into_vm,
+    )
     if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
         body = {"snapshot": args.snapshot, "name": args.name, "cluster": args.cluster}
         body |= {"storage_domain": args.storage_domain, "flow": args.flow, "engine": args.engine}
         body |= {"disk": args.disk, "into_vm": args.into_vm}
         return aio.run(cli_service.submit_and_follow(socket, "/v1/restores", body))
     config = load_config(args.config, args.config.parent / "conf.d")
-    engine = config.engine(args.engine)
-    plugin = registry.get("ovirt")
-    make_restore = plugin.factory("vm_restore")
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        try:
+            plan = plan_vm_restore(target, request)
+            with ProgressDisplay(f"restore {plan.manifest.vm_name}") as display:
+                outcome = await restore_vm(config, target, plan, progress=display.update)
+        finally:
+            await target.pool.aclose()
+        for stats in outcome.restore.disks:
+            print(stats.summary())
+        print(outcome.restore.summary())
+        if outcome.vm is None:
+            return EXIT_FAILED  # the plugin deleted what it created
+        what = "disks attached to VM" if args.into_vm else "restored VM"
+        print(f"{what} {outcome.vm.name} id {outcome.vm.id}")
+        return EXIT_OK
+
     with open_store(args, writable=True) as store:
-        snapshot_id = store.resolve(args.snapshot)
-        manifest = store.manifest(snapshot_id)
-
-        async def run() -> int:
-            journal = await _recover_jobs(store)
-            pool = make_cpu_pool(store.keys, store.config.chunk_size)
-            try:
-                async with make_restore(
-                    engine,
-                    store,
-                    manifest,
-                    name=args.name,
-                    cluster=args.cluster,
-                    storage_domain=args.storage_domain,
-                    flow=args.flow,
-                    datamover=config.datamover,
-                    into_vm=args.into_vm,
-                ) as vm_restore:
-                    with ProgressDisplay(f"restore {manifest.vm_name}") as display:
-                        outcome = await run_restore(
-                            store=store,
-                            pool=pool,
-                            snapshot_id=snapshot_id,
-                            disks=[args.disk] if args.disk else None,
-                            plugin=plugin.name,
-                            make_target=vm_restore.make_target,
-                            journal=journal,
-                            progress=display.update,
-                            finish=vm_restore.create_vm,
-                        )
-                    for stats in outcome.disks:
-                        print(stats.summary())
-                    print(outcome.summary())
-                    if outcome.record.state is not State.SUCCEEDED:
-                        return EXIT_FAILED  # leaving the context deletes what was created
-                    vm = vm_restore.vm
-                    assert vm is not None  # the job's COMMITTING step created it
-            finally:
-                await pool.aclose()
-            what = "disks attached to VM" if args.into_vm else "restored VM"
-            print(f"{what} {vm.name} id {vm.id}")
-            return EXIT_OK
-
-        return aio.run(run())
+        return aio.run(run(store))
 
 
 def _lab_knobs(p: argparse.ArgumentParser) -> None:

@@ -18,9 +18,8 @@ import yaml
 from engine.config.loader import LoadedConfig, check_all, load_all
 from engine.config.policy import Policy
 from engine.config.types import enc_hook
+from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.sched.calendar import next_after
-
-EXIT_OK, EXIT_FAILED = 0, 1  # the values of engine.daemon.cli's exit codes
 
 
 def register(

@@ -16,12 +16,12 @@ from pathlib import Path
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.daemon import cli_args, cli_service
+from engine.daemon.exits import EXIT_OK
 from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult, gc
 from engine.maint.retention import Duration
 from engine.store.chunk_store import Store
 from engine.util import aio
 
-EXIT_OK = 0  # the value of engine.daemon.cli's exit code
 MB = 1_000_000  # --rate-limit unit, as disk tools quote it
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]

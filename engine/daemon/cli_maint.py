@@ -16,12 +16,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.daemon import cli_args, cli_gc
+from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.maint.prune import PruneResult, prune, set_protected
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
 from engine.store.chunk_store import Store
-
-EXIT_OK, EXIT_FAILED = 0, 1  # the values of engine.daemon.cli's exit codes
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
 

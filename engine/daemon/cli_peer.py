@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from engine.app.passphrase import resolve_passphrase
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
 from engine.daemon import cli_args
-from engine.daemon.passphrase import resolve_passphrase
+from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.jobs.states import State
 from engine.replication import tls
 from engine.replication.job import latest_snapshot, run_replication
@@ -35,7 +36,6 @@ from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE, StoreKeys
 from engine.util import aio
 
-EXIT_OK, EXIT_FAILED = 0, 1  # the values of engine.daemon.cli's exit codes
 DEFAULT_PEER_PORT = 8444
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]

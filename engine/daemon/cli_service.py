@@ -16,11 +16,11 @@ from typing import Any, Final
 from engine.config.loader import load, load_all
 from engine.daemon import cli_args
 from engine.daemon.client import ApiClient
+from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.daemon.progress import ProgressDisplay
 from engine.obs.log import configure as configure_logging
 from engine.util import aio
 
-EXIT_OK, EXIT_FAILED = 0, 1
 FOLLOW_INTERVAL: Final = 0.5  # seconds between progress polls
 FINAL: Final = ("succeeded", "failed", "cancelled", "aborted")
 

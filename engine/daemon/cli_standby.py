@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.config.loader import load as load_config
 from engine.config.policy import Standby
+from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.daemon.progress import ProgressDisplay
 from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
@@ -23,8 +24,6 @@ from engine.standby.job import refresh_standby
 from engine.store.chunk_store import Store
 from engine.util import aio
 from engine.workers import make_cpu_pool
-
-EXIT_OK, EXIT_FAILED = 0, 1  # the values of engine.daemon.cli's exit codes
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
 

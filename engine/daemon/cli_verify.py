@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.core.units import human_bytes
 from engine.daemon import cli_args
+from engine.daemon.exits import EXIT_INTEGRITY, EXIT_OK
 from engine.daemon.progress import ProgressDisplay
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
@@ -24,8 +25,6 @@ from engine.maint.verify import (
 )
 from engine.store.check import Finding
 from engine.store.chunk_store import Store
-
-EXIT_OK, EXIT_INTEGRITY = 0, 3  # the values of engine.daemon.cli's exit codes
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
 

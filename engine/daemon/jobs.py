@@ -79,9 +79,16 @@ class JobView:
     finished: str | None = None
     disks: dict[str, DiskProgress] = field(default_factory=dict)
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the API's shape of ``outcome``
     error: str | None = None
     task: asyncio.Task[None] | None = None
+    outcome: object | None = None  # the typed outcome (``engine.app``), set by the body
+    notes: list[str] = field(default_factory=list)  # notes and warnings, for the e-mail
+
+    def note(self, kind: str, text: str) -> None:
+        """A note or warning (``kind``) of the job: in its notes and in its log lines."""
+        self.notes.append(f"{kind}: {text}")
+        self.say(f"{kind}: {text}")
 
     @property
     def done(self) -> bool:

@@ -26,7 +26,8 @@ from engine.maint.verify import VerifyOptions, verify
 from engine.sched.calendar import Calendar
 
 if TYPE_CHECKING:
-    from engine.daemon.service import Service, StoreHandle
+    from engine.app.stores import JobStore
+    from engine.daemon.service import Service
 
 log = structlog.get_logger("tessera.maintenance")
 
@@ -57,7 +58,7 @@ async def run_task(service: "Service", task: Task) -> None:
         await asyncio.wait(waits)
 
 
-def start(service: "Service", kind: str, handle: "StoreHandle") -> JobView:
+def start(service: "Service", kind: str, handle: "JobStore") -> JobView:
     section = service.config.maintenance
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
@@ -68,12 +69,14 @@ def start(service: "Service", kind: str, handle: "StoreHandle") -> JobView:
                 now=service.clock.now,  # the daemon's clock (injected in tests)
             )
             result = await asyncio.to_thread(gc, handle.store, options)
+            view.outcome = result
             for line in result.lines():
                 view.say(line)
             return "succeeded", result.doc() | {"seconds": round(result.seconds, 2)}
         found = await asyncio.to_thread(
             verify, handle.store, VerifyOptions(percent=section.verify_percent)
         )
+        view.outcome = found
         for finding in found.findings:
             where = f" (snapshots {', '.join(finding.snapshots)})" if finding.snapshots else ""
             view.say(f"{finding.kind} {finding.subject}: {finding.message}{where}")
@@ -95,9 +98,7 @@ def start(service: "Service", kind: str, handle: "StoreHandle") -> JobView:
             view.error = f"{len(found.findings)} findings; damaged snapshots: {found.damaged}"
         return ("succeeded" if found.ok else "failed"), summary
 
-    return service.jobs.submit(
-        kind, f"store:{handle.section.name}", body, params={"store": handle.section.name}
-    )
+    return service.jobs.submit(kind, f"store:{handle.name}", body, params={"store": handle.name})
 
 
 def state_file_for(scheduler_state: Path) -> Path:

@@ -21,50 +21,36 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 
 import structlog
 
+from engine.app.backup import VmBackupRequest, backup_vms
+from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
+from engine.app.stores import JobStore, open_for_jobs_at
 from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
-from engine.core.errors import ConfigError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.jobs import JobManager, JobView
-from engine.daemon.passphrase import resolve_passphrase
-from engine.jobs.backup import LEVELS, run_backup
-from engine.jobs.journal import Journal
-from engine.jobs.recovery import recover_unfinished
-from engine.jobs.restore import run_restore, select_disks
-from engine.jobs.states import State
+from engine.daemon.summaries import backup_doc, vm_restore_doc
+from engine.jobs.backup import BackupOutcome
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
+from engine.maint.verify import VerifyResult
 from engine.obs.metrics import Metrics
 from engine.obs.notify import DiskSummary, JobSummary, Notifier
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
-from engine.store.chunk_store import Store
-from engine.store.keys import ENCRYPTION_NONE
-from engine.store.layout import StoreConfig
 from engine.util.limits import Limits
-from engine.workers import CpuPool, make_cpu_pool
 
 log = structlog.get_logger("tessera.daemon")
 
 DEFAULT_GRACE: Final = 300.0  # seconds running jobs get after the first SIGTERM
-BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
-
-
-@dataclass
-class StoreHandle:
-    section: StoreSection
-    store: Store
-    pool: CpuPool
-    journal: Journal
 
 
 @dataclass
@@ -74,7 +60,7 @@ class Service:
     loaded: LoadedConfig
     clock: Clock = field(default_factory=SystemClock)
     grace: float = DEFAULT_GRACE
-    stores: dict[str, StoreHandle] = field(default_factory=dict)
+    stores: dict[str, JobStore] = field(default_factory=dict)
     listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -195,32 +181,23 @@ class Service:
             sdnotify.watchdog()
             await asyncio.sleep(interval)
 
-    async def _open_store(self, section: StoreSection) -> StoreHandle:
-        def open_() -> Store:
-            config = StoreConfig.load(section.path)
-            passphrase = None
-            if config.encryption != ENCRYPTION_NONE:
-                passphrase = resolve_passphrase(section.passphrase_file, interactive=False)
-            return Store.open(
-                section.path, passphrase=passphrase, key_file=section.key_file, writable=True
-            )
-
-        store = await asyncio.to_thread(open_)
-        for line in store.report.lines():
-            log.warning("store.recovery", store=section.name, detail=line)
-        journal = Journal(store.path / "journal")
-        for line in await recover_unfinished(store, journal):
-            log.warning("job.recovered", store=section.name, detail=line)
-        pool = make_cpu_pool(
-            store.keys, store.config.chunk_size, capacity=self.config.limits.cpu_tasks
+    async def _open_store(self, section: StoreSection) -> JobStore:
+        handle, recovered = await open_for_jobs_at(
+            section.name,
+            section.path,
+            passphrase_file=section.passphrase_file,
+            key_file=section.key_file,
+            cpu_tasks=self.config.limits.cpu_tasks,
         )
-        handle = StoreHandle(section, store, pool, journal)
+        for line in handle.store.report.lines():
+            log.warning("store.recovery", store=section.name, detail=line)
+        for line in recovered:
+            log.warning("job.recovered", store=section.name, detail=line)
         self.stores[section.name] = handle
         return handle
 
-    async def _close_store(self, handle: StoreHandle) -> None:
-        await handle.pool.aclose()
-        handle.store.close()
+    async def _close_store(self, handle: JobStore) -> None:
+        await handle.aclose()
 
     def api_gate(self, engine: str) -> Callable[[], AbstractAsyncContextManager[object]]:
         """What every engine call of every job holds: the ``api/<engine>`` limit
@@ -228,7 +205,7 @@ class Service:
         limit = self.limits.get(f"api/{engine}")
         return limit.hold
 
-    def store(self, name: str | None = None) -> StoreHandle:
+    def store(self, name: str | None = None) -> JobStore:
         section = self.config.store(name)
         return self.stores[section.name]
 
@@ -252,71 +229,38 @@ class Service:
         policy: str | None = None,
         facts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> list[JobView]:
-        """One backup job per VM name (exact names; the API resolves globs first). ``facts``
-        (``list_vms`` entries by name) give each job its transfer needs per host and
-        storage domain."""
-        if level not in LEVELS:
-            raise ConfigError(message=f"level {level!r} is unknown; use one of {LEVELS}")
-        if flow not in BACKUP_FLOWS:
-            raise ConfigError(message=f"flow {flow!r} is unknown; use one of {BACKUP_FLOWS}")
+        """One backup job per VM name (exact names; the API resolves globs first), each
+        ``engine.app.backup.backup_vms`` of that VM. ``facts`` (``list_vms`` entries by
+        name) give each job its transfer needs per host and storage domain."""
+        VmBackupRequest((), level, flow, require_quiesce, engine).check()
         engine_section = self.config.engine(engine)
         handle = self.store(store)
         params: dict[str, Any] = {"level": level, "flow": flow, "engine": engine_section.name}
-        params |= {"store": handle.section.name, "require_quiesce": require_quiesce}
+        params |= {"store": handle.name, "require_quiesce": require_quiesce}
         views = []
         for vm in vms:
+            request = VmBackupRequest((vm,), level, flow, require_quiesce, engine_section.name)
 
-            async def body(view: JobView, vm: str = vm) -> tuple[str, dict[str, Any]]:
-                make_sources = registry.get("ovirt").factory("vm_sources")
-                found = await make_sources(
-                    engine_section,
-                    [vm],
-                    flow,
-                    require_quiesce=require_quiesce,
-                    datamover=self.config.datamover,
+            async def body(
+                view: JobView, request: VmBackupRequest = request
+            ) -> tuple[str, dict[str, Any]]:
+                backups = backup_vms(
+                    self.config,
+                    handle,
+                    request,
+                    progress=lambda _vm: nullcontext(view.progress),
                     api_gate=self.api_gate(engine_section.name),
+                    job_id=view.job_id,
                 )
-                try:
-                    (source,) = found.sources
-                    outcome = await run_backup(
-                        store=handle.store,
-                        pool=handle.pool,
-                        source=source,
-                        journal=handle.journal,
-                        level=level,
-                        progress=view.progress,
-                        job_id=view.job_id,
-                    )
-                finally:
-                    await found.client.close()
+                (outcome,) = [o async for o in backups]
+                view.outcome = outcome
                 for note in outcome.notes:
-                    view.say(f"note: {note}")
+                    view.note("note", note)
                 for warning in outcome.record.warnings:
-                    view.say(f"warning: {warning}")
+                    view.note("warning", warning)
                 view.say(outcome.summary())
                 view.error = outcome.record.error
-                summary = {
-                    "snapshot": outcome.manifest.snapshot_id if outcome.manifest else None,
-                    "level": outcome.level,
-                    "seconds": round(outcome.seconds, 2),
-                    "bytes_read": sum(d.bytes_read for d in outcome.disks),
-                    "bytes_stored": sum(d.bytes_stored for d in outcome.disks),
-                    "disk_stats": [
-                        {
-                            "disk": d.disk_id,
-                            "bytes_read": d.bytes_read,
-                            "bytes_stored": d.bytes_stored,
-                            "new_chunks": d.new_chunks,
-                            "line": d.summary(),
-                        }
-                        for d in outcome.disks
-                    ],
-                    "integrity": outcome.record.integrity,
-                    "new_chunks": sum(d.new_chunks for d in outcome.disks),
-                    "known_chunks": sum(d.known_chunks for d in outcome.disks),
-                    "line": outcome.summary(),
-                }
-                return outcome.record.state.value.lower(), summary
+                return outcome.record.state.value.lower(), backup_doc(outcome)
 
             needs = transfer_needs((facts or {}).get(vm))
             views.append(
@@ -338,57 +282,35 @@ class Service:
         into_vm: str | None = None,
     ) -> JobView:
         """A snapshot restored into the engine as a new VM, or its disk(s) attached to the
-        existing VM ``into_vm``."""
+        existing VM ``into_vm`` (``engine.app.restore``); planned before the job starts, so
+        an unknown snapshot or disk is refused at once."""
         handle = self.store(store)
-        snapshot_id = handle.store.resolve(snapshot)
-        manifest = handle.store.manifest(snapshot_id)
         engine_section = self.config.engine(engine)
-        new_name = into_vm or name or f"{manifest.vm_name}-restored"
-        chosen = select_disks(manifest, disk)  # ConfigError naming an unknown disk
-        params: dict[str, Any] = {"snapshot": snapshot_id, "name": new_name, "flow": flow}
-        params["cluster"] = cluster
-        params |= {"storage_domain": storage_domain, "store": handle.section.name}
-        plugin = registry.get("ovirt")
+        request = VmRestoreRequest(
+            snapshot, name, cluster, storage_domain, flow, engine_section.name, disk, into_vm
+        )
+        plan = plan_vm_restore(handle, request)
+        params: dict[str, Any] = {"snapshot": plan.snapshot_id, "name": plan.new_name}
+        params |= {"flow": flow, "cluster": cluster}
+        params |= {"storage_domain": storage_domain, "store": handle.name}
 
         async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-            make_restore = plugin.factory("vm_restore")
-            async with make_restore(
-                engine_section,
-                handle.store,
-                manifest,
-                name=new_name,
-                cluster=cluster,
-                storage_domain=storage_domain,
-                flow=flow,
-                datamover=self.config.datamover,
-                into_vm=into_vm,
+            outcome = await restore_vm(
+                self.config,
+                handle,
+                plan,
+                progress=view.progress,
                 api_gate=self.api_gate(engine_section.name),
-            ) as vm_restore:
-                outcome = await run_restore(
-                    store=handle.store,
-                    pool=handle.pool,
-                    snapshot_id=snapshot_id,
-                    disks=[disk] if disk else None,
-                    plugin=plugin.name,
-                    make_target=vm_restore.make_target,
-                    journal=handle.journal,
-                    progress=view.progress,
-                    finish=vm_restore.create_vm,
-                    job_id=view.job_id,
-                )
-                vm = vm_restore.vm
-            view.say(outcome.summary())
-            view.error = outcome.record.error
-            summary: dict[str, Any] = {"line": outcome.summary()}
-            if outcome.record.state is State.SUCCEEDED and vm is not None:
-                summary |= {"vm_id": vm.id, "vm_name": vm.name}
-            return outcome.record.state.value.lower(), summary
+                job_id=view.job_id,
+            )
+            view.outcome = outcome
+            view.say(outcome.restore.summary())
+            view.error = outcome.restore.record.error
+            return outcome.restore.record.state.value.lower(), vm_restore_doc(outcome)
 
-        domains = Counter(
-            storage_domain or d.attributes.get("storage_domain_id") or "default" for d in chosen
+        return self.jobs.submit(
+            "restore", plan.new_name, body, params=params, needs=plan.transfer_needs()
         )
-        needs = {f"transfers/sd/{sd}": n for sd, n in domains.items()}
-        return self.jobs.submit("restore", new_name, body, params=params, needs=needs)
 
     async def run_policy(self, policy: Policy, planned: datetime) -> None:
         """What the scheduler starts: a backup of every VM the policy selects, each at the
@@ -431,9 +353,12 @@ class Service:
             view.say(f"level {decision.level}: {decision.reason}")
             if view.task is not None:
                 await asyncio.wait([view.task])
-            snapshot = view.summary.get("snapshot")
-            if view.state != "succeeded" or not snapshot:
+            outcome = view.outcome
+            if view.state != "succeeded" or not isinstance(outcome, BackupOutcome):
                 return
+            if outcome.manifest is None:
+                return
+            snapshot = outcome.manifest.snapshot_id
             pushes = [
                 sites.start_replication(self, policy, vm, snapshot, target.peer)
                 for target in policy.replication
@@ -448,7 +373,7 @@ class Service:
                 tg.create_task(one(vm))
         await self.apply_retention(policy, handle, chosen)
 
-    async def apply_retention(self, policy: Policy, handle: StoreHandle, vms: list[str]) -> None:
+    async def apply_retention(self, policy: Policy, handle: JobStore, vms: list[str]) -> None:
         """After a policy's backups: its retention rules, per VM (prune; GC frees the space
         later, after its grace period). No rules: keep everything."""
         r = policy.retention
@@ -494,8 +419,8 @@ class Service:
             view.vm,
             bytes_read=summary.bytes_read,
             bytes_stored=summary.bytes_stored,
-            seconds=float(view.summary.get("seconds") or 0.0),
-            new_chunks=int(view.summary.get("new_chunks") or 0),
+            seconds=view.outcome.seconds if isinstance(view.outcome, BackupOutcome) else 0.0,
+            new_chunks=sum(d.new_chunks for d in summary.disks),
         )
         store = view.params.get("store")
         if store in self.stores:
@@ -536,17 +461,18 @@ def transfer_needs(vm: Mapping[str, Any] | None) -> dict[str, int]:
 
 
 def job_summary(view: JobView) -> JobSummary:
-    """The e-mail/metrics view of a finished job."""
-    s = view.summary
+    """The e-mail/metrics view of a finished job, from its typed outcome (a backup's bytes,
+    disks, level and snapshot; other kinds have none) and its notes."""
+    outcome = view.outcome if isinstance(view.outcome, BackupOutcome) else None
     disks = tuple(
         DiskSummary(
-            name=d["disk"],
-            bytes_read=d["bytes_read"],
-            bytes_stored=d["bytes_stored"],
-            new_chunks=d["new_chunks"],
-            read=d["line"],
+            name=d.disk_id,
+            bytes_read=d.bytes_read,
+            bytes_stored=d.bytes_stored,
+            new_chunks=d.new_chunks,
+            read=d.summary(),
         )
-        for d in s.get("disk_stats", [])
+        for d in (outcome.disks if outcome is not None else ())
     )
     return JobSummary(
         job_id=view.job_id,
@@ -555,13 +481,14 @@ def job_summary(view: JobView) -> JobSummary:
         state=view.state,
         started=datetime.fromisoformat(view.started or view.created),
         finished=datetime.fromisoformat(view.finished) if view.finished else None,
-        level=s.get("level"),
+        level=outcome.level if outcome is not None else None,
         policy=view.policy,
-        snapshot=s.get("snapshot"),
-        bytes_read=int(s.get("bytes_read") or 0),
-        bytes_stored=int(s.get("bytes_stored") or 0),
+        snapshot=outcome.manifest.snapshot_id if outcome and outcome.manifest else None,
+        bytes_read=sum(d.bytes_read for d in disks),
+        bytes_stored=sum(d.bytes_stored for d in disks),
         disks=disks,
-        notes=tuple(line for line in view.lines if " note: " in line or " warning: " in line),
+        notes=tuple(view.notes),
         error=view.error,
-        integrity=bool(s.get("integrity")),
+        integrity=(outcome is not None and outcome.record.integrity)
+        or (isinstance(view.outcome, VerifyResult) and not view.outcome.ok),
     )

@@ -44,7 +44,7 @@ async def start_peer_server(service: "Service", section: PeerServerSection) -> P
     context = server_context(section.cert_file, section.key_file, section.ca_file)
     server = PeerServer(app, host.strip("[]"), int(port), context)
     await server.start()
-    log.info("peers.listening", listen=section.listen, store=handle.section.name)
+    log.info("peers.listening", listen=section.listen, store=handle.name)
     return server
 
 
@@ -127,7 +127,7 @@ def start_standby(
         }
         return ("succeeded" if outcome.ok else "failed"), summary
 
-    params = {"store": handle.section.name, "snapshot": snapshot_id, "vm": vm_name}
+    params = {"store": handle.name, "snapshot": snapshot_id, "vm": vm_name}
     return service.jobs.submit(
         "standby", f"standby:{vm_name}", body, policy=policy.name, params=params
     )
@@ -156,7 +156,7 @@ def start_replication(
         summary = outcome.record.summary | {"line": outcome.summary(), "peer": peer}
         return outcome.record.state.value.lower(), summary
 
-    params = {"store": handle.section.name, "snapshot": snapshot_id, "peer": peer}
+    params = {"store": handle.name, "snapshot": snapshot_id, "peer": peer}
     return service.jobs.submit(
         "replicate",
         f"replicate:{vm}:{peer}",

@@ -20,7 +20,7 @@ import pytest
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError
 from engine.core.units import MiB
-from engine.daemon.passphrase import resolve_passphrase
+from engine.app.passphrase import resolve_passphrase
 from engine.io import qemu
 from engine.store.chunk_store import Store
 from plugins.lab.engine.server import FakeEngine

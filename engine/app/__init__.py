@@ -1,0 +1,19 @@
+"""The application layer: each operation from a typed request to a typed outcome, one path
+for every caller.
+
+The command line run in-process (``engine.daemon.cli``), the daemon's jobs
+(``engine.daemon.service``) and so the HTTP API all call these; none wires a backup or a
+restore itself, so a step added here (a limit, a metric, a recovery) reaches every path.
+
+- ``stores``     open a store (passphrase, key file) and ready it for jobs (``JobStore``:
+                 store, journal with unfinished jobs recovered, CPU pool).
+- ``backup``     ``VmBackupRequest`` → ``BackupOutcome`` per VM (``backup_vms``), and local
+                 sources (``backup_sources``).
+- ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine),
+                 ``ImageRestoreRequest`` → ``RestoreOutcome`` (local image files).
+- ``passphrase`` where a store passphrase comes from.
+
+Below the daemon, above the jobs (the layers contract in ``pyproject.toml``): it imports
+``engine.jobs`` and finds plugins through ``engine.sources.registry``; it never prints,
+parses arguments or speaks HTTP.
+"""

@@ -1,0 +1,117 @@
+"""Backups, from a typed request to typed outcomes: the one path for ``tessera backup`` run in
+this process and for the daemon's backup jobs (API, policies).
+
+::
+
+    VmBackupRequest(vms, level, flow, require_quiesce, engine, readers)
+        → check()                        ConfigError for an unknown level or flow, at once
+        → backup_vms(config, target, request, progress=…, api_gate=…, job_id=…)
+              the plugin's ``vm_sources`` (one engine client for every VM of the request)
+              → per VM: ``backup_sources`` → ``engine.jobs.backup.run_backup``
+        → yields one ``BackupOutcome`` per VM, in order; the client is closed at the end
+
+``progress(vm)`` is entered around each VM's backup and gives the per-disk progress callback
+(the terminal's display, or a daemon job's view). A failed backup is an outcome (its record
+says FAILED), never an exception; an error before any backup starts (an unknown VM, no
+DataMover, a refused quiesce) raises ``ConfigError``.
+"""
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
+from typing import Final
+
+from engine.app.stores import JobStore
+from engine.config.models import Config
+from engine.core.errors import ConfigError
+from engine.jobs.backup import LEVELS, BackupOutcome, Progress, run_backup
+from engine.pipeline.disk import DEFAULT_READERS
+from engine.sources import registry
+from engine.sources.types import Source
+
+BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
+
+# Entered around one VM's backup (its name); gives the per-disk progress callback.
+ProgressFor = Callable[[str], AbstractContextManager[Progress | None]]
+ApiGate = Callable[[], AbstractAsyncContextManager[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class VmBackupRequest:
+    """Back up these VMs (names; globs allowed) of one engine of the configuration."""
+
+    vms: tuple[str, ...]
+    level: str = "incremental"
+    flow: str = "auto"
+    require_quiesce: bool = False
+    engine: str | None = None  # the configuration's engine name (None: the only one)
+    readers: int = DEFAULT_READERS
+
+    def check(self) -> None:
+        if self.level not in LEVELS:
+            raise ConfigError(message=f"level {self.level!r} is unknown; use one of {LEVELS}")
+        if self.flow not in BACKUP_FLOWS:
+            raise ConfigError(message=f"flow {self.flow!r} is unknown; use one of {BACKUP_FLOWS}")
+
+
+async def backup_sources(
+    target: JobStore,
+    sources: Sequence[Source],
+    *,
+    level: str,
+    readers: int = DEFAULT_READERS,
+    progress: ProgressFor,
+    job_id: str | None = None,
+) -> AsyncIterator[BackupOutcome]:
+    """Back up each source into ``target``, one after the other; yield each outcome.
+    ``job_id`` (a daemon job's id) applies to a single source only."""
+    if job_id is not None and len(sources) != 1:
+        raise ValueError("a job id names one backup")
+    for source in sources:
+        with progress(source.vm_name) as show:
+            outcome = await run_backup(
+                store=target.store,
+                pool=target.pool,
+                source=source,
+                journal=target.journal,
+                level=level,
+                readers=readers,
+                progress=show,
+                job_id=job_id,
+            )
+        yield outcome
+
+
+async def backup_vms(
+    config: Config,
+    target: JobStore,
+    request: VmBackupRequest,
+    *,
+    progress: ProgressFor,
+    api_gate: ApiGate | None = None,
+    job_id: str | None = None,
+) -> AsyncIterator[BackupOutcome]:
+    """Back up the request's VMs through the plugin's ``vm_sources`` (module docstring)."""
+    request.check()
+    engine = config.engine(request.engine)
+    make_sources = registry.get("ovirt").factory("vm_sources")
+    found = await make_sources(
+        engine,
+        list(request.vms),
+        request.flow,
+        require_quiesce=request.require_quiesce,
+        datamover=config.datamover,
+        api_gate=api_gate,
+    )
+    try:
+        async for outcome in backup_sources(
+            target,
+            found.sources,
+            level=request.level,
+            readers=request.readers,
+            progress=progress,
+            job_id=job_id,
+        ):
+            yield outcome
+    finally:
+        await found.client.close()

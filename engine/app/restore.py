@@ -1,0 +1,187 @@
+"""Restores, from a typed request to a typed outcome: the one path for ``tessera restore`` run
+in this process and for the daemon's restore jobs.
+
+::
+
+    VmRestoreRequest(snapshot, name, cluster, storage_domain, flow, engine, disk, into_vm)
+        plan_vm_restore(target, request)   the snapshot resolved, its disks chosen, the new
+                                           name; ConfigError/NotFound before anything runs
+        restore_vm(config, target, plan, progress=…, api_gate=…, job_id=…)
+              the plugin's ``vm_restore`` (a new VM, or disks attached to ``into_vm``)
+              → ``engine.jobs.restore.run_restore`` → on success the VM is created
+        → ``VmRestoreOutcome``: the job's ``RestoreOutcome`` and the VM (None unless it
+          succeeded)
+
+    ImageRestoreRequest(snapshot, to, disk, image_format)
+        restore_images(target, request, progress=…)   disks written as local image files
+
+A failed restore is an outcome (its record says FAILED; the plugin deleted what it created),
+never an exception.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.app.backup import ApiGate
+from engine.app.stores import JobStore
+from engine.config.models import Config
+from engine.core.errors import ConfigError
+from engine.jobs.restore import Progress, RestoreOutcome, run_restore, select_disks
+from engine.jobs.states import State
+from engine.sources import registry
+from engine.sources.types import ResourceRecorder
+from engine.store.manifest import DiskEntry, Manifest
+
+RESTORE_FLOWS = ("imageio", "attach")
+
+
+@dataclass(frozen=True, slots=True)
+class VmRestoreRequest:
+    """Restore a snapshot into the engine as a new VM (or into an existing one)."""
+
+    snapshot: str  # id or unique prefix
+    name: str | None = None  # default: <original>-restored
+    cluster: str | None = None  # default: the OVF's
+    storage_domain: str | None = None  # default: each disk's recorded one
+    flow: str = "imageio"  # imageio uploads, or attach (through the DataMover)
+    engine: str | None = None
+    disk: str | None = None  # only this disk (with into_vm)
+    into_vm: str | None = None  # attach the disks to this existing VM instead
+
+
+@dataclass(frozen=True, slots=True)
+class VmRestorePlan:
+    request: VmRestoreRequest
+    snapshot_id: str
+    manifest: Manifest
+    disks: tuple[DiskEntry, ...]
+    new_name: str
+
+    def transfer_needs(self) -> dict[str, int]:
+        """Image transfers the restore opens per storage domain (the daemon's limits)."""
+        domains = Counter(
+            self.request.storage_domain or d.attributes.get("storage_domain_id") or "default"
+            for d in self.disks
+        )
+        return {f"transfers/sd/{sd}": n for sd, n in domains.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredVm:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmRestoreOutcome:
+    restore: RestoreOutcome
+    vm: RestoredVm | None  # set when the restore succeeded
+
+    @property
+    def succeeded(self) -> bool:
+        return self.restore.record.state is State.SUCCEEDED
+
+
+def plan_vm_restore(target: JobStore, request: VmRestoreRequest) -> VmRestorePlan:
+    """Resolve the snapshot and choose its disks; raises before anything runs."""
+    if request.flow not in RESTORE_FLOWS:
+        raise ConfigError(
+            message=f"restore flow {request.flow!r} is unknown; use one of {RESTORE_FLOWS}"
+        )
+    if request.disk and not request.into_vm:
+        raise ConfigError(message="restore: a single disk into the engine needs into_vm")
+    snapshot_id = target.store.resolve(request.snapshot)
+    manifest = target.store.manifest(snapshot_id)
+    chosen = select_disks(manifest, request.disk)  # ConfigError naming an unknown disk
+    new_name = request.into_vm or request.name or f"{manifest.vm_name}-restored"
+    return VmRestorePlan(request, snapshot_id, manifest, tuple(chosen), new_name)
+
+
+async def restore_vm(
+    config: Config,
+    target: JobStore,
+    plan: VmRestorePlan,
+    *,
+    progress: Progress | None = None,
+    api_gate: ApiGate | None = None,
+    job_id: str | None = None,
+) -> VmRestoreOutcome:
+    """Run the planned restore into the engine (module docstring)."""
+    request = plan.request
+    engine = config.engine(request.engine)
+    plugin = registry.get("ovirt")
+    make_restore = plugin.factory("vm_restore")
+    async with make_restore(
+        engine,
+        target.store,
+        plan.manifest,
+        name=request.name,
+        cluster=request.cluster,
+        storage_domain=request.storage_domain,
+        flow=request.flow,
+        datamover=config.datamover,
+        into_vm=request.into_vm,
+        api_gate=api_gate,
+    ) as vm_restore:
+        outcome = await run_restore(
+            store=target.store,
+            pool=target.pool,
+            snapshot_id=plan.snapshot_id,
+            disks=[request.disk] if request.disk else None,
+            plugin=plugin.name,
+            make_target=vm_restore.make_target,
+            journal=target.journal,
+            progress=progress,
+            finish=vm_restore.create_vm,
+            job_id=job_id,
+        )
+        vm = vm_restore.vm
+    restored = None
+    if outcome.record.state is State.SUCCEEDED and vm is not None:
+        restored = RestoredVm(vm.id, vm.name)
+    return VmRestoreOutcome(outcome, restored)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRestoreRequest:
+    """Restore a snapshot's disks as local image files."""
+
+    snapshot: str
+    to: Path  # an image file (one disk) or a directory (several)
+    disk: str | None = None
+    image_format: str | None = None  # qcow2 | raw (default: each disk's recorded one)
+
+
+async def restore_images(
+    target: JobStore, request: ImageRestoreRequest, *, progress: Progress | None = None
+) -> RestoreOutcome:
+    """Write the snapshot's disks (or one) as image files under ``request.to``."""
+    plugin = registry.get("local")
+    make_image_target = plugin.factory("image_target")
+    snapshot_id = target.store.resolve(request.snapshot)
+    manifest = target.store.manifest(snapshot_id)
+    entries = select_disks(manifest, request.disk)
+    single = len(entries) == 1 and not request.to.is_dir()
+
+    def target_path(entry: DiskEntry) -> Path:
+        if single:
+            return request.to
+        source_format = entry.attributes.get("format", "qcow2")
+        fmt = request.image_format or {"cow": "qcow2"}.get(source_format, source_format)
+        return request.to / f"{Path(entry.name).stem}.{fmt}"
+
+    def make_target(entry: DiskEntry, record: ResourceRecorder) -> Any:
+        return make_image_target(target_path(entry), entry, record, request.image_format)
+
+    return await run_restore(
+        store=target.store,
+        pool=target.pool,
+        snapshot_id=snapshot_id,
+        disks=[e.disk_id for e in entries],
+        plugin=plugin.name,
+        make_target=make_target,
+        journal=target.journal,
+        progress=progress,
+    )

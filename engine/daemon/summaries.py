@@ -1,0 +1,42 @@
+"""The API's shape of typed job outcomes (``JobView.summary``), built here once.
+
+Everything inside the daemon that needs to know about an outcome (the policy run, metrics,
+e-mails) reads the typed outcome on the job (``JobView.outcome``); these dicts are only what
+the API shows and the daemon log records.
+"""
+
+from typing import Any
+
+from engine.app.restore import VmRestoreOutcome
+from engine.jobs.backup import BackupOutcome
+
+
+def backup_doc(outcome: BackupOutcome) -> dict[str, Any]:
+    return {
+        "snapshot": outcome.manifest.snapshot_id if outcome.manifest else None,
+        "level": outcome.level,
+        "seconds": round(outcome.seconds, 2),
+        "bytes_read": sum(d.bytes_read for d in outcome.disks),
+        "bytes_stored": sum(d.bytes_stored for d in outcome.disks),
+        "disk_stats": [
+            {
+                "disk": d.disk_id,
+                "bytes_read": d.bytes_read,
+                "bytes_stored": d.bytes_stored,
+                "new_chunks": d.new_chunks,
+                "line": d.summary(),
+            }
+            for d in outcome.disks
+        ],
+        "integrity": outcome.record.integrity,
+        "new_chunks": sum(d.new_chunks for d in outcome.disks),
+        "known_chunks": sum(d.known_chunks for d in outcome.disks),
+        "line": outcome.summary(),
+    }
+
+
+def vm_restore_doc(outcome: VmRestoreOutcome) -> dict[str, Any]:
+    doc: dict[str, Any] = {"line": outcome.restore.summary()}
+    if outcome.vm is not None:
+        doc |= {"vm_id": outcome.vm.id, "vm_name": outcome.vm.name}
+    return doc
