@@ -16,6 +16,7 @@ import hmac
 import os
 import ssl
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final
@@ -24,6 +25,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
 from engine.daemon import maintenance
 from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
@@ -222,8 +224,28 @@ async def run_policy(request: web.Request) -> web.Response:
 
 async def jobs(request: web.Request) -> web.Response:
     running = request.query.get("running") in {"1", "true", "yes"}
-    views = _service(request).jobs.jobs(running_only=running)
+    failed = request.query.get("failed") in {"1", "true", "yes"}
+    since = request.query.get("since")
+    views = _service(request).jobs.jobs(
+        running_only=running, since=parse_since(since) if since else None, failed=failed
+    )
     return web.json_response([v.doc() for v in views])
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``since``: a duration back from now (``24h``, ``7d``) or an ISO 8601 time (UTC when it
+    names no zone). ConfigError (a 400) for anything else."""
+    try:
+        return (now or datetime.now(UTC)) - Duration(text).delta
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            message=f"since {text!r}: give a duration (24h, 7d) or an ISO time"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 async def job(request: web.Request) -> web.Response:

@@ -51,8 +51,15 @@ def register(
     p = client_parser("policies", "policies with their schedule and next run")
     p.add_argument("--run", metavar="NAME", help="run this policy now")
     p.set_defaults(func=cmd_policies)
-    p = client_parser("jobs", "running and recent jobs")
+    p = client_parser("jobs", "running and recent jobs (kept across daemon restarts)")
     p.add_argument("--running", action="store_true", help="only the running ones")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="running jobs and those that ended since WHEN: a duration back from now (24h, "
+        "7d) or an ISO time",
+    )
+    p.add_argument("--failed", action="store_true", help="only finished jobs that did not succeed")
     p.set_defaults(func=cmd_jobs)
     p = client_parser("job", "one job: state, per-disk progress, log")
     p.add_argument("job_id", metavar="ID")
@@ -144,7 +151,9 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    docs = aio.run(_call(args, "GET", "/v1/jobs", running="1" if args.running else None))
+    query = {"running": "1" if args.running else None, "since": args.since}
+    query["failed"] = "1" if args.failed else None
+    docs = aio.run(_call(args, "GET", "/v1/jobs", **query))
     if args.json:
         _print(docs)
         return EXIT_OK

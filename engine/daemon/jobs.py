@@ -17,7 +17,7 @@ end. Nothing here touches the engine or the store directly: jobs go through
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -101,6 +101,23 @@ class JobView:
         p = self.disks.setdefault(disk, DiskProgress(total=total))
         p.done, p.total = done, total
 
+    def history_row(self) -> dict[str, Any]:
+        """This finished job as an ``engine.jobs.history`` row."""
+        assert self.finished is not None
+        return {
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "vm": self.vm,
+            "policy": self.policy,
+            "state": self.state,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+            "params": self.params,
+            "summary": self.summary,
+        }
+
     def doc(self, lines: bool = False) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "id": self.job_id,
@@ -155,9 +172,49 @@ class JobManager:
         except KeyError:
             raise ConfigError(message=f"no job {job_id!r}") from None
 
-    def jobs(self, *, running_only: bool = False) -> list[JobView]:
-        jobs = list(self._jobs.values())  # in submission order (ids sort by second only)
-        return [j for j in jobs if not (running_only and j.done)]
+    def jobs(
+        self,
+        *,
+        running_only: bool = False,
+        since: datetime | None = None,
+        failed: bool = False,
+    ) -> list[JobView]:
+        """In submission order (ids sort by second only); ``since``: running ones and those
+        that finished at or after it; ``failed``: only finished jobs that did not succeed."""
+        jobs = list(self._jobs.values())
+        if running_only:
+            jobs = [j for j in jobs if not j.done]
+        if since is not None:
+            jobs = [
+                j for j in jobs if j.finished is None or datetime.fromisoformat(j.finished) >= since
+            ]
+        if failed:
+            jobs = [j for j in jobs if j.done and j.state != "succeeded"]
+        return jobs
+
+    def restore_history(self, docs: Sequence[Mapping[str, Any]]) -> None:
+        """Jobs a previous daemon finished (``engine.jobs.history`` rows, oldest first), so
+        the API lists them as before the restart. Their log lines stay in that daemon's log."""
+        for doc in docs:
+            if doc["job_id"] in self._jobs:
+                continue
+            view = JobView(
+                doc["job_id"],
+                doc["kind"],
+                doc["vm"],
+                doc.get("policy"),
+                dict(doc.get("params") or {}),
+                state=doc["state"],
+                created=doc["created"],
+                started=doc.get("started"),
+                finished=doc["finished"],
+                summary=dict(doc.get("summary") or {}),
+                error=doc.get("error"),
+            )
+            view.lines.append(f"{doc['finished']} (from the job history: the log lines are in "
+                              "the daemon log of that time)")  # fmt: skip
+            self._jobs[view.job_id] = view
+        self._forget_old()
 
     def running(self) -> list[JobView]:
         return [j for j in self._jobs.values() if not j.done]

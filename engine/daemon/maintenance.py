@@ -15,19 +15,17 @@ a running one to reach its next commit — both are safe to kill and resume.
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from engine.app.stores import JobStore
 from engine.config.models import MaintenanceSection
+from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import JobView
 from engine.maint.gc import GcOptions, gc
 from engine.maint.verify import VerifyOptions, verify
 from engine.sched.calendar import Calendar
-
-if TYPE_CHECKING:
-    from engine.app.stores import JobStore
-    from engine.daemon.service import Service
 
 log = structlog.get_logger("tessera.maintenance")
 
@@ -50,23 +48,23 @@ def tasks(section: MaintenanceSection) -> list[Task]:
     return out
 
 
-async def run_task(service: "Service", task: Task) -> None:
+async def run_task(ctx: DaemonContext, task: Task) -> None:
     """One run of ``task`` on every store, as daemon jobs; returns when they have ended."""
-    views = [start(service, task.kind, handle) for handle in service.stores.values()]
+    views = [start(ctx, task.kind, handle) for handle in ctx.stores.values()]
     waits = [v.task for v in views if v.task is not None]
     if waits:
         await asyncio.wait(waits)
 
 
-def start(service: "Service", kind: str, handle: "JobStore") -> JobView:
-    section = service.config.maintenance
+def start(ctx: DaemonContext, kind: str, handle: JobStore) -> JobView:
+    section = ctx.config.maintenance
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         if kind == "gc":
             options = GcOptions(
                 grace=section.gc_grace.delta,
                 repack_threshold=section.repack_threshold,
-                now=service.clock.now,  # the daemon's clock (injected in tests)
+                now=ctx.clock.now,  # the daemon's clock (injected in tests)
             )
             result = await asyncio.to_thread(gc, handle.store, options)
             view.outcome = result
@@ -98,7 +96,7 @@ def start(service: "Service", kind: str, handle: "JobStore") -> JobView:
             view.error = f"{len(found.findings)} findings; damaged snapshots: {found.damaged}"
         return ("succeeded" if found.ok else "failed"), summary
 
-    return service.jobs.submit(kind, f"store:{handle.name}", body, params={"store": handle.name})
+    return ctx.jobs.submit(kind, f"store:{handle.name}", body, params={"store": handle.name})
 
 
 def state_file_for(scheduler_state: Path) -> Path:

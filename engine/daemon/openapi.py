@@ -50,7 +50,13 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/policies/{name}/run": {
         "post": _op("Run a policy now", ok="202") | {"parameters": _id("name")}
     },
-    "/v1/jobs": {"get": _op("Jobs (running and recent)", params=("running",))},
+    "/v1/jobs": {
+        "get": _op(
+            "Jobs: running, and finished ones kept across restarts (``since``: a duration such "
+            "as 24h or an ISO time; ``failed``: only those that did not succeed)",
+            params=("running", "since", "failed"),
+        )
+    },
     "/v1/jobs/{id}": {
         "get": _op("One job: state, per-disk progress, log") | {"parameters": _id("id")}
     },

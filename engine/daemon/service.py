@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -35,9 +35,12 @@ from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.daemon import maintenance, sdnotify, sites
-from engine.daemon.jobs import JobManager, JobView
+from engine.daemon.context import DaemonContext
+from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
 from engine.daemon.summaries import backup_doc, vm_restore_doc
 from engine.jobs.backup import BackupOutcome
+from engine.jobs.history import FILENAME as HISTORY_FILE
+from engine.jobs.history import JobHistory, newest
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
@@ -61,6 +64,7 @@ class Service:
     clock: Clock = field(default_factory=SystemClock)
     grace: float = DEFAULT_GRACE
     stores: dict[str, JobStore] = field(default_factory=dict)
+    histories: dict[str, JobHistory] = field(default_factory=dict)
     listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,7 @@ class Service:
             for section in self.config.stores:
                 handle = await self._open_store(section)
                 stack.push_async_callback(self._close_store, handle)
+            await self._load_history()
             self.scheduler = Scheduler(
                 [p for p in self.policies if p.enabled],
                 self.run_policy,
@@ -194,10 +199,35 @@ class Service:
         for line in recovered:
             log.warning("job.recovered", store=section.name, detail=line)
         self.stores[section.name] = handle
+        self.histories[section.name] = JobHistory(section.path / HISTORY_FILE)
         return handle
+
+    async def _load_history(self) -> None:
+        """The jobs and last successes a previous daemon recorded (``engine.jobs.history``):
+        the API and ``/metrics`` show them as before the restart."""
+        histories = list(self.histories.values())
+        docs = await asyncio.to_thread(newest, histories, limit=FINISHED_KEPT)
+        self.jobs.restore_history(list(reversed(docs)))
+        last: dict[str, datetime] = {}
+        for history in histories:
+            for vm, when in (await asyncio.to_thread(history.last_success)).items():
+                last[vm] = max(when, last.get(vm, when))
+        for vm, when in last.items():
+            self.metrics.restore_last_success(vm, when.timestamp())
+        log.info("history.loaded", jobs=len(docs), vms=len(last))
+
+    def _history_for(self, view: JobView) -> JobHistory | None:
+        """The history of the job's store (the first store for a job that names none)."""
+        name = view.params.get("store")
+        if name in self.histories:
+            return self.histories[name]
+        return next(iter(self.histories.values()), None)
 
     async def _close_store(self, handle: JobStore) -> None:
         await handle.aclose()
+        history = self.histories.pop(handle.name, None)
+        if history is not None:
+            history.close()
 
     def api_gate(self, engine: str) -> Callable[[], AbstractAsyncContextManager[object]]:
         """What every engine call of every job holds: the ``api/<engine>`` limit
@@ -411,7 +441,11 @@ class Service:
         )
 
     async def _finished(self, view: JobView) -> None:
-        """Metrics, the store gauges and the policy's e-mail for a job that ended."""
+        """The job history, metrics, the store gauges and the policy's e-mail for a job that
+        ended."""
+        history = self._history_for(view)
+        if history is not None:
+            await asyncio.to_thread(history.record, view.history_row())
         summary = job_summary(view)
         self.metrics.job_finished(
             view.kind,
@@ -421,6 +455,7 @@ class Service:
             bytes_stored=summary.bytes_stored,
             seconds=view.outcome.seconds if isinstance(view.outcome, BackupOutcome) else 0.0,
             new_chunks=sum(d.new_chunks for d in summary.disks),
+            finished_at=summary.finished.timestamp() if summary.finished else None,
         )
         store = view.params.get("store")
         if store in self.stores:
@@ -492,3 +527,9 @@ def job_summary(view: JobView) -> JobSummary:
         integrity=(outcome is not None and outcome.record.integrity)
         or (isinstance(view.outcome, VerifyResult) and not view.outcome.ok),
     )
+
+
+if TYPE_CHECKING:  # mypy proves the service gives its runs what they need
+
+    def _fits(service: Service) -> DaemonContext:
+        return service

@@ -11,12 +11,13 @@
 
 from fnmatch import fnmatchcase
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from engine.config.models import PeerServerSection
 from engine.config.policy import Policy
+from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import Busy, JobView
 from engine.replication.job import run_replication
 from engine.replication.receiver import PeerServer, build_peer_app
@@ -26,20 +27,17 @@ from engine.standby.job import refresh_standby
 from engine.store.catalog import CatalogEntry
 from engine.store.manifest import Manifest
 
-if TYPE_CHECKING:
-    from engine.daemon.service import Service
-
 log = structlog.get_logger("tessera.daemon")
 
 
-async def start_peer_server(service: "Service", section: PeerServerSection) -> PeerServer:
+async def start_peer_server(ctx: DaemonContext, section: PeerServerSection) -> PeerServer:
     """Receive replicas from peers (mutual TLS) into the section's store."""
-    handle = service.store(section.store)
+    handle = ctx.store(section.store)
     host, _, port = section.listen.rpartition(":")
     app = build_peer_app(
         handle.store,
-        on_commit=partial(replica_committed, service),
-        on_pull=partial(pull_requested, service),
+        on_commit=partial(replica_committed, ctx),
+        on_pull=partial(pull_requested, ctx),
     )
     context = server_context(section.cert_file, section.key_file, section.ca_file)
     server = PeerServer(app, host.strip("[]"), int(port), context)
@@ -48,26 +46,26 @@ async def start_peer_server(service: "Service", section: PeerServerSection) -> P
     return server
 
 
-def replica_committed(service: "Service", manifest: Manifest, sender: str | None) -> None:
+def replica_committed(ctx: DaemonContext, manifest: Manifest, sender: str | None) -> None:
     """A peer committed a snapshot here: refresh the standby of every policy that keeps
     one of that VM for that peer."""
-    for policy in service.policies:
+    for policy in ctx.policies:
         standby = policy.standby
         if standby is None or not policy.enabled or standby.peer != sender:
             continue
         if not policy.selection.selects_vm(manifest.vm_name):
             continue
         try:
-            start_standby(service, policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
+            start_standby(ctx, policy, manifest.vm_id, manifest.vm_name, manifest.snapshot_id)
         except Busy:
             log.info("standby.busy", vm=manifest.vm_name, snapshot=manifest.snapshot_id)
 
 
-def pull_requested(service: "Service", peer: str, patterns: tuple[str, ...]) -> list[str]:
+def pull_requested(ctx: DaemonContext, peer: str, patterns: tuple[str, ...]) -> list[str]:
     """A peer asks for the newest snapshot of the VMs matching ``patterns``: push each to
     it (a peer of this config only: its URL and our client certificate are there)."""
-    service.config.peer(peer)  # ConfigError: the receiver answers 409 naming it
-    handle = service.store(service.config.peer_server.store if service.config.peer_server else None)
+    ctx.config.peer(peer)  # ConfigError: the receiver answers 409 naming it
+    handle = ctx.store(ctx.config.peer_server.store if ctx.config.peer_server else None)
     latest: dict[str, CatalogEntry] = {}
     for entry in handle.store.snapshots():
         if any(fnmatchcase(entry.vm_name, p) for p in patterns):
@@ -75,32 +73,32 @@ def pull_requested(service: "Service", peer: str, patterns: tuple[str, ...]) -> 
     jobs = []
     for vm, entry in sorted(latest.items()):
         try:
-            jobs.append(start_replication(service, None, vm, entry.snapshot_id, peer).job_id)
+            jobs.append(start_replication(ctx, None, vm, entry.snapshot_id, peer).job_id)
         except Busy as e:
             log.info("pull.busy", peer=peer, vm=vm, job=str(e))
     log.info("pull.requested", peer=peer, vms=sorted(latest), jobs=jobs)
     return jobs
 
 
-async def pull(service: "Service", policy: Policy, patterns: list[str]) -> None:
+async def pull(ctx: DaemonContext, policy: Policy, patterns: list[str]) -> None:
     """A pull policy's run: ask each pull peer to push the newest snapshots of the VMs
     its selection names (the standby refresh follows each replica's commit here)."""
     for target in policy.replication:
         if target.mode != "pull":
             continue
-        peer = PeerTarget.from_section(service.config.peer(target.peer))
+        peer = PeerTarget.from_section(ctx.config.peer(target.peer))
         jobs = await request_pull(peer, patterns)
         log.info("pull.started", policy=policy.name, peer=target.peer, jobs=jobs)
 
 
 def start_standby(
-    service: "Service", policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
+    ctx: DaemonContext, policy: Policy, vm_id: str, vm_name: str, snapshot_id: str | None = None
 ) -> JobView:
     """Refresh the cold-standby copy of one VM from the newest (or a given) snapshot."""
     standby = policy.standby
     assert standby is not None
-    handle = service.store(policy.store)
-    engine_section = service.config.engine(policy.selection.engine)
+    handle = ctx.store(policy.store)
+    engine_section = ctx.config.engine(policy.selection.engine)
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         outcome = await refresh_standby(
@@ -128,17 +126,15 @@ def start_standby(
         return ("succeeded" if outcome.ok else "failed"), summary
 
     params = {"store": handle.name, "snapshot": snapshot_id, "vm": vm_name}
-    return service.jobs.submit(
-        "standby", f"standby:{vm_name}", body, policy=policy.name, params=params
-    )
+    return ctx.jobs.submit("standby", f"standby:{vm_name}", body, policy=policy.name, params=params)
 
 
 def start_replication(
-    service: "Service", policy: Policy | None, vm: str, snapshot_id: str, peer: str
+    ctx: DaemonContext, policy: Policy | None, vm: str, snapshot_id: str, peer: str
 ) -> JobView:
     """Push one snapshot to a peer (only the chunks it lacks)."""
-    handle = service.store(policy.store if policy else None)
-    target = PeerTarget.from_section(service.config.peer(peer))
+    handle = ctx.store(policy.store if policy else None)
+    target = PeerTarget.from_section(ctx.config.peer(peer))
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         def progress(stats: ReplicationStats) -> None:
@@ -157,7 +153,7 @@ def start_replication(
         return outcome.record.state.value.lower(), summary
 
     params = {"store": handle.name, "snapshot": snapshot_id, "peer": peer}
-    return service.jobs.submit(
+    return ctx.jobs.submit(
         "replicate",
         f"replicate:{vm}:{peer}",
         body,

@@ -109,9 +109,11 @@ class Metrics:
         bytes_stored: int = 0,
         seconds: float = 0.0,
         new_chunks: int = 0,
+        finished_at: float | None = None,
     ) -> None:
         """``state`` is the final job state (``succeeded``, ``failed``, ``cancelled``);
-        a succeeded job with a ``vm`` sets that VM's last-success time to now."""
+        a succeeded job with a ``vm`` sets that VM's last-success time to ``finished_at``
+        (unix time; default now)."""
         self.jobs_running.labels(kind=kind).dec()
         self.jobs_finished.labels(kind=kind, state=state).inc()
         self.bytes_read.labels(kind=kind).inc(bytes_read)
@@ -119,7 +121,14 @@ class Metrics:
         self.new_chunks.labels(kind=kind).inc(new_chunks)
         self.job_duration.labels(kind=kind).observe(seconds)
         if state == SUCCEEDED and vm is not None:
-            self.last_success.labels(vm=vm).set(self._clock())
+            self.last_success.labels(vm=vm).set(
+                finished_at if finished_at is not None else self._clock()
+            )
+
+    def restore_last_success(self, vm: str, finished_at: float) -> None:
+        """The last success of a VM as a previous daemon recorded it (the job history), so
+        an alert on its age keeps working across a restart."""
+        self.last_success.labels(vm=vm).set(finished_at)
 
     def set_store_usage(
         self, store: str, used_bytes: int, dedup_ratio: float, compression_ratio: float

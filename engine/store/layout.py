@@ -16,6 +16,8 @@
       quarantine/<name>.pack packs repair took out of use, each beside <name>.json (why; the
                              pack that replaced it, when its intact records were re-sealed)
       *.db.damaged-<time>    an index or catalog that was not a database, moved aside
+      journal/               unfinished jobs (``engine.jobs.journal``), for recovery
+      history.db             finished daemon jobs (``engine.jobs.history``): not store data
 """
 
 import json

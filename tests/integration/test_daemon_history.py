@@ -1,0 +1,127 @@
+"""Job history across a daemon restart: the jobs a daemon ran, ``tessera jobs`` (the API's
+``/v1/jobs``, with ``since`` and ``failed``) and the ``/metrics`` last-success gauges are the
+same after a stop and a new start on the same stores (``engine.jobs.history``).
+
+The daemon runs in this process (``Service.run``) with its real stores, job manager and
+maintenance jobs: a GC that succeeds and a verify that fails on a damaged chunk, then a stop
+and a second daemon."""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config.loader import load_all
+from engine.daemon import maintenance
+from engine.daemon.api import parse_since
+from engine.daemon.service import Service
+from engine.store.chunk_store import Store
+from engine.store.keys import KdfParams
+from tests.helpers import realistic_bytes, write_snapshot
+from tests.unit.maint.test_verify import flip, slot_id
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 64 * 1024
+PASSPHRASE = "history-test"
+
+
+def make_config(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    Store.init(store, chunk_size=CHUNK, passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**10))
+    (tmp_path / "pass").write_text(PASSPHRASE + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"stores:\n  - name: main\n    path: {store}\n    passphrase_file: {tmp_path / 'pass'}\n"
+        f"api:\n  socket: {tmp_path / 'api.sock'}\n"
+        f"scheduler:\n  state_file: {tmp_path / 'scheduler.json'}\n"
+        'maintenance:\n  gc: "sun 03:00"\n  gc_grace: 1s\n  verify: "sat 04:00"\n'
+        "  verify_percent: 100\n"
+    )
+    return config
+
+
+async def no_api(service: Service) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        return None
+
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def running(config: Path) -> AsyncIterator[Service]:
+    service = Service(load_all(config), grace=5)
+    task = asyncio.create_task(service.run(no_api))
+    async with asyncio.timeout(60):
+        while service.maintenance is None or not service.stores:
+            assert not task.done(), task
+            await asyncio.sleep(0.05)
+    try:
+        yield service
+    finally:
+        service.request_stop()
+        await task
+
+
+async def run_task(service: Service, kind: str) -> None:
+    (task,) = [t for t in maintenance.tasks(service.config.maintenance) if t.kind == kind]
+    await maintenance.run_task(service, task)
+
+
+def jobs_doc(service: Service, **query: Any) -> list[dict[str, Any]]:
+    keep = ("id", "kind", "vm", "policy", "params", "state", "created", "started", "finished")
+    return [
+        {k: v for k, v in view.doc().items() if k in keep} | {"error": view.error}
+        for view in service.jobs.jobs(**query)
+    ]
+
+
+def gauge(service: Service, name: str) -> list[str]:
+    text = service.metrics.render()[0].decode()
+    return sorted(line for line in text.splitlines() if line.startswith(name))
+
+
+async def test_jobs_and_last_success_survive_a_restart(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    store = Store.open(tmp_path / "store", passphrase=PASSPHRASE.encode(), writable=True)
+    with store:
+        data = realistic_bytes(8 * CHUNK, seed=5)
+        snapshot = write_snapshot(store, "vm-a", {"d": data})
+        bad = slot_id(store, snapshot, 3)
+
+    async with running(config) as first:
+        await run_task(first, "gc")
+        flip(first.stores["main"].store, bad)
+        await run_task(first, "verify")
+        before = jobs_doc(first)
+        failed_before = jobs_doc(first, failed=True)
+        last_before = gauge(first, "tessera_last_success_timestamp_seconds")
+        summaries = {v.job_id: v.summary for v in first.jobs.jobs()}
+    assert [(j["kind"], j["state"]) for j in before] == [("gc", "succeeded"), ("verify", "failed")]
+    assert [j["kind"] for j in failed_before] == ["verify"]
+    ((label, value),) = [line.split() for line in last_before]
+    assert label == 'tessera_last_success_timestamp_seconds{vm="store:main"}'
+    assert float(value) == datetime.fromisoformat(before[0]["finished"]).timestamp()
+
+    async with running(config) as second:
+        assert jobs_doc(second) == before
+        assert jobs_doc(second, failed=True) == failed_before
+        assert {v.job_id: v.summary for v in second.jobs.jobs()} == summaries
+        assert gauge(second, "tessera_last_success_timestamp_seconds") == last_before
+        later = datetime.fromisoformat(before[-1]["finished"]) + timedelta(seconds=1)
+        assert jobs_doc(second, since=later) == []
+        assert jobs_doc(second, since=parse_since("1h")) == before
+
+
+def test_since_is_a_duration_or_an_iso_time() -> None:
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    assert parse_since("24h", now) == now - timedelta(hours=24)
+    assert parse_since("1d12h", now) == now - timedelta(hours=36)
+    assert parse_since("2026-12-01T02:00:00", now) == datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+    assert parse_since("2026-12-01T02:00:00+01:00", now).utcoffset() == timedelta(hours=1)
+    with pytest.raises(Exception, match="give a duration"):
+        parse_since("yesterday", now)
