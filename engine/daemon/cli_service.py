@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -89,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         level, json=section.json, stream=sys.stdout, syslog=loaded.config.syslog
     )
     try:
-        service = Service(loaded, grace=args.grace)
+        service = Service(loaded, grace=args.grace, loader=partial(load_all, args.config))
         if forwarder is not None:
             service.metrics.watch_counter(
                 "tessera_syslog_dropped",

@@ -34,6 +34,7 @@ from engine.app.stores import JobStore, open_for_jobs_at
 from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
+from engine.core.errors import ConfigError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
@@ -54,6 +55,8 @@ from engine.util.limits import Limits
 log = structlog.get_logger("tessera.daemon")
 
 DEFAULT_GRACE: Final = 300.0  # seconds running jobs get after the first SIGTERM
+# Configuration sections the running daemon is built on: a reload cannot change them.
+RESTART_ONLY: Final = ("stores", "limits", "api", "logging", "syslog", "scheduler", "peer_server")
 
 
 @dataclass
@@ -65,6 +68,9 @@ class Service:
     grace: float = DEFAULT_GRACE
     stores: dict[str, JobStore] = field(default_factory=dict)
     histories: dict[str, JobHistory] = field(default_factory=dict)
+    # Reads the configuration and policies again (``tessera run`` passes its load_all) for
+    # SIGHUP; None: a reload is refused with a log line.
+    loader: Callable[[], LoadedConfig] | None = None
     listeners: list[Callable[[JobView], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -84,13 +90,12 @@ class Service:
         )
         self.metrics = Metrics()
         self.notifier = Notifier(self.config.smtp) if self.config.smtp is not None else None
-        if self.notifier is not None:
-            notifier = self.notifier
-            self.metrics.watch_counter(
-                "tessera_notifications_failed",
-                "e-mails that could not be sent",
-                lambda: notifier.failed,
-            )
+        self._mail_failed = 0  # e-mails failed by notifiers a reload replaced
+        self.metrics.watch_counter(
+            "tessera_notifications_failed",
+            "e-mails that could not be sent",
+            lambda: self._mail_failed + (self.notifier.failed if self.notifier else 0),
+        )
         self.scheduler: Scheduler[Policy] | None = None
         self.maintenance: Scheduler[maintenance.Task] | None = None
         self.started = datetime.now(UTC)
@@ -149,6 +154,8 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
                 stack.callback(loop.remove_signal_handler, sig)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             async with asyncio.TaskGroup() as tg:
                 manager = tg.create_task(self.jobs.run(), name="jobs")
                 scheduler = tg.create_task(self.scheduler.run(), name="scheduler")
@@ -168,6 +175,54 @@ class Service:
                 await manager
                 watchdog.cancel()
         log.info("daemon.stopped")
+
+    def reload(self) -> bool:
+        """SIGHUP: read the configuration and policies again and apply them without touching
+        running jobs. New jobs use the new engines, DataMover, peers, e-mail and policies;
+        each schedule (policies and maintenance) restarts under its new calendars from its
+        state-file record; a run in progress goes on to its end. Sections the running
+        daemon is built on (``RESTART_ONLY``: stores, limits, API, logging, syslog,
+        scheduler, peer server) cannot change: such a reload, or one whose files do not
+        load, is refused as a whole with an error in the log, and the old configuration
+        stays. Returns whether it applied."""
+        if self.loader is None:
+            log.warning("daemon.reload_refused", reason="this daemon has no configuration file")
+            return False
+        try:
+            loaded = self.loader()
+        except ConfigError as e:
+            log.error(  # noqa: TRY400 - the error names file and key; no traceback helps
+                "daemon.reload_failed", error=str(e), hint="the old configuration stays"
+            )
+            return False
+        fixed = [
+            name
+            for name in RESTART_ONLY
+            if getattr(loaded.config, name) != getattr(self.config, name)
+        ]
+        if fixed:
+            log.error(
+                "daemon.reload_failed",
+                error=f"changed sections need a restart: {', '.join(fixed)}",
+                hint="the old configuration stays; restart the daemon to apply them",
+            )
+            return False
+        self.loaded = loaded
+        if self.config.smtp != (self.notifier.smtp if self.notifier else None):
+            self._mail_failed += self.notifier.failed if self.notifier else 0
+            self.notifier = Notifier(self.config.smtp) if self.config.smtp else None
+        changes: dict[str, object] = {}
+        if self.scheduler is not None:
+            added, changed, removed = self.scheduler.replace(
+                [p for p in self.policies if p.enabled]
+            )
+            changes |= {"added": added, "changed": changed, "removed": removed}
+        if self.maintenance is not None:
+            self.maintenance.replace(maintenance.tasks(self.config.maintenance))
+        running = len(self.jobs.running())
+        log.info("daemon.reloaded", policies=len(self.policies), running=running, **changes)
+        sdnotify.status(f"ready: {len(self.policies)} policies (reloaded)")
+        return True
 
     def request_stop(self) -> None:
         """First call: drain; second call: cancel running jobs now."""

@@ -70,6 +70,7 @@ class _Entry(Generic[P]):
     policy: P
     next_run: datetime | None = None
     running: datetime | None = None
+    loop: "asyncio.Task[None] | None" = None  # its schedule, while the scheduler runs
 
 
 class Scheduler(Generic[P]):
@@ -101,8 +102,11 @@ class Scheduler(Generic[P]):
         self._group: asyncio.TaskGroup | None = None
         now = clock.now()
         for entry in self._entries.values():
-            last = self._state.get(entry.policy.name).last_fire
-            entry.next_run = self._next(entry, last if last is not None and last < now else now)
+            self._plan(entry, now)
+
+    def _plan(self, entry: _Entry[P], now: datetime) -> None:
+        last = self._state.get(entry.policy.name).last_fire
+        entry.next_run = self._next(entry, last if last is not None and last < now else now)
 
     # -- what the API shows -------------------------------------------------------------
 
@@ -134,10 +138,52 @@ class Scheduler(Generic[P]):
             self._group = group
             try:
                 for entry in self._entries.values():
-                    group.create_task(self._loop(entry), name=f"schedule {entry.policy.name}")
+                    self._start_loop(entry)
                 await asyncio.Event().wait()  # until cancelled
             finally:
                 self._group = None
+
+    def _start_loop(self, entry: _Entry[P]) -> None:
+        assert self._group is not None
+        name = f"schedule {entry.policy.name}"
+        entry.loop = self._group.create_task(self._loop(entry), name=name)
+
+    def replace(self, policies: Iterable[P]) -> tuple[list[str], list[str], list[str]]:
+        """New policies (a reload): each schedule restarts from its state-file record under
+        the new calendars; a run in progress goes on to its end, whatever happens to its
+        policy (a removed policy's run too). Returns
+        the names (added, changed, removed). ValueError on two policies with one name, before
+        anything changed. A policy that keeps its name keeps its running state, so a fire
+        that comes while its run goes on is skipped as before."""
+        new: dict[str, P] = {}
+        for policy in policies:
+            if policy.name in new:
+                raise ValueError(f"two policies named {policy.name!r}")
+            new[policy.name] = policy
+        now = self._clock.now()
+        added, changed, removed = [], [], []
+        for name in list(self._entries):
+            if name not in new:
+                removed.append(name)
+                gone = self._entries.pop(name)
+                if gone.loop is not None:
+                    gone.loop.cancel()  # the schedule, never the run (its own task)
+        for name, policy in new.items():
+            found = self._entries.get(name)
+            if found is None:
+                added.append(name)
+                entry = self._entries[name] = _Entry(policy)
+            else:
+                entry = found
+                if entry.policy != policy:
+                    changed.append(name)
+                if entry.loop is not None:
+                    entry.loop.cancel()
+                entry.policy = policy
+            self._plan(entry, now)
+            if self._group is not None:
+                self._start_loop(entry)
+        return added, changed, removed
 
     async def trigger(self, name: str) -> Event:
         """Start a policy now (the API's "run now"), under the same no-overlap rule.

@@ -398,3 +398,63 @@ async def test_a_schedule_fires_by_itself(tmp_path: Path, lab: tuple[FakeEngine,
     starts = [e["timestamp"] for e in jobs_by_vm]
     ends = [e["timestamp"] for e in finished]
     assert all(s >= e for s, e in zip(starts[1:], ends, strict=False))
+
+
+async def test_sighup_reloads_policies_while_a_backup_runs(
+    tmp_path: Path, lab: tuple[FakeEngine, Path]
+) -> None:
+    """`systemctl reload tessera` (SIGHUP): a changed policy and a new one are in effect at
+    once while a backup runs, and that backup goes on to succeed; a reload that would change
+    the stores is refused as a whole and the daemon keeps its configuration."""
+    engine, config = lab
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        engine.faults.storage_iops = 20  # slow disks: the backup runs through the reload
+        await daemon.start()
+        code, out = await tessera("policies", "--config", config, "--run", "nightly")
+        assert code == 0, out
+        await until_transferring(config)
+        (tmp_path / "policies.d" / "nightly.yaml").write_text(
+            POLICY.replace("daily 02:00", "daily 03:30")
+        )
+        (tmp_path / "policies.d" / "weekly.yaml").write_text(
+            POLICY.replace("name: nightly", "name: weekly").replace("daily 02:00", "sun 05:00")
+        )
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if daemon.events("daemon.reloaded"):
+                break
+            await asyncio.sleep(0.1)
+        (reloaded,) = daemon.events("daemon.reloaded")
+        assert (reloaded["added"], reloaded["changed"], reloaded["running"]) == (
+            ["weekly"],
+            ["nightly"],
+            1,
+        )
+        code, out = await tessera("policies", "--config", config, "--json")
+        assert code == 0, out
+        policies = {p["name"]: p for p in json.loads(out)}
+        assert set(policies) == {"nightly", "weekly"}
+        (schedule,) = policies["nightly"]["schedule"]
+        assert "03:30" in schedule and "02:00" not in schedule, schedule
+        assert policies["nightly"]["running"]  # the run that was going when the reload came
+
+        # A changed store section needs a restart: refused, nothing changes.
+        text = config.read_text()
+        config.write_text(text.replace("name: main", "name: other"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if daemon.events("daemon.reload_failed"):
+                break
+            await asyncio.sleep(0.1)
+        (failed,) = daemon.events("daemon.reload_failed")
+        assert "stores" in failed["error"]
+        config.write_text(text)
+
+        engine.faults.storage_iops = 0
+        (job,) = await wait_jobs(config, 1)
+        assert (job["policy"], job["state"]) == ("nightly", "succeeded"), job
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.kill()

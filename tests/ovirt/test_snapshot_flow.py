@@ -17,10 +17,10 @@ from typing import Any
 import ovirtsdk4 as sdk
 import pytest
 
+from engine.app.passphrase import resolve_passphrase
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError
 from engine.core.units import MiB
-from engine.app.passphrase import resolve_passphrase
 from engine.io import qemu
 from engine.store.chunk_store import Store
 from plugins.lab.engine.server import FakeEngine

@@ -249,3 +249,37 @@ async def test_no_schedule_means_no_runs_and_names_are_unique() -> None:
     assert runner.started == []
     with pytest.raises(ValueError, match="two policies named 'a'"):
         make(clock, runner, Pol("a", ()), Pol("a", ()))
+
+
+async def test_replace_changes_schedules_and_lets_a_running_run_finish() -> None:
+    """A reload: a changed calendar takes effect at once, a new policy starts its schedule, a
+    removed one stops firing; the run in progress (its policy changed) goes on to its end and
+    the changed policy's next fire during that run is still skipped (no overlap)."""
+    clock = FakeClock(T0)
+    runner = Runner(clock, duration=timedelta(minutes=50))
+    sched = make(clock, runner, Pol("p", ("hourly",)), Pol("gone", ("*:0/20",)))
+    async with running(sched):
+        await clock.advance(h(1) + timedelta(minutes=10))  # p runs since 01:00
+        added, changed, removed = sched.replace(
+            [Pol("p", ("*:0/15",)), Pol("new", ("daily 02:00",))]
+        )
+        assert (added, changed, removed) == (["new"], ["p"], ["gone"])
+        assert sched.next_runs() == {"new": T0 + h(2), "p": T0 + h(1.25)}
+        await clock.advance(h(1))  # to 02:10
+    starts = [(name, planned) for name, planned, _ in runner.started]
+    # gone's 00:20 run lasted past 00:40 and 01:00 (skipped); nothing fired after the reload
+    assert [p for n, p in starts if n == "gone"] == [T0 + timedelta(minutes=20)]
+    assert [p for n, p in starts if n == "p"] == [T0 + h(1), T0 + h(2)]
+    assert [p for n, p in starts if n == "new"] == [T0 + h(2)]
+    skipped = [(e.policy, e.planned) for e in sched.events if e.outcome == "skipped"]
+    assert [p for n, p in skipped if n == "p"] == [T0 + h(1.25), T0 + h(1.5), T0 + h(1.75)]
+    finished = [e for e in sched.events if e.outcome == "finished" and e.policy == "p"]
+    assert finished[0].planned == T0 + h(1)  # the run that was going when the reload came
+
+
+def test_replace_refuses_two_policies_of_one_name_and_changes_nothing() -> None:
+    clock = FakeClock(T0)
+    sched = make(clock, Runner(clock), Pol("p", ("hourly",)))
+    with pytest.raises(ValueError, match="two policies named 'p'"):
+        sched.replace([Pol("p", ("daily",)), Pol("p", ("hourly",))])
+    assert sched.next_runs() == {"p": T0 + h(1)}
