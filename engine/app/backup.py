@@ -6,7 +6,8 @@ this process and for the daemon's backup jobs (API, policies).
     VmBackupRequest(vms, level, flow, require_quiesce, engine, readers)
         → check()                        ConfigError for an unknown level or flow, at once
         → backup_vms(config, target, request, progress=…, api_gate=…, job_id=…)
-              the plugin's ``vm_sources`` (one engine client for every VM of the request)
+              the engine's hypervisor plugin's ``vm_sources`` (one ``VmSet``: one engine
+              connection for every VM of the request)
               → per VM: ``backup_sources`` → ``engine.jobs.backup.run_backup``
         → yields one ``BackupOutcome`` per VM, in order; the client is closed at the end
 
@@ -17,7 +18,7 @@ DataMover, a refused quiesce) raises ``ConfigError``.
 """
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,13 +28,13 @@ from engine.core.errors import ConfigError
 from engine.jobs.backup import LEVELS, BackupOutcome, Progress, run_backup
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
+from engine.sources.capabilities import ApiGate
 from engine.sources.types import Source
 
 BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
 
 # Entered around one VM's backup (its name); gives the per-disk progress callback.
 ProgressFor = Callable[[str], AbstractContextManager[Progress | None]]
-ApiGate = Callable[[], AbstractAsyncContextManager[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +95,8 @@ async def backup_vms(
     """Back up the request's VMs through the plugin's ``vm_sources`` (module docstring)."""
     request.check()
     engine = config.engine(request.engine)
-    make_sources = registry.get("ovirt").factory("vm_sources")
-    found = await make_sources(
+    _, hypervisor = registry.hypervisor(engine)
+    found = await hypervisor.vm_sources(
         engine,
         list(request.vms),
         request.flow,
@@ -114,4 +115,4 @@ async def backup_vms(
         ):
             yield outcome
     finally:
-        await found.client.close()
+        await found.aclose()

@@ -7,7 +7,8 @@ in this process and for the daemon's restore jobs.
         plan_vm_restore(target, request)   the snapshot resolved, its disks chosen, the new
                                            name; ConfigError/NotFound before anything runs
         restore_vm(config, target, plan, progress=…, api_gate=…, job_id=…)
-              the plugin's ``vm_restore`` (a new VM, or disks attached to ``into_vm``)
+              the engine's hypervisor plugin's ``vm_restore`` with the snapshot's stored
+              OVF (a new VM, or disks attached to ``into_vm``)
               → ``engine.jobs.restore.run_restore`` → on success the VM is created
         → ``VmRestoreOutcome``: the job's ``RestoreOutcome`` and the VM (None unless it
           succeeded)
@@ -24,13 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.app.backup import ApiGate
 from engine.app.stores import JobStore
 from engine.config.models import Config
 from engine.core.errors import ConfigError
-from engine.jobs.restore import Progress, RestoreOutcome, run_restore, select_disks
+from engine.jobs.restore import (
+    Progress,
+    RestoreOutcome,
+    read_vm_config,
+    run_restore,
+    select_disks,
+)
 from engine.jobs.states import State
 from engine.sources import registry
+from engine.sources.capabilities import ApiGate
 from engine.sources.types import ResourceRecorder
 from engine.store.manifest import DiskEntry, Manifest
 
@@ -111,12 +118,12 @@ async def restore_vm(
     """Run the planned restore into the engine (module docstring)."""
     request = plan.request
     engine = config.engine(request.engine)
-    plugin = registry.get("ovirt")
-    make_restore = plugin.factory("vm_restore")
-    async with make_restore(
+    plugin, hypervisor = registry.hypervisor(engine)
+    ovf = await read_vm_config(target.store, plan.manifest)
+    async with hypervisor.vm_restore(
         engine,
-        target.store,
         plan.manifest,
+        ovf,
         name=request.name,
         cluster=request.cluster,
         storage_domain=request.storage_domain,
@@ -130,7 +137,7 @@ async def restore_vm(
             pool=target.pool,
             snapshot_id=plan.snapshot_id,
             disks=[request.disk] if request.disk else None,
-            plugin=plugin.name,
+            plugin=plugin,
             make_target=vm_restore.make_target,
             journal=target.journal,
             progress=progress,
@@ -158,8 +165,7 @@ async def restore_images(
     target: JobStore, request: ImageRestoreRequest, *, progress: Progress | None = None
 ) -> RestoreOutcome:
     """Write the snapshot's disks (or one) as image files under ``request.to``."""
-    plugin = registry.get("local")
-    make_image_target = plugin.factory("image_target")
+    plugin, images = registry.images()
     snapshot_id = target.store.resolve(request.snapshot)
     manifest = target.store.manifest(snapshot_id)
     entries = select_disks(manifest, request.disk)
@@ -173,14 +179,14 @@ async def restore_images(
         return request.to / f"{Path(entry.name).stem}.{fmt}"
 
     def make_target(entry: DiskEntry, record: ResourceRecorder) -> Any:
-        return make_image_target(target_path(entry), entry, record, request.image_format)
+        return images.image_target(target_path(entry), entry, record, request.image_format)
 
     return await run_restore(
         store=target.store,
         pool=target.pool,
         snapshot_id=snapshot_id,
         disks=[e.disk_id for e in entries],
-        plugin=plugin.name,
+        plugin=plugin,
         make_target=make_target,
         journal=target.journal,
         progress=progress,

@@ -36,6 +36,9 @@ class EngineSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     username: str
     password_file: Path
     ca_file: Path | None = None
+    # The plugin that serves this engine (``engine.sources.registry.hypervisor``); None:
+    # the only installed one that provides a hypervisor (``ovirt``).
+    plugin: str | None = None
 
 
 class DataMoverSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

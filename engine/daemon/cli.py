@@ -284,9 +284,9 @@ def cmd_backup_image(args: argparse.Namespace) -> int:
     for path in args.paths:
         if not path.is_file():
             raise ConfigError(message=f"image {path} does not exist or is not a file")
-    make_source = registry.get("local").factory("image_source")
+    _, images = registry.images()
     groups = [args.paths] if args.vm else [[p] for p in args.paths]
-    sources = [make_source(g, args.vm) for g in groups]
+    sources = [images.image_source(g, args.vm) for g in groups]
 
     async def run(store: Store) -> int:
         target = await _job_store(store)
@@ -497,7 +497,7 @@ LAB_KNOBS = {  # lab up option → the lab engine's Faults field
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    action = registry.get("lab").factory(args.lab_command)
+    action = registry.get("lab").command(args.lab_command)
     if args.lab_command == "up":
         knobs = {
             field: getattr(args, option)

@@ -297,10 +297,9 @@ class Service:
     # -- jobs -----------------------------------------------------------------------------
 
     async def list_vms(self, engine: str | None = None) -> list[dict[str, Any]]:
-        list_vms = registry.get("ovirt").factory("list_vms")
         section = self.config.engine(engine)
-        vms: list[dict[str, Any]] = await list_vms(section, api_gate=self.api_gate(section.name))
-        return vms
+        _, hypervisor = registry.hypervisor(section)
+        return await hypervisor.list_vms(section, api_gate=self.api_gate(section.name))
 
     def start_backup(
         self,

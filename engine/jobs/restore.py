@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core.errors import SnapshotNotFound
+from engine.core.ids import chunk_id_from_hex
 from engine.core.units import MiB
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
@@ -173,3 +174,14 @@ async def run_restore(
         }
         journal.save_summary(record)
     return outcome
+
+
+async def read_vm_config(store: Store, manifest: Manifest) -> str | None:
+    """The VM configuration stored with the snapshot (the OVF, its first stream) as text, for
+    a restore or standby that recreates the VM; None when the snapshot has none or it is not
+    an OVF. Raises what ``read_chunk`` raises for a missing or corrupt chunk."""
+    config = manifest.config
+    if config is None or config.format != "ovf":
+        return None
+    data = await asyncio.to_thread(store.read_chunk, chunk_id_from_hex(config.chunk_id))
+    return data[: config.size].decode()

@@ -4,7 +4,7 @@
 
     refresh_standby(store, pool, journal, engine, vm, standby, snapshot_id=None)
       snapshot: the given one, else the VM's newest → state = state.load(store, vm id)
-      targets = plugin factory ``standby_refresh``(engine, store, manifest, standby)
+      targets = the engine's ``Hypervisor.standby_refresh``(engine, manifest, ovf, standby)
       mode:  current  state at this snapshot, no dirty disk: nothing to do (no job)
              full     no state / ``_layout_change`` / ``targets.check`` names a reason
              refresh  otherwise
@@ -23,7 +23,7 @@ ends its transfer (``plugins.ovirt.standby``), a failed full run deletes what it
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,7 +34,7 @@ from engine.config.policy import Standby
 from engine.core.errors import SnapshotNotFound
 from engine.core.units import human_bytes
 from engine.jobs.journal import Journal
-from engine.jobs.restore import Progress, RestoreOutcome, run_restore
+from engine.jobs.restore import Progress, RestoreOutcome, read_vm_config, run_restore
 from engine.jobs.states import State
 from engine.sources import registry
 from engine.sources.types import ResourceRecorder, TargetDisk
@@ -95,9 +95,6 @@ class StandbyTargets(Protocol):
     async def discard(self, state: st.StandbyState) -> list[str]:
         """Delete what is left of the recorded standby (VM and disks); one line per action."""
         ...
-
-
-MakeTargets = Callable[..., AbstractAsyncContextManager[StandbyTargets]]
 
 
 @dataclass
@@ -179,7 +176,6 @@ async def refresh_standby(
     standby: Standby,
     snapshot_id: str | None = None,
     *,
-    plugin: str = "ovirt",
     job_id: str | None = None,
     progress: Progress | None = None,
     writers: int = 4,
@@ -194,8 +190,12 @@ async def refresh_standby(
     the plugin's ``check`` (e.g. the standby VM runs)."""
     sid = store.resolve(snapshot_id) if snapshot_id else latest_snapshot(store, vm)
     manifest = store.manifest(sid)
-    factory: MakeTargets = registry.get(plugin).factory("standby_refresh")
-    async with factory(engine, store, manifest, standby) as targets:
+    _, hypervisor = registry.hypervisor(engine)
+    ovf = await read_vm_config(store, manifest)
+    targets_cm: AbstractAsyncContextManager[StandbyTargets] = hypervisor.standby_refresh(
+        engine, manifest, ovf, standby
+    )
+    async with targets_cm as targets:
         return await run_standby_refresh(
             store=store,
             pool=pool,

@@ -46,5 +46,5 @@ def _lab_command(name: str) -> Any:
 PLUGIN = Plugin(
     name="lab",
     recover=_recover,
-    factories={name: _lab_command(name) for name in ("up", "show", "down")},
+    commands={name: _lab_command(name) for name in ("up", "show", "down")},
 )

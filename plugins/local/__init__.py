@@ -9,8 +9,9 @@ import os
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.sources.capabilities import ImageIO
 from engine.sources.registry import Plugin
 
 
@@ -18,12 +19,6 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
     from plugins.local.source import recover  # noqa: PLC0415 - keep the entry point light
 
     return await recover(dict(resources), committed)
-
-
-def _image_source(paths: Sequence[Path], vm_name: str | None = None) -> Any:
-    from plugins.local.source import LocalImageSource  # noqa: PLC0415
-
-    return LocalImageSource(paths, vm_name)
 
 
 # What each job's recorder was given per key, so that the targets of several disks of one
@@ -39,27 +34,39 @@ def _append(record: Any, key: str, value: Any) -> None:
     record(key, list(values))
 
 
-def _image_target(path: Path, entry: Any, record: Any, fmt: str | None = None) -> Any:
-    """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry).
+class LocalImages:
+    """The plugin's ``engine.sources.capabilities.ImageIO``."""
 
-    Journals (before each exists) the partial image and qemu-nbd's private directory, by
-    absolute path: recovery may run in another working directory."""
-    from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
+    def image_source(self, paths: Sequence[Path], vm_name: str | None = None) -> Any:
+        """The images ``paths`` as the disks of one VM (``vm_name``, else the first
+        image's name)."""
+        from plugins.local.source import LocalImageSource  # noqa: PLC0415
 
-    path = Path(os.path.abspath(path))
-    _append(record, "partial_images", str(path.with_name(path.name + PARTIAL_SUFFIX)))
-    return LocalImageTarget(
-        path,
-        entry.size,
-        fmt=fmt,
-        name=entry.name,
-        disk_id=entry.disk_id,
-        journal_export=lambda workdir: _append(record, "exports", {"dir": str(workdir)}),
-    )
+        return LocalImageSource(paths, vm_name)
+
+    def image_target(self, path: Path, entry: Any, record: Any, fmt: str | None = None) -> Any:
+        """A restore target for one disk of a snapshot (``entry``: its manifest DiskEntry).
+
+        Journals (before each exists) the partial image and qemu-nbd's private directory,
+        by absolute path: recovery may run in another working directory."""
+        from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
+
+        path = Path(os.path.abspath(path))
+        _append(record, "partial_images", str(path.with_name(path.name + PARTIAL_SUFFIX)))
+        return LocalImageTarget(
+            path,
+            entry.size,
+            fmt=fmt,
+            name=entry.name,
+            disk_id=entry.disk_id,
+            journal_export=lambda workdir: _append(record, "exports", {"dir": str(workdir)}),
+        )
 
 
-PLUGIN = Plugin(
-    name="local",
-    recover=_recover,
-    factories={"image_source": _image_source, "image_target": _image_target},
-)
+PLUGIN = Plugin(name="local", recover=_recover, images=LocalImages())
+
+
+if TYPE_CHECKING:  # mypy proves the plugin fits the engine's capability
+
+    def _fits(i: LocalImages) -> ImageIO:
+        return i

@@ -30,6 +30,7 @@ import structlog
 
 from engine.core.extent import Extent
 from engine.io import qemu
+from engine.io.exports import export_records, stop_exports
 from engine.io.nbd.client import NbdClient, connect, extents
 from engine.sources.types import BackupSession, DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 
@@ -209,33 +210,6 @@ class LocalImageSource:
             await session.close(success=False)
             raise
         return session
-
-
-def export_records(exports: Sequence[qemu.NbdServerProcess]) -> list[dict[str, Any]]:
-    """The journal entries of prepared exports: private directory, and pid once running."""
-    return [{"dir": str(e.workdir), "pid": e.pid} for e in exports if e.workdir is not None]
-
-
-async def stop_exports(entries: Sequence[dict[str, Any]]) -> list[str]:
-    """Stop the NBD servers journaled as ``export_records`` and remove their directories.
-
-    Found by directory, so an export journaled before its process started (no pid) is
-    found as well as one that ran; an entry of an older journal names its ``socket`` in
-    that directory. Idempotent: what is gone already is skipped silently.
-    """
-    done = []
-    for entry in entries:
-        workdir = Path(entry["dir"]) if "dir" in entry else Path(entry["socket"]).parent
-        existed = workdir.exists()
-        try:
-            pids = await qemu.stop_leftovers(workdir)
-        except ValueError as e:  # not a server directory: never delete it
-            done.append(f"left {workdir} alone: {e}")
-            continue
-        done += [f"stopped qemu-nbd {pid} left by the killed job in {workdir}" for pid in pids]
-        if existed:
-            done.append(f"removed export directory {workdir}")
-    return done
 
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:

@@ -47,7 +47,7 @@ from typing import Final
 
 from engine.core.errors import ConfigError
 from engine.io import qemu
-from engine.io.nbd import NbdClient, connect
+from engine.restore.nbd_target import DEFAULT_MAX_CONNECTIONS, NbdTargetDisk
 from engine.sources.types import DiskInfo
 from engine.util.fs import fsync_dir
 
@@ -58,7 +58,6 @@ PARTIAL_SUFFIX: Final = ".tessera-partial"
 # Writer connections the export serves at once (qemu-nbd --shared): restore_disk's default of
 # 4 writers with room to spare. qemu-nbd does not refuse a client beyond it but leaves it
 # hanging in the listen backlog, so open_writer refuses it instead.
-DEFAULT_MAX_CONNECTIONS: Final = 8
 # link(2) errors of file systems that have no hard links (vfat, some FUSE and network mounts).
 _NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 
@@ -77,57 +76,6 @@ def image_format(path: Path, fmt: str | None) -> str:
             f"{path.suffix or '(none)'!r}; name it (qcow2 or raw) or use one of "
             f"{sorted(SUFFIX_FORMATS)}"
         ) from None
-
-
-class LocalWriter:
-    """A ``DiskWriter``: one NBD connection to the export; close it when done."""
-
-    def __init__(self, client: NbdClient, disk: "LocalTargetDisk") -> None:
-        self._client = client
-        self._disk = disk
-
-    async def write(self, offset: int, data: bytes | memoryview) -> None:
-        await self._client.write(offset, data)
-
-    async def write_zeroes(self, offset: int, length: int) -> None:
-        await self._client.write_zeroes(offset, length)
-
-    async def flush(self) -> None:
-        await self._client.flush()
-
-    async def close(self) -> None:
-        """Close the connection (idempotent)."""
-        self._disk._writers.discard(self)
-        await self._client.close()
-
-
-class LocalTargetDisk:
-    """The ``TargetDisk`` of a started ``LocalImageTarget``."""
-
-    def __init__(
-        self, info: DiskInfo, fresh: bool, export: qemu.QemuNbd, max_connections: int
-    ) -> None:
-        self.info = info
-        self.fresh = fresh
-        self._export = export
-        self._max = max_connections
-        self._writers: set[LocalWriter] = set()
-
-    async def open_writer(self) -> LocalWriter:
-        """A new connection; ConfigError beyond ``max_connections`` open at once."""
-        if len(self._writers) >= self._max:
-            raise ConfigError(
-                message=f"image {self._export.image}: {len(self._writers)} writers are open; "
-                f"its export serves at most {self._max}"
-            )
-        writer = LocalWriter(await connect(self._export.address, meta_contexts=()), self)
-        self._writers.add(writer)
-        return writer
-
-    async def close_writers(self) -> None:
-        """Close every writer still open (each close is bounded by the NBD client)."""
-        while self._writers:
-            await self._writers.pop().close()
 
 
 class LocalImageTarget:
@@ -164,9 +112,9 @@ class LocalImageTarget:
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._created: Path | None = None  # the file this target made (deleted on failure)
         self._export: qemu.QemuNbd | None = None
-        self._disk: LocalTargetDisk | None = None
+        self._disk: NbdTargetDisk | None = None
 
-    async def open(self) -> LocalTargetDisk:
+    async def open(self) -> NbdTargetDisk:
         """Create (or check) the image and start qemu-nbd; on failure nothing is left."""
         try:
             if self.existing:
@@ -177,7 +125,7 @@ class LocalImageTarget:
                 image = self.partial
             export = await self._serve(image, fmt)
             info = DiskInfo(self.disk_id, self.name, size, {"format": fmt})
-            disk = LocalTargetDisk(info, not self.existing, export, self.max_connections)
+            disk = NbdTargetDisk(info, not self.existing, export, self.max_connections)
         except BaseException:
             await self.close(success=False)
             raise
@@ -206,7 +154,7 @@ class LocalImageTarget:
                 else:
                     created.unlink(missing_ok=True)
 
-    async def __aenter__(self) -> LocalTargetDisk:
+    async def __aenter__(self) -> NbdTargetDisk:
         return await self.open()
 
     async def __aexit__(

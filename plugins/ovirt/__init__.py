@@ -37,9 +37,10 @@ the same journal resources changes nothing and returns ``[]``.
 
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError
+from engine.sources.capabilities import Hypervisor
 from engine.sources.registry import Plugin
 
 RESTORE_FLOWS = ("imageio", "attach")  # `tessera restore --flow`: upload, or via the DataMover
@@ -52,92 +53,94 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
     return await recover(resources, committed)
 
 
-async def _vm_sources(*args: Any, **kwargs: Any) -> Any:
-    from plugins.ovirt.sources import vm_sources  # noqa: PLC0415
+class OvirtHypervisor:
+    """The plugin's ``engine.sources.capabilities.Hypervisor`` (modules imported on use, to
+    keep the entry point light)."""
 
-    return await vm_sources(*args, **kwargs)
+    async def list_vms(self, engine: Any, *, api_gate: Any = None) -> list[dict[str, Any]]:
+        """Every VM of ``engine`` (the config's ``EngineSection``) as plain dicts: id,
+        name, cluster, status, tags, disks (id, alias, size). What policies select from and
+        the daemon API lists."""
+        from plugins.ovirt.client import EngineClient, EngineConfig  # noqa: PLC0415
+        from plugins.ovirt.inventory import vms  # noqa: PLC0415
+
+        client = EngineClient(EngineConfig.from_section(engine, gate=api_gate))
+        try:
+            found = await vms(client)
+        finally:
+            await client.close()
+        return [
+            {
+                "id": v.id,
+                "name": v.name,
+                "cluster": v.cluster,
+                "status": v.status,
+                "tags": list(v.tags),
+                "host_id": v.host_id,
+                "disks": [
+                    {
+                        "id": d.id,
+                        "alias": d.name,
+                        "size": d.provisioned_size,
+                        "storage_domain_id": d.storage_domain_id,
+                    }
+                    for d in v.disks
+                ],
+            }
+            for v in found
+        ]
+
+    async def vm_sources(self, *args: Any, **kwargs: Any) -> Any:
+        """``sources.vm_sources``: one Source per VM through the chosen flow."""
+        from plugins.ovirt.sources import vm_sources  # noqa: PLC0415
+
+        return await vm_sources(*args, **kwargs)
+
+    def vm_restore(
+        self,
+        engine: Any,
+        manifest: Any,
+        ovf: str | None,
+        *,
+        name: str | None = None,
+        cluster: str | None = None,
+        storage_domain: str | None = None,
+        flow: str = "imageio",
+        datamover: Any = None,
+        into_vm: str | None = None,
+        api_gate: Any = None,
+    ) -> Any:
+        """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
+        ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio``
+        uploads the disks; ``attach`` writes them through the DataMover (``datamover``: the
+        config's section). ``into_vm`` (an existing VM's name or id) gets the disks
+        attached instead of a new VM being created."""
+        from plugins.ovirt.attach_restore import AttachVmRestore  # noqa: PLC0415
+        from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
+
+        if flow not in RESTORE_FLOWS:
+            raise ConfigError(
+                message=f"restore flow {flow!r} is unknown; use one of {RESTORE_FLOWS}"
+            )
+        options = RestoreOptions(
+            name=name, cluster=cluster, storage_domain=storage_domain, into_vm=into_vm
+        )
+        factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
+        return vm_restore(engine, manifest, ovf, options, factory=factory, api_gate=api_gate)
+
+    def standby_refresh(self, engine: Any, manifest: Any, ovf: str | None, standby: Any) -> Any:
+        """``standby.standby_refresh``: an async context manager giving the
+        ``StandbyTargets`` of ``engine.standby`` (the config's engine section, the
+        snapshot's manifest and OVF, the policy's ``Standby``)."""
+        from plugins.ovirt.standby import standby_refresh  # noqa: PLC0415
+
+        return standby_refresh(engine, manifest, ovf, standby)
 
 
-def _vm_restore(
-    engine: Any,
-    store: Any,
-    manifest: Any,
-    *,
-    name: str | None = None,
-    cluster: str | None = None,
-    storage_domain: str | None = None,
-    flow: str = "imageio",
-    datamover: Any = None,
-    into_vm: str | None = None,
-    api_gate: Any = None,
-) -> Any:
-    """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
-    ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio`` uploads
-    the disks; ``attach`` writes them through the DataMover (``datamover``: the config's
-    section). ``into_vm`` (an existing VM's name or id) gets the disks attached instead of
-    a new VM being created."""
-    from plugins.ovirt.attach_restore import AttachVmRestore  # noqa: PLC0415
-    from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
-
-    if flow not in RESTORE_FLOWS:
-        raise ConfigError(message=f"restore flow {flow!r} is unknown; use one of {RESTORE_FLOWS}")
-    options = RestoreOptions(
-        name=name, cluster=cluster, storage_domain=storage_domain, into_vm=into_vm
-    )
-    factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
-    return vm_restore(engine, store, manifest, options, factory=factory, api_gate=api_gate)
+PLUGIN = Plugin(name="ovirt", recover=_recover, hypervisor=OvirtHypervisor())
 
 
-def _standby_refresh(engine: Any, store: Any, manifest: Any, standby: Any) -> Any:
-    """``standby.standby_refresh``: an async context manager giving the ``StandbyTargets``
-    of ``engine.standby`` (the config's engine section, the store, the snapshot's manifest,
-    the policy's ``Standby``)."""
-    from plugins.ovirt.standby import standby_refresh  # noqa: PLC0415
+if TYPE_CHECKING:  # mypy proves the plugin fits the engine's capability
 
-    return standby_refresh(engine, store, manifest, standby)
-
-
-async def _list_vms(engine: Any, api_gate: Any = None) -> list[dict[str, Any]]:
-    """Every VM of ``engine`` (the config's ``EngineSection``) as plain dicts: id, name,
-    cluster, status, tags, disks (id, alias, size). What policies select from and the daemon
-    API lists."""
-    from plugins.ovirt.client import EngineClient, EngineConfig  # noqa: PLC0415
-    from plugins.ovirt.inventory import vms  # noqa: PLC0415
-
-    client = EngineClient(EngineConfig.from_section(engine, gate=api_gate))
-    try:
-        found = await vms(client)
-    finally:
-        await client.close()
-    return [
-        {
-            "id": v.id,
-            "name": v.name,
-            "cluster": v.cluster,
-            "status": v.status,
-            "tags": list(v.tags),
-            "host_id": v.host_id,
-            "disks": [
-                {
-                    "id": d.id,
-                    "alias": d.name,
-                    "size": d.provisioned_size,
-                    "storage_domain_id": d.storage_domain_id,
-                }
-                for d in v.disks
-            ],
-        }
-        for v in found
-    ]
-
-
-PLUGIN = Plugin(
-    name="ovirt",
-    recover=_recover,
-    factories={
-        "vm_sources": _vm_sources,
-        "vm_restore": _vm_restore,
-        "list_vms": _list_vms,
-        "standby_refresh": _standby_refresh,
-    },
-)
+    def _fits(h: OvirtHypervisor) -> Hypervisor:
+        return h

@@ -33,9 +33,9 @@ from engine.config.models import DataMoverSection
 from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
 from engine.io import qemu
+from engine.io.exports import export_records
 from engine.io.nbd.client import NbdClient, connect, extents
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
-from plugins.local.source import export_records
 from plugins.ovirt.base import OvirtSourceBase
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.datamover import OvirtAttachError, wait_device

@@ -6,7 +6,7 @@ Per disk (``AttachVmRestore.make_target``)::
     enter:  create the disk (``VmRestore.add_disk``: recorded, ──poll──▶ ok), record the
             attachment, attach it to the DataMover (no snapshot, active), find its device by
             serial (``datamover.wait_device``), writable qemu-nbd over it (O_DIRECT, else the
-            page cache; recorded before it starts) → ``LocalTargetDisk``: the existing
+            page cache; recorded before it starts) → ``NbdTargetDisk``: the existing
             local restore path
     exit:   close the writers, stop the export, fsync the device, detach the disk
 
@@ -29,11 +29,11 @@ import structlog
 from engine.config.models import DataMoverSection
 from engine.core.errors import ConfigError
 from engine.io import qemu
+from engine.io.exports import export_records
 from engine.io.nbd.client import connect
+from engine.restore.nbd_target import DEFAULT_MAX_CONNECTIONS, NbdTargetDisk
 from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
 from engine.store.manifest import DiskEntry
-from plugins.local.source import export_records
-from plugins.local.target import DEFAULT_MAX_CONNECTIONS, LocalTargetDisk
 from plugins.ovirt.datamover import (
     OvirtAttachError,
     find_datamover,
@@ -59,7 +59,7 @@ class _DiskViaDataMover:
         self._disk_id: str | None = None
         self._attached = False
         self._export: qemu.QemuNbd | None = None
-        self._target: LocalTargetDisk | None = None
+        self._target: NbdTargetDisk | None = None
         self._device: Path | None = None
 
     def _created(self, disk_id: str) -> None:
@@ -71,14 +71,14 @@ class _DiskViaDataMover:
         self._vr.exports.append(export)
         self._record("attach_exports", export_records(self._vr.exports))
 
-    async def __aenter__(self) -> LocalTargetDisk:
+    async def __aenter__(self) -> NbdTargetDisk:
         try:
             return await self._open()
         except BaseException as e:
             await self._cleanup(e)
             raise
 
-    async def _open(self) -> LocalTargetDisk:
+    async def _open(self) -> NbdTargetDisk:
         vr, entry = self._vr, self._entry
         dm = await vr.datamover()
         created, sparse = await vr.add_disk(entry, self._record, self._created)
@@ -101,7 +101,7 @@ class _DiskViaDataMover:
             )
         info = DiskInfo(created.id, entry.name, entry.size, dict(entry.attributes))
         # A new sparse disk reads as zeroes: zero slots need no write (as the imageio path).
-        self._target = LocalTargetDisk(info, sparse, self._export, DEFAULT_MAX_CONNECTIONS)
+        self._target = NbdTargetDisk(info, sparse, self._export, DEFAULT_MAX_CONNECTIONS)
         return self._target
 
     async def _release(self) -> None:

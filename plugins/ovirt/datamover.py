@@ -17,7 +17,7 @@ from typing import Final
 from engine.config.models import DataMoverSection
 from engine.core.errors import ConfigError, EngineError
 from engine.io import qemu
-from plugins.local.target import DEFAULT_MAX_CONNECTIONS
+from engine.restore.nbd_target import DEFAULT_MAX_CONNECTIONS
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.inventory import VmRef, datamover_vm
 

@@ -38,7 +38,7 @@ raises ``OvirtRecoveryError`` naming every step that failed and what was done.
 from collections.abc import Mapping
 from typing import Any
 
-from plugins.local.source import stop_exports
+from engine.io.exports import stop_exports
 from plugins.ovirt.backups import finalize_backup
 from plugins.ovirt.client import EngineClient, EngineConfig
 from plugins.ovirt.disks import delete_disk, delete_vm, detach_disk

@@ -57,9 +57,7 @@ import structlog
 
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError
-from engine.core.ids import chunk_id_from_hex
 from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
-from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
 from plugins.ovirt import inventory, volumes
@@ -476,24 +474,18 @@ class VmRestore:
 @asynccontextmanager
 async def vm_restore(
     engine: EngineSection,
-    store: Store,
     manifest: Manifest,
+    ovf: str | None,
     options: RestoreOptions,
     *,
     factory: Callable[..., VmRestore] = VmRestore,
     api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
 ) -> AsyncIterator[VmRestore]:
-    """A ``VmRestore`` with its own ``EngineClient`` for ``engine`` (closed on exit), the OVF
-    read from ``store`` (the manifest's config stream, when its format is ``ovf``).
-    ``factory`` makes it (same arguments as ``VmRestore``): ``attach.AttachVmRestore`` writes
-    the disks through the DataMover instead of imageio uploads.
-
-    Raises what ``store.read_chunk`` raises for a missing or corrupt config chunk."""
-    ovf = None
-    if manifest.config is not None and manifest.config.format == "ovf":
-        chunk = chunk_id_from_hex(manifest.config.chunk_id)
-        data = await asyncio.to_thread(store.read_chunk, chunk)
-        ovf = data[: manifest.config.size].decode()
+    """A ``VmRestore`` with its own ``EngineClient`` for ``engine`` (closed on exit);
+    ``ovf``: the snapshot's stored VM configuration (None: the VM is created from plain
+    fields). ``factory`` makes it (same arguments as ``VmRestore``):
+    ``attach_restore.AttachVmRestore`` writes the disks through the DataMover instead of
+    imageio uploads. An unknown ``into_vm`` fails before any disk is created."""
     recovery = EngineConfig.from_section(engine).record()
     config = EngineConfig.from_section(engine, gate=api_gate)
     async with (
@@ -501,5 +493,5 @@ async def vm_restore(
         factory(client, manifest, ovf, options, recovery) as vr,
     ):
         if options.into_vm is not None:
-            await vr.find_target_vm()  # an unknown VM fails before any disk is created
+            await vr.find_target_vm()
         yield vr

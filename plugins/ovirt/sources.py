@@ -22,8 +22,14 @@ Source = OvirtVmSource | SnapshotImageioSource | SnapshotAttachSource
 
 @dataclass
 class VmSources:
-    client: EngineClient  # the caller closes it
+    """``engine.sources.capabilities.VmSet``: the sources share ``client``; ``aclose``
+    closes it after the last backup."""
+
+    client: EngineClient
     sources: list[Source]
+
+    async def aclose(self) -> None:
+        await self.client.close()
 
 
 async def vm_sources(

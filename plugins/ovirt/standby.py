@@ -2,7 +2,7 @@
 
 ::
 
-    standby_refresh(engine, store, manifest, standby)   # plugin factory → OvirtStandby
+    standby_refresh(engine, manifest, ovf, standby)   # the Hypervisor's → OvirtStandby
       check(state):  GET the standby VM (gone → full run); not down → refuse (it is in use);
                      each recorded disk attached to it and ok (gone, detached → full run;
                      illegal — an upload that was cancelled — → full run; locked → refuse);
@@ -54,7 +54,6 @@ from engine.core.errors import EngineError
 from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
 from engine.standby.job import CreatedStandby, FullStandby, StandbyTargets
 from engine.standby.state import StandbyDisk, StandbyState
-from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
 from plugins.ovirt import inventory, volumes
@@ -208,13 +207,13 @@ class OvirtStandby:
         self,
         client: EngineClient,
         engine: EngineSection,
-        store: Store,
         manifest: Manifest,
+        ovf: str | None,
         standby: Standby,
     ) -> None:
         self.client = client
         self.engine = engine
-        self.store = store
+        self.ovf = ovf  # the stored VM configuration of ``manifest``
         self.manifest = manifest
         self.standby = standby
         self.name = f"{manifest.vm_name}{standby.name_suffix}"
@@ -285,7 +284,12 @@ class OvirtStandby:
             cluster=self.standby.cluster,
             storage_domain=self.standby.storage_domain,
         )
-        async with vm_restore(self.engine, self.store, manifest, options) as vr:
+        if manifest.snapshot_id != self.manifest.snapshot_id:
+            raise self.error(
+                f"a full run of snapshot {manifest.snapshot_id} was asked for standby "
+                f"targets of snapshot {self.manifest.snapshot_id}"
+            )
+        async with vm_restore(self.engine, manifest, self.ovf, options) as vr:
             yield _Full(vr)
 
     async def discard(self, state: StandbyState) -> list[str]:
@@ -311,11 +315,11 @@ def _config(engine: EngineSection) -> EngineConfig:
 
 @asynccontextmanager
 async def standby_refresh(
-    engine: EngineSection, store: Store, manifest: Manifest, standby: Standby
+    engine: EngineSection, manifest: Manifest, ovf: str | None, standby: Standby
 ) -> AsyncIterator[OvirtStandby]:
     """The plugin factory: an ``OvirtStandby`` with its own client (closed on exit)."""
     async with EngineClient(_config(engine)) as client:
-        yield OvirtStandby(client, engine, store, manifest, standby)
+        yield OvirtStandby(client, engine, manifest, ovf, standby)
 
 
 if TYPE_CHECKING:  # mypy proves the classes fit the job's protocols

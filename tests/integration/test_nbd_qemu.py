@@ -14,6 +14,7 @@ import pytest
 from engine.core.extent import Extent
 from engine.core.units import KiB, MiB
 from engine.io import qemu
+from engine.io.exports import stop_exports
 from engine.io.nbd import connect, extents
 from engine.io.nbd import protocol as p
 from engine.io.nbd.errors import (
@@ -22,7 +23,6 @@ from engine.io.nbd.errors import (
     NbdOptionError,
     NbdRequestError,
 )
-from plugins.local.source import stop_exports
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration

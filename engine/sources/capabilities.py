@@ -1,0 +1,117 @@
+"""What a plugin can do, as typed capabilities: the engine finds a plugin by what it
+provides, never by its name, and type checking goes through the seam.
+
+- ``Hypervisor``  a hypervisor manager's VMs (oVirt's engine): list them, back them up
+                  (``vm_sources`` → ``Source``s), restore a snapshot as a VM
+                  (``vm_restore``), keep a cold standby (``standby_refresh``).
+- ``ImageIO``     local disk images as sources and restore targets.
+- ``recover``     every plugin's: finish or undo what a killed job of it left
+                  (``Plugin.recover``, from the resources its job journaled).
+
+The engine passes a plugin what it needs, never the store: a restore gets the snapshot's
+manifest and its stored VM configuration (``ovf``: the OVF text, or None).
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.sources.types import ResourceRecorder, Source, TargetDisk
+from engine.store.manifest import DiskEntry, Manifest
+
+# What every engine call of a job holds (``limits.api_calls`` per engine, across jobs).
+ApiGate = Callable[[], AbstractAsyncContextManager[object]]
+# The configuration's sections (``engine.config.models``: ``EngineSection``,
+# ``DataMoverSection``, ``Standby``), which this layer sits below and names by role only.
+EngineSection = Any
+DataMoverSection = Any
+MakeTarget = Callable[[DiskEntry, ResourceRecorder], AbstractAsyncContextManager[TargetDisk]]
+
+
+class VmSet(Protocol):
+    """The ``Source`` of each VM a backup asked for, and what they share (an engine
+    connection), closed with ``aclose`` after the last one was backed up."""
+
+    @property
+    def sources(self) -> Sequence[Source]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RestoredVmInfo(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class VmRestorer(Protocol):
+    """One restore of a snapshot into the hypervisor: ``make_target`` per disk (for
+    ``engine.jobs.restore.run_restore``), then ``create_vm`` once every disk is written;
+    leaving its context before that deletes what it created."""
+
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]: ...
+
+    async def create_vm(self) -> object: ...
+
+    @property
+    def vm(self) -> RestoredVmInfo | None: ...
+
+
+class Hypervisor(Protocol):
+    async def list_vms(
+        self, engine: EngineSection, *, api_gate: ApiGate | None = None
+    ) -> list[dict[str, Any]]:
+        """Every VM as a plain dict: id, name, cluster, status, tags, host_id, disks (id,
+        alias, size, storage_domain_id)."""
+        ...
+
+    async def vm_sources(
+        self,
+        engine: EngineSection,
+        names: Sequence[str],
+        flow: str = "auto",
+        *,
+        require_quiesce: bool = False,
+        datamover: DataMoverSection | None = None,
+        api_gate: ApiGate | None = None,
+    ) -> VmSet:
+        """One ``Source`` per VM name (globs allowed); ConfigError for an unknown VM."""
+        ...
+
+    def vm_restore(
+        self,
+        engine: EngineSection,
+        manifest: Manifest,
+        ovf: str | None,
+        *,
+        name: str | None = None,
+        cluster: str | None = None,
+        storage_domain: str | None = None,
+        flow: str = "imageio",
+        datamover: DataMoverSection | None = None,
+        into_vm: str | None = None,
+        api_gate: ApiGate | None = None,
+    ) -> AbstractAsyncContextManager[VmRestorer]: ...
+
+    def standby_refresh(
+        self, engine: EngineSection, manifest: Manifest, ovf: str | None, standby: Any
+    ) -> AbstractAsyncContextManager[Any]:
+        """``engine.standby.job.StandbyTargets`` for ``manifest`` (``standby``: the
+        policy's ``Standby``)."""
+        ...
+
+
+class ImageIO(Protocol):
+    def image_source(self, paths: Sequence[Path], vm_name: str | None = None) -> Source: ...
+
+    def image_target(
+        self, path: Path, entry: DiskEntry, record: ResourceRecorder, fmt: str | None = None
+    ) -> AbstractAsyncContextManager[TargetDisk]: ...
+
+
+Commands = Mapping[str, Callable[..., Any]]
