@@ -169,7 +169,7 @@ async def start(
             nbd=None if failure else nbd,
             failure=failure,
             snapshot_volume=snapshot_volume,
-            since=a.clock(),
+            since=a.clock.now(),
         )
         a.transfers[t.id] = t
         a.event(
@@ -285,13 +285,13 @@ _NEXT = {
 
 def _phase(a: Activity, t: Transfer, phase: str) -> None:
     t.phase = phase
-    t.since = a.clock()
+    t.since = a.clock.now()
 
 
 async def step(a: Activity, t: Transfer) -> None:
     """One look of the engine's monitor at ``t`` (module docstring); the caller holds the
     lock. A phase younger than ``Faults.phase_seconds`` stays."""
-    if a.clock() - t.since < a.faults.phase_seconds:
+    if not a.due(t.since):
         return
     if t.phase == "initializing":
         _phase(a, t, "paused_system" if t.failure else "transferring")
