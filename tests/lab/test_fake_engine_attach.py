@@ -14,9 +14,9 @@ import pytest
 from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
-from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
+from plugins.lab.engine import DiskSeed, FakeClock, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.engine.devices import link_name, mounts_under
-from tests.lab.polling import polls
+from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import Lab, raw_copy, run, write
 from tests.unit.io import leaks
 
@@ -51,6 +51,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     async with FakeEngine(
         seed,
         workdir,
+        clock=FakeClock(),
         images={QCOW_ID: qcow, RAW_ID: raw},
         datamover="dm",
         devices_dir=tmp_path / "devices",
@@ -60,10 +61,10 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     assert leaks.children() <= before
 
 
-def snapshot(conn: sdk.Connection) -> str:
+def snapshot(conn: Client) -> str:
     service = conn.system_service().vms_service().vm_service(VM_ID).snapshots_service()
     s = service.add(types.Snapshot(description="attach test", persist_memorystate=False))
-    for _ in polls():
+    for _ in steps(conn):
         if service.snapshot_service(s.id).get().snapshot_status == types.SnapshotStatus.OK:
             return str(s.id)
     raise AssertionError("snapshot stuck")

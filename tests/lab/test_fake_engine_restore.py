@@ -14,7 +14,7 @@ from engine.io import qemu
 from plugins.lab.engine import lab_id
 from plugins.lab.engine.ovf import parse_ovf, vm_ovf
 from plugins.ovirt.imageio import ImageioDisk
-from tests.lab.polling import polls
+from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import (
     VM_ID,
     Lab,
@@ -47,7 +47,7 @@ def get_disk(conn: sdk.Connection, disk_id: str) -> types.Disk:
     return conn.system_service().disks_service().disk_service(disk_id).get()
 
 
-def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
+def upload(conn: Client, disk_id: str) -> types.ImageTransfer:
     transfers = conn.system_service().image_transfers_service()
     t = transfers.add(
         types.ImageTransfer(
@@ -56,7 +56,7 @@ def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
             format=types.DiskFormat.RAW,
         )
     )
-    for _ in polls():
+    for _ in steps(conn):
         t = transfers.image_transfer_service(t.id).get()
         if t.phase == types.ImageTransferPhase.TRANSFERRING:
             return t
@@ -164,10 +164,10 @@ async def test_cancelled_upload_leaves_the_disk_illegal(lab: Lab) -> None:
     assert (await qemu.info(lab.engine.activity.images[disk.id]))["format"] == "raw"
     transfer = await lab.sdk(partial(upload, disk_id=disk.id))
 
-    def cancel(conn: sdk.Connection) -> None:
+    def cancel(conn: Client) -> None:
         service = conn.system_service().image_transfers_service()
         service.image_transfer_service(transfer.id).cancel()
-        for _ in polls():
+        for _ in steps(conn):
             if service.image_transfer_service(transfer.id).get().phase.value.startswith("finished"):
                 return
         raise AssertionError("cancel did not finish")
