@@ -18,6 +18,7 @@ from plugins.lab.engine import DiskSeed, FakeClock, FakeEngine, Seed, VmSeed, la
 from plugins.lab.engine.devices import link_name, mounts_under
 from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import Lab, raw_copy, run, write
+from tests.lab.test_fake_engine_restore import add_disk, disk_ok
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -154,17 +155,9 @@ async def test_snapshot_disk_is_a_transient_device(lab: Lab) -> None:
 
 
 async def test_plain_disk_device_persists_writes(lab: Lab) -> None:
-    def new_disk(conn: sdk.Connection) -> str:
-        disks = conn.system_service().disks_service()
-        d = disks.add(
-            types.Disk(
-                alias="seed",
-                provisioned_size=2 * MiB,
-                format=types.DiskFormat.COW,
-                storage_domains=[types.StorageDomain(name="data1")],
-            )
-        )
-        disks.disk_service(d.id).get()  # locked → ok
+    def new_disk(conn: Client) -> str:
+        d = add_disk(conn, alias="seed")
+        disk_ok(conn, d.id)  # locked while the engine creates it
         return str(d.id)
 
     disk_id = await lab.sdk(new_disk)

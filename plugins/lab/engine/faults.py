@@ -40,8 +40,15 @@ Timing knobs (the engine's behaviour is the same with any value; only the clock 
   60 s), so a test need not wait a minute for the engine's inactivity monitor (``monitor``)
   to cancel an idle transfer. None: the transfer's own value, else 60.
 - ``phase_seconds``: how long the engine's background work takes per phase step (``monitor``:
-  transfers, backups, cold checkpoint deletes move one step per this many seconds, whether
-  anyone polls or not).
+  transfers, backups, snapshots, cold checkpoint deletes move one step per this many seconds
+  of the engine's clock, whether anyone polls or not).
+- ``disk_seconds``: how long vdsm takes to create a new disk's volume: a disk ``POST disks``
+  made is ``locked`` this many seconds of the engine's clock, then ``ok`` (``monitor``,
+  ``restore.finish_disk``), whether anyone polls or not.
+
+Seconds of the engine's clock are real ones unless a test gave the engine a ``FakeClock``
+(``clock``); ``ticket_timeout``, ``storage_iops`` and ``slow_ms`` are real time always (imageio,
+qemu and the client's wait are real programs).
 """
 
 from dataclasses import dataclass, field
@@ -63,6 +70,7 @@ class Faults:
     storage_iops: int = 0  # requests/s every new qemu-nbd export serves; 0: unthrottled
     inactivity_timeout: int | None = None  # overrides every new transfer's; None: its own/60
     phase_seconds: float = 0.25  # seconds per background phase step (``monitor``)
+    disk_seconds: float = 0.25  # seconds a new disk stays locked (``restore.finish_disk``)
     volume_chunk: int = LAB_VOLUME_CHUNK  # a new thin block volume without initial_size
 
 

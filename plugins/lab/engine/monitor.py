@@ -15,7 +15,9 @@ on that clock one step:
 - backups: ``Activity.advance_backup`` (a finalizing hybrid backup first waits one step for
   its snapshot to go, ``hybrid.removing``);
 - checkpoint deletes of a down VM: ``Activity.finish_checkpoint_delete``;
-- VM snapshots: ``snapshots.step`` (created locked → ok; a deleted one goes).
+- VM snapshots: ``snapshots.step`` (created locked → ok; a deleted one goes);
+- new disks (``POST disks``): ``restore.finish_disk`` (locked → ok), once
+  ``Faults.disk_seconds`` old rather than ``phase_seconds``.
 
 ``FakeEngine`` owns the task (started by ``start()``, cancelled and awaited by ``close()``);
 tests that build an app without a server call ``tick`` themselves. A tick that fails is
@@ -25,7 +27,7 @@ logged and the next one runs: one bad object must not stop the engine's clock.
 import logging
 from typing import Final
 
-from plugins.lab.engine import hybrid, snapshots, transfers
+from plugins.lab.engine import hybrid, restore, snapshots, transfers
 from plugins.lab.engine.backup import Activity
 
 # Seconds between two looks: well below every phase time a test sets, so a step happens
@@ -36,7 +38,8 @@ _log = logging.getLogger(__name__)
 
 
 async def tick(a: Activity) -> None:
-    """Move every transfer, backup, cold checkpoint delete and snapshot due one step."""
+    """Move every transfer, backup, cold checkpoint delete, snapshot and new disk due one
+    step."""
     async with a._lock:
         for t in list(a.transfers.values()):
             await transfers.step(a, t)
@@ -52,6 +55,9 @@ async def tick(a: Activity) -> None:
                 a.finish_checkpoint_delete(a.checkpoints[c_id])
         for s in list(a.snapshots.values()):
             snapshots.step(a, s)
+        for disk_id, since in list(a.creating_disks.items()):
+            if a.due(since, a.faults.disk_seconds):
+                restore.finish_disk(a, disk_id)
 
 
 async def run(a: Activity) -> None:
