@@ -3,7 +3,8 @@
 The real engine moves its objects in its own threads, whoever polls. The lab does that work
 in ``monitor``, which sleeps on this clock between looks; every age it compares (a phase of
 a transfer, backup or snapshot, a cold checkpoint delete, a new disk, an SSO token) is a
-difference of two ``now()`` readings of the same clock (``Activity.due``).
+difference of two ``now()`` readings of the same clock (``Activity.due``; ``sso.Sessions``
+for tokens).
 
 - ``SystemClock``: ``time.monotonic`` and ``asyncio.sleep``. The default, and what ``tessera
   lab up`` runs.

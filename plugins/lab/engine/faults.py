@@ -4,8 +4,9 @@ The engine holds one ``Faults`` (``FakeEngine.faults``, also ``Activity.faults``
 fields on the event loop, between or during runs, and the next requests see them:
 
 - ``fail_backup_of``: VM names. The next backup of such a VM is accepted (201) and then goes
-  initializing → failed on its first poll, with event 10792 ``VM_BACKUP_FAILED`` (severity
-  error) whose description names the backup id; no checkpoint is created. The name is removed
+  initializing → failed at its first phase step (``monitor``), with event 10792
+  ``VM_BACKUP_FAILED`` (severity error) whose description names the backup id; no
+  checkpoint is created. The name is removed
   from the set once used, so only one backup fails.
 - missing bitmap: no knob. A test removes a checkpoint's bitmap from a disk image behind the
   engine's back (``qemu-img bitmap --remove``). A backup started after that reports

@@ -33,9 +33,10 @@ names them (``devices``; needs root, /dev/fuse and nbdfuse); ``close()`` unplugs
 ``engine.faults`` (``faults.Faults``) injects failures: a FAILED backup, paused transfers, 503s
 and slow responses; the ``faults`` module says what each knob does.
 
-The engine's background work (``monitor``: phases moving with time, the transfer inactivity
-monitor, cold checkpoint deletes finishing) is one task ``start()`` creates and ``close()``
-cancels and awaits; an app made by ``make_app`` alone has none (call ``monitor.tick``).
+The engine's background work (``monitor``: transfers, backups, snapshots, cold checkpoint
+deletes and new disks moving with time, the transfer inactivity monitor) is one task
+``start()`` creates and ``close()`` cancels and awaits; an app made by ``make_app`` alone has
+none (call ``monitor.tick``).
 It runs on the engine's one clock (``clock``), which also ages the SSO tokens: the real one
 by default; a test passes a ``FakeClock`` and moves it with ``advance``::
 
