@@ -478,7 +478,14 @@ def _lab_knobs(p: argparse.ArgumentParser) -> None:
         type=cli_args.positive_float,
         metavar="SECONDS",
         help="how long the engine's background work takes per phase step of transfers, "
-        "backups and checkpoint deletes (default: 0.25)",
+        "backups, snapshots and checkpoint deletes (default: 0.25)",
+    )
+    k.add_argument(
+        "--disk-seconds",
+        type=cli_args.positive_float,
+        metavar="SECONDS",
+        help="how long a new disk stays locked while the engine creates its volume, "
+        "whoever polls (default: 0.25)",
     )
     k.add_argument(
         "--ticket-timeout",
@@ -492,6 +499,7 @@ LAB_KNOBS = {  # lab up option → the lab engine's Faults field
     "inactivity_timeout": "inactivity_timeout",
     "slow_reads": "storage_iops",
     "phase_seconds": "phase_seconds",
+    "disk_seconds": "disk_seconds",
     "ticket_timeout": "ticket_timeout",
 }
 

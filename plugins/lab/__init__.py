@@ -9,16 +9,17 @@ and keeps the data path real:
   serves SSO, the API root and the inventory from an in-memory model built from a ``Seed``.
   Responses are written by the SDK's own XML writers, so what the client parses is what the
   real engine's schema allows.
-- **real ovirt-imageio**, **qemu-nbd** and **generated qcow2/raw disks** (later slices): image
-  transfers hand out real imageio tickets backed by qemu-nbd, checkpoints are real qcow2
-  bitmaps, so backups read real bytes and real dirty extents.
+- **real ovirt-imageio**, **qemu-nbd** and **generated qcow2/raw disks** (``imageio``,
+  ``disks``): image transfers hand out real imageio tickets backed by qemu-nbd, checkpoints
+  are real qcow2 bitmaps, so backups read real bytes and real dirty extents.
 
-Slice 1 (this one): SSO login/logout, Bearer-token checks, ``GET /ovirt-engine/api`` and
-read-only inventory (data centers, clusters, hosts, storage domains, VMs, disk attachments,
-disks, tags) with a subset of the engine's search language.
+Like the real engine, the fake one moves its objects with time, whoever polls: backups,
+transfers, snapshots, checkpoint deletes and new disks step on one clock the engine is given
+(``engine.clock``), the real one unless a test passes a ``FakeClock`` it advances itself.
+imageio, a real program, counts tickets' idle time and expiry in real seconds.
 
-Next: disks backed by real image files, snapshots, incremental backups with checkpoints, image
-transfers through imageio, events and jobs, then restore (POST disks/vms/diskattachments).
+``lab`` runs all of it in the background for ``tessera lab up``; ``engine`` documents what the
+fake engine serves.
 
 The lab listens on loopback only and must never be exposed: its credentials are the seed's
 and anyone who can reach it can read the whole (fake) inventory.

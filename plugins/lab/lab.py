@@ -57,6 +57,7 @@ START_TIMEOUT: Final = 120.0  # seconds for `up` to see lab.json: first run buil
 STOP_TIMEOUT: Final = 30.0  # seconds for the lab process to exit after SIGTERM
 SHOW_TIMEOUT: Final = 30  # seconds per engine request of `show` (a loopback fake: instant)
 DATAMOVER: Final = "tessera-datamover"
+SECONDS_KNOBS: Final = frozenset({"phase_seconds", "disk_seconds"})  # floats; the rest ints
 
 
 def lab_seed() -> Seed:
@@ -153,7 +154,7 @@ async def run(
     ):
         for name, value in (knobs or {}).items():
             getattr(engine.faults, name)  # AttributeError: not a knob
-            setattr(engine.faults, name, value if name == "phase_seconds" else int(value))
+            setattr(engine.faults, name, value if name in SECONDS_KNOBS else int(value))
         p["password"].write_text(seed.password + "\n")
         os.chmod(p["password"], 0o600)
         doc = {
@@ -217,8 +218,8 @@ def up(
     settings); returns lab.json.
 
     ``knobs``: ``Faults`` fields to set in the lab engine (``tessera lab up --help``: the
-    transfer inactivity timeout, slow reads, phase time, ticket timeout). The SSO knobs
-    default to the engine's (``sso``)."""
+    transfer inactivity timeout, slow reads, phase time, new-disk time, ticket timeout). The
+    SSO knobs default to the engine's (``sso``)."""
     directory.mkdir(parents=True, exist_ok=True)
     p = _paths(directory)
     if _alive(p):

@@ -9,7 +9,6 @@ downloaded; uploads make new floating disks.
 import json
 import re
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from ovirtsdk4 import types
 
 from tests.conformance.conftest import Examples
+from tests.lab.polling import polls
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,8 @@ def write(image: str, fmt: str, pattern: int, offset: str, length: str) -> None:
 
 
 def wait_snapshots_ok(examples: Examples, vm_name: str) -> None:
-    """Poll the VM's snapshots until none is locked (the lab settles a snapshot on a GET)."""
+    """Poll the VM's snapshots until none is locked (the lab process runs on the real clock:
+    a new snapshot is ``ok`` one phase step after it was made, whoever polls)."""
     engine = examples.lab["engine"]
     conn = sdk.Connection(
         url=engine["url"], username=engine["username"],
@@ -47,12 +48,11 @@ def wait_snapshots_ok(examples: Examples, vm_name: str) -> None:
     )  # fmt: skip
     try:
         vm_service = conn.system_service().vms_service().vm_service(examples.vm(vm_name)["id"])
-        for _ in range(60):
+        for _ in polls():
             snaps = vm_service.snapshots_service()
             states = [snaps.snapshot_service(s.id).get().snapshot_status for s in snaps.list()]
             if types.SnapshotStatus.LOCKED not in states:
                 return
-            time.sleep(0.5)
         raise AssertionError(f"snapshots of {vm_name} stay locked")
     finally:
         conn.close()

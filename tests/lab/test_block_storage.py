@@ -17,7 +17,7 @@ from plugins.lab.engine.devices import Devices
 from plugins.lab.engine.volumes import BlockVolumeNbd, allocation
 from plugins.ovirt.imageio import ImageioDisk, ImageioError
 from tests.lab.test_fake_engine_backup import Lab, fault, finalize_transfer, lab, raw_copy
-from tests.lab.test_fake_engine_restore import add_disk, get_disk, upload
+from tests.lab.test_fake_engine_restore import add_disk, disk_ok, upload
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ async def _upload(lab: Lab, disk_id: str, size: int) -> None:
 
 async def test_an_upload_past_the_allocation_fails(lab: Lab) -> None:
     disk = await lab.sdk(partial(add_disk, provisioned_size=8 * MiB, storage_domains=BLOCK))
-    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     image = lab.engine.activity.images[disk.id]
     with pytest.raises(ImageioError, match="HTTP 500"):
         await _upload(lab, disk.id, 4 * MiB)  # 4 MiB of data into a 1 MiB volume
@@ -91,7 +91,7 @@ async def test_initial_size_makes_the_upload_fit(lab: Lab) -> None:
         )
     )
     assert disk.actual_size == allocation(overhead + size)
-    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     await _upload(lab, disk.id, size)
     copy = await raw_copy(lab.engine.activity.images[disk.id], lab.tmp)
     assert copy[:size] == DATA * (size // MiB) and not any(copy[size:])
@@ -100,7 +100,7 @@ async def test_initial_size_makes_the_upload_fit(lab: Lab) -> None:
 async def test_initial_size_is_ignored_on_file_storage(lab: Lab) -> None:
     disk = await lab.sdk(partial(add_disk, provisioned_size=8 * MiB, initial_size=64 * KiB))
     assert disk.actual_size == 0
-    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     await _upload(lab, disk.id, 4 * MiB)  # file storage grows
 
 

@@ -14,10 +14,11 @@ import pytest
 from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
-from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
+from plugins.lab.engine import DiskSeed, FakeClock, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.engine.devices import link_name, mounts_under
-from tests.lab.polling import polls
+from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import Lab, raw_copy, run, write
+from tests.lab.test_fake_engine_restore import add_disk, disk_ok
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -51,6 +52,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     async with FakeEngine(
         seed,
         workdir,
+        clock=FakeClock(),
         images={QCOW_ID: qcow, RAW_ID: raw},
         datamover="dm",
         devices_dir=tmp_path / "devices",
@@ -60,10 +62,10 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     assert leaks.children() <= before
 
 
-def snapshot(conn: sdk.Connection) -> str:
+def snapshot(conn: Client) -> str:
     service = conn.system_service().vms_service().vm_service(VM_ID).snapshots_service()
     s = service.add(types.Snapshot(description="attach test", persist_memorystate=False))
-    for _ in polls():
+    for _ in steps(conn):
         if service.snapshot_service(s.id).get().snapshot_status == types.SnapshotStatus.OK:
             return str(s.id)
     raise AssertionError("snapshot stuck")
@@ -153,17 +155,9 @@ async def test_snapshot_disk_is_a_transient_device(lab: Lab) -> None:
 
 
 async def test_plain_disk_device_persists_writes(lab: Lab) -> None:
-    def new_disk(conn: sdk.Connection) -> str:
-        disks = conn.system_service().disks_service()
-        d = disks.add(
-            types.Disk(
-                alias="seed",
-                provisioned_size=2 * MiB,
-                format=types.DiskFormat.COW,
-                storage_domains=[types.StorageDomain(name="data1")],
-            )
-        )
-        disks.disk_service(d.id).get()  # locked → ok
+    def new_disk(conn: Client) -> str:
+        d = add_disk(conn, alias="seed")
+        disk_ok(conn, d.id)  # locked while the engine creates it
         return str(d.id)
 
     disk_id = await lab.sdk(new_disk)

@@ -2,7 +2,10 @@
 
 Real data path: the engine adds qcow2 bitmaps with qemu-img, serves each transfer with
 qemu-nbd through a real ovirt-imageio daemon, and Tessera's own ``ImageioDisk`` reads it.
-SDK calls run in worker threads (``asyncio.to_thread``); polling loops are bounded, not timed.
+SDK calls run in worker threads (``asyncio.to_thread``). The engine runs on a ``FakeClock``
+the tests move (``tests.lab.polling``): polling loops step it between looks, and no test
+waits for the engine in real time. Only imageio, a real program, counts a ticket's idle time
+in real seconds: the inactivity tests wait for that.
 """
 
 import asyncio
@@ -22,11 +25,11 @@ from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
 from engine.io import qemu
-from plugins.lab.engine import DiskSeed, FakeEngine, Seed, VmSeed, lab_id
+from plugins.lab.engine import DiskSeed, FakeClock, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
 from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import ImageioDisk
-from tests.lab.polling import polls
+from tests.lab.polling import Client, Stepper, steps
 from tests.unit.io import leaks
 
 pytestmark = pytest.mark.integration
@@ -69,6 +72,8 @@ async def raw_copy(image: Path, tmp: Path) -> bytes:
 
 @dataclass
 class Lab:
+    """A lab engine on a ``FakeClock`` (``engine.clock``) and what the tests need of it."""
+
     engine: FakeEngine
     daemon: ImageioDaemon | None
     qcow: Path
@@ -81,9 +86,22 @@ class Lab:
         """The engine CA, which also issued imageio's certificate."""
         return EngineCa.from_file(self.engine.ca_file)
 
-    async def sdk(self, fn: Callable[[sdk.Connection], Any]) -> Any:
+    @property
+    def stepper(self) -> Stepper:
+        assert isinstance(self.engine.clock, FakeClock)  # every fixture here gives one
+        return Stepper(self.engine.clock, self.engine.faults, asyncio.get_running_loop())
+
+    async def advance(self, steps: float = 1) -> None:
+        """Move the engine's clock ``steps`` phase steps on, nobody polling."""
+        await self.stepper.advance(steps)
+
+    async def sdk(self, fn: Callable[[Client], Any]) -> Any:
+        """Run ``fn`` in a worker thread with a connection that can step the clock."""
+        stepper = self.stepper
+
         def call() -> Any:
-            conn = sdk.Connection(
+            conn = Client(
+                stepper.step,
                 url=self.engine.url,
                 username=self.engine.username,
                 password=self.engine.password,
@@ -121,7 +139,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     images = {QCOW_ID: qcow, RAW_ID: raw, SPARE_ID: spare}
     async with (
         ImageioDaemon(tmp_path) as daemon,
-        FakeEngine(seed(), workdir, images=images, imageio=daemon) as engine,
+        FakeEngine(seed(), workdir, clock=FakeClock(), images=images, imageio=daemon) as engine,
     ):
         yield Lab(engine, daemon, qcow, raw, tmp_path, spare)
 
@@ -129,7 +147,7 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
 # -- SDK-EX backup_vm.py steps, each one blocking call sequence in a worker thread -----------
 
 
-def start_backup(conn: sdk.Connection, from_checkpoint: str | None = None) -> types.Backup:
+def start_backup(conn: Client, from_checkpoint: str | None = None) -> types.Backup:
     backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
     backup = backups.add(
         types.Backup(
@@ -139,7 +157,7 @@ def start_backup(conn: sdk.Connection, from_checkpoint: str | None = None) -> ty
     )
     assert backup.phase == types.BackupPhase.INITIALIZING
     service = backups.backup_service(backup.id)
-    for _ in polls():
+    for _ in steps(conn):
         backup = service.get()
         if backup.phase == types.BackupPhase.READY:
             return backup
@@ -152,7 +170,7 @@ def backup_modes(conn: sdk.Connection, backup_id: str) -> dict[str, str]:
     return {d.id: d.backup_mode.value for d in disks}
 
 
-def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types.ImageTransfer:
+def create_transfer(conn: Client, backup_id: str, disk_id: str) -> types.ImageTransfer:
     transfers = conn.system_service().image_transfers_service()
     transfer = transfers.add(
         types.ImageTransfer(
@@ -164,7 +182,7 @@ def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types
         )
     )
     service = transfers.image_transfer_service(transfer.id)
-    for _ in polls():
+    for _ in steps(conn):
         transfer = service.get()
         if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
             return transfer
@@ -172,20 +190,20 @@ def create_transfer(conn: sdk.Connection, backup_id: str, disk_id: str) -> types
     raise AssertionError(f"transfer stuck in {transfer.phase}")
 
 
-def finalize_transfer(conn: sdk.Connection, transfer_id: str) -> None:
+def finalize_transfer(conn: Client, transfer_id: str) -> None:
     service = conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
     service.finalize()
-    for _ in polls():
+    for _ in steps(conn):
         if service.get().phase == types.ImageTransferPhase.FINISHED_SUCCESS:
             return
     raise AssertionError("transfer did not finish")
 
 
-def stop_backup(conn: sdk.Connection, backup_id: str) -> types.Backup:
+def stop_backup(conn: Client, backup_id: str) -> types.Backup:
     backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
     service = backups.backup_service(backup_id)
     service.finalize()
-    for _ in polls():
+    for _ in steps(conn):
         backup = service.get()
         if backup.phase == types.BackupPhase.SUCCEEDED:
             return backup
@@ -339,26 +357,23 @@ async def test_refusals(lab: Lab) -> None:
         return conn.system_service().image_transfers_service().image_transfer_service(transfer.id)
 
     await lab.sdk(lambda c: service(c).cancel())
-    # The cancel finishes on its own, with nobody polling (the engine's background work).
-    await unpolled(lab.engine, lambda: lab.engine.activity.transfers[transfer.id].phase)
+    # The cancel finishes on its own, one phase step at a time, with nobody polling (the
+    # engine's background work).
+    t = lab.engine.activity.transfers[transfer.id]
+    assert t.phase == "cancelled_user"
+    await lab.advance()
+    assert t.phase == "finalizing_cleanup"
+    await lab.advance()
+    assert t.phase == "finished_cleanup"
     seen = await lab.sdk(lambda c: service(c).get())
     assert seen.phase == types.ImageTransferPhase.FINISHED_CLEANUP
     await lab.sdk(lambda c: stop_backup(c, backup.id))
 
 
-async def unpolled(engine: FakeEngine, phase: Callable[[], str], end: str = "finished") -> str:
-    """Wait, sending no request, until ``phase()`` (read from the engine's state) starts with
-    ``end``: what the engine's own background work reaches, with no client polling."""
-    async with asyncio.timeout(30):
-        while not (now := phase()).startswith(end):
-            await asyncio.sleep(0.05)
-    return now
-
-
-def start_backup_wait(backup_id: str) -> Callable[[sdk.Connection], None]:
-    def wait(conn: sdk.Connection) -> None:
+def start_backup_wait(backup_id: str) -> Callable[[Client], None]:
+    def wait(conn: Client) -> None:
         backups = conn.system_service().vms_service().vm_service(VM_ID).backups_service()
-        for _ in polls():
+        for _ in steps(conn):
             if backups.backup_service(backup_id).get().phase == types.BackupPhase.READY:
                 return
         raise AssertionError("backup not ready")
@@ -400,7 +415,7 @@ async def test_checkpoint_delete_removes_the_bitmap_and_relinks(lab: Lab) -> Non
 async def test_transfers_are_refused_without_imageio(tmp_path: Path) -> None:
     image = tmp_path / "os.qcow2"
     await run("qemu-img", "create", "-q", "-f", "qcow2", image, SIZE)
-    async with FakeEngine(seed(), tmp_path, images={QCOW_ID: image}) as engine:
+    async with FakeEngine(seed(), tmp_path, clock=FakeClock(), images={QCOW_ID: image}) as engine:
         lab = Lab(engine, None, image, image, tmp_path)
         backup = await lab.sdk(start_backup)
         e = await lab.sdk(fault(lambda c: create_transfer(c, backup.id, QCOW_ID)))
@@ -410,7 +425,7 @@ async def test_transfers_are_refused_without_imageio(tmp_path: Path) -> None:
 
 
 async def test_upload_writes_the_image(lab: Lab) -> None:
-    def add(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
+    def add(conn: Client, disk_id: str) -> types.ImageTransfer:
         transfers = conn.system_service().image_transfers_service()
         t = transfers.add(
             types.ImageTransfer(
@@ -418,7 +433,7 @@ async def test_upload_writes_the_image(lab: Lab) -> None:
             )
         )
         assert t.host is not None and t.host.id  # the engine picks one: a floating disk
-        for _ in polls():
+        for _ in steps(conn):
             t = transfers.image_transfer_service(t.id).get()
             if t.phase != types.ImageTransferPhase.INITIALIZING:
                 break
@@ -471,7 +486,7 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
     for path in lab.engine.activity.chain(lab.engine.inventory.disks[QCOW_ID]):
         await qemu.bitmap_remove(path, full.to_checkpoint_id)
 
-    def transfer(conn: sdk.Connection) -> tuple[types.ImageTransfer, list[types.Event]]:
+    def transfer(conn: Client) -> tuple[types.ImageTransfer, list[types.Event]]:
         service = conn.system_service().image_transfers_service()
         t = service.add(
             types.ImageTransfer(
@@ -480,13 +495,13 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
                 direction=types.ImageTransferDirection.DOWNLOAD,
             )
         )
-        for _ in polls():
+        for _ in steps(conn):
             t = service.image_transfer_service(t.id).get()
             if t.phase != types.ImageTransferPhase.INITIALIZING:
                 break
         events = conn.system_service().events_service().list(search="type=1068")
         service.image_transfer_service(t.id).cancel()
-        for _ in polls():
+        for _ in steps(conn):
             done = service.image_transfer_service(t.id).get()
             if done.phase == types.ImageTransferPhase.FINISHED_CLEANUP:
                 break
@@ -501,29 +516,38 @@ async def test_missing_bitmap_pauses_the_transfer(lab: Lab) -> None:
     await lab.sdk(lambda c: stop_backup(c, inc.id))
 
 
+async def idle_time(lab: Lab, ticket: str) -> int:
+    """The ticket's ``idle_time`` as imageio reports it to the engine (whole real seconds)."""
+    assert lab.daemon is not None
+    return int((await lab.daemon.get_ticket(ticket))["idle_time"])
+
+
 async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> None:
-    # The engine's inactivity monitor reads imageio's idle_time; extend does not reset it.
+    # The engine's inactivity monitor compares imageio's idle_time, which extend does not
+    # reset. imageio counts it in real seconds on its own clock, so this test waits (about
+    # two seconds) for it; the engine's looks are the lab clock's.
     lab.engine.faults.inactivity_timeout = 1
     backup = await lab.sdk(start_backup)
     transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
     assert transfer.host is not None and transfer.host.id
     assert transfer.inactivity_timeout == 1
 
-    def extend(conn: sdk.Connection) -> None:
-        service = conn.system_service().image_transfers_service()
-        try:
-            service.image_transfer_service(transfer.id).extend()
-        except sdk.Error as e:  # the monitor cancelled it since the loop looked: 409
-            if e.code != 409 or "Phase is" not in str(e):
-                raise
+    def extend(conn: Client) -> None:
+        conn.system_service().image_transfers_service().image_transfer_service(transfer.id).extend()
 
     t = lab.engine.activity.transfers[transfer.id]
     async with asyncio.timeout(30):
-        while t.phase == "transferring":
+        while await idle_time(lab, t.ticket) <= t.inactivity_timeout:
             await lab.sdk(extend)
-            await asyncio.sleep(0.2)
-    assert t.phase in ("cancelled_system", "finalizing_failure", "finished_failure")
-    assert await unpolled(lab.engine, lambda: t.phase) == "finished_failure"
+            await asyncio.sleep(0.2)  # real time, for imageio's idle_time
+    assert lab.engine.activity.extends[transfer.id] >= 1
+    assert t.phase == "transferring"  # idle past its timeout, but the engine has not looked
+    await lab.advance()  # the monitor's next looks, on the engine's clock
+    assert t.phase == "cancelled_system"
+    await lab.advance()
+    assert t.phase == "finalizing_failure"
+    await lab.advance()
+    assert t.phase == "finished_failure"
     (event,) = [e for e in lab.engine.activity.events if e.code == 1072]  # legacy download
     assert transfer.id in event.description and "inactive" in event.description
     assert lab.daemon is not None
@@ -533,6 +557,9 @@ async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> Non
 
 
 async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
+    # Reads reset imageio's idle_time, which imageio counts in real seconds: reading every
+    # half second for 2.5 s (an unread ticket is idle past the 1 s timeout after 2 s at
+    # most), with the engine's monitor looking after each read, keeps the transfer.
     lab.engine.faults.inactivity_timeout = 1
     backup = await lab.sdk(start_backup)
     transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
@@ -540,11 +567,12 @@ async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
     async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
         reader = await disk.open_reader()
         try:
-            for _ in range(8):  # 4 s of small reads: four times the inactivity timeout
+            for _ in range(5):
                 await reader.readinto(0, memoryview(bytearray(4096)))
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # real time, for imageio's idle_time
+                await lab.advance()
+                assert t.phase == "transferring"
         finally:
             await reader.close()
-    assert t.phase == "transferring"
     await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
     await lab.sdk(lambda c: stop_backup(c, backup.id))

@@ -14,7 +14,7 @@ from engine.io import qemu
 from plugins.lab.engine import lab_id
 from plugins.lab.engine.ovf import parse_ovf, vm_ovf
 from plugins.ovirt.imageio import ImageioDisk
-from tests.lab.polling import polls
+from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import (
     VM_ID,
     Lab,
@@ -47,7 +47,17 @@ def get_disk(conn: sdk.Connection, disk_id: str) -> types.Disk:
     return conn.system_service().disks_service().disk_service(disk_id).get()
 
 
-def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
+def disk_ok(conn: Client, disk_id: str) -> types.Disk:
+    """Poll a new disk until ``ok`` (SDK-EX ``upload_disk.py``), stepping the clock."""
+    for _ in steps(conn):
+        disk = get_disk(conn, disk_id)
+        if disk.status == types.DiskStatus.OK:
+            return disk
+        assert disk.status == types.DiskStatus.LOCKED
+    raise AssertionError(f"disk {disk_id} stuck in {disk.status}")
+
+
+def upload(conn: Client, disk_id: str) -> types.ImageTransfer:
     transfers = conn.system_service().image_transfers_service()
     t = transfers.add(
         types.ImageTransfer(
@@ -56,7 +66,7 @@ def upload(conn: sdk.Connection, disk_id: str) -> types.ImageTransfer:
             format=types.DiskFormat.RAW,
         )
     )
-    for _ in polls():
+    for _ in steps(conn):
         t = transfers.image_transfer_service(t.id).get()
         if t.phase == types.ImageTransferPhase.TRANSFERRING:
             return t
@@ -129,7 +139,7 @@ def test_parse_ovf_reads_back_what_vm_ovf_writes() -> None:
 async def test_new_disk_upload_and_delete(lab: Lab) -> None:
     disk = await lab.sdk(add_disk)
     assert disk.status == types.DiskStatus.LOCKED
-    assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.OK
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     image = lab.engine.activity.images[disk.id]
     info = await qemu.info(image)
     assert (info["format"], info["virtual-size"]) == ("qcow2", 2 * MiB)
@@ -160,20 +170,48 @@ async def test_new_disk_upload_and_delete(lab: Lab) -> None:
 
 async def test_cancelled_upload_leaves_the_disk_illegal(lab: Lab) -> None:
     disk = await lab.sdk(partial(add_disk, format=types.DiskFormat.RAW, sparse=False))
-    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     assert (await qemu.info(lab.engine.activity.images[disk.id]))["format"] == "raw"
     transfer = await lab.sdk(partial(upload, disk_id=disk.id))
 
-    def cancel(conn: sdk.Connection) -> None:
+    def cancel(conn: Client) -> None:
         service = conn.system_service().image_transfers_service()
         service.image_transfer_service(transfer.id).cancel()
-        for _ in polls():
+        for _ in steps(conn):
             if service.image_transfer_service(transfer.id).get().phase.value.startswith("finished"):
                 return
         raise AssertionError("cancel did not finish")
 
     await lab.sdk(cancel)
     assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.ILLEGAL
+
+
+async def test_a_new_disk_is_locked_for_disk_seconds_whoever_polls(lab: Lab) -> None:
+    """vdsm creates the volume while the disk is locked; the disk is ok after
+    ``Faults.disk_seconds`` of the engine's clock, polled or not (the lab used to show it ok
+    at its first GET, and never without one). A client that polls sees it locked until then,
+    however often it looks, and cannot upload to it or attach it meanwhile."""
+    a = lab.engine.activity
+    lab.engine.faults.disk_seconds = 2 * lab.engine.faults.phase_seconds
+    disk = await lab.sdk(add_disk)
+    assert disk.status == types.DiskStatus.LOCKED
+
+    def look(conn: Client) -> list[types.DiskStatus]:
+        listed = conn.system_service().disks_service().list(search=f"id={disk.id}")
+        return [get_disk(conn, disk.id).status for _ in range(5)] + [d.status for d in listed]
+
+    assert await lab.sdk(look) == [types.DiskStatus.LOCKED] * 6
+    e = await lab.sdk(fault(partial(upload, disk_id=disk.id)))
+    assert e.code == 409 and "is locked" in str(e)
+    await lab.advance(1.5)  # three quarters of disk_seconds
+    assert await lab.sdk(look) == [types.DiskStatus.LOCKED] * 6
+    assert a.inventory.disks[disk.id].status == "locked"
+    await lab.advance(0.5)  # nobody polled
+    assert a.inventory.disks[disk.id].status == "ok"
+    assert [e.code for e in a.events[-2:]] == [2020, 2021]
+    assert await lab.sdk(look) == [types.DiskStatus.OK] * 6
+    transfer = await lab.sdk(partial(upload, disk_id=disk.id))
+    await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
 
 
 async def test_disk_refusals(lab: Lab) -> None:
@@ -208,8 +246,8 @@ async def test_vm_from_ovf_attach_and_delete(lab: Lab) -> None:
 
     disk = await lab.sdk(add_disk)
     e = await lab.sdk(fault(partial(attach, vm_id=vm.id, disk_id=disk.id)))
-    assert e.code == 409  # still locked: nobody polled it
-    await lab.sdk(partial(get_disk, disk_id=disk.id))
+    assert e.code == 409  # still locked: the engine is creating it
+    await lab.sdk(partial(disk_ok, disk_id=disk.id))
     e = await lab.sdk(fault(partial(attach, vm_id=vm.id, disk_id=disk.id, bootable=None)))
     assert e.code == 400
     att = await lab.sdk(partial(attach, vm_id=vm.id, disk_id=disk.id))

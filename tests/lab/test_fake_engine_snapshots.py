@@ -16,7 +16,7 @@ from engine.io import qemu
 from plugins.lab.engine.records import SNAPSHOT_CREATED, SNAPSHOT_REMOVED
 from plugins.ovirt.imageio import ImageioDisk
 from tests.lab import test_fake_engine_backup as base
-from tests.lab.polling import polls
+from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import (
     DOWN_VM_ID,
     QCOW_ID,
@@ -28,7 +28,6 @@ from tests.lab.test_fake_engine_backup import (
     read_all,
     start_backup,
     stop_backup,
-    unpolled,
     write,
 )
 
@@ -41,20 +40,20 @@ def snapshots_service(conn: sdk.Connection) -> sdk.services.SnapshotsService:
     return conn.system_service().vms_service().vm_service(VM_ID).snapshots_service()
 
 
-def create_snapshot(conn: sdk.Connection) -> types.Snapshot:
+def create_snapshot(conn: Client) -> types.Snapshot:
     s = snapshots_service(conn).add(
         types.Snapshot(description="lab snapshot", persist_memorystate=False)
     )
     assert s.snapshot_status == types.SnapshotStatus.LOCKED
     service = snapshots_service(conn).snapshot_service(s.id)
-    for _ in polls():
+    for _ in steps(conn):
         s = service.get()
         if s.snapshot_status == types.SnapshotStatus.OK:
             return s
     raise AssertionError(f"snapshot stuck in {s.snapshot_status}")
 
 
-def snapshot_transfer(conn: sdk.Connection, volume_id: str) -> types.ImageTransfer:
+def snapshot_transfer(conn: Client, volume_id: str) -> types.ImageTransfer:
     transfers = conn.system_service().image_transfers_service()
     transfer = transfers.add(
         types.ImageTransfer(
@@ -64,18 +63,19 @@ def snapshot_transfer(conn: sdk.Connection, volume_id: str) -> types.ImageTransf
         )
     )
     service = transfers.image_transfer_service(transfer.id)
-    for _ in polls():
+    for _ in steps(conn):
         transfer = service.get()
         if transfer.phase == types.ImageTransferPhase.TRANSFERRING:
             return transfer
     raise AssertionError(f"transfer stuck in {transfer.phase}")
 
 
-def remove_snapshot(conn: sdk.Connection, snapshot_id: str) -> int:
-    """DELETE, then poll until 404; returns how many GETs still saw it."""
+def remove_snapshot(conn: Client, snapshot_id: str) -> int:
+    """DELETE, then poll until 404, stepping the clock between GETs; returns how many GETs
+    still saw it."""
     service = snapshots_service(conn).snapshot_service(snapshot_id)
     service.remove()
-    for seen in polls():
+    for seen in steps(conn):
         try:
             assert service.get().snapshot_status == types.SnapshotStatus.LOCKED
         except sdk.NotFoundError:
@@ -146,7 +146,7 @@ async def test_snapshot_reads_snapshot_time_content_and_delete_keeps_data(lab: L
         assert await read_all(transfer.transfer_url, len(expected), lab.ca) == expected
         await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
 
-    assert await lab.sdk(partial(remove_snapshot, snapshot_id=s.id)) >= 1  # async delete
+    assert await lab.sdk(partial(remove_snapshot, snapshot_id=s.id)) == 1  # one phase step
     listed = await lab.sdk(lambda c: snapshots_service(c).list())
     assert [x.snapshot_type for x in listed] == [types.SnapshotType.ACTIVE]
     assert (await qemu.info(lab.raw))["format"] == "raw"
@@ -286,17 +286,28 @@ async def test_snapshot_refusals(lab: Lab) -> None:
 
 async def test_snapshot_phases_move_with_nobody_polling(lab: Lab) -> None:
     """The engine's snapshot commands finish in its own threads: a new snapshot becomes ok,
-    and a removed one goes, with no client sending a GET (the lab used to move them one
-    step per GET, so an unpolled snapshot stayed locked for ever)."""
+    and a removed one goes, one phase step later, with no client sending a GET (the lab used
+    to move them one step per GET, so an unpolled snapshot stayed locked for ever). Without
+    that step it stays locked, however often a client looks."""
     a = lab.engine.activity
     made = await lab.sdk(lambda c: snapshots_service(c).add(types.Snapshot(description="unpolled")))
     assert made.snapshot_status == types.SnapshotStatus.LOCKED
-    await unpolled(lab.engine, lambda: a.snapshots[made.id].status, "ok")
+
+    def statuses(conn: Client) -> list[types.SnapshotStatus]:
+        service = snapshots_service(conn).snapshot_service(made.id)
+        return [service.get().snapshot_status for _ in range(5)]
+
+    assert await lab.sdk(statuses) == [types.SnapshotStatus.LOCKED] * 5
+    await lab.advance(0.5)
+    assert a.snapshots[made.id].status == "locked"  # half a step: not yet
+    await lab.advance(0.5)
+    assert a.snapshots[made.id].status == "ok"
     assert a.events[-1].code == SNAPSHOT_CREATED
 
     await lab.sdk(lambda c: snapshots_service(c).snapshot_service(made.id).remove())
     assert a.snapshots[made.id].status == "locked"
-    await unpolled(lab.engine, lambda: "gone" if made.id not in a.snapshots else "there", "gone")
+    await lab.advance()
+    assert made.id not in a.snapshots
     assert a.events[-1].code == SNAPSHOT_REMOVED
     seen = await lab.sdk(lambda c: [s.id for s in snapshots_service(c).list()])
     assert made.id not in seen
@@ -313,7 +324,7 @@ async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -
     transfer = await lab.sdk(partial(snapshot_transfer, volume_id=disks[0].image_id))
     await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
 
-    def again(conn: sdk.Connection) -> list[tuple[int, str]]:
+    def again(conn: Client) -> list[tuple[int, str]]:
         service = conn.system_service().image_transfers_service()
         snapshot = snapshots_service(conn).snapshot_service(s.id)
         answers = []
@@ -332,7 +343,7 @@ async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -
                 answers.append((int(e.code or 0), str(e.fault.detail if e.fault else e)))
             else:
                 answers.append((200, ""))
-        for _ in polls():  # the removal ends on its own a phase step later
+        for _ in steps(conn):  # the removal ends on its own a phase step later
             try:
                 snapshot.get()
             except sdk.NotFoundError:

@@ -142,5 +142,12 @@ def test_lab_up_help_documents_the_timing_and_fault_knobs() -> None:
         text=True,
         check=True,
     ).stdout
-    for option in ("--inactivity-timeout", "--slow-reads", "--phase-seconds", "--ticket-timeout"):
+    options = (
+        "--inactivity-timeout",
+        "--slow-reads",
+        "--phase-seconds",
+        "--disk-seconds",
+        "--ticket-timeout",
+    )
+    for option in options:
         assert option in out, out

@@ -1,6 +1,6 @@
 """The engine's checkpoint chain under Tessera (``plugins.ovirt.checkpoints``), end to end:
-`tessera backup vm` against the lab, on a VM that is down, so each checkpoint delete is cold
-and finishes only after the client polls it (the fake shows it ``invalid`` once, then 404).
+`tessera backup vm` against the lab, on a VM that is down, so each checkpoint delete is cold:
+the fake shows it ``invalid`` for a phase step, then 404, and the client polls until then.
 
 - After each successful backup Tessera deletes its own checkpoints older than the new one,
   except the last full's (differentials start there), oldest first, polling each until gone;
@@ -180,7 +180,7 @@ async def test_stale_checkpoints_are_deleted_oldest_first(tmp_path: Path, lab: L
     assert [c for c, _ in await call(engine, chain)] == [other, new_full]  # not ours: kept
     assert await qemu.bitmaps(image, force_share=True) == [other, new_full]
 
-    # Every delete was polled to its end (the fake forgets a cold delete only on a GET).
+    # Every delete ran to its end: Tessera polled each until the fake had finished it.
     assert not engine.activity.deleting_checkpoints
     deleted = [e.description for e in engine.activity.events if e.code == VM_CHECKPOINT_DELETED]
     assert [d.split()[1] for d in deleted] == [first_inc, second_inc, full, third_inc]

@@ -1,6 +1,6 @@
 """Hybrid (snapshot-based) backups, as an engine with cluster level 4.7 runs them
 (API-NOTES § 4.1): the lab engine takes a snapshot "Auto-generated for Backup VM" at start,
-serves the backup from it, and removes it at finalize (one more ``finalizing`` poll).
+serves the backup from it, and removes it at finalize (``finalizing`` one more phase step).
 
 First the fake itself, with the real ovirtsdk4: the backup names its snapshot, reads the
 disk as it was at the start while the VM writes, and leaves no snapshot and intact bitmaps.

@@ -12,7 +12,11 @@ Nouns:
 - block volumes  thin disks on the seed's iSCSI/FC domains have a fixed allocation that
                   uploads and DataMover writes cannot pass (``volumes``).
 - ``Faults``      the test's fault knobs (``faults``): a FAILED backup, paused transfers,
-                  503s, slow responses; held by the activity, set on the event loop.
+                  503s, slow responses, and the timing knobs; held by the activity, set on
+                  the event loop.
+- ``Clock``       the engine's one clock (``clock``): the background work (``monitor``) sleeps
+                  on it and every phase age, new disk and SSO token is aged by it; a
+                  ``SystemClock`` unless a test gives a ``FakeClock`` it moves itself.
 - ``FakeEngine``  owns the inventory, the sessions, the activity and an aiohttp server on
                   127.0.0.1 with TLS.
 
@@ -24,6 +28,7 @@ loop (handlers await subprocesses but never block; nothing is shared with thread
 """
 
 from plugins.lab.engine.backup import Activity
+from plugins.lab.engine.clock import Clock, FakeClock, SystemClock
 from plugins.lab.engine.faults import Faults
 from plugins.lab.engine.server import FakeEngine, make_app
 from plugins.lab.engine.sso import Sessions
@@ -31,12 +36,15 @@ from plugins.lab.engine.state import DiskSeed, Inventory, Seed, VmSeed, demo_see
 
 __all__ = [
     "Activity",
+    "Clock",
     "DiskSeed",
+    "FakeClock",
     "FakeEngine",
     "Faults",
     "Inventory",
     "Seed",
     "Sessions",
+    "SystemClock",
     "VmSeed",
     "demo_seed",
     "lab_id",

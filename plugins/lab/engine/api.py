@@ -17,7 +17,6 @@ adds along) adds each VM's OVF (``ovf.vm_ovf``) in ``initialization.configuratio
 """
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from ovirtsdk4 import types
 from plugins.lab.engine import ovf, render, search
 from plugins.lab.engine.faults import FAULTS
 from plugins.lab.engine.sso import Sessions
-from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Disk, Inventory, Vm, lab_id
+from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Inventory, Vm, lab_id
 
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", Sessions)
@@ -302,8 +301,8 @@ def routes() -> list[web.RouteDef]:
         )
 
     async def disk(request: web.Request) -> web.Response:
-        inv = request.app[INVENTORY]
-        return render.xml_response(render.disk(_settled(inv, _get(inv.disks, request, "disk"))))
+        d = _get(request.app[INVENTORY].disks, request, "disk")
+        return render.xml_response(render.disk(d))
 
     async def tags(request: web.Request) -> web.Response:
         inv = request.app[INVENTORY]
@@ -337,13 +336,6 @@ def routes() -> list[web.RouteDef]:
         web.get(f"{a}/tags", tags),
         web.get(f"{a}/tags/{{id}}", tag),
     ]
-
-
-def _settled(inv: Inventory, d: Disk) -> Disk:
-    """A new disk (``restore.create_disk``) is ``locked`` until its next GET, then ``ok``."""
-    if d.status == "locked":
-        d = inv.disks[d.id] = dataclasses.replace(d, status="ok")
-    return d
 
 
 def all_content(request: web.Request) -> bool:

@@ -36,7 +36,6 @@ belongs to the caller.
 """
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from engine.io import qemu
 from plugins.lab.engine.api import Fault
+from plugins.lab.engine.clock import Clock, SystemClock, elapsed
 from plugins.lab.engine.faults import Faults
 from plugins.lab.engine.records import (
     BACKUP_ACTIVE,
@@ -84,16 +84,25 @@ class Activity:
     events: list[Event] = field(default_factory=list)
     extends: dict[str, int] = field(default_factory=dict)  # transfer id → extend actions
     hybrid: dict[str, str] = field(default_factory=dict)  # hybrid backup id → its snapshot id
-    # Checkpoints of a down VM being deleted → ``clock()`` at the DELETE: shown ``invalid``
-    # until ``monitor`` finishes the delete (then 404).
+    # Checkpoints of a down VM being deleted → ``clock.now()`` at the DELETE: shown
+    # ``invalid`` until ``monitor`` finishes the delete (then 404).
     deleting_checkpoints: dict[str, float] = field(default_factory=dict)
+    # Disks ``POST disks`` created → ``clock.now()`` then: ``locked`` until ``monitor``
+    # finishes them ``Faults.disk_seconds`` later (``restore.finish_disk``).
+    creating_disks: dict[str, float] = field(default_factory=dict)
     # VMs restarted since their last backup whose libvirt checkpoints cannot be redefined
     # (``restart_vm(redefine_fails=True)``): their next incremental loses the chain.
     broken_redefine: set[str] = field(default_factory=set)
     faults: Faults = field(default_factory=Faults)  # the test's knobs (``faults`` module)
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
-    clock: Callable[[], float] = field(default=time.monotonic)  # phase ages (``monitor``)
+    clock: Clock = field(default_factory=SystemClock)  # every age ``monitor`` compares
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def due(self, since: float, seconds: float | None = None) -> bool:
+        """Whether ``seconds`` (default ``Faults.phase_seconds``) have passed on the clock
+        since ``since`` (a ``clock.now()`` reading): the engine's next step is due."""
+        step = self.faults.phase_seconds if seconds is None else seconds
+        return elapsed(self.clock.now(), since, step)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -236,7 +245,7 @@ class Activity:
                 description=description,
                 failure=failure,
                 chain_lost=chain_lost,
-                since=self.clock(),
+                since=self.clock.now(),
             )
             self.backups[b.id] = b
             self.event(VM_BACKUP_STARTED, f"Backup {b.id} for VM {vm.name} started", vm_id)
@@ -304,7 +313,7 @@ class Activity:
         nxt = step.get(b.phase)
         if nxt is None:
             return
-        b.since = self.clock()
+        b.since = self.clock.now()
         if b.phase == "initializing" and b.failure is not None:
             b.phase = "failed"
             b.modified = now()
@@ -346,7 +355,7 @@ class Activity:
         failed = b.phase != "ready"
         b.phase = "failed" if failed else "finalizing"
         b.modified = now()
-        b.since = self.clock()
+        b.since = self.clock.now()
         vm = self.inventory.vms[b.vm_id]
         if failed:  # finalize before READY fails the backup and drops its checkpoint
             self.checkpoints.pop(b.to_checkpoint_id or "", None)
@@ -373,7 +382,7 @@ class Activity:
                     other.parent_id = c.parent_id
             vm = self.inventory.vms[c.vm_id]
             if vm.status == "down":
-                self.deleting_checkpoints[c.id] = self.clock()
+                self.deleting_checkpoints[c.id] = self.clock.now()
                 return
             del self.checkpoints[c.id]
             self.event(VM_CHECKPOINT_DELETED, f"Checkpoint {c.id} for VM {vm.name} deleted", vm.id)

@@ -4,8 +4,8 @@ Handlers parse request bodies with the SDK's reader and answer with its writers,
 ``api``; the work and the state are ``backup.Activity``'s (app key ``ACTIVITY``). What a
 client sees:
 
-- Phases move with time (``monitor``, one step per ``Faults.phase_seconds``), not per GET: a
-  ``GET`` only reads them.
+- Phases move with time (``monitor``, one step per ``Faults.phase_seconds`` of the engine's
+  clock), not per GET: a ``GET`` only reads them.
 - ``POST vms/{id}/backups[?legacy=true]`` → 202 with ``phase=initializing``, then
   initializing → starting → ready; finalizing → succeeded.
   On a hybrid cluster (``hybrid``) the backup carries ``<snapshot id>`` and stays

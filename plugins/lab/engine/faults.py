@@ -4,8 +4,9 @@ The engine holds one ``Faults`` (``FakeEngine.faults``, also ``Activity.faults``
 fields on the event loop, between or during runs, and the next requests see them:
 
 - ``fail_backup_of``: VM names. The next backup of such a VM is accepted (201) and then goes
-  initializing → failed on its first poll, with event 10792 ``VM_BACKUP_FAILED`` (severity
-  error) whose description names the backup id; no checkpoint is created. The name is removed
+  initializing → failed at its first phase step (``monitor``), with event 10792
+  ``VM_BACKUP_FAILED`` (severity error) whose description names the backup id; no
+  checkpoint is created. The name is removed
   from the set once used, so only one backup fails.
 - missing bitmap: no knob. A test removes a checkpoint's bitmap from a disk image behind the
   engine's back (``qemu-img bitmap --remove``). A backup started after that reports
@@ -40,8 +41,15 @@ Timing knobs (the engine's behaviour is the same with any value; only the clock 
   60 s), so a test need not wait a minute for the engine's inactivity monitor (``monitor``)
   to cancel an idle transfer. None: the transfer's own value, else 60.
 - ``phase_seconds``: how long the engine's background work takes per phase step (``monitor``:
-  transfers, backups, cold checkpoint deletes move one step per this many seconds, whether
-  anyone polls or not).
+  transfers, backups, snapshots, cold checkpoint deletes move one step per this many seconds
+  of the engine's clock, whether anyone polls or not).
+- ``disk_seconds``: how long vdsm takes to create a new disk's volume: a disk ``POST disks``
+  made is ``locked`` this many seconds of the engine's clock, then ``ok`` (``monitor``,
+  ``restore.finish_disk``), whether anyone polls or not.
+
+Seconds of the engine's clock are real ones unless a test gave the engine a ``FakeClock``
+(``clock``); ``ticket_timeout``, ``storage_iops`` and ``slow_ms`` are real time always (imageio,
+qemu and the client's wait are real programs).
 """
 
 from dataclasses import dataclass, field
@@ -63,6 +71,7 @@ class Faults:
     storage_iops: int = 0  # requests/s every new qemu-nbd export serves; 0: unthrottled
     inactivity_timeout: int | None = None  # overrides every new transfer's; None: its own/60
     phase_seconds: float = 0.25  # seconds per background phase step (``monitor``)
+    disk_seconds: float = 0.25  # seconds a new disk stays locked (``restore.finish_disk``)
     volume_chunk: int = LAB_VOLUME_CHUNK  # a new thin block volume without initial_size
 
 

@@ -62,7 +62,7 @@ class Backup:
     modified: datetime = field(default_factory=now)
     failure: str | None = None  # set: the backup goes initializing → failed (``faults``)
     chain_lost: bool = False  # the failure is a failed checkpoint redefine: event 10791 too
-    since: float = 0.0  # ``Activity.clock()`` when the phase last changed (``monitor``)
+    since: float = 0.0  # ``Activity.clock.now()`` when the phase last changed (``monitor``)
 
 
 @dataclass(slots=True)
@@ -80,7 +80,7 @@ class Transfer:
     snapshot_volume: str | None = None  # a snapshot download: the volume (disk snapshot) id
     failure: str | None = None  # why qemu-nbd or the ticket failed: the transfer pauses
     phase: str = "initializing"
-    since: float = 0.0  # ``Activity.clock()`` when the phase last changed (``monitor``)
+    since: float = 0.0  # ``Activity.clock.now()`` when the phase last changed (``monitor``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,5 +116,5 @@ class Snapshot:
     persist_memorystate: bool = False
     status: str = "locked"  # locked → ok; deleting: locked → gone (``monitor``)
     deleting: bool = False
-    since: float = 0.0  # ``Activity.clock()`` when the status last changed (``monitor``)
+    since: float = 0.0  # ``Activity.clock.now()`` when the status last changed (``monitor``)
     created: datetime = field(default_factory=now)

@@ -3,8 +3,10 @@
 - ``create_disk``: a floating disk in a storage domain (by id or name); ``provisioned_size``
   and ``format`` are mandatory, a client-supplied ``id`` is honoured, ``backup=incremental``
   needs ``cow``. The image is made at once with ``qemu-img create`` (qcow2 for ``cow``, raw
-  otherwise) in ``Activity.images_dir``; the disk starts ``locked`` and its next GET
-  (``api``) shows ``ok``. It can then take an upload transfer (``transfers.start``).
+  otherwise) in ``Activity.images_dir``; the disk starts ``locked`` (event 2020) while "vdsm
+  creates the volume": ``Faults.disk_seconds`` of the engine's clock later ``monitor`` makes
+  it ``ok`` (``finish_disk``, event 2021), whether anyone polls or not. Only then can it take
+  an upload transfer (``transfers.start``) or be attached (``attach_disk``).
   On a block domain (iSCSI, FC) sparse raw is refused (400, as ``AddDiskCommand``), and a
   thin ``cow`` disk is a volume of fixed allocation from ``initial_size`` (else the lab's
   chunk), which uploads and DataMover writes cannot pass (``volumes``); ``initial_size`` is
@@ -42,6 +44,8 @@ from plugins.lab.engine.state import Attachment, Disk, GiB, StorageDomain, Vm
 
 DEFAULT_MEMORY = 1 * GiB  # the Blank template's
 DEFAULT_OS = "other"
+USER_ADD_DISK = 2020  # event codes (API-NOTES § 8.1)
+USER_ADD_DISK_FINISHED = 2021
 
 
 def _domain(a: Activity, ref: types.StorageDomain) -> StorageDomain:
@@ -128,8 +132,20 @@ async def create_disk(a: Activity, body: types.Disk) -> Disk:
         a.inventory.disks[disk.id] = disk
         a.images[disk.id] = path
         a.created_images.add(disk.id)
-        a.event(2020, f"Add-Disk operation of '{alias}' was initiated.", None)
+        a.creating_disks[disk.id] = a.clock.now()
+        a.event(USER_ADD_DISK, f"Add-Disk operation of '{alias}' was initiated.", None)
         return disk
+
+
+def finish_disk(a: Activity, disk_id: str) -> None:
+    """The engine's background work (``monitor``, under the lock): vdsm created the new
+    disk's volume, so the disk is ``ok`` (event 2021). A disk deleted meanwhile is skipped."""
+    a.creating_disks.pop(disk_id, None)
+    disk = a.inventory.disks.get(disk_id)
+    if disk is None or disk.status != "locked":
+        return
+    a.inventory.disks[disk_id] = replace(disk, status="ok")
+    a.event(USER_ADD_DISK_FINISHED, f"The disk '{disk.alias}' was successfully added.", None)
 
 
 def _busy(a: Activity, disk_id: str) -> bool:
@@ -157,6 +173,7 @@ async def delete_disk(a: Activity, disk_id: str) -> None:
 
 def _forget_disk(a: Activity, disk: Disk) -> None:
     del a.inventory.disks[disk.id]
+    a.creating_disks.pop(disk.id, None)
     path = a.images.pop(disk.id, None)
     if path is not None:
         a.volume_sizes.pop(path, None)

@@ -1,7 +1,7 @@
 """The restore routes (API-NOTES § 8, § 11.1); the work is ``restore``'s.
 
-- ``POST disks`` → 202 with ``status=locked`` (the next ``GET disks/{id}`` shows ``ok``);
-  ``DELETE disks/{id}`` → 200.
+- ``POST disks`` → 202 with ``status=locked``; ``ok`` ``Faults.disk_seconds`` later, whoever
+  polls (``restore.finish_disk``); ``DELETE disks/{id}`` → 200.
 - ``POST vms`` (OVF or plain fields) → 201 with the new, down VM; ``DELETE vms/{id}``
   (``?detach_only=true`` keeps its disks) → 200.
 - ``POST vms/{id}/diskattachments`` with ``<disk id>`` → 201 with the attachment.

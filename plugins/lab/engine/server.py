@@ -33,9 +33,17 @@ names them (``devices``; needs root, /dev/fuse and nbdfuse); ``close()`` unplugs
 ``engine.faults`` (``faults.Faults``) injects failures: a FAILED backup, paused transfers, 503s
 and slow responses; the ``faults`` module says what each knob does.
 
-The engine's background work (``monitor``: phases moving with time, the transfer inactivity
-monitor, cold checkpoint deletes finishing) is one task ``start()`` creates and ``close()``
-cancels and awaits; an app made by ``make_app`` alone has none (call ``monitor.tick``).
+The engine's background work (``monitor``: transfers, backups, snapshots, cold checkpoint
+deletes and new disks moving with time, the transfer inactivity monitor) is one task
+``start()`` creates and ``close()`` cancels and awaits; an app made by ``make_app`` alone has
+none (call ``monitor.tick``).
+It runs on the engine's one clock (``clock``), which also ages the SSO tokens: the real one
+by default; a test passes a ``FakeClock`` and moves it with ``advance``::
+
+    clock = FakeClock()
+    async with FakeEngine(seed, workdir, clock=clock) as engine:
+        ...                                           # POST a backup: initializing
+        await clock.advance(engine.faults.phase_seconds)  # starting, nobody polling
 """
 
 import asyncio
@@ -61,6 +69,7 @@ from plugins.lab.engine import (
     sso,
 )
 from plugins.lab.engine.backup import Activity
+from plugins.lab.engine.clock import Clock, SystemClock
 from plugins.lab.engine.devices import Devices
 from plugins.lab.engine.faults import FAULTS, Faults
 from plugins.lab.engine.state import Inventory, Seed
@@ -75,7 +84,7 @@ MAX_REQUEST_BODY = 1024 * 1024  # API bodies are small XML; disk data never goes
 def make_app(
     inventory: Inventory,
     sessions: sso.Sessions,
-    clock: Callable[[], float] = time.time,
+    epoch: Callable[[], float] = time.time,
     activity: Activity | None = None,
     devices: Devices | None = None,
     datamover: str | None = None,
@@ -85,7 +94,8 @@ def make_app(
 
     Without ``activity`` the backup routes serve an engine with no images and no imageio.
     With ``devices`` the attachments of the VM named ``datamover`` become local devices.
-    With ``ca_pem`` the engine publishes that CA certificate (``pki``)."""
+    With ``ca_pem`` the engine publishes that CA certificate (``pki``). ``epoch`` gives the
+    wall time (seconds since the epoch) of the SSO answers' ``exp``."""
     app = web.Application(middlewares=[api.api_middleware], client_max_size=MAX_REQUEST_BODY)
     app[api.INVENTORY] = inventory
     app[api.SESSIONS] = sessions
@@ -95,7 +105,7 @@ def make_app(
     if devices is not None and datamover is not None:
         app[attach_api.DEVICES] = devices
         app[attach_api.DATAMOVER] = datamover
-    app.add_routes(sso.routes(sessions, clock))
+    app.add_routes(sso.routes(sessions, epoch))
     if ca_pem is not None:
         app.add_routes(pki.routes(ca_pem))
     app.add_routes(api.routes())
@@ -111,6 +121,9 @@ class FakeEngine:
     """A fake oVirt engine on ``https://127.0.0.1:<random port>/ovirt-engine/api``.
 
     ``workdir`` must exist; the CA certificate and the server key are written there.
+    ``clock`` (default: a ``SystemClock``) is the engine's one clock: the background work,
+    every phase age and the SSO tokens' ages read it (``clock`` module); ``epoch`` gives the
+    wall time of the SSO answers' ``exp``.
     ``sso_idle_timeout`` / ``sso_lifetime`` are the SSO tokens' lifetimes (``sso.Sessions``).
     Use as an async context manager, or call ``start()`` and then ``close()`` (always, even
     when start failed half-way).
@@ -122,7 +135,8 @@ class FakeEngine:
         seed: Seed,
         workdir: Path,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
+        epoch: Callable[[], float] = time.time,
         images: Mapping[str, Path] | None = None,
         imageio: ImageioDaemon | None = None,
         datamover: str | None = None,
@@ -134,13 +148,22 @@ class FakeEngine:
         # One CA for the engine and imageio, as on a real setup (the engine CA).
         self.ca = ca if ca is not None else imageio.ca if imageio is not None else LabCa()
         self.inventory = Inventory.from_seed(seed)  # raises ConfigError for a bad seed
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self.activity = Activity(
-            self.inventory, dict(images or {}), imageio, images_dir=workdir / "images"
+            self.inventory,
+            dict(images or {}),
+            imageio,
+            images_dir=workdir / "images",
+            clock=self.clock,
         )
         # The fault knobs (``faults`` module): set them on the event loop to misbehave.
         self.faults: Faults = self.activity.faults
         self.sessions = sso.Sessions(
-            seed.username, seed.password, idle_timeout=sso_idle_timeout, lifetime=sso_lifetime
+            seed.username,
+            seed.password,
+            idle_timeout=sso_idle_timeout,
+            lifetime=sso_lifetime,
+            clock=self.clock.now,
         )
         self.username = seed.username
         self.password = seed.password
@@ -155,7 +178,7 @@ class FakeEngine:
         self._app = make_app(
             self.inventory,
             self.sessions,
-            clock,
+            epoch,
             self.activity,
             self.devices,
             datamover,

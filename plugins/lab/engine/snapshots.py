@@ -128,7 +128,7 @@ async def create(
             ovf=ovf.vm_ovf(a.inventory, vm, {d: v.id for d, v in volumes.items()}),
             volumes=volumes,
             persist_memorystate=persist_memorystate,
-            since=a.clock(),
+            since=a.clock.now(),
         )
         a.snapshots[s.id] = s
         return s
@@ -153,7 +153,7 @@ def step(a: Activity, s: Snapshot) -> None:
     """One step of the engine's background work (``monitor``, under the activity's lock),
     once the status is ``Faults.phase_seconds`` old: locked → ok; a deleted snapshot goes.
     A hybrid backup's snapshot is left to its backup (``hybrid.removing``)."""
-    if a.clock() - s.since < a.faults.phase_seconds or s.id in a.hybrid.values():
+    if not a.due(s.since) or s.id in a.hybrid.values():
         return
     if s.deleting:
         del a.snapshots[s.id]
@@ -161,7 +161,7 @@ def step(a: Activity, s: Snapshot) -> None:
         a.event(SNAPSHOT_REMOVED, f"Snapshot '{s.description}' deleted for VM {vm.name}", vm.id)
     elif s.status == "locked":
         s.status = "ok"
-        s.since = a.clock()
+        s.since = a.clock.now()
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_CREATED,
@@ -220,7 +220,7 @@ async def delete(a: Activity, s: Snapshot) -> None:
                 )
         s.deleting = True
         s.status = "locked"
-        s.since = a.clock()
+        s.since = a.clock.now()
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_REMOVE_STARTED, f"Snapshot '{s.description}' deletion for VM {vm.name}", vm.id

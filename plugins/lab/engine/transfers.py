@@ -1,6 +1,7 @@
 """Image transfers of the fake engine (API-NOTES § 5): qemu-nbd exports behind imageio tickets.
 
-- ``start``: validate as ``TransferDiskImageCommand``; a download transfer runs a read-only
+- ``start``: validate as ``TransferDiskImageCommand`` (a disk still being created, or in
+  another transfer, is locked: 409); a download transfer runs a read-only
   ``qemu-nbd`` on the disk's image (``--bitmap=<from checkpoint>`` for an incremental disk of
   a backup) and installs an ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty``
   only for an incremental disk); an upload runs a writable one (ops write). A download with
@@ -111,7 +112,7 @@ async def start(
         b = a.backups.get(backup_id) if backup_id else None
         if backup_id and b is None:
             raise Fault(404, f"Entity not found: backup {backup_id}", "Not Found")
-        if disk_id in a._busy_disks():
+        if disk.status == "locked" or disk_id in a._busy_disks():  # being created, or busy
             raise Fault(409, f"[Cannot transfer Virtual Disk. Disk {disk.alias} is locked.]")
         bitmap = None
         if b is not None:
@@ -169,7 +170,7 @@ async def start(
             nbd=None if failure else nbd,
             failure=failure,
             snapshot_volume=snapshot_volume,
-            since=a.clock(),
+            since=a.clock.now(),
         )
         a.transfers[t.id] = t
         a.event(
@@ -285,13 +286,13 @@ _NEXT = {
 
 def _phase(a: Activity, t: Transfer, phase: str) -> None:
     t.phase = phase
-    t.since = a.clock()
+    t.since = a.clock.now()
 
 
 async def step(a: Activity, t: Transfer) -> None:
     """One look of the engine's monitor at ``t`` (module docstring); the caller holds the
     lock. A phase younger than ``Faults.phase_seconds`` stays."""
-    if a.clock() - t.since < a.faults.phase_seconds:
+    if not a.due(t.since):
         return
     if t.phase == "initializing":
         _phase(a, t, "paused_system" if t.failure else "transferring")
