@@ -34,8 +34,8 @@ from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
 from engine.sources.types import ResourceRecorder, Source
-from engine.store.check import damage_of
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
+from engine.store.damage import damage_of
 from engine.store.dbfiles import describe, os_reason
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.layout import StoreConfig

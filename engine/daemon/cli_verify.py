@@ -15,6 +15,7 @@ from pathlib import Path
 from engine.core.units import human_bytes
 from engine.daemon import cli_args
 from engine.daemon.progress import ProgressDisplay
+from engine.maint.check import Finding
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
     VerifyOptions,
@@ -22,7 +23,6 @@ from engine.maint.verify import (
     VerifyResult,
     verify,
 )
-from engine.store.check import Finding
 from engine.store.chunk_store import Store
 
 EXIT_OK, EXIT_INTEGRITY = 0, 3  # the values of engine.daemon.cli's exit codes

@@ -35,8 +35,8 @@ from engine.store import dbfiles
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
-from engine.store.check import clear_healed
 from engine.store.codec import Codec, parse_header
+from engine.store.damage import clear_healed
 from engine.store.diskmap import DiskMap
 from engine.store.failure import is_write_failure, write_failure
 from engine.store.index import Index
@@ -480,7 +480,7 @@ class Store:
     def _healed(self, healed: list[ChunkId]) -> None:
         """Chunks verify had marked bad are stored again (``Index.add_pack`` repointed them
         to the new, durable record): drop them from the snapshots' damage marks. A failure
-        here costs only a stale mark (``check.damage_of`` re-checks), never the pack."""
+        here costs only a stale mark (``damage.damage_of`` re-checks), never the pack."""
         if healed:
             log.info("store.healed", store=str(self.path), chunks=[short(c) for c in healed])
             self._clear_marks()
