@@ -2,27 +2,30 @@
 
 ``Store`` (``chunk_store``) is the one implementation; mypy proves it fits every protocol
 here (the check at the end of ``chunk_store``). A consumer types its store as the narrowest
-protocol that has what it calls, so a reader cannot write, a backup cannot reach into the
-index, and a second implementation (an in-memory store for unit tests) knows what to
-provide::
+protocol that has what it calls, so a reader cannot write and neither can reach into the
+index or the files::
 
     protocol      members                                          used by
     ------------  -----------------------------------------------  ----------------------------
-    ChunkReader   config; has, locate, get_record, read_chunk;     restore (disk and job),
-                  snapshots, resolve, manifest, open_diskmap,      replication sender and job,
-                  reading_snapshot                                 standby (latest snapshot)
+    ChunkReader   config; has, locate, get_record, read_chunk;     restore (disk and job);
+                  snapshots, resolve, manifest, open_diskmap,      replication (the sender's
+                  reading_snapshot                                 ``SendingStore`` adds keys,
+                                                                   layout and path); standby's
+                                                                   latest snapshot
     ChunkWriter   config, codec; has, put, bad_chunk_ids;          the backup pipeline
                   begin_snapshot (a ``SnapshotWriter``)            (``backup_disk``)
     BackupStore   ChunkReader + ChunkWriter                        the backup job (reads its
                                                                    parent, writes its snapshot)
 
 Store maintenance (GC, prune, repair, verify and its checker, space accounting), the
-replication receiver and crash recovery work on the store's files and index and take the
-``Store`` itself; so does the process that opens it (the daemon, the CLI).
+replication receiver, crash recovery and the standby job work on the store's files and
+index (or hand the store to a plugin) and take the ``Store`` itself; so does the process
+that opens it (the daemon, the CLI).
 
-``config`` and ``codec`` are values (chunk size, store id; the keyed hash and record codec):
-an implementation without files still has them. Every method may block (SQLite, file
-reads): async callers run them in a thread.
+``config`` and ``codec`` are values (chunk size, store id; the keyed hash and record codec).
+DiskMaps and ``SnapshotWriter`` are files, so another implementation (an in-memory fake
+for unit tests) still keeps those in a directory. Every method may block (SQLite, file
+reads).
 """
 
 from contextlib import AbstractContextManager
