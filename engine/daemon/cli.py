@@ -42,8 +42,8 @@ from engine.maint.prune import is_protected
 from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
-from engine.store.check import damage_of
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
+from engine.store.damage import damage_of
 from engine.store.dbfiles import describe, os_reason
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
 from engine.store.manifest import Manifest

@@ -16,6 +16,7 @@ from engine.core.units import human_bytes
 from engine.daemon import cli_args
 from engine.daemon.exits import EXIT_INTEGRITY, EXIT_OK
 from engine.daemon.progress import ProgressDisplay
+from engine.maint.check import Finding
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
     VerifyOptions,
@@ -23,7 +24,6 @@ from engine.maint.verify import (
     VerifyResult,
     verify,
 )
-from engine.store.check import Finding
 from engine.store.chunk_store import Store
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]

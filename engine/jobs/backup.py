@@ -29,9 +29,9 @@ from engine.jobs.states import Event, State
 from engine.pipeline.disk import DEFAULT_READERS, DiskStats, backup_disk
 from engine.sources.types import BackupSession, Source, SourceDisk
 from engine.store.catalog import CatalogEntry
-from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import Manifest
+from engine.store.protocols import BackupStore, ChunkReader
 from engine.store.snapshot import SnapshotWriter
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy
 from engine.workers import CpuPool
@@ -89,7 +89,7 @@ def choose_parent(
 
 async def run_backup(
     *,
-    store: Store,
+    store: BackupStore,
     pool: CpuPool,
     source: Source,
     journal: Journal,
@@ -121,7 +121,7 @@ class _BackupJob:
 
     def __init__(
         self,
-        store: Store,
+        store: BackupStore,
         pool: CpuPool,
         source: Source,
         journal: Journal,
@@ -290,5 +290,5 @@ class _BackupJob:
         self.journal.save_summary(self.record)
 
 
-def last_full_checkpoint(store: Store, last_full: CatalogEntry) -> str:
+def last_full_checkpoint(store: ChunkReader, last_full: CatalogEntry) -> str:
     return store.manifest(last_full.snapshot_id).tags.get("checkpoint", "")

@@ -32,10 +32,9 @@ from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
 from engine.restore.disk import RestoreStats, restore_disk
 from engine.sources.types import ResourceRecorder, TargetDisk
-from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
-from engine.store.locks import reading_snapshot
 from engine.store.manifest import DiskEntry, Manifest
+from engine.store.protocols import ChunkReader
 from engine.workers import CpuPool
 
 MakeTarget = Callable[[DiskEntry, ResourceRecorder], AbstractAsyncContextManager[TargetDisk]]
@@ -75,7 +74,7 @@ def select_disks(manifest: Manifest, disk: str | None) -> list[DiskEntry]:
 
 async def run_restore(
     *,
-    store: Store,
+    store: ChunkReader,
     pool: CpuPool,
     snapshot_id: str,
     disks: Sequence[str] | None,
@@ -112,7 +111,7 @@ async def run_restore(
     held = ExitStack()  # the snapshot's share lock, from PREPARING to the end
 
     async def prepare() -> Event:
-        held.enter_context(reading_snapshot(store.layout, snapshot_id))  # prune skips it
+        held.enter_context(store.reading_snapshot(snapshot_id))  # prune skips it
         outcome.manifest = store.manifest(snapshot_id)
         for name in disks or [None]:  # type: ignore[list-item]
             chosen.extend(select_disks(outcome.manifest, name))
@@ -176,12 +175,12 @@ async def run_restore(
     return outcome
 
 
-async def read_vm_config(store: Store, manifest: Manifest) -> str | None:
+async def read_vm_config(store: ChunkReader, manifest: Manifest) -> str | None:
     """The VM configuration stored with the snapshot (the OVF, its first stream) as text, for
     a restore or standby that recreates the VM; None when the snapshot has none or it is not
     an OVF. Raises what ``read_chunk`` raises for a missing or corrupt chunk."""
     config = manifest.config
     if config is None or config.format != "ovf":
         return None
-    data = await asyncio.to_thread(store.read_chunk, chunk_id_from_hex(config.chunk_id))
+    data: bytes = await asyncio.to_thread(store.read_chunk, chunk_id_from_hex(config.chunk_id))
     return data[: config.size].decode()

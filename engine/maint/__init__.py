@@ -10,8 +10,10 @@ period (the undo window). A *protected* snapshot is never removed.
 Modules: ``retention`` (pure planning), ``prune`` (protect, remove, undo; the prune lock),
 ``usage`` (space per snapshot, VM and store, with bounded memory), ``gc`` (condemn-then-
 delete beside backups under leases, repack, trash with a grace period; the protocol is in
-the ``engine.store`` docstring), ``verify`` (structure and data, sampled oldest-first,
-resumable; damage marks and the bad-chunk list that the next backup heals; ``repair``).
+the ``engine.store`` docstring), ``check`` (the structure and data check that reads
+through a ``Store``; no side effects), ``verify`` (``check`` sampled oldest-first and
+resumable; writes the damage marks (``engine.store.damage``) and the bad-chunk list that the
+next backup heals; ``repair``).
 
 This package sits above ``engine.store`` and below ``engine.jobs`` / ``engine.daemon``.
 """

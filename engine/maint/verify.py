@@ -41,7 +41,7 @@ it finished are skipped, its seed and size are kept), any other verify starts a 
 Heal. A chunk in the bad list does not deduplicate (``Store.has`` is false), so the next
 backup that reads its data stores a good record; ``Index.add_pack`` repoints the chunk to it
 and drops it from the list in one transaction after the new pack is durable, and the store
-then removes it from the damage marks (``check.clear_healed``).
+then removes it from the damage marks (``engine.store.damage.clear_healed``).
 
 Repair is ``engine.maint.repair``.
 """
@@ -66,20 +66,16 @@ from engine.core.errors import (
     StoreError,
 )
 from engine.core.ids import ChunkId, short
-from engine.store.check import (
-    DAMAGED_NAME,
+from engine.maint.check import (
     CheckResult,
-    Damage,
     Finding,
     check_structure,
     pack_problems,
-    remove_damage,
-    still_bad,
     trailer_mismatch,
     trailer_problems,
-    write_damage,
 )
 from engine.store.codec import check_crc
+from engine.store.damage import DAMAGED_NAME, Damage, remove_damage, still_bad, write_damage
 from engine.store.dbfiles import describe, os_reason, quick_check
 from engine.store.index import BadChunk, Location
 from engine.store.locks import reading_snapshot

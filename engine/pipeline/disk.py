@@ -22,8 +22,8 @@ from engine.core.ids import ZERO_ID, ChunkId
 from engine.core.units import MiB
 from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
-from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap, DiskMapWriter
+from engine.store.protocols import ChunkWriter
 from engine.util import failpoints
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy, retry
 from engine.util.tasks import run_group
@@ -70,7 +70,7 @@ class DiskStats:
 
 async def backup_disk(
     *,
-    store: Store,
+    store: ChunkWriter,
     pool: CpuPool,
     disk: SourceDisk,
     diskmap: DiskMapWriter,
@@ -118,7 +118,7 @@ class _DiskBackup:
 
     def __init__(
         self,
-        store: Store,
+        store: ChunkWriter,
         pool: CpuPool,
         disk: SourceDisk,
         diskmap: DiskMapWriter,
@@ -138,7 +138,7 @@ class _DiskBackup:
         self.incremental = parent is not None and disk.checkpoint_parent is not None
         # Chunks verify found damaged: a clean slot holding one is read again, so that the
         # backup stores a good copy (heals it) instead of referencing the bad one.
-        self.bad = {b.chunk_id for b in store.index.bad_chunks()} if self.incremental else set()
+        self.bad = store.bad_chunk_ids() if self.incremental else set()
         if parent is not None and (
             parent.chunk_size != self.chunk or parent.disk_size != self.size
         ):

@@ -33,12 +33,12 @@ from engine.replication.sender import (
     Progress,
     ReplicationStats,
     Sender,
+    SendingStore,
     check_diskmaps,
 )
 from engine.replication.state import PeerState, check_peer_name, state_dir
-from engine.store.chunk_store import Store
-from engine.store.locks import reading_snapshot
 from engine.store.manifest import Manifest
+from engine.store.protocols import ChunkReader
 from engine.util.retry import RetryPolicy
 
 JOB_KIND: Final = "replicate"
@@ -79,7 +79,7 @@ class ReplicationOutcome:
         )
 
 
-def default_journal(store: Store) -> Journal:
+def default_journal(store: SendingStore) -> Journal:
     """A sender's own journal (``STORE/replication/journal``): a sender may run beside the
     process holding the writer lock, whose recovery must not judge its live records.
     Records a dead process left unfinished are marked FAILED (nothing to undo on this
@@ -113,7 +113,7 @@ class _Replicate:
 
     def __init__(
         self,
-        store: Store,
+        store: SendingStore,
         snapshot_id: str,
         sender: Sender,
         outcome: ReplicationOutcome,
@@ -132,13 +132,13 @@ class _Replicate:
 
     async def prepare(self) -> Event:
         store, outcome, held = self.store, self.outcome, self.held
-        held.enter_context(reading_snapshot(store.layout, self.snapshot_id))  # prune skips it
+        held.enter_context(store.reading_snapshot(self.snapshot_id))  # prune skips it
         manifest = outcome.manifest = await asyncio.to_thread(store.manifest, self.snapshot_id)
         await asyncio.to_thread(check_diskmaps, store, manifest)
         last = None if self.full else self.state.last(manifest.vm_id)
         if last is not None and last != self.snapshot_id:
             try:
-                held.enter_context(reading_snapshot(store.layout, last))
+                held.enter_context(store.reading_snapshot(last))
                 self.base = await asyncio.to_thread(store.manifest, last)
             except SnapshotNotFound:
                 self.base = None  # pruned here since: send in full
@@ -222,7 +222,7 @@ class _Replicate:
 
 async def run_replication(
     *,
-    store: Store,
+    store: SendingStore,
     snapshot_id: str,
     target: PeerTarget,
     journal: Journal | None = None,
@@ -273,7 +273,7 @@ async def run_replication(
     return outcome
 
 
-def latest_snapshot(store: Store, vm: str) -> str:
+def latest_snapshot(store: ChunkReader, vm: str) -> str:
     """The newest committed snapshot of a VM (id or name); raises SnapshotNotFound."""
     entries = store.snapshots(vm)
     if not entries:

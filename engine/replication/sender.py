@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -38,10 +38,11 @@ from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, ChunkId, short
 from engine.replication import protocol as proto
 from engine.replication.throttle import Throttle, TokenBucket, Unlimited
 from engine.replication.tls import client_context
-from engine.store.chunk_store import Store
 from engine.store.codec import check_crc
-from engine.store.diskmap import DiskMap
+from engine.store.keys import StoreKeys
+from engine.store.layout import Layout
 from engine.store.manifest import Manifest
+from engine.store.protocols import ChunkReader
 from engine.util.retry import RetryPolicy, retry
 from engine.util.tasks import run_group
 
@@ -52,6 +53,22 @@ T = TypeVar("T")
 DEFAULT_RETRY: Final = RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0)
 REQUEST_TIMEOUT: Final = 600.0  # seconds per request: a 16 MiB batch at 30 KB/s still fits
 DISKMAP_READ: Final = 1 << 20
+
+
+class SendingStore(ChunkReader, Protocol):
+    """What a sender reads beyond ``ChunkReader``: the keys (the receiver compares their
+    fingerprints), the snapshot's files as stored (its DiskMaps and manifest go over the
+    wire byte for byte, via ``layout``) and the store's directory (per-peer state and the
+    sender's journal live under it). A ``Store`` fits; the sender never writes to it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def keys(self) -> StoreKeys: ...
+
+    @property
+    def layout(self) -> Layout: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,7 @@ Progress = Callable[[ReplicationStats], None]
 
 
 def candidate_batches(
-    store: Store, manifest: Manifest, base: Manifest | None, size: int = proto.OFFER_BATCH
+    store: ChunkReader, manifest: Manifest, base: Manifest | None, size: int = proto.OFFER_BATCH
 ) -> Generator[list[bytes], None, None]:
     """Ids of ``manifest`` (config chunk and every non-zero slot) that differ from ``base``
     at the same slot of the same disk, each once, in batches. Blocking (DiskMap reads)."""
@@ -171,7 +188,7 @@ class Sender:
 
     def __init__(
         self,
-        store: Store,
+        store: SendingStore,
         target: PeerTarget,
         *,
         progress: Progress | None = None,
@@ -326,7 +343,7 @@ class Sender:
         batch: list[tuple[bytes, int]] = []
         size = 0
         for cid in ids:
-            loc = self.store.index.lookup(cid)
+            loc = self.store.locate(cid)
             if loc is None:
                 raise ChunkMissing(chunk=short(cid), context=" (sender store; run verify)")
             if batch and size + loc.length > self.batch_bytes:
@@ -422,7 +439,7 @@ def _our_error(error: BaseException) -> EngineError | None:
     return None
 
 
-def _read_ahead(store: Store, chunk_id: bytes) -> "asyncio.Future[bytes]":
+def _read_ahead(store: ChunkReader, chunk_id: bytes) -> "asyncio.Future[bytes]":
     def read_checked() -> bytes:
         # A record damaged in our own pack is an integrity error here (never retried), not
         # a refusal the receiver would answer to every resend.
@@ -442,11 +459,8 @@ async def _file_body(path: Path) -> AsyncIterator[bytes]:
             yield block
 
 
-def check_diskmaps(store: Store, manifest: Manifest) -> None:
+def check_diskmaps(store: ChunkReader, manifest: Manifest) -> None:
     """Open each DiskMap through its manifest checksum (raises CorruptDiskMap)."""
     for disk in manifest.disks:
-        with DiskMap(
-            store.layout.snapshot_dir(manifest.snapshot_id) / disk.diskmap,
-            bytes.fromhex(disk.diskmap_checksum),
-        ):
+        with store.open_diskmap(manifest, disk):
             pass

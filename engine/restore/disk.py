@@ -51,9 +51,9 @@ from engine.core.ids import short
 from engine.core.units import MiB, human_bytes
 from engine.restore.planner import DiskGeometry, Read, WindowPlan, plan_disk
 from engine.sources.types import DiskWriter, TargetDisk
-from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
+from engine.store.protocols import ChunkReader
 from engine.util import failpoints
 from engine.util.tasks import run_group
 from engine.workers.pool import CpuPool
@@ -129,7 +129,7 @@ _Work = _Data | _Zero | None  # None: no more work (one per chunk worker)
 
 
 async def restore_disk(
-    store: Store,
+    store: ChunkReader,
     pool: CpuPool,
     manifest: Manifest,
     disk: DiskEntry,
@@ -186,7 +186,7 @@ async def restore_disk(
 
 @dataclass
 class _Restore:
-    store: Store
+    store: ChunkReader
     pool: CpuPool
     diskmap: DiskMap
     geometry: DiskGeometry
@@ -232,9 +232,7 @@ class _Restore:
 
     async def _planner(self, plans: asyncio.Queue[WindowPlan | None]) -> None:
         base = self.base.iter_blocks() if self.base is not None else None
-        windows = plan_disk(
-            self.diskmap.iter_blocks(), self.store.index.lookup, self.geometry, base=base
-        )
+        windows = plan_disk(self.diskmap.iter_blocks(), self.store.locate, self.geometry, base=base)
         while (plan := await _blocking(_next_or_none, windows)) is not None:
             await plans.put(plan)
         await plans.put(None)

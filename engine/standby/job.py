@@ -42,6 +42,7 @@ from engine.standby import state as st
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
+from engine.store.protocols import ChunkReader
 from engine.workers import CpuPool
 
 log = structlog.get_logger("tessera.standby")
@@ -143,7 +144,7 @@ class StandbyOutcome:
         )
 
 
-def latest_snapshot(store: Store, vm: str) -> str:
+def latest_snapshot(store: ChunkReader, vm: str) -> str:
     entries = store.snapshots(vm)
     if not entries:
         raise SnapshotNotFound(snapshot=vm, reason="no snapshot of this VM for its standby")

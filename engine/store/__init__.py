@@ -13,8 +13,13 @@ encode/decode), ``pack``, ``index``, ``diskmap``, ``manifest``, ``catalog``, ``l
 ``locks``, ``leases`` (sessions GC must respect), ``recovery`` (open = recover), ``scan``
 (records of a pack whose trailer is damaged), ``dbfiles`` (missing or damaged SQLite files,
 SQLite and OS errors as ``StoreError``), ``failure`` (write failures as ``StoreWriteError``
-with the errno and free space), ``snapshot`` (commit order), ``replica`` (a replicated
-snapshot's commit order), ``chunk_store`` (the ``Store`` facade).
+with the errno and free space), ``damage`` (the damage marks verify writes beside a
+snapshot; the store drops healed chunks from them), ``snapshot`` (commit order), ``replica``
+(a replicated snapshot's commit order), ``chunk_store`` (the ``Store`` facade),
+``protocols`` (the ``ChunkReader``, ``ChunkWriter`` and ``BackupStore`` its users type
+against; ``Store`` fits them). The checker that reads through the store
+(``engine.maint.check``) and the rest of maintenance sit above this package; nothing here
+imports them.
 
 Invariants:
 

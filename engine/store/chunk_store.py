@@ -15,11 +15,11 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -31,15 +31,15 @@ from engine.core.errors import (
     StoreWriteError,
 )
 from engine.core.ids import ZERO_ID, ChunkId, short
-from engine.store import dbfiles
+from engine.store import dbfiles, locks
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
-from engine.store.check import clear_healed
 from engine.store.codec import Codec, parse_header
+from engine.store.damage import clear_healed
 from engine.store.diskmap import DiskMap
 from engine.store.failure import is_write_failure, write_failure
-from engine.store.index import Index
+from engine.store.index import Index, Location
 from engine.store.keys import (
     ENCRYPTION_AES,
     ENCRYPTIONS,
@@ -50,13 +50,15 @@ from engine.store.keys import (
 )
 from engine.store.layout import STORE_FORMAT, Layout, StoreConfig
 from engine.store.leases import Lease, LeaseRegistry
-from engine.store.locks import WriterLock
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackWriter, SealedPack, pack_path
 from engine.store.recovery import RecoveryReport, index_packs, recover
 from engine.store.scan import Decode
 from engine.store.snapshot import SnapshotWriter
 from engine.util.fs import atomic_write, fsync_dir
+
+if TYPE_CHECKING:
+    from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
 
 log = structlog.get_logger("tessera.store")
 
@@ -115,7 +117,7 @@ class Store:
         config: StoreConfig,
         keys: StoreKeys,
         writable: bool,
-        lock: WriterLock | None,
+        lock: locks.WriterLock | None,
         caches: Path | None = None,
     ):
         """``caches``: a directory holding temporary ``index.db`` / ``catalog.db`` built by a
@@ -211,7 +213,7 @@ class Store:
         layout = Layout(path)
         config = StoreConfig.load(path)
         keys = read_key_file(key_file or layout.default_key_file, config.store_id, passphrase)
-        lock = WriterLock(path) if writable else None
+        lock = locks.WriterLock(path) if writable else None
         caches: Path | None = None
         try:
             with dbfiles.os_errors(path), dbfiles.sqlite_errors(layout.index):
@@ -411,6 +413,18 @@ class Store:
             )
         return record, loc.pack, loc.offset
 
+    def locate(self, chunk_id: bytes) -> Location | None:
+        """Where a sealed, indexed chunk's record is (pack, offset, length), or None: not
+        stored, or still in the pack being written. For planning reads (a restore groups
+        them by pack) and sizing sends; ``get_record`` reads the record."""
+        return self.index.lookup(chunk_id)
+
+    def bad_chunk_ids(self) -> set[bytes]:
+        """Chunks verify marked bad or missing (few: damage, not data). They do not
+        deduplicate, so a backup reads their slots again rather than reuse a parent's id,
+        and its put heals them."""
+        return {b.chunk_id for b in self.index.bad_chunks()}
+
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The verified plaintext of a chunk (decoded in the calling thread)."""
         if chunk_id == ZERO_ID:
@@ -480,7 +494,7 @@ class Store:
     def _healed(self, healed: list[ChunkId]) -> None:
         """Chunks verify had marked bad are stored again (``Index.add_pack`` repointed them
         to the new, durable record): drop them from the snapshots' damage marks. A failure
-        here costs only a stale mark (``check.damage_of`` re-checks), never the pack."""
+        here costs only a stale mark (``damage.damage_of`` re-checks), never the pack."""
         if healed:
             log.info("store.healed", store=str(self.path), chunks=[short(c) for c in healed])
             self._clear_marks()
@@ -574,6 +588,11 @@ class Store:
             raise SnapshotNotFound(snapshot=snapshot_id, reason="no manifest") from None
         return manifest_mod.decode(raw, self.keys, snapshot_id, path)
 
+    def reading_snapshot(self, snapshot_id: str) -> AbstractContextManager[None]:
+        """Share-lock a snapshot while it is read (``locks.reading_snapshot``): prune skips
+        it meanwhile. Raises SnapshotNotFound when it has no manifest."""
+        return locks.reading_snapshot(self.layout, snapshot_id)
+
     def open_diskmap(self, manifest: Manifest, disk: DiskEntry) -> DiskMap:
         """Open a snapshot's DiskMap, checked against the checksum its manifest records."""
         return DiskMap(
@@ -642,3 +661,9 @@ def _set_aside(layout: Layout, problems: dict[str, str]) -> list[str]:
             dbfiles.drop_orphans(path)
             lines.append(f"{why}: rebuilt from {source}")
     return lines
+
+
+if TYPE_CHECKING:  # mypy proves the Store fits the protocols its users type against
+
+    def _fits(store: Store) -> tuple[ChunkReader, ChunkWriter, BackupStore]:
+        return store, store, store

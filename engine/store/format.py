@@ -1,7 +1,9 @@
 """The byte layouts of the store: the only module that knows magic numbers and structs.
 
 All integers are big-endian. Every layout starts with a 4-byte magic and a format version
-so a stray file is recognised, and carries a CRC or checksum so damage is detected.
+so a stray file is recognised, and carries a CRC or checksum so damage is detected. Stores
+in these layouts exist: ``tests/golden/store-v1`` is one, committed as bytes, and every
+later version of this module must still open, verify and restore it.
 
 Record (one encoded chunk; ``RECORD_HEADER`` + payload + CRC)::
 

@@ -10,29 +10,57 @@ Commit order (DESIGN §4.1, never changed):
 
 Until the manifest exists the snapshot directory is garbage that recovery deletes, so a
 failed or killed backup never becomes a restore point.
+
+The writer sees the store through ``SnapshotHost``, the part of ``Store`` it uses, so this
+module does not import ``chunk_store`` (which imports it to hand out writers; mypy checks
+that ``Store`` fits where ``Store.begin_snapshot`` passes itself).
 """
 
 import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from engine.core.ids import ChunkId
 from engine.store import format as fmt
 from engine.store.diskmap import DiskMapWriter
 from engine.store.failure import write_failure
+from engine.store.layout import Layout, StoreConfig
+from engine.store.leases import LeaseRegistry
 from engine.store.manifest import ConfigStream, DiskEntry, Manifest
 from engine.util import failpoints
 from engine.util.fs import fsync_dir
 
-if TYPE_CHECKING:
-    from engine.store.chunk_store import Store
+
+class SnapshotHost(Protocol):
+    """What a ``SnapshotWriter`` needs of the store it commits into (a writable ``Store``)."""
+
+    @property
+    def path(self) -> Path: ...  # named in write failures
+
+    @property
+    def layout(self) -> Layout: ...
+
+    @property
+    def config(self) -> StoreConfig: ...
+
+    @property
+    def leases(self) -> LeaseRegistry: ...
+
+    def write_token(self) -> int: ...
+
+    def put_chunk(self, plain: bytes) -> ChunkId: ...
+
+    def flush(self, since: int | None = None) -> None: ...
+
+    def commit_manifest(self, manifest: Manifest) -> None: ...
 
 
 class SnapshotWriter:
     def __init__(
         self,
-        store: "Store",
+        store: SnapshotHost,
         vm_id: str,
         vm_name: str,
         level: str,

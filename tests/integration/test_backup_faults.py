@@ -17,8 +17,8 @@ from engine.io.qemu import NbdServerProcess
 from engine.jobs.backup import run_backup
 from engine.jobs.journal import Journal
 from engine.jobs.states import State
+from engine.maint.check import check_store
 from engine.sources.types import BackupSession, ResourceRecorder
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.util.retry import RetryPolicy
 from engine.workers import make_cpu_pool

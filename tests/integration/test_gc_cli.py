@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.maint.check import check_store
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from engine.core.ids import ZERO_ID
+from engine.maint.check import check_store
 from engine.maint.gc import GcOptions, GcResult, gc
 from engine.maint.prune import REMOVED_DIR, prune
 from engine.maint.retention import Rules
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
 from engine.util import failpoints

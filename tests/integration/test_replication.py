@@ -19,13 +19,13 @@ import aiohttp
 import pytest
 
 from engine.jobs.states import State
+from engine.maint.check import check_store
 from engine.replication import protocol as proto
 from engine.replication import tls
 from engine.replication.job import default_journal, run_replication
 from engine.replication.receiver import PeerServer, build_peer_app
 from engine.replication.sender import Sender
 from engine.replication.state import PeerState
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
 from engine.util.retry import RetryPolicy

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.store.check import check_store
+from engine.maint.check import check_store
 from engine.store.chunk_store import Store
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk, realistic_bytes, write_snapshot

@@ -4,7 +4,9 @@
   out of the list would be free to import anything. Every module of such a container must be
   in one of its layers.
 - Packages that are free of import cycles stay so (checked with grimp, the graph library
-  import-linter is built on). The list grows as the cycles elsewhere are taken apart.
+  import-linter is built on). Imports under ``TYPE_CHECKING`` count: a module that needs
+  another's types only for annotations is still coupled to it (the store's cycles hid that
+  way). The list grows as the cycles elsewhere are taken apart.
 """
 
 import tomllib
@@ -14,7 +16,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CYCLE_FREE = ["plugins", "engine.daemon", "engine.app"]
+CYCLE_FREE = ["engine", "plugins"]
 
 
 def _layer_contracts() -> list[dict[str, object]]:

@@ -8,10 +8,10 @@ import pytest
 
 from engine.core.errors import StoreLocked
 from engine.core.ids import ZERO_ID
+from engine.maint.check import check_store
 from engine.maint.gc import GcOptions, GcResult, gc, gc_lock
 from engine.maint.prune import REMOVED_DIR, prune
 from engine.maint.retention import Rules
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
 from tests.conftest import PASSPHRASE, StoreFactory

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from engine.core.ids import ZERO_ID, ChunkId
+from engine.maint.check import check_store
 from engine.maint.gc import GcOptions, GcResult, gc
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMapWriter
 from engine.store.manifest import Manifest

@@ -8,6 +8,7 @@ import pytest
 
 from engine.core.errors import SnapshotNotFound
 from engine.core.ids import ZERO_ID
+from engine.maint.check import check_store
 from engine.maint.prune import (
     PROTECTED_NAME,
     REMOVAL_RECORD,
@@ -21,7 +22,6 @@ from engine.maint.prune import (
     unremove,
 )
 from engine.maint.retention import Rules
-from engine.store.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.locks import reading_snapshot
 from engine.store.manifest import Manifest

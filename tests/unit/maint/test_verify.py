@@ -18,8 +18,8 @@ from engine.maint.verify import (
     VerifyState,
     verify,
 )
-from engine.store.check import DAMAGED_NAME, damage_of, read_damage
 from engine.store.chunk_store import Store
+from engine.store.damage import DAMAGED_NAME, damage_of, read_damage
 from engine.store.index import BadChunk
 from engine.store.manifest import Manifest
 from engine.store.pack import PackWriter, pack_path

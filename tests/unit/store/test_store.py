@@ -12,7 +12,7 @@ from engine.core.errors import (
     StoreError,
     StoreLocked,
 )
-from engine.store.check import check_store
+from engine.maint.check import check_store
 from engine.store.chunk_store import Store
 from engine.store.pack import PackWriter, read_trailer
 from tests.conftest import CHEAP_KDF, PASSPHRASE, StoreFactory

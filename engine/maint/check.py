@@ -5,39 +5,27 @@ are collected, never just the first, each naming the object and the snapshots an
 affects. Memory is bounded: DiskMaps and the index are streamed; only the ids of damaged
 chunks (and the snapshots they affect) are kept.
 
-Damage marks. A snapshot found damaged carries ``snapshots/<id>/damaged`` (JSON, written
-atomically by ``engine.maint.verify``): the bad or missing chunk ids with the reasons, the
-DiskMaps that failed, or the manifest's failure. The chunk ids are also in the index's
-``bad_chunks`` list, so the next backup that produces a chunk's data stores it again; the
-store then *heals* the chunk (``Index.add_pack``) and ``clear_healed`` drops it from the
-marks — a snapshot whose marks are all healed is no longer damaged. A mark is only ever a
-claim to re-check: ``damage_of`` reports the listed chunks that are still bad or missing.
-
 This is the core that ``tessera store verify`` runs (``check_store`` has no side effects);
-sampling, resumption and marks belong to ``engine.maint.verify``.
+sampling, resumption and the damage marks it writes (``engine.store.damage``) belong to
+``engine.maint.verify``. It reads through an open ``Store`` — its index, packs and
+snapshots — so it sits above the store, which never imports it.
 """
 
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from engine.core.errors import CorruptPack, EngineError, SnapshotNotFound
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, short
 from engine.store import format as fmt
+from engine.store.damage import Damage
 from engine.store.locks import reading_snapshot
 from engine.store.pack import pack_path, read_trailer
-from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from engine.store.chunk_store import Store
-    from engine.store.index import Index
-    from engine.store.layout import Layout
-
-DAMAGED_NAME: Final = "damaged"
 
 
 @dataclass(frozen=True)
@@ -59,20 +47,6 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return not self.findings
-
-
-@dataclass
-class Damage:
-    """What is wrong with one snapshot."""
-
-    vm_id: str = ""
-    vm_name: str = ""
-    chunks: set[bytes] = field(default_factory=set)  # bad or missing chunk ids
-    diskmaps: dict[str, str] = field(default_factory=dict)  # DiskMap file → reason
-    manifest: str | None = None  # why the manifest cannot be trusted
-
-    def __bool__(self) -> bool:
-        return bool(self.chunks or self.diskmaps or self.manifest)
 
 
 def pack_problems(store: "Store") -> dict[str, str]:
@@ -273,101 +247,3 @@ def _check_ids(
         pack = packs.get(chunk_id)
         if pack is None or pack in bad_packs:
             damaged.add(chunk_id)
-
-
-# --- damage marks ----------------------------------------------------------------------------
-
-
-def damaged_path(layout: "Layout", snapshot_id: str) -> Path:
-    return layout.snapshot_dir(snapshot_id) / DAMAGED_NAME
-
-
-def read_damage(layout: "Layout", snapshot_id: str) -> dict[str, object] | None:
-    """The snapshot's damage mark as written, or None when it has none."""
-    try:
-        doc: dict[str, object] = json.loads(damaged_path(layout, snapshot_id).read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError as e:  # a torn mark cannot happen (atomic), a hand-edited one can
-        return {"snapshot": snapshot_id, "chunks": [], "manifest": f"unreadable mark: {e}"}
-    return doc
-
-
-def write_damage(
-    layout: "Layout", snapshot_id: str, damage: Damage, reasons: Callable[[bytes], str]
-) -> None:
-    """Publish (atomically) the damage mark of a snapshot."""
-    doc = {
-        "snapshot": snapshot_id,
-        "vm": {"id": damage.vm_id, "name": damage.vm_name},
-        "marked": datetime.now(UTC).isoformat(timespec="seconds"),
-        "chunks": [{"id": c.hex(), "reason": reasons(c)} for c in sorted(damage.chunks)],
-        "diskmaps": [{"file": f, "reason": r} for f, r in sorted(damage.diskmaps.items())],
-        "manifest": damage.manifest,
-    }
-    atomic_write(
-        damaged_path(layout, snapshot_id), json.dumps(doc, indent=1).encode(), "store.damaged"
-    )
-
-
-def remove_damage(layout: "Layout", snapshot_id: str) -> bool:
-    path = damaged_path(layout, snapshot_id)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    fsync_dir(path.parent)
-    return True
-
-
-def still_bad(index: "Index", chunk_ids: Iterable[bytes]) -> set[bytes]:
-    """The ids that are in the bad list or not indexed."""
-    bad = {b.chunk_id for b in index.bad_chunks()}
-    return {c for c in chunk_ids if c in bad or index.lookup(c) is None}
-
-
-def _listed_chunks(doc: Mapping[str, object]) -> list[bytes]:
-    chunks = doc.get("chunks")
-    if not isinstance(chunks, list):
-        return []
-    return [bytes.fromhex(c["id"]) for c in chunks if isinstance(c, dict) and "id" in c]
-
-
-def damage_of(layout: "Layout", index: "Index", snapshot_id: str) -> dict[str, object] | None:
-    """The snapshot's damage as it stands now: its mark with healed chunks left out, or None
-    when it has no mark or every listed problem is healed."""
-    doc = read_damage(layout, snapshot_id)
-    if doc is None:
-        return None
-    bad = still_bad(index, _listed_chunks(doc))
-    chunks = doc.get("chunks")
-    doc["chunks"] = [
-        c
-        for c in (chunks if isinstance(chunks, list) else [])
-        if isinstance(c, dict) and bytes.fromhex(c["id"]) in bad
-    ]
-    return doc if doc["chunks"] or doc.get("diskmaps") or doc.get("manifest") else None
-
-
-def clear_healed(layout: "Layout", index: "Index") -> list[str]:
-    """Rewrite every damage mark without the chunks that are healed now; a mark left with
-    nothing is removed. Returns the snapshots that are no longer damaged. A snapshot moved
-    away meanwhile (prune) is skipped."""
-    cleared = []
-    for path in sorted(layout.snapshots.glob(f"*/{DAMAGED_NAME}")):
-        sid = path.parent.name
-        try:
-            before = read_damage(layout, sid)
-            if before is None:
-                continue
-            after = damage_of(layout, index, sid)
-            if after is None:
-                path.unlink()
-                fsync_dir(path.parent)
-                cleared.append(sid)
-            elif after["chunks"] != before.get("chunks"):
-                data = json.dumps(after, indent=1).encode()
-                atomic_write(path, data, "store.damaged")
-        except OSError:
-            continue
-    return cleared
