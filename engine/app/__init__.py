@@ -5,12 +5,14 @@ The command line run in-process (``engine.daemon.cli``), the daemon's jobs
 (``engine.daemon.service``) and so the HTTP API all call these; none wires a backup or a
 restore itself, so a step added here (a limit, a metric, a recovery) reaches every path.
 
-- ``stores``     open a store (passphrase, key file) and ready it for jobs (``JobStore``:
-                 store, journal with unfinished jobs recovered, CPU pool).
-- ``backup``     ``VmBackupRequest`` → ``BackupOutcome`` per VM (``backup_vms``), and local
-                 sources (``backup_sources``).
-- ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine),
-                 ``ImageRestoreRequest`` → ``RestoreOutcome`` (local image files).
+- ``stores``     open a store (``open_store``: passphrase, key file) and ready it for jobs
+                 (``open_for_jobs``: a ``JobStore`` — store, journal with unfinished jobs
+                 recovered, CPU pool).
+- ``backup``     ``VmBackupRequest`` → ``BackupOutcome`` per VM (``backup_vms``), and any
+                 ``Source`` list, local images included (``backup_sources``).
+- ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine:
+                 ``plan_vm_restore``, then ``restore_vm``), ``ImageRestoreRequest`` →
+                 ``RestoreOutcome`` (local image files: ``restore_images``).
 - ``passphrase`` where a store passphrase comes from.
 
 Below the daemon, above the jobs (the layers contract in ``pyproject.toml``): it imports

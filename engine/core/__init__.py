@@ -1,1 +1,2 @@
-"""Value types shared by every layer: chunk ids, errors, units. Imports nothing of ours."""
+"""Value types shared by every layer: chunk ids (``ids``), extents (``extent``), errors
+(``errors``), units (``units``). Imports nothing of ours."""

@@ -1,4 +1,10 @@
-"""Disk I/O every source and target uses: an NBD client and qemu process wrappers.
+"""Disk I/O every source and target uses: an NBD client, qemu process wrappers and the
+journaled NBD exports.
+
+Modules: ``nbd`` (the sans-IO NBD protocol and its asyncio client), ``qemu`` (qemu-img
+commands; ``QemuNbd`` and ``NbdServerProcess``: a server on a unix socket in a private
+directory), ``exports`` (those servers as a job journals them, and how recovery stops what a
+killed job left, found by directory: used by ``plugins.local`` and ``plugins.ovirt``).
 
 Nouns: an *export* is a disk served over NBD (its size, block size constraints and flags come
 from the handshake); an *extent* (``engine.core.extent.Extent``) is a byte range with zero /

@@ -1,5 +1,5 @@
 """Store maintenance: retention (pure), prune and protect, space accounting, garbage
-collection, verify and repair.
+collection, check, verify and repair.
 
 Nouns: a *rule* set (``retention.Rules``) says which snapshots to keep; a *plan* is one
 ``Decision`` (keep or remove, with reasons) per snapshot; *pruning* removes the snapshots a
@@ -13,7 +13,8 @@ delete beside backups under leases, repack, trash with a grace period; the proto
 the ``engine.store`` docstring), ``check`` (the structure and data check that reads
 through a ``Store``; no side effects), ``verify`` (``check`` sampled oldest-first and
 resumable; writes the damage marks (``engine.store.damage``) and the bad-chunk list that the
-next backup heals; ``repair``).
+next backup heals), ``repair`` (the index rebuilt from the packs, packs with a damaged
+trailer re-sealed, packs without an intact record moved to ``quarantine/``).
 
 This package sits above ``engine.store`` and below ``engine.jobs`` / ``engine.daemon``.
 """

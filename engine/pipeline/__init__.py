@@ -6,14 +6,19 @@
        │ ZERO: DiskMap ← ZERO id (never read)                                 │
        │ CLEAN since parent: DiskMap ← parent's id (never read)              ▼
        └──────────────────────────────────────────── N readers (own connection each)
-                                                      readinto CpuPool buffer
-                                                      → hash → known? skip : encode
+                                                      readinto a CpuPool buffer
+                                                        │ filled buffers
+                                                        ▼
+                                                      processors: hash → all zero? ZERO id
+                                                      → known? skip : encode
                                                       → store.put (writer thread)
                                                       → DiskMap[slot] = id
 
 Memory is bounded by the queue and the pool's buffers, whatever the disk size; DiskMap
-slots complete out of order (they are positional). ``slots`` holds the pure slot
-classification, ``disk`` the concurrent part.
+slots complete out of order (they are positional). A clean slot whose parent id verify
+marked bad (``bad_chunk_ids``) is read again, so the backup heals it. ``slots`` holds the
+pure slot classification, ``disk`` the concurrent part (``backup_disk``, which the backup
+job calls per disk, typed against ``engine.store.protocols.ChunkWriter``).
 
 A buffer goes back to the pool only when nothing reads it: a cancelled processor waits for
 its ``store.put`` (which runs on in the writer thread, reading the record) before it lets go.

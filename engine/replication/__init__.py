@@ -21,6 +21,11 @@ Protocol (HTTPS, mutual TLS with the sites' own CA; routes under ``/peer/v1``)::
       │ POST commit (manifest bytes) ──────────────────▶ MAC, DiskMap checksums, every
       │ ◀───────────────────────────────────── {committed}   chunk indexed → manifest last
 
+Pull: ``POST /peer/v1/pull`` (``sender.request_pull``) asks a peer to push this site the
+newest snapshot of the VMs it names; the peer's daemon (``on_pull`` of ``build_peer_app``)
+answers with the ``replicate`` jobs it started. A receiver reports each committed snapshot
+to ``on_commit`` (the daemon's standby refreshes).
+
 Invariants: the receiver never deletes anything it holds; a manifest is committed only
 when every chunk it names is indexed there; a batch is answered only once what arrived is
 durable, so resuming (a retry, a new session after a receiver restart, or a new job after
@@ -30,6 +35,6 @@ a sender restart) re-asks ``lacking`` and sends only the rest; a record damaged 
 
 Modules: ``protocol`` (routes, bounds, messages), ``tls`` (CA, site certificates, ssl
 contexts), ``throttle`` (token bucket), ``state`` (last snapshot replicated per peer and
-VM), ``sender``, ``receiver`` (``build_peer_app``, ``PeerServer``), ``job``
-(``run_replication``, the state machine).
+VM), ``sender`` (``Sender``, ``request_pull``), ``receiver`` (``build_peer_app``,
+``PeerServer``), ``job`` (``run_replication``, the state machine).
 """

@@ -5,14 +5,22 @@ a *plan* (``planner.WindowPlan``) lists a window's zero runs and the records to 
 by pack and ascending inside each pack, every distinct chunk once with all the slots it
 fills; a *writer* is one connection to the target disk (``DiskWriter``).
 
+A *base* is the DiskMap of the ids the target already holds (a standby disk refreshed from
+its previous snapshot): a slot whose id equals the base's is *unchanged*, neither read nor
+written, so only the slots that differ travel.
+
 Modules: ``planner`` (pure: windows of DiskMap ids → plans), ``disk`` (``restore_disk``:
-plans → store reads → CpuPool decode → concurrent target writes → flush).
+plans → store reads → CpuPool decode → concurrent target writes → flush; the store typed as
+``engine.store.protocols.ChunkReader``), ``nbd_target`` (``NbdTargetDisk``: a target over a
+running NBD export, what a local image and a device attached to the DataMover share; used
+by ``plugins.local`` and ``plugins.ovirt``).
 
 Invariants:
 
-1. Every slot of the disk is written exactly once, or — on a fresh (new, sparse) target —
-   a zero slot is not written at all; data never reaches the target unverified (the
-   CpuPool's decode checks CRC, AEAD tag and the keyed id of the plaintext).
+1. Every slot of the disk is written exactly once, except that on a fresh (new, sparse)
+   target a zero slot is not written at all, and with a base an unchanged slot is not
+   written; data never reaches the target unverified (the CpuPool's decode checks CRC,
+   AEAD tag and the keyed id of the plaintext).
 2. Memory is bounded by one window's plan and the pool's capacity, whatever the disk size.
 3. Integrity errors (``CorruptRecord``, ``ChunkMissing``) reach the caller as themselves,
    naming chunk, pack and offset (or disk and slot); a restore never retries them.

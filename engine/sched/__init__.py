@@ -8,6 +8,11 @@ going, and a *misfire* is a fire time that passed while the daemon was down — 
 catch-up run, and only within the grace window. ``level.choose_level`` picks full /
 incremental / differential for one VM from the policy's level rules.
 
+Modules: ``calendar`` (parse once, then the next matching instant), ``scheduler``,
+``state`` (``ScheduleState``: each policy's last fire, a JSON file published atomically, so
+a restarted daemon knows what it missed), ``clock`` (the ``Clock`` protocol; ``SystemClock``,
+and ``FakeClock`` whose virtual time tests advance), ``level``.
+
 Layering: ``engine.sched`` sits just below ``engine.config`` — config imports the calendar
 parser to reject bad schedules at load time with file and line; sched never imports config
 (the scheduler takes any object with ``name`` and ``calendars``).

@@ -31,8 +31,9 @@ Invariants:
    a damaged trailer, from their intact records (reported once; ``repair`` re-seals them) —
    uncommitted snapshot directories deleted, catalog reconciled. A read-only open with a
    missing or damaged index or catalog works on temporary copies and says so.
-3. ``put`` of a chunk already stored writes nothing. ``get`` returns verified plaintext or
-   raises an error naming chunk, pack and offset — never wrong bytes.
+3. ``put`` of a chunk already stored writes nothing. ``read_chunk`` returns verified
+   plaintext, and ``get_record`` a record whose decode verifies it, or they raise an error
+   naming chunk, pack and offset — never wrong bytes.
 4. No per-chunk Python objects for the whole store: the index and catalog are SQLite files;
    DiskMaps are read and written in bounded blocks.
 5. A failed write poisons, never corrupts: a pack whose write, fsync, rename or index commit
@@ -81,8 +82,9 @@ GC protocol (``engine.maint.gc``; the danger is a session that finds a chunk wit
 3. Unmarked live index rows are *condemned* in short transactions: ``condemned = -1``
    committed first, then stamped with ``LeaseClock.now()``. From the first commit on,
    ``has``/``put`` treat the chunk as absent, so writers store it again (the new location
-   replaces the row and revives it: ``add_pack`` upserts over condemned rows); ``get``
-   still reads it. Marked rows that were condemned are absolved (``condemned = 0``).
+   replaces the row and revives it: ``add_pack`` upserts over condemned rows);
+   ``get_record`` still reads it. Marked rows that were condemned are absolved
+   (``condemned = 0``).
 4. A row is deleted only if unmarked and condemned at a stamp older than the watch's oldest
    lease (``DELETE … WHERE condemned BETWEEN 1 AND cutoff``: a revived row is never hit).
    Any session that found the chunk before it was condemned began before the stamp, was

@@ -1,8 +1,11 @@
 """Local qcow2/raw images as backup sources and restore targets, served by ``qemu-nbd``.
 
 ``source.LocalImageSource`` reads an image (full, or incremental from a qcow2 persistent
-bitmap used as the checkpoint); ``target`` writes a restore into a new sparse image.
-``PLUGIN`` is this plugin's registry entry (entry point ``tessera.plugins: local``).
+bitmap used as the checkpoint); ``target.LocalImageTarget`` writes a restore into a new
+sparse image (or an existing one), through ``engine.restore.nbd_target``. ``LocalImages``
+is the plugin's ``ImageIO`` capability; ``source.recover`` undoes what a killed job left
+(qemu-nbd exports, partial images, bitmaps). ``PLUGIN`` is this plugin's registry entry
+(entry point ``tessera.plugins: local``).
 """
 
 import os

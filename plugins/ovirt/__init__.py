@@ -12,7 +12,8 @@ Nouns, top down (each layer imports only those below it: DESIGN §6, the layers 
 - ``attach``        flow 3, LAN free: snapshot disks attached to the DataMover VM and read as
                     local devices.
 - ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
-                    image transfers, the VM created from the stored OVF).
+                    image transfers, the VM created from the stored OVF), or its disks
+                    attached to an existing VM (``into_vm``).
 - ``recovery``      what a killed job left on the engine and the DataMover, undone from its
                     journal keys.
 - ``transfers``, ``backups``, ``snapshots``, ``disks``, ``datamover``, ``base``: the middle
@@ -27,7 +28,8 @@ Nouns, top down (each layer imports only those below it: DESIGN §6, the layers 
 - ``EngineClient``  (``client``) one engine, one SSO token, a bounded pool of threads each with
                     its own ``ovirtsdk4.Connection``; every SDK call goes through
                     ``EngineClient.call``; its ``clock`` (``polling``) is what every wait on
-                    the engine's objects reads.
+                    the engine's objects reads; ``engine_ca`` finds the engine's CA, the only
+                    one imageio's certificates are verified against.
 
 Invariants: no SDK call ever runs on the event loop (the SDK blocks in pycurl); SDK errors
 never leave this package raw, they become ``EngineError`` subclasses naming the engine, the

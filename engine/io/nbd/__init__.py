@@ -1,5 +1,6 @@
 """NBD: the sans-IO protocol (``protocol``, ``handshake``, ``transmission``) and its asyncio
-client (``client``). Errors are in ``errors``.
+client (``client``, over ``connection``: the BufferedProtocol that drives the sans-IO machines).
+Errors are in ``errors``.
 
 ``connect(address, export_name, meta_contexts)`` → ``NbdClient`` with ``read``,
 ``readinto``, ``write``, ``write_zeroes``, ``flush``, ``block_status`` and ``close``;
