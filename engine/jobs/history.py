@@ -1,11 +1,12 @@
 """Job history that survives restarts: every finished daemon job, one row, beside the store's
 catalog (``<store>/history.db``, SQLite).
 
-The journal (``journal``) holds what a job is doing, for recovery, and forgets it once the job
-ended; the history holds what an operator looks at afterwards: kind, VM, policy, final state,
-times, error, the job's parameters and the API's summary of its outcome. The daemon appends a
-row when a job ends and reads the newest rows back at start, so ``tessera jobs``, the API and
-the ``/metrics`` last-success gauges show the same jobs before and after a restart.
+The journal (``journal``) holds what a job is doing, for recovery, and is done with it once
+the job ended; the history holds what an operator looks at afterwards: kind, VM, policy,
+final state, times, error, the job's parameters and the API's summary of its outcome. The
+daemon appends a row when a job ends and reads the newest rows back at start, so ``tessera
+jobs``, the API and the ``/metrics`` last-success gauges show the same jobs before and after
+a restart.
 
 Failures never fail a job: the history is a record of jobs, not part of them. A history that
 cannot be written (ENOSPC, EIO) is logged and the row is lost; a file that is not a readable

@@ -2,8 +2,9 @@
 
 A record says what the job is (kind, params), where it is (state), what it has created that
 must not outlive it (``resources``, e.g. a qemu-nbd pid, a bitmap name, a target file) and
-how it ended (summary, error, warnings). Records of finished jobs are kept (they are the
-job history) up to ``KEEP_FINISHED``, oldest dropped first.
+how it ended (summary, error, warnings). Records of finished jobs are kept, up to
+``KEEP_FINISHED`` (oldest dropped first), but nothing reads them back: the job history the
+daemon, the API and ``tessera jobs`` show is ``history``.
 """
 
 import json

@@ -13,9 +13,11 @@
 
 Backup: PREPARING opens the source (exports, checkpoints), TRANSFERRING reads disks into the
 store, COMMITTING writes the manifest, FINISHING drops what the run no longer needs.
-Restore: PREPARING creates target disks, TRANSFERRING writes them, COMMITTING flushes and
-hands them over, FINISHING stops exports. A cleanup error after a commit does not undo the
-commit: the job still SUCCEEDED, with the error kept as a warning.
+Restore: PREPARING share-locks the snapshot and chooses its disks, TRANSFERRING creates,
+writes and publishes each target disk in turn, COMMITTING runs the caller's finish (create
+the VM, attach the disks); targets clean up after themselves, so its cleanup states have
+nothing left to do. A cleanup error after a commit does not undo the commit: the job still
+SUCCEEDED, with the error kept as a warning.
 """
 
 from collections.abc import Mapping

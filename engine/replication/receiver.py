@@ -10,6 +10,7 @@ certificate signed by the sites' CA, no connection). Routes (``protocol`` has th
     PUT    /peer/v1/sessions/{id}/diskmaps/{n}   DiskMap bytes → staged (fsynced .tmp)
     POST   /peer/v1/sessions/{id}/commit         manifest bytes → Committed (commit point)
     DELETE /peer/v1/sessions/{id}                abort: staged files go, the lease ends
+    POST   /peer/v1/pull                         PullRequest → PullAccepted (``on_pull``)
 
 Records: each one's CRC is checked (no key needed); when this store holds the data key (or
 the record is not encrypted) it is decoded and re-hashed to its id too. Valid records go

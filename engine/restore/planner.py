@@ -26,7 +26,7 @@ the same slot is *unchanged*: it is left out of both the zero runs and the reads
 the base's end (the disk grew) are planned as without a base.
 
 Pure: no I/O except through the ``lookup`` callable the caller passes (in a restore,
-``store.index.lookup``, which is blocking: call the planner from an executor thread).
+``store.locate``, which is blocking: call the planner from an executor thread).
 Memory is one window's plan — at most ``WINDOW_SLOTS`` ids, locations and slot numbers —
 whatever the disk size; ``plan_disk`` is a lazy iterator over the id blocks it is given.
 

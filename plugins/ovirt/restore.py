@@ -2,7 +2,7 @@
 
 ::
 
-    async with vm_restore(engine, store, manifest, options) as vr:   # or VmRestore(...)
+    async with vm_restore(engine, manifest, ovf, options) as vr:     # or VmRestore(...)
         outcome = await run_restore(..., plugin="ovirt", make_target=vr.make_target)
         if outcome succeeded:
             vm = await vr.create_vm()        # the new VM, down, with the disks attached

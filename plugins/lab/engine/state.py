@@ -6,9 +6,10 @@ Ids are UUID5s of the kind and name, so the same seed always yields the same ids
 demo scripts may hard-code them). Enum-valued fields hold the engine's wire spelling (``"up"``,
 ``"cow"``, ``"virtio_scsi"``), checked against the SDK's enums when the seed is loaded.
 
-The records are frozen; only the restore endpoints (``restore``) change an ``Inventory``'s
-tables (add and remove disks and VMs, replace a record: a new disk's status, a VM's
-attachments). Snapshots and the rest of the backup state live in ``backup.Activity``.
+The records are frozen; only the restore and attachment endpoints (``restore``,
+``attach_api``) change an ``Inventory``'s tables (add and remove disks and VMs, replace a
+record: a new disk's status, a VM's attachments). Snapshots and the rest of the backup state
+live in ``backup.Activity``.
 """
 
 import uuid
