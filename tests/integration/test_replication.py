@@ -191,8 +191,11 @@ async def test_cut_stream_resumes_with_only_the_rest(pair: tuple[Store, Store], 
             store=sender, snapshot_id=m.snapshot_id, target=target(pki, server.port)
         )
         assert second.record.state is State.SUCCEEDED, second.record.error
-        assert second.stats.lacked == second.stats.chunks_sent == chunks - arrived
-        assert second.stats.chunks_skipped == arrived
+        # The receiver may still have been committing the batch the cut interrupted when the
+        # chunks were counted: what the second session found there is at least that many.
+        skipped = second.stats.chunks_skipped
+        assert arrived <= skipped < chunks
+        assert second.stats.lacked == second.stats.chunks_sent == chunks - skipped
 
         # Within one session: the cut batch is retried; only what did not arrive is resent.
         m3 = write_snapshot(sender, "vm3", {"root": realistic_bytes(64 * CHUNK, seed=77)})
