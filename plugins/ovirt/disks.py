@@ -6,7 +6,7 @@ returns False, so a recovery run twice changes nothing the second time. Deleting
 keeps its disks (``detach_only``): the plugin deletes disks one by one, only those it made.
 """
 
-from typing import Any
+from typing import Any, Final
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as t
@@ -14,6 +14,9 @@ import ovirtsdk4.types as t
 from engine.util import failpoints
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.idempotent import Wanted, already_done
+from plugins.ovirt.polling import Wait
+
+LOCKED_TIMEOUT: Final = 600.0  # a preallocated disk on block storage takes minutes to create
 
 
 def _attachments(conn: sdk.Connection, vm_id: str) -> Any:
@@ -70,7 +73,23 @@ async def detach_disk(
 
 
 async def delete_disk(client: EngineClient, disk_id: str) -> bool:
-    """Delete a disk; False when it was already gone (``idempotent.already_done``)."""
+    """Delete a disk; False when it was already gone (``idempotent.already_done``). A disk
+    still ``locked`` (being created, or its transfer ending) is waited for first: the engine
+    refuses to delete it (409 ``Disk … is locked``), and a failed restore cleans up a disk
+    it has just created."""
+
+    def status(conn: sdk.Connection) -> str | None:
+        try:
+            disk = conn.system_service().disks_service().disk_service(disk_id).get()
+        except sdk.NotFoundError:
+            return None
+        return str(disk.status.value) if disk.status is not None else "?"
+
+    wait = Wait(client.clock, LOCKED_TIMEOUT)
+    while (await client.call(status, "poll disk", obj=f"disk {disk_id}")) == "locked":
+        if wait.expired:
+            break  # the DELETE below says what the engine thinks
+        await wait.pause()
 
     def remove(conn: sdk.Connection) -> bool:
         try:

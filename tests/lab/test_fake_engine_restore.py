@@ -12,7 +12,10 @@ from ovirtsdk4 import types
 from engine.core.units import KiB, MiB
 from engine.io import qemu
 from plugins.lab.engine import lab_id
+from plugins.lab.engine.clock import FakeClock
 from plugins.lab.engine.ovf import parse_ovf, vm_ovf
+from plugins.ovirt.client import EngineClient, EngineConfig
+from plugins.ovirt.disks import delete_disk
 from plugins.ovirt.imageio import ImageioDisk
 from tests.lab.polling import Client, steps
 from tests.lab.test_fake_engine_backup import (
@@ -41,6 +44,10 @@ def add_disk(conn: sdk.Connection, **fields: object) -> types.Disk:
         "storage_domains": [types.StorageDomain(name="data1")],
     } | fields
     return conn.system_service().disks_service().add(types.Disk(**body))
+
+
+def remove_disk(conn: sdk.Connection, disk_id: str) -> None:
+    conn.system_service().disks_service().disk_service(disk_id).remove()
 
 
 def get_disk(conn: sdk.Connection, disk_id: str) -> types.Disk:
@@ -203,6 +210,8 @@ async def test_a_new_disk_is_locked_for_disk_seconds_whoever_polls(lab: Lab) -> 
     assert await lab.sdk(look) == [types.DiskStatus.LOCKED] * 6
     e = await lab.sdk(fault(partial(upload, disk_id=disk.id)))
     assert e.code == 409 and "is locked" in str(e)
+    e = await lab.sdk(fault(partial(remove_disk, disk_id=disk.id)))
+    assert e.code == 409 and "is locked" in str(e)  # as the engine: not while vdsm creates it
     await lab.advance(1.5)  # three quarters of disk_seconds
     assert await lab.sdk(look) == [types.DiskStatus.LOCKED] * 6
     assert a.inventory.disks[disk.id].status == "locked"
@@ -299,3 +308,32 @@ async def test_vm_from_plain_fields(lab: Lab) -> None:
     body.cluster = types.Cluster(name="nosuch")
     e = await lab.sdk(fault(partial(add_vm, body=body)))
     assert e.code == 404
+
+
+async def test_the_plugin_deletes_a_disk_still_locked_once_it_is_ok(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """A failed restore deletes the disk it has just created, which the engine still shows
+    locked: ``disks.delete_disk`` waits on its client's clock (here the lab's: each pause
+    steps it) until the disk is ok, then deletes it."""
+    lab.engine.faults.disk_seconds = 4 * lab.engine.faults.phase_seconds
+    clock = lab.engine.clock
+    assert isinstance(clock, FakeClock)
+    disk = await lab.sdk(add_disk)
+    before = clock.now()
+    password = tmp_path / "password"
+    password.write_text(lab.engine.password + "\n")
+    config = EngineConfig(lab.engine.url, lab.engine.username, password, lab.engine.ca_file)
+
+    class LabClock:
+        def monotonic(self) -> float:
+            return clock.now()
+
+        async def sleep(self, seconds: float) -> None:
+            await clock.advance(seconds)
+
+    async with EngineClient(config, clock=LabClock()) as client:
+        assert await delete_disk(client, disk.id) is True
+        assert clock.now() - before >= lab.engine.faults.disk_seconds  # it waited, not failed
+        assert disk.id not in lab.engine.activity.inventory.disks
+        assert await delete_disk(client, disk.id) is False  # gone: done

@@ -166,7 +166,7 @@ async def delete_disk(a: Activity, disk_id: str) -> None:
             raise Fault(404, f"Entity not found: disk {disk_id}", "Not Found")
         if (vm := _owner(a, disk_id)) is not None:
             raise Fault(409, f"[Cannot remove Virtual Disk. It is attached to VM {vm.name}.]")
-        if _busy(a, disk_id):
+        if _busy(a, disk_id) or disk_id in a.creating_disks:  # a transfer, or still created
             raise Fault(409, f"[Cannot remove Virtual Disk. Disk {disk.alias} is locked.]")
         _forget_disk(a, disk)
 
