@@ -1,10 +1,10 @@
-"""The implementations the Source contract suite runs, one factory each.
+"""The implementations the Source and Target contract suites run, one factory each.
 
-``SOURCES`` maps an implementation's name to an async context manager factory
+``SOURCES`` and ``TARGETS`` map an implementation's name to an async context manager factory
 ``factory(tmp_path)`` giving a harness: the implementation under test, plus what the suite
 needs to check it from outside (the bytes a disk holds, a guest write, what was left
-behind). ``test_source.py`` runs every test with every factory; a new implementation is one
-more factory in this table.
+behind). ``test_source.py`` and ``test_target.py`` run every test with every factory; a new
+implementation is one more factory in these tables.
 
 Every source serves the same VM, ``LAYOUT``: a disk that keeps checkpoints (qcow2 with
 bitmaps where the implementation has images) and one that does not (raw), with data, a
@@ -26,15 +26,16 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from engine.config.models import EngineSection
 from engine.core.units import KiB, MiB
-from engine.sources.types import Source
+from engine.sources.types import ResourceRecorder, Source, TargetDisk
+from engine.store.manifest import DiskEntry, Manifest
 from tests.helpers import realistic_bytes
-from tests.memory import MemoryDisk, MemorySource, MemoryVm
+from tests.memory import MemoryDisk, MemorySource, MemoryTargets, MemoryVm
 
 # --- the VM every source serves --------------------------------------------------------------
 
@@ -404,3 +405,189 @@ SOURCES: Final[dict[str, Callable[[Path], AbstractAsyncContextManager[SourceHarn
 # Those whose sessions keep checkpoints (``SourceHarness.checkpoints``): the incremental tests
 # run only these.
 CHECKPOINTED: Final = ("memory", "local", "ovirt-backup-api")
+
+
+# --- the harness a target implementation provides -------------------------------------------
+
+
+class TargetHarness(Protocol):
+    # The target's ``make_target`` for ``run_restore``.
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]: ...
+
+    def entry(self, name: str, size: int) -> DiskEntry:
+        """A snapshot's disk entry this target can restore (attributes it understands)."""
+        ...
+
+    async def read_back(self, entry: DiskEntry) -> bytes:
+        """The bytes of the disk restored for ``entry`` (after its target was left normally),
+        the first ``entry.size`` of them."""
+        ...
+
+    async def left(self, entry: DiskEntry) -> list[str]:
+        """What exists of ``entry``'s disk after its target was left by an exception: []
+        when nothing (no image, no engine disk)."""
+        ...
+
+    async def leftovers(self) -> list[str]:
+        """Servers or transfers still running: [] once every target was left."""
+        ...
+
+
+def disk_entry(name: str, size: int, attributes: dict[str, str]) -> DiskEntry:
+    return DiskEntry(
+        disk_id=f"disk-{name}",
+        name=name,
+        size=size,
+        diskmap=f"disk-{name}.dmap",
+        diskmap_checksum="",
+        data_bytes=size,
+        attributes=attributes,
+    )
+
+
+@dataclass
+class MemoryTargetHarness:
+    targets: MemoryTargets = field(default_factory=MemoryTargets)
+
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]:
+        return self.targets.make_target(entry, record)
+
+    def entry(self, name: str, size: int) -> DiskEntry:
+        return disk_entry(name, size, {})
+
+    async def read_back(self, entry: DiskEntry) -> bytes:
+        return self.targets.published[entry.disk_id]
+
+    async def left(self, entry: DiskEntry) -> list[str]:
+        return [entry.disk_id] if entry.disk_id in self.targets.published else []
+
+    async def leftovers(self) -> list[str]:
+        return [f"{d.info.name}: writers open" for d in self.targets.disks if d.open_writers]
+
+
+class LocalTargetHarness:
+    """New images through the plugin's ``ImageIO.image_target``, named by the entry."""
+
+    def __init__(self, directory: Path, fmt: str) -> None:
+        from plugins.local import PLUGIN
+
+        assert PLUGIN.images is not None
+        self.images = PLUGIN.images
+        self.directory = directory
+        self.fmt = fmt
+
+    def path(self, entry: DiskEntry) -> Path:
+        return self.directory / f"{entry.name}.{self.fmt}"
+
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]:
+        return self.images.image_target(self.path(entry), entry, record)
+
+    def entry(self, name: str, size: int) -> DiskEntry:
+        return disk_entry(name, size, {"format": self.fmt})
+
+    async def read_back(self, entry: DiskEntry) -> bytes:
+        data = await image_bytes(self.path(entry), self.directory / "scratch.raw")
+        return data[: entry.size]
+
+    async def left(self, entry: DiskEntry) -> list[str]:
+        return [str(p) for p in self.directory.glob(f"{entry.name}.*")]
+
+    async def leftovers(self) -> list[str]:
+        return servers_left([self.directory])
+
+
+@asynccontextmanager
+async def memory_target(tmp_path: Path) -> AsyncIterator[TargetHarness]:
+    yield MemoryTargetHarness()
+
+
+def local_target(fmt: str) -> Callable[[Path], AbstractAsyncContextManager[TargetHarness]]:
+    @asynccontextmanager
+    async def factory(tmp_path: Path) -> AsyncIterator[TargetHarness]:
+        directory = tmp_path / "restored"
+        directory.mkdir()
+        yield LocalTargetHarness(directory, fmt)
+
+    return factory
+
+
+class OvirtTargetHarness:
+    """New engine disks uploaded through imageio (``Hypervisor.vm_restore``, flow imageio):
+    each entry's disk is created on ``data1`` as its attributes say (thin qcow2 here)."""
+
+    def __init__(self, lab: Lab, restorer: Any, scratch: Path) -> None:
+        self.lab = lab
+        self.restorer = restorer
+        self.scratch = scratch
+        self.disk_ids: dict[str, str] = {}  # entry disk id → the engine disk made for it
+
+    def make_target(
+        self, entry: DiskEntry, record: ResourceRecorder
+    ) -> AbstractAsyncContextManager[TargetDisk]:
+        inner = self.restorer.make_target(entry, record)
+        ids = self.disk_ids
+
+        @asynccontextmanager
+        async def target() -> AsyncIterator[TargetDisk]:
+            async with inner as disk:
+                ids[entry.disk_id] = disk.info.disk_id
+                yield disk
+
+        return target()
+
+    def entry(self, name: str, size: int) -> DiskEntry:
+        attributes = {"format": "cow", "sparse": "true", "storage_domain": "data1"}
+        return disk_entry(name, size, attributes)
+
+    async def read_back(self, entry: DiskEntry) -> bytes:
+        image = self.lab.engine.activity.images[self.disk_ids[entry.disk_id]]
+        return (await image_bytes(image, self.scratch))[: entry.size]
+
+    async def left(self, entry: DiskEntry) -> list[str]:
+        disks = self.lab.engine.activity.inventory.disks
+        made = self.disk_ids.get(entry.disk_id)
+        named = [d.id for d in disks.values() if d.alias == entry.name]
+        return [f"engine disk {d}" for d in {*named, *([made] if made in disks else [])}]
+
+    async def leftovers(self) -> list[str]:
+        return self.lab.leftovers()
+
+
+def manifest_for(entries: Sequence[DiskEntry]) -> Manifest:
+    """A manifest naming ``entries``, for targets that take one (the oVirt restore)."""
+    return Manifest(
+        format=1,
+        snapshot_id="contract-snapshot",
+        store_id="contract-store",
+        vm_id="vm-contract",
+        vm_name=VM_NAME,
+        time="2026-01-01T00:00:00Z",
+        level="full",
+        parent=None,
+        chunk_size=64 * KiB,
+        disks=tuple(entries),
+    )
+
+
+@asynccontextmanager
+async def ovirt_target(tmp_path: Path) -> AsyncIterator[TargetHarness]:
+    async with (
+        lab(tmp_path) as the_lab,
+        hypervisor().vm_restore(the_lab.section, manifest_for([]), None) as restorer,
+    ):
+        restorer.client.clock = FastPoll()
+        yield OvirtTargetHarness(the_lab, restorer, tmp_path / "scratch.raw")
+
+
+TARGETS: Final[dict[str, Callable[[Path], AbstractAsyncContextManager[TargetHarness]]]] = {
+    "memory": memory_target,
+    "local-qcow2": local_target("qcow2"),
+    "local-raw": local_target("raw"),
+    "ovirt-imageio": ovirt_target,
+}
