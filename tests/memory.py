@@ -17,7 +17,8 @@ Source::
   ``fallback_reason`` saying why; otherwise ``checkpoint_parent`` is the parent and
   ``dirty_extents`` lists exactly the bytes written since it was created.
 - ``extents`` reports ``zero`` for every ``ZERO_BLOCK``-aligned piece that holds only zero
-  bytes (exact, not allocation: a bytearray has none, so ``hole`` is never set).
+  bytes (exact, not allocation: a bytearray has none, so ``hole`` is never set), or nothing
+  zero for a disk made with ``zero_extents=False``.
 - Extent lists are sorted, contiguous, merged and clipped to the range asked, as
   ``engine.core.extent`` says; a range outside the disk is a ``ValueError`` (as the NBD
   client's).
@@ -150,6 +151,9 @@ class MemoryDisk:
     data: bytearray
     attributes: dict[str, str] = field(default_factory=dict)
     checkpoints: bool = True
+    # False: ``extents`` never reports zero (as a device attached to the DataMover): the
+    # pipeline finds zero slots only by reading them.
+    zero_extents: bool = True
     bitmaps: dict[str, Ranges] = field(default_factory=dict)  # checkpoint → written since
     before_read: ReadHook | None = None
     reads: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
@@ -264,7 +268,8 @@ class MemorySourceDisk:
         self.check_usable()
         _check_range(f"disk {self.info.name} extents", offset, length, self.info.size)
         self.image.extent_calls.append((offset, length))
-        return flagged_extents(offset, length, self._zero_spans(), "zero")
+        zero = self._zero_spans() if self.image.zero_extents else Ranges()
+        return flagged_extents(offset, length, zero, "zero")
 
     async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
         self.check_usable()
@@ -286,7 +291,8 @@ class MemorySourceDisk:
 
 
 class MemorySession:
-    """A ``BackupSession`` of a ``MemorySource``; ``closed`` holds each close's ``success``."""
+    """A ``BackupSession`` of a ``MemorySource``; ``closed`` holds each close's ``success``,
+    ``unreleased_at_close`` the disks ``close`` had to release."""
 
     def __init__(
         self, vm: MemoryVm, info: VmInfo, disks: list[MemorySourceDisk], new: str, keep: set[str]
@@ -297,6 +303,7 @@ class MemorySession:
         self._new = new
         self._keep = keep
         self.closed: list[bool] = []
+        self.unreleased_at_close: list[str] = []  # disk ids the job had not released
 
     @property
     def vm(self) -> VmInfo:
@@ -322,6 +329,7 @@ class MemorySession:
     async def close(self, success: bool) -> None:
         """Release what the job did not; then drop stale bitmaps (success) or the new one."""
         self.closed.append(success)
+        self.unreleased_at_close = [d.info.disk_id for d in self._disks if not d.released]
         for disk in self._disks:
             await disk.release()
         keep = self._keep | {self._new}
