@@ -22,7 +22,8 @@ SSO tokens expire (after 30 idle minutes, and 10 hours after login, on a default
 a long backup or a daemon running for days outlives its token. Every ``Connection`` keeps
 the password, and the SDK answers the engine's 401 by logging in again and repeating the
 request once (API-NOTES § 1.2), so each thread's connection renews its own token when it
-finds it expired; the client remembers the newest token for the threads it opens later.
+finds it expired; the client remembers the newest token and gives it to every thread's
+connection before its next call, so one renewal serves them all (one SSO session).
 
 ``engine_ca()`` is the engine CA that imageio's certificates are verified with
 (``engine_ca``: the configured ``ca_file``, else fetched from the engine once per client).
@@ -308,6 +309,15 @@ class EngineClient:
         if conn is None:
             conn = self._open()
             self._local.conn = conn
+        else:
+            # Another thread renewed the client's token since this connection last ran: use
+            # it, rather than find the old one expired and log in once more (a second SSO
+            # session). The SDK keeps the token in ``_sso_token`` (ovirtsdk4 4.6, read by
+            # ``authenticate`` and sent as the Bearer header of every request).
+            with self._login_lock:
+                newest = self._token
+            if newest is not None and conn.authenticate() != newest:
+                conn._sso_token = newest  # the SDK has no setter
         try:
             return fn(conn)
         finally:

@@ -135,6 +135,36 @@ async def test_a_client_idle_for_days_calls_again_and_shares_the_new_token(
     assert len(engine.sessions) == 0  # close() logged the renewed token out
 
 
+async def test_threads_opened_before_a_renewal_take_the_renewed_token(
+    engine: FakeEngine, tmp_path: Path
+) -> None:
+    """Every worker thread has its connection (with the first token) when the token expires;
+    one call renews it; the other threads then use the renewed token instead of each finding
+    theirs expired and logging in once more (the engine would see one SSO session per
+    thread)."""
+    clock = ManualClock()
+    engine.sessions.clock = clock
+    async with EngineClient(config(engine, tmp_path)) as client:
+
+        async def on_every_thread() -> None:
+            barrier = threading.Barrier(MAX_API_CALLS)
+
+            def probe(conn: sdk.Connection) -> str:
+                barrier.wait(timeout=20)  # each call holds its own thread
+                return str(conn.system_service().get().product_info.name)
+
+            await asyncio.gather(*(client.call(probe, f"probe {i}") for i in range(MAX_API_CALLS)))
+
+        await on_every_thread()
+        assert len(engine.sessions) == 1
+        clock.now += 3 * 24 * 3600
+        await client.test()  # one thread finds the token expired and logs in again
+        assert engine.sessions.expired == 1
+        await on_every_thread()
+        assert len(engine.sessions) == 1, "a thread logged in again with the expired token"
+    assert len(engine.sessions) == 0
+
+
 SEED = Seed(
     vms=(
         VmSeed(
