@@ -98,6 +98,14 @@ def _service(conn: sdk.Connection, transfer_id: str) -> Any:
     return conn.system_service().image_transfers_service().image_transfer_service(transfer_id)
 
 
+def _current_phase(conn: sdk.Connection, transfer_id: str) -> str | None:
+    """The transfer's phase now; None when the engine no longer has it (404)."""
+    try:
+        return _phase(_service(conn, transfer_id).get())
+    except sdk.NotFoundError:
+        return None
+
+
 def _phase(transfer: Any) -> str:
     return str(transfer.phase.value) if transfer.phase is not None else "unknown"
 
@@ -189,10 +197,7 @@ async def cancel_transfer(client: EngineClient, transfer_id: str) -> bool:
         return True
 
     def phase(conn: sdk.Connection) -> str | None:
-        try:
-            return _phase(_service(conn, transfer_id).get())
-        except sdk.NotFoundError:
-            return None
+        return _current_phase(conn, transfer_id)
 
     what = f"transfer {transfer_id}"
     acted = await client.call(cancel, "cancel image transfer", obj=what)
@@ -233,10 +238,7 @@ async def finalize_transfer(
         return True
 
     def phase(conn: sdk.Connection) -> str | None:
-        try:
-            return _phase(_service(conn, transfer_id).get())
-        except sdk.NotFoundError:
-            return None
+        return _current_phase(conn, transfer_id)
 
     name = f"transfer {transfer_id}"
 
