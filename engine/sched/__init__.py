@@ -1,7 +1,10 @@
 """Scheduling: when policies run.
 
 Nouns: a *calendar expression* (``calendar.Calendar``: systemd-like ``mon..fri 22:30`` or
-five-field cron) gives fire times in a time zone; the *scheduler* (``scheduler.Scheduler``)
+five-field cron) gives fire times in a time zone — across daylight-saving changes a *time of
+day* (``daily 02:30``) fires once (a nonexistent wall time at the end of the gap, a repeated
+one at its first occurrence) and a *rhythm* (every hour matches: ``hourly``) follows elapsed
+time (the ``calendar`` docstring has the rule); the *scheduler* (``scheduler.Scheduler``)
 turns the expressions of each policy into runs through an injected ``Clock``; a *fire* is
 one planned time; a fire is *skipped* (coalesced) when the policy's previous run is still
 going, and a *misfire* is a fire time that passed while the daemon was down — at most one

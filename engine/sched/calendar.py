@@ -16,10 +16,28 @@ cron; anything else is systemd-like):
   @annually``. As in Vixie cron, when both day fields are restricted (neither starts with
   ``*``) a day matches if *either* does.
 
-Times are wall-clock times in a zone (zoneinfo). A wall time that does not exist (the
-spring-forward gap) fires at the first instant after the gap; a wall time that exists twice
-(fall-back) fires once, at its first occurrence. Every error is a ``ConfigError`` quoting
+Times are wall-clock times in a zone (zoneinfo). Every error is a ``ConfigError`` quoting
 the expression and the bad token.
+
+Daylight-saving changes. A matching wall time that exists once fires at that instant. The
+rest depends on whether the expression is a *time of day* (its hours are not all 24:
+``daily 02:30``, ``mon..fri 22:30``, cron ``30 2 * * *``) or a *rhythm* (it matches in every
+hour of a matching day: ``hourly``, ``*:0/15``, cron ``30 * * * *``; ``Calendar.every_hour``):
+
+* spring forward (a gap: wall times that do not exist). A time of day in the gap fires once,
+  at the first instant after the gap (the transition), however many of its wall times the
+  gap swallowed: ``daily 02:30`` in New York on 2010-03-14 fires at 03:00 EDT. Vixie cron
+  and cronie do the same (fixed-time jobs a forward change skipped run right after it);
+  systemd skips them (systemd issue 5595), which for a backup is a lost day.
+  A rhythm skips the wall times in the gap: it follows elapsed time, and its next match
+  after the gap comes on its beat (``*:05``: 01:05 EST, then 03:05 EDT, one hour later).
+* fall back (a fold: wall times that exist twice). A time of day fires once, at the first
+  occurrence (``daily 01:30`` in New York on 2010-11-07: 01:30 EDT, not again at 01:30 EST).
+  A rhythm fires at both occurrences, so an hourly schedule stays one hour apart in elapsed
+  time (cron schedules its wildcard jobs normally through both changes; systemd counts
+  skipping them a bug, systemd issue 8647). Cron tells the two kinds apart by syntax (a
+  ``*`` in the minute or hour field); here it is the hours matched, so ``*/5 2 * * *`` is
+  a time of day and still fires once on a spring-forward night.
 """
 
 import calendar as _cal
@@ -33,6 +51,10 @@ from engine.core.errors import ConfigError
 # matches nothing in 400 years (Feb 30, Apr 31) never matches.
 SEARCH_YEARS = 400
 MIN_YEAR, MAX_YEAR = 1970, 2199  # systemd's range for explicit years
+# A rhythm's second occurrences in a fold lie before the wall time of the instant asked
+# about; the search starts that much earlier when the UTC offset drops within this window.
+# Folds since 1970 are at most hours long (the longest, Antarctica/Vostok in 1994, 7 h).
+FOLD_LOOKAHEAD_HOURS = 24
 
 _WEEKDAYS = {
     name: i
@@ -113,23 +135,41 @@ class Calendar:
             and wall.microsecond == 0
         )
 
+    @property
+    def every_hour(self) -> bool:
+        """Whether the expression matches in every hour of a matching day (a *rhythm*, not
+        a time of day): it then follows elapsed time across daylight-saving changes (see the
+        module docstring)."""
+        return len(self.hours) == 24
+
     def next_after(self, after: datetime, tz: tzinfo | None = None) -> datetime | None:
-        """The first instant strictly after ``after`` whose wall time in ``tz`` (default:
-        ``after``'s zone) matches, as an aware datetime in ``tz``; None if there is none
-        (an explicit year list that has run out). ``after`` must be aware."""
+        """The first instant strictly after ``after`` at which the expression fires in
+        ``tz`` (default: ``after``'s zone; the daylight-saving rules are the module
+        docstring's), as an aware datetime in ``tz``; None if there is none (an explicit
+        year list that has run out). ``after`` must be aware."""
         if after.tzinfo is None:
             raise ValueError("next_after needs an aware datetime")
         zone = tz if tz is not None else after.tzinfo
         after_utc = after.astimezone(UTC)
-        start = after.astimezone(zone).replace(tzinfo=None, microsecond=0) + timedelta(seconds=1)
+        start = _scan_start(after_utc, zone)
         first_day = start.date()
+        rhythm = self.every_hour
+        # Wall times are tried in order. First occurrences (and ends of gaps) grow with the
+        # wall time, so the first one after ``after`` ends the search; a rhythm's second
+        # occurrence of an earlier wall time may come before it, and is kept in ``second``.
+        second: datetime | None = None
         for day in self._days(first_day):
             begin = (start.hour, start.minute, start.second) if day == first_day else None
             for h, m, s in self._times(begin):
-                instant = _resolve(datetime(day.year, day.month, day.day, h, m, s), zone)
-                if instant > after_utc:  # in UTC: same-zone comparisons ignore fold
-                    return instant.astimezone(zone)
-        return None
+                wall = datetime(day.year, day.month, day.day, h, m, s)
+                first, again = _instants(wall, zone)
+                if rhythm and again is not None and again > after_utc:
+                    second = again if second is None else min(second, again)
+                if first is None and not rhythm:
+                    first = _gap_end(wall, zone)
+                if first is not None and first > after_utc:  # UTC: same-zone ignores fold
+                    return (first if second is None else min(first, second)).astimezone(zone)
+        return second.astimezone(zone) if second is not None else None
 
     def _days(self, start: date) -> Iterator[date]:
         for year in range(start.year, start.year + SEARCH_YEARS + 1):
@@ -164,18 +204,38 @@ class Calendar:
                     yield h, m, s
 
 
-def _resolve(wall: datetime, zone: tzinfo) -> datetime:
-    """The UTC instant of a naive wall time: its first occurrence if ambiguous, the end of
-    the gap (the transition instant) if it does not exist."""
-    first = wall.replace(tzinfo=zone).astimezone(UTC)  # fold=0: first occurrence
-    if first.astimezone(zone).replace(tzinfo=None) == wall:
-        return first
+def _scan_start(after_utc: datetime, zone: tzinfo) -> datetime:
+    """The first wall time to try for instants after ``after_utc``: one second after its
+    wall time, or earlier by the drop when the UTC offset drops within
+    ``FOLD_LOOKAHEAD_HOURS`` (the fold ahead repeats wall times before it)."""
+    lowest = min(
+        offset
+        for k in range(FOLD_LOOKAHEAD_HOURS + 1)
+        if (offset := (after_utc + timedelta(hours=k)).astimezone(zone).utcoffset()) is not None
+    )
+    naive = after_utc.replace(tzinfo=None, microsecond=0)
+    return naive + lowest + timedelta(seconds=1)
+
+
+def _instants(wall: datetime, zone: tzinfo) -> tuple[datetime | None, datetime | None]:
+    """The UTC instants of a naive wall time: (first occurrence, second occurrence in a
+    fold or None); (None, None) when it falls in a gap."""
+    first = wall.replace(tzinfo=zone).astimezone(UTC)  # fold=0: the first occurrence
+    if first.astimezone(zone).replace(tzinfo=None) != wall:
+        return None, None
+    later = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    return first, later if later != first else None
+
+
+def _gap_end(wall: datetime, zone: tzinfo) -> datetime:
+    """The transition instant that ends the gap holding the nonexistent ``wall``."""
     # In a gap fold=0 reads the wall time with the offset before the transition (a later
     # UTC instant) and fold=1 with the offset after (an earlier one); the transition lies
     # between. Binary search for the first second carrying the new offset.
+    late = wall.replace(tzinfo=zone).astimezone(UTC)
     lo = int(wall.replace(tzinfo=zone, fold=1).astimezone(UTC).timestamp())
-    hi = int(first.timestamp())
-    after_offset = first.astimezone(zone).utcoffset()
+    hi = int(late.timestamp())
+    after_offset = late.astimezone(zone).utcoffset()
     while lo < hi:
         mid = (lo + hi) // 2
         if datetime.fromtimestamp(mid, UTC).astimezone(zone).utcoffset() == after_offset:

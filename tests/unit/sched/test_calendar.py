@@ -1,14 +1,16 @@
 """Calendar expressions: a table of next-run times, the DST rules, errors, and properties."""
 
-from datetime import UTC, datetime, timedelta
+import functools
+import itertools
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.core.errors import ConfigError
-from engine.sched.calendar import parse
+from engine.sched.calendar import Calendar, parse
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -80,12 +82,43 @@ def nxt(expr: str, after: str, tz: ZoneInfo = BERLIN) -> str:
         ("*:0/15", "2025-03-30 03:00", "2025-03-30T03:15:00+02:00"),  # the gap fired once
         ("daily 03:00", "2025-03-29 12:00", "2025-03-30T03:00:00+02:00"),
         ("daily 02:30", "2025-10-25 12:00", "2025-10-26T02:30:00+02:00"),  # first occurrence
-        ("hourly", "2025-10-26 02:00", "2025-10-26T03:00:00+01:00"),  # 02:00 fires once
         ("30 2 * * *", "2025-03-29 12:00", "2025-03-30T03:00:00+02:00"),
+        ("0 1-3 * * *", "2025-03-30 01:30", "2025-03-30T03:00:00+02:00"),  # 02:00 and 03:00
+        # rhythms (every hour matches) follow elapsed time: a gap's times are skipped ...
+        ("*:05", "2025-03-30 01:05", "2025-03-30T03:05:00+02:00"),
+        ("30 * * * *", "2025-03-30 01:30", "2025-03-30T03:30:00+02:00"),
+        # ... and a fold's times fire at both occurrences (see the test below)
+        ("hourly", "2025-10-26 02:00", "2025-10-26T02:00:00+01:00"),
+        ("*:0/15", "2025-10-26 02:50", "2025-10-26T02:00:00+01:00"),
     ],
 )
 def test_next_after(expr: str, after: str, expected: str) -> None:
     assert nxt(expr, after) == expected
+
+
+def test_fold_fires_a_rhythm_every_elapsed_hour() -> None:
+    """Europe/Berlin repeats 02:00-02:59 on 2025-10-26 (00:00-01:00 UTC at +02:00, then
+    01:00-02:00 UTC at +01:00): hourly keeps one hour between runs."""
+    cal = parse("hourly")
+    t = datetime(2025, 10, 25, 22, 30, tzinfo=UTC)
+    runs = []
+    for _ in range(5):
+        found = cal.next_after(t, BERLIN)
+        assert found is not None
+        runs.append(found.isoformat())
+        t = found
+    assert runs == [
+        "2025-10-26T01:00:00+02:00",
+        "2025-10-26T02:00:00+02:00",
+        "2025-10-26T02:00:00+01:00",
+        "2025-10-26T03:00:00+01:00",
+        "2025-10-26T04:00:00+01:00",
+    ]
+
+
+def test_every_hour_tells_rhythms_from_times_of_day() -> None:
+    assert [parse(e).every_hour for e in ("hourly", "*:0/15", "@hourly", "5 * * * 1")] == [True] * 4
+    assert not any(parse(e).every_hour for e in ("daily", "08..18:00", "0 */2 * * *"))
 
 
 def test_ambiguous_hour_fires_once() -> None:
@@ -176,36 +209,118 @@ EXPRESSIONS = [
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"]
 
 
-def _in_gap(result: datetime, cal_text: str, zone: ZoneInfo) -> bool:
-    """The result is the end of a DST gap that swallowed a matching wall time."""
-    cal = parse(cal_text)
-    before = (result - timedelta(seconds=1)).astimezone(zone).replace(tzinfo=None)
-    after = result.astimezone(zone).replace(tzinfo=None)
-    t = before + timedelta(seconds=1)
-    while t < after:
-        if cal.matches(t):
-            return True
-        t += timedelta(seconds=1)
-    return False
+NY = "America/New_York"
+
+
+def _wall(t: datetime, zone: ZoneInfo) -> datetime:
+    return t.astimezone(zone).replace(tzinfo=None)
+
+
+def _occurrences(wall: datetime, zone: ZoneInfo) -> list[datetime]:
+    """Every UTC instant whose wall time in ``zone`` is ``wall`` (none in a gap, two in a
+    fold), found by trying both of the wall time's offsets and keeping what reads back."""
+    found = {
+        t
+        for fold in (0, 1)
+        if _wall(t := wall.replace(tzinfo=zone, fold=fold).astimezone(UTC), zone) == wall
+    }
+    return sorted(found)
+
+
+def _gap_end(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The first instant whose wall time is past the nonexistent ``wall``, by walking a
+    minute, then a second, at a time from before the gap."""
+    t = wall.replace(tzinfo=zone, fold=1).astimezone(UTC) - timedelta(hours=1)
+    while _wall(t, zone) <= wall:
+        t += timedelta(minutes=1)
+    while _wall(t - timedelta(seconds=1), zone) > wall:
+        t -= timedelta(seconds=1)
+    return t
+
+
+def _fires(cal: Calendar, wall: datetime, zone: ZoneInfo) -> list[datetime]:
+    """The rule, stated once: the instants a matching wall time fires at."""
+    at = _occurrences(wall, zone)
+    if len(cal.hours) == 24:  # a rhythm: every occurrence in elapsed time, none in a gap
+        return at
+    return at[:1] if at else [_gap_end(wall, zone)]  # a time of day: once, or after the gap
+
+
+def _expected_next(expr: str, after: datetime, zone: ZoneInfo) -> datetime:
+    """Brute force: every matching wall time of every day from the day before ``after``
+    on, through ``_fires``; the earliest instant after ``after`` (in UTC)."""
+    cal = parse(expr)
+    day: date = _wall(after, zone).date() - timedelta(days=1)
+    best: datetime | None = None
+    first_time = (cal.hours[0], cal.minutes[0], cal.seconds[0])
+    while best is None or day <= _wall(best, zone).date() + timedelta(days=1):
+        if cal.matches(datetime(day.year, day.month, day.day, *first_time)):
+            for h, m, s in itertools.product(cal.hours, cal.minutes, cal.seconds):
+                wall = datetime(day.year, day.month, day.day, h, m, s)
+                later = [t for t in _fires(cal, wall, zone) if t > after]
+                best = min([*later, *([best] if best else [])], default=None)
+        day += timedelta(days=1)
+    return best
+
+
+@functools.cache
+def _transitions(zone: str, year: int) -> tuple[datetime, ...]:
+    """The instants (naive UTC) in ``year`` at which ``zone``'s UTC offset changes."""
+    tz, found = ZoneInfo(zone), []
+    t = datetime(year, 1, 1, tzinfo=UTC)
+    offset = t.astimezone(tz).utcoffset()
+    while t.year == year:
+        t += timedelta(minutes=30)
+        if (now := t.astimezone(tz).utcoffset()) != offset:
+            found.append(t.replace(tzinfo=None))
+            offset = now
+    return tuple(found)
+
+
+@st.composite
+def _near_a_change(draw: st.DrawFn, zone: str) -> datetime:
+    """A time within a day of one of ``zone``'s offset changes (uniform times rarely are)."""
+    changes = _transitions(zone, draw(st.integers(1990, 2089)))
+    if not changes:
+        return draw(st.datetimes(datetime(1990, 1, 1), datetime(2090, 1, 1)))
+    shift = timedelta(seconds=draw(st.integers(-86400, 86400)))
+    return draw(st.sampled_from(changes)) + shift
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     expr=st.sampled_from(EXPRESSIONS),
-    zone=st.sampled_from(ZONES),
-    when=st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2090, 1, 1)),
+    zone_and_when=st.sampled_from(ZONES).flatmap(
+        lambda zone: st.tuples(
+            st.just(zone),
+            st.one_of(
+                st.datetimes(datetime(1990, 1, 1), datetime(2090, 1, 1)), _near_a_change(zone)
+            ),
+        )
+    ),
 )
-def test_property_next_is_later_and_matches(expr: str, zone: str, when: datetime) -> None:
+# New York, 2010-03-14: 02:00 EST -> 03:00 EDT. A time of day in the gap fires at its end:
+# from 00:00 EST, daily 02:30 fires at 03:00 EDT (07:00 UTC).
+@example(expr="daily 02:30", zone_and_when=(NY, datetime(2010, 3, 14, 5, 0)))
+# A rhythm skips the gap and keeps its beat: from 01:30 EST (06:30 UTC) the next :30 is
+# 03:30 EDT (07:30 UTC), one hour later, not 03:00 EDT; from 01:56:30 EST, 03:00:30 EDT.
+@example(expr="30 * * * *", zone_and_when=(NY, datetime(2010, 3, 14, 6, 30)))
+@example(expr="*:0/7:30", zone_and_when=(NY, datetime(2010, 3, 14, 6, 56, 30)))
+# New York, 2010-11-07: 02:00 EDT -> 01:00 EST, 01:00-01:59 twice. A time of day fires at
+# the first occurrence (01:30 EDT, 05:30 UTC) and not at the second (06:30 UTC).
+@example(expr="daily 01:30", zone_and_when=(NY, datetime(2010, 11, 7, 4, 0)))
+@example(expr="daily 01:30", zone_and_when=(NY, datetime(2010, 11, 7, 5, 40)))
+@example(expr="daily 02:30", zone_and_when=("Europe/Berlin", datetime(2010, 10, 31, 0, 40)))
+# A rhythm fires at both: from 01:50 EDT (05:50 UTC) hourly fires at 01:00 EST (06:00 UTC).
+@example(expr="hourly", zone_and_when=(NY, datetime(2010, 11, 7, 5, 50)))
+def test_property_next_is_later_and_matches(expr: str, zone_and_when: tuple[str, datetime]) -> None:
+    """The result is exactly the brute-force rule's: later than ``after``, a matching wall
+    time's instant per ``_fires`` (first occurrence or end of gap for a time of day, every
+    occurrence for a rhythm), and no such instant in between."""
+    zone, when = zone_and_when
     tz = ZoneInfo(zone)
     after = when.replace(tzinfo=UTC)
     result = parse(expr).next_after(after, tz)
     assert result is not None
-    assert result.astimezone(UTC) > after
-    wall = result.astimezone(tz).replace(tzinfo=None)
-    assert parse(expr).matches(wall) or _in_gap(result, expr, tz)
-    # Nothing in between: the instant just before the result leads to the result again.
-    just_before = result.astimezone(UTC) - timedelta(seconds=1)
-    if just_before > after:
-        again = parse(expr).next_after(just_before, tz)
-        assert again is not None
-        assert again.astimezone(UTC) == result.astimezone(UTC)
+    assert result.tzinfo is tz
+    assert result.astimezone(UTC) == _expected_next(expr, after, tz)

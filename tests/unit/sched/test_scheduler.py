@@ -239,6 +239,27 @@ async def test_schedule_in_a_zone_across_dst() -> None:
     ]
 
 
+async def test_hourly_and_daily_across_the_fall_back_in_a_zone() -> None:
+    """Berlin repeats 02:00-02:59 on 2025-10-26: the hourly policy runs every elapsed hour
+    (02:00 twice), the daily one once."""
+    berlin = ZoneInfo("Europe/Berlin")
+    clock = FakeClock(datetime(2025, 10, 26, 0, 30, tzinfo=berlin))
+    runner = Runner(clock)
+    pols = [Pol("hourly", ("hourly",)), Pol("daily", ("daily 02:30",))]
+    sched = Scheduler(pols, runner, clock=clock, tz=berlin, state_file=None)
+    async with running(sched):
+        await clock.advance(timedelta(hours=5))
+    runs = [(n, p.astimezone(berlin).isoformat()) for n, p, _ in runner.started]
+    assert [p for n, p in runs if n == "hourly"] == [
+        "2025-10-26T01:00:00+02:00",
+        "2025-10-26T02:00:00+02:00",
+        "2025-10-26T02:00:00+01:00",
+        "2025-10-26T03:00:00+01:00",
+        "2025-10-26T04:00:00+01:00",
+    ]
+    assert [p for n, p in runs if n == "daily"] == ["2025-10-26T02:30:00+02:00"]
+
+
 async def test_no_schedule_means_no_runs_and_names_are_unique() -> None:
     clock = FakeClock(T0)
     runner = Runner(clock)
