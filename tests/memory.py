@@ -371,7 +371,7 @@ class MemorySource:
                     parent, dirty = parent_checkpoint, image.bitmaps[parent_checkpoint].copy()
             disks.append(MemorySourceDisk(image, info, parent, reason, dirty))
         tracked = [d for d in vm.disks if d.checkpoints]
-        record("bitmaps_added", [d.disk_id for d in tracked])  # before they exist
+        await record("bitmaps_added", [d.disk_id for d in tracked])  # before they exist
         for image in tracked:
             image.bitmaps[new_checkpoint] = Ranges()
         config = VmInfo(vm.vm_id, vm.name, infos, vm.config, vm.config_format, vm.skipped)
@@ -464,7 +464,7 @@ class MemoryTargets:
         if entry.disk_id in self.published:
             raise ConfigError(message=f"memory target {entry.disk_id} exists already")
         writing = [d.info.disk_id for d in self.disks] + [entry.disk_id]
-        record("memory_targets", writing)  # before it exists
+        await record("memory_targets", writing)  # before it exists
         disk = MemoryTargetDisk(
             DiskInfo(entry.disk_id, entry.name, entry.size, dict(entry.attributes)), self
         )

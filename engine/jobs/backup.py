@@ -101,7 +101,8 @@ async def run_backup(
 ) -> BackupOutcome:
     """Back up ``source`` into ``store``; returns the outcome (never raises for a job that
     failed — the record says FAILED with the error — but re-raises cancellation)."""
-    job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy, job_id)
+    job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy)
+    await job.create_record(job_id)
     steps = {
         State.PREPARING: job.prepare,
         State.TRANSFERRING: job.transfer,
@@ -112,12 +113,16 @@ async def run_backup(
         await JobDriver(journal, job.record).run(steps, job.cleanup)
     finally:
         job.store_writer.shutdown(wait=True)
-        job.finish(time.perf_counter() - started)
+        await job.finish(time.perf_counter() - started)
     return job.outcome
 
 
 class _BackupJob:
     """One backup run: the state steps ``run_backup`` hands to the driver."""
+
+    record: JobRecord  # these three from ``create_record`` on
+    outcome: BackupOutcome
+    checkpoint: str
 
     def __init__(
         self,
@@ -129,26 +134,15 @@ class _BackupJob:
         readers: int,
         progress: Progress | None,
         retry_policy: RetryPolicy,
-        job_id: str | None = None,
     ):
+        """The job's plan; ``create_record`` journals it before anything runs."""
         self.store, self.pool, self.source, self.journal = store, pool, source, journal
         self.readers, self.progress, self.retry_policy = readers, progress, retry_policy
-        effective, self.parent, last_full, note = choose_parent(
+        self.requested_level = level
+        effective, self.parent, last_full, self.note = choose_parent(
             store.snapshots(source.vm_id), level
         )
-        self.record = journal.create(
-            "backup",
-            source.plugin,
-            {
-                "vm_id": source.vm_id,
-                "vm_name": source.vm_name,
-                "requested_level": level,
-                "level": effective,
-            },
-            job_id,
-        )
-        self.outcome = BackupOutcome(self.record, None, effective, [note] if note else [])
-        self.checkpoint = f"tessera-{self.record.job_id}"
+        self.level = effective
         parent = self.parent
         self.parent_manifest = store.manifest(parent.snapshot_id) if parent else None
         self.parent_checkpoint = (
@@ -163,14 +157,31 @@ class _BackupJob:
         self.snap: SnapshotWriter | None = None
         self.store_writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
 
-    def remember(self, key: str, value: Any) -> None:
-        """Persist a resource in the journal before the plugin creates it."""
+    async def create_record(self, job_id: str | None) -> None:
+        """The job's PENDING record, durable in the journal; then ``record``, ``outcome``
+        and ``checkpoint`` exist."""
+        source = self.source
+        params = {
+            "vm_id": source.vm_id,
+            "vm_name": source.vm_name,
+            "requested_level": self.requested_level,
+            "level": self.level,
+        }
+        self.record = await self.journal.create("backup", source.plugin, params, job_id)
+        self.outcome = BackupOutcome(
+            self.record, None, self.level, [self.note] if self.note else []
+        )
+        self.checkpoint = f"tessera-{self.record.job_id}"
+
+    async def remember(self, key: str, value: Any) -> None:
+        """Persist a resource in the journal before the plugin creates it (returns once
+        the record is durable)."""
         self.record.resources[key] = value
-        self.journal.save(self.record)
+        await self.journal.save(self.record)
 
     async def prepare(self) -> Event:
-        self.remember("new_checkpoint", self.checkpoint)
-        self.remember("keep_checkpoints", self.keep)
+        await self.remember("new_checkpoint", self.checkpoint)
+        await self.remember("keep_checkpoints", self.keep)
         parent = self.parent
         if parent is not None and self.parent_checkpoint is None:
             self.outcome.notes.append(f"parent snapshot {parent.snapshot_id} has no checkpoint")
@@ -187,7 +198,7 @@ class _BackupJob:
             self.outcome.level,
             parent.snapshot_id if parent else None,
         )
-        self.remember("snapshot_id", self.snap.snapshot_id)
+        await self.remember("snapshot_id", self.snap.snapshot_id)
         return Event.PREPARED
 
     async def transfer(self) -> Event:
@@ -276,7 +287,7 @@ class _BackupJob:
             if self.session is not None:
                 await self.session.close(success)
 
-    def finish(self, seconds: float) -> None:
+    async def finish(self, seconds: float) -> None:
         outcome = self.outcome
         outcome.seconds = seconds
         self.record.summary = {
@@ -287,7 +298,7 @@ class _BackupJob:
             "new_chunks": sum(d.new_chunks for d in outcome.disks),
             "seconds": round(seconds, 3),
         }
-        self.journal.save_summary(self.record)
+        await self.journal.save_summary(self.record)
 
 
 def last_full_checkpoint(store: ChunkReader, last_full: CatalogEntry) -> str:

@@ -6,6 +6,11 @@ states run (FINISHING with success=True; ABORTING and CANCELLING with success=Fa
 Exceptions become the ERROR event (the message is kept on the record); cancellation
 becomes CANCEL, cleanup still runs (bounded by ``CLEANUP_TIMEOUT``), and ``CancelledError``
 is re-raised once the record says CANCELLED. Each transition is logged as one event.
+
+A transition's journal save runs off the event loop (``Journal``), and the driver waits
+until it is durable before acting on the new state, even when the job is cancelled
+meanwhile: such a cancellation is kept and handled where the next step would start, as one
+that lands in a step.
 """
 
 import asyncio
@@ -37,8 +42,9 @@ class JobDriver:
         self.journal = journal
         self.record = record
         self._table = TABLES[record.kind]
+        self._cancelled = False  # a cancellation arrived: CANCEL instead of the next step
 
-    def transition(self, event: Event) -> State:
+    async def transition(self, event: Event) -> State:
         record = self.record
         new = next_state(self._table, record.state, event, record.job_id)
         log.debug(
@@ -51,7 +57,7 @@ class JobDriver:
         record.state = new
         record.history.append(f"{record.updated} {new.value}")
         try:
-            self.journal.save(record)
+            await self._persist()
         except StoreWriteError as e:
             if new not in CLEANUP and new not in TERMINAL:
                 raise  # never act on a state the journal does not hold
@@ -62,27 +68,42 @@ class JobDriver:
             log.warning("job.journal_failed", job=record.job_id, state=new.value, error=str(e))
         return new
 
-    def _advance(self, event: Event) -> State:
+    async def _persist(self) -> None:
+        """Save the record and wait until it is durable, even through a cancellation of
+        the job (kept in ``_cancelled``): a state is never acted on unsaved. Raises
+        ``StoreWriteError`` as ``Journal.save``."""
+        saved = self.journal.queue_save(self.record)
+        while not saved.done():
+            try:
+                await asyncio.shield(saved)
+            except asyncio.CancelledError:
+                if saved.cancelled():
+                    raise
+                self._cancelled = True
+        saved.result()
+
+    async def _advance(self, event: Event) -> State:
         """``transition``, turning a journal that cannot record a working state into the
         job's error (then cleanup runs, as for any failure)."""
         try:
-            return self.transition(event)
+            return await self.transition(event)
         except StoreWriteError as e:
             self.record.error = describe(e)
             log.warning("job.error", job=self.record.job_id, error=self.record.error)
-            return self.transition(Event.ERROR)
+            return await self.transition(Event.ERROR)
 
     async def run(self, steps: Mapping[State, Step], cleanup: Cleanup) -> JobRecord:
-        cancelled = False
-        state = self._advance(Event.START)
+        state = await self._advance(Event.START)
         while state not in TERMINAL:
             if state in CLEANUP:
                 event = await self._cleanup(cleanup, success=state is State.FINISHING)
+            elif self._cancelled:  # it came while the state was being saved
+                event = Event.CANCEL
             else:
                 try:
                     event = await steps[state]()
                 except asyncio.CancelledError:
-                    cancelled = True
+                    self._cancelled = True
                     event = Event.CANCEL
                 except Exception as e:  # noqa: BLE001 - the job boundary: any failure is ERROR
                     self.record.error = describe(e)
@@ -94,8 +115,8 @@ class JobDriver:
                         error=self.record.error,
                     )
                     event = Event.ERROR
-            state = self._advance(event)
-        if cancelled:
+            state = await self._advance(event)
+        if self._cancelled:
             raise asyncio.CancelledError
         return self.record
 

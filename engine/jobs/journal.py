@@ -5,11 +5,32 @@ must not outlive it (``resources``, e.g. a qemu-nbd pid, a bitmap name, a target
 how it ended (summary, error, warnings). Records of finished jobs are kept, up to
 ``KEEP_FINISHED`` (oldest dropped first), but nothing reads them back: the job history the
 daemon, the API and ``tessera jobs`` show is ``history``.
+
+Writes never block the event loop. ``create``, ``save`` and ``save_summary`` are coroutines:
+the record is serialized at once, on the caller's thread, then written, fsynced, renamed
+and its directory fsynced (``atomic_write``) on the journal's one writer thread, and the
+coroutine returns when the record is durable. One thread keeps the saves in the order they
+were asked for, across all the jobs of a journal, so an older state never overwrites a newer
+one. That is what crash safety needs: a caller awaits the save that names a resource before
+it creates the resource, and the driver awaits a state's save before acting on it.
+
+::
+
+    loop thread                          writer thread (one per journal, FIFO)
+    save(r): r → JSON bytes ───queue───▶ tmp write, fsync, rename, fsync dir
+             await (the loop runs on)    ... done ──▶ save returns: r is durable
+
+A save whose caller is cancelled while it waits is still written, in its turn (a later save
+of the record comes after it); the caller sees the cancellation at once. The driver, which
+must not act on an unsaved state, waits for it anyway (``queue_save``). Reads (``load``,
+``records``, ``unfinished``) and ``prune`` block: call them in a thread from the loop.
 """
 
+import asyncio
 import json
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,41 +81,61 @@ def new_job_id() -> str:
 
 
 class Journal:
+    """The records of one directory (module docstring: writes on one thread, in order)."""
+
     def __init__(self, directory: Path):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.damaged: list[str] = []  # unreadable records set aside by ``records``
+        # One thread: saves are written in the order asked for. Its worker thread ends when
+        # the journal is collected (ThreadPoolExecutor's own rule), so nothing to close.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="journal-writer")
 
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
 
-    def create(
+    async def create(
         self, kind: str, source: str, params: dict[str, Any], job_id: str | None = None
     ) -> JobRecord:
         """A new PENDING record, saved; ``job_id`` lets a caller (the daemon) name the job
         before it starts, else one is made from the time."""
         job_id = job_id or new_job_id()
         record = JobRecord(job_id=job_id, kind=kind, source=source, params=params)
-        self.save(record)
+        await self.save(record)
         return record
 
-    def save(self, record: JobRecord) -> None:
-        """Rewrite the record atomically; raises ``StoreWriteError`` naming the file (the
-        old record stays as it was)."""
+    def queue_save(self, record: JobRecord) -> "asyncio.Future[None]":
+        """Serialize the record now and queue its write on the writer thread; the future is
+        done when the record is durable, or raises ``StoreWriteError`` naming the file (the
+        old record stays as it was). Await it through ``asyncio.shield``: cancelling it
+        would drop a write not yet begun. Call it from the event loop."""
         record.updated = _now()
         doc = asdict(record) | {"state": record.state.value}
+        data = json.dumps(doc, indent=1).encode()
         path = self._path(record.job_id)
+        written = asyncio.get_running_loop().run_in_executor(self._writer, self._write, path, data)
+        # A caller cancelled while it waited no longer looks at the outcome.
+        written.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return written
+
+    def _write(self, path: Path, data: bytes) -> None:
         try:
-            atomic_write(path, json.dumps(doc, indent=1).encode(), "journal")
+            atomic_write(path, data, "journal")
         except OSError as e:
             raise write_failure(self.dir, f"job journal {path.name}", e) from e
 
-    def save_summary(self, record: JobRecord) -> None:
+    async def save(self, record: JobRecord) -> None:
+        """Rewrite the record atomically, off the event loop; returns once it is durable.
+        Raises ``StoreWriteError`` naming the file (the old record stays as it was). When
+        the caller is cancelled meanwhile, the write still happens in its turn."""
+        await asyncio.shield(self.queue_save(record))
+
+    async def save_summary(self, record: JobRecord) -> None:
         """Save a finished job's summary. The outcome is decided by then (a snapshot may
         be committed): a failure to write costs a warning on the record, never the job —
         the journal keeps its last state and the next open's recovery ends it."""
         try:
-            self.save(record)
+            await self.save(record)
         except StoreWriteError as e:
             record.warnings.append(f"journal: summary not saved: {e}")
             log.warning("job.journal_failed", job=record.job_id, state="summary", error=str(e))
@@ -128,9 +169,12 @@ class Journal:
         return line
 
     def unfinished(self) -> list[JobRecord]:
+        """Every readable record not finished (blocking, as ``records``)."""
         return [r for r in self.records() if not r.finished]
 
     def prune(self) -> None:
+        """Delete the oldest finished records beyond ``KEEP_FINISHED`` (blocking; call it
+        with no save pending, as recovery does)."""
         finished = [r for r in self.records() if r.finished]
         for record in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             self._path(record.job_id).unlink(missing_ok=True)

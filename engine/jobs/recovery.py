@@ -7,6 +7,8 @@ plugin (exports stopped, the new checkpoint removed, a partial restore target de
 marked FAILED; the store's own recovery has already discarded uncommitted data.
 """
 
+import asyncio
+
 from engine.jobs.driver import JobDriver, describe
 from engine.jobs.journal import Journal
 from engine.jobs.states import CLEANUP, Event, State
@@ -15,17 +17,20 @@ from engine.store.chunk_store import Store
 
 
 async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
-    """Returns one line per action, for the operator."""
+    """Returns one line per action, for the operator. The journal's reads and its pruning
+    run in a thread and its saves on its writer thread, never on the event loop."""
     lines = []
-    for record in journal.unfinished():
+    for record in await asyncio.to_thread(journal.unfinished):
         driver = JobDriver(journal, record)
         was = record.state
         sid = record.resources.get("snapshot_id")
         committed = (
-            record.kind == "backup" and bool(sid) and store.layout.manifest(str(sid)).exists()
+            record.kind == "backup"
+            and bool(sid)
+            and await asyncio.to_thread(store.layout.manifest(str(sid)).exists)
         )
         if was is State.PENDING:
-            driver.transition(Event.CANCEL)
+            await driver.transition(Event.CANCEL)
             lines.append(f"job {record.job_id}: never started; marked cancelled")
             continue
         if was not in CLEANUP:
@@ -33,9 +38,9 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
                 record.error or f"interrupted: process {record.pid} died while {was.value}"
             )
             if committed and was is State.COMMITTING:
-                driver.transition(Event.COMMITTED)
+                await driver.transition(Event.COMMITTED)
             else:
-                driver.transition(Event.ERROR)
+                await driver.transition(Event.ERROR)
         try:
             actions = await registry.get(record.source).recover(record.resources, committed)
             event = Event.CLEANED
@@ -43,9 +48,9 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
             actions = [f"cleanup failed: {describe(e)}"]
             record.warnings.append(actions[0])
             event = Event.ERROR
-        driver.transition(event)
+        await driver.transition(event)
         lines += [f"job {record.job_id} ({record.kind}, was {was.value}): {a}" for a in actions]
         lines.append(f"job {record.job_id}: now {record.state.value}")
-    journal.prune()
+    await asyncio.to_thread(journal.prune)
     lines += journal.damaged
     return lines

@@ -93,7 +93,7 @@ async def run_restore(
     the COMMITTING step, so a failure there fails the job and its targets are cleaned up.
     ``base``: see the module docstring; ``kind`` and ``params`` (added to the journal's)
     name the job."""
-    record = journal.create(
+    record = await journal.create(
         kind,
         plugin,
         {"snapshot": snapshot_id, "disks": list(disks or [])} | (params or {}),
@@ -104,9 +104,9 @@ async def run_restore(
     chosen: list[DiskEntry] = []
     started = time.perf_counter()
 
-    def remember(key: str, value: Any) -> None:
+    async def remember(key: str, value: Any) -> None:
         record.resources[key] = value
-        journal.save(record)
+        await journal.save(record)  # durable before the target creates what it names
 
     held = ExitStack()  # the snapshot's share lock, from PREPARING to the end
 
@@ -148,7 +148,7 @@ async def run_restore(
         return Event.TRANSFERRED
 
     async def commit() -> Event:
-        remember("restored", [d.disk_id for d in outcome.disks])
+        await remember("restored", [d.disk_id for d in outcome.disks])
         if finish is not None:
             await finish()
         return Event.COMMITTED
@@ -171,7 +171,7 @@ async def run_restore(
             "slots_skipped": sum(d.slots_skipped for d in outcome.disks),
             "seconds": round(outcome.seconds, 3),
         }
-        journal.save_summary(record)
+        await journal.save_summary(record)
     return outcome
 
 

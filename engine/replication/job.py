@@ -79,22 +79,22 @@ class ReplicationOutcome:
         )
 
 
-def default_journal(store: SendingStore) -> Journal:
+async def default_journal(store: SendingStore) -> Journal:
     """A sender's own journal (``STORE/replication/journal``): a sender may run beside the
     process holding the writer lock, whose recovery must not judge its live records.
     Records a dead process left unfinished are marked FAILED (nothing to undo on this
     side: the receiver drops an uncommitted session's staged files when it expires)."""
     journal = Journal(state_dir(store.path) / "journal")
-    for record in journal.unfinished():
+    for record in await asyncio.to_thread(journal.unfinished):
         if record.kind == JOB_KIND and not _alive(record.pid):
             driver = JobDriver(journal, record)
             record.error = record.error or f"interrupted: process {record.pid} died"
             if record.state is State.PENDING:
-                driver.transition(Event.CANCEL)
+                await driver.transition(Event.CANCEL)
                 continue
             if record.state not in CLEANUP:
-                driver.transition(Event.ERROR)
-            driver.transition(Event.CLEANED)
+                await driver.transition(Event.ERROR)
+            await driver.transition(Event.CLEANED)
     return journal
 
 
@@ -149,7 +149,7 @@ class _Replicate:
         outcome.base = self.base.snapshot_id if self.base else None
         outcome.already_there = opened.committed
         outcome.record.resources["session"] = opened.session
-        self.journal.save(outcome.record)
+        await self.journal.save(outcome.record)
         return Event.PREPARED
 
     async def transfer(self) -> Event:
@@ -237,9 +237,9 @@ async def run_replication(
     SUCCEEDED / FAILED / CANCELLED (cancellation is re-raised after cleanup). ``full``
     ignores the per-peer state (every id of the snapshot is offered)."""
     check_peer_name(target.name)
-    journal = journal or default_journal(store)
+    journal = journal or await default_journal(store)
     params = {"snapshot": snapshot_id, "peer": target.name, "url": target.url}
-    record = journal.create(JOB_KIND, JOB_SOURCE, params, job_id)
+    record = await journal.create(JOB_KIND, JOB_SOURCE, params, job_id)
     outcome = ReplicationOutcome(record, target.name)
     sender = Sender(
         store,
@@ -269,7 +269,7 @@ async def run_replication(
             "base": outcome.base,
             "already_there": outcome.already_there,
         }
-        journal.save_summary(record)
+        await journal.save_summary(record)
     return outcome
 
 

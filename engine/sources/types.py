@@ -133,6 +133,7 @@ class Source(Protocol):
 
 class ResourceRecorder(Protocol):
     """Persists what a plugin created (before it creates it) so a restarted process can
-    undo it: ``record(key, value)`` writes the job journal durably."""
+    undo it: ``await record(key, value)`` returns once the job journal holds it durably
+    (written off the event loop). Await it before creating what it names."""
 
-    def __call__(self, key: str, value: object) -> None: ...
+    async def __call__(self, key: str, value: object) -> None: ...

@@ -272,7 +272,7 @@ async def run_standby_refresh(
     outcome.seconds = time.perf_counter() - started
     record = outcome.restore.record
     record.summary |= {"mode": outcome.mode, "reason": reason, "standby": outcome.standby_vm_name}
-    journal.save_summary(record)
+    await journal.save_summary(record)
     log.info("standby.done", summary=outcome.summary())
     return outcome
 

@@ -30,11 +30,11 @@ async def _recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
 _recorded: "weakref.WeakKeyDictionary[Any, dict[str, list[Any]]]" = weakref.WeakKeyDictionary()
 
 
-def _append(record: Any, key: str, value: Any) -> None:
+async def _append(record: Any, key: str, value: Any) -> None:
     values = _recorded.setdefault(record, {}).setdefault(key, [])
     if value not in values:
         values.append(value)
-    record(key, list(values))
+    await record(key, list(values))
 
 
 class LocalImages:
@@ -52,16 +52,15 @@ class LocalImages:
 
         Journals (before each exists) the partial image and qemu-nbd's private directory,
         by absolute path: recovery may run in another working directory."""
-        from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget  # noqa: PLC0415
+        from plugins.local.target import LocalImageTarget  # noqa: PLC0415
 
-        path = Path(os.path.abspath(path))
-        _append(record, "partial_images", str(path.with_name(path.name + PARTIAL_SUFFIX)))
         return LocalImageTarget(
-            path,
+            Path(os.path.abspath(path)),
             entry.size,
             fmt=fmt,
             name=entry.name,
             disk_id=entry.disk_id,
+            journal_partial=lambda partial: _append(record, "partial_images", str(partial)),
             journal_export=lambda workdir: _append(record, "exports", {"dir": str(workdir)}),
         )
 

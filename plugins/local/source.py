@@ -193,15 +193,17 @@ class LocalImageSource:
         try:
             for (path, fmt, parent, reason), dinfo in zip(plans, disks_info, strict=True):
                 if fmt == "qcow2":
-                    record("bitmaps_added", [str(p) for p in [*session._added, path]])
+                    await record("bitmaps_added", [str(p) for p in [*session._added, path]])
                     await qemu.bitmap_add(path, new_checkpoint)
                     session._added.append(path)
                 export = qemu.QemuNbd(path, fmt, read_only=True, bitmap=parent, shared=readers + 2)
                 export.prepare()
                 session._exports.append(export)
-                record("exports", export_records(session._exports))  # before the process exists
+                await record(
+                    "exports", export_records(session._exports)
+                )  # before the process exists
                 await export.start()
-                record("exports", export_records(session._exports))  # now with its pid
+                await record("exports", export_records(session._exports))  # now with its pid
                 contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
                 control = await connect(export.address, meta_contexts=contexts)
                 session._controls.append(control)

@@ -27,8 +27,10 @@ zero tail up to the next sector.
 
 Who closes what: ``open_writer()`` returns a new NBD connection that the caller closes
 (``restore_disk`` does); leaving the context closes any connection still open, then stops
-qemu-nbd. ``journal_export(directory)`` is called with qemu-nbd's private directory before
-the process is started, so the caller can journal it (recovery stops a server found there).
+qemu-nbd. ``journal_partial(path)`` is awaited with the partial image's path before it is
+created, ``journal_export(directory)`` with qemu-nbd's private directory before the process
+is started, so the caller can journal them (recovery deletes the one, stops a server found
+in the other).
 Durability: the writers' ``flush()`` makes the data durable (qemu-nbd flushes the
 image file); publishing fsyncs the directory.
 
@@ -40,7 +42,7 @@ qemu-nbd failed), the NBD errors of ``engine.io.nbd`` from connections.
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -96,7 +98,8 @@ class LocalImageTarget:
         name: str | None = None,
         disk_id: str | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        journal_export: Callable[[Path], None] | None = None,
+        journal_partial: Callable[[Path], Awaitable[None]] | None = None,
+        journal_export: Callable[[Path], Awaitable[None]] | None = None,
     ) -> None:
         if size < 0:
             raise ValueError(f"image {path}: negative size {size}")
@@ -108,6 +111,7 @@ class LocalImageTarget:
         self.name = name or self.path.name
         self.disk_id = disk_id or str(self.path)
         self.max_connections = max_connections
+        self.journal_partial = journal_partial
         self.journal_export = journal_export
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._created: Path | None = None  # the file this target made (deleted on failure)
@@ -177,7 +181,7 @@ class LocalImageTarget:
             )
             self._export = export
             if self.journal_export is not None:
-                self.journal_export(export.prepare())  # before the process exists
+                await self.journal_export(export.prepare())  # before the process exists
             try:
                 await export.start()
             except qemu.QemuError as e:
@@ -194,6 +198,8 @@ class LocalImageTarget:
                 message=f"restore target {self.path} already exists; Tessera never overwrites "
                 "an image (choose a new path, or restore into it as an existing image)"
             )
+        if self.journal_partial is not None:
+            await self.journal_partial(self.partial)  # before it exists
         try:
             # O_EXCL claims the name: two restores to one path cannot share a partial image.
             fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

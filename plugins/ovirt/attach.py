@@ -176,7 +176,7 @@ class SnapshotAttachSource(OvirtSourceBase):
             raise ConfigError(message=f"VM {vm.name} is the DataMover: it cannot back itself up")
         disks, skipped = self.readable_disks()
         ovf, consistency = await self.facts()
-        record("engine", self._config)
+        await record("engine", self._config)
         snapshot_id = await create_snapshot(self.client, vm, disks, new_checkpoint, record)
         reason = FULL_READ if parent_checkpoint is not None else None
         attributes = {"consistency": consistency, "snapshot": snapshot_id, "transport": "attach"}
@@ -207,7 +207,7 @@ class SnapshotAttachSource(OvirtSourceBase):
     ) -> _DeviceDisk:
         dm = self.datamover
         session.attached.append(dinfo.disk_id)
-        record("attachments", [{"vm_id": dm.id, "disk_id": d} for d in session.attached])
+        await record("attachments", [{"vm_id": dm.id, "disk_id": d} for d in session.attached])
         await attach_disk(
             self.client, dm.id, dm.name, dinfo.disk_id, snapshot_id=session.snapshot_id
         )
@@ -217,9 +217,9 @@ class SnapshotAttachSource(OvirtSourceBase):
         export = qemu.QemuNbd(device, "raw", read_only=True, shared=readers + 2)
         export.prepare()
         session.exports.append(export)
-        record("attach_exports", export_records(session.exports))  # before the process exists
+        await record("attach_exports", export_records(session.exports))  # before the process exists
         await export.start()
-        record("attach_exports", export_records(session.exports))  # now with its pid
+        await record("attach_exports", export_records(session.exports))  # now with its pid
         control = await connect(export.address, meta_contexts=["base:allocation"])
         if control.export_size < dinfo.size:
             await control.close()

@@ -65,11 +65,11 @@ class _DiskViaDataMover:
     def _created(self, disk_id: str) -> None:
         self._disk_id = disk_id
 
-    def _journal_export(self, export: qemu.QemuNbd) -> None:
+    async def _journal_export(self, export: qemu.QemuNbd) -> None:
         """Journal a prepared export, before its process starts (it is stopped with the
         others on release, and found by its directory by recovery)."""
         self._vr.exports.append(export)
-        self._record("attach_exports", export_records(self._vr.exports))
+        await self._record("attach_exports", export_records(self._vr.exports))
 
     async def __aenter__(self) -> NbdTargetDisk:
         try:
@@ -80,10 +80,11 @@ class _DiskViaDataMover:
 
     async def _open(self) -> NbdTargetDisk:
         vr, entry = self._vr, self._entry
+        await self._record("engine", vr.recovery)
         dm = await vr.datamover()
         created, sparse = await vr.add_disk(entry, self._record, self._created)
         vr.attachments.append(created.id)
-        self._record("attachments", [{"vm_id": dm.id, "disk_id": d} for d in vr.attachments])
+        await self._record("attachments", [{"vm_id": dm.id, "disk_id": d} for d in vr.attachments])
         self._attached = True
         await attach_disk(vr.client, dm.id, dm.name, created.id)
         self._device = await wait_device(
@@ -174,6 +175,5 @@ class AttachVmRestore(VmRestore):
     def make_target(
         self, entry: DiskEntry, record: ResourceRecorder
     ) -> AbstractAsyncContextManager[TargetDisk]:
-        record("engine", self.recovery)
         self._record = record  # create_vm records the new VM with it (recovery deletes it)
         return _DiskViaDataMover(self, entry, record)

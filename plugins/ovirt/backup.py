@@ -181,8 +181,8 @@ class OvirtVmSource(OvirtSourceBase):
         disks, skipped = self.readable_disks()
         backup_id = str(uuid.uuid4())
         ovf, _consistency = await self.facts()
-        record("engine", self._config)
-        record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
+        await record("engine", self._config)
+        await record("backup", {"vm_id": vm.id, "backup_id": backup_id})  # before it exists
         backup = t.Backup(
             id=backup_id,
             disks=[t.Disk(id=d.id) for d in disks],
@@ -203,9 +203,9 @@ class OvirtVmSource(OvirtSourceBase):
             modes = await backup_modes(self.client, vm.id, backup_id)
             transfers: list[str] = []
 
-            def created(transfer_id: str) -> None:
+            async def created(transfer_id: str) -> None:
                 transfers.append(transfer_id)
-                record("transfers", list(transfers))  # right after it exists
+                await record("transfers", list(transfers))  # right after it exists
 
             for dinfo in info.disks:
                 mode = modes.get(dinfo.disk_id, "full")

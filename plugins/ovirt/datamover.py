@@ -10,7 +10,7 @@ prefix starts with those 20 characters; ``-partN`` links never match. The direct
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -91,7 +91,9 @@ async def find_datamover(client: EngineClient, section: DataMoverSection | None)
     return await datamover_vm(client, section.vm_name, section.host_uuid)
 
 
-async def serve_writable(device: Path, journal: Callable[[qemu.QemuNbd], None]) -> qemu.QemuNbd:
+async def serve_writable(
+    device: Path, journal: Callable[[qemu.QemuNbd], Awaitable[None]]
+) -> qemu.QemuNbd:
     """qemu-nbd over the device, O_DIRECT first (a block device takes it; a FUSE file may
     not, then the page cache is used and the fsync at the end makes it durable). Each
     attempt is prepared and given to ``journal`` before its process starts."""
@@ -101,7 +103,7 @@ async def serve_writable(device: Path, journal: Callable[[qemu.QemuNbd], None]) 
             device, "raw", read_only=False, cache=cache, shared=DEFAULT_MAX_CONNECTIONS
         )
         export.prepare()
-        journal(export)
+        await journal(export)
         try:
             await export.start()
         except qemu.QemuError as e:

@@ -157,13 +157,15 @@ class _DiskUpload:
     def _created(self, disk_id: str) -> None:
         self._disk_id = disk_id
 
-    def _transfer_created(self, transfer_id: str) -> None:
+    async def _transfer_created(self, transfer_id: str) -> None:
         self._transfer_id = transfer_id
         self._vr.transfer_ids.append(transfer_id)
-        self._record("restore_transfers", list(self._vr.transfer_ids))  # right after it exists
+        ids = list(self._vr.transfer_ids)
+        await self._record("restore_transfers", ids)  # right after it exists
 
     async def _open(self) -> UploadTarget:
         vr, entry = self._vr, self._entry
+        await self._record("engine", vr.recovery)
         attrs = dict(entry.attributes)
         created, sparse = await vr.add_disk(entry, self._record, self._created)
 
@@ -242,8 +244,8 @@ class VmRestore:
     def make_target(
         self, entry: DiskEntry, record: ResourceRecorder
     ) -> AbstractAsyncContextManager[TargetDisk]:
-        """``run_restore``'s ``make_target``: records ``engine`` first, then the disk."""
-        record("engine", self.recovery)
+        """``run_restore``'s ``make_target``: entering it records ``engine`` first, then
+        the disk."""
         self._record = record
         return _DiskUpload(self, entry, record)
 
@@ -293,7 +295,7 @@ class VmRestore:
         )
         created_cb(created.id)
         self.disk_ids.append(created.id)
-        record("restore_disks", list(self.disk_ids))  # right after it exists
+        await record("restore_disks", list(self.disk_ids))  # right after it exists
         await self.wait_disk(created.id, entry.name)
         return created, sparse
 
@@ -404,7 +406,7 @@ class VmRestore:
         vm = await self.client.call(add, "create VM", obj=f"VM {self.name}", idempotent=False)
         self.vm_id = vm.id
         if self._record is not None:
-            self._record("restore_vm", vm.id)
+            await self._record("restore_vm", vm.id)
         failpoints.hit("ovirt.restore.vm_created")
         for entry, disk_id in self.disks:
             bootable = entry.attributes.get("bootable") == "true"

@@ -105,7 +105,7 @@ class SnapshotImageioSource(OvirtSourceBase):
         vm = self.vm
         disks, skipped = self.readable_disks()
         ovf, consistency = await self.facts()
-        record("engine", self._config)
+        await record("engine", self._config)
         snapshot_id = await create_snapshot(self.client, vm, disks, new_checkpoint, record)
         reason = FULL_READ if parent_checkpoint is not None else None
         attributes = {"consistency": consistency, "snapshot": snapshot_id}
@@ -116,9 +116,9 @@ class SnapshotImageioSource(OvirtSourceBase):
             volumes = await snapshot_volumes(self.client, vm.id, snapshot_id)
             transfers: list[str] = []
 
-            def created(transfer_id: str) -> None:
+            async def created(transfer_id: str) -> None:
                 transfers.append(transfer_id)
-                record("transfers", list(transfers))  # right after it exists
+                await record("transfers", list(transfers))  # right after it exists
 
             for dinfo in info.disks:
                 volume = volumes.get(dinfo.disk_id)

@@ -59,7 +59,7 @@ async def create_snapshot(
     (``snapshot``: vm and snapshot id) before the POST, so a process killed while the engine
     creates it leaves it to ``recovery``. Not waited for: ``wait_snapshot``."""
     snapshot_id = str(uuid.uuid4())
-    record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})  # before it exists
+    await record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})  # before it exists
     body = t.Snapshot(
         id=snapshot_id,
         description=f"Tessera {checkpoint}",
@@ -74,7 +74,7 @@ async def create_snapshot(
     created = await client.call(create, "create snapshot", obj=f"VM {vm.name}", idempotent=False)
     if created.id != snapshot_id:  # an engine that picks its own id
         snapshot_id = str(created.id)
-        record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})
+        await record("snapshot", {"vm_id": vm.id, "snapshot_id": snapshot_id})
     return snapshot_id
 
 

@@ -95,10 +95,12 @@ class _RefreshUpload:
         self._transfer_id: str | None = None
         self._image: ImageioDisk | None = None
 
-    def _transfer_created(self, transfer_id: str) -> None:
+    async def _transfer_created(self, transfer_id: str) -> None:
         self._transfer_id = transfer_id
         self._sb.transfer_ids.append(transfer_id)
-        self._record("standby_transfers", list(self._sb.transfer_ids))  # right after it exists
+        await self._record(
+            "standby_transfers", list(self._sb.transfer_ids)
+        )  # right after it exists
 
     def _error(self, reason: str) -> OvirtStandbyError:
         return self._sb.error(f"disk {self._entry.name} ({self._disk.standby_disk_id}): {reason}")
@@ -112,7 +114,7 @@ class _RefreshUpload:
 
     async def _open(self) -> UploadTarget:
         sb, disk_id = self._sb, self._disk.standby_disk_id
-        self._record("engine", sb.recovery)
+        await self._record("engine", sb.recovery)
 
         self._image = await open_image(
             sb.client,

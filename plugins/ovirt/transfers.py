@@ -161,14 +161,14 @@ def keep_alive(client: EngineClient, transfer_id: str) -> Callable[[], Awaitable
 async def open_image(
     client: EngineClient,
     add: Callable[[], Awaitable[Any]],
-    created: Callable[[str], None],
+    created: Callable[[str], Awaitable[None]],
     what: str,
 ) -> ImageioDisk:
     """Create a transfer with ``add`` (``add_transfer`` bound to its fields), tell
     ``created`` its id at once (for the job journal), wait until it is ``transferring`` and
     connect to imageio with the engine CA, the ticket extended until the disk is closed."""
     transfer = await add()
-    created(transfer.id)
+    await created(transfer.id)
     transfer = await wait_transfer(client, transfer, what)
     return await ImageioDisk.connect(
         transfer.transfer_url,
@@ -290,7 +290,7 @@ class TransferDisk:
         fallback_reason: str | None,
         *,
         add: Callable[[], Awaitable[Any]],
-        created: Callable[[str], None],
+        created: Callable[[str], Awaitable[None]],
         what: str,
         failpoint: str,
     ) -> None:
@@ -307,9 +307,9 @@ class TransferDisk:
         self._released = False
         self._lock = asyncio.Lock()  # readers start concurrently: one transfer
 
-    def _record(self, transfer_id: str) -> None:
+    async def _record(self, transfer_id: str) -> None:
         self.transfer_id = transfer_id
-        self._created(transfer_id)
+        await self._created(transfer_id)
 
     async def image(self) -> ImageioDisk:
         """The connected imageio disk, the transfer made on first use."""

@@ -110,7 +110,7 @@ class Recorder:
         self.resources: dict[str, object] = {}
         self.keys: list[str] = []
 
-    def __call__(self, key: str, value: object) -> None:
+    async def __call__(self, key: str, value: object) -> None:
         json.dumps(value)  # TypeError: the journal could not hold it
         self.resources[key] = value
         self.keys.append(key)

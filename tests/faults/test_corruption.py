@@ -251,7 +251,7 @@ async def test_corrupt_journal_record(tmp_path: Path) -> None:
     path = tmp_path / "store"
     snaps = build(path)
     journal = Journal(path / "journal")
-    record = journal.create("backup", "local", {"image": "/nonexistent"})
+    record = await journal.create("backup", "local", {"image": "/nonexistent"})
     bad = path / "journal" / f"{record.job_id}.json"
     bad.write_bytes(b'{"job_id": "torn')
     with Store.open(path, passphrase=PASSPHRASE) as store:

@@ -341,18 +341,20 @@ async def test_cancelled_job_aborts_the_receiver_session(
         assert not recv.sessions  # the cleanup told the receiver
         assert not replica.layout.snapshot_dir(m.snapshot_id).exists()
         assert replica.snapshots() == []
-        records = default_journal(sender).records()
+        records = (await default_journal(sender)).records()
         assert [r.state for r in records] == [State.CANCELLED]
 
 
-def test_a_dead_senders_unfinished_record_is_marked_failed(make_store: StoreFactory) -> None:
+async def test_a_dead_senders_unfinished_record_is_marked_failed(
+    make_store: StoreFactory,
+) -> None:
     store = make_store("a", chunk_size=CHUNK)
-    journal = default_journal(store)
-    record = journal.create("replicate", "replication", {"snapshot": "x"})
+    journal = await default_journal(store)
+    record = await journal.create("replicate", "replication", {"snapshot": "x"})
     record.state = State.TRANSFERRING
     record.pid = 2**22 + 7  # above any pid_max: no such process
-    journal.save(record)
-    again = default_journal(store).load(record.job_id)
+    await journal.save(record)
+    again = (await default_journal(store)).load(record.job_id)
     assert again.state is State.FAILED
     assert again.error is not None
     assert "interrupted" in again.error

@@ -259,7 +259,7 @@ async def test_recover_detaches_what_a_killed_run_left(lab: Lab) -> None:
     found = await vm_sources(lab.section(), ["vm1"], "snapshot-attach", datamover=section)
     journal: dict[str, object] = {}
 
-    def record(key: str, value: object) -> None:
+    async def record(key: str, value: object) -> None:
         journal[key] = value
 
     try:
@@ -292,10 +292,12 @@ async def test_a_cancelled_open_detaches_and_removes_the_snapshot(lab: Lab) -> N
     section = DataMoverSection(vm_name=DM, by_id_dir=nowhere, device_timeout=60)
     found = await vm_sources(lab.section(), ["vm1"], "snapshot-attach", datamover=section)
     dm = next(v for v in lab.engine.inventory.vms.values() if v.name == DM)
+
+    async def ignore(key: str, value: object) -> None:
+        return None
+
     try:
-        task = asyncio.create_task(
-            found.sources[0].open(None, (), "tessera-x", 1, lambda key, value: None)
-        )
+        task = asyncio.create_task(found.sources[0].open(None, (), "tessera-x", 1, ignore))
         for _ in range(200):  # until the first disk is attached: open waits for its device
             if len(lab.engine.inventory.vms[dm.id].attachments) > 1:
                 break

@@ -152,11 +152,13 @@ async def test_require_quiesce_refuses_a_vm_without_agent(tmp_path: Path) -> Non
         )
         found = await vm_sources(section, ["quiet"], "snapshot-imageio", require_quiesce=True)
         recorded: list[str] = []
+
+        async def remember(key: str, value: object) -> None:
+            recorded.append(key)
+
         try:
             with pytest.raises(ConfigError, match="VM quiet: no responsive guest agent"):
-                await found.sources[0].open(
-                    None, (), "tessera-x", 1, lambda key, value: recorded.append(key)
-                )
+                await found.sources[0].open(None, (), "tessera-x", 1, remember)
         finally:
             await found.client.close()
         assert recorded == []  # refused before anything was created
@@ -178,7 +180,7 @@ async def test_recover_removes_what_a_killed_run_left(
     found = await vm_sources(section, ["vm1"], "snapshot-imageio")
     journal: dict[str, object] = {}
 
-    def record(key: str, value: object) -> None:
+    async def record(key: str, value: object) -> None:
         journal[key] = value
 
     try:

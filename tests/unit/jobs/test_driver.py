@@ -11,14 +11,14 @@ from engine.jobs.journal import Journal
 from engine.jobs.states import Event, State
 
 
-def make(tmp_path: Path) -> tuple[Journal, JobDriver]:
+async def make(tmp_path: Path) -> tuple[Journal, JobDriver]:
     journal = Journal(tmp_path / "journal")
-    record = journal.create("backup", "local", {"vm": "x"})
+    record = await journal.create("backup", "local", {"vm": "x"})
     return journal, JobDriver(journal, record)
 
 
 async def test_success_path_persists_before_each_step(tmp_path: Path) -> None:
-    journal, driver = make(tmp_path)
+    journal, driver = await make(tmp_path)
     seen: list[State] = []
 
     def step(event: Event):  # type: ignore[no-untyped-def]
@@ -50,7 +50,7 @@ async def test_success_path_persists_before_each_step(tmp_path: Path) -> None:
 
 
 async def test_error_runs_cleanup_and_fails_with_the_message(tmp_path: Path) -> None:
-    _journal, driver = make(tmp_path)
+    _journal, driver = await make(tmp_path)
     cleaned: list[bool] = []
 
     async def boom() -> Event:
@@ -75,7 +75,7 @@ async def test_error_runs_cleanup_and_fails_with_the_message(tmp_path: Path) -> 
 
 
 async def test_cancellation_cleans_up_then_reraises(tmp_path: Path) -> None:
-    journal, driver = make(tmp_path)
+    journal, driver = await make(tmp_path)
     started = asyncio.Event()
     cleaned: list[bool] = []
 
@@ -97,7 +97,7 @@ async def test_cancellation_cleans_up_then_reraises(tmp_path: Path) -> None:
 
 
 async def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path) -> None:
-    _journal, driver = make(tmp_path)
+    _journal, driver = await make(tmp_path)
 
     async def bad_cleanup(success: bool) -> None:
         raise OSError("qemu-nbd would not stop")
@@ -114,19 +114,21 @@ async def test_cleanup_failure_after_commit_is_a_warning(tmp_path: Path) -> None
     assert record.warnings == ["cleanup: OSError: qemu-nbd would not stop"]
 
 
-def test_journal_round_trip_and_prune(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_journal_round_trip_and_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     journal = Journal(tmp_path)
-    record = journal.create("restore", "local", {"snapshot": "abc"})
+    record = await journal.create("restore", "local", {"snapshot": "abc"})
     record.resources["target"] = "/tmp/x.qcow2"
-    journal.save(record)
+    await journal.save(record)
     loaded = journal.load(record.job_id)
     assert loaded.resources == {"target": "/tmp/x.qcow2"}
     assert loaded.state is State.PENDING
     monkeypatch.setattr("engine.jobs.journal.KEEP_FINISHED", 1)
     for _ in range(3):
-        r = journal.create("backup", "local", {})
+        r = await journal.create("backup", "local", {})
         r.state = State.SUCCEEDED
-        journal.save(r)
+        await journal.save(r)
     journal.prune()
     assert len([r for r in journal.records() if r.finished]) == 1
     assert journal.unfinished()[0].job_id == record.job_id
