@@ -282,7 +282,7 @@ class Service:
         await handle.aclose()
         history = self.histories.pop(handle.name, None)
         if history is not None:
-            history.close()
+            await asyncio.to_thread(history.close)  # SQLite may checkpoint its WAL
 
     def api_gate(self, engine: str) -> Callable[[], AbstractAsyncContextManager[object]]:
         """What every engine call of every job holds: the ``api/<engine>`` limit
