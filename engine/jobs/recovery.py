@@ -5,6 +5,10 @@ is gone), before any new job. A backup whose manifest exists was committed: it i
 (SUCCEEDED, its source's old checkpoints dropped). Anything else is cleaned up through its
 plugin (exports stopped, the new checkpoint removed, a partial restore target deleted) and
 marked FAILED; the store's own recovery has already discarded uncommitted data.
+
+Each record it ends gets ``summary["recovered"]``: the state it was in (``was``), its last
+save by the dead process (``last_saved``), that process (``pid``) and what was done
+(``actions``) — the daemon's job history reads it (``history.interrupted_row``).
 """
 
 import asyncio
@@ -23,6 +27,13 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
     for record in await asyncio.to_thread(journal.unfinished):
         driver = JobDriver(journal, record)
         was = record.state
+        recovered: dict[str, object] = {
+            "was": was.value,
+            "last_saved": record.updated,
+            "pid": record.pid,
+            "actions": [],
+        }
+        record.summary["recovered"] = recovered
         sid = record.resources.get("snapshot_id")
         committed = (
             record.kind == "backup"
@@ -30,6 +41,7 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
             and await asyncio.to_thread(store.layout.manifest(str(sid)).exists)
         )
         if was is State.PENDING:
+            recovered["actions"] = ["never started: marked cancelled"]
             await driver.transition(Event.CANCEL)
             lines.append(f"job {record.job_id}: never started; marked cancelled")
             continue
@@ -48,6 +60,7 @@ async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
             actions = [f"cleanup failed: {describe(e)}"]
             record.warnings.append(actions[0])
             event = Event.ERROR
+        recovered["actions"] = actions
         await driver.transition(event)
         lines += [f"job {record.job_id} ({record.kind}, was {was.value}): {a}" for a in actions]
         lines.append(f"job {record.job_id}: now {record.state.value}")

@@ -121,6 +121,9 @@ async def test_killed_in_cleanup_then_recovered_twice(
     assert record.state in TERMINAL, text
     assert not record.warnings, record.warnings
     assert f"job {record.job_id}: now " in text
+    recovered = record.summary["recovered"]  # what the daemon's job history shows of it
+    assert recovered["was"] not in {s.value for s in TERMINAL}, recovered
+    assert all(f"was {recovered['was']}): {a}" in text for a in recovered["actions"]), text
 
     backups, transfers = await assert_clean(engine)
     assert all(p == "succeeded" for p in backups), backups
