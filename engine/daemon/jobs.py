@@ -101,6 +101,12 @@ class JobView:
         p = self.disks.setdefault(disk, DiskProgress(total=total))
         p.done, p.total = done, total
 
+    def started_row(self) -> dict[str, Any]:
+        """This running job as an ``engine.jobs.history`` ``started`` row."""
+        assert self.started is not None
+        keys = ("job_id", "kind", "vm", "policy", "created", "started", "params")
+        return {k: getattr(self, k) for k in keys}
+
     def history_row(self) -> dict[str, Any]:
         """This finished job as an ``engine.jobs.history`` row."""
         assert self.finished is not None
@@ -149,10 +155,13 @@ class JobManager:
         self,
         limits: Limits,
         on_finished: Listener | None = None,
-        on_started: Callable[[JobView], None] | None = None,
+        on_started: Listener | None = None,
     ):
         """``limits`` must have a ``vms`` family (jobs at once); a job's other ``needs``
-        (e.g. ``transfers/host/<id>``) are held with it, in name order."""
+        (e.g. ``transfers/host/<id>``) are held with it, in name order. ``on_started`` is
+        awaited when a job starts running, before its body (the daemon makes its history's
+        ``started`` row durable there); ``on_finished`` after it ended. Neither's failure
+        fails the job."""
         self.limits = limits
         self._on_started = on_started
         self._jobs: dict[str, JobView] = {}
@@ -262,7 +271,10 @@ class JobManager:
             async with self.limits.hold(needs):
                 view.state, view.started = "running", _now()
                 if self._on_started is not None:
-                    self._on_started(view)
+                    try:
+                        await self._on_started(view)
+                    except Exception as e:  # noqa: BLE001 - bookkeeping never fails a job
+                        bound.warning("job.listener_failed", error=str(e))
                 view.say(f"{view.kind} of {view.vm} started")
                 bound.info("job.started", params=view.params)
                 view.state, view.summary = await body(view)

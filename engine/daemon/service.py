@@ -5,7 +5,9 @@ Startup order (each step can fail with a clear error before the next starts):
 1. configuration and policies loaded and checked (``engine.config.loader.load_all``);
 2. logging configured (JSON to stdout for journald, optional syslog forwarding);
 3. every configured store opened for writing (open = recover) and the jobs a killed
-   process left unfinished are finished or cleaned up (journal → plugin ``recover``);
+   process left unfinished are finished or cleaned up (journal → plugin ``recover``); the
+   jobs a stopped daemon was running become finished rows of the job history (interrupted,
+   linked to that recovery by job id: ``engine.jobs.history``), then the history is read;
 4. CPU pools, the job manager, the API listeners (root-only unix socket; TCP+TLS with
    bearer tokens when configured), the scheduler;
 5. ``READY=1`` to systemd, then the watchdog pings.
@@ -21,9 +23,11 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -42,6 +46,7 @@ from engine.daemon.summaries import backup_doc, vm_restore_doc
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
+from engine.jobs.journal import JobRecord, Journal
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
@@ -55,6 +60,9 @@ from engine.util.limits import Limits
 log = structlog.get_logger("tessera.daemon")
 
 DEFAULT_GRACE: Final = 300.0  # seconds running jobs get after the first SIGTERM
+# How often the job history learns that the running jobs still run: a job killed with its
+# daemon is shown ending at its last heartbeat, at most this long before the daemon died.
+HEARTBEAT: Final = 60.0
 # Configuration sections the running daemon is built on: a reload cannot change them.
 RESTART_ONLY: Final = ("stores", "limits", "api", "logging", "syslog", "scheduler", "peer_server")
 
@@ -83,11 +91,10 @@ class Service:
                 "api": lim.api_calls,
             }
         )
-        self.jobs = JobManager(
-            self.limits,
-            on_finished=self._finished,
-            on_started=lambda view: self.metrics.job_started(view.kind),
-        )
+        self.jobs = JobManager(self.limits, on_finished=self._finished, on_started=self._started)
+        # The history's writes, one at a time in the order asked for: a job's ``started``
+        # row can never land after its finished one.
+        self._history_writer = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
         self.metrics = Metrics()
         self.notifier = Notifier(self.config.smtp) if self.config.smtp is not None else None
         self._mail_failed = 0  # e-mails failed by notifiers a reload replaced
@@ -122,10 +129,12 @@ class Service:
     ) -> None:
         """Run until stopped. ``api`` starts the listeners and returns their cleanup."""
         async with AsyncExitStack() as stack:
+            stack.push_async_callback(asyncio.to_thread, self._history_writer.shutdown)
             sdnotify.status("opening stores")
             for section in self.config.stores:
                 handle = await self._open_store(section)
                 stack.push_async_callback(self._close_store, handle)
+            await self._finish_interrupted()
             await self._load_history()
             self.scheduler = Scheduler(
                 [p for p in self.policies if p.enabled],
@@ -161,6 +170,7 @@ class Service:
                 scheduler = tg.create_task(self.scheduler.run(), name="scheduler")
                 upkeep = tg.create_task(self.maintenance.run(), name="maintenance")
                 watchdog = tg.create_task(self._watchdog(), name="watchdog")
+                heartbeat = tg.create_task(self._heartbeat(), name="history heartbeat")
                 sdnotify.ready()
                 sdnotify.status(f"ready: {len(self.policies)} policies")
                 log.info("daemon.ready", stores=list(self.stores), policies=len(self.policies))
@@ -174,6 +184,7 @@ class Service:
                 self.jobs.close()
                 await manager
                 watchdog.cancel()
+                heartbeat.cancel()
         log.info("daemon.stopped")
 
     def reload(self) -> bool:
@@ -256,6 +267,41 @@ class Service:
         self.stores[section.name] = handle
         self.histories[section.name] = JobHistory(section.path / HISTORY_FILE)
         return handle
+
+    async def _heartbeat(self) -> None:
+        """Tell the job histories, every ``HEARTBEAT`` seconds while jobs run, that their
+        running jobs still run (``JobHistory.alive``)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if self.jobs.running():
+                now = datetime.now(UTC)
+                for history in list(self.histories.values()):
+                    await self._history_write(history.alive, now)
+
+    async def _history_write(self, write: Callable[..., bool], *args: Any) -> None:
+        """A history write on the history's writer thread, after those asked for before."""
+        await asyncio.get_running_loop().run_in_executor(self._history_writer, write, *args)
+
+    async def _finish_interrupted(self) -> None:
+        """The jobs a stopped daemon was running, as finished rows of each store's history
+        (``JobHistory.finish_interrupted``), each with its journal record as the store's
+        recovery left it; logged one by one."""
+        now = datetime.now(UTC)
+        for name, history in self.histories.items():
+            lookup = partial(_journal_record, self.stores[name].journal)
+            rows = await asyncio.to_thread(history.finish_interrupted, lookup, now)
+            for row in rows:
+                log.warning(
+                    "job.interrupted",
+                    store=name,
+                    job=row["job_id"],
+                    kind=row["kind"],
+                    vm=row["vm"],
+                    state=row["state"],
+                    started=row["started"],
+                    last_seen=row["finished"],
+                    note=row["summary"]["interrupted"]["note"],
+                )
 
     async def _load_history(self) -> None:
         """The jobs and last successes a previous daemon recorded (``engine.jobs.history``):
@@ -494,12 +540,21 @@ class Service:
             reason=event.reason,
         )
 
+    async def _started(self, view: JobView) -> None:
+        """Metrics, and the job's ``started`` row in its store's history, durable before the
+        job runs: a daemon killed from now on leaves a row the next start turns into an
+        interrupted job (``_finish_interrupted``)."""
+        self.metrics.job_started(view.kind)
+        history = self._history_for(view)
+        if history is not None:
+            await self._history_write(history.started, view.started_row())
+
     async def _finished(self, view: JobView) -> None:
         """The job history, metrics, the store gauges and the policy's e-mail for a job that
         ended."""
         history = self._history_for(view)
         if history is not None:
-            await asyncio.to_thread(history.record, view.history_row())
+            await self._history_write(history.record, view.history_row())
         summary = job_summary(view)
         self.metrics.job_finished(
             view.kind,
@@ -532,6 +587,14 @@ class Service:
             )
         for listener in self.listeners:
             await listener(view)
+
+
+def _journal_record(journal: Journal, job_id: str) -> JobRecord | None:
+    """The job's journal record, or None when it has none or it cannot be read (blocking)."""
+    try:
+        return journal.load(job_id)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def transfer_needs(vm: Mapping[str, Any] | None) -> dict[str, int]:

@@ -4,7 +4,8 @@ ovirt-imageio + qemu-nbd), driven through its API by the operator CLI.
 A policy run by hand backs up its VM; `tessera backup vm` goes through the running daemon;
 a restore through the daemon creates a new VM; a SIGTERM during a backup stops the daemon
 cleanly (the job is cancelled and cleaned up, nothing left on the engine); a SIGKILL during
-a backup leaves a journal that the next start cleans up, and the next run succeeds.
+a backup leaves a journal that the next start cleans up, the job shows in the history as
+interrupted, and the next run succeeds.
 """
 
 import asyncio
@@ -23,6 +24,7 @@ import aiohttp
 import pytest
 
 from engine.core.units import MiB
+from engine.jobs.history import INTERRUPTED
 from plugins.lab.disks import DiskRequest, build_disks
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
@@ -351,9 +353,17 @@ async def sigterm_then_kill(engine: FakeEngine, config: Path, daemon: Daemon) ->
     await assert_clean(engine, SEED)
     code, out = await tessera("policies", "--config", config, "--run", "nightly")
     assert code == 0, out
-    # The first daemon's cancelled job is in the job history; the killed one never ended.
-    jobs = await wait_jobs(config, 2)
-    assert [j["state"] for j in jobs] == ["cancelled", "succeeded"], jobs
+    # The first daemon's cancelled job is in the job history, the killed one as interrupted,
+    # with what the journal's recovery undid (same job id).
+    jobs = await wait_jobs(config, 3)
+    assert [j["state"] for j in jobs] == ["cancelled", "failed", "succeeded"], jobs
+    killed = jobs[1]
+    assert killed["error"].startswith(INTERRUPTED), killed
+    facts = killed["summary"]["interrupted"]
+    assert facts["was"] == "transferring" and facts["recovery"], facts
+    assert killed["started"] <= killed["finished"] <= facts["found_at_restart"], killed
+    (event,) = daemon.events("job.interrupted")
+    assert event["job"] == killed["id"]
     assert await daemon.stop() == 0
 
 

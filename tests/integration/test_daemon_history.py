@@ -8,17 +8,22 @@ and a second daemon."""
 
 import asyncio
 import contextlib
+import json
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from engine.config.loader import load_all
 from engine.daemon import maintenance
 from engine.daemon.api import parse_since
 from engine.daemon.service import Service
+from engine.jobs.history import INTERRUPTED
 from engine.store.chunk_store import Store
 from engine.store.keys import KdfParams
 from tests.helpers import realistic_bytes, write_snapshot
@@ -26,6 +31,7 @@ from tests.unit.maint.test_verify import flip, slot_id
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 * 1024
 PASSPHRASE = "history-test"
 
@@ -125,3 +131,129 @@ def test_since_is_a_duration_or_an_iso_time() -> None:
     assert parse_since("2026-12-01T02:00:00+01:00", now).utcoffset() == timedelta(hours=1)
     with pytest.raises(Exception, match="give a duration"):
         parse_since("yesterday", now)
+
+
+class DaemonProcess:
+    """``tessera run`` in a subprocess (``kill_at``: SIGKILLed by itself at the N-th hit
+    of a failpoint, through ``tests.integration.kill_backup``), its log in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, kill_at: tuple[str, int] | None = None) -> None:
+        before = self.log.read_text().count('"daemon.ready"') if self.log.exists() else 0
+        module = ["engine.daemon.cli"]
+        if kill_at is not None:
+            module = ["tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", *module, "run", "--config", str(self.config),
+                cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        async with asyncio.timeout(120):  # a loaded machine opens stores slowly
+            while self.log.read_text().count('"daemon.ready"') == before:
+                assert self.proc.returncode is None, self.log.read_text()
+                await asyncio.sleep(0.05)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        lines = self.log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{") and f'"{name}"' in line]
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(120):
+            return await self.proc.wait()
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await self.wait()
+
+    async def kill(self) -> None:
+        """Test teardown: no daemon outlives the test."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def tessera(*args: str | Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.daemon.cli", *map(str, args),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    async with asyncio.timeout(120):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def metrics_text(socket_path: Path) -> str:
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get("http://tessera/metrics") as response:
+            assert response.status == 200
+            return await response.text()
+
+
+async def test_a_job_killed_with_its_daemon_is_in_the_history_as_interrupted(
+    tmp_path: Path,
+) -> None:
+    """A daemon SIGKILLed in the middle of a GC job (by itself, at the GC's mark phase: the
+    job is running then, whatever the machine's speed). The next daemon shows that job
+    failed, interrupted, with its time range; the earlier GC's success stays the VM's last
+    success in ``/metrics``."""
+    config = make_config(tmp_path)
+    store = Store.open(tmp_path / "store", passphrase=PASSPHRASE.encode(), writable=True)
+    with store:
+        write_snapshot(store, "vm-a", {"d": realistic_bytes(8 * CHUNK, seed=7)})
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        await daemon.start(kill_at=("gc.marked", 2))  # one hit per GC run: the second dies
+        code, out = await tessera("gc", "--config", config)
+        assert code == 0 and "gc succeeded" in out, out
+        code, out = await tessera("gc", "--config", config)
+        assert code != 0, out  # its daemon died under it
+        assert await daemon.wait() == -signal.SIGKILL
+        killed_at = datetime.now(UTC)
+
+        await daemon.start()
+        restarted = datetime.now(UTC)
+        code, out = await tessera("jobs", "--config", config, "--json")
+        assert code == 0, out
+        ok, killed = sorted(json.loads(out), key=lambda j: j["created"])
+        assert (ok["kind"], ok["state"], ok["error"]) == ("gc", "succeeded", None)
+        assert (killed["kind"], killed["vm"], killed["state"]) == ("gc", "store:main", "failed")
+        assert killed["error"].startswith(INTERRUPTED), killed
+        started = datetime.fromisoformat(killed["started"])
+        ended = datetime.fromisoformat(killed["finished"])
+        assert datetime.fromisoformat(ok["finished"]) <= started <= ended <= killed_at
+        assert killed["summary"]["interrupted"]["last_seen"] == killed["finished"]
+        found = datetime.fromisoformat(killed["summary"]["interrupted"]["found_at_restart"])
+        assert killed_at <= found + timedelta(seconds=1) and found <= restarted
+        code, out = await tessera("jobs", "--config", config, "--json", "--failed")
+        assert [j["id"] for j in json.loads(out)] == [killed["id"]], out
+        (event,) = daemon.events("job.interrupted")
+        assert (event["job"], event["state"]) == (killed["id"], "failed")
+
+        text = await metrics_text(tmp_path / "api.sock")
+        (line,) = [x for x in text.splitlines() if x.startswith("tessera_last_success_")]
+        label, value = line.split()
+        assert label == 'tessera_last_success_timestamp_seconds{vm="store:main"}'
+        assert float(value) == datetime.fromisoformat(ok["finished"]).timestamp()
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.kill()
+
+    await daemon.start()  # a third daemon: the interrupted row is an ordinary one now
+    try:
+        code, out = await tessera("jobs", "--config", config, "--json")
+        assert [(j["id"], j["state"]) for j in json.loads(out)] == [
+            (ok["id"], "succeeded"),
+            (killed["id"], "failed"),
+        ], out
+        assert not daemon.events("job.interrupted")[1:]
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.kill()
