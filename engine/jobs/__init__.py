@@ -15,5 +15,9 @@ Modules: ``states``, ``driver`` (``JobDriver``), ``journal`` (``Journal``, ``Job
 ``recovery``, ``backup`` (``run_backup`` → ``BackupOutcome``: one VM from a Source into the
 store), ``restore`` (``run_restore`` → ``RestoreOutcome``: a snapshot's disks into targets;
 ``read_vm_config``: the stored OVF), ``history`` (``JobHistory``: every finished daemon job
-as a row of ``<store>/history.db``, read back at the next start).
+as a row of ``<store>/history.db``, read back at the next start; a job its daemon was
+running when it died becomes an interrupted row there).
+
+The journal writes off the event loop, on one writer thread per journal, in order; callers
+await a save before acting on what it records (``journal``).
 """
