@@ -1,7 +1,7 @@
 """The application layer: each operation from a typed request to a typed outcome, one path
 for every caller.
 
-The command line run in-process (``engine.daemon.cli``), the daemon's jobs
+The command line run in-process (``engine.cli.main``), the daemon's jobs
 (``engine.daemon.service``) and so the HTTP API all call these; none wires a backup or a
 restore itself, so a step added here (a limit, a metric, a recovery) reaches every path.
 
@@ -14,6 +14,7 @@ restore itself, so a step added here (a limit, a metric, a recovery) reaches eve
                  ``plan_vm_restore``, then ``restore_vm``), ``ImageRestoreRequest`` →
                  ``RestoreOutcome`` (local image files: ``restore_images``).
 - ``passphrase`` where a store passphrase comes from.
+- ``summaries``  the document of a typed outcome (what the API shows and job history keeps).
 
 Below the daemon, above the jobs (the layers contract in ``pyproject.toml``): it imports
 ``engine.jobs`` and finds plugins through ``engine.sources.registry``; it never prints,

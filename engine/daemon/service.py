@@ -31,6 +31,7 @@ import structlog
 from engine.app.backup import VmBackupRequest, backup_vms
 from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
 from engine.app.stores import JobStore, open_for_jobs_at
+from engine.app.summaries import backup_doc, vm_restore_doc
 from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
@@ -38,7 +39,6 @@ from engine.core.errors import ConfigError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
-from engine.daemon.summaries import backup_doc, vm_restore_doc
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest

@@ -57,7 +57,7 @@ async def tessera(*args: str | Path, timeout: float = 300) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.daemon.cli",
+        "engine.cli.main",
         *map(str, args),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -82,7 +82,7 @@ class Daemon:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "engine.daemon.cli",
+                "engine.cli.main",
                 "run",
                 "--config",
                 str(self.config),

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from engine.api.server import parse_since
 from engine.config.loader import load_all
 from engine.daemon import maintenance
-from engine.daemon.api import parse_since
 from engine.daemon.service import Service
 from engine.store.chunk_store import Store
 from engine.store.keys import KdfParams

@@ -1,6 +1,6 @@
 """``tessera peer init-ca|issue|init-store|serve`` and ``tessera replicate``.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` and
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` and
 the key options are passed in so this module does not import ``cli`` (which imports it).
 
 Setting up two sites (A pushes to B)::
@@ -23,10 +23,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine.app.passphrase import resolve_passphrase
+from engine.cli import args as cli_args
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
-from engine.daemon import cli_args
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.jobs.states import State
 from engine.replication import tls
 from engine.replication.job import latest_snapshot, run_replication

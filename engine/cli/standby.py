@@ -1,6 +1,6 @@
 """``tessera standby refresh VM``: bring a VM's cold standby to a snapshot, in this process.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` and the
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` and the
 key options are passed in so this module does not import ``cli`` (which imports it). The
 daemon refreshes standbys itself after each replicated snapshot (``engine.standby.job.
 refresh_standby``); this command is the direct run, for a first copy or by hand::
@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
+from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load as load_config
 from engine.config.policy import Standby
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
-from engine.daemon.progress import ProgressDisplay
 from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
 from engine.standby.job import refresh_standby

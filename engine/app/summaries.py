@@ -1,8 +1,9 @@
-"""The API's shape of typed job outcomes (``JobView.summary``), built here once.
+"""A typed outcome's document (``JobView.summary``): built here once, for the API, the
+daemon's log and the job history, which outlives the typed outcome (a restarted daemon shows
+its jobs from ``history.db``).
 
-Everything inside the daemon that needs to know about an outcome (the policy run, metrics,
-e-mails) reads the typed outcome on the job (``JobView.outcome``); these dicts are only what
-the API shows and the daemon log records.
+Everything that needs to know about an outcome (the policy run, metrics, e-mails) reads the
+typed outcome on the job (``JobView.outcome``); these dicts are only what is shown and kept.
 """
 
 from typing import Any

@@ -1,6 +1,6 @@
 """``tessera store verify`` and ``tessera store repair`` (``engine.maint.verify``).
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` is
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` is
 passed in so this module does not import ``cli``. Verify opens the store read-only, so it
 runs while a backup or the daemon holds the writer lock; repair takes the writer lock.
 Exit status: 0 when everything is whole, 3 (integrity) when anything is wrong or lost.
@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.cli import args as cli_args
+from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from engine.cli.progress import ProgressDisplay
 from engine.core.units import human_bytes
-from engine.daemon import cli_args
-from engine.daemon.exits import EXIT_INTEGRITY, EXIT_OK
-from engine.daemon.progress import ProgressDisplay
 from engine.maint.check import Finding
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
