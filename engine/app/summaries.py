@@ -10,6 +10,10 @@ from typing import Any
 
 from engine.app.restore import VmRestoreOutcome
 from engine.jobs.backup import BackupOutcome
+from engine.maint.gc import GcResult
+from engine.maint.verify import VerifyResult
+from engine.replication.job import ReplicationOutcome
+from engine.standby.job import StandbyOutcome
 
 
 def backup_doc(outcome: BackupOutcome) -> dict[str, Any]:
@@ -41,3 +45,37 @@ def vm_restore_doc(outcome: VmRestoreOutcome) -> dict[str, Any]:
     if outcome.vm is not None:
         doc |= {"vm_id": outcome.vm.id, "vm_name": outcome.vm.name}
     return doc
+
+
+def standby_doc(outcome: StandbyOutcome) -> dict[str, Any]:
+    return {
+        "mode": outcome.mode,
+        "reason": outcome.reason,
+        "standby_vm": outcome.standby_vm_name,
+        "slots_written": outcome.slots_written,
+        "slots_skipped": outcome.slots_skipped,
+        "bytes_written": outcome.bytes_written,
+        "seconds": round(outcome.seconds, 2),
+        "line": outcome.summary(),
+    }
+
+
+def replication_doc(outcome: ReplicationOutcome) -> dict[str, Any]:
+    return outcome.record.summary | {"line": outcome.summary(), "peer": outcome.peer}
+
+
+def gc_doc(result: GcResult) -> dict[str, Any]:
+    return result.doc() | {"seconds": round(result.seconds, 2)}
+
+
+def verify_doc(result: VerifyResult) -> dict[str, Any]:
+    return {
+        "ok": result.ok,
+        "findings": len(result.findings),
+        "damaged": result.damaged,
+        "vms": result.vms,
+        "packs_checked": result.packs_checked,
+        "chunks_checked": result.chunks_checked,
+        "seconds": round(result.seconds, 2),
+        "integrity": not result.ok,
+    }
