@@ -100,6 +100,9 @@ class Service:
         self.maintenance: Scheduler[maintenance.Task] | None = None
         self.started = datetime.now(UTC)
         self._stop = asyncio.Event()
+        # Set once every listener runs and ``READY=1`` went to systemd: what an embedding
+        # (a test) waits on instead of polling.
+        self.ready = asyncio.Event()
         self._signals = 0
 
     @property
@@ -164,6 +167,7 @@ class Service:
                 sdnotify.ready()
                 sdnotify.status(f"ready: {len(self.policies)} policies")
                 log.info("daemon.ready", stores=list(self.stores), policies=len(self.policies))
+                self.ready.set()
                 await self._stop.wait()
                 sdnotify.stopping()
                 log.info("daemon.stopping", running=len(self.jobs.running()), grace=self.grace)
