@@ -228,7 +228,16 @@ class PeerReceiver:
                 )
                 result["bytes"] += len(record)
             await settle()
-        except CorruptRecord as e:
+        except CorruptRecord as damaged:
+            e = damaged
+            if accepting is not None:
+                # The framing of a record failed while the one before was being checked and
+                # put: settle that one first. It is in the count if it was good, and it is
+                # the damaged one to name if it was not.
+                try:
+                    await settle()
+                except CorruptRecord as earlier:
+                    e = earlier
             self.stats.refused_batches += 1
             log.warning("peer.records.refused", error=str(e))
             await _drain(reader)

@@ -167,12 +167,6 @@ PEERS: Final[dict[str, Factory]] = {
 }
 # (implementation, test) → why it fails today: run as a strict xfail, so the suite says when
 # the gap closes. A case of a parametrised test is ``"test[case]"``.
-_FRAMING: Final = (
-    "a record whose framing fails (bad header, truncated) is found while the record before "
-    "it is still being checked and put: the refusal counts that one out of ``durable`` "
-    "though it is held, and names the framing failure even when that record was the "
-    "damaged one (its CRC failed)"
-)
 _STORE_ERROR: Final = (
     "the receiver answers a StoreError from the import (a DiskMap never sent, a bad DiskMap "
     "name) with 500, so the sender retries a request that can never succeed, then fails"
@@ -181,9 +175,6 @@ KNOWN_GAPS: Final[dict[tuple[str, str], str]] = {
     (peer, f"{test}[{case}]"): why
     for peer in ("receiver", "receiver-encrypted-only")
     for test, case, why in (
-        ("test_a_damaged_record_ends_its_batch_and_is_not_held", "magic", _FRAMING),
-        ("test_a_damaged_record_ends_its_batch_and_is_not_held", "truncated", _FRAMING),
-        ("test_a_damaged_record_ends_its_batch_and_is_not_held", "crc-then-truncated", _FRAMING),
         (
             "test_a_commit_it_cannot_take_is_refused_and_the_session_stays",
             "DiskMap not sent",
