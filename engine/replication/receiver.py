@@ -46,6 +46,8 @@ from engine.core.errors import (
     IntegrityError,
     ManifestTampered,
     SnapshotNotFound,
+    StoreError,
+    StoreWriteError,
 )
 from engine.core.ids import ChunkId, short
 from engine.replication import protocol as proto
@@ -419,12 +421,17 @@ def _refuse(status: int, message: str) -> web.Response:
     return _json_response(proto.Refusal(error=message), status=status)
 
 
+# First match wins. A store that cannot write (a full disk) is ours: 5xx, which the sender
+# retries. Any other store refusal is the request's (a DiskMap never sent or badly named,
+# another chunk size): 4xx, which no retry can change.
 _STATUS: Final[tuple[tuple[type[EngineError], int], ...]] = (
     (ManifestTampered, 403),
     (ChunkMissing, 409),
     (SnapshotNotFound, 400),
     (CorruptDiskMap, 422),
     (IntegrityError, 422),
+    (StoreWriteError, 500),
+    (StoreError, 409),
 )
 
 

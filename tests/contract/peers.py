@@ -167,23 +167,4 @@ PEERS: Final[dict[str, Factory]] = {
 }
 # (implementation, test) → why it fails today: run as a strict xfail, so the suite says when
 # the gap closes. A case of a parametrised test is ``"test[case]"``.
-_STORE_ERROR: Final = (
-    "the receiver answers a StoreError from the import (a DiskMap never sent, a bad DiskMap "
-    "name) with 500, so the sender retries a request that can never succeed, then fails"
-)
-KNOWN_GAPS: Final[dict[tuple[str, str], str]] = {
-    (peer, f"{test}[{case}]"): why
-    for peer in ("receiver", "receiver-encrypted-only")
-    for test, case, why in (
-        (
-            "test_a_commit_it_cannot_take_is_refused_and_the_session_stays",
-            "DiskMap not sent",
-            _STORE_ERROR,
-        ),
-        (
-            "test_a_commit_it_cannot_take_is_refused_and_the_session_stays",
-            "DiskMap badly named",
-            _STORE_ERROR,
-        ),
-    )
-}
+KNOWN_GAPS: Final[dict[tuple[str, str], str]] = {}
