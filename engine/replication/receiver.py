@@ -126,8 +126,10 @@ class PeerReceiver:
             self.store.leases.end(session.lease)
 
     def close(self) -> None:
+        """Abort every session but one that is committing (its commit ends it)."""
         for session in list(self.sessions.values()):
-            self._end(session, abort=True)
+            if not session.commit_lock.locked():
+                self._end(session, abort=True)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -166,7 +168,8 @@ class PeerReceiver:
         self._sweep()
         for old in [s for s in self.sessions.values() if s.snapshot_id == body.snapshot_id]:
             log.info("peer.session.replaced", session=old.id, snapshot=old.snapshot_id)
-            self._end(old, abort=True)
+            async with old.commit_lock:  # a commit under way ends first (see ``abort``)
+                self._end(old, abort=True)
         committed = store.layout.manifest(body.snapshot_id).exists()
         base_held = body.base is not None and store.layout.manifest(body.base).exists()
         sender = _peer_name(request) or body.sender
@@ -309,7 +312,13 @@ class PeerReceiver:
         session = self._session(request)
         raw = await _body(request, proto.MAX_MANIFEST_BYTES, "manifest too large")
         async with session.commit_lock:
-            manifest = await asyncio.to_thread(session.imp.commit, raw)
+            committing = asyncio.ensure_future(asyncio.to_thread(session.imp.commit, raw))
+            try:
+                manifest = await asyncio.shield(committing)
+            finally:
+                # A thread cannot be stopped: a cancelled handler keeps the lock until the
+                # commit is over, so no abort runs beside it.
+                await asyncio.gather(committing, return_exceptions=True)
         self._end(session, abort=False)
         self.stats.committed.append(manifest.snapshot_id)
         if self.on_commit is not None:
@@ -328,7 +337,11 @@ class PeerReceiver:
     async def abort(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["id"])
         if session is not None:
-            await asyncio.to_thread(self._end, session, True)
+            # Never beside the session's commit: the abort deletes an uncommitted snapshot's
+            # directory, and one whose commit is renaming the manifest into it must not lose
+            # its DiskMaps. Once the commit is over the abort finds it committed (or not).
+            async with session.commit_lock:
+                await asyncio.to_thread(self._end, session, True)
         return _json_response({"aborted": request.match_info["id"]})
 
 
