@@ -261,6 +261,7 @@ def test_a_bad_chunk_is_stored_again_and_healed(harness: StoreHarness, missing: 
         harness.mark_bad(cid, missing=False)
     assert store.bad_chunk_ids() == {cid}
     assert not store.has(cid), "a bad chunk does not deduplicate"
+    assert put(store, bad_plain) == (cid, True), "a put stores it again"
     again = commit(store, "vm", {"d": data}, level="incremental")
     assert store.bad_chunk_ids() == set(), "the put healed it"
     assert store.has(cid)
