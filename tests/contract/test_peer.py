@@ -28,10 +28,11 @@ session: the session is lost, a new one is opened; other 4xx: the job fails):
 - ``commit`` publishes the snapshot byte for byte (manifest and DiskMaps as sent, every
   record as the sender holds it) and only then: staged DiskMaps and received records are
   not a snapshot. It refuses a manifest that fails its MAC or is another snapshot's (403),
-  a DiskMap damaged or not its manifest's (422), a DiskMap never sent or badly named, and a
-  snapshot naming a chunk the peer lacks (409, "missing chunks": the job resends every id
-  and commits again in the same session); a refused commit publishes nothing and leaves
-  the session usable. After a commit the session is over (404), the snapshot ``committed``.
+  a DiskMap damaged or not its manifest's (422), a DiskMap never sent (409) or badly named
+  (4xx: never retried), and a snapshot naming a chunk the peer lacks (409, "missing
+  chunks": the job resends every id and commits again in the same session); a refused
+  commit publishes nothing and leaves the session usable. After a commit the session is
+  over (404), the snapshot ``committed``.
 - A lost session (the peer restarted) drops what it staged, never records: the job opens a
   new one, resends only what the peer lacks, and commits; a snapshot replicated again
   sends nothing. A pull request reaches the peer's ``on_pull`` with the sending site's
