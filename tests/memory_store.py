@@ -190,6 +190,8 @@ class MemoryStore:
         return sorted(mine, key=lambda e: (e.time, e.snapshot_id))
 
     def resolve(self, ref: str) -> str:
+        if not ref:
+            raise SnapshotNotFound(snapshot=ref, reason="an empty snapshot reference")
         with self._lock:
             matches = sorted(sid for sid in self._catalog if sid.startswith(ref))
         if ref in matches:

@@ -411,6 +411,13 @@ def test_resolve_takes_an_id_or_a_unique_prefix(harness: StoreHarness) -> None:
             store.resolve(ref)
 
 
+def test_an_empty_reference_is_refused_even_with_one_snapshot(harness: StoreHarness) -> None:
+    store = harness.store
+    commit(store, "vm", {})
+    with pytest.raises(SnapshotNotFound, match="empty"):
+        store.resolve("")
+
+
 def test_a_tampered_manifest_is_refused(harness: StoreHarness) -> None:
     store = harness.store
     manifest = commit(store, "vm", {"d": os.urandom(CHUNK)})
