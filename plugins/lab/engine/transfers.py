@@ -2,11 +2,12 @@
 
 - ``start``: validate as ``TransferDiskImageCommand`` (a disk still being created, or in
   another transfer, is locked: 409); a transfer of a disk (not of a backup or a snapshot
-  volume) shows the disk ``locked`` until the transfer is finished (``finished_*``); a download transfer runs a read-only
-  ``qemu-nbd`` on the disk's image (``--bitmap=<from checkpoint>`` for an incremental disk of
-  a backup) and installs an ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty``
-  only for an incremental disk); an upload runs a writable one (ops write). A download with
-  ``snapshot_volume`` serves that VM-snapshot volume read-only (no bitmap).
+  volume) shows the disk ``locked`` until the transfer is finished (``finished_*``). A
+  download transfer runs a read-only ``qemu-nbd`` on the disk's image
+  (``--bitmap=<from checkpoint>`` for an incremental disk of a backup) and installs an
+  ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty`` only for an incremental
+  disk); an upload runs a writable one (ops write). A download with ``snapshot_volume``
+  serves that VM-snapshot volume read-only (no bitmap).
 - ``step`` (the engine's background monitor, ``monitor``, never a GET): initializing →
   transferring, or paused_system when qemu-nbd or the ticket failed (event 1068; only cancel
   ends it); while transferring, the ticket's ``idle_time`` (read from imageio's control API,
