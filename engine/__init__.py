@@ -2,8 +2,11 @@
 
 The package tree is the data flow (see ``docs/DESIGN.md``); the layers, top down:
 
-- ``engine.daemon``       the ``tessera`` command line and the service (``tessera run``): job
-                          manager, REST API, scheduled policies and maintenance, other sites.
+- ``engine.cli``          the ``tessera`` command line; ``tessera run`` composes the service
+                          and its API.
+- ``engine.api``          the daemon's HTTP API: routes, request models, OpenAPI document.
+- ``engine.daemon``       the service: job manager, scheduled policies and maintenance, other
+                          sites.
 - ``engine.app``          each operation from a typed request to a typed outcome (backup,
                           restore, opening a store), for the command line and the daemon alike.
 - ``engine.replication``  snapshots pushed to (and received from) other sites;

@@ -27,7 +27,7 @@ def step(title: str) -> None:
 def tessera(*args: str | Path, quiet: bool = False) -> str:
     print("$ tessera " + " ".join(map(str, args)), flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         check=False,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     print(f"$ tessera run --config {config}  (in the background, log: {log})", flush=True)
     with log.open("wb") as out:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "engine.daemon.cli", "run", "--config", str(config)],
+            [sys.executable, "-m", "engine.cli.main", "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -24,7 +24,7 @@ def step(title: str) -> None:
 def tessera(*args: str | Path) -> str:
     print("$ tessera " + " ".join(map(str, args)), flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         check=True,
         capture_output=True,
         text=True,

@@ -1,8 +1,8 @@
 """The application layer: each operation from a typed request to a typed outcome, one path
 for every caller.
 
-The command line run in-process (``engine.daemon.cli``), the daemon's jobs
-(``engine.daemon.service``) and so the HTTP API all call these; none wires a backup or a
+The command line run in-process (``engine.cli``), the daemon's jobs (``engine.daemon``:
+API requests, policies, maintenance schedules, other sites) all call these; none wires a backup or a
 restore itself, so a step added here (a limit, a metric, a recovery) reaches every path.
 
 - ``stores``     open a store (``open_store``: passphrase, key file) and ready it for jobs
@@ -13,7 +13,14 @@ restore itself, so a step added here (a limit, a metric, a recovery) reaches eve
 - ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine:
                  ``plan_vm_restore``, then ``restore_vm``), ``ImageRestoreRequest`` →
                  ``RestoreOutcome`` (local image files: ``restore_images``).
+- ``replicate``  ``ReplicateRequest`` → ``ReplicationOutcome`` (one snapshot, or a VM's newest,
+                 pushed to a peer).
+- ``standby``    ``StandbyRequest`` → ``StandbyOutcome`` (a cold standby refreshed on this
+                 site's engine).
+- ``maintenance`` ``GcOptions`` / ``VerifyOptions`` → ``GcResult`` / ``VerifyResult``, off the
+                 loop; a verify's report lines.
 - ``passphrase`` where a store passphrase comes from.
+- ``summaries``  the document of a typed outcome (what the API shows and job history keeps).
 
 Below the daemon, above the jobs (the layers contract in ``pyproject.toml``): it imports
 ``engine.jobs`` and finds plugins through ``engine.sources.registry``; it never prints,

@@ -8,7 +8,8 @@ of the ``JobManager`` (kind ``gc`` or ``verify``, its "VM" ``store:<name>``), so
 of running backups (``engine.maint.gc``), verify reads a read-only view. A verify with
 findings or a failed run is e-mailed to ``maintenance.notify``.
 
-The work runs in a thread (both are blocking, resumable store walks); a daemon stop waits for
+The work runs in a thread (``engine.app.maintenance``: both are blocking, resumable store
+walks); a daemon stop waits for
 a running one to reach its next commit — both are safe to kill and resume.
 """
 
@@ -19,12 +20,14 @@ from typing import Any
 
 import structlog
 
+from engine.app.maintenance import run_gc, run_verify, verify_lines
 from engine.app.stores import JobStore
+from engine.app.summaries import gc_doc, verify_doc
 from engine.config.models import MaintenanceSection
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import JobView
-from engine.maint.gc import GcOptions, gc
-from engine.maint.verify import VerifyOptions, verify
+from engine.maint.gc import GcOptions
+from engine.maint.verify import VerifyOptions
 from engine.sched.calendar import Calendar
 
 log = structlog.get_logger("tessera.maintenance")
@@ -66,35 +69,18 @@ def start(ctx: DaemonContext, kind: str, handle: JobStore) -> JobView:
                 repack_threshold=section.repack_threshold,
                 now=ctx.clock.now,  # the daemon's clock (injected in tests)
             )
-            result = await asyncio.to_thread(gc, handle.store, options)
+            result = await run_gc(handle.store, options)
             view.outcome = result
             for line in result.lines():
                 view.say(line)
-            return "succeeded", result.doc() | {"seconds": round(result.seconds, 2)}
-        found = await asyncio.to_thread(
-            verify, handle.store, VerifyOptions(percent=section.verify_percent)
-        )
+            return "succeeded", gc_doc(result)
+        found = await run_verify(handle.store, VerifyOptions(percent=section.verify_percent))
         view.outcome = found
-        for finding in found.findings:
-            where = f" (snapshots {', '.join(finding.snapshots)})" if finding.snapshots else ""
-            view.say(f"{finding.kind} {finding.subject}: {finding.message}{where}")
-        view.say(
-            f"verify: {found.packs_checked} packs, {found.chunks_checked} chunks checked, "
-            f"{len(found.findings)} findings"
-        )
-        summary = {
-            "ok": found.ok,
-            "findings": len(found.findings),
-            "damaged": found.damaged,
-            "vms": found.vms,
-            "packs_checked": found.packs_checked,
-            "chunks_checked": found.chunks_checked,
-            "seconds": round(found.seconds, 2),
-            "integrity": not found.ok,
-        }
+        for line in verify_lines(found):
+            view.say(line)
         if not found.ok:
             view.error = f"{len(found.findings)} findings; damaged snapshots: {found.damaged}"
-        return ("succeeded" if found.ok else "failed"), summary
+        return ("succeeded" if found.ok else "failed"), verify_doc(found)
 
     return ctx.jobs.submit(kind, f"store:{handle.name}", body, params={"store": handle.name})
 

@@ -35,6 +35,7 @@ import structlog
 from engine.app.backup import VmBackupRequest, backup_vms
 from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
 from engine.app.stores import JobStore, open_for_jobs_at
+from engine.app.summaries import backup_doc, vm_restore_doc
 from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
@@ -42,7 +43,6 @@ from engine.core.errors import ConfigError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
-from engine.daemon.summaries import backup_doc, vm_restore_doc
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
@@ -107,6 +107,9 @@ class Service:
         self.maintenance: Scheduler[maintenance.Task] | None = None
         self.started = datetime.now(UTC)
         self._stop = asyncio.Event()
+        # Set once every listener runs and ``READY=1`` went to systemd: what an embedding
+        # (a test) waits on instead of polling.
+        self.ready = asyncio.Event()
         self._signals = 0
 
     @property
@@ -174,6 +177,7 @@ class Service:
                 sdnotify.ready()
                 sdnotify.status(f"ready: {len(self.policies)} policies")
                 log.info("daemon.ready", stores=list(self.stores), policies=len(self.policies))
+                self.ready.set()
                 await self._stop.wait()
                 sdnotify.stopping()
                 log.info("daemon.stopping", running=len(self.jobs.running()), grace=self.grace)

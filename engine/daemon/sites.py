@@ -15,15 +15,16 @@ from typing import Any
 
 import structlog
 
+from engine.app.replicate import ReplicateRequest, replicate
+from engine.app.standby import StandbyRequest, refresh
+from engine.app.summaries import replication_doc, standby_doc
 from engine.config.models import PeerServerSection
 from engine.config.policy import Policy
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import Busy, JobView
-from engine.replication.job import run_replication
 from engine.replication.receiver import PeerServer, build_peer_app
 from engine.replication.sender import PeerTarget, ReplicationStats, request_pull
 from engine.replication.tls import server_context
-from engine.standby.job import refresh_standby
 from engine.store.catalog import CatalogEntry
 from engine.store.manifest import Manifest
 
@@ -98,32 +99,17 @@ def start_standby(
     standby = policy.standby
     assert standby is not None
     handle = ctx.store(policy.store)
-    engine_section = ctx.config.engine(policy.selection.engine)
+    ctx.config.engine(policy.selection.engine)  # ConfigError now, not in the job
+    request = StandbyRequest(vm_id, standby, snapshot_id, policy.selection.engine)
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-        outcome = await refresh_standby(
-            handle.store,
-            handle.pool,
-            handle.journal,
-            engine_section,
-            vm_id,
-            standby,
-            snapshot_id,
-            job_id=view.job_id,
-            progress=view.progress,
+        outcome = await refresh(
+            ctx.config, handle, request, job_id=view.job_id, progress=view.progress
         )
+        view.outcome = outcome
         view.say(outcome.summary())
-        summary = {
-            "mode": outcome.mode,
-            "reason": outcome.reason,
-            "standby_vm": outcome.standby_vm_name,
-            "slots_written": outcome.slots_written,
-            "slots_skipped": outcome.slots_skipped,
-            "bytes_written": outcome.bytes_written,
-            "seconds": round(outcome.seconds, 2),
-            "line": outcome.summary(),
-        }
-        return ("succeeded" if outcome.ok else "failed"), summary
+        view.error = outcome.restore.record.error if outcome.restore else None
+        return ("succeeded" if outcome.ok else "failed"), standby_doc(outcome)
 
     params = {"store": handle.name, "snapshot": snapshot_id, "vm": vm_name}
     return ctx.jobs.submit("standby", f"standby:{vm_name}", body, policy=policy.name, params=params)
@@ -134,23 +120,19 @@ def start_replication(
 ) -> JobView:
     """Push one snapshot to a peer (only the chunks it lacks)."""
     handle = ctx.store(policy.store if policy else None)
-    target = PeerTarget.from_section(ctx.config.peer(peer))
+    request = ReplicateRequest(PeerTarget.from_section(ctx.config.peer(peer)), snapshot_id)
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         def progress(stats: ReplicationStats) -> None:
             view.progress(f"to {peer}", stats.record_bytes_sent, max(stats.lacked_bytes, 1))
 
-        outcome = await run_replication(  # its own journal: STORE/replication/journal
-            store=handle.store,
-            snapshot_id=snapshot_id,
-            target=target,
-            job_id=view.job_id,
-            progress=progress,
-        )
+        outcome = await replicate(
+            handle.store, request, progress=progress, job_id=view.job_id
+        )  # its own journal: STORE/replication/journal
+        view.outcome = outcome
         view.say(outcome.summary())
         view.error = outcome.record.error
-        summary = outcome.record.summary | {"line": outcome.summary(), "peer": peer}
-        return outcome.record.state.value.lower(), summary
+        return outcome.record.state.value.lower(), replication_doc(outcome)
 
     params = {"store": handle.name, "snapshot": snapshot_id, "peer": peer}
     return ctx.jobs.submit(

@@ -216,7 +216,9 @@ class JobHistory:
         sql = f"SELECT {', '.join(FIELDS)} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY finished DESC, job_id DESC"
+        # Times are whole seconds; within one, the order rows were written in (ids sort by
+        # second, then by a random suffix).
+        sql += " ORDER BY finished DESC, rowid DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         try:
@@ -313,5 +315,6 @@ def newest(histories: Sequence[JobHistory], **query: Any) -> list[dict[str, Any]
     """``JobHistory.jobs`` over several stores, merged newest first."""
     limit = query.get("limit")
     merged = [job for h in histories for job in h.jobs(**query)]
-    merged.sort(key=lambda j: (j["finished"], j["job_id"]), reverse=True)
+    # Stable: jobs of one second keep each store's order.
+    merged.sort(key=lambda j: j["finished"], reverse=True)
     return merged[:limit] if limit is not None else merged

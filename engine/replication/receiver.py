@@ -46,6 +46,8 @@ from engine.core.errors import (
     IntegrityError,
     ManifestTampered,
     SnapshotNotFound,
+    StoreError,
+    StoreWriteError,
 )
 from engine.core.ids import ChunkId, short
 from engine.replication import protocol as proto
@@ -124,8 +126,10 @@ class PeerReceiver:
             self.store.leases.end(session.lease)
 
     def close(self) -> None:
+        """Abort every session but one that is committing (its commit ends it)."""
         for session in list(self.sessions.values()):
-            self._end(session, abort=True)
+            if not session.commit_lock.locked():
+                self._end(session, abort=True)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -164,7 +168,8 @@ class PeerReceiver:
         self._sweep()
         for old in [s for s in self.sessions.values() if s.snapshot_id == body.snapshot_id]:
             log.info("peer.session.replaced", session=old.id, snapshot=old.snapshot_id)
-            self._end(old, abort=True)
+            async with old.commit_lock:  # a commit under way ends first (see ``abort``)
+                self._end(old, abort=True)
         committed = store.layout.manifest(body.snapshot_id).exists()
         base_held = body.base is not None and store.layout.manifest(body.base).exists()
         sender = _peer_name(request) or body.sender
@@ -228,7 +233,16 @@ class PeerReceiver:
                 )
                 result["bytes"] += len(record)
             await settle()
-        except CorruptRecord as e:
+        except CorruptRecord as damaged:
+            e = damaged
+            if accepting is not None:
+                # The framing of a record failed while the one before was being checked and
+                # put: settle that one first. It is in the count if it was good, and it is
+                # the damaged one to name if it was not.
+                try:
+                    await settle()
+                except CorruptRecord as earlier:
+                    e = earlier
             self.stats.refused_batches += 1
             log.warning("peer.records.refused", error=str(e))
             await _drain(reader)
@@ -298,7 +312,13 @@ class PeerReceiver:
         session = self._session(request)
         raw = await _body(request, proto.MAX_MANIFEST_BYTES, "manifest too large")
         async with session.commit_lock:
-            manifest = await asyncio.to_thread(session.imp.commit, raw)
+            committing = asyncio.ensure_future(asyncio.to_thread(session.imp.commit, raw))
+            try:
+                manifest = await asyncio.shield(committing)
+            finally:
+                # A thread cannot be stopped: a cancelled handler keeps the lock until the
+                # commit is over, so no abort runs beside it.
+                await asyncio.gather(committing, return_exceptions=True)
         self._end(session, abort=False)
         self.stats.committed.append(manifest.snapshot_id)
         if self.on_commit is not None:
@@ -317,7 +337,11 @@ class PeerReceiver:
     async def abort(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["id"])
         if session is not None:
-            await asyncio.to_thread(self._end, session, True)
+            # Never beside the session's commit: the abort deletes an uncommitted snapshot's
+            # directory, and one whose commit is renaming the manifest into it must not lose
+            # its DiskMaps. Once the commit is over the abort finds it committed (or not).
+            async with session.commit_lock:
+                await asyncio.to_thread(self._end, session, True)
         return _json_response({"aborted": request.match_info["id"]})
 
 
@@ -410,12 +434,17 @@ def _refuse(status: int, message: str) -> web.Response:
     return _json_response(proto.Refusal(error=message), status=status)
 
 
+# First match wins. A store that cannot write (a full disk) is ours: 5xx, which the sender
+# retries. Any other store refusal is the request's (a DiskMap never sent or badly named,
+# another chunk size): 4xx, which no retry can change.
 _STATUS: Final[tuple[tuple[type[EngineError], int], ...]] = (
     (ManifestTampered, 403),
     (ChunkMissing, 409),
     (SnapshotNotFound, 400),
     (CorruptDiskMap, 422),
     (IntegrityError, 422),
+    (StoreWriteError, 500),
+    (StoreError, 409),
 )
 
 

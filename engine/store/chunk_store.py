@@ -570,7 +570,10 @@ class Store:
         return self.catalog.entries(vm)
 
     def resolve(self, ref: str) -> str:
-        """A full snapshot id from an id or a unique prefix; raises SnapshotNotFound."""
+        """A full snapshot id from an id or a unique prefix (at least one character);
+        raises SnapshotNotFound."""
+        if not ref:  # a prefix of every id: "the only snapshot" is never what was meant
+            raise SnapshotNotFound(snapshot=ref, reason="an empty snapshot reference")
         self._reconcile_catalog()
         matches = self.catalog.match(ref)
         if ref in matches:

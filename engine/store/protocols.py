@@ -23,9 +23,9 @@ index (or hand the store to a plugin) and take the ``Store`` itself; so does the
 that opens it (the daemon, the CLI).
 
 ``config`` and ``codec`` are values (chunk size, store id; the keyed hash and record codec).
-DiskMaps and ``SnapshotWriter`` are files, so another implementation (an in-memory fake
-for unit tests) still keeps those in a directory. Every method may block (SQLite, file
-reads).
+DiskMaps and ``SnapshotWriter`` are files, so another implementation (the in-memory
+``tests.memory_store.MemoryStore``) still keeps those in a directory. Both run the contract
+suite ``tests/contract/test_store.py``. Every method may block (SQLite, file reads).
 """
 
 from contextlib import AbstractContextManager

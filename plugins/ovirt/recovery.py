@@ -35,7 +35,8 @@ Every step is idempotent and runs even when an earlier one failed (``idempotent.
 raises ``OvirtRecoveryError`` naming every step that failed and what was done.
 """
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from engine.io.exports import stop_exports
@@ -46,16 +47,74 @@ from plugins.ovirt.idempotent import Steps
 from plugins.ovirt.snapshots import remove_snapshot
 from plugins.ovirt.transfers import cancel_transfer, end_transfer
 
-ENGINE_KEYS = (
-    "attachments",
-    "standby_transfers",
-    "transfers",
-    "backup",
-    "snapshot",
-    "restore_vm",
-    "restore_transfers",
-    "restore_disks",
+
+@dataclass(frozen=True)
+class _Undo:
+    """How one journal key is undone on the engine. The key holds a list of items
+    (``many``) or one item; an item is an id or a dict whose fields name the texts'
+    placeholders (``{}`` for an id)."""
+
+    key: str
+    undo: Callable[[EngineClient, Any], Awaitable[bool]]  # True: it changed something
+    doing: str  # what failed, in an error
+    done: str  # what was changed, in the result
+    many: bool = False
+    last_first: bool = False  # undo a list's items newest first
+
+
+# The module docstring's table, in its order (after the local exports).
+UNDO: tuple[_Undo, ...] = (
+    _Undo(
+        "attachments",
+        lambda c, a: detach_disk(c, a["vm_id"], a["disk_id"]),
+        "detach disk {disk_id} from DataMover VM {vm_id}",
+        "detached disk {disk_id} from DataMover VM {vm_id}",
+        many=True,
+        last_first=True,
+    ),
+    _Undo(
+        "standby_transfers",
+        end_transfer,
+        "end standby upload {}",
+        "ended standby upload {} (disk left dirty)",
+        many=True,
+    ),
+    _Undo(
+        "transfers",
+        end_transfer,
+        "finalize image transfer {}",
+        "finalized image transfer {}",
+        many=True,
+    ),
+    _Undo(
+        "backup",
+        lambda c, b: finalize_backup(c, b["vm_id"], b["backup_id"]),
+        "finalize backup {backup_id}",
+        "finalized backup {backup_id} of VM {vm_id}",
+    ),
+    _Undo(
+        "snapshot",
+        lambda c, s: remove_snapshot(c, s["vm_id"], s["snapshot_id"]),
+        "remove snapshot {snapshot_id}",
+        "removed snapshot {snapshot_id} of VM {vm_id}",
+    ),
+    _Undo("restore_vm", delete_vm, "delete restored VM {}", "deleted restored VM {}"),
+    _Undo(
+        "restore_transfers",
+        cancel_transfer,
+        "cancel upload transfer {}",
+        "cancelled upload transfer {}",
+        many=True,
+    ),
+    _Undo(
+        "restore_disks",
+        delete_disk,
+        "delete restored disk {}",
+        "deleted restored disk {}",
+        many=True,
+    ),
 )
+ENGINE_KEYS = tuple(u.key for u in UNDO)
 
 
 async def recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
@@ -75,52 +134,15 @@ async def recover(resources: Mapping[str, Any], committed: bool) -> list[str]:
     return steps.result()
 
 
+def _text(template: str, item: Any) -> str:
+    return template.format(**item) if isinstance(item, Mapping) else template.format(item)
+
+
 async def _engine_steps(client: EngineClient, r: Mapping[str, Any], steps: Steps) -> None:
-    for a in reversed(r.get("attachments") or []):
-        await steps.run(
-            detach_disk(client, a["vm_id"], a["disk_id"]),
-            f"detach disk {a['disk_id']} from DataMover VM {a['vm_id']}",
-            f"detached disk {a['disk_id']} from DataMover VM {a['vm_id']}",
-        )
-    for transfer_id in r.get("standby_transfers") or []:
-        await steps.run(
-            end_transfer(client, transfer_id),
-            f"end standby upload {transfer_id}",
-            f"ended standby upload {transfer_id} (disk left dirty)",
-        )
-    for transfer_id in r.get("transfers") or []:
-        await steps.run(
-            end_transfer(client, transfer_id),
-            f"finalize image transfer {transfer_id}",
-            f"finalized image transfer {transfer_id}",
-        )
-    if backup := r.get("backup"):
-        await steps.run(
-            finalize_backup(client, backup["vm_id"], backup["backup_id"]),
-            f"finalize backup {backup['backup_id']}",
-            f"finalized backup {backup['backup_id']} of VM {backup['vm_id']}",
-        )
-    if snapshot := r.get("snapshot"):
-        await steps.run(
-            remove_snapshot(client, snapshot["vm_id"], snapshot["snapshot_id"]),
-            f"remove snapshot {snapshot['snapshot_id']}",
-            f"removed snapshot {snapshot['snapshot_id']} of VM {snapshot['vm_id']}",
-        )
-    if restored_vm := r.get("restore_vm"):
-        await steps.run(
-            delete_vm(client, restored_vm),
-            f"delete restored VM {restored_vm}",
-            f"deleted restored VM {restored_vm}",
-        )
-    for transfer_id in r.get("restore_transfers") or []:
-        await steps.run(
-            cancel_transfer(client, transfer_id),
-            f"cancel upload transfer {transfer_id}",
-            f"cancelled upload transfer {transfer_id}",
-        )
-    for disk_id in r.get("restore_disks") or []:
-        await steps.run(
-            delete_disk(client, disk_id),
-            f"delete restored disk {disk_id}",
-            f"deleted restored disk {disk_id}",
-        )
+    for u in UNDO:
+        value = r.get(u.key)
+        if not value:
+            continue
+        items = (list(reversed(value)) if u.last_first else list(value)) if u.many else [value]
+        for item in items:
+            await steps.run(u.undo(client, item), _text(u.doing, item), _text(u.done, item))

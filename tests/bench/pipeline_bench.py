@@ -59,7 +59,7 @@ def tessera(*args: str | Path) -> tuple[str, float]:
     """(stdout, wall seconds) of one CLI run."""
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -162,7 +162,7 @@ def run(report, cpu_limit: float) -> None:  # type: ignore[no-untyped-def]
     report("backup_incremental_vs_full_wall_incl_startup", wall_inc / wall_full, "ratio")
 
     snaps = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", "snapshots", "--store", store],
+        [sys.executable, "-m", "engine.cli.main", "snapshots", "--store", store],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -198,7 +198,7 @@ def max_rss_of(args: list[str | Path]) -> int:
             "MAXRSS %M",
             sys.executable,
             "-m",
-            "engine.daemon.cli",
+            "engine.cli.main",
             *map(str, args),
         ],
         cwd=ROOT,

@@ -54,7 +54,7 @@ def backup(store: Store, image: Path) -> Manifest:
 def restore_rate(store: Path, snapshot: str, work: Path) -> float:
     out = work / "restored.raw"
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", "restore", snapshot, "--store", store,
+        [sys.executable, "-m", "engine.cli.main", "restore", snapshot, "--store", store,
          "--to", out, "--format", "raw"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -71,7 +71,7 @@ class Receiver:
         init_replica(path, origin, encrypted_only).close()
         r = pki.receiver
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.daemon.cli", "peer", "serve", "--store", path,
+            [sys.executable, "-m", "engine.cli.main", "peer", "serve", "--store", path,
              "--listen", "127.0.0.1:0", "--cert", r.cert, "--key", r.key, "--ca", r.ca],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip

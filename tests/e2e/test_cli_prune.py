@@ -21,7 +21,7 @@ K = 1024
 
 def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *args],
+        [sys.executable, "-m", "engine.cli.main", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -100,7 +100,7 @@ def test_init_rejects_bad_options(tmp_path: Path, args: list[str], message: str)
 def test_no_passphrase_without_terminal(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TESSERA_PASSPHRASE"}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", "store", "init", str(tmp_path / "s")],
+        [sys.executable, "-m", "engine.cli.main", "store", "init", str(tmp_path / "s")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ async def tessera(*args: str | Path, timeout: float = 300) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.daemon.cli",
+        "engine.cli.main",
         *map(str, args),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -78,28 +79,50 @@ class Daemon:
         self.config, self.log = config, log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, *args: str) -> None:
-        ready_before = self.log.read_text().count('"daemon.ready"') if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "engine.daemon.cli",
-                "run",
-                "--config",
-                str(self.config),
-                *args,
-                cwd=ROOT,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=ENV,
-            )
-        for _ in range(1200):  # two minutes: a loaded machine opens stores slowly
-            if self.log.read_text().count('"daemon.ready"') > ready_before:
-                return
-            if self.proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    async def start(self, *args: str, kill_at: tuple[str, int] | None = None) -> None:
+        """Start ``tessera run`` and wait for its ``READY=1`` on a notify socket, as systemd
+        does (``Type=notify``); fails at once if it exits first. ``kill_at`` (failpoint, N):
+        the daemon SIGKILLs itself at the N-th hit (``tests.integration.kill_backup``)."""
+        name = f"tessera-test-{uuid.uuid4().hex}"
+        module = ["engine.cli.main"]
+        if kill_at is not None:
+            module = ["tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind("\0" + name)
+            notify.setblocking(False)
+            with self.log.open("ab") as out:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    *module,
+                    "run",
+                    "--config",
+                    str(self.config),
+                    *args,
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=ENV | {"NOTIFY_SOCKET": "@" + name},
+                )
+            exited = asyncio.create_task(self.proc.wait())
+            try:
+                async with asyncio.timeout(120):  # a loaded machine opens stores slowly
+                    while not exited.done():
+                        message = asyncio.create_task(
+                            asyncio.get_running_loop().sock_recv(notify, 4096)
+                        )
+                        try:
+                            await asyncio.wait(
+                                (message, exited), return_when=asyncio.FIRST_COMPLETED
+                            )
+                            if message.done() and b"READY=1" in message.result().split(b"\n"):
+                                return
+                        finally:
+                            message.cancel()
+            except TimeoutError:
+                pass
+            finally:
+                exited.cancel()
         raise AssertionError(f"the daemon did not start:\n{self.log.read_text()}")
 
     def events(self, name: str) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ python -m tests.faults.fail_cli POINT N KIND -- tessera-args...   (KIND: ENOSPC 
 
 import sys
 
-from engine.daemon.cli import main
+from engine.cli.main import main
 from engine.util import failpoints
 from tests.faults.harness import Inject
 

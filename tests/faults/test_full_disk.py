@@ -36,7 +36,7 @@ ENV = {**os.environ, "TESSERA_PASSPHRASE": "full-disk"}
 
 def tessera(*args: str | Path, env: dict[str, str] = ENV) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@ python -m tests.integration.kill_backup POINT N -- tessera-args...
 
 import sys
 
-from engine.daemon.cli import main
+from engine.cli.main import main
 from engine.util import failpoints
 from tests.helpers import sigkill_at
 

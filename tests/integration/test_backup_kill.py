@@ -52,7 +52,7 @@ def tessera(
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI in ``cwd`` (the modules are found from the repository wherever it runs),
     with ``TMPDIR`` set to ``tmpdir`` if given."""
-    prefix = ["-m", "engine.daemon.cli"]
+    prefix = ["-m", "engine.cli.main"]
     if kill_at is not None:
         prefix = ["-m", "tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
     return subprocess.run(

@@ -4,34 +4,33 @@ same after a stop and a new start on the same stores (``engine.jobs.history``).
 
 The daemon runs in this process (``Service.run``) with its real stores, job manager and
 maintenance jobs: a GC that succeeds and a verify that fails on a damaged chunk, then a stop
-and a second daemon."""
+and a second daemon. A daemon SIGKILLed while a job runs is a subprocess (``tessera run``):
+its job comes back as interrupted."""
 
 import asyncio
 import contextlib
 import json
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
+from engine.api.server import parse_since
 from engine.config.loader import load_all
 from engine.daemon import maintenance
-from engine.daemon.api import parse_since
 from engine.daemon.service import Service
 from engine.jobs.history import INTERRUPTED
 from engine.store.chunk_store import Store
 from engine.store.keys import KdfParams
+from tests.e2e.test_daemon import Daemon, get_text, tessera
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.unit.maint.test_verify import flip, slot_id
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 CHUNK = 64 * 1024
 PASSPHRASE = "history-test"
 
@@ -133,70 +132,6 @@ def test_since_is_a_duration_or_an_iso_time() -> None:
         parse_since("yesterday", now)
 
 
-class DaemonProcess:
-    """``tessera run`` in a subprocess (``kill_at``: SIGKILLed by itself at the N-th hit
-    of a failpoint, through ``tests.integration.kill_backup``), its log in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, kill_at: tuple[str, int] | None = None) -> None:
-        before = self.log.read_text().count('"daemon.ready"') if self.log.exists() else 0
-        module = ["engine.daemon.cli"]
-        if kill_at is not None:
-            module = ["tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", *module, "run", "--config", str(self.config),
-                cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        async with asyncio.timeout(120):  # a loaded machine opens stores slowly
-            while self.log.read_text().count('"daemon.ready"') == before:
-                assert self.proc.returncode is None, self.log.read_text()
-                await asyncio.sleep(0.05)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        lines = self.log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{") and f'"{name}"' in line]
-
-    async def wait(self) -> int:
-        assert self.proc is not None
-        async with asyncio.timeout(120):
-            return await self.proc.wait()
-
-    async def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await self.wait()
-
-    async def kill(self) -> None:
-        """Test teardown: no daemon outlives the test."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-
-async def tessera(*args: str | Path) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.daemon.cli", *map(str, args),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    async with asyncio.timeout(120):
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
-
-
-async def metrics_text(socket_path: Path) -> str:
-    connector = aiohttp.UnixConnector(path=str(socket_path))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.get("http://tessera/metrics") as response:
-            assert response.status == 200
-            return await response.text()
-
-
 async def test_a_job_killed_with_its_daemon_is_in_the_history_as_interrupted(
     tmp_path: Path,
 ) -> None:
@@ -208,14 +143,15 @@ async def test_a_job_killed_with_its_daemon_is_in_the_history_as_interrupted(
     store = Store.open(tmp_path / "store", passphrase=PASSPHRASE.encode(), writable=True)
     with store:
         write_snapshot(store, "vm-a", {"d": realistic_bytes(8 * CHUNK, seed=7)})
-    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    daemon = Daemon(config, tmp_path / "daemon.log")
     try:
         await daemon.start(kill_at=("gc.marked", 2))  # one hit per GC run: the second dies
         code, out = await tessera("gc", "--config", config)
         assert code == 0 and "gc succeeded" in out, out
         code, out = await tessera("gc", "--config", config)
         assert code != 0, out  # its daemon died under it
-        assert await daemon.wait() == -signal.SIGKILL
+        assert daemon.proc is not None
+        assert await asyncio.wait_for(daemon.proc.wait(), 120) == -signal.SIGKILL
         killed_at = datetime.now(UTC)
 
         await daemon.start()
@@ -237,7 +173,7 @@ async def test_a_job_killed_with_its_daemon_is_in_the_history_as_interrupted(
         (event,) = daemon.events("job.interrupted")
         assert (event["job"], event["state"]) == (killed["id"], "failed")
 
-        text = await metrics_text(tmp_path / "api.sock")
+        text = await get_text(tmp_path / "api.sock", "/metrics")
         (line,) = [x for x in text.splitlines() if x.startswith("tessera_last_success_")]
         label, value = line.split()
         assert label == 'tessera_last_success_timestamp_seconds{vm="store:main"}'

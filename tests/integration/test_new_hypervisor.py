@@ -192,10 +192,9 @@ async def test_the_daemon_runs_a_registered_hypervisors_jobs(tmp_path: Path) -> 
         service = Service(load_all(config), grace=5)
         task = asyncio.create_task(service.run(no_api))
         try:
-            async with asyncio.timeout(60):
-                while service.scheduler is None or not service.stores:
-                    assert not task.done()
-                    await asyncio.sleep(0.05)
+            ready = asyncio.create_task(service.ready.wait())
+            await asyncio.wait((ready, task), timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            assert ready.done(), task.exception() if task.done() else "not ready in 60 s"
             listed = await service.list_vms("mem")
             assert [v["name"] for v in listed] == ["web9"]
             (view,) = service.start_backup(["web9"], level="full", engine="mem")

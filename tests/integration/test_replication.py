@@ -13,21 +13,24 @@ with both certificates; the 64 bytes per offered id are inside the 5 %.)
 import asyncio
 import os
 import ssl
+import threading
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engine.jobs.states import State
 from engine.maint.check import check_store
 from engine.replication import protocol as proto
 from engine.replication import tls
 from engine.replication.job import default_journal, run_replication
-from engine.replication.receiver import PeerServer, build_peer_app
+from engine.replication.receiver import RECEIVER, Handler, PeerServer, build_peer_app
 from engine.replication.sender import Sender
 from engine.replication.state import PeerState
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
+from engine.util import failpoints
 from engine.util.retry import RetryPolicy
 from tests.conftest import StoreFactory
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
@@ -440,3 +443,69 @@ async def test_receiver_restart_mid_transfer_continues_in_a_new_session(
     assert out.stats.chunks_sent <= chunks + per_batch
     assert out.stats.chunks_sent - out.stats.chunks_skipped <= chunks + per_batch
     assert read_disk(replica, replica.manifest(m.snapshot_id)) == data
+
+
+@pytest.mark.parametrize("meanwhile", ["abort", "new session"])
+async def test_an_abort_or_a_new_session_during_a_commit_waits_for_it(
+    pair: tuple[Store, Store], pki: Pki, meanwhile: str
+) -> None:
+    """The sender gives up (its cleanup aborts the session) or starts again (a new session
+    for the snapshot replaces this one) while the receiver is still committing: the abort
+    deletes an uncommitted snapshot's directory, so it must wait for the commit, and the
+    snapshot is then either whole or absent — here whole, the commit having gone through."""
+    sender, replica = pair
+    data = realistic_bytes(6 * CHUNK, seed=101)
+    m = write_snapshot(sender, "vm11", {"root": data})
+    paused, go = threading.Event(), threading.Event()
+
+    def pause_the_commit(name: str) -> None:
+        if name == "store.manifest.before_rename":  # the receiver's commit, in its thread
+            paused.set()
+            go.wait(timeout=60)
+
+    app = build_peer_app(replica)
+    arrived = asyncio.Event()
+    watching = False
+
+    @web.middleware
+    async def spot(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if watching:
+            arrived.set()  # the handler runs on to its first wait before the test resumes
+        return await handler(request)
+
+    app.middlewares.append(spot)
+    failpoints.install(pause_the_commit)
+    try:
+        async with PeerServer(app, "127.0.0.1", 0, pki.server_context()) as server:
+            async with Sender(sender, target(pki, server.port)) as session:
+                await session.open(m, None)
+                await session.transfer(m, None)
+                committing = asyncio.create_task(session.commit(m))
+                await asyncio.to_thread(paused.wait, 60)
+                watching = True
+                async with Sender(sender, target(pki, server.port)) as other:
+
+                    async def interfere() -> proto.SessionOpened | None:
+                        if meanwhile == "new session":
+                            return await other.open(m, None)
+                        other.session_id = session.session_id
+                        await other.abort()
+                        return None
+
+                    interfering = asyncio.create_task(interfere())
+                    await arrived.wait()
+                    go.set()
+                    committed = await committing
+                    opened = await interfering
+            assert committed.snapshot_id == m.snapshot_id
+            if meanwhile == "new session":
+                assert opened is not None
+                assert opened.committed
+            assert not app[RECEIVER].sessions
+            assert replica.leases.live() == []
+    finally:
+        failpoints.install(None)
+        go.set()
+    assert read_disk(replica, replica.manifest(m.snapshot_id)) == data
+    result = check_store(replica, data=True)
+    assert result.ok, result.findings

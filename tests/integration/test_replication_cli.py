@@ -23,7 +23,7 @@ ENV = {**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE.decode()}
 
 def tessera(*args: object) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -60,7 +60,7 @@ def test_peer_commands_and_replicate(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "engine.daemon.cli",
+            "engine.cli.main",
             "peer",
             "serve",
             "--store",

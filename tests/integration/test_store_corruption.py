@@ -38,7 +38,7 @@ def verify(
     path: Path, *args: str, env_pass: bytes = PASSPHRASE
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", "store", "verify", str(path), "--json", *args],
+        [sys.executable, "-m", "engine.cli.main", "store", "verify", str(path), "--json", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

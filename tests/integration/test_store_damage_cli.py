@@ -30,7 +30,7 @@ RECORDS = 16
 
 def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

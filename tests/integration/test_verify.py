@@ -28,7 +28,7 @@ CHUNK = 256 * 1024
 
 def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -125,7 +125,7 @@ def store_of_many_packs(path: Path) -> list[str]:
 
 KILLER = """
 import sys
-from engine.daemon.cli import main
+from engine.cli.main import main
 from engine.util import failpoints
 from tests.helpers import sigkill_at
 failpoints.install(sigkill_at("verify.pack.done", int(sys.argv[2])))

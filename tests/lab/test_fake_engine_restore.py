@@ -152,6 +152,8 @@ async def test_new_disk_upload_and_delete(lab: Lab) -> None:
     assert (info["format"], info["virtual-size"]) == ("qcow2", 2 * MiB)
 
     transfer = await lab.sdk(partial(upload, disk_id=disk.id))
+    # The engine locks the image it transfers: the disk shows locked until the transfer ends.
+    assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.LOCKED
     data = b"\x5a" * (64 * KiB)
     async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as target:
         writer = await target.open_writer()
@@ -165,6 +167,7 @@ async def test_new_disk_upload_and_delete(lab: Lab) -> None:
     )
     assert e.code == 409  # the upload is in progress
     await lab.sdk(partial(finalize_transfer, transfer_id=transfer.id))
+    assert (await lab.sdk(partial(get_disk, disk_id=disk.id))).status == types.DiskStatus.OK
     copy = await raw_copy(image, lab.tmp)
     assert copy[MiB : MiB + len(data)] == data
     assert not any(copy[:MiB])

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def tessera(*args: str | Path, passphrase: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TESSERA_PASSPHRASE": passphrase} if passphrase else None
     return subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", *map(str, args)],
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -137,7 +137,7 @@ def test_lab_up_help_documents_the_timing_and_fault_knobs() -> None:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "engine.daemon.cli", "lab", "up", "--help"],
+        [sys.executable, "-m", "engine.cli.main", "lab", "up", "--help"],
         capture_output=True,
         text=True,
         check=True,

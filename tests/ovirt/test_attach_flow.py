@@ -324,7 +324,7 @@ async def test_a_killed_restore_is_undone_by_the_next_start(lab: Lab) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.daemon.cli",
+        "engine.cli.main",
         *("restore", doc["id"], "--config", str(config), "--flow", "attach", "--name", "vm1-k"),
         cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,

@@ -41,7 +41,7 @@ async def tessera(*args: str | Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.daemon.cli",
+        "engine.cli.main",
         *map(str, args),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,

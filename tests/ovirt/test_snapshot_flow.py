@@ -3,7 +3,7 @@ engine + real ovirt-imageio + qemu-nbd over real qcow2/raw images), the OVF stor
 restore into local images, byte comparison with the VM's disks at backup time, and no
 snapshot or transfer left on the engine, the VM's data unchanged by the snapshot merge.
 
-The CLI's ``--flow`` does not offer ``snapshot-imageio`` yet (engine/daemon/cli.py), so
+The CLI's ``--flow`` does not offer ``snapshot-imageio`` yet (engine/cli/main.py), so
 ``tessera_snapshot`` runs the real ``cli.main`` with ``cmd_backup_vm`` forcing that flow.
 """
 
@@ -40,7 +40,7 @@ async def tessera_snapshot(*args: str | Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.daemon.cli",
+        "engine.cli.main",
         "backup",
         "vm",
         "--flow",

@@ -41,7 +41,7 @@ EXTEND_OFTEN = 1.0  # well inside the ticket's 3 s
 EXTEND_NEVER = 3600.0
 _RUN = (
     "import sys; import plugins.ovirt.imageio as m; m.EXTEND_INTERVAL = float(sys.argv[1]); "
-    "from engine.daemon.cli import main; sys.exit(main(sys.argv[2:]))"
+    "from engine.cli.main import main; sys.exit(main(sys.argv[2:]))"
 )
 
 

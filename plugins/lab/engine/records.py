@@ -81,6 +81,7 @@ class Transfer:
     failure: str | None = None  # why qemu-nbd or the ticket failed: the transfer pauses
     phase: str = "initializing"
     since: float = 0.0  # ``Activity.clock.now()`` when the phase last changed (``monitor``)
+    locks_disk: bool = False  # the disk shows ``locked`` until the transfer is finished
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,13 @@
 """Image transfers of the fake engine (API-NOTES § 5): qemu-nbd exports behind imageio tickets.
 
 - ``start``: validate as ``TransferDiskImageCommand`` (a disk still being created, or in
-  another transfer, is locked: 409); a download transfer runs a read-only
-  ``qemu-nbd`` on the disk's image (``--bitmap=<from checkpoint>`` for an incremental disk of
-  a backup) and installs an ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty``
-  only for an incremental disk); an upload runs a writable one (ops write). A download with
-  ``snapshot_volume`` serves that VM-snapshot volume read-only (no bitmap).
+  another transfer, is locked: 409); a transfer of a disk (not of a backup or a snapshot
+  volume) shows the disk ``locked`` until the transfer is finished (``finished_*``). A
+  download transfer runs a read-only ``qemu-nbd`` on the disk's image
+  (``--bitmap=<from checkpoint>`` for an incremental disk of a backup) and installs an
+  ovirt-imageio ticket (``nbd:unix:<socket>``, ops read, ``dirty`` only for an incremental
+  disk); an upload runs a writable one (ops write). A download with ``snapshot_volume``
+  serves that VM-snapshot volume read-only (no bitmap).
 - ``step`` (the engine's background monitor, ``monitor``, never a GET): initializing →
   transferring, or paused_system when qemu-nbd or the ticket failed (event 1068; only cancel
   ends it); while transferring, the ticket's ``idle_time`` (read from imageio's control API,
@@ -171,8 +173,14 @@ async def start(
             failure=failure,
             snapshot_volume=snapshot_volume,
             since=a.clock.now(),
+            # The engine locks the image of a disk it transfers (``lockImage``): its status
+            # is locked until the transfer is finished. A backup's transfers and a snapshot
+            # volume's leave the active image alone.
+            locks_disk=b is None and snapshot_volume is None,
         )
         a.transfers[t.id] = t
+        if t.locks_disk:
+            a.inventory.disks[disk_id] = replace(disk, status="locked")
         a.event(
             TRANSFER_INITIATED,
             f"Image {direction} of disk {disk.alias} was initiated (transfer {t.id})",
@@ -287,6 +295,10 @@ _NEXT = {
 def _phase(a: Activity, t: Transfer, phase: str) -> None:
     t.phase = phase
     t.since = a.clock.now()
+    if phase.startswith("finished_") and t.locks_disk:
+        disk = a.inventory.disks.get(t.disk_id)
+        if disk is not None and disk.status == "locked":  # an illegal one stays illegal
+            a.inventory.disks[disk.id] = replace(disk, status="ok")
 
 
 async def step(a: Activity, t: Transfer) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.daemon.cli import main
+from engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ["--config", str(ROOT / "config.example.yaml")]

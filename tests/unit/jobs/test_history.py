@@ -43,6 +43,16 @@ def test_jobs_come_back_newest_first_with_their_params_and_summary(tmp_path: Pat
     assert [d["job_id"] for d in again.jobs(limit=1)] == ["c"]
 
 
+def test_jobs_that_end_in_one_second_keep_the_order_they_ended_in(tmp_path: Path) -> None:
+    # Job ids sort by second, then by a random suffix: "z…" may well end before "a…".
+    one = JobHistory(tmp_path / "one.db")
+    for job_id in ("20261201T020000-zz", "20261201T020000-mm", "20261201T020000-aa"):
+        one.record(job(job_id, "succeeded", 0))
+    ended = ["20261201T020000-aa", "20261201T020000-mm", "20261201T020000-zz"]  # newest first
+    assert [d["job_id"] for d in one.jobs()] == ended
+    assert [d["job_id"] for d in newest([one, JobHistory(tmp_path / "two.db")])] == ended
+
+
 def test_last_success_per_vm_is_the_newest_succeeded_job(tmp_path: Path) -> None:
     h = JobHistory(tmp_path / "history.db")
     h.record(job("a", "succeeded", 0))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli.main import build_parser, main
 from engine.core.ids import ChunkId, short
-from engine.daemon.cli import build_parser, main
 from engine.maint.repair import repair
 from engine.maint.verify import (
     VerifyOptions,

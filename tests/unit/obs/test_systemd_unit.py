@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli.main import build_parser
 from engine.config.models import DEFAULT_SOCKET, DEFAULT_STATE_FILE
-from engine.daemon.cli import build_parser
 
 UNIT = Path(__file__).resolve().parents[3] / "systemd" / "tessera.service"
 

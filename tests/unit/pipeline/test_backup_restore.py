@@ -1,4 +1,5 @@
-"""The backup and restore pipelines on the in-memory source and target, with a real store.
+"""The backup and restore pipelines on the in-memory source and target, with a real store
+and with the in-memory one (``tests.memory_store``): every test runs on both.
 
 Each test runs the jobs (``run_backup``, ``run_restore``) as the CLI and the daemon do, over
 ``tests.memory``: which slots are read (the source logs every read), what the DiskMaps and
@@ -25,12 +26,14 @@ from engine.jobs.states import State
 from engine.pipeline import disk as pipeline_disk
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
+from engine.store.protocols import ChunkReader
 from engine.util.retry import RetryPolicy
 from engine.workers import ThreadCpuPool
 from engine.workers.pool import CpuPool
 from tests.conftest import StoreFactory
 from tests.helpers import realistic_bytes
 from tests.memory import MemoryDisk, MemorySource, MemoryTargetDisk, MemoryTargets, MemoryVm
+from tests.memory_store import MemoryStore
 
 CHUNK = 64 * KiB
 SLOTS = 40  # and a short last slot
@@ -64,7 +67,7 @@ BLANK_SLOTS = 8
 
 @dataclass
 class Rig:
-    store: Store
+    store: Store | MemoryStore
     pool: CpuPool
     journal: Journal
     vm: MemoryVm
@@ -124,9 +127,15 @@ class Rig:
         return {d.disk_id: bytes(d.data) for d in self.vm.disks}
 
 
-@pytest.fixture
-async def rig(make_store: StoreFactory) -> AsyncIterator[Rig]:
-    store = make_store(chunk_size=CHUNK)
+@pytest.fixture(params=["store", "memory"])
+async def rig(
+    request: pytest.FixtureRequest, make_store: StoreFactory, tmp_path: Path
+) -> AsyncIterator[Rig]:
+    store: Store | MemoryStore = (
+        make_store(chunk_size=CHUNK)
+        if request.param == "store"
+        else MemoryStore(tmp_path / "memory", chunk_size=CHUNK)
+    )
     pool = ThreadCpuPool(store.keys, CHUNK, workers=2, capacity=8)
     vm = MemoryVm(
         "vm-1",
@@ -151,7 +160,7 @@ def slots_read(disk: MemoryDisk) -> set[int]:
     return {offset // CHUNK for offset, _ in disk.reads}
 
 
-def diskmap_ids(store: Store, manifest: Manifest, index: int) -> list[bytes]:
+def diskmap_ids(store: ChunkReader, manifest: Manifest, index: int) -> list[bytes]:
     with store.open_diskmap(manifest, manifest.disks[index]) as dm:
         return [cid for _, cid in dm.iter_ids()]
 

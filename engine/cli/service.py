@@ -2,7 +2,7 @@
 ``vms``, ``policies``, ``jobs``, ``job ID [--follow]``, ``cancel ID``; plus
 ``submit_and_follow``, which ``backup vm`` and ``restore --config`` use when a daemon runs.
 
-Human tables by default, ``--json`` for scripts. Registered by ``engine.daemon.cli``.
+Human tables by default, ``--json`` for scripts. Registered by ``engine.cli.main``.
 """
 
 import argparse
@@ -14,11 +14,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
+from engine.cli import args as cli_args
+from engine.cli.client import ApiClient
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
+from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load, load_all
-from engine.daemon import cli_args
-from engine.daemon.client import ApiClient
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
-from engine.daemon.progress import ProgressDisplay
 from engine.obs.log import configure as configure_logging
 from engine.util import aio
 
@@ -80,7 +80,7 @@ def socket_of(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.daemon.api import start_listeners  # noqa: PLC0415 - aiohttp server only here
+    from engine.api.server import start_listeners  # noqa: PLC0415 - aiohttp server only here
     from engine.daemon.service import Service  # noqa: PLC0415
 
     loaded = load_all(args.config)

@@ -1,6 +1,6 @@
 """``tessera check-config`` and ``tessera show-config``.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``. Both read the daemon
+Registered by ``engine.cli.main.build_parser`` through ``register``. Both read the daemon
 config, its ``conf.d`` drop-ins and the policies. Nothing here reads a secret: the models
 hold only the paths of secret files, so ``show-config`` prints paths, never contents.
 """
@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 import yaml
 
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import LoadedConfig, check_all, load_all
 from engine.config.policy import Policy
 from engine.config.types import enc_hook
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.sched.calendar import next_after
 
 

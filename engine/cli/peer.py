@@ -1,6 +1,6 @@
 """``tessera peer init-ca|issue|init-store|serve`` and ``tessera replicate``.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` and
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` and
 the key options are passed in so this module does not import ``cli`` (which imports it).
 
 Setting up two sites (A pushes to B)::
@@ -23,13 +23,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine.app.passphrase import resolve_passphrase
+from engine.app.replicate import ReplicateRequest, replicate
+from engine.cli import args as cli_args
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
-from engine.daemon import cli_args
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.jobs.states import State
 from engine.replication import tls
-from engine.replication.job import latest_snapshot, run_replication
 from engine.replication.receiver import PeerServer, build_peer_app
 from engine.replication.sender import PeerTarget, ReplicationStats
 from engine.store.chunk_store import Store
@@ -222,28 +222,21 @@ def _target(args: argparse.Namespace) -> PeerTarget:
 def cmd_replicate(args: argparse.Namespace, open_store: OpenStore) -> int:
     if (args.snapshot is None) == (args.vm is None):
         raise ConfigError(message="replicate: give SNAPSHOT_ID or --vm VM (one of them)")
-    target = _target(args)
+    request = ReplicateRequest(_target(args), args.snapshot, args.vm, args.full)
+
+    def progress(stats: ReplicationStats) -> None:
+        if sys.stderr.isatty():
+            print(
+                f"\r  sent {stats.chunks_sent}/{stats.lacked} chunks, "
+                f"{stats.record_bytes_sent / 2**20:.1f} MiB",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
     # Read-only: the sender only reads records, so it runs beside a daemon or a backup.
     with open_store(args, False) as store:
-        snapshot = (
-            store.resolve(args.snapshot) if args.snapshot else latest_snapshot(store, args.vm)
-        )
-
-        def progress(stats: ReplicationStats) -> None:
-            if sys.stderr.isatty():
-                print(
-                    f"\r  sent {stats.chunks_sent}/{stats.lacked} chunks, "
-                    f"{stats.record_bytes_sent / 2**20:.1f} MiB",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        outcome = aio.run(
-            run_replication(
-                store=store, snapshot_id=snapshot, target=target, progress=progress, full=args.full
-            )
-        )
+        outcome = aio.run(replicate(store, request, progress=progress))
     if sys.stderr.isatty():
         print(file=sys.stderr)
     print(outcome.summary())

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
+from engine.api.models import BackupRequest, ProtectRequest, RestoreRequest
 
 _ERROR = {
     "description": "error",

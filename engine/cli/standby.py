@@ -1,9 +1,9 @@
 """``tessera standby refresh VM``: bring a VM's cold standby to a snapshot, in this process.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` and the
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` and the
 key options are passed in so this module does not import ``cli`` (which imports it). The
-daemon refreshes standbys itself after each replicated snapshot (``engine.standby.job.
-refresh_standby``); this command is the direct run, for a first copy or by hand::
+daemon refreshes standbys itself after each replicated snapshot; both run ``engine.app.standby``.
+This command is the direct run, for a first copy or by hand::
 
     tessera standby refresh web01 --config /etc/tessera/config.yaml --cluster DR \\
         [--storage-domain dr-data] [--suffix -standby] [--snapshot ID] [--engine NAME]
@@ -14,16 +14,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.app.standby import StandbyRequest, refresh
+from engine.app.stores import open_for_jobs
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
+from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load as load_config
 from engine.config.policy import Standby
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
-from engine.daemon.progress import ProgressDisplay
-from engine.jobs.journal import Journal
-from engine.jobs.recovery import recover_unfinished
-from engine.standby.job import refresh_standby
 from engine.store.chunk_store import Store
 from engine.util import aio
-from engine.workers import make_cpu_pool
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
 
@@ -53,34 +51,25 @@ def register(
 
 def cmd_standby_refresh(args: argparse.Namespace, open_store: OpenStore) -> int:
     config = load_config(args.config, args.config.parent / "conf.d")
-    engine = config.engine(args.engine)
+    config.engine(args.engine)  # an unknown engine: exit 2 before the store opens
     standby = Standby(
         peer="local",  # a direct run: the snapshots are already in this store
         cluster=args.cluster,
         storage_domain=args.storage_domain,
         name_suffix=args.suffix,
     )
+    request = StandbyRequest(args.vm, standby, args.snapshot, args.engine)
     with open_store(args, True) as store:
 
         async def run() -> int:
-            journal = Journal(store.path / "journal")
-            for line in await recover_unfinished(store, journal):
+            target, recovered = await open_for_jobs(str(store.path), store)
+            for line in recovered:
                 print(f"recovery: {line}", file=sys.stderr)
-            pool = make_cpu_pool(store.keys, store.config.chunk_size)
             try:
                 with ProgressDisplay(f"standby {args.vm}") as display:
-                    outcome = await refresh_standby(
-                        store,
-                        pool,
-                        journal,
-                        engine,
-                        args.vm,
-                        standby,
-                        args.snapshot,
-                        progress=display.update,
-                    )
+                    outcome = await refresh(config, target, request, progress=display.update)
             finally:
-                await pool.aclose()
+                await target.pool.aclose()
             if outcome.restore is not None:
                 for stats in outcome.restore.disks:
                     print(stats.summary())

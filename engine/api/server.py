@@ -25,10 +25,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from engine.api.models import BackupRequest, ProtectRequest, RestoreRequest
 from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
 from engine.daemon import maintenance
-from engine.daemon.api_models import BackupRequest, ProtectRequest, RestoreRequest
 from engine.daemon.jobs import Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
@@ -384,7 +384,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    from engine.daemon.openapi import document  # noqa: PLC0415 - built on demand
+    from engine.api.openapi import document  # noqa: PLC0415 - built on demand
 
     return web.json_response(document())
 

@@ -1,6 +1,6 @@
 """``tessera store verify`` and ``tessera store repair`` (``engine.maint.verify``).
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` is
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` is
 passed in so this module does not import ``cli``. Verify opens the store read-only, so it
 runs while a backup or the daemon holds the writer lock; repair takes the writer lock.
 Exit status: 0 when everything is whole, 3 (integrity) when anything is wrong or lost.
@@ -12,19 +12,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.core.units import human_bytes
-from engine.daemon import cli_args
-from engine.daemon.exits import EXIT_INTEGRITY, EXIT_OK
-from engine.daemon.progress import ProgressDisplay
-from engine.maint.check import Finding
+from engine.app.maintenance import finding_line, run_verify, verify_lines
+from engine.cli import args as cli_args
+from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from engine.cli.progress import ProgressDisplay
 from engine.maint.repair import RepairResult, repair
 from engine.maint.verify import (
     VerifyOptions,
     VerifyProgress,
     VerifyResult,
-    verify,
 )
 from engine.store.chunk_store import Store
+from engine.util import aio
 
 OpenStore = Callable[[argparse.Namespace, bool], Store]
 
@@ -91,9 +90,8 @@ def _show(display: ProgressDisplay) -> Callable[[VerifyProgress], None]:
 
 def cmd_store_verify(args: argparse.Namespace, open_store: OpenStore) -> int:
     with open_store(args, False) as store, ProgressDisplay(f"verify {store.path}") as display:
-        result = verify(
-            store, VerifyOptions(data=args.data, percent=args.percent, progress=_show(display))
-        )
+        options = VerifyOptions(data=args.data, percent=args.percent, progress=_show(display))
+        result = aio.run(run_verify(store, options))
     if args.json:
         print(json.dumps(result.doc(), indent=2))
     else:
@@ -101,37 +99,11 @@ def cmd_store_verify(args: argparse.Namespace, open_store: OpenStore) -> int:
     return EXIT_OK if result.ok else EXIT_INTEGRITY
 
 
-def _finding_line(f: Finding) -> str:
-    who = []
-    if f.snapshots:
-        who.append(f"snapshots: {', '.join(f.snapshots)}")
-    if f.vms:
-        who.append(f"VMs: {', '.join(f.vms)}")
-    return f"{f.kind}: {f.message}" + (f" ({'; '.join(who)})" if who else "")
-
-
 def _print_verify(result: VerifyResult) -> None:
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    for f in result.findings:
-        print(_finding_line(f))
-    what = ""
-    if result.data:
-        what = f", {result.chunks_checked} chunks read ({human_bytes(result.bytes_checked)})"
-        run = f"run {result.run}" + (" (resumed)" if result.resumed else "")
-        print(
-            f"{run}: {result.packs_checked} packs read now, {result.packs_in_run} of "
-            f"{result.packs_total} in the run ({result.percent:g} %), least recently verified "
-            "first"
-        )
-    if result.damaged:
-        print(f"damaged snapshots: {', '.join(result.damaged)} (VMs: {', '.join(result.vms)})")
-    if result.undamaged:
-        print(f"no longer damaged: {', '.join(result.undamaged)}")
-    print(
-        f"verified {result.snapshots} snapshots{what}: "
-        + ("ok" if result.ok else f"{len(result.findings)} problems")
-    )
+    for line in verify_lines(result):
+        print(line)
 
 
 def cmd_store_repair(args: argparse.Namespace, open_store: OpenStore) -> int:
@@ -163,7 +135,7 @@ def _print_repair(result: RepairResult) -> None:
     for q in result.quarantined:
         print(f"quarantined pack {q.pack} to {q.path}: {q.reason}")
     for f in result.verify.findings:
-        print(_finding_line(f))
+        print(finding_line(f))
     if not result.lost:
         print("nothing is lost")
         return

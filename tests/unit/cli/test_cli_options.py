@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.daemon.cli import build_parser, main
+from engine.cli.main import build_parser, main
 
 # (command line before the option, option) for every numeric option of every command.
 STORE = ["store", "init", "/nonexistent/s"]

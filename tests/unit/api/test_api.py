@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine.api.openapi import PATHS, document
+from engine.api.server import build_app, load_tokens
 from engine.config.loader import load_all
 from engine.core.errors import ConfigError
-from engine.daemon.api import build_app, load_tokens
 from engine.daemon.jobs import JobView
-from engine.daemon.openapi import PATHS, document
 from engine.daemon.service import Service
 
 TOKEN = "s3cret-token-for-tests"
@@ -150,7 +150,7 @@ async def test_tcp_listener_with_tls_and_tokens(tmp_path: Path) -> None:
 
     import aiohttp
 
-    from engine.daemon.api import start_listeners
+    from engine.api.server import start_listeners
     from tests.integration.selfsigned import make_cert
 
     cert = make_cert(tmp_path)

@@ -1,6 +1,6 @@
 """``tessera prune``, ``tessera snapshots protect|unprotect``, ``tessera store status``.
 
-Registered by ``engine.daemon.cli.build_parser`` through ``register``; ``open_store`` is
+Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` is
 passed in so this module does not import ``cli`` (which imports it). Prune opens the store
 read-only — it does not take the writer lock, so it runs while a backup holds it — and
 serialises itself with the prune lock (see ``engine.maint.prune``).
@@ -13,10 +13,11 @@ from datetime import tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from engine.cli import args as cli_args
+from engine.cli import gc as cli_gc
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.daemon import cli_args, cli_gc
-from engine.daemon.exits import EXIT_FAILED, EXIT_OK
 from engine.maint.prune import PruneResult, prune, set_protected
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
@@ -73,7 +74,7 @@ def register(
     p.add_argument("--json", action="store_true")
     add_key_options(p)
     p.set_defaults(func=lambda a: cmd_store_status(a, open_store))
-    cli_gc.register(sub, open_store, add_key_options)  # tessera gc (engine.daemon.cli_gc)
+    cli_gc.register(sub, open_store, add_key_options)  # tessera gc (engine.cli.gc)
 
 
 def _subparsers(

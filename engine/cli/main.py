@@ -22,20 +22,18 @@ from engine.app.restore import (
 )
 from engine.app.stores import JobStore, open_for_jobs
 from engine.app.stores import open_store as app_open_store
+from engine.cli import args as cli_args
+from engine.cli import config as cli_config
+from engine.cli import maint as cli_maint
+from engine.cli import peer as cli_peer
+from engine.cli import service as cli_service
+from engine.cli import standby as cli_standby
+from engine.cli import verify as cli_verify
+from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
+from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.daemon import (
-    cli_args,
-    cli_config,
-    cli_maint,
-    cli_peer,
-    cli_service,
-    cli_standby,
-    cli_verify,
-)
-from engine.daemon.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from engine.daemon.progress import ProgressDisplay
 from engine.jobs.backup import LEVELS, BackupOutcome, Progress
 from engine.jobs.states import State
 from engine.maint.prune import is_protected

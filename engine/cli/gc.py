@@ -1,6 +1,6 @@
 """``tessera gc``: garbage collection of a store (``engine.maint.gc``).
 
-Registered from ``engine.daemon.cli_maint.register``. The command opens the store for
+Registered from ``engine.cli.maint.register``. The command opens the store for
 writing: GC runs in the process that holds the writer lock, beside that process's backups
 (the daemon runs it as a job); from the command line it therefore needs no backup or daemon
 holding the store, and says so (``StoreLocked``) otherwise.
@@ -13,11 +13,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.app.maintenance import run_gc
+from engine.cli import args as cli_args
+from engine.cli import service as cli_service
+from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.daemon import cli_args, cli_service
-from engine.daemon.exits import EXIT_OK
-from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult, gc
+from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult
 from engine.maint.retention import Duration
 from engine.store.chunk_store import Store
 from engine.util import aio
@@ -103,7 +105,7 @@ def cmd_gc(args: argparse.Namespace, open_store: OpenStore) -> int:
         # The daemon runs it as a job with its configured grace and threshold.
         return aio.run(cli_service.submit_and_follow(socket, "/v1/maintenance/gc", {}))
     with open_store(args, True) as store:
-        result = gc(store, opts)
+        result = aio.run(run_gc(store, opts))
     if opts.progress is not None:
         print(file=sys.stderr)
     if args.json:

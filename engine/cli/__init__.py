@@ -1,0 +1,23 @@
+"""The ``tessera`` command line: the top layer, and the only one that prints or exits.
+
+``main`` builds the argument parser (``build_parser``) and runs a command (``main``, the
+``tessera`` entry point); each other module registers its own commands (``register``):
+``config`` (check-config, show-config), ``service`` (``run`` — it composes the daemon and its
+HTTP API — and the commands that talk to a running daemon), ``maint`` (prune, protect, store
+status; ``gc``: gc), ``verify`` (store verify, repair), ``peer`` (peer, replicate),
+``standby`` (standby refresh). ``args`` checks option values at the edge (exit 2 before
+anything runs), ``progress`` draws progress on a terminal, ``client`` speaks to the daemon's
+API over its unix socket.
+
+``backup vm`` and ``restore --config`` go through a running daemon when one answers (it
+holds the store's writer lock); otherwise they, like the other backups and restores, run in
+this process through ``engine.app`` — the same code the daemon's jobs run.
+
+Exit codes are the constants of ``exits`` and only this package returns them; ``main`` maps
+errors to them: 0 success, 1 a failed operation (``EngineError``), 2 bad usage or
+configuration (``ConfigError``, argparse), 3 integrity findings (``IntegrityError`` or a
+failed verify).
+
+Above ``engine.api`` and ``engine.daemon`` (the layers contract in ``pyproject.toml``);
+nothing in ``engine`` imports it.
+"""
