@@ -61,10 +61,11 @@ async def no_api(service: Service) -> Callable[[], Awaitable[None]]:
 async def running(config: Path) -> AsyncIterator[Service]:
     service = Service(load_all(config), grace=5)
     task = asyncio.create_task(service.run(no_api))
-    async with asyncio.timeout(60):
-        while service.maintenance is None or not service.stores:
-            assert not task.done(), task
-            await asyncio.sleep(0.05)
+    ready = asyncio.create_task(service.ready.wait())
+    await asyncio.wait((ready, task), timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        raise AssertionError(task.exception() if task.done() else "not ready in 60 s")
     try:
         yield service
     finally:
