@@ -20,21 +20,24 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from engine.app.passphrase import resolve_passphrase
-from engine.app.replicate import ReplicateRequest, replicate
 from engine.cli import args as cli_args
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
 from engine.jobs.states import State
-from engine.replication import tls
-from engine.replication.receiver import PeerServer, build_peer_app
-from engine.replication.sender import PeerTarget, ReplicationStats
 from engine.store.chunk_store import Store
 from engine.store.keys import ENCRYPTION_NONE, StoreKeys
 from engine.util import aio
+
+if TYPE_CHECKING:
+    from engine.replication.sender import PeerTarget, ReplicationStats
+
+# The replication machinery (aiohttp, TLS) is imported by the commands that use it: a local
+# command loads no HTTP code.
 
 DEFAULT_PEER_PORT = 8444
 
@@ -105,12 +108,16 @@ def _add_tls_options(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_init_ca(args: argparse.Namespace) -> int:
+    from engine.replication import tls  # noqa: PLC0415
+
     cert = tls.init_ca(args.dir, args.name)
     print(f"created CA {cert} and {args.dir / tls.CA_KEY} (keep the key offline)")
     return EXIT_OK
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
+    from engine.replication import tls  # noqa: PLC0415
+
     files = tls.issue(args.ca_dir, args.name, args.out, args.dns or None, args.ip)
     host = (args.dns or args.ip or [args.name])[0]
     host = f"[{host}]" if ":" in host else host
@@ -172,6 +179,8 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace, open_store: OpenStore) -> int:
+    from engine.replication import tls  # noqa: PLC0415
+
     host, port = _listen(args.listen)
     context = tls.server_context(args.cert, args.key, args.ca)
     with open_store(args, True) as store:
@@ -181,6 +190,8 @@ def cmd_serve(args: argparse.Namespace, open_store: OpenStore) -> int:
 
 async def _serve(store: Store, host: str, port: int, context: object) -> None:
     import ssl  # noqa: PLC0415 - typing only
+
+    from engine.replication.receiver import PeerServer, build_peer_app  # noqa: PLC0415
 
     assert isinstance(context, ssl.SSLContext)
     stop = asyncio.Event()
@@ -196,7 +207,10 @@ async def _serve(store: Store, host: str, port: int, context: object) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _target(args: argparse.Namespace) -> PeerTarget:
+def _target(args: argparse.Namespace) -> "PeerTarget":
+    from engine.replication import tls  # noqa: PLC0415
+    from engine.replication.sender import PeerTarget  # noqa: PLC0415
+
     if args.config is not None:
         if not args.peer:
             raise ConfigError(message="replicate --config needs --peer NAME")
@@ -222,9 +236,11 @@ def _target(args: argparse.Namespace) -> PeerTarget:
 def cmd_replicate(args: argparse.Namespace, open_store: OpenStore) -> int:
     if (args.snapshot is None) == (args.vm is None):
         raise ConfigError(message="replicate: give SNAPSHOT_ID or --vm VM (one of them)")
+    from engine.app.replicate import ReplicateRequest, replicate  # noqa: PLC0415
+
     request = ReplicateRequest(_target(args), args.snapshot, args.vm, args.full)
 
-    def progress(stats: ReplicationStats) -> None:
+    def progress(stats: "ReplicationStats") -> None:
         if sys.stderr.isatty():
             print(
                 f"\r  sent {stats.chunks_sent}/{stats.lacked} chunks, "

@@ -12,15 +12,17 @@ import logging
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from engine.cli import args as cli_args
-from engine.cli.client import ApiClient
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load, load_all
 from engine.obs.log import configure as configure_logging
 from engine.util import aio
+
+if TYPE_CHECKING:
+    from engine.cli.client import ApiClient
 
 FOLLOW_INTERVAL: Final = 0.5  # seconds between progress polls
 FINAL: Final = ("succeeded", "failed", "cancelled", "aborted")
@@ -73,6 +75,13 @@ def register(
     p.set_defaults(func=cmd_cancel)
 
 
+def _client(socket: Path) -> "ApiClient":
+    """The daemon's API client; aiohttp is loaded only by the commands that talk to it."""
+    from engine.cli.client import ApiClient  # noqa: PLC0415 - a local command loads no HTTP
+
+    return ApiClient(socket)
+
+
 def socket_of(args: argparse.Namespace) -> Path:
     if getattr(args, "socket", None) is not None:
         return Path(args.socket)
@@ -107,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _call(
     args: argparse.Namespace, method: str, path: str, body: Any = None, **q: Any
 ) -> Any:
-    async with ApiClient(socket_of(args)) as client:
+    async with _client(socket_of(args)) as client:
         return await client.request(method, path, body, **q)
 
 
@@ -217,7 +226,7 @@ async def follow(socket: Path, job_ids: list[str], *, json_lines: bool = False) 
     """Show live progress of the jobs until they all end; EXIT_FAILED if any did not
     succeed. Prints each job's new log lines as they come and its summary at the end."""
     failed = 0
-    async with ApiClient(socket) as client:
+    async with _client(socket) as client:
         for job_id in job_ids:
             seen = 0
             doc = await client.request("GET", f"/v1/jobs/{job_id}")
@@ -240,7 +249,7 @@ async def follow(socket: Path, job_ids: list[str], *, json_lines: bool = False) 
 
 async def submit_and_follow(socket: Path, path: str, body: dict[str, Any]) -> int:
     """POST a backup or restore to the daemon, then follow its jobs."""
-    async with ApiClient(socket) as client:
+    async with _client(socket) as client:
         doc = await client.request("POST", path, body)
     ids = [j["id"] for j in doc["jobs"]]
     for job_id in ids:
@@ -257,7 +266,7 @@ def daemon_socket(config: Path) -> Path | None:
 
     async def probe() -> bool:
         try:
-            async with ApiClient(socket) as client:
+            async with _client(socket) as client:
                 return await client.available()
         except Exception:  # noqa: BLE001 - any failure to talk means "no daemon"
             return False
