@@ -11,7 +11,9 @@ API over its unix socket.
 
 ``backup vm`` and ``restore --config`` go through a running daemon when one answers (it
 holds the store's writer lock); otherwise they, like the other backups and restores, run in
-this process through ``engine.app`` — the same code the daemon's jobs run.
+this process through ``engine.app`` — the same code the daemon's jobs run. A local command
+loads no HTTP code: the daemon's client and the replication machinery are imported by the
+commands that use them (``tests/integration/test_cli_imports.py`` checks it).
 
 Exit codes are the constants of ``exits`` and only this package returns them; ``main`` maps
 errors to them: 0 success, 1 a failed operation (``EngineError``), 2 bad usage or
