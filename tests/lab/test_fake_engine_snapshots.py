@@ -23,6 +23,7 @@ from tests.lab.test_fake_engine_backup import (
     RAW_ID,
     VM_ID,
     Lab,
+    fault,
     finalize_transfer,
     raw_copy,
     read_all,
@@ -360,3 +361,26 @@ async def test_repeated_cleanup_calls_are_refused_as_the_engine_does(lab: Lab) -
         (200, ""),
         (409, "[Cannot remove Snapshot. Snapshot is locked.]"),
     ]
+
+
+async def test_a_snapshots_disks_are_locked_while_it_is_made_and_merged(lab: Lab) -> None:
+    """The engine locks the images of a snapshot's disks while it creates the snapshot and
+    while it merges it away: the disks show ``locked`` and another snapshot of them is
+    refused meanwhile; they are ``ok`` again once the snapshot is ``ok`` or gone."""
+    made = await lab.sdk(lambda c: snapshots_service(c).add(types.Snapshot(description="locks")))
+
+    def disk_status(conn: Client) -> types.DiskStatus:
+        return conn.system_service().disks_service().disk_service(QCOW_ID).get().status
+
+    assert await lab.sdk(disk_status) == types.DiskStatus.LOCKED
+    e = await lab.sdk(
+        fault(lambda c: snapshots_service(c).add(types.Snapshot(description="second")))
+    )
+    assert e.code == 409 and "locked" in str(e).lower()
+    await lab.advance()
+    assert await lab.sdk(disk_status) == types.DiskStatus.OK
+
+    await lab.sdk(lambda c: snapshots_service(c).snapshot_service(made.id).remove())
+    assert await lab.sdk(disk_status) == types.DiskStatus.LOCKED
+    await lab.advance()
+    assert await lab.sdk(disk_status) == types.DiskStatus.OK

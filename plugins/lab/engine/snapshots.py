@@ -31,11 +31,13 @@ snapshots is backed up from its active layer (``backup``). No preview/restore. P
 with time, whoever polls (``step``, run by ``monitor`` as the engine's command callbacks
 run): created ``locked``, ``ok`` ``Faults.phase_seconds`` later; after ``DELETE`` (the merge
 runs at once) the snapshot shows ``locked`` for ``Faults.phase_seconds``, then is gone
-(404). A hybrid backup's snapshot goes with its backup instead (``hybrid.removing``). A
-``DELETE`` of a ``locked`` snapshot (being created or already being removed) is a 409
-``Snapshot is locked``. The list also shows the VM's ``Active VM`` snapshot (type
-``active``), as the real engine does; it cannot be deleted. ``seed`` makes the snapshots a
-seed names (``VmSeed.snapshots``) when the engine starts.
+(404). While a snapshot is ``locked`` its disks are too, as the engine locks their images
+(no transfer, no other snapshot of them meanwhile). A hybrid backup's snapshot goes with
+its backup instead (``hybrid.removing``). A ``DELETE`` of a ``locked`` snapshot (being
+created or already being removed) is a 409 ``Snapshot is locked``. The list also shows the
+VM's ``Active VM`` snapshot (type ``active``), as the real engine does; it cannot be
+deleted. ``seed`` makes the snapshots a seed names (``VmSeed.snapshots``) when the engine
+starts.
 """
 
 import asyncio
@@ -101,7 +103,8 @@ async def create(
                 raise Fault(400, f"[Cannot create Snapshot. Disk {d} is not attached to the VM.]")
         # As CreateSnapshotForVmCommand's DisksFilter: LUN and shareable disks are left out.
         chosen = [d for d in chosen if a.inventory.disks[d].snapable]
-        if busy := a._busy_disks() & set(chosen):
+        locked = {d for d in chosen if a.inventory.disks[d].status == "locked"}
+        if busy := (a._busy_disks() | locked) & set(chosen):
             raise Fault(409, f"[Cannot create Snapshot. Disks are locked: {sorted(busy)}]")
         s_id = snapshot_id or a.new_id()
         volumes: dict[str, Volume] = {}
@@ -131,6 +134,7 @@ async def create(
             since=a.clock.now(),
         )
         a.snapshots[s.id] = s
+        _disks_status(a, s, "locked")
         return s
 
 
@@ -149,6 +153,15 @@ async def _overlay(path: Path, volume: Volume) -> None:
         raise
 
 
+def _disks_status(a: Activity, s: Snapshot, status: str) -> None:
+    """The engine locks the images of a snapshot's disks while it creates or merges it:
+    ``locked`` then, ``ok`` again when it is done (an illegal disk stays illegal)."""
+    for disk_id in s.volumes:
+        disk = a.inventory.disks.get(disk_id)
+        if disk is not None and disk.status in ("ok", "locked") and disk.status != status:
+            a.inventory.disks[disk_id] = replace(disk, status=status)
+
+
 def step(a: Activity, s: Snapshot) -> None:
     """One step of the engine's background work (``monitor``, under the activity's lock),
     once the status is ``Faults.phase_seconds`` old: locked → ok; a deleted snapshot goes.
@@ -157,11 +170,13 @@ def step(a: Activity, s: Snapshot) -> None:
         return
     if s.deleting:
         del a.snapshots[s.id]
+        _disks_status(a, s, "ok")
         vm = a.inventory.vms[s.vm_id]
         a.event(SNAPSHOT_REMOVED, f"Snapshot '{s.description}' deleted for VM {vm.name}", vm.id)
     elif s.status == "locked":
         s.status = "ok"
         s.since = a.clock.now()
+        _disks_status(a, s, "ok")
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_CREATED,
@@ -221,6 +236,8 @@ async def delete(a: Activity, s: Snapshot) -> None:
         s.deleting = True
         s.status = "locked"
         s.since = a.clock.now()
+        if s.id not in a.hybrid.values():  # a hybrid backup's merge is its backup's
+            _disks_status(a, s, "locked")
         vm = a.inventory.vms[s.vm_id]
         a.event(
             SNAPSHOT_REMOVE_STARTED, f"Snapshot '{s.description}' deletion for VM {vm.name}", vm.id
