@@ -8,10 +8,8 @@ and a second daemon. A daemon SIGKILLed while a job runs is a subprocess (``tess
 its job comes back as interrupted."""
 
 import asyncio
-import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,58 +17,27 @@ from typing import Any
 import pytest
 
 from engine.api.server import parse_since
-from engine.config.loader import load_all
 from engine.daemon import maintenance
 from engine.daemon.service import Service
 from engine.jobs.history import INTERRUPTED
 from engine.store.chunk_store import Store
-from engine.store.keys import KdfParams
+from tests.daemon_setup import CHUNK, daemon_config, running
 from tests.e2e.test_daemon import Daemon, get_text, tessera
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.unit.maint.test_verify import flip, slot_id
 
 pytestmark = pytest.mark.integration
 
-CHUNK = 64 * 1024
 PASSPHRASE = "history-test"
 
 
 def make_config(tmp_path: Path) -> Path:
-    store = tmp_path / "store"
-    Store.init(store, chunk_size=CHUNK, passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**10))
-    (tmp_path / "pass").write_text(PASSPHRASE + "\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"stores:\n  - name: main\n    path: {store}\n    passphrase_file: {tmp_path / 'pass'}\n"
-        f"api:\n  socket: {tmp_path / 'api.sock'}\n"
-        f"scheduler:\n  state_file: {tmp_path / 'scheduler.json'}\n"
+    return daemon_config(
+        tmp_path,
+        PASSPHRASE,
         'maintenance:\n  gc: "sun 03:00"\n  gc_grace: 1s\n  verify: "sat 04:00"\n'
-        "  verify_percent: 100\n"
+        "  verify_percent: 100\n",
     )
-    return config
-
-
-async def no_api(service: Service) -> Callable[[], Awaitable[None]]:
-    async def stop() -> None:
-        return None
-
-    return stop
-
-
-@contextlib.asynccontextmanager
-async def running(config: Path) -> AsyncIterator[Service]:
-    service = Service(load_all(config), grace=5)
-    task = asyncio.create_task(service.run(no_api))
-    ready = asyncio.create_task(service.ready.wait())
-    await asyncio.wait((ready, task), timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    if not ready.done():
-        ready.cancel()
-        raise AssertionError(task.exception() if task.done() else "not ready in 60 s")
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        await task
 
 
 async def run_task(service: Service, kind: str) -> None:

@@ -17,32 +17,25 @@ from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.sched.clock import FakeClock
 from engine.store.chunk_store import Store
-from engine.store.keys import KdfParams
+from tests.daemon_setup import CHUNK, daemon_config
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.integration.test_smtp import Mailbox, smtp_server
 from tests.unit.maint.test_verify import flip, slot_id
 
 pytestmark = pytest.mark.integration
 
-CHUNK = 64 * 1024
 PASSPHRASE = "maintenance-test"
 
 
 def make_config(tmp_path: Path, smtp_port: int) -> Path:
-    store = tmp_path / "store"
-    Store.init(store, chunk_size=CHUNK, passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**10))
-    (tmp_path / "pass").write_text(PASSPHRASE + "\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"stores:\n  - name: main\n    path: {store}\n    passphrase_file: {tmp_path / 'pass'}\n"
-        f"api:\n  socket: {tmp_path / 'api.sock'}\n"
-        f"scheduler:\n  state_file: {tmp_path / 'scheduler.json'}\n"
+    return daemon_config(
+        tmp_path,
+        PASSPHRASE,
         'maintenance:\n  gc: "sun 03:00"\n  gc_grace: 1s\n  verify: "sat 04:00"\n'
         "  verify_percent: 100\n  notify: [ops@example.org]\n"
         f"smtp:\n  host: 127.0.0.1\n  port: {smtp_port}\n  starttls: false\n"
-        "  from: tessera@dm01.example.org\n"
+        "  from: tessera@dm01.example.org\n",
     )
-    return config
 
 
 async def run(service: Service, kind: str) -> JobView:

@@ -4,9 +4,8 @@ uses (``registry.register`` beside the entry points; the ``Hypervisor`` capabili
 section naming it with ``plugin:``) is listed, backed up and restored by the real
 application layer and the real daemon, and its killed jobs reach its own ``recover``."""
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,19 @@ from engine.app.backup import VmBackupRequest, backup_vms
 from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
 from engine.app.stores import open_for_jobs
 from engine.config.loader import load_all
-from engine.daemon.service import Service
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.states import State
 from engine.sources import registry
 from engine.sources.capabilities import Hypervisor
 from engine.sources.registry import Plugin
 from engine.store.chunk_store import Store
-from engine.store.keys import KdfParams
 from engine.store.manifest import DiskEntry, Manifest
+from tests.daemon_setup import CHUNK, daemon_config, running
 from tests.helpers import realistic_bytes
 from tests.memory import MemoryDisk, MemorySource, MemoryTargets, MemoryVm
 
 pytestmark = pytest.mark.integration
 
-CHUNK = 64 * 1024
 PASSPHRASE = "new-hypervisor"
 
 
@@ -123,19 +120,13 @@ def installed(hypervisor: MemoryHypervisor) -> Iterator[list[dict[str, Any]]]:
 
 
 def make_config(tmp_path: Path) -> Path:
-    store = tmp_path / "store"
-    Store.init(store, chunk_size=CHUNK, passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**10))
-    (tmp_path / "pass").write_text(PASSPHRASE + "\n")
     (tmp_path / "engine-password").write_text("unused\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"stores:\n  - name: main\n    path: {store}\n    passphrase_file: {tmp_path / 'pass'}\n"
+    return daemon_config(
+        tmp_path,
+        PASSPHRASE,
         "engines:\n  - name: mem\n    url: memory://\n    username: nobody\n"
-        f"    password_file: {tmp_path / 'engine-password'}\n    plugin: memory\n"
-        f"api:\n  socket: {tmp_path / 'api.sock'}\n"
-        f"scheduler:\n  state_file: {tmp_path / 'scheduler.json'}\n"
+        f"    password_file: {tmp_path / 'engine-password'}\n    plugin: memory\n",
     )
-    return config
 
 
 def memory_vm() -> MemoryVm:
@@ -182,19 +173,8 @@ async def test_the_daemon_runs_a_registered_hypervisors_jobs(tmp_path: Path) -> 
     vm = memory_vm()
     hypervisor = MemoryHypervisor({vm.name: vm})
 
-    async def no_api(service: Service) -> Callable[[], Awaitable[None]]:
-        async def stop() -> None:
-            return None
-
-        return stop
-
     with installed(hypervisor):
-        service = Service(load_all(config), grace=5)
-        task = asyncio.create_task(service.run(no_api))
-        try:
-            ready = asyncio.create_task(service.ready.wait())
-            await asyncio.wait((ready, task), timeout=60, return_when=asyncio.FIRST_COMPLETED)
-            assert ready.done(), task.exception() if task.done() else "not ready in 60 s"
+        async with running(config) as service:
             listed = await service.list_vms("mem")
             assert [v["name"] for v in listed] == ["web9"]
             (view,) = service.start_backup(["web9"], level="full", engine="mem")
@@ -210,6 +190,3 @@ async def test_the_daemon_runs_a_registered_hypervisors_jobs(tmp_path: Path) -> 
             assert restore.state == "succeeded", restore.error
             assert restore.summary["vm_name"] == "web9-copy"
             assert hypervisor.restores[-1].targets.published["d9"] == bytes(vm.disks[0].data)
-        finally:
-            service.request_stop()
-            await task
