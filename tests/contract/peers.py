@@ -165,6 +165,3 @@ PEERS: Final[dict[str, Factory]] = {
     "receiver-encrypted-only": receiver(encrypted_only=True),
     "memory": in_memory,
 }
-# (implementation, test) → why it fails today: run as a strict xfail, so the suite says when
-# the gap closes. A case of a parametrised test is ``"test[case]"``.
-KNOWN_GAPS: Final[dict[tuple[str, str], str]] = {}

@@ -165,6 +165,3 @@ STORES: Final[dict[str, Callable[[Path], AbstractContextManager[StoreHarness]]]]
     "store-plain": on_disk("none"),
     "memory": in_memory,
 }
-# (implementation, test) → why it fails today: run as a strict xfail, so the suite says when
-# the gap closes.
-KNOWN_GAPS: Final[dict[tuple[str, str], str]] = {}

@@ -67,7 +67,7 @@ from engine.store.keys import StoreKeys
 from engine.store.manifest import Manifest
 from engine.util.retry import RetryPolicy
 from tests.conftest import CHEAP_KDF, PASSPHRASE, StoreFactory
-from tests.contract.peers import KNOWN_GAPS, PEERS, PeerHarness
+from tests.contract.peers import PEERS, PeerHarness
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.unit.replication.support import Pki, make_pki
 
@@ -108,22 +108,10 @@ def pulls() -> Pulls:
     return Pulls()
 
 
-def known_gap(request: pytest.FixtureRequest, name: str) -> None:
-    """A strict xfail for ``KNOWN_GAPS[(name, test)]``, or ``(name, "test[case]")`` for one
-    case of a parametrised test (``case``: its other parameter's value)."""
-    test = request.node.originalname
-    params = request.node.callspec.params
-    cases = [str(v) for k, v in params.items() if k not in ("peer", "name")]
-    for key in [test, *(f"{test}[{case}]" for case in cases)]:
-        if (gap := KNOWN_GAPS.get((name, key))) is not None:
-            request.applymarker(pytest.mark.xfail(reason=gap, strict=True))
-
-
 @pytest.fixture(params=list(PEERS))
 async def peer(
     request: pytest.FixtureRequest, tmp_path: Path, origin: Store, pki: Pki, pulls: Pulls
 ) -> AsyncIterator[PeerHarness]:
-    known_gap(request, request.param)
     async with PEERS[request.param](tmp_path, origin, pki, pulls) as harness:
         yield harness
 
@@ -654,7 +642,6 @@ async def test_a_pull_request_reaches_the_peers_handler(peer: PeerHarness, pulls
 async def test_a_peer_without_a_pull_handler_refuses_pulls(
     request: pytest.FixtureRequest, tmp_path: Path, origin: Store, pki: Pki, name: str
 ) -> None:
-    known_gap(request, name)
     async with PEERS[name](tmp_path, origin, pki, None) as peer:
         with pytest.raises(proto.PeerError, match="HTTP 404"):
             await request_pull(peer.target(), ["web"])

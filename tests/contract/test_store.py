@@ -66,7 +66,7 @@ from engine.store import format as fmt
 from engine.store.manifest import Manifest
 from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
 from engine.workers import ThreadCpuPool
-from tests.contract.stores import CHUNK, KNOWN_GAPS, STORES, StoreHarness
+from tests.contract.stores import CHUNK, STORES, StoreHarness
 from tests.helpers import realistic_bytes
 from tests.memory import MemoryDisk, MemorySource, MemoryTargets, MemoryVm
 
@@ -77,9 +77,6 @@ class Refused(Exception):
 
 @pytest.fixture(params=list(STORES))
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreHarness]:
-    gap = KNOWN_GAPS.get((request.param, request.node.originalname))
-    if gap is not None:
-        request.applymarker(pytest.mark.xfail(reason=gap, strict=True))
     with STORES[request.param](tmp_path) as h:
         yield h
 

@@ -30,7 +30,7 @@ from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.workers import ThreadCpuPool
 from tests.conftest import StoreFactory
-from tests.contract.harness import KNOWN_GAPS, TARGETS, Recorder, TargetHarness
+from tests.contract.harness import TARGETS, Recorder, TargetHarness, known_gap
 from tests.helpers import realistic_bytes
 
 CHUNK = 64 * KiB
@@ -52,9 +52,7 @@ class Refused(Exception):
     ]
 )
 async def target(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TargetHarness]:
-    gap = KNOWN_GAPS.get((request.param, request.node.originalname))
-    if gap is not None:
-        request.applymarker(pytest.mark.xfail(reason=gap, strict=True))
+    known_gap(request, request.param)
     async with TARGETS[request.param](tmp_path) as harness:
         yield harness
 
