@@ -522,6 +522,16 @@ async def idle_time(lab: Lab, ticket: str) -> int:
     return int((await lab.daemon.get_ticket(ticket))["idle_time"])
 
 
+async def until_idle(lab: Lab, ticket: str, seconds: int) -> int:
+    """Wait until imageio reports the ticket idle for at least ``seconds``; returns its
+    ``idle_time``. imageio is a real program counting real seconds on its own clock, which
+    no test can step: this polls it, as the engine's monitor does."""
+    async with asyncio.timeout(30):
+        while (idle := await idle_time(lab, ticket)) < seconds:
+            await asyncio.sleep(0.05)
+    return idle
+
+
 async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> None:
     # The engine's inactivity monitor compares imageio's idle_time, which extend does not
     # reset. imageio counts it in real seconds on its own clock, so this test waits (about
@@ -536,11 +546,11 @@ async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> Non
         conn.system_service().image_transfers_service().image_transfer_service(transfer.id).extend()
 
     t = lab.engine.activity.transfers[transfer.id]
-    async with asyncio.timeout(30):
-        while await idle_time(lab, t.ticket) <= t.inactivity_timeout:
-            await lab.sdk(extend)
-            await asyncio.sleep(0.2)  # real time, for imageio's idle_time
-    assert lab.engine.activity.extends[transfer.id] >= 1
+    await lab.sdk(extend)
+    await until_idle(lab, t.ticket, t.inactivity_timeout + 1)
+    await lab.sdk(extend)
+    assert await idle_time(lab, t.ticket) > t.inactivity_timeout  # extend did not reset it
+    assert lab.engine.activity.extends[transfer.id] == 2
     assert t.phase == "transferring"  # idle past its timeout, but the engine has not looked
     await lab.advance()  # the monitor's next looks, on the engine's clock
     assert t.phase == "cancelled_system"
@@ -557,9 +567,9 @@ async def test_an_idle_transfer_is_cancelled_even_when_extended(lab: Lab) -> Non
 
 
 async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
-    # Reads reset imageio's idle_time, which imageio counts in real seconds: reading every
-    # half second for 2.5 s (an unread ticket is idle past the 1 s timeout after 2 s at
-    # most), with the engine's monitor looking after each read, keeps the transfer.
+    # Reads reset imageio's idle_time, which imageio counts in real seconds: three times the
+    # ticket is left until it is idle for the whole 1 s timeout, then read, then the engine's
+    # monitor looks. Over the ~3 s the transfer lives far past its timeout, kept by reads.
     lab.engine.faults.inactivity_timeout = 1
     backup = await lab.sdk(start_backup)
     transfer = await lab.sdk(partial(create_transfer, backup_id=backup.id, disk_id=QCOW_ID))
@@ -567,9 +577,10 @@ async def test_reads_keep_a_transfer_open(lab: Lab) -> None:
     async with await ImageioDisk.connect(transfer.transfer_url, ca=lab.ca) as disk:
         reader = await disk.open_reader()
         try:
-            for _ in range(5):
+            for _ in range(3):
+                await until_idle(lab, t.ticket, t.inactivity_timeout)
                 await reader.readinto(0, memoryview(bytearray(4096)))
-                await asyncio.sleep(0.5)  # real time, for imageio's idle_time
+                assert await idle_time(lab, t.ticket) < t.inactivity_timeout  # reset by the read
                 await lab.advance()
                 assert t.phase == "transferring"
         finally:
