@@ -15,7 +15,8 @@ controller, or the only process without xdist), keeps a thread that:
 
 The evidence: the tests running and for how long; the process tree under the run with each
 process's state and kernel wait channel (and its kernel stack when it is in uninterruptible
-sleep, the mark of a hung FUSE or block request); the FUSE mounts; and every worker's Python
+sleep, the mark of a hung FUSE or block request); the FUSE mounts; the free space for
+temporary files (a full disk makes servers hang in odd places); and every worker's Python
 stacks, all threads, which each worker writes when sent ``SIGUSR1`` (``faulthandler``) into a
 file under a directory the controller makes (``TESSERA_TEST_WATCH``, inherited by workers).
 """
@@ -110,6 +111,8 @@ class Watchdog:
             lines += [f"  {now - t:7.0f} s  {n}" for n, t in sorted(self.running.items())]
         lines += ["processes under the run:", *_process_tree(os.getpid())]
         lines += ["FUSE mounts:", *_fuse_mounts()]
+        tmp = shutil.disk_usage(tempfile.gettempdir())
+        lines += [f"free in {tempfile.gettempdir()}: {tmp.free >> 20} MiB of {tmp.total >> 20} MiB"]
         for pid in [*_descendants(os.getpid()), os.getpid()]:
             if any(self.directory.glob(f"*.{pid}.stacks")):
                 os.kill(pid, signal.SIGUSR1)

@@ -69,7 +69,8 @@ def test_a_hung_test_is_named_with_its_stack_and_the_run_ends(tmp_path: Path) ->
     assert "watchdog: the test run passed its limit of 12 s" in out, out
     assert "Python stacks of worker gw0." in out, out
     assert 'test_hang.py", line 15 in test_hangs_here' in out, out
-    assert "sleep 600" in out, out  # the process tree names the helper
+    assert "sleep 600" in out, out
+    assert " MiB of " in out, out  # the free space  # the process tree names the helper
     helper = int(pidfile.read_text())
     assert not Path(f"/proc/{helper}").exists() or _is_zombie(helper), "the helper was left"
 
