@@ -6,6 +6,8 @@ Everything is measured in this run on the same data (an ext4 image of real files
 - single-core MB/s of keyed BLAKE3, zstd (levels 1 and 3) and AES-256-GCM; AES is timed on
   what the codec really encrypts (the compressed payload) but reported per plaintext byte;
 - the CPU limit: plaintext MB/s one core sustains through hash + zstd + AES, and that × cores;
+- the restore CPU limit: plaintext MB/s through AES open + zstd decompress + hash (what
+  decoding a record costs), and that × cores;
 - ``Store.put`` of unique chunks through each CpuPool as a ratio to the all-core limit
   (target ≥ 0.85), put of already-known chunks (dedup hits), and get (read + decode + verify).
 """
@@ -69,10 +71,19 @@ def primitives(chunks: list[bytes], report: Report) -> dict[str, float]:
     view = memoryview(out)
     t = timed(lambda: [aes.encrypt_into(nonce, p, b"aad", view[: len(p) + 16]) for p in payloads])
     cost["aes"] = t / total
+    sealed = [aes.encrypt(nonce, p, b"aad") for p in payloads]
+    t = timed(lambda: [aes.decrypt_into(nonce, c, b"aad", view[: len(c) - 16]) for c in sealed])
+    cost["aes_open"] = t / total
+    level3 = zstandard.ZstdCompressor(level=DEFAULT_ZSTD_LEVEL)
+    frames = [(level3.compress(c), len(c)) for c in chunks]
+    dctx = zstandard.ZstdDecompressor()
+    t = timed(lambda: [dctx.decompress(z, max_output_size=n) for z, n in frames if len(z) < n])
+    cost["unzstd"] = t / total
     report("blake3_keyed_1core", 1 / cost["blake3"] / MB, "MB/s")
     report("zstd1_1core", 1 / cost["zstd1"] / MB, "MB/s")
     report("zstd3_1core", 1 / cost["zstd3"] / MB, "MB/s")
     report("aes256gcm_1core", 1 / cost["aes"] / MB, "MB/s")
+    report("zstd_decompress_1core", 1 / cost["unzstd"] / MB, "MB/s")
     return cost
 
 
@@ -167,8 +178,9 @@ async def store_throughput(
     return put, known, get
 
 
-def run(report: Report) -> float:
-    """Runs the store bench; returns the all-core CPU limit (MB/s) for later benches."""
+def run(report: Report) -> dict[str, float]:
+    """Runs the store bench; returns the all-core CPU limits (MB/s) for later benches:
+    ``backup`` (hash + compress + encrypt) and ``restore`` (decrypt + decompress + hash)."""
     image = fs_image(1024)
     chunk_size = 1024 * 1024
     chunks = data_chunks(image, chunk_size)
@@ -180,6 +192,9 @@ def run(report: Report) -> float:
     limit1 = 1 / (cost["blake3"] + cost[level] + cost["aes"]) / MB
     report("cpu_limit_1core", limit1, "MB/s")
     report(f"cpu_limit_{cores}cores", limit1 * cores, "MB/s")
+    restore1 = 1 / (cost["aes_open"] + cost["unzstd"] + cost["blake3"]) / MB
+    report("restore_cpu_limit_1core", restore1, "MB/s")
+    report(f"restore_cpu_limit_{cores}cores", restore1 * cores, "MB/s")
     workdir = CACHE / "work"
     workdir.mkdir(exist_ok=True)
     for kind in ("thread", "process"):
@@ -194,4 +209,4 @@ def run(report: Report) -> float:
         sized = data_chunks(image, size)
         put, _, _ = asyncio.run(store_throughput("thread", sized, size, workdir, rounds=1))
         report(f"put_unique_thread_chunk{size // 1024}k", put, "MB/s")
-    return limit1 * cores
+    return {"backup": limit1 * cores, "restore": restore1 * cores}
