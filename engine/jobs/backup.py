@@ -241,7 +241,6 @@ class _BackupJob:
                 disk=disk,
                 diskmap=writer,
                 parent=pdm if disk.checkpoint_parent is not None else None,
-                store_executor=self.store_writer,
                 readers=self.readers,
                 progress=advanced,
                 retry_policy=self.retry_policy,

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
 
 from engine.core.errors import EngineError, SourceError
-from engine.core.ids import ZERO_ID, ChunkId
+from engine.core.ids import ZERO_ID
 from engine.core.units import MiB
 from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
@@ -75,14 +74,13 @@ async def backup_disk(
     disk: SourceDisk,
     diskmap: DiskMapWriter,
     parent: DiskMap | None,
-    store_executor: Executor,
     readers: int = DEFAULT_READERS,
     progress: Callable[[int], None] | None = None,
     retry_policy: RetryPolicy = DEFAULT_POLICY,
 ) -> DiskStats:
     """Fill ``diskmap`` for ``disk``. With ``parent`` and ``disk.checkpoint_parent`` set,
     clean slots reuse the parent's ids; otherwise every non-zero slot is read."""
-    run = _DiskBackup(store, pool, disk, diskmap, parent, store_executor, progress, retry_policy)
+    run = _DiskBackup(store, pool, disk, diskmap, parent, progress, retry_policy)
     run.queue = asyncio.Queue(maxsize=readers * QUEUE_PER_READER)  # bounded: memory
     started = time.perf_counter()
 
@@ -123,13 +121,11 @@ class _DiskBackup:
         disk: SourceDisk,
         diskmap: DiskMapWriter,
         parent: DiskMap | None,
-        store_executor: Executor,
         progress: Callable[[int], None] | None,
         retry_policy: RetryPolicy,
     ):
         self.store, self.pool, self.disk, self.diskmap = store, pool, disk, diskmap
         self.parent = parent
-        self.store_executor = store_executor
         self.progress = progress
         self.retry_policy = retry_policy
         self.size, self.chunk = disk.info.size, store.config.chunk_size
@@ -230,15 +226,20 @@ class _DiskBackup:
             self.advance(self.slot_length(item.slot))
 
     async def process(self, buf: ChunkBuffer, slot: int) -> None:
+        # One hand-off to the pool per chunk: hash, the known/zero check, encode and the
+        # store's put all run there (``CpuPool.ingest``); the loop only records the outcome.
         length, stats = buf.length, self.stats
-        cid = await self.pool.chunk_id(buf)
-        if cid == self.zero_ids[length]:
+        zero, has = self.zero_ids[length], self.store.has
+        done = await self.pool.ingest(buf, lambda cid: cid == zero or has(cid), self.store.put)
+        if done.chunk_id == zero:
             self.diskmap.set(slot, ZERO_ID)
             stats.zero_slots += 1
         else:
-            await self.store_chunk(buf, cid)
-            self.diskmap.set(slot, cid)
+            self.diskmap.set(slot, done.chunk_id)
             stats.read_slots += 1
+            stats.new_chunks += done.written
+            stats.known_chunks += not done.written
+            stats.bytes_stored += done.record_length if done.written else 0
         stats.bytes_read += length
 
     async def release_unprocessed(self) -> None:
@@ -247,26 +248,6 @@ class _DiskBackup:
             item = self.filled.get_nowait()
             if item is not None:
                 await item.holder.aclose()
-
-    async def store_chunk(self, buf: ChunkBuffer, cid: ChunkId) -> None:
-        if self.store.has(cid):
-            self.stats.known_chunks += 1
-            return
-        record = await self.pool.encode(buf, cid)
-        loop = asyncio.get_running_loop()
-        put = loop.run_in_executor(self.store_executor, self.store.put, cid, record)
-        try:
-            written = await asyncio.shield(put)
-        except asyncio.CancelledError:
-            # The put goes on in the store thread and reads ``record``, a view of the pool's
-            # buffer: the buffer goes back to the pool (when this task unwinds) only after it.
-            await asyncio.wait([put])
-            if not put.cancelled():
-                put.exception()  # retrieved: the job already fails or stops for another cause
-            raise
-        self.stats.new_chunks += written
-        self.stats.known_chunks += not written
-        self.stats.bytes_stored += len(record) if written else 0
 
 
 @dataclass

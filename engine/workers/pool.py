@@ -144,6 +144,34 @@ class ChunkBuffer:
         self._views.clear()
 
 
+Known = Callable[[ChunkId], bool]  # is this chunk stored already (or not to be stored)?
+Put = Callable[[ChunkId, memoryview], bool]  # store a record; True if it was written
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What ``CpuPool.ingest`` did with one chunk."""
+
+    chunk_id: ChunkId
+    record_length: int  # 0 when ``known`` said it is stored: nothing was encoded
+    written: bool  # ``put`` wrote the record (False: known, or put found it stored)
+
+
+def ingest_in_thread(
+    codec: Codec, data: Buffer, out: memoryview, known: Known, put: Put
+) -> Ingested:
+    """``ingest``'s work in one call, for a worker thread."""
+    chunk_id = codec.chunk_id(data)
+    if known(chunk_id):
+        return Ingested(chunk_id, 0, False)
+    n = codec.encode_into(data, chunk_id, out)
+    record = out[:n]
+    try:
+        return Ingested(chunk_id, n, put(chunk_id, record))
+    finally:
+        record.release()
+
+
 class CpuPool(Protocol):
     """Runs chunk CPU work (hash, compress, encrypt and the reverse) off the event loop.
 
@@ -166,6 +194,15 @@ class CpuPool(Protocol):
     async def encode(self, buf: ChunkBuffer, chunk_id: ChunkId) -> memoryview:
         """Encode ``buf.data`` into ``buf.record`` (verified), set ``record_length`` and
         return ``buf.record_data``."""
+        ...
+
+    async def ingest(self, buf: ChunkBuffer, known: Known, put: Put) -> Ingested:
+        """A backup's whole CPU path for one chunk in as few hand-offs as the pool allows:
+        the id of ``buf.data``; then, unless ``known(id)``, encode it into ``buf.record``
+        (``record_length`` set) and ``put(id, record)``. ``known`` and ``put`` may run on a
+        worker thread (the thread pool does all of it in one hand-off), so both must be
+        thread-safe, as ``Store.has`` and ``Store.put`` are; the record view ``put`` gets is
+        valid only during the call. Errors of ``put`` (a full disk) propagate as raised."""
         ...
 
     async def decode(

@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Final, TypeVar
@@ -42,6 +42,9 @@ from engine.workers.pool import (
     ArenaLayout,
     BufferArena,
     ChunkBuffer,
+    Ingested,
+    Known,
+    Put,
     check_chunk_id,
     check_sizes,
     decode_into,
@@ -94,6 +97,7 @@ class ProcessCpuPool:
         self._executor = self._new_executor()
         self._generation = 0
         self._retired: list[ProcessPoolExecutor] = []
+        self._putter = ThreadPoolExecutor(1, thread_name_prefix="tessera-put")
         self.restarts = 0
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -135,6 +139,18 @@ class ProcessCpuPool:
             bytes(chunk_id),
         )
         return buf.record_data
+
+    async def ingest(self, buf: ChunkBuffer, known: Known, put: Put) -> Ingested:
+        # Hash and encode in a worker process; ``known`` on the loop; ``put`` on a thread
+        # of this process, tracked as the buffer's task so a cancelled call keeps the buffer
+        # out of circulation until the put has stopped reading its record.
+        chunk_id = await self.chunk_id(buf)
+        if known(chunk_id):
+            buf.record_length = 0
+            return Ingested(chunk_id, 0, False)
+        record = await self.encode(buf, chunk_id)
+        written = await self._arena.run(buf, lambda: self._putter.submit(put, chunk_id, record))
+        return Ingested(chunk_id, len(record), written)
 
     async def decode(
         self, buf: ChunkBuffer, chunk_id: ChunkId, pack: str = "?", offset: int = 0
@@ -191,7 +207,7 @@ class ProcessCpuPool:
         if self._arena.closed:
             return
         self._arena.close()
-        executors = [*self._retired, self._executor]
+        executors: list[Executor] = [*self._retired, self._executor, self._putter]
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT):
                 await asyncio.to_thread(_shutdown_all, executors)
@@ -237,7 +253,7 @@ def _no_room(size: int, e: OSError) -> ConfigError:
     )
 
 
-def _shutdown_all(executors: list[ProcessPoolExecutor]) -> None:
+def _shutdown_all(executors: list[Executor]) -> None:
     # Tasks already submitted finish normally (cancelling them would surface as an unasked-for
     # CancelledError in their callers); no new ones can be submitted once the arena is closed.
     for executor in executors:

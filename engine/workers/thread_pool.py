@@ -20,10 +20,14 @@ from engine.workers.pool import (
     ArenaLayout,
     BufferArena,
     ChunkBuffer,
+    Ingested,
+    Known,
+    Put,
     check_chunk_id,
     check_sizes,
     decode_into,
     default_capacity,
+    ingest_in_thread,
 )
 
 # A task takes milliseconds; threads still busy after this long are stuck, and closing the
@@ -70,6 +74,17 @@ class ThreadCpuPool:
             buf, lambda: self._executor.submit(self._codec.encode_into, data, chunk_id, out)
         )
         return buf.record_data
+
+    async def ingest(self, buf: ChunkBuffer, known: Known, put: Put) -> Ingested:
+        self._arena.check(buf)
+        data, out = buf.data, buf.record
+        buf.record_length = 0
+        done = await self._arena.run(
+            buf,
+            lambda: self._executor.submit(ingest_in_thread, self._codec, data, out, known, put),
+        )
+        buf.record_length = done.record_length
+        return done
 
     async def decode(
         self, buf: ChunkBuffer, chunk_id: ChunkId, pack: str = "?", offset: int = 0

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import zlib
 from collections.abc import AsyncIterator
 from multiprocessing.shared_memory import SharedMemory
@@ -225,6 +226,79 @@ async def test_cancelled_call_returns_its_buffer(pool: CpuPool, keys: StoreKeys)
         bufs = [await stack.enter_async_context(pool.buffer()) for _ in range(pool.capacity)]
         assert len({buf.slot for buf in bufs}) == pool.capacity
     assert (await encode(pool, data))[0] == Codec(keys).chunk_id(data)
+
+
+async def test_ingest_encodes_and_puts_a_new_chunk_only(pool: CpuPool, keys: StoreKeys) -> None:
+    codec = Codec(keys)
+    data = compressible(CHUNK - 5)
+    stored: dict[ChunkId, bytes] = {}
+
+    def put(cid: ChunkId, record: memoryview) -> bool:
+        if cid in stored:
+            return False
+        stored[cid] = bytes(record)
+        return True
+
+    async with pool.buffer() as buf:
+        buf.load(data)
+        done = await pool.ingest(buf, lambda cid: False, put)
+        assert done.chunk_id == codec.chunk_id(data) and done.written
+        assert done.record_length == buf.record_length == len(stored[done.chunk_id])
+        assert bytes(buf.record_data) == stored[done.chunk_id]
+        assert codec.decode(stored[done.chunk_id], done.chunk_id) == data
+        # put found it stored: encoded, not written
+        again = await pool.ingest(buf, lambda cid: False, put)
+        assert (again.chunk_id, again.written) == (done.chunk_id, False)
+        assert again.record_length > 0
+        # known: nothing encoded, put never called
+        seen: list[ChunkId] = []
+        known = await pool.ingest(buf, lambda cid: seen.append(cid) or True, put)
+        assert seen == [done.chunk_id]
+        assert (known.record_length, known.written, buf.record_length) == (0, False, 0)
+    assert len(stored) == 1
+
+
+async def test_ingest_passes_a_failed_put_on_and_keeps_its_buffers(pool: CpuPool) -> None:
+    def full(cid: ChunkId, record: memoryview) -> bool:
+        raise OSError(28, "No space left on device")
+
+    for _ in range(pool.capacity + 1):  # a lost buffer would make the last round wait
+        async with asyncio.timeout(30), pool.buffer() as buf:
+            buf.load(os.urandom(CHUNK))
+            with pytest.raises(OSError, match="No space left"):
+                await pool.ingest(buf, lambda cid: False, full)
+
+
+async def test_cancelled_ingest_keeps_its_buffer_until_the_put_is_done(pool: CpuPool) -> None:
+    entered, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    def slow_put(cid: ChunkId, record: memoryview) -> bool:
+        entered.set()
+        release.wait(30)
+        finished.append(len(bytes(record)))  # the record is still readable: not recycled
+        return True
+
+    async def ingest() -> None:
+        async with pool.buffer() as buf:
+            buf.load(os.urandom(CHUNK))
+            await pool.ingest(buf, lambda cid: False, slow_put)
+
+    task = asyncio.ensure_future(ingest())
+    await asyncio.to_thread(entered.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Every buffer but the one the put still reads can be held; that one comes back after.
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(pool.buffer()) for _ in range(pool.capacity - 1)]
+        waiting = asyncio.ensure_future(stack.enter_async_context(pool.buffer()))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and not finished
+        release.set()
+        async with asyncio.timeout(30):
+            last = await waiting
+        assert finished and len({b.slot for b in [*held, last]}) == pool.capacity
 
 
 async def test_many_concurrent_round_trips(pool: CpuPool, keys: StoreKeys) -> None:
