@@ -252,7 +252,12 @@ async def test_ingest_encodes_and_puts_a_new_chunk_only(pool: CpuPool, keys: Sto
         assert again.record_length > 0
         # known: nothing encoded, put never called
         seen: list[ChunkId] = []
-        known = await pool.ingest(buf, lambda cid: seen.append(cid) or True, put)
+
+        def stored_already(cid: ChunkId) -> bool:
+            seen.append(cid)
+            return True
+
+        known = await pool.ingest(buf, stored_already, put)
         assert seen == [done.chunk_id]
         assert (known.record_length, known.written, buf.record_length) == (0, False, 0)
     assert len(stored) == 1

@@ -133,7 +133,7 @@ def test_header_errors(mutate: object, reason: str) -> None:
 
 
 def test_verify_after_encode_catches_a_broken_compressor(monkeypatch: pytest.MonkeyPatch) -> None:
-    codec = Codec(ENC)
+    codec = Codec(ENC, verify_every=1)
     data = b"compressible " * 1000
     cid = codec.chunk_id(data)
 
@@ -146,6 +146,35 @@ def test_verify_after_encode_catches_a_broken_compressor(monkeypatch: pytest.Mon
     monkeypatch.setattr(codec, "_cctx", lambda: Liar())
     with pytest.raises(CorruptRecord, match="verify-after-encode failed"):
         codec.encode(data, cid)
+
+
+def test_sampled_verify_catches_a_systematic_fault_within_a_few_dozen_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default samples one record in ``VERIFY_EVERY``: a compressor that spoils every
+    record is caught long before a backup of any size is done (the chance of missing it in
+    200 records is (7/8)^200, about 1e-12), and never caught when verification is off."""
+    import zstandard
+
+    class Liar:
+        def compress(self, plain: bytes) -> bytes:
+            return zstandard.ZstdCompressor().compress(bytes(plain[:-1]) + b"!")
+
+    sampled, never = Codec(ENC), Codec(ENC, verify_every=0)
+    monkeypatch.setattr(sampled, "_cctx", lambda: Liar())
+    monkeypatch.setattr(never, "_cctx", lambda: Liar())
+    caught = None
+    for i in range(200):
+        data = b"compressible %d " % i * 500
+        never.encode(data, never.chunk_id(data))  # stored spoiled: nothing checks
+        try:
+            sampled.encode(data, sampled.chunk_id(data))
+        except CorruptRecord as e:
+            caught = (i, str(e))
+            break
+    assert caught is not None and "verify-after-encode failed" in caught[1]
+    with pytest.raises(ValueError, match="verify_every"):
+        Codec(ENC, verify_every=-1)
 
 
 def test_oversized_chunk_rejected() -> None:
