@@ -60,7 +60,9 @@ async def open_for_jobs(
     its journal did (lines for the log or the terminal)."""
     journal = Journal(store.path / "journal")
     recovered = await recover_unfinished(store, journal)
-    pool = make_cpu_pool(store.keys, store.config.chunk_size, capacity=cpu_tasks)
+    pool = make_cpu_pool(
+        store.keys, store.config.chunk_size, capacity=cpu_tasks, level=store.config.zstd_level
+    )
     return JobStore(name, store, pool, journal), recovered
 
 

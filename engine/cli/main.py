@@ -41,6 +41,7 @@ from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
 from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
+from engine.store.codec import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL
 from engine.store.damage import damage_of
 from engine.store.dbfiles import describe, os_reason
 from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
@@ -86,6 +87,14 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--chunk-size", type=cli_args.chunk_size, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--pack-size", type=cli_args.pack_size, default=DEFAULT_PACK_SIZE)
     p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES)
+    p.add_argument(
+        "--zstd-level",
+        type=int,
+        default=DEFAULT_ZSTD_LEVEL,
+        help=f"compression of new records, {MIN_ZSTD_LEVEL} (fastest) to {MAX_ZSTD_LEVEL} "
+        f"(smallest); default {DEFAULT_ZSTD_LEVEL}. On VM images level 1 stores ~10 %% more "
+        "than 3 for ~1.5x the speed",
+    )
     _add_key_options(p)
     p.set_defaults(func=cmd_store_init)
 
@@ -568,13 +577,14 @@ def cmd_store_init(args: argparse.Namespace) -> int:
         pack_size=args.pack_size,
         key_file=args.key_file,
         passphrase=passphrase,
+        zstd_level=args.zstd_level,
     )
     key = args.key_file or args.path / "keys" / "key"
     print(f"created store {args.path} (id {config.store_id})")
     print(
         f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
     )
-    print(f"  encryption {config.encryption}; key file {key}")
+    print(f"  encryption {config.encryption}, zstd level {config.zstd_level}; key file {key}")
     if args.encryption != ENCRYPTION_NONE:
         print("  keep a copy of the key file and the passphrase: without both the data is lost")
     return EXIT_OK
@@ -592,7 +602,7 @@ def cmd_store_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         ("store", f"{info.path} (id {info.store_id})"),
-        ("format", f"{info.format}, encryption {info.encryption}"),
+        ("format", f"{info.format}, encryption {info.encryption}, zstd level {info.zstd_level}"),
         ("chunk size", human_bytes(info.chunk_size)),
         ("pack size", human_bytes(info.pack_size)),
         ("snapshots", str(info.snapshots)),

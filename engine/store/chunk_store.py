@@ -35,7 +35,7 @@ from engine.store import dbfiles, locks
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
-from engine.store.codec import Codec, parse_header
+from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec, parse_header
 from engine.store.damage import clear_healed
 from engine.store.diskmap import DiskMap
 from engine.store.failure import is_write_failure, write_failure
@@ -48,7 +48,7 @@ from engine.store.keys import (
     read_key_file,
     write_key_file,
 )
-from engine.store.layout import STORE_FORMAT, Layout, StoreConfig
+from engine.store.layout import STORE_FORMAT, Layout, StoreConfig, check_zstd_level
 from engine.store.leases import Lease, LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackWriter, SealedPack, pack_path
@@ -75,6 +75,7 @@ class StoreInfo:
     chunk_size: int
     encryption: str
     pack_size: int
+    zstd_level: int
     packs: int
     chunks: int
     unique_bytes: int  # plaintext bytes of all stored chunks
@@ -129,7 +130,7 @@ class Store:
         self.keys = keys
         self.writable = writable
         self._lock_file = lock
-        self.codec = Codec(keys)
+        self.codec = Codec(keys, config.zstd_level)
         self._caches = caches
         index = caches / "index.db" if caches and (caches / "index.db").exists() else None
         catalog = caches / "catalog.db" if caches and (caches / "catalog.db").exists() else None
@@ -163,13 +164,17 @@ class Store:
         passphrase: bytes | None = None,
         kdf: KdfParams | None = None,
         keys: StoreKeys | None = None,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
     ) -> StoreConfig:
         """Create a new store at ``path`` (which must be absent or an empty directory).
 
         ``keys``: another store's keys instead of new ones — sites that replicate share them
         (a replica given keys without a data key is *encrypted-only*: it checks CRCs, stores
-        and serves records, but cannot read them)."""
+        and serves records, but cannot read them). ``zstd_level``: what new records are
+        compressed with (``MIN_ZSTD_LEVEL``..``MAX_ZSTD_LEVEL``; the store docstring gives
+        the measured trade-off)."""
         validate_chunk_size(chunk_size)
+        check_zstd_level(zstd_level, path)
         if encryption not in ENCRYPTIONS:
             raise StoreError(path=path, reason=f"unknown encryption {encryption!r}")
         if pack_size < MIN_PACK_SIZE:
@@ -184,6 +189,7 @@ class Store:
             encryption=encryption,
             pack_size=pack_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            zstd_level=zstd_level,
         )
         if keys is None:
             keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
@@ -615,6 +621,7 @@ class Store:
             chunk_size=self.config.chunk_size,
             encryption=self.config.encryption,
             pack_size=self.config.pack_size,
+            zstd_level=self.config.zstd_level,
             packs=stats.packs,
             chunks=stats.chunks,
             unique_bytes=stats.plain_bytes,

@@ -52,6 +52,10 @@ from engine.store.keys import StoreKeys
 # zstd level 3 is zstd's own default: on filesystem images it stores ~7 % less than level 1
 # for ~40 % more CPU. `make bench` prints both so the choice can be revisited.
 DEFAULT_ZSTD_LEVEL: Final = 3
+# What a store may choose (``StoreConfig.zstd_level``): zstd's fast levels (negative) up to
+# 19; 20-22 need a large window's memory in every worker for ~1 % less.
+MIN_ZSTD_LEVEL: Final = -7
+MAX_ZSTD_LEVEL: Final = 19
 # Verify-after-encode decodes one record in VERIFY_EVERY again before it may be stored (see
 # "Verify after encode" above for the measurements behind the rate); 1 = every record.
 VERIFY_EVERY: int = 8

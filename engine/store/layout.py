@@ -3,7 +3,8 @@
 ::
 
     STORE/
-      config.json            StoreConfig (format, store id, chunk size, encryption, pack size)
+      config.json            StoreConfig (format, store id, chunk size, encryption, pack size,
+                             zstd level when not the default)
       keys/key               the key file (unless kept elsewhere with --key-file)
       lock                   the writer lock (flock)
       index.db               chunk index (SQLite WAL), rebuildable from packs
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.core.errors import StoreError
+from engine.store.codec import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL
 
 STORE_FORMAT: Final = 1
 CONFIG_NAME: Final = "config.json"
@@ -40,9 +42,16 @@ class StoreConfig:
     encryption: str
     pack_size: int
     created: str
+    # The level writers compress new records with (readers need no setting: every zstd
+    # frame decodes alike). Written to config.json only when it is not the default, so a
+    # store made with defaults stays readable by releases that predate the setting.
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
 
     def dump(self) -> bytes:
-        return json.dumps(asdict(self), indent=2).encode() + b"\n"
+        doc = asdict(self)
+        if self.zstd_level == DEFAULT_ZSTD_LEVEL:
+            del doc["zstd_level"]
+        return json.dumps(doc, indent=2).encode() + b"\n"
 
     @classmethod
     def load(cls, root: Path) -> "StoreConfig":
@@ -56,7 +65,17 @@ class StoreConfig:
             raise StoreError(path=root, reason=f"config.json is unreadable: {e}") from e
         if config.format != STORE_FORMAT:
             raise StoreError(path=root, reason=f"unsupported store format {config.format}")
+        check_zstd_level(config.zstd_level, root)
         return config
+
+
+def check_zstd_level(level: object, path: Path) -> None:
+    """StoreError unless ``level`` is a zstd level a store may use."""
+    if type(level) is not int or not MIN_ZSTD_LEVEL <= level <= MAX_ZSTD_LEVEL:
+        raise StoreError(
+            path=path,
+            reason=f"zstd level {level!r} is not in {MIN_ZSTD_LEVEL}..{MAX_ZSTD_LEVEL}",
+        )
 
 
 @dataclass(frozen=True)
