@@ -35,7 +35,6 @@ disk does later. ``verify_every=1`` restores full verification for a caller that
 import os
 import random
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -113,7 +112,7 @@ def check_crc(record: Buffer, pack: str = "?", offset: int = 0) -> RecordHeader:
         )
     body_end = header.size - fmt.RECORD_CRC.size
     (crc,) = fmt.RECORD_CRC.unpack_from(record, body_end)
-    if zlib.crc32(memoryview(record)[:body_end]) != crc:
+    if fmt.crc32(memoryview(record)[:body_end]) != crc:
         raise CorruptRecord(
             chunk=short(header.chunk_id), pack=pack, offset=offset, reason="CRC32 mismatch"
         )
@@ -197,7 +196,7 @@ class Codec:
             chunk_id,
         )
         end = hdr + payload_len
-        fmt.RECORD_CRC.pack_into(out, end, zlib.crc32(out[:end]))
+        fmt.RECORD_CRC.pack_into(out, end, fmt.crc32(out[:end]))
         size = end + fmt.RECORD_CRC.size
         if self._sampled():
             self._verify_record(out[:size], plain, chunk_id, flags, payload_len)

@@ -17,7 +17,6 @@ import contextlib
 import os
 import secrets
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -126,7 +125,7 @@ class PackWriter:
                 fmt.PACK_FOOTER_MAGIC,
                 fmt.FORMAT_VERSION,
                 len(self.entries),
-                zlib.crc32(trailer),
+                fmt.crc32(trailer),
                 self.size,
             )
             pwrite_all(self._fd, trailer + footer, self.size, failpoint="store.pack.mid_trailer")
@@ -192,7 +191,7 @@ def read_trailer(path: Path, name: str) -> tuple[int, list[PackEntry]]:
             trailer = f.read(trailer_len)
     except OSError as e:
         raise CorruptPack(pack=name, reason=f"unreadable: {e}") from e
-    if zlib.crc32(trailer) != crc:
+    if fmt.crc32(trailer) != crc:
         raise CorruptPack(pack=name, reason="trailer CRC32 mismatch")
     entries = []
     end = fmt.PACK_HEADER.size

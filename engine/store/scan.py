@@ -22,7 +22,6 @@ Memory is bounded: the file is memory-mapped and read one record at a time.
 
 import mmap
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +195,7 @@ def _record_at(buf: mmap.mmap, pos: int, size: int) -> tuple[ChunkId, int, int] 
     if problem is not None:
         return problem
     (crc,) = fmt.RECORD_CRC.unpack(buf[body_end : body_end + fmt.RECORD_CRC.size])
-    if zlib.crc32(buf[pos:body_end]) != crc:
+    if fmt.crc32(buf[pos:body_end]) != crc:
         return "CRC32 mismatch"
     return ChunkId(cid), body_end + fmt.RECORD_CRC.size - pos, plain_len
 
