@@ -127,6 +127,15 @@ class MemoryStore:
         record, offset = found
         return record, PACK, offset
 
+    def get_record_into(
+        self, chunk_id: bytes, out: memoryview, where: Location | None = None
+    ) -> tuple[int, str, int]:
+        record, pack, offset = self.get_record(chunk_id)  # no packs: where changes nothing
+        if len(record) > len(out):
+            raise ValueError(f"record of {len(record)} bytes does not fit {len(out)} bytes")
+        out[: len(record)] = record
+        return len(record), pack, offset
+
     def locate(self, chunk_id: bytes) -> Location | None:
         with self._lock:
             found = self._records.get(chunk_id)

@@ -2,13 +2,14 @@
 
 ::
 
-    planner ──plans (PLANS_AHEAD)──► reader ──work queue (pool.capacity)──► chunk workers
-    thread: DiskMap ids +           thread: store.get_record,               (pool.capacity tasks)
-    index lookups per window        pack by pack, ascending offset          load record → decode
-                                    (zero runs → zero work, unless the      in a pool buffer →
-                                     target is fresh)                       write every slot it
-                                                                            fills over an idle
-                                                                            writer (N connections)
+    planner ──plans (PLANS_AHEAD)──► dispatcher ──work queue (pool.capacity)──► chunk workers
+    thread: DiskMap ids +           pack by pack, ascending      (pool.capacity tasks, each
+    index lookups per window        offset (zero runs → zero     holding a pool buffer):
+                                    work, unless the target      pread the record into the
+                                    is fresh)                    buffer (thread) → decode →
+                                                                 write every slot it fills
+                                                                 over an idle writer
+                                                                 (N connections)
     then: flush every writer; close every writer (always)
 
 With ``base`` (the DiskMap of the same disk in the snapshot the target already holds), slots
@@ -56,11 +57,11 @@ from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import ChunkReader
 from engine.util import failpoints
 from engine.util.tasks import run_group
-from engine.workers.pool import CpuPool
+from engine.workers.pool import ChunkBuffer, CpuPool
 
 T = TypeVar("T")
 
-# Plans queued ahead of the reader: one lets the next window's index lookups overlap this
+# Plans queued ahead of the dispatcher: one lets the next window's index lookups overlap this
 # window's reads; more would only hold more plans in memory.
 PLANS_AHEAD: Final = 1
 # Zeroing requests are split at this size: NBD request lengths are 32-bit and servers cap
@@ -114,9 +115,6 @@ class RestoreStats:
 @dataclass(slots=True)
 class _Data:
     read: Read
-    record: bytes
-    pack: str  # where the record was read (the chunk may have moved since planning)
-    offset: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -222,11 +220,11 @@ class _Restore:
     def _pipeline(self, tg: asyncio.TaskGroup) -> None:
         workers = self.pool.capacity  # one per pool buffer: every buffer can be busy
         plans: asyncio.Queue[WindowPlan | None] = asyncio.Queue(PLANS_AHEAD)
-        # Records read but not yet decoded: as many as the pool has buffers, so the reader
-        # keeps every worker fed without holding more than one pool's worth of records.
+        # Planned reads waiting for a worker: as many as the pool has buffers, so every
+        # worker finds the next one ready.
         work: asyncio.Queue[_Work] = asyncio.Queue(self.pool.capacity)
         tg.create_task(self._planner(plans))
-        tg.create_task(self._reader(plans, work, workers))
+        tg.create_task(self._dispatcher(plans, work, workers))
         for _ in range(workers):
             tg.create_task(self._worker(work))
 
@@ -237,7 +235,7 @@ class _Restore:
             await plans.put(plan)
         await plans.put(None)
 
-    async def _reader(
+    async def _dispatcher(
         self,
         plans: asyncio.Queue[WindowPlan | None],
         work: asyncio.Queue[_Work],
@@ -259,15 +257,17 @@ class _Restore:
                 for piece in range(offset, offset + length, MAX_ZERO_REQUEST):
                     await work.put(_Zero(piece, min(MAX_ZERO_REQUEST, offset + length - piece)))
             for read in plan.reads():
-                record, pack, offset = await self._get_record(read)
-                self.stats.chunks_read += 1
-                await work.put(_Data(read, record, pack, offset))
+                await work.put(_Data(read))
         for _ in range(workers):
             await work.put(None)
 
-    async def _get_record(self, read: Read) -> tuple[bytes, str, int]:
+    async def _get_record(self, read: Read, buf: ChunkBuffer) -> tuple[str, int]:
+        """Read the record of ``read`` into ``buf.record`` (set ``record_length``); returns
+        where it was read (the chunk may have moved since planning)."""
         try:
-            return await _blocking(self.store.get_record, read.chunk_id)
+            n, pack, offset = await _blocking(
+                self.store.get_record_into, read.chunk_id, buf.record, read.location
+            )
         except ChunkMissing:
             # Gone since planning (a concurrent repair or prune): name where it was needed.
             slot = read.slots[0]
@@ -280,6 +280,9 @@ class _Restore:
                 slot=slot,
                 offset=offset,
             ) from None
+        buf.record_length = n
+        self.stats.chunks_read += 1
+        return pack, offset
 
     async def _worker(self, work: asyncio.Queue[_Work]) -> None:
         while (item := await work.get()) is not None:
@@ -291,15 +294,16 @@ class _Restore:
                 continue
             read = item.read
             async with self.pool.buffer() as buf:
-                buf.load_record(item.record)
-                item.record = b""  # the pool buffer holds it now
-                data = await self.pool.decode(buf, read.chunk_id, item.pack, item.offset)
+                # Each worker reads its record straight into its buffer: reads run in
+                # parallel, and no record is allocated or copied on the way to the decoder.
+                pack, offset = await self._get_record(read, buf)
+                data = await self.pool.decode(buf, read.chunk_id, pack, offset)
                 self.stats.chunks_decoded += 1
                 if len(data) != read.location.plain_len:
                     raise CorruptRecord(
                         chunk=short(read.chunk_id),
-                        pack=item.pack,
-                        offset=item.offset,
+                        pack=pack,
+                        offset=offset,
                         reason=f"decoded {len(data)} bytes; disk {self.geometry.disk_id} "
                         f"slot {read.slots[0]} needs {read.location.plain_len}",
                     )

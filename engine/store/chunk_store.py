@@ -419,6 +419,51 @@ class Store:
             )
         return record, loc.pack, loc.offset
 
+    def get_record_into(
+        self, chunk_id: bytes, out: memoryview, where: Location | None = None
+    ) -> tuple[int, str, int]:
+        """``get_record`` into ``out`` (a restore reads into its pool buffers: no copy and
+        no allocation per chunk); ``where`` is the location planned, checked by reading.
+        Raises like ``get_record``, and ValueError when ``out`` is too small."""
+        loc = where or self.index.lookup(chunk_id)
+        if loc is None:  # maybe in the pack being written: the copying path handles that
+            record, pack, offset = self.get_record(chunk_id)
+            return self._fit(out, record, chunk_id), pack, offset
+        if loc.length > len(out):
+            raise ValueError(
+                f"record of chunk {short(chunk_id)} ({loc.length} bytes) does not fit a "
+                f"{len(out)}-byte buffer"
+            )
+        try:
+            fd = os.open(pack_path(self.layout.packs, loc.pack), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # GC repacked the chunk and retired the pack since planning: ask the index.
+            moved = self.index.lookup(chunk_id)
+            if moved is not None and moved != loc:
+                return self.get_record_into(chunk_id, out, moved)
+            raise StoreError(
+                path=self.path, reason=f"pack {loc.pack} of chunk {short(chunk_id)} is missing"
+            ) from None
+        try:
+            n = os.preadv(fd, [out[: loc.length]], loc.offset)
+        finally:
+            os.close(fd)
+        if n != loc.length:
+            raise CorruptRecord(
+                chunk=short(chunk_id), pack=loc.pack, offset=loc.offset, reason="pack is truncated"
+            )
+        return n, loc.pack, loc.offset
+
+    @staticmethod
+    def _fit(out: memoryview, record: bytes, chunk_id: bytes) -> int:
+        if len(record) > len(out):
+            raise ValueError(
+                f"record of chunk {short(chunk_id)} ({len(record)} bytes) does not fit a "
+                f"{len(out)}-byte buffer"
+            )
+        out[: len(record)] = record
+        return len(record)
+
     def locate(self, chunk_id: bytes) -> Location | None:
         """Where a sealed, indexed chunk's record is (pack, offset, length), or None: not
         stored, or still in the pack being written. For planning reads (a restore groups

@@ -60,6 +60,14 @@ class ChunkReader(Protocol):
         """(record bytes, pack, offset), not decoded; raises ChunkMissing."""
         ...
 
+    def get_record_into(
+        self, chunk_id: bytes, out: memoryview, where: Location | None = None
+    ) -> tuple[int, str, int]:
+        """``get_record`` read straight into ``out``: (record length, pack, offset).
+        ``where``: the chunk's location as a planner found it (saves a lookup; if the chunk
+        has moved since, it is looked up again). ValueError if ``out`` is too small."""
+        ...
+
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The verified plaintext; raises an integrity error, never returns wrong bytes."""
         ...

@@ -63,6 +63,7 @@ from engine.jobs.journal import Journal
 from engine.jobs.restore import run_restore
 from engine.jobs.states import State
 from engine.store import format as fmt
+from engine.store.index import Location
 from engine.store.manifest import Manifest
 from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
 from engine.workers import ThreadCpuPool
@@ -151,6 +152,7 @@ def test_put_chunks_read_back_as_put(harness: StoreHarness) -> None:
             assert store.put(cid, record) is True, name
             assert store.has(cid), name
             assert store.get_record(cid)[0] == record, name
+            assert got_into(store, cid) == store.get_record(cid), name  # not yet sealed
             assert store.read_chunk(cid) == plain, name
             put_records[cid] = (record, plain)
             dm.set(slot, cid)
@@ -167,6 +169,19 @@ def test_put_chunks_read_back_as_put(harness: StoreHarness) -> None:
             len(plain),
         )
         assert store.read_chunk(cid) == plain
+        assert got_into(store, cid) == (record, pack, offset)
+        assert got_into(store, cid, loc) == (record, pack, offset)  # where the planner found
+        with pytest.raises(ValueError, match="does not fit"):
+            store.get_record_into(cid, memoryview(bytearray(len(record) - 1)))
+
+
+def got_into(
+    store: ChunkReader, cid: bytes, where: Location | None = None
+) -> tuple[bytes, str, int]:
+    """``get_record_into`` a buffer larger than the record, as ``get_record`` returns."""
+    out = bytearray(fmt.max_record_size(CHUNK) + 100)
+    n, pack, offset = store.get_record_into(cid, memoryview(out), where)
+    return bytes(out[:n]), pack, offset
 
 
 def test_put_of_a_stored_chunk_writes_nothing(harness: StoreHarness) -> None:
@@ -203,6 +218,8 @@ def test_a_chunk_never_put_is_missing_by_name(harness: StoreHarness) -> None:
     assert store.locate(cid) is None
     with pytest.raises(ChunkMissing, match=short(cid)):
         store.get_record(cid)
+    with pytest.raises(ChunkMissing, match=short(cid)):
+        store.get_record_into(cid, memoryview(bytearray(CHUNK)))
     with pytest.raises(ChunkMissing, match=short(cid)):
         store.read_chunk(cid)
     assert cid not in store.bad_chunk_ids()
