@@ -115,8 +115,28 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
 
 
+# A server's malloc: glibc serves a 1 MiB request buffer from mmap, and then trims the heap
+# back after each free; every request of a restore or backup page-faults its buffer in anew
+# (measured: 19 % of a restore's CPU was qemu-nbd's page faults). Blocks up to 4 MiB from the
+# heap, and the heap kept, take that away: a restore into qcow2 went from 673–726 to 834 MB/s.
+SERVER_MALLOC: Final = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456"
+
+
+def server_env() -> dict[str, str]:
+    """The environment an NBD server runs in: ours, with ``SERVER_MALLOC`` (unless the
+    caller's environment already tunes glibc)."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", SERVER_MALLOC)
+    return env
+
+
 async def _spawn(
-    argv: list[str], *, stdout: int, stderr: int | IO[bytes], tied: bool = False
+    argv: list[str],
+    *,
+    stdout: int,
+    stderr: int | IO[bytes],
+    tied: bool = False,
+    env: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start ``argv``; ``tied``: it gets ``PARENT_DEATH_SIGNAL`` when this process dies."""
     parent = os.getpid()
@@ -127,6 +147,7 @@ async def _spawn(
             stdout=stdout,
             stderr=stderr,
             preexec_fn=(lambda: _die_with_parent(parent)) if tied else None,
+            env=env,
         )
     except OSError as e:  # not installed, not executable
         raise QemuError(command=shlex.join(argv), reason=f"cannot start: {e}") from e
@@ -272,7 +293,9 @@ class NbdServerProcess(abc.ABC):
                 raise ValueError(f"unix socket path {socket} is too long; use a shorter base_dir")
             with open(self.prepare() / "stderr", "wb") as stderr:
                 # stderr goes to a file: a pipe nobody drains would block the server when full.
-                self._proc = await _spawn(argv, stdout=DEVNULL, stderr=stderr, tied=True)
+                self._proc = await _spawn(
+                    argv, stdout=DEVNULL, stderr=stderr, tied=True, env=server_env()
+                )
             failpoints.hit("helper.spawned")
             await self._wait_ready(self._proc, socket, shlex.join(argv))
         except BaseException:
