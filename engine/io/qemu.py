@@ -118,7 +118,8 @@ def _die_with_parent(parent: int) -> None:
 # A server's malloc: glibc serves a 1 MiB request buffer from mmap, and then trims the heap
 # back after each free; every request of a restore or backup page-faults its buffer in anew
 # (measured: 19 % of a restore's CPU was qemu-nbd's page faults). Blocks up to 4 MiB from the
-# heap, and the heap kept, take that away: a restore into qcow2 went from 673–726 to 834 MB/s.
+# heap, and the heap kept, take most of that away: a restore into qcow2 went from 513–521 to
+# 600–605 MB/s (back to back, the same loaded machine).
 SERVER_MALLOC: Final = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456"
 
 
