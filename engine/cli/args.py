@@ -21,7 +21,7 @@ from typing import Final
 from engine.config.types import ByteSize
 from engine.maint.retention import Duration
 from engine.store import format as fmt
-from engine.store.chunk_store import MIN_PACK_SIZE
+from engine.store.layout import MIN_PACK_SIZE
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 MAX_PORT: Final = 65535

@@ -40,11 +40,19 @@ from engine.maint.prune import is_protected
 from engine.obs.log import configure as configure_logging
 from engine.pipeline.disk import DEFAULT_READERS
 from engine.sources import registry
-from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL
+from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
 from engine.store.dbfiles import describe, os_reason
-from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
+from engine.store.layout import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PACK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
+    ENCRYPTION_AES,
+    ENCRYPTION_NONE,
+    ENCRYPTIONS,
+    MAX_ZSTD_LEVEL,
+    MIN_ZSTD_LEVEL,
+)
 from engine.store.manifest import Manifest
 from engine.util import aio
 

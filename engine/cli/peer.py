@@ -30,7 +30,8 @@ from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
 from engine.jobs.states import State
 from engine.store.chunk_store import Store
-from engine.store.keys import ENCRYPTION_NONE, StoreKeys
+from engine.store.keys import StoreKeys
+from engine.store.layout import ENCRYPTION_NONE
 from engine.util import aio
 
 if TYPE_CHECKING:
