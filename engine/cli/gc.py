@@ -19,7 +19,8 @@ from engine.cli import service as cli_service
 from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.maint.gc import DEFAULT_REPACK_THRESHOLD, GcOptions, GcResult
+from engine.maint.gc import GcOptions, GcResult
+from engine.maint.gc_defaults import DEFAULT_REPACK_THRESHOLD
 from engine.maint.retention import Duration
 from engine.store.chunk_store import Store
 from engine.util import aio

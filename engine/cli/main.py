@@ -10,16 +10,16 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.app.backup import BACKUP_FLOWS, VmBackupRequest, backup_sources, backup_vms
+from engine.app.backup import backup_sources, backup_vms
 from engine.app.passphrase import resolve_passphrase
-from engine.app.restore import (
+from engine.app.requests import (
+    BACKUP_FLOWS,
     RESTORE_FLOWS,
     ImageRestoreRequest,
+    VmBackupRequest,
     VmRestoreRequest,
-    plan_vm_restore,
-    restore_images,
-    restore_vm,
 )
+from engine.app.restore import plan_vm_restore, restore_images, restore_vm
 from engine.app.stores import JobStore, open_for_jobs
 from engine.app.stores import open_store as app_open_store
 from engine.cli import args as cli_args
@@ -34,11 +34,12 @@ from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.core.units import human_bytes
-from engine.jobs.backup import LEVELS, BackupOutcome, Progress
+from engine.jobs.backup import BackupOutcome, Progress
 from engine.jobs.states import State
 from engine.maint.prune import is_protected
 from engine.obs.log import configure as configure_logging
-from engine.pipeline.disk import DEFAULT_READERS
+from engine.pipeline.defaults import DEFAULT_READERS
+from engine.sched.level import LEVELS
 from engine.sources import registry
 from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
