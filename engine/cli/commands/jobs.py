@@ -1,0 +1,181 @@
+"""What ``tessera backup image|vm`` and ``tessera restore`` run (their options:
+``engine.cli.main``): in this process through ``engine.app``, or, for ``backup vm`` and
+``restore --config``, through a running daemon when one answers."""
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.app.backup import backup_sources, backup_vms
+from engine.app.requests import ImageRestoreRequest, VmBackupRequest, VmRestoreRequest
+from engine.app.restore import plan_vm_restore, restore_images, restore_vm
+from engine.app.stores import JobStore, open_for_jobs
+from engine.cli.commands import service as cli_service
+from engine.cli.commands.store import open_store
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
+from engine.cli.progress import ProgressDisplay
+from engine.config.loader import load as load_config
+from engine.core.errors import ConfigError
+from engine.jobs.backup import BackupOutcome, Progress
+from engine.jobs.states import State
+from engine.sources import registry
+from engine.store.chunk_store import Store
+from engine.util import aio
+
+
+async def _job_store(store: Store) -> JobStore:
+    """``store`` ready for jobs; what recovering its unfinished jobs did goes to stderr."""
+    target, recovered = await open_for_jobs(str(store.path), store)
+    for line in recovered:
+        print(f"recovery: {line}", file=sys.stderr)
+    return target
+
+
+@contextmanager
+def _progress(vm: str) -> Iterator[Progress]:
+    with ProgressDisplay(f"backup {vm}") as display:
+
+        def show(disk: str, done: int, total: int) -> None:
+            display.update(Path(disk).name, done, total)
+
+        yield show
+
+
+def _print_backup(outcome: BackupOutcome) -> bool:
+    """Print a backup's notes, warnings and summary; True when it succeeded."""
+    for note in outcome.notes:
+        print(f"note: {note}")
+    for warning in outcome.record.warnings:
+        print(f"warning: {warning}")
+    print(outcome.summary())
+    return outcome.record.state is State.SUCCEEDED
+
+
+def cmd_backup_image(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        if not path.is_file():
+            raise ConfigError(message=f"image {path} does not exist or is not a file")
+    _, images = registry.images()
+    groups = [args.paths] if args.vm else [[p] for p in args.paths]
+    sources = [images.image_source(g, args.vm) for g in groups]
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        failed = 0
+        try:
+            backups = backup_sources(
+                target, sources, level=args.level, readers=args.readers, progress=_progress
+            )
+            async for outcome in backups:
+                failed += not _print_backup(outcome)
+        finally:
+            await target.pool.aclose()
+        return EXIT_FAILED if failed else EXIT_OK
+
+    with open_store(args, writable=True) as store:
+        return aio.run(run(store))
+
+
+def cmd_backup_vm(args: argparse.Namespace) -> int:
+    """Through the daemon when one answers on the config's socket (it holds the store),
+    else in this process (``engine.app.backup``)."""
+    request = VmBackupRequest(
+        vms=tuple(args.names),
+        level=args.level,
+        flow=args.flow,
+        require_quiesce=args.require_quiesce,
+        engine=args.engine,
+        readers=args.readers,
+    )
+    request.check()
+    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
+        body = {"vms": args.names, "level": args.level, "flow": args.flow}
+        body |= {"require_quiesce": args.require_quiesce, "engine": args.engine}
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/backups", body))
+    config = load_config(args.config, args.config.parent / "conf.d")
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        failed = 0
+        try:
+            async for outcome in backup_vms(config, target, request, progress=_progress):
+                failed += not _print_backup(outcome)
+        finally:
+            await target.pool.aclose()
+        return EXIT_FAILED if failed else EXIT_OK
+
+    with open_store(args, writable=True) as store:
+        return aio.run(run(store))
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if args.to is None:
+        return cmd_restore_vm(args)
+    if args.flow != "imageio":
+        raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
+    request = ImageRestoreRequest(args.snapshot, Path(args.to), args.disk, args.image_format)
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        try:
+            manifest = store.manifest(store.resolve(request.snapshot))
+            with ProgressDisplay(f"restore {manifest.vm_name}") as display:
+                outcome = await restore_images(target, request, progress=display.update)
+        finally:
+            await target.pool.aclose()
+        for stats in outcome.disks:
+            print(stats.summary())
+        print(outcome.summary())
+        return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
+
+    with open_store(args, writable=True) as store:
+        return aio.run(run(store))
+
+
+def cmd_restore_vm(args: argparse.Namespace) -> int:
+    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine
+    (through the daemon when one answers, else ``engine.app.restore`` in this process)."""
+    if args.config is None:
+        raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
+    if args.image_format:
+        raise ConfigError(message="restore: --format applies to --to PATH only")
+    if args.disk and not args.into_vm:
+        raise ConfigError(message="restore: --disk needs --to PATH or --into-vm VM")
+    request = VmRestoreRequest(
+        snapshot=args.snapshot,
+        name=args.name,
+        cluster=args.cluster,
+        storage_domain=args.storage_domain,
+        flow=args.flow,
+        engine=args.engine,
+        disk=args.disk,
+        into_vm=args.into_vm,
+    )
+    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
+        body = {"snapshot": args.snapshot, "name": args.name, "cluster": args.cluster}
+        body |= {"storage_domain": args.storage_domain, "flow": args.flow, "engine": args.engine}
+        body |= {"disk": args.disk, "into_vm": args.into_vm}
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/restores", body))
+    config = load_config(args.config, args.config.parent / "conf.d")
+
+    async def run(store: Store) -> int:
+        target = await _job_store(store)
+        try:
+            plan = plan_vm_restore(target, request)
+            with ProgressDisplay(f"restore {plan.manifest.vm_name}") as display:
+                outcome = await restore_vm(config, target, plan, progress=display.update)
+        finally:
+            await target.pool.aclose()
+        for stats in outcome.restore.disks:
+            print(stats.summary())
+        print(outcome.restore.summary())
+        if outcome.vm is None:
+            return EXIT_FAILED  # the plugin deleted what it created
+        what = "disks attached to VM" if args.into_vm else "restored VM"
+        print(f"{what} {outcome.vm.name} id {outcome.vm.id}")
+        return EXIT_OK
+
+    with open_store(args, writable=True) as store:
+        return aio.run(run(store))
