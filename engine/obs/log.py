@@ -9,9 +9,24 @@ import logging
 import sys
 from typing import TextIO
 
-import structlog
+# Importing structlog imports rich when rich is installed — its console, traceback and
+# pretty-printing modules, ~50 ms — for the default exception formatter of structlog's
+# console renderer; ``configure`` formats tracebacks plainly and never uses it. So that a
+# command does not pay for it at every start (issue 15), structlog is imported with rich
+# hidden: a None in ``sys.modules`` makes ``import rich`` fail, which structlog takes as rich
+# not being installed. rich stays importable afterwards (the CLI's progress bars use it on a
+# terminal). This holds when this module is the first to import structlog, as in
+# ``engine.cli.main``; imported after structlog, it changes nothing.
+_hide_rich = "structlog" not in sys.modules and "rich" not in sys.modules
+if _hide_rich:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+try:
+    import structlog
+finally:
+    if _hide_rich:
+        del sys.modules["rich"]
 
-from engine.obs.syslog import Facility, SyslogForwarder, SyslogSettings
+from engine.obs.syslog import Facility, SyslogForwarder, SyslogSettings  # noqa: E402 - after structlog
 
 _forwarder: SyslogForwarder | None = None  # the one the last ``configure`` started
 
@@ -39,7 +54,11 @@ def configure(
         _forwarder.close()
         _forwarder = None
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     processors: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
