@@ -117,7 +117,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="connections per disk",
     )
     _add_key_options(p)
-    p.set_defaults(func=Handler("jobs", "cmd_backup_image"))
+    p.set_defaults(func=Handler("backup", "cmd_backup_image"))
 
     p = bsub.add_parser("vm", help="back up oVirt VMs through the engine (names or globs)")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -143,7 +143,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
-    p.set_defaults(func=Handler("jobs", "cmd_backup_vm"))
+    p.set_defaults(func=Handler("backup", "cmd_backup_vm"))
 
     _add_restore_commands(sub)
 
@@ -194,7 +194,7 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
-    p.set_defaults(func=Handler("jobs", "cmd_restore"))
+    p.set_defaults(func=Handler("restore", "cmd_restore"))
 
     lab = sub.add_parser("lab", help="the embedded lab: fake engine, imageio, generated VMs")
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")

@@ -95,16 +95,23 @@ def test_help_loads_no_command() -> None:
         assert among(modules_of(*command, "--help"), NOT_FOR_HELP) == [], command
 
 
-def test_a_local_backup_and_restore_load_no_http_or_ovirt_code(tmp_path: Path) -> None:
+def test_a_local_backup_and_restore_load_only_what_they_use(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(256 * 1024) + bytes(768 * 1024))
     store = tmp_path / "store"
     assert loaded(modules_of("store", "init", store, "--chunk-size", "64k")) == []
-    assert loaded(modules_of("backup", "image", image, "--store", store)) == []
+    backup = modules_of("backup", "image", image, "--store", store)
+    assert loaded(backup) == []
+    assert among(backup, ("engine.app.restore", "engine.restore", "engine.app.maintenance")) == []
     listing = subprocess.run(
         [sys.executable, "-m", "engine.cli.main", "snapshots", "--store", str(store), "--json"],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV}, check=True,
     )  # fmt: skip
     (snapshot,) = json.loads(listing.stdout)
     out = tmp_path / "out.raw"
-    assert loaded(modules_of("restore", snapshot["id"], "--store", store, "--to", out)) == []
+    restore = modules_of("restore", snapshot["id"], "--store", store, "--to", out)
+    assert loaded(restore) == []
+    assert (
+        among(restore, ("engine.app.backup", "engine.pipeline.disk", "engine.cli.commands.backup"))
+        == []
+    )

@@ -1,6 +1,6 @@
 """What each ``tessera`` command runs: one module per group of commands, beside the module
-that declares the group's options (``engine.cli.<group>.register``; ``store``, ``jobs`` and
-``lab`` run the commands ``engine.cli.main`` declares).
+that declares the group's options (``engine.cli.<group>.register``; ``store``, ``backup``,
+``restore`` and ``lab`` run the commands ``engine.cli.main`` declares).
 
 The parser names a command's function with a ``Handler`` (module and name), and the module
 is imported only when that command runs: building the parser — ``--help``, a usage error —

@@ -1,5 +1,6 @@
 """What ``tessera store init|info|rebuild-index`` and ``tessera snapshots`` run (their
-options: ``engine.cli.main``), and ``open_store``, how every command opens its store."""
+options: ``engine.cli.main``), and ``open_store``, how every command opens its store
+(``job_store``: readied for jobs)."""
 
 import argparse
 import json
@@ -7,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from engine.app.passphrase import resolve_passphrase
+from engine.app.stores import JobStore, open_for_jobs
 from engine.app.stores import open_store as app_open_store
 from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
 from engine.config.loader import load as load_config
@@ -38,6 +40,14 @@ def open_store(args: argparse.Namespace, writable: bool) -> Store:
     for line in store.report.lines():
         print(f"store recovery: {line}", file=sys.stderr)
     return store
+
+
+async def job_store(store: Store) -> JobStore:
+    """``store`` ready for jobs; what recovering its unfinished jobs did goes to stderr."""
+    target, recovered = await open_for_jobs(str(store.path), store)
+    for line in recovered:
+        print(f"recovery: {line}", file=sys.stderr)
+    return target
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:
