@@ -36,6 +36,8 @@ OTHER_PLUGINS = ("plugins.ovirt.", "plugins.lab.")
 # pygments): ~50 ms at every start, for a traceback the CLI prints plainly anyway. Progress
 # bars use rich on a terminal only; these commands run with their output captured.
 NO_COMMAND = ("rich", "pygments")
+# A local backup or restore is given no configuration: YAML is read only with one.
+NOT_READ = ("yaml",)
 # Parsing arguments needs the parser, not what the commands run.
 NOT_FOR_HELP = (
     *NOT_LOCAL,
@@ -87,7 +89,7 @@ def among(modules: set[str], names: tuple[str, ...]) -> list[str]:
 
 def loaded(modules: set[str]) -> list[str]:
     """The modules a local command should not have loaded."""
-    return among(modules, (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND))
+    return among(modules, (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND, *NOT_READ))
 
 
 def test_help_loads_no_command() -> None:
