@@ -36,8 +36,10 @@ OTHER_PLUGINS = ("plugins.ovirt.", "plugins.lab.")
 # pygments): ~50 ms at every start, for a traceback the CLI prints plainly anyway. Progress
 # bars use rich on a terminal only; these commands run with their output captured.
 NO_COMMAND = ("rich", "pygments")
-# A local backup or restore is given no configuration: YAML is read only with one.
-NOT_READ = ("yaml",)
+# A local backup or restore is given no configuration (YAML is read only with one), and the
+# registry reads the plugins' entry points itself (importlib.metadata imports email, zipfile
+# and csv).
+NOT_READ = ("yaml", "importlib.metadata")
 # Parsing arguments needs the parser, not what the commands run.
 NOT_FOR_HELP = (
     *NOT_LOCAL,
