@@ -19,15 +19,18 @@ DataMover, a refused quiesce) raises ``ConfigError``.
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from engine.app.requests import VmBackupRequest
 from engine.app.stores import JobStore
-from engine.config.models import Config
 from engine.jobs.backup import BackupOutcome, Progress, run_backup
 from engine.pipeline.defaults import DEFAULT_READERS
 from engine.sources import registry
 from engine.sources.capabilities import ApiGate
 from engine.sources.types import Source
+
+if TYPE_CHECKING:  # a local backup or restore reads no configuration (issue 15)
+    from engine.config.models import Config
 
 # Entered around one VM's backup (its name); gives the per-disk progress callback.
 ProgressFor = Callable[[str], AbstractContextManager[Progress | None]]
@@ -62,7 +65,7 @@ async def backup_sources(
 
 
 async def backup_vms(
-    config: Config,
+    config: "Config",
     target: JobStore,
     request: VmBackupRequest,
     *,

@@ -23,11 +23,10 @@ never an exception.
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.app.requests import RESTORE_FLOWS, ImageRestoreRequest, VmRestoreRequest
 from engine.app.stores import JobStore
-from engine.config.models import Config
 from engine.core.errors import ConfigError
 from engine.jobs.restore import (
     Progress,
@@ -41,6 +40,9 @@ from engine.sources import registry
 from engine.sources.capabilities import ApiGate
 from engine.sources.types import ResourceRecorder
 from engine.store.manifest import DiskEntry, Manifest
+
+if TYPE_CHECKING:  # a local backup or restore reads no configuration (issue 15)
+    from engine.config.models import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,7 @@ def plan_vm_restore(target: JobStore, request: VmRestoreRequest) -> VmRestorePla
 
 
 async def restore_vm(
-    config: Config,
+    config: "Config",
     target: JobStore,
     plan: VmRestorePlan,
     *,

@@ -143,7 +143,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
-    p.set_defaults(func=Handler("backup", "cmd_backup_vm"))
+    p.set_defaults(func=Handler("vm", "cmd_backup_vm"))
 
     _add_restore_commands(sub)
 

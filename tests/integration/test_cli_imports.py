@@ -36,10 +36,12 @@ OTHER_PLUGINS = ("plugins.ovirt.", "plugins.lab.")
 # pygments): ~50 ms at every start, for a traceback the CLI prints plainly anyway. Progress
 # bars use rich on a terminal only; these commands run with their output captured.
 NO_COMMAND = ("rich", "pygments")
-# A local backup or restore is given no configuration (YAML is read only with one), and the
-# registry reads the plugins' entry points itself (importlib.metadata imports email, zipfile
-# and csv).
-NOT_READ = ("yaml", "importlib.metadata")
+# A local backup or restore is given no configuration (its models, loader and YAML load only
+# with one), and the registry reads the plugins' entry points itself (importlib.metadata
+# imports email, zipfile and csv).
+NOT_READ = ("engine.config", "yaml", "importlib.metadata")
+# What the commands that go through the engine or a daemon run.
+THROUGH_ENGINE = ("engine.cli.commands.vm", "engine.cli.commands.service")
 # Parsing arguments needs the parser, not what the commands run.
 NOT_FOR_HELP = (
     *NOT_LOCAL,
@@ -91,7 +93,7 @@ def among(modules: set[str], names: tuple[str, ...]) -> list[str]:
 
 def loaded(modules: set[str]) -> list[str]:
     """The modules a local command should not have loaded."""
-    return among(modules, (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND, *NOT_READ))
+    return among(modules, (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND, *NOT_READ, *THROUGH_ENGINE))
 
 
 def test_help_loads_no_command() -> None:

@@ -1,13 +1,13 @@
 """What each ``tessera`` command runs: one module per group of commands, beside the module
 that declares the group's options (``engine.cli.<group>.register``; ``store``, ``backup``,
-``restore`` and ``lab`` run the commands ``engine.cli.main`` declares).
+``restore``, ``vm`` and ``lab`` run the commands ``engine.cli.main`` declares).
 
 The parser names a command's function with a ``Handler`` (module and name), and the module
 is imported only when that command runs: building the parser — ``--help``, a usage error —
 loads none of them, and a command loads what it uses, not every other command's machinery
 (issue 15; ``tests/integration/test_cli_imports.py``). Nothing here imports
-``engine.cli.main``: ``open_store`` is ``store.open_store``, the daemon's client calls are
-in ``service``.
+``engine.cli.main``: a command opens its store with ``stores.open_store``, and talks to a
+running daemon through ``service``.
 """
 
 import argparse

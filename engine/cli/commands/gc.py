@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from engine.app.maintenance import run_gc
 from engine.cli.commands import service as cli_service
-from engine.cli.commands.store import open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes

@@ -6,7 +6,7 @@ import json
 from datetime import tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from engine.cli.commands.store import open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.maint import KEEP_COUNTS
 from engine.core.errors import ConfigError

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from engine.app.passphrase import resolve_passphrase
-from engine.cli.commands.store import open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError

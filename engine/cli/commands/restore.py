@@ -1,17 +1,16 @@
 """What ``tessera restore`` runs (its options: ``engine.cli.main``): local image files
-(``--to``) in this process through ``engine.app.restore``, or a new VM in the engine
-(``--config``), through a running daemon when one answers."""
+(``--to``) in this process through ``engine.app.restore``; without ``--to``, a new VM in the
+engine, which is ``vm``'s."""
 
 import argparse
 from pathlib import Path
 
-from engine.app.requests import ImageRestoreRequest, VmRestoreRequest
-from engine.app.restore import plan_vm_restore, restore_images, restore_vm
-from engine.cli.commands import service as cli_service
-from engine.cli.commands.store import job_store, open_store
+from engine.app.requests import ImageRestoreRequest
+from engine.app.restore import restore_images
+from engine.cli.commands import Handler
+from engine.cli.commands.stores import job_store, open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
-from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
 from engine.jobs.states import State
 from engine.store.chunk_store import Store
@@ -19,8 +18,8 @@ from engine.util import aio
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    if args.to is None:
-        return cmd_restore_vm(args)
+    if args.to is None:  # a new VM in the engine: the configuration's, through the daemon
+        return Handler("vm", "cmd_restore_vm")(args)
     if args.flow != "imageio":
         raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
     request = ImageRestoreRequest(args.snapshot, Path(args.to), args.disk, args.image_format)
@@ -37,53 +36,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(stats.summary())
         print(outcome.summary())
         return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
-
-    with open_store(args, writable=True) as store:
-        return aio.run(run(store))
-
-
-def cmd_restore_vm(args: argparse.Namespace) -> int:
-    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine
-    (through the daemon when one answers, else ``engine.app.restore`` in this process)."""
-    if args.config is None:
-        raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
-    if args.image_format:
-        raise ConfigError(message="restore: --format applies to --to PATH only")
-    if args.disk and not args.into_vm:
-        raise ConfigError(message="restore: --disk needs --to PATH or --into-vm VM")
-    request = VmRestoreRequest(
-        snapshot=args.snapshot,
-        name=args.name,
-        cluster=args.cluster,
-        storage_domain=args.storage_domain,
-        flow=args.flow,
-        engine=args.engine,
-        disk=args.disk,
-        into_vm=args.into_vm,
-    )
-    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
-        body = {"snapshot": args.snapshot, "name": args.name, "cluster": args.cluster}
-        body |= {"storage_domain": args.storage_domain, "flow": args.flow, "engine": args.engine}
-        body |= {"disk": args.disk, "into_vm": args.into_vm}
-        return aio.run(cli_service.submit_and_follow(socket, "/v1/restores", body))
-    config = load_config(args.config, args.config.parent / "conf.d")
-
-    async def run(store: Store) -> int:
-        target = await job_store(store)
-        try:
-            plan = plan_vm_restore(target, request)
-            with ProgressDisplay(f"restore {plan.manifest.vm_name}") as display:
-                outcome = await restore_vm(config, target, plan, progress=display.update)
-        finally:
-            await target.pool.aclose()
-        for stats in outcome.restore.disks:
-            print(stats.summary())
-        print(outcome.restore.summary())
-        if outcome.vm is None:
-            return EXIT_FAILED  # the plugin deleted what it created
-        what = "disks attached to VM" if args.into_vm else "restored VM"
-        print(f"{what} {outcome.vm.name} id {outcome.vm.id}")
-        return EXIT_OK
 
     with open_store(args, writable=True) as store:
         return aio.run(run(store))

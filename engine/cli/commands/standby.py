@@ -5,7 +5,7 @@ import sys
 
 from engine.app.standby import StandbyRequest, refresh
 from engine.app.stores import open_for_jobs
-from engine.cli.commands.store import open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load as load_config

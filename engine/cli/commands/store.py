@@ -1,17 +1,13 @@
 """What ``tessera store init|info|rebuild-index`` and ``tessera snapshots`` run (their
-options: ``engine.cli.main``), and ``open_store``, how every command opens its store
-(``job_store``: readied for jobs)."""
+options: ``engine.cli.main``)."""
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
 from engine.app.passphrase import resolve_passphrase
-from engine.app.stores import JobStore, open_for_jobs
-from engine.app.stores import open_store as app_open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
-from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.prune import is_protected
@@ -19,35 +15,6 @@ from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
 from engine.store.layout import ENCRYPTION_NONE
 from engine.store.manifest import Manifest
-
-
-def open_store(args: argparse.Namespace, writable: bool) -> Store:
-    """The store of ``--store``/``path``, else the configuration's (``--config``); its
-    passphrase from ``--passphrase-file``, the environment or a prompt."""
-    path = getattr(args, "store", None) or getattr(args, "path", None)
-    passphrase_file, key_file = args.passphrase_file, args.key_file
-    if path is None:  # from the daemon configuration
-        section = load_config(args.config, args.config.parent / "conf.d").store()
-        path = section.path
-        passphrase_file = passphrase_file or section.passphrase_file
-        key_file = key_file or section.key_file
-    store = app_open_store(
-        path, passphrase_file=passphrase_file, key_file=key_file, writable=writable
-    )
-    if not writable:
-        for line in store.db_problems.values():
-            print(f"store {path}: {line}: using a temporary copy", file=sys.stderr)
-    for line in store.report.lines():
-        print(f"store recovery: {line}", file=sys.stderr)
-    return store
-
-
-async def job_store(store: Store) -> JobStore:
-    """``store`` ready for jobs; what recovering its unfinished jobs did goes to stderr."""
-    target, recovered = await open_for_jobs(str(store.path), store)
-    for line in recovered:
-        print(f"recovery: {line}", file=sys.stderr)
-    return target
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:

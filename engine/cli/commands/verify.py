@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from engine.app.maintenance import finding_line, run_verify, verify_lines
-from engine.cli.commands.store import open_store
+from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
 from engine.cli.progress import ProgressDisplay
 from engine.maint.repair import RepairResult, repair
