@@ -7,7 +7,7 @@ to a central syslog server (``engine.obs.syslog``).
 
 import logging
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 # Importing structlog imports rich when rich is installed — its console, traceback and
 # pretty-printing modules, ~50 ms — for the default exception formatter of structlog's
@@ -26,9 +26,10 @@ finally:
     if _hide_rich:
         del sys.modules["rich"]
 
-from engine.obs.syslog import Facility, SyslogForwarder, SyslogSettings  # noqa: E402 - after structlog
+if TYPE_CHECKING:
+    from engine.obs.syslog import SyslogForwarder, SyslogSettings
 
-_forwarder: SyslogForwarder | None = None  # the one the last ``configure`` started
+_forwarder: "SyslogForwarder | None" = None  # the one the last ``configure`` started
 
 
 def _current_stderr(*args: object) -> structlog.PrintLogger:
@@ -41,14 +42,15 @@ def configure(
     level: int = logging.WARNING,
     json: bool = False,
     stream: TextIO | None = None,
-    syslog: SyslogSettings | None = None,
+    syslog: "SyslogSettings | None" = None,
     *,
-    facility: int = Facility.DAEMON,
-) -> SyslogForwarder | None:
+    facility: int | None = None,
+) -> "SyslogForwarder | None":
     """Configure structlog for the whole process. With ``syslog`` (a
     ``config.models.SyslogSection``), events at ``level`` and above are also forwarded in
-    RFC 5424 form; the started forwarder is returned so the caller can read its counters
-    and ``close()`` it at shutdown. A forwarder from an earlier call is closed first."""
+    RFC 5424 form (as ``facility``, by default the daemon's); the started forwarder is
+    returned so the caller can read its counters and ``close()`` it at shutdown. A forwarder
+    from an earlier call is closed first."""
     global _forwarder
     if _forwarder is not None:
         _forwarder.close()
@@ -65,7 +67,13 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if syslog is not None:
-        _forwarder = SyslogForwarder(syslog, facility=facility)
+        # Here, not at the top: the forwarder (sockets, TLS, its thread) loads only when
+        # forwarding is configured, which no command but the daemon does (issue 15).
+        from engine.obs.syslog import Facility, SyslogForwarder  # noqa: PLC0415
+
+        _forwarder = SyslogForwarder(
+            syslog, facility=Facility.DAEMON if facility is None else facility
+        )
         _forwarder.start()
         processors.append(_forwarder)
     structlog.configure(

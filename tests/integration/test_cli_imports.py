@@ -40,8 +40,10 @@ NO_COMMAND = ("rich", "pygments")
 # with one), and the registry reads the plugins' entry points itself (importlib.metadata
 # imports email, zipfile and csv).
 NOT_READ = ("engine.config", "yaml", "importlib.metadata")
-# What the commands that go through the engine or a daemon run.
+# What the commands that go through the engine or a daemon run, and what only the daemon
+# does (forward its log to syslog).
 THROUGH_ENGINE = ("engine.cli.commands.vm", "engine.cli.commands.service")
+DAEMON_ONLY = ("engine.daemon", "engine.obs.syslog")
 # Parsing arguments needs the parser, not what the commands run.
 NOT_FOR_HELP = (
     *NOT_LOCAL,
@@ -93,7 +95,10 @@ def among(modules: set[str], names: tuple[str, ...]) -> list[str]:
 
 def loaded(modules: set[str]) -> list[str]:
     """The modules a local command should not have loaded."""
-    return among(modules, (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND, *NOT_READ, *THROUGH_ENGINE))
+    return among(
+        modules,
+        (*NOT_LOCAL, *OTHER_PLUGINS, *NO_COMMAND, *NOT_READ, *THROUGH_ENGINE, *DAEMON_ONLY),
+    )
 
 
 def test_help_loads_no_command() -> None:
