@@ -49,8 +49,8 @@ from engine.store.catalog import CatalogEntry
 from engine.store.codec import Codec, parse_header
 from engine.store.diskmap import DiskMap
 from engine.store.index import Location
-from engine.store.keys import ENCRYPTION_AES, StoreKeys
-from engine.store.layout import STORE_FORMAT, Layout, StoreConfig
+from engine.store.keys import StoreKeys
+from engine.store.layout import ENCRYPTION_AES, STORE_FORMAT, Layout, StoreConfig
 from engine.store.leases import LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.snapshot import SnapshotWriter

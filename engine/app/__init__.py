@@ -8,6 +8,8 @@ restore itself, so a step added here (a limit, a metric, a recovery) reaches eve
 - ``stores``     open a store (``open_store``: passphrase, key file) and ready it for jobs
                  (``open_for_jobs``: a ``JobStore`` — store, journal with unfinished jobs
                  recovered, CPU pool).
+- ``requests``   the typed requests of backups and restores and the choices they offer
+                 (levels, flows): plain values, importable without the machinery.
 - ``backup``     ``VmBackupRequest`` → ``BackupOutcome`` per VM (``backup_vms``), and any
                  ``Source`` list, local images included (``backup_sources``).
 - ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine:

@@ -19,40 +19,21 @@ DataMover, a refused quiesce) raises ``ConfigError``.
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING
 
+from engine.app.requests import VmBackupRequest
 from engine.app.stores import JobStore
-from engine.config.models import Config
-from engine.core.errors import ConfigError
-from engine.jobs.backup import LEVELS, BackupOutcome, Progress, run_backup
-from engine.pipeline.disk import DEFAULT_READERS
+from engine.jobs.backup import BackupOutcome, Progress, run_backup
+from engine.pipeline.defaults import DEFAULT_READERS
 from engine.sources import registry
 from engine.sources.capabilities import ApiGate
 from engine.sources.types import Source
 
-BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
+if TYPE_CHECKING:  # a local backup or restore reads no configuration (issue 15)
+    from engine.config.models import Config
 
 # Entered around one VM's backup (its name); gives the per-disk progress callback.
 ProgressFor = Callable[[str], AbstractContextManager[Progress | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class VmBackupRequest:
-    """Back up these VMs (names; globs allowed) of one engine of the configuration."""
-
-    vms: tuple[str, ...]
-    level: str = "incremental"
-    flow: str = "auto"
-    require_quiesce: bool = False
-    engine: str | None = None  # the configuration's engine name (None: the only one)
-    readers: int = DEFAULT_READERS
-
-    def check(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(message=f"level {self.level!r} is unknown; use one of {LEVELS}")
-        if self.flow not in BACKUP_FLOWS:
-            raise ConfigError(message=f"flow {self.flow!r} is unknown; use one of {BACKUP_FLOWS}")
 
 
 async def backup_sources(
@@ -84,7 +65,7 @@ async def backup_sources(
 
 
 async def backup_vms(
-    config: Config,
+    config: "Config",
     target: JobStore,
     request: VmBackupRequest,
     *,

@@ -23,10 +23,10 @@ never an exception.
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from engine.app.requests import RESTORE_FLOWS, ImageRestoreRequest, VmRestoreRequest
 from engine.app.stores import JobStore
-from engine.config.models import Config
 from engine.core.errors import ConfigError
 from engine.jobs.restore import (
     Progress,
@@ -41,21 +41,8 @@ from engine.sources.capabilities import ApiGate
 from engine.sources.types import ResourceRecorder
 from engine.store.manifest import DiskEntry, Manifest
 
-RESTORE_FLOWS = ("imageio", "attach")
-
-
-@dataclass(frozen=True, slots=True)
-class VmRestoreRequest:
-    """Restore a snapshot into the engine as a new VM (or into an existing one)."""
-
-    snapshot: str  # id or unique prefix
-    name: str | None = None  # default: <original>-restored
-    cluster: str | None = None  # default: the OVF's
-    storage_domain: str | None = None  # default: each disk's recorded one
-    flow: str = "imageio"  # imageio uploads, or attach (through the DataMover)
-    engine: str | None = None
-    disk: str | None = None  # only this disk (with into_vm)
-    into_vm: str | None = None  # attach the disks to this existing VM instead
+if TYPE_CHECKING:  # a local backup or restore reads no configuration (issue 15)
+    from engine.config.models import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +94,7 @@ def plan_vm_restore(target: JobStore, request: VmRestoreRequest) -> VmRestorePla
 
 
 async def restore_vm(
-    config: Config,
+    config: "Config",
     target: JobStore,
     plan: VmRestorePlan,
     *,
@@ -149,16 +136,6 @@ async def restore_vm(
     if outcome.record.state is State.SUCCEEDED and vm is not None:
         restored = RestoredVm(vm.id, vm.name)
     return VmRestoreOutcome(outcome, restored)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRestoreRequest:
-    """Restore a snapshot's disks as local image files."""
-
-    snapshot: str
-    to: Path  # an image file (one disk) or a directory (several)
-    disk: str | None = None
-    image_format: str | None = None  # qcow2 | raw (default: each disk's recorded one)
 
 
 async def restore_images(

@@ -15,8 +15,7 @@ from engine.app.passphrase import resolve_passphrase
 from engine.jobs.journal import Journal
 from engine.jobs.recovery import recover_unfinished
 from engine.store.chunk_store import Store
-from engine.store.keys import ENCRYPTION_NONE
-from engine.store.layout import StoreConfig
+from engine.store.layout import ENCRYPTION_NONE, StoreConfig
 from engine.workers import CpuPool, make_cpu_pool
 
 

@@ -16,12 +16,14 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from engine.config.types import ByteSize
-from engine.maint.retention import Duration
 from engine.store import format as fmt
-from engine.store.chunk_store import MIN_PACK_SIZE
+from engine.store.layout import MIN_PACK_SIZE
+
+if TYPE_CHECKING:
+    from engine.config.types import ByteSize
+    from engine.maint.retention import Duration
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 MAX_PORT: Final = 65535
@@ -124,16 +126,22 @@ def pack_size(text: str) -> int:
     return value
 
 
-def byte_rate(text: str) -> ByteSize:
+def byte_rate(text: str) -> "ByteSize":
     """Bytes per second, ≥ 1 (``50MiB``)."""
+    # Here, not at the top: the configuration types (msgspec, calendars) load only when this
+    # option is given; building the parser does not need them (issue 15).
+    from engine.config.types import ByteSize  # noqa: PLC0415
+
     try:
         return ByteSize(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def duration(text: str) -> Duration:
+def duration(text: str) -> "Duration":
     """A retention-style duration (``30d``, ``12h``, ``1y6m``; ``0h`` is allowed)."""
+    from engine.maint.retention import Duration  # noqa: PLC0415 - as in byte_rate
+
     try:
         return Duration.parse(text)
     except ValueError as e:

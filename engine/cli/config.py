@@ -1,4 +1,5 @@
-"""``tessera check-config`` and ``tessera show-config``.
+"""``tessera check-config`` and ``tessera show-config``: their options. What they run is
+``engine.cli.commands.config``.
 
 Registered by ``engine.cli.main.build_parser`` through ``register``. Both read the daemon
 config, its ``conf.d`` drop-ins and the policies. Nothing here reads a secret: the models
@@ -6,20 +7,9 @@ hold only the paths of secret files, so ``show-config`` prints paths, never cont
 """
 
 import argparse
-import json
-import sys
-from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any
 
-import msgspec
-import yaml
-
-from engine.cli.exits import EXIT_FAILED, EXIT_OK
-from engine.config.loader import LoadedConfig, check_all, load_all
-from engine.config.policy import Policy
-from engine.config.types import enc_hook
-from engine.sched.calendar import next_after
+from engine.cli.commands import Handler
 
 
 def register(
@@ -33,7 +23,7 @@ def register(
         "summary, or every error with file, key and line (exit 1).",
     )
     _add_config_options(p, default_config)
-    p.set_defaults(func=cmd_check_config)
+    p.set_defaults(func=Handler("config", "cmd_check_config"))
 
     p = sub.add_parser(
         "show-config",
@@ -42,7 +32,7 @@ def register(
     )
     _add_config_options(p, default_config)
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
-    p.set_defaults(func=cmd_show_config)
+    p.set_defaults(func=Handler("config", "cmd_show_config"))
 
 
 def _add_config_options(p: argparse.ArgumentParser, default_config: Path) -> None:
@@ -50,85 +40,3 @@ def _add_config_options(p: argparse.ArgumentParser, default_config: Path) -> Non
     p.add_argument(
         "--policies-dir", type=Path, help="policy directory (default: policies.d beside it)"
     )
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    loaded, errors = check_all(args.config, policies_dir=args.policies_dir)
-    if loaded is None:
-        for error in errors:
-            print(f"error: {error}", file=sys.stderr)
-        print(f"{len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
-        return EXIT_FAILED
-    for line in summary(loaded, datetime.now(UTC)):
-        print(line)
-    return EXIT_OK
-
-
-def summary(loaded: LoadedConfig, now: datetime) -> list[str]:
-    """The lines ``check-config`` prints for a valid configuration."""
-    config = loaded.config
-    zone = scheduler_zone(loaded)
-    drop_ins = len(loaded.config_files) - 1
-    lines = [
-        f"OK: {loaded.config_files[0]}"
-        + (f" (+ {drop_ins} drop-in{'s' if drop_ins != 1 else ''})" if drop_ins else "")
-        + f", {len(loaded.policies)} polic{'ies' if len(loaded.policies) != 1 else 'y'}"
-        f" in {loaded.policies_dir}",
-        "  stores:  " + (", ".join(s.name for s in config.stores) or "none"),
-        "  engines: " + (", ".join(e.name for e in config.engines) or "none"),
-        "  peers:   " + (", ".join(p.name for p in config.peers) or "none"),
-        f"  api:     {config.api.socket}"
-        + (f", tcp {config.api.tcp.listen}" if config.api.tcp else ""),
-        f"  time zone {getattr(zone, 'key', str(zone))}, misfire grace "
-        f"{config.scheduler.misfire_grace}",
-    ]
-    for policy in loaded.policies:
-        lines.append(f"  policy {policy.name}: {_policy_line(policy, now, zone)}")
-    return lines
-
-
-def _policy_line(policy: Policy, now: datetime, zone: tzinfo) -> str:
-    if not policy.enabled:
-        when = "disabled"
-    elif not policy.schedule:
-        when = "no schedule (runs by hand)"
-    else:
-        nxt = next_after(policy.calendars, now, zone)
-        when = "; ".join(policy.schedule) + (
-            f"; next {nxt.isoformat(timespec='minutes')}" if nxt else "; no future run"
-        )
-    level: str = policy.level.default
-    if policy.level.full_every is not None:
-        level += f", full every {policy.level.full_every}"
-    if policy.level.full_on:
-        level += f", full on {','.join(policy.level.full_on)}"
-    return f"{when}; {level}"
-
-
-def scheduler_zone(loaded: LoadedConfig) -> tzinfo:
-    """The configured zone, else the host's."""
-    zone = loaded.config.scheduler.timezone
-    if zone is not None:
-        return zone
-    local = datetime.now().astimezone().tzinfo
-    return local if local is not None else UTC
-
-
-def effective(loaded: LoadedConfig) -> dict[str, Any]:
-    """The merged configuration and the policies as plain data (paths as text)."""
-    doc: dict[str, Any] = msgspec.to_builtins(loaded.config, enc_hook=enc_hook)
-    doc["policies_dir"] = str(loaded.policies_dir)
-    doc["policies"] = [
-        {"file": str(loaded.policy_files[p.name]), **msgspec.to_builtins(p, enc_hook=enc_hook)}
-        for p in loaded.policies
-    ]
-    return {"files": [str(f) for f in loaded.config_files], **doc}
-
-
-def cmd_show_config(args: argparse.Namespace) -> int:
-    doc = effective(load_all(args.config, policies_dir=args.policies_dir))
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False), end="")
-    return EXIT_OK

@@ -1,27 +1,19 @@
-"""``tessera`` command line: argument parsing, error → exit code mapping, output."""
+"""``tessera``'s entry point: the parser of every command (``build_parser``) and ``main``,
+which runs the chosen command and maps errors to exit codes.
+
+Building the parser imports no command's machinery: each command names its function with a
+``Handler`` (``engine.cli.commands``), imported only when that command runs (issue 15).
+``store``, ``backup``, ``snapshots``, ``restore`` and ``lab`` are declared here; the other
+groups in their own modules (``register``).
+"""
 
 import argparse
-import json
-import logging
 import sqlite3
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 
-from engine.app.backup import BACKUP_FLOWS, VmBackupRequest, backup_sources, backup_vms
-from engine.app.passphrase import resolve_passphrase
-from engine.app.restore import (
-    RESTORE_FLOWS,
-    ImageRestoreRequest,
-    VmRestoreRequest,
-    plan_vm_restore,
-    restore_images,
-    restore_vm,
-)
-from engine.app.stores import JobStore, open_for_jobs
-from engine.app.stores import open_store as app_open_store
+from engine.app.requests import BACKUP_FLOWS, RESTORE_FLOWS
 from engine.cli import args as cli_args
 from engine.cli import config as cli_config
 from engine.cli import maint as cli_maint
@@ -29,24 +21,21 @@ from engine.cli import peer as cli_peer
 from engine.cli import service as cli_service
 from engine.cli import standby as cli_standby
 from engine.cli import verify as cli_verify
-from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
-from engine.cli.progress import ProgressDisplay
-from engine.config.loader import load as load_config
+from engine.cli.commands import Handler
+from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE
 from engine.core.errors import ConfigError, EngineError, IntegrityError
-from engine.core.units import human_bytes
-from engine.jobs.backup import LEVELS, BackupOutcome, Progress
-from engine.jobs.states import State
-from engine.maint.prune import is_protected
-from engine.obs.log import configure as configure_logging
-from engine.pipeline.disk import DEFAULT_READERS
-from engine.sources import registry
-from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, Store
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL, MIN_ZSTD_LEVEL
-from engine.store.damage import damage_of
+from engine.pipeline.defaults import DEFAULT_READERS
+from engine.sched.level import LEVELS
 from engine.store.dbfiles import describe, os_reason
-from engine.store.keys import ENCRYPTION_AES, ENCRYPTION_NONE, ENCRYPTIONS
-from engine.store.manifest import Manifest
-from engine.util import aio
+from engine.store.layout import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PACK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
+    ENCRYPTION_AES,
+    ENCRYPTIONS,
+    MAX_ZSTD_LEVEL,
+    MIN_ZSTD_LEVEL,
+)
 
 DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
 
@@ -68,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_store_commands(sub)
-    cli_verify.register(sub, open_store, _add_key_options)  # store verify, store repair
+    cli_verify.register(sub, _add_key_options)  # store verify, store repair
     _add_job_commands(sub)
-    cli_maint.register(sub, open_store, _add_key_options)  # prune, protect, store status
+    cli_maint.register(sub, _add_key_options)  # prune, protect, store status
     cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
-    cli_peer.register(sub, open_store, _add_key_options)  # peer init-ca|issue|serve, replicate
-    cli_standby.register(sub, open_store, _add_key_options)  # standby refresh
+    cli_peer.register(sub, _add_key_options)  # peer init-ca|issue|serve, replicate
+    cli_standby.register(sub, _add_key_options)  # standby refresh
     return parser
 
 
@@ -96,13 +85,13 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         "than 3 for ~1.5x the speed",
     )
     _add_key_options(p)
-    p.set_defaults(func=cmd_store_init)
+    p.set_defaults(func=Handler("store", "cmd_store_init"))
 
     p = ssub.add_parser("info", help="format, sizes, dedup and compression ratios")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
     _add_key_options(p)
-    p.set_defaults(func=cmd_store_info)
+    p.set_defaults(func=Handler("store", "cmd_store_info"))
 
     p = ssub.add_parser(
         "rebuild-index",
@@ -110,7 +99,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     )
     p.add_argument("path", type=Path)
     _add_key_options(p)
-    p.set_defaults(func=cmd_store_rebuild_index)
+    p.set_defaults(func=Handler("store", "cmd_store_rebuild_index"))
 
 
 def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -128,7 +117,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="connections per disk",
     )
     _add_key_options(p)
-    p.set_defaults(func=cmd_backup_image)
+    p.set_defaults(func=Handler("backup", "cmd_backup_image"))
 
     p = bsub.add_parser("vm", help="back up oVirt VMs through the engine (names or globs)")
     p.add_argument("names", nargs="+", metavar="NAME")
@@ -154,7 +143,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
-    p.set_defaults(func=cmd_backup_vm)
+    p.set_defaults(func=Handler("vm", "cmd_backup_vm"))
 
     _add_restore_commands(sub)
 
@@ -167,7 +156,7 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--vm", help="only this VM (id or name)")
     p.add_argument("--json", action="store_true")
     _add_key_options(p)
-    p.set_defaults(func=cmd_snapshots)
+    p.set_defaults(func=Handler("store", "cmd_snapshots"))
 
     p = sub.add_parser(
         "restore",
@@ -205,7 +194,7 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     _add_key_options(p)
-    p.set_defaults(func=cmd_restore)
+    p.set_defaults(func=Handler("restore", "cmd_restore"))
 
     lab = sub.add_parser("lab", help="the embedded lab: fake engine, imageio, generated VMs")
     lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
@@ -233,229 +222,9 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
                 "36000, the engine's UserSessionHardLimit of 600 minutes); clients must log "
                 "in again on the engine's 401, as ovirtsdk4 does once per request",
             )
-        p.set_defaults(func=cmd_lab)
+        p.set_defaults(func=Handler("lab", "cmd_lab"))
         if action == "up":
             _lab_knobs(p)
-
-
-def open_store(args: argparse.Namespace, writable: bool) -> Store:
-    """The store of ``--store``/``path``, else the configuration's (``--config``); its
-    passphrase from ``--passphrase-file``, the environment or a prompt."""
-    path = getattr(args, "store", None) or getattr(args, "path", None)
-    passphrase_file, key_file = args.passphrase_file, args.key_file
-    if path is None:  # from the daemon configuration
-        section = load_config(args.config, args.config.parent / "conf.d").store()
-        path = section.path
-        passphrase_file = passphrase_file or section.passphrase_file
-        key_file = key_file or section.key_file
-    store = app_open_store(
-        path, passphrase_file=passphrase_file, key_file=key_file, writable=writable
-    )
-    if not writable:
-        for line in store.db_problems.values():
-            print(f"store {path}: {line}: using a temporary copy", file=sys.stderr)
-    for line in store.report.lines():
-        print(f"store recovery: {line}", file=sys.stderr)
-    return store
-
-
-async def _job_store(store: Store) -> JobStore:
-    """``store`` ready for jobs; what recovering its unfinished jobs did goes to stderr."""
-    target, recovered = await open_for_jobs(str(store.path), store)
-    for line in recovered:
-        print(f"recovery: {line}", file=sys.stderr)
-    return target
-
-
-@contextmanager
-def _progress(vm: str) -> Iterator[Progress]:
-    with ProgressDisplay(f"backup {vm}") as display:
-
-        def show(disk: str, done: int, total: int) -> None:
-            display.update(Path(disk).name, done, total)
-
-        yield show
-
-
-def _print_backup(outcome: BackupOutcome) -> bool:
-    """Print a backup's notes, warnings and summary; True when it succeeded."""
-    for note in outcome.notes:
-        print(f"note: {note}")
-    for warning in outcome.record.warnings:
-        print(f"warning: {warning}")
-    print(outcome.summary())
-    return outcome.record.state is State.SUCCEEDED
-
-
-def cmd_backup_image(args: argparse.Namespace) -> int:
-    for path in args.paths:
-        if not path.is_file():
-            raise ConfigError(message=f"image {path} does not exist or is not a file")
-    _, images = registry.images()
-    groups = [args.paths] if args.vm else [[p] for p in args.paths]
-    sources = [images.image_source(g, args.vm) for g in groups]
-
-    async def run(store: Store) -> int:
-        target = await _job_store(store)
-        failed = 0
-        try:
-            backups = backup_sources(
-                target, sources, level=args.level, readers=args.readers, progress=_progress
-            )
-            async for outcome in backups:
-                failed += not _print_backup(outcome)
-        finally:
-            await target.pool.aclose()
-        return EXIT_FAILED if failed else EXIT_OK
-
-    with open_store(args, writable=True) as store:
-        return aio.run(run(store))
-
-
-def cmd_backup_vm(args: argparse.Namespace) -> int:
-    """Through the daemon when one answers on the config's socket (it holds the store),
-    else in this process (``engine.app.backup``)."""
-    request = VmBackupRequest(
-        vms=tuple(args.names),
-        level=args.level,
-        flow=args.flow,
-        require_quiesce=args.require_quiesce,
-        engine=args.engine,
-        readers=args.readers,
-    )
-    request.check()
-    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
-        body = {"vms": args.names, "level": args.level, "flow": args.flow}
-        body |= {"require_quiesce": args.require_quiesce, "engine": args.engine}
-        return aio.run(cli_service.submit_and_follow(socket, "/v1/backups", body))
-    config = load_config(args.config, args.config.parent / "conf.d")
-
-    async def run(store: Store) -> int:
-        target = await _job_store(store)
-        failed = 0
-        try:
-            async for outcome in backup_vms(config, target, request, progress=_progress):
-                failed += not _print_backup(outcome)
-        finally:
-            await target.pool.aclose()
-        return EXIT_FAILED if failed else EXIT_OK
-
-    with open_store(args, writable=True) as store:
-        return aio.run(run(store))
-
-
-def cmd_snapshots(args: argparse.Namespace) -> int:
-    if args.store is None and args.config is None:
-        raise ConfigError(message="snapshots: one of --store or --config is required")
-    with open_store(args, writable=False) as store:
-        manifests = [store.manifest(e.snapshot_id) for e in store.snapshots(args.vm)]
-        protected = {m.snapshot_id for m in manifests if is_protected(store.layout, m.snapshot_id)}
-        damage = {
-            m.snapshot_id: damage_of(store.layout, store.index, m.snapshot_id) for m in manifests
-        }
-    if args.json:
-        docs = [
-            snapshot_doc(m)
-            | {"protected": m.snapshot_id in protected, "damaged": damage[m.snapshot_id]}
-            for m in manifests
-        ]
-        print(json.dumps(docs, indent=2))
-        return EXIT_OK
-    print(
-        f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
-        "  PROTECTED  DAMAGED"
-    )
-    for m in manifests:
-        line = (
-            f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
-            f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
-            f"  {'yes' if m.snapshot_id in protected else '':<9}"
-            + _damage_cell(damage[m.snapshot_id])
-        )
-        print(line.rstrip())
-    return EXIT_OK
-
-
-def _damage_cell(damage: dict[str, object] | None) -> str:
-    """``DAMAGED`` column: what `store verify` found still wrong (healed chunks left out)."""
-    if damage is None:
-        return ""
-    chunks = damage.get("chunks")
-    parts = [f"{len(chunks)} chunks"] if isinstance(chunks, list) and chunks else []
-    parts += ["DiskMap"] if damage.get("diskmaps") else []
-    parts += ["manifest"] if damage.get("manifest") else []
-    return f"  yes ({', '.join(parts)})"
-
-
-def cmd_restore(args: argparse.Namespace) -> int:
-    if args.to is None:
-        return cmd_restore_vm(args)
-    if args.flow != "imageio":
-        raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
-    request = ImageRestoreRequest(args.snapshot, Path(args.to), args.disk, args.image_format)
-
-    async def run(store: Store) -> int:
-        target = await _job_store(store)
-        try:
-            manifest = store.manifest(store.resolve(request.snapshot))
-            with ProgressDisplay(f"restore {manifest.vm_name}") as display:
-                outcome = await restore_images(target, request, progress=display.update)
-        finally:
-            await target.pool.aclose()
-        for stats in outcome.disks:
-            print(stats.summary())
-        print(outcome.summary())
-        return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
-
-    with open_store(args, writable=True) as store:
-        return aio.run(run(store))
-
-
-def cmd_restore_vm(args: argparse.Namespace) -> int:
-    """``restore --config`` without ``--to``: the snapshot becomes a new VM on the engine
-    (through the daemon when one answers, else ``engine.app.restore`` in this process)."""
-    if args.config is None:
-        raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
-    if args.image_format:
-        raise ConfigError(message="restore: --format applies to --to PATH only")
-    if args.disk and not args.into_vm:
-        raise ConfigError(message="restore: --disk needs --to PATH or --into-vm VM")
-    request = VmRestoreRequest(
-        snapshot=args.snapshot,
-        name=args.name,
-        cluster=args.cluster,
-        storage_domain=args.storage_domain,
-        flow=args.flow,
-        engine=args.engine,
-        disk=args.disk,
-        into_vm=args.into_vm,
-    )
-    if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
-        body = {"snapshot": args.snapshot, "name": args.name, "cluster": args.cluster}
-        body |= {"storage_domain": args.storage_domain, "flow": args.flow, "engine": args.engine}
-        body |= {"disk": args.disk, "into_vm": args.into_vm}
-        return aio.run(cli_service.submit_and_follow(socket, "/v1/restores", body))
-    config = load_config(args.config, args.config.parent / "conf.d")
-
-    async def run(store: Store) -> int:
-        target = await _job_store(store)
-        try:
-            plan = plan_vm_restore(target, request)
-            with ProgressDisplay(f"restore {plan.manifest.vm_name}") as display:
-                outcome = await restore_vm(config, target, plan, progress=display.update)
-        finally:
-            await target.pool.aclose()
-        for stats in outcome.restore.disks:
-            print(stats.summary())
-        print(outcome.restore.summary())
-        if outcome.vm is None:
-            return EXIT_FAILED  # the plugin deleted what it created
-        what = "disks attached to VM" if args.into_vm else "restored VM"
-        print(f"{what} {outcome.vm.name} id {outcome.vm.id}")
-        return EXIT_OK
-
-    with open_store(args, writable=True) as store:
-        return aio.run(run(store))
 
 
 def _lab_knobs(p: argparse.ArgumentParser) -> None:
@@ -502,140 +271,14 @@ def _lab_knobs(p: argparse.ArgumentParser) -> None:
     )
 
 
-LAB_KNOBS = {  # lab up option → the lab engine's Faults field
-    "inactivity_timeout": "inactivity_timeout",
-    "slow_reads": "storage_iops",
-    "phase_seconds": "phase_seconds",
-    "disk_seconds": "disk_seconds",
-    "ticket_timeout": "ticket_timeout",
-}
-
-
-def cmd_lab(args: argparse.Namespace) -> int:
-    action = registry.get("lab").command(args.lab_command)
-    if args.lab_command == "up":
-        knobs = {
-            field: getattr(args, option)
-            for option, field in LAB_KNOBS.items()
-            if getattr(args, option) is not None
-        }
-        result = action(
-            args.dir.resolve(),
-            knobs,
-            sso_idle_timeout=args.sso_idle_timeout,
-            sso_lifetime=args.sso_lifetime,
-        )
-    else:
-        result = action(args.dir.resolve())
-    if args.lab_command == "down":
-        print("lab stopped" if result else f"no lab was running in {args.dir}")
-        return EXIT_OK
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return EXIT_OK
-    engine = result["engine"]
-    print(f"engine   {engine['url']} (user {engine['username']}, CA {engine['ca_file']})")
-    print(f"config   {args.dir.resolve() / 'tessera.yaml'}")
-    for vm in result["vms"]:
-        disks = ", ".join(f"{d['alias']} ({d['format']})" for d in vm["disks"])
-        print(f"vm       {vm['name']:<20} {disks}")
-    return EXIT_OK
-
-
-def snapshot_doc(m: Manifest) -> dict[str, object]:
-    return {
-        "id": m.snapshot_id,
-        "time": m.time,
-        "vm": {"id": m.vm_id, "name": m.vm_name},
-        "level": m.level,
-        "parent": m.parent,
-        "consistency": m.consistency,
-        "tags": dict(m.tags),
-        "size": m.size,
-        "data_bytes": m.data_bytes,
-        "disks": [
-            {
-                "id": d.disk_id,
-                "name": d.name,
-                "size": d.size,
-                "data_bytes": d.data_bytes,
-                "attributes": d.attributes,
-            }
-            for d in m.disks
-        ],
-    }
-
-
-def cmd_store_init(args: argparse.Namespace) -> int:
-    passphrase = None
-    if args.encryption != ENCRYPTION_NONE:
-        passphrase = resolve_passphrase(args.passphrase_file, confirm=True)
-    config = Store.init(
-        args.path,
-        chunk_size=args.chunk_size,
-        encryption=args.encryption,
-        pack_size=args.pack_size,
-        key_file=args.key_file,
-        passphrase=passphrase,
-        zstd_level=args.zstd_level,
-    )
-    key = args.key_file or args.path / "keys" / "key"
-    print(f"created store {args.path} (id {config.store_id})")
-    print(
-        f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
-    )
-    print(f"  encryption {config.encryption}, zstd level {config.zstd_level}; key file {key}")
-    if args.encryption != ENCRYPTION_NONE:
-        print("  keep a copy of the key file and the passphrase: without both the data is lost")
-    return EXIT_OK
-
-
-def cmd_store_info(args: argparse.Namespace) -> int:
-    with open_store(args, writable=False) as store:
-        info = store.info()
-    if args.json:
-        doc = asdict(info) | {
-            "dedup_ratio": info.dedup_ratio,
-            "compression_ratio": info.compression_ratio,
-        }
-        print(json.dumps(doc, indent=2))
-        return EXIT_OK
-    rows = [
-        ("store", f"{info.path} (id {info.store_id})"),
-        ("format", f"{info.format}, encryption {info.encryption}, zstd level {info.zstd_level}"),
-        ("chunk size", human_bytes(info.chunk_size)),
-        ("pack size", human_bytes(info.pack_size)),
-        ("snapshots", str(info.snapshots)),
-        ("packs", f"{info.packs} ({human_bytes(info.pack_bytes)})"),
-        ("chunks", str(info.chunks)),
-        ("logical", f"{human_bytes(info.logical_bytes)} referenced by snapshots"),
-        ("unique", f"{human_bytes(info.unique_bytes)} after dedup"),
-        ("stored", f"{human_bytes(info.stored_bytes)} after compression/encryption"),
-        ("dedup ratio", f"{info.dedup_ratio:.2f}"),
-        ("compression", f"{info.compression_ratio:.2f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    return EXIT_OK
-
-
-def cmd_store_rebuild_index(args: argparse.Namespace) -> int:
-    with open_store(args, writable=True) as store:
-        report = store.rebuild_index()
-        stats = store.index.stats()
-    for line in report.lines():
-        print(line)
-    print(f"index rebuilt: {stats.packs} packs, {stats.chunks} chunks")
-    # A missing or damaged index.db / catalog.db is what this command fixes: reported, but
-    # not a reason for exit 3. A damaged trailer is (the pack needs `store repair`).
-    left = [p for p in report.problems if p not in report.files]
-    return EXIT_INTEGRITY if left else EXIT_OK
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Once the arguments parse: logging is not needed for --help or a usage error (issue 15).
+    import logging  # noqa: PLC0415
+
+    from engine.obs.log import configure as configure_logging  # noqa: PLC0415
+
     configure_logging(logging.WARNING - 10 * min(args.verbose, 2))
     try:
         code: int = args.func(args)

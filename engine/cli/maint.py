@@ -1,36 +1,25 @@
-"""``tessera prune``, ``tessera snapshots protect|unprotect``, ``tessera store status``.
+"""``tessera prune``, ``tessera snapshots protect|unprotect``, ``tessera store status``: their
+options (and ``tessera gc``'s, from ``engine.cli.gc``). What they run is
+``engine.cli.commands.maint``.
 
-Registered by ``engine.cli.main.build_parser`` through ``register``; ``open_store`` is
-passed in so this module does not import ``cli`` (which imports it). Prune opens the store
+Registered by ``engine.cli.main.build_parser`` through ``register``. Prune opens the store
 read-only — it does not take the writer lock, so it runs while a backup holds it — and
 serialises itself with the prune lock (see ``engine.maint.prune``).
 """
 
 import argparse
-import json
 from collections.abc import Callable
-from datetime import tzinfo
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.cli import args as cli_args
 from engine.cli import gc as cli_gc
-from engine.cli.exits import EXIT_FAILED, EXIT_OK
-from engine.core.errors import ConfigError
-from engine.core.units import human_bytes
-from engine.maint.prune import PruneResult, prune, set_protected
-from engine.maint.retention import Rules
-from engine.maint.usage import StoreUsage, Usage, store_usage
-from engine.store.chunk_store import Store
+from engine.cli.commands import Handler
 
-OpenStore = Callable[[argparse.Namespace, bool], Store]
-
-_KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 def register(
     sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
-    open_store: OpenStore,
     add_key_options: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Add ``prune``, ``snapshots protect|unprotect`` and ``store status`` to the parser."""
@@ -44,14 +33,14 @@ def register(
     )
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--vm", help="only this VM (id or name)")
-    for what in _KEEP_COUNTS:
+    for what in KEEP_COUNTS:
         p.add_argument(f"--keep-{what}", type=cli_args.non_negative_int, metavar="N")
     p.add_argument("--keep-within", metavar="DURATION", help="e.g. 30d, 12h, 2w, 6m, 1y")
     p.add_argument("--tz", help="time zone of the calendar buckets (default: local)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing")
     p.add_argument("--json", action="store_true")
     add_key_options(p)
-    p.set_defaults(func=lambda a: cmd_prune(a, open_store))
+    p.set_defaults(func=Handler("maint", "cmd_prune"))
 
     snapshots = sub.choices["snapshots"]
     ssub = snapshots.add_subparsers(dest="snapshots_command", metavar="ACTION")
@@ -63,7 +52,7 @@ def register(
         p.add_argument("snapshot", metavar="SNAPSHOT_ID", help="id or unique prefix")
         p.add_argument("--store", type=Path, required=True)
         add_key_options(p)
-        p.set_defaults(func=lambda a, on=action == "protect": cmd_protect(a, open_store, on))
+        p.set_defaults(func=Handler("maint", "cmd_protect"))
 
     store_sub = _subparsers(sub.choices["store"])
     p = store_sub.add_parser(
@@ -73,8 +62,8 @@ def register(
     p.add_argument("--snapshots", action="store_true", help="also one row per snapshot")
     p.add_argument("--json", action="store_true")
     add_key_options(p)
-    p.set_defaults(func=lambda a: cmd_store_status(a, open_store))
-    cli_gc.register(sub, open_store, add_key_options)  # tessera gc (engine.cli.gc)
+    p.set_defaults(func=Handler("maint", "cmd_store_status"))
+    cli_gc.register(sub, add_key_options)  # tessera gc (engine.cli.gc)
 
 
 def _subparsers(
@@ -84,176 +73,3 @@ def _subparsers(
         if isinstance(action, argparse._SubParsersAction):
             return action
     raise AssertionError(f"{parser.prog} has no subcommands")
-
-
-# --- prune ---------------------------------------------------------------------------------
-
-
-def rules_from_args(args: argparse.Namespace) -> Rules:
-    rules = Rules(
-        **{f"keep_{w}": getattr(args, f"keep_{w}") for w in _KEEP_COUNTS},
-        keep_within=args.keep_within,
-    )
-    try:
-        rules.validate()
-    except ValueError as e:
-        raise ConfigError(message=f"prune: {e}") from None
-    if rules.empty():
-        raise ConfigError(
-            message="prune: no keep rules given; refusing to remove every snapshot but the "
-            "newest of each VM. Give at least one of --keep-last, --keep-hourly, "
-            "--keep-daily, --keep-weekly, --keep-monthly, --keep-yearly, --keep-within"
-        )
-    return rules
-
-
-def _zone(name: str | None) -> tzinfo | None:
-    if name is None:
-        return None
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(message=f"prune: unknown time zone {name!r}") from None
-
-
-def cmd_prune(args: argparse.Namespace, open_store: OpenStore) -> int:
-    rules = rules_from_args(args)
-    tz = _zone(args.tz)
-    with open_store(args, False) as store:
-        if args.vm is not None and not store.snapshots(args.vm):
-            raise ConfigError(message=f"prune: VM {args.vm} has no snapshots in {store.path}")
-        result = prune(store, rules, vm=args.vm, tz=tz, dry_run=args.dry_run)
-    if args.json:
-        print(json.dumps(prune_doc(result), indent=2))
-    else:
-        _print_prune(result, tz)
-    return EXIT_FAILED if result.skipped else EXIT_OK
-
-
-def prune_doc(result: PruneResult) -> dict[str, object]:
-    return {
-        "dry_run": result.dry_run,
-        "rules": {k: v for k, v in _rules_dict(result.rules).items() if v},
-        "decisions": [
-            {
-                "id": d.snapshot_id,
-                "vm": {"id": d.vm_id, "name": d.vm_name},
-                "time": d.time.isoformat(),
-                "action": d.action,
-                "reasons": list(d.reasons),
-                **(
-                    {"skipped": result.skipped[d.snapshot_id]}
-                    if d.snapshot_id in result.skipped
-                    else {}
-                ),
-            }
-            for d in result.decisions
-        ],
-        "removed": result.removed,
-        "skipped": result.skipped,
-        "notes": result.notes,
-    }
-
-
-def _rules_dict(rules: Rules) -> dict[str, object]:
-    return {f: getattr(rules, f) for f in rules.__struct_fields__}
-
-
-def _print_prune(result: PruneResult, tz: tzinfo | None) -> None:
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"rules: {result.rules.describe()}")
-    vm = None
-    for d in result.decisions:
-        if d.vm_id != vm:
-            vm = d.vm_id
-            print(f"VM {d.vm_name} ({d.vm_id})")
-        action = d.action
-        if d.snapshot_id in result.skipped:
-            action = "skip"
-        local = d.time.astimezone(tz)
-        why = ", ".join(d.reasons)
-        if d.snapshot_id in result.skipped:
-            why += f" — not removed: {result.skipped[d.snapshot_id]}"
-        print(f"  {action:<6}  {d.snapshot_id:<16}  {local:%Y-%m-%d %H:%M %Z}  {why}")
-    n_remove, n_keep = len(result.to_remove), len(result.decisions) - len(result.to_remove)
-    if result.dry_run:
-        print(f"dry run: would remove {n_remove} snapshots, keep {n_keep}")
-        return
-    print(
-        f"removed {len(result.removed)} snapshots, kept {n_keep}"
-        + (f", {len(result.skipped)} could not be removed" if result.skipped else "")
-        + "; their data is freed by the next GC after the grace period"
-    )
-
-
-# --- protect ---------------------------------------------------------------------------------
-
-
-def cmd_protect(args: argparse.Namespace, open_store: OpenStore, protect: bool) -> int:
-    with open_store(args, False) as store:
-        sid = store.resolve(args.snapshot)
-        changed = set_protected(store, sid, protect)
-    state = "protected" if protect else "unprotected"
-    print(f"snapshot {sid} {state}" if changed else f"snapshot {sid} was already {state}")
-    return EXIT_OK
-
-
-# --- store status ----------------------------------------------------------------------------
-
-
-def cmd_store_status(args: argparse.Namespace, open_store: OpenStore) -> int:
-    with open_store(args, False) as store:
-        usage = store_usage(store)
-    if args.json:
-        print(json.dumps(usage.doc(), indent=2))
-        return EXIT_OK
-    _print_status(usage, args.snapshots)
-    return EXIT_OK
-
-
-_COLUMNS = ("LOGICAL", "DATA", "REFERENCED", "STORED", "UNIQUE", "SHARED", "FREES")
-
-
-def _row(u: Usage) -> str:
-    values = (
-        u.logical_bytes,
-        u.data_bytes,
-        u.referenced_bytes,
-        u.stored_bytes,
-        u.unique_bytes,
-        u.shared_bytes,
-        u.frees_bytes,
-    )
-    return "  ".join(f"{human_bytes(v):>10}" for v in values)
-
-
-def _print_status(usage: StoreUsage, per_snapshot: bool) -> None:
-    t = usage.total
-    h = human_bytes
-    print(f"store      {usage.path}")
-    print(f"snapshots  {t.snapshots} ({usage.removed_snapshots} removed, in the grace period)")
-    print(f"logical    {h(t.logical_bytes)} of virtual disks, {h(t.data_bytes)} of data")
-    print(f"referenced {t.chunks} chunks, {h(t.referenced_bytes)}, stored as {h(t.stored_bytes)}")
-    print(
-        f"index      {usage.index_chunks} chunks, {h(usage.index_stored_bytes)} of records "
-        f"in {h(usage.pack_bytes)} of packs"
-    )
-    print(
-        f"garbage    {usage.unreferenced_chunks} chunks, {h(usage.unreferenced_bytes)} "
-        "referenced by no snapshot (freed by GC)"
-    )
-    if t.missing_chunks:
-        print(f"missing    {t.missing_chunks} referenced chunks are not indexed: run store verify")
-    if not usage.vms:
-        return
-    print()
-    header = "  ".join(f"{c:>10}" for c in _COLUMNS)
-    print(f"{'VM':<36}  {'SNAPS':>5}  {header}")
-    for vm in usage.vms:
-        print(f"{vm.vm_name[:36]:<36}  {vm.usage.snapshots:>5}  {_row(vm.usage)}")
-        if per_snapshot:  # time in UTC, as in `tessera snapshots`; P marks a protected one
-            for s in vm.snapshots:
-                mark = "P" if s.protected else " "
-                when = s.time[:16].replace("T", " ")
-                print(f"  {s.snapshot_id:<16}{mark}{when:>17}  {'':>5}  {_row(s.usage)}")

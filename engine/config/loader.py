@@ -4,21 +4,30 @@
 reads ``policies.d/*.yaml`` (one policy per file); ``load_all`` reads both and checks that
 policies name stores, engines and peers that exist. YAML is read with YAML 1.2 booleans
 (only ``true``/``false``): ``on:`` (``notifications.on``) stays a key, ``no`` stays a string.
+
+PyYAML is imported by the functions that read a file (``_loader``), not with this module:
+every command that may be given a configuration imports it, and a local ``backup image``
+reads none (issue 15).
 """
 
+from __future__ import annotations
+
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import yaml
 
 from engine.config.models import Config
 from engine.config.policy import Policy
 from engine.config.types import dec_hook
 from engine.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 _PATH_PART = re.compile(r"\.(\w+)|\[(\d+)\]")
 # Keys that would hold a secret in the file itself, and the key to use instead.
@@ -32,19 +41,25 @@ _SECRET_KEYS = {
 T = TypeVar("T")
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: ``yes/no/on/off`` are strings."""
+@functools.cache
+def _loader() -> type[yaml.SafeLoader]:
+    """SafeLoader with YAML 1.2 booleans: ``yes/no/on/off`` are strings (made at the first
+    read: the module docstring says why yaml is imported here)."""
+    import yaml  # noqa: PLC0415
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
+    return Loader
 
 
 @dataclass(frozen=True)
@@ -65,13 +80,16 @@ class LoadedConfig:
 
 
 def _compose(path: Path) -> tuple[Any, yaml.Node | None]:
+    import yaml  # noqa: PLC0415 - see _loader
+
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(message=f"{path}: cannot read: {e.strerror}") from e
+    loader = _loader()
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        node = yaml.compose(text, Loader=loader)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - _loader makes a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -83,6 +101,8 @@ def _compose(path: Path) -> tuple[Any, yaml.Node | None]:
 
 def _line(node: yaml.Node | None, json_path: str) -> int | None:
     """The 1-based line of ``$.a[0].b`` in a composed YAML tree (deepest node found)."""
+    import yaml  # noqa: PLC0415 - see _loader
+
     line = None
     for key, index in _PATH_PART.findall(json_path.removeprefix("$")):
         if isinstance(node, yaml.MappingNode) and key:

@@ -12,8 +12,7 @@ import msgspec
 
 from engine.config.types import ByteSize, Duration, Port, PositiveInt, Schedule
 from engine.core.errors import ConfigError
-from engine.store.chunk_store import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE
-from engine.store.keys import ENCRYPTION_AES
+from engine.store.layout import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, ENCRYPTION_AES
 
 DEFAULT_SOCKET = Path("/run/tessera/api.sock")
 DEFAULT_STATE_FILE = Path("/var/lib/tessera/scheduler.json")

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from engine.app.backup import VmBackupRequest, backup_vms
-from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
+from engine.app.backup import backup_vms
+from engine.app.requests import VmBackupRequest, VmRestoreRequest
+from engine.app.restore import plan_vm_restore, restore_vm
 from engine.app.stores import JobStore, open_for_jobs_at
 from engine.app.summaries import backup_doc, vm_restore_doc
 from engine.config.loader import LoadedConfig

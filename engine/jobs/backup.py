@@ -26,7 +26,9 @@ from engine.core.units import MiB
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
-from engine.pipeline.disk import DEFAULT_READERS, DiskStats, backup_disk
+from engine.pipeline.defaults import DEFAULT_READERS
+from engine.pipeline.disk import DiskStats, backup_disk
+from engine.sched.level import LEVELS
 from engine.sources.types import BackupSession, Source, SourceDisk
 from engine.store.catalog import CatalogEntry
 from engine.store.diskmap import DiskMap
@@ -36,7 +38,6 @@ from engine.store.snapshot import SnapshotWriter
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy
 from engine.workers import CpuPool
 
-LEVELS = ("full", "incremental", "differential")
 log = structlog.get_logger("tessera.backup")
 
 Progress = Callable[[str, int, int], None]  # (disk id, bytes done so far, disk size)

@@ -10,7 +10,8 @@ period (the undo window). A *protected* snapshot is never removed.
 Modules: ``retention`` (pure planning), ``prune`` (protect, remove, undo; the prune lock),
 ``usage`` (space per snapshot, VM and store, with bounded memory), ``gc`` (condemn-then-
 delete beside backups under leases, repack, trash with a grace period; the protocol is in
-the ``engine.store`` docstring), ``check`` (the structure and data check that reads
+the ``engine.store`` docstring; ``gc_defaults``: its grace and repack threshold, importable
+without it), ``check`` (the structure and data check that reads
 through a ``Store``; no side effects), ``verify`` (``check`` sampled oldest-first and
 resumable; writes the damage marks (``engine.store.damage``) and the bad-chunk list that the
 next backup heals), ``repair`` (the index rebuilt from the packs, packs with a damaged

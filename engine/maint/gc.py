@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Final
 
 from engine.core.errors import CorruptRecord, SnapshotNotFound, StoreError, StoreLocked
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, short
+from engine.maint.gc_defaults import DEFAULT_GRACE, DEFAULT_REPACK_THRESHOLD
 from engine.maint.prune import REMOVED_DIR, prune_lock, removed_snapshots
 from engine.store import manifest as manifest_mod
 from engine.store.codec import check_crc
@@ -62,8 +63,6 @@ from engine.util.fs import fsync_dir
 if TYPE_CHECKING:
     from engine.store.chunk_store import Store
 
-DEFAULT_GRACE: Final = timedelta(days=7)
-DEFAULT_REPACK_THRESHOLD: Final = 0.5
 # GC's share of wall time while backups run: on the 2-core reference machine a GC working
 # flat out beside a backup cut its throughput to ~0.5 (one core each); at 0.25 the backup
 # keeps >= 0.8 of its speed (``python -m tests.bench gc``) and GC still finishes.

@@ -18,7 +18,8 @@ Memory is bounded by the queue and the pool's buffers, whatever the disk size; D
 slots complete out of order (they are positional). A clean slot whose parent id verify
 marked bad (``bad_chunk_ids``) is read again, so the backup heals it. ``slots`` holds the
 pure slot classification, ``disk`` the concurrent part (``backup_disk``, which the backup
-job calls per disk, typed against ``engine.store.protocols.ChunkWriter``).
+job calls per disk, typed against ``engine.store.protocols.ChunkWriter``), ``defaults`` the
+values callers offer as their own (readers per disk), importable without the pipeline.
 
 A buffer goes back to the pool only when nothing reads it: a cancelled processor waits for
 its ``store.put`` (which runs on in the writer thread, reading the record) before it lets go.

@@ -19,6 +19,7 @@ import structlog
 from engine.core.errors import EngineError, SourceError
 from engine.core.ids import ZERO_ID
 from engine.core.units import MiB
+from engine.pipeline.defaults import DEFAULT_READERS
 from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
 from engine.store.diskmap import DiskMap, DiskMapWriter
@@ -28,7 +29,6 @@ from engine.util.retry import DEFAULT_POLICY, RetryPolicy, retry
 from engine.util.tasks import run_group
 from engine.workers import ChunkBuffer, CpuPool
 
-DEFAULT_READERS: Final = 4  # connections per disk: hides per-request latency of NBD/HTTP
 # Extents are asked for this far ahead of the readers: one BLOCK_STATUS round trip per
 # window, small enough that a huge disk never needs its whole extent list in memory.
 WINDOW_BYTES: Final = 1024 * MiB

@@ -1,7 +1,8 @@
 """The plugin registry: plugins are found through the ``tessera.plugins`` entry point group
-(``pyproject.toml``), or registered in-process with ``register`` (a test, an embedding
-program): the engine never imports a plugin module, and finds plugins by the capability it
-needs (``capabilities``), not by their names.
+(``pyproject.toml``; read by ``entry_points``, as importlib.metadata reads them), or
+registered in-process with ``register`` (a test, an embedding program): the engine never
+imports a plugin module, and finds plugins by the capability it needs (``capabilities``),
+not by their names.
 
 A plugin's entry point is a ``Plugin``: its name, a ``recover`` coroutine that undoes or
 finishes what a killed job of that plugin left (from the resources it recorded; a job's
@@ -15,11 +16,11 @@ its ``plugin`` key names, else the only installed plugin that provides a hypervi
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
 from engine.core.errors import ConfigError
 from engine.sources.capabilities import Hypervisor, ImageIO
+from engine.sources.entry_points import entry_points, load
 
 GROUP = "tessera.plugins"
 _registered: dict[str, "Plugin"] = {}
@@ -45,10 +46,10 @@ class Plugin:
 def plugins() -> dict[str, Plugin]:
     """Every installed plugin by name; a registered one replaces an entry point's."""
     found = {}
-    for ep in entry_points(group=GROUP):
-        plugin = ep.load()
+    for name, value in entry_points(GROUP):
+        plugin = load(value)
         if not isinstance(plugin, Plugin):
-            raise ConfigError(message=f"entry point {ep.name} ({ep.value}) is not a Plugin")
+            raise ConfigError(message=f"entry point {name} ({value}) is not a Plugin")
         found[plugin.name] = plugin
     return found | _registered
 

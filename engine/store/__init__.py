@@ -113,7 +113,7 @@ of data; single figures move ±20 % run to run on this shared machine, ratios le
   while 4 MiB only makes a 4 KiB guest write cost 4 MiB of incremental (PBS's choice). 64 KiB
   chunks would make incrementals 2–3× smaller (docs/DESIGN.md §9) at 16× the index rows and a
   clear throughput loss.
-- zstd level 3 (``codec.DEFAULT_ZSTD_LEVEL``): stores 33.4 % of the plaintext vs 37.0 % at
+- zstd level 3 (``layout.DEFAULT_ZSTD_LEVEL``): stores 33.4 % of the plaintext vs 37.0 % at
   level 1 (11 % more bytes), at 148 vs 258 MB/s per core. zstd is ~85 % of the backup CPU
   cost, so this is the main speed/size dial; level 3 is zstd's own default.
 - pack size 64 MiB: tens of MB per pack (Kopia, Borg 2, restic) keeps file counts low;

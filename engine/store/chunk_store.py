@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -35,20 +35,24 @@ from engine.store import dbfiles, locks
 from engine.store import format as fmt
 from engine.store import manifest as manifest_mod
 from engine.store.catalog import Catalog, CatalogEntry
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec, parse_header
+from engine.store.codec import Codec, parse_header
 from engine.store.damage import clear_healed
 from engine.store.diskmap import DiskMap
 from engine.store.failure import is_write_failure, write_failure
 from engine.store.index import Index, Location
-from engine.store.keys import (
+from engine.store.keys import KdfParams, StoreKeys, read_key_file, write_key_file
+from engine.store.layout import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PACK_SIZE,
+    DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES,
     ENCRYPTIONS,
-    KdfParams,
-    StoreKeys,
-    read_key_file,
-    write_key_file,
+    MIN_PACK_SIZE,
+    STORE_FORMAT,
+    Layout,
+    StoreConfig,
+    check_zstd_level,
 )
-from engine.store.layout import STORE_FORMAT, Layout, StoreConfig, check_zstd_level
 from engine.store.leases import Lease, LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackWriter, SealedPack, pack_path
@@ -61,10 +65,6 @@ if TYPE_CHECKING:
     from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
 
 log = structlog.get_logger("tessera.store")
-
-DEFAULT_CHUNK_SIZE: Final = 1024 * 1024  # see the package docstring for the measurement
-DEFAULT_PACK_SIZE: Final = 64 * 1024 * 1024
-MIN_PACK_SIZE: Final = 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ import os
 import random
 import threading
 from dataclasses import dataclass
-from typing import Final
 
 import blake3
 import zstandard
@@ -47,14 +46,8 @@ from engine.core.errors import CorruptRecord, KeyFileError
 from engine.core.ids import ChunkId, short
 from engine.store import format as fmt
 from engine.store.keys import StoreKeys
+from engine.store.layout import DEFAULT_ZSTD_LEVEL
 
-# zstd level 3 is zstd's own default: on filesystem images it stores ~7 % less than level 1
-# for ~40 % more CPU. `make bench` prints both so the choice can be revisited.
-DEFAULT_ZSTD_LEVEL: Final = 3
-# What a store may choose (``StoreConfig.zstd_level``): zstd's fast levels (negative) up to
-# 19; 20-22 need a large window's memory in every worker for ~1 % less.
-MIN_ZSTD_LEVEL: Final = -7
-MAX_ZSTD_LEVEL: Final = 19
 # Verify-after-encode decodes one record in VERIFY_EVERY again before it may be stored (see
 # "Verify after encode" above for the measurements behind the rate); 1 = every record.
 VERIFY_EVERY: int = 8

@@ -33,9 +33,6 @@ from engine.util.fs import atomic_write
 
 KEY_SIZE: Final = 32
 KEYFILE_FORMAT: Final = 1
-ENCRYPTION_AES: Final = "aes-256-gcm"
-ENCRYPTION_NONE: Final = "none"
-ENCRYPTIONS: Final = (ENCRYPTION_AES, ENCRYPTION_NONE)
 
 
 @dataclass(frozen=True)

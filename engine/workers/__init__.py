@@ -64,8 +64,8 @@ for hosts where Python-level work, not the codecs, would hold the GIL.
 """
 
 from engine.core.errors import ConfigError
-from engine.store.codec import DEFAULT_ZSTD_LEVEL
 from engine.store.keys import StoreKeys
+from engine.store.layout import DEFAULT_ZSTD_LEVEL
 from engine.workers.pool import ChunkBuffer, CpuPool
 from engine.workers.process_pool import ProcessCpuPool
 from engine.workers.thread_pool import ThreadCpuPool

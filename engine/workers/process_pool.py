@@ -36,8 +36,9 @@ from typing import Any, Final, TypeVar
 
 from engine.core.errors import ConfigError, WorkerError
 from engine.core.ids import ChunkId, short
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec
+from engine.store.codec import Codec
 from engine.store.keys import StoreKeys
+from engine.store.layout import DEFAULT_ZSTD_LEVEL
 from engine.workers.pool import (
     ArenaLayout,
     BufferArena,

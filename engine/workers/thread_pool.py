@@ -14,8 +14,9 @@ from typing import Final
 
 from engine.core.errors import WorkerError
 from engine.core.ids import ChunkId
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, Codec
+from engine.store.codec import Codec
 from engine.store.keys import StoreKeys
+from engine.store.layout import DEFAULT_ZSTD_LEVEL
 from engine.workers.pool import (
     ArenaLayout,
     BufferArena,

@@ -13,6 +13,7 @@ import sys
 import time
 
 from tests.bench import (
+    cli_bench,
     gc_bench,
     ovirt_bench,
     pipeline_bench,
@@ -56,6 +57,8 @@ def main() -> int:
         gc_bench.run(report)
     if not only or "verify" in only:
         verify_bench.run(report)
+    if not only or "cli" in only:
+        cli_bench.run(report)
     summary = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.core.ids import ChunkId
 from engine.store.chunk_store import Store
-from engine.store.codec import DEFAULT_ZSTD_LEVEL
 from engine.store.keys import KdfParams
+from engine.store.layout import DEFAULT_ZSTD_LEVEL
 from engine.workers import DEFAULT_POOL_KIND, CpuPool, make_cpu_pool
 from tests.bench.data import CACHE, data_chunks, fs_image
 

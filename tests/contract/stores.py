@@ -20,8 +20,8 @@ from engine.core.ids import ChunkId
 from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.index import BadChunk
-from engine.store.keys import ENCRYPTION_AES, StoreKeys
-from engine.store.layout import Layout
+from engine.store.keys import StoreKeys
+from engine.store.layout import ENCRYPTION_AES, Layout
 from engine.store.leases import LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import BackupStore

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.store.chunk_store import Store
-from engine.store.codec import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
+from engine.store.layout import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
 from tests.integration.images import make_fs_qcow2
 
 pytestmark = pytest.mark.e2e

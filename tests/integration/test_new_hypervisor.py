@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from engine.app.backup import VmBackupRequest, backup_vms
-from engine.app.restore import VmRestoreRequest, plan_vm_restore, restore_vm
+from engine.app.backup import backup_vms
+from engine.app.requests import VmBackupRequest, VmRestoreRequest
+from engine.app.restore import plan_vm_restore, restore_vm
 from engine.app.stores import open_for_jobs
 from engine.config.loader import load_all
 from engine.jobs.backup import BackupOutcome

@@ -1,0 +1,68 @@
+"""What ``tessera gc`` runs (its options: ``engine.cli.gc``)."""
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+from engine.app.maintenance import run_gc
+from engine.cli.commands import service as cli_service
+from engine.cli.commands.stores import open_store
+from engine.cli.exits import EXIT_OK
+from engine.core.errors import ConfigError
+from engine.core.units import human_bytes
+from engine.maint.gc import GcOptions, GcResult
+from engine.maint.retention import Duration
+from engine.util import aio
+
+MB = 1_000_000  # --rate-limit unit, as disk tools quote it
+
+
+def options_from_args(args: argparse.Namespace) -> GcOptions:
+    try:
+        duration: Duration = args.grace
+        now = datetime.now(UTC)
+        return GcOptions(
+            dry_run=args.dry_run,
+            repack_threshold=args.repack_threshold,
+            grace=now - duration.before(now),
+            rate_limit=args.rate_limit * MB if args.rate_limit is not None else None,
+            progress=_progress if sys.stderr.isatty() and not args.json else None,
+        )
+    except ValueError as e:
+        raise ConfigError(message=f"gc: {e}") from e
+
+
+def _progress(step: str, done: int, total: int) -> None:
+    print(f"\rgc: {step} {done}/{total}   ", end="", file=sys.stderr, flush=True)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    if args.config is not None and (socket := cli_service.daemon_socket(args.config)):
+        if args.dry_run:
+            raise ConfigError(
+                message="gc: --dry-run runs here only; stop the daemon or use --store"
+            )
+        # The daemon runs it as a job with its configured grace and threshold.
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/maintenance/gc", {}))
+    with open_store(args, True) as store:
+        result = aio.run(run_gc(store, opts))
+    if opts.progress is not None:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.doc(), indent=2))
+    else:
+        _print(result)
+    return EXIT_OK
+
+
+def _print(result: GcResult) -> None:
+    for line in result.lines():
+        print(line)
+    freed = result.bytes_retired - result.bytes_copied
+    verb = "would move" if result.dry_run else "moved"
+    print(
+        f"{verb} {human_bytes(freed)} to the trash; freed {human_bytes(result.trash_bytes_freed)}"
+        f" in {result.seconds:.1f} s"
+    )

@@ -1,0 +1,151 @@
+"""What ``tessera store init|info|rebuild-index`` and ``tessera snapshots`` run (their
+options: ``engine.cli.main``)."""
+
+import argparse
+import json
+from dataclasses import asdict
+
+from engine.app.passphrase import resolve_passphrase
+from engine.cli.commands.stores import open_store
+from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from engine.core.errors import ConfigError
+from engine.core.units import human_bytes
+from engine.maint.prune import is_protected
+from engine.store.chunk_store import Store
+from engine.store.damage import damage_of
+from engine.store.layout import ENCRYPTION_NONE
+from engine.store.manifest import Manifest
+
+
+def cmd_store_init(args: argparse.Namespace) -> int:
+    passphrase = None
+    if args.encryption != ENCRYPTION_NONE:
+        passphrase = resolve_passphrase(args.passphrase_file, confirm=True)
+    config = Store.init(
+        args.path,
+        chunk_size=args.chunk_size,
+        encryption=args.encryption,
+        pack_size=args.pack_size,
+        key_file=args.key_file,
+        passphrase=passphrase,
+        zstd_level=args.zstd_level,
+    )
+    key = args.key_file or args.path / "keys" / "key"
+    print(f"created store {args.path} (id {config.store_id})")
+    print(
+        f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
+    )
+    print(f"  encryption {config.encryption}, zstd level {config.zstd_level}; key file {key}")
+    if args.encryption != ENCRYPTION_NONE:
+        print("  keep a copy of the key file and the passphrase: without both the data is lost")
+    return EXIT_OK
+
+
+def cmd_store_info(args: argparse.Namespace) -> int:
+    with open_store(args, writable=False) as store:
+        info = store.info()
+    if args.json:
+        doc = asdict(info) | {
+            "dedup_ratio": info.dedup_ratio,
+            "compression_ratio": info.compression_ratio,
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    rows = [
+        ("store", f"{info.path} (id {info.store_id})"),
+        ("format", f"{info.format}, encryption {info.encryption}, zstd level {info.zstd_level}"),
+        ("chunk size", human_bytes(info.chunk_size)),
+        ("pack size", human_bytes(info.pack_size)),
+        ("snapshots", str(info.snapshots)),
+        ("packs", f"{info.packs} ({human_bytes(info.pack_bytes)})"),
+        ("chunks", str(info.chunks)),
+        ("logical", f"{human_bytes(info.logical_bytes)} referenced by snapshots"),
+        ("unique", f"{human_bytes(info.unique_bytes)} after dedup"),
+        ("stored", f"{human_bytes(info.stored_bytes)} after compression/encryption"),
+        ("dedup ratio", f"{info.dedup_ratio:.2f}"),
+        ("compression", f"{info.compression_ratio:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return EXIT_OK
+
+
+def cmd_store_rebuild_index(args: argparse.Namespace) -> int:
+    with open_store(args, writable=True) as store:
+        report = store.rebuild_index()
+        stats = store.index.stats()
+    for line in report.lines():
+        print(line)
+    print(f"index rebuilt: {stats.packs} packs, {stats.chunks} chunks")
+    # A missing or damaged index.db / catalog.db is what this command fixes: reported, but
+    # not a reason for exit 3. A damaged trailer is (the pack needs `store repair`).
+    left = [p for p in report.problems if p not in report.files]
+    return EXIT_INTEGRITY if left else EXIT_OK
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    if args.store is None and args.config is None:
+        raise ConfigError(message="snapshots: one of --store or --config is required")
+    with open_store(args, writable=False) as store:
+        manifests = [store.manifest(e.snapshot_id) for e in store.snapshots(args.vm)]
+        protected = {m.snapshot_id for m in manifests if is_protected(store.layout, m.snapshot_id)}
+        damage = {
+            m.snapshot_id: damage_of(store.layout, store.index, m.snapshot_id) for m in manifests
+        }
+    if args.json:
+        docs = [
+            snapshot_doc(m)
+            | {"protected": m.snapshot_id in protected, "damaged": damage[m.snapshot_id]}
+            for m in manifests
+        ]
+        print(json.dumps(docs, indent=2))
+        return EXIT_OK
+    print(
+        f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
+        "  PROTECTED  DAMAGED"
+    )
+    for m in manifests:
+        line = (
+            f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
+            f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
+            f"  {'yes' if m.snapshot_id in protected else '':<9}"
+            + _damage_cell(damage[m.snapshot_id])
+        )
+        print(line.rstrip())
+    return EXIT_OK
+
+
+def _damage_cell(damage: dict[str, object] | None) -> str:
+    """``DAMAGED`` column: what `store verify` found still wrong (healed chunks left out)."""
+    if damage is None:
+        return ""
+    chunks = damage.get("chunks")
+    parts = [f"{len(chunks)} chunks"] if isinstance(chunks, list) and chunks else []
+    parts += ["DiskMap"] if damage.get("diskmaps") else []
+    parts += ["manifest"] if damage.get("manifest") else []
+    return f"  yes ({', '.join(parts)})"
+
+
+def snapshot_doc(m: Manifest) -> dict[str, object]:
+    return {
+        "id": m.snapshot_id,
+        "time": m.time,
+        "vm": {"id": m.vm_id, "name": m.vm_name},
+        "level": m.level,
+        "parent": m.parent,
+        "consistency": m.consistency,
+        "tags": dict(m.tags),
+        "size": m.size,
+        "data_bytes": m.data_bytes,
+        "disks": [
+            {
+                "id": d.disk_id,
+                "name": d.name,
+                "size": d.size,
+                "data_bytes": d.data_bytes,
+                "attributes": d.attributes,
+            }
+            for d in m.disks
+        ],
+    }
