@@ -6,7 +6,10 @@ reads fail with a real EIO while a toggle file exists. A *loop device* over such
 real block device whose reads fail the same way. Checked: EIO is a retryable error naming
 the disk, the path and the offset, from a file and from a block device; a block device is
 sized by the kernel and reports everything as data; ``drop_cache`` really drops what was
-read (``fincore``); a cancelled read returns only once its thread has filled the buffer.
+read (``fincore``); a cancelled read returns only once its thread has filled the buffer;
+a backup job of a raw image retries transient EIO to an exact snapshot and fails a
+persistent one naming the disk and offset, nothing half-committed; a loop device given as
+an image is read directly, its zero slots found by reading.
 """
 
 import asyncio
@@ -15,7 +18,7 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,17 @@ from engine.core.errors import TransientError
 from engine.core.extent import Extent
 from engine.core.units import KiB, MiB
 from engine.io.direct import DirectImage, DirectTransientReadError
+from engine.jobs.backup import run_backup
+from engine.jobs.journal import Journal
+from engine.jobs.states import State
+from engine.maint.check import check_store
+from engine.sources.types import BackupSession, ResourceRecorder
+from engine.util.retry import RetryPolicy
+from engine.workers import ThreadCpuPool
 from plugins.lab.engine.devices import mounts_under
+from plugins.local.source import LocalImageSource
+from tests.conftest import StoreFactory
+from tests.helpers import read_disk
 from tests.integration.test_nbd_nbdkit import NbdKit
 from tests.unit.io import leaks
 
@@ -233,3 +246,94 @@ async def test_a_cancelled_read_returns_once_its_thread_filled_the_buffer(
         finally:
             await reader.close()
             await image.close()
+
+
+class TogglingSource(LocalImageSource):
+    """The local source whose reads start failing once it is open (``qemu-img info``,
+    which probes the image's format in ``open``, still reads it)."""
+
+    def __init__(self, paths: Sequence[Path], toggle: Path) -> None:
+        super().__init__(paths)
+        self.toggle = toggle
+
+    async def open(
+        self,
+        parent_checkpoint: str | None,
+        keep_checkpoints: Sequence[str],
+        new_checkpoint: str,
+        readers: int,
+        record: ResourceRecorder,
+    ) -> BackupSession:
+        session = await super().open(
+            parent_checkpoint, keep_checkpoints, new_checkpoint, readers, record
+        )
+        self.toggle.touch()
+        return session
+
+
+async def backup(store, source, attempts: int):  # type: ignore[no-untyped-def]
+    pool = ThreadCpuPool(store.keys, store.config.chunk_size, workers=2)
+    try:
+        return await run_backup(
+            store=store,
+            pool=pool,
+            source=source,
+            journal=Journal(store.path / "journal"),
+            level="full",
+            retry_policy=RetryPolicy(attempts=attempts, base_delay=0.001, max_delay=0.01),
+        )
+    finally:
+        await pool.aclose()
+
+
+async def test_backup_of_a_raw_image_retries_transient_eio(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    store = make_store(chunk_size=256 * KiB, pack_size=8 * MiB)
+    content = raw_image(tmp_path / "image.raw", 8 * MiB)
+    toggle = tmp_path / "fail"
+    nbdkit = error_filter(tmp_path / "image.raw", toggle, rate="30%")
+    async with fuse_file(tmp_path, *nbdkit) as path:
+        # 30 % of FUSE's requests fail (a slot takes one or two); 20 attempts make a false
+        # failure ~1e-7 per slot, and a run without any fault ~1e-5.
+        outcome = await backup(store, TogglingSource([path], toggle), attempts=20)
+        assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+        assert sum(d.retries for d in outcome.disks) > 0
+        assert outcome.manifest is not None
+        assert read_disk(store, outcome.manifest) == content
+        assert "exports" not in outcome.record.resources  # read directly: no server
+
+
+async def test_backup_of_a_raw_image_fails_on_persistent_eio_naming_disk_and_offset(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    store = make_store(chunk_size=256 * KiB, pack_size=8 * MiB)
+    raw_image(tmp_path / "image.raw", 8 * MiB)
+    toggle = tmp_path / "fail"
+    async with fuse_file(tmp_path, *error_filter(tmp_path / "image.raw", toggle)) as path:
+        outcome = await backup(store, TogglingSource([path], toggle), attempts=3)
+        record = outcome.record
+        assert record.state is State.FAILED
+        assert record.error is not None
+        assert f"disk {path} at offset " in record.error, record.error
+        assert f"reading {path} at offset " in record.error and "EIO" in record.error
+        assert outcome.manifest is None
+        assert store.snapshots() == []
+        assert check_store(store, data=True).ok
+
+
+async def test_backup_of_a_loop_device_reads_it_directly(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    store = make_store(chunk_size=256 * KiB, pack_size=8 * MiB)
+    content = raw_image(tmp_path / "image.raw", 8 * MiB)
+    with loop_device(tmp_path / "image.raw") as device:
+        outcome = await backup(store, LocalImageSource([device]), attempts=1)
+        assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+        assert outcome.manifest is not None
+        (disk,) = outcome.manifest.disks
+        assert (disk.size, disk.attributes["format"]) == (len(content), "raw")
+        assert read_disk(store, outcome.manifest) == content
+        # All data to the source: its zero slots were found by reading them.
+        stats = outcome.disks[0]
+        assert (stats.bytes_read, stats.zero_slots, stats.read_slots) == (len(content), 24, 8)
