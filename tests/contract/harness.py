@@ -430,8 +430,9 @@ class OvirtSourceHarness:
         # full. The snapshot flows read every disk in full, always.
         self.checkpoints = flow == "backup-api"
         self.incremental = frozenset({0}) if self.checkpoints else frozenset()
-        # A device attached to the DataMover is read through qemu-nbd over the device:
-        # everything is allocated there, zeros are found by reading.
+        # A device attached to the DataMover is read directly: a block device (the lab's, a
+        # FUSE file, cannot tell holes either) reports everything as data, zeros are found
+        # by reading.
         self.reports_zero = flow != "snapshot-attach"
         self.journals = True
 

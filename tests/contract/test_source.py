@@ -15,7 +15,7 @@ source: a full and an incremental restore to exactly what the disks held.
 Implementations (``harness.SOURCES``): the in-memory source, local images (a qcow2 one
 through qemu-nbd and a raw one read directly; and raw images only, no process at all), the
 oVirt backup-API flow, the snapshot + imageio flow and the snapshot + DataMover attachment
-flow against the lab.
+flow (its devices read directly) against the lab.
 """
 
 import asyncio
