@@ -53,8 +53,9 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, Self
+from typing import Final, Self, TypeVar
 
 from engine.core.errors import EngineError, TransientError
 from engine.core.extent import Extent
@@ -114,7 +115,7 @@ class DirectImage:
         block device."""
         name = os.fspath(path)
         try:
-            fd, kind, size = await asyncio.to_thread(_open, name)
+            fd, kind, size = await _in_thread(_open, name, lambda opened: opened[0])
         except OSError as e:
             raise DirectImageError(disk=disk, path=name, reason=_errno_text(e)) from e
         if fd is None:
@@ -197,7 +198,7 @@ class DirectImage:
         (the device went away)."""
         self._check_open()
         try:
-            fd = await asyncio.to_thread(_open_reader, self.path)
+            fd = await _in_thread(_open_reader, self.path, lambda fd: fd)
         except OSError as e:
             raise DirectImageError(disk=self.disk, path=self.path, reason=_errno_text(e)) from e
         return DirectReader(self, fd)
@@ -206,6 +207,27 @@ class DirectImage:
         fd, self._fd = self._fd, None
         if fd is not None:
             await asyncio.to_thread(os.close, fd)
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(opener: Callable[[str], T], path: str, fd_of: Callable[[T], int | None]) -> T:
+    """``opener(path)`` in the default executor. Cancelled meanwhile, the opening goes on in
+    its thread: the descriptor it returns (``fd_of`` its result) is closed then, not leaked."""
+    work = asyncio.ensure_future(asyncio.to_thread(opener, path))
+
+    def close_late(done: "asyncio.Future[T]") -> None:
+        if not done.cancelled() and done.exception() is None:
+            fd = fd_of(done.result())
+            if fd is not None:
+                os.close(fd)
+
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(close_late)
+        raise
 
 
 def _open(path: str) -> tuple[int | None, str, int]:

@@ -217,3 +217,40 @@ async def test_close_is_idempotent_and_closed_objects_refuse(tmp_path: Path) -> 
             break
         await asyncio.sleep(0.01)
     assert not [t.name for t in left if t.name.startswith("tessera-read")]
+
+
+async def test_a_cancelled_open_leaks_no_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(4096))
+    image = await DirectImage.open(path, disk=DISK)
+    try:
+        # The path becomes a FIFO: opening it blocks in the thread until a writer comes.
+        path.unlink()
+        os.mkfifo(path)
+        task = asyncio.create_task(image.open_reader())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        writer = os.open(path, os.O_WRONLY)  # the thread's open returns now
+        try:
+            for _ in range(200):  # until the late descriptor is closed
+                if fds_on(path) == [writer]:
+                    break
+                await asyncio.sleep(0.01)
+            assert fds_on(path) == [writer]
+        finally:
+            os.close(writer)
+    finally:
+        await image.close()
+
+
+def fds_on(path: Path) -> list[int]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                found.append(int(fd.name))
+        except OSError:
+            continue
+    return found
