@@ -1,19 +1,24 @@
-"""Disk I/O every source and target uses: an NBD client, qemu process wrappers and the
-journaled NBD exports.
+"""Disk I/O every source and target uses: direct reads of raw images, an NBD client, qemu
+process wrappers and the journaled NBD exports.
 
-Modules: ``nbd`` (the sans-IO NBD protocol and its asyncio client), ``qemu`` (qemu-img
-commands; ``QemuNbd`` and ``NbdServerProcess``: a server on a unix socket in a private
-directory), ``exports`` (those servers as a job journals them, and how recovery stops what a
-killed job left, found by directory: used by ``plugins.local`` and ``plugins.ovirt``).
+Modules: ``direct`` (a raw file or block device read in place with ``preadv``, no server:
+local raw images and the DataMover's devices), ``nbd`` (the sans-IO NBD protocol and its
+asyncio client), ``qemu`` (qemu-img commands; ``QemuNbd`` and ``NbdServerProcess``: a server
+on a unix socket in a private directory, for formats that need qemu: qcow2), ``exports``
+(those servers as a job journals them, and how recovery stops what a killed job left, found
+by directory: used by ``plugins.local`` and ``plugins.ovirt``).
 
 Nouns: an *export* is a disk served over NBD (its size, block size constraints and flags come
 from the handshake); an *extent* (``engine.core.extent.Extent``) is a byte range with zero /
-hole / dirty flags from NBD block status; a *metadata context* is the kind of block status
-asked for (``base:allocation`` for zero/hole, ``qemu:dirty-bitmap:NAME`` for changed ranges).
+hole / dirty flags from NBD block status (or, read directly, from a file's holes); a
+*metadata context* is the kind of block status asked for (``base:allocation`` for
+zero/hole, ``qemu:dirty-bitmap:NAME`` for changed ranges).
 
-Invariants: every request size is bounded (``nbd.protocol.MAX_REQUEST``), every wait on a
-server or process is bounded by a named timeout, every process started here is reaped and
-every temporary directory removed, also on errors and cancellation. A server process dies
+Invariants: every direct read runs on its reader's thread, never on the event loop, and
+fills the caller's buffer in place; every NBD request size is bounded
+(``nbd.protocol.MAX_REQUEST``), every wait on a server or process is bounded by a named
+timeout, every process started here is reaped and every temporary directory removed, also
+on errors and cancellation. A server process dies
 with the process that started it (``PR_SET_PDEATHSIG``), and its private directory exists
 before it does, so a job can journal it and recovery can find what a killed job left.
 """

@@ -1,10 +1,12 @@
-"""Local qcow2/raw images as backup sources and restore targets, served by ``qemu-nbd``.
+"""Local qcow2/raw images as backup sources and restore targets.
 
-``source.LocalImageSource`` reads an image (full, or incremental from a qcow2 persistent
-bitmap used as the checkpoint); ``target.LocalImageTarget`` writes a restore into a new
-sparse image (or an existing one), through ``engine.restore.nbd_target``. ``LocalImages``
-is the plugin's ``ImageIO`` capability; ``source.recover`` undoes what a killed job left
-(qemu-nbd exports, partial images, bitmaps). ``PLUGIN`` is this plugin's registry entry
+``source.LocalImageSource`` reads an image: a raw one directly (``engine.io.direct``, no
+process), a qcow2 one through a read-only ``qemu-nbd`` (full, or incremental from a
+persistent bitmap used as the checkpoint); ``target.LocalImageTarget`` writes a restore
+into a new sparse image (or an existing one) through a writable ``qemu-nbd``
+(``engine.restore.nbd_target``). ``LocalImages`` is the plugin's ``ImageIO`` capability;
+``source.recover`` undoes what a killed job left (qemu-nbd exports, partial images,
+bitmaps). ``PLUGIN`` is this plugin's registry entry
 (entry point ``tessera.plugins: local``).
 """
 

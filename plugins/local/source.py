@@ -1,28 +1,41 @@
-"""A local qcow2 or raw image as a backup Source, served by a read-only ``qemu-nbd``.
+"""Local images as a backup Source: a raw image read directly, any other format (qcow2)
+through a read-only ``qemu-nbd``.
 
-Checkpoints are qcow2 persistent dirty bitmaps named ``tessera-<job>``::
+A raw image (format ``raw`` in ``qemu-img info``: a file or a block device) holds the disk's
+bytes as they are, so it is read in place (``engine.io.direct``: ``preadv`` by N readers,
+holes from ``SEEK_DATA``/``SEEK_HOLE`` reported as zero extents). No process is started
+and nothing is journaled for it: a killed backup leaves nothing behind. Its size is the
+file's (``qemu-img info`` rounds a raw file up to 512-byte sectors). A raw image has no
+bitmaps: every run reads it fully (``fallback_reason`` says so when an incremental was
+asked for).
+
+A qcow2 image needs qemu's format driver and keeps the checkpoints: persistent dirty bitmaps
+named ``tessera-<job>``::
 
     run N:  check parent bitmap ──▶ add bitmap N (records writes from now on)
             ──▶ qemu-nbd --read-only [-B parent] ──▶ read (all, or dirty since parent)
             ──▶ success: stop, remove bitmaps other than N and the kept ones (last full's)
                 failure: stop, remove bitmap N (the parent stays valid for the next run)
 
-The image must not be written by anyone else while it is exported (qemu's image locking
-refuses it anyway). A raw image has no bitmaps: every run reads it fully (``fallback_reason``
-says so). A bitmap that is missing, or flagged ``in-use`` (not saved cleanly after a crash:
-its contents cannot be trusted), makes that disk a full read with the reason recorded.
+A bitmap that is missing, or flagged ``in-use`` (not saved cleanly after a crash: its
+contents cannot be trusted), makes that disk a full read with the reason recorded.
 
-Journal keys (each written before what it names exists): ``bitmaps_added``,
-``new_checkpoint``/``keep_checkpoints``, ``exports`` (each qemu-nbd's private directory,
-and its pid once started; ``export_records``) and, from the restore target,
-``partial_images``. ``recover`` stops exports found by their directories (``stop_exports``),
-removes partial images and fixes bitmaps; every step is idempotent.
+Nobody may write an image while it is read: nothing enforces it (qemu's image locks do
+not keep writers out of a read-only qemu-nbd either; adding a bitmap needs qemu's write
+lock, so a qcow2 image a running VM holds is refused up front).
+
+Journal keys (each written before what it names exists), for qcow2 images only:
+``bitmaps_added``, ``new_checkpoint``/``keep_checkpoints``, ``exports`` (each qemu-nbd's
+private directory, and its pid once started; ``export_records``) and, from the restore
+target, ``partial_images``. ``recover`` stops exports found by their directories
+(``stop_exports``), removes partial images and fixes bitmaps; every step is idempotent.
 """
 
 import hashlib
 import os
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,7 @@ import structlog
 
 from engine.core.extent import Extent
 from engine.io import qemu
+from engine.io.direct import DirectImage, DirectReader
 from engine.io.exports import export_records, stop_exports
 from engine.io.nbd.client import NbdClient, connect, extents
 from engine.sources.types import BackupSession, DiskInfo, ResourceRecorder, SourceDisk, VmInfo
@@ -62,6 +76,8 @@ class NbdReader:
 
 
 class LocalSourceDisk:
+    """An image behind a read-only qemu-nbd (qcow2, or any format but raw)."""
+
     def __init__(
         self,
         info: DiskInfo,
@@ -91,13 +107,39 @@ class LocalSourceDisk:
         """Nothing to free early: the session's ``close`` stops the export."""
 
 
+class RawImageDisk:
+    """A raw image read directly: every run reads it fully (it has no bitmaps)."""
+
+    def __init__(self, info: DiskInfo, image: DirectImage, reason: str | None):
+        self.info = info
+        self.checkpoint_parent: str | None = None
+        self.fallback_reason = reason
+        self._image = image
+
+    async def extents(self, offset: int, length: int) -> Sequence[Extent]:
+        return await self._image.extents(offset, length)
+
+    async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
+        raise RuntimeError("a raw image has no dirty bitmaps: it is never read incrementally")
+
+    async def open_reader(self) -> DirectReader:
+        return await self._image.open_reader()
+
+    async def release(self) -> None:
+        """Nothing to free early: the session's ``close`` closes the image."""
+
+
 class LocalSession:
+    """The images of one run; ``paths`` are its qcow2 images (whose bitmaps ``close`` keeps
+    or drops). ``close`` closes the raw images, stops the exports, then fixes bitmaps."""
+
     def __init__(self, vm: VmInfo, new_checkpoint: str, keep: Sequence[str], paths: list[Path]):
         self.vm = vm
         self.new_checkpoint = new_checkpoint
-        self.local_disks: list[LocalSourceDisk] = []
+        self.local_disks: list[LocalSourceDisk | RawImageDisk] = []
         self._keep = set(keep)
         self._paths = paths
+        self._images: list[DirectImage] = []
         self._exports: list[qemu.QemuNbd] = []
         self._controls: list[NbdClient] = []
         self._added: list[Path] = []
@@ -112,9 +154,11 @@ class LocalSession:
 
     @property
     def consistency(self) -> str | None:
-        return "offline"  # an image file nobody writes while it is exported
+        return "offline"  # an image file nobody writes while it is read
 
     async def close(self, success: bool) -> None:
+        for image in self._images:
+            await image.close()
         for control in self._controls:
             await control.close()
         for export in self._exports:
@@ -163,55 +207,100 @@ class LocalImageSource:
         readers: int,
         record: ResourceRecorder,
     ) -> BackupSession:
-        disks_info = []
-        plans: list[tuple[Path, str, str | None, str | None]] = []
-        for path in self.paths:
-            info = await qemu.info(path)
-            fmt = str(info["format"])
-            flags = bitmap_flags(info)
-            parent, reason = None, None
-            if parent_checkpoint is not None:
-                if fmt != "qcow2":
-                    reason = f"{fmt} image has no dirty bitmaps: full read"
-                elif parent_checkpoint not in flags:
-                    reason = f"bitmap {parent_checkpoint} is missing: full read"
-                elif "in-use" in flags[parent_checkpoint]:
-                    reason = f"bitmap {parent_checkpoint} is inconsistent (in-use): full read"
-                else:
-                    parent = parent_checkpoint
-            plans.append((path, fmt, parent, reason))
-            disks_info.append(
-                DiskInfo(
-                    disk_id=str(path),
-                    name=path.name,
-                    size=int(info["virtual-size"]),
-                    attributes={"format": fmt, "path": str(path)},
-                )
-            )
-        vm = VmInfo(self.vm_id, self.vm_name, tuple(disks_info), config=None)
-        session = LocalSession(vm, new_checkpoint, keep_checkpoints, self.paths)
+        plans: list[_Plan] = []
         try:
-            for (path, fmt, parent, reason), dinfo in zip(plans, disks_info, strict=True):
-                if fmt == "qcow2":
-                    await record("bitmaps_added", [str(p) for p in [*session._added, path]])
-                    await qemu.bitmap_add(path, new_checkpoint)
-                    session._added.append(path)
-                export = qemu.QemuNbd(path, fmt, read_only=True, bitmap=parent, shared=readers + 2)
-                export.prepare()
-                session._exports.append(export)
-                await record(
-                    "exports", export_records(session._exports)
-                )  # before the process exists
-                await export.start()
-                await record("exports", export_records(session._exports))  # now with its pid
-                contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
-                control = await connect(export.address, meta_contexts=contexts)
-                session._controls.append(control)
-                session.local_disks.append(LocalSourceDisk(dinfo, export, control, parent, reason))
+            for path in self.paths:
+                plans.append(await _plan(path, parent_checkpoint))
+        except BaseException:
+            for plan in plans:
+                if plan.image is not None:
+                    await plan.image.close()
+            raise
+        disks_info = [
+            DiskInfo(
+                disk_id=str(p.path),
+                name=p.path.name,
+                size=p.size,
+                attributes={"format": p.fmt, "path": str(p.path)},
+            )
+            for p in plans
+        ]
+        vm = VmInfo(self.vm_id, self.vm_name, tuple(disks_info), config=None)
+        qcow2 = [p.path for p in plans if p.fmt == "qcow2"]  # the images that keep bitmaps
+        session = LocalSession(vm, new_checkpoint, keep_checkpoints, qcow2)
+        session._images = [p.image for p in plans if p.image is not None]
+        try:
+            for plan, dinfo in zip(plans, disks_info, strict=True):
+                if plan.image is not None:
+                    session.local_disks.append(RawImageDisk(dinfo, plan.image, plan.reason))
+                else:
+                    session.local_disks.append(
+                        await _serve(session, plan, dinfo, new_checkpoint, readers, record)
+                    )
         except BaseException:
             await session.close(success=False)
             raise
         return session
+
+
+@dataclass
+class _Plan:
+    """How one image is read: directly (``image``: a raw one) or through qemu-nbd."""
+
+    path: Path
+    fmt: str
+    size: int
+    parent: str | None  # the bitmap an incremental reads from
+    reason: str | None  # why an incremental became a full read
+    image: DirectImage | None = None
+
+
+async def _plan(path: Path, parent_checkpoint: str | None) -> _Plan:
+    info = await qemu.info(path)
+    fmt = str(info["format"])
+    flags = bitmap_flags(info)
+    parent, reason = None, None
+    if parent_checkpoint is not None:
+        if fmt != "qcow2":
+            reason = f"{fmt} image has no dirty bitmaps: full read"
+        elif parent_checkpoint not in flags:
+            reason = f"bitmap {parent_checkpoint} is missing: full read"
+        elif "in-use" in flags[parent_checkpoint]:
+            reason = f"bitmap {parent_checkpoint} is inconsistent (in-use): full read"
+        else:
+            parent = parent_checkpoint
+    plan = _Plan(path, fmt, int(info["virtual-size"]), parent, reason)
+    if fmt == "raw":
+        plan.image = await DirectImage.open(path, disk=str(path))
+        plan.size = plan.image.size  # the file's own: qemu-img rounds up to 512 bytes
+    return plan
+
+
+async def _serve(
+    session: LocalSession,
+    plan: _Plan,
+    dinfo: DiskInfo,
+    new_checkpoint: str,
+    readers: int,
+    record: ResourceRecorder,
+) -> LocalSourceDisk:
+    """Add the new checkpoint's bitmap (qcow2) and start a read-only qemu-nbd for the image,
+    each journaled first."""
+    path, parent = plan.path, plan.parent
+    if plan.fmt == "qcow2":
+        await record("bitmaps_added", [str(p) for p in [*session._added, path]])
+        await qemu.bitmap_add(path, new_checkpoint)
+        session._added.append(path)
+    export = qemu.QemuNbd(path, plan.fmt, read_only=True, bitmap=parent, shared=readers + 2)
+    export.prepare()
+    session._exports.append(export)
+    await record("exports", export_records(session._exports))  # before the process exists
+    await export.start()
+    await record("exports", export_records(session._exports))  # now with its pid
+    contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{parent}"] if parent else [])
+    control = await connect(export.address, meta_contexts=contexts)
+    session._controls.append(control)
+    return LocalSourceDisk(dinfo, export, control, parent, plan.reason)
 
 
 async def recover(resources: dict[str, Any], committed: bool) -> list[str]:

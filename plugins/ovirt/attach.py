@@ -7,21 +7,25 @@
              per disk: record the attachment, then POST vms/{datamover}/diskattachments
                        <disk id=D><snapshot id=S/></disk> active=true virtio_scsi (transient)
                        ──wait──▶ BY_ID/<name ending in the disk id's first 20 chars>
-                       qemu-nbd --read-only -f raw <device> (recorded), one control
-                       connection for base:allocation
-    read:    N NBD readers of the local export; a device has no extent information, so
-             zero slots are found after reading (the pipeline hashes them to the zero id)
-    close(): stop the exports, DELETE each attachment (detach_only), DELETE the snapshot
+                       open the device read-only (``engine.io.direct``); smaller than
+                       the disk: ``OvirtAttachError``
+    read:    N direct readers of the device (``preadv`` in place, no qemu-nbd: the guest
+             sees the snapshot's guest data as raw bytes, whatever the volume's format);
+             a block device has no extent information, so zero slots are found after
+             reading (the pipeline hashes them to the zero id); what was read is dropped
+             from the DataMover's page cache (the transient device is read once)
+    close(): close the device, DELETE each attachment (detach_only), DELETE the snapshot
              and poll until gone: on success, failure and cancellation alike
 
 The disk's device is found by its serial (``datamover.find_devices``); restores through the
 DataMover are ``attach_restore``.
 
-Journal keys: ``engine``, ``snapshot`` (``snapshots.create_snapshot``), ``attachments``
-(``{vm_id, disk_id}``, written before each POST) and ``attach_exports`` (each qemu-nbd's
-private directory, written before the process starts, and its pid once known).
-``recovery.recover`` stops the exports (found by directory, see ``engine.io.qemu``), detaches
-the disks (a disk no longer attached is done, ``idempotent``), then removes the snapshot.
+Journal keys: ``engine``, ``snapshot`` (``snapshots.create_snapshot``) and ``attachments``
+(``{vm_id, disk_id}``, written before each POST). A killed run leaves no process: the
+devices were open only in the process that died. ``recovery.recover`` detaches the disks (a
+disk no longer attached is done, ``idempotent``), then removes the snapshot; it still stops
+the qemu-nbd exports that ``attach_exports`` names (a restore's, or a backup journaled by a
+version that read the device through qemu-nbd).
 """
 
 from collections.abc import Sequence
@@ -32,9 +36,7 @@ import structlog
 from engine.config.models import DataMoverSection
 from engine.core.errors import ConfigError, EngineError
 from engine.core.extent import Extent
-from engine.io import qemu
-from engine.io.exports import export_records
-from engine.io.nbd.client import NbdClient, connect, extents
+from engine.io.direct import DirectImage, DirectReader
 from engine.sources.types import DiskInfo, ResourceRecorder, SourceDisk, VmInfo
 from plugins.ovirt.base import OvirtSourceBase
 from plugins.ovirt.client import EngineClient
@@ -52,40 +54,26 @@ from plugins.ovirt.snapshots import (
 log = structlog.get_logger("tessera.ovirt.attach")
 
 
-class _NbdReader:
-    def __init__(self, client: NbdClient) -> None:
-        self._client = client
-
-    async def readinto(self, offset: int, buf: memoryview) -> None:
-        await self._client.readinto(offset, buf)
-
-    async def close(self) -> None:
-        await self._client.close()
-
-
 class _DeviceDisk:
-    """A ``SourceDisk``: the attached snapshot disk's device behind a read-only qemu-nbd."""
+    """A ``SourceDisk``: the attached snapshot disk's device, read directly."""
 
-    def __init__(
-        self, info: DiskInfo, reason: str | None, export: qemu.QemuNbd, control: NbdClient
-    ) -> None:
+    def __init__(self, info: DiskInfo, reason: str | None, device: DirectImage) -> None:
         self.info = info
         self.checkpoint_parent: str | None = None  # every run reads fully
         self.fallback_reason = reason
-        self.export = export
-        self.control = control
+        self.device = device
 
     async def extents(self, offset: int, length: int) -> Sequence[Extent]:
-        return [e async for e in extents(self.control, offset, length, "base:allocation")]
+        return await self.device.extents(offset, length)
 
     async def dirty_extents(self, offset: int, length: int) -> Sequence[Extent]:
         raise RuntimeError("the snapshot-attach flow never reads incrementally")
 
-    async def open_reader(self) -> _NbdReader:
-        return _NbdReader(await connect(self.export.address, meta_contexts=()))
+    async def open_reader(self) -> DirectReader:
+        return await self.device.open_reader()
 
     async def release(self) -> None:
-        """Nothing to free early: the session's ``close`` stops the export."""
+        """Nothing to free early: the session's ``close`` closes the device."""
 
 
 class AttachSession:
@@ -105,7 +93,7 @@ class AttachSession:
         self.consistency = consistency
         self.datamover = datamover
         self.attached: list[str] = []  # disk ids, also those whose POST may have failed
-        self.exports: list[qemu.QemuNbd] = []
+        self.devices: list[DirectImage] = []  # open, to be closed before detaching
         self._disks: list[_DeviceDisk] = []
 
     @property
@@ -117,16 +105,14 @@ class AttachSession:
         return None
 
     async def close(self, success: bool) -> None:
-        """Stop the exports, detach every disk, remove the snapshot; errors are collected and
-        raised together (``OvirtSnapshotError``) after every step was tried."""
+        """Close the devices, detach every disk, remove the snapshot; errors are collected
+        and raised together (``OvirtSnapshotError``) after every step was tried."""
         errors: list[str] = []
-        for disk in self._disks:
+        for device in self.devices:
             try:
-                await disk.control.close()
-            except Exception as e:  # noqa: BLE001 - a broken connection must not keep disks attached
-                errors.append(f"disk {disk.info.disk_id}: closing its export connection: {e!r}")
-        for export in self.exports:
-            await export.stop()  # never raises: terminates, kills, reaps
+                await device.close()
+            except OSError as e:  # a failed close must not keep disks attached
+                errors.append(f"disk {device.disk}: closing its device {device.path}: {e!r}")
         for disk_id in reversed(self.attached):
             try:
                 await detach_disk(
@@ -185,9 +171,7 @@ class SnapshotAttachSource(OvirtSourceBase):
         try:
             await wait_snapshot(self.client, vm.id, snapshot_id)
             for dinfo in info.disks:
-                session._disks.append(
-                    await self._open_disk(session, dinfo, reason, readers, record)
-                )
+                session._disks.append(await self._open_disk(session, dinfo, reason, record))
         except BaseException as e:
             try:
                 await session.close(success=False)
@@ -202,7 +186,6 @@ class SnapshotAttachSource(OvirtSourceBase):
         session: AttachSession,
         dinfo: DiskInfo,
         reason: str | None,
-        readers: int,
         record: ResourceRecorder,
     ) -> _DeviceDisk:
         dm = self.datamover
@@ -211,22 +194,16 @@ class SnapshotAttachSource(OvirtSourceBase):
         await attach_disk(
             self.client, dm.id, dm.name, dinfo.disk_id, snapshot_id=session.snapshot_id
         )
-        device = await wait_device(
+        path = await wait_device(
             self.section.by_id_dir, dinfo.disk_id, self.section.device_timeout, dm.name
         )
-        export = qemu.QemuNbd(device, "raw", read_only=True, shared=readers + 2)
-        export.prepare()
-        session.exports.append(export)
-        await record("attach_exports", export_records(session.exports))  # before the process exists
-        await export.start()
-        await record("attach_exports", export_records(session.exports))  # now with its pid
-        control = await connect(export.address, meta_contexts=["base:allocation"])
-        if control.export_size < dinfo.size:
-            await control.close()
+        # The transient device is read once and goes away: its pages are of no further use.
+        device = await DirectImage.open(path, disk=dinfo.disk_id, drop_cache=True)
+        session.devices.append(device)
+        if device.size < dinfo.size:
             raise OvirtAttachError(
                 disk=dinfo.disk_id,
                 datamover=dm.name,
-                reason=f"device {device} has {control.export_size} bytes; the disk has "
-                f"{dinfo.size}",
+                reason=f"device {path} has {device.size} bytes; the disk has {dinfo.size}",
             )
-        return _DeviceDisk(dinfo, reason, export, control)
+        return _DeviceDisk(dinfo, reason, device)

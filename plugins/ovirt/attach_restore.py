@@ -14,8 +14,9 @@ then ``create_vm`` attaches the disks to the new VM as the imageio path does. A 
 detached and deleted; leaving the restore without a VM deletes every disk (``VmRestore``).
 
 Journal keys: ``VmRestore``'s (``engine``, ``restore_disks``, ``restore_vm``), plus
-``attachments`` and ``attach_exports`` as the LAN-free backup writes them: ``recovery``
-stops the exports and detaches the disks before it deletes them.
+``attachments`` (as the LAN-free backup writes it) and ``attach_exports`` (each writable
+qemu-nbd's private directory): ``recovery`` stops the exports and detaches the disks before
+it deletes them.
 """
 
 import asyncio

@@ -6,8 +6,9 @@ engine chooses) it exists, under these journal keys; ``recover`` undoes them in 
 ==========================  ======================================  =======================
 key                         written by                              recovery
 ==========================  ======================================  =======================
-``attach_exports``          ``attach``, ``attach_restore``          stop the qemu-nbd
-                            (each qemu-nbd's private directory)     processes (by directory)
+``attach_exports``          ``attach_restore`` (each qemu-nbd's     stop the qemu-nbd
+                            private directory); ``attach`` before   processes (by directory)
+                            it read devices directly
 ``attachments``             ``attach``, ``attach_restore``          detach from the
                             ``{vm_id, disk_id}`` before each POST   DataMover
 ``standby_transfers``       ``standby`` (refresh uploads)           finalize, else cancel

@@ -13,7 +13,12 @@ Measured in the same run, as ratios:
   without stopping the process; imports excluded): the work no extra core can share, and the
   throughput ceiling it implies for one process on any number of cores (target ≥ 3 GB/s);
 - peak RSS of the backup process for a 1 GiB vs an 8 GiB disk (flat within 20 %);
-- ``qemu-img convert`` of the same image to a local raw file, as a speed reference.
+- ``qemu-img convert`` of the same image to a local raw file, as a speed reference;
+- a full backup of the same image converted to raw (sparse), which is read directly (no
+  qemu-nbd), and one of the qcow2 image, back to back: MB/s of data and CPU seconds (the CLI
+  and its qemu-nbd) of raw vs qcow2, and raw MB/s vs the raw read limit of that file
+  (``preadv`` of its data extents by 4 threads, no processing); and what dropping each read
+  range from the page cache costs direct readers of a loop device over that file.
 """
 
 import asyncio
@@ -21,12 +26,15 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from engine.io.direct import DirectImage
 from engine.io.nbd.client import connect, extents
 from engine.io.qemu import QemuNbd
 from tests.bench.data import CACHE, fs_image
@@ -244,6 +252,8 @@ def run(report, limits: dict[str, float]) -> None:  # type: ignore[no-untyped-de
     report("restore_vs_cpu_limit", restore_rate / limits["restore"], "ratio")
     report("restore_vs_backup", restore_rate / backup_rate, "ratio")
 
+    raw_direct(report, work)
+
     rss = {}
     for gib in (1, 8):
         img = mixed_image(CACHE / f"mixed-{gib}g.qcow2", gib, seed=gib)
@@ -279,3 +289,126 @@ def max_rss_of(args: list[str | Path]) -> int:
     m = re.search(r"MAXRSS (\d+)", proc.stderr)
     assert m, proc.stderr
     return int(m.group(1))
+
+
+def raw_direct(report, work: Path) -> None:  # type: ignore[no-untyped-def]
+    """Full backups of the 1 GiB image as qcow2 (through qemu-nbd) and converted to a sparse
+    raw file (read directly), back to back into fresh stores: MB/s of data and CPU seconds
+    of the whole run (the CLI and its qemu-nbd); and plain reads of the raw file's data."""
+    pristine = mixed_image(CACHE / "mixed-1g-a.qcow2", 1, seed=1)  # before any dirtying
+    qcow2, raw = work / "pair.qcow2", work / "pair.raw"
+    shutil.copy(pristine, qcow2)  # its backup adds a bitmap: never to the cached image
+    subprocess.run(["qemu-img", "convert", "-O", "raw", pristine, raw], check=True)
+    limit = asyncio.run(raw_file_read_rate(raw))
+    drop_cache_rates(report, raw)
+    figures = {}
+    for image in (qcow2, raw):
+        store = work / f"store-{image.suffix[1:]}"
+        tessera("store", "init", store)
+        before = cpu_of_children()
+        out, _ = tessera("backup", "image", image, "--store", store, "--level", "full")
+        cpu = cpu_of_children() - before
+        mib, seconds, _ = job_figures(out)
+        figures[image.suffix] = (mib * 2**20 / seconds / MB, cpu)
+        shutil.rmtree(store)
+        image.unlink()
+    (q_rate, q_cpu), (r_rate, r_cpu) = figures[".qcow2"], figures[".raw"]
+    report("raw_file_read_rate", limit, "MB/s")
+    report("backup_full_qcow2_pair_rate", q_rate, "MB/s")
+    report("backup_full_raw_direct_rate", r_rate, "MB/s")
+    report("backup_full_raw_vs_qcow2", r_rate / q_rate, "ratio")
+    report("backup_full_raw_vs_file_read", r_rate / limit, "ratio")
+    report("backup_full_qcow2_cpu_seconds", q_cpu, "s")
+    report("backup_full_raw_cpu_seconds", r_cpu, "s")
+    report("backup_full_raw_vs_qcow2_cpu", r_cpu / q_cpu, "ratio")
+
+
+def cpu_of_children() -> float:
+    """CPU seconds (user + system) of every reaped child so far, their own reaped children
+    (a CLI run's qemu-nbd) included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def raw_file_read_rate(image: Path, threads: int = 4) -> float:
+    """MB/s reading every data extent of the raw file ``image`` with ``preadv`` in 4 MiB
+    pieces by ``threads`` threads, no processing: what a direct reader can get."""
+    direct = await DirectImage.open(image, disk=str(image))
+    try:
+        data = [e for e in await direct.extents(0, direct.size) if not e.zero]
+    finally:
+        await direct.close()
+    slices = [
+        (e.start + o, min(4 * 2**20, e.length - o))
+        for e in data
+        for o in range(0, e.length, 4 * 2**20)
+    ]
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+
+    def worker(share: list[tuple[int, int]]) -> None:
+        buf = memoryview(bytearray(4 * 2**20))
+        for offset, n in share:
+            if os.preadv(fd, [buf[:n]], offset) != n:
+                raise RuntimeError(f"short read at {offset} of {image}")
+
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(worker, [slices[i::threads] for i in range(threads)]))
+        seconds = time.perf_counter() - t
+    finally:
+        os.close(fd)
+    return sum(n for _, n in slices) / seconds / MB
+
+
+def drop_cache_rates(report, image: Path) -> None:  # type: ignore[no-untyped-def]
+    """What ``drop_cache`` (FADV_DONTNEED after each read, the DataMover's devices) costs: 4
+    direct readers of a loop device over ``image``, 1 MiB pieces, each pass starting with the
+    device's cache dropped; best of 3 with and without. Skipped without a loop device."""
+    made = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        print(f"# no loop device, drop-cache figures skipped: {made.stderr.strip()}")
+        return
+    device = Path(made.stdout.strip())
+    try:
+        best = {False: 0.0, True: 0.0}
+        for _ in range(3):
+            for drop in (False, True):
+                best[drop] = max(best[drop], asyncio.run(device_read_rate(device, drop)))
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=False)
+    report("direct_device_read_rate", best[False], "MB/s")
+    report("direct_device_read_rate_drop_cache", best[True], "MB/s")
+    report("direct_drop_cache_vs_keep", best[True] / best[False], "ratio")
+
+
+async def device_read_rate(device: Path, drop: bool, readers: int = 4) -> float:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # start with nothing cached
+    finally:
+        os.close(fd)
+    direct = await DirectImage.open(device, disk=str(device), drop_cache=drop)
+    pieces = list(range(0, direct.size, 2**20))
+
+    async def reader(share: list[int]) -> None:
+        conn = await direct.open_reader()
+        buf = memoryview(bytearray(2**20))
+        try:
+            for offset in share:
+                await conn.readinto(offset, buf[: min(2**20, direct.size - offset)])
+        finally:
+            await conn.close()
+
+    try:
+        t = time.perf_counter()
+        await asyncio.gather(*(reader(pieces[i::readers]) for i in range(readers)))
+        seconds = time.perf_counter() - t
+    finally:
+        await direct.close()
+    return direct.size / seconds / MB

@@ -127,6 +127,10 @@ class SourceHarness(Protocol):
     incremental: frozenset[int]
     # ``extents`` reports zero ranges (an attached device does not: zeros are found by reading).
     reports_zero: bool
+    # ``open`` creates something outside the process (bitmaps, exports, snapshots…) and
+    # journals it first; False: it creates nothing (raw images read directly), journals
+    # nothing, and a killed run leaves nothing behind.
+    journals: bool
 
     async def write(self, writes: Sequence[Write]) -> None:
         """Guest writes, between sessions."""
@@ -146,6 +150,7 @@ class MemorySourceHarness:
     checkpoints = True
     incremental = frozenset({0})
     reports_zero = True
+    journals = True
 
     def __init__(self) -> None:
         self.vm = MemoryVm(
@@ -178,16 +183,16 @@ def run(*argv: str | Path) -> None:
     subprocess.run([str(a) for a in argv], check=True, capture_output=True)
 
 
-async def make_images(directory: Path) -> list[Path]:
-    """LAYOUT as image files: qcow2 for disks that keep checkpoints, raw for the others;
-    zero ranges left unallocated (``qemu-img convert`` skips them)."""
+async def make_images(directory: Path, fmt: str | None = None) -> list[Path]:
+    """LAYOUT as image files: qcow2 for disks that keep checkpoints, raw for the others (or
+    every one in ``fmt``); zero ranges left unallocated (``qemu-img convert`` skips them)."""
     paths = []
     for layout in LAYOUT:
-        fmt = "qcow2" if layout.checkpoints else "raw"
+        kind = fmt or ("qcow2" if layout.checkpoints else "raw")
         raw = directory / f"{layout.name}.content"
         raw.write_bytes(layout.content())
-        path = directory / f"{layout.name}.{fmt}"
-        await asyncio.to_thread(run, "qemu-img", "convert", "-f", "raw", "-O", fmt, raw, path)
+        path = directory / f"{layout.name}.{kind}"
+        await asyncio.to_thread(run, "qemu-img", "convert", "-f", "raw", "-O", kind, raw, path)
         raw.unlink()
         paths.append(path)
     return paths
@@ -235,9 +240,12 @@ def servers_left(paths: Sequence[Path]) -> list[str]:
 
 
 class LocalSourceHarness:
+    """Local images: the qcow2 one through qemu-nbd, the raw one read directly."""
+
     checkpoints = True
     incremental = frozenset({0})  # the qcow2 image; a raw one has no bitmaps
     reports_zero = True
+    journals = True  # the qcow2 image's bitmap and export
 
     def __init__(self, images: list[Path], scratch: Path) -> None:
         from plugins.local import PLUGIN
@@ -258,20 +266,52 @@ class LocalSourceHarness:
         return servers_left(self.images)
 
 
+class LocalRawSourceHarness(LocalSourceHarness):
+    """Raw images only: every disk read directly (sparse files: holes are zero extents), no
+    process started, nothing journaled. Sessions still name a checkpoint, which no disk
+    can read from: every incremental reads in full, with the reason."""
+
+    incremental = frozenset()
+    journals = False
+
+    async def leftovers(self) -> list[str]:
+        left = servers_left(self.images)  # none ever runs: the images are read directly
+        return left + [f"{d}: open" for d in open_descriptors(self.images)]
+
+
+def open_descriptors(paths: Sequence[Path]) -> list[str]:
+    """This process's open file descriptors on ``paths``."""
+    names = {str(p) for p in paths}
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed while we looked (the listing's own descriptor)
+        if target in names:
+            found.append(f"fd {fd.name} on {target}")
+    return found
+
+
 @asynccontextmanager
 async def memory_source(tmp_path: Path) -> AsyncIterator[SourceHarness]:
     yield MemorySourceHarness()
 
 
-@asynccontextmanager
-async def local_source(tmp_path: Path) -> AsyncIterator[SourceHarness]:
-    images = await make_images(tmp_path)
-    harness = LocalSourceHarness(images, tmp_path / "scratch.raw")
-    try:
-        yield harness
-    finally:
-        for pid, _ in nbd_servers_of(images):  # a failed test must not leave servers behind
-            os.kill(pid, signal.SIGKILL)
+def local_source(raw: bool) -> Callable[[Path], AbstractAsyncContextManager[SourceHarness]]:
+    @asynccontextmanager
+    async def factory(tmp_path: Path) -> AsyncIterator[SourceHarness]:
+        images = await make_images(tmp_path, "raw" if raw else None)
+        harness = (LocalRawSourceHarness if raw else LocalSourceHarness)(
+            images, tmp_path / "scratch.raw"
+        )
+        try:
+            yield harness
+        finally:
+            for pid, _ in nbd_servers_of(images):  # a failed test must not leave servers
+                os.kill(pid, signal.SIGKILL)
+
+    return factory
 
 
 # --- the lab ----------------------------------------------------------------------------------
@@ -390,9 +430,11 @@ class OvirtSourceHarness:
         # full. The snapshot flows read every disk in full, always.
         self.checkpoints = flow == "backup-api"
         self.incremental = frozenset({0}) if self.checkpoints else frozenset()
-        # A device attached to the DataMover is read through qemu-nbd over the device:
-        # everything is allocated there, zeros are found by reading.
+        # A device attached to the DataMover is read directly: a block device (the lab's, a
+        # FUSE file, cannot tell holes either) reports everything as data, zeros are found
+        # by reading.
         self.reports_zero = flow != "snapshot-attach"
+        self.journals = True
 
     async def write(self, writes: Sequence[Write]) -> None:
         for i in range(len(LAYOUT)):
@@ -424,7 +466,8 @@ def ovirt_source(flow: str) -> Callable[[Path], AbstractAsyncContextManager[Sour
 
 SOURCES: Final[dict[str, Callable[[Path], AbstractAsyncContextManager[SourceHarness]]]] = {
     "memory": memory_source,
-    "local": local_source,
+    "local": local_source(raw=False),
+    "local-raw": local_source(raw=True),
     "ovirt-backup-api": ovirt_source("backup-api"),
     "ovirt-snapshot": ovirt_source("snapshot-imageio"),
     "ovirt-attach": ovirt_source("snapshot-attach"),

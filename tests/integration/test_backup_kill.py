@@ -1,7 +1,8 @@
 """A backup process killed with SIGKILL mid-transfer: its qemu-nbd dies with it (parent-death
 signal), the next start finishes the cleanup (removes the export's directory and the run's
 bitmap, marks the job failed), the store verifies clean, and the next backup succeeds and
-restores exactly. Also killed between spawning qemu-nbd and recording its pid."""
+restores exactly. Also killed between spawning qemu-nbd and recording its pid; a raw image's
+backup (read directly) killed the same way leaves nothing to stop."""
 
 import json
 import os
@@ -237,3 +238,27 @@ def test_qemu_nbd_dies_with_its_killed_parent(tmp_path: Path, tmpdir_env: Path) 
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert eventually(lambda: not _qemu_nbd_serving(image)), "qemu-nbd outlived its parent"
     run("qemu-img", "bitmap", "--add", image, "after-kill")  # takes the write lock
+
+
+def test_sigkill_mid_raw_backup_leaves_nothing_to_stop(tmp_path: Path, tmpdir_env: Path) -> None:
+    """A raw image is read directly: a backup killed mid-transfer journaled no export and
+    leaves no process and no directory; the next start only marks the job failed, and the
+    next backup restores exactly."""
+    store, raw = tmp_path / "store", tmp_path / "vm.raw"
+    run("qemu-img", "convert", "-O", "raw", make_fs_qcow2(tmp_path, "vm", size_mib=64), raw)
+    assert tessera("store", "init", store, "--chunk-size", "256k").returncode == 0
+    args: list[str | Path] = ["backup", "image", raw, "--store", store]
+    proc = tessera(*args, kill_at=("pipeline.slot.done", 5), tmpdir=tmpdir_env)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    (killed,) = [json.loads(p.read_text()) for p in (store / "journal").glob("*.json")]
+    assert killed["state"] == "transferring" and "exports" not in killed["resources"]
+    assert not _qemu_nbd_serving(raw) and not list(tmpdir_env.glob("tessera-nbd-*"))
+
+    proc = tessera(*args, tmpdir=tmpdir_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"recovery: job {killed['job_id']}: now failed" in proc.stderr
+    assert "export" not in proc.stderr and "qemu-nbd" not in proc.stderr
+    snap = json.loads(tessera("snapshots", "--store", store, "--json").stdout)[-1]["id"]
+    target = tmp_path / "restored.raw"
+    assert tessera("restore", snap, "--store", store, "--to", target).returncode == 0
+    assert target.read_bytes() == raw.read_bytes()

@@ -1,5 +1,6 @@
 """Backups of real qcow2 images through the CLI: full, incremental, differential, restore
-each point, qemu-img compare identical; clones dedup; a raw image always reads fully."""
+each point, qemu-img compare identical; clones dedup; a raw image always reads fully, and
+directly: no qemu-nbd serves it while it is read (a qcow2 image beside it has one)."""
 
 import json
 import os
@@ -9,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from engine.jobs.backup import run_backup
+from engine.jobs.journal import Journal
+from engine.jobs.states import State
 from engine.store.chunk_store import Store
+from engine.util import failpoints
+from engine.workers import ThreadCpuPool
+from plugins.local.source import LocalImageSource
+from tests.conftest import StoreFactory
+from tests.contract.harness import nbd_servers_of
+from tests.helpers import read_disk
 from tests.integration.images import identical, make_fs_qcow2, qemu_io, reference, run
 
 pytestmark = pytest.mark.integration
@@ -153,6 +163,41 @@ def test_raw_image_is_always_read_fully(tmp_path: Path, store: Path) -> None:
     target = tmp_path / "r.raw"
     ok("restore", snapshots(store)[-1]["id"], "--store", store, "--to", target)
     assert target.read_bytes() == raw.read_bytes()
+
+
+async def test_a_raw_image_is_read_directly_a_qcow2_one_through_qemu_nbd(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    boot = make_fs_qcow2(tmp_path, "boot", size_mib=32, seed=3)
+    data = tmp_path / "data.raw"
+    run("qemu-img", "convert", "-O", "raw", make_fs_qcow2(tmp_path, "d", seed=4), data)
+    store = make_store(chunk_size=256 * 1024, pack_size=8 * 2**20)
+    served: list[set[Path]] = []  # at each slot done: the images an NBD server names
+
+    def look(name: str) -> None:
+        if name == "pipeline.slot.done" and len(served) < 1000:
+            served.append({p for p in (boot, data) if nbd_servers_of([p])})
+
+    pool = ThreadCpuPool(store.keys, store.config.chunk_size, workers=2)
+    failpoints.install(look)
+    try:
+        outcome = await run_backup(
+            store=store,
+            pool=pool,
+            source=LocalImageSource([boot, data]),
+            journal=Journal(store.path / "journal"),
+            level="full",
+        )
+    finally:
+        failpoints.install(None)
+        await pool.aclose()
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert served, "no slot was processed"
+    assert all(images == {boot} for images in served), served  # the qcow2 one only
+    assert len(outcome.record.resources["exports"]) == 1
+    assert outcome.manifest is not None
+    assert read_disk(store, outcome.manifest, 1) == data.read_bytes()
+    assert nbd_servers_of([boot, data]) == []
 
 
 def test_bad_input_is_named(tmp_path: Path, store: Path) -> None:
