@@ -113,9 +113,12 @@ of data; single figures move ±20 % run to run on this shared machine, ratios le
   while 4 MiB only makes a 4 KiB guest write cost 4 MiB of incremental (PBS's choice). 64 KiB
   chunks would make incrementals 2–3× smaller (docs/DESIGN.md §9) at 16× the index rows and a
   clear throughput loss.
-- zstd level 3 (``layout.DEFAULT_ZSTD_LEVEL``): stores 33.4 % of the plaintext vs 37.0 % at
-  level 1 (11 % more bytes), at 148 vs 258 MB/s per core. zstd is ~85 % of the backup CPU
-  cost, so this is the main speed/size dial; level 3 is zstd's own default.
+- zstd level 3 (``layout.DEFAULT_ZSTD_LEVEL``), chosen per store at ``store init``
+  (``--zstd-level``, -7..19). On the bench's filesystem image (one core, 2026-12-07): level
+  -3 stores 47.5 % of the plaintext at 676 MB/s, -1 42.1 % at 608, 1 37.9 % at 590, 2 35.8 %
+  at 495, 3 34.4 % at 385. Level 3 is the default because it is what keeps the stored size
+  within 2 % of borg's zstd-3 (level 2 already stores 4 % more, level 1 10 %); zstd is ~85 %
+  of the backup CPU cost, so the level is the speed/size dial a store's owner may turn.
 - pack size 64 MiB: tens of MB per pack (Kopia, Borg 2, restic) keeps file counts low;
   sealing costs one fsync per 64 MiB (~35 ms here), overlapped with encoding by the
   background sealer.

@@ -2,7 +2,9 @@
 
 A pool owns ``capacity`` preallocated slots in one arena (a bytearray for threads, a shared
 memory segment for processes). Each slot has a *plain* region (``chunk_size`` bytes) and a
-*record* region (``format.max_record_size(chunk_size)`` bytes), both page-aligned::
+*record* region (``format.max_record_size(chunk_size)`` bytes), both starting at multiples of
+4 KiB from the arena's start (page-aligned in the process pool's shared memory; the thread
+pool's bytearray itself is not page-aligned, so its buffers are not)::
 
     arena:  | slot 0: plain | record | slot 1: plain | record | ... | slot capacity-1 ... |
 
@@ -29,7 +31,8 @@ from engine.store.codec import Buffer, Codec
 
 T = TypeVar("T")
 
-# Slots start on page boundaries: O_DIRECT reads and writes need aligned buffers, and workers
+# Slots start at page multiples from the arena's start (page boundaries when the arena is, as
+# shared memory is): O_DIRECT would need aligned buffers, and workers
 # writing neighbouring slots never touch the same page.
 SLOT_ALIGN: Final = 4096
 # Per worker: one buffer being processed, one queued behind it so the worker never idles
