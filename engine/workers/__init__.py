@@ -1,12 +1,17 @@
 """CPU workers: the ``CpuPool`` seam through which all chunk CPU work runs off the event loop.
 
 A *CpuPool* hashes (keyed BLAKE3), encodes (zstd, AES-256-GCM, verify) and decodes records
-with ``engine.store.codec.Codec``, on workers that are not the event loop. It owns a fixed
-arena of ``capacity`` *buffers* (``ChunkBuffer``), each with room for one chunk of plaintext
-(``plain``) and its largest record (``record``); work happens in place in those buffers, so
-chunk payloads are not copied between stages nor pickled (``Codec.decode_into`` decrypts and
-decompresses straight into ``plain``). ``capacity`` bounds the chunks in
-flight, and with them the memory, allocated up front: about ``capacity * 2 * chunk_size``.
+with ``engine.store.codec.Codec``, on workers that are not the event loop; ``ingest`` is a
+backup's whole per-chunk path (hash, the caller's known check, encode, the caller's put) in
+as few hand-offs as the pool allows — one in the thread pool, where each hop is GIL time the
+event loop and the workers share (``make bench`` reports GIL seconds per GiB).
+
+A pool owns a fixed arena of ``capacity`` *buffers* (``ChunkBuffer``), each with room for
+one chunk of plaintext (``plain``) and its largest record (``record``); work happens in place
+in those buffers, so chunk payloads are not copied between stages nor pickled
+(``Codec.decode_into`` decrypts and decompresses straight into ``plain``). ``capacity``
+bounds the chunks in flight, and with them the memory, allocated up front: about
+``capacity * 2 * chunk_size``.
 
 Implementations (one contract suite, ``tests/contract/test_cpupool.py``, runs both):
 
