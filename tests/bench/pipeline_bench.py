@@ -28,10 +28,12 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,21 +76,27 @@ def mixed_image(path: Path, size_gib: int, seed: int) -> Path:
     return path
 
 
-def tessera(*args: str | Path) -> tuple[str, float]:
-    """(stdout, wall seconds) of one CLI run."""
-    t = time.perf_counter()
+def cli(args: Sequence[str | Path], under: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """One CLI run in a fresh child, ``under`` a wrapper (py-spy, GNU time) if given; raises
+    RuntimeError with its output when it fails."""
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
+        [*under, sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env=ENV,
         check=False,
     )
-    wall = time.perf_counter() - t
     if proc.returncode != 0:
-        raise RuntimeError(f"tessera {args}: {proc.stdout}{proc.stderr}")
-    return proc.stdout, wall
+        raise RuntimeError(f"{shlex.join([*under, 'tessera'])} {args}: {proc.stdout}{proc.stderr}")
+    return proc
+
+
+def tessera(*args: str | Path) -> tuple[str, float]:
+    """(stdout, wall seconds) of one CLI run."""
+    t = time.perf_counter()
+    out = cli(args).stdout
+    return out, time.perf_counter() - t
 
 
 def job_figures(out: str) -> tuple[float, float, float]:
@@ -151,32 +159,9 @@ def gil_seconds(args: list[str | Path]) -> tuple[float, float]:
     from ``py-spy record --gil``: it samples only the thread holding the GIL, so samples /
     rate is the time the GIL was held. ``--nonblocking``: the process is never paused."""
     out = CACHE / "gil.txt"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("py-spy")),
-            "record",
-            "--gil",
-            "--nonblocking",
-            "--rate",
-            str(GIL_RATE),
-            "--format",
-            "raw",
-            "--output",
-            str(out),
-            "--",
-            sys.executable,
-            "-m",
-            "engine.cli.main",
-            *map(str, args),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"py-spy: {proc.stdout}{proc.stderr}")
+    py_spy = str(Path(sys.executable).with_name("py-spy"))
+    rate, fmt = ["--rate", str(GIL_RATE)], ["--format", "raw", "--output", str(out)]
+    cli(args, [py_spy, "record", "--gil", "--nonblocking", *rate, *fmt, "--"])
     held = imports = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -236,14 +221,7 @@ def run(report, limits: dict[str, float]) -> None:  # type: ignore[no-untyped-de
     report("backup_incremental_2pct_vs_full_time", job_inc / job_full, "ratio")
     report("backup_incremental_2pct_vs_full_wall_incl_startup", wall_inc / wall_full, "ratio")
 
-    snaps = subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", "snapshots", "--store", store],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=True,
-    ).stdout.splitlines()[1:]
+    snaps = tessera("snapshots", "--store", store)[0].splitlines()[1:]
     full_id = snaps[0].split()[0]
     out, _ = tessera("restore", full_id, "--store", store, "--to", work / "restored.qcow2")
     m = re.search(r"restored disk .* in ([\d.]+) s", out)
@@ -275,24 +253,7 @@ def run(report, limits: dict[str, float]) -> None:  # type: ignore[no-untyped-de
 
 def max_rss_of(args: list[str | Path]) -> int:
     """Peak RSS (KiB) of one CLI run, read from GNU time in a fresh child."""
-    proc = subprocess.run(
-        [
-            "/usr/bin/time",
-            "-f",
-            "MAXRSS %M",
-            sys.executable,
-            "-m",
-            "engine.cli.main",
-            *map(str, args),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stdout + proc.stderr)
+    proc = cli(args, ["/usr/bin/time", "-f", "MAXRSS %M"])
     m = re.search(r"MAXRSS (\d+)", proc.stderr)
     assert m, proc.stderr
     return int(m.group(1))
