@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 
 # System programs the tests and benches use (Debian packages). Installs only what is missing.
 # libnbd-bin: nbdfuse, which shows disks attached to the lab's DataMover as local devices.
-SYSPKGS := e2fsprogs qemu-utils nbdkit time libnbd-bin
+# util-linux (fincore) and mount (losetup): the direct-read tests check the page cache and
+# read a real block device (a loop device).
+SYSPKGS := e2fsprogs qemu-utils nbdkit time libnbd-bin util-linux mount
 sysdeps:
 	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

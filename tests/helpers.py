@@ -4,6 +4,7 @@ import os
 import random
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from engine.core.ids import ZERO_ID
 from engine.store.chunk_store import Store
@@ -67,3 +68,27 @@ def sigkill_at(point: str, nth: int) -> Callable[[str], None]:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     return handler
+
+
+async def backup_with_retries(
+    store: Store, source: Any, *, level: str = "full", attempts: int = 4
+) -> Any:
+    """``run_backup`` of ``source`` into ``store`` with a fast retry policy of ``attempts``
+    (tests of read faults); returns the outcome."""
+    from engine.jobs.backup import run_backup  # not every user of these helpers runs jobs
+    from engine.jobs.journal import Journal
+    from engine.util.retry import RetryPolicy
+    from engine.workers import make_cpu_pool
+
+    pool = make_cpu_pool(store.keys, store.config.chunk_size, workers=2)
+    try:
+        return await run_backup(
+            store=store,
+            pool=pool,
+            source=source,
+            journal=Journal(store.path / "journal"),
+            level=level,
+            retry_policy=RetryPolicy(attempts=attempts, base_delay=0.001, max_delay=0.01),
+        )
+    finally:
+        await pool.aclose()

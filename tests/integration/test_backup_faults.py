@@ -14,17 +14,12 @@ import pytest
 
 from engine.io.nbd.client import connect
 from engine.io.qemu import NbdServerProcess
-from engine.jobs.backup import run_backup
-from engine.jobs.journal import Journal
 from engine.jobs.states import State
 from engine.maint.check import check_store
 from engine.sources.types import BackupSession, ResourceRecorder
-from engine.store.chunk_store import Store
-from engine.util.retry import RetryPolicy
-from engine.workers import make_cpu_pool
 from plugins.local.source import LocalImageSource, NbdReader
 from tests.conftest import StoreFactory
-from tests.helpers import read_disk
+from tests.helpers import backup_with_retries, read_disk
 from tests.integration.images import make_fs_qcow2, reference, run
 
 pytestmark = pytest.mark.integration
@@ -93,21 +88,6 @@ def bitmaps(image: Path) -> list[str]:
     return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
 
 
-async def backup(store: Store, source: LocalImageSource, level: str = "full", attempts: int = 4):  # type: ignore[no-untyped-def]
-    pool = make_cpu_pool(store.keys, store.config.chunk_size)
-    try:
-        return await run_backup(
-            store=store,
-            pool=pool,
-            source=source,
-            journal=Journal(store.path / "journal"),
-            level=level,
-            retry_policy=RetryPolicy(attempts=attempts, base_delay=0.001, max_delay=0.01),
-        )
-    finally:
-        await pool.aclose()
-
-
 async def test_transient_read_errors_are_retried(tmp_path: Path, make_store: StoreFactory) -> None:
     store = make_store(chunk_size=256 * 1024, pack_size=8 * 2**20)
     image = make_fs_qcow2(tmp_path, "vm", size_mib=48)
@@ -116,7 +96,7 @@ async def test_transient_read_errors_are_retried(tmp_path: Path, make_store: Sto
         image, ["error", "delay"], ["error=EIO", "error-pread-rate=30%", "delay-read=1ms"]
     )
     # 30 % of reads fail; 12 attempts make a false failure ~5e-7 per read.
-    outcome = await backup(store, source, attempts=12)
+    outcome = await backup_with_retries(store, source, attempts=12)
     assert outcome.record.state is State.SUCCEEDED, outcome.record.error
     assert sum(d.retries for d in outcome.disks) > 0
     assert outcome.manifest is not None
@@ -128,11 +108,11 @@ async def test_persistent_read_errors_fail_with_disk_and_offset(
 ) -> None:
     store = make_store(chunk_size=256 * 1024, pack_size=8 * 2**20)
     image = make_fs_qcow2(tmp_path, "vm", size_mib=48)
-    good = await backup(store, LocalImageSource([image]))
+    good = await backup_with_retries(store, LocalImageSource([image]))
     assert good.record.state is State.SUCCEEDED
     before = bitmaps(image)
     source = FaultySource(image, ["error"], ["error=EIO", "error-pread-rate=100%"])
-    outcome = await backup(store, source, level="full")
+    outcome = await backup_with_retries(store, source, level="full")
     record = outcome.record
     assert record.state is State.FAILED
     assert record.error is not None
@@ -144,6 +124,6 @@ async def test_persistent_read_errors_fail_with_disk_and_offset(
     assert check_store(store, data=True).ok
     assert not list(store.layout.snapshots.glob("*/*.dmap.tmp"))
     # The next backup succeeds and is incremental from the good one.
-    after = await backup(store, LocalImageSource([image]), level="incremental")
+    after = await backup_with_retries(store, LocalImageSource([image]), level="incremental")
     assert after.record.state is State.SUCCEEDED
     assert after.level == "incremental"

@@ -27,23 +27,19 @@ from engine.core.errors import TransientError
 from engine.core.extent import Extent
 from engine.core.units import KiB, MiB
 from engine.io.direct import DirectImage, DirectTransientReadError
-from engine.jobs.backup import run_backup
-from engine.jobs.journal import Journal
 from engine.jobs.states import State
 from engine.maint.check import check_store
 from engine.sources.types import BackupSession, ResourceRecorder
-from engine.util.retry import RetryPolicy
-from engine.workers import ThreadCpuPool
-from plugins.lab.engine.devices import mounts_under
+from plugins.lab.engine.devices import mount_fuse, mounts_under, unmount_fuse
 from plugins.local.source import LocalImageSource
 from tests.conftest import StoreFactory
-from tests.helpers import read_disk
+from tests.helpers import backup_with_retries, read_disk
 from tests.integration.test_nbd_nbdkit import NbdKit
 from tests.unit.io import leaks
+from tests.unit.io.leaks import PREADV, threads_blocked_in, until
 
 pytestmark = pytest.mark.integration
 
-MOUNT_TIMEOUT = 20.0  # nbdfuse mounts within a second; a loaded CI machine is slow
 DISK = "disk-under-test"
 
 
@@ -71,35 +67,16 @@ def raw_image(path: Path, size: int = 4 * MiB) -> bytes:
 
 @contextlib.asynccontextmanager
 async def fuse_file(directory: Path, *nbdkit_args: str) -> AsyncIterator[Path]:
-    """nbdkit with ``nbdkit_args`` served as a regular file by nbdfuse; unmounted after."""
-    if shutil.which("nbdfuse") is None or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs nbdfuse (libnbd-bin) and /dev/fuse")
+    """nbdkit with ``nbdkit_args`` served as a regular file by nbdfuse, as the lab shows an
+    attached disk (``plugins.lab.engine.devices``); unmounted after."""
     mountpoint = directory / "mnt"
     mountpoint.mkdir()
     async with NbdKit(*nbdkit_args) as server:
-        fuse = await asyncio.create_subprocess_exec(
-            "nbdfuse",
-            str(mountpoint),
-            "--unix",
-            str(server.address),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        fuse = await mount_fuse(mountpoint, server.address, DISK)
         try:
-            async with asyncio.timeout(MOUNT_TIMEOUT):
-                while not (os.path.ismount(mountpoint) and (mountpoint / "nbd").exists()):
-                    assert fuse.returncode is None, "nbdfuse exited"
-                    await asyncio.sleep(0.02)
             yield mountpoint / "nbd"
         finally:
-            await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mountpoint)], check=False)
-            try:
-                async with asyncio.timeout(10):
-                    await fuse.wait()
-            except TimeoutError:
-                fuse.kill()
-                await fuse.wait()
+            await unmount_fuse(mountpoint, fuse)
     assert not mounts_under(directory)
 
 
@@ -112,8 +89,7 @@ def loop_device(backing: Path) -> Iterator[Path]:
         text=True,
         check=False,
     )
-    if made.returncode != 0:
-        pytest.skip(f"cannot make a loop device: {made.stderr.strip()}")
+    assert made.returncode == 0, f"cannot make a loop device: {made.stderr.strip()}"
     device = Path(made.stdout.strip())
     try:
         yield device
@@ -194,8 +170,7 @@ async def test_a_block_device_is_all_data_and_fails_with_eio(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("drop", [False, True])
 async def test_drop_cache_drops_what_was_read(tmp_path: Path, drop: bool) -> None:
-    if shutil.which("fincore") is None:
-        pytest.skip("needs fincore (util-linux)")
+    assert shutil.which("fincore"), "fincore (Debian package util-linux) is not installed"
     path = tmp_path / "image.raw"
     content = raw_image(path)
     image = await DirectImage.open(path, disk=DISK, drop_cache=drop)
@@ -235,7 +210,8 @@ async def test_a_cancelled_read_returns_once_its_thread_filled_the_buffer(
         try:
             buf = bytearray(4096)
             task = asyncio.create_task(reader.readinto(0, memoryview(buf)))
-            await asyncio.sleep(0.2)  # the thread waits in preadv for nbdkit's 1 s delay
+            # The reader's thread waits in preadv for nbdkit's 1 s delay.
+            await until(lambda: threads_blocked_in(PREADV), "a thread in preadv")
             assert buf == bytes(4096)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -271,21 +247,6 @@ class TogglingSource(LocalImageSource):
         return session
 
 
-async def backup(store, source, attempts: int):  # type: ignore[no-untyped-def]
-    pool = ThreadCpuPool(store.keys, store.config.chunk_size, workers=2)
-    try:
-        return await run_backup(
-            store=store,
-            pool=pool,
-            source=source,
-            journal=Journal(store.path / "journal"),
-            level="full",
-            retry_policy=RetryPolicy(attempts=attempts, base_delay=0.001, max_delay=0.01),
-        )
-    finally:
-        await pool.aclose()
-
-
 async def test_backup_of_a_raw_image_retries_transient_eio(
     tmp_path: Path, make_store: StoreFactory
 ) -> None:
@@ -296,7 +257,7 @@ async def test_backup_of_a_raw_image_retries_transient_eio(
     async with fuse_file(tmp_path, *nbdkit) as path:
         # 30 % of FUSE's requests fail (a slot takes one or two); 20 attempts make a false
         # failure ~1e-7 per slot, and a run without any fault ~1e-5.
-        outcome = await backup(store, TogglingSource([path], toggle), attempts=20)
+        outcome = await backup_with_retries(store, TogglingSource([path], toggle), attempts=20)
         assert outcome.record.state is State.SUCCEEDED, outcome.record.error
         assert sum(d.retries for d in outcome.disks) > 0
         assert outcome.manifest is not None
@@ -311,7 +272,7 @@ async def test_backup_of_a_raw_image_fails_on_persistent_eio_naming_disk_and_off
     raw_image(tmp_path / "image.raw", 8 * MiB)
     toggle = tmp_path / "fail"
     async with fuse_file(tmp_path, *error_filter(tmp_path / "image.raw", toggle)) as path:
-        outcome = await backup(store, TogglingSource([path], toggle), attempts=3)
+        outcome = await backup_with_retries(store, TogglingSource([path], toggle), attempts=3)
         record = outcome.record
         assert record.state is State.FAILED
         assert record.error is not None
@@ -328,7 +289,7 @@ async def test_backup_of_a_loop_device_reads_it_directly(
     store = make_store(chunk_size=256 * KiB, pack_size=8 * MiB)
     content = raw_image(tmp_path / "image.raw", 8 * MiB)
     with loop_device(tmp_path / "image.raw") as device:
-        outcome = await backup(store, LocalImageSource([device]), attempts=1)
+        outcome = await backup_with_retries(store, LocalImageSource([device]), attempts=1)
         assert outcome.record.state is State.SUCCEEDED, outcome.record.error
         assert outcome.manifest is not None
         (disk,) = outcome.manifest.disks

@@ -121,7 +121,7 @@ class Devices:
         device = Device(disk_id, self.by_id / link_name(disk_id, interface), mountpoint, nbd)
         try:
             await device.nbd.start()
-            device.fuse = await _mount(mountpoint, device.nbd.address, disk_id)
+            device.fuse = await mount_fuse(mountpoint, device.nbd.address, disk_id)
             tmp = device.link.with_name(device.link.name + ".tmp")
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(mountpoint / "nbd")
@@ -147,8 +147,10 @@ class Devices:
         await unmount_all(self.mounts)
 
 
-async def _mount(mountpoint: Path, socket: Path, disk_id: str) -> asyncio.subprocess.Process:
-    """Start nbdfuse on ``mountpoint`` and wait until its file is there."""
+async def mount_fuse(mountpoint: Path, socket: Path, disk_id: str) -> asyncio.subprocess.Process:
+    """Start nbdfuse on ``mountpoint`` for the NBD server at ``socket`` and wait until its
+    file (``mountpoint / "nbd"``) is there; returns the nbdfuse process. Raises
+    ``DeviceError`` naming ``disk_id`` (nbdfuse missing, exited or too slow)."""
     if shutil.which("nbdfuse") is None:
         raise DeviceError(
             f"disk {disk_id}: nbdfuse is not installed (Debian package libnbd-bin); the lab "
@@ -181,18 +183,25 @@ async def _mount(mountpoint: Path, socket: Path, disk_id: str) -> asyncio.subpro
     return proc
 
 
+async def unmount_fuse(mountpoint: Path, fuse: asyncio.subprocess.Process | None) -> None:
+    """Unmount ``mountpoint`` (lazily if busy) and wait for its nbdfuse ``fuse`` to exit,
+    killing it after ``UNMOUNT_TIMEOUT``: whoever still holds the file gets EIO, as from a
+    hot-unplugged disk."""
+    if os.path.ismount(mountpoint):
+        await _umount(mountpoint)
+    if fuse is not None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(UNMOUNT_TIMEOUT):
+                await fuse.wait()
+        if fuse.returncode is None:
+            fuse.kill()
+            await fuse.wait()
+
+
 async def _teardown(device: Device) -> None:
     device.link.unlink(missing_ok=True)
     try:
-        if os.path.ismount(device.mountpoint):
-            await _umount(device.mountpoint)
-        if device.fuse is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(UNMOUNT_TIMEOUT):
-                    await device.fuse.wait()
-            if device.fuse.returncode is None:
-                device.fuse.kill()  # held open after a lazy unmount: holders get EIO
-                await device.fuse.wait()
+        await unmount_fuse(device.mountpoint, device.fuse)
     finally:
         await device.nbd.stop()  # after nbdfuse disconnected: qemu-nbd flushes and exits
         with contextlib.suppress(OSError):

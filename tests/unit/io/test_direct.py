@@ -16,6 +16,7 @@ from engine.core.errors import TransientError
 from engine.core.extent import Extent
 from engine.core.units import KiB, MiB
 from engine.io.direct import DirectImage, DirectImageError, DirectReadError
+from tests.unit.io.leaks import threads_blocked_in, until
 
 DISK = "disk-under-test"
 SIZE = 8 * MiB
@@ -211,12 +212,10 @@ async def test_close_is_idempotent_and_closed_objects_refuse(tmp_path: Path) -> 
     with pytest.raises(DirectImageError, match="closed"):
         await image.open_reader()
     # Each reader's thread ends once the reader is closed.
-    for _ in range(1000):  # up to 10 s: a loaded CI machine schedules late
-        left = [t for t in threading.enumerate() if t.ident not in before]
-        if not any(t.name.startswith("tessera-read") for t in left):
-            break
-        await asyncio.sleep(0.01)
-    assert not [t.name for t in left if t.name.startswith("tessera-read")]
+    for thread in threading.enumerate():
+        if thread.ident not in before and thread.name.startswith("tessera-read"):
+            thread.join(10)
+            assert not thread.is_alive(), f"{thread.name} still runs after its reader closed"
 
 
 async def test_a_cancelled_open_leaks_no_descriptor(tmp_path: Path) -> None:
@@ -228,17 +227,13 @@ async def test_a_cancelled_open_leaks_no_descriptor(tmp_path: Path) -> None:
         path.unlink()
         os.mkfifo(path)
         task = asyncio.create_task(image.open_reader())
-        await asyncio.sleep(0.1)
+        await until(lambda: threads_blocked_in(wchan="wait_for_partner"), "the FIFO open")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         writer = os.open(path, os.O_WRONLY)  # the thread's open returns now
         try:
-            for _ in range(1000):  # until the late descriptor is closed (up to 10 s)
-                if fds_on(path) == [writer]:
-                    break
-                await asyncio.sleep(0.01)
-            assert fds_on(path) == [writer]
+            await until(lambda: fds_on(path) == [writer], "the late descriptor closed")
         finally:
             os.close(writer)
     finally:
