@@ -41,7 +41,7 @@ WARN_ENV: Final = "TESSERA_TEST_WARN_AFTER"
 WARN_AFTER: Final = 240.0  # pytest-timeout ends a worker at 300 s
 SESSION_LIMIT: Final = 40 * 60.0  # CI's limit is 90 min for everything; make check takes ~15
 POLL: Final = 5.0
-DUMP_WAIT: Final = 3.0  # for the workers' faulthandler to write
+DUMP_WAIT: Final = 3.0  # at most, for the workers' faulthandler to write
 EXIT_STATUS: Final = 3
 
 _stack_file: list[IO[str]] = []  # a worker's open stack file (kept open for faulthandler)
@@ -113,10 +113,18 @@ class Watchdog:
         lines += ["FUSE mounts:", *_fuse_mounts()]
         tmp = shutil.disk_usage(tempfile.gettempdir())
         lines += [f"free in {tempfile.gettempdir()}: {tmp.free >> 20} MiB of {tmp.total >> 20} MiB"]
+        asked = {}  # stack file → its size before the signal
         for pid in [*_descendants(os.getpid()), os.getpid()]:
-            if any(self.directory.glob(f"*.{pid}.stacks")):
+            for path in self.directory.glob(f"*.{pid}.stacks"):
+                asked[path] = path.stat().st_size
                 os.kill(pid, signal.SIGUSR1)
-        time.sleep(DUMP_WAIT)
+        # Until every signalled process has written (faulthandler writes in its signal
+        # handler), at most DUMP_WAIT: a process stuck in the kernel may never run it.
+        deadline = time.monotonic() + DUMP_WAIT
+        while time.monotonic() < deadline and any(
+            _size(path) <= size for path, size in asked.items()
+        ):
+            time.sleep(0.05)
         for path in sorted(self.directory.glob("*.stacks")):
             with path.open(encoding="utf-8", errors="replace") as f:
                 f.seek(self.offsets.get(path, 0))
@@ -137,6 +145,13 @@ class Watchdog:
                 os.kill(pid, signal.SIGKILL)
         self._write(f"watchdog: stopped the run (exit status {EXIT_STATUS})\n")
         os._exit(EXIT_STATUS)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 1 << 62  # gone: nothing more to wait for
 
 
 def _children() -> dict[int, list[int]]:

@@ -298,7 +298,10 @@ async def test_cancelled_ingest_keeps_its_buffer_until_the_put_is_done(pool: Cpu
     async with contextlib.AsyncExitStack() as stack:
         held = [await stack.enter_async_context(pool.buffer()) for _ in range(pool.capacity - 1)]
         waiting = asyncio.ensure_future(stack.enter_async_context(pool.buffer()))
-        await asyncio.sleep(0.2)
+        # No clock involved: while the put is held at ``release`` nothing can hand the last
+        # buffer back, so a few turns of the loop (the waiter queues up) must leave it waiting.
+        for _ in range(5):
+            await asyncio.sleep(0)
         assert not waiting.done() and not finished
         release.set()
         async with asyncio.timeout(30):
