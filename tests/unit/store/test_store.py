@@ -7,6 +7,7 @@ import pytest
 
 from engine.core.errors import (
     ChunkMissing,
+    CorruptRecord,
     ManifestTampered,
     SnapshotNotFound,
     StoreError,
@@ -14,7 +15,7 @@ from engine.core.errors import (
 )
 from engine.maint.check import check_store
 from engine.store.chunk_store import Store
-from engine.store.pack import PackWriter, read_trailer
+from engine.store.pack import PackWriter, pack_path, read_trailer
 from tests.conftest import CHEAP_KDF, PASSPHRASE, StoreFactory
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
 
@@ -89,6 +90,29 @@ def test_packs_seal_at_target_size_and_stay_readable(make_store: StoreFactory) -
         size, entries = read_trailer(path, path.stem)
         assert size == path.stat().st_size and entries
     assert not list((store.layout.packs / "tmp").iterdir())
+
+
+def test_get_record_into_a_truncated_or_vanished_pack_names_the_chunk(
+    make_store: StoreFactory,
+) -> None:
+    """What a restore worker meets when the disk under the store lost data: a pack cut
+    short is a CorruptRecord naming the chunk and pack, a pack gone is a StoreError naming
+    it; never a short record in the buffer."""
+    store = make_store(pack_size=1024 * 1024)
+    ids = [store.put_chunk(os.urandom(CHUNK)) for _ in range(40)]
+    store.flush()
+    out = memoryview(bytearray(2 * CHUNK))
+    where = [store.locate(i) for i in ids]
+    last = max(range(len(ids)), key=lambda i: (where[i].pack, where[i].offset))  # type: ignore[union-attr]
+    loc = where[last]
+    assert loc is not None
+    path = pack_path(store.layout.packs, loc.pack)
+    os.truncate(path, loc.offset + loc.length - 1)
+    with pytest.raises(CorruptRecord, match=f"{ids[last].hex()[:16]}.*{loc.pack}.*truncated"):
+        store.get_record_into(ids[last], out, loc)
+    path.unlink()
+    with pytest.raises(StoreError, match=f"pack {loc.pack} of chunk {ids[last].hex()[:16]}"):
+        store.get_record_into(ids[last], out, loc)
 
 
 def test_missing_chunk_and_snapshot_errors(make_store: StoreFactory) -> None:
