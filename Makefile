@@ -32,8 +32,10 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# --maxfail: thirty failures mean a broken machine or tree; stop and show them (CI shows the
+# tail of the output) rather than run on for an hour. tests/watchdog.py names a hung test.
 test: venv sysdeps
-	$(BIN)/pytest -m 'not bench and not slow' -n 2 --dist loadfile --durations=25
+	$(BIN)/pytest -m 'not bench and not slow' -n 2 --dist loadfile --durations=25 --maxfail=30
 
 check: lint test
 

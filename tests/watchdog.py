@@ -19,6 +19,14 @@ sleep, the mark of a hung FUSE or block request); the FUSE mounts; the free spac
 temporary files (a full disk makes servers hang in odd places); and every worker's Python
 stacks, all threads, which each worker writes when sent ``SIGUSR1`` (``faulthandler``) into a
 file under a directory the controller makes (``TESSERA_TEST_WATCH``, inherited by workers).
+
+CI shows only the last lines of what a run printed, so every report ends with a summary of at
+most ``SUMMARY_LINES`` lines: how far the run got (tests done of all, failed so far, seconds,
+load average, free space), each test running with its seconds, each worker's process state
+and kernel wait channel, the first failures with their one-line reasons and the slowest tests
+done. The same summary is printed, once, when the free space for temporary files falls below
+``LOW_SPACE`` (``TESSERA_TEST_LOW_SPACE``), with the largest directories under the run's base
+temporary directory.
 """
 
 import contextlib
@@ -38,11 +46,16 @@ import pytest
 ENV: Final = "TESSERA_TEST_WATCH"  # the directory of the workers' stack files
 LIMIT_ENV: Final = "TESSERA_TEST_SESSION_LIMIT"
 WARN_ENV: Final = "TESSERA_TEST_WARN_AFTER"
+LOW_SPACE_ENV: Final = "TESSERA_TEST_LOW_SPACE"
 WARN_AFTER: Final = 240.0  # pytest-timeout ends a worker at 300 s
-SESSION_LIMIT: Final = 40 * 60.0  # CI's limit is 90 min for everything; make check takes ~15
+# CI's limit is 90 min for everything (a new venv and packages included); make check takes
+# 10-13 min there and here. Past an hour it is hung, or so slow that the evidence is the news.
+SESSION_LIMIT: Final = 60 * 60.0
 POLL: Final = 5.0
 DUMP_WAIT: Final = 3.0  # at most, for the workers' faulthandler to write
 EXIT_STATUS: Final = 3
+LOW_SPACE: Final = 2 << 30  # bytes free for temporary files below which the run is reported
+SUMMARY_LINES: Final = 18  # CI shows the tail of the output: the summary fits in it
 
 _stack_file: list[IO[str]] = []  # a worker's open stack file (kept open for faulthandler)
 
@@ -61,13 +74,25 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(watch, "tessera-watchdog")
     directory = Path(os.environ[ENV])
     name = config.workerinput["workerid"] if _is_worker(config) else "main"  # type: ignore[attr-defined]
-    stacks = (directory / f"{name}.{os.getpid()}.stacks").open("a", encoding="utf-8")
+    stacks = (directory / f"{name}.{_process_key(os.getpid())}.stacks").open("a", encoding="utf-8")
     _stack_file.append(stacks)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
 
+def _process_key(pid: int) -> str:
+    """``pid.starttime``: a stack file names its process, never a later one with the same pid."""
+    return f"{pid}.{_stat(pid)[19]}"
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/pid/stat`` after the command name: state, ppid, ...
+
+    OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 class Watchdog:
-    """The controller's side: tracks running tests; a daemon thread checks them."""
+    """The controller's side: tracks the run's tests; a daemon thread checks on them."""
 
     def __init__(self, config: pytest.Config, directory: Path) -> None:
         self.config = config
@@ -77,18 +102,40 @@ class Watchdog:
         self.warn_after = float(os.environ.get(WARN_ENV, WARN_AFTER))
         self.running: dict[str, float] = {}  # node id → monotonic start
         self.reported: set[str] = set()
+        self.collected = 0  # tests in the run, once collection is done (per worker with xdist)
+        self.done = 0
+        self.failures: list[str] = []  # "node id (phase): first line of the reason"
+        self.slowest: list[tuple[float, str]] = []  # (seconds, node id), longest first
+        self.low_space = int(os.environ.get(LOW_SPACE_ENV, LOW_SPACE))
+        self.low_space_reported = False
         self.lock = threading.Lock()
         self.offsets: dict[Path, int] = {}
         self.stderr = os.dup(2)  # the real one: pytest's capture is suspended at configure
         threading.Thread(target=self._watch, name="tessera-watchdog", daemon=True).start()
 
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.collected = max(self.collected, len(session.items))  # without xdist
+
+    def pytest_xdist_node_collection_finished(self, node: object, ids: list[str]) -> None:
+        self.collected = max(self.collected, len(ids))  # every worker collects the whole run
+
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         with self.lock:
             self.running[nodeid] = time.monotonic()
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.failed:
+            reason = _first_line(report)
+            with self.lock:
+                self.failures.append(f"{report.nodeid} ({report.when}): {reason}")
+
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         with self.lock:
-            self.running.pop(nodeid, None)
+            started = self.running.pop(nodeid, None)
+            self.done += 1
+            if started is not None:
+                self.slowest.append((time.monotonic() - started, nodeid))
+                self.slowest = sorted(self.slowest, reverse=True)[:3]
 
     def _watch(self) -> None:
         while True:
@@ -103,19 +150,32 @@ class Watchdog:
                 self._stop()
             if fresh:
                 self._report(f"running for more than {self.warn_after:.0f} s: {', '.join(fresh)}")
+            if not self.low_space_reported and _free_space() < self.low_space:
+                self.low_space_reported = True
+                self._report(
+                    f"less than {self.low_space >> 20} MiB free for temporary files",
+                    space=True,
+                )
 
-    def _report(self, why: str) -> None:
-        lines = [f"watchdog: {why}", "tests running:"]
-        now = time.monotonic()
-        with self.lock:
-            lines += [f"  {now - t:7.0f} s  {n}" for n, t in sorted(self.running.items())]
+    def _report(self, why: str, *, space: bool = False) -> None:
+        """The evidence, then the summary (last, where CI's tail of the output shows it)."""
+        lines = [f"watchdog: {why}"]
         lines += ["processes under the run:", *_process_tree(os.getpid())]
         lines += ["FUSE mounts:", *_fuse_mounts()]
-        tmp = shutil.disk_usage(tempfile.gettempdir())
-        lines += [f"free in {tempfile.gettempdir()}: {tmp.free >> 20} MiB of {tmp.total >> 20} MiB"]
+        lines += self._stacks()
+        summary = self._summary(why)
+        if space:
+            summary[2:2] = self._largest_temporary()
+        self._write("\n".join(["", *lines, *summary[:SUMMARY_LINES], ""]))
+
+    def _stacks(self) -> list[str]:
         asked = {}  # stack file → its size before the signal
         for pid in [*_descendants(os.getpid()), os.getpid()]:
-            for path in self.directory.glob(f"*.{pid}.stacks"):
+            try:
+                key = _process_key(pid)
+            except (OSError, IndexError):
+                continue
+            for path in self.directory.glob(f"*.{key}.stacks"):
                 asked[path] = path.stat().st_size
                 os.kill(pid, signal.SIGUSR1)
         # Until every signalled process has written (faulthandler writes in its signal
@@ -125,6 +185,7 @@ class Watchdog:
             _size(path) <= size for path, size in asked.items()
         ):
             time.sleep(0.05)
+        lines = []
         for path in sorted(self.directory.glob("*.stacks")):
             with path.open(encoding="utf-8", errors="replace") as f:
                 f.seek(self.offsets.get(path, 0))
@@ -132,7 +193,44 @@ class Watchdog:
                 self.offsets[path] = f.tell()
             if text:
                 lines += [f"Python stacks of worker {path.stem}:", *text.splitlines()]
-        self._write("\n".join(["", *lines, ""]))
+        return lines
+
+    def _summary(self, why: str) -> list[str]:
+        now = time.monotonic()
+        tmp = shutil.disk_usage(tempfile.gettempdir())
+        with self.lock:
+            running = sorted(self.running.items(), key=lambda item: item[1])
+            failures, slowest = list(self.failures), list(self.slowest)
+            done, collected = self.done, self.collected
+        share = f" ({100 * done // collected} %)" if collected else ""
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        lines = [
+            f"watchdog summary: {why}",
+            f"  {done} of {collected or '?'} tests done{share} in {now - self.started:.0f} s,"
+            f" {len(failures)} failed; load {load};"
+            f" {tmp.free >> 20} MiB free of {tmp.total >> 20} MiB in {tempfile.gettempdir()}",
+        ]
+        lines += [f"  running {now - t:5.0f} s: {n}" for n, t in running]
+        lines += [f"  worker {w}" for w in _workers(os.getpid())]
+        lines += [f"  failed: {f}"[:300] for f in failures[:4]]
+        if len(failures) > 4:
+            lines.append(f"  ... and {len(failures) - 4} more failed")
+        lines += [f"  slow, done: {s:5.0f} s {n}" for s, n in slowest]
+        return lines
+
+    def _largest_temporary(self) -> list[str]:
+        """The largest directories two levels under the run's base temporary directory."""
+        try:
+            base = self.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        except Exception as e:  # evidence only: never break the report
+            return [f"  (no base temporary directory: {e})"]
+        sizes = [(_tree_size(d), d) for d in base.glob("*/*") if d.is_dir()]
+        sizes += [
+            (_tree_size(d), d)
+            for d in base.glob("*")
+            if d.is_dir() and not d.name.startswith("popen-")
+        ]
+        return [f"  {size >> 20:7d} MiB {d}" for size, d in sorted(sizes, reverse=True)[:4]]
 
     def _write(self, text: str) -> None:
         data = text.encode("utf-8", "replace")
@@ -145,6 +243,52 @@ class Watchdog:
                 os.kill(pid, signal.SIGKILL)
         self._write(f"watchdog: stopped the run (exit status {EXIT_STATUS})\n")
         os._exit(EXIT_STATUS)
+
+
+def _first_line(report: pytest.TestReport) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return next((line for line in text.splitlines() if line.strip()), "?")
+
+
+def _free_space() -> int:
+    return shutil.disk_usage(tempfile.gettempdir()).free
+
+
+def _tree_size(root: Path) -> int:
+    """Bytes allocated under root (sparse files count what they hold)."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+    return total
+
+
+def _workers(root: int) -> list[str]:
+    """Each direct child of the run (the xdist workers): state, wait channel, processes under it."""
+    tree = _children()
+    lines = []
+    for pid in tree.get(root, []):
+        try:
+            state = _stat(pid)[0]
+            wchan = Path(f"/proc/{pid}/wchan").read_text() or "-"
+        except (OSError, IndexError):
+            continue
+        under = _descendants(pid)
+        stuck = [p for p in under if _state(p) == "D"]
+        lines.append(
+            f"pid {pid}: {state} in {wchan}; {len(under)} processes under it,"
+            f" {len(stuck)} in uninterruptible sleep"
+        )
+    return lines
+
+
+def _state(pid: int) -> str:
+    try:
+        return _stat(pid)[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def _size(path: Path) -> int:
@@ -160,10 +304,9 @@ def _children() -> dict[int, list[int]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
+            ppid = int(_stat(int(entry.name))[1])
+        except (OSError, IndexError):
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         tree.setdefault(ppid, []).append(int(entry.name))
     return tree
 
@@ -195,8 +338,7 @@ def _process_tree(root: int) -> list[str]:
     lines = [f"  {line[:300]}" for line in out]
     for pid in pids:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state == "D":
+            if _state(pid) == "D":
                 stack = Path(f"/proc/{pid}/stack").read_text().splitlines()
                 lines += [
                     f"  kernel stack of {pid} (uninterruptible):",

@@ -2,16 +2,19 @@
 
 A run with a test that hangs, and a helper process it started, under a short session limit:
 the watchdog must name the test, show the worker's Python stack at the hanging line, kill the
-helper, and end the run with its own exit status instead of waiting for CI's limit.
+helper, and end the run with its own exit status instead of waiting for CI's limit. CI shows
+only the tail of the output, so the last lines must be the summary: progress, the failure so
+far with its reason, the running test, the worker's state, the low-space alarm.
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from tests.watchdog import EXIT_STATUS, LIMIT_ENV, WARN_ENV
+from tests.watchdog import EXIT_STATUS, LIMIT_ENV, LOW_SPACE_ENV, SUMMARY_LINES, WARN_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +26,10 @@ from pathlib import Path
 
 def test_quick():
     pass
+
+
+def test_fails():
+    assert 1 + 1 == 3, "arithmetic is broken"
 
 
 def test_hangs_here(tmp_path):
@@ -38,7 +45,13 @@ def test_a_hung_test_is_named_with_its_stack_and_the_run_ends(tmp_path: Path) ->
     suite.mkdir()
     (suite / "conftest.py").write_text('pytest_plugins = ["tests.watchdog"]\n')
     (suite / "test_hang.py").write_text(textwrap.dedent(HANGING.format(pidfile=str(pidfile))))
-    env = {**os.environ, LIMIT_ENV: "12", WARN_ENV: "4", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        LIMIT_ENV: "12",
+        WARN_ENV: "4",
+        LOW_SPACE_ENV: str(1 << 62),  # every disk is "low": the alarm must fire once
+        "PYTHONPATH": str(ROOT),
+    }
     env.pop("TESSERA_TEST_WATCH", None)  # this run's controller makes its own
     proc = subprocess.run(
         [
@@ -67,9 +80,22 @@ def test_a_hung_test_is_named_with_its_stack_and_the_run_ends(tmp_path: Path) ->
     assert "watchdog: running for more than 4 s: test_hang.py::test_hangs_here" in out, out
     assert "watchdog: the test run passed its limit of 12 s" in out, out
     assert "Python stacks of worker gw0." in out, out
-    assert 'test_hang.py", line 14 in test_hangs_here' in out, out
-    assert "sleep 600" in out, out
-    assert " MiB of " in out, out  # the free space  # the process tree names the helper
+    assert 'test_hang.py", line 18 in test_hangs_here' in out, out
+    assert "sleep 600" in out, out  # the process tree names the helper
+    assert out.count("watchdog summary: less than ") == 1, out  # once, with the largest dirs
+    # The tail: the last report's summary, then the stop.
+    tail = proc.stderr.rstrip().splitlines()[-(SUMMARY_LINES + 2) :]
+    start = next(i for i, line in enumerate(tail) if line.startswith("watchdog summary: "))
+    summary = "\n".join(tail[start:])
+    assert tail[start] == "watchdog summary: the test run passed its limit of 12 s", summary
+    assert "  2 of 3 tests done (66 %) in " in summary, summary
+    assert " 1 failed; load " in summary and " MiB free of " in summary, summary
+    assert re.search(r"running +\d+ s: test_hang.py::test_hangs_here", summary), summary
+    assert re.search(r"worker pid \d+: S in \S+; 1 processes under it, 0 in", summary), summary
+    assert "failed: test_hang.py::test_fails (call): AssertionError: arithmetic is broken" in (
+        summary
+    ), summary
+    assert tail[-1] == f"watchdog: stopped the run (exit status {EXIT_STATUS})", summary
     helper = int(pidfile.read_text())
     assert not Path(f"/proc/{helper}").exists() or _is_zombie(helper), "the helper was left"
 
