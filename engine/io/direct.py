@@ -59,6 +59,7 @@ from typing import Final, Self, TypeVar
 
 from engine.core.errors import EngineError, TransientError
 from engine.core.extent import Extent
+from engine.util.inbox import Inbox
 
 # errnos of a read that may succeed when retried (see the module docstring): the others
 # (EBADF, EINVAL, ENXIO, ENODEV: the device is gone, ENOTCONN: its FUSE daemon died) repeat.
@@ -263,6 +264,7 @@ class DirectReader:
         # One thread: reads of one reader are sequential anyway, and close() queued behind
         # them can never close the descriptor under a read.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tessera-read")
+        self._inbox = Inbox()  # reads complete on the loop without a GIL-held wakeup
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``, looping on short reads. Raises
@@ -273,8 +275,7 @@ class DirectReader:
         self._image.check_range(offset, len(buf))
         if not len(buf):
             return
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._thread, self._read, self._fd, offset, buf)
+        work = self._inbox.wrap(self._thread.submit(self._read, self._fd, offset, buf))
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -310,8 +311,8 @@ class DirectReader:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._thread, os.close, fd)
+            await self._inbox.wrap(self._thread.submit(os.close, fd))
         finally:
             self._thread.shutdown(wait=False)
+            self._inbox.close()

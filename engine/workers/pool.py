@@ -28,6 +28,7 @@ from typing import Any, Final, Protocol, TypeVar
 from engine.core.ids import CHUNK_ID_SIZE, ChunkId
 from engine.store import format as fmt
 from engine.store.codec import Buffer, Codec
+from engine.util.inbox import Inbox
 
 T = TypeVar("T")
 
@@ -248,6 +249,7 @@ class BufferArena:
         self._held: dict[int, ChunkBuffer] = {}
         self._busy: dict[int, concurrent.futures.Future[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox = Inbox()  # workers' results reach the loop without the GIL held
         self.closed = False
 
     def check_open(self) -> None:
@@ -283,7 +285,7 @@ class BufferArena:
         """Submit work on ``buf`` (``check`` it first) and wait for its result."""
         future = submit()
         self._busy[buf.slot] = future
-        return await asyncio.wrap_future(future)
+        return await self._inbox.wrap(future)
 
     async def _acquire(self) -> int:
         self.check_open()
@@ -343,6 +345,7 @@ class BufferArena:
 
     def release_views(self) -> None:
         """Revoke every view handed out (at close, after the workers have stopped)."""
+        self._inbox.close()
         for buf in list(self._held.values()):
             buf._release()
         self._held.clear()
