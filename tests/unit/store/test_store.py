@@ -1,6 +1,7 @@
 """The Store facade: dedup, packs, snapshots, recovery on open, index rebuild, locking."""
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,51 @@ def test_put_of_known_chunk_writes_nothing(make_store: StoreFactory) -> None:
     store.flush()
     assert sum(p.stat().st_size for p in store.layout.pack_files().values()) == size
     assert store.index.stats().chunks == 1
+
+
+def test_put_right_after_has_said_absent_spares_the_index_lookup(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store()
+    lookups: list[bytes] = []
+    has = store.index.has
+    monkeypatch.setattr(store.index, "has", lambda cid: lookups.append(cid) or has(cid))
+    data = [os.urandom(CHUNK) for _ in range(3)]
+    ids = [store.codec.chunk_id(d) for d in data]
+    records = [store.codec.encode(d, i) for d, i in zip(data, ids, strict=True)]
+
+    assert not store.has(ids[0]) and lookups == [ids[0]]
+    assert store.put(ids[0], records[0]) is True
+    assert lookups == [ids[0]], "the put looked the chunk up again"
+    # A put of another id than the one has() just saw absent looks it up itself.
+    assert not store.has(ids[1])
+    assert store.put(ids[2], records[2]) is True
+    assert lookups == [ids[0], ids[1], ids[2]]
+
+
+def test_put_after_has_looks_again_when_a_pack_was_indexed_between(
+    make_store: StoreFactory,
+) -> None:
+    """has() on one thread says absent; another thread stores the same chunk and its pack is
+    sealed and indexed (it leaves the open pack's pending set): the first thread's put must
+    find it in the index and write nothing."""
+    store = make_store()
+    data = os.urandom(CHUNK)
+    cid = store.codec.chunk_id(data)
+    record = store.codec.encode(data, cid)
+    assert not store.has(cid)
+
+    def other_thread() -> None:
+        assert store.put(cid, record) is True
+        store.flush()  # sealed and indexed: no longer pending
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert store.put(cid, record) is False
+    store.flush()
+    assert store.index.stats().chunks == 1
+    assert check_store(store, data=True).ok
 
 
 def test_identical_vms_are_stored_once(make_store: StoreFactory) -> None:
