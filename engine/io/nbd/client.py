@@ -271,10 +271,9 @@ class NbdClient:
             raise
         waiter: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
         conn.register(command.cookie, waiter)
-        assert conn.transport is not None
-        conn.transport.write(header)
+        conn.send(header)
         if piece.payload is not None:
-            conn.transport.write(piece.payload)
+            conn.send(piece.payload)
         return _Sent(command, waiter)
 
     async def _wait(self, sent: _Sent) -> Command:

@@ -10,6 +10,7 @@ also for requests whose caller was cancelled.
 """
 
 import asyncio
+import os
 from typing import Final, cast
 
 from engine.core.units import KiB
@@ -52,11 +53,39 @@ class Connection(asyncio.BufferedProtocol):
         self._scratch = bytearray(HANDSHAKE_BUFFER)
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._fd: int | None = None  # a plain socket's descriptor, for ``send``
 
     # --- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()
+
+    def send(self, data: bytes | memoryview) -> None:
+        """``transport.write(data)``, in order after anything the transport holds.
+
+        When the transport holds nothing, a plain socket gets the bytes with ``os.write``,
+        which releases the GIL around the syscall. uvloop's ``write`` makes the same syscall
+        with the GIL held, and the syscall wakes the NBD server, which often takes this
+        core at once: measured on a qcow2 backup, 10-15 µs of CPU but 26-66 µs of wall time
+        per request header with the GIL held, most of it spent preempted, while every other
+        thread of the process waited for the GIL. What ``os.write`` leaves (a full socket
+        buffer, an error) goes to the transport, which queues it or reports the error its
+        own way (``connection_lost``)."""
+        transport = self.transport
+        assert transport is not None
+        fd = self._fd
+        if fd is not None and not transport.get_write_buffer_size() and not transport.is_closing():
+            try:
+                sent = os.write(fd, data)
+            except OSError:  # EAGAIN, or an error the transport meets and reports as well
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        transport.write(data)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.transmission is None or self.error is not None:

@@ -275,3 +275,52 @@ def test_works_under_uvloop(tmp_path: Path) -> None:
                 assert await client.read(100, 100) == b"x" * 100
 
     uvloop.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_keep_their_order_behind_bytes_the_socket_could_not_take(
+    tmp_path: Path, loop: str
+) -> None:
+    """``Connection.send`` writes straight to the socket only while the transport holds
+    nothing: with the server not reading, a large write's payload fills the socket and the
+    rest waits in the transport; requests sent meanwhile must follow it, not overtake it
+    (an overtaking header would land inside the payload and the server would parse junk)."""
+    import uvloop
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def gated(server: FakeServer, req: p.Request, payload: bytes) -> None:
+            if len(server.requests) == 1:
+                await gate.wait()  # the server reads nothing more until the gate opens
+            await serve_memory(server, req, payload)
+
+        async with FakeServer(tmp_path / "s", gated, size=4 << 20) as server:
+            server.memory[:] = pattern(0, len(server.memory))
+            async with await connect(server.address) as client:
+                first = asyncio.create_task(client.read(0, 4096))
+                data = bytes(range(256)) * (8 << 10)  # 2 MiB: more than the socket takes
+                write = asyncio.create_task(client.write(1 << 20, data))
+                transport = client._conn.transport
+                assert transport is not None
+                async with asyncio.timeout(BOUNDED):
+                    while not transport.get_write_buffer_size():
+                        await asyncio.sleep(0.01)
+                offsets = [(3 << 20) + i * 4096 for i in range(4)]
+                reads = [asyncio.create_task(client.read(o, 4096)) for o in offsets]
+                await asyncio.sleep(0.05)  # their headers are sent: behind the payload's rest
+                gate.set()
+                # While the transport still holds payload, the socket has room again as the
+                # server reads: the moment a header could overtake. Keep sending through it.
+                while transport.get_write_buffer_size() and len(offsets) < 200:
+                    offsets.append((3 << 20) + len(offsets) % 256 * 4096)
+                    reads.append(asyncio.create_task(client.read(offsets[-1], 4096)))
+                    await asyncio.sleep(0)
+                assert len(offsets) > 4, "the transport was never seen holding bytes after the gate"
+                async with asyncio.timeout(BOUNDED):
+                    assert await first == pattern(0, 4096)
+                    await write
+                    assert await asyncio.gather(*reads) == [pattern(o, 4096) for o in offsets]
+            assert server.memory[1 << 20 : 3 << 20] == data
+
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
