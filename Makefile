@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv sysdeps lint test check bench demo clean
+.PHONY: venv sysdeps benchdeps lint test check bench demo clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,16 @@ test: venv sysdeps
 
 check: lint test
 
-bench: venv sysdeps
+# What only the benches use: BorgBackup, measured beside Tessera on the same image.
+BENCHPKGS := borgbackup
+benchdeps:
+	@missing=""; for p in $(BENCHPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
+	fi
+
+bench: venv sysdeps benchdeps
 	$(BIN)/python -m tests.bench
 
 # The lab demo: fake engine + real ovirt-imageio + generated VMs (the daemon joins with the
