@@ -15,8 +15,9 @@ detached and deleted; leaving the restore without a VM deletes every disk (``VmR
 
 Several disks at once (``run_restore``'s ``disks_at_once``): each has its own attachment,
 device and qemu-nbd; attaching and detaching on the DataMover take turns (``hotplug``: one
-hot-plug or hot-unplug of the DataMover at a time, as the engine locks a VM while it
-changes its devices), and the DataMover is looked up once.
+hot-plug or hot-unplug of the DataMover at a time; they are short, and an engine may refuse
+a device change on a VM while another one holds it locked), and the DataMover is looked up
+once.
 
 Journal keys: ``VmRestore``'s (``engine``, ``restore_disks``, ``restore_vm``), plus
 ``attachments`` (as the LAN-free backup writes it) and ``attach_exports`` (each writable
