@@ -36,7 +36,8 @@ Target::
 - ``make_target(entry, record)`` journals ``memory_targets`` (the disks being written) and
   gives a fresh ``TargetDisk`` of ``entry.size`` zero bytes; leaving its context normally
   publishes the bytes under ``entry.disk_id``, leaving it by an exception (or cancellation)
-  throws them away, as the local target deletes its partial image. A disk id already
+  throws them away, as the local target deletes its partial image (``fresh = False``: its
+  disks say they hold old data, so zero slots get ``write_zeroes``). A disk id already
   published is refused (``ConfigError``): nothing is ever overwritten.
 - Writers check their bounds (``ValueError``) and refuse requests once closed
   (``RuntimeError``); ``close`` is idempotent.
@@ -428,7 +429,7 @@ class MemoryTargetDisk:
 
     def __init__(self, info: DiskInfo, targets: "MemoryTargets") -> None:
         self.info = info
-        self.fresh = True
+        self.fresh = targets.fresh
         self.data = bytearray(info.size)
         self.targets = targets
         self.writers: list[MemoryWriter] = []
@@ -451,6 +452,7 @@ class MemoryTargets:
         self.disks: list[MemoryTargetDisk] = []  # every target made, published or not
         self.discarded: list[str] = []  # disk ids whose target was left by an exception
         self.before_write: WriteHook | None = None
+        self.fresh = True  # False: the disks count as holding old data (zero slots written)
 
     def make_target(
         self, entry: DiskEntry, record: ResourceRecorder

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.core.errors import ConfigError
-from engine.pipeline.defaults import DEFAULT_READERS
+from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
 
 BACKUP_FLOWS: Final = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
@@ -58,3 +58,4 @@ class ImageRestoreRequest:
     to: Path  # an image file (one disk) or a directory (several)
     disk: str | None = None
     image_format: str | None = None  # qcow2 | raw (default: each disk's recorded one)
+    disks_at_once: int = DEFAULT_DISKS_AT_ONCE  # images written at once (one CPU pool)

@@ -9,12 +9,14 @@ in this process and for the daemon's restore jobs.
         restore_vm(config, target, plan, progress=…, api_gate=…, job_id=…)
               the engine's hypervisor plugin's ``vm_restore`` with the snapshot's stored
               OVF (a new VM, or disks attached to ``into_vm``)
-              → ``engine.jobs.restore.run_restore`` → on success the VM is created
+              → ``engine.jobs.restore.run_restore`` (``limits.restore_disks`` disks at
+              once) → on success the VM is created
         → ``VmRestoreOutcome``: the job's ``RestoreOutcome`` and the VM (None unless it
           succeeded)
 
-    ImageRestoreRequest(snapshot, to, disk, image_format)
-        restore_images(target, request, progress=…)   disks written as local image files
+    ImageRestoreRequest(snapshot, to, disk, image_format, disks_at_once)
+        restore_images(target, request, progress=…)   disks written as local image files,
+                                                      ``disks_at_once`` of them at once
 
 A failed restore is an outcome (its record says FAILED; the plugin deleted what it created),
 never an exception.
@@ -53,13 +55,14 @@ class VmRestorePlan:
     disks: tuple[DiskEntry, ...]
     new_name: str
 
-    def transfer_needs(self) -> dict[str, int]:
-        """Image transfers the restore opens per storage domain (the daemon's limits)."""
+    def transfer_needs(self, disks_at_once: int) -> dict[str, int]:
+        """Image transfers the restore may hold open at once per storage domain (the
+        daemon's limits): one per disk, at most ``disks_at_once`` of them."""
         domains = Counter(
             self.request.storage_domain or d.attributes.get("storage_domain_id") or "default"
             for d in self.disks
         )
-        return {f"transfers/sd/{sd}": n for sd, n in domains.items()}
+        return {f"transfers/sd/{sd}": min(n, disks_at_once) for sd, n in domains.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,7 @@ async def restore_vm(
             plugin=plugin,
             make_target=vm_restore.make_target,
             journal=target.journal,
+            disks_at_once=config.limits.restore_disks,
             progress=progress,
             finish=vm_restore.create_vm,
             job_id=job_id,
@@ -166,5 +170,6 @@ async def restore_images(
         plugin=plugin,
         make_target=make_target,
         journal=target.journal,
+        disks_at_once=request.disks_at_once,
         progress=progress,
     )

@@ -24,7 +24,7 @@ from engine.cli import verify as cli_verify
 from engine.cli.commands import Handler
 from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE
 from engine.core.errors import ConfigError, EngineError, IntegrityError
-from engine.pipeline.defaults import DEFAULT_READERS
+from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
 from engine.store.dbfiles import describe, os_reason
 from engine.store.layout import (
@@ -174,6 +174,14 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
         help="image file (one disk) or directory (several)",
     )
     p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
+    p.add_argument(
+        "--disks-at-once",
+        type=cli_args.positive_int,
+        default=None,
+        metavar="N",
+        help=f"images written at once with --to (default {DEFAULT_DISKS_AT_ONCE}); into the "
+        "engine: the config's limits.restore_disks",
+    )
     p.add_argument("--engine", help="engine name in the configuration (if several)")
     p.add_argument("--name", help="the new VM's name (default: <original>-restored)")
     p.add_argument("--cluster", help="the new VM's cluster (default: the one in its OVF)")

@@ -60,6 +60,11 @@ class LimitsSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     transfers_per_storage_domain: PositiveInt = 8  # reads hitting one storage domain
     cpu_tasks: PositiveInt | None = None  # chunks encoded at once; None: max(8, 4 per core)
     api_calls: PositiveInt = 8  # concurrent engine REST calls (the engine is easily overrun)
+    # Disks of one VM a restore into the engine writes at once, sharing the CPU pool (whose
+    # buffers bound memory); each holds one image transfer or DataMover attachment while it
+    # runs. The default is engine.pipeline.defaults.DEFAULT_DISKS_AT_ONCE (config sits beside
+    # the pipelines in the layers and cannot import it; a test keeps the two equal).
+    restore_disks: PositiveInt = 2
 
 
 class TcpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

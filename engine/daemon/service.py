@@ -444,7 +444,11 @@ class Service:
             return outcome.restore.record.state.value.lower(), vm_restore_doc(outcome)
 
         return self.jobs.submit(
-            "restore", plan.new_name, body, params=params, needs=plan.transfer_needs()
+            "restore",
+            plan.new_name,
+            body,
+            params=params,
+            needs=plan.transfer_needs(self.config.limits.restore_disks),
         )
 
     async def run_policy(self, policy: Policy, planned: datetime) -> None:

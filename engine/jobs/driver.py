@@ -3,7 +3,8 @@
 A job supplies one coroutine per working state (PREPARING, TRANSFERRING, COMMITTING), each
 returning the event that ends it, and one ``cleanup(success)`` coroutine that the cleanup
 states run (FINISHING with success=True; ABORTING and CANCELLING with success=False).
-Exceptions become the ERROR event (the message is kept on the record); cancellation
+Exceptions become the ERROR event (the message is kept on the record, after what the job's
+``where(error)`` names, e.g. the disk of a restore that failed); cancellation
 becomes CANCEL, cleanup still runs (bounded by ``CLEANUP_TIMEOUT``), and ``CancelledError``
 is re-raised once the record says CANCELLED. Each transition is logged as one event.
 
@@ -38,9 +39,18 @@ def describe(error: BaseException) -> str:
 
 
 class JobDriver:
-    def __init__(self, journal: Journal, record: JobRecord):
+    """``where(error)``, when given, names the object a step's failure belongs to (or
+    None): the record's error then starts with it."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        record: JobRecord,
+        where: Callable[[BaseException], str | None] | None = None,
+    ):
         self.journal = journal
         self.record = record
+        self._where = where
         self._table = TABLES[record.kind]
         self._cancelled = False  # a cancellation arrived: CANCEL instead of the next step
 
@@ -106,7 +116,8 @@ class JobDriver:
                     self._cancelled = True
                     event = Event.CANCEL
                 except Exception as e:  # noqa: BLE001 - the job boundary: any failure is ERROR
-                    self.record.error = describe(e)
+                    place = self._where(e) if self._where is not None else None
+                    self.record.error = f"{place}: {describe(e)}" if place else describe(e)
                     self.record.integrity = isinstance(e, IntegrityError)
                     log.warning(
                         "job.error",

@@ -8,7 +8,7 @@
       mode:  current  state at this snapshot, no dirty disk: nothing to do (no job)
              full     no state / ``_layout_change`` / ``targets.check`` names a reason
              refresh  otherwise
-      run_restore(kind="standby") — the restore state table, journaled:
+      run_restore(kind="standby", one disk at a time) — the restore table, journaled:
         full:    make_target = a new disk per manifest disk (sparse: zero slots skipped);
                  COMMITTING: old standby deleted, old state discarded, VM created, then
                  every disk's map copied and the new state saved
@@ -243,6 +243,11 @@ async def run_standby_refresh(
         "plugin": targets.plugin,
         "journal": journal,
         "writers": writers,
+        # One disk at a time: a refresh saves the shared standby state from each disk's
+        # target (dirty before its first write, clean after), in threads that would race
+        # with several disks at once, and a dirty flag lost in a race would let the next
+        # refresh skip slots the disk does not hold.
+        "disks_at_once": 1,
         "progress": progress,
         "job_id": job_id,
         "kind": "standby",

@@ -13,6 +13,12 @@ Per disk (``AttachVmRestore.make_target``)::
 then ``create_vm`` attaches the disks to the new VM as the imageio path does. A failed disk is
 detached and deleted; leaving the restore without a VM deletes every disk (``VmRestore``).
 
+Several disks at once (``run_restore``'s ``disks_at_once``): each has its own attachment,
+device and qemu-nbd; attaching and detaching on the DataMover take turns (``hotplug``: one
+hot-plug or hot-unplug of the DataMover at a time; they are short, and an engine may refuse
+a device change on a VM while another one holds it locked), and the DataMover is looked up
+once.
+
 Journal keys: ``VmRestore``'s (``engine``, ``restore_disks``, ``restore_vm``), plus
 ``attachments`` (as the LAN-free backup writes it) and ``attach_exports`` (each writable
 qemu-nbd's private directory): ``recovery`` stops the exports and detaches the disks before
@@ -87,7 +93,8 @@ class _DiskViaDataMover:
         vr.attachments.append(created.id)
         await self._record("attachments", [{"vm_id": dm.id, "disk_id": d} for d in vr.attachments])
         self._attached = True
-        await attach_disk(vr.client, dm.id, dm.name, created.id)
+        async with vr.hotplug:
+            await attach_disk(vr.client, dm.id, dm.name, created.id)
         self._device = await wait_device(
             vr.section.by_id_dir, created.id, vr.section.device_timeout, dm.name
         )
@@ -123,7 +130,8 @@ class _DiskViaDataMover:
             await asyncio.to_thread(fsync_device, self._device)
         if self._attached and self._disk_id is not None:
             dm = await vr.datamover()
-            await detach_disk(vr.client, dm.id, self._disk_id)
+            async with vr.hotplug:
+                await detach_disk(vr.client, dm.id, self._disk_id)
             self._attached = False
             vr.attachments.remove(self._disk_id)
 
@@ -167,10 +175,13 @@ class AttachVmRestore(VmRestore):
         self.attachments: list[str] = []  # disk ids attached to the DataMover now
         self.exports: list[qemu.QemuNbd] = []
         self._datamover: VmRef | None = None
+        self._finding = asyncio.Lock()  # disks at once look the DataMover up once
+        self.hotplug = asyncio.Lock()  # one attach or detach on the DataMover at a time
 
     async def datamover(self) -> VmRef:
-        if self._datamover is None:
-            self._datamover = await find_datamover(self.client, self.section)
+        async with self._finding:
+            if self._datamover is None:
+                self._datamover = await find_datamover(self.client, self.section)
         return self._datamover
 
     def make_target(

@@ -25,6 +25,14 @@
 A new sparse disk is ``fresh`` (zero slots need no write); a preallocated one gets its zero
 slots written, since preallocated storage is not guaranteed to read as zeroes.
 
+Several disks at once: ``run_restore`` keeps up to ``disks_at_once`` targets open and enters
+them one at a time in manifest order, so disks and transfers are created (and journaled) in
+that order and a disk's transfer exists only while the disk is written (none waits idle for
+its turn, which the engine's inactivity timeout would cancel). The journal lists are rebuilt
+from the shared ``disk_ids`` / ``transfer_ids`` at every change, so concurrent targets never
+drop each other's entries. ``create_vm`` attaches the disks in manifest order, whatever
+order their uploads finished in.
+
 On a block storage domain (iSCSI, FC) a thin disk is created as qcow2 with ``initial_size``
 (a sparse raw one too: the engine refuses sparse raw there), so that the upload fits its
 volume, which the engine does not extend during a transfer (``volumes``). Both the imageio
@@ -235,6 +243,7 @@ class VmRestore:
         self.disk_ids: list[str] = []  # every disk created, in creation order
         self.transfer_ids: list[str] = []
         self.disks: list[tuple[DiskEntry, str]] = []  # uploaded disks: entry, new disk id
+        self._order = {d.disk_id: i for i, d in enumerate(manifest.disks)}
         self.vm_id: str | None = None
         self._done = False
         self.vm: RestoredVm | None = None  # set by create_vm
@@ -248,6 +257,11 @@ class VmRestore:
         the disk."""
         self._record = record
         return _DiskUpload(self, entry, record)
+
+    def uploaded(self) -> list[tuple[DiskEntry, str]]:
+        """The disks written so far (entry, new disk id), in manifest order: disks restored
+        at once finish in any order, and the VM gets them in the snapshot's."""
+        return sorted(self.disks, key=lambda d: self._order.get(d[0].disk_id, len(self._order)))
 
     async def add_disk(
         self, entry: DiskEntry, record: ResourceRecorder, created_cb: Callable[[str], None]
@@ -354,7 +368,7 @@ class VmRestore:
         target = await self.find_target_vm()
         attached: list[str] = []
         try:
-            for entry, disk_id in self.disks:
+            for entry, disk_id in self.uploaded():
                 await self._attach(target.id, target.name, entry, disk_id, bootable=False)
                 attached.append(disk_id)
         except BaseException:
@@ -362,7 +376,7 @@ class VmRestore:
                 await self._detach(target.id, disk_id)
             raise
         self._done = True
-        self.vm = RestoredVm(target.id, target.name, tuple(d for _, d in self.disks))
+        self.vm = RestoredVm(target.id, target.name, tuple(d for _, d in self.uploaded()))
         return self.vm
 
     async def _attach(
@@ -408,11 +422,11 @@ class VmRestore:
         if self._record is not None:
             await self._record("restore_vm", vm.id)
         failpoints.hit("ovirt.restore.vm_created")
-        for entry, disk_id in self.disks:
+        for entry, disk_id in self.uploaded():
             bootable = entry.attributes.get("bootable") == "true"
             await self._attach(vm.id, self.name, entry, disk_id, bootable=bootable)
         self._done = True
-        self.vm = RestoredVm(vm.id, self.name, tuple(d for _, d in self.disks))
+        self.vm = RestoredVm(vm.id, self.name, tuple(d for _, d in self.uploaded()))
         return self.vm
 
     async def _cleanup_disk(

@@ -7,6 +7,7 @@ overwritten; an existing image gets zeros where the snapshot has zero slots.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -17,11 +18,16 @@ import pytest
 from engine.core.errors import ChunkMissing, ConfigError, CorruptRecord
 from engine.core.ids import short
 from engine.io import qemu
+from engine.jobs.journal import Journal
+from engine.jobs.restore import run_restore
+from engine.jobs.states import State
 from engine.restore.disk import RestoreStats, restore_disk
+from engine.sources.types import DiskWriter, ResourceRecorder, TargetDisk
 from engine.store.chunk_store import Store
-from engine.store.manifest import Manifest
+from engine.store.manifest import DiskEntry, Manifest
 from engine.workers import make_cpu_pool
 from engine.workers.pool import CpuPool
+from plugins.local import LocalImages
 from plugins.local.target import PARTIAL_SUFFIX, LocalImageTarget
 from tests.conftest import StoreFactory
 from tests.helpers import realistic_bytes, write_snapshot
@@ -336,4 +342,86 @@ async def test_writers_beyond_the_export_limit_are_refused(tmp_path: Path) -> No
         await second.flush()
         # ``second`` and ``third`` are left open: leaving the target closes them
     assert image.read_bytes()[:1024] == b"x" * 512 + b"y" * 512
+    assert not qemu_nbd_serving(tmp_path)
+
+
+BUFFERS = 16
+
+
+class _Meeting:
+    """A real target whose writers hold each disk's writes until two disks write at once."""
+
+    def __init__(self, disk: TargetDisk, writing: set[str], both: asyncio.Event) -> None:
+        self.info, self.fresh = disk.info, disk.fresh
+        self._disk, self._writing, self._both = disk, writing, both
+
+    async def open_writer(self) -> DiskWriter:
+        return _MeetingWriter(await self._disk.open_writer(), self)
+
+    async def meet(self) -> None:
+        self._writing.add(self.info.disk_id)
+        if len(self._writing) >= 2:
+            self._both.set()
+        await self._both.wait()
+
+
+class _MeetingWriter:
+    def __init__(self, writer: DiskWriter, disk: _Meeting) -> None:
+        self._writer, self._disk = writer, disk
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        await self._disk.meet()
+        await self._writer.write(offset, data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await self._disk.meet()
+        await self._writer.write_zeroes(offset, length)
+
+    async def flush(self) -> None:
+        await self._writer.flush()
+
+    async def close(self) -> None:
+        await self._writer.close()
+
+
+async def test_disks_are_written_into_their_images_at_once(
+    make_store: StoreFactory, pools: list[CpuPool], tmp_path: Path
+) -> None:
+    """Two disks' images are written at the same time through their own qemu-nbd: each
+    disk's first write waits until the other disk writes too, which a restore of one disk
+    after the other never gets past. Every image is complete; no partial image is left."""
+    store = make_store(chunk_size=CHUNK)
+    disks = source_disks()
+    manifest = write_snapshot(store, "vm", disks)
+    writing: set[str] = set()
+    both = asyncio.Event()
+    images = LocalImages()
+
+    @contextlib.asynccontextmanager
+    async def meeting(entry: DiskEntry, record: ResourceRecorder) -> AsyncIterator[TargetDisk]:
+        path = tmp_path / f"{entry.name}.qcow2"
+        async with images.image_target(path, entry, record) as disk:
+            yield _Meeting(disk, writing, both)
+
+    # More buffers than a disk has chunks: a disk held at its first write keeps the buffers
+    # its chunks took (a disk has no share of the pool of its own), and the other needs one.
+    assert distinct_chunks(disks["mixed"]) < BUFFERS
+    pool = make_cpu_pool(store.keys, CHUNK, kind="thread", workers=2, capacity=BUFFERS)
+    pools.append(pool)
+    async with asyncio.timeout(60):  # only reached when the disks never write at once
+        outcome = await run_restore(
+            store=store,
+            pool=pool,
+            snapshot_id=manifest.snapshot_id,
+            disks=None,
+            plugin="local",
+            make_target=meeting,
+            journal=Journal(store.path / "journal"),
+            disks_at_once=2,
+        )
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert writing == {"mixed", "small"}  # "zeros" writes nothing into a fresh image
+    for name, data in disks.items():
+        assert await raw_bytes_of(tmp_path / f"{name}.qcow2", "qcow2", tmp_path) == data
+    assert not list(tmp_path.glob(f"*{PARTIAL_SUFFIX}"))
     assert not qemu_nbd_serving(tmp_path)

@@ -355,7 +355,10 @@ async def test_a_killed_restore_is_undone_by_the_next_start(lab: Lab) -> None:
             proc.kill()
         await proc.wait()
     left = await lab.view()
-    assert len(left["vms"][DM]) == 2 and len(left["disks"]) == len(before["disks"]) + 1
+    # Killed once the first new disk was plugged; the second (disks are restored two at
+    # once) is made only after the first one's device serves, which may just have happened.
+    assert len(left["vms"][DM]) in (2, 3), left
+    assert len(left["disks"]) - len(before["disks"]) in (1, 2), left
 
     # The next command that opens the store for writing detaches and deletes, then restores.
     code, out, err = await tessera(

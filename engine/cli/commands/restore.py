@@ -3,6 +3,7 @@
 engine, which is ``vm``'s."""
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from engine.app.requests import ImageRestoreRequest
@@ -23,6 +24,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.flow != "imageio":
         raise ConfigError(message="restore: --flow applies to a new VM (--config without --to)")
     request = ImageRestoreRequest(args.snapshot, Path(args.to), args.disk, args.image_format)
+    if args.disks_at_once is not None:
+        request = replace(request, disks_at_once=args.disks_at_once)
 
     async def run(store: Store) -> int:
         target = await job_store(store)

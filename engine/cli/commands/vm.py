@@ -58,6 +58,11 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
         raise ConfigError(message="restore: give --to PATH, or --config to restore a new VM")
     if args.image_format:
         raise ConfigError(message="restore: --format applies to --to PATH only")
+    if args.disks_at_once is not None:
+        raise ConfigError(
+            message="restore: --disks-at-once applies to --to PATH only; into the engine, "
+            "set limits.restore_disks in the configuration"
+        )
     if args.disk and not args.into_vm:
         raise ConfigError(message="restore: --disk needs --to PATH or --into-vm VM")
     request = VmRestoreRequest(

@@ -16,8 +16,11 @@ GC = ["gc", "--store", "/nonexistent/s"]
 PRUNE = ["prune", "--store", "/nonexistent/s"]
 REPLICATE = ["replicate", "snap", "--store", "/nonexistent/s"]
 ISSUE = ["peer", "issue", "--ca-dir", "ca", "--name", "a", "--out", "o"]
+RESTORE = ["restore", "snap", "--store", "/nonexistent/s", "--to", "/nonexistent/d"]
 
 BAD = [
+    (RESTORE, "--disks-at-once", "0"),
+    (RESTORE, "--disks-at-once", "all"),
     (BACKUP_IMAGE, "--readers", "0"),
     (BACKUP_IMAGE, "--readers", "-3"),
     (BACKUP_IMAGE, "--readers", "two"),
@@ -86,6 +89,7 @@ GOOD = [
     (REPLICATE, "--streams", "1", 1),
     (REPLICATE, "--bwlimit", "50MiB", 50 * 1024 * 1024),
     (ISSUE, "--port", "65535", 65535),
+    (RESTORE, "--disks-at-once", "3", 3),
 ]
 
 
@@ -109,3 +113,11 @@ def test_restore_to_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     args = build_parser().parse_args(["restore", "s", "--store", "st", "--to", "out/d.qcow2"])
     assert args.to == tmp_path / "out" / "d.qcow2" and args.to.is_absolute()
     assert os.fspath(args.to) == os.path.join(os.getcwd(), "out", "d.qcow2")
+
+
+def test_disks_at_once_is_for_local_images(capsys: pytest.CaptureFixture[str]) -> None:
+    """Into the engine, the configuration's ``limits.restore_disks`` says it (the daemon
+    runs such restores); the option is refused there rather than ignored."""
+    code = main(["restore", "snap", "--config", "/nonexistent/c.yaml", "--disks-at-once", "3"])
+    assert code == 2
+    assert "--disks-at-once applies to --to PATH only" in capsys.readouterr().err

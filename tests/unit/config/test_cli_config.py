@@ -7,6 +7,8 @@ import pytest
 import yaml
 
 from engine.cli.main import main
+from engine.config.models import LimitsSection
+from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ["--config", str(ROOT / "config.example.yaml")]
@@ -113,3 +115,9 @@ def test_show_config_of_a_broken_config_is_a_usage_error(
     assert (
         "b.yaml: (top level): Object missing required field `selection`" in capsys.readouterr().err
     )
+
+
+def test_restore_disks_defaults_to_the_restores_default() -> None:
+    """``limits.restore_disks`` states its default as a literal (config cannot import the
+    restore, its sibling in the layers); it must be the restore's own."""
+    assert LimitsSection().restore_disks == DEFAULT_DISKS_AT_ONCE

@@ -8,6 +8,7 @@ restores byte-identical to what the disks held when it was taken.
 """
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import EngineError, TransientError
+from engine.core.errors import CorruptRecord, EngineError, TransientError
 from engine.core.ids import ZERO_ID
 from engine.core.units import KiB
 from engine.jobs.backup import BackupOutcome, run_backup
@@ -24,8 +25,9 @@ from engine.jobs.journal import Journal
 from engine.jobs.restore import RestoreOutcome, run_restore
 from engine.jobs.states import State
 from engine.pipeline import disk as pipeline_disk
+from engine.sources.types import ResourceRecorder, TargetDisk
 from engine.store.chunk_store import Store
-from engine.store.manifest import Manifest
+from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import ChunkReader
 from engine.util.retry import RetryPolicy
 from engine.workers import ThreadCpuPool
@@ -413,8 +415,13 @@ async def test_failed_restore_write_publishes_nothing(rig: Rig) -> None:
     restored, _ = await rig.restore(outcome.manifest, targets)
     assert restored.record.state is State.FAILED
     assert restored.record.error is not None and "Input/output error" in restored.record.error
-    assert targets.published == {}
-    assert targets.discarded == ["disk-os"]
+    assert restored.record.error.startswith("disk web01_os (disk-os): ")
+    assert "disk-os" in targets.discarded
+    # The blank disk, restored beside it, has nothing to write on a fresh target: it may
+    # have been published before the failure (as a finished local image stays), else it
+    # was cancelled and discarded; never half of it.
+    assert "disk-os" not in targets.published
+    assert targets.published in ({}, {"disk-blank": bytes(BLANK_SLOTS * CHUNK)})
     assert all(d.open_writers == 0 for d in targets.disks)
 
 
@@ -436,9 +443,133 @@ async def test_cancelled_restore_publishes_nothing(rig: Rig) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert rig.journal.load("cancelled").state is State.CANCELLED
-    assert targets.published == {}
-    assert targets.discarded == ["disk-os"]
+    assert "disk-os" not in targets.published and "disk-os" in targets.discarded
+    assert targets.published in ({}, {"disk-blank": bytes(BLANK_SLOTS * CHUNK)})
     assert all(d.open_writers == 0 for d in targets.disks)
 
     # The store is untouched: the snapshot restores.
     await rig.assert_restores(outcome.manifest, rig.contents())
+
+
+# --- several disks at once (``run_restore``'s ``disks_at_once``) ------------------------------
+
+# Long enough for any restore of these small disks; reached only when the disks never meet.
+MEET_TIMEOUT = 30.0
+
+
+async def test_disks_are_written_at_once_and_made_in_manifest_order(rig: Rig) -> None:
+    """Each disk's first write waits until the other disk has a write in flight: only a
+    restore that writes both at once gets past it (one at a time, it would wait forever)."""
+    outcome = await rig.backup("full")
+    assert outcome.manifest is not None
+    targets = MemoryTargets()
+    targets.fresh = False  # the blank disk's zero slots are written too: both disks write
+    writing: set[str] = set()
+    both = asyncio.Event()
+
+    async def meet(disk: MemoryTargetDisk, offset: int, length: int) -> None:
+        writing.add(disk.info.disk_id)
+        if len(writing) == 2:
+            both.set()
+        await both.wait()
+
+    targets.before_write = meet
+    progress: dict[str, list[tuple[int, int]]] = {}
+
+    def report(disk: str, done: int, total: int) -> None:
+        progress.setdefault(disk, []).append((done, total))
+
+    async with asyncio.timeout(MEET_TIMEOUT):
+        restored, _ = await rig.restore(
+            outcome.manifest, targets, disks_at_once=2, progress=report, job_id="at-once"
+        )
+    assert restored.record.state is State.SUCCEEDED, restored.record.error
+    assert targets.published == rig.contents()
+    assert [d.info.disk_id for d in targets.disks] == ["disk-os", "disk-blank"]  # made in order
+    assert rig.journal.load("at-once").resources["memory_targets"] == ["disk-os", "disk-blank"]
+    assert [s.disk_id for s in restored.disks] == ["disk-os", "disk-blank"]
+    for disk in rig.vm.disks:  # each disk reported under its own name, from 0 to its size
+        assert progress[disk.name][0] == (0, disk.size)
+        assert progress[disk.name][-1] == (disk.size, disk.size)
+
+
+async def test_one_disk_at_a_time_never_overlaps(rig: Rig) -> None:
+    outcome = await rig.backup("full")
+    assert outcome.manifest is not None
+    targets = MemoryTargets()
+    targets.fresh = False
+    open_targets: list[str] = []
+    most = 0
+
+    @contextlib.asynccontextmanager
+    async def counted(entry: DiskEntry, record: ResourceRecorder) -> AsyncIterator[TargetDisk]:
+        nonlocal most
+        async with targets.make_target(entry, record) as disk:
+            open_targets.append(entry.disk_id)
+            most = max(most, len(open_targets))
+            try:
+                yield disk
+            finally:
+                open_targets.remove(entry.disk_id)
+
+    restored = await run_restore(
+        store=rig.store,
+        pool=rig.pool,
+        snapshot_id=outcome.manifest.snapshot_id,
+        disks=None,
+        plugin="memory",
+        make_target=counted,
+        journal=rig.journal,
+        disks_at_once=1,
+    )
+    assert restored.record.state is State.SUCCEEDED, restored.record.error
+    assert targets.published == rig.contents()
+    assert most == 1
+
+
+async def test_a_failing_disk_cancels_the_other_and_names_itself(rig: Rig) -> None:
+    """The blank disk fails while the OS disk is in the middle of a write that never ends by
+    itself: the job fails naming the blank disk, the OS disk's write is cancelled, and
+    neither disk is published."""
+    outcome = await rig.backup("full")
+    assert outcome.manifest is not None
+    targets = MemoryTargets()
+    targets.fresh = False
+    os_writing = asyncio.Event()
+
+    async def hook(disk: MemoryTargetDisk, offset: int, length: int) -> None:
+        if disk.info.disk_id == "disk-os":
+            os_writing.set()
+            await asyncio.Event().wait()  # ends only by cancellation
+        await os_writing.wait()
+        raise OSError(5, "Input/output error")
+
+    targets.before_write = hook
+    async with asyncio.timeout(MEET_TIMEOUT):
+        restored, _ = await rig.restore(outcome.manifest, targets, disks_at_once=2)
+    record = restored.record
+    assert record.state is State.FAILED
+    assert record.error is not None
+    assert record.error.startswith("disk web01_blank (disk-blank): "), record.error
+    assert "Input/output error" in record.error
+    assert targets.published == {}
+    assert sorted(targets.discarded) == ["disk-blank", "disk-os"]
+    assert all(d.open_writers == 0 for d in targets.disks)
+    assert restored.disks == []
+
+
+async def test_an_integrity_error_of_one_disk_stays_one(rig: Rig) -> None:
+    """Naming the disk keeps the error's class: a corrupt record fails the job as an
+    integrity failure (never retried, alerts), with the disk in front of the chunk."""
+    outcome = await rig.backup("full")
+    assert outcome.manifest is not None
+
+    async def corrupt(buf: object, chunk_id: bytes, pack: str = "?", offset: int = 0) -> memoryview:
+        raise CorruptRecord(chunk="c0ffee", pack=pack, offset=offset, reason="bad tag")
+
+    rig.pool.decode = corrupt  # type: ignore[method-assign]
+    restored, _ = await rig.restore(outcome.manifest, disks_at_once=2)
+    assert restored.record.state is State.FAILED
+    assert restored.record.integrity
+    assert restored.record.error is not None
+    assert restored.record.error.startswith("disk web01_os (disk-os): corrupt record")
