@@ -4,7 +4,7 @@
 ``loop.call_soon_threadsafe``. On uvloop that wakes the loop (``uv_async_send``, a write to an
 eventfd) *with the GIL held*: the woken loop thread, or the NBD server the loop then talks
 to, often takes the worker's core at once, and the worker sits preempted while holding the
-GIL, so every thread of the process waits. On a backup of 2-core machine ``py-spy --gil``
+GIL, so every thread of the process waits. In a backup on a 2-core machine ``py-spy --gil``
 showed that one line as the largest holder of the GIL: 0.17–0.40 s per GiB, more than
 hashing, encryption and the index together.
 
