@@ -8,6 +8,7 @@ groups in their own modules (``register``).
 """
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from engine.cli import service as cli_service
 from engine.cli import standby as cli_standby
 from engine.cli import verify as cli_verify
 from engine.cli.commands import Handler
-from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE
+from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
 from engine.core.errors import ConfigError, EngineError, IntegrityError
 from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
@@ -280,6 +281,28 @@ def _lab_knobs(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv``); its exit code (``exits``).
+
+    A reader that stops early (``tessera snapshots | head``) ends the command quietly with
+    ``EXIT_PIPE``, as a program killed by SIGPIPE ends in a shell: no traceback, no error
+    line. Standard output is flushed here so that such a reader is found here too, not by
+    the interpreter's flush at exit (which would print ``Exception ignored ...``).
+    """
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered cannot be written; the interpreter's flush at exit must not
+        # try again, so standard output goes to /dev/null from here on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Once the arguments parse: logging is not needed for --help or a usage error (issue 15).
@@ -301,7 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # the reader of standard output left: not the store's error (``main``)
     except (sqlite3.Error, OSError) as e:  # a last resort: the store maps what it knows
         where = getattr(args, "path", None) or getattr(args, "store", None) or "tessera"
         reason = describe(e) if isinstance(e, sqlite3.Error) else os_reason(e)
