@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from engine.core.units import human_bytes
 from engine.store import format as fmt
 from engine.store.layout import MIN_PACK_SIZE
 
@@ -110,8 +111,8 @@ def chunk_size(text: str) -> int:
     value = size(text)
     if not fmt.MIN_CHUNK_SIZE <= value <= fmt.MAX_CHUNK_SIZE or value & (value - 1):
         raise argparse.ArgumentTypeError(
-            f"chunk size {text!r} must be a power of two between {fmt.MIN_CHUNK_SIZE // 1024} KiB "
-            f"and {fmt.MAX_CHUNK_SIZE // (1024 * 1024)} MiB"
+            f"chunk size {text!r} must be a power of two between "
+            f"{human_bytes(fmt.MIN_CHUNK_SIZE)} and {human_bytes(fmt.MAX_CHUNK_SIZE)}"
         )
     return value
 
@@ -121,7 +122,7 @@ def pack_size(text: str) -> int:
     value = size(text)
     if value < MIN_PACK_SIZE:
         raise argparse.ArgumentTypeError(
-            f"pack size {text!r} must be at least {MIN_PACK_SIZE // (1024 * 1024)} MiB"
+            f"pack size {text!r} must be at least {human_bytes(MIN_PACK_SIZE)}"
         )
     return value
 

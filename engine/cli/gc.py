@@ -56,7 +56,10 @@ def register(
         help="keep retired packs and removed snapshots this long (default 7d; e.g. 12h, 2w)",
     )
     p.add_argument(
-        "--rate-limit", type=cli_args.positive_float, metavar="MB/s", help="cap repack I/O"
+        "--rate-limit",
+        type=cli_args.byte_rate,
+        metavar="BYTES",
+        help="cap repack I/O at BYTES per second, e.g. 50MiB (binary units, as every size)",
     )
     add_key_options(p)
     p.set_defaults(func=Handler("gc", "cmd_gc"))

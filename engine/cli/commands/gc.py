@@ -15,8 +15,6 @@ from engine.maint.gc import GcOptions, GcResult
 from engine.maint.retention import Duration
 from engine.util import aio
 
-MB = 1_000_000  # --rate-limit unit, as disk tools quote it
-
 
 def options_from_args(args: argparse.Namespace) -> GcOptions:
     try:
@@ -26,7 +24,7 @@ def options_from_args(args: argparse.Namespace) -> GcOptions:
             dry_run=args.dry_run,
             repack_threshold=args.repack_threshold,
             grace=now - duration.before(now),
-            rate_limit=args.rate_limit * MB if args.rate_limit is not None else None,
+            rate_limit=args.rate_limit,
             progress=_progress if sys.stderr.isatty() and not args.json else None,
         )
     except ValueError as e:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
 from engine.config.loader import load, load_all
+from engine.core.units import human_bytes
 from engine.obs.log import configure as configure_logging
 from engine.util import aio
 
@@ -143,7 +144,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"job {doc['id']}: {doc['kind']} of {doc['vm']} — {doc['state']}")
     for name, d in doc["disks"].items():
-        print(f"  disk {name}: {d['done'] / 2**20:.1f}/{d['total'] / 2**20:.1f} MiB")
+        print(f"  disk {name}: {human_bytes(d['done'])} of {human_bytes(d['total'])}")
     for line in doc.get("log", []):
         print(f"  {line}")
     if doc["error"]:

@@ -44,6 +44,7 @@ BAD = [
     (GC, "--rate-limit", "0"),
     (GC, "--rate-limit", "-5"),
     (GC, "--rate-limit", "inf"),
+    (GC, "--rate-limit", "0.5"),  # bytes per second: a whole number, as every size
     (GC, "--grace", "soon"),
     (GC, "--grace", "-1d"),
     (PRUNE, "--keep-last", "-1"),
@@ -83,7 +84,7 @@ GOOD = [
     (["store", "verify", "/s"], "--percent", "100", 100.0),
     (GC, "--repack-threshold", "0", 0.0),
     (GC, "--repack-threshold", "1", 1.0),
-    (GC, "--rate-limit", "0.5", 0.5),
+    (GC, "--rate-limit", "50MiB", 50 * 1024 * 1024),
     (PRUNE, "--keep-last", "0", 0),
     (["run"], "--grace", "0", 0.0),
     (REPLICATE, "--streams", "1", 1),
