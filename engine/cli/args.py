@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -24,9 +25,9 @@ from engine.store.layout import MIN_PACK_SIZE
 
 if TYPE_CHECKING:
     from engine.config.types import ByteSize
-    from engine.maint.retention import Duration
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_ZERO: Final = re.compile(r"0+|(?:0+[wdhms])+")  # a duration of nothing: no grace
 MAX_PORT: Final = 65535
 
 
@@ -139,12 +140,15 @@ def byte_rate(text: str) -> "ByteSize":
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def duration(text: str) -> "Duration":
-    """A retention-style duration (``30d``, ``12h``, ``1y6m``; ``0h`` is allowed)."""
-    from engine.maint.retention import Duration  # noqa: PLC0415 - as in byte_rate
+def grace(text: str) -> timedelta:
+    """A GC grace period, written as the configuration's ``gc_grace`` is (``7d``, ``12h``,
+    ``90m``, ``1s``, ``1d12h``: ``m`` is minutes), or zero (``0``, ``0h``: no grace)."""
+    from engine.config.types import Duration  # noqa: PLC0415 - as in byte_rate
 
+    if _ZERO.fullmatch(text.strip().lower()):
+        return timedelta(0)
     try:
-        return Duration.parse(text)
+        return Duration(text).delta
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

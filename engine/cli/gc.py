@@ -50,10 +50,11 @@ def register(
     )
     p.add_argument(
         "--grace",
-        type=cli_args.duration,
+        type=cli_args.grace,
         default="7d",
         metavar="DURATION",
-        help="keep retired packs and removed snapshots this long (default 7d; e.g. 12h, 2w)",
+        help="keep retired packs and removed snapshots this long, written as the config's "
+        "gc_grace (default 7d; e.g. 12h, 2w, 90m, 1s; 0: no grace)",
     )
     p.add_argument(
         "--rate-limit",
