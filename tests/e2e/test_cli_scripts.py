@@ -4,6 +4,7 @@ process of its own, its standard output a pipe."""
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,10 @@ def test_a_reader_that_leaves_ends_the_command_quietly(store: Path, argv: list[s
     proc = closed_pipe(*[store if a == "STORE" else a for a in argv])
     assert proc.returncode == EXIT_PIPE, proc.stderr
     assert proc.stderr == ""
+
+
+def test_version() -> None:
+    """``tessera --version`` names the installed distribution's version (pyproject's)."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    out = ok("--version")
+    assert out.startswith(f"tessera {version} (Python "), out
