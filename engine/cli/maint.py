@@ -1,6 +1,6 @@
-"""``tessera prune``, ``tessera snapshots protect|unprotect``, ``tessera store status``: their
-options (and ``tessera gc``'s, from ``engine.cli.gc``). What they run is
-``engine.cli.commands.maint``.
+"""``tessera prune``, ``tessera snapshots protect|unprotect|removed|unremove`` (the undo
+window of prune), ``tessera store status``: their options (and ``tessera gc``'s, from
+``engine.cli.gc``). What they run is ``engine.cli.commands.maint``.
 
 Registered by ``engine.cli.main.build_parser`` through ``register``. Prune opens the store
 read-only — it does not take the writer lock, so it runs while a backup holds it — and
@@ -53,6 +53,31 @@ def register(
         p.add_argument("--store", type=Path, required=True)
         add_key_options(p)
         p.set_defaults(func=Handler("maint", "cmd_protect"))
+
+    p = ssub.add_parser(
+        "removed",
+        help="list the snapshots prune removed that can still be brought back (unremove)",
+        description="Prune moves a removed snapshot to STORE/removed/ and GC deletes it there "
+        "once the grace period (gc --grace, the config's gc_grace) has passed since its "
+        "removal. Until then `snapshots unremove` brings it back.",
+    )
+    p.add_argument("--store", type=Path, required=True, help="the store")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=Handler("maint", "cmd_removed"))
+
+    p = ssub.add_parser(
+        "unremove",
+        help="undo prune: list a removed snapshot again (within the GC grace period)",
+        description="Move a snapshot prune removed back from STORE/removed/: it is listed, "
+        "restorable and counted by retention again. Possible until GC deletes it (after "
+        "the grace period); its chunks are kept as long as it is in removed/.",
+    )
+    p.add_argument(
+        "snapshots", nargs="+", metavar="SNAPSHOT_ID", help="id or unique prefix (of a removed one)"
+    )
+    p.add_argument("--store", type=Path, required=True, help="the store")
+    add_key_options(p)
+    p.set_defaults(func=Handler("maint", "cmd_unremove"))
 
     store_sub = _subparsers(sub.choices["store"])
     p = store_sub.add_parser(

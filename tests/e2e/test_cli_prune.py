@@ -114,6 +114,18 @@ def test_protect_prune_and_status(tmp_path: Path, two_vms: tuple[Path, Path, Pat
     assert middle_frees > 0
     assert status["unreferenced"]["bytes"] == middle_frees  # what status said it would free
 
+    # the undo window: listed, and brought back by a prefix (issue 16: no command did)
+    removed = json.loads(ok("snapshots", "removed", "--store", store, "--json"))
+    assert [(r["id"], r["vm"]) for r in removed] == [(middle, "vm-a.qcow2")]
+    assert middle in ok("snapshots", "removed", "--store", store)
+    proc = tessera("snapshots", "unremove", newest, "--store", store)
+    assert proc.returncode == 2 and "is not among the removed snapshots" in proc.stderr
+    assert f"snapshot {middle} is back" in ok("snapshots", "unremove", middle[:8], "--store", store)
+    assert [s["id"] for s in snapshots(store, "vm-a.qcow2")] == [oldest, middle, newest]
+    assert json.loads(ok("snapshots", "removed", "--store", store, "--json")) == []
+    assert tessera("store", "verify", store).returncode == 0
+    ok("prune", "--store", store, "--keep-last", "1")  # removed again, for what follows
+
     # the newest still restores bit for bit
     ref = reference(a, tmp_path / "a-now.raw")
     ok("restore", newest, "--store", store, "--to", tmp_path / "restored.qcow2")

@@ -1,5 +1,5 @@
-"""What ``tessera prune``, ``tessera snapshots protect|unprotect`` and ``tessera store
-status`` run (their options: ``engine.cli.maint``)."""
+"""What ``tessera prune``, ``tessera snapshots protect|unprotect|removed|unremove`` and
+``tessera store status`` run (their options: ``engine.cli.maint``)."""
 
 import argparse
 import json
@@ -11,9 +11,10 @@ from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.maint import KEEP_COUNTS
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.maint.prune import PruneResult, prune, set_protected
+from engine.maint.prune import PruneResult, prune, removed_snapshots, set_protected, unremove
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
+from engine.store.layout import Layout
 
 # --- prune ---------------------------------------------------------------------------------
 
@@ -126,6 +127,45 @@ def cmd_protect(args: argparse.Namespace) -> int:
         changed = set_protected(store, sid, protect)
     state = "protected" if protect else "unprotected"
     print(f"snapshot {sid} {state}" if changed else f"snapshot {sid} was already {state}")
+    return EXIT_OK
+
+
+# --- the undo window: snapshots removed / unremove ------------------------------------------
+
+
+def cmd_removed(args: argparse.Namespace) -> int:
+    """List ``STORE/removed/`` without opening the store: it needs no key."""
+    removed = removed_snapshots(Layout(args.store))
+    if args.json:
+        doc = [
+            {
+                "id": r.snapshot_id,
+                "vm": r.vm_name,
+                "removed_at": r.removed_at.isoformat() if r.removed_at else None,
+            }
+            for r in removed
+        ]
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"{'ID':<16}  {'REMOVED':<25}  VM")
+    for r in removed:
+        at = r.removed_at.isoformat() if r.removed_at else "?"
+        print(f"{r.snapshot_id:<16}  {at:<25}  {r.vm_name}")
+    return EXIT_OK
+
+
+def cmd_unremove(args: argparse.Namespace) -> int:
+    with open_store(args, False) as store:
+        ids = [r.snapshot_id for r in removed_snapshots(store.layout)]
+        for prefix in args.snapshots:
+            matches = [i for i in ids if i.startswith(prefix)]
+            if len(matches) != 1:
+                why = "matches several" if matches else "is not among the removed snapshots"
+                raise ConfigError(
+                    message=f"unremove: {prefix} {why} (tessera snapshots removed lists them)"
+                )
+            unremove(store, matches[0])
+            print(f"snapshot {matches[0]} is back")
     return EXIT_OK
 
 
