@@ -115,7 +115,9 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_init"))
 
-    p = ssub.add_parser("info", help="format, sizes, dedup and compression ratios")
+    p = ssub.add_parser(
+        "info", help="format, sizes, dedup and compression ratios (no key or passphrase needed)"
+    )
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
     _add_key_options(p)

@@ -42,8 +42,13 @@ def cmd_store_init(args: argparse.Namespace) -> int:
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
-    with open_store(args, writable=False) as store:
-        info = store.info()
+    """The configuration and the counts of the index and catalog need no key (issue 16:
+    showing the chunk size asked for the passphrase); only a store whose index or catalog
+    must first be rebuilt from the packs is opened with it."""
+    info = Store.keyless_info(args.path)
+    if info is None:
+        with open_store(args, writable=False) as store:
+            info = store.info()
     if args.json:
         doc = asdict(info) | {
             "dedup_ratio": info.dedup_ratio,
