@@ -8,6 +8,8 @@ from dataclasses import asdict
 from engine.app.passphrase import resolve_passphrase
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from engine.cli.times import WIDTH as TIME_WIDTH
+from engine.cli.times import human_time
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.prune import is_protected
@@ -107,12 +109,12 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         print(json.dumps(docs, indent=2))
         return EXIT_OK
     print(
-        f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
+        f"{'ID':<16}  {'TIME':<{TIME_WIDTH}}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
         "  PROTECTED  DAMAGED"
     )
     for m in manifests:
         line = (
-            f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
+            f"{m.snapshot_id:<16}  {human_time(m.time)}  {m.vm_name[:24]:<24}  {m.level:<12}  "
             f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
             f"  {'yes' if m.snapshot_id in protected else '':<9}"
             + _damage_cell(damage[m.snapshot_id])
