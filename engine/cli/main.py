@@ -17,6 +17,7 @@ from pathlib import Path
 from engine.app.requests import BACKUP_FLOWS, RESTORE_FLOWS
 from engine.cli import args as cli_args
 from engine.cli import config as cli_config
+from engine.cli import helptext
 from engine.cli import maint as cli_maint
 from engine.cli import peer as cli_peer
 from engine.cli import service as cli_service
@@ -25,6 +26,7 @@ from engine.cli import verify as cli_verify
 from engine.cli.commands import Handler
 from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
 from engine.core.errors import ConfigError, EngineError, IntegrityError
+from engine.core.units import human_bytes
 from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
 from engine.store.dbfiles import describe, os_reason
@@ -39,6 +41,10 @@ from engine.store.layout import (
 )
 
 DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
+LEVEL_HELP = (
+    "full reads every allocated block; incremental what changed since the VM's last backup; "
+    "differential what changed since its last full (default incremental)"
+)
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
     cli_peer.register(sub, _add_key_options)  # peer init-ca|issue|serve, replicate
     cli_standby.register(sub, _add_key_options)  # standby refresh
+    helptext.document(parser)  # shared option texts, examples, exit codes
     return parser
 
 
@@ -101,9 +108,27 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
 
     p = ssub.add_parser("init", help="create a new store")
     p.add_argument("path", type=Path)
-    p.add_argument("--chunk-size", type=cli_args.chunk_size, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--pack-size", type=cli_args.pack_size, default=DEFAULT_PACK_SIZE)
-    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES)
+    p.add_argument(
+        "--chunk-size",
+        type=cli_args.chunk_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="bytes per chunk, a power of two from 64k to 8M; fixed for the store's life "
+        f"(default {human_bytes(DEFAULT_CHUNK_SIZE)})",
+    )
+    p.add_argument(
+        "--pack-size",
+        type=cli_args.pack_size,
+        default=DEFAULT_PACK_SIZE,
+        metavar="SIZE",
+        help=f"target size of pack files, e.g. 64M (default {human_bytes(DEFAULT_PACK_SIZE)})",
+    )
+    p.add_argument(
+        "--encryption",
+        choices=ENCRYPTIONS,
+        default=ENCRYPTION_AES,
+        help=f"{ENCRYPTION_AES} (a key file sealed by a passphrase; the default) or none",
+    )
     p.add_argument(
         "--zstd-level",
         type=int,
@@ -138,7 +163,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p = bsub.add_parser("image", help="back up local qcow2/raw images (each one a VM)")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--level", choices=LEVELS, default="incremental", help=LEVEL_HELP)
     p.add_argument("--vm", help="treat all PATHs as the disks of one VM with this name")
     p.add_argument(
         "--readers",
@@ -153,7 +178,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--engine", help="engine name in the configuration (if several)")
-    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--level", choices=LEVELS, default="incremental", help=LEVEL_HELP)
     p.add_argument(
         "--flow",
         choices=BACKUP_FLOWS,
@@ -203,7 +228,13 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
         type=cli_args.absolute_path,
         help="image file (one disk) or directory (several)",
     )
-    p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
+    p.add_argument(
+        "--format",
+        choices=("qcow2", "raw"),
+        default=None,
+        dest="image_format",
+        help="image format written with --to (default: each disk's recorded format)",
+    )
     p.add_argument(
         "--disks-at-once",
         type=cli_args.positive_int,

@@ -16,6 +16,7 @@ from engine.cli import gc as cli_gc
 from engine.cli.commands import Handler
 
 KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+_BUCKET = {"hourly": "hour", "daily": "day", "weekly": "week", "monthly": "month", "yearly": "year"}
 
 
 def register(
@@ -34,7 +35,14 @@ def register(
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--vm", help="only this VM (id or name)")
     for what in KEEP_COUNTS:
-        p.add_argument(f"--keep-{what}", type=cli_args.non_negative_int, metavar="N")
+        p.add_argument(
+            f"--keep-{what}",
+            type=cli_args.non_negative_int,
+            metavar="N",
+            help="keep the N newest snapshots"
+            if what == "last"
+            else f"keep the newest snapshot of each of the N latest {_BUCKET[what]}s that have one",
+        )
     p.add_argument("--keep-within", metavar="DURATION", help="e.g. 30d, 12h, 2w, 6m, 1y")
     p.add_argument("--tz", help="time zone of the calendar buckets (default: local)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, remove nothing")
