@@ -23,7 +23,13 @@ commands that use them (``tests/integration/test_cli_imports.py`` checks it, and
 Exit codes are the constants of ``exits`` and only this package returns them; ``main`` maps
 errors to them: 0 success, 1 a failed operation (``EngineError``), 2 bad usage or
 configuration (``ConfigError``, argparse), 3 integrity findings (``IntegrityError`` or a
-failed verify).
+failed verify), 130 interrupted, 141 standard output's reader left early (``| head``; quiet).
+``tessera --help`` lists them (``helptext``, which also gives every command its examples).
+
+Rules for what people read (DESIGN §7, "The command line in pipes and scripts"): sizes are
+binary, written by ``engine.core.units.human_bytes`` / ``human_rate``; times are shown in the
+local zone (TZ) with their UTC offset, written by ``times.human_time`` (prune ``--tz`` and the
+scheduler's zone show theirs, with the offset); ``--json`` carries bytes and UTC ISO 8601.
 
 Above ``engine.api`` and ``engine.daemon`` (the layers contract in ``pyproject.toml``);
 nothing in ``engine`` imports it.

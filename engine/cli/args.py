@@ -15,17 +15,19 @@ import argparse
 import os
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from engine.core.units import human_bytes
 from engine.store import format as fmt
 from engine.store.layout import MIN_PACK_SIZE
 
 if TYPE_CHECKING:
     from engine.config.types import ByteSize
-    from engine.maint.retention import Duration
 
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_ZERO: Final = re.compile(r"0+|(?:0+[wdhms])+")  # a duration of nothing: no grace
 MAX_PORT: Final = 65535
 
 
@@ -110,8 +112,8 @@ def chunk_size(text: str) -> int:
     value = size(text)
     if not fmt.MIN_CHUNK_SIZE <= value <= fmt.MAX_CHUNK_SIZE or value & (value - 1):
         raise argparse.ArgumentTypeError(
-            f"chunk size {text!r} must be a power of two between {fmt.MIN_CHUNK_SIZE // 1024} KiB "
-            f"and {fmt.MAX_CHUNK_SIZE // (1024 * 1024)} MiB"
+            f"chunk size {text!r} must be a power of two between "
+            f"{human_bytes(fmt.MIN_CHUNK_SIZE)} and {human_bytes(fmt.MAX_CHUNK_SIZE)}"
         )
     return value
 
@@ -121,7 +123,7 @@ def pack_size(text: str) -> int:
     value = size(text)
     if value < MIN_PACK_SIZE:
         raise argparse.ArgumentTypeError(
-            f"pack size {text!r} must be at least {MIN_PACK_SIZE // (1024 * 1024)} MiB"
+            f"pack size {text!r} must be at least {human_bytes(MIN_PACK_SIZE)}"
         )
     return value
 
@@ -138,12 +140,15 @@ def byte_rate(text: str) -> "ByteSize":
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def duration(text: str) -> "Duration":
-    """A retention-style duration (``30d``, ``12h``, ``1y6m``; ``0h`` is allowed)."""
-    from engine.maint.retention import Duration  # noqa: PLC0415 - as in byte_rate
+def grace(text: str) -> timedelta:
+    """A GC grace period, written as the configuration's ``gc_grace`` is (``7d``, ``12h``,
+    ``90m``, ``1s``, ``1d12h``: ``m`` is minutes), or zero (``0``, ``0h``: no grace)."""
+    from engine.config.types import Duration  # noqa: PLC0415 - as in byte_rate
 
+    if _ZERO.fullmatch(text.strip().lower()):
+        return timedelta(0)
     try:
-        return Duration.parse(text)
+        return Duration(text).delta
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -50,13 +50,17 @@ def register(
     )
     p.add_argument(
         "--grace",
-        type=cli_args.duration,
+        type=cli_args.grace,
         default="7d",
         metavar="DURATION",
-        help="keep retired packs and removed snapshots this long (default 7d; e.g. 12h, 2w)",
+        help="keep retired packs and removed snapshots this long, written as the config's "
+        "gc_grace (default 7d; e.g. 12h, 2w, 90m, 1s; 0: no grace)",
     )
     p.add_argument(
-        "--rate-limit", type=cli_args.positive_float, metavar="MB/s", help="cap repack I/O"
+        "--rate-limit",
+        type=cli_args.byte_rate,
+        metavar="BYTES",
+        help="cap repack I/O at BYTES per second, e.g. 50MiB (binary units, as every size)",
     )
     add_key_options(p)
     p.set_defaults(func=Handler("gc", "cmd_gc"))

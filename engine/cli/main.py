@@ -8,6 +8,7 @@ groups in their own modules (``register``).
 """
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -16,14 +17,16 @@ from pathlib import Path
 from engine.app.requests import BACKUP_FLOWS, RESTORE_FLOWS
 from engine.cli import args as cli_args
 from engine.cli import config as cli_config
+from engine.cli import helptext
 from engine.cli import maint as cli_maint
 from engine.cli import peer as cli_peer
 from engine.cli import service as cli_service
 from engine.cli import standby as cli_standby
 from engine.cli import verify as cli_verify
 from engine.cli.commands import Handler
-from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_USAGE
+from engine.cli.exits import EXIT_FAILED, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
 from engine.core.errors import ConfigError, EngineError, IntegrityError
+from engine.core.units import human_bytes
 from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
 from engine.store.dbfiles import describe, os_reason
@@ -38,6 +41,10 @@ from engine.store.layout import (
 )
 
 DEFAULT_CONFIG = Path("/etc/tessera/config.yaml")
+LEVEL_HELP = (
+    "full reads every allocated block; incremental what changed since the VM's last backup; "
+    "differential what changed since its last full (default incremental)"
+)
 
 
 def _add_key_options(p: argparse.ArgumentParser) -> None:
@@ -49,11 +56,38 @@ def _add_key_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Version(argparse.Action):
+    """``--version``: ``tessera 0.1.0 (Python 3.11.2, linux)`` on stdout, exit 0. The
+    installed distribution's metadata is read only when asked (importlib.metadata costs
+    every other command's start ~10 ms, issue 15)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        import platform  # noqa: PLC0415
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+        try:
+            number = version("tessera")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            number = "(not installed)"
+        print(f"tessera {number} (Python {platform.python_version()}, {sys.platform})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tessera", description="Agentless backup for oVirt/RHV VMs."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_store_commands(sub)
@@ -64,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
     cli_peer.register(sub, _add_key_options)  # peer init-ca|issue|serve, replicate
     cli_standby.register(sub, _add_key_options)  # standby refresh
+    helptext.document(parser)  # shared option texts, examples, exit codes
     return parser
 
 
@@ -73,9 +108,27 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
 
     p = ssub.add_parser("init", help="create a new store")
     p.add_argument("path", type=Path)
-    p.add_argument("--chunk-size", type=cli_args.chunk_size, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--pack-size", type=cli_args.pack_size, default=DEFAULT_PACK_SIZE)
-    p.add_argument("--encryption", choices=ENCRYPTIONS, default=ENCRYPTION_AES)
+    p.add_argument(
+        "--chunk-size",
+        type=cli_args.chunk_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="bytes per chunk, a power of two from 64k to 8M; fixed for the store's life "
+        f"(default {human_bytes(DEFAULT_CHUNK_SIZE)})",
+    )
+    p.add_argument(
+        "--pack-size",
+        type=cli_args.pack_size,
+        default=DEFAULT_PACK_SIZE,
+        metavar="SIZE",
+        help=f"target size of pack files, e.g. 64M (default {human_bytes(DEFAULT_PACK_SIZE)})",
+    )
+    p.add_argument(
+        "--encryption",
+        choices=ENCRYPTIONS,
+        default=ENCRYPTION_AES,
+        help=f"{ENCRYPTION_AES} (a key file sealed by a passphrase; the default) or none",
+    )
     p.add_argument(
         "--zstd-level",
         type=int,
@@ -87,7 +140,9 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_init"))
 
-    p = ssub.add_parser("info", help="format, sizes, dedup and compression ratios")
+    p = ssub.add_parser(
+        "info", help="format, sizes, dedup and compression ratios (no key or passphrase needed)"
+    )
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
     _add_key_options(p)
@@ -108,7 +163,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p = bsub.add_parser("image", help="back up local qcow2/raw images (each one a VM)")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--level", choices=LEVELS, default="incremental", help=LEVEL_HELP)
     p.add_argument("--vm", help="treat all PATHs as the disks of one VM with this name")
     p.add_argument(
         "--readers",
@@ -123,7 +178,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--engine", help="engine name in the configuration (if several)")
-    p.add_argument("--level", choices=LEVELS, default="incremental")
+    p.add_argument("--level", choices=LEVELS, default="incremental", help=LEVEL_HELP)
     p.add_argument(
         "--flow",
         choices=BACKUP_FLOWS,
@@ -173,7 +228,13 @@ def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentPars
         type=cli_args.absolute_path,
         help="image file (one disk) or directory (several)",
     )
-    p.add_argument("--format", choices=("qcow2", "raw"), default=None, dest="image_format")
+    p.add_argument(
+        "--format",
+        choices=("qcow2", "raw"),
+        default=None,
+        dest="image_format",
+        help="image format written with --to (default: each disk's recorded format)",
+    )
     p.add_argument(
         "--disks-at-once",
         type=cli_args.positive_int,
@@ -280,6 +341,28 @@ def _lab_knobs(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv``); its exit code (``exits``).
+
+    A reader that stops early (``tessera snapshots | head``) ends the command quietly with
+    ``EXIT_PIPE``, as a program killed by SIGPIPE ends in a shell: no traceback, no error
+    line. Standard output is flushed here so that such a reader is found here too, not by
+    the interpreter's flush at exit (which would print ``Exception ignored ...``).
+    """
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered cannot be written; the interpreter's flush at exit must not
+        # try again, so standard output goes to /dev/null from here on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Once the arguments parse: logging is not needed for --help or a usage error (issue 15).
@@ -301,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # the reader of standard output left: not the store's error (``main``)
     except (sqlite3.Error, OSError) as e:  # a last resort: the store maps what it knows
         where = getattr(args, "path", None) or getattr(args, "store", None) or "tessera"
         reason = describe(e) if isinstance(e, sqlite3.Error) else os_reason(e)

@@ -33,22 +33,30 @@ def register(
     peer = sub.add_parser("peer", help="sites: certificates, replica stores, the receiver")
     psub = peer.add_subparsers(dest="peer_command", required=True, metavar="ACTION")
     p = psub.add_parser("init-ca", help="create the CA that signs every site's certificate")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="directory for the CA (created)")
     p.add_argument("--name", default="Tessera peers CA", help="the CA's common name")
     p.set_defaults(func=Handler("peer", "cmd_init_ca"))
 
     p = psub.add_parser("issue", help="a site key and certificate signed by the CA")
-    p.add_argument("--ca-dir", type=Path, required=True)
+    p.add_argument("--ca-dir", type=Path, required=True, help="the CA of peer init-ca")
     p.add_argument("--name", required=True, help="the site's name (certificate CN)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for the site's certificate and key"
+    )
     p.add_argument("--dns", action="append", default=[], help="DNS name (SAN), repeatable")
     p.add_argument("--ip", action="append", default=[], help="IP address (SAN), repeatable")
     p.add_argument("--port", type=cli_args.port, default=DEFAULT_PEER_PORT, help="for the snippet")
     p.set_defaults(func=Handler("peer", "cmd_issue"))
 
     p = psub.add_parser("init-store", help="create a replica store sharing another's keys")
-    p.add_argument("path", type=Path, metavar="PATH")
-    p.add_argument("--from-store", type=Path, required=True, dest="store")
+    p.add_argument("path", type=Path, metavar="PATH", help="the new store's directory")
+    p.add_argument(
+        "--from-store",
+        type=Path,
+        required=True,
+        dest="store",
+        help="the store that will replicate into it (its id, keys and chunk size are taken)",
+    )
     p.add_argument(
         "--encrypted-only",
         action="store_true",
@@ -59,7 +67,12 @@ def register(
 
     p = psub.add_parser("serve", help="receive replicated snapshots (mutual TLS)")
     p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PEER_PORT}", metavar="HOST:PORT")
+    p.add_argument(
+        "--listen",
+        default=f"0.0.0.0:{DEFAULT_PEER_PORT}",
+        metavar="HOST:PORT",
+        help="address to accept senders on (default %(default)s)",
+    )
     _add_tls_options(p)
     add_key_options(p)
     p.set_defaults(func=Handler("peer", "cmd_serve"))

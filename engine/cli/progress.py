@@ -2,7 +2,13 @@
 
 ``ProgressDisplay.update(disk, done, total)`` may be called at any rate; plain output is
 throttled to one line per disk every ``PLAIN_INTERVAL`` seconds plus one at completion, so
-logs stay readable when stderr is a file or journald.
+logs stay readable when stderr is a file or journald. Sizes and rates are written by
+``engine.core.units`` (binary units), on bars and plain lines alike.
+
+A rate is what this display saw move: bytes since the disk's first update over the time
+since then. A job followed after it finished (or a disk whose first update is its last)
+moved nothing while watched, so its line has no rate and no ETA rather than a rate divided
+by the microsecond between two calls.
 """
 
 import sys
@@ -10,10 +16,14 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, TextIO
 
+from engine.core.units import human_bytes, human_rate
+
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
 PLAIN_INTERVAL: Final = 5.0  # seconds between plain progress lines per disk
+# A rate measured over less than this is noise (two callbacks microseconds apart), not a rate.
+MIN_RATE_SECONDS: Final = 0.5
 
 
 class ProgressDisplay:
@@ -22,8 +32,8 @@ class ProgressDisplay:
         self._label = label
         self._rich: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
-        self._plain: dict[str, tuple[float, int]] = {}
-        self._started: dict[str, float] = {}
+        self._plain: dict[str, float] = {}  # disk → time of its last plain line
+        self._started: dict[str, tuple[float, int]] = {}  # disk → (time, done) first seen
         if not force_plain and self._stream.isatty():
             # Here, not at the top: rich (~30 ms) loads only to draw bars on a terminal, not
             # for a command whose output goes to a file or journald (issue 15).
@@ -33,7 +43,7 @@ class ProgressDisplay:
                 bars.TextColumn("{task.description}"),
                 bars.BarColumn(),
                 bars.DownloadColumn(binary_units=True),
-                bars.TransferSpeedColumn(),
+                bars.TextColumn("{task.fields[rate]}"),  # rich's own column is in MB/s
                 bars.TimeRemainingColumn(),
                 transient=False,
             )
@@ -53,24 +63,33 @@ class ProgressDisplay:
             self._rich.stop()
 
     def update(self, disk: str, done: int, total: int) -> None:
-        if self._rich is not None:
-            if disk not in self._tasks:
-                self._tasks[disk] = self._rich.add_task(f"{self._label} {disk}", total=total)
-            self._rich.update(self._tasks[disk], completed=done)
-            return
         now = time.monotonic()
-        start = self._started.setdefault(disk, now)
-        last, _ = self._plain.get(disk, (start, -1))
-        if done < total and now - last < PLAIN_INTERVAL:
+        start, done_at_start = self._started.setdefault(disk, (now, done))
+        elapsed = now - start
+        rate = (done - done_at_start) / elapsed if elapsed >= MIN_RATE_SECONDS else None
+        if self._rich is not None:
+            shown = human_rate(rate) if rate is not None else ""
+            if disk not in self._tasks:
+                self._tasks[disk] = self._rich.add_task(
+                    f"{self._label} {disk}", total=total, rate=shown
+                )
+            self._rich.update(self._tasks[disk], completed=done, rate=shown)
             return
-        self._plain[disk] = (now, done)
-        elapsed = max(now - start, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate else 0.0
-        pct = 100.0 * done / total if total else 100.0
-        print(
-            f"{self._label} {disk}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({pct:.0f}%), "
-            f"{rate / 1e6:.1f} MB/s, ETA {eta:.0f} s",
-            file=self._stream,
-            flush=True,
-        )
+        last = self._plain.get(disk)
+        if done < total and last is not None and now - last < PLAIN_INTERVAL:
+            return
+        self._plain[disk] = now
+        print(plain_line(f"{self._label} {disk}", done, total, rate), file=self._stream, flush=True)
+
+
+def plain_line(what: str, done: int, total: int, rate: float | None) -> str:
+    """One plain progress line: ``backup vm1 sda: 1.5 GiB of 4.0 GiB (38%), 183.2 MiB/s,
+    ETA 14 s``; without a rate (``None``: not measured) it has neither rate nor ETA."""
+    pct = 100.0 * done / total if total else 100.0
+    line = f"{what}: {human_bytes(done)} of {human_bytes(total)} ({pct:.0f}%)"
+    if rate is None:
+        return line
+    line += f", {human_rate(rate)}"
+    if done < total and rate > 0:
+        line += f", ETA {(total - done) / rate:.0f} s"
+    return line

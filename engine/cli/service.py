@@ -33,7 +33,7 @@ def register(
         return p
 
     p = client_parser("vms", "VMs of the engine, as the daemon sees them")
-    p.add_argument("--engine")
+    p.add_argument("--engine", help="only this engine's VMs (its name in the configuration)")
     p.set_defaults(func=Handler("service", "cmd_vms"))
     p = client_parser("policies", "policies with their schedule and next run")
     p.add_argument("--run", metavar="NAME", help="run this policy now")
@@ -49,11 +49,11 @@ def register(
     p.add_argument("--failed", action="store_true", help="only finished jobs that did not succeed")
     p.set_defaults(func=Handler("service", "cmd_jobs"))
     p = client_parser("job", "one job: state, per-disk progress, log")
-    p.add_argument("job_id", metavar="ID")
+    p.add_argument("job_id", metavar="ID", help="the job's id (tessera jobs lists them)")
     p.add_argument("--follow", action="store_true", help="live progress until the job ends")
     p.set_defaults(func=Handler("service", "cmd_job"))
     p = client_parser("replication", "what was replicated to each peer, per VM")
     p.set_defaults(func=Handler("service", "cmd_replication"))
     p = client_parser("cancel", "cancel a running job (it cleans up first)")
-    p.add_argument("job_id", metavar="ID")
+    p.add_argument("job_id", metavar="ID", help="the job's id (tessera jobs lists them)")
     p.set_defaults(func=Handler("service", "cmd_cancel"))

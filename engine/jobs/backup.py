@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from engine.core.units import MiB
+from engine.core.units import human_bytes, human_rate
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
@@ -58,12 +58,12 @@ class BackupOutcome:
         known = sum(d.known_chunks for d in self.disks)
         reused = sum(d.clean_slots for d in self.disks)
         snap = self.manifest.snapshot_id if self.manifest else "-"
-        rate = read / self.seconds / 1e6 if self.seconds else 0.0
+        rate = read / self.seconds if self.seconds else 0.0
         return (
             f"backup {self.record.job_id} {self.record.state.value}: vm "
             f"{self.record.params.get('vm_name')} level {self.level} snapshot {snap}; read "
-            f"{read / MiB:.1f} MiB, new chunks {new}, known {known}, reused slots {reused}, "
-            f"{self.seconds:.2f} s, {rate:.0f} MB/s"
+            f"{human_bytes(read)}, new chunks {new}, known {known}, reused slots {reused}, "
+            f"{self.seconds:.2f} s, {human_rate(rate)}"
             + (f"; error: {self.record.error}" if self.record.error else "")
         )
 

@@ -51,7 +51,7 @@ from typing import Any
 
 from engine.core.errors import SnapshotNotFound
 from engine.core.ids import chunk_id_from_hex
-from engine.core.units import MiB
+from engine.core.units import human_bytes, human_rate
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
@@ -78,11 +78,11 @@ class RestoreOutcome:
 
     def summary(self) -> str:
         written = sum(d.bytes_written for d in self.disks)
-        rate = sum(d.disk_size for d in self.disks) / self.seconds / 1e6 if self.seconds else 0.0
+        rate = sum(d.disk_size for d in self.disks) / self.seconds if self.seconds else 0.0
         return (
             f"restore {self.record.job_id} {self.record.state.value}: snapshot "
             f"{self.record.params.get('snapshot')} ({len(self.disks)} disks), wrote "
-            f"{written / MiB:.1f} MiB, {self.seconds:.2f} s, {rate:.0f} MB/s"
+            f"{human_bytes(written)}, {self.seconds:.2f} s, {human_rate(rate)}"
             + (f"; error: {self.record.error}" if self.record.error else "")
         )
 

@@ -18,7 +18,7 @@ import structlog
 
 from engine.core.errors import EngineError, SourceError
 from engine.core.ids import ZERO_ID
-from engine.core.units import MiB
+from engine.core.units import MiB, human_bytes, human_rate
 from engine.pipeline.defaults import DEFAULT_READERS
 from engine.pipeline.slots import Slot, classify
 from engine.sources.types import DiskReader, SourceDisk
@@ -55,15 +55,16 @@ class DiskStats:
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
-    def mb_per_s(self) -> float:
-        return self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
+    def bytes_per_s(self) -> float:
+        """Bytes read from the source per second."""
+        return self.bytes_read / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
         return (
             f"disk {self.disk_id}: {self.slots} slots, read {self.read_slots} "
-            f"({self.bytes_read / MiB:.1f} MiB), reused {self.clean_slots}, zero "
+            f"({human_bytes(self.bytes_read)}), reused {self.clean_slots}, zero "
             f"{self.zero_slots}, new chunks {self.new_chunks}, known {self.known_chunks}, "
-            f"{self.seconds:.2f} s, {self.mb_per_s:.0f} MB/s"
+            f"{self.seconds:.2f} s, {human_rate(self.bytes_per_s)}"
         )
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from engine.core.errors import SnapshotNotFound
-from engine.core.units import MiB
+from engine.core.units import human_bytes, human_rate
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import CLEANUP, Event, State
@@ -65,17 +65,17 @@ class ReplicationOutcome:
 
     def summary(self) -> str:
         s = self.stats
-        rate = s.record_bytes_sent / self.seconds / 1e6 if self.seconds else 0.0
+        rate = s.record_bytes_sent / self.seconds if self.seconds else 0.0
         return (
             f"replicate {self.record.job_id} {self.record.state.value}: snapshot "
             f"{self.record.params.get('snapshot')} → {self.peer}"
             + (f" (diff vs {self.base})" if self.base else " (full)")
             + (", already there" if self.already_there else "")
-            + f": offered {s.offered}, lacked {s.lacked} ({s.lacked_bytes / MiB:.1f} MiB), "
-            f"sent {s.chunks_sent} ({s.record_bytes_sent / MiB:.1f} MiB), skipped "
-            f"{s.chunks_skipped}, on the wire {s.body_bytes / MiB:.1f} MiB "
+            + f": offered {s.offered}, lacked {s.lacked} ({human_bytes(s.lacked_bytes)}), "
+            f"sent {s.chunks_sent} ({human_bytes(s.record_bytes_sent)}), skipped "
+            f"{s.chunks_skipped}, on the wire {human_bytes(s.body_bytes)} "
             f"(x{self.wire_ratio:.3f}), {s.retries} retries, {self.seconds:.2f} s, "
-            f"{rate:.0f} MB/s" + (f"; error: {self.record.error}" if self.record.error else "")
+            f"{human_rate(rate)}" + (f"; error: {self.record.error}" if self.record.error else "")
         )
 
 

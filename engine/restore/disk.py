@@ -49,7 +49,7 @@ from typing import Final, TypeVar
 
 from engine.core.errors import ChunkMissing, ConfigError, CorruptDiskMap, CorruptRecord
 from engine.core.ids import short
-from engine.core.units import MiB, human_bytes
+from engine.core.units import MiB, human_bytes, human_rate
 from engine.restore.planner import DiskGeometry, Read, WindowPlan, plan_disk
 from engine.sources.types import DiskWriter, TargetDisk
 from engine.store.diskmap import DiskMap
@@ -97,14 +97,14 @@ class RestoreStats:
         )
 
     @property
-    def mb_per_s(self) -> float:
-        """Disk bytes restored per second, in MB (10^6 bytes) per second."""
-        return self.bytes_restored / self.seconds / 1e6 if self.seconds > 0 else 0.0
+    def bytes_per_s(self) -> float:
+        """Disk bytes restored per second."""
+        return self.bytes_restored / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
         return (
             f"restored disk {self.disk_id}: {human_bytes(self.bytes_restored)} in "
-            f"{self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s); "
+            f"{self.seconds:.2f} s ({human_rate(self.bytes_per_s)}); "
             f"{human_bytes(self.bytes_written)} data from {self.chunks_read} chunks read "
             f"({self.chunks_decoded} decoded), zero {human_bytes(self.zero_bytes_skipped)} "
             f"skipped / {human_bytes(self.zero_bytes_written)} written; "

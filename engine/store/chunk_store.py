@@ -696,24 +696,25 @@ class Store:
     # --- information and repair ---------------------------------------------------------------
 
     def info(self) -> StoreInfo:
-        stats = self.index.stats()
-        snaps = self.catalog.entries()
-        return StoreInfo(
-            path=str(self.path),
-            format=self.config.format,
-            store_id=self.config.store_id,
-            chunk_size=self.config.chunk_size,
-            encryption=self.config.encryption,
-            pack_size=self.config.pack_size,
-            zstd_level=self.config.zstd_level,
-            packs=stats.packs,
-            chunks=stats.chunks,
-            unique_bytes=stats.plain_bytes,
-            stored_bytes=stats.stored_bytes,
-            pack_bytes=stats.pack_bytes,
-            snapshots=len(snaps),
-            logical_bytes=sum(s.data_bytes for s in snaps),
-        )
+        return _info(self.path, self.config, self.index, self.catalog)
+
+    @classmethod
+    def keyless_info(cls, path: Path) -> StoreInfo | None:
+        """The store's ``info`` without its key: the configuration and the index and catalog
+        hold no secret (sizes and counts, not data). None when the index or catalog is
+        missing or damaged: then only an open with the key (which rebuilds them from the
+        packs and manifests) can count. Raises StoreError if ``path`` is not a store."""
+        layout = Layout(path)
+        config = StoreConfig.load(path)
+        with dbfiles.os_errors(path), dbfiles.sqlite_errors(layout.index):
+            if _db_problems(layout):
+                return None
+            index, catalog = Index(layout.index, readonly=True), Catalog(layout.catalog, True)
+            try:
+                return _info(layout.root, config, index, catalog)
+            finally:
+                index.close()
+                catalog.close()
 
     def rebuild_index(self) -> RecoveryReport:
         """Forget the index and rebuild it from every sealed pack: from its trailer, or from
@@ -729,6 +730,27 @@ class Store:
             )
         self.report.files = files
         return self.report
+
+
+def _info(path: Path, config: StoreConfig, index: Index, catalog: Catalog) -> StoreInfo:
+    stats = index.stats()
+    snaps = catalog.entries()
+    return StoreInfo(
+        path=str(path),
+        format=config.format,
+        store_id=config.store_id,
+        chunk_size=config.chunk_size,
+        encryption=config.encryption,
+        pack_size=config.pack_size,
+        zstd_level=config.zstd_level,
+        packs=stats.packs,
+        chunks=stats.chunks,
+        unique_bytes=stats.plain_bytes,
+        stored_bytes=stats.stored_bytes,
+        pack_bytes=stats.pack_bytes,
+        snapshots=len(snaps),
+        logical_bytes=sum(s.data_bytes for s in snaps),
+    )
 
 
 def _db_problems(layout: Layout) -> dict[str, str]:

@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -19,20 +21,22 @@ ENV = {"TESSERA_PASSPHRASE": "test-pass"}
 K = 1024
 
 
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def tessera(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "engine.cli.main", *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, **(env or {})},
         timeout=300,
         check=False,
     )
 
 
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
+def ok(*args: str | Path, env: dict[str, str] | None = None) -> str:
+    proc = tessera(*args, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -114,6 +118,18 @@ def test_protect_prune_and_status(tmp_path: Path, two_vms: tuple[Path, Path, Pat
     assert middle_frees > 0
     assert status["unreferenced"]["bytes"] == middle_frees  # what status said it would free
 
+    # the undo window: listed, and brought back by a prefix (issue 16: no command did)
+    removed = json.loads(ok("snapshots", "removed", "--store", store, "--json"))
+    assert [(r["id"], r["vm"]) for r in removed] == [(middle, "vm-a.qcow2")]
+    assert middle in ok("snapshots", "removed", "--store", store)
+    proc = tessera("snapshots", "unremove", newest, "--store", store)
+    assert proc.returncode == 2 and "is not among the removed snapshots" in proc.stderr
+    assert f"snapshot {middle} is back" in ok("snapshots", "unremove", middle[:8], "--store", store)
+    assert [s["id"] for s in snapshots(store, "vm-a.qcow2")] == [oldest, middle, newest]
+    assert json.loads(ok("snapshots", "removed", "--store", store, "--json")) == []
+    assert tessera("store", "verify", store).returncode == 0
+    ok("prune", "--store", store, "--keep-last", "1")  # removed again, for what follows
+
     # the newest still restores bit for bit
     ref = reference(a, tmp_path / "a-now.raw")
     ok("restore", newest, "--store", store, "--to", tmp_path / "restored.qcow2")
@@ -169,3 +185,21 @@ def test_prune_runs_while_a_writer_holds_the_store(two_vms: tuple[Path, Path, Pa
         assert "removed 2 snapshots" in out
         proc = tessera("backup", "image", _a, "--store", store)
         assert proc.returncode != 0 and "opened for writing by another process" in proc.stderr
+
+
+def test_one_time_rule_local_with_offset(two_vms: tuple[Path, Path, Path]) -> None:
+    """Every command shows a snapshot's time alike: in the local zone (TZ) with its offset
+    (issue 16: snapshots and store status showed UTC, prune local time without offset)."""
+    store, _a, _b = two_vms
+    zone = {"TZ": "Asia/Kolkata"}  # +05:30: neither UTC nor a whole hour off it
+    snap = snapshots(store, "vm-a.qcow2")[0]
+    local = datetime.fromisoformat(snap["time"]).astimezone(ZoneInfo("Asia/Kolkata"))
+    shown = local.strftime("%Y-%m-%d %H:%M:%S +0530")
+    listing = ok("snapshots", "--store", store, env=zone).splitlines()[1:]
+    assert any(line.startswith(f"{snap['id']}  {shown}  vm-a.qcow2") for line in listing)
+    plan = ok("prune", "--store", store, "--keep-last", "1", "--dry-run", env=zone)
+    assert f"{snap['id']:<16}  {shown}  " in plan
+    status = ok("store", "status", store, "--snapshots", env=zone)
+    assert f"{snap['id']:<16} {shown}  " in status
+    utc = ok("snapshots", "--store", store, env={"TZ": "UTC"})
+    assert local.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S +0000") in utc

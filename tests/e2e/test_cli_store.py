@@ -28,6 +28,21 @@ def tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+def no_passphrase(*args: str) -> subprocess.CompletedProcess[str]:
+    """``tessera ARGS`` with no passphrase to be had: none in the environment, no terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "TESSERA_PASSPHRASE"}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_init_info_rebuild_verify(tmp_path: Path) -> None:
     store, pw = tmp_path / "s", tmp_path / "pw"
     pw.write_text("hunter2\n")
@@ -57,7 +72,15 @@ def test_init_info_rebuild_verify(tmp_path: Path) -> None:
     assert info["stored_bytes"] < info["unique_bytes"] <= info["logical_bytes"]
     human = tessera("store", "info", str(store), env=env).stdout
     assert "dedup ratio  2.00" in human
+    # no passphrase needed: nothing info shows is secret (issue 16)
+    keyless = no_passphrase("store", "info", str(store), "--json")
+    assert keyless.returncode == 0, keyless.stderr
+    assert json.loads(keyless.stdout) == info
+    assert "chunk size   64.0 KiB" in no_passphrase("store", "info", str(store)).stdout
     (store / "index.db").unlink()
+    # a missing index is counted from the packs: that takes the key
+    assert no_passphrase("store", "info", str(store)).returncode != 0
+    assert tessera("store", "info", str(store), env=env).returncode == 0
     proc = tessera("store", "rebuild-index", str(store), env=env)
     assert proc.returncode == 0, proc.stderr
     assert f"{info['chunks']} chunks" in proc.stdout
@@ -72,12 +95,11 @@ def test_external_key_file_and_unencrypted(tmp_path: Path) -> None:
         == 0
     )
     assert key.exists() and not (tmp_path / "a" / "keys" / "key").exists()
-    proc = tessera("store", "info", str(tmp_path / "a"), env=env)
+    proc = tessera("snapshots", "--store", str(tmp_path / "a"), env=env)
     assert proc.returncode == 2 and "key file" in proc.stderr and "does not exist" in proc.stderr
-    assert (
-        tessera("store", "info", str(tmp_path / "a"), "--key-file", str(key), env=env).returncode
-        == 0
-    )
+    proc = tessera("snapshots", "--store", str(tmp_path / "a"), "--key-file", str(key), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert tessera("store", "info", str(tmp_path / "a")).returncode == 0  # needs no key
     proc = tessera("store", "init", str(tmp_path / "b"), "--encryption", "none")
     assert proc.returncode == 0, proc.stderr
     assert tessera("store", "info", str(tmp_path / "b")).returncode == 0

@@ -97,7 +97,7 @@ def test_incremental_reads_only_dirty_slots(tmp_path: Path, store: Path) -> None
     ok("backup", "image", image, "--store", store, "--level", "full")
     qemu_io(image, "write -P 0x77 10M 4k", "write -P 0x78 30M 300k")  # 1 + 2 slots of 256 KiB
     out = ok("backup", "image", image, "--store", store)
-    assert "read 0.8 MiB" in out  # 3 slots × 256 KiB
+    assert "read 768.0 KiB" in out  # 3 slots × 256 KiB
 
 
 def test_bitmaps_are_the_checkpoint_chain(tmp_path: Path, store: Path) -> None:

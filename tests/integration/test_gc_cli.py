@@ -59,7 +59,7 @@ def test_gc_dry_run_then_run(store: Path) -> None:
     assert doc["dry_run"] and len(doc["removed_expired"]) == 1 and doc["deleted_chunks"] == 0
     assert doc["packs_repacked"] + doc["packs_trashed"] > 0
 
-    run = tessera("gc", "--store", store, "--grace", "0h", "--rate-limit", "500")
+    run = tessera("gc", "--store", store, "--grace", "0h", "--rate-limit", "500MiB")
     assert run.returncode == 0, run.stderr
     assert "deleted 24 chunks" in run.stdout and "to the trash" in run.stdout
     with Store.open(store, passphrase=PASSPHRASE, writable=False) as s:

@@ -11,6 +11,7 @@ import msgspec
 import yaml
 
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
+from engine.cli.times import human_time
 from engine.config.loader import LoadedConfig, check_all, load_all
 from engine.config.policy import Policy
 from engine.config.types import enc_hook
@@ -60,7 +61,7 @@ def _policy_line(policy: Policy, now: datetime, zone: tzinfo) -> str:
     else:
         nxt = next_after(policy.calendars, now, zone)
         when = "; ".join(policy.schedule) + (
-            f"; next {nxt.isoformat(timespec='minutes')}" if nxt else "; no future run"
+            f"; next {human_time(nxt, zone)}" if nxt else "; no future run"
         )
     level: str = policy.level.default
     if policy.level.full_every is not None:

@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
 
 from engine.app.maintenance import run_gc
 from engine.cli.commands import service as cli_service
@@ -12,21 +11,16 @@ from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.gc import GcOptions, GcResult
-from engine.maint.retention import Duration
 from engine.util import aio
-
-MB = 1_000_000  # --rate-limit unit, as disk tools quote it
 
 
 def options_from_args(args: argparse.Namespace) -> GcOptions:
     try:
-        duration: Duration = args.grace
-        now = datetime.now(UTC)
         return GcOptions(
             dry_run=args.dry_run,
             repack_threshold=args.repack_threshold,
-            grace=now - duration.before(now),
-            rate_limit=args.rate_limit * MB if args.rate_limit is not None else None,
+            grace=args.grace,
+            rate_limit=args.rate_limit,
             progress=_progress if sys.stderr.isatty() and not args.json else None,
         )
     except ValueError as e:

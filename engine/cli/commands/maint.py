@@ -1,5 +1,5 @@
-"""What ``tessera prune``, ``tessera snapshots protect|unprotect`` and ``tessera store
-status`` run (their options: ``engine.cli.maint``)."""
+"""What ``tessera prune``, ``tessera snapshots protect|unprotect|removed|unremove`` and
+``tessera store status`` run (their options: ``engine.cli.maint``)."""
 
 import argparse
 import json
@@ -9,11 +9,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.maint import KEEP_COUNTS
+from engine.cli.times import WIDTH as TIME_WIDTH
+from engine.cli.times import human_time
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
-from engine.maint.prune import PruneResult, prune, set_protected
+from engine.maint.prune import PruneResult, prune, removed_snapshots, set_protected, unremove
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
+from engine.store.layout import Layout
 
 # --- prune ---------------------------------------------------------------------------------
 
@@ -100,11 +103,10 @@ def _print_prune(result: PruneResult, tz: tzinfo | None) -> None:
         action = d.action
         if d.snapshot_id in result.skipped:
             action = "skip"
-        local = d.time.astimezone(tz)
         why = ", ".join(d.reasons)
         if d.snapshot_id in result.skipped:
             why += f" — not removed: {result.skipped[d.snapshot_id]}"
-        print(f"  {action:<6}  {d.snapshot_id:<16}  {local:%Y-%m-%d %H:%M %Z}  {why}")
+        print(f"  {action:<6}  {d.snapshot_id:<16}  {human_time(d.time, tz)}  {why}")
     n_remove, n_keep = len(result.to_remove), len(result.decisions) - len(result.to_remove)
     if result.dry_run:
         print(f"dry run: would remove {n_remove} snapshots, keep {n_keep}")
@@ -129,6 +131,45 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- the undo window: snapshots removed / unremove ------------------------------------------
+
+
+def cmd_removed(args: argparse.Namespace) -> int:
+    """List ``STORE/removed/`` without opening the store: it needs no key."""
+    removed = removed_snapshots(Layout(args.store))
+    if args.json:
+        doc = [
+            {
+                "id": r.snapshot_id,
+                "vm": r.vm_name,
+                "removed_at": r.removed_at.isoformat() if r.removed_at else None,
+            }
+            for r in removed
+        ]
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"{'ID':<16}  {'REMOVED':<{TIME_WIDTH}}  VM")
+    for r in removed:
+        at = human_time(r.removed_at) if r.removed_at else "?"
+        print(f"{r.snapshot_id:<16}  {at:<{TIME_WIDTH}}  {r.vm_name}")
+    return EXIT_OK
+
+
+def cmd_unremove(args: argparse.Namespace) -> int:
+    with open_store(args, False) as store:
+        ids = [r.snapshot_id for r in removed_snapshots(store.layout)]
+        for prefix in args.snapshots:
+            matches = [i for i in ids if i.startswith(prefix)]
+            if len(matches) != 1:
+                why = "matches several" if matches else "is not among the removed snapshots"
+                raise ConfigError(
+                    message=f"unremove: {prefix} {why} (tessera snapshots removed lists them)"
+                )
+            unremove(store, matches[0])
+            print(f"snapshot {matches[0]} is back")
+    return EXIT_OK
+
+
 # --- store status ----------------------------------------------------------------------------
 
 
@@ -142,6 +183,7 @@ def cmd_store_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_VM = 2 + 16 + 1 + TIME_WIDTH  # the VM column holds a snapshot's indented id, mark, time
 _COLUMNS = ("LOGICAL", "DATA", "REFERENCED", "STORED", "UNIQUE", "SHARED", "FREES")
 
 
@@ -179,11 +221,10 @@ def _print_status(usage: StoreUsage, per_snapshot: bool) -> None:
         return
     print()
     header = "  ".join(f"{c:>10}" for c in _COLUMNS)
-    print(f"{'VM':<36}  {'SNAPS':>5}  {header}")
+    print(f"{'VM':<{_VM}}  {'SNAPS':>5}  {header}")
     for vm in usage.vms:
-        print(f"{vm.vm_name[:36]:<36}  {vm.usage.snapshots:>5}  {_row(vm.usage)}")
-        if per_snapshot:  # time in UTC, as in `tessera snapshots`; P marks a protected one
+        print(f"{vm.vm_name[:_VM]:<{_VM}}  {vm.usage.snapshots:>5}  {_row(vm.usage)}")
+        if per_snapshot:  # the time as in `tessera snapshots`; P marks a protected one
             for s in vm.snapshots:
                 mark = "P" if s.protected else " "
-                when = s.time[:16].replace("T", " ")
-                print(f"  {s.snapshot_id:<16}{mark}{when:>17}  {'':>5}  {_row(s.usage)}")
+                print(f"  {s.snapshot_id:<16}{mark}{human_time(s.time)}  {'':>5}  {_row(s.usage)}")

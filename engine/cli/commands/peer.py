@@ -13,6 +13,7 @@ from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.config.loader import load as load_config
 from engine.core.errors import ConfigError
+from engine.core.units import human_bytes
 from engine.jobs.states import State
 from engine.store.chunk_store import Store
 from engine.store.keys import StoreKeys
@@ -163,7 +164,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         if sys.stderr.isatty():
             print(
                 f"\r  sent {stats.chunks_sent}/{stats.lacked} chunks, "
-                f"{stats.record_bytes_sent / 2**20:.1f} MiB",
+                f"{human_bytes(stats.record_bytes_sent)}",
                 end="",
                 file=sys.stderr,
                 flush=True,

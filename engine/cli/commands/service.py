@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
+from engine.cli.times import human_time
 from engine.config.loader import load, load_all
+from engine.core.units import human_bytes
 from engine.obs.log import configure as configure_logging
 from engine.util import aio
 
@@ -143,7 +145,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"job {doc['id']}: {doc['kind']} of {doc['vm']} — {doc['state']}")
     for name, d in doc["disks"].items():
-        print(f"  disk {name}: {d['done'] / 2**20:.1f}/{d['total'] / 2**20:.1f} MiB")
+        print(f"  disk {name}: {human_bytes(d['done'])} of {human_bytes(d['total'])}")
     for line in doc.get("log", []):
         print(f"  {line}")
     if doc["error"]:
@@ -161,11 +163,15 @@ def cmd_replication(args: argparse.Namespace) -> int:
         for vm, last in sorted(peer["vms"].items()):
             print(
                 f"{peer['store'][:10]:<10}  {peer['peer'][:16]:<16}  {vm[:36]:<36}  "
-                f"{last['snapshot']:<16}  {last.get('replicated', '-')}"
+                f"{last['snapshot']:<16}  {_when(last.get('replicated'))}"
             )
     for job in doc["running"]:
         print(f"running: {job['id']} {job['vm']} {_percent(job)}")
     return EXIT_OK
+
+
+def _when(iso: str | None) -> str:
+    return human_time(iso) if iso else "-"
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ from dataclasses import asdict
 from engine.app.passphrase import resolve_passphrase
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from engine.cli.times import WIDTH as TIME_WIDTH
+from engine.cli.times import human_time
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.prune import is_protected
@@ -42,8 +44,13 @@ def cmd_store_init(args: argparse.Namespace) -> int:
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
-    with open_store(args, writable=False) as store:
-        info = store.info()
+    """The configuration and the counts of the index and catalog need no key (issue 16:
+    showing the chunk size asked for the passphrase); only a store whose index or catalog
+    must first be rebuilt from the packs is opened with it."""
+    info = Store.keyless_info(args.path)
+    if info is None:
+        with open_store(args, writable=False) as store:
+            info = store.info()
     if args.json:
         doc = asdict(info) | {
             "dedup_ratio": info.dedup_ratio,
@@ -102,12 +109,12 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         print(json.dumps(docs, indent=2))
         return EXIT_OK
     print(
-        f"{'ID':<16}  {'TIME (UTC)':<19}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
+        f"{'ID':<16}  {'TIME':<{TIME_WIDTH}}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
         "  PROTECTED  DAMAGED"
     )
     for m in manifests:
         line = (
-            f"{m.snapshot_id:<16}  {m.time[:19]:<19}  {m.vm_name[:24]:<24}  {m.level:<12}  "
+            f"{m.snapshot_id:<16}  {human_time(m.time)}  {m.vm_name[:24]:<24}  {m.level:<12}  "
             f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
             f"  {'yes' if m.snapshot_id in protected else '':<9}"
             + _damage_cell(damage[m.snapshot_id])

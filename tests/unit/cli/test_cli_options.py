@@ -2,11 +2,13 @@
 (exit 2, naming the option) before anything runs; a good one arrives converted."""
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from engine.cli.main import build_parser, main
+from engine.config.types import Duration
 
 # (command line before the option, option) for every numeric option of every command.
 STORE = ["store", "init", "/nonexistent/s"]
@@ -44,8 +46,10 @@ BAD = [
     (GC, "--rate-limit", "0"),
     (GC, "--rate-limit", "-5"),
     (GC, "--rate-limit", "inf"),
+    (GC, "--rate-limit", "0.5"),  # bytes per second: a whole number, as every size
     (GC, "--grace", "soon"),
     (GC, "--grace", "-1d"),
+    (GC, "--grace", "1y"),  # the config has no years either
     (PRUNE, "--keep-last", "-1"),
     (PRUNE, "--keep-daily", "-2"),
     (PRUNE, "--keep-yearly", "x"),
@@ -83,7 +87,7 @@ GOOD = [
     (["store", "verify", "/s"], "--percent", "100", 100.0),
     (GC, "--repack-threshold", "0", 0.0),
     (GC, "--repack-threshold", "1", 1.0),
-    (GC, "--rate-limit", "0.5", 0.5),
+    (GC, "--rate-limit", "50MiB", 50 * 1024 * 1024),
     (PRUNE, "--keep-last", "0", 0),
     (["run"], "--grace", "0", 0.0),
     (REPLICATE, "--streams", "1", 1),
@@ -102,8 +106,17 @@ def test_good_value_arrives_converted(
 
 
 def test_gc_grace_zero_and_default_parse() -> None:
-    assert build_parser().parse_args([*GC, "--grace", "0h"]).grace.hours == 0
-    assert build_parser().parse_args(GC).grace.days == 7  # the default goes through type=
+    assert build_parser().parse_args([*GC, "--grace", "0h"]).grace == timedelta(0)
+    assert build_parser().parse_args([*GC, "--grace", "0"]).grace == timedelta(0)
+    assert build_parser().parse_args(GC).grace == timedelta(days=7)  # the default: type= too
+
+
+@pytest.mark.parametrize("text", ["1s", "90m", "12h", "2w", "1d12h", "7d"])
+def test_gc_grace_is_written_as_the_configs(text: str) -> None:
+    """What ``gc_grace:`` accepts, ``gc --grace`` accepts and means the same (issue 16:
+    ``1s`` was refused, and ``m`` meant months here but minutes there)."""
+    parsed = build_parser().parse_args([*GC, "--grace", text]).grace
+    assert parsed == Duration(text).delta
 
 
 def test_restore_to_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
