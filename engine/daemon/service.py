@@ -21,7 +21,6 @@ next start's step 3.
 
 import asyncio
 import signal
-import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ from engine.core.errors import ConfigError, EngineError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
+from engine.daemon.notifications import PolicyRun, Senders
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
@@ -52,13 +52,9 @@ from engine.jobs.journal import JobRecord, Journal
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
-from engine.obs import digest
 from engine.obs.digest import RunSummary
 from engine.obs.metrics import Metrics
-from engine.obs.notify import Notifier
-from engine.obs.summary import DiskSummary, JobSummary, job_notice
-from engine.obs.summary import Event as NotifyEvent
-from engine.obs.webhook import WebhookSender, send_all
+from engine.obs.summary import DiskSummary, JobSummary
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
@@ -103,13 +99,11 @@ class Service:
         # row can never land after its finished one.
         self._history_writer = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
         self.metrics = Metrics()
-        self.notifier = Notifier(self.config.smtp) if self.config.smtp is not None else None
-        self.webhooks = {w.name: WebhookSender(w) for w in self.config.webhooks}
-        self._notify_failed = 0  # e-mails and webhook calls failed by senders a reload replaced
+        self.notifications = Senders(self.config)
         self.metrics.watch_counter(
             "tessera_notifications_failed",
             "e-mails and webhook calls that could not be sent",
-            self._notifications_failed,
+            lambda: self.notifications.failed,
         )
         self.scheduler: Scheduler[Policy] | None = None
         self.maintenance: Scheduler[maintenance.Task] | None = None
@@ -119,10 +113,6 @@ class Service:
         # (a test) waits on instead of polling.
         self.ready = asyncio.Event()
         self._signals = 0
-
-    def _notifications_failed(self) -> int:
-        mail = self.notifier.failed if self.notifier else 0
-        return self._notify_failed + mail + sum(w.failed for w in self.webhooks.values())
 
     @property
     def config(self) -> Config:
@@ -236,12 +226,7 @@ class Service:
             )
             return False
         self.loaded = loaded
-        if self.config.smtp != (self.notifier.smtp if self.notifier else None):
-            self._notify_failed += self.notifier.failed if self.notifier else 0
-            self.notifier = Notifier(self.config.smtp) if self.config.smtp else None
-        if self.config.webhooks != tuple(w.settings for w in self.webhooks.values()):
-            self._notify_failed += sum(w.failed for w in self.webhooks.values())
-            self.webhooks = {w.name: WebhookSender(w) for w in self.config.webhooks}
+        self.notifications.reconfigure(self.config)
         changes: dict[str, object] = {}
         if self.scheduler is not None:
             added, changed, removed = self.scheduler.replace(
@@ -479,16 +464,16 @@ class Service:
         if policy.replication and all(t.mode == "pull" for t in policy.replication):
             await sites.pull(self, policy, list(policy.selection.vms))
             return
-        run = _Run(policy, datetime.now(UTC))
+        run = PolicyRun(policy, datetime.now(UTC))
         try:
             await self._run_policy(policy, planned, run)
         except Exception as e:
             run.problems.append(f"{type(e).__name__}: {e}")
-            await self.send_digest(run.summary(socket.gethostname()))
+            await self.send_digest(run.summary(job_summary))
             raise
-        await self.send_digest(run.summary(socket.gethostname()))
+        await self.send_digest(run.summary(job_summary))
 
-    async def _run_policy(self, policy: Policy, planned: datetime, run: "_Run") -> None:
+    async def _run_policy(self, policy: Policy, planned: datetime, run: PolicyRun) -> None:
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
         chosen = [
@@ -552,36 +537,10 @@ class Service:
         await self.apply_retention(policy, handle, chosen)
 
     async def send_digest(self, run: RunSummary) -> None:
-        """The run's digest to the policy's ``notifications``: one mail to ``to`` and one
-        call to each of its ``webhooks``, when the run raised an event in ``on``. Logged as
-        ``policy.finished`` at the run's severity (error: a failure or integrity error;
-        warning: warnings; info). Never raises but ``CancelledError``: a failure to notify
-        is logged and counted by its sender; each send is bounded by its timeout."""
+        """The run's digest to its policy's ``notifications`` as they are now (a reload
+        may have changed them while it ran): ``Senders.run_digest``."""
         policy = next((p for p in self.policies if p.name == run.policy), None)
-        events = digest.run_events(run)
-        level = (
-            "error"
-            if {"integrity", "failure"} & set(events)
-            else ("warning" if "warning" in events else "info")
-        )
-        getattr(log, level)(
-            "policy.finished",
-            policy=run.policy,
-            title=digest.title(run),
-            events=events,
-            jobs=[j.job_id for j in run.jobs],
-            seconds=run.duration.total_seconds(),
-        )
-        if policy is None:  # removed by a reload while it ran: nobody to tell
-            return
-        rules = policy.notifications
-        event = digest.choose_run_event(rules, run)
-        if event is None:
-            return
-        if self.notifier is not None and rules.to:
-            await self.notifier.send_run(run, rules.to, event)
-        senders = [self.webhooks[name] for name in rules.webhooks if name in self.webhooks]
-        await send_all(senders, digest.notice(run, event))
+        await self.notifications.run_digest(run, policy.notifications if policy else None)
 
     async def apply_retention(self, policy: Policy, handle: JobStore, vms: list[str]) -> None:
         """After a policy's backups: its retention rules, per VM (prune; GC frees the space
@@ -610,16 +569,6 @@ class Service:
                 removed=result.removed,
                 skipped=result.skipped,
             )
-
-    async def _notify_maintenance(self, summary: JobSummary) -> None:
-        """A failed maintenance job (a verify's findings) to ``maintenance.notify`` and
-        ``maintenance.webhooks``; never raises but ``CancelledError``."""
-        event: NotifyEvent = "integrity" if summary.integrity else "failure"
-        section = self.config.maintenance
-        if self.notifier is not None and section.notify:
-            await self.notifier.send_job(summary, section.notify, event)
-        senders = [self.webhooks[name] for name in section.webhooks if name in self.webhooks]
-        await send_all(senders, job_notice(summary, event, socket.gethostname()))
 
     def _scheduler_event(self, event: Event) -> None:
         log.info(
@@ -664,32 +613,9 @@ class Service:
                 store, info.pack_bytes, info.dedup_ratio, info.compression_ratio
             )
         if view.kind in ("gc", "verify") and view.state != "succeeded":
-            await self._notify_maintenance(summary)
+            await self.notifications.maintenance(summary, self.config.maintenance)
         for listener in self.listeners:
             await listener(view)
-
-
-@dataclass
-class _Run:
-    """A policy run as it goes: its jobs and what went wrong outside them."""
-
-    policy: Policy
-    started: datetime
-    views: list[JobView] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def summary(self, host: str) -> RunSummary:
-        """The run's ``RunSummary`` now that its jobs have ended."""
-        return RunSummary(
-            policy=self.policy.name,
-            started=self.started,
-            finished=datetime.now(UTC),
-            jobs=tuple(job_summary(view) for view in self.views if view.done),
-            host=host,
-            problems=tuple(self.problems),
-            warnings=tuple(self.warnings),
-        )
 
 
 def _journal_record(journal: Journal, job_id: str) -> JobRecord | None:

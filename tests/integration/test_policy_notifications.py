@@ -122,7 +122,7 @@ async def test_a_run_the_rules_do_not_want_and_an_unreachable_webhook(tmp_path: 
                     healthy = MemoryHypervisor({"web1": vms()["web1"]})
                     with installed(healthy):
                         await asyncio.wait_for(service.run_policy(policy, datetime.now(UTC)), 60)
-                failed = service._notifications_failed()
+                failed = service.notifications.failed
     assert len(mailbox.envelopes) == 1  # the second run succeeded: its digest went out
     assert "web1 succeeded" in mailbox.message()["Subject"]
     assert failed == 1  # the webhook: logged and counted, the run unharmed
