@@ -152,7 +152,7 @@ class WebhookSender:
         settings = self.settings
         url = await _read(settings.url_file) if settings.url_file else settings.url
         if not url:
-            raise ValueError("no url")
+            raise WebhookError(f"{settings.url_file} is empty")
         headers = {"User-Agent": "tessera"}
         if settings.token_file is not None:
             token = await _read(settings.token_file)
@@ -163,20 +163,24 @@ class WebhookSender:
         context = ssl.create_default_context(
             cafile=str(settings.ca_file) if settings.ca_file is not None else None
         )
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                url, json=body, headers=headers, ssl=context, allow_redirects=False
-            ) as response,
-        ):
-            if not 200 <= response.status < 300:
-                text = (await response.text(errors="replace"))[:ERROR_BODY].strip()
-                raise WebhookError(f"HTTP {response.status}" + (f": {text}" if text else ""))
-            return response.status
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    url, json=body, headers=headers, ssl=context, allow_redirects=False
+                ) as response,
+            ):
+                if not 200 <= response.status < 300:
+                    text = (await response.text(errors="replace"))[:ERROR_BODY].strip()
+                    raise WebhookError(f"HTTP {response.status}" + (f": {text}" if text else ""))
+                return response.status
+        except aiohttp.InvalidURL:
+            # Without the URL (aiohttp's message has it): from url_file, it may be a secret.
+            raise WebhookError("the webhook's url is not a valid URL") from None
 
 
 class WebhookError(Exception):
-    """The target answered, but not with 2xx."""
+    """The target answered, but not with 2xx; or there is no valid URL to call."""
 
 
 async def _read(path: Path) -> str:

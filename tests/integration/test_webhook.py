@@ -109,3 +109,17 @@ async def test_nobody_listening_is_a_logged_failure() -> None:
         sent = await sender.send(NOTICE)
     assert not sent.ok and "ClientConnectorError" in sent.detail
     assert [e["event"] for e in logs] == ["webhook.failed"]
+
+
+async def test_a_bad_url_from_its_file_is_not_logged(tmp_path: Path) -> None:
+    secret = "https://hooks.example.com:99999/services/T0/B0/s3cr3t"
+    (tmp_path / "url").write_text(secret + "\n")
+    (tmp_path / "empty").write_text("\n")
+    with capture_logs() as logs:
+        bad = await WebhookSender(WebhookSection(name="x", url_file=tmp_path / "url")).send(NOTICE)
+        empty = await WebhookSender(WebhookSection(name="y", url_file=tmp_path / "empty")).send(
+            NOTICE
+        )
+    assert (bad.ok, bad.detail) == (False, "WebhookError: the webhook's url is not a valid URL")
+    assert (empty.ok, empty.detail) == (False, f"WebhookError: {tmp_path / 'empty'} is empty")
+    assert "s3cr3t" not in repr(logs)
