@@ -19,6 +19,7 @@ from engine.cli import args as cli_args
 from engine.cli import config as cli_config
 from engine.cli import helptext
 from engine.cli import maint as cli_maint
+from engine.cli import notify as cli_notify
 from engine.cli import peer as cli_peer
 from engine.cli import service as cli_service
 from engine.cli import standby as cli_standby
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     cli_maint.register(sub, _add_key_options)  # prune, protect, store status
     cli_config.register(sub, DEFAULT_CONFIG)  # check-config, show-config
+    cli_notify.register(sub, DEFAULT_CONFIG)  # notify test
     cli_service.register(sub, DEFAULT_CONFIG)  # run, vms, policies, jobs, job, cancel
     cli_peer.register(sub, _add_key_options)  # peer init-ca|issue|serve, replicate
     cli_standby.register(sub, _add_key_options)  # standby refresh

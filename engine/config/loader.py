@@ -133,11 +133,13 @@ def _error(path: Path, node: yaml.Node | None, json_path: str, reason: str) -> C
 
 def _convert(data: Any, kind: type[T], path: Path, node: yaml.Node | None) -> T:
     for json_path, key in _secret_keys(data, "$"):
+        # A webhook's token (Gotify's, a bearer token) is one token: token_file.
+        instead = "token_file" if ".webhooks[" in json_path else _SECRET_KEYS[key]
         raise _error(
             path,
             node,
             json_path,
-            f"secrets are never written in the configuration: use {_SECRET_KEYS[key]}, "
+            f"secrets are never written in the configuration: use {instead}, "
             f"the path of a file holding the {key}",
         )
     try:
@@ -183,6 +185,14 @@ def _load_config(main: Path, drop_in_dir: Path | None) -> tuple[Config, tuple[Pa
     for what, items in (("store", config.stores), ("engine", config.engines)):
         _no_duplicates(what, [item.name for item in items], files)
     _no_duplicates("peer", [peer.name for peer in config.peers], files)
+    _no_duplicates("webhook", [hook.name for hook in config.webhooks], files)
+    for name in config.maintenance.webhooks:
+        if name not in {hook.name for hook in config.webhooks}:
+            listed = ", ".join(hook.name for hook in config.webhooks) or "none"
+            raise ConfigError(
+                message=f"{main}: maintenance.webhooks: no webhook named {name!r} in the "
+                f"configuration ({listed})"
+            )
     return config, tuple(files)
 
 
@@ -329,3 +339,6 @@ def _check_references(config: Config, policy: Policy, path: Path, node: yaml.Nod
         known("peer", target.peer, peers, f"$.replication[{i}].peer")
     if policy.standby is not None:
         known("peer", policy.standby.peer, peers, "$.standby.peer")
+    webhooks = [w.name for w in config.webhooks]
+    for i, name in enumerate(policy.notifications.webhooks):
+        known("webhook", name, webhooks, f"$.notifications.webhooks[{i}]")

@@ -17,6 +17,9 @@ from engine.store.layout import DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, ENCRYPTIO
 DEFAULT_SOCKET = Path("/run/tessera/api.sock")
 DEFAULT_STATE_FILE = Path("/var/lib/tessera/scheduler.json")
 DEFAULT_MISFIRE_GRACE = Duration("1h")
+# A webhook is sent after a run, one target after the other: a slow target may hold the
+# next run's notifications, never longer than this per target.
+MAX_WEBHOOK_TIMEOUT = 120.0
 
 
 class StoreSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -131,6 +134,30 @@ class SmtpSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             raise ValueError("smtp username and password_file go together")
 
 
+class WebhookSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A webhook target policies and maintenance name in ``notifications.webhooks``: one
+    POST with a JSON body per policy run (or maintenance finding), in the shape ``format``
+    says (``engine.obs.webhook``). The URL is ``url``, or read from ``url_file`` when it is
+    a secret (Slack's and Teams' URLs are); ``token_file``: Gotify's application token, a
+    bearer token for ``json``."""
+
+    name: str
+    url: str | None = None
+    url_file: Path | None = None
+    format: Literal["json", "slack", "teams", "gotify"] = "json"
+    token_file: Path | None = None
+    ca_file: Path | None = None  # None: the system's CA bundle
+    timeout: float = 10.0  # seconds for the whole request; a target that is slower fails
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.url_file is None):
+            raise ValueError(f"webhook {self.name!r}: give url or url_file, one of them")
+        if self.url is not None and not self.url.startswith(("https://", "http://")):
+            raise ValueError(f"webhook {self.name!r}: url must start with https:// or http://")
+        if not 0 < self.timeout <= MAX_WEBHOOK_TIMEOUT:
+            raise ValueError(f"webhook timeout: more than 0, at most {MAX_WEBHOOK_TIMEOUT:g} s")
+
+
 class PeerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Another Tessera site, reached over HTTPS with mutual TLS."""
 
@@ -145,7 +172,8 @@ class PeerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 class MaintenanceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Store maintenance the daemon schedules (every configured store); None: never.
-    Findings (a failed verify, a GC error) are e-mailed to ``notify``."""
+    Findings (a failed verify, a GC error) are e-mailed to ``notify`` and posted to the
+    ``webhooks`` named."""
 
     gc: Schedule | None = None  # e.g. "sun 03:00"
     gc_grace: Duration = Duration("7d")  # retired packs and pruned snapshots kept this long
@@ -153,6 +181,7 @@ class MaintenanceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     verify: Schedule | None = None  # e.g. "sat 04:00"
     verify_percent: float = 10.0  # share of the packs read per run, oldest-verified first
     notify: tuple[str, ...] = ()  # e-mail addresses for findings
+    webhooks: tuple[str, ...] = ()  # names of ``webhooks`` entries for findings
 
 
 class PeerServerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -181,6 +210,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logging: LoggingSection = LoggingSection()
     syslog: SyslogSection | None = None
     smtp: SmtpSection | None = None
+    webhooks: tuple[WebhookSection, ...] = ()
     peers: tuple[PeerSection, ...] = ()
     scheduler: SchedulerSection = SchedulerSection()
     maintenance: MaintenanceSection = MaintenanceSection()
@@ -195,6 +225,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     def peer(self, name: str) -> PeerSection:
         return _pick(self.peers, name, "peer")
+
+    def webhook(self, name: str) -> WebhookSection:
+        return _pick(self.webhooks, name, "webhook")
 
 
 class _Named(Protocol):

@@ -21,7 +21,8 @@ from engine.sched.level import WEEKDAY_NAMES, Level, LevelDecision, choose_level
 
 Flow = Literal["auto", "backup-api", "snapshot-imageio", "snapshot-attach"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-Event = Literal["failure", "success", "integrity"]
+# Most important first; engine.obs.summary.Event (the digest's and the mail's) is the same.
+Event = Literal["integrity", "failure", "warning", "success"]
 
 
 class Selection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -101,8 +102,14 @@ class Standby(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
 
 
 class Notifications(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Who hears of a run: after each run, one digest mail to ``to`` and one call to each
+    of ``webhooks`` (names of the daemon config's ``webhooks``), when the run raised an
+    event in ``on``: ``integrity`` (stored data found wrong), ``failure`` (a VM failed),
+    ``warning`` (a VM succeeded with warnings), ``success``."""
+
     on: tuple[Event, ...] = ("failure", "integrity")
     to: tuple[str, ...] = ()  # e-mail addresses; empty: no e-mail
+    webhooks: tuple[str, ...] = ()  # webhook names in the daemon config
 
     def __post_init__(self) -> None:
         bad = [address for address in self.to if "@" not in address]

@@ -5,7 +5,9 @@ backup and restore jobs call ``engine.app``), ``jobs`` (``JobManager``: each job
 named limits, one per VM; ``JobView`` keeps its typed outcome), ``context``
 (``DaemonContext``: what ``maintenance`` and ``sites`` take instead of the ``Service``),
 ``maintenance`` (scheduled gc and verify), ``sites`` (the replication receiver, pushes,
-pulls and standby refreshes), ``sdnotify`` (readiness and watchdog for systemd).
+pulls and standby refreshes), ``notifications`` (``Senders``: a policy run's digest and
+maintenance findings by mail and webhooks; ``PolicyRun``), ``sdnotify`` (readiness and
+watchdog for systemd).
 
 Below ``engine.cli`` and ``engine.api`` (they start and call the service; the listeners
 reach ``Service.run`` as an argument), above ``engine.app``. No import cycle.

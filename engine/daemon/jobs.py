@@ -91,6 +91,22 @@ class JobView:
         self.say(f"{kind}: {text}")
 
     @property
+    def warnings(self) -> list[str]:
+        """The job's warnings (its notes of kind ``warning``), without the prefix."""
+        return [n.removeprefix("warning: ") for n in self.notes if n.startswith("warning: ")]
+
+    @property
+    def log_level(self) -> str:
+        """The level of the job's ``job.finished`` line, so syslog's severity says how it
+        ended: failed ``error`` (syslog ``err``), cancelled or succeeded with warnings
+        ``warning``, succeeded ``info``."""
+        if self.state == "failed":
+            return "error"
+        if self.state == "cancelled" or self.warnings:
+            return "warning"
+        return "info"
+
+    @property
     def done(self) -> bool:
         return self.finished is not None
 
@@ -291,7 +307,14 @@ class JobManager:
             if not self._busy:
                 self._idle.set()
             view.say(f"{view.kind} {view.state}" + (f": {view.error}" if view.error else ""))
-            bound.info("job.finished", state=view.state, error=view.error, summary=view.summary)
+            finished = getattr(bound, view.log_level)
+            finished(
+                "job.finished",
+                state=view.state,
+                error=view.error,
+                warnings=view.warnings,
+                summary=view.summary,
+            )
         if self._on_finished is not None:
             try:
                 await self._on_finished(view)

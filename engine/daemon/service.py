@@ -40,10 +40,11 @@ from engine.app.summaries import backup_doc, vm_restore_doc
 from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, EngineError
 from engine.daemon import maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
+from engine.daemon.notifications import PolicyRun, Senders
 from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
@@ -51,8 +52,9 @@ from engine.jobs.journal import JobRecord, Journal
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
+from engine.obs.digest import RunSummary
 from engine.obs.metrics import Metrics
-from engine.obs.notify import DiskSummary, JobSummary, Notifier
+from engine.obs.summary import DiskSummary, JobSummary
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
@@ -97,12 +99,11 @@ class Service:
         # row can never land after its finished one.
         self._history_writer = ThreadPoolExecutor(1, thread_name_prefix="history-writer")
         self.metrics = Metrics()
-        self.notifier = Notifier(self.config.smtp) if self.config.smtp is not None else None
-        self._mail_failed = 0  # e-mails failed by notifiers a reload replaced
+        self.notifications = Senders(self.config)
         self.metrics.watch_counter(
             "tessera_notifications_failed",
-            "e-mails that could not be sent",
-            lambda: self._mail_failed + (self.notifier.failed if self.notifier else 0),
+            "e-mails and webhook calls that could not be sent",
+            lambda: self.notifications.failed,
         )
         self.scheduler: Scheduler[Policy] | None = None
         self.maintenance: Scheduler[maintenance.Task] | None = None
@@ -194,7 +195,8 @@ class Service:
 
     def reload(self) -> bool:
         """SIGHUP: read the configuration and policies again and apply them without touching
-        running jobs. New jobs use the new engines, DataMover, peers, e-mail and policies;
+        running jobs. New jobs use the new engines, DataMover, peers, e-mail, webhooks and
+        policies;
         each schedule (policies and maintenance) restarts under its new calendars from its
         state-file record; a run in progress goes on to its end. Sections the running
         daemon is built on (``RESTART_ONLY``: stores, limits, API, logging, syslog,
@@ -224,9 +226,7 @@ class Service:
             )
             return False
         self.loaded = loaded
-        if self.config.smtp != (self.notifier.smtp if self.notifier else None):
-            self._mail_failed += self.notifier.failed if self.notifier else 0
-            self.notifier = Notifier(self.config.smtp) if self.config.smtp else None
+        self.notifications.reconfigure(self.config)
         changes: dict[str, object] = {}
         if self.scheduler is not None:
             added, changed, removed = self.scheduler.replace(
@@ -453,12 +453,27 @@ class Service:
 
     async def run_policy(self, policy: Policy, planned: datetime) -> None:
         """What the scheduler starts: a backup of every VM the policy selects, each at the
-        level its rules give; returns when they have all ended (so the scheduler coalesces a
-        fire that comes while they run). A policy whose replication targets are all ``pull``
-        backs nothing up here: it asks those peers to push the VMs its selection names."""
+        level its rules give, each followed by the policy's push replications; then its
+        retention; then one digest of the run (``send_digest``). Returns when all have
+        ended (so the scheduler coalesces a fire that comes while they run). A VM whose
+        backup cannot start (busy, the daemon stopping) is a problem of the run, not the end
+        of it; an error listing the VMs or applying retention ends the run, is in its digest
+        and is raised. A cancelled run (the daemon stops) sends no digest. A policy whose
+        replication targets are all ``pull`` backs nothing up here: it asks those peers to
+        push the VMs its selection names (no digest: the peers' jobs are theirs)."""
         if policy.replication and all(t.mode == "pull" for t in policy.replication):
             await sites.pull(self, policy, list(policy.selection.vms))
             return
+        run = PolicyRun(policy, datetime.now(UTC))
+        try:
+            await self._run_policy(policy, planned, run)
+        except Exception as e:
+            run.problems.append(f"{type(e).__name__}: {e}")
+            await self.send_digest(run.summary(job_summary))
+            raise
+        await self.send_digest(run.summary(job_summary))
+
+    async def _run_policy(self, policy: Policy, planned: datetime, run: PolicyRun) -> None:
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
         chosen = [
@@ -468,6 +483,8 @@ class Service:
         ]
         handle = self.store(policy.store)
         log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
+        if not chosen:
+            run.warnings.append(f"the selection matched none of the {len(vms)} VMs listed")
 
         async def one(vm: str) -> None:
             # Another policy's job on this VM: wait for it (serialised, never overlapping).
@@ -479,16 +496,22 @@ class Service:
             history = handle.store.snapshots(vm)
             fulls = [datetime.fromisoformat(e.time) for e in history if e.level == "full"]
             decision = policy.level.decide(max(fulls) if fulls else None, self.clock.now(), self.tz)
-            (view,) = self.start_backup(
-                [vm],
-                level=decision.level,
-                flow=policy.flow,
-                require_quiesce=policy.require_quiesce,
-                engine=policy.selection.engine,
-                store=policy.store,
-                policy=policy.name,
-                facts=by_name,
-            )
+            try:
+                (view,) = self.start_backup(
+                    [vm],
+                    level=decision.level,
+                    flow=policy.flow,
+                    require_quiesce=policy.require_quiesce,
+                    engine=policy.selection.engine,
+                    store=policy.store,
+                    policy=policy.name,
+                    facts=by_name,
+                )
+            except EngineError as e:  # Busy (a job started meanwhile), ShuttingDown
+                log.warning("policy.vm_not_started", policy=policy.name, vm=vm, error=str(e))
+                run.problems.append(f"{vm}: not started: {e}")
+                return
+            run.views.append(view)
             view.say(f"level {decision.level}: {decision.reason}")
             if view.task is not None:
                 await asyncio.wait([view.task])
@@ -503,6 +526,7 @@ class Service:
                 for target in policy.replication
                 if target.mode == "push"
             ]
+            run.views += pushes
             waits = [p.task for p in pushes if p.task is not None]
             if waits:
                 await asyncio.wait(waits)
@@ -511,6 +535,12 @@ class Service:
             for vm in chosen:
                 tg.create_task(one(vm))
         await self.apply_retention(policy, handle, chosen)
+
+    async def send_digest(self, run: RunSummary) -> None:
+        """The run's digest to its policy's ``notifications`` as they are now (a reload
+        may have changed them while it ran): ``Senders.run_digest``."""
+        policy = next((p for p in self.policies if p.name == run.policy), None)
+        await self.notifications.run_digest(run, policy.notifications if policy else None)
 
     async def apply_retention(self, policy: Policy, handle: JobStore, vms: list[str]) -> None:
         """After a policy's backups: its retention rules, per VM (prune; GC frees the space
@@ -559,8 +589,9 @@ class Service:
             await self._history_write(history.started, view.started_row())
 
     async def _finished(self, view: JobView) -> None:
-        """The job history, metrics, the store gauges and the policy's e-mail for a job that
-        ended."""
+        """The job history, metrics, the store gauges and, for maintenance that failed or
+        found damage, the mail and webhooks of ``maintenance`` for a job that ended (a
+        policy's jobs are told of in its run's digest: ``send_digest``)."""
         history = self._history_for(view)
         if history is not None:
             await self._history_write(history.record, view.history_row())
@@ -581,19 +612,8 @@ class Service:
             self.metrics.set_store_usage(
                 store, info.pack_bytes, info.dedup_ratio, info.compression_ratio
             )
-        policy = next((p for p in self.policies if p.name == view.policy), None)
-        if self.notifier is not None and policy is not None:
-            await self.notifier.notify(summary, policy.notifications)
-        recipients = self.config.maintenance.notify
-        if (
-            self.notifier is not None
-            and view.kind in ("gc", "verify")
-            and recipients
-            and view.state != "succeeded"
-        ):
-            await self.notifier.send_job(
-                summary, recipients, "integrity" if summary.integrity else "failure"
-            )
+        if view.kind in ("gc", "verify") and view.state != "succeeded":
+            await self.notifications.maintenance(summary, self.config.maintenance)
         for listener in self.listeners:
             await listener(view)
 
@@ -649,6 +669,7 @@ def job_summary(view: JobView) -> JobSummary:
         bytes_stored=sum(d.bytes_stored for d in disks),
         disks=disks,
         notes=tuple(view.notes),
+        warnings=tuple(view.warnings),
         error=view.error,
         integrity=(outcome is not None and outcome.record.integrity)
         or (isinstance(view.outcome, VerifyResult) and not view.outcome.ok),

@@ -2,12 +2,16 @@
 
 The CLI logs ``key=value`` lines to stderr at WARNING (INFO with ``-v``) so stdout stays
 for results; the daemon logs JSON to stdout for journald and may also forward every event
-to a central syslog server (``engine.obs.syslog``).
+to a central syslog server (``engine.obs.syslog``). Every field is made JSON-compatible
+first (``engine.obs.values.plain_values``: times ISO 8601, numbers numbers, no Python
+reprs), so journald's JSON and syslog's structured data carry values a collector parses.
 """
 
 import logging
 import sys
 from typing import TYPE_CHECKING, TextIO
+
+from engine.obs.values import plain_values  # imports no structlog at run time
 
 # Importing structlog imports rich when rich is installed — its console, traceback and
 # pretty-printing modules, ~50 ms — for the default exception formatter of structlog's
@@ -65,6 +69,7 @@ def configure(
     processors: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        plain_values,
     ]
     if syslog is not None:
         # Here, not at the top: the forwarder (sockets, TLS, its thread) loads only when

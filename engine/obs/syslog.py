@@ -18,10 +18,13 @@ One line per event::
 PRI is ``facility * 8 + severity`` (severity from the log level); MSGID is the event name
 when it is a valid MSGID; the structured data element carries the event's context keys
 (values escaped per RFC 5424 §6.3.3); MSG (UTF-8, BOM first) repeats them as ``key=value``
-for servers that do not show structured data. UDP sends one datagram per message (RFC 5426),
-TCP and TLS (RFC 5425) frame with octet counting (``LEN SP MSG``, RFC 6587 §3.4.1). Messages
-over the transport's bound are cut at a character boundary, dropping structured-data
-parameters first if even the header does not fit, so what arrives always parses.
+for servers that do not show structured data. Values are written as
+``engine.obs.values.field_text`` gives them: strings as they are, numbers, booleans, lists
+and mappings as compact JSON, times ISO 8601; a field whose value is None is left out.
+UDP sends one datagram per message (RFC 5426), TCP and TLS (RFC 5425) frame with octet
+counting (``LEN SP MSG``, RFC 6587 §3.4.1). Messages over the transport's bound are cut at
+a character boundary, dropping structured-data parameters first if even the header does
+not fit, so what arrives always parses.
 
 Logging never fails or stalls a backup: a server that is down or slow costs dropped
 messages, counted in ``dropped``, never an exception or a wait on the caller's side.
@@ -42,6 +45,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+
+from engine.obs.values import field_text
 
 # Documentation private enterprise number (RFC 5612): the SD-ID ``tessera@32473``.
 SD_ID = "tessera@32473"
@@ -161,9 +166,9 @@ def format_message(
     stamp = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
     event = str(event_dict.get("event", ""))
     params = [
-        (_param_name(str(key)), str(value))
+        (_param_name(str(key)), field_text(value))
         for key, value in event_dict.items()
-        if key not in _NOT_CONTEXT
+        if key not in _NOT_CONTEXT and value is not None
     ]
     text = " ".join([event, *(f"{name}={value}" for name, value in params)])
     if isinstance(event_dict.get("exception"), str):

@@ -214,7 +214,10 @@ class _DiskBackup:
         except EngineError as e:
             raise SourceError(disk=disk_id, offset=offset, reason=str(e)) from e
         except OSError as e:
-            raise SourceError(disk=disk_id, offset=offset, reason=repr(e)) from e
+            # "ConnectionResetError: reset by peer", not its repr: the reason reaches
+            # mails, webhooks and log collectors (issue 16).
+            reason = f"{type(e).__name__}: {e}".rstrip(": ")
+            raise SourceError(disk=disk_id, offset=offset, reason=reason) from e
         finally:
             view.release()
         buf.length = length

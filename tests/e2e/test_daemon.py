@@ -267,9 +267,10 @@ async def through_the_daemon(
             await asyncio.sleep(0.1)
         (envelope,) = mailbox.envelopes
         assert envelope.rcpt_tos == ["ops@example.org"]
-        message = mailbox.message()
-        assert "web01" in message["Subject"] and "succeeded" in message["Subject"].lower()
-        assert job["id"] in message.get_payload()
+        message = mailbox.message()  # the run's digest
+        assert message["Subject"] == "[tessera] policy nightly: web01 succeeded"
+        assert message["X-Tessera-Policy"] == "nightly"
+        assert f"  web01: {job['id']}" in message.get_payload()
         text = await get_text(tmp_path / "api.sock", "/metrics")
         assert 'tessera_jobs_finished_total{kind="backup",state="succeeded"} 1.0' in text
         assert 'tessera_last_success_timestamp_seconds{vm="web01"}' in text
@@ -277,6 +278,7 @@ async def through_the_daemon(
         finished = [m for m in lines if m.msgid == "job.finished"]
         assert finished, [m.msgid for m in lines]
         assert finished[0].app == "tessera"
+        assert finished[0].severity == 6  # succeeded without warnings: info
         assert next(iter(finished[0].sd.values()))["job"] == job["id"]
 
         # `backup vm` finds the daemon on the config's socket and follows the job there

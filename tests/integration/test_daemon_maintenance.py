@@ -1,6 +1,7 @@
 """Scheduled maintenance in the daemon: GC and verify run as jobs on every store, beside
-the policies' backups; a verify that finds damage fails its job and e-mails the findings to
-``maintenance.notify`` (a real aiosmtpd server on loopback)."""
+the policies' backups; a verify that finds damage fails its job, e-mails the findings to
+``maintenance.notify`` (a real aiosmtpd server on loopback) and posts them to
+``maintenance.webhooks`` (a real aiohttp server)."""
 
 import asyncio
 import os
@@ -20,6 +21,7 @@ from engine.store.chunk_store import Store
 from tests.daemon_setup import CHUNK, daemon_config
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.integration.test_smtp import Mailbox, smtp_server
+from tests.integration.webhook_server import Receiver, hook_server
 from tests.unit.maint.test_verify import flip, slot_id
 
 pytestmark = pytest.mark.integration
@@ -27,14 +29,15 @@ pytestmark = pytest.mark.integration
 PASSPHRASE = "maintenance-test"
 
 
-def make_config(tmp_path: Path, smtp_port: int) -> Path:
+def make_config(tmp_path: Path, smtp_port: int, hook_base: str) -> Path:
     return daemon_config(
         tmp_path,
         PASSPHRASE,
         'maintenance:\n  gc: "sun 03:00"\n  gc_grace: 1s\n  verify: "sat 04:00"\n'
-        "  verify_percent: 100\n  notify: [ops@example.org]\n"
+        "  verify_percent: 100\n  notify: [ops@example.org]\n  webhooks: [store-alerts]\n"
         f"smtp:\n  host: 127.0.0.1\n  port: {smtp_port}\n  starttls: false\n"
-        "  from: tessera@dm01.example.org\n",
+        "  from: tessera@dm01.example.org\n"
+        f"webhooks:\n  - {{name: store-alerts, url: '{hook_base}/alerts'}}\n",
     )
 
 
@@ -49,24 +52,25 @@ async def run(service: Service, kind: str) -> JobView:
 
 async def test_gc_and_verify_run_as_jobs_and_findings_are_mailed(tmp_path: Path) -> None:
     mailbox = Mailbox()
-    async with smtp_server(mailbox) as port:
+    receiver = Receiver()
+    async with smtp_server(mailbox) as port, hook_server(receiver) as base:
         # The daemon's clock runs 2 s ahead of the prune below: its snapshot is past the 1 s
         # gc_grace without the test waiting.
         clock = FakeClock(datetime.now(UTC) + timedelta(seconds=2))
-        service = Service(load_all(make_config(tmp_path, port)), clock=clock)
+        service = Service(load_all(make_config(tmp_path, port, base)), clock=clock)
         handle = await service._open_store(service.config.stores[0])
         try:
             async with asyncio.TaskGroup() as tg:
                 manager = tg.create_task(service.jobs.run())
                 await asyncio.sleep(0)
-                await exercise(service, handle.store, mailbox)
+                await exercise(service, handle.store, mailbox, receiver)
                 service.jobs.close()
                 await manager
         finally:
             await service._close_store(handle)
 
 
-async def exercise(service: Service, store: Store, mailbox: Mailbox) -> None:
+async def exercise(service: Service, store: Store, mailbox: Mailbox, receiver: Receiver) -> None:
     shared = realistic_bytes(6 * CHUNK, seed=3)
     old = write_snapshot(store, "vm-a", {"d": shared + os.urandom(6 * CHUNK)})
     new = write_snapshot(store, "vm-a", {"d": shared + os.urandom(6 * CHUNK)})
@@ -80,7 +84,7 @@ async def exercise(service: Service, store: Store, mailbox: Mailbox) -> None:
 
     clean = await run(service, "verify")
     assert clean.state == "succeeded" and clean.summary["findings"] == 0
-    assert not mailbox.envelopes  # nothing to report
+    assert not mailbox.envelopes and not receiver.calls  # nothing to report
 
     bad = slot_id(store, new, 8)
     flip(store, bad)
@@ -95,5 +99,13 @@ async def exercise(service: Service, store: Store, mailbox: Mailbox) -> None:
     (envelope,) = mailbox.envelopes
     assert envelope.rcpt_tos == ["ops@example.org"]
     assert "verify" in mailbox.message()["Subject"].lower()
+    await asyncio.wait_for(receiver.arrived.wait(), 10)  # posted after the mail went
+    (call,) = receiver.calls
+    assert (call.path, call.body["type"], call.body["event"]) == (
+        "/alerts",
+        "tessera.job",
+        "integrity",
+    )
+    assert call.body["job"]["kind"] == "verify" and call.body["job"]["state"] == "failed"
     text = service.metrics.render()[0].decode()
     assert 'tessera_jobs_finished_total{kind="verify",state="failed"} 1.0' in text

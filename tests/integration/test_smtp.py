@@ -1,11 +1,11 @@
-"""Job notifications through a real SMTP server (aiosmtpd) on 127.0.0.1: plain, STARTTLS
-with a self-signed certificate, AUTH PLAIN and LOGIN; a wrong password is a logged error,
-never an exception."""
+"""Notifications through a real SMTP server (aiosmtpd) on 127.0.0.1: a run's digest by the
+policy's rules, a job's message, a test message; plain, STARTTLS with a self-signed
+certificate, AUTH PLAIN and LOGIN; a wrong password is a logged error, never an exception."""
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -17,7 +17,9 @@ from structlog.testing import capture_logs
 
 from engine.config.models import SmtpSection
 from engine.config.policy import Notifications
-from engine.obs.notify import DiskSummary, JobSummary, Notifier
+from engine.obs.digest import RunSummary
+from engine.obs.notify import Notifier
+from engine.obs.summary import DiskSummary, JobSummary
 from tests.integration.selfsigned import CertFiles, make_cert
 
 pytestmark = pytest.mark.integration
@@ -112,15 +114,43 @@ def check_message(mailbox: Mailbox, recipients: list[str]) -> None:
     assert "  disk os: connection reset" in lines
 
 
-async def test_plain_delivery_through_the_policy_rules(tmp_path: Path) -> None:
+async def test_a_run_digest_through_the_policy_rules(tmp_path: Path) -> None:
+    ok = JobSummary("j-78", "backup", "vm02", "succeeded", SUMMARY.started,
+                    SUMMARY.started + timedelta(minutes=2), level="incremental")  # fmt: skip
+    run = RunSummary("nightly", SUMMARY.started, SUMMARY.started + timedelta(minutes=3),
+                     (SUMMARY, ok), host="dm01")  # fmt: skip
     mailbox = Mailbox()
     async with smtp_server(mailbox) as port:
         notifier = Notifier(section(port, tmp_path, starttls=False))
         rules = Notifications(on=("failure",), to=("ops@example.org", "dba@example.org"))
-        assert await notifier.notify(SUMMARY, rules)
-        assert not await notifier.notify(SUMMARY, Notifications(on=("success",), to=rules.to))
-    check_message(mailbox, ["ops@example.org", "dba@example.org"])
+        assert await notifier.notify_run(run, rules)
+        assert not await notifier.notify_run(run, Notifications(on=("success",), to=rules.to))
+        assert not await notifier.notify_run(run, Notifications(on=("failure",)))  # nobody
+    (envelope,) = mailbox.envelopes
+    assert envelope.rcpt_tos == ["ops@example.org", "dba@example.org"]
+    msg = mailbox.message()
+    assert msg["Subject"] == "[tessera] policy nightly: 1 of 2 VMs FAILED (vm01)"
+    assert (msg["X-Tessera-Policy"], msg["X-Tessera-Event"]) == ("nightly", "failure")
+    text = msg.get_payload(decode=True)
+    assert isinstance(text, bytes)
+    lines = text.decode().splitlines()
+    assert "  vm01  FAILED, full, read 1.0 MiB, stored 0 B, 0:01:00" in lines
+    assert "  vm02  succeeded, incremental, read 0 B, stored 0 B, 0:02:00" in lines
+    assert "  vm01: disk os: connection reset" in lines
     assert (notifier.sent, notifier.failed) == (1, 0)
+
+
+async def test_a_test_message_reports_its_delivery(tmp_path: Path) -> None:
+    mailbox = Mailbox()
+    async with smtp_server(mailbox) as port:
+        notifier = Notifier(section(port, tmp_path, starttls=False), local_hostname="dm01")
+        sent = await notifier.send_test("ops@example.org", SUMMARY.started)
+    assert (sent.ok, sent.detail) == (True, "sent")
+    assert sent.target == f"mail ops@example.org via 127.0.0.1:{port}"
+    assert mailbox.message()["Subject"] == "[tessera] test message from dm01"
+    assert mailbox.message()["X-Tessera-Event"] == "test"
+    refused = await notifier.send_test("ops@example.org", SUMMARY.started)  # server gone
+    assert not refused.ok and refused.detail.startswith("SMTPConnectError"), refused.detail
 
 
 async def test_starttls_with_self_signed_certificate(tmp_path: Path) -> None:

@@ -30,6 +30,9 @@ def test_example_config_and_policy_load_together() -> None:
     assert policy.level.full_every.delta == timedelta(days=7)
     assert policy.retention.keep_within == "2d"
     assert policy.notifications.on == ("failure", "integrity")
+    assert policy.notifications.webhooks == ("ops-chat",)
+    assert config.webhook("ops-chat").format == "slack"
+    assert config.maintenance.webhooks == ("ops-chat",)
     assert policy.standby is not None
     assert policy.standby.cluster == "DR"
     assert loaded.policy_files == {"daily-prod": EXAMPLE_POLICIES / "daily.yaml"}
@@ -94,6 +97,32 @@ def test_short_forms_and_defaults(tmp_path: Path) -> None:
     assert loaded.config.scheduler.timezone is None
     with pytest.raises(ConfigError, match="no policy named 'x'"):
         loaded.policy("x")
+
+
+def test_webhooks_and_warning_events(tmp_path: Path) -> None:
+    config = CONFIG + (
+        "webhooks:\n"
+        "  - {name: chat, url_file: /etc/tessera/secrets/slack-url, format: slack}\n"
+        "  - name: phone\n    url: https://gotify.example.com/message\n    format: gotify\n"
+        "    token_file: /etc/tessera/secrets/gotify-token\n    timeout: 5\n"
+    )
+    policy = POLICY.replace(
+        "  on: failure\n", "  on: [failure, warning]\n  webhooks: [chat, phone]\n"
+    )
+    loaded = load_all(write(tmp_path, config, policy))
+    chat, phone = loaded.config.webhooks
+    assert (chat.url, chat.url_file, chat.format, chat.timeout) == (
+        None,
+        Path("/etc/tessera/secrets/slack-url"),
+        "slack",
+        10.0,
+    )
+    assert loaded.config.webhook("phone") == phone and phone.timeout == 5
+    assert phone.token_file == Path("/etc/tessera/secrets/gotify-token")
+    notifications = loaded.policy("nightly").notifications
+    assert notifications.on == ("failure", "warning")
+    assert notifications.webhooks == ("chat", "phone")
+    assert load_all(write(tmp_path)).policy("nightly").notifications.webhooks == ()
 
 
 def test_level_shorthand_and_yes_stays_a_string(tmp_path: Path) -> None:
@@ -224,6 +253,31 @@ def test_bad_policy_files(tmp_path: Path, edit: tuple[str, str], message: str) -
             ("peers:\n", "limits:\n  concurrent_vms: 0\npeers:\n"),
             "limits.concurrent_vms (line 10): Expected `int` >= 1",
         ),
+        (
+            ("peers:\n", "webhooks:\n  - name: chat\n    format: slack\npeers:\n"),
+            "webhooks[0] (line 10): webhook 'chat': give url or url_file, one of them",
+        ),
+        (
+            ("peers:\n", "webhooks:\n  - name: chat\n    url: hooks.example/x\npeers:\n"),
+            "webhook 'chat': url must start with https:// or http://",
+        ),
+        (
+            ("peers:\n", "webhooks:\n  - {name: c, url: 'https://h/x', format: xml}\npeers:\n"),
+            "webhooks[0].format (line 10): Invalid enum value 'xml'",
+        ),
+        (
+            ("peers:\n", "webhooks:\n  - {name: c, url: 'https://h/x', timeout: 600}\npeers:\n"),
+            "webhook timeout: more than 0, at most 120 s",
+        ),
+        (
+            ("peers:\n", "webhooks:\n  - {name: c, url: 'https://h/x', token: abc}\npeers:\n"),
+            "webhooks[0].token (line 10): secrets are never written in the configuration: use "
+            "token_file, the path of a file holding the token",
+        ),
+        (
+            ("peers:\n", "maintenance:\n  webhooks: [gone]\npeers:\n"),
+            "maintenance.webhooks: no webhook named 'gone' in the configuration (none)",
+        ),
     ],
 )
 def test_bad_config_files(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
@@ -252,6 +306,11 @@ def test_bad_config_files(tmp_path: Path, edit: tuple[str, str], message: str) -
         (
             ("notifications:\n", "standby:\n  peer: z\n  cluster: DR\nnotifications:\n"),
             "standby.peer (line 12): no peer named 'z' in the configuration (b)",
+        ),
+        (
+            ("  to: [ops@example.com]\n", "  to: [ops@example.com]\n  webhooks: [chat]\n"),
+            "notifications.webhooks[0] (line 14): no webhook named 'chat' in the configuration "
+            "(none)",
         ),
     ],
 )

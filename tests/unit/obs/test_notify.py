@@ -1,4 +1,5 @@
-"""Which events reach whom (the policy's ``notifications``), subject and body text."""
+"""Which events a job raises and whom they reach (the policy's ``notifications``), a job's
+subject and body text, the message headers."""
 
 from datetime import UTC, datetime
 from email import message_from_bytes
@@ -6,7 +7,8 @@ from pathlib import Path
 
 from engine.config.models import SmtpSection
 from engine.config.policy import Notifications
-from engine.obs.notify import DiskSummary, JobSummary, Notifier, body, choose_event, subject
+from engine.obs.notify import Notifier
+from engine.obs.summary import DiskSummary, JobSummary, body, choose_event, events_of, subject
 
 START = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
 END = datetime(2026, 11, 28, 2, 10, 5, tzinfo=UTC)
@@ -38,6 +40,17 @@ def test_choose_event_follows_the_policy() -> None:
     assert choose_event(only_success, summary("failed", integrity=True)) is None
     nobody = Notifications(on=("failure",))
     assert choose_event(nobody, summary("failed")) is None
+
+
+def test_a_success_with_warnings_raises_warning_then_success() -> None:
+    warned = summary("succeeded", warnings=("disk data: bitmap missing",))
+    assert events_of(warned) == ("warning", "success")
+    assert events_of(summary("succeeded")) == ("success",)
+    assert events_of(summary("failed", warnings=("x",))) == ("failure",)
+    assert choose_event(Notifications(on=("warning",), to=("a@b.c",)), warned) == "warning"
+    assert choose_event(Notifications(on=("success",), to=("a@b.c",)), warned) == "success"
+    assert choose_event(Notifications(to=("a@b.c",)), warned) is None  # default: failures
+    assert subject(warned, "warning") == "[tessera] backup of vm01 succeeded with warnings"
 
 
 def test_subjects() -> None:

@@ -62,7 +62,7 @@ def test_names_and_nil_values() -> None:
     assert m.sd == {}
     assert m.msg == "has space"
     m = parse(fmt({"event": "e", "level": "info", 'bad key="]': 1, "n": None}))
-    assert m.sd[SD_ID] == {"bad_key___": "1", "n": "None"}
+    assert m.sd[SD_ID] == {"bad_key___": "1"}  # a None value is left out
     m = parse(fmt({"event": "e", "level": "info"}, hostname="host name"))
     assert m.host == "host_name"
 
@@ -100,10 +100,13 @@ def test_processor_passes_the_event_on_and_configure_returns_the_forwarder() -> 
     forwarder = log.configure(level=20, json=True, stream=out, syslog=section)
     try:
         assert isinstance(forwarder, SyslogForwarder)
-        structlog.get_logger("t").info("hello", vm="vm01")
+        when = datetime(2026, 11, 28, 2, 0, tzinfo=UTC)
+        structlog.get_logger("t").info("hello", vm="vm01", at=when, disks=("a", "b"))
         line = json.loads(out.getvalue())
         assert line["event"] == "hello"
         assert line["vm"] == "vm01"
+        assert line["at"] == "2026-11-28T02:00:00+00:00"  # not "datetime.datetime(...)"
+        assert line["disks"] == ["a", "b"]
         assert forwarder.flush()
     finally:
         log.configure()  # closes the forwarder
@@ -170,3 +173,33 @@ def test_a_stalled_server_never_blocks_the_caller() -> None:
         forwarder.close()
     assert forwarder.sent == 0
     assert forwarder.dropped == 10
+
+
+def test_values_are_json_not_python_reprs() -> None:
+    """Lists, mappings, booleans and times arrive as JSON a collector parses; None is left
+    out (issue 16: ``['a']``, ``True``, ``None`` and ``datetime(...)`` were sent)."""
+    when = datetime(2026, 11, 28, 2, 0, 5, tzinfo=UTC)
+    m = parse(
+        fmt(
+            {
+                "event": "policy.fired",
+                "level": "info",
+                "vms": ["web01", "db01"],
+                "summary": {"read": 3, "ok": True},
+                "planned": when,
+                "seconds": 1.5,
+                "error": None,
+                "quiesce": False,
+            }
+        )
+    )
+    sd = m.sd[SD_ID]
+    assert json.loads(sd["vms"]) == ["web01", "db01"]
+    assert json.loads(sd["summary"]) == {"read": 3, "ok": True}
+    assert sd["planned"] == "2026-11-28T02:00:05+00:00"
+    assert (sd["seconds"], sd["quiesce"]) == ("1.5", "false")
+    assert "error" not in sd
+    assert m.msg == (
+        'policy.fired vms=["web01","db01"] summary={"read":3,"ok":true} '
+        "planned=2026-11-28T02:00:05+00:00 seconds=1.5 quiesce=false"
+    )
