@@ -34,6 +34,9 @@ Errors (all ``EngineError``; the SDK's never escape ``call``):
 - ``EngineNotFound``     the object does not exist (HTTP 404); not retried.
 - ``EngineUnavailable``  (a ``TransientError``) connection refused/reset, timeout, HTTP 5xx;
                          retried by ``call`` with the client's ``RetryPolicy``, then raised.
+- ``EngineTlsError``     (a ``ConfigError``) the engine's TLS certificate is not trusted: the
+                         configured ``ca_file`` (or, without one, the system's CAs) did not
+                         issue it; the message says so and where the engine CA is. Not retried.
 - ``EngineApiError``     any other refusal (400, 409…) with the HTTP code and fault detail.
 - ``ConfigError``        the password file cannot be read or is empty.
 """
@@ -56,7 +59,7 @@ import structlog
 from engine.config.models import EngineSection
 from engine.core.errors import ConfigError, EngineError, TransientError
 from engine.util.retry import RetryPolicy, retry
-from plugins.ovirt.engine_ca import EngineCa, load_engine_ca
+from plugins.ovirt.engine_ca import EngineCa, load_engine_ca, pki_url
 from plugins.ovirt.polling import LOOP_CLOCK, Clock
 
 log = structlog.get_logger("tessera.ovirt")
@@ -86,6 +89,9 @@ DEFAULT_RETRY = RetryPolicy(attempts=4, base_delay=1.0, max_delay=10.0)
 # reply (52), send/receive failure (55/56). The SDK reports some of them only as a generic
 # ``Error`` whose message quotes the curl code (multi-handle errors, API-NOTES § 10.5).
 _TRANSIENT_CURL_CODES = frozenset({7, 28, 52, 55, 56})
+# libcurl errors that say "the peer's certificate did not verify": peer failed verification
+# (60; 51 in older libcurl) and the CA file could not be used (77). Waiting does not fix them.
+_TLS_CURL_CODES = frozenset({51, 60, 77})
 _CURL_CODE = re.compile(r"\(\s*(?:<[^>]*>\s*,\s*)?(\d+)\s*,")
 
 _client_ids = itertools.count(1)
@@ -107,6 +113,15 @@ class EngineUnavailable(TransientError):
     """The engine could not be reached or failed temporarily (refused, timeout, HTTP 5xx)."""
 
     template = "oVirt engine {url}: {what}: engine unavailable: {reason}"
+
+
+class EngineTlsError(ConfigError):
+    """The engine's certificate did not verify against the CA Tessera was given (``ca_file``,
+    else the system's CAs): a wrong or missing ``ca_file``, never worth a retry."""
+
+    template = (
+        "oVirt engine {url}: {what}: the engine's TLS certificate is not trusted ({reason}); {hint}"
+    )
 
 
 class EngineApiError(EngineError):
@@ -399,6 +414,10 @@ class EngineClient:
             return EngineAuthError(url=url, what=what, user=self.config.username, reason=reason)
         if isinstance(e, sdk.NotFoundError):
             return EngineNotFound(url=url, what=what, object=obj, reason=reason)
+        if (tls := _tls_reason(e)) is not None:
+            return EngineTlsError(
+                url=url, what=what, reason=tls, hint=ca_hint(url, self.config.ca_file)
+            )
         if _is_transient(e):
             status = f"HTTP {e.code}: " if isinstance(e.code, int) else ""
             return EngineUnavailable(
@@ -412,6 +431,32 @@ def _reason(e: sdk.Error) -> str:
     if fault is not None and (fault.detail or fault.reason):
         return str(fault.detail or fault.reason)
     return str(e)
+
+
+def ca_hint(url: str, ca_file: Path | None) -> str:
+    """What to do when the engine's certificate is not trusted with ``ca_file``."""
+    where = f"download the engine CA from {pki_url(url)}"
+    if ca_file is None:
+        return (
+            "no ca_file is set and the system's CAs do not trust the engine: "
+            f"{where} and set ca_file to it"
+        )
+    return (
+        f"ca_file {ca_file} is not the CA that issued the engine's certificate: {where} and "
+        "set ca_file to it"
+    )
+
+
+def _tls_reason(e: sdk.Error) -> str | None:
+    """The verification failure of a libcurl certificate error, else None."""
+    if isinstance(e.code, int):
+        return None
+    text = str(e)
+    match = _CURL_CODE.search(text)
+    if match is None or int(match.group(1)) not in _TLS_CURL_CODES:
+        return None
+    detail = re.search(r"verify result: ([^'\"]*)", text)
+    return detail.group(1).strip() if detail else "certificate verification failed"
 
 
 def _is_transient(e: sdk.Error) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from engine.core.errors import ConfigError, TransientError
 from engine.util.retry import RetryPolicy
 from plugins.lab.engine import FakeEngine, demo_seed, lab_id
+from plugins.lab.tls import LabCa
 from plugins.ovirt.client import (
     MAX_API_CALLS,
     EngineApiError,
@@ -23,6 +24,7 @@ from plugins.ovirt.client import (
     EngineClient,
     EngineConfig,
     EngineNotFound,
+    EngineTlsError,
     EngineUnavailable,
     _is_transient,
 )
@@ -147,6 +149,31 @@ async def test_wrong_password_is_auth_error_not_retried(engine: FakeEngine, tmp_
     assert "wrong" not in str(error)  # never the password
     assert sleeps.delays == []
     assert len(engine.sessions) == 0
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["other-ca-file", "no-ca-file"])
+async def test_an_untrusted_engine_certificate_says_so_with_a_hint(
+    engine: FakeEngine, tmp_path: Path, configured: bool
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    ca_file = LabCa().issue(other).ca_file if configured else None
+    config = make_config(engine, tmp_path)
+    config = EngineConfig(config.url, config.username, config.password_file, ca_file=ca_file)
+    sleeps = Sleeps()
+    async with EngineClient(config, retry_policy=FAST, sleep=sleeps) as client:
+        with pytest.raises(EngineTlsError) as info:
+            await client.test()
+    message = str(info.value)
+    assert isinstance(info.value, ConfigError)
+    assert sleeps.delays == []  # a wrong CA does not fix itself
+    assert "HTTP None" not in message
+    assert "the engine's TLS certificate is not trusted (unable to get local issuer" in message
+    assert "pki-resource?resource=ca-certificate" in message
+    if configured:
+        assert f"ca_file {ca_file} is not the CA that issued the engine's certificate" in message
+    else:
+        assert "no ca_file is set and the system's CAs do not trust the engine" in message
 
 
 async def test_unreadable_password_file_is_config_error(engine: FakeEngine, tmp_path: Path) -> None:
