@@ -83,6 +83,12 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         "tessera gc --config /etc/tessera/config.yaml",
     ),
     "check-config": ("tessera check-config", "tessera check-config --config ./config.yaml"),
+    "notify": ("tessera notify test", "tessera notify test --webhook ops-chat --no-mail"),
+    "notify test": (
+        "tessera notify test",
+        "tessera notify test --to ops@example.org",
+        "tessera notify test --webhook ops-chat --no-mail",
+    ),
     "show-config": ("tessera show-config --json",),
     "run": ("tessera run --config /etc/tessera/config.yaml",),
     "vms": ("tessera vms", "tessera vms --engine prod --json"),
