@@ -20,9 +20,18 @@ def register(
         "check-config",
         help="check the daemon configuration and the policies",
         description="Load config.yaml, conf.d/*.yaml and policies.d/*.yaml; print a "
-        "summary, or every error with file, key and line (exit 1).",
+        "summary, or every error with file, key and line (exit 1). With --deep, also try "
+        "everything the configuration names (engines: reachable, CA, credentials, DataMover "
+        "VM; stores: initialised and opened with their passphrase; smtp, syslog, webhooks: "
+        "reachable; nothing is sent or written) and print each with ok, FAILED or skipped "
+        "and a hint; exit 1 when one failed.",
     )
     _add_config_options(p, default_config)
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="also try the engines, stores, smtp, syslog and webhooks for real",
+    )
     p.set_defaults(func=Handler("config", "cmd_check_config"))
 
     p = sub.add_parser(

@@ -82,7 +82,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera gc --store {S} --grace 12h --rate-limit 50MiB",
         "tessera gc --config /etc/tessera/config.yaml",
     ),
-    "check-config": ("tessera check-config", "tessera check-config --config ./config.yaml"),
+    "check-config": (
+        "tessera check-config",
+        "tessera check-config --config ./config.yaml",
+        "tessera check-config --deep --config /etc/tessera/config.yaml",
+    ),
     "notify": ("tessera notify test", "tessera notify test --webhook ops-chat --no-mail"),
     "notify test": (
         "tessera notify test",

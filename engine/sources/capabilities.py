@@ -3,7 +3,9 @@ provides, never by its name, and type checking goes through the seam.
 
 - ``Hypervisor``  a hypervisor manager's VMs (oVirt's engine): list them, back them up
                   (``vm_sources`` → ``Source``s), restore a snapshot as a VM
-                  (``vm_restore``), keep a cold standby (``standby_refresh``).
+                  (``vm_restore``), keep a cold standby (``standby_refresh``), try the
+                  engine's configuration (``check``: ``Check`` items, for
+                  ``check-config --deep``).
 - ``ImageIO``     local disk images as sources and restore targets.
 - ``recover``     every plugin's: finish or undo what a killed job of it left
                   (``Plugin.recover``, from the resources its job journaled).
@@ -14,6 +16,7 @@ manifest and its stored VM configuration (``ovf``: the OVF text, or None).
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +30,21 @@ ApiGate = Callable[[], AbstractAsyncContextManager[object]]
 EngineSection = Any
 DataMoverSection = Any
 MakeTarget = Callable[[DiskEntry, ResourceRecorder], AbstractAsyncContextManager[TargetDisk]]
+
+
+OK, FAILED, SKIPPED = "ok", "FAILED", "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One item of the configuration tried for real (``check-config --deep``): ``item``
+    names it ("engine lab: credentials"), ``status`` is ``OK``, ``FAILED`` or ``SKIPPED``
+    (not tried, or not needed: ``detail`` says why), ``hint`` what to do about a failure."""
+
+    item: str
+    status: str
+    detail: str
+    hint: str = ""
 
 
 class VmSet(Protocol):
@@ -103,6 +121,13 @@ class Hypervisor(Protocol):
     ) -> AbstractAsyncContextManager[Any]:
         """``engine.standby.job.StandbyTargets`` for ``manifest`` (``standby``: the
         policy's ``Standby``)."""
+        ...
+
+    async def check(self, engine: EngineSection, datamover: DataMoverSection | None) -> list[Check]:
+        """Try ``engine`` for real: reachable, its certificate verified, the credentials
+        accepted, and the DataMover VM found when ``datamover`` is given. One ``Check``
+        per item, in that order; an item that could not be tried because an earlier one
+        failed is ``SKIPPED``. Never raises for what it checks; bounded in time."""
         ...
 
 

@@ -14,6 +14,7 @@ Nouns, top down (each layer imports only those below it: DESIGN §6, the layers 
 - ``restore``       a snapshot restored into the engine as a new VM (disks uploaded through
                     image transfers, the VM created from the stored OVF), or its disks
                     attached to an existing VM (``into_vm``).
+- ``doctor``        the engine section tried for real (``check-config --deep``).
 - ``recovery``      what a killed job left on the engine and the DataMover, undone from its
                     journal keys.
 - ``transfers``, ``backups``, ``snapshots``, ``disks``, ``datamover``, ``base``: the middle
@@ -137,6 +138,13 @@ class OvirtHypervisor:
         from plugins.ovirt.standby import standby_refresh  # noqa: PLC0415
 
         return standby_refresh(engine, manifest, ovf, standby)
+
+    async def check(self, engine: Any, datamover: Any) -> list[Any]:
+        """``doctor.check_engine``: the engine reachable, its CA right, the credentials
+        accepted, the DataMover VM found (``datamover`` given)."""
+        from plugins.ovirt.doctor import check_engine  # noqa: PLC0415
+
+        return await check_engine(engine, datamover)
 
 
 PLUGIN = Plugin(name="ovirt", recover=_recover, hypervisor=OvirtHypervisor())

@@ -2,10 +2,11 @@
 ``engine.cli.config``)."""
 
 import argparse
+import asyncio
 import json
 import sys
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import yaml
@@ -16,6 +17,10 @@ from engine.config.loader import LoadedConfig, check_all, load_all
 from engine.config.policy import Policy
 from engine.config.types import enc_hook
 from engine.sched.calendar import next_after
+from engine.sources.capabilities import FAILED, OK, SKIPPED
+
+if TYPE_CHECKING:
+    from engine.sources.capabilities import Check
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -27,7 +32,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     for line in summary(loaded, datetime.now(UTC)):
         print(line)
-    return EXIT_OK
+    if not args.deep:
+        return EXIT_OK
+    # Here, not at the top: the checks' plugins, SMTP and TLS load for --deep only (issue 15).
+    from engine.app.doctor import deep_check  # noqa: PLC0415
+
+    checks = asyncio.run(deep_check(loaded))
+    for line in check_lines(checks):
+        print(line, flush=True)
+    return EXIT_FAILED if any(c.status == FAILED for c in checks) else EXIT_OK
+
+
+def check_lines(checks: "list[Check]") -> list[str]:
+    """``--deep``'s report: a line per item (status, item, detail), a hint under a failure,
+    then the counts."""
+    lines = ["deep check:"]
+    for check in checks:
+        lines.append(f"  {check.status:<7} {check.item}: {check.detail}")
+        if check.hint and check.status == FAILED:
+            lines.append(f"          hint: {check.hint}")
+    counts = {s: sum(c.status == s for c in checks) for s in (OK, FAILED, SKIPPED)}
+    lines.append(", ".join(f"{n} {s.lower()}" for s, n in counts.items()))
+    return lines
 
 
 def summary(loaded: LoadedConfig, now: datetime) -> list[str]:
