@@ -95,6 +95,12 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     ),
     "show-config": ("tessera show-config --json",),
     "run": ("tessera run --config /etc/tessera/config.yaml",),
+    "notify": ("tessera notify test --config /etc/tessera/config.yaml",),
+    "notify test": (
+        "tessera notify test --config /etc/tessera/config.yaml",
+        "tessera notify test --to ops@example.org",
+        "tessera notify test --webhook ops-chat --no-mail",
+    ),
     "vms": ("tessera vms", "tessera vms --engine prod --json"),
     "policies": ("tessera policies", "tessera policies --run nightly"),
     "jobs": ("tessera jobs --running", "tessera jobs --since 2026-12-01 --failed --json"),

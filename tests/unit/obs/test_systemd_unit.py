@@ -58,6 +58,8 @@ def test_service_directives() -> None:
     assert "PrivateDevices" not in d  # attached disks are read as /dev/sd*, /dev/vd*
     assert d["DevicePolicy"] == "closed"
     assert directives()["DeviceAllow"] == ["block-sd rw", "block-virtblk rw"]
+    assert d["User"] == "tessera"  # packaging/tessera.sysusers creates it
+    assert d["AmbientCapabilities"] == d["CapabilityBoundingSet"]
 
 
 def test_writable_paths_match_the_config_defaults() -> None:
