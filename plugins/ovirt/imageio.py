@@ -559,6 +559,9 @@ class ImageioReader:
         head = resp.head
         fields = {"url": redact(self.url), "op": op, "offset": offset, "status": head.status}
         if head.status != 206:
+            if resp.truncated:  # not an error message: data (a whole disk sent as 200?)
+                phrase = f"{head.reason} (a body of {head.length or 'unknown'} bytes, not read)"
+                raise _status_error(self.url, op, offset, head.status, phrase, "")
             body = resp.body.decode("utf-8", errors="replace")
             raise _status_error(self.url, op, offset, head.status, head.reason, body)
         if _range(head) != expected:
