@@ -314,8 +314,10 @@ def _parse_head(raw: bytes) -> Head:
         if not colon or not name or name != name.strip():
             raise HttpProtocolError(f"malformed header line {line[:100]!r}")
         name, value = name.lower(), value.strip()
-        if name in headers and name == "content-length" and headers[name] != value:
-            raise HttpProtocolError("conflicting Content-Length headers")
+        if name == "content-length" and name in headers:
+            if headers[name] != value:
+                raise HttpProtocolError("conflicting Content-Length headers")
+            continue
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     status = int(code)
     if headers.get("transfer-encoding", "identity").lower() != "identity":

@@ -536,7 +536,14 @@ class ImageioReader:
         Raises ``ImageioTicketGone`` (403), ``ImageioTransientError`` (5xx, connection
         errors, timeouts, a short body), ``ImageioTlsError`` (the certificate does not
         verify with the engine CA) or ``ImageioError`` (anything else unexpected)."""
-        view = _bytes_view(buf)
+        view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+        try:
+            await self._readinto(offset, view)
+        finally:
+            if view is not buf:  # ours: no export of the caller's buffer outlives the call
+                view.release()
+
+    async def _readinto(self, offset: int, view: memoryview) -> None:
         length = len(view)
         if length == 0:
             return
@@ -588,11 +595,6 @@ class ImageioReader:
 def _range(head: Head) -> tuple[int, int] | None:
     m = _CONTENT_RANGE.fullmatch(head.headers.get("content-range", "").strip())
     return (int(m[1]), int(m[2])) if m is not None else None
-
-
-def _bytes_view(buf: memoryview | bytearray) -> memoryview:
-    view = memoryview(buf)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class ImageioWriter:
