@@ -1,11 +1,13 @@
 """A small HTTP/1.1 client connection that receives a response body into the caller's buffer.
 
 imageio's reads are ranged GETs of one chunk (MiBs) each. aiohttp hands a body over as
-``bytes`` it assembled from the socket's reads, and the reader then copies those into the CPU
-pool's buffer: two copies of every byte in the event loop thread, which the codec threads
-need. ``HttpConnection`` is an ``asyncio.BufferedProtocol`` instead (like the NBD client in
+``bytes`` objects (the TLS layer decrypts into new ones, aiohttp joins what it buffered) and
+the reader then copied them into the CPU pool's buffer, all in the event loop's thread.
+``HttpConnection`` is an ``asyncio.BufferedProtocol`` instead (like the NBD client in
 ``engine.io.nbd.client``): once a response's head is parsed, the transport reads the body
-straight into the caller's ``memoryview`` (over TLS, ``SSLObject.read`` decrypts into it)::
+straight into the caller's ``memoryview`` (over TLS, ``SSLObject.read`` decrypts into it).
+Measured (``ImageioReader``'s docstring): the client's CPU for a copy-only read of 1 GiB
+through the lab's imageio fell from 1.6-2.3 s to ~1.1 s, and a full backup's by 0.7-1.1 s::
 
       request() ── GET … Range ──▶ transport
       get_buffer ◀── HEAD: a small scratch buffer; buffer_updated collects the head up to
