@@ -511,13 +511,13 @@ class ImageioReader:
     copy. Measured with ``tests.bench ovirt``'s full backup of the 1 GiB lab VM (980 MiB of
     data, 1 MiB chunks, 4 readers; fake engine, real imageio and qemu-nbd on the same 2
     cores, which another tenant was loading), aiohttp → this reader, medians of 3
-    interleaved runs, twice:
+    interleaved runs, three rounds:
 
-    - the CLI's CPU seconds: 6.51 → 5.45 and 5.94 → 5.28;
-    - the disk's read-and-encode phase: 6.53 → 5.59 s and 5.81 → 5.28 s (157 → 184 and
-      177 → 195 MB/s);
-    - the job: 116.6 → 129.3 and 121.9 → 129.9 MB/s; against the same image backed up
-      locally in the same run 0.40 → 0.42 and 0.44 → 0.51.
+    - the CLI's CPU seconds: 6.51 → 5.45, 5.94 → 5.28, 6.10 → 5.35;
+    - the disk's read-and-encode phase: 157 → 184, 177 → 195, 179 → 200 MB/s;
+    - the job: 116.6 → 129.3, 121.9 → 129.9, 126.2 → 132.1 MB/s; against the same image
+      backed up locally in the same run 0.40 → 0.42, 0.44 → 0.51, 0.43 → 0.43 (the local
+      runs varied as much as the gain).
 
     The rest of the gap is not in this reader: see docs/DESIGN.md, section 9."""
 
