@@ -17,8 +17,9 @@ HTTP error from the daemon is an answer, so it is raised, not routed around::
 
 What a caller must know:
 
-- Each ``ImageioReader`` / ``ImageioWriter`` owns one aiohttp session with one connection,
-  so N of them are N parallel transfers (imageio serves ``max_readers`` / ``max_writers``
+- Each ``ImageioReader`` / ``ImageioWriter`` owns one keep-alive connection (a reader its
+  own HTTP/1.1 client, ``http11``; a writer an aiohttp session), so N of them are N
+  parallel transfers (imageio serves ``max_readers`` / ``max_writers``
   connections per ticket, see ``options()``). None of them may be used by two tasks at once.
   ``ImageioDisk`` has its own connection for OPTIONS and extents. Whoever opens closes.
 - ``extents(context, offset, length)``: imageio answers with the extents of the whole image;
@@ -26,8 +27,9 @@ What a caller must know:
   reads a read-only export, so they cannot change; call ``forget_extents()`` after writing).
   ``"zero"`` extents carry ``zero``/``hole``, ``"dirty"`` extents carry only ``dirty`` (as
   ``engine.core.extent`` requires); ``"dirty"`` needs a ticket added with ``dirty=true``.
-- ``readinto`` sends one ranged GET and copies the body straight from the socket buffers
-  into the caller's buffer; it checks the 206 status, ``Content-Range`` and the length.
+- ``readinto`` sends one ranged GET and receives the body straight into the caller's
+  buffer (no copy in between) once the 206 status, ``Content-Range`` and Content-Length
+  match the request; anything else is read aside and raised as an error.
   Writers send ``PUT`` (with ``flush=n``), ``PATCH zero`` and ``PATCH flush``: data is only
   durable after ``flush()``; after a failure, resend everything since the last flush.
 - ``https`` URLs verify the server (certificate and host name) against ``ca``, the engine
@@ -70,6 +72,7 @@ from engine.core.errors import EngineError, TransientError
 from engine.core.extent import Extent
 from engine.sources.types import DiskReader, DiskWriter
 from plugins.ovirt.engine_ca import EngineCa
+from plugins.ovirt.http11 import Head, HttpConnection, HttpError, HttpProtocolError
 
 # Connecting to a host's daemon or the engine's proxy: on a healthy network this takes
 # milliseconds; a host that has not accepted within 10 s is down or filtered, and waiting
@@ -166,17 +169,25 @@ def _session(url: str, ca: EngineCa | None) -> aiohttp.ClientSession:
 async def _error(resp: aiohttp.ClientResponse, url: str, op: str, offset: int) -> ImageioError:
     """The error for a response with an unexpected status (reads its body)."""
     try:
-        body = (await resp.text(errors="replace")).strip()[-BODY_TAIL:]
+        body = await resp.text(errors="replace")
     except (aiohttp.ClientError, TimeoutError):
         body = ""
+    return _status_error(url, op, offset, resp.status, resp.reason, body)
+
+
+def _status_error(
+    url: str, op: str, offset: int, status: int, phrase: str | None, body: str
+) -> ImageioError:
+    """The error for an unexpected ``status``, quoting the end of its ``body``."""
+    body = body.strip()[-BODY_TAIL:]
     ticket = _ticket(url if not url.endswith("/extents") else url.removesuffix("/extents"))
     if ticket:  # imageio quotes the ticket in its messages ("No such ticket <id>")
         body = body.replace(ticket, _short(ticket))
-    reason = body or resp.reason or "(no body)"
-    fields = {"url": redact(url), "op": op, "offset": offset, "status": resp.status}
-    if resp.status == 403:
+    reason = body or phrase or "(no body)"
+    fields = {"url": redact(url), "op": op, "offset": offset, "status": status}
+    if status == 403:
         return ImageioTicketGone(**fields, reason=reason)
-    if resp.status >= 500:
+    if status >= 500:
         return ImageioTransientError(**fields, reason=reason)
     return ImageioError(**fields, reason=reason)
 
@@ -184,7 +195,7 @@ async def _error(resp: aiohttp.ClientResponse, url: str, op: str, offset: int) -
 def _connection_error(
     url: str, op: str, offset: int, e: BaseException, ca: EngineCa | None
 ) -> ImageioError:
-    if isinstance(e, aiohttp.ClientSSLError):
+    if isinstance(e, aiohttp.ClientSSLError | ssl.SSLError):
         # aiohttp wraps the ssl error; its own text repeats host and port around it.
         cause = e.__cause__ or getattr(e, "certificate_error", None) or e
         reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
@@ -197,6 +208,8 @@ def _connection_error(
             reason=str(reason or cause),
         )
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, HttpProtocolError):  # the server garbles HTTP: asking again won't help
+        return ImageioError(url=redact(url), op=op, offset=offset, status="(none)", reason=reason)
     return ImageioTransientError(
         url=redact(url), op=op, offset=offset, status="(none)", reason=reason
     )
@@ -491,67 +504,106 @@ def _parse_extents(data: Any, context: ExtentContext, url: str) -> list[Extent]:
 
 
 class ImageioReader:
-    """One connection reading a disk (``engine.sources.types.DiskReader``)."""
+    """One connection reading a disk (``engine.sources.types.DiskReader``).
+
+    It speaks HTTP/1.1 itself (``plugins.ovirt.http11``) so that each response body is
+    received straight into the caller's buffer instead of through aiohttp's ``bytes`` and a
+    copy. Measured with ``tests.bench ovirt``'s full backup of the 1 GiB lab VM (980 MiB of
+    data, 1 MiB chunks, 4 readers; fake engine, real imageio and qemu-nbd on the same 2
+    cores, which another tenant was loading), aiohttp → this reader, medians of 3
+    interleaved runs, three rounds:
+
+    - the CLI's CPU seconds: 6.51 → 5.45, 5.94 → 5.28, 6.10 → 5.35;
+    - the disk's read-and-encode phase: 157 → 184, 177 → 195, 179 → 200 MB/s;
+    - the job: 116.6 → 129.3, 121.9 → 129.9, 126.2 → 132.1 MB/s; against the same image
+      backed up locally in the same run 0.40 → 0.42, 0.44 → 0.51, 0.43 → 0.43 (the local
+      runs varied as much as the gain).
+
+    The rest of the gap is not in this reader: see docs/DESIGN.md, section 9."""
 
     def __init__(self, url: str, *, ca: EngineCa | None = None) -> None:
         self.url = url
         self.ca = ca
-        self._session = _session(url, ca)
+        self._conn = HttpConnection(
+            url,
+            _ssl_context(url, ca),
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            request_timeout=REQUEST_TIMEOUT,
+        )
+
+    @property
+    def connections(self) -> int:
+        """Connections opened so far: 1 while keep-alive holds."""
+        return self._conn.connections
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the bytes at ``offset``: one ``GET`` with ``Range``.
+        """Fill ``buf`` with the bytes at ``offset``: one ``GET`` with ``Range``, the body
+        received into ``buf``. After an error or cancellation ``buf`` may hold part of the
+        body and is not written to any more.
 
         Raises ``ImageioTicketGone`` (403), ``ImageioTransientError`` (5xx, connection
-        errors, a short body) or ``ImageioError`` (anything else unexpected)."""
-        length = len(buf)
+        errors, timeouts, a short body), ``ImageioTlsError`` (the certificate does not
+        verify with the engine CA) or ``ImageioError`` (anything else unexpected)."""
+        view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+        try:
+            await self._readinto(offset, view)
+        finally:
+            if view is not buf:  # ours: no export of the caller's buffer outlives the call
+                view.release()
+
+    async def _readinto(self, offset: int, view: memoryview) -> None:
+        length = len(view)
         if length == 0:
             return
         op = f"GET {length} bytes"
+        expected = (offset, offset + length - 1)
+
+        def body_into(head: Head) -> memoryview | None:
+            # Only a 206 of exactly the range asked for goes into the caller's buffer.
+            if head.status == 206 and head.length == length and _range(head) == expected:
+                return view
+            return None
+
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         try:
-            async with self._session.get(self.url, headers=headers) as resp:
-                if resp.status != 206:
-                    raise await _error(resp, self.url, op, offset)
-                self._check_range(resp, offset, length, op)
-                got = 0
-                async for chunk in resp.content.iter_any():
-                    n = len(chunk)
-                    if got + n > length:
-                        raise ImageioError(
-                            url=redact(self.url),
-                            op=op,
-                            offset=offset,
-                            status=206,
-                            reason=f"server sent more than the {length} bytes asked for",
-                        )
-                    buf[got : got + n] = chunk
-                    got += n
-        except _CONNECTION_ERRORS as e:
+            resp = await self._conn.request("GET", headers, body_into=body_into)
+        except (OSError, TimeoutError, HttpError) as e:
             raise _connection_error(self.url, op, offset, e, self.ca) from e
-        if got != length:
-            raise ImageioTransientError(
-                url=redact(self.url),
-                op=op,
-                offset=offset,
-                status=206,
-                reason=f"short body: {got} of {length} bytes",
-            )
-
-    def _check_range(self, resp: aiohttp.ClientResponse, offset: int, length: int, op: str) -> None:
-        value = resp.headers.get("Content-Range", "")
-        m = _CONTENT_RANGE.fullmatch(value.strip())
-        if m is None or (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+        if resp.into_view:
+            return
+        head = resp.head
+        fields = {"url": redact(self.url), "op": op, "offset": offset, "status": head.status}
+        if head.status != 206:
+            if resp.truncated:  # not an error message: data (a whole disk sent as 200?)
+                phrase = f"{head.reason} (a body of {head.length or 'unknown'} bytes, not read)"
+                raise _status_error(self.url, op, offset, head.status, phrase, "")
+            body = resp.body.decode("utf-8", errors="replace")
+            raise _status_error(self.url, op, offset, head.status, head.reason, body)
+        if _range(head) != expected:
+            value = head.headers.get("content-range", "")
             raise ImageioError(
-                url=redact(self.url),
-                op=op,
-                offset=offset,
-                status=resp.status,
+                **fields,
                 reason=f"Content-Range {value!r} does not match "
                 f"bytes {offset}-{offset + length - 1}",
             )
+        if head.length is not None and head.length < length:
+            raise ImageioTransientError(
+                **fields, reason=f"short body: {head.length} of {length} bytes"
+            )
+        raise ImageioError(
+            **fields,
+            reason=f"server sent {head.length if head.length is not None else 'an unframed'} "
+            f"body for the {length} bytes asked for",
+        )
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._conn.close()
+
+
+def _range(head: Head) -> tuple[int, int] | None:
+    m = _CONTENT_RANGE.fullmatch(head.headers.get("content-range", "").strip())
+    return (int(m[1]), int(m[2])) if m is not None else None
 
 
 class ImageioWriter:
