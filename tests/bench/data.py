@@ -7,6 +7,7 @@ under ``bench-data/`` so repeated runs measure the same bytes.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,3 +80,24 @@ def data_chunks(image: Path, chunk_size: int, limit: int | None = None) -> list[
                 if limit is not None and len(out) >= limit:
                     break
     return out
+
+
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_SUMMARY = re.compile(
+    r"read ([\d.]+) (B|KiB|MiB|GiB|TiB)\b.* ([\d.]+) s, ([\d.]+) (B|KiB|MiB|GiB|TiB)/s"
+)
+_WROTE = re.compile(r"wrote ([\d.]+) (B|KiB|MiB|GiB|TiB), ([\d.]+) s, ([\d.]+) (B|KiB|MiB|GiB)/s")
+
+
+def job_summary(out: str, kind: str = "backup") -> tuple[float, float, float]:
+    """(MiB, job seconds, MB/s) from the CLI's job summary line: a backup's ``read N UNIT …,
+    S s, R UNIT/s`` or a restore's ``wrote N UNIT, S s, R UNIT/s`` (binary units, as
+    ``engine.core.units`` writes them); MB/s is decimal, as every bench figure."""
+    m = (_SUMMARY if kind == "backup" else _WROTE).search(out)
+    assert m, out
+    size, unit, seconds, rate, rate_unit = m.groups()
+    return (
+        float(size) * _UNITS[unit] / 2**20,
+        float(seconds),
+        float(rate) * _UNITS[rate_unit] / 1e6,
+    )

@@ -11,7 +11,6 @@ Measured in the same run:
 
 import asyncio
 import os
-import re
 import shutil
 import sys
 import time
@@ -24,12 +23,11 @@ from engine.io.qemu import QemuNbd
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
-from tests.bench.data import CACHE
+from tests.bench.data import CACHE, job_summary
 from tests.bench.pipeline_bench import dirty_one_percent, mixed_image
 
 MB = 1e6
 ROOT = Path(__file__).resolve().parents[2]
-SUMMARY = re.compile(r"read ([\d.]+) MiB.* ([\d.]+) s, (\d+) MB/s")
 SEED = Seed(vms=(VmSeed(name="bench", disks=(DiskSeed("bench_os", 2**30, bootable=True),)),))
 
 
@@ -51,9 +49,9 @@ async def tessera(*args: str | Path) -> str:
 
 
 def figures(out: str) -> tuple[float, float]:
-    m = SUMMARY.search(out)
-    assert m, out
-    return float(m.group(1)) * 2**20, float(m.group(2))
+    """(bytes of data read, job seconds) from a backup's summary line."""
+    mib, seconds, _ = job_summary(out)
+    return mib * 2**20, seconds
 
 
 async def reference_download(daemon: ImageioDaemon, image: Path, dest: Path) -> float:

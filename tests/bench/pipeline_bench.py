@@ -45,7 +45,7 @@ from pathlib import Path
 from engine.io.direct import DirectImage
 from engine.io.nbd.client import connect, extents
 from engine.io.qemu import QemuNbd
-from tests.bench.data import CACHE, fs_image
+from tests.bench.data import CACHE, fs_image, job_summary
 
 MB = 1e6
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,6 @@ ENV = {
 }
 GIL_RATE = 1000  # py-spy samples per second
 GIL_RUNS = 3  # per image and path: py-spy shares the two cores, so single runs are noisy
-SUMMARY = re.compile(r"read ([\d.]+) MiB.* ([\d.]+) s, (\d+) MB/s")
 
 
 def mixed_image(path: Path, size_gib: int, seed: int) -> Path:
@@ -107,9 +106,7 @@ def tessera(*args: str | Path) -> tuple[str, float]:
 
 def job_figures(out: str) -> tuple[float, float, float]:
     """(MiB read, job seconds, MB/s) from a backup summary line."""
-    m = SUMMARY.search(out)
-    assert m, out
-    return float(m.group(1)), float(m.group(2)), float(m.group(3))
+    return job_summary(out)
 
 
 async def raw_read_rate(image: Path, connections: int = 4) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from engine.replication.job import run_replication
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
-from tests.bench.data import CACHE, fs_image
+from tests.bench.data import CACHE, fs_image, job_summary
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.unit.replication.support import Pki, Proxy, init_replica, make_pki, target
 
@@ -59,9 +59,7 @@ def restore_rate(store: Path, snapshot: str, work: Path) -> float:
         cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
     )  # fmt: skip
     out.unlink()
-    m = re.search(r"wrote [\d.]+ MiB, ([\d.]+) s, (\d+) MB/s", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    return float(m.group(2))
+    return job_summary(proc.stdout + proc.stderr, "restore")[2]
 
 
 class Receiver:
