@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from engine.app.backup import backup_vms
+from engine.app.plan import select
 from engine.app.requests import VmBackupRequest, VmRestoreRequest
 from engine.app.restore import plan_vm_restore, restore_vm
 from engine.app.stores import JobStore, open_for_jobs_at
@@ -476,11 +477,7 @@ class Service:
     async def _run_policy(self, policy: Policy, planned: datetime, run: PolicyRun) -> None:
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
-        chosen = [
-            v["name"]
-            for v in vms
-            if policy.selection.selects_vm(v["name"], v.get("cluster"), v.get("tags", ()))
-        ]
+        chosen = select(policy.selection, vms)  # as ``policies --show-selection`` shows
         handle = self.store(policy.store)
         log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
         if not chosen:
