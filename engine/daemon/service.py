@@ -50,7 +50,7 @@ from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
 from engine.jobs.journal import JobRecord, Journal
-from engine.maint.prune import prune
+from engine.maint.prune import MANUAL_HELD, prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
 from engine.obs.digest import RunSummary
@@ -375,7 +375,9 @@ class Service:
         params |= {"store": handle.name, "require_quiesce": require_quiesce}
         views = []
         for vm in vms:
-            request = VmBackupRequest((vm,), level, flow, require_quiesce, engine_section.name)
+            request = VmBackupRequest(
+                (vm,), level, flow, require_quiesce, engine_section.name, policy=policy
+            )
 
             async def body(
                 view: JobView, request: VmBackupRequest = request
@@ -541,7 +543,8 @@ class Service:
 
     async def apply_retention(self, policy: Policy, handle: JobStore, vms: list[str]) -> None:
         """After a policy's backups: its retention rules, per VM (prune; GC frees the space
-        later, after its grace period). No rules: keep everything."""
+        later, after its grace period). No rules: keep everything. Snapshots made by hand
+        are held (kept, not counted) unless ``retention.include_manual``."""
         r = policy.retention
         rules = Rules(
             keep_last=r.keep_last,
@@ -556,7 +559,13 @@ class Service:
             return
         for vm in vms:
             result = await asyncio.to_thread(
-                prune, handle.store, rules, vm=vm, now=self.clock.now(), tz=self.tz
+                prune,
+                handle.store,
+                rules,
+                vm=vm,
+                now=self.clock.now(),
+                tz=self.tz,
+                hold_manual=not r.include_manual,
             )
             log.info(
                 "retention.applied",
@@ -565,6 +574,7 @@ class Service:
                 rules=rules.describe(),
                 removed=result.removed,
                 skipped=result.skipped,
+                kept_manual=[d.snapshot_id for d in result.decisions if MANUAL_HELD in d.reasons],
             )
 
     def _scheduler_event(self, event: Event) -> None:
