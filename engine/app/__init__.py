@@ -12,6 +12,9 @@ restore itself, so a step added here (a limit, a metric, a recovery) reaches eve
                  (levels, flows): plain values, importable without the machinery.
 - ``backup``     ``VmBackupRequest`` → ``BackupOutcome`` per VM (``backup_vms``), and any
                  ``Source`` list, local images included (``backup_sources``).
+- ``plan``       what would happen, nothing done: a policy's selection now
+                 (``preview_policy``; ``select``, which the daemon's runs choose with) and a
+                 ``VmBackupRequest``'s plan (``plan_backup``: VMs, disks, flow, level, parent).
 - ``restore``    ``VmRestoreRequest`` → ``VmRestoreOutcome`` (into the engine:
                  ``plan_vm_restore``, then ``restore_vm``), ``ImageRestoreRequest`` →
                  ``RestoreOutcome`` (local image files: ``restore_images``).

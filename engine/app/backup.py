@@ -44,9 +44,11 @@ async def backup_sources(
     readers: int = DEFAULT_READERS,
     progress: ProgressFor,
     job_id: str | None = None,
+    policy: str | None = None,
 ) -> AsyncIterator[BackupOutcome]:
     """Back up each source into ``target``, one after the other; yield each outcome.
-    ``job_id`` (a daemon job's id) applies to a single source only."""
+    ``job_id`` (a daemon job's id) applies to a single source only; ``policy`` names the
+    policy whose run this is (None: made by hand), on every snapshot."""
     if job_id is not None and len(sources) != 1:
         raise ValueError("a job id names one backup")
     for source in sources:
@@ -60,6 +62,7 @@ async def backup_sources(
                 readers=readers,
                 progress=show,
                 job_id=job_id,
+                policy=policy,
             )
         yield outcome
 
@@ -93,6 +96,7 @@ async def backup_vms(
             readers=request.readers,
             progress=progress,
             job_id=job_id,
+            policy=request.policy,
         ):
             yield outcome
     finally:

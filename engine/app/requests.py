@@ -28,6 +28,7 @@ class VmBackupRequest:
     require_quiesce: bool = False
     engine: str | None = None  # the configuration's engine name (None: the only one)
     readers: int = DEFAULT_READERS
+    policy: str | None = None  # the policy whose run this is; None: made by hand
 
     def check(self) -> None:
         if self.level not in LEVELS:

@@ -55,6 +55,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         "tessera backup vm web1",
         "tessera backup vm 'web-*' --level full --config /etc/tessera/config.yaml",
         "tessera backup vm db1 --flow snapshot-attach --require-quiesce",
+        "tessera backup vm 'web-*' --dry-run",
     ),
     "snapshots": (
         f"tessera snapshots --store {S}",
@@ -96,7 +97,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     "show-config": ("tessera show-config --json",),
     "run": ("tessera run --config /etc/tessera/config.yaml",),
     "vms": ("tessera vms", "tessera vms --engine prod --json"),
-    "policies": ("tessera policies", "tessera policies --run nightly"),
+    "policies": (
+        "tessera policies",
+        "tessera policies --run nightly",
+        "tessera policies --show-selection nightly --config /etc/tessera/config.yaml",
+    ),
     "jobs": ("tessera jobs --running", "tessera jobs --since 2026-12-01 --failed --json"),
     "job": ("tessera job 20261207-021000-ab12 --follow",),
     "replication": ("tessera replication --json",),

@@ -199,6 +199,13 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="connections per disk",
     )
     p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and check the VMs, their disks, the flow, the level and the store, and "
+        "print what the backup would do; nothing is read, written or created (here, even "
+        "when a daemon runs)",
+    )
     _add_key_options(p)
     p.set_defaults(func=Handler("vm", "cmd_backup_vm"))
 

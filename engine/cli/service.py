@@ -1,6 +1,7 @@
 """``tessera run`` (the daemon) and the operator commands that talk to it over its API:
-``vms``, ``policies``, ``jobs``, ``job ID [--follow]``, ``replication``, ``cancel ID``: their
-options. What they run is ``engine.cli.commands.service``.
+``vms``, ``policies`` (but ``--show-selection`` asks the engine itself:
+``engine.cli.commands.plan``), ``jobs``, ``job ID [--follow]``, ``replication``, ``cancel
+ID``: their options. What they run is ``engine.cli.commands.service``.
 
 Registered by ``engine.cli.main.build_parser`` through ``register``.
 """
@@ -36,7 +37,15 @@ def register(
     p.add_argument("--engine", help="only this engine's VMs (its name in the configuration)")
     p.set_defaults(func=Handler("service", "cmd_vms"))
     p = client_parser("policies", "policies with their schedule and next run")
-    p.add_argument("--run", metavar="NAME", help="run this policy now")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--run", metavar="NAME", help="run this policy now")
+    what.add_argument(
+        "--show-selection",
+        metavar="NAME",
+        help="the VMs and disks this policy would back up now and the flow of each, and "
+        "the disks it would skip with the reason, asked of the engine (no daemon needed; "
+        "nothing is created)",
+    )
     p.set_defaults(func=Handler("service", "cmd_policies"))
     p = client_parser("jobs", "running and recent jobs (kept across daemon restarts)")
     p.add_argument("--running", action="store_true", help="only the running ones")

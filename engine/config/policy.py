@@ -76,7 +76,9 @@ class LevelRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
 
 class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What to keep; None means the rule is off. ``keep_within`` is a duration string
-    (``Duration`` is a ``str`` with ``.delta``)."""
+    (``Duration`` is a ``str`` with ``.delta``). Snapshots made by hand (``tessera backup``,
+    the API without a policy) are left alone — kept and not counted by the rules — unless
+    ``include_manual`` is true."""
 
     keep_last: NonNegativeInt | None = None
     keep_hourly: NonNegativeInt | None = None
@@ -85,6 +87,7 @@ class Retention(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     keep_monthly: NonNegativeInt | None = None
     keep_yearly: NonNegativeInt | None = None
     keep_within: Duration | None = None
+    include_manual: bool = False
 
 
 class ReplicationTarget(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from engine.app.backup import backup_vms
+from engine.app.plan import select
 from engine.app.requests import VmBackupRequest, VmRestoreRequest
 from engine.app.restore import plan_vm_restore, restore_vm
 from engine.app.stores import JobStore, open_for_jobs_at
@@ -49,7 +50,7 @@ from engine.jobs.backup import BackupOutcome
 from engine.jobs.history import FILENAME as HISTORY_FILE
 from engine.jobs.history import JobHistory, newest
 from engine.jobs.journal import JobRecord, Journal
-from engine.maint.prune import prune
+from engine.maint.prune import MANUAL_HELD, prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
 from engine.obs.digest import RunSummary
@@ -374,7 +375,9 @@ class Service:
         params |= {"store": handle.name, "require_quiesce": require_quiesce}
         views = []
         for vm in vms:
-            request = VmBackupRequest((vm,), level, flow, require_quiesce, engine_section.name)
+            request = VmBackupRequest(
+                (vm,), level, flow, require_quiesce, engine_section.name, policy=policy
+            )
 
             async def body(
                 view: JobView, request: VmBackupRequest = request
@@ -476,11 +479,7 @@ class Service:
     async def _run_policy(self, policy: Policy, planned: datetime, run: PolicyRun) -> None:
         vms = await self.list_vms(policy.selection.engine)
         by_name = {v["name"]: v for v in vms}
-        chosen = [
-            v["name"]
-            for v in vms
-            if policy.selection.selects_vm(v["name"], v.get("cluster"), v.get("tags", ()))
-        ]
+        chosen = select(policy.selection, vms)  # as ``policies --show-selection`` shows
         handle = self.store(policy.store)
         log.info("policy.fired", policy=policy.name, planned=planned.isoformat(), vms=chosen)
         if not chosen:
@@ -544,7 +543,8 @@ class Service:
 
     async def apply_retention(self, policy: Policy, handle: JobStore, vms: list[str]) -> None:
         """After a policy's backups: its retention rules, per VM (prune; GC frees the space
-        later, after its grace period). No rules: keep everything."""
+        later, after its grace period). No rules: keep everything. Snapshots made by hand
+        are held (kept, not counted) unless ``retention.include_manual``."""
         r = policy.retention
         rules = Rules(
             keep_last=r.keep_last,
@@ -559,7 +559,13 @@ class Service:
             return
         for vm in vms:
             result = await asyncio.to_thread(
-                prune, handle.store, rules, vm=vm, now=self.clock.now(), tz=self.tz
+                prune,
+                handle.store,
+                rules,
+                vm=vm,
+                now=self.clock.now(),
+                tz=self.tz,
+                hold_manual=not r.include_manual,
             )
             log.info(
                 "retention.applied",
@@ -568,6 +574,7 @@ class Service:
                 rules=rules.describe(),
                 removed=result.removed,
                 skipped=result.skipped,
+                kept_manual=[d.snapshot_id for d in result.decisions if MANUAL_HELD in d.reasons],
             )
 
     def _scheduler_event(self, event: Event) -> None:

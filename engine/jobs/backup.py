@@ -32,7 +32,7 @@ from engine.sched.level import LEVELS
 from engine.sources.types import BackupSession, Source, SourceDisk
 from engine.store.catalog import CatalogEntry
 from engine.store.diskmap import DiskMap
-from engine.store.manifest import Manifest
+from engine.store.manifest import Manifest, origin_tags
 from engine.store.protocols import BackupStore, ChunkReader
 from engine.store.snapshot import SnapshotWriter
 from engine.util.retry import DEFAULT_POLICY, RetryPolicy
@@ -99,10 +99,14 @@ async def run_backup(
     progress: Progress | None = None,
     retry_policy: RetryPolicy = DEFAULT_POLICY,
     job_id: str | None = None,
+    policy: str | None = None,
 ) -> BackupOutcome:
     """Back up ``source`` into ``store``; returns the outcome (never raises for a job that
-    failed — the record says FAILED with the error — but re-raises cancellation)."""
+    failed — the record says FAILED with the error — but re-raises cancellation).
+    ``policy``: the policy whose run this is, tagged on the snapshot; None tags it made by
+    hand (``engine.store.manifest.origin_tags``)."""
     job = _BackupJob(store, pool, source, journal, level, readers, progress, retry_policy)
+    job.origin = origin_tags(policy)
     await job.create_record(job_id)
     steps = {
         State.PREPARING: job.prepare,
@@ -124,6 +128,7 @@ class _BackupJob:
     record: JobRecord  # these three from ``create_record`` on
     outcome: BackupOutcome
     checkpoint: str
+    origin: dict[str, str]  # who made it (``origin_tags``), set by ``run_backup``
 
     def __init__(
         self,
@@ -267,7 +272,8 @@ class _BackupJob:
         assert snap is not None
         assert self.session is not None
         checkpoint = self.session.checkpoint
-        tags = {"job": self.record.job_id} | ({"checkpoint": checkpoint} if checkpoint else {})
+        tags = {"job": self.record.job_id} | self.origin
+        tags |= {"checkpoint": checkpoint} if checkpoint else {}
         if skipped := self.session.vm.skipped:
             tags["skipped_disks"] = "; ".join(f"{name}: {why}" for name, why in skipped)
         loop = asyncio.get_running_loop()

@@ -23,6 +23,11 @@ Protection is a file, ``snapshots/<id>/protected`` (tmp+fsync+rename, removed wi
 fsync dir), not a catalog column: the catalog is a cache rebuilt from the manifests, and a
 protection flag must survive that. Prune never removes a protected snapshot.
 
+Snapshots made by hand (manifest tag ``origin: manual``, ``engine.store.manifest``) are
+*held* when ``prune(hold_manual=True)`` — what a policy's retention asks unless it says
+``include_manual: true``: kept, and not counted by the rules (``retention``). ``tessera
+prune``, rules typed by hand, holds nothing.
+
 Locking: prune takes ``STORE/prune.lock`` (an exclusive flock; protect and unprotect take it
 too), **not** the store writer lock. Backups hold the writer lock for their whole run, so
 prune under the writer lock would wait for every backup — restic's "weekly prune makes hourly
@@ -53,6 +58,7 @@ from engine.core.errors import SnapshotNotFound, StoreError, StoreLocked
 from engine.maint.retention import Candidate, Decision, Rules, plan
 from engine.store.catalog import Catalog
 from engine.store.layout import MANIFEST_NAME, Layout
+from engine.store.manifest import ORIGIN_MANUAL, ORIGIN_TAG
 from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ PRUNE_LOCK: Final = "prune.lock"
 REMOVED_DIR: Final = "removed"
 REMOVAL_RECORD: Final = "removal.json"
 PROTECTED_NAME: Final = "protected"
+MANUAL_HELD: Final = "made by hand (the policy's retention.include_manual is off)"
 
 
 class PruneLocked(StoreLocked):
@@ -122,8 +129,19 @@ def set_protected(store: "Store", snapshot_id: str, protected: bool) -> bool:
 # --- planning --------------------------------------------------------------------------------
 
 
-def candidates(store: "Store", vm: str | None = None) -> list[Candidate]:
-    """The store's snapshots (of one VM id or name) as retention candidates."""
+def candidates(
+    store: "Store", vm: str | None = None, *, hold_manual: bool = False
+) -> list[Candidate]:
+    """The store's snapshots (of one VM id or name) as retention candidates; with
+    ``hold_manual`` those made by hand are held (``MANUAL_HELD``), which reads each
+    snapshot's manifest."""
+
+    def held(snapshot_id: str) -> str | None:
+        if not hold_manual:
+            return None
+        origin = store.manifest(snapshot_id).tags.get(ORIGIN_TAG)
+        return MANUAL_HELD if origin == ORIGIN_MANUAL else None
+
     return [
         Candidate(
             snapshot_id=e.snapshot_id,
@@ -132,6 +150,7 @@ def candidates(store: "Store", vm: str | None = None) -> list[Candidate]:
             time=datetime.fromisoformat(e.time),
             level=e.level,
             protected=is_protected(store.layout, e.snapshot_id),
+            held=held(e.snapshot_id),
         )
         for e in store.snapshots(vm)
     ]
@@ -159,8 +178,10 @@ def prune(
     now: datetime | None = None,
     tz: tzinfo | None = None,
     dry_run: bool = False,
+    hold_manual: bool = False,
 ) -> PruneResult:
-    """Plan with ``rules`` and (unless ``dry_run``) remove what no rule keeps.
+    """Plan with ``rules`` and (unless ``dry_run``) remove what no rule keeps;
+    ``hold_manual`` keeps the snapshots made by hand out of it (module docstring).
 
     ``store`` may be read-only (the CLI opens it so, to run beside a backup that holds the
     writer lock); the catalog is then written through a connection of our own. Raises
@@ -180,7 +201,7 @@ def prune(
         added, removed = catalog.reconcile(store.layout.committed_snapshots(), store.manifest)
         if added or removed:
             result.notes.append(f"catalog reconciled with manifests: +{added} -{removed}")
-        result.decisions = plan(candidates(store, vm), rules, now, tz)
+        result.decisions = plan(candidates(store, vm, hold_manual=hold_manual), rules, now, tz)
         if dry_run:
             return result
         for d in result.to_remove:

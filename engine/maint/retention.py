@@ -22,6 +22,12 @@ whatever the rules say:
 - snapshots whose time is after ``now`` ("time in the future"): a clock problem, not a
   reason to delete.
 
+Held snapshots (``Candidate.held``: a policy's retention holds the snapshots made by hand,
+unless its ``include_manual`` says otherwise) are kept with that reason and are not counted
+by the rules: ``keep_last``, the buckets and ``keep_within`` (counted from the VM's newest
+snapshot that is not held) see only the others, so a hand-made backup neither fills a
+policy's bucket nor pushes one of its snapshots out.
+
 Failed or killed backups never become snapshots (no manifest, no catalog row; recovery
 deletes their directories), so every candidate is a complete restore point and counts for
 the buckets like any other.
@@ -130,6 +136,7 @@ class Candidate(msgspec.Struct, frozen=True):
     time: datetime
     level: str = "full"
     protected: bool = False
+    held: str | None = None  # why the rules must not count or remove it (module docstring)
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -209,23 +216,26 @@ def _plan_vm(
             reasons[i].append("protected")
         if s.time > now:
             reasons[i].append("time in the future")
-    for i in range(min(rules.keep_last or 0, len(snaps))):
-        reasons[i].append(f"keep-last {i + 1}/{rules.keep_last}")
+        if s.held is not None:
+            reasons[i].append(s.held)
+    ruled = [i for i, s in enumerate(snaps) if s.held is None]  # what the rules count
+    for n, i in enumerate(ruled[: rules.keep_last or 0]):
+        reasons[i].append(f"keep-last {n + 1}/{rules.keep_last}")
     for name in _BUCKET_RULES:
         left: int = getattr(rules, name) or 0
         last_bucket = None
-        for i, s in enumerate(snaps):
+        for i in ruled:
             if left <= 0:
                 break
-            bucket = _BUCKETS[name](s.time.astimezone(tz))
+            bucket = _BUCKETS[name](snaps[i].time.astimezone(tz))
             if bucket != last_bucket:
                 reasons[i].append(f"{_flag(name)} {bucket}")
                 last_bucket = bucket
                 left -= 1
-    if within is not None:
-        cutoff = within.before(snaps[0].time)
-        for i, s in enumerate(snaps):
-            if s.time >= cutoff:
+    if within is not None and ruled:
+        cutoff = within.before(snaps[ruled[0]].time)
+        for i in ruled:
+            if snaps[i].time >= cutoff:
                 reasons[i].append(f"within {within.text}")
     return [
         Decision(

@@ -1,7 +1,9 @@
 """What a plugin can do, as typed capabilities: the engine finds a plugin by what it
 provides, never by its name, and type checking goes through the seam.
 
-- ``Hypervisor``  a hypervisor manager's VMs (oVirt's engine): list them, back them up
+- ``Hypervisor``  a hypervisor manager's VMs (oVirt's engine): list them, say what a
+                  backup of them would read without creating anything (``plan_vms`` →
+                  ``VmPlan``s), back them up
                   (``vm_sources`` → ``Source``s), restore a snapshot as a VM
                   (``vm_restore``), keep a cold standby (``standby_refresh``), try the
                   engine's configuration (``check``: ``Check`` items, for
@@ -47,6 +49,35 @@ class Check:
     hint: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedDisk:
+    """A disk a backup would read: ``read`` says how (``incremental`` when the flow can
+    read only what changed since a checkpoint, else ``full`` with the reason after it)."""
+
+    disk_id: str
+    name: str
+    size: int  # virtual bytes
+    read: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmPlan:
+    """What a backup of one VM would do now, read from the hypervisor without creating
+    anything on it: the ``flow`` it would run (``auto`` resolved), the disks it would read,
+    the disks it would skip (name, reason), the consistency it would get, and ``problem``:
+    why the backup would be refused before reading (None: it would start)."""
+
+    vm_id: str
+    vm_name: str
+    cluster: str | None
+    status: str | None
+    flow: str
+    disks: tuple[PlannedDisk, ...]
+    skipped: tuple[tuple[str, str], ...]
+    consistency: str | None
+    problem: str | None = None
+
+
 class VmSet(Protocol):
     """The ``Source`` of each VM a backup asked for, and what they share (an engine
     connection), closed with ``aclose`` after the last one was backed up."""
@@ -86,6 +117,23 @@ class Hypervisor(Protocol):
     ) -> list[dict[str, Any]]:
         """Every VM as a plain dict: id, name, cluster, status, tags, host_id, disks (id,
         alias, size, storage_domain_id)."""
+        ...
+
+    async def plan_vms(
+        self,
+        engine: EngineSection,
+        names: Sequence[str],
+        flow: str = "auto",
+        *,
+        require_quiesce: bool = False,
+        datamover: DataMoverSection | None = None,
+        api_gate: ApiGate | None = None,
+    ) -> list[VmPlan]:
+        """What ``vm_sources`` with the same arguments would back up, one ``VmPlan`` per
+        VM, found the way ``vm_sources`` finds them and read from the hypervisor only:
+        nothing is created, changed or reserved there. Raises what ``vm_sources`` raises
+        before a backup starts (an unknown VM or flow, no DataMover); a refusal of one VM
+        (``require_quiesce``) is that VM's ``problem``."""
         ...
 
     async def vm_sources(

@@ -6,6 +6,12 @@ it is deduplicated and encrypted like disk data) and one DiskMap per disk with t
 of its id array. It is JSON, authenticated with a keyed BLAKE3 MAC (the store's mac-key)
 over the exact body bytes: changing one byte of the file, or swapping a DiskMap under it, is
 detected. Layout: ``MANIFEST_MAGIC ‖ mac hex ‖ \\n ‖ body`` (see ``format``).
+
+Tags a backup writes (``tags``): ``job``, ``checkpoint``, ``skipped_disks``, and who made it
+(``origin_tags``): ``origin: policy`` with ``policy: <name>`` for a policy's run, ``origin:
+manual`` for a backup started by hand (``tessera backup``, the API without a policy). A
+policy's retention leaves manual snapshots alone unless it says ``include_manual``.
+Snapshots written before the tag existed have no ``origin`` and count as a policy's.
 """
 
 import hmac
@@ -16,6 +22,18 @@ import msgspec
 from engine.core.errors import ManifestTampered
 from engine.store import format as fmt
 from engine.store.keys import StoreKeys
+
+ORIGIN_TAG = "origin"
+POLICY_TAG = "policy"
+ORIGIN_POLICY = "policy"
+ORIGIN_MANUAL = "manual"
+
+
+def origin_tags(policy: str | None) -> dict[str, str]:
+    """The tags naming who made a snapshot: the policy ``policy`` (a name), else a person."""
+    if policy is None:
+        return {ORIGIN_TAG: ORIGIN_MANUAL}
+    return {ORIGIN_TAG: ORIGIN_POLICY, POLICY_TAG: policy}
 
 
 class ConfigStream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -2,7 +2,8 @@
 
 Nouns, top down (each layer imports only those below it: DESIGN §6, the layers contract):
 
-- ``sources``       picks the backup flow (``auto`` = backup API) and builds one Source per VM.
+- ``sources``       picks the backup flow (``auto`` = backup API) and builds one Source per VM;
+                    ``plan_vms`` says what those would read, creating nothing.
 - ``standby``       the cold standby's targets (``engine.standby``): a full restore as
                     ``<vm><suffix>``, then refreshes uploading changed slots into its disks.
 - ``attach_restore`` restore writing new disks through the DataMover (``--flow attach``).
@@ -92,6 +93,12 @@ class OvirtHypervisor:
             }
             for v in found
         ]
+
+    async def plan_vms(self, *args: Any, **kwargs: Any) -> Any:
+        """``sources.plan_vms``: what ``vm_sources`` would back up, nothing created."""
+        from plugins.ovirt.sources import plan_vms  # noqa: PLC0415
+
+        return await plan_vms(*args, **kwargs)
 
     async def vm_sources(self, *args: Any, **kwargs: Any) -> Any:
         """``sources.vm_sources``: one Source per VM through the chosen flow."""

@@ -1,4 +1,6 @@
-"""Build backup Sources for named VMs of one engine (what ``tessera backup vm`` uses)."""
+"""Build backup Sources for named VMs of one engine (what ``tessera backup vm`` uses), and
+say what they would read without creating anything (``plan_vms``: ``backup vm --dry-run``,
+``policies --show-selection``)."""
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -6,6 +8,7 @@ from dataclasses import dataclass
 
 from engine.config.models import DataMoverSection, EngineSection
 from engine.core.errors import ConfigError
+from engine.sources.capabilities import PlannedDisk, VmPlan
 from plugins.ovirt.attach import SnapshotAttachSource
 from plugins.ovirt.backup import OvirtVmSource
 from plugins.ovirt.client import EngineClient, EngineConfig
@@ -17,6 +20,9 @@ from plugins.ovirt.snapshot import SnapshotImageioSource
 # VM snapshot, OVF saved); snapshot-attach = flow 3 (the snapshot's disks attached to the
 # DataMover and read as local devices: LAN free; needs the config's datamover section).
 FLOWS = ("auto", "backup-api", "snapshot-imageio", "snapshot-attach")
+AUTO_FLOW = "backup-api"  # what ``auto`` runs
+NOT_INCREMENTAL = "full: the disk's backup mode is not incremental (no checkpoints)"
+SNAPSHOT_READ = "full: a snapshot flow reads every allocated block (no checkpoints)"
 Source = OvirtVmSource | SnapshotImageioSource | SnapshotAttachSource
 
 
@@ -85,3 +91,63 @@ async def vm_sources(
     except BaseException:
         await client.close()
         raise
+
+
+async def plan_vms(
+    engine: EngineSection,
+    names: Sequence[str],
+    flow: str = "auto",
+    *,
+    require_quiesce: bool = False,
+    datamover: DataMoverSection | None = None,
+    api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+) -> list[VmPlan]:
+    """What ``vm_sources`` with the same arguments would back up: the same sources are
+    built (VMs found, flow checked, the DataMover looked up for ``snapshot-attach``), then
+    each is asked only what it reads before it creates anything (``readable_disks``, and
+    ``facts``: a GET of the VM's configuration). Raises what ``vm_sources`` raises; a VM
+    ``require_quiesce`` refuses gets the refusal as its ``problem``."""
+    found = await vm_sources(
+        engine, names, flow, require_quiesce=require_quiesce, datamover=datamover,
+        api_gate=api_gate,
+    )  # fmt: skip
+    try:
+        return [
+            await _plan(source, AUTO_FLOW if flow == "auto" else flow) for source in found.sources
+        ]
+    finally:
+        await found.aclose()
+
+
+async def _plan(source: Source, flow: str) -> VmPlan:
+    disks, skipped = source.readable_disks()
+    inactive = tuple(
+        (d.name, "not active (unplugged): left out")
+        for d in source.vm.disks
+        if d.skip_reason is None and not d.active
+    )
+    problem = None
+    try:
+        _, consistency = await source.facts()
+    except ConfigError as e:  # require_quiesce refused it
+        consistency, problem = "crash", str(e)
+
+    def read(incremental: bool) -> str:
+        if flow != AUTO_FLOW:
+            return SNAPSHOT_READ
+        return "incremental" if incremental else NOT_INCREMENTAL
+
+    vm = source.vm
+    return VmPlan(
+        vm_id=vm.id,
+        vm_name=vm.name,
+        cluster=vm.cluster,
+        status=vm.status,
+        flow=flow,
+        disks=tuple(
+            PlannedDisk(d.id, d.name, d.provisioned_size, read(d.incremental)) for d in disks
+        ),
+        skipped=skipped + inactive,
+        consistency=consistency,
+        problem=problem,
+    )

@@ -93,6 +93,10 @@ def cmd_vms(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
+    if args.show_selection:  # asks the engine itself, daemon or not
+        from engine.cli.commands.plan import cmd_show_selection  # noqa: PLC0415
+
+        return cmd_show_selection(args)
     if args.run:
         doc = aio.run(_call(args, "POST", f"/v1/policies/{args.run}/run"))
         if args.json:

@@ -21,7 +21,12 @@ from engine.util import aio
 
 def cmd_backup_vm(args: argparse.Namespace) -> int:
     """Through the daemon when one answers on the config's socket (it holds the store),
-    else in this process (``engine.app.backup``)."""
+    else in this process (``engine.app.backup``); ``--dry-run`` here, reading only
+    (``engine.cli.commands.plan``)."""
+    if args.dry_run:
+        from engine.cli.commands.plan import cmd_backup_dry_run  # noqa: PLC0415
+
+        return cmd_backup_dry_run(args)
     request = VmBackupRequest(
         vms=tuple(args.names),
         level=args.level,

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -289,3 +290,34 @@ def test_keep_last_alone_keeps_exactly_the_n_newest(snaps: list[Candidate], n: i
     decisions = plan(snaps, Rules(keep_last=n), _T0 + timedelta(days=4 * 365), UTC)
     newest = sorted(snaps, key=lambda s: (s.time, s.snapshot_id), reverse=True)[:n]
     assert kept(decisions) == {s.snapshot_id for s in newest}
+
+
+def test_held_snapshots_are_kept_and_not_counted_by_the_rules() -> None:
+    """A hand-made backup a policy holds is kept, and the policy's own snapshots are
+    counted as if it were not there: it fills no bucket and pushes none out."""
+    held = "made by hand"
+    snaps = [
+        snap("p1", "2026-11-01T02:00"),
+        snap("p2", "2026-11-02T02:00"),
+        snap("m1", "2026-11-02T14:00", held=held),  # the newest of its day
+        snap("p3", "2026-11-03T02:00"),
+        snap("m2", "2026-11-03T09:00", held=held),  # the newest of the VM
+    ]
+    now = datetime(2026, 11, 4, tzinfo=UTC)
+    d = reasons(plan(snaps, Rules(keep_last=2), now))
+    assert kept(plan(snaps, Rules(keep_last=2), now)) == {"p3", "p2", "m1", "m2"}
+    assert d["p3"] == ("keep-last 1/2",) and d["p2"] == ("keep-last 2/2",)
+    assert d["m1"] == (held,) and d["m2"] == ("newest of VM", held)
+    assert d["p1"] == (NO_RULE,)
+
+    daily = plan(snaps, Rules(keep_daily=2), now)
+    assert kept(daily) == {"p3", "p2", "m1", "m2"}  # p2 keeps its day, not m1
+    assert reasons(daily)["p2"] == ("keep-daily 2026-11-02",)
+
+    # keep_within counts from the newest snapshot the rules see (p3), not from m2.
+    within = reasons(plan(snaps, Rules(keep_within="1d"), now))
+    assert within["p2"] == ("within 1d",) and within["p1"] == (NO_RULE,)
+
+    # Not held: the same snapshots are counted like any other.
+    plain = [msgspec.structs.replace(s, held=None) for s in snaps]
+    assert kept(plan(plain, Rules(keep_last=2), now)) == {"m2", "p3"}
