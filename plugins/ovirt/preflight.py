@@ -25,18 +25,19 @@ still refuse a disk that fits (its own free-space thresholds, ``CriticalSpaceAct
 are not visible through the API); space taken by others after the check is not ours to
 reserve.
 
-Disks are named by their names; a name two disks share gets the disk id in parentheses.
+Disks are named by their names; a name two disks share gets the disk id in parentheses
+(``disk_labels``).
 
 Raised: ``RestoreTargetError`` (a ``ConfigError``: the operator fixes the target or the
 request), the ``EngineError``s of ``client`` when the engine cannot be read.
 """
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
+from engine.sources.types import disk_labels
 from plugins.ovirt import inventory, volumes
 from plugins.ovirt.client import EngineClient, EngineNotFound
 
@@ -57,12 +58,6 @@ class NewDisk:
     sparse: bool
     size: int  # virtual bytes
     data_bytes: int  # stored data (non-zero slots × chunk size)
-
-
-def disk_labels(disks: Sequence[NewDisk]) -> dict[str, str]:
-    """Disk id → how messages name it: its name, with the id when two disks share it."""
-    shared = Counter(d.name for d in disks)
-    return {d.disk_id: d.name if shared[d.name] == 1 else f"{d.name} ({d.disk_id})" for d in disks}
 
 
 async def need(disk: NewDisk, sd: inventory.StorageDomainRef) -> int:
@@ -128,7 +123,7 @@ async def _domains(
 ) -> list[str]:
     """The problems of the disks' storage domains (module docstring)."""
     problems: list[str] = []
-    labels = disk_labels(disks)
+    labels = disk_labels((d.disk_id, d.name) for d in disks)
     domains = await inventory.storage_domains(client)
     wanted: dict[str, list[tuple[NewDisk, int]]] = {}  # domain id → its new disks, needs
     missing: dict[str, list[str]] = {}  # unknown domain → the disks that name it
