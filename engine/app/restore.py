@@ -19,7 +19,9 @@ in this process and for the daemon's restore jobs.
                                                       ``disks_at_once`` of them at once
 
 A failed restore is an outcome (its record says FAILED; the plugin deleted what it created),
-never an exception.
+never an exception; a target the engine cannot take (no such cluster or storage domain, one
+not active or without room, the new name in use) is found before the job starts and raised
+as one ``ConfigError`` listing every problem, nothing created.
 """
 
 from collections import Counter
@@ -120,6 +122,7 @@ async def restore_vm(
         flow=request.flow,
         datamover=config.datamover,
         into_vm=request.into_vm,
+        disk=request.disk,
         api_gate=api_gate,
     ) as vm_restore:
         outcome = await run_restore(

@@ -59,6 +59,7 @@ from engine.obs.summary import DiskSummary, JobSummary
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
+from engine.sources.types import disk_labels
 from engine.util.limits import Limits
 
 log = structlog.get_logger("tessera.daemon")
@@ -652,15 +653,19 @@ def job_summary(view: JobView) -> JobSummary:
     """The e-mail/metrics view of a finished job, from its typed outcome (a backup's bytes,
     disks, level and snapshot; other kinds have none) and its notes."""
     outcome = view.outcome if isinstance(view.outcome, BackupOutcome) else None
+    stats = outcome.disks if outcome is not None else []
+    labels = disk_labels((d.disk_id, d.name) for d in stats)  # names, not ids, in mails
+    full = outcome is not None and outcome.level == "full"
     disks = tuple(
         DiskSummary(
-            name=d.disk_id,
+            name=labels[d.disk_id],
             bytes_read=d.bytes_read,
             bytes_stored=d.bytes_stored,
             new_chunks=d.new_chunks,
-            read=d.summary(),
+            read="full" if full or d.fallback_reason else "dirty",
+            note=d.fallback_reason,
         )
-        for d in (outcome.disks if outcome is not None else ())
+        for d in stats
     )
     return JobSummary(
         job_id=view.job_id,

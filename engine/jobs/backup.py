@@ -29,7 +29,7 @@ from engine.jobs.states import Event, State
 from engine.pipeline.defaults import DEFAULT_READERS
 from engine.pipeline.disk import DiskStats, backup_disk
 from engine.sched.level import LEVELS
-from engine.sources.types import BackupSession, Source, SourceDisk
+from engine.sources.types import BackupSession, Source, SourceDisk, disk_labels
 from engine.store.catalog import CatalogEntry
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import Manifest, origin_tags
@@ -221,13 +221,16 @@ class _BackupJob:
                 for entry in self.parent_manifest.disks:
                     diskmap = self.store.open_diskmap(self.parent_manifest, entry)
                     parents[entry.disk_id] = stack.enter_context(diskmap)
+            labels = disk_labels((d.info.disk_id, d.info.name) for d in session.disks)
             for disk in session.disks:
-                await self._transfer_disk(snap, disk, parents.get(disk.info.disk_id))
+                label = labels[disk.info.disk_id]
+                await self._transfer_disk(snap, disk, parents.get(disk.info.disk_id), label)
         return Event.TRANSFERRED
 
     async def _transfer_disk(
-        self, snap: SnapshotWriter, disk: SourceDisk, pdm: DiskMap | None
+        self, snap: SnapshotWriter, disk: SourceDisk, pdm: DiskMap | None, label: str
     ) -> None:
+        """Back up one disk; ``label`` names it in progress (``disk_labels``)."""
         info = disk.info
         if pdm is None and self.parent is not None and disk.checkpoint_parent is not None:
             disk.fallback_reason = "disk not in the parent snapshot: full read"
@@ -238,7 +241,7 @@ class _BackupJob:
             nonlocal done
             done += n
             if self.progress is not None:
-                self.progress(info.disk_id, done, info.size)
+                self.progress(label, done, info.size)
 
         try:
             stats = await backup_disk(

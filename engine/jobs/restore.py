@@ -21,7 +21,8 @@ cancel as idle, no connection. The lanes share the one ``CpuPool``: its buffers 
 first come, first served) bound memory and decode work however many disks run. No disk has
 a share of its own: a slow disk slows the others toward its pace, and one whose writes never
 return ends up holding every buffer. ``progress`` reports every disk (0 of its size at the
-start, so waiting disks show too), each under its own name.
+start, so waiting disks show too), each under its own name (with its id when two disks
+share the name, ``disk_labels``).
 
 When a disk fails, the other lanes are cancelled: each target in the middle of its write
 leaves its context by the cancellation and removes its partial disk, as a failed one does;
@@ -57,7 +58,7 @@ from engine.jobs.journal import JobRecord, Journal
 from engine.jobs.states import Event, State
 from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE
 from engine.restore.disk import RestoreStats, restore_disk
-from engine.sources.types import ResourceRecorder, TargetDisk
+from engine.sources.types import ResourceRecorder, TargetDisk, disk_labels
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import ChunkReader
@@ -204,6 +205,7 @@ class _Disks:
     failed: list[tuple[BaseException, DiskEntry]]  # the run's: what a disk raised, the disk
     results: list[RestoreStats | None] = field(default_factory=list)
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)  # FIFO: in the order taken
+    labels: dict[str, str] = field(default_factory=dict)  # disk id → name in progress
 
     async def run(
         self, chosen: Sequence[DiskEntry], disks_at_once: int, progress: Progress | None
@@ -221,9 +223,10 @@ class _Disks:
                     self.failed.append((e, entry))
                     raise
 
+        self.labels = disk_labels((e.disk_id, e.name) for e in chosen)
         if progress is not None:
             for entry in chosen:
-                progress(entry.name, 0, entry.size)
+                progress(self.labels[entry.disk_id], 0, entry.size)
         lanes = min(disks_at_once, len(chosen))
         await run_group(lambda tg: [tg.create_task(lane()) for _ in range(lanes)])
 
@@ -238,7 +241,7 @@ class _Disks:
             nonlocal done
             done += n
             if progress is not None:
-                progress(entry.name, done, entry.size)
+                progress(self.labels[entry.disk_id], done, entry.size)
 
         async with AsyncExitStack() as held:  # the target left first, then the base closed
             async with self.turn:  # targets are made one at a time, in manifest order

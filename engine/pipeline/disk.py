@@ -53,6 +53,7 @@ class DiskStats:
     seconds: float = 0.0
     fallback_reason: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    name: str = ""  # the disk's name (the source's alias); mails show it
 
     @property
     def bytes_per_s(self) -> float:
@@ -130,7 +131,9 @@ class _DiskBackup:
         self.progress = progress
         self.retry_policy = retry_policy
         self.size, self.chunk = disk.info.size, store.config.chunk_size
-        self.stats = DiskStats(disk.info.disk_id, self.size, slots=diskmap.slots)
+        self.stats = DiskStats(
+            disk.info.disk_id, self.size, slots=diskmap.slots, name=disk.info.name
+        )
         self.stats.fallback_reason = disk.fallback_reason
         self.incremental = parent is not None and disk.checkpoint_parent is not None
         # Chunks verify found damaged: a clean slot holding one is read again, so that the

@@ -161,8 +161,14 @@ class Hypervisor(Protocol):
         flow: str = "imageio",
         datamover: DataMoverSection | None = None,
         into_vm: str | None = None,
+        disk: str | None = None,
         api_gate: ApiGate | None = None,
-    ) -> AbstractAsyncContextManager[VmRestorer]: ...
+    ) -> AbstractAsyncContextManager[VmRestorer]:
+        """The restore's targets (``disk``: only that one, by name or id). Entering it
+        checks the target on the engine (cluster, storage domains, their state and space,
+        the new VM's name) and raises a ``ConfigError`` listing every problem before
+        anything is created."""
+        ...
 
     def standby_refresh(
         self, engine: EngineSection, manifest: Manifest, ovf: str | None, standby: Any

@@ -1,6 +1,7 @@
 """Protocols and value types of sources and targets (see the package docstring)."""
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,18 @@ class DiskInfo:
     name: str
     size: int  # virtual size in bytes
     attributes: dict[str, str] = field(default_factory=dict)  # format, interface, bootable…
+
+
+def disk_labels(disks: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Disk id → how people see the disk in progress bars, mails and messages: its name,
+    with the id in parentheses when two of ``disks`` (id, name pairs) share that name (oVirt
+    aliases need not be unique), or the id alone for a disk without a name."""
+    pairs = list(disks)
+    shared = Counter(name for _, name in pairs)
+    return {
+        disk_id: (name if shared[name] == 1 else f"{name} ({disk_id})") if name else disk_id
+        for disk_id, name in pairs
+    }
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
       snapshot: the given one, else the VM's newest → state = state.load(store, vm id)
       targets = the engine's ``Hypervisor.standby_refresh``(engine, manifest, ovf, standby)
       mode:  current  state at this snapshot, no dirty disk: nothing to do (no job)
-             full     no state / ``_layout_change`` / ``targets.check`` names a reason
+             full     no state / ``_layout_change`` / ``targets.check`` names a reason;
+                      ``targets.full`` checks the target (cluster, storage domain, space,
+                      name) first and raises before the job starts, the old standby kept
              refresh  otherwise
       run_restore(kind="standby", one disk at a time) — the restore table, journaled:
         full:    make_target = a new disk per manifest disk (sparse: zero slots skipped);
@@ -89,8 +91,13 @@ class StandbyTargets(Protocol):
         of the plugin) and the error re-raised."""
         ...
 
-    def full(self, manifest: Manifest) -> AbstractAsyncContextManager[FullStandby]:
-        """A full run; leaving it before ``create()`` returned deletes what it made."""
+    def full(
+        self, manifest: Manifest, old: st.StandbyState | None
+    ) -> AbstractAsyncContextManager[FullStandby]:
+        """A full run replacing ``old`` (None: there is no standby yet); leaving it before
+        ``create()`` returned deletes what it made. Entering it checks the target (cluster,
+        storage domain, its state and space, the name free but for ``old``'s VM) and raises
+        before anything is created or discarded."""
         ...
 
     async def discard(self, state: st.StandbyState) -> list[str]:
@@ -256,7 +263,7 @@ async def run_standby_refresh(
     if reason is not None:
         outcome.mode, outcome.reason = "full", reason
         log.info("standby.full", vm=manifest.vm_name, snapshot=sid, reason=reason)
-        async with targets.full(manifest) as full:
+        async with targets.full(manifest, state) as full:
             finish = _FullFinish(store, manifest, targets, state, full, outcome)
             outcome.restore = await run_restore(
                 make_target=full.make_target,

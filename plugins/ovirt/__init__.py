@@ -18,10 +18,11 @@ Nouns, top down (each layer imports only those below it: DESIGN §6, the layers 
 - ``doctor``        the engine section tried for real (``check-config --deep``).
 - ``recovery``      what a killed job left on the engine and the DataMover, undone from its
                     journal keys.
-- ``transfers``, ``backups``, ``snapshots``, ``disks``, ``datamover``, ``base``: the middle
-                    layer the flows share (image transfers and their lifecycle, the backup
-                    API's calls, VM snapshots, disk attach/detach/delete, DataMover devices,
-                    what every backup flow reads first).
+- ``transfers``, ``backups``, ``snapshots``, ``disks``, ``datamover``, ``base``,
+  ``preflight``:    the middle layer the flows share (image transfers and their lifecycle,
+                    the backup API's calls, VM snapshots, disk attach/detach/delete,
+                    DataMover devices, what every backup flow reads first, what every
+                    restore checks on the engine before it creates anything).
 - ``checkpoints``, ``events``, ``imageio`` (the data path: ranged GETs, extents, uploads, on
                     aiohttp), ``inventory`` (typed, frozen snapshots of clusters, hosts,
                     storage domains, VMs and disks), ``volumes`` (disk shapes on block
@@ -118,13 +119,15 @@ class OvirtHypervisor:
         flow: str = "imageio",
         datamover: Any = None,
         into_vm: str | None = None,
+        disk: str | None = None,
         api_gate: Any = None,
     ) -> Any:
         """``restore.vm_restore``: an async context manager giving a ``VmRestore`` (its
         ``make_target`` for ``run_restore``, then ``create_vm()``). ``flow`` ``imageio``
         uploads the disks; ``attach`` writes them through the DataMover (``datamover``: the
         config's section). ``into_vm`` (an existing VM's name or id) gets the disks
-        attached instead of a new VM being created."""
+        attached instead of a new VM being created; ``disk`` (name or id): only that one.
+        Entering it checks the target (``preflight``) before any disk is created."""
         from plugins.ovirt.attach_restore import AttachVmRestore  # noqa: PLC0415
         from plugins.ovirt.restore import RestoreOptions, VmRestore, vm_restore  # noqa: PLC0415
 
@@ -133,7 +136,11 @@ class OvirtHypervisor:
                 message=f"restore flow {flow!r} is unknown; use one of {RESTORE_FLOWS}"
             )
         options = RestoreOptions(
-            name=name, cluster=cluster, storage_domain=storage_domain, into_vm=into_vm
+            name=name,
+            cluster=cluster,
+            storage_domain=storage_domain,
+            into_vm=into_vm,
+            disk=disk,
         )
         factory = partial(AttachVmRestore, section=datamover) if flow == "attach" else VmRestore
         return vm_restore(engine, manifest, ovf, options, factory=factory, api_gate=api_gate)

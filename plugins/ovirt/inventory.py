@@ -70,6 +70,7 @@ class StorageDomainRef:
     used: int | None  # bytes
     master: bool
     storage_type: str | None = None  # nfs, iscsi, fcp, glusterfs, localfs, posixfs…
+    data_center_ids: tuple[str, ...] = ()  # the data centers it is attached to (none: unattached)
 
     @property
     def block(self) -> bool:
@@ -143,6 +144,20 @@ async def storage_domains(client: EngineClient) -> list[StorageDomainRef]:
         lambda c: [_storage_domain(x) for x in _system(c).storage_domains_service().list()],
         "list storage domains",
     )
+
+
+async def storage_domain_status(client: EngineClient, data_center_id: str, sd_id: str) -> str:
+    """The domain's status in the data center (active, maintenance, inactive, locked…),
+    from ``datacenters/{dc}/storagedomains/{sd}``: the top-level ``storagedomains`` has no
+    status for an attached domain (the pool holds it). ``unknown`` when the engine gives
+    none; ``EngineNotFound`` when the domain is not attached there."""
+
+    def read(conn: sdk.Connection) -> str:
+        dc = _system(conn).data_centers_service().data_center_service(data_center_id)
+        sd = dc.storage_domains_service().storage_domain_service(sd_id).get()
+        return _enum(sd.status) or "unknown"
+
+    return await client.call(read, "read storage domain status", obj=f"storage domain {sd_id}")
 
 
 async def vms(
@@ -309,6 +324,7 @@ def _storage_domain(s: Any) -> StorageDomainRef:
         used=s.used,
         master=bool(s.master),
         storage_type=_enum(s.storage.type) if s.storage is not None else None,
+        data_center_ids=tuple(str(dc.id) for dc in s.data_centers or ()),
     )
 
 

@@ -43,9 +43,14 @@ Journal keys (``ResourceRecorder``): ``engine``, ``restore_disks``, ``restore_tr
 A process killed after the restore job succeeded but before ``create_vm`` finished leaves
 the disks (the job is no longer unfinished): the operator deletes them.
 
-Raised: ``OvirtRestoreError`` (a disk or transfer that fails on the engine), the
-``EngineError`` subclasses of ``client`` (e.g. ``EngineNotFound`` for an unknown storage
-domain or cluster), the ``ImageioError`` subclasses from writers. Cleanup failures are
+Before the first disk, ``vm_restore`` checks the target (``preflight``): the cluster, the
+new name, every storage domain (exists, attached and active, room for the new disks); a
+target that fails any check raises one ``RestoreTargetError`` listing every problem, with
+nothing created.
+
+Raised: ``RestoreTargetError`` (``preflight``), ``OvirtRestoreError`` (a disk or transfer
+that fails on the engine), the ``EngineError`` subclasses of ``client``, the
+``ImageioError`` subclasses from writers. Cleanup failures are
 logged and added as notes to the error being raised; they never replace it.
 """
 
@@ -68,7 +73,7 @@ from engine.core.errors import ConfigError, EngineError
 from engine.sources.types import DiskInfo, ResourceRecorder, TargetDisk
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import failpoints
-from plugins.ovirt import inventory, volumes
+from plugins.ovirt import inventory, preflight, volumes
 from plugins.ovirt.client import EngineClient, EngineConfig, EngineNotFound
 from plugins.ovirt.disks import attach_disk, delete_disk, delete_vm, detach_disk
 from plugins.ovirt.imageio import ImageioDisk
@@ -103,6 +108,10 @@ class RestoreOptions:
     cluster: str | None = None
     storage_domain: str | None = None
     into_vm: str | None = None  # an existing VM (name or id): attach the disks to it instead
+    disk: str | None = None  # only this disk of the snapshot (name or id), as the job selects
+    # The id of a VM that may hold ``name``: it is deleted before the new VM is created (a
+    # standby's old VM in a full run). Any other VM of that name fails the pre-flight.
+    replaces: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +272,49 @@ class VmRestore:
         at once finish in any order, and the VM gets them in the snapshot's."""
         return sorted(self.disks, key=lambda d: self._order.get(d[0].disk_id, len(self._order)))
 
+    def recorded(self, entry: DiskEntry) -> preflight.NewDisk:
+        """The disk ``add_disk`` creates for ``entry`` as recorded: format, sparseness
+        (the manifest's, else the OVF's volume type, else thin for qcow2), storage domain
+        (the options', else the recorded one; None when neither), sizes."""
+        attrs = dict(entry.attributes)
+        fmt = attrs.get("format", "cow")
+        sparse_text = attrs.get("sparse") or self.ovf_facts.get(entry.disk_id, {}).get("sparse")
+        sparse = sparse_text == "true" if sparse_text else fmt == "cow"
+        domain = self.options.storage_domain or attrs.get("storage_domain") or None
+        return preflight.NewDisk(
+            entry.name, entry.disk_id, domain, fmt, sparse, entry.size, entry.data_bytes
+        )
+
+    def chosen(self) -> list[DiskEntry]:
+        """The manifest disks this restore creates (``options.disk``, a name or id: only
+        that one, as the restore job selects it)."""
+        wanted = self.options.disk
+        return [d for d in self.manifest.disks if wanted in (None, d.disk_id, d.name)]
+
+    async def preflight(self) -> None:
+        """Check the target before any disk is created (``preflight.check``): the
+        cluster and the new name unless the disks go into an existing VM (then its
+        cluster's data center decides where the domains must be attached), every chosen
+        disk's storage domain, its state and space. Raises ``RestoreTargetError`` listing
+        every problem, ``ConfigError`` for an unknown ``into_vm``."""
+        what = f"restore of VM {self.manifest.vm_name}"
+        disks = [self.recorded(e) for e in self.chosen()]
+        if self.options.into_vm is not None:
+            target = await self.find_target_vm()
+            vm = await inventory.vm(self.client, target.id)
+            await preflight.check(
+                self.client, what=what, disks=disks, cluster=vm.cluster_id, vm_name=None
+            )
+            return
+        await preflight.check(
+            self.client,
+            what=what,
+            disks=disks,
+            cluster=self.options.cluster or ovf_cluster(self.ovf) or "Default",
+            vm_name=self.name,
+            replaces=self.options.replaces,
+        )
+
     async def add_disk(
         self, entry: DiskEntry, record: ResourceRecorder, created_cb: Callable[[str], None]
     ) -> tuple[Any, bool]:
@@ -272,10 +324,8 @@ class VmRestore:
         Returns (the new disk as the engine answered, sparse). Shared by the imageio and the
         DataMover targets."""
         attrs = dict(entry.attributes)
-        fmt = attrs.get("format", "cow")
-        sparse_text = attrs.get("sparse") or self.ovf_facts.get(entry.disk_id, {}).get("sparse")
-        sparse = sparse_text == "true" if sparse_text else fmt == "cow"
-        domain = self.options.storage_domain or attrs.get("storage_domain")
+        facts = self.recorded(entry)
+        fmt, sparse, domain = facts.format, facts.sparse, facts.domain
         if not domain:
             raise OvirtRestoreError(
                 vm=self.manifest.vm_name,
@@ -501,13 +551,14 @@ async def vm_restore(
     ``ovf``: the snapshot's stored VM configuration (None: the VM is created from plain
     fields). ``factory`` makes it (same arguments as ``VmRestore``):
     ``attach_restore.AttachVmRestore`` writes the disks through the DataMover instead of
-    imageio uploads. An unknown ``into_vm`` fails before any disk is created."""
+    imageio uploads. The target is checked (``VmRestore.preflight``) before it is given:
+    ``RestoreTargetError`` lists every problem, an unknown ``into_vm`` is a ``ConfigError``;
+    either way nothing was created."""
     recovery = EngineConfig.from_section(engine).record()
     config = EngineConfig.from_section(engine, gate=api_gate)
     async with (
         EngineClient(config) as client,
         factory(client, manifest, ovf, options, recovery) as vr,
     ):
-        if options.into_vm is not None:
-            await vr.find_target_vm()
+        await vr.preflight()
         yield vr

@@ -20,8 +20,11 @@
                      rewrites every slot); otherwise (never reached transferring, or the
                      finalize failed): cancel, which leaves the disk illegal on a real
                      engine (API-NOTES § 5.2), so the next refresh's check asks a full run
-      full(manifest):  ``restore.vm_restore`` as ``<vm><suffix>`` in the policy's cluster and
-                     storage domain; the VM is created down with the disks attached
+      full(manifest, old):  ``restore.vm_restore`` as ``<vm><suffix>`` in the policy's
+                     cluster and storage domain, its pre-flight first (``preflight``: a
+                     missing cluster or domain, one without room, the name held by a VM
+                     other than ``old``'s fail before any disk is made or the old standby
+                     discarded); the VM is created down with the disks attached
       discard(state):  delete the old standby VM (keeping its disks), then its recorded disks
 
 Why finalize and not cancel on failure: cancelling an upload makes the disk illegal, and an
@@ -280,11 +283,15 @@ class OvirtStandby:
         return _RefreshUpload(self, entry, disk, record)
 
     @asynccontextmanager
-    async def full(self, manifest: Manifest) -> AsyncIterator[_Full]:
+    async def full(self, manifest: Manifest, old: StandbyState | None) -> AsyncIterator[_Full]:
+        """A full run as a ``VmRestore``, whose pre-flight checks the policy's cluster and
+        storage domain and the name, which only ``old``'s VM may hold (it is discarded
+        before the new one is created)."""
         options = RestoreOptions(
             name=self.name,
             cluster=self.standby.cluster,
             storage_domain=self.standby.storage_domain,
+            replaces=old.standby_vm_id if old is not None else None,
         )
         if manifest.snapshot_id != self.manifest.snapshot_id:
             raise self.error(

@@ -2,6 +2,7 @@
 (images made with qemu-img, uploaded through real ovirt-imageio), VMs from the OVF the fake
 generates or from plain fields, disk attachments, deletes, and the engine's refusals."""
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -340,3 +341,54 @@ async def test_the_plugin_deletes_a_disk_still_locked_once_it_is_ok(
         assert clock.now() - before >= lab.engine.faults.disk_seconds  # it waited, not failed
         assert disk.id not in lab.engine.activity.inventory.disks
         assert await delete_disk(client, disk.id) is False  # gone: done
+
+
+def domain_in_dc(conn: sdk.Connection, dc_id: str, sd_id: str) -> types.StorageDomain:
+    dcs = conn.system_service().data_centers_service()
+    return (
+        dcs.data_center_service(dc_id).storage_domains_service().storage_domain_service(sd_id).get()
+    )
+
+
+def domain(conn: sdk.Connection, sd_id: str) -> types.StorageDomain:
+    return conn.system_service().storage_domains_service().storage_domain_service(sd_id).get()
+
+
+async def test_a_domain_has_a_status_in_its_data_center_and_only_there(lab: Lab) -> None:
+    inv = lab.engine.inventory
+    sd = inv.storage_domains[SD_ID]
+    top = await lab.sdk(partial(domain, sd_id=SD_ID))
+    assert top.status is None  # the engine: an attached domain's status is the pool's
+    assert [d.id for d in top.data_centers] == [sd.data_center_id]
+    inner = await lab.sdk(partial(domain_in_dc, dc_id=sd.data_center_id, sd_id=SD_ID))
+    assert inner.status == types.StorageDomainStatus.ACTIVE
+    inv.storage_domains[SD_ID] = replace(sd, status="maintenance")
+    inner = await lab.sdk(partial(domain_in_dc, dc_id=sd.data_center_id, sd_id=SD_ID))
+    assert inner.status == types.StorageDomainStatus.MAINTENANCE
+    e = await lab.sdk(fault(add_disk))
+    assert e.code == 409
+    assert "Storage Domain's status is Maintenance" in str(e)
+    assert lab.engine.activity.images_dir is None or not any(
+        lab.engine.activity.images_dir.glob("*")
+    )
+
+
+async def test_new_disks_take_the_domains_space_and_give_it_back(lab: Lab) -> None:
+    inv = lab.engine.inventory
+    before = inv.storage_domains[SD_ID]
+    thin = await lab.sdk(add_disk)
+    assert inv.storage_domains[SD_ID].available == before.available  # a thin file grows later
+    full = await lab.sdk(partial(add_disk, sparse=False, format=types.DiskFormat.RAW))
+    after = await lab.sdk(partial(domain, sd_id=SD_ID))
+    assert after.available == before.available - 2 * MiB
+    assert after.used == before.used + 2 * MiB
+    inv.storage_domains[SD_ID] = replace(inv.storage_domains[SD_ID], available=MiB)
+    e = await lab.sdk(fault(partial(add_disk, sparse=False, format=types.DiskFormat.RAW)))
+    assert e.code == 409
+    assert "Low disk space on Storage Domain data1" in str(e)
+    await lab.sdk(partial(disk_ok, disk_id=full.id))
+    await lab.sdk(partial(remove_disk, disk_id=full.id))
+    assert inv.storage_domains[SD_ID].available == 3 * MiB
+    await lab.sdk(partial(disk_ok, disk_id=thin.id))
+    await lab.sdk(partial(remove_disk, disk_id=thin.id))
+    assert inv.storage_domains[SD_ID].available == 3 * MiB

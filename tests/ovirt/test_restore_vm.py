@@ -151,9 +151,9 @@ async def test_a_failed_restore_leaves_nothing(tmp_path: Path, lab: Lab, failure
     snapshot_id, _ = await full_backup(config, tmp_path, images)
     before = await asyncio.to_thread(view, engine)
     args: list[str | Path] = ["restore", snapshot_id, "--config", config]
-    if failure == "storage-domain":
+    if failure == "storage-domain":  # refused by the pre-flight, before the first disk
         args += ["--storage-domain", "nosuch"]
-    elif failure == "name-in-use":  # fails after every disk was uploaded
+    elif failure == "name-in-use":  # the same (it failed once every disk was uploaded)
         args += ["--name", "vm1"]
     else:
         await corrupt_disk_data(tmp_path / "store", snapshot_id)
@@ -169,6 +169,9 @@ async def test_a_failed_restore_leaves_nothing(tmp_path: Path, lab: Lab, failure
     if failure == "corrupt-chunk":
         assert "corrupt" in (out + err).lower()
         assert any(p == "finished_cleanup" for p in after.transfers)  # cancelled mid-upload
+    else:
+        assert "the target is not ready; nothing was created" in err, out + err
+        assert after.transfers == before.transfers  # not one byte moved
 
 
 async def test_one_disk_restored_into_an_existing_vm(tmp_path: Path, lab: Lab) -> None:

@@ -14,6 +14,9 @@ Lists accept ``search=`` (see ``search``; ``page N`` pages by ``max``), ``case_s
 ``follow=disk_attachments``, ``follow=disk_attachments.disk`` and ``follow=tags``, which inline
 those sub-collections. ``all_content=true`` (query, or the ``All-Content: true`` header the SDK
 adds along) adds each VM's OVF (``ovf.vm_ovf``) in ``initialization.configuration``.
+A storage domain's status in its data center (active, maintenance…) is served only under
+``datacenters/{id}/storagedomains[/{sd}]``, as the engine does; ``storagedomains`` shows the
+status of an unattached domain alone.
 """
 
 import asyncio
@@ -28,7 +31,14 @@ from ovirtsdk4 import types
 from plugins.lab.engine import ovf, render, search
 from plugins.lab.engine.faults import FAULTS
 from plugins.lab.engine.sso import Sessions
-from plugins.lab.engine.state import BLANK_TEMPLATE_ID, ROOT_TAG_ID, Inventory, Vm, lab_id
+from plugins.lab.engine.state import (
+    BLANK_TEMPLATE_ID,
+    ROOT_TAG_ID,
+    Inventory,
+    StorageDomain,
+    Vm,
+    lab_id,
+)
 
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", Sessions)
@@ -97,6 +107,29 @@ def _get(table: Mapping[str, _T], request: web.Request, kind: str) -> _T:
         return table[obj_id]
     except KeyError:
         raise Fault(404, f"Entity not found: {kind} {obj_id}", "Not Found") from None
+
+
+def _attached(request: web.Request) -> list[StorageDomain]:
+    inv = request.app[INVENTORY]
+    dc = _get(inv.data_centers, request, "data center")
+    return [s for s in inv.storage_domains.values() if s.attached and s.data_center_id == dc.id]
+
+
+async def _dc_storage_domains(request: web.Request) -> web.Response:
+    """``datacenters/{id}/storagedomains``: the domains attached to the data center,
+    each with its status there."""
+    return render.xml_response(
+        [render.storage_domain(s, in_data_center=True) for s in _attached(request)],
+        root="storage_domains",
+    )
+
+
+async def _dc_storage_domain(request: web.Request) -> web.Response:
+    sd_id = request.match_info["sd_id"]
+    for sd in _attached(request):
+        if sd.id == sd_id:
+            return render.xml_response(render.storage_domain(sd, in_data_center=True))
+    raise Fault(404, f"Entity not found: storage domain {sd_id}", "Not Found")
 
 
 def _listing(
@@ -214,7 +247,7 @@ def routes() -> list[web.RouteDef]:
             request,
             "storage_domains",
             inv.storage_domains.values(),
-            lambda s: {"name": s.name, "id": s.id, "type": "data", "status": "active"},
+            lambda s: {"name": s.name, "id": s.id, "type": "data", "status": s.status},
             render.storage_domain,
         )
 
@@ -320,6 +353,8 @@ def routes() -> list[web.RouteDef]:
         web.get(f"{a}/", root),
         web.get(f"{a}/datacenters", datacenters),
         web.get(f"{a}/datacenters/{{id}}", datacenter),
+        web.get(f"{a}/datacenters/{{id}}/storagedomains", _dc_storage_domains),
+        web.get(f"{a}/datacenters/{{id}}/storagedomains/{{sd_id}}", _dc_storage_domain),
         web.get(f"{a}/clusters", clusters),
         web.get(f"{a}/clusters/{{id}}", cluster),
         web.get(f"{a}/storagedomains", storage_domains),

@@ -83,7 +83,11 @@ def _host_storage(sd: state.StorageDomain) -> types.HostStorage:
     return types.HostStorage(type=kind, address="127.0.0.1", path="/lab")
 
 
-def storage_domain(sd: state.StorageDomain) -> types.StorageDomain:
+def storage_domain(sd: state.StorageDomain, *, in_data_center: bool = False) -> types.StorageDomain:
+    """``sd`` as ``storagedomains/{id}`` serves it, or (``in_data_center``) as
+    ``datacenters/{dc}/storagedomains/{id}`` does. Only the latter carries an attached
+    domain's status; the top level shows the status of an unattached domain only (as the
+    engine: ``StorageDomainMapper`` fills it from the pool's map, empty outside a pool)."""
     out = types.StorageDomain(
         id=sd.id,
         name=sd.name,
@@ -96,9 +100,15 @@ def storage_domain(sd: state.StorageDomain) -> types.StorageDomain:
         block_size=512,
         external_status=types.ExternalStatus.OK,
         storage_format=types.StorageFormat.V5,
-        data_centers=[types.DataCenter(id=sd.data_center_id)],
+        data_centers=[types.DataCenter(id=sd.data_center_id)] if sd.attached else None,
     )
-    out.href = f"{API}/storagedomains/{sd.id}"
+    if in_data_center or not sd.attached:
+        out.status = types.StorageDomainStatus(sd.status)
+    if in_data_center:
+        out.data_center = types.DataCenter(id=sd.data_center_id)
+        out.href = f"{API}/datacenters/{sd.data_center_id}/storagedomains/{sd.id}"
+    else:
+        out.href = f"{API}/storagedomains/{sd.id}"
     return out
 
 

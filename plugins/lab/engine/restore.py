@@ -11,6 +11,14 @@
   thin ``cow`` disk is a volume of fixed allocation from ``initial_size`` (else the lab's
   chunk), which uploads and DataMover writes cannot pass (``volumes``); ``initial_size`` is
   ignored on file domains, as vdsm does.
+  The domain must be ``active`` in its data center (409 otherwise, as
+  ``ACTION_TYPE_FAILED_STORAGE_DOMAIN_STATUS_ILLEGAL2``) and have ``available`` bytes for
+  the new volume's allocation (409 "Low disk space", as
+  ``ACTION_TYPE_FAILED_DISK_SPACE_LOW_ON_STORAGE_DOMAIN``): the whole size for a
+  preallocated disk, the fixed volume for a thin one on block storage, nothing for a thin
+  one on file storage (its file grows as it is written; the lab does not count that
+  growth). The allocation moves from ``available`` to ``used``, and back when the disk is
+  deleted.
 - ``create_vm``: a new VM, ``down``, without disks. From an OVF
   (``initialization.configuration`` type ``ovf``) CPU, memory, OS and NICs come from the OVF
   and request fields override them (the name, memory, CPU); without an OVF, ``template`` is
@@ -98,9 +106,23 @@ async def create_disk(a: Activity, body: types.Disk) -> Disk:
             "[Cannot add Virtual Disk. Disk configuration (RAW Sparse) is incompatible with "
             "the storage domain type.]",
         )
+    if sd.status != "active":
+        raise Fault(
+            409,
+            "[Cannot add Virtual Disk. The relevant Storage Domain's status is "
+            f"{sd.status.capitalize()}.]",
+        )
     if a.images_dir is None:
         raise Fault(409, "[Cannot add Virtual Disk. The lab engine has no images directory.]")
     async with a._lock:
+        sd = a.inventory.storage_domains[sd.id]  # its space, as others left it
+        allocation = 0 if sparse else body.provisioned_size
+        if sd.block and fmt == "cow" and sparse:
+            allocation = volumes.allocation(body.initial_size, a.faults.volume_chunk)
+        if allocation > sd.available:
+            raise Fault(
+                409, f"[Cannot add Virtual Disk. Low disk space on Storage Domain {sd.name}.]"
+            )
         disk_id = body.id or a.new_id()
         if disk_id in a.inventory.disks:
             raise Fault(409, f"[Cannot add Virtual Disk. Disk {disk_id} already exists.]")
@@ -111,12 +133,12 @@ async def create_disk(a: Activity, body: types.Disk) -> Disk:
             await qemu.create(path, "qcow2" if fmt == "cow" else "raw", body.provisioned_size)
         except qemu.QemuError as e:
             raise Fault(409, f"[Cannot add Virtual Disk. {e}]") from e
-        actual = 0 if sparse else body.provisioned_size
+        actual = allocation
         if sd.block and fmt == "cow" and sparse:
             # A logical volume of a fixed size (``volumes``); the engine reports its size.
-            actual = volumes.allocation(body.initial_size, a.faults.volume_chunk)
             os.truncate(path, max(actual, path.stat().st_size))
             a.volume_sizes[path] = actual
+        _allocate(a, sd.id, actual)
         disk = Disk(
             id=disk_id,
             alias=alias,
@@ -171,8 +193,18 @@ async def delete_disk(a: Activity, disk_id: str) -> None:
         _forget_disk(a, disk)
 
 
+def _allocate(a: Activity, sd_id: str, size: int) -> None:
+    """Move ``size`` bytes of the domain from ``available`` to ``used`` (negative: back)."""
+    sd = a.inventory.storage_domains[sd_id]
+    a.inventory.storage_domains[sd_id] = replace(
+        sd, available=sd.available - size, used=max(0, sd.used + size)
+    )
+
+
 def _forget_disk(a: Activity, disk: Disk) -> None:
     del a.inventory.disks[disk.id]
+    if disk.storage_domain_id in a.inventory.storage_domains:
+        _allocate(a, disk.storage_domain_id, -disk.actual_size)
     a.creating_disks.pop(disk.id, None)
     path = a.images.pop(disk.id, None)
     if path is not None:

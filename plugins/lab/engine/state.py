@@ -193,6 +193,15 @@ class StorageDomain:
     available: int
     used: int
     storage_type: str = "nfs"  # the engine's StorageType: nfs, iscsi, fcp…
+    # The domain's status in its data center (StorageDomainStatus: active, maintenance,
+    # inactive, locked…; ``unattached``: in no data center). As on the engine, the
+    # top-level ``storagedomains`` shows it only for an unattached domain; an attached
+    # one's is served under ``datacenters/{id}/storagedomains``.
+    status: str = "active"
+
+    @property
+    def attached(self) -> bool:
+        return self.status != "unattached"
 
     @property
     def block(self) -> bool:

@@ -187,7 +187,8 @@ async def test_full_backup_reads_data_slots_once_and_restores_exactly(rig: Rig) 
     assert os_stats.new_chunks == len(DATA_SLOTS) - 3  # slots 31-33 repeat slot 30
     assert os_stats.known_chunks == 3
     assert (blank_stats.zero_slots, blank_stats.read_slots) == (BLANK_SLOTS, 0)
-    assert done == {"disk-os": len(rig.os.data), "disk-blank": BLANK_SLOTS * CHUNK}
+    assert done == {"web01_os": len(rig.os.data), "web01_blank": BLANK_SLOTS * CHUNK}
+    assert [d.name for d in outcome.disks] == ["web01_os", "web01_blank"]  # for the mails
     ids = diskmap_ids(rig.store, manifest, 0)
     assert [i for i, cid in enumerate(ids) if cid == ZERO_ID] == sorted(ZERO_SLOTS)
     assert set(diskmap_ids(rig.store, manifest, 1)) == {ZERO_ID}
@@ -208,6 +209,19 @@ async def test_full_backup_reads_data_slots_once_and_restores_exactly(rig: Rig) 
     os_target = targets.disks[0]
     assert os_target.zeroes == []
     assert {off // CHUNK for off, _ in os_target.writes} == DATA_SLOTS
+
+
+async def test_progress_names_disks_and_adds_the_id_only_to_a_shared_name(rig: Rig) -> None:
+    rig.vm.disks.append(MemoryDisk("disk-os2", "web01_os", bytearray(2 * CHUNK)))
+    seen: set[str] = set()
+    outcome = await rig.backup("full", progress=lambda disk, n, size: seen.add(disk))
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert seen == {"web01_os (disk-os)", "web01_blank", "web01_os (disk-os2)"}
+    assert outcome.manifest is not None
+    seen.clear()
+    restored, _ = await rig.restore(outcome.manifest, progress=lambda disk, n, size: seen.add(disk))
+    assert restored.record.state is State.SUCCEEDED, restored.record.error
+    assert seen == {"web01_os (disk-os)", "web01_blank", "web01_os (disk-os2)"}
 
 
 async def test_incremental_reads_only_the_dirty_slots(rig: Rig) -> None:
