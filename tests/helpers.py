@@ -1,10 +1,15 @@
 """Synchronous snapshot write/read helpers for store tests (the async pipeline is separate)."""
 
+import contextlib
+import logging
 import os
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
+
+import structlog
+from structlog.testing import capture_logs
 
 from engine.core.ids import ZERO_ID
 from engine.store.chunk_store import Store
@@ -92,3 +97,18 @@ async def backup_with_retries(
         )
     finally:
         await pool.aclose()
+
+
+@contextlib.contextmanager
+def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """``structlog.testing.capture_logs`` at every level. ``capture_logs`` swaps only the
+    processors, so a level set by an earlier test in the same worker (a CLI or daemon run
+    in-process configures a filtering logger, e.g. at warning) would still drop info
+    events before they reach the capture; the configuration is restored after."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**saved)

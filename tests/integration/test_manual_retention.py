@@ -8,11 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from engine.store.chunk_store import Store
 from tests.daemon_setup import CHUNK, daemon_config, running
-from tests.helpers import realistic_bytes
+from tests.helpers import capture_all_logs, realistic_bytes
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
 from tests.memory import MemoryDisk, MemoryVm
 
@@ -52,7 +51,7 @@ async def test_a_policy_retention_leaves_a_manual_backup_unless_told(
             (manual,) = service.start_backup(["web1"])  # POST /v1/backups, no policy
             assert manual.task is not None
             await manual.task
-            with capture_logs() as logs:
+            with capture_all_logs() as logs:
                 await service.run_policy(policy, datetime.now(UTC))
             views = sorted(service.jobs.jobs(), key=lambda v: v.created)
     assert [(v.policy, v.state) for v in views] == [

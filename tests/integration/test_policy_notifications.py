@@ -10,10 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from tests.daemon_setup import CHUNK, daemon_config, running
-from tests.helpers import realistic_bytes
+from tests.helpers import capture_all_logs, realistic_bytes
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
 from tests.integration.test_smtp import Mailbox, smtp_server
 from tests.integration.webhook_server import Receiver, hook_server
@@ -67,7 +66,7 @@ async def test_a_policy_run_sends_one_digest_and_one_webhook_call(tmp_path: Path
         with installed(MemoryHypervisor(vms())):
             async with running(config) as service:
                 (policy,) = service.policies
-                with capture_logs() as logs:
+                with capture_all_logs() as logs:
                     await service.run_policy(policy, datetime.now(UTC))
                 jobs = {view.vm: view for view in service.jobs.jobs()}
     assert (jobs["web1"].state, jobs["db1"].state) == ("succeeded", "failed")
@@ -115,7 +114,7 @@ async def test_a_run_the_rules_do_not_want_and_an_unreachable_webhook(tmp_path: 
         with installed(MemoryHypervisor(vms())):
             async with running(config) as service:
                 (policy,) = service.policies
-                with capture_logs() as logs:
+                with capture_all_logs() as logs:
                     await service.run_policy(policy, datetime.now(UTC))
                     # a run that raised "failure" only: [success] hears nothing
                     assert mailbox.envelopes == [] and receiver.calls == []

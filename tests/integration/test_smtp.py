@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from structlog.testing import capture_logs
 
 from engine.config.models import SmtpSection
 from engine.config.policy import Notifications
 from engine.obs.digest import RunSummary
 from engine.obs.notify import Notifier
 from engine.obs.summary import DiskSummary, JobSummary
+from tests.helpers import capture_all_logs
 from tests.integration.selfsigned import CertFiles, make_cert
 
 pytestmark = pytest.mark.integration
@@ -172,7 +172,7 @@ async def test_untrusted_certificate_is_a_logged_failure(tmp_path: Path) -> None
     mailbox = Mailbox()
     async with smtp_server(mailbox, tls_context=cert.server_context()) as port:
         notifier = Notifier(section(port, tmp_path, starttls=True))  # system CA bundle
-        with capture_logs() as logs:
+        with capture_all_logs() as logs:
             assert not await notifier.send_job(SUMMARY, ["ops@example.org"], "failure")
     assert mailbox.envelopes == []
     assert notifier.failed == 1
@@ -196,7 +196,7 @@ async def test_auth_over_starttls(tmp_path: Path, exclude: list[str], mechanism:
     async with smtp_server(mailbox, **_auth_server(cert, mailbox, exclude)) as port:
         smtp = section(port, tmp_path, starttls=True, password=PASSWORD)
         notifier = Notifier(smtp, tls_context=cert.client_context())
-        with capture_logs() as logs:
+        with capture_all_logs() as logs:
             assert await notifier.send_job(SUMMARY, ["ops@example.org"], "failure")
     check_message(mailbox, ["ops@example.org"])
     assert mailbox.mechanisms == [mechanism]
@@ -210,7 +210,7 @@ async def test_wrong_password_is_logged_never_raised(tmp_path: Path) -> None:
     async with smtp_server(mailbox, **_auth_server(cert, mailbox, [])) as port:
         smtp = section(port, tmp_path, starttls=True, password=wrong)
         notifier = Notifier(smtp, tls_context=cert.client_context())
-        with capture_logs() as logs:
+        with capture_all_logs() as logs:
             assert not await notifier.send_job(SUMMARY, ["ops@example.org"], "failure")
     assert mailbox.envelopes == []
     assert (notifier.sent, notifier.failed) == (0, 1)
@@ -229,7 +229,7 @@ async def test_server_down_is_logged_never_raised(tmp_path: Path) -> None:
     async with smtp_server(mailbox) as port:
         pass  # closed again: nothing listens on the port now
     notifier = Notifier(section(port, tmp_path, starttls=False))
-    with capture_logs() as logs:
+    with capture_all_logs() as logs:
         assert not await notifier.send_job(SUMMARY, ["ops@example.org"], "failure")
     assert notifier.failed == 1
     assert logs[0]["event"] == "notify.failed"
