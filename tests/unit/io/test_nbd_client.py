@@ -308,7 +308,9 @@ def test_requests_keep_their_order_behind_bytes_the_socket_could_not_take(
                         await asyncio.sleep(0.01)
                 offsets = [(3 << 20) + i * 4096 for i in range(4)]
                 reads = [asyncio.create_task(client.read(o, 4096)) for o in offsets]
-                await asyncio.sleep(0.05)  # their headers are sent: behind the payload's rest
+                async with asyncio.timeout(BOUNDED):  # their headers are sent (registered)
+                    while len(client._conn._waiters) < 2 + len(offsets):
+                        await asyncio.sleep(0)
                 gate.set()
                 # While the transport still holds payload, the socket has room again as the
                 # server reads: the moment a header could overtake. Keep sending through it.
