@@ -37,9 +37,11 @@ lint: venv
 	$(BIN)/lint-imports
 
 # --maxfail: thirty failures mean a broken machine or tree; stop and show them (CI shows the
-# tail of the output) rather than run on for an hour. tests/watchdog.py names a hung test.
+# tail of the output) rather than run on for an hour. tests/watchdog.py names a hung test
+# and a dead worker. --max-worker-restart=1: a test that kills its worker twice ends the run
+# (xdist's loadfile scheduling can otherwise wait forever for that file).
 test: venv sysdeps
-	$(BIN)/pytest -m 'not bench and not slow' -n 2 --dist loadfile --durations=25 --maxfail=30
+	$(BIN)/pytest -m 'not bench and not slow' -n 2 --dist loadfile --durations=25 --maxfail=30 --max-worker-restart=1
 
 check: lint test
 

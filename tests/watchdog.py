@@ -10,8 +10,14 @@ controller, or the only process without xdist), keeps a thread that:
   it started, before pytest-timeout's limit ends its worker, and prints the evidence (below)
   once per test;
 * when the whole run passes ``TESSERA_TEST_SESSION_LIMIT`` seconds (default
-  ``SESSION_LIMIT``), prints the evidence, kills every process under the run and exits with
-  status 3, so CI ends in minutes with the cause on screen.
+  ``SESSION_LIMIT``), or no test has started or ended for ``TESSERA_TEST_STALL_LIMIT`` seconds
+  (default ``STALL_LIMIT``: pytest-timeout ends any one test long before), prints the evidence,
+  kills every process under the run and exits with status 3, so CI ends in minutes with the
+  cause on screen;
+* when an xdist worker dies (a crash: no report from the worker itself), prints the evidence
+  at once, and names the dead worker in every later summary with how it ended: its exit
+  status or signal (read from ``/proc`` while it is a zombie) and the head of the fatal error
+  that ``faulthandler`` wrote for it (a segfault, an abort) with the Python line it was at.
 
 The evidence: the tests running and for how long; the process tree under the run with each
 process's state and kernel wait channel (and its kernel stack when it is in uninterruptible
@@ -19,6 +25,11 @@ sleep, the mark of a hung FUSE or block request); the FUSE mounts; the free spac
 temporary files (a full disk makes servers hang in odd places); and every worker's Python
 stacks, all threads, which each worker writes when sent ``SIGUSR1`` (``faulthandler``) into a
 file under a directory the controller makes (``TESSERA_TEST_WATCH``, inherited by workers).
+The same file takes a worker's fatal-signal traceback.
+
+Workers are restarted once after a crash (``--max-worker-restart=1`` in the Makefile): xdist
+runs the crashed test again, and a second crash ends the run rather than hang it (with
+``--dist loadfile`` xdist 3.8 can wait forever for a file whose test crashed twice).
 
 CI shows only the last lines of what a run printed, so every report ends with a summary of at
 most ``SUMMARY_LINES`` lines: how far the run got (tests done of all, failed so far, seconds,
@@ -47,10 +58,12 @@ ENV: Final = "TESSERA_TEST_WATCH"  # the directory of the workers' stack files
 LIMIT_ENV: Final = "TESSERA_TEST_SESSION_LIMIT"
 WARN_ENV: Final = "TESSERA_TEST_WARN_AFTER"
 LOW_SPACE_ENV: Final = "TESSERA_TEST_LOW_SPACE"
+STALL_ENV: Final = "TESSERA_TEST_STALL_LIMIT"
 WARN_AFTER: Final = 240.0  # pytest-timeout ends a worker at 300 s
 # CI's limit is 90 min for everything (a new venv and packages included); make check takes
 # 10-13 min there and here. Past an hour it is hung, or so slow that the evidence is the news.
 SESSION_LIMIT: Final = 60 * 60.0
+STALL_LIMIT: Final = 10 * 60.0  # no test started or ended: pytest-timeout ends one at 300 s
 POLL: Final = 5.0
 DUMP_WAIT: Final = 3.0  # at most, for the workers' faulthandler to write
 EXIT_STATUS: Final = 3
@@ -77,6 +90,16 @@ def pytest_configure(config: pytest.Config) -> None:
     stacks = (directory / f"{name}.{_process_key(os.getpid())}.stacks").open("a", encoding="utf-8")
     _stack_file.append(stacks)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fatal signals (SIGSEGV, SIGBUS, SIGABRT, ...) write their traceback into the stack file
+    too, after pytest's own faulthandler plugin (configure) sent them to stderr: a worker's
+    stderr is lost in CI's tail, the controller reads the file when the worker is reported
+    down."""
+    if _stack_file:
+        faulthandler.enable(file=_stack_file[0], all_threads=True)
 
 
 def _process_key(pid: int) -> str:
@@ -108,6 +131,9 @@ class Watchdog:
         self.slowest: list[tuple[float, str]] = []  # (seconds, node id), longest first
         self.low_space = int(os.environ.get(LOW_SPACE_ENV, LOW_SPACE))
         self.low_space_reported = False
+        self.stall_limit = float(os.environ.get(STALL_ENV, STALL_LIMIT))
+        self.last_event = self.started  # a test started or ended
+        self.crashes: list[str] = []  # "gw0 (pid N) down: how it ended; the fatal error's head"
         self.lock = threading.Lock()
         self.offsets: dict[Path, int] = {}
         self.stderr = os.dup(2)  # the real one: pytest's capture is suspended at configure
@@ -121,18 +147,31 @@ class Watchdog:
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
         with self.lock:
-            self.running[nodeid] = time.monotonic()
+            self.running[nodeid] = self.last_event = time.monotonic()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed:
             reason = _first_line(report)
             with self.lock:
                 self.failures.append(f"{report.nodeid} ({report.when}): {reason}")
+                if report.when == "???":  # xdist's report for a test whose worker died
+                    self.running.pop(report.nodeid, None)
+
+    def pytest_testnodedown(self, node: object, error: object | None) -> None:
+        """An xdist worker is gone; with an error it died (SIGKILL, a segfault, os._exit)."""
+        if not error:
+            return
+        name = getattr(getattr(node, "gateway", None), "id", "?")
+        crash = f"{name} down ({error}): {_how_it_ended(self.directory, name)}"
+        with self.lock:
+            self.crashes.append(crash[:300])
+        self._report(f"worker {name} died")
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         with self.lock:
             started = self.running.pop(nodeid, None)
             self.done += 1
+            self.last_event = time.monotonic()
             if started is not None:
                 self.slowest.append((time.monotonic() - started, nodeid))
                 self.slowest = sorted(self.slowest, reverse=True)[:3]
@@ -145,8 +184,13 @@ class Watchdog:
                 late = [n for n, t in self.running.items() if now - t > self.warn_after]
                 fresh = [n for n in late if n not in self.reported]
                 self.reported.update(fresh)
+                idle = now - self.last_event
+                unfinished = not self.collected or self.done < self.collected
             if now - self.started > self.limit:
                 self._report(f"the test run passed its limit of {self.limit:.0f} s")
+                self._stop()
+            if idle > self.stall_limit and unfinished:
+                self._report(f"no test started or ended for {idle:.0f} s")
                 self._stop()
             if fresh:
                 self._report(f"running for more than {self.warn_after:.0f} s: {', '.join(fresh)}")
@@ -201,6 +245,7 @@ class Watchdog:
         with self.lock:
             running = sorted(self.running.items(), key=lambda item: item[1])
             failures, slowest = list(self.failures), list(self.slowest)
+            crashes = list(self.crashes)
             done, collected = self.done, self.collected
         share = f" ({100 * done // collected} %)" if collected else ""
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -212,6 +257,7 @@ class Watchdog:
         ]
         lines += [f"  running {now - t:5.0f} s: {n}" for n, t in running]
         lines += [f"  worker {w}" for w in _workers(os.getpid())]
+        lines += [f"  died: {c}" for c in crashes[:3]]
         lines += [f"  failed: {f}"[:300] for f in failures[:4]]
         if len(failures) > 4:
             lines.append(f"  ... and {len(failures) - 4} more failed")
@@ -249,6 +295,44 @@ def _first_line(report: pytest.TestReport) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
     text = crash.message if crash is not None else str(report.longrepr)
     return next((line for line in text.splitlines() if line.strip()), "?")
+
+
+def _how_it_ended(directory: Path, name: str) -> str:
+    """A dead worker's end: its exit status or signal while it is an unreaped zombie (field
+    ``exit_code`` of ``/proc/pid/stat``), and the fatal error ``faulthandler`` wrote in its
+    stack file: the error line and the innermost Python frame of the thread that took it."""
+    parts = []
+    for path in sorted(directory.glob(f"{name}.*.stacks")):
+        pid = int(path.name.split(".")[1])
+        try:
+            fields = _stat(pid)
+        except (OSError, IndexError):
+            parts.append(f"pid {pid} reaped, its exit status unknown")
+        else:
+            if fields[0] == "Z":
+                parts.append(f"pid {pid} {_wait_status(int(fields[49]))}")
+            else:  # still exiting (xdist names a worker once: never an earlier one)
+                parts.append(f"pid {pid} still there, state {fields[0]}")
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        fatal = [i for i, line in enumerate(text) if line.startswith("Fatal Python error")]
+        if fatal:
+            after = text[fatal[-1] :]
+            current = next((i for i, line in enumerate(after) if line.startswith("Current ")), 0)
+            frames = [line.strip() for line in after[current:] if line.strip().startswith("File")]
+            parts.append(after[0] + (f" at {frames[0]}" if frames else ""))
+        else:
+            parts.append("no fatal error written (SIGKILL, os._exit, or a killed process)")
+    return "; ".join(parts) or "no stack file names it"
+
+
+def _wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def _free_space() -> int:

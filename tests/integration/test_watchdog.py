@@ -4,7 +4,9 @@ A run with a test that hangs, and a helper process it started, under a short ses
 the watchdog must name the test, show the worker's Python stack at the hanging line, kill the
 helper, and end the run with its own exit status instead of waiting for CI's limit. CI shows
 only the tail of the output, so the last lines must be the summary: progress, the failure so
-far with its reason, the running test, the worker's state, the low-space alarm.
+far with its reason, the running test, the worker's state, the low-space alarm. A worker that
+dies is named with how it ended (the signal, the fatal error and its line); a run where no
+test starts or ends for too long is stopped.
 """
 
 import os
@@ -14,7 +16,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.watchdog import EXIT_STATUS, LIMIT_ENV, LOW_SPACE_ENV, SUMMARY_LINES, WARN_ENV
+from tests.watchdog import (
+    EXIT_STATUS,
+    LIMIT_ENV,
+    LOW_SPACE_ENV,
+    STALL_ENV,
+    SUMMARY_LINES,
+    WARN_ENV,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +114,73 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+CRASHING = """
+import faulthandler
+import os
+import signal
+
+
+def test_quick():
+    pass
+
+
+def test_segfaults():
+    faulthandler._sigsegv()  # the line the summary must name
+
+
+def test_is_killed():
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def run_suite(tmp_path: Path, source: str, env: dict[str, str], *args: str) -> str:
+    """Run ``source`` as a test file under pytest with xdist and the watchdog; its output."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text('pytest_plugins = ["tests.watchdog"]\n')
+    (suite / "test_it.py").write_text(textwrap.dedent(source))
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    full_env.pop("TESSERA_TEST_WATCH", None)  # this run's controller makes its own
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "timeout=0"]
+    proc = subprocess.run(
+        [*command, "--rootdir", str(suite), *args, str(suite)],
+        cwd=suite,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    return f"exit status {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+def test_a_dead_worker_is_named_with_its_signal_and_the_line_it_died_at(tmp_path: Path) -> None:
+    out = run_suite(tmp_path, CRASHING, {}, "-n", "1", "--max-worker-restart=2")
+    assert out.startswith("exit status 1\n"), out
+    assert "watchdog: worker gw0 died" in out, out
+    died = re.findall(r"^  died: .*$", out, re.MULTILINE)
+    segfault = re.compile(
+        r"  died: gw0 down \(Not properly terminated\): pid \d+"
+        r" (killed by SIGSEGV|reaped, its exit status unknown);"
+        r" Fatal Python error: Segmentation fault at File \".*test_it.py\", line 12 in"
+        r" test_segfaults$"
+    )
+    assert any(segfault.match(line) for line in died), out
+    killed = re.compile(
+        r"  died: gw1 down \(Not properly terminated\): pid \d+"
+        r" (killed by SIGKILL|reaped, its exit status unknown);"
+        r" no fatal error written"
+    )
+    assert any(killed.match(line) for line in died), out
+    assert "crashed while running 'test_it.py::test_is_killed'" in out, out
+
+
+def test_a_run_where_no_test_starts_or_ends_is_stopped(tmp_path: Path) -> None:
+    hanging = "import threading\n\ndef test_waits():\n    threading.Event().wait()\n"
+    env = {STALL_ENV: "6", LIMIT_ENV: "200", WARN_ENV: "200"}
+    out = run_suite(tmp_path, hanging, env, "-n", "1")
+    assert out.startswith(f"exit status {EXIT_STATUS}\n"), out
+    assert re.search(r"watchdog summary: no test started or ended for \d+ s", out), out
+    assert re.search(r"running +\d+ s: test_it.py::test_waits", out), out
