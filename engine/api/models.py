@@ -27,3 +27,13 @@ class RestoreRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
 
 class ProtectRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     protected: bool = True
+
+
+class GcRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/maintenance/gc`` (the body may be empty): what ``tessera gc`` was given;
+    an option left out takes the daemon's configuration (``maintenance``)."""
+
+    dry_run: bool = False
+    repack_threshold: float | None = None  # 0..1
+    grace_seconds: float | None = None  # ≥ 0
+    rate_limit: int | None = None  # bytes per second of repack I/O, ≥ 1

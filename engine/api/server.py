@@ -16,7 +16,7 @@ import hmac
 import os
 import ssl
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final
@@ -25,11 +25,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.api.models import BackupRequest, ProtectRequest, RestoreRequest
+from engine.api.models import BackupRequest, GcRequest, ProtectRequest, RestoreRequest
 from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
 from engine.daemon import maintenance
-from engine.daemon.jobs import Busy, ShuttingDown
+from engine.daemon.jobs import AlreadyEnded, Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
@@ -80,7 +80,7 @@ def _auth(tokens: tuple[bytes, ...]) -> Any:
 # (4xx: the request was wrong; 5xx: the daemon, the store or the engine failed).
 _STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
     ((msgspec.DecodeError, msgspec.ValidationError), 400),
-    (Busy, 409),
+    ((Busy, AlreadyEnded), 409),
     (ShuttingDown, 503),
     (SnapshotNotFound, 404),
     (StoreError, 500),
@@ -347,14 +347,20 @@ async def store(request: web.Request) -> web.Response:
 
 
 async def start_maintenance(request: web.Request) -> web.Response:
-    """Run GC or verify now on one store (``?store=``) or every store."""
+    """Run GC or verify now on one store (``?store=``) or every store; a GC takes the
+    options of its body (``GcRequest``: a dry run, another threshold or grace)."""
     s = _service(request)
     kind = request.match_info["kind"]
     if kind not in ("gc", "verify"):
         raise ConfigError(message=f"no maintenance {kind!r} (gc or verify)")
+    gc = None
+    if kind == "gc":
+        body: GcRequest = await _body(request, GcRequest)
+        grace = None if body.grace_seconds is None else timedelta(seconds=body.grace_seconds)
+        gc = maintenance.GcAsked(body.dry_run, body.repack_threshold, grace, body.rate_limit)
     name = request.query.get("store")
     handles = [s.store(name)] if name else list(s.stores.values())
-    views = [maintenance.start(s, kind, handle) for handle in handles]
+    views = [maintenance.start(s, kind, handle, gc=gc) for handle in handles]
     return web.json_response({"jobs": [v.doc() for v in views]}, status=202)
 
 

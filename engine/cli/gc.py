@@ -3,8 +3,10 @@ runs is ``engine.cli.commands.gc``.
 
 Registered from ``engine.cli.maint.register``. The command opens the store for
 writing: GC runs in the process that holds the writer lock, beside that process's backups
-(the daemon runs it as a job); from the command line it therefore needs no backup or daemon
-holding the store, and says so (``StoreLocked``) otherwise.
+(the daemon runs it as a job). With ``--config`` and a daemon answering on the configuration's
+socket, the daemon runs it, with the options given here (``--dry-run`` too) and its
+configuration's for the rest; otherwise it runs here, which needs no backup or daemon holding
+the store (``StoreLocked`` says so).
 """
 
 import argparse
@@ -43,18 +45,17 @@ def register(
     p.add_argument(
         "--repack-threshold",
         type=cli_args.ratio,
-        default=DEFAULT_REPACK_THRESHOLD,
         metavar="RATIO",
         help=f"repack packs whose live bytes are below RATIO of their size "
-        f"(default {DEFAULT_REPACK_THRESHOLD})",
+        f"(default {DEFAULT_REPACK_THRESHOLD}; through the daemon: its configuration's)",
     )
     p.add_argument(
         "--grace",
         type=cli_args.grace,
-        default="7d",
         metavar="DURATION",
         help="keep retired packs and removed snapshots this long, written as the config's "
-        "gc_grace (default 7d; e.g. 12h, 2w, 90m, 1s; 0: no grace)",
+        "gc_grace (default 7d, through the daemon its gc_grace; e.g. 12h, 2w, 90m, 1s; "
+        "0: no grace)",
     )
     p.add_argument(
         "--rate-limit",

@@ -44,6 +44,12 @@ class ShuttingDown(EngineError):
     template = "the daemon is shutting down: no new jobs{why}"
 
 
+class AlreadyEnded(EngineError):
+    """``cancel`` of a job that is no longer running (the API answers 409)."""
+
+    template = "job {job_id} already ended ({state}): nothing to cancel"
+
+
 @dataclass
 class DiskProgress:
     done: int = 0
@@ -322,10 +328,13 @@ class JobManager:
                 bound.warning("job.listener_failed", error=str(e))
 
     def cancel(self, job_id: str) -> JobView:
+        """Cancel a running job (its state machine cleans up first); ``AlreadyEnded`` if it
+        is not running any more."""
         view = self.get(job_id)
-        if view.task is not None and not view.done:
-            view.error = "cancelled by request"
-            view.task.cancel()
+        if view.task is None or view.done:
+            raise AlreadyEnded(job_id=job_id, state=view.state)
+        view.error = "cancelled by request"
+        view.task.cancel()
         return view
 
     async def drain(self, grace: float) -> bool:

@@ -15,6 +15,7 @@ a running one to reach its next commit — both are safe to kill and resume.
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from engine.app.maintenance import run_gc, run_verify, verify_lines
 from engine.app.stores import JobStore
 from engine.app.summaries import gc_doc, verify_doc
 from engine.config.models import MaintenanceSection
+from engine.core.errors import ConfigError
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import JobView
 from engine.maint.gc import GcOptions
@@ -59,16 +61,39 @@ async def run_task(ctx: DaemonContext, task: Task) -> None:
         await asyncio.wait(waits)
 
 
-def start(ctx: DaemonContext, kind: str, handle: JobStore) -> JobView:
+@dataclass(frozen=True)
+class GcAsked:
+    """What ``tessera gc`` asked for through the API (``POST /v1/maintenance/gc``); an
+    option left ``None`` is the configuration's (``maintenance``)."""
+
+    dry_run: bool = False
+    repack_threshold: float | None = None
+    grace: timedelta | None = None
+    rate_limit: int | None = None
+
+
+def start(ctx: DaemonContext, kind: str, handle: JobStore, *, gc: GcAsked | None = None) -> JobView:
+    """Submit ``kind`` on ``handle`` as a job. ConfigError (the API's 400) for GC options out
+    of range, before the job starts."""
     section = ctx.config.maintenance
+    asked = gc or GcAsked()
+    try:
+        options = GcOptions(
+            dry_run=asked.dry_run,
+            grace=section.gc_grace.delta if asked.grace is None else asked.grace,
+            repack_threshold=section.repack_threshold
+            if asked.repack_threshold is None
+            else asked.repack_threshold,
+            rate_limit=asked.rate_limit,
+            now=ctx.clock.now,  # the daemon's clock (injected in tests)
+        )
+    except ValueError as e:
+        raise ConfigError(message=f"gc: {e}") from e
+    if options.grace < timedelta(0):
+        raise ConfigError(message="gc: the grace period cannot be negative")
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         if kind == "gc":
-            options = GcOptions(
-                grace=section.gc_grace.delta,
-                repack_threshold=section.repack_threshold,
-                now=ctx.clock.now,  # the daemon's clock (injected in tests)
-            )
             result = await run_gc(handle.store, options)
             view.outcome = result
             for line in result.lines():
@@ -82,7 +107,10 @@ def start(ctx: DaemonContext, kind: str, handle: JobStore) -> JobView:
             view.error = f"{len(found.findings)} findings; damaged snapshots: {found.damaged}"
         return ("succeeded" if found.ok else "failed"), verify_doc(found)
 
-    return ctx.jobs.submit(kind, f"store:{handle.name}", body, params={"store": handle.name})
+    params: dict[str, Any] = {"store": handle.name}
+    if kind == "gc" and asked.dry_run:
+        params["dry_run"] = True
+    return ctx.jobs.submit(kind, f"store:{handle.name}", body, params=params)
 
 
 def state_file_for(scheduler_state: Path) -> Path:

@@ -79,14 +79,23 @@ class Daemon:
         self.config, self.log = config, log
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, *args: str, kill_at: tuple[str, int] | None = None) -> None:
+    async def start(
+        self,
+        *args: str,
+        kill_at: tuple[str, int] | None = None,
+        pause_at: tuple[str, Path] | None = None,
+    ) -> None:
         """Start ``tessera run`` and wait for its ``READY=1`` on a notify socket, as systemd
         does (``Type=notify``); fails at once if it exits first. ``kill_at`` (failpoint, N):
-        the daemon SIGKILLs itself at the N-th hit (``tests.integration.kill_backup``)."""
+        the daemon SIGKILLs itself at the N-th hit (``tests.integration.kill_backup``);
+        ``pause_at`` (failpoint, directory): it holds at the first hit until the test lets it
+        go (``tests.integration.pause_at``)."""
         name = f"tessera-test-{uuid.uuid4().hex}"
         module = ["engine.cli.main"]
         if kill_at is not None:
             module = ["tests.integration.kill_backup", kill_at[0], str(kill_at[1]), "--"]
+        if pause_at is not None:
+            module = ["tests.integration.pause_at", pause_at[0], str(pause_at[1]), "--"]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
             notify.bind("\0" + name)
             notify.setblocking(False)

@@ -11,6 +11,7 @@ from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.gc import GcOptions, GcResult
+from engine.maint.gc_defaults import DEFAULT_GRACE, DEFAULT_REPACK_THRESHOLD
 from engine.util import aio
 
 
@@ -18,8 +19,10 @@ def options_from_args(args: argparse.Namespace) -> GcOptions:
     try:
         return GcOptions(
             dry_run=args.dry_run,
-            repack_threshold=args.repack_threshold,
-            grace=args.grace,
+            repack_threshold=(
+                DEFAULT_REPACK_THRESHOLD if args.repack_threshold is None else args.repack_threshold
+            ),
+            grace=DEFAULT_GRACE if args.grace is None else args.grace,
             rate_limit=args.rate_limit,
             progress=_progress if sys.stderr.isatty() and not args.json else None,
         )
@@ -34,12 +37,15 @@ def _progress(step: str, done: int, total: int) -> None:
 def cmd_gc(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     if args.config is not None and (socket := cli_service.daemon_socket(args.config)):
-        if args.dry_run:
-            raise ConfigError(
-                message="gc: --dry-run runs here only; stop the daemon or use --store"
-            )
-        # The daemon runs it as a job with its configured grace and threshold.
-        return aio.run(cli_service.submit_and_follow(socket, "/v1/maintenance/gc", {}))
+        # The daemon runs it as a job: what was given here, its configuration for the rest.
+        body = {"dry_run": args.dry_run}
+        if args.repack_threshold is not None:
+            body["repack_threshold"] = args.repack_threshold
+        if args.grace is not None:
+            body["grace_seconds"] = args.grace.total_seconds()
+        if args.rate_limit is not None:
+            body["rate_limit"] = int(args.rate_limit)
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/maintenance/gc", body))
     with open_store(args, True) as store:
         result = aio.run(run_gc(store, opts))
     if opts.progress is not None:

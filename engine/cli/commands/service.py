@@ -186,27 +186,46 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 async def follow(socket: Path, job_ids: list[str], *, json_lines: bool = False) -> int:
     """Show live progress of the jobs until they all end; EXIT_FAILED if any did not
-    succeed. Prints each job's new log lines as they come and its summary at the end."""
+    succeed. Prints each job's new log lines as they come and its summary at the end.
+
+    Ctrl-C stops the following, not the jobs: they run on in the daemon, and this says so,
+    with the command that would cancel them (then ``main`` exits 130)."""
     failed = 0
-    async with _client(socket) as client:
-        for job_id in job_ids:
-            seen = 0
-            doc = await client.request("GET", f"/v1/jobs/{job_id}")
-            with ProgressDisplay(f"{doc['kind']} {doc['vm']}") as display:
-                while True:
-                    for line in doc.get("log", [])[seen:]:
-                        print(line if not json_lines else json.dumps({"log": line}), flush=True)
-                    seen = len(doc.get("log", []))
-                    for name, d in doc["disks"].items():
-                        display.update(name, d["done"], d["total"])
-                    if doc["state"] in FINAL:
-                        break
-                    await asyncio.sleep(FOLLOW_INTERVAL)
-                    doc = await client.request("GET", f"/v1/jobs/{job_id}")
-            if json_lines:
-                print(json.dumps(doc))
-            failed += doc["state"] != "succeeded"
+    following = list(job_ids)
+    try:
+        async with _client(socket) as client:
+            while following:
+                failed += not await _follow_one(client, following[0], json_lines)
+                following.pop(0)
+    except asyncio.CancelledError:
+        word = "keeps" if len(following) == 1 else "keep"
+        print(
+            f"\ntessera: stopped following; job {', '.join(following)} {word} running in the "
+            f"daemon (`tessera cancel JOB_ID` with the same --config or --socket stops one)",
+            file=sys.stderr,
+        )
+        raise
     return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _follow_one(client: "ApiClient", job_id: str, json_lines: bool) -> bool:
+    """Follow one job until it ends; True if it succeeded."""
+    seen = 0
+    doc = await client.request("GET", f"/v1/jobs/{job_id}")
+    with ProgressDisplay(f"{doc['kind']} {doc['vm']}") as display:
+        while True:
+            for line in doc.get("log", [])[seen:]:
+                print(line if not json_lines else json.dumps({"log": line}), flush=True)
+            seen = len(doc.get("log", []))
+            for name, d in doc["disks"].items():
+                display.update(name, d["done"], d["total"])
+            if doc["state"] in FINAL:
+                break
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            doc = await client.request("GET", f"/v1/jobs/{job_id}")
+    if json_lines:
+        print(json.dumps(doc))
+    return bool(doc["state"] == "succeeded")
 
 
 async def submit_and_follow(socket: Path, path: str, body: dict[str, Any]) -> int:
