@@ -245,7 +245,7 @@ class Watchdog:
         with self.lock:
             running = sorted(self.running.items(), key=lambda item: item[1])
             failures, slowest = list(self.failures), list(self.slowest)
-            crashes = list(self.crashes)
+            crashes, reported = list(self.crashes), set(self.reported)
             done, collected = self.done, self.collected
         share = f" ({100 * done // collected} %)" if collected else ""
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -258,6 +258,8 @@ class Watchdog:
         lines += [f"  running {now - t:5.0f} s: {n}" for n, t in running]
         lines += [f"  worker {w}" for w in _workers(os.getpid())]
         lines += [f"  died: {c}" for c in crashes[:3]]
+        late = sorted(reported - {n for n, _ in running})[:2]  # ran long, then ended or died
+        lines += [f"  was late: {n} (past {self.warn_after:.0f} s; stacks above)" for n in late]
         lines += [f"  failed: {f}"[:300] for f in failures[:4]]
         if len(failures) > 4:
             lines.append(f"  ... and {len(failures) - 4} more failed")

@@ -37,3 +37,15 @@ class GcRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     repack_threshold: float | None = None  # 0..1
     grace_seconds: float | None = None  # ≥ 0
     rate_limit: int | None = None  # bytes per second of repack I/O, ≥ 1
+
+
+class StandbyRefreshRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/standby``: ``tessera standby refresh`` through the daemon."""
+
+    vm: str  # the backed-up VM, name or id, in the store
+    cluster: str
+    storage_domain: str | None = None
+    suffix: str = "-standby"
+    snapshot: str | None = None  # id or prefix; None: the VM's newest
+    engine: str | None = None
+    store: str | None = None

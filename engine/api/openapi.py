@@ -8,7 +8,13 @@ from typing import Any
 
 import msgspec
 
-from engine.api.models import BackupRequest, ProtectRequest, RestoreRequest
+from engine.api.models import (
+    BackupRequest,
+    GcRequest,
+    ProtectRequest,
+    RestoreRequest,
+    StandbyRefreshRequest,
+)
 
 _ERROR = {
     "description": "error",
@@ -17,7 +23,12 @@ _ERROR = {
 
 
 def _op(
-    summary: str, *, body: str | None = None, params: tuple[str, ...] = (), ok: str = "200"
+    summary: str,
+    *,
+    body: str | None = None,
+    params: tuple[str, ...] = (),
+    ok: str = "200",
+    body_required: bool = True,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
@@ -33,7 +44,7 @@ def _op(
         ]
     if body is not None:
         op["requestBody"] = {
-            "required": True,
+            "required": body_required,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
         }
     return op
@@ -60,10 +71,20 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/jobs/{id}": {
         "get": _op("One job: state, per-disk progress, log") | {"parameters": _id("id")}
     },
-    "/v1/jobs/{id}/cancel": {"post": _op("Cancel a job", ok="202") | {"parameters": _id("id")}},
+    "/v1/jobs/{id}/cancel": {
+        "post": _op("Cancel a running job (409 once it has ended)", ok="202")
+        | {"parameters": _id("id")}
+    },
     "/v1/backups": {"post": _op("Back up VMs now", body="BackupRequest", ok="202")},
     "/v1/restores": {
         "post": _op("Restore a snapshot as a new VM", body="RestoreRequest", ok="202")
+    },
+    "/v1/standby": {
+        "post": _op(
+            "Refresh a VM's cold standby now (409 while it is refreshed)",
+            body="StandbyRefreshRequest",
+            ok="202",
+        )
     },
     "/v1/snapshots": {"get": _op("Snapshots (restore points)", params=("vm", "store"))},
     "/v1/snapshots/{id}": {
@@ -77,7 +98,12 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op("Store space: logical, unique, shared, stored bytes", params=("store",))
     },
     "/v1/maintenance/{kind}": {
-        "post": _op("Run gc or verify now (every store, or ?store=)", ok="202")
+        "post": _op(
+            "Run gc or verify now (every store, or ?store=); a gc takes GcRequest's options",
+            body="GcRequest",
+            ok="202",
+            body_required=False,
+        )
         | {"parameters": _id("kind") + _op("", params=("store",))["parameters"]}
     },
     "/v1/replication": {"get": _op("Replication state per store, peer and VM")},
@@ -93,7 +119,8 @@ PATHS: dict[str, dict[str, Any]] = {
 
 def document() -> dict[str, Any]:
     _, defs = msgspec.json.schema_components(
-        (BackupRequest, RestoreRequest, ProtectRequest), ref_template="#/components/schemas/{name}"
+        (BackupRequest, RestoreRequest, ProtectRequest, GcRequest, StandbyRefreshRequest),
+        ref_template="#/components/schemas/{name}",
     )
     defs["Error"] = {
         "type": "object",

@@ -25,10 +25,18 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.api.models import BackupRequest, GcRequest, ProtectRequest, RestoreRequest
+from engine.api.models import (
+    BackupRequest,
+    GcRequest,
+    ProtectRequest,
+    RestoreRequest,
+    StandbyRefreshRequest,
+)
+from engine.app.standby import StandbyRequest
+from engine.config.policy import Standby
 from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
-from engine.daemon import maintenance
+from engine.daemon import maintenance, sites
 from engine.daemon.jobs import AlreadyEnded, Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
@@ -154,6 +162,7 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.post(f"{API}/jobs/{{id}}/cancel", cancel_job),
             web.post(f"{API}/backups", start_backup),
             web.post(f"{API}/restores", start_restore),
+            web.post(f"{API}/standby", start_standby_refresh),
             web.get(f"{API}/snapshots", snapshots),
             web.get(f"{API}/snapshots/{{id}}", snapshot),
             web.post(f"{API}/snapshots/{{id}}/protect", protect),
@@ -305,6 +314,31 @@ async def start_restore(request: web.Request) -> web.Response:
         disk=body.disk,
         into_vm=body.into_vm,
     )
+    return web.json_response({"jobs": [view.doc()]}, status=202)
+
+
+async def start_standby_refresh(request: web.Request) -> web.Response:
+    """``tessera standby refresh`` as a daemon job (the daemon holds the store it reads and
+    whose standby state it writes); refused (409) while that VM's standby is refreshed."""
+    s = _service(request)
+    body: StandbyRefreshRequest = await _body(request, StandbyRefreshRequest)
+    handle = s.store(body.store)
+    standby = Standby(
+        peer="local",  # the snapshots are in this store
+        cluster=body.cluster,
+        storage_domain=body.storage_domain,
+        name_suffix=body.suffix,
+    )
+
+    def vm_name() -> str:
+        entries = handle.store.snapshots(body.vm)
+        if not entries:
+            raise ConfigError(message=f"no snapshots of VM {body.vm!r} in store {handle.name}")
+        return handle.store.manifest(entries[-1].snapshot_id).vm_name
+
+    name = await asyncio.to_thread(vm_name)
+    request_ = StandbyRequest(body.vm, standby, body.snapshot, body.engine)
+    view = sites.submit_standby(s, request_, name, store=handle.name)
     return web.json_response({"jobs": [view.doc()]}, status=202)
 
 

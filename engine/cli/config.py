@@ -32,6 +32,11 @@ def register(
         action="store_true",
         help="also try the engines, stores, smtp, syslog and webhooks for real",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document (ok, files, errors, checks) for monitoring; same exit status",
+    )
     p.set_defaults(func=Handler("config", "cmd_check_config"))
 
     p = sub.add_parser(

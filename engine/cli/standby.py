@@ -4,7 +4,8 @@ its options. What it runs is ``engine.cli.commands.standby``.
 Registered by ``engine.cli.main.build_parser`` through ``register``; the key options are
 passed in so this module does not import ``engine.cli.main`` (which imports it). The
 daemon refreshes standbys itself after each replicated snapshot; both run ``engine.app.standby``.
-This command is the direct run, for a first copy or by hand::
+This command is the run by hand, for a first copy or a check: through the daemon when one
+answers on the configuration's socket (a ``standby`` job, ``POST /v1/standby``), else here::
 
     tessera standby refresh web01 --config /etc/tessera/config.yaml --cluster DR \\
         [--storage-domain dr-data] [--suffix -standby] [--snapshot ID] [--engine NAME]

@@ -98,9 +98,24 @@ def start_standby(
     """Refresh the cold-standby copy of one VM from the newest (or a given) snapshot."""
     standby = policy.standby
     assert standby is not None
-    handle = ctx.store(policy.store)
-    ctx.config.engine(policy.selection.engine)  # ConfigError now, not in the job
     request = StandbyRequest(vm_id, standby, snapshot_id, policy.selection.engine)
+    return submit_standby(ctx, request, vm_name, store=policy.store, policy=policy.name)
+
+
+def submit_standby(
+    ctx: DaemonContext,
+    request: StandbyRequest,
+    vm_name: str,
+    *,
+    store: str | None = None,
+    policy: str | None = None,
+) -> JobView:
+    """A ``standby`` job for ``request`` (a policy's, or ``tessera standby refresh`` through
+    the API). One at a time per VM: its key is ``standby:VM``, so a refresh asked for while
+    one runs is refused (``Busy``), never run twice at once on the same standby VM."""
+    handle = ctx.store(store)
+    ctx.config.engine(request.engine)  # ConfigError now, not in the job
+    snapshot_id = request.snapshot
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
         outcome = await refresh(
@@ -112,7 +127,7 @@ def start_standby(
         return ("succeeded" if outcome.ok else "failed"), standby_doc(outcome)
 
     params = {"store": handle.name, "snapshot": snapshot_id, "vm": vm_name}
-    return ctx.jobs.submit("standby", f"standby:{vm_name}", body, policy=policy.name, params=params)
+    return ctx.jobs.submit("standby", f"standby:{vm_name}", body, policy=policy, params=params)
 
 
 def start_replication(

@@ -1,7 +1,11 @@
 """Finish or clean up the jobs a killed process left unfinished (read from the journal).
 
-Runs when a process opens the store for writing (the writer lock proves the previous owner
-is gone), before any new job. A backup whose manifest exists was committed: it is finished
+Runs when a process opens the store for jobs, before any new job, on the records whose owner
+process is dead (``Journal.alive``; one recovery at a time, ``Journal.lock_recovery``). A
+process with a read-only store (a restore beside the daemon) recovers only the jobs that
+need no store writes: everything but backups, which wait for the next writer (their
+cleanup drops checkpoints and bitmaps, and the writer lock proves no backup of theirs still
+runs). A backup whose manifest exists was committed: it is finished
 (SUCCEEDED, its source's old checkpoints dropped). Anything else is cleaned up through its
 plugin (exports stopped, the new checkpoint removed, a partial restore target deleted) and
 marked FAILED; the store's own recovery has already discarded uncommitted data.
@@ -23,8 +27,18 @@ from engine.store.chunk_store import Store
 async def recover_unfinished(store: Store, journal: Journal) -> list[str]:
     """Returns one line per action, for the operator. The journal's reads and its pruning
     run in a thread and its saves on its writer thread, never on the event loop."""
+    held = await asyncio.to_thread(journal.lock_recovery)
+    try:
+        return await _recover(store, journal)
+    finally:
+        journal.unlock_recovery(held)
+
+
+async def _recover(store: Store, journal: Journal) -> list[str]:
     lines = []
     for record in await asyncio.to_thread(journal.unfinished):
+        if record.kind == "backup" and not store.writable:
+            continue  # the next writer's (module docstring)
         driver = JobDriver(journal, record)
         was = record.state
         recovered: dict[str, object] = {

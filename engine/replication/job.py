@@ -82,11 +82,12 @@ class ReplicationOutcome:
 async def default_journal(store: SendingStore) -> Journal:
     """A sender's own journal (``STORE/replication/journal``): a sender may run beside the
     process holding the writer lock, whose recovery must not judge its live records.
-    Records a dead process left unfinished are marked FAILED (nothing to undo on this
-    side: the receiver drops an uncommitted session's staged files when it expires)."""
+    Records a dead process left unfinished (``Journal.unfinished``: their owner's lock is
+    free; a record from before owners, by its pid) are marked FAILED (nothing to undo on
+    this side: the receiver drops an uncommitted session's staged files when it expires)."""
     journal = Journal(state_dir(store.path) / "journal")
     for record in await asyncio.to_thread(journal.unfinished):
-        if record.kind == JOB_KIND and not _alive(record.pid):
+        if record.kind == JOB_KIND and (record.owner or not _alive(record.pid)):
             driver = JobDriver(journal, record)
             record.error = record.error or f"interrupted: process {record.pid} died"
             if record.state is State.PENDING:

@@ -26,11 +26,7 @@ class WriterLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self._fd)
-            raise StoreLocked(
-                path=store_path,
-                reason=f"opened for writing by another process (pid {holder}); "
-                "stop it or use a read-only command",
-            ) from None
+            raise StoreLocked(path=store_path, reason=_held_by(holder)) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -55,3 +51,24 @@ def reading_snapshot(layout: Layout, snapshot_id: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # drops the lock
+
+
+def _held_by(pid: str) -> str:
+    """Why the writer lock is refused, naming the holder; when it is the daemon, the way to
+    run the command through it instead."""
+    try:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        argv = ""
+    args = argv.split("\0")
+    config = None
+    if "run" in args and "--config" in args:
+        at = args.index("--config") + 1
+        config = args[at] if at < len(args) else None
+    if config is not None:
+        return (
+            f"the Tessera daemon (pid {pid}, `tessera run --config {config}`) holds it; give "
+            f"--config {config} instead of the store to go through the daemon (backup vm, "
+            "restore, gc, standby refresh), or stop it"
+        )
+    return f"opened for writing by another process (pid {pid}); stop it or use a read-only command"

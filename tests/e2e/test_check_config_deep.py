@@ -8,6 +8,7 @@ store's wrong passphrase, a DataMover name no VM has, an SMTP port nothing liste
 syslog port that refuses, a webhook nobody serves.
 """
 
+import json
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -186,6 +187,24 @@ async def test_each_broken_item_is_reported_with_a_hint(tmp_path: Path, engine: 
     assert "ConnectionRefusedError" in items[f"syslog udp://127.0.0.1:{syslog_port}"][1]
     assert "ConnectionRefusedError" in items["webhook chat"][1]
     assert out.splitlines()[-1] == "4 ok, 7 failed, 3 skipped"
+
+    # --json: the same report as one document, for monitoring; the same exit status
+    code, out = await tessera("check-config", "--config", config, "--deep", "--json", timeout=120)
+    assert code == 1, out
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["errors"] == [] and doc["files"] == [str(config)]
+    assert {c["item"]: c["status"] for c in doc["checks"]} == statuses
+    by_item = {c["item"]: c for c in doc["checks"]}
+    assert by_item["store missing"]["hint"].startswith(
+        f"create it: tessera store init {tmp_path / 'never-made'}"
+    )
+
+    # and a configuration that does not load: its errors, exit 1
+    config.write_text("stores: [\n")
+    code, out = await tessera("check-config", "--config", config, "--json")
+    assert code == 1, out
+    broken = json.loads(out)
+    assert broken["ok"] is False and broken["checks"] == [] and broken["errors"], broken
 
 
 async def test_a_datamover_nothing_needs_is_skipped_not_failed(

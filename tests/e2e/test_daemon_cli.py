@@ -2,7 +2,11 @@
 in a subprocess against the lab, the CLI as a user types it.
 
 - `gc --config` with `--dry-run`, `--grace` runs as a daemon job with those options (the
-  rest from the daemon's configuration), and a dry run changes nothing;
+  rest from the daemon's configuration), and a dry run changes nothing; `gc --store` says
+  the daemon holds the store and how to go through it;
+- restores run beside the daemon on a read-only store (local images, `--direct` into the
+  engine); one killed mid-way is cleaned up by the next, one still running by nobody else;
+- `standby refresh` runs as a daemon job;
 - `cancel` of a job that has ended fails (exit 1) naming its state;
 - Ctrl-C on a client following a job stops the following, not the job: the client says the
   job keeps running and exits 130; the job succeeds in the daemon.
@@ -45,6 +49,12 @@ async def test_gc_with_its_options_runs_in_the_daemon(
         code, out = await tessera("prune", "--store", store, "--keep-last", "1")
         assert code == 0 and "removed 1 snapshots" in out, out
         before = packs(store)
+
+        # on the store itself: refused, with the way through the daemon
+        code, out = await tessera("gc", "--store", store, "--dry-run")
+        assert code == 1, out
+        assert "the Tessera daemon (pid " in out, out
+        assert f"`tessera run --config {config}`) holds it; give --config {config} instead" in out
 
         code, out = await tessera("gc", "--config", config, "--dry-run", "--grace", "0")
         assert code == 0, out
@@ -132,5 +142,119 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
         assert (job["id"], job["state"]) == (job_id, "succeeded"), job
     finally:
         (hold / "resume").touch()
+        assert await daemon.stop() == 0, daemon.log.read_text()
+        await daemon.kill()
+
+
+async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
+    """``tessera ARGS`` started (through a failpoint ``wrapper`` module), output piped."""
+    module = [*wrapper, "--"] if wrapper else ["engine.cli.main"]
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        *module,
+        *map(str, args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=ENV,
+    )
+
+
+async def same_image(a: Path, b: Path) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "compare", "-q", str(a), str(b), stdout=asyncio.subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
+async def test_restores_run_beside_the_daemon_and_a_killed_one_is_cleaned_up_by_the_next(
+    tmp_path: Path, lab: tuple[FakeEngine, Path]
+) -> None:
+    engine, config = lab
+    store = tmp_path / "store"
+    source = tmp_path / "db01_os.qcow2"  # the lab VM's disk (the VM is down: it stays as is)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        code, out = await tessera("backup", "vm", "db01", "--config", config, "--level", "full")
+        assert code == 0, out
+        code, out = await tessera("snapshots", "--store", store, "--json")
+        snap = json.loads(out)[0]["id"]
+
+        # a local restore and a restore into the engine, here, while the daemon holds the store
+        code, out = await tessera("restore", snap, "--store", store, "--to", tmp_path / "a.qcow2")
+        assert code == 0, out
+        assert await same_image(source, tmp_path / "a.qcow2")
+        code, out = await tessera(
+            "restore", snap, "--config", config, "--name", "db01-here", "--direct"
+        )
+        assert code == 0 and "restored VM db01-here" in out, out
+        assert "db01-here" in {vm.name for vm in engine.inventory.vms.values()}
+
+        # a restore killed mid-way: the next one, beside the same daemon, cleans up after it
+        killed = await cli(
+            *("restore", snap, "--store", store, "--to", tmp_path / "b.qcow2"),
+            wrapper=("tests.integration.kill_backup", "restore.chunk.written", "3"),
+        )
+        await killed.communicate()
+        assert killed.returncode == -signal.SIGKILL
+        partial = tmp_path / "b.qcow2.tessera-partial"
+        assert partial.exists()
+        code, out = await tessera("restore", snap, "--store", store, "--to", tmp_path / "c.qcow2")
+        assert code == 0, out
+        assert "(restore, was transferring): removed partial image" in out, out
+        assert not partial.exists() and not (tmp_path / "b.qcow2").exists(), out
+
+        # a restore that is running is its own process's: neither another restore nor a
+        # daemon restart recovers it
+        hold = tmp_path / "hold"
+        hold.mkdir()
+        held = await cli(
+            *("restore", snap, "--store", store, "--to", tmp_path / "d.qcow2"),
+            wrapper=("tests.integration.pause_at", "restore.chunk.written", str(hold)),
+        )
+        for _ in range(1200):
+            if (hold / "paused").exists() or held.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert (hold / "paused").exists(), "the restore never wrote a chunk"
+        code, out = await tessera("restore", snap, "--store", store, "--to", tmp_path / "e.qcow2")
+        assert code == 0 and "recovery:" not in out, out
+        assert await daemon.stop() == 0, daemon.log.read_text()
+        await daemon.start()
+        assert not daemon.events("job.recovered"), daemon.log.read_text()
+        (hold / "resume").touch()
+        out_bytes, _ = await asyncio.wait_for(held.communicate(), 120)
+        assert held.returncode == 0, out_bytes.decode()
+        assert await same_image(source, tmp_path / "d.qcow2")
+    finally:
+        assert await daemon.stop() == 0, daemon.log.read_text()
+        await daemon.kill()
+
+
+async def test_standby_refresh_runs_in_the_daemon(
+    tmp_path: Path, lab: tuple[FakeEngine, Path]
+) -> None:
+    engine, config = lab
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    await daemon.start()
+    try:
+        code, out = await tessera("backup", "vm", "db01", "--config", config, "--level", "full")
+        assert code == 0, out
+        refresh = ("standby", "refresh", "db01", "--config", config, "--cluster", "Default")
+        code, out = await tessera(*refresh)
+        assert code == 0, out
+        assert "submitted to the daemon" in out and "standby db01" in out, out
+        assert "db01-standby" in {vm.name for vm in engine.inventory.vms.values()}
+        code, out = await tessera(*refresh)  # nothing changed since: nothing to do
+        assert code == 0, out
+        jobs = await wait_jobs(config, 3)
+        standby = [j for j in jobs if j["kind"] == "standby"]
+        assert [(j["vm"], j["state"]) for j in standby] == [("standby:db01", "succeeded")] * 2
+        code, out = await tessera("standby", "refresh", "web01", *refresh[3:])
+        assert code == 2, out  # refused before any job: nothing of web01 is in the store
+        assert "no snapshots of VM 'web01' in store main" in out, out
+    finally:
         assert await daemon.stop() == 0, daemon.log.read_text()
         await daemon.kill()

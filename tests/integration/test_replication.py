@@ -355,12 +355,30 @@ async def test_a_dead_senders_unfinished_record_is_marked_failed(
     journal = await default_journal(store)
     record = await journal.create("replicate", "replication", {"snapshot": "x"})
     record.state = State.TRANSFERRING
-    record.pid = 2**22 + 7  # above any pid_max: no such process
     await journal.save(record)
+    # its process lives (this one owns the record): another opening leaves it alone
+    alive = (await default_journal(store)).load(record.job_id)
+    assert alive.state is State.TRANSFERRING
+    journal.release_owner()  # as its death would
     again = (await default_journal(store)).load(record.job_id)
     assert again.state is State.FAILED
     assert again.error is not None
     assert "interrupted" in again.error
+
+
+async def test_a_record_from_before_owners_is_judged_by_its_pid(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store("a", chunk_size=CHUNK)
+    journal = await default_journal(store)
+    for pid in (os.getpid(), 2**22 + 7):  # a live one; above any pid_max: no such process
+        record = await journal.create("replicate", "replication", {"snapshot": str(pid)})
+        record.state, record.pid, record.owner = State.TRANSFERRING, pid, ""
+        await journal.save(record)
+    journal.release_owner()
+    reopened = await default_journal(store)
+    states = {r.params["snapshot"]: r.state for r in reopened.records()}
+    assert states == {str(os.getpid()): State.TRANSFERRING, str(2**22 + 7): State.FAILED}
 
 
 async def test_a_full_offer_batch_is_answered_and_a_larger_one_refused(

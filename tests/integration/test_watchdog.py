@@ -178,9 +178,22 @@ def test_a_dead_worker_is_named_with_its_signal_and_the_line_it_died_at(tmp_path
 
 
 def test_a_run_where_no_test_starts_or_ends_is_stopped(tmp_path: Path) -> None:
-    hanging = "import threading\n\ndef test_waits():\n    threading.Event().wait()\n"
-    env = {STALL_ENV: "6", LIMIT_ENV: "200", WARN_ENV: "200"}
-    out = run_suite(tmp_path, hanging, env, "-n", "1")
+    source = """
+import threading
+import time
+
+
+def test_slow():
+    time.sleep(4)  # late, then done: named in the summary
+
+
+def test_waits():
+    threading.Event().wait()
+"""
+    env = {STALL_ENV: "8", LIMIT_ENV: "200", WARN_ENV: "2"}
+    out = run_suite(tmp_path, source, env, "-n", "1")
     assert out.startswith(f"exit status {EXIT_STATUS}\n"), out
-    assert re.search(r"watchdog summary: no test started or ended for \d+ s", out), out
-    assert re.search(r"running +\d+ s: test_it.py::test_waits", out), out
+    summary = out[out.rindex("watchdog summary: ") :]
+    assert re.match(r"watchdog summary: no test started or ended for \d+ s", summary), out
+    assert re.search(r"running +\d+ s: test_it.py::test_waits", summary), out
+    assert "  was late: test_it.py::test_slow (past 2 s; stacks above)" in summary, out

@@ -24,23 +24,44 @@ if TYPE_CHECKING:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The summary, or the errors (exit 1); ``--deep``: each item tried. ``--json``: one
+    document for monitoring, ``{"ok", "files", "errors", "checks": [{item, status, detail,
+    hint}]}`` (checks only with ``--deep``), the same exit status."""
     loaded, errors = check_all(args.config, policies_dir=args.policies_dir)
     if loaded is None:
+        if args.json:
+            doc = {"ok": False, "files": [], "errors": [str(e) for e in errors], "checks": []}
+            print(json.dumps(doc, indent=2))
+            return EXIT_FAILED
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         print(f"{len(errors)} error{'s' if len(errors) != 1 else ''}", file=sys.stderr)
         return EXIT_FAILED
-    for line in summary(loaded, datetime.now(UTC)):
-        print(line)
-    if not args.deep:
-        return EXIT_OK
-    # Here, not at the top: the checks' plugins, SMTP and TLS load for --deep only (issue 15).
-    from engine.app.doctor import deep_check  # noqa: PLC0415
+    if not args.json:
+        for line in summary(loaded, datetime.now(UTC)):
+            print(line)
+    checks: list[Check] = []
+    if args.deep:
+        # Here, not at the top: the checks' plugins, SMTP and TLS load for --deep only.
+        from engine.app.doctor import deep_check  # noqa: PLC0415
 
-    checks = asyncio.run(deep_check(loaded))
-    for line in check_lines(checks):
-        print(line, flush=True)
-    return EXIT_FAILED if any(c.status == FAILED for c in checks) else EXIT_OK
+        checks = asyncio.run(deep_check(loaded))
+        if not args.json:
+            for line in check_lines(checks):
+                print(line, flush=True)
+    ok = not any(c.status == FAILED for c in checks)
+    if args.json:
+        doc = {
+            "ok": ok,
+            "files": [str(f) for f in loaded.config_files],
+            "errors": [],
+            "checks": [
+                {"item": c.item, "status": c.status, "detail": c.detail, "hint": c.hint}
+                for c in checks
+            ],
+        }
+        print(json.dumps(doc, indent=2))
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def check_lines(checks: "list[Check]") -> list[str]:

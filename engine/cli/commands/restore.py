@@ -40,5 +40,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(outcome.summary())
         return EXIT_OK if outcome.record.state is State.SUCCEEDED else EXIT_FAILED
 
-    with open_store(args, writable=True) as store:
+    # Read-only: a restore writes nothing in the store, so it runs beside the daemon or a
+    # backup holding the writer lock (its journal record names this process as its owner).
+    with open_store(args, writable=False) as store:
         return aio.run(run(store))

@@ -5,6 +5,7 @@ import sys
 
 from engine.app.standby import StandbyRequest, refresh
 from engine.app.stores import open_for_jobs
+from engine.cli.commands import service as cli_service
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.cli.progress import ProgressDisplay
@@ -16,6 +17,12 @@ from engine.util import aio
 def cmd_standby_refresh(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.config.parent / "conf.d")
     config.engine(args.engine)  # an unknown engine: exit 2 before the store opens
+    if (socket := cli_service.daemon_socket(args.config)) is not None:
+        # The daemon holds the store, and refreshes standbys itself: it runs this as a job,
+        # one at a time per VM with its own refreshes.
+        body = {"vm": args.vm, "cluster": args.cluster, "storage_domain": args.storage_domain}
+        body |= {"suffix": args.suffix, "snapshot": args.snapshot, "engine": args.engine}
+        return aio.run(cli_service.submit_and_follow(socket, "/v1/standby", body))
     standby = Standby(
         peer="local",  # a direct run: the snapshots are already in this store
         cluster=args.cluster,

@@ -104,5 +104,6 @@ def cmd_restore_vm(args: argparse.Namespace) -> int:
         print(f"{what} {outcome.vm.name} id {outcome.vm.id}")
         return EXIT_OK
 
-    with open_store(args, writable=True) as store:
+    # Read-only, as a local restore (``commands.restore``): --direct runs beside the daemon.
+    with open_store(args, writable=False) as store:
         return aio.run(run(store))

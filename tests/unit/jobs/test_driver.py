@@ -131,4 +131,11 @@ async def test_journal_round_trip_and_prune(
         await journal.save(r)
     journal.prune()
     assert len([r for r in journal.records() if r.finished]) == 1
-    assert journal.unfinished()[0].job_id == record.job_id
+    # unfinished: for recovery, the records of dead owners only; this process lives
+    assert journal.unfinished() == []
+    other = Journal(tmp_path)  # another process's view (its own open file, its own lock)
+    assert other.alive(record) and other.unfinished() == []
+    journal.release_owner()  # as if this process died
+    assert [r.job_id for r in other.unfinished()] == [record.job_id]
+    other.prune()  # the dead owner's lock file goes
+    assert list((tmp_path / "owners").iterdir()) == []
