@@ -32,6 +32,37 @@ def packs(store: Path) -> set[str]:
     return {p.name for p in (store / "packs").rglob("*") if p.is_file()}
 
 
+async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
+    """``tessera ARGS`` started (through a failpoint ``wrapper`` module), output piped."""
+    module = [*wrapper, "--"] if wrapper else ["engine.cli.main"]
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        *module,
+        *map(str, args),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=ENV,
+    )
+
+
+async def paused(hold: Path, why: str) -> None:
+    """Until a process run through ``tests.integration.pause_at`` holds at its point."""
+    for _ in range(1200):
+        if (hold / "paused").exists():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(why)
+
+
+async def same_image(a: Path, b: Path) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "compare", "-q", str(a), str(b), stdout=asyncio.subprocess.DEVNULL
+    )
+    return await proc.wait() == 0
+
+
 async def test_gc_with_its_options_runs_in_the_daemon(
     tmp_path: Path, lab: tuple[FakeEngine, Path]
 ) -> None:
@@ -111,27 +142,14 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
     # the daemon holds at the first slot backed up: the job is surely running when Ctrl-C comes
     await daemon.start(pause_at=("pipeline.slot.done", hold))
     try:
-        client = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "engine.cli.main",
-            *("backup", "vm", "web01", "--config", str(config), "--level", "full"),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=ENV,
-        )
-        for _ in range(1200):
-            if (hold / "paused").exists() or client.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert (hold / "paused").exists(), "the job never reached its first slot"
+        client = await cli("backup", "vm", "web01", "--config", config, "--level", "full")
+        await paused(hold, "the job never reached its first slot")
         await asyncio.sleep(0.5)  # the client is following by now (it polls every 0.5 s)
         client.send_signal(signal.SIGINT)
-        out, err = await asyncio.wait_for(client.communicate(), 60)
-        text = out.decode() + err.decode()
+        out, _ = await asyncio.wait_for(client.communicate(), 60)
+        text = out.decode()
         assert client.returncode == 130, text
-        (line,) = [x for x in err.decode().splitlines() if "stopped following" in x]
+        (line,) = [x for x in text.splitlines() if "stopped following" in x]
         job_id = line.split("job ")[1].split()[0]
         assert line == (
             f"tessera: stopped following; job {job_id} keeps running in the daemon "
@@ -144,28 +162,6 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
         (hold / "resume").touch()
         assert await daemon.stop() == 0, daemon.log.read_text()
         await daemon.kill()
-
-
-async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
-    """``tessera ARGS`` started (through a failpoint ``wrapper`` module), output piped."""
-    module = [*wrapper, "--"] if wrapper else ["engine.cli.main"]
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        *module,
-        *map(str, args),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=ENV,
-    )
-
-
-async def same_image(a: Path, b: Path) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "compare", "-q", str(a), str(b), stdout=asyncio.subprocess.DEVNULL
-    )
-    return await proc.wait() == 0
 
 
 async def test_restores_run_beside_the_daemon_and_a_killed_one_is_cleaned_up_by_the_next(
@@ -214,11 +210,7 @@ async def test_restores_run_beside_the_daemon_and_a_killed_one_is_cleaned_up_by_
             *("restore", snap, "--store", store, "--to", tmp_path / "d.qcow2"),
             wrapper=("tests.integration.pause_at", "restore.chunk.written", str(hold)),
         )
-        for _ in range(1200):
-            if (hold / "paused").exists() or held.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert (hold / "paused").exists(), "the restore never wrote a chunk"
+        await paused(hold, "the restore never wrote a chunk")
         code, out = await tessera("restore", snap, "--store", store, "--to", tmp_path / "e.qcow2")
         assert code == 0 and "recovery:" not in out, out
         assert await daemon.stop() == 0, daemon.log.read_text()
