@@ -41,6 +41,7 @@ from engine.io.nbd.server import Data, Hole, Piece
 from engine.store.diskmap import DiskMap
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import ChunkReader
+from engine.util.tasks import leaves
 from engine.workers.pool import CpuPool
 
 T = TypeVar("T")
@@ -120,12 +121,20 @@ class SnapshotExport:
                     f"{diskmap.chunk_size}; its manifest says {disk.size} in chunks of "
                     f"{manifest.chunk_size}",
                 )
-            async with asyncio.TaskGroup() as tasks:
-                export = cls(store, pool, manifest, disk, diskmap, tasks, **options)
-                try:
-                    yield export
-                finally:
-                    export._close()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    export = cls(store, pool, manifest, disk, diskmap, tasks, **options)
+                    try:
+                        yield export
+                    finally:
+                        export._close()
+            except BaseExceptionGroup as group:
+                # Fetch tasks never fail (their errors go to their waiters): the error is
+                # the caller's own, raised as itself.
+                first, *others = leaves(group)
+                for other in others:
+                    first.add_note(f"also failed meanwhile: {other!r}")
+                raise first from None
         finally:
             diskmap.close()
 
