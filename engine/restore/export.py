@@ -30,8 +30,8 @@ import asyncio
 import collections
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
-from typing import Final, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Final, TypeVar
 
 from engine.core.errors import ChunkMissing, CorruptDiskMap, CorruptRecord
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, ChunkId, short
@@ -95,6 +95,7 @@ class SnapshotExport:
         self._fetching: dict[bytes, asyncio.Future[bytes]] = {}
         self._id_blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._ends: collections.deque[int] = collections.deque(maxlen=STREAMS)
+        self._background: set[asyncio.Task[None]] = set()  # fetches and read-aheads
         self._closed = False
         self.chunks_fetched = 0
         self.cache_hits = 0
@@ -137,6 +138,16 @@ class SnapshotExport:
                 raise first from None
         finally:
             diskmap.close()
+
+    async def idle(self) -> None:
+        """Wait until no fetch or read-ahead runs (tests and benchmarks)."""
+        while self._background:
+            await asyncio.wait(set(self._background))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._tasks.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _close(self) -> None:
         self._closed = True
@@ -252,7 +263,7 @@ class SnapshotExport:
             raise RuntimeError("the export is closed")
         result: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._fetching[chunk_id] = result
-        self._tasks.create_task(self._fetch_task(chunk_id, result))
+        self._start(self._fetch_task(chunk_id, result))
         return result
 
     async def _fetch_task(self, chunk_id: bytes, result: "asyncio.Future[bytes]") -> None:
@@ -304,7 +315,7 @@ class SnapshotExport:
             self._ends.remove(offset)
         self._ends.append(end)
         if sequential and not self._closed:
-            self._tasks.create_task(self._read_ahead_from(last + 1))
+            self._start(self._read_ahead_from(last + 1))
 
     async def _read_ahead_from(self, slot: int) -> None:
         count = min(self._read_ahead, self.slots - slot)
