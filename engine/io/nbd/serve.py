@@ -45,6 +45,7 @@ from engine.io.nbd.server import (
     Request,
     ServerConnection,
 )
+from engine.util.tasks import leaves
 
 log = structlog.get_logger("tessera.nbd.server")
 
@@ -121,8 +122,11 @@ class _Connection:
             async with asyncio.TaskGroup() as tg:
                 await self._receive(tg)
             await self.writer.drain()
-        except (ConnectionError, NbdProtocolError, OSError) as e:
-            log.info("nbd.connection.lost", peer=self.peer, reason=str(e))
+        except* (ConnectionError, NbdProtocolError, OSError) as group:
+            # The client vanished (reset, closed mid-reply) or spoke garbage: this
+            # connection ends, its other requests are cancelled, the server goes on.
+            reason = "; ".join(sorted({str(e) for e in leaves(group)}))
+            log.info("nbd.connection.lost", peer=self.peer, reason=reason)
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):

@@ -119,6 +119,8 @@ async def test_a_client_vanishing_mid_request_leaves_the_server_serving(
 ) -> None:
     backend, sock, stats = server
     backend.gate_at = 4096
+    unhandled: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
     reader, writer = await asyncio.open_unix_connection(sock)
     hs = Handshake()
     while not hs.done:
@@ -132,3 +134,4 @@ async def test_a_client_vanishing_mid_request_leaves_the_server_serving(
     async with await connect(sock) as client:
         assert await client.read(0, 4) == bytes(backend.data[:4])
     assert stats.connections == 2
+    assert unhandled == []
