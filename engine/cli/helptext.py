@@ -70,6 +70,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera restore 3f2a9c1e --store {S} --to /restore/ --format raw",
         "tessera restore 3f2a9c1e --config /etc/tessera/config.yaml --name web1-test",
     ),
+    "export": (
+        f"tessera export 3f2a9c1e --store {S} --socket /run/tessera/web1.sock",
+        f"tessera export 3f2a9c1e --store {S} --disk web1-data --listen 127.0.0.1:10809",
+        f"tessera export 3f2a9c1e --store {S} --socket /tmp/w.sock --writable-overlay /tmp/w.cow",
+    ),
     "lab": ("tessera lab up --dir /tmp/lab", "tessera lab down --dir /tmp/lab"),
     "lab up": ("tessera lab up --dir /tmp/lab", "tessera lab up --dir /tmp/lab --slow-reads 50"),
     "lab show": ("tessera lab show --dir /tmp/lab --json",),

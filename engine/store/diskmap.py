@@ -219,6 +219,19 @@ class DiskMap:
             os.pread(self._fd, CHUNK_ID_SIZE, fmt.DISKMAP_HEADER_SIZE + slot * CHUNK_ID_SIZE)
         )
 
+    def ids(self, start: int, count: int) -> bytes:
+        """The ids of slots ``[start, start + count)`` (clipped to the map) as one bytes
+        object of 32 bytes per slot; one ``pread`` (an NBD export reads them per request)."""
+        if not 0 <= start <= self.slots or count < 0:
+            raise IndexError(f"{self.path}: slots {start}+{count} outside 0..{self.slots}")
+        count = min(count, self.slots - start)
+        raw = os.pread(
+            self._fd, count * CHUNK_ID_SIZE, fmt.DISKMAP_HEADER_SIZE + start * CHUNK_ID_SIZE
+        )
+        if len(raw) != count * CHUNK_ID_SIZE:
+            raise CorruptDiskMap(path=self.path, reason="file shrank while reading")
+        return raw
+
     def iter_blocks(self, start: int = 0) -> Iterator[bytes]:
         """The id array from slot ``start`` in blocks of up to 32 Ki ids."""
         pos = fmt.DISKMAP_HEADER_SIZE + start * CHUNK_ID_SIZE

@@ -1,7 +1,7 @@
 """``make bench``: every figure printed as ``bench: NAME VALUE UNIT`` for scripts, and all of
 them written to ``bench-data/summary.json`` (name → value and unit, plus the machine).
 
-``python -m tests.bench [store] [pipeline] [ovirt] [replication] [gc] [verify] [cli]`` runs
+``python -m tests.bench [store] [pipeline] [ovirt] [replication] [gc] [verify] [cli] [export]`` runs
 only those parts; ``pipeline`` alone takes the CPU limits from ``--cpu-limit MB/s`` and
 ``--restore-limit MB/s`` (else the ratios against them are meaningless).
 """
@@ -14,6 +14,7 @@ import time
 
 from tests.bench import (
     cli_bench,
+    export_bench,
     gc_bench,
     ovirt_bench,
     pipeline_bench,
@@ -59,6 +60,8 @@ def main() -> int:
         verify_bench.run(report)
     if not only or "cli" in only:
         cli_bench.run(report)
+    if not only or "export" in only:
+        export_bench.run(report)
     summary = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -1,0 +1,135 @@
+"""What ``tessera export`` runs (its options: ``engine.cli.export``): the store opened
+read-only (so it serves beside the daemon, which holds the writer lock), the snapshot
+share-locked while served (prune skips it), one disk as an NBD export until SIGINT or
+SIGTERM. Prints the NBD URI(s) once clients can connect."""
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from engine.cli.commands.stores import open_store
+from engine.cli.exits import EXIT_OK
+from engine.core.errors import ConfigError, SnapshotNotFound
+from engine.core.units import human_bytes
+from engine.io.nbd.serve import Backend, Listener, ServerStats, serve
+from engine.io.nbd.server import ExportSpec
+from engine.jobs.restore import select_disks
+from engine.restore.export import SnapshotExport
+from engine.restore.overlay import Overlay
+from engine.store.chunk_store import Store
+from engine.store.manifest import DiskEntry, Manifest
+from engine.util import aio
+from engine.workers import make_cpu_pool
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_store(args, writable=False) as store:
+        try:
+            snapshot_id = store.resolve(args.snapshot)
+            manifest = store.manifest(snapshot_id)
+            disks = select_disks(manifest, args.disk)
+        except SnapshotNotFound as e:
+            raise ConfigError(message=f"export: {e}") from None
+        if len(disks) > 1:
+            names = ", ".join(f"{d.name} ({d.disk_id})" for d in disks)
+            raise ConfigError(
+                message=f"export: snapshot {snapshot_id} has {len(disks)} disks ({names}); "
+                "choose one with --disk"
+            )
+        with store.reading_snapshot(snapshot_id):
+            return aio.run(_serve(args, store, manifest, disks[0]))
+
+
+def uris(addresses: list[str], name: str) -> list[str]:
+    del name  # the default export ("") is this disk: URIs need no name
+    out = []
+    for address in addresses:
+        if address.startswith("unix:"):
+            out.append(f"nbd+unix:///?socket={address.removeprefix('unix:')}")
+        else:
+            out.append(f"nbd://{address}/")
+    return out
+
+
+async def _serve(
+    args: argparse.Namespace, store: Store, manifest: Manifest, disk: DiskEntry
+) -> int:
+    if args.socket is not None:
+        listener = Listener(path=args.socket)
+    else:
+        host, port = args.listen
+        listener = Listener(host=host, port=port)
+    writable = args.writable_overlay is not None
+    spec = ExportSpec(
+        name=disk.name,
+        size=disk.size,
+        read_only=not writable,
+        description=f"disk {disk.disk_id} of {manifest.vm_name}, snapshot {manifest.snapshot_id}",
+        preferred_block=manifest.chunk_size,
+        # One process serves every connection from one cache (and one overlay, whose
+        # writes are serialised), so all connections see the same disk.
+        multi_conn=not writable,
+    )
+    pool = make_cpu_pool(store.keys, manifest.chunk_size)
+    stats = ServerStats()
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    stopping = []
+
+    def stop(signame: str) -> None:
+        stopping.append(signame)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig.name)
+    overlay: Overlay | None = None
+    try:
+        async with SnapshotExport.open(store, pool, manifest, disk) as export:
+            backend: Backend = export
+            if writable:
+                overlay = Overlay.open(
+                    export,
+                    args.writable_overlay,
+                    snapshot=manifest.snapshot_id,
+                    disk=disk.disk_id,
+                    size=disk.size,
+                )
+                backend = overlay
+            ready: asyncio.Future[list[str]] = loop.create_future()
+            ready.add_done_callback(lambda f: _announce(f.result(), spec, manifest, disk, writable))
+            try:
+                await serve(backend, spec, [listener], ready=ready, stats=stats)
+            except asyncio.CancelledError:
+                if not stopping:
+                    raise
+                task.uncancel()
+    finally:
+        if overlay is not None:
+            with contextlib.suppress(OSError):
+                await overlay.flush()
+            overlay.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await pool.aclose()
+    print(
+        f"export stopped ({stopping[0]}): {stats.connections} connections, "
+        f"{human_bytes(stats.bytes_read)} read, {human_bytes(stats.bytes_written)} written",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _announce(
+    addresses: list[str], spec: ExportSpec, manifest: Manifest, disk: DiskEntry, writable: bool
+) -> None:
+    mode = "writable (overlay)" if writable else "read-only"
+    print(
+        f"serving disk {disk.name} ({disk.disk_id}, {human_bytes(disk.size)}) of "
+        f"{manifest.vm_name} snapshot {manifest.snapshot_id}, {mode}",
+        file=sys.stderr,
+    )
+    for uri in uris(addresses, spec.name):
+        print(uri, flush=True)
