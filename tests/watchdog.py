@@ -59,6 +59,7 @@ LIMIT_ENV: Final = "TESSERA_TEST_SESSION_LIMIT"
 WARN_ENV: Final = "TESSERA_TEST_WARN_AFTER"
 LOW_SPACE_ENV: Final = "TESSERA_TEST_LOW_SPACE"
 STALL_ENV: Final = "TESSERA_TEST_STALL_LIMIT"
+POLL_ENV: Final = "TESSERA_TEST_WATCH_POLL"  # seconds between the thread's looks (tests)
 WARN_AFTER: Final = 240.0  # pytest-timeout ends a worker at 300 s
 # CI's limit is 90 min for everything (a new venv and packages included); make check takes
 # 10-13 min there and here. Past an hour it is hung, or so slow that the evidence is the news.
@@ -132,6 +133,7 @@ class Watchdog:
         self.low_space = int(os.environ.get(LOW_SPACE_ENV, LOW_SPACE))
         self.low_space_reported = False
         self.stall_limit = float(os.environ.get(STALL_ENV, STALL_LIMIT))
+        self.poll = float(os.environ.get(POLL_ENV, POLL))
         self.last_event = self.started  # a test started or ended
         self.crashes: list[str] = []  # "gw0 (pid N) down: how it ended; the fatal error's head"
         self.lock = threading.Lock()
@@ -178,7 +180,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         while True:
-            time.sleep(POLL)
+            time.sleep(self.poll)
             now = time.monotonic()
             with self.lock:
                 late = [n for n, t in self.running.items() if now - t > self.warn_after]

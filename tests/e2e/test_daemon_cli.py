@@ -139,15 +139,22 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
     hold = tmp_path / "hold"
     hold.mkdir()
     daemon = Daemon(config, tmp_path / "daemon.log")
-    # the daemon holds at the first slot backed up: the job is surely running when Ctrl-C comes
+    # The daemon holds its event loop at the first slot backed up: the job is surely running
+    # when Ctrl-C comes, and the daemon does not answer meanwhile (the client waits in a
+    # progress poll: Ctrl-C must end that wait too).
     await daemon.start(pause_at=("pipeline.slot.done", hold))
     try:
         client = await cli("backup", "vm", "web01", "--config", config, "--level", "full")
         await paused(hold, "the job never reached its first slot")
-        await asyncio.sleep(0.5)  # the client is following by now (it polls every 0.5 s)
+        await asyncio.sleep(1.0)  # the client follows by now (its first poll waits)
         client.send_signal(signal.SIGINT)
-        out, _ = await asyncio.wait_for(client.communicate(), 60)
-        text = out.decode()
+        try:
+            out_bytes, _ = await asyncio.wait_for(client.communicate(), 60)
+        except TimeoutError:
+            client.kill()
+            out_bytes, _ = await client.communicate()
+            raise AssertionError(f"the client ignored Ctrl-C:\n{out_bytes.decode()}") from None
+        text = out_bytes.decode()
         assert client.returncode == 130, text
         (line,) = [x for x in text.splitlines() if "stopped following" in x]
         job_id = line.split("job ")[1].split()[0]

@@ -20,6 +20,7 @@ from tests.watchdog import (
     EXIT_STATUS,
     LIMIT_ENV,
     LOW_SPACE_ENV,
+    POLL_ENV,
     STALL_ENV,
     SUMMARY_LINES,
     WARN_ENV,
@@ -190,7 +191,8 @@ def test_slow():
 def test_waits():
     threading.Event().wait()
 """
-    env = {STALL_ENV: "8", LIMIT_ENV: "200", WARN_ENV: "2"}
+    # the watchdog looks every 0.2 s: it sees test_slow running past WARN, whatever the load
+    env = {STALL_ENV: "8", LIMIT_ENV: "200", WARN_ENV: "2", POLL_ENV: "0.2"}
     out = run_suite(tmp_path, source, env, "-n", "1")
     assert out.startswith(f"exit status {EXIT_STATUS}\n"), out
     summary = out[out.rindex("watchdog summary: ") :]
