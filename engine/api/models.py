@@ -11,6 +11,7 @@ class BackupRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     engine: str | None = None
     store: str | None = None
     policy: str | None = None  # take level rules, flow, quiesce and store from this policy
+    disks: tuple[str, ...] = ()  # names/globs of disk aliases, or ids; empty: the policy's
 
 
 class RestoreRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
