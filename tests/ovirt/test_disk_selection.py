@@ -11,15 +11,19 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from engine.core.units import MiB
+from engine.sources.selection import NoDiskSelected
 from plugins.lab.disks import DiskRequest, build_disks
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
+from plugins.ovirt.base import OvirtSourceBase
+from plugins.ovirt.client import EngineClient
+from plugins.ovirt.inventory import DiskRef, VmRef
 from tests.daemon_setup import running
 from tests.integration.images import identical, qemu_io, reference
 from tests.ovirt.test_backup_api_flow import tessera
@@ -267,3 +271,42 @@ async def test_changing_the_selection_between_incrementals_restores_right(
     assert disks["vm1_os"]["fallback"] == NEW_DISK, disks
     assert disks["vm1_data"]["read"] == "dirty", disks
     await restores_identical(tmp_path, snap, ref)
+
+
+def disk(name: str, **kw: Any) -> DiskRef:
+    facts: dict[str, Any] = {
+        "provisioned_size": MiB,
+        "actual_size": None,
+        "format": "cow",
+        "interface": "virtio_scsi",
+        "bootable": False,
+        "active": True,
+        "incremental": True,
+        "storage_domain_id": "sd",
+        "image_id": None,
+        "status": "ok",
+    }
+    return DiskRef(id=f"id-{name}", name=name, **(facts | kw))
+
+
+def source(disks: tuple[str, ...], *refs: DiskRef) -> OvirtSourceBase:
+    vm = VmRef("vm-1", "web01", None, "Default", "up", None, (), refs)
+    return OvirtSourceBase(cast(EngineClient, None), vm, {}, disks=disks)
+
+
+def test_readable_disks_skips_what_the_selection_leaves_out() -> None:
+    os, data, lun = disk("web01_os"), disk("web01_data"), disk("web01_lun", storage_type="lun")
+    unplugged = disk("web01_old", active=False)
+    disks, skipped = source((), os, data, lun, unplugged).readable_disks()
+    assert [d.name for d in disks] == ["web01_os", "web01_data"]
+    assert [name for name, _ in skipped] == ["web01_lun"]
+
+    disks, skipped = source(("*_os", "id-web01_lun"), os, data, lun, unplugged).readable_disks()
+    assert [d.name for d in disks] == ["web01_os"]
+    reason = "not selected (disks: *_os, id-web01_lun)"
+    assert dict(skipped)["web01_data"] == reason
+    assert dict(skipped)["web01_old"] == reason  # noted, unlike an unplugged selected disk
+    assert "lun" in dict(skipped)["web01_lun"]  # taken, but still no image to read
+
+    with pytest.raises(NoDiskSelected, match=r"VM web01: .* \(nope\) takes none of its disks"):
+        source(("nope",), os, data).readable_disks()
