@@ -56,7 +56,8 @@ class OvirtSourceBase:
         image to read (``DiskRef.skip_reason``). A disk the ``disks`` patterns do not take
         is skipped as ``not selected``; when they take none of the VM's disks, raises
         ``NoDiskSelected`` (a ``ConfigError``: the VM's backup fails before anything is
-        created). Inactive (unplugged) disks are left out as before, without a note."""
+        created). Inactive (unplugged) disks the patterns take are left out as before,
+        without a note."""
         if self.disks and not any(selects_disk(self.disks, d.name, d.id) for d in self.vm.disks):
             raise no_disk_selected(self.vm.name, self.disks, [d.name for d in self.vm.disks])
         disks, skipped = [], []

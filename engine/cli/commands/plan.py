@@ -10,7 +10,8 @@ Output, one block per VM::
       skip  web01_scratch     not selected (disks: web01_os)
 
 ``policies --show-selection --json``: one document (sizes in bytes). Exit 1 when a VM
-would be refused (``require_quiesce``), else 0.
+would be refused (``require_quiesce``, a disk selection that takes none of its disks),
+else 0.
 """
 
 import argparse
