@@ -11,6 +11,8 @@ class BackupRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     engine: str | None = None
     store: str | None = None
     policy: str | None = None  # take level rules, flow, quiesce and store from this policy
+    # names/globs of disk aliases, or disk ids; None: the policy's selection.disks, else all
+    disks: tuple[str, ...] | None = None
 
 
 class RestoreRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

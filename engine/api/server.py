@@ -273,13 +273,14 @@ async def start_backup(request: web.Request) -> web.Response:
     if not body.vms:
         raise msgspec.ValidationError("`vms` must name at least one VM")
     level, flow, quiesce, store_name = body.level, body.flow, body.require_quiesce, body.store
-    engine = body.engine
+    engine, disks = body.engine, body.disks or ()
     if body.policy is not None:
         policy = next((p for p in s.policies if p.name == body.policy), None)
         if policy is None:
             raise ConfigError(message=f"no policy {body.policy!r}")
         flow, quiesce, store_name = policy.flow, policy.require_quiesce, policy.store
         engine, level = policy.selection.engine, policy.level.default
+        disks = policy.selection.disks if body.disks is None else disks
     vms_found = await s.list_vms(engine)
     known = [v["name"] for v in vms_found]
     names: list[str] = []
@@ -297,6 +298,7 @@ async def start_backup(request: web.Request) -> web.Response:
         engine=engine,
         store=store_name,
         policy=body.policy,
+        disks=disks,
     )
     return web.json_response({"jobs": [v.doc() for v in views]}, status=202)
 

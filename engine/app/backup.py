@@ -3,11 +3,13 @@ this process and for the daemon's backup jobs (API, policies).
 
 ::
 
-    VmBackupRequest(vms, level, flow, require_quiesce, engine, readers)
+    VmBackupRequest(vms, level, flow, require_quiesce, engine, readers, policy, disks)
         → check()                        ConfigError for an unknown level or flow, at once
         → backup_vms(config, target, request, progress=…, api_gate=…, job_id=…)
               the engine's hypervisor plugin's ``vm_sources`` (one ``VmSet``: one engine
               connection for every VM of the request)
+              (``disks``: the disks of each VM it reads; a VM none of whose disks they
+              take fails its backup, an outcome, before anything is created)
               → per VM: ``backup_sources`` → ``engine.jobs.backup.run_backup``
         → yields one ``BackupOutcome`` per VM, in order; the client is closed at the end
 
@@ -87,6 +89,7 @@ async def backup_vms(
         require_quiesce=request.require_quiesce,
         datamover=config.datamover,
         api_gate=api_gate,
+        disks=request.disks,
     )
     try:
         async for outcome in backup_sources(

@@ -54,9 +54,10 @@ async def preview_policy(
     config: "Config", policy: "Policy", *, api_gate: ApiGate | None = None
 ) -> SelectionPreview:
     """The VMs ``policy`` would back up if it ran now, each with the flow, the disks it
-    would read and skip, as the daemon's run would choose them (``select``) and the
-    plugin would back them up (``plan_vms``). Raises ``ConfigError`` for an unknown engine,
-    a missing DataMover (``snapshot-attach``), and the engine's errors."""
+    would read and skip (``selection.disks`` applied), as the daemon's run would choose
+    them (``select``) and the plugin would back them up (``plan_vms``). Raises
+    ``ConfigError`` for an unknown engine, a missing DataMover (``snapshot-attach``), and
+    the engine's errors."""
     engine = config.engine(policy.selection.engine)
     _, hypervisor = registry.hypervisor(engine)
     listed = await hypervisor.list_vms(engine, api_gate=api_gate)
@@ -70,6 +71,7 @@ async def preview_policy(
             require_quiesce=policy.require_quiesce,
             datamover=config.datamover,
             api_gate=api_gate,
+            disks=policy.selection.disks,
         )
     return SelectionPreview(policy.name, engine.name, len(listed), tuple(plans))
 
@@ -110,6 +112,7 @@ async def plan_backup(
         require_quiesce=request.require_quiesce,
         datamover=config.datamover,
         api_gate=api_gate,
+        disks=request.disks,
     )
     plans = []
     for vm in vms:

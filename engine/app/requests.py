@@ -20,7 +20,9 @@ RESTORE_FLOWS: Final = ("imageio", "attach")
 
 @dataclass(frozen=True, slots=True)
 class VmBackupRequest:
-    """Back up these VMs (names; globs allowed) of one engine of the configuration."""
+    """Back up these VMs (names; globs allowed) of one engine of the configuration;
+    ``disks`` (names/globs of disk aliases, or disk ids; empty: every disk) limits the disks
+    of each VM that are read (``engine.sources.selection``)."""
 
     vms: tuple[str, ...]
     level: str = "incremental"
@@ -29,6 +31,7 @@ class VmBackupRequest:
     engine: str | None = None  # the configuration's engine name (None: the only one)
     readers: int = DEFAULT_READERS
     policy: str | None = None  # the policy whose run this is; None: made by hand
+    disks: tuple[str, ...] = ()  # a policy's ``selection.disks``, ``backup vm --disk``
 
     def check(self) -> None:
         if self.level not in LEVELS:

@@ -56,6 +56,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         "tessera backup vm 'web-*' --level full --config /etc/tessera/config.yaml",
         "tessera backup vm db1 --flow snapshot-attach --require-quiesce",
         "tessera backup vm 'web-*' --dry-run",
+        "tessera backup vm db1 --disk 'db1_os' --disk 'db1_data*'",
     ),
     "snapshots": (
         f"tessera snapshots --store {S}",

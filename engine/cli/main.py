@@ -195,6 +195,16 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="refuse a running VM whose guest agent cannot freeze its filesystems (any flow)",
     )
     p.add_argument(
+        "--disk",
+        dest="disks",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="back up only the disks whose name (alias) matches this glob, or whose id it is "
+        "(repeatable; default: every disk); the others are skipped as not selected, and a VM "
+        "none of whose disks match fails",
+    )
+    p.add_argument(
         "--readers",
         type=cli_args.positive_int,
         default=DEFAULT_READERS,

@@ -18,6 +18,7 @@ import msgspec
 from engine.config.types import Duration, NonNegativeInt, Schedule
 from engine.sched.calendar import Calendar
 from engine.sched.level import WEEKDAY_NAMES, Level, LevelDecision, choose_level
+from engine.sources.selection import selects_disk
 
 Flow = Literal["auto", "backup-api", "snapshot-imageio", "snapshot-attach"]
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -27,7 +28,9 @@ Event = Literal["integrity", "failure", "warning", "success"]
 
 class Selection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """VMs chosen by cluster, name/glob or tag (any of them selects), minus ``exclude``
-    (names/globs); ``disks`` limits the disks backed up (names/globs; empty: all)."""
+    (names/globs); ``disks`` limits the disks backed up (names/globs of disk aliases, or disk
+    ids; empty: all): the others are skipped with the reason ``not selected``, and a VM none
+    of whose disks they take fails its backup before anything is created."""
 
     engine: str | None = None  # engine name in the daemon config; None: the only one
     clusters: tuple[str, ...] = ()
@@ -49,8 +52,8 @@ class Selection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             or any(tag in tags for tag in self.tags)
         )
 
-    def selects_disk(self, name: str) -> bool:
-        return not self.disks or any(fnmatchcase(name, pattern) for pattern in self.disks)
+    def selects_disk(self, name: str, disk_id: str | None = None) -> bool:
+        return selects_disk(self.disks, name, disk_id)
 
 
 class LevelRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

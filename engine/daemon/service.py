@@ -22,7 +22,7 @@ next start's step 3.
 import asyncio
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -365,19 +365,29 @@ class Service:
         store: str | None = None,
         policy: str | None = None,
         facts: Mapping[str, Mapping[str, Any]] | None = None,
+        disks: Sequence[str] = (),
     ) -> list[JobView]:
         """One backup job per VM name (exact names; the API resolves globs first), each
         ``engine.app.backup.backup_vms`` of that VM. ``facts`` (``list_vms`` entries by
-        name) give each job its transfer needs per host and storage domain."""
+        name) give each job its transfer needs per host and storage domain. ``disks``
+        (a policy's ``selection.disks``, the API's ``disks``; empty: all) limits the disks
+        each job reads."""
         VmBackupRequest((), level, flow, require_quiesce, engine).check()
         engine_section = self.config.engine(engine)
         handle = self.store(store)
         params: dict[str, Any] = {"level": level, "flow": flow, "engine": engine_section.name}
         params |= {"store": handle.name, "require_quiesce": require_quiesce}
+        params |= {"disks": list(disks)} if disks else {}
         views = []
         for vm in vms:
             request = VmBackupRequest(
-                (vm,), level, flow, require_quiesce, engine_section.name, policy=policy
+                (vm,),
+                level,
+                flow,
+                require_quiesce,
+                engine_section.name,
+                policy=policy,
+                disks=tuple(disks),
             )
 
             async def body(
@@ -506,6 +516,7 @@ class Service:
                     store=policy.store,
                     policy=policy.name,
                     facts=by_name,
+                    disks=policy.selection.disks,
                 )
             except EngineError as e:  # Busy (a job started meanwhile), ShuttingDown
                 log.warning("policy.vm_not_started", policy=policy.name, vm=vm, error=str(e))

@@ -232,7 +232,9 @@ class _BackupJob:
     ) -> None:
         """Back up one disk; ``label`` names it in progress (``disk_labels``)."""
         info = disk.info
-        if pdm is None and self.parent is not None and disk.checkpoint_parent is not None:
+        if pdm is None and self.parent is not None:
+            # New to this VM's backups (added, or taken by a changed disk selection): never
+            # read against a parent that lacks it, whatever the source says of its bitmap.
             disk.fallback_reason = "disk not in the parent snapshot: full read"
         writer = snap.add_disk(info.disk_id, info.name, info.size, dict(info.attributes))
         done = 0

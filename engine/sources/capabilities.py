@@ -128,12 +128,14 @@ class Hypervisor(Protocol):
         require_quiesce: bool = False,
         datamover: DataMoverSection | None = None,
         api_gate: ApiGate | None = None,
+        disks: Sequence[str] = (),
     ) -> list[VmPlan]:
         """What ``vm_sources`` with the same arguments would back up, one ``VmPlan`` per
         VM, found the way ``vm_sources`` finds them and read from the hypervisor only:
         nothing is created, changed or reserved there. Raises what ``vm_sources`` raises
         before a backup starts (an unknown VM or flow, no DataMover); a refusal of one VM
-        (``require_quiesce``) is that VM's ``problem``."""
+        (``require_quiesce``, a ``disks`` selection taking none of its disks) is that VM's
+        ``problem``, and the disks ``disks`` leaves out are among its ``skipped``."""
         ...
 
     async def vm_sources(
@@ -145,8 +147,13 @@ class Hypervisor(Protocol):
         require_quiesce: bool = False,
         datamover: DataMoverSection | None = None,
         api_gate: ApiGate | None = None,
+        disks: Sequence[str] = (),
     ) -> VmSet:
-        """One ``Source`` per VM name (globs allowed); ConfigError for an unknown VM."""
+        """One ``Source`` per VM name (globs allowed); ConfigError for an unknown VM.
+        ``disks`` (``engine.sources.selection``: names/globs of disk aliases, or disk ids;
+        empty: all) limits the disks each backup reads: the others are skipped with the
+        reason ``not_selected``, and a VM none of whose disks they take fails its backup
+        (``NoDiskSelected``) before anything is created."""
         ...
 
     def vm_restore(

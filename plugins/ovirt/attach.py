@@ -144,8 +144,9 @@ class SnapshotAttachSource(OvirtSourceBase):
         section: DataMoverSection,
         *,
         require_quiesce: bool = False,
+        disks: Sequence[str] = (),
     ) -> None:
-        super().__init__(client, vm, config, require_quiesce=require_quiesce)
+        super().__init__(client, vm, config, require_quiesce=require_quiesce, disks=disks)
         self.datamover = datamover
         self.section = section
 

@@ -10,6 +10,7 @@ import ovirtsdk4.types as t
 import structlog
 
 from engine.core.errors import ConfigError
+from engine.sources.selection import no_disk_selected, not_selected, selects_disk
 from engine.sources.types import DiskInfo, VmInfo
 from plugins.ovirt.client import EngineClient
 from plugins.ovirt.inventory import DiskRef, VmRef
@@ -23,7 +24,10 @@ class OvirtSourceBase:
 
     ``require_quiesce`` refuses (``ConfigError`` naming the VM, before anything is created) a
     running VM whose guest agent reports nothing: its backup could only be crash-consistent
-    (API-NOTES § 7.1)."""
+    (API-NOTES § 7.1).
+
+    ``disks`` (names/globs of disk aliases, or disk ids; empty: every disk) limits the disks
+    read (``engine.sources.selection``)."""
 
     plugin = "ovirt"
 
@@ -34,12 +38,14 @@ class OvirtSourceBase:
         config: dict[str, Any],
         *,
         require_quiesce: bool = False,
+        disks: Sequence[str] = (),
     ):
         self.client = client
         self.vm = vm
         self.vm_id = vm.id
         self.vm_name = vm.name
         self.require_quiesce = require_quiesce
+        self.disks = tuple(disks)
         self._config = config  # engine url/user/password_file/ca_file, for recovery
 
     def readable_disks(self) -> tuple[list[DiskRef], tuple[tuple[str, str], ...]]:
@@ -47,11 +53,17 @@ class OvirtSourceBase:
 
         Direct LUNs and shareable disks are never put in a backup request, snapshot or
         transfer: the engine filters them out of backups and snapshots, and neither has an
-        image to read (``DiskRef.skip_reason``). Inactive (unplugged) disks are left out as
-        before, without a note."""
+        image to read (``DiskRef.skip_reason``). A disk the ``disks`` patterns do not take
+        is skipped as ``not selected``; when they take none of the VM's disks, raises
+        ``NoDiskSelected`` (a ``ConfigError``: the VM's backup fails before anything is
+        created). Inactive (unplugged) disks the patterns take are left out as before,
+        without a note."""
+        if self.disks and not any(selects_disk(self.disks, d.name, d.id) for d in self.vm.disks):
+            raise no_disk_selected(self.vm.name, self.disks, [d.name for d in self.vm.disks])
         disks, skipped = [], []
         for d in self.vm.disks:
-            if (why := d.skip_reason) is not None:
+            why = None if selects_disk(self.disks, d.name, d.id) else not_selected(self.disks)
+            if (why := why or d.skip_reason) is not None:
                 skipped.append((d.name, why))
                 log.info("disk skipped", vm=self.vm.name, disk=d.name, reason=why)
             elif d.active:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.config.models import DataMoverSection, EngineSection
 from engine.core.errors import ConfigError
 from engine.sources.capabilities import PlannedDisk, VmPlan
+from engine.sources.selection import NoDiskSelected, not_selected, selects_disk
 from plugins.ovirt.attach import SnapshotAttachSource
 from plugins.ovirt.backup import OvirtVmSource
 from plugins.ovirt.client import EngineClient, EngineConfig
@@ -46,12 +47,17 @@ async def vm_sources(
     require_quiesce: bool = False,
     datamover: DataMoverSection | None = None,
     api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+    disks: Sequence[str] = (),
 ) -> VmSources:
     """One Source per VM name (globs allowed); ConfigError for an unknown VM or flow.
 
     ``require_quiesce`` (either flow) makes a running VM without a responsive guest agent fail
     at open with a ConfigError, before anything is created, instead of a crash-consistent
     backup.
+
+    ``disks`` (names/globs of disk aliases, or disk ids; empty: all) limits the disks each
+    VM's backup reads; the others are skipped as ``not selected``, and a VM none of whose
+    disks they take fails at open (``NoDiskSelected``), before anything is created.
 
     ``datamover`` (the configuration's section) is needed by ``snapshot-attach``: the DataMover
     VM is looked up once here (``DataMoverNotFound``, a ConfigError, before anything is made)."""
@@ -73,18 +79,26 @@ async def vm_sources(
             assert datamover is not None  # find_datamover refused None
             sources = [
                 SnapshotAttachSource(
-                    client, vm, recovery, dm, datamover, require_quiesce=require_quiesce
+                    client,
+                    vm,
+                    recovery,
+                    dm,
+                    datamover,
+                    require_quiesce=require_quiesce,
+                    disks=disks,
                 )
                 for vm in chosen
             ]
         elif flow == "snapshot-imageio":
             sources = [
-                SnapshotImageioSource(client, vm, recovery, require_quiesce=require_quiesce)
+                SnapshotImageioSource(
+                    client, vm, recovery, require_quiesce=require_quiesce, disks=disks
+                )
                 for vm in chosen
             ]
         else:
             sources = [
-                OvirtVmSource(client, vm, recovery, require_quiesce=require_quiesce)
+                OvirtVmSource(client, vm, recovery, require_quiesce=require_quiesce, disks=disks)
                 for vm in chosen
             ]
         return VmSources(client, sources)
@@ -101,15 +115,17 @@ async def plan_vms(
     require_quiesce: bool = False,
     datamover: DataMoverSection | None = None,
     api_gate: Callable[[], AbstractAsyncContextManager[object]] | None = None,
+    disks: Sequence[str] = (),
 ) -> list[VmPlan]:
     """What ``vm_sources`` with the same arguments would back up: the same sources are
     built (VMs found, flow checked, the DataMover looked up for ``snapshot-attach``), then
     each is asked only what it reads before it creates anything (``readable_disks``, and
     ``facts``: a GET of the VM's configuration). Raises what ``vm_sources`` raises; a VM
-    ``require_quiesce`` refuses gets the refusal as its ``problem``."""
+    ``require_quiesce`` refuses, or none of whose disks ``disks`` takes, gets the refusal
+    as its ``problem``."""
     found = await vm_sources(
         engine, names, flow, require_quiesce=require_quiesce, datamover=datamover,
-        api_gate=api_gate,
+        api_gate=api_gate, disks=disks,
     )  # fmt: skip
     try:
         return [
@@ -120,17 +136,21 @@ async def plan_vms(
 
 
 async def _plan(source: Source, flow: str) -> VmPlan:
-    disks, skipped = source.readable_disks()
+    problem = None
+    try:
+        disks, skipped = source.readable_disks()
+    except NoDiskSelected as e:  # the disk selection takes none of its disks
+        disks, problem = [], str(e)
+        skipped = tuple((d.name, not_selected(source.disks)) for d in source.vm.disks)
     inactive = tuple(
         (d.name, "not active (unplugged): left out")
         for d in source.vm.disks
-        if d.skip_reason is None and not d.active
+        if d.skip_reason is None and not d.active and selects_disk(source.disks, d.name, d.id)
     )
-    problem = None
     try:
         _, consistency = await source.facts()
     except ConfigError as e:  # require_quiesce refused it
-        consistency, problem = "crash", str(e)
+        consistency, problem = "crash", problem or str(e)
 
     def read(incremental: bool) -> str:
         if flow != AUTO_FLOW:

@@ -7,9 +7,11 @@ Output, one block per VM::
     VM web01 (cluster Default, up): flow backup-api, consistency application
       read  web01_os          10.0 GiB  incremental
       skip  web01_lun         a lun disk (not an image in a storage domain): not backed up
+      skip  web01_scratch     not selected (disks: web01_os)
 
 ``policies --show-selection --json``: one document (sizes in bytes). Exit 1 when a VM
-would be refused (``require_quiesce``), else 0.
+would be refused (``require_quiesce``, a disk selection that takes none of its disks),
+else 0.
 """
 
 import argparse
@@ -87,6 +89,7 @@ def cmd_backup_dry_run(args: argparse.Namespace) -> int:
         require_quiesce=args.require_quiesce,
         engine=args.engine,
         readers=args.readers,
+        disks=tuple(args.disks),
     )
     request.check()
     config = load_config(args.config, args.config.parent / "conf.d")

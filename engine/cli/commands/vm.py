@@ -34,11 +34,13 @@ def cmd_backup_vm(args: argparse.Namespace) -> int:
         require_quiesce=args.require_quiesce,
         engine=args.engine,
         readers=args.readers,
+        disks=tuple(args.disks),
     )
     request.check()
     if not args.direct and (socket := cli_service.daemon_socket(args.config)) is not None:
         body = {"vms": args.names, "level": args.level, "flow": args.flow}
         body |= {"require_quiesce": args.require_quiesce, "engine": args.engine}
+        body |= {"disks": args.disks} if args.disks else {}
         return aio.run(cli_service.submit_and_follow(socket, "/v1/backups", body))
     config = load_config(args.config, args.config.parent / "conf.d")
 

@@ -34,7 +34,14 @@ from engine.workers import ThreadCpuPool
 from engine.workers.pool import CpuPool
 from tests.conftest import StoreFactory
 from tests.helpers import realistic_bytes
-from tests.memory import MemoryDisk, MemorySource, MemoryTargetDisk, MemoryTargets, MemoryVm
+from tests.memory import (
+    MemoryDisk,
+    MemorySource,
+    MemoryTargetDisk,
+    MemoryTargets,
+    MemoryVm,
+    Ranges,
+)
 from tests.memory_store import MemoryStore
 
 CHUNK = 64 * KiB
@@ -285,6 +292,32 @@ async def test_disk_without_checkpoints_is_read_in_full_with_the_reason(rig: Rig
     assert "keeps no checkpoints" in os_entry.attributes["fallback"]
     assert blank_entry.attributes["read"] == "dirty"
     assert any("keeps no checkpoints" in note for note in outcome.notes)
+    await rig.assert_restores(outcome.manifest, rig.contents())
+
+
+async def test_a_disk_not_in_the_parent_snapshot_is_read_in_full(rig: Rig) -> None:
+    """A disk the parent snapshot lacks (added, or taken by a changed disk selection) is
+    read in full even when the source offers it incrementally: its clean slots have no
+    parent ids to take. Here its bitmap claims nothing changed, so a dirty read would
+    store a blank disk."""
+    first, added = rig.os, rig.blank
+    rig.vm.disks = [first]  # the full backs up the OS disk only
+    full = await rig.backup("full")
+    assert full.manifest is not None
+    assert [d.name for d in full.manifest.disks] == ["web01_os"]
+    added.write(slot(2), b"q" * 100)  # no bitmap yet: nothing records it
+    added.bitmaps[full.manifest.tags["checkpoint"]] = Ranges()  # says: nothing changed
+    rig.vm.disks.append(added)
+    first.write(slot(3), b"a" * 100)
+    outcome = await rig.backup("incremental")
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert outcome.manifest is not None
+    assert slots_read(first) == {3}
+    assert slots_read(added) == {2}
+    os_entry, blank_entry = outcome.manifest.disks
+    assert os_entry.attributes["read"] == "dirty"
+    assert blank_entry.attributes["read"] == "full"
+    assert blank_entry.attributes["fallback"] == "disk not in the parent snapshot: full read"
     await rig.assert_restores(outcome.manifest, rig.contents())
 
 
