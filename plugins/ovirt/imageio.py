@@ -95,6 +95,8 @@ BODY_TAIL: Final = 512
 # leaves room for four missed extends (an engine restart, a run of retried 503s) before the
 # ticket expires mid-transfer.
 EXTEND_INTERVAL: Final = 60.0
+# GETs an ImageioReader keeps in flight on its one connection (``ImageioReader.pipeline``).
+PIPELINE: Final = 2
 
 log = structlog.get_logger("tessera.ovirt")
 
@@ -521,15 +523,17 @@ class ImageioReader:
 
     The rest of the gap is not in this reader: see docs/DESIGN.md, section 9."""
 
-    def __init__(self, url: str, *, ca: EngineCa | None = None) -> None:
+    def __init__(self, url: str, *, ca: EngineCa | None = None, pipeline: int = PIPELINE) -> None:
         self.url = url
         self.ca = ca
+        self.pipeline = pipeline
         self._conn = HttpConnection(
             url,
             _ssl_context(url, ca),
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             request_timeout=REQUEST_TIMEOUT,
+            pipeline=pipeline,
         )
 
     @property
