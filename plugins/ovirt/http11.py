@@ -16,23 +16,28 @@ through the lab's imageio fell from 1.6-2.3 s to ~1.1 s, and a full backup's by 
                │   view[filled:], the bytes after the head that came with it are copied in
                └── None: BODY_COLLECT, the body is kept (at most ``COLLECT_LIMIT``) for the
                    caller's error message
-      response complete ──▶ the request's future; the connection is idle again
+      response complete ──▶ the request's future; the bytes after it (pipelined) start the
+                            next response, or the connection is idle again
 
 What a caller must know:
 
-- One request at a time (no pipelining); a second concurrent ``request()`` raises
+- Up to ``pipeline`` requests in flight (default 1), from as many tasks: each is written
+  when asked for, responses are matched in order (HTTP/1.1 pipelining; imageio answers a
+  connection's requests one after the other). One more concurrent ``request()`` raises
   RuntimeError. The connection is opened by the first request and kept alive between
   requests; a server's ``Connection: close``, a body framed by the end of the connection, a
   body larger than ``COLLECT_LIMIT`` that nobody wanted, or any error drops it, and the next
   request opens a new one. A request that fails on a *reused* connection before any byte
-  of its response arrived (the server closed the idle connection meanwhile) is sent once
-  more on a new connection, as HTTP clients do; only idempotent methods are allowed.
+  of its response arrived (the server closed the idle connection meanwhile, or the request
+  before it on the connection failed or was cancelled) is sent once more on a new
+  connection, as HTTP clients do; only idempotent methods are allowed.
 - Bodies are framed by Content-Length only (or by the end of the connection when the
   server sends neither it nor Transfer-Encoding); a chunked body is an ``HttpProtocolError``.
 - The view given by ``body_into`` is written to only until ``request()`` returns or raises
   (including cancellation): a request abandoned mid-body detaches the view and aborts the
-  connection before ``request()`` gives control back, so no late byte reaches the buffer.
-  After a failure the view holds a partial body.
+  connection before ``request()`` gives control back, so no late byte reaches the buffer
+  (nor any other request's: those in flight behind it fail with ``HttpConnectionLost`` and
+  are resent as above). After a failure the view holds a partial body.
 - Timeouts: ``connect_timeout`` for TCP plus the TLS handshake, ``read_timeout`` without a
   byte of the response, ``request_timeout`` for the whole exchange; each raises TimeoutError.
 
