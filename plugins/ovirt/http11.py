@@ -462,6 +462,7 @@ class HttpConnection:
         self._proto: _Protocol | None = None
         self._connecting = asyncio.Lock()
         self._in_flight = 0
+        self._closes = 0  # close() calls: a request in flight then is not sent again
         self.connections = 0  # connections opened so far (keep-alive is visible in tests)
 
     async def request(
@@ -488,11 +489,12 @@ class HttpConnection:
             data = method.encode("ascii") + self._prefix + lines.encode("latin-1") + b"\r\n"
             async with asyncio.timeout(self.request_timeout):
                 reused = self._proto is not None and self._usable(self._proto)
+                closes = self._closes
                 try:
                     return await self._exchange(data, body_into)
                 except HttpConnectionLost as e:
-                    if not reused or e.received:
-                        raise
+                    if not reused or e.received or self._closes != closes:
+                        raise  # (closed meanwhile by its owner: no new connection)
                 # The server closed the connection before answering (idle, or after the
                 # response before ours): once more, on a new one.
                 return await self._exchange(data, body_into)
@@ -560,6 +562,7 @@ class HttpConnection:
     async def close(self) -> None:
         """Close the connection and wait until the transport let go of it. It is an abort
         (no TLS close_notify): requests still in flight fail with ``HttpConnectionLost``."""
+        self._closes += 1
         proto = self._proto
         self._drop(proto)
         if proto is not None:

@@ -461,6 +461,33 @@ async def test_a_cancelled_read_mid_pipeline_drops_the_connection_and_the_next_i
             await reader.close()
 
 
+async def test_closing_with_reads_in_flight_fails_them_without_a_new_connection(
+    tmp_path: Path,
+) -> None:
+    """The connection is a reused one (the case where a lost request is sent again): its
+    owner's close() still ends the requests in flight."""
+
+    async def answers_the_first(head: bytes, writer: asyncio.StreamWriter) -> None:
+        first, last = requested_range(head)
+        if first == 0:
+            writer.write(partial(first, last))
+
+    async with scripted(tmp_path, answers_the_first) as server:
+        reader = ImageioReader(server.url, ca=server.ca, pipeline=2)
+        await reader.readinto(0, memoryview(bytearray(10)))
+        reads = [
+            asyncio.create_task(reader.readinto(offset, memoryview(bytearray(10))))
+            for offset in (10, 20)
+        ]
+        while len(server.requests) < 3:  # both sent
+            await asyncio.sleep(0.01)
+        await reader.close()
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        assert [type(r) for r in results] == [ImageioTransientError] * 2
+        assert reader.connections == 1
+        assert server.connections == 1
+
+
 def test_reads_under_uvloop(tmp_path: Path) -> None:
     """The CLI's loop: uvloop's TLS transport (not an asyncio.Transport) fills the view."""
 
