@@ -222,6 +222,8 @@ class MemoryReader:
         _check_range(f"disk {disk.info.name}", offset, len(buf), disk.info.size)
         if disk.image.before_read is not None:
             await disk.image.before_read(disk.image, offset, len(buf))
+            if self.closed:  # as a real connection closed under a read in flight
+                raise RuntimeError(f"disk {disk.info.name}: reader closed during a read")
         buf[:] = disk.content[offset : offset + len(buf)]
         disk.image.reads.append((offset, len(buf)))
 

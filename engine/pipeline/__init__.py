@@ -14,6 +14,9 @@
                                                       → store.put (writer thread)
                                                       → DiskMap[slot] = id
 
+A source whose readers take pipelined reads (``reader_pipeline``, imageio: 2) gets that many
+lanes per reader, each with its own buffer, on the reader's one connection.
+
 Memory is bounded by the queue and the pool's buffers, whatever the disk size; DiskMap
 slots complete out of order (they are positional). A clean slot whose parent id verify
 marked bad (``bad_chunk_ids``) is read again, so the backup heals it. ``slots`` holds the

@@ -90,11 +90,15 @@ async def backup_disk(
     # queued while reads are in flight. Buffers (the pool's capacity) bound both.
     processors = max(2, pool.capacity - readers)
 
+    # A source whose reader takes several reads at once (imageio: pipelined GETs on one
+    # connection) gets that many lanes per reader, each with its own buffer.
+    lanes = max(1, getattr(disk, "reader_pipeline", 1))
+
     async def produce() -> None:
         def start(tg: asyncio.TaskGroup) -> None:
-            tg.create_task(run.plan(readers))
+            tg.create_task(run.plan(readers * lanes))
             for _ in range(readers):
-                tg.create_task(run.reader())
+                tg.create_task(run.reader(lanes))
 
         await run_group(start)
         for _ in range(processors):
@@ -185,28 +189,31 @@ class _DiskBackup:
         for _ in range(readers):
             await self.queue.put(None)
 
-    async def reader(self) -> None:
+    async def reader(self, lanes: int = 1) -> None:
+        """One connection; ``lanes`` tasks read through it at once (each ends at a None)."""
         conn = _Connection(self.disk)
         try:
-            while (slot := await self.queue.get()) is not None:
-                holder = contextlib.AsyncExitStack()
-                buf = await holder.enter_async_context(self.pool.buffer())
-                try:
-                    await self.read_into(conn, slot, buf)
-                except BaseException:
-                    await holder.aclose()
-                    raise
-                self.filled.put_nowait(_Filled(holder, buf, slot))
+            await run_group(lambda tg: [tg.create_task(self.lane(conn)) for _ in range(lanes)])
         finally:
             await conn.close()
+
+    async def lane(self, conn: "_Connection") -> None:
+        while (slot := await self.queue.get()) is not None:
+            holder = contextlib.AsyncExitStack()
+            buf = await holder.enter_async_context(self.pool.buffer())
+            try:
+                await self.read_into(conn, slot, buf)
+            except BaseException:
+                await holder.aclose()
+                raise
+            self.filled.put_nowait(_Filled(holder, buf, slot))
 
     async def read_into(self, conn: "_Connection", slot: int, buf: ChunkBuffer) -> None:
         offset, length = slot * self.chunk, self.slot_length(slot)
         disk_id, stats = self.disk.info.disk_id, self.stats
 
         def retried(attempt: int, error: BaseException) -> None:
-            stats.retries += 1
-            conn.broken = True  # a fresh connection for the next attempt
+            stats.retries += 1  # the connection marked itself broken: the next attempt opens anew
             log.info("read.retry", disk=disk_id, offset=offset, attempt=attempt, error=str(error))
 
         view = buf.plain[:length]
@@ -264,32 +271,49 @@ class _Filled:
     slot: int
 
 
+@dataclass
+class _Held:
+    reader: DiskReader
+    users: int = 0  # reads in flight on it
+    broken: bool = False
+
+
 class _Connection:
-    """A reader's connection, reopened after a failed attempt (the old one may be dead or
-    out of sync; opening a new one costs one handshake)."""
+    """A reader's connection, replaced after a failed read (the old one may be dead or out
+    of sync; opening a new one costs one handshake). Its lanes share it: a read that fails
+    sets the reader aside (the next read of any lane opens a new one) and the last read in
+    flight on it closes it, so no lane's read is cut short by another's failure."""
 
     def __init__(self, disk: SourceDisk):
         self._disk = disk
-        self._reader: DiskReader | None = None
-        self.broken = False
+        self._held: _Held | None = None
+        self._opening = asyncio.Lock()
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
-        if self.broken and self._reader is not None:
-            await self._close_quietly()
-        self.broken = False
-        if self._reader is None:
-            self._reader = await self._disk.open_reader()
-        await self._reader.readinto(offset, buf)
+        async with self._opening:  # lanes starting together open one reader
+            if self._held is None:
+                self._held = _Held(await self._disk.open_reader())
+            held = self._held
+            held.users += 1
+        try:
+            await held.reader.readinto(offset, buf)
+        except Exception:
+            held.broken = True
+            if self._held is held:
+                self._held = None
+            raise
+        finally:
+            held.users -= 1
+            if held.broken and not held.users:
+                await self._close_quietly(held.reader)
 
-    async def _close_quietly(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            try:
-                await reader.close()
-            except (EngineError, OSError) as e:
-                log.info("reader.close_failed", disk=self._disk.info.disk_id, error=str(e))
+    async def _close_quietly(self, reader: DiskReader) -> None:
+        try:
+            await reader.close()
+        except (EngineError, OSError) as e:
+            log.info("reader.close_failed", disk=self._disk.info.disk_id, error=str(e))
 
     async def close(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await reader.close()
+        held, self._held = self._held, None
+        if held is not None:
+            await held.reader.close()

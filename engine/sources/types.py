@@ -43,7 +43,8 @@ class VmInfo:
 
 
 class DiskReader(Protocol):
-    """One connection to a disk; not shared between concurrent readers."""
+    """One connection to a disk; not shared between concurrent readers (except that its
+    disk's ``reader_pipeline`` says how many ``readinto`` calls it takes at once)."""
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset`` (short reads are the reader's problem)."""
@@ -53,6 +54,10 @@ class DiskReader(Protocol):
 
 
 class SourceDisk(Protocol):
+    """A disk to back up. An optional int attribute ``reader_pipeline`` (default 1) says how
+    many ``readinto`` calls one of its readers takes at once (pipelined requests on its
+    connection); the backup pipeline then gives each reader that many lanes."""
+
     info: DiskInfo
     # None: read everything (full). Otherwise dirty_extents covers every changed byte.
     checkpoint_parent: str | None

@@ -46,7 +46,7 @@ from engine.util import failpoints
 from plugins.ovirt.client import EngineApiError, EngineClient
 from plugins.ovirt.events import last_event
 from plugins.ovirt.idempotent import Wanted, already_done
-from plugins.ovirt.imageio import ImageioDisk, ImageioReader, ImageioWriter
+from plugins.ovirt.imageio import PIPELINE, ImageioDisk, ImageioReader, ImageioWriter
 from plugins.ovirt.polling import Wait
 
 log = structlog.get_logger("tessera.ovirt")
@@ -297,6 +297,8 @@ class TransferDisk:
         self.info = info
         self.checkpoint_parent = checkpoint_parent
         self.fallback_reason = fallback_reason
+        # Reads one reader takes at once (engine.pipeline.disk): pipelined GETs.
+        self.reader_pipeline = PIPELINE
         self.transfer_id: str | None = None
         self._client = client
         self._add = add

@@ -372,6 +372,122 @@ async def test_a_cancelled_read_leaves_the_buffer_alone_afterwards(tmp_path: Pat
             await reader.close()
 
 
+async def test_two_reads_in_flight_on_one_connection_get_their_own_responses(
+    tmp_path: Path,
+) -> None:
+    """Pipelined: the server sees both requests before it answers either; then it sends an
+    error (with a body) and the second response in one write. Each read gets its own: the
+    error names the first read's offset, the data lands in the second read's buffer."""
+
+    async def answer_both(head: bytes, writer: asyncio.StreamWriter) -> None:
+        first, last = requested_range(head)
+        if first == 0:
+            return  # held: the next request is read before anything is answered
+        body = b"backend failed"
+        error = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        writer.write(error + partial(first, last))
+
+    async with scripted(tmp_path, answer_both) as server:
+        reader = ImageioReader(server.url, ca=server.ca, pipeline=2)
+        second = bytearray(3000)
+        try:
+            results = await asyncio.gather(
+                reader.readinto(0, memoryview(bytearray(100))),
+                reader.readinto(5000, memoryview(second)),
+                return_exceptions=True,
+            )
+            with pytest.raises(RuntimeError, match="at most 2 requests in flight"):
+                await asyncio.gather(*(reader.readinto(0, memoryview(bytearray(1))) for _ in "abc"))
+        finally:
+            await reader.close()
+    error, ok = results
+    assert isinstance(error, ImageioTransientError)
+    assert "at offset 0: HTTP 503" in str(error) and "backend failed" in str(error)
+    assert ok is None
+    assert second == data(5000, 3000)
+    assert [requested_range(h)[0] for h in server.requests[:2]] == [0, 5000]
+    assert reader.connections == 1
+
+
+async def test_a_cancelled_read_mid_pipeline_drops_the_connection_and_the_next_is_resent(
+    tmp_path: Path,
+) -> None:
+    """The first read is cancelled halfway through its body while the second is in flight:
+    its buffer gets no more bytes, the connection is dropped, and the second request (no
+    byte of its answer seen) is sent again on a new connection and completes."""
+    half_sent = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def halves_then_rest(head: bytes, writer: asyncio.StreamWriter) -> None:
+        first, last = requested_range(head)
+        answer = partial(first, last)
+        if first != 0 or server.connections > 1:
+            writer.write(answer)
+            return
+        writer.write(answer[: len(answer) // 2])
+        await writer.drain()
+        half_sent.set()
+        await go_on.wait()
+        with contextlib.suppress(ConnectionError):
+            writer.write(answer[len(answer) // 2 :])
+            await writer.drain()
+
+    async with scripted(tmp_path, halves_then_rest) as server:
+        reader = ImageioReader(server.url, ca=server.ca, pipeline=2)
+        buf, other = bytearray(256 * KiB), bytearray(1000)
+        try:
+            task = asyncio.create_task(reader.readinto(0, memoryview(buf)))
+            await half_sent.wait()
+            second = asyncio.create_task(reader.readinto(777, memoryview(other)))
+            for _ in range(5):  # loop turns: the second request is written
+                await asyncio.sleep(0)
+            while buf[1000:1010] != data(1000, 10):  # the first bytes are in
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            buf[:] = bytes(len(buf))  # the caller reuses its buffer
+            go_on.set()
+            await second
+            for _ in range(20):  # loop turns: any bytes that could still arrive are handled
+                await asyncio.sleep(0)
+            assert buf == bytes(len(buf))
+            assert other == data(777, 1000)
+            assert reader.connections == 2
+        finally:
+            go_on.set()
+            await reader.close()
+
+
+async def test_closing_with_reads_in_flight_fails_them_without_a_new_connection(
+    tmp_path: Path,
+) -> None:
+    """The connection is a reused one (the case where a lost request is sent again): its
+    owner's close() still ends the requests in flight."""
+
+    async def answers_the_first(head: bytes, writer: asyncio.StreamWriter) -> None:
+        first, last = requested_range(head)
+        if first == 0:
+            writer.write(partial(first, last))
+
+    async with scripted(tmp_path, answers_the_first) as server:
+        reader = ImageioReader(server.url, ca=server.ca, pipeline=2)
+        await reader.readinto(0, memoryview(bytearray(10)))
+        reads = [
+            asyncio.create_task(reader.readinto(offset, memoryview(bytearray(10))))
+            for offset in (10, 20)
+        ]
+        while len(server.requests) < 3:  # both sent
+            await asyncio.sleep(0.01)
+        await reader.close()
+        results = await asyncio.gather(*reads, return_exceptions=True)
+        assert [type(r) for r in results] == [ImageioTransientError] * 2
+        assert reader.connections == 1
+        assert server.connections == 1
+
+
 def test_reads_under_uvloop(tmp_path: Path) -> None:
     """The CLI's loop: uvloop's TLS transport (not an asyncio.Transport) fills the view."""
 
@@ -427,6 +543,46 @@ def test_the_daemon_keeps_the_connection_under_uvloop(tmp_path: Path) -> None:
                     await reader.readinto(size - 10, memoryview(bytearray(20)))
                 # Still in step after the error.
                 await reader.readinto(0, memoryview(out)[:10])
+            finally:
+                await reader.close()
+            await daemon.remove_ticket(TICKET)
+            assert out == content
+
+    uvloop.run(main())
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("nothing_left_behind")
+def test_the_daemon_answers_pipelined_reads_in_order(tmp_path: Path) -> None:
+    """Two lanes read one connection (as the backup's lanes do), with pieces of odd sizes:
+    every response lands in the buffer of the read that asked for it."""
+    size = 4 * MiB
+    image = tmp_path / "disk.raw"
+    content = data(0, size)
+    image.write_bytes(content)
+
+    async def main() -> None:
+        async with (
+            ImageioDaemon(tmp_path) as daemon,
+            QemuNbd(image, "raw", read_only=True) as nbd,
+        ):
+            await daemon.add_ticket(TICKET, f"nbd:unix:{nbd.address}", size, ["read"])
+            ca = EngineCa.from_file(daemon.ca_file)
+            reader = ImageioReader(daemon.data_url(TICKET), ca=ca, pipeline=2)
+            out = bytearray(size)
+            cuts = [0, 1, 4096, 70_000, 300_001, MiB, MiB + 17, 2 * MiB, 3 * MiB + 5, size]
+            pieces = iter(itertools.pairwise(cuts))
+
+            async def lane() -> None:
+                for first, end in pieces:
+                    with memoryview(out)[first:end] as view:
+                        await reader.readinto(first, view)
+
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for _ in range(2):
+                        tg.create_task(lane())
+                assert reader.connections == 1
             finally:
                 await reader.close()
             await daemon.remove_ticket(TICKET)

@@ -37,6 +37,7 @@ from tests.helpers import realistic_bytes
 from tests.memory import (
     MemoryDisk,
     MemorySource,
+    MemorySourceDisk,
     MemoryTargetDisk,
     MemoryTargets,
     MemoryVm,
@@ -365,6 +366,66 @@ def fail_reads(
                 raise error()
 
     return hook, calls
+
+
+def turns(n: int) -> Callable[[MemoryDisk, int, int], Awaitable[None]]:
+    """A ``before_read`` hook that lets the loop turn ``n`` times (other reads start)."""
+
+    async def hook(disk: MemoryDisk, offset: int, length: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    return hook
+
+
+async def test_a_pipelining_source_gets_lanes_sharing_each_reader(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reader_pipeline`` 2 (imageio): each reader's connection has two reads in flight."""
+    monkeypatch.setattr(MemorySourceDisk, "reader_pipeline", 2, raising=False)
+    in_flight, peak = 0, 0
+    wait = turns(5)
+
+    async def counted(disk: MemoryDisk, offset: int, length: int) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await wait(disk, offset, length)
+        finally:
+            in_flight -= 1
+
+    rig.os.before_read = counted
+    outcome = await rig.backup("full")
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert peak == 2 * READERS
+    assert rig.os.readers_opened == READERS  # the lanes share the connections
+    assert slots_read(rig.os) == DATA_SLOTS
+    assert rig.vm.open_readers == 0
+    assert outcome.manifest is not None
+    await rig.assert_restores(outcome.manifest, rig.contents())
+
+
+async def test_a_failed_read_in_one_lane_does_not_cut_the_other_short(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed read's reader is set aside, and closed only once the other lane's read in
+    flight on it is done; the retry and later reads go to a new one."""
+    monkeypatch.setattr(MemorySourceDisk, "reader_pipeline", 2, raising=False)
+    fail, wait = fail_reads(slot(5), 1, lambda: TransientError(message="reset")), turns(5)
+
+    async def hook(disk: MemoryDisk, offset: int, length: int) -> None:
+        await wait(disk, offset, length)  # the sibling lane's read is in flight meanwhile
+        await fail[0](disk, offset, length)
+
+    rig.os.before_read = hook
+    outcome = await rig.backup("full")
+    assert outcome.record.state is State.SUCCEEDED, outcome.record.error
+    assert outcome.disks[0].retries == 1
+    assert rig.os.readers_opened == READERS + 1
+    assert rig.vm.open_readers == 0
+    assert outcome.manifest is not None
+    await rig.assert_restores(outcome.manifest, rig.contents())
 
 
 async def test_transient_read_failures_are_retried_on_a_new_connection(rig: Rig) -> None:
