@@ -32,6 +32,13 @@ def packs(store: Path) -> set[str]:
     return {p.name for p in (store / "packs").rglob("*") if p.is_file()}
 
 
+def _interruptible() -> None:
+    """In the child, before exec: Ctrl-C as at a terminal. An xdist worker ignores SIGINT
+    (execnet leaves Ctrl-C to the controller), and an ignored signal stays ignored across
+    exec, so ``tessera`` started from it would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
     """``tessera ARGS`` started (through a failpoint ``wrapper`` module), output piped."""
     module = [*wrapper, "--"] if wrapper else ["engine.cli.main"]
@@ -44,6 +51,7 @@ async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subpr
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=ENV,
+        preexec_fn=_interruptible,
     )
 
 
