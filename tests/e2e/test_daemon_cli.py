@@ -154,7 +154,11 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
     try:
         client = await cli("backup", "vm", "web01", "--config", config, "--level", "full")
         await paused(hold, "the job never reached its first slot")
-        await asyncio.sleep(1.0)  # the client follows by now (its first poll waits)
+        # The client prints the job's id once the daemon took it; from there on it follows
+        # (its next await is in the follow loop), so Ctrl-C finds it following.
+        assert client.stdout is not None
+        first = await asyncio.wait_for(client.stdout.readline(), 120)
+        assert first.endswith(b" submitted to the daemon\n"), first
         client.send_signal(signal.SIGINT)
         try:
             out_bytes, _ = await asyncio.wait_for(client.communicate(), 60)
@@ -162,7 +166,7 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
             client.kill()
             out_bytes, _ = await client.communicate()
             raise AssertionError(f"the client ignored Ctrl-C:\n{out_bytes.decode()}") from None
-        text = out_bytes.decode()
+        text = first.decode() + out_bytes.decode()
         assert client.returncode == 130, text
         (line,) = [x for x in text.splitlines() if "stopped following" in x]
         job_id = line.split("job ")[1].split()[0]

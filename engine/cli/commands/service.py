@@ -234,7 +234,7 @@ async def submit_and_follow(socket: Path, path: str, body: dict[str, Any]) -> in
         doc = await client.request("POST", path, body)
     ids = [j["id"] for j in doc["jobs"]]
     for job_id in ids:
-        print(f"job {job_id} submitted to the daemon")
+        print(f"job {job_id} submitted to the daemon", flush=True)  # a script sees it now
     return await follow(socket, ids)
 
 
