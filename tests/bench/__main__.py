@@ -17,6 +17,7 @@ from tests.bench import (
     export_bench,
     gc_bench,
     ovirt_bench,
+    parallel_restore_bench,
     pipeline_bench,
     replication_bench,
     store_bench,
@@ -62,6 +63,8 @@ def main() -> int:
         cli_bench.run(report)
     if not only or "export" in only:
         export_bench.run(report)
+    if not only or "parallel-restore" in only:
+        parallel_restore_bench.run(report)
     summary = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
