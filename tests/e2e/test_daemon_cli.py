@@ -13,8 +13,10 @@ in a subprocess against the lab, the CLI as a user types it.
 """
 
 import asyncio
+import contextlib
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -55,13 +57,35 @@ async def cli(*args: str | Path, wrapper: tuple[str, ...] = ()) -> asyncio.subpr
     )
 
 
-async def paused(hold: Path, why: str) -> None:
-    """Until a process run through ``tests.integration.pause_at`` holds at its point."""
-    for _ in range(1200):
-        if (hold / "paused").exists():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(why)
+class Hold:
+    """The test's side of ``tests.integration.pause_at`` (its docstring): ``directory`` with
+    the test's datagram socket, bound before the held process starts."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(directory / "test.sock"))
+        self.sock.setblocking(False)
+
+    async def paused(self, why: str) -> None:
+        """Until the held process says it holds at its point (AssertionError ``why`` after
+        two minutes)."""
+        try:
+            async with asyncio.timeout(120):
+                message = await asyncio.get_running_loop().sock_recv(self.sock, 16)
+        except TimeoutError:
+            raise AssertionError(why) from None
+        assert message == b"paused", message
+
+    def resume(self) -> None:
+        """Let it go on (nothing to do if it never held, or has gone on)."""
+        with contextlib.suppress(OSError):
+            self.sock.sendto(b"go", str(self.directory / "held.sock"))
+
+    def close(self) -> None:
+        self.resume()
+        self.sock.close()
 
 
 async def same_image(a: Path, b: Path) -> bool:
@@ -144,16 +168,15 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
     tmp_path: Path, lab: tuple[FakeEngine, Path]
 ) -> None:
     _, config = lab
-    hold = tmp_path / "hold"
-    hold.mkdir()
+    hold = Hold(tmp_path / "hold")
     daemon = Daemon(config, tmp_path / "daemon.log")
     # The daemon holds its event loop at the first slot backed up: the job is surely running
     # when Ctrl-C comes, and the daemon does not answer meanwhile (the client waits in a
     # progress poll: Ctrl-C must end that wait too).
-    await daemon.start(pause_at=("pipeline.slot.done", hold))
+    await daemon.start(pause_at=("pipeline.slot.done", hold.directory))
     try:
         client = await cli("backup", "vm", "web01", "--config", config, "--level", "full")
-        await paused(hold, "the job never reached its first slot")
+        await hold.paused("the job never reached its first slot")
         # The client prints the job's id once the daemon took it; from there on it follows
         # (its next await is in the follow loop), so Ctrl-C finds it following.
         assert client.stdout is not None
@@ -174,11 +197,11 @@ async def test_ctrl_c_stops_following_and_the_job_runs_on(
             f"tessera: stopped following; job {job_id} keeps running in the daemon "
             "(`tessera cancel JOB_ID` with the same --config or --socket stops one)"
         ), text
-        (hold / "resume").touch()
+        hold.resume()
         (job,) = await wait_jobs(config, 1)
         assert (job["id"], job["state"]) == (job_id, "succeeded"), job
     finally:
-        (hold / "resume").touch()
+        hold.close()
         assert await daemon.stop() == 0, daemon.log.read_text()
         await daemon.kill()
 
@@ -223,19 +246,18 @@ async def test_restores_run_beside_the_daemon_and_a_killed_one_is_cleaned_up_by_
 
         # a restore that is running is its own process's: neither another restore nor a
         # daemon restart recovers it
-        hold = tmp_path / "hold"
-        hold.mkdir()
+        hold = Hold(tmp_path / "hold")
         held = await cli(
             *("restore", snap, "--store", store, "--to", tmp_path / "d.qcow2"),
-            wrapper=("tests.integration.pause_at", "restore.chunk.written", str(hold)),
+            wrapper=("tests.integration.pause_at", "restore.chunk.written", str(hold.directory)),
         )
-        await paused(hold, "the restore never wrote a chunk")
+        await hold.paused("the restore never wrote a chunk")
         code, out = await tessera("restore", snap, "--store", store, "--to", tmp_path / "e.qcow2")
         assert code == 0 and "recovery:" not in out, out
         assert await daemon.stop() == 0, daemon.log.read_text()
         await daemon.start()
         assert not daemon.events("job.recovered"), daemon.log.read_text()
-        (hold / "resume").touch()
+        hold.close()
         out_bytes, _ = await asyncio.wait_for(held.communicate(), 120)
         assert held.returncode == 0, out_bytes.decode()
         assert await same_image(source, tmp_path / "d.qcow2")

@@ -2,15 +2,18 @@
 
 python -m tests.integration.pause_at POINT DIR -- tessera-args...
 
-At the first hit of ``POINT`` the thread that hit it writes ``DIR/paused`` and waits (at most
-``HOLD``) until ``DIR/resume`` exists: a test can act while a job is surely mid-way (e.g.
-interrupt a client following it), then let it go on. A hit on the event loop holds the whole
+At the first hit of ``POINT`` the thread that hit it binds ``DIR/held.sock`` (a unix datagram
+socket), tells the test so with a datagram to ``DIR/test.sock`` (the test's, bound before it
+started this process), and waits (at most ``HOLD``) for a datagram back: a test can act while
+a job is surely mid-way (e.g. interrupt a client following it), then let it go on. No file is
+polled: each side waits for the other's message. A hit on the event loop holds the whole
 process, its API too.
 """
 
+import contextlib
+import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -28,10 +31,12 @@ def pause_at(point: str, directory: Path) -> Callable[[str], None]:
         if name != point or first.is_set():
             return
         first.set()
-        (directory / "paused").touch()
-        deadline = time.monotonic() + HOLD
-        while not (directory / "resume").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as held:
+            held.bind(str(directory / "held.sock"))
+            held.settimeout(HOLD)
+            held.sendto(b"paused", str(directory / "test.sock"))
+            with contextlib.suppress(TimeoutError):
+                held.recv(16)  # the test's "go on"
 
     return handler
 

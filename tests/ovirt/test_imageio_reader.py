@@ -70,10 +70,16 @@ class Server:
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}/images/{TICKET}"
+
+    async def seen(self, count: int) -> None:
+        """Until ``count`` request heads have arrived."""
+        async with self.arrived:
+            await self.arrived.wait_for(lambda: len(self.requests) >= count)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The work runs in a task of its own that teardown cancels: the handler itself must
@@ -91,7 +97,9 @@ class Server:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                self.requests.append(head)
+                async with self.arrived:
+                    self.requests.append(head)
+                    self.arrived.notify_all()
                 await self.respond(head, writer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -479,8 +487,7 @@ async def test_closing_with_reads_in_flight_fails_them_without_a_new_connection(
             asyncio.create_task(reader.readinto(offset, memoryview(bytearray(10))))
             for offset in (10, 20)
         ]
-        while len(server.requests) < 3:  # both sent
-            await asyncio.sleep(0.01)
+        await server.seen(3)  # both sent
         await reader.close()
         results = await asyncio.gather(*reads, return_exceptions=True)
         assert [type(r) for r in results] == [ImageioTransientError] * 2
