@@ -1,11 +1,13 @@
 """The driver persists each state before acting, and maps errors/cancellation to cleanup."""
 
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 import pytest
 
-from engine.core.errors import SourceError
+from engine.core.errors import SourceError, StoreWriteError
 from engine.jobs.driver import JobDriver
 from engine.jobs.journal import Journal
 from engine.jobs.states import Event, State
@@ -139,3 +141,25 @@ async def test_journal_round_trip_and_prune(
     assert [r.job_id for r in other.unfinished()] == [record.job_id]
     other.prune()  # the dead owner's lock file goes
     assert list((tmp_path / "owners").iterdir()) == []
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EIO])
+async def test_an_owner_lock_that_cannot_be_made_names_its_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    """A full disk or an I/O error while the owner lock is made: the job is refused with
+    the file named, no record and no half-made lock file are left, and the next try works."""
+    journal = Journal(tmp_path)
+    real_rename = os.rename
+
+    def failing_rename(src: object, dst: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr("engine.jobs.journal.os.rename", failing_rename)
+    with pytest.raises(StoreWriteError, match="job journal owner lock"):
+        await journal.create("restore", "local", {})
+    assert list(tmp_path.glob("*.json")) == []
+    assert list((tmp_path / "owners").iterdir()) == []
+    monkeypatch.setattr("engine.jobs.journal.os.rename", real_rename)
+    record = await journal.create("restore", "local", {})
+    assert Journal(tmp_path).alive(record)
