@@ -23,32 +23,42 @@ The evidence: the tests running and for how long; the process tree under the run
 process's state and kernel wait channel (and its kernel stack when it is in uninterruptible
 sleep, the mark of a hung FUSE or block request); the FUSE mounts; the free space for
 temporary files (a full disk makes servers hang in odd places); and every worker's Python
-stacks, all threads, which each worker writes when sent ``SIGUSR1`` (``faulthandler``) into a
-file under a directory the controller makes (``TESSERA_TEST_WATCH``, inherited by workers).
-The same file takes a worker's fatal-signal traceback.
+stacks, which each worker writes when sent ``SIGUSR1`` into a file under a directory the
+controller makes (``TESSERA_TEST_WATCH``, inherited by workers): all threads
+(``faulthandler``, from the signal handler), then what each asyncio task of the main thread
+awaits, down its chain of awaits (a Python handler: an asyncio test that hangs shows only
+its event loop waiting in the thread stacks). The same file takes a worker's fatal-signal
+traceback.
 
 Workers are restarted once after a crash (``--max-worker-restart=1`` in the Makefile): xdist
 runs the crashed test again, and a second crash ends the run rather than hang it (with
-``--dist loadfile`` xdist 3.8 can wait forever for a file whose test crashed twice).
+``--dist loadfile`` xdist 3.8 can wait forever for a file whose test crashed twice). xdist
+can still stall after a crash (seen in CI: the restarted worker got no test); the stall limit
+ends such a run.
 
 CI shows only the last lines of what a run printed, so every report ends with a summary of at
 most ``SUMMARY_LINES`` lines: how far the run got (tests done of all, failed so far, seconds,
 load average, free space), each test running with its seconds, each worker's process state
-and kernel wait channel, the first failures with their one-line reasons and the slowest tests
-done. The same summary is printed, once, when the free space for temporary files falls below
-``LOW_SPACE`` (``TESSERA_TEST_LOW_SPACE``), with the largest directories under the run's base
-temporary directory.
+and kernel wait channel with the first processes under it (name, state, wait channel), where
+each worker's tasks and threads were at the last look (its innermost frame in the project,
+then the library call it waits in), the first failures with their one-line reasons and the
+slowest tests done. The same summary is printed, once, when the free space for temporary
+files falls below ``LOW_SPACE`` (``TESSERA_TEST_LOW_SPACE``), with the largest directories
+under the run's base temporary directory.
 """
 
+import asyncio
 import contextlib
 import faulthandler
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 from typing import IO, Final
 
@@ -69,6 +79,8 @@ POLL: Final = 5.0
 DUMP_WAIT: Final = 3.0  # at most, for the workers' faulthandler to write
 EXIT_STATUS: Final = 3
 LOW_SPACE: Final = 2 << 30  # bytes free for temporary files below which the run is reported
+TASKS_HEADER: Final = "asyncio tasks of the main thread:"
+TASKS_END: Final = "end of asyncio tasks"
 SUMMARY_LINES: Final = 18  # CI shows the tail of the output: the summary fits in it
 
 _stack_file: list[IO[str]] = []  # a worker's open stack file (kept open for faulthandler)
@@ -90,7 +102,10 @@ def pytest_configure(config: pytest.Config) -> None:
     name = config.workerinput["workerid"] if _is_worker(config) else "main"  # type: ignore[attr-defined]
     stacks = (directory / f"{name}.{_process_key(os.getpid())}.stacks").open("a", encoding="utf-8")
     _stack_file.append(stacks)
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    # The Python-level handler (asyncio's task chains) runs in the main thread once the
+    # faulthandler one (every thread's frames, written from the signal handler) chained to it.
+    signal.signal(signal.SIGUSR1, _write_tasks)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True, chain=True)
 
 
 @pytest.hookimpl(trylast=True)
@@ -101,6 +116,47 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     down."""
     if _stack_file:
         faulthandler.enable(file=_stack_file[0], all_threads=True)
+
+
+def _write_tasks(signum: int, frame: object) -> None:
+    """Write what each asyncio task of the running loop awaits into the stack file.
+
+    A hung asyncio test shows nothing in its thread stacks but the event loop waiting: the
+    place is in the tasks' chains of awaits (``cr_await``), innermost last, which
+    ``Task.get_stack`` does not follow."""
+    lines = [TASKS_HEADER]
+    try:
+        for task in asyncio.all_tasks(asyncio.get_running_loop()):
+            lines.append(f"Task {task.get_name()} (innermost last):")
+            lines += [
+                f'  File "{f.f_code.co_filename}", line {f.f_lineno} in {f.f_code.co_name}'
+                for f in _await_chain(task.get_coro())
+            ]
+    except RuntimeError:
+        lines.append("(no event loop running in the main thread)")
+    except Exception as e:  # evidence only: never break the test it interrupted
+        lines.append(f"(tasks not listed: {e!r})")
+    lines.append(TASKS_END)
+    with contextlib.suppress(OSError, ValueError):
+        _stack_file[0].write("\n".join(lines) + "\n\n")
+        _stack_file[0].flush()
+
+
+def _await_chain(coro: object) -> list[types.FrameType]:
+    """The frames of a coroutine and of what it awaits, down to the innermost, outermost first."""
+    frames: list[types.FrameType] = []
+    while coro is not None and len(frames) < 64:
+        frame = next(
+            (f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(coro, a, None))),
+            None,
+        )
+        if frame is not None:
+            frames.append(frame)
+        coro = next(
+            (c for a in ("cr_await", "gi_yieldfrom", "ag_await") if (c := getattr(coro, a, None))),
+            None,
+        )
+    return frames
 
 
 def _process_key(pid: int) -> str:
@@ -138,6 +194,8 @@ class Watchdog:
         self.crashes: list[str] = []  # "gw0 (pid N) down: how it ended; the fatal error's head"
         self.lock = threading.Lock()
         self.offsets: dict[Path, int] = {}
+        # worker name → where its tasks and threads were at the last look (``_places``)
+        self.places: dict[str, list[str]] = {}
         self.stderr = os.dup(2)  # the real one: pytest's capture is suspended at configure
         threading.Thread(target=self._watch, name="tessera-watchdog", daemon=True).start()
 
@@ -224,11 +282,12 @@ class Watchdog:
             for path in self.directory.glob(f"*.{key}.stacks"):
                 asked[path] = path.stat().st_size
                 os.kill(pid, signal.SIGUSR1)
-        # Until every signalled process has written (faulthandler writes in its signal
-        # handler), at most DUMP_WAIT: a process stuck in the kernel may never run it.
+        # Until every signalled process has written its threads (faulthandler, in the signal
+        # handler) and its asyncio tasks (the Python handler, ending with TASKS_END), at most
+        # DUMP_WAIT: a process stuck in the kernel or in C code holding the GIL may never.
         deadline = time.monotonic() + DUMP_WAIT
-        while time.monotonic() < deadline and any(
-            _size(path) <= size for path, size in asked.items()
+        while time.monotonic() < deadline and not all(
+            TASKS_END in _tail_from(path, size) for path, size in asked.items()
         ):
             time.sleep(0.05)
         lines = []
@@ -239,6 +298,9 @@ class Watchdog:
                 self.offsets[path] = f.tell()
             if text:
                 lines += [f"Python stacks of worker {path.stem}:", *text.splitlines()]
+                places = _places(text, Path(self.config.rootpath))
+                with self.lock:
+                    self.places[path.stem.split(".")[0]] = places
         return lines
 
     def _summary(self, why: str) -> list[str]:
@@ -259,6 +321,9 @@ class Watchdog:
         ]
         lines += [f"  running {now - t:5.0f} s: {n}" for n, t in running]
         lines += [f"  worker {w}" for w in _workers(os.getpid())]
+        with self.lock:
+            places = {name: list(p) for name, p in self.places.items() if p}
+        lines += [f"  {name} at: {' | '.join(p)}"[:400] for name, p in sorted(places.items())]
         lines += [f"  died: {c}" for c in crashes[:3]]
         late = sorted(reported - {n for n, _ in running})[:2]  # ran long, then ended or died
         lines += [f"  was late: {n} (past {self.warn_after:.0f} s; stacks above)" for n in late]
@@ -293,6 +358,41 @@ class Watchdog:
                 os.kill(pid, signal.SIGKILL)
         self._write(f"watchdog: stopped the run (exit status {EXIT_STATUS})\n")
         os._exit(EXIT_STATUS)
+
+
+def _places(text: str, root: Path) -> list[str]:
+    """Where a worker's asyncio tasks and threads were, from what it wrote on SIGUSR1: for each
+    with a frame of the project, its innermost such frame (``file:line function``), then the
+    innermost frame of all when that is elsewhere (the library call it waits in). At most
+    three, asyncio tasks first, the deepest first."""
+    sections: list[tuple[bool, list[tuple[str, str, str]]]] = []  # (task?, frames innermost first)
+    frame = re.compile(r'\s+File "(.*)", line (\d+) in (.*)')
+    for line in text.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            sections.append((False, []))
+        elif line.startswith("Task "):
+            sections.append((True, []))
+        elif sections and (m := frame.match(line)):
+            task, frames = sections[-1]
+            where = (m[1], m[2], m[3])
+            frames.insert(0, where) if task else frames.append(where)  # tasks: outermost first
+
+    def ours(path: str) -> bool:
+        return path.startswith(str(root) + os.sep) and ".venv" not in path
+
+    def name(path: str, line: str, function: str) -> str:
+        shown = os.path.relpath(path, root) if ours(path) else os.path.basename(path)
+        return f"{shown}:{line} {function}"
+
+    found = []
+    for _, frames in sorted(sections, key=lambda s: (not s[0], -len(s[1]))):
+        mine = [f for f in frames if ours(f[0]) and not f[0].endswith("watchdog.py")]
+        if not mine:
+            continue
+        place = name(*mine[0]) + ("" if frames[0] == mine[0] else f" → {name(*frames[0])}")
+        if place not in found:
+            found.append(place)
+    return found[:3]
 
 
 def _first_line(report: pytest.TestReport) -> str:
@@ -367,9 +467,19 @@ def _workers(root: int) -> list[str]:
         stuck = [p for p in under if _state(p) == "D"]
         lines.append(
             f"pid {pid}: {state} in {wchan}; {len(under)} processes under it,"
-            f" {len(stuck)} in uninterruptible sleep"
+            f" {len(stuck)} in uninterruptible sleep" + "".join(f"; {_brief(p)}" for p in under[:4])
         )
     return lines
+
+
+def _brief(pid: int) -> str:
+    """``name pid state wait-channel`` of a process, for the summary."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        wchan = Path(f"/proc/{pid}/wchan").read_text() or "-"
+        return f"{name} {pid} {_stat(pid)[0]} {wchan}"
+    except (OSError, IndexError):
+        return f"{pid} gone"
 
 
 def _state(pid: int) -> str:
@@ -379,11 +489,14 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def _size(path: Path) -> int:
+def _tail_from(path: Path, offset: int) -> str:
+    """What ``path`` holds past ``offset`` (all of it done when the file is gone)."""
     try:
-        return path.stat().st_size
+        with path.open(encoding="utf-8", errors="replace") as f:
+            f.seek(offset)
+            return f.read()
     except OSError:
-        return 1 << 62  # gone: nothing more to wait for
+        return TASKS_END
 
 
 def _children() -> dict[int, list[int]]:

@@ -18,7 +18,7 @@
 the peers, one factory each: a new implementation is one more entry in ``SOURCES``,
 ``TARGETS``, ``STORES`` or ``PEERS`` (with, for a source, whether it keeps checkpoints). A
 case an implementation fails today runs as a strict xfail listed in ``harness.KNOWN_GAPS``
-with why (one today: the lab DataMover's partial-cluster zeroes).
+with why (none today).
 Sources and targets other than the in-memory ones run external programs and are marked
 ``integration``.
 """

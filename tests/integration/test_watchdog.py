@@ -199,3 +199,32 @@ def test_waits():
     assert re.match(r"watchdog summary: no test started or ended for \d+ s", summary), out
     assert re.search(r"running +\d+ s: test_it.py::test_waits", summary), out
     assert "  was late: test_it.py::test_slow (past 2 s; stacks above)" in summary, out
+
+
+def test_a_hung_asyncio_test_is_named_where_it_awaits(tmp_path: Path) -> None:
+    source = """
+import asyncio
+
+
+async def wait_for_the_device(proc):
+    await proc.wait()  # the line the summary must name
+
+
+async def test_hangs_in_a_coroutine():
+    proc = await asyncio.create_subprocess_exec("sleep", "600")
+    await wait_for_the_device(proc)
+"""
+    env = {STALL_ENV: "200", LIMIT_ENV: "10", WARN_ENV: "3", POLL_ENV: "0.2"}
+    out = run_suite(tmp_path, source, env, "-n", "1", "-o", "asyncio_mode=auto")
+    assert out.startswith(f"exit status {EXIT_STATUS}\n"), out
+    # the evidence: the task's chain of awaits, innermost last
+    assert "asyncio tasks of the main thread:" in out, out
+    assert re.search(r'test_it.py", line 6 in wait_for_the_device\n  File ".*', out), out
+    summary = out[out.rindex("watchdog summary: ") :]
+    # the summary: where the worker waits (our line, then the library's), and its helper
+    assert re.search(
+        r"^  gw0 at: test_it.py:6 wait_for_the_device → \w+\.py:\d+ \w+", summary, re.MULTILINE
+    ), out
+    assert re.search(r"1 processes under it, 0 in uninterruptible sleep; sleep \d+ S ", summary), (
+        out
+    )

@@ -14,6 +14,7 @@ import pytest
 from ovirtsdk4 import types
 
 from engine.core.units import KiB, MiB
+from engine.io import qemu
 from plugins.lab.engine import DiskSeed, FakeClock, FakeEngine, Seed, VmSeed, lab_id
 from plugins.lab.engine.devices import link_name, mounts_under
 from tests.lab.polling import Client, steps
@@ -173,6 +174,37 @@ async def test_plain_disk_device_persists_writes(lab: Lab) -> None:
     data = await raw_copy(lab.engine.activity.images[disk_id], lab.tmp)
     assert data[MiB : MiB + 8192] == b"\x5a" * 8192
     assert data[:MiB] == bytes(MiB)
+
+
+async def test_a_punched_hole_in_a_plain_disk_device_reads_as_zeroes(lab: Lab) -> None:
+    """As on a real disk (a hole punched in a SCSI disk is WRITE SAME with UNMAP), also for
+    part of a qcow2 cluster, which a bare nbdfuse would send as a trim qemu-nbd drops."""
+
+    def new_disk(conn: Client) -> str:
+        d = add_disk(conn, alias="punched")
+        disk_ok(conn, d.id)
+        return str(d.id)
+
+    disk_id = await lab.sdk(new_disk)
+    info = await qemu.info(lab.engine.activity.images[disk_id])
+    assert (info["format"], info["cluster-size"]) == ("qcow2", 64 * KiB)  # the hole: part of one
+    await lab.sdk(partial(attach, disk_id=disk_id))
+    device = lab.tmp / "devices" / "by-id" / link_name(disk_id, "virtio_scsi")
+    data = os.urandom(64 * KiB)
+    with open(device, "r+b") as f:
+        f.seek(MiB)
+        f.write(data)
+        os.fsync(f.fileno())
+    # util-linux fallocate: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE on the device file
+    await run("fallocate", "--punch-hole", "--offset", MiB + 4096, "--length", 8192, device)
+    expected = data[:4096] + bytes(8192) + data[12288:]
+    with open(device, "rb") as f:
+        f.seek(MiB)
+        assert f.read(64 * KiB) == expected
+    await lab.sdk(partial(detach, disk_id=disk_id))
+    image = await raw_copy(lab.engine.activity.images[disk_id], lab.tmp)
+    assert image[MiB : MiB + 64 * KiB] == expected
+    assert image[:MiB] == bytes(MiB)
 
 
 async def test_refusals(lab: Lab) -> None:

@@ -6,6 +6,7 @@ A real DataMover VM sees a hot-plugged disk as ``/dev/sdX`` with a udev link in
 picture with FUSE::
 
     image (qcow2/raw) ◀── qemu-nbd (unix socket; --snapshot for a snapshot disk)
+                              [◀── disklayer: a writable disk's punched hole reads as zeroes]
                               ◀── nbdfuse MNT/<disk id> --unix SOCKET   → MNT/<disk id>/nbd
     BY_ID/scsi-0QEMU_QEMU_HARDDISK_<first 20 chars of the disk id> ──symlink──▶ …/nbd
     BY_ID/virtio-<first 20 chars>                 (for a virtio-blk attachment)
@@ -15,6 +16,9 @@ raw bytes. A snapshot disk is served by ``qemu-nbd --snapshot``: writes land in 
 overlay that goes away with the device, so the snapshot never changes (the engine attaches
 snapshot disks *transient*). A plain disk is served writable and its writes persist in the
 image once the device is unplugged (``qemu-nbd`` exits only after the unmount, flushing).
+nbdfuse sends a punched hole as an NBD trim, which qemu-nbd may drop for part of a qcow2
+cluster; a real disk zeroes it (SCSI WRITE SAME with UNMAP). So a writable disk's nbdfuse
+talks to ``disklayer``, which turns the trim into a zeroing that may unmap.
 
 Unplugging removes the link, unmounts (lazily if something still holds the file open, then
 the FUSE daemon is stopped so such holders see I/O errors, like a hot-unplugged disk), then
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.io import qemu
+from plugins.lab.engine.disklayer import DiskLayer
 from plugins.lab.engine.volumes import BlockVolumeNbd, ThrottledQemuNbd
 
 SERIAL_PREFIX: Final = 20  # what the guest sees of the serial (VIRTIO_BLK_ID_BYTES, SCSI devid)
@@ -69,6 +74,7 @@ class Device:
     link: Path
     mountpoint: Path
     nbd: qemu.QemuNbd
+    layer: DiskLayer | None = None  # writable devices: a punched hole reads as zeroes
     fuse: asyncio.subprocess.Process | None = None
 
 
@@ -121,7 +127,12 @@ class Devices:
         device = Device(disk_id, self.by_id / link_name(disk_id, interface), mountpoint, nbd)
         try:
             await device.nbd.start()
-            device.fuse = await mount_fuse(mountpoint, device.nbd.address, disk_id)
+            served = device.nbd.address
+            if not transient:
+                device.layer = DiskLayer(served)
+                await device.layer.start()
+                served = device.layer.address
+            device.fuse = await mount_fuse(mountpoint, served, disk_id)
             tmp = device.link.with_name(device.link.name + ".tmp")
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(mountpoint / "nbd")
@@ -203,7 +214,11 @@ async def _teardown(device: Device) -> None:
     try:
         await unmount_fuse(device.mountpoint, device.fuse)
     finally:
-        await device.nbd.stop()  # after nbdfuse disconnected: qemu-nbd flushes and exits
+        try:
+            if device.layer is not None:
+                await device.layer.stop()
+        finally:
+            await device.nbd.stop()  # after nbdfuse disconnected: qemu-nbd flushes and exits
         with contextlib.suppress(OSError):
             device.mountpoint.rmdir()
         device.mountpoint.with_name(device.mountpoint.name + ".log").unlink(missing_ok=True)
