@@ -6,9 +6,10 @@
     thread: DiskMap ids +           pack by pack, ascending      (pool.capacity tasks, each
     index lookups per window        offset (zero runs → zero     holding a pool buffer):
                                     work, unless the target      pread the record into the
-                                    is fresh)                    buffer (thread) → decode →
-                                                                 write every slot it fills
-                                                                 over an idle writer
+                                    is fresh)                    buffer and decode it (one
+                                                                 pool hand-off) → write
+                                                                 every slot it fills over
+                                                                 an idle writer
                                                                  (N connections)
     then: flush every writer; close every writer (always)
 
@@ -21,9 +22,11 @@ A restore with a base is a refresh: only the slots that differ travel.
 The pipeline's tasks live in one ``asyncio.TaskGroup`` (the flushes in a second one): the
 first failure cancels the rest and is raised as itself (not as an ``ExceptionGroup``), other
 failures ride along as notes on it.
-Blocking calls (DiskMap reads, SQLite lookups, ``pread`` of records) run in executor
-threads; when cancelled, a restore waits for such a call to return before it closes what
-the call uses.
+Blocking calls (DiskMap reads, SQLite lookups) run in executor threads; when cancelled, a
+restore waits for such a call to return before it closes what the call uses. A record's
+``pread`` runs with its decode on the pool (``CpuPool.fetch_decode``): a cancelled restore
+does not wait for it (``Store.get_record_into`` only reads a pack by its path; the pool keeps
+the buffer until the worker is done, and its ``aclose`` waits for every worker).
 
 Who closes what: ``restore_disk`` opens ``writers`` connections with
 ``target.open_writer()`` and closes each of them (also on failure and cancellation, each
@@ -261,13 +264,13 @@ class _Restore:
         for _ in range(workers):
             await work.put(None)
 
-    async def _get_record(self, read: Read, buf: ChunkBuffer) -> tuple[str, int]:
-        """Read the record of ``read`` into ``buf.record`` (set ``record_length``); returns
-        where it was read (the chunk may have moved since planning)."""
+    async def _fetch_decode(self, read: Read, buf: ChunkBuffer) -> tuple[memoryview, str, int]:
+        """Read the record of ``read`` into ``buf`` and decode it, in one pool hand-off;
+        returns the plaintext and where the record was read (the chunk may have moved since
+        planning)."""
+        fetch = functools.partial(self.store.get_record_into, read.chunk_id, where=read.location)
         try:
-            n, pack, offset = await _blocking(
-                self.store.get_record_into, read.chunk_id, buf.record, read.location
-            )
+            data, pack, offset = await self.pool.fetch_decode(buf, read.chunk_id, fetch)
         except ChunkMissing:
             # Gone since planning (a concurrent repair or prune): name where it was needed.
             slot = read.slots[0]
@@ -280,9 +283,9 @@ class _Restore:
                 slot=slot,
                 offset=offset,
             ) from None
-        buf.record_length = n
         self.stats.chunks_read += 1
-        return pack, offset
+        self.stats.chunks_decoded += 1
+        return data, pack, offset
 
     async def _worker(self, work: asyncio.Queue[_Work]) -> None:
         while (item := await work.get()) is not None:
@@ -294,11 +297,10 @@ class _Restore:
                 continue
             read = item.read
             async with self.pool.buffer() as buf:
-                # Each worker reads its record straight into its buffer: reads run in
-                # parallel, and no record is allocated or copied on the way to the decoder.
-                pack, offset = await self._get_record(read, buf)
-                data = await self.pool.decode(buf, read.chunk_id, pack, offset)
-                self.stats.chunks_decoded += 1
+                # Each worker reads its record straight into its buffer and decodes it there,
+                # in one hand-off to the pool: reads run in parallel, and no record is
+                # allocated or copied on the way to the decoder.
+                data, pack, offset = await self._fetch_decode(read, buf)
                 if len(data) != read.location.plain_len:
                     raise CorruptRecord(
                         chunk=short(read.chunk_id),

@@ -150,6 +150,8 @@ class ChunkBuffer:
 
 Known = Callable[[ChunkId], bool]  # is this chunk stored already (or not to be stored)?
 Put = Callable[[ChunkId, memoryview], bool]  # store a record; True if it was written
+# Read a chunk's record into the view given: (its length, the pack and offset it was read at).
+Fetch = Callable[[memoryview], tuple[int, str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,19 @@ def ingest_in_thread(
         return Ingested(chunk_id, n, put(chunk_id, record))
     finally:
         record.release()
+
+
+def fetch_decode_in_thread(
+    codec: Codec, fetch: Fetch, record: memoryview, out: memoryview, chunk_id: ChunkId
+) -> tuple[int, int, str, int]:
+    """``fetch_decode``'s work in one call, for a worker thread: (record length, plaintext
+    length, pack, offset)."""
+    n, pack, offset = fetch(record)
+    data = record[:n]
+    try:
+        return n, codec.decode_into(data, out, chunk_id, pack, offset), pack, offset
+    finally:
+        data.release()
 
 
 class CpuPool(Protocol):
@@ -214,6 +229,18 @@ class CpuPool(Protocol):
     ) -> memoryview:
         """Decode ``buf.record_data`` into ``buf.plain``, set ``length`` and return
         ``buf.data``; raises CorruptRecord naming chunk, pack and offset."""
+        ...
+
+    async def fetch_decode(
+        self, buf: ChunkBuffer, chunk_id: ChunkId, fetch: Fetch
+    ) -> tuple[memoryview, str, int]:
+        """A restore's whole path for one chunk in as few hand-offs as the pool allows:
+        ``fetch(buf.record)`` reads the record (``record_length`` is set from what it
+        returns), then it is decoded as ``decode`` does; returns ``(buf.data, pack, offset)``
+        with where ``fetch`` read it. ``fetch`` may run on a worker thread (the thread pool
+        does all of it in one hand-off), so it must be thread-safe, as
+        ``Store.get_record_into`` is, and it may still be running when a cancelled call has
+        returned. What ``fetch`` raises (``ChunkMissing``) propagates as raised."""
         ...
 
     async def aclose(self) -> None:

@@ -43,6 +43,7 @@ from engine.workers.pool import (
     ArenaLayout,
     BufferArena,
     ChunkBuffer,
+    Fetch,
     Ingested,
     Known,
     Put,
@@ -99,6 +100,8 @@ class ProcessCpuPool:
         self._generation = 0
         self._retired: list[ProcessPoolExecutor] = []
         self._putter = ThreadPoolExecutor(1, thread_name_prefix="tessera-put")
+        # a restore's record reads (``fetch_decode``): blocking preads, several at once
+        self._fetcher = ThreadPoolExecutor(self.workers, thread_name_prefix="tessera-fetch")
         self.restarts = 0
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -172,6 +175,19 @@ class ProcessCpuPool:
         )
         return buf.data
 
+    async def fetch_decode(
+        self, buf: ChunkBuffer, chunk_id: ChunkId, fetch: Fetch
+    ) -> tuple[memoryview, str, int]:
+        # ``fetch`` on a thread of this process (the store is open here), tracked as the
+        # buffer's task like ``put``; then the decode in a worker process.
+        self._arena.check(buf)
+        check_chunk_id(chunk_id)
+        record = buf.record
+        buf.length = buf.record_length = 0
+        n, pack, offset = await self._arena.run(buf, lambda: self._fetcher.submit(fetch, record))
+        buf.record_length = n
+        return await self.decode(buf, chunk_id, pack, offset), pack, offset
+
     async def _call(self, buf: ChunkBuffer, task: str, fn: Callable[..., T], *args: object) -> T:
         executor, generation = self._executor, self._generation
         try:
@@ -208,7 +224,7 @@ class ProcessCpuPool:
         if self._arena.closed:
             return
         self._arena.close()
-        executors: list[Executor] = [*self._retired, self._executor, self._putter]
+        executors: list[Executor] = [*self._retired, self._executor, self._putter, self._fetcher]
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT):
                 await asyncio.to_thread(_shutdown_all, executors)

@@ -21,6 +21,7 @@ from engine.workers.pool import (
     ArenaLayout,
     BufferArena,
     ChunkBuffer,
+    Fetch,
     Ingested,
     Known,
     Put,
@@ -28,6 +29,7 @@ from engine.workers.pool import (
     check_sizes,
     decode_into,
     default_capacity,
+    fetch_decode_in_thread,
     ingest_in_thread,
 )
 
@@ -101,6 +103,22 @@ class ThreadCpuPool:
             ),
         )
         return buf.data
+
+    async def fetch_decode(
+        self, buf: ChunkBuffer, chunk_id: ChunkId, fetch: Fetch
+    ) -> tuple[memoryview, str, int]:
+        self._arena.check(buf)
+        check_chunk_id(chunk_id)
+        record, out = buf.record, buf.plain
+        buf.length = buf.record_length = 0
+        n, length, pack, offset = await self._arena.run(
+            buf,
+            lambda: self._executor.submit(
+                fetch_decode_in_thread, self._codec, fetch, record, out, chunk_id
+            ),
+        )
+        buf.record_length, buf.length = n, length
+        return buf.data, pack, offset
 
     async def aclose(self) -> None:
         """Let submitted tasks finish, stop the threads and revoke every view. Idempotent.

@@ -162,6 +162,46 @@ async def test_record_of_another_chunk_is_refused(pool: CpuPool) -> None:
         await decode(pool, record, other_cid, "pack-1", 48)
 
 
+async def test_fetch_decode_reads_then_decodes_and_says_where(pool: CpuPool) -> None:
+    """A restore's path: ``fetch`` fills the record (off the event loop where the pool can),
+    the plaintext comes back with the pack and offset ``fetch`` read it at; a bad record is
+    refused naming them; what ``fetch`` raises comes back as raised."""
+    data = compressible(CHUNK // 2) + os.urandom(CHUNK // 4)
+    cid, record = await encode(pool, data)
+    loop_thread = threading.get_ident()
+    fetched_on: list[int] = []
+
+    def fetch(out: memoryview) -> tuple[int, str, int]:
+        fetched_on.append(threading.get_ident())
+        out[: len(record)] = record
+        return len(record), "pack-0000beef", 4096
+
+    async with pool.buffer() as buf:
+        plain, pack, offset = await pool.fetch_decode(buf, cid, fetch)
+        assert (bytes(plain), pack, offset) == (data, "pack-0000beef", 4096)
+        assert (buf.record_length, buf.length) == (len(record), len(data))
+    assert fetched_on and fetched_on[0] != loop_thread, "fetch is blocking: never on the loop"
+
+    def fetch_bad(out: memoryview) -> tuple[int, str, int]:
+        bad = bytearray(record)
+        bad[fmt.RECORD_HEADER.size + 20] ^= 0x01
+        out[: len(bad)] = bad
+        return len(bad), "pack-0000cafe", 777
+
+    async with pool.buffer() as buf:
+        with pytest.raises(CorruptRecord) as caught:
+            await pool.fetch_decode(buf, cid, fetch_bad)
+        assert buf.length == 0
+    assert caught.value.fields["pack"] == "pack-0000cafe" and "offset 777" in str(caught.value)
+
+    def fetch_missing(out: memoryview) -> tuple[int, str, int]:
+        raise FileNotFoundError("pack-0000dead is gone")
+
+    async with pool.buffer() as buf:
+        with pytest.raises(FileNotFoundError, match="pack-0000dead is gone"):
+            await pool.fetch_decode(buf, cid, fetch_missing)
+
+
 async def test_buffer_waits_while_all_are_held(pool: CpuPool) -> None:
     holders = [pool.buffer() for _ in range(pool.capacity)]
     held = [await holder.__aenter__() for holder in holders]

@@ -672,10 +672,10 @@ async def test_an_integrity_error_of_one_disk_stays_one(rig: Rig) -> None:
     outcome = await rig.backup("full")
     assert outcome.manifest is not None
 
-    async def corrupt(buf: object, chunk_id: bytes, pack: str = "?", offset: int = 0) -> memoryview:
-        raise CorruptRecord(chunk="c0ffee", pack=pack, offset=offset, reason="bad tag")
+    async def corrupt(buf: object, chunk_id: bytes, fetch: object) -> memoryview:
+        raise CorruptRecord(chunk="c0ffee", pack="p", offset=0, reason="bad tag")
 
-    rig.pool.decode = corrupt  # type: ignore[method-assign]
+    rig.pool.fetch_decode = corrupt  # type: ignore[method-assign]
     restored, _ = await rig.restore(outcome.manifest, disks_at_once=2)
     assert restored.record.state is State.FAILED
     assert restored.record.integrity
