@@ -4,7 +4,14 @@ same run, medians of 3.
 
 - ``restore_2disks_sequential_seconds`` / ``restore_2disks_parallel_seconds``: the restore
   job's own seconds (its summary line), both disks;
-- ``restore_2disks_parallel_vs_sequential``: parallel over sequential (target ≤ 0.6).
+- ``restore_2disks_parallel_vs_sequential``: parallel over sequential (target ≤ 0.6);
+- ``restore_2disks_sequential_cores``: CPU seconds of the sequential run (the CLI and its
+  qemu-nbd children) per second of its wall time: how much of the machine one disk at a time
+  already uses;
+- ``restore_2disks_parallel_vs_cpu_bound``: the parallel run's wall time over the least any
+  restore doing the sequential run's CPU work could take on this machine (its CPU seconds /
+  cores). Near 1, the parallel restore is bound by the cores; well above 1, something else
+  (latency, a serial step, the storage) holds both disks back.
 
 The disks are the pipeline bench's 1 GiB images (two seeds: real files, zeros, 256 MiB
 incompressible each), backed up as one VM with ``backup image --vm``.
@@ -12,7 +19,9 @@ incompressible each), backed up as one VM with ``backup image --vm``.
     python -m tests.bench parallel-restore
 """
 
+import os
 import re
+import resource
 import shutil
 import statistics
 from collections.abc import Callable
@@ -37,23 +46,34 @@ def run(report: Report) -> None:
     tessera("backup", "image", *disks, "--store", store, "--vm", "two", "--level", "full")
     snap = tessera("snapshots", "--store", store)[0].splitlines()[1].split()[0]
 
-    def seconds(at_once: int) -> float:
+    def seconds(at_once: int) -> tuple[float, float, float]:
+        """(the job's seconds, the run's wall seconds, its CPU seconds with children)"""
         target = work / f"restored-{at_once}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
-        out, _ = tessera(
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out, wall = tessera(
             "restore", snap, "--store", store, "--to", target, "--disks-at-once", str(at_once)
         )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         m = re.search(r"succeeded: snapshot \S+ \(2 disks\), wrote .*?, ([\d.]+) s,", out)
         assert m, out
-        return float(m.group(1))
+        return float(m.group(1)), wall, cpu
 
-    rounds: dict[int, list[float]] = {1: [], 2: []}
+    rounds: dict[int, list[tuple[float, float, float]]] = {1: [], 2: []}
     for _ in range(ROUNDS):  # interleaved: a slow moment of the machine hits both
         for at_once in (1, 2):
             rounds[at_once].append(seconds(at_once))
-    sequential, parallel = (statistics.median(rounds[n]) for n in (1, 2))
+
+    def median(at_once: int, i: int) -> float:
+        return statistics.median(r[i] for r in rounds[at_once])
+
+    sequential, parallel = median(1, 0), median(2, 0)
+    cores = os.cpu_count() or 1
     report("restore_2disks_sequential_seconds", sequential, "s")
     report("restore_2disks_parallel_seconds", parallel, "s")
     report("restore_2disks_parallel_vs_sequential", parallel / sequential, "ratio")
+    report("restore_2disks_sequential_cores", median(1, 2) / median(1, 1), "cores")
+    report("restore_2disks_parallel_vs_cpu_bound", median(2, 1) / (median(1, 2) / cores), "ratio")
     shutil.rmtree(work, ignore_errors=True)
