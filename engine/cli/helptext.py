@@ -76,6 +76,26 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera export 3f2a9c1e --store {S} --disk web1-data --listen 127.0.0.1:10809",
         f"tessera export 3f2a9c1e --store {S} --socket /tmp/w.sock --writable-overlay /tmp/w.cow",
     ),
+    "files": (
+        f"tessera files ls 3f2a9c1e --store {S}",
+        f"tessera files get 3f2a9c1e --store {S} /sda1/etc/fstab --to /tmp/out",
+    ),
+    "files ls": (
+        f"tessera files ls 3f2a9c1e --store {S}",
+        f"tessera files ls 3f2a9c1e --store {S} /vg0-root/var/log",
+    ),
+    "files find": (
+        f"tessera files find 3f2a9c1e --store {S} /sda2 --name '*.conf'",
+        f"tessera files find 3f2a9c1e --store {S} --disk web1-data /sdb1/srv",
+    ),
+    "files get": (
+        f"tessera files get 3f2a9c1e --store {S} /sda1/etc/fstab /sda1/etc/hosts --to /tmp/out",
+        f"tessera files get 3f2a9c1e --store {S} /sdb1/srv/www --to /restore/www",
+    ),
+    "mount": (
+        f"tessera mount 3f2a9c1e /mnt/web1 --store {S}",
+        f"tessera mount 3f2a9c1e /mnt/web1 --store {S} --disk web1-data",
+    ),
     "lab": ("tessera lab up --dir /tmp/lab", "tessera lab down --dir /tmp/lab"),
     "lab up": ("tessera lab up --dir /tmp/lab", "tessera lab up --dir /tmp/lab --slow-reads 50"),
     "lab show": ("tessera lab show --dir /tmp/lab --json",),

@@ -18,6 +18,7 @@ from engine.app.requests import BACKUP_FLOWS, RESTORE_FLOWS
 from engine.cli import args as cli_args
 from engine.cli import config as cli_config
 from engine.cli import export as cli_export
+from engine.cli import files as cli_files
 from engine.cli import helptext
 from engine.cli import maint as cli_maint
 from engine.cli import notify as cli_notify
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_peer.register(sub, _add_key_options)  # peer init-ca|issue|serve, replicate
     cli_standby.register(sub, _add_key_options)  # standby refresh
     cli_export.register(sub, _add_key_options)  # export (NBD)
+    cli_files.register(sub, _add_key_options)  # files ls|find|get, mount
     helptext.document(parser)  # shared option texts, examples, exit codes
     return parser
 

@@ -1,0 +1,150 @@
+"""What ``tessera files`` and ``tessera mount`` run (their options: ``engine.cli.files``):
+the store opened read-only (so they run beside the daemon), the snapshot share-locked while
+its disks are read (prune skips it), the disks served to an appliance VM
+(``engine.restore.files.GuestTree``)."""
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+
+from engine.cli.commands.stores import open_store
+from engine.cli.exits import EXIT_OK
+from engine.core.errors import ConfigError, SnapshotNotFound
+from engine.core.units import human_bytes
+from engine.jobs.restore import select_disks
+from engine.restore.files import GuestTree
+from engine.restore.tree import Entry
+from engine.store.chunk_store import Store
+from engine.store.manifest import DiskEntry, Manifest
+from engine.util import aio
+from engine.workers import make_cpu_pool
+
+
+def _open(args: argparse.Namespace, store: Store) -> tuple[str, Manifest, list[DiskEntry]]:
+    try:
+        snapshot_id = store.resolve(args.snapshot)
+        manifest = store.manifest(snapshot_id)
+        disks = [d for d in manifest.disks if not args.disk] or []
+        for wanted in args.disk or []:
+            disks += [d for d in select_disks(manifest, wanted) if d not in disks]
+    except SnapshotNotFound as e:
+        raise ConfigError(message=f"{args.command_name}: {e}") from None
+    return snapshot_id, manifest, disks
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    args.command_name = f"files {args.action}"
+    with open_store(args, writable=False) as store:
+        snapshot_id, manifest, disks = _open(args, store)
+        with store.reading_snapshot(snapshot_id):
+            return aio.run(_files(args, store, manifest, disks))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    args.command_name = "mount"
+    if not args.directory.is_dir() or any(args.directory.iterdir()):
+        raise ConfigError(message=f"mount: {args.directory} is not an empty directory")
+    with open_store(args, writable=False) as store:
+        snapshot_id, manifest, disks = _open(args, store)
+        with store.reading_snapshot(snapshot_id):
+            return aio.run(_mount(args, store, manifest, disks))
+
+
+async def _files(
+    args: argparse.Namespace, store: Store, manifest: Manifest, disks: list[DiskEntry]
+) -> int:
+    pool = make_cpu_pool(store.keys, manifest.chunk_size)
+    try:
+        async with GuestTree.open(
+            store, pool, manifest, disks, launch_timeout=args.launch_timeout
+        ) as tree:
+            _report_unmounted(tree)
+            if args.action == "ls":
+                if args.path.rstrip("/") == "":
+                    for fs in tree.filesystems:
+                        state = "" if fs.mounted else "  (not mounted)"
+                        print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
+                else:
+                    for entry in await tree.ls(args.path):
+                        print(_ls_line(entry))
+            elif args.action == "find":
+                for path in await tree.find(args.path, args.name):
+                    print(path)
+            else:
+                if not args.to.is_dir():
+                    raise ConfigError(message=f"files get: --to {args.to} is not a directory")
+                total = 0
+                for path in args.paths:
+                    total += await tree.get(path, args.to)
+                print(f"copied {total} files from snapshot {manifest.snapshot_id} into {args.to}")
+    finally:
+        await pool.aclose()
+    return EXIT_OK
+
+
+async def _mount(
+    args: argparse.Namespace, store: Store, manifest: Manifest, disks: list[DiskEntry]
+) -> int:
+    pool = make_cpu_pool(store.keys, manifest.chunk_size)
+    loop = asyncio.get_running_loop()
+    directory = args.directory.resolve()
+
+    def unmount(signame: str) -> None:
+        print(f"{signame}: unmounting {directory}", file=sys.stderr)
+        subprocess.run(["fusermount", "-u", str(directory)], check=False, capture_output=True)
+
+    try:
+        async with GuestTree.open(
+            store, pool, manifest, disks, launch_timeout=args.launch_timeout
+        ) as tree:
+            _report_unmounted(tree)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, unmount, sig.name)
+            names = ", ".join(f"{f.name} ({f.fstype})" for f in tree.filesystems if f.mounted)
+            size = human_bytes(sum(d.size for d in disks))
+            started = time.monotonic()
+
+            def ready() -> None:
+                print(
+                    f"mounted snapshot {manifest.snapshot_id} ({len(disks)} disks, {size}) "
+                    f"read-only at {directory}: {names}; unmount with Ctrl-C or "
+                    f"fusermount -u {directory}",
+                    flush=True,
+                )
+
+            try:
+                await tree.mount(directory, ready)
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            print(f"unmounted {directory} after {time.monotonic() - started:.0f} s")
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.aclose()
+    return EXIT_OK
+
+
+def _report_unmounted(tree: GuestTree) -> None:
+    for fs in tree.filesystems:
+        if not fs.mounted:
+            print(
+                f"{fs.name} ({fs.fstype} on {fs.device}): not mounted: {fs.problem}",
+                file=sys.stderr,
+            )
+
+
+def _ls_line(entry: Entry) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
+    mode = _mode(entry.mode)
+    link = f" -> {entry.target}" if entry.target else ""
+    return f"{mode} {entry.size:>12} {when} {entry.name}{link}"
+
+
+def _mode(mode: int) -> str:
+    import stat  # noqa: PLC0415
+
+    return stat.filemode(mode)

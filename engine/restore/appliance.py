@@ -1,0 +1,201 @@
+"""The appliance helper: a process that holds one libguestfs handle and answers the requests
+of ``engine.restore.files.GuestTree``, one JSON document per line on stdin and stdout.
+
+Why a process of its own: libguestfs's Python calls keep the GIL while they run, and each of
+them may wait for the NBD server that serves the snapshot's disks to the appliance; in the
+process running that server (on its event loop) every such call would wait for itself. Here
+a call blocks only this process. Killing it (a launch past its timeout, a cancelled command)
+takes the appliance with it: it runs in its own process group, qemu too.
+
+Requests and answers::
+
+    {"op": "launch", "sockets": [PATH…], "disks": [NAME…]}  → {"ok": [filesystem…]}
+    {"op": "ls", "path": P}                                 → {"ok": [entry…]}
+    {"op": "find", "path": P, "pattern": GLOB|null}         → {"ok": [path…]}
+    {"op": "get", "path": P, "dest": DIR}                   → {"ok": files written}
+    {"op": "mount", "dir": DIR}  → {"event": "mounted"}, then {"ok": null} once unmounted
+    {"op": "quit"}                                          → {"ok": null}, exit
+
+A failed request answers ``{"error": TEXT}`` and the helper goes on; end of input ends it.
+
+    python -m engine.restore.appliance
+"""
+
+import contextlib
+import fnmatch
+import json
+import stat as stat_mod
+import sys
+from dataclasses import asdict
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from engine.core.errors import ConfigError
+from engine.io import guestfs as guestfs_bindings
+from engine.restore.tree import Entry, Filesystem
+
+
+def main() -> int:
+    guestfs = guestfs_bindings.load()
+    g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+    out = sys.stdout
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            op = request.pop("op")
+            if op == "quit":
+                _answer(out, {"ok": None})
+                break
+            try:
+                result = _serve(g, op, request, out)
+            except Exception as e:  # noqa: BLE001 - every failure is the request's answer
+                _answer(out, {"error": str(e) or repr(e)})
+            else:
+                _answer(out, {"ok": result})
+    finally:
+        with contextlib.suppress(RuntimeError):
+            g.shutdown()
+        g.close()
+    return 0
+
+
+def _answer(out: Any, document: object) -> None:
+    out.write(json.dumps(document) + "\n")
+    out.flush()
+
+
+def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
+    if op == "launch":
+        for sock in request["sockets"]:
+            g.add_drive_opts(
+                "", format="raw", protocol="nbd", server=[f"unix:{sock}"], readonly=True
+            )
+        g.launch()
+        return [asdict(f) for f in _mount_all(g, request["disks"])]
+    if op == "ls":
+        return [asdict(e) for e in _ls(g, request["path"])]
+    if op == "find":
+        return _find(g, request["path"], request.get("pattern"))
+    if op == "get":
+        return _get(g, request["path"], Path(request["dest"]))
+    if op == "mount":
+        g.mount_local(request["dir"], readonly=True)
+        _answer(out, {"event": "mounted"})
+        g.mount_local_run()  # until unmounted
+        return None
+    raise ConfigError(message=f"unknown request {op!r}")
+
+
+def _shutdown(g: Any) -> None:
+    with contextlib.suppress(RuntimeError):
+        g.shutdown()
+    g.close()
+
+
+def _mount_all(g: Any, disk_names: list[str]) -> list[Filesystem]:
+    """Mount every filesystem the appliance finds read-only at /<name>."""
+    devices = g.list_devices()  # /dev/sda, /dev/sdb … in the order the disks were added
+    disk_of = {dev: disk_names[i] for i, dev in enumerate(devices) if i < len(disk_names)}
+    partitions = set(g.list_partitions())
+    found = []
+    for device, fstype in sorted(g.list_filesystems().items()):
+        if fstype in ("swap", "unknown", "LVM2_member", "crypto_LUKS"):
+            continue
+        name = device.removeprefix("/dev/").replace("/", "-")
+        if device in partitions:
+            parent = g.part_to_dev(device)
+        elif g.is_lv(device):
+            parent = _disk_of_lv(g, device, partitions) or device
+        else:
+            parent = device
+        found.append((name, device, fstype, disk_of.get(parent, parent)))
+    for name, *_ in found:
+        g.mkmountpoint(f"/{name}")
+    out = []
+    for name, device, fstype, disk in found:
+        try:
+            g.mount_ro(device, f"/{name}")
+        except RuntimeError as e:
+            out.append(Filesystem(name, device, fstype, disk, False, str(e)))
+            continue
+        out.append(Filesystem(name, device, fstype, disk, True))
+    return out
+
+
+def _disk_of_lv(g: Any, lv: str, partitions: set[str]) -> str | None:
+    """The device of the first physical volume of ``lv``'s volume group."""
+    vg = g.lvm_canonical_lv_name(lv).split("/")[2]  # /dev/VG/LV
+    first = next(iter(g.vgpvuuids(vg)), None)
+    for pv in g.pvs():
+        if g.pvuuid(pv) == first:
+            return str(g.part_to_dev(pv) if pv in partitions else pv)
+    return None
+
+
+def _kind(mode: int) -> str:
+    if stat_mod.S_ISDIR(mode):
+        return "dir"
+    if stat_mod.S_ISREG(mode):
+        return "file"
+    if stat_mod.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+def _entry(g: Any, path: str, name: str, st: dict[str, int]) -> Entry:
+    mode = st["st_mode"]
+    target = g.readlink(path) if stat_mod.S_ISLNK(mode) else ""
+    return Entry(name, _kind(mode), st["st_size"], mode, st["st_mtime_sec"], target)
+
+
+def _ls(g: Any, path: str) -> list[Entry]:
+    st = g.lstatns(path)
+    if not stat_mod.S_ISDIR(st["st_mode"]):
+        return [_entry(g, path, PurePosixPath(path).name, st)]
+    names = sorted(g.ls(path))
+    stats = g.lstatnslist(path, names) if names else []
+    return [
+        _entry(g, str(PurePosixPath(path) / n), n, s) for n, s in zip(names, stats, strict=True)
+    ]
+
+
+def _find(g: Any, path: str, pattern: str | None) -> list[str]:
+    base = PurePosixPath(path)
+    out = []
+    for rel in g.find(path):
+        full = base / rel
+        if pattern is None or fnmatch.fnmatchcase(full.name, pattern):
+            out.append(str(full))
+    return out
+
+
+def _get(g: Any, path: str, dest: Path) -> int:
+    st = g.lstatns(path)
+    name = PurePosixPath(path).name or "root"
+    if stat_mod.S_ISREG(st["st_mode"]):
+        g.download(path, str(dest / name))
+        return 1
+    if not stat_mod.S_ISDIR(st["st_mode"]):
+        raise ConfigError(message=f"{path} is neither a file nor a directory")
+    written = 0
+    base = PurePosixPath(path)
+    (dest / name).mkdir(exist_ok=True)
+    for rel in g.find(path):
+        src = base / rel
+        out = dest / name / rel
+        mode = g.lstatns(str(src))["st_mode"]
+        if stat_mod.S_ISDIR(mode):
+            out.mkdir(parents=True, exist_ok=True)
+        elif stat_mod.S_ISREG(mode):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            g.download(str(src), str(out))
+            written += 1
+        elif stat_mod.S_ISLNK(mode):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                out.symlink_to(g.readlink(str(src)))
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Files out of a restore point without restoring the VM: a snapshot's guest filesystems, read
+in a throwaway appliance VM (libguestfs), as one read-only tree.
+
+::
+
+    store ─► SnapshotExport per disk ─► NBD server on a unix socket (0600, private dir)
+                                          ▲ qemu of the appliance (each disk a read-only
+                                          │ drive, writes to a temporary overlay)
+    GuestTree ─ JSON lines ─► helper process (``engine.restore.appliance``: the libguestfs
+                              handle) ─► appliance kernel: partitions, LVM, ext2/3/4, XFS,
+                              NTFS, btrfs, vfat …
+    tree:  /<fs>/…   one directory per filesystem, named from its device: /sda1, /sdb2,
+                     /vg0-lv0 (an LVM volume); every path of ``ls``/``find``/``get`` and
+                     every ``mount`` starts with one
+
+Why an appliance (the design's choice, DESIGN §8): a guest filesystem is untrusted input: it is
+parsed by the appliance's kernel, never by the DataMover's (which a crafted image could
+attack); it works unprivileged with ``/dev/kvm`` (no loop devices, no host mounts, no host
+LVM: a guest's volume group can never clash with the DataMover's own); and one mechanism
+covers every filesystem and volume manager the appliance's kernel knows. The backup is never
+written: the NBD exports are read-only, and what the appliance's kernel writes when it mounts
+(an ext4 or XFS journal replayed, an NTFS log) lands in qemu's throwaway overlay, so a
+crash-consistent snapshot is read as the guest would see it after its own recovery.
+
+Costs: an appliance boot per ``GuestTree`` (2–4 s with KVM; 15–25 s without, under TCG),
+and libguestfs with its Python bindings installed (``engine.io.guestfs``). Where KVM is there
+but cannot boot a guest (some nested set-ups hang), ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``
+makes libguestfs emulate; a launch that does not come up in ``launch_timeout`` seconds is
+killed and reported (``ApplianceError``).
+
+libguestfs runs in a helper process (``engine.restore.appliance``): its Python calls keep the
+GIL while they wait for the appliance, which waits for the exports this process serves. The
+helper is its own process group; leaving ``open`` (also by an error or a cancellation) ends
+it and the appliance with it.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Final
+
+import structlog
+
+from engine.core.errors import ConfigError, EngineError
+from engine.io import guestfs as guestfs_bindings
+from engine.io.nbd.serve import Listener, serve
+from engine.io.nbd.server import ExportSpec
+from engine.restore.export import SnapshotExport
+from engine.restore.tree import Entry, Filesystem
+from engine.store.manifest import DiskEntry, Manifest
+from engine.store.protocols import ChunkReader
+from engine.workers.pool import CpuPool
+
+log = structlog.get_logger("tessera.files")
+
+DEFAULT_LAUNCH_TIMEOUT: Final = 300.0  # a TCG boot on a busy 2-core machine takes ~30 s
+APPLIANCE_PREFIX: Final = "tessera-files-"
+HELPER_LINE_LIMIT: Final = 64 << 20  # one answer (a find of a large tree) is one line
+HELPER_EXIT_TIMEOUT: Final = 30.0  # for the appliance's orderly shutdown
+
+
+class ApplianceError(EngineError):
+    """The appliance could not read the snapshot (no boot, a request failed, the helper died)."""
+
+    template: ClassVar[str] = "snapshot {snapshot}: {reason}"
+
+
+class GuestTree:
+    """The filesystems of a snapshot's disks, mounted read-only in an appliance; build with
+    ``open``. Paths are POSIX paths of the tree (``/sda1/etc/hostname``)."""
+
+    def __init__(self, helper: asyncio.subprocess.Process, snapshot: str) -> None:
+        self._helper = helper
+        self.snapshot = snapshot
+        self.filesystems: list[Filesystem] = []
+        self._lock = asyncio.Lock()  # one request at a time
+        self._events: dict[str, Callable[[], None]] = {}  # event → callback, once
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        store: ChunkReader,
+        pool: CpuPool,
+        manifest: Manifest,
+        disks: Sequence[DiskEntry],
+        *,
+        launch_timeout: float | None = None,
+    ) -> AsyncIterator["GuestTree"]:
+        """Serve ``disks`` of ``manifest`` and boot the appliance on them; the tree until the
+        block exits (then the helper and its appliance are ended and the exports stopped).
+        The caller holds the snapshot (``store.reading_snapshot``) and owns store and pool."""
+        guestfs_bindings.load()  # here: a missing package is a ConfigError, not a dead helper
+        snapshot = manifest.snapshot_id
+        workdir = Path(tempfile.mkdtemp(prefix=APPLIANCE_PREFIX))
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                servers: list[asyncio.Task[None]] = []
+                sockets = []
+                try:
+                    for i, disk in enumerate(disks):
+                        export = await stack.enter_async_context(
+                            SnapshotExport.open(store, pool, manifest, disk)
+                        )
+                        sockets.append(workdir / f"disk{i}.sock")
+                        spec = ExportSpec(
+                            name="",
+                            size=disk.size,
+                            read_only=True,
+                            multi_conn=True,
+                            preferred_block=manifest.chunk_size,
+                        )
+                        ready = asyncio.get_running_loop().create_future()
+                        listeners = [Listener(path=sockets[-1])]
+                        servers.append(
+                            asyncio.create_task(serve(export, spec, listeners, ready=ready))
+                        )
+                        await ready
+                    helper = await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "engine.restore.appliance",
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        start_new_session=True,  # its own group: killed with its qemu
+                        limit=HELPER_LINE_LIMIT,
+                    )
+                    try:
+                        tree = cls(helper, snapshot)
+                        timeout = launch_timeout or DEFAULT_LAUNCH_TIMEOUT
+                        await tree._launch(sockets, disks, timeout)
+                        yield tree
+                    finally:
+                        await tree_end(helper)
+                finally:
+                    for server in servers:
+                        server.cancel()
+                    await asyncio.gather(*servers, return_exceptions=True)
+        finally:
+            with contextlib.suppress(OSError):
+                for leftover in workdir.iterdir():
+                    leftover.unlink()
+                workdir.rmdir()
+
+    async def _request(self, op: str, **fields: object) -> Any:
+        """One request to the helper; its answer, or ``ApplianceError``."""
+        async with self._lock:
+            return await self._exchange({"op": op, **fields})
+
+    async def _exchange(self, request: dict[str, object]) -> Any:
+        helper = self._helper
+        assert helper.stdin is not None
+        assert helper.stdout is not None
+        helper.stdin.write((json.dumps(request) + "\n").encode())
+        await helper.stdin.drain()
+        while True:
+            line = await helper.stdout.readline()
+            if not line:
+                code = await helper.wait()
+                raise ApplianceError(
+                    snapshot=self.snapshot,
+                    reason=f"the appliance helper ended (exit status {code}) during "
+                    f"{request['op']}",
+                )
+            answer = json.loads(line)
+            if "event" in answer:
+                self._on_event(answer["event"])
+                continue
+            if "error" in answer:
+                raise ApplianceError(snapshot=self.snapshot, reason=answer["error"])
+            return answer["ok"]
+
+    def _on_event(self, event: str) -> None:
+        callback = self._events.pop(event, None)
+        if callback is not None:
+            callback()
+
+    async def _launch(
+        self, sockets: Sequence[Path], disks: Sequence[DiskEntry], timeout: float
+    ) -> None:
+        request = self._request(
+            "launch", sockets=[str(s) for s in sockets], disks=[d.name for d in disks]
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                found = await request
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._helper.pid, signal.SIGKILL)  # the helper and its qemu
+            raise ApplianceError(
+                snapshot=self.snapshot,
+                reason=f"the appliance did not start within {timeout:.0f} s and was killed "
+                "(KVM that cannot boot a guest, as in some nested set-ups? "
+                "LIBGUESTFS_BACKEND_SETTINGS=force_tcg runs it emulated)",
+            ) from None
+        self.filesystems = [Filesystem(**f) for f in found]
+        log.info(
+            "files.appliance.up",
+            snapshot=self.snapshot,
+            filesystems=[f"{f.name}:{f.fstype}" for f in self.filesystems],
+        )
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _check(self, path: str) -> str:
+        p = PurePosixPath(path)
+        if not p.is_absolute() or ".." in p.parts:
+            raise ConfigError(message=f"{path!r}: give an absolute path of the tree (/sda1/etc)")
+        return str(p)
+
+    async def ls(self, path: str) -> list[Entry]:
+        """The entries of directory ``path`` (or ``path`` itself when it is not one)."""
+        return [Entry(**e) for e in await self._request("ls", path=self._check(path))]
+
+    async def find(self, path: str, pattern: str | None = None) -> list[str]:
+        """Every path under ``path`` (whose last part matches the glob ``pattern``)."""
+        found: list[str] = await self._request("find", path=self._check(path), pattern=pattern)
+        return found
+
+    async def get(self, path: str, dest: Path) -> int:
+        """Copy ``path`` (a file, or a directory with everything under it) into ``dest``,
+        a directory; returns the files written."""
+        count: int = await self._request("get", path=self._check(path), dest=str(dest.resolve()))
+        return count
+
+    async def mount(self, directory: Path, ready: Callable[[], None]) -> None:
+        """Show the tree read-only at ``directory`` (FUSE) until it is unmounted
+        (``fusermount -u DIR`` or ``umount DIR``); ``ready`` is called once it is there."""
+        self._events = {"mounted": ready}
+        await self._request("mount", dir=str(directory.resolve()))
+
+
+async def tree_end(helper: asyncio.subprocess.Process) -> None:
+    """Ask the helper to quit (it shuts the appliance down), then kill its group if it has
+    not within ``HELPER_EXIT_TIMEOUT``; always reaped."""
+    if helper.returncode is None and helper.stdin is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            helper.stdin.write(b'{"op": "quit"}\n')
+            helper.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HELPER_EXIT_TIMEOUT):
+                await helper.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(helper.pid, signal.SIGKILL)  # still there, or a qemu it left behind
+    await helper.wait()
