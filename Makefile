@@ -23,11 +23,18 @@ $(STAMP): pyproject.toml
 # installed unit (systemd-analyze).
 SYSPKGS := e2fsprogs qemu-utils nbdkit time libnbd-bin util-linux mount \
 	dpkg-dev fakeroot rpm systemd
+# The file-level restore's appliance (engine/restore/files.py): libguestfs, its Python bindings,
+# XFS support, and a kernel for it to boot (supermin builds the appliance from the host's).
+# Without recommends: those would add desktop and filesystem tools nobody here uses.
+APPLIANCE_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64
 sysdeps:
 	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-		else echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
+	lean=""; for p in $(APPLIANCE_PKGS); do dpkg -s $$p >/dev/null 2>&1 || lean="$$lean $$p"; done; \
+	if [ -n "$$missing$$lean" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing$$lean (run as root or install them)"; exit 1; fi; \
+		apt-get update -qq; \
+		if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; fi; \
+		if [ -n "$$lean" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$lean || exit 1; fi; \
 	fi
 
 lint: venv

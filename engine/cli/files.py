@@ -5,6 +5,7 @@ run is ``engine.cli.commands.files``.
 The tree has one directory per guest filesystem, named from its device (``/sda1``,
 ``/vg0-lv0``); ``tessera files ls SNAPSHOT`` lists them::
 
+    tessera files ls 3f2a9c1e --store /srv/tessera/store /
     tessera files ls 3f2a9c1e --store /srv/tessera/store /sda1/etc
     tessera files get 3f2a9c1e --store /srv/tessera/store /sda1/etc/fstab --to /tmp/out
     tessera mount 3f2a9c1e /mnt/web1 --store /srv/tessera/store
@@ -49,7 +50,9 @@ def register(
         "ls", help="a directory's entries (/ lists the filesystems: one directory each)"
     )
     _common(ls)
-    ls.add_argument("path", nargs="?", default="/", metavar="PATH", help="default /")
+    ls.add_argument(
+        "path", metavar="PATH", help="a directory or file of the tree; / lists the filesystems"
+    )
     add_key_options(ls)
     ls.set_defaults(func=Handler("files", "cmd_files"))
     find = actions.add_parser("find", help="every path under PATH, or those whose name matches")

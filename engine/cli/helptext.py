@@ -77,11 +77,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera export 3f2a9c1e --store {S} --socket /tmp/w.sock --writable-overlay /tmp/w.cow",
     ),
     "files": (
-        f"tessera files ls 3f2a9c1e --store {S}",
+        f"tessera files ls 3f2a9c1e --store {S} /",
         f"tessera files get 3f2a9c1e --store {S} /sda1/etc/fstab --to /tmp/out",
     ),
     "files ls": (
-        f"tessera files ls 3f2a9c1e --store {S}",
+        f"tessera files ls 3f2a9c1e --store {S} /",
         f"tessera files ls 3f2a9c1e --store {S} /vg0-root/var/log",
     ),
     "files find": (

@@ -13,7 +13,10 @@ Modules: ``planner`` (pure: windows of DiskMap ids → plans), ``disk`` (``resto
 plans → store reads → CpuPool decode → concurrent target writes → flush; the store typed as
 ``engine.store.protocols.ChunkReader``), ``nbd_target`` (``NbdTargetDisk``: a target over a
 running NBD export, what a local image and a device attached to the DataMover share; used
-by ``plugins.local`` and ``plugins.ovirt``).
+by ``plugins.local`` and ``plugins.ovirt``), ``export`` (``SnapshotExport``: one disk of a
+snapshot as an NBD backend) with ``overlay`` (its copy-on-write layer), ``files``
+(``GuestTree``: the guest filesystems of a snapshot read in a libguestfs appliance, driven
+through the helper process ``appliance``; ``tree`` holds what the two exchange).
 
 Invariants:
 

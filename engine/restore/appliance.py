@@ -162,7 +162,7 @@ def _ls(g: Any, path: str) -> list[Entry]:
 def _find(g: Any, path: str, pattern: str | None) -> list[str]:
     base = PurePosixPath(path)
     out = []
-    for rel in g.find(path):
+    for rel in (r.lstrip("/") for r in g.find(path)):
         full = base / rel
         if pattern is None or fnmatch.fnmatchcase(full.name, pattern):
             out.append(str(full))
@@ -180,7 +180,7 @@ def _get(g: Any, path: str, dest: Path) -> int:
     written = 0
     base = PurePosixPath(path)
     (dest / name).mkdir(exist_ok=True)
-    for rel in g.find(path):
+    for rel in (r.lstrip("/") for r in g.find(path)):
         src = base / rel
         out = dest / name / rel
         mode = g.lstatns(str(src))["st_mode"]

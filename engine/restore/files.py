@@ -191,8 +191,7 @@ class GuestTree:
             async with asyncio.timeout(timeout):
                 found = await request
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._helper.pid, signal.SIGKILL)  # the helper and its qemu
+            _kill_tree(self._helper.pid)
             raise ApplianceError(
                 snapshot=self.snapshot,
                 reason=f"the appliance did not start within {timeout:.0f} s and was killed "
@@ -246,6 +245,28 @@ async def tree_end(helper: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HELPER_EXIT_TIMEOUT):
                 await helper.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(helper.pid, signal.SIGKILL)  # still there, or a qemu it left behind
+    _kill_tree(helper.pid)  # still there, or a qemu it left behind
     await helper.wait()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s process group and every process under ``pid`` (libguestfs starts
+    qemu in a group of its own), deepest first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    under, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            under.append(child)
+            todo.append(child)
+    for victim in reversed(under):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

@@ -236,6 +236,10 @@ async def serve(
         stats.connections_open += 1
         try:
             await _Connection(backend, spec, reader, writer, stats).run()
+        except asyncio.CancelledError:
+            # Only the server's stop cancels a connection task; ending it normally keeps
+            # asyncio's stream callback from logging the cancelled task as an error.
+            pass
         finally:
             connections.discard(task)
 
