@@ -51,7 +51,10 @@ def register(
     )
     _common(ls)
     ls.add_argument(
-        "path", metavar="PATH", help="a directory or file of the tree; / lists the filesystems"
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="directories or files of the tree; / lists the filesystems",
     )
     add_key_options(ls)
     ls.set_defaults(func=Handler("files", "cmd_files"))

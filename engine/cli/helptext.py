@@ -82,7 +82,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     ),
     "files ls": (
         f"tessera files ls 3f2a9c1e --store {S} /",
-        f"tessera files ls 3f2a9c1e --store {S} /vg0-root/var/log",
+        f"tessera files ls 3f2a9c1e --store {S} /vg0-root/var/log /sda1/etc/fstab",
     ),
     "files find": (
         f"tessera files find 3f2a9c1e --store {S} /sda2 --name '*.conf'",

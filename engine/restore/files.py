@@ -118,10 +118,11 @@ class GuestTree:
                         )
                         ready = asyncio.get_running_loop().create_future()
                         listeners = [Listener(path=sockets[-1])]
-                        servers.append(
-                            asyncio.create_task(serve(export, spec, listeners, ready=ready))
-                        )
-                        await ready
+                        server = asyncio.create_task(serve(export, spec, listeners, ready=ready))
+                        servers.append(server)
+                        await asyncio.wait([ready, server], return_when=asyncio.FIRST_COMPLETED)
+                        if not ready.done():
+                            await server  # it could not listen: raises why
                     helper = await asyncio.create_subprocess_exec(
                         sys.executable,
                         "-m",

@@ -64,12 +64,12 @@ class Lab:
 def make_disk(image: Path, files: dict[str, bytes], scratch: Path) -> None:
     """A 600 MiB sparse raw disk: sda1 ext4, sda2 XFS, sda3 NTFS, sda4 an LVM PV holding
     vg0/lv0 (ext4); ``files`` ("/sda1/etc/hostname" → bytes) written into them."""
-    os.environ["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
     guestfs = guestfs_bindings.load()
     with image.open("wb") as f:
         f.truncate(600 << 20)
     g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
     try:
+        g.set_backend_settings(["force_tcg"])  # as ENV says for the CLI
         g.add_drive_opts(str(image), format="raw", readonly=False)
         g.launch()
         g.part_init("/dev/sda", "mbr")
@@ -133,16 +133,16 @@ def test_ls_names_every_filesystem_and_lists_directories(lab: Lab) -> None:
         "sda3": ["ntfs", "/dev/sda3", "files-vm.raw"],
         "vg0-lv0": ["ext4", "/dev/vg0/lv0", "files-vm.raw"],
     }, out
-    listing = ok("files", "ls", lab.snapshot, "--store", lab.store, "/sda1/data")
-    (line,) = listing.splitlines()
+    # several paths at once, each under its heading (one appliance for all)
+    out = ok("files", "ls", lab.snapshot, "--store", lab.store, "/sda1/data", "/sda1/etc")
+    sections = {s.split("\n")[0]: s.split("\n")[1:] for s in out.strip().split("\n\n")}
+    assert list(sections) == ["/sda1/data:", "/sda1/etc:"], out
+    (line,) = sections["/sda1/data:"]
     mode, size, _day, _time, name = line.split()
-    assert (mode[0], int(size), name) == (
-        "-",
-        len(lab.files["/sda1/data/random.bin"]),
-        "random.bin",
-    )
-    link = ok("files", "ls", lab.snapshot, "--store", lab.store, "/sda1/etc/name-link")
-    assert link.split()[-3:] == ["name-link", "->", "hostname"], link
+    expected = len(lab.files["/sda1/data/random.bin"])
+    assert (mode[0], int(size), name) == ("-", expected, "random.bin"), out
+    names = {line.split()[4]: line.split()[5:] for line in sections["/sda1/etc:"]}
+    assert names == {"hostname": [], "name-link": ["->", "hostname"]}, out
 
 
 def test_get_brings_files_and_directories_back_byte_for_byte(lab: Lab, tmp_path: Path) -> None:

@@ -64,13 +64,16 @@ async def _files(
         ) as tree:
             _report_unmounted(tree)
             if args.action == "ls":
-                if args.path.rstrip("/") == "":
-                    for fs in tree.filesystems:
-                        state = "" if fs.mounted else "  (not mounted)"
-                        print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
-                else:
-                    for entry in await tree.ls(args.path):
-                        print(_ls_line(entry))
+                for i, path in enumerate(args.paths):
+                    if len(args.paths) > 1:  # as ls(1): a heading per path
+                        print(f"{'' if i == 0 else chr(10)}{path}:")
+                    if path.rstrip("/") == "":
+                        for fs in tree.filesystems:
+                            state = "" if fs.mounted else "  (not mounted)"
+                            print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
+                    else:
+                        for entry in await tree.ls(path):
+                            print(_ls_line(entry))
             elif args.action == "find":
                 for path in await tree.find(args.path, args.name):
                     print(path)
