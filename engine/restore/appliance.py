@@ -53,9 +53,7 @@ def main() -> int:
             else:
                 _answer(out, {"ok": result})
     finally:
-        with contextlib.suppress(RuntimeError):
-            g.shutdown()
-        g.close()
+        _shutdown(g)
     return 0
 
 

@@ -7,9 +7,11 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_OK
@@ -28,7 +30,7 @@ def _open(args: argparse.Namespace, store: Store) -> tuple[str, Manifest, list[D
     try:
         snapshot_id = store.resolve(args.snapshot)
         manifest = store.manifest(snapshot_id)
-        disks = [d for d in manifest.disks if not args.disk] or []
+        disks = [] if args.disk else list(manifest.disks)
         for wanted in args.disk or []:
             disks += [d for d in select_disks(manifest, wanted) if d not in disks]
     except SnapshotNotFound as e:
@@ -38,6 +40,8 @@ def _open(args: argparse.Namespace, store: Store) -> tuple[str, Manifest, list[D
 
 def cmd_files(args: argparse.Namespace) -> int:
     args.command_name = f"files {args.action}"
+    if args.action == "get" and not args.to.is_dir():  # before the appliance boots
+        raise ConfigError(message=f"files get: --to {args.to} is not a directory")
     with open_store(args, writable=False) as store:
         snapshot_id, manifest, disks = _open(args, store)
         with store.reading_snapshot(snapshot_id):
@@ -54,45 +58,56 @@ def cmd_mount(args: argparse.Namespace) -> int:
             return aio.run(_mount(args, store, manifest, disks))
 
 
-async def _files(
+@contextlib.asynccontextmanager
+async def _tree(
     args: argparse.Namespace, store: Store, manifest: Manifest, disks: list[DiskEntry]
-) -> int:
+) -> AsyncIterator[GuestTree]:
+    """The snapshot's tree (its own CPU pool), filesystems it could not mount on stderr."""
     pool = make_cpu_pool(store.keys, manifest.chunk_size)
     try:
         async with GuestTree.open(
             store, pool, manifest, disks, launch_timeout=args.launch_timeout
         ) as tree:
-            _report_unmounted(tree)
-            if args.action == "ls":
-                for i, path in enumerate(args.paths):
-                    if len(args.paths) > 1:  # as ls(1): a heading per path
-                        print(f"{'' if i == 0 else chr(10)}{path}:")
-                    if path.rstrip("/") == "":
-                        for fs in tree.filesystems:
-                            state = "" if fs.mounted else "  (not mounted)"
-                            print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
-                    else:
-                        for entry in await tree.ls(path):
-                            print(_ls_line(entry))
-            elif args.action == "find":
-                for path in await tree.find(args.path, args.name):
-                    print(path)
-            else:
-                if not args.to.is_dir():
-                    raise ConfigError(message=f"files get: --to {args.to} is not a directory")
-                total = 0
-                for path in args.paths:
-                    total += await tree.get(path, args.to)
-                print(f"copied {total} files from snapshot {manifest.snapshot_id} into {args.to}")
+            for fs in tree.filesystems:
+                if not fs.mounted:
+                    print(
+                        f"{fs.name} ({fs.fstype} on {fs.device}): not mounted: {fs.problem}",
+                        file=sys.stderr,
+                    )
+            yield tree
     finally:
         await pool.aclose()
+
+
+async def _files(
+    args: argparse.Namespace, store: Store, manifest: Manifest, disks: list[DiskEntry]
+) -> int:
+    async with _tree(args, store, manifest, disks) as tree:
+        if args.action == "ls":
+            for i, path in enumerate(args.paths):
+                if len(args.paths) > 1:  # as ls(1): a heading per path
+                    print(f"{'' if i == 0 else chr(10)}{path}:")
+                if path.rstrip("/") == "":
+                    for fs in tree.filesystems:
+                        state = "" if fs.mounted else "  (not mounted)"
+                        print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
+                else:
+                    for entry in await tree.ls(path):
+                        print(_ls_line(entry))
+        elif args.action == "find":
+            for path in await tree.find(args.path, args.name):
+                print(path)
+        else:
+            total = 0
+            for path in args.paths:
+                total += await tree.get(path, args.to)
+            print(f"copied {total} files from snapshot {manifest.snapshot_id} into {args.to}")
     return EXIT_OK
 
 
 async def _mount(
     args: argparse.Namespace, store: Store, manifest: Manifest, disks: list[DiskEntry]
 ) -> int:
-    pool = make_cpu_pool(store.keys, manifest.chunk_size)
     loop = asyncio.get_running_loop()
     directory = args.directory.resolve()
 
@@ -100,54 +115,31 @@ async def _mount(
         print(f"{signame}: unmounting {directory}", file=sys.stderr)
         subprocess.run(["fusermount", "-u", str(directory)], check=False, capture_output=True)
 
-    try:
-        async with GuestTree.open(
-            store, pool, manifest, disks, launch_timeout=args.launch_timeout
-        ) as tree:
-            _report_unmounted(tree)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, unmount, sig.name)
-            names = ", ".join(f"{f.name} ({f.fstype})" for f in tree.filesystems if f.mounted)
-            size = human_bytes(sum(d.size for d in disks))
-            started = time.monotonic()
+    async with _tree(args, store, manifest, disks) as tree:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, unmount, sig.name)
+        names = ", ".join(f"{f.name} ({f.fstype})" for f in tree.filesystems if f.mounted)
+        size = human_bytes(sum(d.size for d in disks))
+        started = time.monotonic()
 
-            def ready() -> None:
-                print(
-                    f"mounted snapshot {manifest.snapshot_id} ({len(disks)} disks, {size}) "
-                    f"read-only at {directory}: {names}; unmount with Ctrl-C or "
-                    f"fusermount -u {directory}",
-                    flush=True,
-                )
-
-            try:
-                await tree.mount(directory, ready)
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-            print(f"unmounted {directory} after {time.monotonic() - started:.0f} s")
-    finally:
-        with contextlib.suppress(Exception):
-            await pool.aclose()
-    return EXIT_OK
-
-
-def _report_unmounted(tree: GuestTree) -> None:
-    for fs in tree.filesystems:
-        if not fs.mounted:
+        def ready() -> None:
             print(
-                f"{fs.name} ({fs.fstype} on {fs.device}): not mounted: {fs.problem}",
-                file=sys.stderr,
+                f"mounted snapshot {manifest.snapshot_id} ({len(disks)} disks, {size}) "
+                f"read-only at {directory}: {names}; unmount with Ctrl-C or "
+                f"fusermount -u {directory}",
+                flush=True,
             )
+
+        try:
+            await tree.mount(directory, ready)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        print(f"unmounted {directory} after {time.monotonic() - started:.0f} s")
+    return EXIT_OK
 
 
 def _ls_line(entry: Entry) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
-    mode = _mode(entry.mode)
     link = f" -> {entry.target}" if entry.target else ""
-    return f"{mode} {entry.size:>12} {when} {entry.name}{link}"
-
-
-def _mode(mode: int) -> str:
-    import stat  # noqa: PLC0415
-
-    return stat.filemode(mode)
+    return f"{stat.filemode(entry.mode)} {entry.size:>12} {when} {entry.name}{link}"
