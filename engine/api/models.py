@@ -51,3 +51,20 @@ class StandbyRefreshRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=T
     snapshot: str | None = None  # id or prefix; None: the VM's newest
     engine: str | None = None
     store: str | None = None
+
+
+class ExportRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/exports``: one disk of a snapshot served over NBD by the daemon."""
+
+    snapshot: str  # id or unique prefix
+    disk: str | None = None  # id or name; None: the snapshot's only disk
+    store: str | None = None
+    writable_overlay: bool = False  # writes go to an overlay the daemon removes at the end
+    ttl_seconds: float | None = None  # > 0; None: until cancelled
+
+
+class FilesRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/snapshots/{id}/files``: a browsing session on the snapshot's filesystems."""
+
+    store: str | None = None
+    disks: tuple[str, ...] | None = None  # ids or names; None: every disk

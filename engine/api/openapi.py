@@ -10,6 +10,8 @@ import msgspec
 
 from engine.api.models import (
     BackupRequest,
+    ExportRequest,
+    FilesRequest,
     GcRequest,
     ProtectRequest,
     RestoreRequest,
@@ -52,6 +54,10 @@ def _op(
 
 def _id(name: str) -> list[dict[str, Any]]:
     return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def _query(name: str, *, required: bool = False) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "query", "required": required, "schema": {"type": "string"}}]
 
 
 PATHS: dict[str, dict[str, Any]] = {
@@ -107,6 +113,57 @@ PATHS: dict[str, dict[str, Any]] = {
         | {"parameters": _id("kind") + _op("", params=("store",))["parameters"]}
     },
     "/v1/replication": {"get": _op("Replication state per store, peer and VM")},
+    "/v1/exports": {
+        "post": _op(
+            "Serve one disk of a snapshot over NBD as a job of kind export (until cancelled or "
+            "ttl_seconds); answers once it serves, with its unix socket and nbd+unix URI",
+            body="ExportRequest",
+            ok="202",
+        ),
+        "get": _op("The NBD exports being served: job, snapshot, disk, socket, URI, expiry"),
+    },
+    "/v1/snapshots/{id}/files": {
+        "post": _op(
+            "Open a file browsing session (a job of kind files booting an appliance on the "
+            "snapshot's disks); 503 when serve.files_sessions are open",
+            body="FilesRequest",
+            ok="202",
+            body_required=False,
+        )
+        | {"parameters": _id("id")}
+    },
+    "/v1/files/{session}": {
+        "get": _op(
+            "A session: state (starting, ready, ended), its filesystems; wait=SECONDS holds "
+            "the answer until it is no longer starting",
+            params=("wait",),
+        )
+        | {"parameters": _id("session") + _op("", params=("wait",))["parameters"]},
+        "delete": _op("End a session (its appliance stops)", ok="202")
+        | {"parameters": _id("session")},
+    },
+    "/v1/files/{session}/ls": {
+        "get": _op("Entries of a directory (name, kind, size, mode, mtime, target)")
+        | {"parameters": _id("session") + _query("path", required=True)}
+    },
+    "/v1/files/{session}/find": {
+        "get": _op("Paths under path whose name matches the glob name")
+        | {"parameters": _id("session") + _query("path", required=True) + _query("name")}
+    },
+    "/v1/files/{session}/download": {
+        "get": {
+            "summary": "A file (application/octet-stream), or a directory as a tar archive "
+            "(application/x-tar), streamed with Content-Length and Content-Disposition",
+            "parameters": _id("session") + _query("path", required=True),
+            "responses": {
+                "200": {
+                    "description": "the bytes",
+                    "content": {"application/octet-stream": {}, "application/x-tar": {}},
+                },
+                "4XX": _ERROR,
+            },
+        }
+    },
     "/v1/openapi.json": {"get": _op("This description")},
     "/metrics": {
         "get": {
@@ -119,7 +176,15 @@ PATHS: dict[str, dict[str, Any]] = {
 
 def document() -> dict[str, Any]:
     _, defs = msgspec.json.schema_components(
-        (BackupRequest, RestoreRequest, ProtectRequest, GcRequest, StandbyRefreshRequest),
+        (
+            BackupRequest,
+            RestoreRequest,
+            ProtectRequest,
+            GcRequest,
+            StandbyRefreshRequest,
+            ExportRequest,
+            FilesRequest,
+        ),
         ref_template="#/components/schemas/{name}",
     )
     defs["Error"] = {

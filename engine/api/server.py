@@ -8,14 +8,20 @@ with a 4xx status naming what was wrong; an unexpected fault is a 500 with a sho
 (the traceback goes to the log, never to the client).
 
 Routes (``GET /v1/openapi.json`` describes them): status, vms, policies (+ run now), jobs
-(+ cancel), backups, restores, snapshots (+ protect), store usage, and ``/metrics``.
+(+ cancel), backups, restores, snapshots (+ protect), store usage, NBD exports (``POST
+/v1/exports`` starts one, ``GET /v1/exports`` lists them; ``engine.daemon.exports``), file
+browsing sessions (``POST /v1/snapshots/{id}/files`` opens one; ``GET /v1/files/{session}``
+with ``?wait=SECONDS``, ``…/ls``, ``…/find``, ``…/download`` streams a file or a directory as
+tar; ``DELETE`` ends it; ``engine.daemon.browse``), and ``/metrics``.
 """
 
 import asyncio
 import hmac
 import os
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -27,6 +33,8 @@ from aiohttp import web
 
 from engine.api.models import (
     BackupRequest,
+    ExportRequest,
+    FilesRequest,
     GcRequest,
     ProtectRequest,
     RestoreRequest,
@@ -36,12 +44,14 @@ from engine.app.standby import StandbyRequest
 from engine.config.policy import Standby
 from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
-from engine.daemon import maintenance, sites
+from engine.daemon import exports, maintenance, sites
+from engine.daemon.browse import NotReady, SessionsFull
 from engine.daemon.jobs import AlreadyEnded, Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
 from engine.replication.state import PeerState, state_dir
+from engine.restore.files import BadPath, PathNotFound
 from engine.store.manifest import Manifest
 
 log = structlog.get_logger("tessera.api")
@@ -87,10 +97,10 @@ def _auth(tokens: tuple[bytes, ...]) -> Any:
 # The HTTP status of each error class a handler may raise, most specific first
 # (4xx: the request was wrong; 5xx: the daemon, the store or the engine failed).
 _STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
-    ((msgspec.DecodeError, msgspec.ValidationError), 400),
-    ((Busy, AlreadyEnded), 409),
-    (ShuttingDown, 503),
-    (SnapshotNotFound, 404),
+    ((msgspec.DecodeError, msgspec.ValidationError, BadPath), 400),
+    ((Busy, AlreadyEnded, NotReady), 409),
+    ((ShuttingDown, SessionsFull), 503),
+    ((SnapshotNotFound, PathNotFound), 404),
     (StoreError, 500),
 )
 
@@ -169,6 +179,14 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.get(f"{API}/store", store),
             web.post(f"{API}/maintenance/{{kind}}", start_maintenance),
             web.get(f"{API}/replication", replication),
+            web.post(f"{API}/exports", start_export),
+            web.get(f"{API}/exports", list_exports),
+            web.post(f"{API}/snapshots/{{id}}/files", open_files),
+            web.get(f"{API}/files/{{session}}", files_session),
+            web.delete(f"{API}/files/{{session}}", end_files),
+            web.get(f"{API}/files/{{session}}/ls", files_ls),
+            web.get(f"{API}/files/{{session}}/find", files_find),
+            web.get(f"{API}/files/{{session}}/download", files_download),
             web.get(f"{API}/openapi.json", openapi),
             web.get("/metrics", metrics),
         ]
@@ -416,6 +434,122 @@ async def replication(request: web.Request) -> web.Response:
 
     running = [j.doc() for j in s.jobs.running() if j.kind == "replicate"]
     return web.json_response({"peers": await asyncio.to_thread(read), "running": running})
+
+
+async def start_export(request: web.Request) -> web.Response:
+    """An NBD export as a daemon job; answers once it serves, with its socket and URI."""
+    body: ExportRequest = await _body(request, ExportRequest)
+    if body.ttl_seconds is not None and not body.ttl_seconds > 0:
+        raise msgspec.ValidationError("`ttl_seconds` must be positive")
+    ttl = None if body.ttl_seconds is None else timedelta(seconds=body.ttl_seconds)
+    asked = exports.ExportAsked(body.snapshot, body.disk, body.store, body.writable_overlay, ttl)
+    view = await exports.start(_service(request), asked)
+    return web.json_response({"export": exports.doc(view), "jobs": [view.doc()]}, status=202)
+
+
+async def list_exports(request: web.Request) -> web.Response:
+    return web.json_response([exports.doc(v) for v in exports.running(_service(request))])
+
+
+async def open_files(request: web.Request) -> web.Response:
+    """A browsing session (a job of kind ``files``); answers at once, ``starting``: ``GET
+    /v1/files/{session}?wait=60`` returns once the appliance is up."""
+    body: FilesRequest = await _body(request, FilesRequest)
+    session = await _service(request).sessions.open(
+        request.match_info["id"], store=body.store, disks=body.disks or ()
+    )
+    return web.json_response(session.doc(), status=202)
+
+
+MAX_WAIT: Final = 300.0  # seconds a ``GET /v1/files/{session}?wait=`` may hold the request
+
+
+async def files_session(request: web.Request) -> web.Response:
+    sessions = _service(request).sessions
+    wait = _number(request, "wait")
+    session_id = request.match_info["session"]
+    if wait:
+        session = await sessions.wait(session_id, min(wait, MAX_WAIT))
+    else:
+        session = sessions.get(session_id)
+    return web.json_response(session.doc())
+
+
+async def end_files(request: web.Request) -> web.Response:
+    view = _service(request).sessions.end(request.match_info["session"])
+    return web.json_response(view.doc(), status=202)
+
+
+def _number(request: web.Request, name: str) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise msgspec.ValidationError(f"`{name}` must be a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise msgspec.ValidationError(f"`{name}` must be a number of seconds")
+    return value
+
+
+def _path(request: web.Request) -> str:
+    path = request.query.get("path")
+    if path is None:
+        raise msgspec.ValidationError("`path` is required (an absolute path of the tree)")
+    return path
+
+
+async def files_ls(request: web.Request) -> web.Response:
+    entries = await _service(request).sessions.ls(request.match_info["session"], _path(request))
+    return web.json_response({"entries": [asdict(e) for e in entries]})
+
+
+async def files_find(request: web.Request) -> web.Response:
+    found = await _service(request).sessions.find(
+        request.match_info["session"], _path(request), request.query.get("name")
+    )
+    return web.json_response({"paths": found})
+
+
+DOWNLOAD_BLOCK: Final = 1024**2  # bytes read (in a thread) and sent at a time
+
+
+async def files_download(request: web.Request) -> web.StreamResponse:
+    """A file as itself, a directory as ``application/x-tar``; streamed from the unlinked
+    file the appliance wrote (``engine.daemon.browse``), with its length."""
+    got = await _service(request).sessions.download(request.match_info["session"], _path(request))
+    try:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": got.content_type,
+                "Content-Disposition": content_disposition(got.name),
+                "X-Content-Type-Options": "nosniff",
+            }
+        )
+        response.content_length = got.size
+        await response.prepare(request)
+        left = got.size
+        while left > 0:
+            block = await asyncio.to_thread(os.read, got.fd, min(DOWNLOAD_BLOCK, left))
+            if not block:
+                break  # cannot happen for an unlinked file we alone hold; never hang on it
+            left -= len(block)
+            await response.write(block)
+        await response.write_eof()
+        return response
+    finally:
+        os.close(got.fd)
+
+
+def content_disposition(name: str) -> str:
+    """``attachment`` with ``name`` as RFC 6266 has it: an ASCII ``filename`` (anything else,
+    quotes and backslashes too, as ``_``) and the exact name as UTF-8 in ``filename*``. The
+    name comes from the guest's filesystem: untrusted, so no byte of it reaches the header
+    unencoded."""
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%/;' else "_" for c in name)
+    encoded = urllib.parse.quote(name, safe="")
+    return f"attachment; filename=\"{fallback or 'download'}\"; filename*=UTF-8''{encoded}"
 
 
 async def metrics(request: web.Request) -> web.Response:

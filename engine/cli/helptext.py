@@ -75,6 +75,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera export 3f2a9c1e --store {S} --socket /run/tessera/web1.sock",
         f"tessera export 3f2a9c1e --store {S} --disk web1-data --listen 127.0.0.1:10809",
         f"tessera export 3f2a9c1e --store {S} --socket /tmp/w.sock --writable-overlay /tmp/w.cow",
+        "tessera export 3f2a9c1e --config /etc/tessera/config.yaml --disk web1-data --ttl 8h",
     ),
     "files": (
         f"tessera files ls 3f2a9c1e --store {S} /",

@@ -201,6 +201,24 @@ class SchedulerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     state_file: Path = DEFAULT_STATE_FILE  # last run times, to detect misfires over restarts
 
 
+class ServeSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Restore points the daemon serves (``POST /v1/exports``, ``POST /v1/snapshots/{id}/files``):
+    NBD exports on unix sockets and file browsing sessions, each an appliance VM."""
+
+    run_dir: Path | None = None  # export sockets go in <run_dir>/exports; None: the API's dir
+    state_dir: Path | None = None  # overlays, downloads; None: scheduler.state_file's dir
+    # Browsing sessions at once: each is an appliance VM (~1 GiB of RAM, a CPU while busy).
+    files_sessions: PositiveInt = 2
+    files_idle: Duration = Duration("10m")  # a session nobody used this long ends
+    files_launch_timeout: Duration = Duration("5m")  # an appliance boot under TCG takes ~30 s
+
+    def sockets(self, api_socket: Path) -> Path:
+        return (self.run_dir or api_socket.parent) / "exports"
+
+    def state(self, scheduler_state: Path) -> Path:
+        return self.state_dir or scheduler_state.parent
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     stores: tuple[StoreSection, ...] = ()
     engines: tuple[EngineSection, ...] = ()
@@ -214,6 +232,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     peers: tuple[PeerSection, ...] = ()
     scheduler: SchedulerSection = SchedulerSection()
     maintenance: MaintenanceSection = MaintenanceSection()
+    serve: ServeSection = ServeSection()
     peer_server: PeerServerSection | None = None
     policies_dir: Path | None = None  # relative to the config file; default: policies.d/
 

@@ -8,10 +8,15 @@ second request for a busy VM is refused with ``Busy`` (the API answers 409; a po
 waits for it). Each job's ``JobView`` holds what the API shows: state, per-disk progress
 (bytes, total, rate, ETA), log lines and the summary.
 
-Shutdown (``drain``): no new jobs; running ones finish within the grace period; then
-``cancel_all`` cancels the rest, whose state machines clean up (CANCELLING) before the tasks
-end. Nothing here touches the engine or the store directly: jobs go through
-``engine.jobs`` and plugins through the registry.
+*Open-ended* jobs (``submit(open_ended=True)``: an NBD export, a file browsing session) serve
+until they are cancelled or their own timeout ends them; they hold no ``vms`` unit and mark
+no VM busy (two exports of one snapshot run at once), and a drain cancels them first: they
+have nothing to finish.
+
+Shutdown (``drain``): no new jobs; open-ended jobs are cancelled; running ones finish within
+the grace period; then ``cancel_all`` cancels the rest, whose state machines clean up
+(CANCELLING) before the tasks end. Nothing here touches the engine or the store directly:
+jobs go through ``engine.jobs`` and plugins through the registry.
 """
 
 import asyncio
@@ -188,6 +193,7 @@ class JobManager:
         self._on_started = on_started
         self._jobs: dict[str, JobView] = {}
         self._busy: dict[str, str] = {}  # vm -> running job id
+        self._open_ended: set[str] = set()  # running open-ended jobs (not in ``_busy``)
         self._on_finished = on_finished
         self._group: asyncio.TaskGroup | None = None
         self._accepting = True
@@ -271,18 +277,24 @@ class JobManager:
         policy: str | None = None,
         params: dict[str, Any] | None = None,
         needs: Mapping[str, int] | None = None,
+        open_ended: bool = False,
     ) -> JobView:
         """Start a job now; it waits until the ``vms`` limit and its ``needs`` (limit name →
-        units) have room. Raises Busy or ShuttingDown."""
+        units) have room. Raises Busy or ShuttingDown. An ``open_ended`` job (module
+        docstring) takes no ``vms`` unit and never makes its ``vm`` busy."""
         if not self._accepting or self._group is None:
             raise ShuttingDown(why="")
-        if vm in self._busy:
+        if not open_ended and vm in self._busy:
             raise Busy(vm=vm, job_id=self._busy[vm])
         view = JobView(new_job_id(), kind, vm, policy, dict(params or {}))
         self._jobs[view.job_id] = view
-        self._busy[vm] = view.job_id
-        self._idle.clear()
-        held = {"vms": 1, **(needs or {})}
+        if open_ended:
+            self._open_ended.add(view.job_id)
+            held = dict(needs or {})
+        else:
+            self._busy[vm] = view.job_id
+            self._idle.clear()
+            held = {"vms": 1, **(needs or {})}
         view.task = self._group.create_task(self._run(view, body, held), name=f"job {view.job_id}")
         self._forget_old()
         return view
@@ -309,7 +321,10 @@ class JobManager:
             bound.warning("job.error", error=str(e), error_type=type(e).__name__, exc_info=True)
         finally:
             view.finished = _now()
-            self._busy.pop(view.vm, None)
+            if view.job_id in self._open_ended:
+                self._open_ended.discard(view.job_id)
+            elif self._busy.get(view.vm) == view.job_id:
+                del self._busy[view.vm]
             if not self._busy:
                 self._idle.set()
             view.say(f"{view.kind} {view.state}" + (f": {view.error}" if view.error else ""))
@@ -339,8 +354,13 @@ class JobManager:
 
     async def drain(self, grace: float) -> bool:
         """Stop accepting jobs and wait up to ``grace`` seconds for the running ones;
-        True if none is left."""
+        True if none is left. Open-ended jobs are cancelled at once (module docstring)."""
         self._accepting = False
+        for job_id in list(self._open_ended):
+            view = self._jobs[job_id]
+            if view.task is not None:
+                view.error = "cancelled: the daemon is stopping"
+                view.task.cancel()
         try:
             async with asyncio.timeout(grace):
                 await self._idle.wait()

@@ -42,7 +42,7 @@ from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError, EngineError
-from engine.daemon import maintenance, sdnotify, sites
+from engine.daemon import browse, maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
 from engine.daemon.notifications import PolicyRun, Senders
@@ -69,7 +69,16 @@ DEFAULT_GRACE: Final = 300.0  # seconds running jobs get after the first SIGTERM
 # daemon is shown ending at its last heartbeat, at most this long before the daemon died.
 HEARTBEAT: Final = 60.0
 # Configuration sections the running daemon is built on: a reload cannot change them.
-RESTART_ONLY: Final = ("stores", "limits", "api", "logging", "syslog", "scheduler", "peer_server")
+RESTART_ONLY: Final = (
+    "stores",
+    "limits",
+    "api",
+    "logging",
+    "syslog",
+    "scheduler",
+    "peer_server",
+    "serve",
+)
 
 
 @dataclass
@@ -115,6 +124,7 @@ class Service:
         # (a test) waits on instead of polling.
         self.ready = asyncio.Event()
         self._signals = 0
+        self.sessions = browse.Sessions(self)  # file browsing (``/v1/files``)
 
     @property
     def config(self) -> Config:

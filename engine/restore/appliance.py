@@ -13,10 +13,16 @@ Requests and answers::
     {"op": "ls", "path": P}                                 → {"ok": [entry…]}
     {"op": "find", "path": P, "pattern": GLOB|null}         → {"ok": [path…]}
     {"op": "get", "path": P, "dest": DIR}                   → {"ok": files written}
+    {"op": "stat", "path": P}                               → {"ok": entry}
+    {"op": "download", "path": P, "file": F}   → {"ok": bytes}  (a regular file into F)
+    {"op": "tar", "path": P, "file": F}        → {"ok": bytes}  (a directory as tar into F)
     {"op": "mount", "dir": DIR}  → {"event": "mounted"}, then {"ok": null} once unmounted
     {"op": "quit"}                                          → {"ok": null}, exit
 
-A failed request answers ``{"error": TEXT}`` and the helper goes on; end of input ends it.
+A failed request answers ``{"error": TEXT, "errno": N}`` (``errno``: libguestfs's, 0 when
+none; ENOENT for a path that is not there) and the helper goes on; end of input ends it.
+``download`` and ``tar`` write into a file the caller named (in its private directory), never
+through stdout: a file of any size passes without being held in memory.
 
     python -m engine.restore.appliance
 """
@@ -26,6 +32,7 @@ import fnmatch
 import json
 import stat as stat_mod
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,11 +56,18 @@ def main() -> int:
             try:
                 result = _serve(g, op, request, out)
             except Exception as e:  # noqa: BLE001 - every failure is the request's answer
-                _answer(out, {"error": str(e) or repr(e)})
+                errno = _last_errno(g) if isinstance(e, RuntimeError) else 0
+                _answer(out, {"error": str(e) or repr(e), "errno": errno})
             else:
                 _answer(out, {"ok": result})
     finally:
         _shutdown(g)
+    return 0
+
+
+def _last_errno(g: Any) -> int:
+    with contextlib.suppress(Exception):
+        return int(g.last_errno())
     return 0
 
 
@@ -76,12 +90,40 @@ def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
         return _find(g, request["path"], request.get("pattern"))
     if op == "get":
         return _get(g, request["path"], Path(request["dest"]))
+    if op in _TRANSFERS:
+        return _TRANSFERS[op](g, request)
     if op == "mount":
         g.mount_local(request["dir"], readonly=True)
         _answer(out, {"event": "mounted"})
         g.mount_local_run()  # until unmounted
         return None
     raise ConfigError(message=f"unknown request {op!r}")
+
+
+def _stat(g: Any, request: dict[str, Any]) -> object:
+    path = request["path"]
+    return asdict(_entry(g, path, PurePosixPath(path).name, g.lstatns(path)))
+
+
+def _download(g: Any, request: dict[str, Any]) -> object:
+    if not stat_mod.S_ISREG(g.lstatns(request["path"])["st_mode"]):
+        raise ConfigError(message=f"{request['path']} is not a regular file")
+    g.download(request["path"], request["file"])
+    return Path(request["file"]).stat().st_size
+
+
+def _tar(g: Any, request: dict[str, Any]) -> object:
+    if not stat_mod.S_ISDIR(g.lstatns(request["path"])["st_mode"]):
+        raise ConfigError(message=f"{request['path']} is not a directory")
+    g.tar_out(request["path"], request["file"])
+    return Path(request["file"]).stat().st_size
+
+
+_TRANSFERS: dict[str, Callable[[Any, dict[str, Any]], object]] = {
+    "stat": _stat,
+    "download": _download,
+    "tar": _tar,
+}
 
 
 def _shutdown(g: Any) -> None:

@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Final
 
 import structlog
 
-from engine.core.errors import ConfigError, EngineError
+from engine.core.errors import EngineError
 from engine.io import guestfs as guestfs_bindings
 from engine.io.nbd.serve import Listener, serve
 from engine.io.nbd.server import ExportSpec
@@ -69,6 +69,30 @@ class ApplianceError(EngineError):
     """The appliance could not read the snapshot (no boot, a request failed, the helper died)."""
 
     template: ClassVar[str] = "snapshot {snapshot}: {reason}"
+
+
+class PathNotFound(ApplianceError):
+    """A path of the tree that is not there (ENOENT, ENOTDIR in the appliance)."""
+
+    template: ClassVar[str] = "snapshot {snapshot}: {reason}"
+
+
+class BadPath(EngineError):
+    """A path that is not an absolute path of the tree (``..``, relative, a NUL byte)."""
+
+    template: ClassVar[str] = "{path!r}: give an absolute path of the tree (/sda1/etc), no '..'"
+
+
+def check_path(path: str) -> str:
+    """``path`` normalised (``//`` and ``/./`` folded); ``BadPath`` when it is relative, holds
+    ``..`` or a NUL byte: names come from clients, and the tree's are untrusted data."""
+    p = PurePosixPath(path)
+    if not path or "\0" in path or not p.is_absolute() or ".." in p.parts:
+        raise BadPath(path=path)
+    return "/" + "/".join(p.parts[1:])  # POSIX keeps a leading "//": not here
+
+
+_NOT_THERE: Final = (2, 20)  # ENOENT, ENOTDIR
 
 
 class GuestTree:
@@ -174,7 +198,8 @@ class GuestTree:
                 self._on_event(answer["event"])
                 continue
             if "error" in answer:
-                raise ApplianceError(snapshot=self.snapshot, reason=answer["error"])
+                kind = PathNotFound if answer.get("errno") in _NOT_THERE else ApplianceError
+                raise kind(snapshot=self.snapshot, reason=answer["error"])
             return answer["ok"]
 
     def _on_event(self, event: str) -> None:
@@ -209,10 +234,7 @@ class GuestTree:
     # --- reading ---------------------------------------------------------------------------
 
     def _check(self, path: str) -> str:
-        p = PurePosixPath(path)
-        if not p.is_absolute() or ".." in p.parts:
-            raise ConfigError(message=f"{path!r}: give an absolute path of the tree (/sda1/etc)")
-        return str(p)
+        return check_path(path)
 
     async def ls(self, path: str) -> list[Entry]:
         """The entries of directory ``path`` (or ``path`` itself when it is not one)."""
@@ -228,6 +250,22 @@ class GuestTree:
         a directory; returns the files written."""
         count: int = await self._request("get", path=self._check(path), dest=str(dest.resolve()))
         return count
+
+    async def stat(self, path: str) -> Entry:
+        """``path`` itself (a link not followed)."""
+        return Entry(**await self._request("stat", path=self._check(path)))
+
+    async def download(self, path: str, file: Path) -> int:
+        """The regular file ``path`` written into ``file`` (made or replaced; in a directory
+        only this process's user can enter); returns its size."""
+        size: int = await self._request("download", path=self._check(path), file=str(file))
+        return size
+
+    async def tar(self, path: str, file: Path) -> int:
+        """The directory ``path`` and everything under it as an uncompressed tar archive
+        in ``file`` (as ``download``); returns the archive's size."""
+        size: int = await self._request("tar", path=self._check(path), file=str(file))
+        return size
 
     async def mount(self, directory: Path, ready: Callable[[], None]) -> None:
         """Show the tree read-only at ``directory`` (FUSE) until it is unmounted

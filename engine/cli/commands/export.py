@@ -1,78 +1,91 @@
-"""What ``tessera export`` runs (its options: ``engine.cli.export``): the store opened
-read-only (so it serves beside the daemon, which holds the writer lock), the snapshot
-share-locked while served (prune skips it), one disk as an NBD export until SIGINT or
-SIGTERM. Prints the NBD URI(s) once clients can connect."""
+"""What ``tessera export`` runs (its options: ``engine.cli.export``).
+
+Two ways, chosen as ``backup vm`` and ``restore --config`` choose: given ``--config`` and a
+daemon answering on that configuration's socket, the export is a daemon job (``POST
+/v1/exports``): the daemon serves it on a socket of its own, this command prints the job id
+and the NBD URI and returns; the export runs until ``tessera cancel JOB`` or its ``--ttl``.
+Otherwise (``--store PATH``, or ``--config`` with no daemon, or ``--direct``) it runs here:
+the store opened read-only (so it serves beside the daemon, which holds the writer lock), the
+snapshot share-locked while served (prune skips it), one disk as an NBD export on
+``--socket``/``--listen`` until SIGINT or SIGTERM (``engine.app.export``). Prints the NBD
+URI(s) once clients can connect.
+"""
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
+from pathlib import Path
 
+from engine.app.export import ExportTarget, resolve_export, serve_export, uris
+from engine.cli.client import ApiClient
+from engine.cli.commands import service as cli_service
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_OK
 from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.core.units import human_bytes
-from engine.io.nbd.serve import Backend, Listener, ServerStats, serve
-from engine.io.nbd.server import ExportSpec
-from engine.jobs.restore import select_disks
-from engine.restore.export import SnapshotExport
-from engine.restore.overlay import Overlay
+from engine.io.nbd.serve import Listener, ServerStats
 from engine.store.chunk_store import Store
-from engine.store.manifest import DiskEntry, Manifest
 from engine.util import aio
 from engine.workers import make_cpu_pool
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.config is not None and not args.direct:
+        socket = cli_service.daemon_socket(args.config)
+        if socket is not None:
+            if args.socket is not None or args.listen is not None:
+                raise ConfigError(
+                    message="export: the daemon chooses the socket of its exports; drop "
+                    "--socket/--listen, or give --direct to serve here"
+                )
+            return aio.run(_through_daemon(args, socket))
+    if args.ttl is not None or args.writable or args.store_name is not None:
+        raise ConfigError(
+            message="export: --ttl, --writable and --store-name apply to an export by the daemon"
+        )
+    if args.socket is None and args.listen is None:
+        raise ConfigError(message="export: give --socket PATH or --listen HOST:PORT")
     with open_store(args, writable=False) as store:
         try:
-            snapshot_id = store.resolve(args.snapshot)
-            manifest = store.manifest(snapshot_id)
-            disks = select_disks(manifest, args.disk)
+            target = resolve_export(store, args.snapshot, args.disk)
         except SnapshotNotFound as e:
             raise ConfigError(message=f"export: {e}") from None
-        if len(disks) > 1:
-            names = ", ".join(f"{d.name} ({d.disk_id})" for d in disks)
-            raise ConfigError(
-                message=f"export: snapshot {snapshot_id} has {len(disks)} disks ({names}); "
-                "choose one with --disk"
-            )
-        with store.reading_snapshot(snapshot_id):
-            return aio.run(_serve(args, store, manifest, disks[0]))
+        with store.reading_snapshot(target.snapshot_id):
+            return aio.run(_serve(args, store, target))
 
 
-def uris(addresses: list[str], name: str) -> list[str]:
-    del name  # the default export ("") is this disk: URIs need no name
-    out = []
-    for address in addresses:
-        if address.startswith("unix:"):
-            out.append(f"nbd+unix:///?socket={address.removeprefix('unix:')}")
-        else:
-            out.append(f"nbd://{address}/")
-    return out
+async def _through_daemon(args: argparse.Namespace, socket: Path) -> int:
+    if args.writable_overlay is not None:
+        raise ConfigError(
+            message="export: the daemon keeps the overlay of its exports; give --writable "
+            "instead of --writable-overlay (or --direct to serve here)"
+        )
+    body: dict[str, object] = {"snapshot": args.snapshot, "disk": args.disk}
+    body |= {"writable_overlay": args.writable, "store": args.store_name}
+    if args.ttl is not None:
+        body["ttl_seconds"] = args.ttl.delta.total_seconds()
+    async with ApiClient(socket) as client:
+        doc = await client.request("POST", "/v1/exports", body)
+    export = doc["export"]
+    print(
+        f"job {export['job']} serves disk {export['disk']['name']} of snapshot "
+        f"{export['snapshot']} in the daemon ({'writable' if export['writable'] else 'read-only'}"
+        f"; stop it with `tessera cancel {export['job']}`)",
+        file=sys.stderr,
+    )
+    print(export["uri"], flush=True)
+    return EXIT_OK
 
 
-async def _serve(
-    args: argparse.Namespace, store: Store, manifest: Manifest, disk: DiskEntry
-) -> int:
+async def _serve(args: argparse.Namespace, store: Store, target: ExportTarget) -> int:
     if args.socket is not None:
         listener = Listener(path=args.socket)
     else:
         host, port = args.listen
         listener = Listener(host=host, port=port)
-    writable = args.writable_overlay is not None
-    spec = ExportSpec(
-        name=disk.name,
-        size=disk.size,
-        read_only=not writable,
-        description=f"disk {disk.disk_id} of {manifest.vm_name}, snapshot {manifest.snapshot_id}",
-        preferred_block=manifest.chunk_size,
-        # One process serves every connection from one cache (and one overlay, whose
-        # writes are serialised), so all connections see the same disk.
-        multi_conn=not writable,
-    )
-    pool = make_cpu_pool(store.keys, manifest.chunk_size)
+    overlay = args.writable_overlay
+    pool = make_cpu_pool(store.keys, target.manifest.chunk_size)
     stats = ServerStats()
     task = asyncio.current_task()
     assert task is not None
@@ -85,32 +98,17 @@ async def _serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig.name)
-    overlay: Overlay | None = None
+    ready: asyncio.Future[list[str]] = loop.create_future()
+    ready.add_done_callback(lambda f: _announce(f.result(), target, overlay is not None))
     try:
-        async with SnapshotExport.open(store, pool, manifest, disk) as export:
-            backend: Backend = export
-            if writable:
-                overlay = Overlay.open(
-                    export,
-                    args.writable_overlay,
-                    snapshot=manifest.snapshot_id,
-                    disk=disk.disk_id,
-                    size=disk.size,
-                )
-                backend = overlay
-            ready: asyncio.Future[list[str]] = loop.create_future()
-            ready.add_done_callback(lambda f: _announce(f.result(), spec, manifest, disk, writable))
-            try:
-                await serve(backend, spec, [listener], ready=ready, stats=stats)
-            except asyncio.CancelledError:
-                if not stopping:
-                    raise
-                task.uncancel()
+        await serve_export(
+            store, pool, target, [listener], overlay=overlay, ready=ready, stats=stats
+        )
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        task.uncancel()
     finally:
-        if overlay is not None:
-            with contextlib.suppress(OSError):
-                await overlay.flush()
-            overlay.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await pool.aclose()
@@ -122,14 +120,13 @@ async def _serve(
     return EXIT_OK
 
 
-def _announce(
-    addresses: list[str], spec: ExportSpec, manifest: Manifest, disk: DiskEntry, writable: bool
-) -> None:
+def _announce(addresses: list[str], target: ExportTarget, writable: bool) -> None:
+    manifest, disk = target.manifest, target.disk
     mode = "writable (overlay)" if writable else "read-only"
     print(
         f"serving disk {disk.name} ({disk.disk_id}, {human_bytes(disk.size)}) of "
         f"{manifest.vm_name} snapshot {manifest.snapshot_id}, {mode}",
         file=sys.stderr,
     )
-    for uri in uris(addresses, spec.name):
+    for uri in uris(addresses):
         print(uri, flush=True)

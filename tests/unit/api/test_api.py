@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.api.openapi import PATHS, document
-from engine.api.server import build_app, load_tokens
+from engine.api.server import build_app, content_disposition, load_tokens
 from engine.config.loader import load_all
 from engine.core.errors import ConfigError
 from engine.daemon.jobs import JobView
@@ -182,3 +182,23 @@ async def test_tcp_listener_with_tls_and_tokens(tmp_path: Path) -> None:
     finally:
         await stop()
     assert not (tmp_path / "api.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("hostname", "attachment; filename=\"hostname\"; filename*=UTF-8''hostname"),
+        (
+            'a"b\\c;d.txt',
+            "attachment; filename=\"a_b_c_d.txt\"; filename*=UTF-8''a%22b%5Cc%3Bd.txt",
+        ),
+        (
+            "résumé\r\n.pdf",
+            "attachment; filename=\"r_sum___.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%0D%0A.pdf",
+        ),
+    ],
+)
+def test_content_disposition_never_puts_a_raw_guest_name_in_a_header(
+    name: str, header: str
+) -> None:
+    assert content_disposition(name) == header

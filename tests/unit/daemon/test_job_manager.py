@@ -122,3 +122,35 @@ async def test_job_finished_reaches_syslog_at_the_severity_of_its_outcome() -> N
         structlog.configure(**saved)
         receiver.close()
     assert severities == {"vm-failed": 3, "vm-warned": 4, "vm-clean": 6}
+
+
+async def test_open_ended_jobs_take_no_vm_slot_and_a_drain_cancels_them() -> None:
+    """Two exports of one snapshot run at once beside a job holding the only ``vms`` unit;
+    a drain does not wait for them: it cancels them and is idle once the others ended."""
+    serving = asyncio.Event()
+    release = asyncio.Event()
+
+    async def serve(view: JobView) -> tuple[str, dict[str, Any]]:
+        serving.set()
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("not reached")
+
+    async def backup(view: JobView) -> tuple[str, dict[str, Any]]:
+        await release.wait()
+        return "succeeded", {}
+
+    async with running(JobManager(Limits({"vms": 1}))) as manager:
+        held = manager.submit("backup", "web01", backup)
+        first = manager.submit("export", "snapshot:ab12", serve, open_ended=True)
+        second = manager.submit("export", "snapshot:ab12", serve, open_ended=True)
+        await serving.wait()
+        assert {first.state, second.state} == {"running"}
+        assert manager.busy_job("snapshot:ab12") is None
+        drained = asyncio.create_task(manager.drain(grace=60))
+        assert first.task is not None and second.task is not None
+        await asyncio.wait([first.task, second.task])
+        assert (first.state, second.state) == ("cancelled", "cancelled")
+        assert not drained.done()  # the backup still runs
+        release.set()
+        assert await drained
+        assert held.state == "succeeded"
