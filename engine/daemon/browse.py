@@ -174,6 +174,7 @@ class Sessions:
             session.error = str(e)
             raise
         finally:
+            view.summary = {"requests": session.requests}
             self._ended(session)
             await asyncio.to_thread(shutil.rmtree, session.directory, True)
         return "succeeded", {"requests": session.requests}
@@ -214,12 +215,14 @@ class Sessions:
         return self._ctx.jobs.cancel(session_id)
 
     async def ls(self, session_id: str, path: str) -> list[Entry]:
+        path = check_path(path)
         async with self._use(session_id) as tree:
-            return await tree.ls(check_path(path))
+            return await tree.ls(path)
 
     async def find(self, session_id: str, path: str, pattern: str | None) -> list[str]:
+        path = check_path(path)
         async with self._use(session_id) as tree:
-            return await tree.find(check_path(path), pattern)
+            return await tree.find(path, pattern)
 
     async def download(self, session_id: str, path: str) -> Download:
         """A regular file as itself, a directory as a tar archive (``name.tar``); other

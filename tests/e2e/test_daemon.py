@@ -75,8 +75,9 @@ async def tessera(*args: str | Path, timeout: float = 300) -> tuple[int, str]:
 class Daemon:
     """`tessera run` as a subprocess, its stdout (JSON log lines) in a file."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None):
         self.config, self.log = config, log
+        self.env = ENV if env is None else env
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(
@@ -111,7 +112,7 @@ class Daemon:
                     cwd=ROOT,
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=ENV | {"NOTIFY_SOCKET": "@" + name},
+                    env=self.env | {"NOTIFY_SOCKET": "@" + name},
                 )
             exited = asyncio.create_task(self.proc.wait())
             try:
