@@ -19,8 +19,8 @@ Requests and answers::
     {"op": "mount", "dir": DIR}  → {"event": "mounted"}, then {"ok": null} once unmounted
     {"op": "quit"}                                          → {"ok": null}, exit
 
-A failed request answers ``{"error": TEXT, "errno": N}`` (``errno``: libguestfs's, 0 when
-none; ENOENT for a path that is not there) and the helper goes on; end of input ends it.
+A failed request answers ``{"error": TEXT, "errno": N}`` (``errno``: ENOENT or ENOTDIR for
+a path that is not there, else 0) and the helper goes on; end of input ends it.
 ``download`` and ``tar`` write into a file the caller named (in its private directory), never
 through stdout: a file of any size passes without being held in memory.
 
@@ -28,8 +28,10 @@ through stdout: a file of any size passes without being held in memory.
 """
 
 import contextlib
+import errno
 import fnmatch
 import json
+import os
 import stat as stat_mod
 import sys
 from collections.abc import Callable
@@ -56,8 +58,8 @@ def main() -> int:
             try:
                 result = _serve(g, op, request, out)
             except Exception as e:  # noqa: BLE001 - every failure is the request's answer
-                errno = _last_errno(g) if isinstance(e, RuntimeError) else 0
-                _answer(out, {"error": str(e) or repr(e), "errno": errno})
+                code = _errno_of(str(e)) if isinstance(e, RuntimeError) else 0
+                _answer(out, {"error": str(e) or repr(e), "errno": code})
             else:
                 _answer(out, {"ok": result})
     finally:
@@ -65,9 +67,12 @@ def main() -> int:
     return 0
 
 
-def _last_errno(g: Any) -> int:
-    with contextlib.suppress(Exception):
-        return int(g.last_errno())
+def _errno_of(message: str) -> int:
+    """The errno a libguestfs error names: its Python bindings raise RuntimeError with the
+    appliance's ``strerror`` text at the end and do not expose ``guestfs_last_errno``."""
+    for code in (errno.ENOENT, errno.ENOTDIR):
+        if message.endswith(os.strerror(code)):
+            return code
     return 0
 
 

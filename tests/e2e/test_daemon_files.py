@@ -103,10 +103,10 @@ class Api:
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket)))
 
     async def call(
-        self, method: str, path: str, body: Any = None, status: int = 200, **query: str
+        self, method: str, url: str, body: Any = None, status: int = 200, **query: str
     ) -> Any:
         async with self.session.request(
-            method, f"http://tessera{path}", json=body, params=query
+            method, f"http://tessera{url}", json=body, params=query
         ) as response:
             doc = await response.json()
             assert response.status == status, doc
