@@ -21,6 +21,7 @@ run, also of one snapshot; they hold no ``vms`` unit (``JobManager`` open-ended 
 import asyncio
 import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,6 +72,28 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def sweep(config: Config) -> list[Path]:
+    """What a killed daemon's exports and browsing sessions left (sockets, overlays, download
+    directories), removed at start, before any job can make new ones (blocking)."""
+    state = config.serve.state(config.scheduler.state_file)
+    found = [
+        *_entries(socket_dir(config), "*.sock"),
+        *_entries(overlay_dir(config), "*.cow*"),
+        *_entries(state / "files", "*"),
+    ]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return found
+
+
+def _entries(directory: Path, pattern: str) -> list[Path]:
+    return sorted(directory.glob(pattern)) if directory.is_dir() else []
 
 
 def doc(view: JobView) -> dict[str, Any]:

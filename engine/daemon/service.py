@@ -8,6 +8,8 @@ Startup order (each step can fail with a clear error before the next starts):
    process left unfinished are finished or cleaned up (journal → plugin ``recover``); the
    jobs a stopped daemon was running become finished rows of the job history (interrupted,
    linked to that recovery by job id: ``engine.jobs.history``), then the history is read;
+   what a killed daemon's NBD exports and browsing sessions left (sockets, overlays,
+   downloads) is removed (``engine.daemon.exports.sweep``);
 4. CPU pools, the job manager, the API listeners (root-only unix socket; TCP+TLS with
    bearer tokens when configured), the scheduler;
 5. ``READY=1`` to systemd, then the watchdog pings.
@@ -42,7 +44,7 @@ from engine.config.loader import LoadedConfig
 from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError, EngineError
-from engine.daemon import browse, maintenance, sdnotify, sites
+from engine.daemon import browse, exports, maintenance, sdnotify, sites
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
 from engine.daemon.notifications import PolicyRun, Senders
@@ -153,6 +155,8 @@ class Service:
                 stack.push_async_callback(self._close_store, handle)
             await self._finish_interrupted()
             await self._load_history()
+            for leftover in await asyncio.to_thread(exports.sweep, self.config):
+                log.warning("serve.leftover_removed", path=str(leftover))
             self.scheduler = Scheduler(
                 [p for p in self.policies if p.enabled],
                 self.run_policy,
