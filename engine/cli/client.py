@@ -39,7 +39,7 @@ class ApiClient:
         if self._session is not None:
             await self._session.close()
 
-    async def request(self, method: str, path: str, body: Any = None, **query: str) -> Any:
+    async def request(self, method: str, path: str, body: Any = None, /, **query: str) -> Any:
         assert self._session is not None, "use ApiClient as an async context manager"
         params = {k: v for k, v in query.items() if v is not None}
         try:
@@ -54,6 +54,32 @@ class ApiClient:
                     raise ApiError(message=message, status=response.status)
                 return doc
         except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonUnavailable(socket=self.socket, reason=str(e) or type(e).__name__) from e
+
+    async def download(self, path: str, into: Path, /, **query: str) -> tuple[str, str]:
+        """GET ``path`` streamed into the file ``into`` (made or replaced), 1 MiB at a time;
+        returns the response's Content-Type and Content-Disposition. No total timeout: a
+        large file takes as long as it takes, as long as bytes keep coming."""
+        assert self._session is not None, "use ApiClient as an async context manager"
+        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=600)
+        try:
+            async with self._session.get(
+                f"http://tessera{path}", params=query, timeout=timeout
+            ) as response:
+                if response.status >= 400:
+                    doc = await response.json(content_type=None)
+                    message = doc.get("error") if isinstance(doc, dict) else str(doc)
+                    if response.status == 404:
+                        raise ConfigError(message=str(message))
+                    raise ApiError(message=message, status=response.status)
+                with into.open("wb") as out:
+                    async for block in response.content.iter_chunked(1 << 20):
+                        out.write(block)
+                return (
+                    response.headers.get("Content-Type", ""),
+                    response.headers.get("Content-Disposition", ""),
+                )
+        except (aiohttp.ClientConnectionError, ConnectionRefusedError) as e:
             raise DaemonUnavailable(socket=self.socket, reason=str(e) or type(e).__name__) from e
 
     async def available(self) -> bool:

@@ -9,6 +9,10 @@ The tree has one directory per guest filesystem, named from its device (``/sda1`
     tessera files ls 3f2a9c1e --store /srv/tessera/store /sda1/etc
     tessera files get 3f2a9c1e --store /srv/tessera/store /sda1/etc/fstab --to /tmp/out
     tessera mount 3f2a9c1e /mnt/web1 --store /srv/tessera/store
+    tessera files get 3f2a9c1e --config /etc/tessera/config.yaml /sda1/etc --to /tmp/out
+
+With ``--config``, ``files`` goes through the daemon when it answers (a browsing session of
+its API), else reads the configuration's store here; ``mount`` always runs here.
 """
 
 import argparse
@@ -18,9 +22,22 @@ from pathlib import Path
 from engine.cli.commands import Handler
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, daemon: bool = True) -> None:
     p.add_argument("snapshot", metavar="SNAPSHOT_ID", help="id or unique prefix")
-    p.add_argument("--store", type=Path, required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", type=Path, help="the store's directory (read here)")
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="the daemon's configuration: "
+        + (
+            "through its daemon when it runs (a browsing session), else its store read here"
+            if daemon
+            else "its store, read here"
+        ),
+    )
+    if daemon:
+        p.add_argument("--direct", action="store_true", help="run here even when a daemon runs")
     p.add_argument(
         "--disk",
         action="append",
@@ -78,7 +95,7 @@ def register(
         help="show a restore point's filesystems read-only at DIR (FUSE) until Ctrl-C, "
         "SIGTERM or fusermount -u DIR",
     )
-    _common(mount)
+    _common(mount, daemon=False)
     mount.add_argument("directory", type=Path, metavar="DIR", help="an empty directory")
     add_key_options(mount)
     mount.set_defaults(func=Handler("files", "cmd_mount"))

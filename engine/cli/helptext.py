@@ -92,6 +92,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     "files get": (
         f"tessera files get 3f2a9c1e --store {S} /sda1/etc/fstab /sda1/etc/hosts --to /tmp/out",
         f"tessera files get 3f2a9c1e --store {S} /sdb1/srv/www --to /restore/www",
+        "tessera files get 3f2a9c1e --config /etc/tessera/config.yaml /sda1/etc --to /tmp/out",
     ),
     "mount": (
         f"tessera mount 3f2a9c1e /mnt/web1 --store {S}",

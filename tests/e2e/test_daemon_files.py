@@ -11,7 +11,8 @@ goes with it; cancelling removes the socket. Files: one session (one appliance b
 under TCG) for every assertion — the filesystems, ``ls``, ``find``, downloads of a file
 (byte for byte, with its name and length in the headers) and of a directory as tar, a path
 with ``..`` (400), a missing path (404), a second session beyond ``serve.files_sessions``
-(503); its end leaves no qemu under the daemon.
+(503); its end leaves no qemu under the daemon. Then ``tessera files get --config`` goes
+through the daemon (a session of its own, deleted at the end).
 
 The daemon runs the appliance emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` in its
 environment): this machine's nested KVM hangs booting a guest.
@@ -266,6 +267,24 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     assert not _qemus_under(proc.proc.pid), "the appliance's qemu outlived its session"
     assert not downloads.exists()
     await api.call("GET", base, status=404)
+
+    # `tessera files get --config` goes through the daemon's API (a session of its own)
+    out_dir = proc.config.parent / "out"
+    out_dir.mkdir()
+    out = await ok(
+        "files", "get", backup.snapshot, "--config", proc.config,
+        "/sda1/etc", "/vg0-lv0/var/log/app.log", "--to", out_dir,
+    )  # fmt: skip
+    assert "copied 2 files" in out, out
+    assert (out_dir / "etc" / "hostname").read_bytes() == backup.files["/sda1/etc/hostname"]
+    assert (out_dir / "etc" / "name-link").readlink() == Path("hostname")
+    assert (out_dir / "app.log").read_bytes() == backup.files["/vg0-lv0/var/log/app.log"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["app.log", "etc"]
+    jobs = [j for j in await api.call("GET", "/v1/jobs") if j["kind"] == "files"]
+    assert len(jobs) == 2 and jobs[0]["id"] == session, jobs
+    # the CLI deleted its session on the way out; the appliance shuts down meanwhile
+    assert (await api.ended(jobs[1]["id"]))["state"] == "cancelled"
+    assert not _qemus_under(proc.proc.pid)
 
 
 def _qemus_under(pid: int) -> list[int]:

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from engine.app.export import ExportTarget, resolve_export, serve_export, uris
-from engine.cli.client import ApiClient
 from engine.cli.commands import service as cli_service
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_OK
@@ -65,7 +64,7 @@ async def _through_daemon(args: argparse.Namespace, socket: Path) -> int:
     body |= {"writable_overlay": args.writable, "store": args.store_name}
     if args.ttl is not None:
         body["ttl_seconds"] = args.ttl.delta.total_seconds()
-    async with ApiClient(socket) as client:
+    async with cli_service.client(socket) as client:
         doc = await client.request("POST", "/v1/exports", body)
     export = doc["export"]
     print(

@@ -1,7 +1,13 @@
 """What ``tessera files`` and ``tessera mount`` run (their options: ``engine.cli.files``):
 the store opened read-only (so they run beside the daemon), the snapshot share-locked while
 its disks are read (prune skips it), the disks served to an appliance VM
-(``engine.restore.files.GuestTree``)."""
+(``engine.restore.files.GuestTree``).
+
+``files`` with ``--config`` goes through the daemon when one answers on the configuration's
+socket, as ``backup vm`` does (``--direct`` reads here anyway): a browsing session of its API
+(``POST /v1/snapshots/{id}/files``), its ``ls``/``find``/``download`` (a directory comes as a
+tar stream, unpacked into ``--to`` with tarfile's ``tar`` filter: nothing lands outside it),
+the session deleted at the end, also on an error or Ctrl-C."""
 
 import argparse
 import asyncio
@@ -10,8 +16,11 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_OK
@@ -19,11 +28,16 @@ from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.core.units import human_bytes
 from engine.jobs.restore import select_disks
 from engine.restore.files import GuestTree
-from engine.restore.tree import Entry
+from engine.restore.tree import Entry, Filesystem
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
 from engine.util import aio
 from engine.workers import make_cpu_pool
+
+if TYPE_CHECKING:
+    from engine.cli.client import ApiClient
+
+SESSION_WAIT = 240  # seconds one wait for the appliance holds the request (the client: 300)
 
 
 def _open(args: argparse.Namespace, store: Store) -> tuple[str, Manifest, list[DiskEntry]]:
@@ -42,6 +56,11 @@ def cmd_files(args: argparse.Namespace) -> int:
     args.command_name = f"files {args.action}"
     if args.action == "get" and not args.to.is_dir():  # before the appliance boots
         raise ConfigError(message=f"files get: --to {args.to} is not a directory")
+    if args.config is not None and not args.direct:
+        from engine.cli.commands import service as cli_service  # noqa: PLC0415
+
+        if (socket := cli_service.daemon_socket(args.config)) is not None:
+            return aio.run(_through_daemon(args, socket, cli_service.client(socket)))
     with open_store(args, writable=False) as store:
         snapshot_id, manifest, disks = _open(args, store)
         with store.reading_snapshot(snapshot_id):
@@ -88,9 +107,7 @@ async def _files(
                 if len(args.paths) > 1:  # as ls(1): a heading per path
                     print(f"{'' if i == 0 else chr(10)}{path}:")
                 if path.rstrip("/") == "":
-                    for fs in tree.filesystems:
-                        state = "" if fs.mounted else "  (not mounted)"
-                        print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
+                    _print_filesystems(tree.filesystems)
                 else:
                     for entry in await tree.ls(path):
                         print(_ls_line(entry))
@@ -137,6 +154,78 @@ async def _mount(
                 loop.remove_signal_handler(sig)
         print(f"unmounted {directory} after {time.monotonic() - started:.0f} s")
     return EXIT_OK
+
+
+async def _through_daemon(args: argparse.Namespace, socket: Path, client: "ApiClient") -> int:
+    body = {"disks": args.disk} if args.disk else {}
+    async with client:
+        doc = await client.request("POST", f"/v1/snapshots/{args.snapshot}/files", body)
+        session = doc["id"]
+        try:
+            print(f"files session {session} of the daemon: starting the appliance", file=sys.stderr)
+            while doc["state"] == "starting":
+                doc = await client.request("GET", f"/v1/files/{session}", wait=str(SESSION_WAIT))
+            if doc["state"] != "ready":
+                raise ConfigError(
+                    message=f"{args.command_name}: {doc.get('error') or doc['state']}"
+                )
+            filesystems = [Filesystem(**f) for f in doc["filesystems"]]
+            for fs in filesystems:
+                if not fs.mounted:
+                    print(
+                        f"{fs.name} ({fs.fstype} on {fs.device}): not mounted: {fs.problem}",
+                        file=sys.stderr,
+                    )
+            base = f"/v1/files/{session}"
+            if args.action == "ls":
+                for i, path in enumerate(args.paths):
+                    if len(args.paths) > 1:
+                        print(f"{'' if i == 0 else chr(10)}{path}:")
+                    if path.rstrip("/") == "":
+                        _print_filesystems(filesystems)
+                    else:
+                        found = await client.request("GET", f"{base}/ls", path=path)
+                        for e in found["entries"]:
+                            print(_ls_line(Entry(**e)))
+            elif args.action == "find":
+                query = {"path": args.path} | ({"name": args.name} if args.name else {})
+                for path in (await client.request("GET", f"{base}/find", **query))["paths"]:
+                    print(path)
+            else:
+                total = 0
+                for path in args.paths:
+                    total += await _download(client, base, path, args.to)
+                print(f"copied {total} files from snapshot {doc['snapshot']} into {args.to}")
+        finally:
+            with contextlib.suppress(Exception):
+                await client.request("DELETE", f"/v1/files/{session}")
+    return EXIT_OK
+
+
+async def _download(client: "ApiClient", base: str, path: str, to: Path) -> int:
+    """``path`` of the session into ``to`` as ``files get`` puts it (a file by its name, a
+    directory as a directory of that name); returns the files written."""
+    name = PurePosixPath(path).name or "root"
+    partial = to / f".{name}.tessera-partial"
+    try:
+        kind, _ = await client.download(f"{base}/download", partial, path=path)
+        if not kind.startswith("application/x-tar"):
+            partial.replace(to / name)
+            return 1
+        target = to / name
+        target.mkdir(exist_ok=True)
+        with tarfile.open(partial) as tar:
+            members = tar.getmembers()
+            tar.extractall(target, filter="tar")  # no path outside ``target``
+        return sum(m.isfile() for m in members)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _print_filesystems(filesystems: "list[Filesystem]") -> None:
+    for fs in filesystems:
+        state = "" if fs.mounted else "  (not mounted)"
+        print(f"{fs.name:<16} {fs.fstype:<8} {fs.device:<20} {fs.disk}{state}")
 
 
 def _ls_line(entry: Entry) -> str:

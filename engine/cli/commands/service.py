@@ -36,6 +36,9 @@ def _client(socket: Path) -> "ApiClient":
     return ApiClient(socket)
 
 
+client = _client  # for the commands of other modules that talk to the daemon
+
+
 def socket_of(args: argparse.Namespace) -> Path:
     if getattr(args, "socket", None) is not None:
         return Path(args.socket)
