@@ -13,12 +13,19 @@ passed in so this module does not import ``engine.cli.main`` (which imports it):
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.cli.commands import Handler
-from engine.config.types import Duration
+
+if TYPE_CHECKING:
+    from engine.config.types import Duration
 
 
-def duration(text: str) -> Duration:
+def duration(text: str) -> "Duration":
+    """``--ttl``: a duration as the configuration writes them (``8h``, ``30m``)."""
+    # Here, not at the top: parsing the command line loads no configuration code (issue 15).
+    from engine.config.types import Duration  # noqa: PLC0415
+
     try:
         return Duration(text)
     except ValueError as e:
