@@ -202,3 +202,32 @@ def test_content_disposition_never_puts_a_raw_guest_name_in_a_header(
     name: str, header: str
 ) -> None:
     assert content_disposition(name) == header
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status", "fragment"),
+    [
+        ("POST", "/v1/exports", b'{"snapshot": "ab", "ttl_seconds": -1}', 400, "ttl_seconds"),
+        ("POST", "/v1/exports", b'{"snapshot": "ab", "colour": 1}', 400, "unknown field"),
+        ("POST", "/v1/exports", b"{}", 400, "missing required field `snapshot`"),
+        ("GET", "/v1/files/nope", b"", 404, "no files session 'nope'"),
+        ("GET", "/v1/files/nope?wait=soon", b"", 400, "`wait` must be a number"),
+        ("GET", "/v1/files/nope?wait=nan", b"", 400, "`wait` must be a number"),
+        ("DELETE", "/v1/files/nope", b"", 404, "no files session"),
+        ("GET", "/v1/files/nope/ls", b"", 400, "`path` is required"),
+        ("GET", "/v1/files/nope/ls?path=/sda1/../..", b"", 400, "give an absolute path"),
+        ("GET", "/v1/files/nope/find?path=etc", b"", 400, "give an absolute path"),
+        ("GET", "/v1/files/nope/download?path=/sda1/x", b"", 404, "no files session"),
+    ],
+)
+async def test_exports_and_files_refuse_bad_requests_before_any_work(
+    open_client: TestClient[object, object],
+    method: str,
+    url: str,
+    body: bytes,
+    status: int,
+    fragment: str,
+) -> None:
+    response = await open_client.request(method, url, data=body)
+    assert response.status == status
+    assert fragment in (await response.json())["error"]
