@@ -101,7 +101,7 @@ _STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] =
     ((Busy, AlreadyEnded, NotReady), 409),
     ((ShuttingDown, SessionsFull), 503),
     ((SnapshotNotFound, PathNotFound), 404),
-    (StoreError, 500),
+    ((StoreError, exports.ExportFailed), 500),
 )
 
 
