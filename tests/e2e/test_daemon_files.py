@@ -7,12 +7,13 @@ The store holds a backup (made with the CLI) of the guest image of
 ``nbdcopy`` from the daemon's socket equals ``tessera restore`` of the snapshot; a second
 export of the same snapshot serves at the same time; ``tessera export --config`` goes
 through the daemon; a writable export's overlay lives in the daemon's state directory and
-goes with it; cancelling removes the socket. Files: one session (one appliance boot, ~30 s
-under TCG) for every assertion — the filesystems, ``ls``, ``find``, downloads of a file
-(byte for byte, with its name and length in the headers) and of a directory as tar, a path
-with ``..`` (400), a missing path (404), a second session beyond ``serve.files_sessions``
-(503); its end leaves no qemu under the daemon. Then ``tessera files get --config`` goes
-through the daemon (a session of its own, deleted at the end).
+goes with it; cancelling removes the socket; ``ttl_seconds`` ends an export by itself.
+Files: one session (one appliance boot, ~30 s under TCG) for every assertion — the
+filesystems, ``ls``, ``find``, downloads of a file (byte for byte, with its name and length
+in the headers) and of a directory as tar, a path with ``..`` (400), a missing path (404), a
+second session beyond ``serve.files_sessions`` (503); its end leaves no qemu under the
+daemon. Then ``tessera files get --config`` goes through the daemon (a session of its own,
+deleted at the end).
 
 The daemon runs the appliance emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` in its
 environment): this machine's nested KVM hangs booting a guest.
@@ -187,6 +188,16 @@ async def test_export_jobs_serve_the_snapshot_until_cancelled(
     assert summary["connections"] >= 1
     # data only: nbdcopy skips what block status calls holes
     assert 0 < summary["bytes_read"] <= backup.restored.stat().st_size
+
+    # ttl_seconds ends an export by itself (succeeded), its socket removed
+    doc = await api.call(
+        "POST", "/v1/exports", {"snapshot": backup.snapshot, "ttl_seconds": 5}, status=202
+    )
+    timed = doc["export"]
+    assert timed["expires"] is not None
+    ended = await api.ended(timed["job"])
+    assert (ended["state"], ended["summary"]["ended"]) == ("succeeded", "ttl"), ended
+    assert not Path(timed["socket"]).exists()
 
 
 @pytest.mark.timeout(900)
