@@ -18,13 +18,15 @@ session, not per request::
                         whole file in memory, nothing is left behind by a client that leaves
 
 At most ``serve.files_sessions`` sessions at once (``SessionsFull``, the API's 503); a
-request to a session still booting is ``NotReady`` (409); an unknown or ended session is a
-ConfigError ``no files session …`` (404). A request in progress keeps the session from
+request to a session still booting or ended is ``NotReady`` (409); the last ``ENDED_KEPT``
+ended sessions still show their state and error; an unknown session is a ConfigError ``no
+files session …`` (404). A request in progress keeps the session from
 ending idle. Paths are checked (``engine.restore.files.check_path``) before they reach the
 appliance.
 """
 
 import asyncio
+import collections
 import contextlib
 import os
 import shutil
@@ -48,6 +50,7 @@ from engine.store.manifest import DiskEntry, Manifest
 log = structlog.get_logger("tessera.browse")
 
 KIND: Final = "files"
+ENDED_KEPT: Final = 32  # ended sessions still answered (state, error) by ``get``
 
 
 class SessionsFull(EngineError):
@@ -105,6 +108,7 @@ class Sessions:
     def __init__(self, ctx: DaemonContext) -> None:
         self._ctx = ctx
         self._open: dict[str, Session] = {}
+        self._ended_recently: collections.OrderedDict[str, Session] = collections.OrderedDict()
 
     def root(self) -> Path:
         config = self._ctx.config
@@ -142,7 +146,10 @@ class Sessions:
     def _ended(self, session: Session) -> None:
         session.state, session.tree = "ended", None
         session.changed.set()
-        self._open.pop(session.id, None)
+        if self._open.pop(session.id, None) is not None:
+            self._ended_recently[session.id] = session
+            while len(self._ended_recently) > ENDED_KEPT:
+                self._ended_recently.popitem(last=False)
 
     async def _run(self, session: Session, handle: JobStore, view: JobView) -> tuple[str, Any]:
         section = self._ctx.config.serve
@@ -182,9 +189,11 @@ class Sessions:
     # -- what the API asks ------------------------------------------------------------------
 
     def get(self, session_id: str) -> Session:
-        session = self._open.get(session_id)
+        """An open session, or one that ended recently (state ``ended``, its ``error`` why:
+        a client polling a boot that failed learns the reason)."""
+        session = self._open.get(session_id) or self._ended_recently.get(session_id)
         if session is None:
-            raise ConfigError(message=f"no files session {session_id!r} (ended, or never was)")
+            raise ConfigError(message=f"no files session {session_id!r}")
         return session
 
     async def wait(self, session_id: str, timeout: float) -> Session:
@@ -211,6 +220,7 @@ class Sessions:
             session.changed.set()
 
     def end(self, session_id: str) -> JobView:
+        """Cancel the session's job; ``AlreadyEnded`` (409) when it has ended."""
         self.get(session_id)
         return self._ctx.jobs.cancel(session_id)
 

@@ -277,7 +277,9 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     assert job["summary"] == {"requests": 8}, job  # those that reached the appliance
     assert not _qemus_under(proc.proc.pid), "the appliance's qemu outlived its session"
     assert not downloads.exists()
-    await api.call("GET", base, status=404)
+    assert (await api.call("GET", base))["state"] == "ended"
+    await api.call("GET", f"{base}/ls", status=409, path="/")
+    await api.call("DELETE", base, status=409)
 
     # `tessera files get --config` goes through the daemon's API (a session of its own)
     out_dir = proc.config.parent / "out"
