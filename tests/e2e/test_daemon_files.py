@@ -7,7 +7,8 @@ The store holds a backup (made with the CLI) of the guest image of
 ``nbdcopy`` from the daemon's socket equals ``tessera restore`` of the snapshot; a second
 export of the same snapshot serves at the same time; ``tessera export --config`` goes
 through the daemon; a writable export's overlay lives in the daemon's state directory and
-goes with it; cancelling removes the socket; ``ttl_seconds`` ends an export by itself.
+goes with it; cancelling removes the socket; ``ttl_seconds`` ends an export by itself; a
+daemon told to stop cancels a running export and exits cleanly.
 Files: one session (one appliance boot, ~30 s under TCG) for every assertion — the
 filesystems, ``ls``, ``find``, downloads of a file (byte for byte, with its name and length
 in the headers) and of a directory as tar, a path with ``..`` (400), a missing path (404), a
@@ -198,6 +199,16 @@ async def test_export_jobs_serve_the_snapshot_until_cancelled(
     ended = await api.ended(timed["job"])
     assert (ended["state"], ended["summary"]["ended"]) == ("succeeded", "ttl"), ended
     assert not Path(timed["socket"]).exists()
+
+    # the daemon stopping (SIGTERM) does not wait for an export: it is cancelled, its socket
+    # removed, and the daemon exits cleanly (the fixture checks the exit status)
+    doc = await api.call("POST", "/v1/exports", {"snapshot": backup.snapshot}, status=202)
+    left = Path(doc["export"]["socket"])
+    assert left.exists()
+    await api.session.close()
+    assert await proc.stop() == 0, proc.log.read_text()[-5000:]
+    assert not left.exists()
+    assert not list(left.parent.iterdir())
 
 
 @pytest.mark.timeout(900)
