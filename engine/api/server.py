@@ -512,12 +512,9 @@ async def files_find(request: web.Request) -> web.Response:
     return web.json_response({"paths": found})
 
 
-DOWNLOAD_BLOCK: Final = 1024**2  # bytes read (in a thread) and sent at a time
-
-
 async def files_download(request: web.Request) -> web.StreamResponse:
-    """A file as itself, a directory as ``application/x-tar``; streamed from the unlinked
-    file the appliance wrote (``engine.daemon.browse``), with its length."""
+    """A file as itself (with its length), a directory as ``application/x-tar`` (chunked):
+    streamed while the appliance's helper writes it (``engine.daemon.browse.Download``)."""
     got = await _service(request).sessions.download(request.match_info["session"], _path(request))
     try:
         response = web.StreamResponse(
@@ -527,19 +524,25 @@ async def files_download(request: web.Request) -> web.StreamResponse:
                 "X-Content-Type-Options": "nosniff",
             }
         )
-        response.content_length = got.size
+        if got.size is not None:
+            response.content_length = got.size
+        else:
+            response.enable_chunked_encoding()
         await response.prepare(request)
-        left = got.size
-        while left > 0:
-            block = await asyncio.to_thread(os.read, got.fd, min(DOWNLOAD_BLOCK, left))
-            if not block:
-                break  # cannot happen for an unlinked file we alone hold; never hang on it
-            left -= len(block)
-            await response.write(block)
+        try:
+            async for block in got.blocks():
+                await response.write(block)
+        except EngineError as e:  # the headers are out: the client sees the stream cut short
+            log.warning("api.download_failed", path=request.path, error=str(e))
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except ConnectionResetError:
+            return response  # the client left; the transfer ends in the session, unread
         await response.write_eof()
         return response
     finally:
-        os.close(got.fd)
+        got.close()
 
 
 def content_disposition(name: str) -> str:

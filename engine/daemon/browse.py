@@ -12,10 +12,12 @@ session, not per request::
               ``serve.files_idle`` → succeeded; a boot that fails → failed.
               The appliance (helper, qemu), its exports and the session's directory go.
     ls / find / stat ─► one helper request each (one at a time per session)
-    download(path)   ─► the helper writes the file (or ``tar_out`` of a directory) into
-                        <serve.state_dir>/files/<session>/ (0700); the caller gets an open
-                        descriptor of it, already unlinked, and streams it: nothing holds a
-                        whole file in memory, nothing is left behind by a client that leaves
+    download(path)   ─► a transfer task (the session's task group): the helper writes the
+                        file (or ``tar_out`` of a directory) into a file of
+                        <serve.state_dir>/files/<session>/ (0700), unlinked once written;
+                        the caller reads it as it grows (``Download.blocks``) and streams
+                        it: nothing holds a whole file in memory, the first byte need not
+                        wait for the last, a client that leaves leaves nothing behind
 
 At most ``serve.files_sessions`` sessions at once (``SessionsFull``, the API's 503); a
 request to a session still booting or ended is ``NotReady`` (409); the last ``ENDED_KEPT``
@@ -51,6 +53,10 @@ log = structlog.get_logger("tessera.browse")
 
 KIND: Final = "files"
 ENDED_KEPT: Final = 32  # ended sessions still answered (state, error) by ``get``
+DOWNLOAD_BLOCK: Final = 1 << 20  # bytes read (in a thread) and sent at a time
+# How long a reader that caught up with the helper waits before it looks for more bytes
+# (a file grows without telling anyone; the end of the transfer wakes it at once).
+FOLLOW_INTERVAL: Final = 0.1
 
 
 class SessionsFull(EngineError):
@@ -74,8 +80,9 @@ class Session:
     error: str | None = None
     tree: GuestTree | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # state or use
-    active: int = 0  # requests in progress
+    active: int = 0  # requests in progress (a download's transfer included)
     requests: int = 0  # requests served
+    transfers: asyncio.TaskGroup | None = None  # the helper writing downloads (``_run``'s)
 
     def doc(self) -> dict[str, Any]:
         fs = [asdict(f) for f in self.tree.filesystems] if self.tree is not None else []
@@ -91,15 +98,42 @@ class Session:
         }
 
 
-@dataclass
 class Download:
-    """A file ready to stream: ``fd`` (unlinked already; the caller closes it), its size
-    and the name to give it."""
+    """A download being written by the appliance's helper into an unlinked file of the
+    session's directory, read as it grows (``blocks``): the first byte goes out long before
+    the helper wrote the last. ``size``: the file's length, None for a tar archive (known only
+    at its end). The caller iterates ``blocks`` once and then ``close``s; a client that goes
+    away early leaves the transfer to finish in the session's task group, its file already
+    unlinked."""
 
-    fd: int
-    size: int
-    name: str
-    content_type: str
+    def __init__(self, fd: int, size: int | None, name: str, content_type: str) -> None:
+        self.fd, self.size, self.name, self.content_type = fd, size, name, content_type
+        self.done = asyncio.Event()  # the helper has answered
+        self.error: BaseException | None = None  # what it answered, when it failed
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        """The bytes, ``DOWNLOAD_BLOCK`` at a time, as the helper writes them; raises the
+        helper's error (ApplianceError) if the transfer failed."""
+        sent = 0
+        while True:
+            finished = self.done.is_set()  # before the read: all it wrote is in the file
+            block = await asyncio.to_thread(os.pread, self.fd, DOWNLOAD_BLOCK, sent)
+            if block:
+                sent += len(block)
+                yield block
+                continue
+            if finished:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FOLLOW_INTERVAL):
+                    await self.done.wait()  # or more bytes: read again after a moment
+        if self.error is not None:
+            raise self.error
+        if self.size is not None and sent != self.size:
+            raise ConfigError(message=f"{self.name}: {sent} bytes written of {self.size}")
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class Sessions:
@@ -168,15 +202,18 @@ class Sessions:
                     names = ", ".join(f"{f.name} ({f.fstype})" for f in tree.filesystems)
                     view.say(f"appliance up: {names or 'no filesystem'}")
                     session.changed.set()
-                    while True:  # until idle (or cancelled)
-                        session.changed.clear()
-                        try:
-                            async with asyncio.timeout(idle):
-                                await session.changed.wait()
-                        except TimeoutError:
-                            if session.active == 0:
-                                view.say(f"idle for {section.files_idle}: ending the session")
-                                break
+                    async with asyncio.TaskGroup() as transfers:
+                        session.transfers = transfers
+                        while True:  # until idle (or cancelled)
+                            session.changed.clear()
+                            try:
+                                async with asyncio.timeout(idle):
+                                    await session.changed.wait()
+                            except TimeoutError:
+                                if session.active == 0:
+                                    view.say(f"idle for {section.files_idle}: ending it")
+                                    break
+                        session.transfers = None
         except Exception as e:
             session.error = str(e)
             raise
@@ -235,32 +272,46 @@ class Sessions:
             return await tree.find(path, pattern)
 
     async def download(self, session_id: str, path: str) -> Download:
-        """A regular file as itself, a directory as a tar archive (``name.tar``); other
-        kinds (links, devices) are refused (ConfigError, 400)."""
+        """A regular file as itself, a directory as a tar archive (``name.tar``), being
+        written (``Download``); other kinds (links, devices) are refused (ConfigError, 400),
+        a path that is not there is PathNotFound (404), both before any byte."""
         path = check_path(path)
         async with self._use(session_id) as tree:
             session = self.get(session_id)
             entry = await tree.stat(path)
-            name = entry.name or "root"
+            if entry.kind not in ("file", "dir"):
+                raise ConfigError(
+                    message=f"{path} is a {entry.kind}"
+                    + (f" to {entry.target}" if entry.target else "")
+                    + ": only files and directories are downloaded"
+                )
+            if session.transfers is None:
+                raise NotReady(session=session_id, state="ending")
             file = session.directory / f"download-{os.urandom(8).hex()}"
-            try:
-                if entry.kind == "file":
-                    size = await tree.download(path, file)
-                    kind = "application/octet-stream"
-                elif entry.kind == "dir":
-                    size = await tree.tar(path, file)
-                    name, kind = f"{name}.tar", "application/x-tar"
-                else:
-                    raise ConfigError(
-                        message=f"{path} is a {entry.kind}"
-                        + (f" to {entry.target}" if entry.target else "")
-                        + ": only files and directories are downloaded"
-                    )
-                fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-            finally:
-                with contextlib.suppress(OSError):
-                    file.unlink()
-            return Download(fd, size, name, kind)
+            fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if entry.kind == "file":
+                got = Download(fd, entry.size, entry.name, "application/octet-stream")
+            else:
+                got = Download(fd, None, f"{entry.name or 'root'}.tar", "application/x-tar")
+            session.active += 1  # the transfer keeps the session from ending idle
+
+            async def transfer() -> None:
+                try:
+                    if entry.kind == "file":
+                        await tree.download(path, file)
+                    else:
+                        await tree.tar(path, file)
+                except Exception as e:  # noqa: BLE001 - the reader raises it, not the group
+                    got.error = e
+                finally:
+                    with contextlib.suppress(OSError):
+                        file.unlink()
+                    got.done.set()
+                    session.active -= 1
+                    session.changed.set()
+
+            session.transfers.create_task(transfer(), name=f"download {path}")
+            return got
 
 
 def _resolve(

@@ -12,9 +12,9 @@ daemon told to stop cancels a running export and exits cleanly.
 Files: one session (one appliance boot, ~30 s under TCG) for every assertion — the
 filesystems, ``ls``, ``find``, downloads of a file (byte for byte, with its name and length
 in the headers) and of a directory as tar, a path with ``..`` (400), a missing path (404), a
-second session beyond ``serve.files_sessions`` (503); its end leaves no qemu under the
-daemon. Then ``tessera files get --config`` goes through the daemon (a session of its own,
-deleted at the end).
+client leaving mid-download, a second session beyond ``serve.files_sessions`` (503); its end
+leaves no qemu under the daemon. Then ``tessera files get --config`` goes through the
+daemon (a session of its own, deleted at the end).
 
 The daemon runs the appliance emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg`` in its
 environment): this machine's nested KVM hangs booting a guest.
@@ -278,6 +278,17 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     )
     downloads = proc.config.parent / "state" / "files" / session
     assert list(downloads.iterdir()) == []
+    # a client that leaves in the middle of a download: the session goes on (the next request
+    # waits for that transfer to end), and the transfer leaves nothing behind
+    async with api.session.get(
+        f"http://tessera{base}/download", params={"path": "/sda2/srv/www/big.bin"}
+    ) as response:
+        assert response.status == 200
+        assert await response.content.readany()
+        response.close()
+    www = await api.call("GET", f"{base}/ls", path="/sda2/srv/www")
+    assert sorted(e["name"] for e in www["entries"]) == ["big.bin", "index.html"]
+    assert list(downloads.iterdir()) == []
 
     assert proc.proc is not None
     assert _qemus_under(proc.proc.pid), "the appliance runs under the daemon"
@@ -285,7 +296,7 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     assert ended["kind"] == "files"
     job = await api.ended(session)
     assert job["state"] == "cancelled", job
-    assert job["summary"] == {"requests": 8}, job  # those that reached the appliance
+    assert job["summary"] == {"requests": 10}, job  # those that reached the appliance
     assert not _qemus_under(proc.proc.pid), "the appliance's qemu outlived its session"
     assert not downloads.exists()
     assert (await api.call("GET", base))["state"] == "ended"
