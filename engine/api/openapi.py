@@ -153,7 +153,8 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/files/{session}/download": {
         "get": {
             "summary": "A file (application/octet-stream), or a directory as a tar archive "
-            "(application/x-tar), streamed with Content-Length and Content-Disposition",
+            "(application/x-tar, chunked), streamed as the appliance writes it, with an RFC 6266 "
+            "Content-Disposition (a file also with its Content-Length)",
             "parameters": _id("session") + _query("path", required=True),
             "responses": {
                 "200": {
