@@ -1,8 +1,9 @@
 """``tessera files`` and ``tessera mount``: files out of a backup without restoring the VM.
 
-A disk image made by libguestfs (the real tools, not ours) with an MBR partition table and
-the filesystems an admin's VMs hold: ext4, XFS, NTFS, and an ext4 volume of an LVM volume
-group, each with files of random bytes larger than a chunk, a symlink, nested directories.
+A disk image made by libguestfs (the real tools, not ours: the lab's guest layout,
+``plugins.lab.guest_disk``) with an MBR partition table and the filesystems an admin's VMs
+hold: ext4, XFS, NTFS, and an ext4 volume of an LVM volume group, each with files of random
+bytes larger than a chunk, a symlink, nested directories.
 It is backed up with the CLI; then through the appliance: ``files ls`` names every filesystem
 with its type and lists directories; ``files get`` brings files and whole directories back
 byte for byte; ``files find`` matches names; ``mount`` shows the same tree through FUSE,
@@ -25,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from engine.core.ids import ChunkId, short
-from engine.io import guestfs as guestfs_bindings
 from engine.restore.files import ApplianceError, GuestTree
 from engine.store.chunk_store import Store
 from engine.store.pack import pack_path
 from engine.workers import make_cpu_pool
+from plugins.lab.guest_disk import MIN_SIZE, guest_files
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,6 @@ ENV = {
     "TESSERA_PASSPHRASE": PASSPHRASE,
     "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg",
 }
-MIB_SECTORS = 2048
 
 
 def tessera(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -68,61 +68,18 @@ class Lab:
         self.files = files  # tree path → content
 
 
-def make_disk(image: Path, files: dict[str, bytes], scratch: Path) -> None:
-    """A 600 MiB sparse raw disk: sda1 ext4, sda2 XFS, sda3 NTFS, sda4 an LVM PV holding
-    vg0/lv0 (ext4); ``files`` ("/sda1/etc/hostname" → bytes) written into them."""
-    guestfs = guestfs_bindings.load()
-    with image.open("wb") as f:
-        f.truncate(600 << 20)
-    g = guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
-    try:
-        g.set_backend_settings(["force_tcg"])  # as ENV says for the CLI
-        g.add_drive_opts(str(image), format="raw", readonly=False)
-        g.launch()
-        g.part_init("/dev/sda", "mbr")
-        for start, end in ((1, 65), (65, 385), (385, 449)):
-            g.part_add("/dev/sda", "p", start * MIB_SECTORS, end * MIB_SECTORS - 1)
-        g.part_add("/dev/sda", "p", 449 * MIB_SECTORS, -MIB_SECTORS)
-        g.mkfs("ext4", "/dev/sda1")
-        g.mkfs("xfs", "/dev/sda2")
-        g.mkfs("ntfs", "/dev/sda3")
-        g.pvcreate("/dev/sda4")
-        g.vgcreate("vg0", ["/dev/sda4"])
-        g.lvcreate("lv0", "vg0", 64)
-        g.mkfs("ext4", "/dev/vg0/lv0")
-        devices = {"sda1": "/dev/sda1", "sda2": "/dev/sda2", "sda3": "/dev/sda3"}
-        devices["vg0-lv0"] = "/dev/vg0/lv0"
-        for name, device in devices.items():
-            g.mount(device, "/")
-            for path, data in files.items():
-                fs, _, inner = path.lstrip("/").partition("/")
-                if fs != name:
-                    continue
-                g.mkdir_p(str(Path("/" + inner).parent))
-                local = scratch / "upload"
-                local.write_bytes(data)
-                g.upload(str(local), "/" + inner)
-            if name == "sda1":
-                g.ln_s("hostname", "/etc/name-link")
-            g.umount("/")
-        g.shutdown()
-    finally:
-        g.close()
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("files")
-    files = {
-        "/sda1/etc/hostname": b"files-lab\n",
-        "/sda1/data/random.bin": os.urandom(3 << 20) + b"tail",
-        "/sda2/srv/www/big.bin": os.urandom(5 << 20),
-        "/sda2/srv/www/index.html": b"<h1>xfs</h1>\n",
-        "/sda3/Users/doc.txt": b"ntfs document\r\n" * 1000,
-        "/vg0-lv0/var/log/app.log": b"lvm line\n" * 50_000,
-    }
     image = tmp / "files-vm.raw"
-    make_disk(image, files, tmp)
+    subprocess.run(  # the lab's guest layout, built by libguestfs (ENV: force_tcg)
+        [sys.executable, "-m", "plugins.lab.guest_disk", image, "files-vm", str(MIN_SIZE)],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        timeout=600,
+    )
+    files = guest_files("files-vm")
     store = tmp / "store"
     ok("store", "init", store)
     ok("backup", "image", image, "--store", store, "--vm", "files-vm", "--level", "full")
