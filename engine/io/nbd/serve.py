@@ -43,7 +43,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 import structlog
 
@@ -197,7 +197,7 @@ class _Connection:
         # Paused before the ACK goes out: whatever the client sends after reading it is TLS,
         # and must reach the TLS layer, not this stream's buffer.
         transport = self.writer.transport
-        if not isinstance(transport, asyncio.ReadTransport):
+        if not isinstance(transport, _Pausable):  # uvloop's are not asyncio.ReadTransport
             raise TypeError(f"cannot pause reading on {transport!r}")
         transport.pause_reading()
         if _buffered(self.reader):
@@ -260,6 +260,11 @@ class _Connection:
     def _send(self, buffers: Sequence[Buffer]) -> None:
         if not self.writer.is_closing():
             self.writer.writelines([b for b in buffers if b])
+
+
+@runtime_checkable
+class _Pausable(Protocol):
+    def pause_reading(self) -> None: ...
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:

@@ -250,3 +250,17 @@ async def test_unusable_tls_files_fail_the_start(certs: NbdTls, tmp_path: Path) 
     listener = Listener(host="127.0.0.1", port=0, tls=mismatched)
     with pytest.raises(TlsFilesError, match=r"NBD TLS: .*server-cert\.pem"):
         await serve(MemoryBackend(), spec, [listener])
+
+
+def test_tls_works_under_uvloop(certs: NbdTls) -> None:
+    """``tessera export`` runs on uvloop, whose transports are not asyncio's classes."""
+    import uvloop
+
+    async def main() -> None:
+        async with tls_server(ServerTls.from_dir(certs.server)) as (backend, port):
+            got = await tls_read(port, certs.client_context(certs.client), 4096, 70000)
+            assert got == bytes(backend.data[4096:74096])
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                await tls_read(port, certs.client_context(certs.stranger), 0, 10)
+
+    uvloop.run(main())
