@@ -15,7 +15,7 @@ import pytest
 from engine.core.errors import StoreError
 from engine.io.nbd import connect
 from engine.io.nbd import protocol as p
-from engine.io.nbd.errors import EIO, NbdOptionError, NbdRequestError
+from engine.io.nbd.errors import EIO, NbdConnectionError, NbdOptionError, NbdRequestError
 from engine.io.nbd.handshake import Handshake
 from engine.io.nbd.serve import Listener, ServerStats, serve
 from engine.io.nbd.server import Data, ExportSpec, Hole, Piece
@@ -264,3 +264,31 @@ def test_tls_works_under_uvloop(certs: NbdTls) -> None:
                 await tls_read(port, certs.client_context(certs.stranger), 0, 10)
 
     uvloop.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_repository_client_speaks_tls_to_it(certs: NbdTls, loop: str) -> None:
+    import uvloop
+
+    async def main() -> None:
+        async with tls_server(ServerTls.from_dir(certs.server)) as (backend, port):
+            address = ("127.0.0.1", port)
+            context = certs.client_context(certs.client)
+            async with await connect(address, tls=context) as client:
+                reads = [client.read(o, 65536) for o in range(0, SIZE, 65536)]
+                assert b"".join(await asyncio.gather(*reads)) == bytes(backend.data)
+                status = await client.block_status(0, SIZE, p.BASE_ALLOCATION)
+                assert [e.zero for e in status] == [False, True]
+            with pytest.raises(NbdConnectionError, match="TLS handshake failed"):
+                await connect(address, tls=certs.client_context(certs.distrustful))
+
+    (uvloop.run if loop == "uvloop" else asyncio.run)(main())
+
+
+async def test_a_client_that_wants_tls_refuses_a_server_without(
+    server: tuple[MemoryBackend, Path, ServerStats], certs: NbdTls
+) -> None:
+    _, sock, _ = server
+    context = certs.client_context(certs.client)
+    with pytest.raises(NbdOptionError, match="NBD_OPT_STARTTLS"):
+        await connect(sock, tls=context, server_hostname="localhost")

@@ -162,6 +162,43 @@ def test_starttls_is_acked_then_the_whole_handshake_runs_over_tls() -> None:
     assert events == [Ready(RO, structured=True, allocation=True)]
 
 
+def test_the_client_machine_starts_tls_first_and_negotiates_inside() -> None:
+    srv = server(tls=True)
+    client = Handshake("", (p.BASE_ALLOCATION,), tls=True)
+    client.receive_data(srv.data_to_send())
+    # Flags, then STARTTLS alone: no option is sent in clear before it.
+    assert srv.receive_data(client.data_to_send()) == [StartTls()]
+    client.receive_data(srv.data_to_send())
+    assert client.starting_tls and client.data_to_send() == b""
+    with pytest.raises(NbdProtocolError, match="in clear after its STARTTLS ACK"):
+        Handshake(tls=True).receive_data(  # a server talking in clear after its ACK
+            p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE)
+            + p.OPTION_REPLY_HEADER.pack(p.OPTION_REPLY_MAGIC, p.OPT_STARTTLS, p.REP_ACK, 0)
+            + b"x"
+        )
+    srv.tls_started()
+    client.tls_started()
+    events: list[object] = []
+    while not client.done:
+        events += srv.receive_data(client.data_to_send())
+        client.receive_data(srv.data_to_send())
+    assert client.info.structured and client.info.contexts
+    assert events == [Ready(RO, structured=True, allocation=True)]
+
+
+def test_a_client_that_wants_tls_never_goes_on_in_clear() -> None:
+    with pytest.raises(NbdOptionError, match=r"NBD_OPT_STARTTLS.*NBD_REP_ERR_UNSUP"):
+        handshake_tls(server(tls=False))
+
+
+def handshake_tls(srv: ServerConnection) -> None:
+    client = Handshake("", (), tls=True)
+    client.receive_data(srv.data_to_send())
+    while not client.starting_tls:
+        srv.receive_data(client.data_to_send())
+        client.receive_data(srv.data_to_send())
+
+
 def test_second_starttls_and_starttls_with_data_are_invalid() -> None:
     srv = server(tls=True)
     raw_start(srv)
