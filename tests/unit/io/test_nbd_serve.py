@@ -153,10 +153,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> NbdTls:
 
 @contextlib.asynccontextmanager
 async def tls_server(
-    tls: ServerTls, stats: ServerStats | None = None
+    tls: ServerTls, stats: ServerStats | None = None, read_only: bool = True
 ) -> AsyncIterator[tuple[MemoryBackend, int]]:
     backend = MemoryBackend()
-    spec = ExportSpec("mem", SIZE, read_only=True, preferred_block=65536)
+    spec = ExportSpec("mem", SIZE, read_only=read_only, preferred_block=65536)
     ready: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
     listener = Listener(host="127.0.0.1", port=0, tls=tls)
     task = asyncio.create_task(serve(backend, spec, [listener], ready=ready, stats=stats))
@@ -271,7 +271,8 @@ def test_the_repository_client_speaks_tls_to_it(certs: NbdTls, loop: str) -> Non
     import uvloop
 
     async def main() -> None:
-        async with tls_server(ServerTls.from_dir(certs.server)) as (backend, port):
+        tls = ServerTls.from_dir(certs.server)
+        async with tls_server(tls, read_only=False) as (backend, port):
             address = ("127.0.0.1", port)
             context = certs.client_context(certs.client)
             async with await connect(address, tls=context) as client:
@@ -279,6 +280,11 @@ def test_the_repository_client_speaks_tls_to_it(certs: NbdTls, loop: str) -> Non
                 assert b"".join(await asyncio.gather(*reads)) == bytes(backend.data)
                 status = await client.block_status(0, SIZE, p.BASE_ALLOCATION)
                 assert [e.zero for e in status] == [False, True]
+                # A write payload larger than one receive of the server, through TLS.
+                payload = bytes(range(251)) * 1500
+                await client.write(1000, payload)
+                assert backend.data[1000 : 1000 + len(payload)] == payload
+                assert await client.read(1000, len(payload)) == payload
             with pytest.raises(NbdConnectionError, match="TLS handshake failed"):
                 await connect(address, tls=certs.client_context(certs.distrustful))
 
