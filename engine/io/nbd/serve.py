@@ -175,18 +175,17 @@ class _Connection:
                 if isinstance(event, Disconnect):
                     log.debug("nbd.disconnect", peer=self.peer, reason=event.reason)
                     return
-                if not isinstance(event, Request):
-                    if isinstance(event, Ready):
-                        log.info(
-                            "nbd.connection.ready",
-                            peer=self.peer,
-                            structured=event.structured,
-                            allocation=event.allocation,
-                            tls=self.machine.tls,
-                        )
-                    continue
-                await self.slots.acquire()  # back-pressure: stop reading at the limit
-                tg.create_task(self._serve(event))
+                if isinstance(event, Ready):
+                    log.info(
+                        "nbd.connection.ready",
+                        peer=self.peer,
+                        structured=event.structured,
+                        allocation=event.allocation,
+                        tls=self.machine.tls,
+                    )
+                elif isinstance(event, Request):
+                    await self.slots.acquire()  # back-pressure: stop reading at the limit
+                    tg.create_task(self._serve(event))
             await self.writer.drain()
 
     async def _start_tls(self) -> None:
