@@ -46,8 +46,8 @@ TLS (``tls=True``: the spec's FORCEDTLS mode; every option but two needs TLS fir
 
 STARTTLS with data is answered REP_ERR_INVALID. Bytes from the client after STARTTLS and
 before the TLS handshake break the protocol (the client must wait for the ACK):
-``NbdProtocolError``. Without ``tls`` (unix sockets, loopback) STARTTLS is answered
-REP_ERR_UNSUP and nothing else changes.
+``NbdProtocolError``. Without ``tls`` STARTTLS is answered REP_ERR_UNSUP and nothing else
+changes. TLS works the same on TCP and on unix sockets (``nbds+unix://``).
 
 An unknown export name gets REP_ERR_UNKNOWN; malformed option data REP_ERR_INVALID; option
 data over ``MAX_OPTION_DATA`` is skipped and answered REP_ERR_TOO_BIG.
