@@ -170,3 +170,17 @@ def test_tcp_off_loopback_in_clear_needs_no_tls(backed_up: dict[str, Path | str]
         port = export.uri.rstrip("/").rpartition(":")[2]
         info = json.loads(run("nbdinfo", "--json", f"nbd://127.0.0.1:{port}/"))
         assert info["TLS"] is False
+
+
+def test_tls_on_a_unix_socket_prints_nbds_unix(
+    backed_up: dict[str, Path | str], certs: NbdTls, tmp_path: Path
+) -> None:
+    sock = tmp_path / "s.sock"
+    with exported(
+        backed_up["id"], "--store", backed_up["store"], "--socket", sock, "--tls-dir", certs.server
+    ) as export:
+        assert export.uri == f"nbds+unix:///?socket={sock}"
+        copy = tmp_path / "copy.raw"
+        run("nbdcopy", f"{export.uri}&tls-certificates={certs.client}", copy)
+        assert identical(copy, Path(backed_up["raw"]))
+        assert "TLS required" in fails("nbdinfo", f"nbd+unix:///?socket={sock}")
