@@ -1,11 +1,13 @@
 """What ``tessera export`` runs (its options: ``engine.cli.export``): the store opened
 read-only (so it serves beside the daemon, which holds the writer lock), the snapshot
 share-locked while served (prune skips it), one disk as an NBD export until SIGINT or
-SIGTERM. Prints the NBD URI(s) once clients can connect."""
+SIGTERM. Prints the NBD URI(s) once clients can connect (``nbds://`` when clients must
+speak TLS)."""
 
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import sys
 
@@ -15,6 +17,7 @@ from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.core.units import human_bytes
 from engine.io.nbd.serve import Backend, Listener, ServerStats, serve
 from engine.io.nbd.server import ExportSpec
+from engine.io.nbd.tls import ServerTls
 from engine.jobs.restore import select_disks
 from engine.restore.export import SnapshotExport
 from engine.restore.overlay import Overlay
@@ -25,6 +28,9 @@ from engine.workers import make_cpu_pool
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    tls = tls_files(args)  # before the store is opened: a refusal costs nothing
+    if tls is not None:
+        tls.context()  # unreadable or mismatched files fail here, before anything is served
     with open_store(args, writable=False) as store:
         try:
             snapshot_id = store.resolve(args.snapshot)
@@ -39,28 +45,70 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "choose one with --disk"
             )
         with store.reading_snapshot(snapshot_id):
-            return aio.run(_serve(args, store, manifest, disks[0]))
+            return aio.run(_serve(args, store, manifest, disks[0], tls))
 
 
-def uris(addresses: list[str], name: str) -> list[str]:
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address; any other name counts as the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_files(args: argparse.Namespace) -> ServerTls | None:
+    """The TLS files the options name, None without TLS; ConfigError when they do not fit
+    together or TCP would be served in clear to the network without ``--no-tls``."""
+    if args.tls_dir is not None:
+        if args.tls_key is not None or args.tls_ca is not None:
+            raise ConfigError(message="export: --tls-dir holds the key and the CA already")
+        tls: ServerTls | None = ServerTls.from_dir(args.tls_dir)
+    elif args.tls_cert is not None or args.tls_key is not None:
+        if args.tls_cert is None or args.tls_key is None:
+            raise ConfigError(message="export: --tls-cert and --tls-key go together")
+        tls = ServerTls(args.tls_cert, args.tls_key, args.tls_ca)
+    elif args.tls_ca is not None:
+        raise ConfigError(message="export: --tls-ca needs --tls-cert and --tls-key")
+    else:
+        tls = None
+    if tls is None and not args.no_tls and args.listen is not None:
+        host = args.listen[0]
+        if not is_loopback(host):
+            raise ConfigError(
+                message=f"export: {host} is not a loopback address and the export would be "
+                "served in clear; give --tls-dir DIR (or --tls-cert and --tls-key), or "
+                "--no-tls if the network is trusted"
+            )
+    return tls
+
+
+def uris(addresses: list[str], name: str, tls: bool = False) -> list[str]:
+    """The NBD URIs (libnbd, qemu) of the export at ``addresses``."""
     del name  # the default export ("") is this disk: URIs need no name
+    scheme = "nbds" if tls else "nbd"
     out = []
     for address in addresses:
         if address.startswith("unix:"):
-            out.append(f"nbd+unix:///?socket={address.removeprefix('unix:')}")
+            out.append(f"{scheme}+unix:///?socket={address.removeprefix('unix:')}")
         else:
-            out.append(f"nbd://{address}/")
+            out.append(f"{scheme}://{address}/")
     return out
 
 
 async def _serve(
-    args: argparse.Namespace, store: Store, manifest: Manifest, disk: DiskEntry
+    args: argparse.Namespace,
+    store: Store,
+    manifest: Manifest,
+    disk: DiskEntry,
+    tls: ServerTls | None,
 ) -> int:
     if args.socket is not None:
-        listener = Listener(path=args.socket)
+        listener = Listener(path=args.socket, tls=tls)
     else:
         host, port = args.listen
-        listener = Listener(host=host, port=port)
+        listener = Listener(host=host, port=port, tls=tls)
     writable = args.writable_overlay is not None
     spec = ExportSpec(
         name=disk.name,
@@ -99,7 +147,9 @@ async def _serve(
                 )
                 backend = overlay
             ready: asyncio.Future[list[str]] = loop.create_future()
-            ready.add_done_callback(lambda f: _announce(f.result(), spec, manifest, disk, writable))
+            ready.add_done_callback(
+                lambda f: _announce(f.result(), spec, manifest, disk, writable, tls)
+            )
             try:
                 await serve(backend, spec, [listener], ready=ready, stats=stats)
             except asyncio.CancelledError:
@@ -123,13 +173,20 @@ async def _serve(
 
 
 def _announce(
-    addresses: list[str], spec: ExportSpec, manifest: Manifest, disk: DiskEntry, writable: bool
+    addresses: list[str],
+    spec: ExportSpec,
+    manifest: Manifest,
+    disk: DiskEntry,
+    writable: bool,
+    tls: ServerTls | None,
 ) -> None:
     mode = "writable (overlay)" if writable else "read-only"
+    if tls is not None:
+        mode += ", TLS" + (" with client certificates" if tls.mutual else "")
     print(
         f"serving disk {disk.name} ({disk.disk_id}, {human_bytes(disk.size)}) of "
         f"{manifest.vm_name} snapshot {manifest.snapshot_id}, {mode}",
         file=sys.stderr,
     )
-    for uri in uris(addresses, spec.name):
+    for uri in uris(addresses, spec.name, tls is not None):
         print(uri, flush=True)
