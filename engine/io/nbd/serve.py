@@ -153,6 +153,11 @@ class _Connection:
             # connection ends, its other requests are cancelled, the server goes on.
             reason = "; ".join(sorted({str(e) for e in leaves(group)}))
             log.info("nbd.connection.lost", peer=self.peer, reason=reason)
+        except* Exception as group:
+            # A fault of ours (a bug): said loudly, with its traceback; this connection
+            # ends and the server goes on serving the others.
+            for error in leaves(group):
+                log.error("nbd.connection.fault", peer=self.peer, error=repr(error), exc_info=error)
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):

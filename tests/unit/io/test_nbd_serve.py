@@ -21,6 +21,7 @@ from engine.io.nbd.serve import Listener, ServerStats, serve
 from engine.io.nbd.server import Data, ExportSpec, Hole, Piece
 from engine.io.nbd.tls import ServerTls, TlsFilesError
 from engine.io.nbd.transmission import Transmission
+from tests.helpers import capture_all_logs
 from tests.nbd_tls import NbdTls, make_nbd_tls
 
 SIZE = 1 << 20
@@ -35,6 +36,7 @@ class MemoryBackend:
         self.gate = asyncio.Event()
         self.gate_at = -1
         self.fail_at = -1
+        self.bug_at = -1
         self.waiting = asyncio.Event()
 
     async def read(self, offset: int, length: int) -> list[Piece]:
@@ -43,6 +45,8 @@ class MemoryBackend:
             await self.gate.wait()
         if offset == self.fail_at:
             raise StoreError(path="/store", reason="pack 0a is missing")
+        if offset == self.bug_at:
+            raise ValueError("a bug in the backend")
         if offset >= SIZE // 2:
             return [Hole(offset, length)]
         return [Data(offset, bytes(self.data[offset : offset + length]))]
@@ -141,6 +145,22 @@ async def test_a_client_vanishing_mid_request_leaves_the_server_serving(
         assert await client.read(0, 4) == bytes(backend.data[:4])
     assert stats.connections == 2
     assert unhandled == []
+
+
+async def test_a_fault_of_ours_ends_its_connection_loudly_and_the_server_serves_on(
+    server: tuple[MemoryBackend, Path, ServerStats],
+) -> None:
+    backend, sock, _ = server
+    backend.bug_at = 8192
+    with capture_all_logs() as logs:
+        async with await connect(sock) as client:
+            with pytest.raises(NbdConnectionError):
+                await client.read(8192, 10)
+    faults = [e for e in logs if e["event"] == "nbd.connection.fault"]
+    assert len(faults) == 1 and "a bug in the backend" in str(faults[0]["error"]), logs
+    assert faults[0]["log_level"] == "error" and faults[0]["exc_info"] is not None
+    async with await connect(sock) as client:  # the server goes on
+        assert await client.read(0, 4) == bytes(backend.data[:4])
 
 
 # --- TLS ----------------------------------------------------------------------------------
