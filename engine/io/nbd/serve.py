@@ -157,7 +157,9 @@ class _Connection:
             # A fault of ours (a bug): said loudly, with its traceback; this connection
             # ends and the server goes on serving the others.
             for error in leaves(group):
-                log.error("nbd.connection.fault", peer=self.peer, error=repr(error), exc_info=error)
+                log.exception(
+                    "nbd.connection.fault", peer=self.peer, error=repr(error), exc_info=error
+                )
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):
