@@ -72,14 +72,16 @@ def export_spec(target: ExportTarget, writable: bool) -> ExportSpec:
     )
 
 
-def uris(addresses: Sequence[str]) -> list[str]:
-    """NBD URIs of ``serve``'s addresses (the default export "" is the disk: no name)."""
+def uris(addresses: Sequence[str], *, tls: bool = False) -> list[str]:
+    """NBD URIs (libnbd, qemu) of ``serve``'s addresses (the default export "" is the disk:
+    no name); ``nbds`` when clients must speak TLS."""
+    scheme = "nbds" if tls else "nbd"
     out = []
     for address in addresses:
         if address.startswith("unix:"):
-            out.append(f"nbd+unix:///?socket={address.removeprefix('unix:')}")
+            out.append(f"{scheme}+unix:///?socket={address.removeprefix('unix:')}")
         else:
-            out.append(f"nbd://{address}/")
+            out.append(f"{scheme}://{address}/")
     return out
 
 

@@ -6,8 +6,13 @@ passed in so this module does not import ``engine.cli.main`` (which imports it):
 
     tessera export 3f2a9c1e --store /srv/tessera/store [--disk ID_OR_NAME]
         (--socket PATH | --listen HOST:PORT) [--writable-overlay FILE]
+        [--tls-dir DIR | --tls-cert FILE --tls-key FILE [--tls-ca FILE] | --no-tls]
     tessera export 3f2a9c1e --config /etc/tessera/config.yaml [--disk ID_OR_NAME]
         [--writable] [--ttl 8h]          # a daemon job when the daemon runs
+
+TLS is what clients must speak (NBD_OPT_STARTTLS) before anything else. TCP on an address
+that is not loopback needs TLS or an explicit ``--no-tls``: a backup is not served in
+clear by accident (checked by ``engine.cli.commands.export.tls_files``).
 """
 
 import argparse
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.cli.commands import Handler
+from engine.io.nbd.tls import CA_CERT, SERVER_CERT, SERVER_KEY
 
 if TYPE_CHECKING:
     from engine.config.types import Duration
@@ -90,8 +96,35 @@ def register(
         "--listen",
         type=listen_address,
         metavar="HOST:PORT",
-        help="listen on TCP here only (port 0: any free port; no TLS yet, so keep it local); "
-        "served here",
+        help="listen on TCP here only (port 0: any free port); an address that is not "
+        "loopback needs TLS (--tls-dir, --tls-cert/--tls-key) or --no-tls; served here",
+    )
+    tls = p.add_argument_group(
+        "TLS",
+        "clients must start TLS first (nbds:// URIs)",
+    )
+    how = tls.add_mutually_exclusive_group()
+    how.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"certificates as qemu-nbd and libnbd lay them out: DIR/{SERVER_CERT}, "
+        f"DIR/{SERVER_KEY}, and if DIR/{CA_CERT} exists clients need a certificate it signed",
+    )
+    how.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="the server's certificate (PEM, chain)"
+    )
+    how.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="serve TCP in clear on an address that is not loopback (a trusted network only)",
+    )
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="require client certificates signed by this CA (PEM): mutual TLS",
     )
     p.add_argument(
         "--writable-overlay",

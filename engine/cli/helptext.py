@@ -74,6 +74,9 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     "export": (
         f"tessera export 3f2a9c1e --store {S} --socket /run/tessera/web1.sock",
         f"tessera export 3f2a9c1e --store {S} --disk web1-data --listen 127.0.0.1:10809",
+        f"tessera export 3f2a9c1e --store {S} --listen 0.0.0.0:10809 --tls-dir /etc/pki/nbd",
+        f"tessera export 3f2a9c1e --store {S} --listen [::]:10809 --tls-cert s.pem --tls-key s.key "
+        "--tls-ca ca.pem",
         f"tessera export 3f2a9c1e --store {S} --socket /tmp/w.sock --writable-overlay /tmp/w.cow",
         "tessera export 3f2a9c1e --config /etc/tessera/config.yaml --disk web1-data --ttl 8h",
     ),

@@ -1,8 +1,9 @@
-"""Disk I/O every source and target uses: direct reads of raw images, an NBD client, qemu
-process wrappers and the journaled NBD exports.
+"""Disk I/O every source and target uses: direct reads and writes of raw images, an NBD
+client, qemu process wrappers and the journaled NBD exports.
 
 Modules: ``direct`` (a raw file or block device read in place with ``preadv``, no server:
-local raw images and the DataMover's devices), ``nbd`` (the sans-IO NBD protocol and its
+local raw images and the DataMover's devices), ``direct_write`` (its mirror for restores into
+local raw images: ``pwritev``, holes punched for zeroes), ``nbd`` (the sans-IO NBD protocol and its
 asyncio client), ``qemu`` (qemu-img commands; ``QemuNbd`` and ``NbdServerProcess``: a server
 on a unix socket in a private directory, for formats that need qemu: qcow2), ``exports``
 (those servers as a job journals them, and how recovery stops what a killed job left, found
@@ -14,8 +15,8 @@ hole / dirty flags from NBD block status (or, read directly, from a file's holes
 *metadata context* is the kind of block status asked for (``base:allocation`` for
 zero/hole, ``qemu:dirty-bitmap:NAME`` for changed ranges).
 
-Invariants: every direct read runs on its reader's thread, never on the event loop, and
-fills the caller's buffer in place; every NBD request size is bounded
+Invariants: every direct read or write runs on its reader's or writer's thread, never on
+the event loop, and uses the caller's buffer in place; every NBD request size is bounded
 (``nbd.protocol.MAX_REQUEST``), every wait on a server or process is bounded by a named
 timeout, every process started here is reaped and every temporary directory removed, also
 on errors and cancellation. A server process dies

@@ -84,7 +84,7 @@ class DirectTransientReadError(DirectReadError, TransientError):
     """A read failed with an errno a retry on a new reader may get past."""
 
 
-def _errno_text(e: OSError) -> str:
+def errno_text(e: OSError) -> str:
     name = errno.errorcode.get(e.errno, f"errno {e.errno}") if e.errno else type(e).__name__
     return f"{name} ({e.strerror or e})"
 
@@ -118,7 +118,7 @@ class DirectImage:
         try:
             fd, kind, size = await _in_thread(_open, name, lambda opened: opened[0])
         except OSError as e:
-            raise DirectImageError(disk=disk, path=name, reason=_errno_text(e)) from e
+            raise DirectImageError(disk=disk, path=name, reason=errno_text(e)) from e
         if fd is None:
             raise DirectImageError(disk=disk, path=name, reason=kind)
         return cls(name, disk, fd, kind, size, drop_cache)
@@ -131,7 +131,7 @@ class DirectImage:
     def read_error(self, offset: int, e: OSError) -> DirectReadError:
         """The error for ``e``, raised by a read or seek at ``offset``."""
         cls = DirectTransientReadError if e.errno in TRANSIENT_ERRNOS else DirectReadError
-        return cls(disk=self.disk, path=self.path, offset=offset, reason=_errno_text(e))
+        return cls(disk=self.disk, path=self.path, offset=offset, reason=errno_text(e))
 
     def check_range(self, offset: int, length: int) -> None:
         """Raise ``DirectReadError`` unless ``[offset, offset + length)`` is inside the image."""
@@ -201,7 +201,7 @@ class DirectImage:
         try:
             fd = await _in_thread(_open_reader, self.path, lambda fd: fd)
         except OSError as e:
-            raise DirectImageError(disk=self.disk, path=self.path, reason=_errno_text(e)) from e
+            raise DirectImageError(disk=self.disk, path=self.path, reason=errno_text(e)) from e
         return DirectReader(self, fd)
 
     async def close(self) -> None:

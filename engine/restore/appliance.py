@@ -9,7 +9,8 @@ takes the appliance with it: it runs in its own process group, qemu too.
 
 Requests and answers::
 
-    {"op": "launch", "sockets": [PATH…], "disks": [NAME…]}  → {"ok": [filesystem…]}
+    {"op": "launch", "sockets": [PATH…], "disks": [NAME…]}
+                                  → {"ok": {"qemu": PID, "filesystems": [filesystem…]}}
     {"op": "ls", "path": P}                                 → {"ok": [entry…]}
     {"op": "find", "path": P, "pattern": GLOB|null}         → {"ok": [path…]}
     {"op": "get", "path": P, "dest": DIR}                   → {"ok": files written}
@@ -34,6 +35,7 @@ import json
 import os
 import stat as stat_mod
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
@@ -42,6 +44,8 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.io import guestfs as guestfs_bindings
 from engine.restore.tree import Entry, Filesystem
+
+COPY_SIZE = 1 << 20  # bytes moved per read of a download's pipe
 
 
 def main() -> int:
@@ -88,7 +92,8 @@ def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
                 "", format="raw", protocol="nbd", server=[f"unix:{sock}"], readonly=True
             )
         g.launch()
-        return [asdict(f) for f in _mount_all(g, request["disks"])]
+        found = _mount_all(g, request["disks"])
+        return {"qemu": g.get_pid(), "filesystems": [asdict(f) for f in found]}
     if op == "ls":
         return [asdict(e) for e in _ls(g, request["path"])]
     if op == "find":
@@ -105,19 +110,19 @@ def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
     raise ConfigError(message=f"unknown request {op!r}")
 
 
-def _stat(g: Any, request: dict[str, Any]) -> object:
+def _op_stat(g: Any, request: dict[str, Any]) -> object:
     path = request["path"]
     return asdict(_entry(g, path, PurePosixPath(path).name, g.lstatns(path)))
 
 
-def _download(g: Any, request: dict[str, Any]) -> object:
+def _op_download(g: Any, request: dict[str, Any]) -> object:
     if not stat_mod.S_ISREG(g.lstatns(request["path"])["st_mode"]):
         raise ConfigError(message=f"{request['path']} is not a regular file")
     g.download(request["path"], request["file"])
     return Path(request["file"]).stat().st_size
 
 
-def _tar(g: Any, request: dict[str, Any]) -> object:
+def _op_tar(g: Any, request: dict[str, Any]) -> object:
     if not stat_mod.S_ISDIR(g.lstatns(request["path"])["st_mode"]):
         raise ConfigError(message=f"{request['path']} is not a directory")
     g.tar_out(request["path"], request["file"])
@@ -125,9 +130,9 @@ def _tar(g: Any, request: dict[str, Any]) -> object:
 
 
 _TRANSFERS: dict[str, Callable[[Any, dict[str, Any]], object]] = {
-    "stat": _stat,
-    "download": _download,
-    "tar": _tar,
+    "stat": _op_stat,
+    "download": _op_download,
+    "tar": _op_tar,
 }
 
 
@@ -218,7 +223,7 @@ def _get(g: Any, path: str, dest: Path) -> int:
     st = g.lstatns(path)
     name = PurePosixPath(path).name or "root"
     if stat_mod.S_ISREG(st["st_mode"]):
-        g.download(path, str(dest / name))
+        _download(g, path, dest / name, 0)
         return 1
     if not stat_mod.S_ISDIR(st["st_mode"]):
         raise ConfigError(message=f"{path} is neither a file nor a directory")
@@ -233,13 +238,59 @@ def _get(g: Any, path: str, dest: Path) -> int:
             out.mkdir(parents=True, exist_ok=True)
         elif stat_mod.S_ISREG(mode):
             out.parent.mkdir(parents=True, exist_ok=True)
-            g.download(str(src), str(out))
+            _download(g, str(src), out, written)
             written += 1
         elif stat_mod.S_ISLNK(mode):
             out.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileExistsError):
                 out.symlink_to(g.readlink(str(src)))
     return written
+
+
+def _download(g: Any, src: str, out: Path, written: int) -> None:
+    """Copy the file ``src`` of the tree to ``out``, through ``.NAME.partial`` beside it
+    renamed when complete: a file that is there is whole. When the copy fails (a full or
+    failing destination, a read error from the snapshot) the partial copy is removed and the
+    error names both ends; a helper killed mid-copy leaves only the ``.partial`` file.
+
+    libguestfs writes into a pipe and a thread here writes the file: a failing destination
+    is then our own ``OSError`` with its errno (libguestfs would say only "file receive
+    cancelled"), and closing the pipe stops the transfer."""
+    partial = out.with_name(f".{out.name}.partial")
+    failed: list[OSError] = []
+    r, w = os.pipe()
+
+    def write_out() -> None:
+        try:
+            with os.fdopen(r, "rb", buffering=0) as pipe, partial.open("wb") as f:
+                while data := pipe.read(COPY_SIZE):
+                    f.write(data)
+        except OSError as e:  # the pipe is closed with it: libguestfs's writes fail
+            failed.append(e)
+
+    writer = threading.Thread(target=write_out, name="download")
+    writer.start()
+    try:
+        try:
+            g.download(src, f"/dev/fd/{w}")
+        finally:
+            os.close(w)
+            writer.join()
+        if failed:
+            raise failed[0]
+        partial.rename(out)
+    except (RuntimeError, OSError) as e:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        reason = failed[0].strerror if failed and failed[0].strerror else str(e)
+        before = f"; {written} files were copied before it" if written else ""
+        raise ApplianceRequestError(
+            f"copying {src} to {out}: {reason} (nothing of it kept{before})"
+        ) from None
+
+
+class ApplianceRequestError(Exception):
+    """A request failed; its text is the answer's error."""
 
 
 if __name__ == "__main__":

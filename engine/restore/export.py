@@ -23,7 +23,8 @@ BLOCK_STATUS (base:allocation) reports ZERO slots as HOLE|ZERO and every other s
 data, merged into runs, at most ``STATUS_SLOTS`` slots per answer (clients ask again).
 
 Raised from ``read``: ``CorruptRecord`` / ``ChunkMissing`` naming the chunk, and where a
-slot needs it; the server answers that request with EIO and keeps serving.
+slot needs it; the server answers that request with EIO and keeps serving. Each such text is
+counted in ``failures``, so a caller whose client saw only EIO can name the damage.
 """
 
 import asyncio
@@ -33,7 +34,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
-from engine.core.errors import ChunkMissing, CorruptDiskMap, CorruptRecord
+from engine.core.errors import ChunkMissing, CorruptDiskMap, CorruptRecord, EngineError
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, ChunkId, short
 from engine.core.units import MiB
 from engine.io.nbd import protocol as p
@@ -99,6 +100,9 @@ class SnapshotExport:
         self._closed = False
         self.chunks_fetched = 0
         self.cache_hits = 0
+        # What the store could not supply, by text (the client sees only EIO): a caller
+        # names the damaged chunks in its own error (``files get``).
+        self.failures: collections.Counter[str] = collections.Counter()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -157,6 +161,13 @@ class SnapshotExport:
     # --- the Backend protocol (engine.io.nbd.serve) ----------------------------------------
 
     async def read(self, offset: int, length: int) -> list[Piece]:
+        try:
+            return await self._read(offset, length)
+        except (EngineError, OSError) as e:
+            self.failures[str(e)] += 1
+            raise
+
+    async def _read(self, offset: int, length: int) -> list[Piece]:
         if length == 0:
             return []
         end = offset + length

@@ -35,6 +35,7 @@ it and the appliance with it.
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -63,6 +64,7 @@ DEFAULT_LAUNCH_TIMEOUT: Final = 300.0  # a TCG boot on a busy 2-core machine tak
 APPLIANCE_PREFIX: Final = "tessera-files-"
 HELPER_LINE_LIMIT: Final = 64 << 20  # one answer (a find of a large tree) is one line
 HELPER_EXIT_TIMEOUT: Final = 30.0  # for the appliance's orderly shutdown
+MAX_DAMAGE_SHOWN: Final = 3  # store read failures named in one error
 
 
 class ApplianceError(EngineError):
@@ -99,9 +101,16 @@ class GuestTree:
     """The filesystems of a snapshot's disks, mounted read-only in an appliance; build with
     ``open``. Paths are POSIX paths of the tree (``/sda1/etc/hostname``)."""
 
-    def __init__(self, helper: asyncio.subprocess.Process, snapshot: str) -> None:
+    def __init__(
+        self,
+        helper: asyncio.subprocess.Process,
+        snapshot: str,
+        exports: Sequence[SnapshotExport] = (),
+    ) -> None:
         self._helper = helper
         self.snapshot = snapshot
+        self._exports = exports  # their ``failures`` name the damage the appliance saw as EIO
+        self.qemu: int | None = None  # the appliance's qemu (killed with the helper)
         self.filesystems: list[Filesystem] = []
         self._lock = asyncio.Lock()  # one request at a time
         self._events: dict[str, Callable[[], None]] = {}  # event → callback, once
@@ -127,11 +136,13 @@ class GuestTree:
             async with contextlib.AsyncExitStack() as stack:
                 servers: list[asyncio.Task[None]] = []
                 sockets = []
+                exports = []
                 try:
                     for i, disk in enumerate(disks):
                         export = await stack.enter_async_context(
                             SnapshotExport.open(store, pool, manifest, disk)
                         )
+                        exports.append(export)
                         sockets.append(workdir / f"disk{i}.sock")
                         spec = ExportSpec(
                             name="",
@@ -156,13 +167,13 @@ class GuestTree:
                         start_new_session=True,  # its own group: killed with its qemu
                         limit=HELPER_LINE_LIMIT,
                     )
+                    tree = cls(helper, snapshot, exports)
                     try:
-                        tree = cls(helper, snapshot)
                         timeout = launch_timeout or DEFAULT_LAUNCH_TIMEOUT
                         await tree._launch(sockets, disks, timeout)
                         yield tree
                     finally:
-                        await tree_end(helper)
+                        await tree_end(helper, tree.qemu)
                 finally:
                     for server in servers:
                         server.cancel()
@@ -182,8 +193,12 @@ class GuestTree:
         helper = self._helper
         assert helper.stdin is not None
         assert helper.stdout is not None
-        helper.stdin.write((json.dumps(request) + "\n").encode())
-        await helper.stdin.drain()
+        before = [collections.Counter(e.failures) for e in self._exports]
+        try:
+            helper.stdin.write((json.dumps(request) + "\n").encode())
+            await helper.stdin.drain()
+        except (ConnectionError, RuntimeError):  # it is gone: the read below says how
+            pass
         while True:
             line = await helper.stdout.readline()
             if not line:
@@ -191,16 +206,29 @@ class GuestTree:
                 raise ApplianceError(
                     snapshot=self.snapshot,
                     reason=f"the appliance helper ended (exit status {code}) during "
-                    f"{request['op']}",
+                    f"{request['op']}" + self._damage(before),
                 )
             answer = json.loads(line)
             if "event" in answer:
                 self._on_event(answer["event"])
                 continue
             if "error" in answer:
+                reason = answer["error"] + self._damage(before)
                 kind = PathNotFound if answer.get("errno") in _NOT_THERE else ApplianceError
-                raise kind(snapshot=self.snapshot, reason=answer["error"])
+                raise kind(snapshot=self.snapshot, reason=reason)
             return answer["ok"]
+
+    def _damage(self, before: list[collections.Counter[str]]) -> str:
+        """What the exports could not read from the store since ``before`` (the appliance
+        saw only EIO), as a sentence to add to an error; empty when nothing failed."""
+        seen = []
+        for export, earlier in zip(self._exports, before, strict=True):
+            seen += [text for text in export.failures if text not in earlier]
+        if not seen:
+            return ""
+        shown = "; ".join(seen[:MAX_DAMAGE_SHOWN])
+        more = f" (and {len(seen) - MAX_DAMAGE_SHOWN} more)" if len(seen) > MAX_DAMAGE_SHOWN else ""
+        return f"; the store could not supply what the appliance read: {shown}{more}"
 
     def _on_event(self, event: str) -> None:
         callback = self._events.pop(event, None)
@@ -215,7 +243,7 @@ class GuestTree:
         )
         try:
             async with asyncio.timeout(timeout):
-                found = await request
+                answer = await request
         except TimeoutError:
             _kill_tree(self._helper.pid)
             raise ApplianceError(
@@ -224,7 +252,8 @@ class GuestTree:
                 "(KVM that cannot boot a guest, as in some nested set-ups? "
                 "LIBGUESTFS_BACKEND_SETTINGS=force_tcg runs it emulated)",
             ) from None
-        self.filesystems = [Filesystem(**f) for f in found]
+        self.qemu = answer["qemu"]
+        self.filesystems = [Filesystem(**f) for f in answer["filesystems"]]
         log.info(
             "files.appliance.up",
             snapshot=self.snapshot,
@@ -274,9 +303,11 @@ class GuestTree:
         await self._request("mount", dir=str(directory.resolve()))
 
 
-async def tree_end(helper: asyncio.subprocess.Process) -> None:
+async def tree_end(helper: asyncio.subprocess.Process, qemu: int | None = None) -> None:
     """Ask the helper to quit (it shuts the appliance down), then kill its group if it has
-    not within ``HELPER_EXIT_TIMEOUT``; always reaped."""
+    not within ``HELPER_EXIT_TIMEOUT``; always reaped. ``qemu`` (the appliance's process, as
+    the helper reported it) is killed too if it outlived the helper: a helper that died
+    (killed, crashed) leaves its qemu to init, out of reach of ``_kill_tree``."""
     if helper.returncode is None and helper.stdin is not None:
         with contextlib.suppress(OSError, RuntimeError):
             helper.stdin.write(b'{"op": "quit"}\n')
@@ -286,6 +317,17 @@ async def tree_end(helper: asyncio.subprocess.Process) -> None:
                 await helper.wait()
     _kill_tree(helper.pid)  # still there, or a qemu it left behind
     await helper.wait()
+    if qemu is not None and _is_qemu(qemu):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qemu, signal.SIGKILL)
+
+
+def _is_qemu(pid: int) -> bool:
+    """Whether ``pid`` is still a qemu process (not a reused pid of something else)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith("qemu")
+    except OSError:
+        return False
 
 
 def _kill_tree(pid: int) -> None:

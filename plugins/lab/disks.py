@@ -9,7 +9,8 @@ OS disks of several VMs are clones of one *template* filesystem with a few per-V
 added with ``debugfs -w`` (hostname, machine id, a log), so a backup of the second VM
 stores only its differing chunks — the "VMs from one template" case dedup must handle.
 Data disks get their own generated files. The same names always give the same files
-(mke2fs still draws some metadata at random, e.g. inode generations).
+(mke2fs still draws some metadata at random, e.g. inode generations). A disk of layout
+"partitioned" is a guest's disk instead (partitions, XFS, NTFS, LVM: ``guest_disk``).
 """
 
 import asyncio
@@ -23,6 +24,7 @@ from typing import Final
 
 from engine.core.errors import EngineError
 from engine.core.units import MiB
+from plugins.lab.guest_disk import build_guest_disk
 
 FS_SIZE: Final = 128 * MiB  # filesystem part of each image: real data, small enough to be quick
 TEMPLATE_DATA: Final = 48 * MiB  # generated files in the template filesystem
@@ -125,6 +127,7 @@ class DiskRequest:
     size: int
     template: bool = False
     vm: str = ""
+    layout: str = "ext4"  # or "partitioned" (``plugins.lab.guest_disk``; not from the template)
 
 
 async def build_disks(requests: Sequence[DiskRequest], work: Path) -> list[DiskImage]:
@@ -138,7 +141,9 @@ async def build_disks(requests: Sequence[DiskRequest], work: Path) -> list[DiskI
     images = []
     for request in requests:
         raw = work / f"{request.name}.raw"
-        if request.template:
+        if request.layout == "partitioned":
+            await build_guest_disk(raw, request.name, request.size)
+        elif request.template:
             shutil.copyfile(template_raw, raw)
             rng = random.Random(request.name)  # noqa: S311 - reproducible test data
             await add_files(

@@ -118,7 +118,13 @@ async def run(
             if not path.exists():
                 requests.append(
                     DiskRequest(
-                        disk.alias, path, fmt, disk.provisioned_size, attachment.bootable, vm.name
+                        disk.alias,
+                        path,
+                        fmt,
+                        disk.provisioned_size,
+                        attachment.bootable,
+                        vm.name,
+                        disk.layout,
                     )
                 )
             disks.append(

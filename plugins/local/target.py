@@ -1,11 +1,13 @@
-"""A local qcow2 or raw image as a restore Target, written through a writable ``qemu-nbd``.
+"""A local qcow2 or raw image as a restore Target: a raw image written in place
+(``engine.io.direct_write``: ``pwritev`` from a thread per writer, holes punched for zeroes),
+a qcow2 image through a writable ``qemu-nbd`` (the format needs qemu's driver).
 
 ::
 
     async with LocalImageTarget(path, size, name="disk0") as disk:   # TargetDisk
         stats = await restore_disk(store, pool, manifest, entry, disk)
-    # left normally:     qemu-nbd stopped, image published at ``path``
-    # left by an error   qemu-nbd stopped, the partial image deleted: a failed restore
+    # left normally:     writers closed (qemu-nbd stopped), image published at ``path``
+    # left by an error   writers closed (qemu-nbd stopped), the partial image deleted: a failed restore
     # or cancellation:   must not leave a file that looks like a good disk
 
 A new image is created sparse, in the format the caller names or the suffix of ``path``
@@ -29,10 +31,10 @@ Who closes what: ``open_writer()`` returns a new NBD connection that the caller 
 (``restore_disk`` does); leaving the context closes any connection still open, then stops
 qemu-nbd. ``journal_partial(path)`` is awaited with the partial image's path before it is
 created, ``journal_export(directory)`` with qemu-nbd's private directory before the process
-is started, so the caller can journal them (recovery deletes the one, stops a server found
+is started (qcow2 only: a raw image has no server), so the caller can journal them (recovery deletes the one, stops a server found
 in the other).
-Durability: the writers' ``flush()`` makes the data durable (qemu-nbd flushes the
-image file); publishing fsyncs the directory.
+Durability: the writers' ``flush()`` makes the data durable (``fdatasync``, or qemu-nbd
+flushes the image file); publishing fsyncs the directory.
 
 Raised: ``ConfigError`` (``path`` exists, or is missing with ``existing=True``; a partial
 image of another restore is in the way; an unknown format; an existing image too small or
@@ -49,6 +51,7 @@ from typing import Final
 
 from engine.core.errors import ConfigError
 from engine.io import qemu
+from engine.io.direct_write import DirectWritable, DirectWriter
 from engine.restore.nbd_target import DEFAULT_MAX_CONNECTIONS, NbdTargetDisk
 from engine.sources.types import DiskInfo
 from engine.util.fs import fsync_dir
@@ -116,10 +119,12 @@ class LocalImageTarget:
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self._created: Path | None = None  # the file this target made (deleted on failure)
         self._export: qemu.QemuNbd | None = None
-        self._disk: NbdTargetDisk | None = None
+        self._direct: DirectWritable | None = None
+        self._disk: NbdTargetDisk | DirectTargetDisk | None = None
 
-    async def open(self) -> NbdTargetDisk:
-        """Create (or check) the image and start qemu-nbd; on failure nothing is left."""
+    async def open(self) -> "NbdTargetDisk | DirectTargetDisk":
+        """Create (or check) the image and open it: a raw image for direct writes, a qcow2
+        through qemu-nbd; on failure nothing is left."""
         try:
             if self.existing:
                 fmt, size = await self._check_existing()
@@ -127,9 +132,14 @@ class LocalImageTarget:
             else:
                 fmt, size = await self._create(), self.size
                 image = self.partial
-            export = await self._serve(image, fmt)
             info = DiskInfo(self.disk_id, self.name, size, {"format": fmt})
-            disk = NbdTargetDisk(info, not self.existing, export, self.max_connections)
+            disk: NbdTargetDisk | DirectTargetDisk
+            if fmt == "raw":
+                self._direct = await DirectWritable.open(image, disk=self.name, size=size)
+                disk = DirectTargetDisk(info, not self.existing, self._direct, self.max_connections)
+            else:
+                export = await self._serve(image, fmt)
+                disk = NbdTargetDisk(info, not self.existing, export, self.max_connections)
         except BaseException:
             await self.close(success=False)
             raise
@@ -141,6 +151,7 @@ class LocalImageTarget:
         or delete it otherwise. Idempotent."""
         disk, self._disk = self._disk, None
         export, self._export = self._export, None
+        direct, self._direct = self._direct, None
         stopped = False
         try:
             try:
@@ -149,6 +160,8 @@ class LocalImageTarget:
             finally:
                 if export is not None:
                     await export.stop()
+                if direct is not None:
+                    await direct.close()
             stopped = True
         finally:
             created, self._created = self._created, None
@@ -158,7 +171,7 @@ class LocalImageTarget:
                 else:
                     created.unlink(missing_ok=True)
 
-    async def __aenter__(self) -> NbdTargetDisk:
+    async def __aenter__(self) -> "NbdTargetDisk | DirectTargetDisk":
         return await self.open()
 
     async def __aexit__(
@@ -261,3 +274,34 @@ class LocalImageTarget:
         else:
             created.unlink()
         fsync_dir(self.path.parent)
+
+
+class DirectTargetDisk:
+    """A ``TargetDisk`` over a raw image written in place (``engine.io.direct_write``): each
+    writer a descriptor and a thread of its own, at most ``max_connections`` at once."""
+
+    def __init__(
+        self, info: DiskInfo, fresh: bool, image: DirectWritable, max_connections: int
+    ) -> None:
+        self.info = info
+        self.fresh = fresh
+        self._image = image
+        self._max = max_connections
+        self._writers: set[DirectWriter] = set()
+
+    async def open_writer(self) -> DirectWriter:
+        """A new writer; ConfigError beyond ``max_connections`` open at once."""
+        self._writers = {w for w in self._writers if not w.closed}
+        if len(self._writers) >= self._max:
+            raise ConfigError(
+                message=f"image {self._image.path}: {len(self._writers)} writers are open; "
+                f"at most {self._max} at once"
+            )
+        writer = await self._image.open_writer()
+        self._writers.add(writer)
+        return writer
+
+    async def close_writers(self) -> None:
+        """Close every writer opened (closing is idempotent)."""
+        while self._writers:
+            await self._writers.pop().close()

@@ -2,8 +2,8 @@
 in a browsing session (issue 17: "also as a daemon job with the API", "through the API too,
 so a later web page can browse and download").
 
-The store holds a backup (made with the CLI) of the guest image of
-``tests/guest_images.py`` (ext4, XFS, NTFS, LVM); ``tessera run`` serves it. Exports:
+The store holds a backup (made with the CLI) of the lab's guest disk
+(``plugins.lab.guest_disk``: ext4, XFS, NTFS, LVM); ``tessera run`` serves it. Exports:
 ``nbdcopy`` from the daemon's socket equals ``tessera restore`` of the snapshot; a second
 export of the same snapshot serves at the same time; ``tessera export --config`` goes
 through the daemon; a writable export's overlay lives in the daemon's state directory and
@@ -24,6 +24,8 @@ import asyncio
 import io
 import json
 import stat
+import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.e2e.test_daemon import ENV, Daemon, tessera
-from tests.guest_images import lab_files, make_disk
+from plugins.lab.guest_disk import MIN_SIZE, guest_files
+from tests.e2e.test_daemon import ENV, ROOT, Daemon, tessera
 from tests.integration.images import identical, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -60,9 +62,15 @@ async def ok(*args: str | Path) -> str:
 @pytest.fixture(scope="module")
 def backup(tmp_path_factory: pytest.TempPathFactory) -> Backup:
     tmp = tmp_path_factory.mktemp("files")
-    files = lab_files()
     image = tmp / "files-vm.raw"
-    make_disk(image, files, tmp)
+    subprocess.run(  # the lab's guest layout, built by libguestfs (force_tcg)
+        [sys.executable, "-m", "plugins.lab.guest_disk", image, "files-vm", str(MIN_SIZE)],
+        cwd=ROOT,
+        env=TCG_ENV,
+        check=True,
+        timeout=600,
+    )
+    files = guest_files("files-vm")
 
     async def back_up() -> Backup:
         store = tmp / "store"

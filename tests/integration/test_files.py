@@ -1,8 +1,9 @@
 """``tessera files`` and ``tessera mount``: files out of a backup without restoring the VM.
 
-A disk image made by libguestfs (the real tools, not ours) with an MBR partition table and
-the filesystems an admin's VMs hold: ext4, XFS, NTFS, and an ext4 volume of an LVM volume
-group, each with files of random bytes larger than a chunk, a symlink, nested directories.
+A disk image made by libguestfs (the real tools, not ours: the lab's guest layout,
+``plugins.lab.guest_disk``) with an MBR partition table and the filesystems an admin's VMs
+hold: ext4, XFS, NTFS, and an ext4 volume of an LVM volume group, each with files of random
+bytes larger than a chunk, a symlink, nested directories.
 It is backed up with the CLI; then through the appliance: ``files ls`` names every filesystem
 with its type and lists directories; ``files get`` brings files and whole directories back
 byte for byte; ``files find`` matches names; ``mount`` shows the same tree through FUSE,
@@ -14,7 +15,9 @@ KVM is nested and does not boot a Linux guest (it hangs right after decompressin
 on a DataMover with KVM the same commands take seconds instead of tens of seconds.
 """
 
+import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest_images import lab_files, make_disk
+from engine.core.ids import ChunkId, short
+from engine.restore.files import ApplianceError, GuestTree
+from engine.store.chunk_store import Store
+from engine.store.pack import pack_path
+from engine.workers import make_cpu_pool
+from plugins.lab.guest_disk import MIN_SIZE, guest_files
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +71,15 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("files")
-    files = lab_files()
     image = tmp / "files-vm.raw"
-    make_disk(image, files, tmp)
+    subprocess.run(  # the lab's guest layout, built by libguestfs (ENV: force_tcg)
+        [sys.executable, "-m", "plugins.lab.guest_disk", image, "files-vm", str(MIN_SIZE)],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        timeout=600,
+    )
+    files = guest_files("files-vm")
     store = tmp / "store"
     ok("store", "init", store)
     ok("backup", "image", image, "--store", store, "--vm", "files-vm", "--level", "full")
@@ -167,26 +181,120 @@ def test_mount_shows_the_tree_read_only_until_sigint(lab: Lab, tmp_path: Path) -
     assert not os.path.ismount(mnt)
 
 
-def test_an_appliance_that_does_not_start_in_time_is_killed_and_named(lab: Lab) -> None:
-    before = _qemus()
-    proc = tessera("files", "ls", lab.snapshot, "--store", lab.store, "/", "--launch-timeout", "1")
+def test_an_appliance_that_does_not_start_in_time_is_killed_and_named(
+    lab: Lab, tmp_path: Path
+) -> None:
+    # Its own TMPDIR marks this command's qemu (its NBD sockets live there); other tests may
+    # run appliances at the same time. The appliance cache stays where every test shares it.
+    env = {**ENV, "TMPDIR": str(tmp_path), "LIBGUESTFS_CACHEDIR": "/var/tmp"}
+    argv = ["files", "ls", lab.snapshot, "/", "--store", str(lab.store), "--launch-timeout", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode != 0
     assert f"snapshot {lab.snapshot}: the appliance did not start within 1 s" in proc.stderr, (
         proc.stderr
     )
-    assert _qemus() <= before, "the appliance's qemu was left running"
+    assert not _qemus(str(tmp_path)), "the appliance's qemu was left running"
 
 
-def _qemus() -> set[int]:
-    """Running qemu processes (a killed one may stay a zombie a while: not running)."""
+def test_faults_while_copying_out_are_named_and_leave_no_partial_file(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One appliance, three faults: a full destination (ENOSPC), a damaged chunk in the
+    store under a file (the appliance sees EIO; the error names the chunk), and the helper
+    killed in the middle of a copy (its qemu does not outlive it)."""
+    store = tmp_path / "store"
+    shutil.copytree(lab.store, store)  # the damage stays out of the module's store
+    big = lab.files["/sda2/srv/www/big.bin"]
+    damaged = _damage_a_chunk_inside(store, lab.snapshot, big)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tessera-test", full], check=True)
+    monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    try:
+        asyncio.run(_three_faults(store, lab, full, tmp_path / "out", damaged))
+    finally:
+        subprocess.run(["umount", full], check=True)
+
+
+async def _three_faults(store_path: Path, lab: Lab, full: Path, out: Path, damaged: str) -> None:
+    with Store.open(store_path, passphrase=PASSPHRASE.encode(), writable=False) as store:
+        manifest = store.manifest(lab.snapshot)
+        pool = make_cpu_pool(store.keys, manifest.chunk_size)
+        try:
+            async with GuestTree.open(store, pool, manifest, manifest.disks) as tree:
+                # 1. a full destination: named, and nothing half-written left there
+                with pytest.raises(ApplianceError) as e:
+                    await tree.get("/sda1/data/random.bin", full)
+                text = str(e.value)
+                assert "copying /sda1/data/random.bin to" in text, text
+                assert "No space left on device" in text and "nothing of it kept" in text, text
+                assert os.listdir(full) == [], os.listdir(full)
+                # 2. a damaged chunk under a file: the file is named, and the chunk
+                out.mkdir()
+                with pytest.raises(ApplianceError) as e:
+                    await tree.get("/sda2/srv/www", out)
+                text = str(e.value)
+                assert "copying /sda2/srv/www/big.bin" in text, text
+                assert f"corrupt record for chunk {damaged}" in text, text
+                assert not (out / "www" / "big.bin").exists()
+                assert not list(out.rglob("*.partial")), list(out.rglob("*"))
+                # the rest of the tree still reads
+                assert [x.name for x in await tree.ls("/sda1/etc")] == ["hostname", "name-link"]
+                # 3. the helper killed mid-copy: the request fails naming it, and its qemu
+                # is ended with the tree though it was no longer the helper's child
+                qemu = tree.qemu
+                assert qemu is not None and qemu in _qemus("")
+                copy = asyncio.create_task(tree.get("/sda1/data", out))
+                while not copy.done() and not list(out.glob("data/.*.partial")):
+                    await asyncio.sleep(0.01)  # the copy has started
+                os.kill(tree._helper.pid, signal.SIGKILL)
+                with pytest.raises(ApplianceError) as e:
+                    await copy
+                assert "the appliance helper ended (exit status -9) during get" in str(e.value)
+            assert qemu not in _qemus(""), "the appliance's qemu outlived its killed helper"
+        finally:
+            await pool.aclose()
+
+
+def _damage_a_chunk_inside(store_path: Path, snapshot: str, data: bytes) -> str:
+    """Flip a byte in the record of a chunk that holds only bytes of ``data`` (a file's
+    content); the chunk's short id."""
+    with Store.open(store_path, passphrase=PASSPHRASE.encode(), writable=False) as store:
+        manifest = store.manifest(snapshot)
+        with store.open_diskmap(manifest, manifest.disks[0]) as dm:
+            ids = [cid for _, cid in dm.iter_ids() if any(cid)]
+        cid = next(c for c in ids if store.read_chunk(ChunkId(c)) in data)
+        location = store.index.lookup(cid)
+        assert location is not None
+    with pack_path(store_path / "packs", location.pack).open("r+b") as f:
+        f.seek(location.offset + 100)
+        byte = f.read(1)
+        f.seek(location.offset + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return short(ChunkId(cid))
+
+
+def _qemus(marker: str) -> set[int]:
+    """Running qemu processes whose command line holds ``marker`` (a killed one may stay a
+    zombie a while: not running)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            if comm.startswith("qemu-system") and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            running = stat.rsplit(")", 1)[1].split()[0] != "Z"
+            if comm.startswith("qemu-system") and running and marker in cmdline:
                 found.add(int(entry.name))
     return found

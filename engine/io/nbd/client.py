@@ -21,6 +21,7 @@ on a server that does not offer them).
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -29,7 +30,7 @@ from typing import Final
 from engine.core.extent import Extent
 from engine.core.units import GiB
 from engine.io.nbd import protocol as p
-from engine.io.nbd.connection import Connection
+from engine.io.nbd.connection import Connection, copy_error
 from engine.io.nbd.errors import (
     NbdConnectionError,
     request_error,
@@ -317,8 +318,16 @@ async def connect(
     address: Address,
     export_name: str = "",
     meta_contexts: Sequence[str] = (p.BASE_ALLOCATION,),
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> NbdClient:
     """Connect to ``address`` (unix socket path or ``(host, port)``) and open the export.
+
+    ``tls``: upgrade with NBD_OPT_STARTTLS before any other option and check the server with
+    this client context (its CA, and the host's name or ``server_hostname``: needed for a
+    unix socket when the context checks names); a server that refuses is NbdOptionError, a
+    failed TLS handshake NbdConnectionError. Nothing is ever sent in clear after asking.
 
     ``meta_contexts`` are asked for with NBD_OPT_SET_META_CONTEXT: ``base:allocation`` and
     ``qemu:dirty-bitmap:NAME`` are understood (ValueError for others). A server may select
@@ -326,7 +335,7 @@ async def connect(
     Raises NbdConnectionError (cannot connect, or no handshake within ``CONNECT_TIMEOUT``),
     NbdOptionError (export refused), NbdProtocolError. The caller closes the client.
     """
-    handshake = Handshake(export_name, meta_contexts)
+    handshake = Handshake(export_name, meta_contexts, tls=tls is not None)
     server = describe(address)
     loop = asyncio.get_running_loop()
     conn = Connection(handshake, server)
@@ -341,6 +350,9 @@ async def connect(
                     await loop.create_unix_connection(lambda: conn, os.fspath(address))
             except OSError as e:
                 raise NbdConnectionError(server=server, reason=f"cannot connect: {e}") from e
+            if tls is not None:
+                hostname = address[0] if isinstance(address, tuple) else server_hostname
+                await _start_tls(conn, tls, hostname)
             info = await conn.ready
             connected = True
     except TimeoutError as e:
@@ -356,6 +368,22 @@ async def connect(
             if conn.transport is not None:
                 conn.transport.abort()
     return NbdClient(conn, info)
+
+
+async def _start_tls(conn: Connection, tls: ssl.SSLContext, hostname: str | None) -> None:
+    await conn.tls_wanted
+    if conn.error is not None:
+        raise copy_error(conn.error)
+    assert conn.transport is not None
+    loop = asyncio.get_running_loop()
+    try:
+        # Bounded by connect()'s CONNECT_TIMEOUT, like the rest of the handshake.
+        transport = await loop.start_tls(conn.transport, conn, tls, server_hostname=hostname)
+    except (OSError, ssl.SSLError) as e:
+        raise NbdConnectionError(server=conn.server, reason=f"TLS handshake failed: {e}") from e
+    if transport is None:
+        raise NbdConnectionError(server=conn.server, reason="the connection closed during TLS")
+    conn.tls_started(transport)
 
 
 async def extents(

@@ -7,6 +7,11 @@ failure (protocol error, lost connection) fails all of them and every later requ
 with its own copy of the error. ``slots`` bounds the requests in flight: a slot is taken
 before a request is sent and given back when its reply (or the connection's end) arrives,
 also for requests whose caller was cancelled.
+
+With TLS, the handshake stops after STARTTLS's ACK: reading is paused (nothing the server
+sends next may be read in clear) and ``tls_wanted`` resolves (also when the connection
+fails first: then ``error`` is set); ``connect`` upgrades the
+transport (``loop.start_tls``, this protocol kept) and calls ``tls_started``.
 """
 
 import asyncio
@@ -42,6 +47,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transmission: Transmission | None = None
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[ExportInfo] = loop.create_future()
+        self.tls_wanted: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.error: NbdError | None = None
         self.closing = False
@@ -137,6 +143,9 @@ class Connection(asyncio.BufferedProtocol):
         out = self.handshake.data_to_send()
         if out:
             self.transport.write(out)
+        if self.handshake.starting_tls and not self.tls_wanted.done():
+            self.transport.pause_reading()
+            self.tls_wanted.set_result(None)
         if self.handshake.done:
             info = self.handshake.info
             self.transmission = Transmission(
@@ -144,6 +153,13 @@ class Connection(asyncio.BufferedProtocol):
             )
             if not self.ready.done():
                 self.ready.set_result(info)
+
+    def tls_started(self, transport: asyncio.Transport) -> None:
+        """``transport`` (TLS over the old one) carries the rest of the handshake."""
+        self.transport = transport
+        self._fd = None  # bytes go through TLS now, never straight to the socket
+        self.handshake.tls_started()
+        transport.write(self.handshake.data_to_send())
 
     def register(self, cookie: int, waiter: asyncio.Future[Command]) -> None:
         self._waiters[cookie] = waiter
@@ -185,6 +201,8 @@ class Connection(asyncio.BufferedProtocol):
         self.idle.set()
         if not self.ready.done():
             self.ready.set_exception(copy_error(self.error))
+        if not self.tls_wanted.done():
+            self.tls_wanted.set_result(None)  # the waiter finds ``error`` set
         self._wake_writers()
         if self.transport is not None:
             self.transport.abort()

@@ -8,6 +8,13 @@ options is drawn in ``protocol.py``. Raised from ``receive_data()``:
   non-fixed server, a reply to an option not asked, an oversized reply, bytes after the end);
 - ``NbdOptionError`` when the server refuses NBD_OPT_GO (unknown export, TLS required...).
 
+With ``tls=True`` the first option is NBD_OPT_STARTTLS (as the spec advises a client that
+wants TLS whatever the server requires: nothing is negotiated in clear). Its ACK sets
+``starting_tls``: the caller runs the TLS handshake as the client over the same connection
+and calls ``tls_started()``, and the rest goes on through TLS. Any other answer is
+``NbdOptionError``: a client that asked for TLS never continues in clear (the spec's defence
+against a downgrade by a man in the middle).
+
 A server that refuses structured replies or metadata contexts is not an error: ``info`` then
 says ``structured=False`` / has fewer ``contexts`` than asked, and the caller decides. A
 server without NBD_OPT_GO (only very old ones lack it) is refused with
@@ -71,13 +78,17 @@ class ExportInfo:
 class _State(enum.Enum):
     GREETING = "waiting for the server greeting"
     OPTION = "waiting for an option reply"
+    STARTING_TLS = "waiting for the TLS handshake"
     DONE = "in transmission"
 
 
 class Handshake:
     """One handshake; not reusable. See the module docstring for the protocol of use."""
 
-    def __init__(self, export_name: str = "", meta_contexts: Sequence[str] = ()) -> None:
+    def __init__(
+        self, export_name: str = "", meta_contexts: Sequence[str] = (), *, tls: bool = False
+    ) -> None:
+        self._tls = tls
         self._name = p.encode_string(export_name, "export name")
         self._export_name = export_name
         for name in meta_contexts:
@@ -99,6 +110,18 @@ class Handshake:
         return self._state is _State.DONE
 
     @property
+    def starting_tls(self) -> bool:
+        """STARTTLS was acknowledged: run the TLS handshake, then call ``tls_started()``.
+        Until then no byte may be fed to ``receive_data`` (they would be TLS)."""
+        return self._state is _State.STARTING_TLS
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: the handshake goes on (``data_to_send``), over TLS."""
+        if self._state is not _State.STARTING_TLS:
+            raise RuntimeError(f"no TLS handshake pending ({self._state.value})")
+        self._send_option(p.OPT_STRUCTURED_REPLY)
+
+    @property
     def info(self) -> ExportInfo:
         """The agreed export; only valid once ``done``."""
         if self._info is None:
@@ -114,10 +137,12 @@ class Handshake:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Consume bytes from the server, in pieces of any size."""
         self._in += data
-        while not self.done and self._step():
+        while not self.done and not self.starting_tls and self._step():
             pass
         if self.done and self._in:
             raise NbdProtocolError(reason="server sent data after the handshake ended")
+        if self.starting_tls and self._in:
+            raise NbdProtocolError(reason="server sent data in clear after its STARTTLS ACK")
 
     # --- steps: each consumes one complete message or returns False to wait for more -------
 
@@ -143,7 +168,7 @@ class Handshake:
         if flags & p.FLAG_NO_ZEROES:
             client_flags |= p.FLAG_C_NO_ZEROES
         self._out += p.CLIENT_FLAGS.pack(client_flags)
-        self._send_option(p.OPT_STRUCTURED_REPLY)
+        self._send_option(p.OPT_STARTTLS if self._tls else p.OPT_STRUCTURED_REPLY)
         return True
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
@@ -171,13 +196,28 @@ class Handshake:
             return False
         payload = bytes(self._in[head : head + length])
         del self._in[: head + length]
-        if option == p.OPT_STRUCTURED_REPLY:
+        if option == p.OPT_STARTTLS:
+            self._on_starttls(reply, payload)
+        elif option == p.OPT_STRUCTURED_REPLY:
             self._on_structured_reply(reply)
         elif option == p.OPT_SET_META_CONTEXT:
             self._on_meta_context(reply, payload)
         else:
             self._on_go(reply, payload)
         return True
+
+    def _on_starttls(self, reply: int, payload: bytes) -> None:
+        if reply != p.REP_ACK:
+            message = payload.decode("utf-8", errors="replace")
+            raise NbdOptionError(
+                option="NBD_OPT_STARTTLS",
+                export=self._export_name,
+                reply=p.REPLY_NAMES.get(reply, f"reply {reply:#x}"),
+                detail=f": {message}" if message else "",
+            )
+        if payload:
+            raise NbdProtocolError(reason=f"NBD_OPT_STARTTLS ACK with {len(payload)} bytes")
+        self._state = _State.STARTING_TLS
 
     def _on_structured_reply(self, reply: int) -> None:
         if reply == p.REP_ACK:

@@ -18,17 +18,32 @@ the error's text when structured replies are on) and is logged; the connection l
 ``serve(backend, spec, listeners)`` runs until cancelled (the CLI cancels it on SIGINT or
 SIGTERM); then it stops accepting, cancels every connection and waits for them. Unix
 sockets are created mode 0600 (and removed on exit); TCP listens on the address given only.
-No TLS yet (NBD_OPT_STARTTLS is answered ERR_UNSUP).
+
+TLS: a listener with ``tls`` (``tls.ServerTls``) requires it of every client (the machine's
+FORCEDTLS mode: options other than STARTTLS are refused until TLS runs). On ``StartTls``::
+
+    reader loop ── StartTls ──► transport.pause_reading()      no byte from the client is
+                                send the ACK (in clear)          read in clear after STARTTLS
+                                StreamWriter.start_tls()  ──►  loop.start_tls(server_side):
+                                                                 the handshake; the client's
+                                                                 certificate checked against
+                                                                 the CA when one is given
+                                machine.tls_started()          the loop reads again, over TLS
+
+A plaintext byte already buffered when STARTTLS is answered ends the connection (it would
+otherwise be read as if it came through TLS: the STARTTLS injection of CVE-2011-0411). A
+failed or slow handshake (``TLS_HANDSHAKE_TIMEOUT``) ends that connection only.
 """
 
 import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 import structlog
 
@@ -44,7 +59,9 @@ from engine.io.nbd.server import (
     Ready,
     Request,
     ServerConnection,
+    StartTls,
 )
+from engine.io.nbd.tls import ServerTls
 from engine.util.tasks import leaves
 
 log = structlog.get_logger("tessera.nbd.server")
@@ -56,6 +73,9 @@ MAX_IN_FLIGHT: Final = 16
 RECV_SIZE: Final = 256 * KiB
 # How long connections get to finish what they are sending when the server stops.
 CLOSE_TIMEOUT: Final = 5.0
+# How long a client gets for its TLS handshake after STARTTLS was acknowledged: a client
+# that stalls there must not hold a connection (and its task) forever.
+TLS_HANDSHAKE_TIMEOUT: Final = 30.0
 
 
 class Backend(Protocol):
@@ -83,11 +103,13 @@ class Backend(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """Where to listen: a unix socket ``path``, or TCP ``host``:``port`` (0: any free)."""
+    """Where to listen: a unix socket ``path``, or TCP ``host``:``port`` (0: any free);
+    ``tls``: every client must upgrade to TLS with these files (module docstring)."""
 
     path: Path | None = None
     host: str | None = None
     port: int = 0
+    tls: ServerTls | None = None
 
     def describe(self) -> str:
         return f"unix:{self.path}" if self.path is not None else f"{self.host}:{self.port}"
@@ -106,9 +128,13 @@ class _Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         stats: "ServerStats",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.backend = backend
-        self.machine = ServerConnection({"": spec, spec.name: spec}, [spec.name])
+        self.tls = tls
+        self.machine = ServerConnection(
+            {"": spec, spec.name: spec}, [spec.name], tls=tls is not None
+        )
         self.reader = reader
         self.writer = writer
         self.stats = stats
@@ -127,6 +153,13 @@ class _Connection:
             # connection ends, its other requests are cancelled, the server goes on.
             reason = "; ".join(sorted({str(e) for e in leaves(group)}))
             log.info("nbd.connection.lost", peer=self.peer, reason=reason)
+        except* Exception as group:
+            # A fault of ours (a bug): said loudly, with its traceback; this connection
+            # ends and the server goes on serving the others.
+            for error in leaves(group):
+                log.exception(
+                    "nbd.connection.fault", peer=self.peer, error=repr(error), exc_info=error
+                )
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):
@@ -140,6 +173,10 @@ class _Connection:
             if not data:
                 return  # the client went away without NBD_CMD_DISC
             events = self.machine.receive_data(data)
+            if events and isinstance(events[-1], StartTls):
+                # It comes alone, before transmission: _start_tls sends the ACK itself.
+                await self._start_tls()
+                continue
             self._send([self.machine.data_to_send()])  # replies the machine made itself
             for event in events:
                 if isinstance(event, Disconnect):
@@ -151,11 +188,39 @@ class _Connection:
                         peer=self.peer,
                         structured=event.structured,
                         allocation=event.allocation,
+                        tls=self.machine.tls,
                     )
-                    continue
-                await self.slots.acquire()  # back-pressure: stop reading at the limit
-                tg.create_task(self._serve(event))
+                elif isinstance(event, Request):
+                    await self.slots.acquire()  # back-pressure: stop reading at the limit
+                    tg.create_task(self._serve(event))
             await self.writer.drain()
+
+    async def _start_tls(self) -> None:
+        """Answer STARTTLS and run the TLS handshake (module docstring). The machine accepts
+        no bytes after STARTTLS, so it is the last event, and no request is in flight (the
+        handshake comes before transmission)."""
+        assert self.tls is not None
+        # Paused before the ACK goes out: whatever the client sends after reading it is TLS,
+        # and must reach the TLS layer, not this stream's buffer.
+        transport = self.writer.transport
+        if not isinstance(transport, _Pausable):  # uvloop's are not asyncio.ReadTransport
+            raise TypeError(f"cannot pause reading on {transport!r}")
+        transport.pause_reading()
+        if _buffered(self.reader):
+            raise NbdProtocolError(
+                reason="client sent data after NBD_OPT_STARTTLS before its reply"
+            )
+        self._send([self.machine.data_to_send()])
+        await self.writer.start_tls(self.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        self.machine.tls_started()
+        tls = self.writer.get_extra_info("ssl_object")
+        peer_cert = tls.getpeercert() if tls is not None else None
+        log.info(
+            "nbd.connection.tls",
+            peer=self.peer,
+            version=tls.version() if tls is not None else None,
+            client=_subject(peer_cert) if peer_cert else None,
+        )
 
     async def _serve(self, request: Request) -> None:
         try:
@@ -203,6 +268,29 @@ class _Connection:
             self.writer.writelines([b for b in buffers if b])
 
 
+@runtime_checkable
+class _Pausable(Protocol):
+    def pause_reading(self) -> None: ...
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes received but not yet read. StreamReader has no public way to ask; its buffer is
+    the ``_buffer`` bytearray in every CPython release that has ``StreamWriter.start_tls``."""
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        raise TypeError("asyncio.StreamReader has no _buffer: cannot start TLS safely")
+    return len(buffer)
+
+
+def _subject(cert: "dict[str, object]") -> str:
+    """A peer certificate's subject as ``CN=x,O=y`` (for the log)."""
+    parts = []
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            parts.append(f"{key}={value}")
+    return ",".join(parts)
+
+
 @dataclass
 class ServerStats:
     connections: int = 0
@@ -227,28 +315,33 @@ async def serve(
     """
     stats = stats if stats is not None else ServerStats()
     connections: set[asyncio.Task[None]] = set()
+    # Made before anything listens: a bad file fails the start, not each connection.
+    contexts = [listener.tls.context() if listener.tls else None for listener in listeners]
 
-    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        connections.add(task)
-        stats.connections += 1
-        stats.connections_open += 1
-        try:
-            await _Connection(backend, spec, reader, writer, stats).run()
-        except asyncio.CancelledError:
-            # Only the server's stop cancels a connection task; ending it normally keeps
-            # asyncio's stream callback from logging the cancelled task as an error.
-            pass
-        finally:
-            connections.discard(task)
+    def accept(tls: ssl.SSLContext | None) -> "asyncio.streams._ClientConnectedCallback":
+        async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            connections.add(task)
+            stats.connections += 1
+            stats.connections_open += 1
+            try:
+                await _Connection(backend, spec, reader, writer, stats, tls).run()
+            except asyncio.CancelledError:
+                # Only the server's stop cancels a connection task; ending it normally keeps
+                # asyncio's stream callback from logging the cancelled task as an error.
+                pass
+            finally:
+                connections.discard(task)
+
+        return accepted
 
     servers: list[asyncio.Server] = []
     addresses: list[str] = []
     made: list[Path] = []
     try:
-        for listener in listeners:
-            server, address = await _listen(listener, accepted, made)
+        for listener, tls in zip(listeners, contexts, strict=True):
+            server, address = await _listen(listener, accept(tls), made)
             servers.append(server)
             addresses.append(address)
         if ready is not None and not ready.done():

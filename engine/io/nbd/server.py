@@ -7,7 +7,8 @@ call. The machine answers every option of the handshake itself (it only needs th
 fails a check is answered with its error here and never reaches the caller. What reaches
 the caller is ``Ready`` (transmission begins), ``Request`` (a valid command: the caller
 answers it with ``reply_*`` in any order, as NBD allows), ``Disconnect`` (NBD_CMD_DISC or
-NBD_OPT_ABORT: close once the data to send is sent).
+NBD_OPT_ABORT: close once the data to send is sent), and with TLS ``StartTls`` (send the
+data to send, then upgrade the connection to TLS and call ``tls_started()``).
 
 Handshake (fixed newstyle; what this server answers)
 ===================================================
@@ -25,7 +26,28 @@ Handshake (fixed newstyle; what this server answers)
                                       asked, REP_ACK  (GO: transmission begins)
     C: OPT_EXPORT_NAME [name]      S: size, flags [, 124 zero bytes]: transmission begins
     C: OPT_ABORT                   S: REP_ACK, then close
-    C: anything else               S: REP_ERR_UNSUP (STARTTLS included: no TLS yet)
+    C: anything else               S: REP_ERR_UNSUP (STARTTLS too unless TLS is required)
+
+TLS (``tls=True``: the spec's FORCEDTLS mode; every option but two needs TLS first)
+==================================================================================
+
+::
+
+    C: OPT_LIST / GO / ... (plain) S: REP_ERR_TLS_REQD      (EXPORT_NAME: close, no reply exists)
+    C: OPT_STARTTLS (no data)      S: REP_ACK           ─►  event StartTls: the transport sends
+                                                            the ACK, then runs the TLS handshake
+                                                            (server side) and calls
+                                                            tls_started(); nothing is read in
+                                                            between
+    ══ TLS ════════════════════════════════════════════════════════════════════════════════
+    C: options as above            S: answers as above (structured replies and contexts
+                                      negotiated before TLS are forgotten, as the spec asks)
+    C: OPT_STARTTLS again          S: REP_ERR_INVALID
+
+STARTTLS with data is answered REP_ERR_INVALID. Bytes from the client after STARTTLS and
+before the TLS handshake break the protocol (the client must wait for the ACK):
+``NbdProtocolError``. Without ``tls`` STARTTLS is answered REP_ERR_UNSUP and nothing else
+changes. TLS works the same on TCP and on unix sockets (``nbds+unix://``).
 
 An unknown export name gets REP_ERR_UNKNOWN; malformed option data REP_ERR_INVALID; option
 data over ``MAX_OPTION_DATA`` is skipped and answered REP_ERR_TOO_BIG.
@@ -142,7 +164,14 @@ class Disconnect:
     reason: str
 
 
-Event = Ready | Request | Disconnect
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client's NBD_OPT_STARTTLS was acknowledged: send ``data_to_send()`` (the ACK) in
+    clear, then run the TLS handshake as the server and call ``tls_started()``. The machine
+    accepts no bytes until then; everything after goes through TLS."""
+
+
+Event = Ready | Request | Disconnect | StartTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +209,7 @@ class _State(enum.Enum):
     CLIENT_FLAGS = "waiting for the client flags"
     OPTIONS = "negotiating options"
     SKIP_OPTION = "skipping option data"
+    STARTING_TLS = "waiting for the TLS handshake"
     TRANSMISSION = "in transmission"
     WRITE_DATA = "receiving a write payload"
     CLOSED = "closed"
@@ -189,10 +219,16 @@ class ServerConnection:
     """One client connection of an NBD server. See the module docstring for its use.
 
     ``exports`` maps every name a client may ask for to its export; ``""`` (the default
-    export) may map to the same one. ``listed`` are the names NBD_OPT_LIST shows.
+    export) may map to the same one. ``listed`` are the names NBD_OPT_LIST shows. ``tls``:
+    the client must upgrade to TLS with NBD_OPT_STARTTLS before any other option (the
+    transport must be able to do so when it sees ``StartTls``).
     """
 
-    def __init__(self, exports: Mapping[str, ExportSpec], listed: Sequence[str] = ()) -> None:
+    def __init__(
+        self, exports: Mapping[str, ExportSpec], listed: Sequence[str] = (), *, tls: bool = False
+    ) -> None:
+        self._tls_required = tls
+        self._tls = False  # the TLS handshake is done
         self._exports = dict(exports)
         self._listed = tuple(listed) or tuple(n for n in self._exports if n)
         self._in = bytearray()
@@ -224,6 +260,19 @@ class ServerConnection:
         return self._state is _State.CLOSED
 
     @property
+    def tls(self) -> bool:
+        """The connection runs over TLS (``tls_started()`` was called)."""
+        return self._tls
+
+    def tls_started(self) -> None:
+        """The transport finished the TLS handshake that ``StartTls`` asked for: option
+        haggling goes on, over TLS. RuntimeError when no ``StartTls`` is pending."""
+        if self._state is not _State.STARTING_TLS:
+            raise RuntimeError(f"no TLS handshake pending ({self._state.value})")
+        self._tls = True
+        self._state = _State.OPTIONS
+
+    @property
     def expecting(self) -> int:
         """Bytes the machine needs before it can make progress (a hint for receive sizes)."""
         if self._state is _State.WRITE_DATA and self._write is not None:
@@ -241,6 +290,8 @@ class ServerConnection:
         events: list[Event] = []
         if self.closed:
             return events  # after DISC or ABORT nothing more is read
+        if self._state is _State.STARTING_TLS and data:
+            raise NbdProtocolError(reason="client sent data before the TLS handshake began")
         self._in += data
         while not self.closed and self._step(events):
             pass
@@ -329,6 +380,8 @@ class ServerConnection:
             return self._option(events)
         if state is _State.SKIP_OPTION:
             return self._skip_data()
+        if state is _State.STARTING_TLS:
+            return False
         if state is _State.TRANSMISSION:
             return self._request(events)
         return self._write_data(events)
@@ -383,6 +436,17 @@ class ServerConnection:
             self._option_reply(option, p.REP_ACK)
             self._state = _State.CLOSED
             events.append(Disconnect("the client sent NBD_OPT_ABORT"))
+        elif option == p.OPT_STARTTLS and self._tls_required:
+            self._starttls(data, events)
+        elif self._tls_required and not self._tls:
+            if option == p.OPT_EXPORT_NAME:  # it has no error reply: the spec says close
+                raise NbdProtocolError(reason="NBD_OPT_EXPORT_NAME before TLS (TLS required)")
+            name = p.OPTION_NAMES.get(option, f"option {option}")
+            self._option_reply(
+                option,
+                p.REP_ERR_TLS_REQD,
+                f"TLS required: send NBD_OPT_STARTTLS before {name}".encode(),
+            )
         elif option == p.OPT_LIST:
             self._list(data)
         elif option == p.OPT_STRUCTURED_REPLY:
@@ -400,6 +464,24 @@ class ServerConnection:
         else:
             name = p.OPTION_NAMES.get(option, f"option {option}")
             self._option_reply(option, p.REP_ERR_UNSUP, f"{name} is not supported".encode())
+
+    def _starttls(self, data: bytes, events: list[Event]) -> None:
+        if self._tls:
+            self._option_reply(p.OPT_STARTTLS, p.REP_ERR_INVALID, b"TLS is already running")
+        elif data:
+            self._option_reply(p.OPT_STARTTLS, p.REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+        elif self._in:
+            # The client must wait for the ACK before its TLS handshake: what came is neither
+            # an option nor TLS this side could read.
+            raise NbdProtocolError(
+                reason="client sent data after NBD_OPT_STARTTLS before its reply"
+            )
+        else:
+            self._option_reply(p.OPT_STARTTLS, p.REP_ACK)
+            # Nothing negotiated in clear survives (spec): in FORCEDTLS mode nothing was.
+            self._structured = self._allocation = False
+            self._state = _State.STARTING_TLS
+            events.append(StartTls())
 
     def _option_reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         self._out += p.OPTION_REPLY_HEADER.pack(p.OPTION_REPLY_MAGIC, option, reply, len(payload))

@@ -14,7 +14,7 @@ live in ``backup.Activity``.
 
 import uuid
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from ovirtsdk4 import types
 
@@ -56,6 +56,13 @@ class DiskSeed:
     # Attached to several VMs at once (raw only, no checkpoints): the engine leaves it out of
     # backups and snapshots (API-NOTES § 4.2 DisksFilter ONLY_NOT_SHAREABLE).
     shareable: bool = False
+    # What the lab writes on the disk (``plugins.lab.disks``): "ext4", one filesystem on the
+    # whole disk (quick to build); "partitioned", a guest's layout: MBR with ext4, XFS and
+    # NTFS partitions and an LVM volume (``plugins.lab.guest_disk``: libguestfs, ≥ 600 MiB).
+    layout: str = "ext4"
+
+
+LAYOUTS: Final = ("ext4", "partitioned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +237,7 @@ class Disk:
     status: str = "ok"
     storage_type: str = "image"  # "image" | "lun" (``DiskSeed.storage_type``)
     shareable: bool = False
+    layout: str = "ext4"  # what the lab's image holds (``DiskSeed.layout``)
 
     @property
     def snapable(self) -> bool:
@@ -349,6 +357,10 @@ class Inventory:
                 raise ConfigError(
                     message=f"disk {d.alias}: a shareable or LUN disk is raw, without backup"
                 )
+            if d.layout not in LAYOUTS:
+                raise ConfigError(
+                    message=f"disk {d.alias}: layout {d.layout!r} is not one of {LAYOUTS}"
+                )
             sd = _ref(self.storage_domains, d.storage_domain) if d.storage_type == "image" else None
             if sd is not None and sd.block and d.format == "raw" and d.sparse:
                 raise ConfigError(
@@ -367,6 +379,7 @@ class Inventory:
                 backup=d.backup,
                 storage_type=d.storage_type,
                 shareable=d.shareable,
+                layout=d.layout,
             )
             _add(self.disks, disk, label=disk.alias)
             attachments.append(Attachment(disk.id, d.interface, d.bootable))

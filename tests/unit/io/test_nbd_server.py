@@ -15,6 +15,7 @@ from engine.io.nbd.server import (
     Ready,
     Request,
     ServerConnection,
+    StartTls,
 )
 from engine.io.nbd.transmission import Transmission
 
@@ -23,8 +24,8 @@ RO = ExportSpec("disk", SIZE, read_only=True, preferred_block=65536, multi_conn=
 RW = ExportSpec("disk", SIZE, read_only=False, preferred_block=65536)
 
 
-def server(export: ExportSpec = RO) -> ServerConnection:
-    return ServerConnection({"": export, export.name: export}, [export.name])
+def server(export: ExportSpec = RO, tls: bool = False) -> ServerConnection:
+    return ServerConnection({"": export, export.name: export}, [export.name], tls=tls)
 
 
 def handshake(
@@ -102,6 +103,137 @@ def test_list_unknown_option_starttls_and_abort() -> None:
     events = srv.receive_data(p.encode_option(p.OPT_ABORT))
     assert option_replies(srv.data_to_send()) == [(p.OPT_ABORT, p.REP_ACK, b"")]
     assert isinstance(events[0], Disconnect) and srv.closed
+
+
+def test_tls_required_refuses_every_option_but_starttls_and_abort_before_tls() -> None:
+    srv = server(tls=True)
+    raw_start(srv)
+    go = p.U32.pack(0) + p.U16.pack(0)
+    for option, data in [
+        (p.OPT_LIST, b""),
+        (p.OPT_STRUCTURED_REPLY, b""),
+        (p.OPT_LIST_META_CONTEXT, p.U32.pack(0) + p.U32.pack(0)),
+        (p.OPT_INFO, go),
+        (p.OPT_GO, go),
+        (99, b"xyz"),
+    ]:
+        assert srv.receive_data(p.encode_option(option, data)) == []
+        ((got, reply, message),) = option_replies(srv.data_to_send())
+        assert (got, reply) == (option, p.REP_ERR_TLS_REQD) and b"STARTTLS" in message
+    assert not srv.tls and not srv.closed
+    events = srv.receive_data(p.encode_option(p.OPT_ABORT))
+    assert option_replies(srv.data_to_send()) == [(p.OPT_ABORT, p.REP_ACK, b"")]
+    assert isinstance(events[0], Disconnect) and srv.closed
+
+
+def test_tls_required_export_name_in_clear_closes_the_connection() -> None:
+    srv = server(tls=True)
+    raw_start(srv)
+    with pytest.raises(NbdProtocolError, match="before TLS"):
+        srv.receive_data(p.encode_option(p.OPT_EXPORT_NAME, b"disk"))
+    assert srv.data_to_send() == b""  # no size, no flags: nothing about the export leaks
+
+
+def starttls(srv: ServerConnection) -> None:
+    """STARTTLS on a started machine: the ACK and the event, then the handshake "done"."""
+    assert srv.receive_data(p.encode_option(p.OPT_STARTTLS)) == [StartTls()]
+    assert option_replies(srv.data_to_send()) == [(p.OPT_STARTTLS, p.REP_ACK, b"")]
+    assert not srv.tls
+    srv.tls_started()
+    assert srv.tls
+
+
+def test_starttls_is_acked_then_the_whole_handshake_runs_over_tls() -> None:
+    srv = server(tls=True)
+    client = Handshake("", (p.BASE_ALLOCATION,))
+    client.receive_data(srv.data_to_send())
+    first = client.data_to_send()  # client flags, then NBD_OPT_STRUCTURED_REPLY
+    flags, rest = first[: p.CLIENT_FLAGS.size], first[p.CLIENT_FLAGS.size :]
+    assert srv.receive_data(flags) == []
+    starttls(srv)
+    events = srv.receive_data(rest)
+    client.receive_data(srv.data_to_send())
+    while not client.done:
+        events += srv.receive_data(client.data_to_send())
+        client.receive_data(srv.data_to_send())
+    assert client.info.structured and client.info.contexts == {
+        p.BASE_ALLOCATION: BASE_ALLOCATION_ID
+    }
+    assert events == [Ready(RO, structured=True, allocation=True)]
+
+
+def test_the_client_machine_starts_tls_first_and_negotiates_inside() -> None:
+    srv = server(tls=True)
+    client = Handshake("", (p.BASE_ALLOCATION,), tls=True)
+    client.receive_data(srv.data_to_send())
+    # Flags, then STARTTLS alone: no option is sent in clear before it.
+    assert srv.receive_data(client.data_to_send()) == [StartTls()]
+    client.receive_data(srv.data_to_send())
+    assert client.starting_tls and client.data_to_send() == b""
+    with pytest.raises(NbdProtocolError, match="in clear after its STARTTLS ACK"):
+        Handshake(tls=True).receive_data(  # a server talking in clear after its ACK
+            p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE)
+            + p.OPTION_REPLY_HEADER.pack(p.OPTION_REPLY_MAGIC, p.OPT_STARTTLS, p.REP_ACK, 0)
+            + b"x"
+        )
+    srv.tls_started()
+    client.tls_started()
+    events: list[object] = []
+    while not client.done:
+        events += srv.receive_data(client.data_to_send())
+        client.receive_data(srv.data_to_send())
+    assert client.info.structured and client.info.contexts
+    assert events == [Ready(RO, structured=True, allocation=True)]
+
+
+def test_a_client_that_wants_tls_never_goes_on_in_clear() -> None:
+    with pytest.raises(NbdOptionError, match=r"NBD_OPT_STARTTLS.*NBD_REP_ERR_UNSUP"):
+        handshake_tls(server(tls=False))
+
+
+def handshake_tls(srv: ServerConnection) -> None:
+    client = Handshake("", (), tls=True)
+    client.receive_data(srv.data_to_send())
+    while not client.starting_tls:
+        srv.receive_data(client.data_to_send())
+        client.receive_data(srv.data_to_send())
+
+
+def test_second_starttls_and_starttls_with_data_are_invalid() -> None:
+    srv = server(tls=True)
+    raw_start(srv)
+    srv.receive_data(p.encode_option(p.OPT_STARTTLS, b"x"))
+    assert [r[:2] for r in option_replies(srv.data_to_send())] == [
+        (p.OPT_STARTTLS, p.REP_ERR_INVALID)
+    ]
+    assert not srv.tls
+    starttls(srv)
+    assert srv.receive_data(p.encode_option(p.OPT_STARTTLS)) == []
+    assert [r[:2] for r in option_replies(srv.data_to_send())] == [
+        (p.OPT_STARTTLS, p.REP_ERR_INVALID)
+    ]
+    srv.receive_data(p.encode_option(p.OPT_LIST))  # after TLS, options are answered
+    assert option_replies(srv.data_to_send())[-1][:2] == (p.OPT_LIST, p.REP_ACK)
+
+
+def test_bytes_before_the_tls_handshake_break_the_protocol() -> None:
+    srv = server(tls=True)
+    raw_start(srv)
+    # Pipelined with STARTTLS, before its ACK could arrive.
+    with pytest.raises(NbdProtocolError, match="after NBD_OPT_STARTTLS"):
+        srv.receive_data(p.encode_option(p.OPT_STARTTLS) + b"\x16\x03\x01")
+    srv = server(tls=True)
+    raw_start(srv)
+    assert srv.receive_data(p.encode_option(p.OPT_STARTTLS)) == [StartTls()]
+    with pytest.raises(NbdProtocolError, match="before the TLS handshake"):
+        srv.receive_data(p.encode_option(p.OPT_LIST))
+
+
+def test_tls_started_without_starttls_is_a_programming_error() -> None:
+    srv = server(tls=True)
+    raw_start(srv)
+    with pytest.raises(RuntimeError, match="no TLS handshake pending"):
+        srv.tls_started()
 
 
 def test_option_data_too_big_is_skipped_and_refused() -> None:
