@@ -48,6 +48,7 @@ from typing import IO, Any, Final
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from engine.core.errors import ObjectStoreError, ObjectStoreUnreachable
 
@@ -135,7 +136,7 @@ class S3Client:
             code = err.get("Code") or str(status)
             reason = f"HTTP {status} {err.get('Message') or ''}".rstrip()
             return ObjectStoreError(**where, op=op, code=code, reason=reason)
-        if isinstance(e, HTTPClientError):
+        if isinstance(e, HTTPClientError | BotoConnectionError):
             return ObjectStoreUnreachable(
                 **where, op=op, code="connection", reason=f"{e} (after {self.attempts} attempts)"
             )
@@ -323,6 +324,15 @@ class S3Client:
             self._s3.delete_bucket(Bucket=self.endpoint.bucket)
         except (ClientError, BotoCoreError) as e:
             raise self._error("DeleteBucket", "", e) from e
+
+    def versioning(self) -> str | None:
+        """The bucket's versioning status ("Enabled", "Suspended"), None if never set."""
+        try:
+            r = self._s3.get_bucket_versioning(Bucket=self.endpoint.bucket)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error("GetBucketVersioning", "", e) from e
+        status = r.get("Status")
+        return str(status) if status else None
 
     def object_lock(self) -> dict[str, Any] | None:
         """The bucket's object lock configuration, or None when it has none."""
