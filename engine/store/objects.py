@@ -30,7 +30,12 @@ Invariants:
    succeeds and a second one is refused, a ranged GET returns just the range, and the probe
    is removed (every version of it, in a versioned bucket). A bucket that fails any of it
    is refused with ``ObjectStoreUnfit`` naming the endpoint, the bucket and the capability.
-   Object lock is detected and reported (``Capabilities``); using it is a later piece.
+   Object lock and versioning are detected and reported (``Capabilities``); using object
+   lock is a later piece. Ceph RGW 16 ignores ``If-None-Match: *`` in a versioned bucket
+   (measured: the second PUT makes a new current version), and object lock turns versioning
+   on, so on RGW 16 a bucket with object lock fails the probe today, with an error saying
+   so (docs/DESIGN.md §4.1 has the plan). In a bucket with a default retention the probe
+   object is locked too and stays until its date (a warning says so).
 
 Keys on S3 mirror the directory: ``<prefix>packs/<nn>/<name>.pack``. What the store keeps
 beside packs (index, catalog, snapshots) is not here: see docs/DESIGN.md §4.1 for the plan.
@@ -53,7 +58,7 @@ from typing import Final, Protocol
 
 import structlog
 
-from engine.core.errors import ObjectStoreUnfit, PackExists, PackMissing
+from engine.core.errors import ObjectStoreError, ObjectStoreUnfit, PackExists, PackMissing
 from engine.io.s3 import S3Client, S3Endpoint
 from engine.store.pack import PACK_SUFFIX, pack_path
 from engine.util.fs import TMP_SUFFIX, fsync_dir
@@ -263,6 +268,7 @@ class Capabilities:
     # Object lock on the bucket: None, or its default retention as S3 states it
     # ("COMPLIANCE 30 days", "GOVERNANCE 1 years", "enabled, no default retention").
     object_lock: str | None
+    versioning: str | None  # "Enabled", "Suspended", or None (never turned on)
 
 
 class S3Packs:
@@ -310,32 +316,44 @@ class S3Packs:
     def _probe(self) -> Capabilities:
         if not self.client.bucket_exists():
             raise self._unfit("bucket", "it does not exist (or this key cannot see it)")
-        lock = self.client.object_lock()
+        lock = _describe_lock(self.client.object_lock())
+        versioning = self.client.versioning()
         key = f"{self.prefix}{PROBE_PREFIX}{secrets.token_hex(16)}"
         first = b"tessera capability probe: create-only PUT, ranged GET"
         try:
             if self.client.put_new(key, first, len(first)) is None:
                 raise self._unfit("conditional create", f"a new random key {key} exists")
             if self.client.put_new(key, b"second", 6) is not None:
-                raise self._unfit(
-                    "conditional create (If-None-Match: * on PutObject)",
-                    "a second create-only PUT of one key was accepted: packs could be overwritten",
-                )
+                why = "a second create-only PUT of one key was accepted: packs could be replaced"
+                if versioning == "Enabled":
+                    # Measured on RGW 16.2.15: If-None-Match: * holds in plain and
+                    # suspended-versioning buckets, and is ignored once versioning is on.
+                    why += (
+                        " (the bucket is versioned; Ceph RGW 16 ignores If-None-Match: * in "
+                        "versioned buckets"
+                        + (f"; object lock: {lock}, which turns versioning on" if lock else "")
+                        + ")"
+                    )
+                raise self._unfit("conditional create (If-None-Match: * on PutObject)", why)
             got = self.client.get_range(key, 8, 10)
             if got != first[8:18]:
                 raise self._unfit("ranged GET", f"bytes 8..18 of the probe came back as {got!r}")
         finally:
-            self._remove_probe(key, versioned=lock is not None)
-        return Capabilities(True, True, _describe_lock(lock))
+            self._remove_probe(key, versioned=versioning is not None)
+        return Capabilities(True, True, lock, versioning)
 
     def _remove_probe(self, key: str, versioned: bool) -> None:
         if not versioned:
             self.client.delete([key])
             return
         # In a versioned bucket (object lock turns versioning on) a delete only adds a
-        # marker: remove each version. The probe carries no retention, so this is allowed.
-        for version in self.client.versions(key):
-            self.client.delete_version(key, version)
+        # marker: remove each version. A bucket with a default retention locks the probe
+        # too: it stays (a few bytes under probe/) until its date, and we say so.
+        try:
+            for version in self.client.versions(key):
+                self.client.delete_version(key, version)
+        except ObjectStoreError as e:
+            log.warning("store.s3_probe_kept", where=self.where, key=key, error=str(e))
 
     @property
     def where(self) -> str:
