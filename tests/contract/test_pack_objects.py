@@ -16,7 +16,9 @@ What users rely on, from the module's docstring:
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,26 @@ def test_create_only_refuses_other_content_and_keeps_the_first(
     with pytest.raises(PackExists):
         packs.put(name, shorter)
     assert packs.read(name, 0, len(first) + 10) == first
+
+
+def test_concurrent_puts_of_one_name_store_exactly_one(packs: PackObjects, tmp_path: Path) -> None:
+    name = new_pack_name()
+    contents = [os.urandom(256 * 1024) for _ in range(4)]
+    files = [other_file(tmp_path, f"c{i}", c) for i, c in enumerate(contents)]
+    barrier = threading.Barrier(len(files))
+
+    def put(path: Path) -> bool:
+        barrier.wait()
+        try:
+            packs.put(name, path)
+        except PackExists:
+            return False
+        return True
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        won = list(pool.map(put, files))
+    assert won.count(True) == 1
+    assert packs.read(name, 0, 1 << 20) == contents[won.index(True)]
 
 
 def test_put_of_the_same_content_again_is_a_retry_not_an_error(

@@ -25,7 +25,7 @@ import secrets
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,10 +107,11 @@ def _stop(directory: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_rgw() -> Rgw:
-    """Start a cluster; raises RgwFailed with the script's stderr and the log tails."""
+def start_rgw(**env_overrides: str) -> Rgw:
+    """Start a cluster; raises RgwFailed with the script's stderr and the log tails.
+    ``env_overrides``: the script's knobs (``S3_OBJECTSTORE``…)."""
     directory = _state_dir()
-    env = {**os.environ, "S3_NO_INSTALL": "1", "S3_START_TIMEOUT": "90"}
+    env = {**os.environ, "S3_NO_INSTALL": "1", "S3_START_TIMEOUT": "90", **env_overrides}
     try:
         proc = subprocess.run(
             ["bash", str(START), str(directory)],
@@ -162,10 +163,16 @@ def rgw() -> Iterator[Rgw]:
 
 
 def empty_and_remove_bucket(client: Any, bucket: str) -> None:
-    """Delete every object version and the bucket (no retention is ever set by tests)."""
+    """Delete every object version and the bucket. Tests lock objects in GOVERNANCE mode
+    only, which this bypasses (COMPLIANCE could not be undone)."""
     for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket):
         for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
-            client.delete_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+            client.delete_object(
+                Bucket=bucket,
+                Key=v["Key"],
+                VersionId=v["VersionId"],
+                BypassGovernanceRetention=True,
+            )
     client.delete_bucket(Bucket=bucket)
 
 
@@ -180,12 +187,29 @@ def rgw_admin(rgw: Rgw) -> Iterator[Any]:
         client.close()
 
 
+BucketFactory = Callable[..., S3Endpoint]
+
+
 @pytest.fixture
-def s3_bucket(rgw: Rgw, rgw_admin: Any) -> Iterator[S3Endpoint]:
-    """An empty bucket of this test's own, removed with its contents afterwards."""
-    bucket = "t-" + secrets.token_hex(8)
-    rgw_admin.create_bucket(Bucket=bucket)
+def s3_buckets(rgw: Rgw, rgw_admin: Any) -> Iterator[BucketFactory]:
+    """Make empty buckets (``object_lock=True``: with object lock, so versioned); each is
+    removed with its contents afterwards."""
+    made: list[str] = []
+
+    def make(object_lock: bool = False) -> S3Endpoint:
+        bucket = "t-" + secrets.token_hex(8)
+        rgw_admin.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=object_lock)
+        made.append(bucket)
+        return rgw.endpoint(bucket)
+
     try:
-        yield rgw.endpoint(bucket)
+        yield make
     finally:
-        empty_and_remove_bucket(rgw_admin, bucket)
+        for bucket in made:
+            empty_and_remove_bucket(rgw_admin, bucket)
+
+
+@pytest.fixture
+def s3_bucket(s3_buckets: BucketFactory) -> S3Endpoint:
+    """An empty bucket of this test's own, removed with its contents afterwards."""
+    return s3_buckets()
