@@ -1,16 +1,16 @@
 """A small synchronous S3 client: the few calls the store's packs need, over botocore.
 
 Why botocore and not a SigV4 client of our own (measured 2026-12-07: Ceph RGW 16.2.15 on
-loopback, the 2-core reference VM, 32 MiB objects, median of 5, MiB/s)::
+loopback, the 2-core reference VM, 32 MiB objects, median of 5 per run, three runs, MiB/s)::
 
-    client                                             PUT    GET   1 MiB ranged GETs
-    botocore 1.44 (this module's settings)              96    215   154 (6.5 ms each)
-    presigned URL + http.client (no payload hash,      124    315
-      no XML: the floor of any client of ours)
-    hashlib.sha256 of the body, one core               488
+    client                                         PUT              GET
+    botocore 1.44 (this module's settings)         96 / 142 / 150   215 / 311 / 318
+    presigned URL + http.client (no payload        124 / 198 / 218  315 / 333 / 369
+      hash, no XML: the floor of any own client)
+    hashlib.sha256 of the body, one core           488 / 1032 / 1074 (the first run loaded)
 
-An own client could at best gain ~1.3× on PUT and ~1.45× on GET here. Most of the PUT gap
-is SigV4's SHA-256 of the payload, which botocore always computes over http:// (a client of
+An own client could at best gain 1.3–1.45× on PUT and 1.05–1.45× on GET here. Most of the
+PUT gap is SigV4's SHA-256 of the payload, which botocore always computes over http:// (a client of
 ours could send ``UNSIGNED-PAYLOAD`` instead; the records are AEAD-authenticated anyway).
 We take botocore now because it is what RGW, AWS and MinIO users run every day: its retry
 modes, XML error parsing, pagination and the newer-checksum switches are written and tested,
