@@ -24,6 +24,7 @@ import os
 import secrets
 import shlex
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ def stop_rgw(rgw: Rgw) -> None:
     proc = _stop(rgw.dir)
     if proc.returncode != 0:
         raise RgwFailed(f"stop-local-s3.sh {rgw.dir} failed: {proc.stderr[-2000:]}")
+    if "SIGKILL" in proc.stderr:  # a daemon ignored SIGTERM for 20 s: say so (pytest -s)
+        print(proc.stderr, file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
