@@ -219,6 +219,37 @@ class S3Client:
             raise self._error("GetObject", key, e) from e
         return data
 
+    def get_tail(self, key: str, length: int) -> tuple[int, bytes] | None:
+        """(object size, its last ``length`` bytes, or all of it if smaller) with one suffix
+        GET (``Range: bytes=-N``); None if the object does not exist."""
+        try:
+            r = self._s3.get_object(Bucket=self.endpoint.bucket, Key=key, Range=f"bytes=-{length}")
+            body = r["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+        except ClientError as e:
+            if self._code(e) in ("NoSuchKey", "404"):
+                return None
+            if self._code(e) == "InvalidRange" or self._status(e) == 416:
+                return 0, b""  # an empty object: no suffix to return
+            raise self._error("GetObject", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("GetObject", key, e) from e
+        content_range = str(r.get("ContentRange") or "")  # "bytes 10-99/100"
+        size = int(content_range.rpartition("/")[2]) if content_range else len(data)
+        if len(data) > length:
+            raise ObjectStoreError(
+                endpoint=self.endpoint.url,
+                bucket=self.endpoint.bucket,
+                key=key,
+                op="GetObject",
+                code="RangeIgnored",
+                reason=f"asked the last {length} bytes, got {len(data)}",
+            )
+        return size, data
+
     def head(self, key: str) -> ObjectInfo | None:
         try:
             r = self._s3.head_object(Bucket=self.endpoint.bucket, Key=key)

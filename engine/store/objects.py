@@ -4,12 +4,16 @@ A sealed pack is an immutable object named by its pack name (32 hex digits). Its
 it once, read byte ranges of it (a record; the trailer and footer), stat it, list all packs
 and delete retired ones in batches::
 
-    PackObjects     put (create-only)  read (range)  stat  list  delete (batch)  counters
-    ------------    -----------------  ------------  ----  ----  --------------  --------
-    LocalPacks      link(2) into        pread         stat  glob  unlink + fsync  per call
-                    packs/nn/ (EEXIST)                            dir
-    S3Packs         one PutObject,      GET Range     HEAD  List  DeleteObjects   per HTTP
-                    If-None-Match: *                        V2    (≤ 1000 keys)   request
+    PackObjects     put (create-only)  read (range),  stat  list  delete (batch)  counters
+                                       read_tail
+    ------------    -----------------  -------------  ----  ----  --------------  ---------
+    LocalPacks      link(2) into        pread          stat  glob  unlink + fsync  per call,
+                    packs/nn/ (EEXIST)                             dir             per pack
+    S3Packs         one PutObject,      GET Range      HEAD  List  DeleteObjects   per HTTP
+                    If-None-Match: *    (bytes=-N)           V2    (≤ 1000 keys)   request
+
+``read_trailer`` reads a pack's trailer through any of them (one request for packs of up to
+~1360 records).
 
 Invariants:
 
@@ -58,9 +62,23 @@ from typing import Final, Protocol
 
 import structlog
 
-from engine.core.errors import ObjectStoreError, ObjectStoreUnfit, PackExists, PackMissing
+from engine.core.errors import (
+    CorruptPack,
+    ObjectStoreError,
+    ObjectStoreUnfit,
+    PackExists,
+    PackMissing,
+)
 from engine.io.s3 import S3Client, S3Endpoint
-from engine.store.pack import PACK_SUFFIX, pack_path
+from engine.store import format as fmt
+from engine.store.pack import (
+    PACK_SUFFIX,
+    PackEntry,
+    check_header,
+    pack_path,
+    parse_footer,
+    parse_trailer,
+)
 from engine.util.fs import TMP_SUFFIX, fsync_dir
 
 log = structlog.get_logger("tessera.store")
@@ -77,6 +95,11 @@ _S3_KINDS: Final = {
 }
 _NAME: Final = re.compile(r"[0-9a-f]{32}")
 PROBE_PREFIX: Final = "probe/"  # under the store's prefix; probe objects live for one open
+# How much of a pack's end ``read_trailer`` asks for at once: the trailer of up to ~1360
+# records (48 bytes each) and the footer, so one GET for packs of 1 MiB chunks. RGW answers
+# bodies of a few bytes ~45 ms late and 64 KiB in 1.4-3 ms (docs/DESIGN.md §4.1): asking for
+# less would be slower, not faster.
+TAIL_READ: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +154,11 @@ class PackObjects(Protocol):
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (fewer where the pack ends); ``PackMissing``."""
+        ...
+
+    def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
+        """(pack size, its last ``length`` bytes or all of it if shorter): one request, for
+        trailers (``read_trailer``); ``PackMissing``."""
         ...
 
     def stat(self, name: str) -> PackStat | None:
@@ -225,6 +253,22 @@ class LocalPacks:
             os.close(fd)
         self._counters.moved("get", len(data))
         return data
+
+    def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
+        _check_name(name)
+        self._counters.request("get")
+        try:
+            fd = os.open(pack_path(self.packs_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PackMissing(pack=name, where=self.where) from None
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - length)
+            data = os.pread(fd, size - start, start)
+        finally:
+            os.close(fd)
+        self._counters.moved("get", len(data))
+        return size, data
 
     def stat(self, name: str) -> PackStat | None:
         _check_name(name)
@@ -388,6 +432,13 @@ class S3Packs:
         self._counters.moved("get", len(data))
         return data
 
+    def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
+        got = self.client.get_tail(self.key(name), length)
+        if got is None:
+            raise PackMissing(pack=name, where=self.where)
+        self._counters.moved("get", len(got[1]))
+        return got
+
     def stat(self, name: str) -> PackStat | None:
         info = self.client.head(self.key(name))
         return None if info is None else PackStat(name, info.size)
@@ -407,6 +458,27 @@ class S3Packs:
 
     def close(self) -> None:
         self.client.close()
+
+
+def read_trailer(packs: PackObjects, name: str) -> tuple[int, list[PackEntry]]:
+    """A sealed pack's (size, trailer entries) read through ``packs``, as
+    ``pack.read_trailer`` reads a file: one ranged GET of the pack's last ``TAIL_READ``
+    bytes, and a second only for a trailer longer than that. The header is checked when the
+    tail holds it (a pack smaller than ``TAIL_READ``); in a larger pack the trailer's CRC and
+    record offsets are what is checked, without a third request per pack. Raises
+    ``CorruptPack`` or ``PackMissing`` naming the pack."""
+    size, tail = packs.read_tail(name, TAIL_READ)
+    if len(tail) == size and size >= fmt.PACK_HEADER.size:
+        check_header(name, tail[: fmt.PACK_HEADER.size])
+    count, crc, trailer_offset = parse_footer(name, size, tail[-fmt.PACK_FOOTER.size :])
+    start = size - len(tail)
+    if trailer_offset < start:
+        tail = packs.read(name, trailer_offset, start - trailer_offset) + tail
+        start = trailer_offset
+    trailer = tail[trailer_offset - start : size - start - fmt.PACK_FOOTER.size]
+    if len(trailer) != count * fmt.TRAILER_ENTRY.size:
+        raise CorruptPack(pack=name, reason="trailer read short (pack truncated or changed)")
+    return size, parse_trailer(name, trailer, crc, trailer_offset)
 
 
 def _describe_lock(conf: dict[str, object] | None) -> str | None:

@@ -10,7 +10,11 @@ What users rely on, from the module's docstring:
   ``PackExists`` and the first content stays; the same content again is success (a retry).
 - A pack that is not there: ``read`` raises ``PackMissing`` naming the pack and where it was
   looked for; ``stat`` is None; ``delete`` of it is not an error.
-- A range past the end returns what is there (nothing past the end).
+- A range past the end returns what is there (nothing past the end); ``read_tail`` gives the
+  pack's size and its last bytes (all of it when shorter).
+- ``read_trailer`` through it reads what ``pack.read_trailer`` reads from the file: in one
+  request when the trailer fits ``TAIL_READ``, in two otherwise; a pack that is not one
+  raises ``CorruptPack`` naming it.
 - Counters count every request by kind and the payload bytes of puts and reads.
 """
 
@@ -23,12 +27,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import PackExists, PackMissing
+from engine.core.errors import CorruptPack, PackExists, PackMissing
 from engine.core.ids import ChunkId
 from engine.io.s3 import S3Endpoint
 from engine.store import format as fmt
-from engine.store.objects import LocalPacks, PackObjects, S3Packs
+from engine.store.objects import TAIL_READ, LocalPacks, PackObjects, S3Packs, read_trailer
 from engine.store.pack import PackWriter, SealedPack, new_pack_name, pack_path
+from engine.store.pack import read_trailer as read_file_trailer
 
 MiB = 1024 * 1024
 
@@ -157,6 +162,10 @@ def test_a_missing_pack_is_named(packs: PackObjects) -> None:
     assert name in str(e.value)
     assert packs.where in str(e.value)
     assert packs.stat(name) is None
+    with pytest.raises(PackMissing, match=name):
+        packs.read_tail(name, 100)
+    with pytest.raises(PackMissing, match=name):
+        read_trailer(packs, name)
 
 
 def test_deleting_a_missing_pack_is_not_an_error(packs: PackObjects, tmp_path: Path) -> None:
@@ -217,6 +226,7 @@ def test_a_large_pack_round_trips_by_ranged_reads(packs: PackObjects, tmp_path: 
     stat = packs.stat(name)
     assert stat is not None
     assert stat.size == size
+    assert read_trailer(packs, name) == read_file_trailer(path, name)
     # as the index is rebuilt from a pack: footer, then trailer, then every record
     footer = packs.read(name, size - fmt.PACK_FOOTER.size, fmt.PACK_FOOTER.size)
     _, _, count, crc, trailer_offset = fmt.PACK_FOOTER.unpack(footer)
@@ -232,3 +242,45 @@ def test_a_large_pack_round_trips_by_ranged_reads(packs: PackObjects, tmp_path: 
     for offset in range(0, size, 8 * MiB):
         digest.update(packs.read(name, offset, 8 * MiB))
     assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def get_requests(packs: PackObjects) -> int:
+    return packs.counters.snapshot()["get"].requests
+
+
+def test_read_tail_gives_the_size_and_the_last_bytes(packs: PackObjects, tmp_path: Path) -> None:
+    name, path = sealed_file(tmp_path, [os.urandom(3000)])
+    packs.put(name, path)
+    data = path.read_bytes()
+    assert packs.read_tail(name, 100) == (len(data), data[-100:])
+    assert packs.read_tail(name, len(data) + 1000) == (len(data), data)
+
+
+def test_a_trailer_reads_in_one_request(packs: PackObjects, tmp_path: Path) -> None:
+    name, path = sealed_file(tmp_path, [os.urandom(n) for n in (10, 2000, 70_000, 1)])
+    packs.put(name, path)
+    before = get_requests(packs)
+    assert read_trailer(packs, name) == read_file_trailer(path, name)
+    assert get_requests(packs) - before == 1
+
+
+def test_a_trailer_longer_than_the_tail_read_takes_two(packs: PackObjects, tmp_path: Path) -> None:
+    count = TAIL_READ // fmt.TRAILER_ENTRY.size + 100
+    name, path = sealed_file(tmp_path, [os.urandom(16) for _ in range(count)])
+    packs.put(name, path)
+    before = get_requests(packs)
+    size, entries = read_trailer(packs, name)
+    assert (size, entries) == read_file_trailer(path, name)
+    assert len(entries) == count
+    assert get_requests(packs) - before == 2
+
+
+def test_a_pack_that_is_not_one_is_named_corrupt(packs: PackObjects, tmp_path: Path) -> None:
+    name = new_pack_name()
+    packs.put(name, other_file(tmp_path, "garbage", os.urandom(5000)))
+    with pytest.raises(CorruptPack, match=name):
+        read_trailer(packs, name)
+    tiny = new_pack_name()
+    packs.put(tiny, other_file(tmp_path, "tiny", b"TSPK"))
+    with pytest.raises(CorruptPack, match="only 4 bytes long"):
+        read_trailer(packs, tiny)
