@@ -219,6 +219,46 @@ class S3Client:
             raise self._error("GetObject", key, e) from e
         return data
 
+    def get_range_into(self, key: str, offset: int, out: memoryview) -> int | None:
+        """``get_range`` into ``out`` (a restore's pool buffer: no copy of the body): the
+        bytes read, fewer only where the object ends; None if it does not exist."""
+        if not len(out):
+            return 0
+        try:
+            r = self._s3.get_object(
+                Bucket=self.endpoint.bucket,
+                Key=key,
+                Range=f"bytes={offset}-{offset + len(out) - 1}",
+            )
+            body = r["Body"]
+            try:
+                if not r.get("ContentRange"):
+                    raise ObjectStoreError(
+                        endpoint=self.endpoint.url,
+                        bucket=self.endpoint.bucket,
+                        key=key,
+                        op="GetObject",
+                        code="RangeIgnored",
+                        reason=f"asked bytes {offset}+{len(out)}, got the whole object",
+                    )
+                got = 0
+                while got < len(out):
+                    n = body.readinto(out[got:])
+                    if not n:
+                        break
+                    got += n
+            finally:
+                body.close()
+        except ClientError as e:
+            if self._code(e) in ("NoSuchKey", "404"):
+                return None
+            if self._code(e) == "InvalidRange" or self._status(e) == 416:
+                return 0
+            raise self._error("GetObject", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("GetObject", key, e) from e
+        return got
+
     def get_tail(self, key: str, length: int) -> tuple[int, bytes] | None:
         """(object size, its last ``length`` bytes, or all of it if smaller) with one suffix
         GET (``Range: bytes=-N``); None if the object does not exist."""

@@ -5,6 +5,7 @@ it once, read byte ranges of it (a record; the trailer and footer), stat it, lis
 and delete retired ones in batches::
 
     PackObjects     put (create-only)  read (range),  stat  list  delete (batch)  counters
+                                       read_into,
                                        read_tail
     ------------    -----------------  -------------  ----  ----  --------------  ---------
     LocalPacks      link(2) into        pread          stat  glob  unlink + fsync  per call,
@@ -156,6 +157,11 @@ class PackObjects(Protocol):
         """``length`` bytes at ``offset`` (fewer where the pack ends); ``PackMissing``."""
         ...
 
+    def read_into(self, name: str, offset: int, out: memoryview) -> int:
+        """``read`` into ``out`` (no copy, no allocation per record): the bytes read, fewer
+        only where the pack ends; ``PackMissing``."""
+        ...
+
     def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
         """(pack size, its last ``length`` bytes or all of it if shorter): one request, for
         trailers (``read_trailer``); ``PackMissing``."""
@@ -253,6 +259,20 @@ class LocalPacks:
             os.close(fd)
         self._counters.moved("get", len(data))
         return data
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> int:
+        _check_name(name)
+        self._counters.request("get")
+        try:
+            fd = os.open(pack_path(self.packs_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PackMissing(pack=name, where=self.where) from None
+        try:
+            n = os.preadv(fd, [out], offset)
+        finally:
+            os.close(fd)
+        self._counters.moved("get", n)
+        return n
 
     def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
         _check_name(name)
@@ -431,6 +451,13 @@ class S3Packs:
             raise PackMissing(pack=name, where=self.where)
         self._counters.moved("get", len(data))
         return data
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> int:
+        n = self.client.get_range_into(self.key(name), offset, out)
+        if n is None:
+            raise PackMissing(pack=name, where=self.where)
+        self._counters.moved("get", n)
+        return n
 
     def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
         got = self.client.get_tail(self.key(name), length)

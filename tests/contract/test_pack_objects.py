@@ -10,7 +10,8 @@ What users rely on, from the module's docstring:
   ``PackExists`` and the first content stays; the same content again is success (a retry).
 - A pack that is not there: ``read`` raises ``PackMissing`` naming the pack and where it was
   looked for; ``stat`` is None; ``delete`` of it is not an error.
-- A range past the end returns what is there (nothing past the end); ``read_tail`` gives the
+- A range past the end returns what is there (nothing past the end); ``read_into`` fills the
+  caller's buffer and says how much it read; ``read_tail`` gives the
   pack's size and its last bytes (all of it when shorter).
 - ``read_trailer`` through it reads what ``pack.read_trailer`` reads from the file: in one
   request when the trailer fits ``TAIL_READ``, in two otherwise; a pack that is not one
@@ -165,6 +166,8 @@ def test_a_missing_pack_is_named(packs: PackObjects) -> None:
     with pytest.raises(PackMissing, match=name):
         packs.read_tail(name, 100)
     with pytest.raises(PackMissing, match=name):
+        packs.read_into(name, 0, memoryview(bytearray(10)))
+    with pytest.raises(PackMissing, match=name):
         read_trailer(packs, name)
 
 
@@ -183,6 +186,11 @@ def test_a_range_past_the_end_returns_what_is_there(packs: PackObjects, tmp_path
     assert packs.read(name, len(data) - 10, 100) == data[-10:]
     assert packs.read(name, len(data) + 5, 100) == b""
     assert packs.read(name, 3, 0) == b""
+    out = bytearray(b"\xee" * 100)
+    assert packs.read_into(name, len(data) - 10, memoryview(out)) == 10
+    assert out[:10] == data[-10:]
+    assert out[10:] == b"\xee" * 90  # nothing written past what was read
+    assert packs.read_into(name, len(data) + 5, memoryview(out)) == 0
 
 
 def test_pack_names_are_checked(packs: PackObjects, tmp_path: Path) -> None:
@@ -199,6 +207,7 @@ def test_counters_count_requests_and_bytes(packs: PackObjects, tmp_path: Path) -
     packs.put(name, path)
     packs.read(name, 0, 100)
     packs.read(name, 100, 50)
+    packs.read_into(name, 7, memoryview(bytearray(30)))
     packs.stat(name)
     assert len(list(packs.list())) == 1
     packs.delete([name])
@@ -208,7 +217,7 @@ def test_counters_count_requests_and_bytes(packs: PackObjects, tmp_path: Path) -
     }
     assert delta == {
         "put": (1, size),
-        "get": (2, 150),
+        "get": (3, 180),
         "head": (1, 0),
         "list": (1, 0),
         "delete": (1, 0),
@@ -233,10 +242,13 @@ def test_a_large_pack_round_trips_by_ranged_reads(packs: PackObjects, tmp_path: 
     assert count == len(records)
     trailer = packs.read(name, trailer_offset, count * fmt.TRAILER_ENTRY.size)
     assert fmt.crc32(trailer) == crc
+    buffer = memoryview(bytearray(2 * MiB))  # as a restore reads: into its pool's buffers
     for record, (_, offset, length, _) in zip(
         records, fmt.TRAILER_ENTRY.iter_unpack(trailer), strict=True
     ):
         assert packs.read(name, offset, length) == record
+        assert packs.read_into(name, offset, buffer[:length]) == length
+        assert buffer[:length] == record
     # and whole, in 8 MiB ranges
     digest = hashlib.sha256()
     for offset in range(0, size, 8 * MiB):
