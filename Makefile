@@ -27,9 +27,12 @@ SYSPKGS := e2fsprogs qemu-utils nbdkit time libnbd-bin util-linux mount \
 # XFS support, and a kernel for it to boot (supermin builds the appliance from the host's).
 # Without recommends: those would add desktop and filesystem tools nobody here uses.
 APPLIANCE_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64
+# A real single-node Ceph RGW (S3) for the tests of packs on S3: tests/s3/start-local-s3.sh
+# runs these daemons without systemd (tests/s3/rgw.py). Without recommends, like the appliance.
+S3_PKGS := ceph-mon ceph-mgr ceph-osd radosgw ceph-common
 sysdeps:
 	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	lean=""; for p in $(APPLIANCE_PKGS); do dpkg -s $$p >/dev/null 2>&1 || lean="$$lean $$p"; done; \
+	lean=""; for p in $(APPLIANCE_PKGS) $(S3_PKGS); do dpkg -s $$p >/dev/null 2>&1 || lean="$$lean $$p"; done; \
 	if [ -n "$$missing$$lean" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing$$lean (run as root or install them)"; exit 1; fi; \
 		apt-get update -qq; \

@@ -12,7 +12,10 @@ from engine.store.chunk_store import Store
 from engine.store.keys import KdfParams
 from tests.faults.harness import TOTALS_ENV, read_totals
 
-pytest_plugins = ["tests.watchdog"]  # names a hung test, with its stacks, before CI's limit
+pytest_plugins = [
+    "tests.watchdog",  # names a hung test, with its stacks, before CI's limit
+    "tests.s3.rgw",  # a real Ceph RGW per worker, started by the first test that needs it
+]
 
 CHEAP_KDF = KdfParams(n=2**10, r=8, p=1)  # the real default costs ~0.3 s per open
 PASSPHRASE = b"correct horse battery staple"

@@ -78,6 +78,38 @@ class SnapshotNotFound(StoreError):
     template = "snapshot {snapshot}: {reason}"
 
 
+class ObjectStoreError(StoreError):
+    """An S3 request failed for good (after the client's own retries). Names the endpoint,
+    bucket and key, the operation and the S3 error code (``code``; a connection failure has
+    ``code`` "connection")."""
+
+    template = "S3 {endpoint} bucket {bucket} key {key}: {op} failed: {code}: {reason}"
+
+
+class ObjectStoreUnreachable(ObjectStoreError):
+    """The endpoint did not answer (connection refused, reset, timed out) after the client's
+    retries: may work later."""
+
+    retryable = True
+
+
+class ObjectStoreUnfit(StoreError):
+    """A bucket lacks what packs need (found by probing at open): names the endpoint, the
+    bucket and the capability."""
+
+    template = "S3 {endpoint} bucket {bucket} cannot hold packs: {capability}: {reason}"
+
+
+class PackExists(StoreError):
+    """A create-only put found another pack under that name: never overwritten."""
+
+    template = "pack {pack} already exists at {where} with other content; not overwritten"
+
+
+class PackMissing(StoreError):
+    template = "pack {pack} is not at {where}"
+
+
 class IntegrityError(EngineError):
     template = "{message}"
 

@@ -7,7 +7,8 @@ local raw images: ``pwritev``, holes punched for zeroes), ``nbd`` (the sans-IO N
 asyncio client), ``qemu`` (qemu-img commands; ``QemuNbd`` and ``NbdServerProcess``: a server
 on a unix socket in a private directory, for formats that need qemu: qcow2), ``exports``
 (those servers as a job journals them, and how recovery stops what a killed job left, found
-by directory: used by ``plugins.local`` and ``plugins.ovirt``).
+by directory: used by ``plugins.local`` and ``plugins.ovirt``), ``s3`` (the few S3 calls
+the store's packs need, over botocore: the only module that imports it).
 
 Nouns: an *export* is a disk served over NBD (its size, block size constraints and flags come
 from the handshake); an *extent* (``engine.core.extent.Extent``) is a byte range with zero /

@@ -17,7 +17,10 @@ with the errno and free space), ``damage`` (the damage marks verify writes besid
 snapshot; the store drops healed chunks from them), ``snapshot`` (commit order), ``replica``
 (a replicated snapshot's commit order), ``chunk_store`` (the ``Store`` facade),
 ``protocols`` (the ``ChunkReader``, ``ChunkWriter`` and ``BackupStore`` its users type
-against; ``Store`` fits them). The checker that reads through the store
+against; ``Store`` fits them), ``objects`` (``PackObjects``: where sealed packs live, a
+directory or an S3 bucket through ``engine.io.s3``, create-only puts, ranged reads, batched
+deletes, request counters, a bucket probed at open; issue 18's first piece, docs/DESIGN.md
+§4.1 — the ``Store`` does not use it yet). The checker that reads through the store
 (``engine.maint.check``) and the rest of maintenance sit above this package; nothing here
 imports them.
 

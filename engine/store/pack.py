@@ -173,24 +173,42 @@ def read_trailer(path: Path, name: str) -> tuple[int, list[PackEntry]]:
             size = os.fstat(f.fileno()).st_size
             if size < fmt.PACK_HEADER.size + fmt.PACK_FOOTER.size:
                 raise CorruptPack(pack=name, reason=f"only {size} bytes long")
-            magic, version, pack_id = fmt.PACK_HEADER.unpack(f.read(fmt.PACK_HEADER.size))
-            if magic != fmt.PACK_MAGIC or version != fmt.FORMAT_VERSION:
-                raise CorruptPack(pack=name, reason="bad pack header")
-            if pack_id.hex() != name:
-                raise CorruptPack(pack=name, reason=f"header names pack {pack_id.hex()}")
+            check_header(name, f.read(fmt.PACK_HEADER.size))
             f.seek(size - fmt.PACK_FOOTER.size)
-            fmagic, fversion, count, crc, trailer_offset = fmt.PACK_FOOTER.unpack(
-                f.read(fmt.PACK_FOOTER.size)
-            )
-            if fmagic != fmt.PACK_FOOTER_MAGIC or fversion != fmt.FORMAT_VERSION:
-                raise CorruptPack(pack=name, reason="bad or missing trailer (truncated?)")
-            trailer_len = count * fmt.TRAILER_ENTRY.size
-            if trailer_offset + trailer_len + fmt.PACK_FOOTER.size != size:
-                raise CorruptPack(pack=name, reason="trailer does not fit the file size")
+            count, crc, trailer_offset = parse_footer(name, size, f.read(fmt.PACK_FOOTER.size))
             f.seek(trailer_offset)
-            trailer = f.read(trailer_len)
+            trailer = f.read(count * fmt.TRAILER_ENTRY.size)
     except OSError as e:
         raise CorruptPack(pack=name, reason=f"unreadable: {e}") from e
+    return size, parse_trailer(name, trailer, crc, trailer_offset)
+
+
+def check_header(name: str, header: bytes) -> None:
+    """CorruptPack unless ``header`` is the header of pack ``name``."""
+    magic, version, pack_id = fmt.PACK_HEADER.unpack(header)
+    if magic != fmt.PACK_MAGIC or version != fmt.FORMAT_VERSION:
+        raise CorruptPack(pack=name, reason="bad pack header")
+    if pack_id.hex() != name:
+        raise CorruptPack(pack=name, reason=f"header names pack {pack_id.hex()}")
+
+
+def parse_footer(name: str, size: int, footer: bytes) -> tuple[int, int, int]:
+    """(record count, trailer CRC32, trailer offset) from the footer of a ``size``-byte pack;
+    CorruptPack if it is not one or does not fit the size."""
+    if size < fmt.PACK_HEADER.size + fmt.PACK_FOOTER.size:
+        raise CorruptPack(pack=name, reason=f"only {size} bytes long")
+    fmagic, fversion, count, crc, trailer_offset = fmt.PACK_FOOTER.unpack(footer)
+    if fmagic != fmt.PACK_FOOTER_MAGIC or fversion != fmt.FORMAT_VERSION:
+        raise CorruptPack(pack=name, reason="bad or missing trailer (truncated?)")
+    trailer_len = count * fmt.TRAILER_ENTRY.size
+    if trailer_offset + trailer_len + fmt.PACK_FOOTER.size != size:
+        raise CorruptPack(pack=name, reason="trailer does not fit the file size")
+    return count, crc, trailer_offset
+
+
+def parse_trailer(name: str, trailer: bytes, crc: int, trailer_offset: int) -> list[PackEntry]:
+    """The entries of a trailer whose footer ``parse_footer`` read; CorruptPack if its CRC
+    or its record offsets are wrong."""
     if fmt.crc32(trailer) != crc:
         raise CorruptPack(pack=name, reason="trailer CRC32 mismatch")
     entries = []
@@ -202,4 +220,4 @@ def read_trailer(path: Path, name: str) -> tuple[int, list[PackEntry]]:
         entries.append(PackEntry(ChunkId(cid), offset, length, plain_len))
     if end != trailer_offset:
         raise CorruptPack(pack=name, reason="records do not end where the trailer begins")
-    return size, entries
+    return entries

@@ -7,8 +7,8 @@ a qcow2 image through a writable ``qemu-nbd`` (the format needs qemu's driver).
     async with LocalImageTarget(path, size, name="disk0") as disk:   # TargetDisk
         stats = await restore_disk(store, pool, manifest, entry, disk)
     # left normally:     writers closed (qemu-nbd stopped), image published at ``path``
-    # left by an error   writers closed (qemu-nbd stopped), the partial image deleted: a failed restore
-    # or cancellation:   must not leave a file that looks like a good disk
+    # left by an error   writers closed (qemu-nbd stopped), the partial image deleted:
+    # or cancellation:   a failed restore must not leave a file that looks like a good disk
 
 A new image is created sparse, in the format the caller names or the suffix of ``path``
 says (``.qcow2`` → qcow2; ``.raw``, ``.img`` → raw), at ``path`` + ``PARTIAL_SUFFIX``; only a
@@ -27,12 +27,13 @@ holds whatever was written before the failure.
 qemu sizes images in 512-byte sectors: a disk whose size is not a multiple of 512 gets a
 zero tail up to the next sector.
 
-Who closes what: ``open_writer()`` returns a new NBD connection that the caller closes
+Who closes what: ``open_writer()`` returns a new writer (an NBD connection, or a descriptor
+and its thread for a raw image) that the caller closes
 (``restore_disk`` does); leaving the context closes any connection still open, then stops
 qemu-nbd. ``journal_partial(path)`` is awaited with the partial image's path before it is
 created, ``journal_export(directory)`` with qemu-nbd's private directory before the process
-is started (qcow2 only: a raw image has no server), so the caller can journal them (recovery deletes the one, stops a server found
-in the other).
+is started (qcow2 only: a raw image has no server), so the caller can journal them
+(recovery deletes the one, stops a server found in the other).
 Durability: the writers' ``flush()`` makes the data durable (``fdatasync``, or qemu-nbd
 flushes the image file); publishing fsyncs the directory.
 

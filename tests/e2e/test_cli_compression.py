@@ -2,33 +2,19 @@
 the default), used by every writer of the store, refused outside the levels a store may use."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from engine.store.chunk_store import Store
 from engine.store.layout import DEFAULT_ZSTD_LEVEL, MAX_ZSTD_LEVEL
+from tests.cli import Cli
 from tests.integration.images import make_fs_qcow2
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "TESSERA_PASSPHRASE": "pw"}
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-        check=False,
-    )
+CLI = Cli(passphrase="pw")
+tessera = CLI.run
 
 
 def stored_bytes(store: Path) -> int:

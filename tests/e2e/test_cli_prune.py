@@ -2,9 +2,6 @@
 store holding real backups of small qcow2 images (two VMs cloned from one template)."""
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -12,33 +9,16 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.store.chunk_store import Store
+from tests.cli import Cli
 from tests.integration.images import identical, make_fs_qcow2, qemu_io, reference, run
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {"TESSERA_PASSPHRASE": "test-pass"}
+CLI = Cli(passphrase="test-pass")
+tessera = CLI.run
+ok = CLI.ok
+
 K = 1024
-
-
-def tessera(
-    *args: str | Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV, **(env or {})},
-        timeout=300,
-        check=False,
-    )
-
-
-def ok(*args: str | Path, env: dict[str, str] | None = None) -> str:
-    proc = tessera(*args, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def snapshots(store: Path, vm: str | None = None) -> list[dict]:  # type: ignore[type-arg]

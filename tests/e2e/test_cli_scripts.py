@@ -3,39 +3,20 @@ process of its own, its standard output a pipe."""
 
 import os
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from engine.cli.exits import EXIT_PIPE
+from tests.cli import Cli
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {"TESSERA_PASSPHRASE": "test-pass"}
-
-
-def tessera(
-    *args: str | Path, stdout: int = subprocess.PIPE, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **ENV, **(env or {})},
-        timeout=300,
-        check=False,
-    )
-
-
-def ok(*args: str | Path, env: dict[str, str] | None = None) -> str:
-    proc = tessera(*args, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+CLI = Cli(passphrase="test-pass")
+tessera = CLI.run
+ok = CLI.ok
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,14 @@ from pathlib import Path
 import pytest
 
 from engine.store.chunk_store import Store
+from tests.cli import Cli
 from tests.helpers import realistic_bytes, write_snapshot
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tessera(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-        check=False,
-    )
+CLI = Cli(timeout=120)
+tessera = CLI.run
 
 
 def no_passphrase(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,13 +11,13 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from plugins.lab.engine.server import FakeEngine
+from tests.cli import Cli
 from tests.e2e.test_daemon import ENV as DAEMON_ENV
 from tests.e2e.test_daemon import (
     Daemon,
@@ -30,20 +30,9 @@ from tests.integration.images import identical, make_fs_qcow2, qemu_io, referenc
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TESSERA_PASSPHRASE": "full-disk"}
-
-
-def tessera(*args: str | Path, env: dict[str, str] = ENV) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+CLI = Cli(passphrase="full-disk")
+tessera = CLI.run
 
 
 @contextlib.contextmanager

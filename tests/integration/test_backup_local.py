@@ -3,9 +3,6 @@ each point, qemu-img compare identical; clones dedup; a raw image always reads f
 directly: no qemu-nbd serves it while it is read (a qcow2 image beside it has one)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from engine.store.chunk_store import Store
 from engine.util import failpoints
 from engine.workers import ThreadCpuPool
 from plugins.local.source import LocalImageSource
+from tests.cli import Cli
 from tests.conftest import StoreFactory
 from tests.contract.harness import nbd_servers_of
 from tests.helpers import read_disk
@@ -24,26 +22,9 @@ from tests.integration.images import identical, make_fs_qcow2, qemu_io, referenc
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {"TESSERA_PASSPHRASE": "test-pass"}
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=300,
-        check=False,
-    )
-
-
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+CLI = Cli(passphrase="test-pass")
+tessera = CLI.run
+ok = CLI.ok
 
 
 def snapshots(store: Path) -> list[dict]:  # type: ignore[type-arg]

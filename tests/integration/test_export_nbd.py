@@ -31,6 +31,7 @@ from engine.io.nbd.errors import NbdRequestError
 from engine.io.nbd.handshake import Handshake
 from engine.store.chunk_store import Store
 from engine.store.layout import Layout
+from tests.cli import Cli
 from tests.integration.images import identical, make_fs_qcow2, qemu_io, reference, run
 
 pytestmark = pytest.mark.integration
@@ -38,25 +39,11 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PASSPHRASE = "test-pass"
 ENV = {**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE}
+CLI = Cli(passphrase=PASSPHRASE)
+tessera = CLI.run
+ok = CLI.ok
+
 CHUNK = 256 * 1024
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-        check=False,
-    )
-
-
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 class Export:

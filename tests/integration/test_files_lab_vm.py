@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,12 @@ from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.guest_disk import LINK, guest_files
 from plugins.lab.imageio import ImageioDaemon
+from tests.cli import Cli
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PASSPHRASE = "lab-files"
+tessera = Cli(passphrase=PASSPHRASE).aok
 SEED = Seed(
     vms=(
         VmSeed(
@@ -39,22 +39,6 @@ SEED = Seed(
         ),
     )
 )
-
-
-async def tessera(*args: str | Path) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "engine.cli.main",
-        *map(str, args),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE},
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, out.decode() + err.decode()
-    return out.decode()
 
 
 @pytest.fixture

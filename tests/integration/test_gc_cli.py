@@ -1,10 +1,7 @@
 """``tessera gc`` from the command line: dry run, the real run, JSON, refusals."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,24 +11,15 @@ from engine.maint.check import check_store
 from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.store.chunk_store import Store
+from tests.cli import Cli
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
+CLI = Cli(passphrase=PASSPHRASE.decode())
+tessera = CLI.run
+
 CHUNK = 64 * 1024
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE.decode()},
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.store.chunk_store import Store
+from tests.cli import Cli
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
 
@@ -19,20 +20,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE.decode()}
-
-
-def tessera(*args: object) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+CLI = Cli(passphrase=PASSPHRASE.decode(), timeout=120)
+tessera = CLI.ok
 
 
 def test_peer_commands_and_replicate(tmp_path: Path) -> None:

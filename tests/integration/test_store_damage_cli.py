@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,28 +17,17 @@ from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.manifest import Manifest
 from engine.store.pack import pack_path
+from tests.cli import Cli
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
+CLI = Cli(passphrase=PASSPHRASE.decode(), no_traceback=True)
+tessera = CLI.run
+
 CHUNK = 64 * 1024
 RECORDS = 16
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TESSERA_PASSPHRASE": PASSPHRASE.decode()},
-        timeout=300,
-        check=False,
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
 
 
 def run(code: int, *args: str | Path) -> str:

@@ -15,6 +15,7 @@ import pytest
 from engine.core.ids import short
 from engine.store.chunk_store import Store
 from engine.store.pack import pack_path
+from tests.cli import Cli
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import realistic_bytes, write_snapshot
 from tests.integration.images import identical, make_fs_qcow2, reference
@@ -23,25 +24,11 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"TESSERA_PASSPHRASE": PASSPHRASE.decode()}
+CLI = Cli(passphrase=PASSPHRASE.decode())
+tessera = CLI.run
+ok = CLI.ok
+
 CHUNK = 256 * 1024
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=300,
-        check=False,
-    )
-
-
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def integrity(*args: str | Path) -> str:

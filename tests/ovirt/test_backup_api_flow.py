@@ -4,8 +4,6 @@ images, byte comparison with the VM's disks at backup time, and no leftovers on 
 
 import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,11 +15,14 @@ from plugins.lab.disks import DiskRequest, build_disks
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
+from tests.cli import Cli
 from tests.integration.images import identical, qemu_io, reference
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = Cli(passphrase="flow-test")
+tessera = CLI.arun  # (exit status, stdout, stderr)
 
 SEED = Seed(
     vms=(
@@ -35,22 +36,6 @@ SEED = Seed(
         ),
     )
 )
-
-
-async def tessera(*args: str | Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "engine.cli.main",
-        *map(str, args),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "TESSERA_PASSPHRASE": "flow-test"},
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture
