@@ -26,10 +26,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import PurePosixPath
 
 import structlog
 
-from engine.core.errors import SnapshotNotFound
+from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.restore.files import ApplianceError, GuestTree
 from engine.restore.record import CheckRecord, Outcome, write_record
 from engine.restore.tree import FsCheck, PathCheck
@@ -52,6 +53,7 @@ async def check(
     """Check ``snapshot`` (id or unique prefix) of ``store`` — only ``disks`` (ids or names)
     when given — and record the result; the snapshot is share-locked meanwhile (prune skips
     it) and a CPU pool of its own decodes. Raises SnapshotNotFound, ConfigError."""
+    check_expected(expect)
     snapshot_id = store.resolve(snapshot)
     manifest = store.manifest(snapshot_id)
     chosen = select(manifest, disks)
@@ -63,6 +65,18 @@ async def check(
             )
         finally:
             await pool.aclose()
+
+
+def check_expected(paths: Sequence[str]) -> None:
+    """ConfigError unless each of ``paths`` is an absolute path of the tree that starts with
+    a filesystem's directory (``/sda1/etc/hostname``); called before anything boots."""
+    for path in paths:
+        p = PurePosixPath(path)
+        if not p.is_absolute() or ".." in p.parts or len(p.parts) < 2:
+            raise ConfigError(
+                message=f"expected path {path!r}: give an absolute path of the tree, "
+                "starting with its filesystem (/sda1/etc/hostname)"
+            )
 
 
 def select(manifest: Manifest, wanted: Sequence[str]) -> list[DiskEntry]:
