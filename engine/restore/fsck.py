@@ -69,11 +69,20 @@ def check(g: Any, fs: Filesystem) -> FsCheck:
         return _result(fs, "unchecked", problem=f"no checker for {fs.fstype}")
     mountpoint = f"/{fs.name}"
     if fs.mounted:
-        g.umount(mountpoint)
+        try:
+            g.umount(mountpoint)
+        except RuntimeError as e:  # never checked mounted: a checker would see it change
+            return _result(fs, "failed", problem=f"cannot unmount it for the check: {e}")
     try:
         status, output = _run(g, [*argv, fs.device])
     finally:
         remount = _remount(g, fs, mountpoint)
+    return _verdict(fs, argv, status, output, remount)
+
+
+def _verdict(
+    fs: Filesystem, argv: tuple[str, ...], status: int, output: str, remount: str
+) -> FsCheck:
     checker = " ".join(argv)
     if status == NOT_FOUND:
         return _result(fs, "unchecked", checker, status, f"{argv[0]} is not in the appliance")
