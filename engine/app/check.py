@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from engine.restore.check import check, check_expected
 from engine.restore.record import CheckRecord
 from engine.store.chunk_store import Store
+from engine.workers.pool import CpuPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +34,13 @@ class CheckRequest:
         check_expected(self.expect)
 
 
-async def check_restore_point(store: Store, request: CheckRequest) -> CheckRecord:
-    """Check the snapshot and record the result on it (``engine.restore.check.check``).
-    Raises SnapshotNotFound, ConfigError (libguestfs missing); an appliance that cannot run
-    is an ``error`` record, not an exception."""
+async def check_restore_point(
+    store: Store, request: CheckRequest, pool: CpuPool | None = None
+) -> CheckRecord:
+    """Check the snapshot and record the result on it (``engine.restore.check.check``;
+    ``pool``: the caller's, else one of its own). Raises SnapshotNotFound, ConfigError
+    (libguestfs missing); an appliance that cannot run is an ``error`` record, not an
+    exception."""
     request.check()
     return await check(
         store,
@@ -44,6 +48,7 @@ async def check_restore_point(store: Store, request: CheckRequest) -> CheckRecor
         disks=request.disks,
         expect=request.expect,
         launch_timeout=request.launch_timeout,
+        pool=pool,
     )
 
 

@@ -46,7 +46,7 @@ def start_check(
     request = CheckRequest(snapshot_id, request.disks, request.expect, request.launch_timeout)
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-        record = await check_restore_point(handle.store, request)
+        record = await check_restore_point(handle.store, request, handle.pool)
         view.outcome = record
         for line in check_lines(record):
             view.say(line)

@@ -49,22 +49,26 @@ async def check(
     disks: Sequence[str] = (),
     expect: Sequence[str] = (),
     launch_timeout: float | None = None,
+    pool: CpuPool | None = None,
 ) -> CheckRecord:
     """Check ``snapshot`` (id or unique prefix) of ``store`` — only ``disks`` (ids or names)
     when given — and record the result; the snapshot is share-locked meanwhile (prune skips
-    it) and a CPU pool of its own decodes. Raises SnapshotNotFound, ConfigError."""
+    it). ``pool`` decodes (the caller's, left open: the daemon's store pool); without one a
+    pool of its own. Raises SnapshotNotFound, ConfigError."""
     check_expected(expect)
     snapshot_id = store.resolve(snapshot)
     manifest = store.manifest(snapshot_id)
     chosen = select(manifest, disks)
     with store.reading_snapshot(snapshot_id):
-        pool = make_cpu_pool(store.keys, manifest.chunk_size)
+        own = pool is None
+        decode = make_cpu_pool(store.keys, manifest.chunk_size) if pool is None else pool
         try:
             return await check_snapshot(
-                store, pool, manifest, chosen, expect=expect, launch_timeout=launch_timeout
+                store, decode, manifest, chosen, expect=expect, launch_timeout=launch_timeout
             )
         finally:
-            await pool.aclose()
+            if own:
+                await decode.aclose()
 
 
 def check_expected(paths: Sequence[str]) -> None:
