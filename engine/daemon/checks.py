@@ -16,7 +16,7 @@ jobs`` with its report lines and its record as the summary. It is started:
 A check that fails or cannot run ends the job ``failed``; the record says why.
 """
 
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -28,6 +28,10 @@ from engine.daemon.jobs import Busy, JobView
 from engine.store.manifest import POLICY_TAG
 
 log = structlog.get_logger("tessera.checks")
+
+CHECK_KIND: Final = "check"
+# A check job's "VM": per snapshot, so never the VM's own (no last-success gauge for it)
+CHECK_VM_PREFIX: Final = "snapshot:"
 
 
 def start_check(
@@ -57,7 +61,8 @@ def start_check(
     params: dict[str, Any] = {"store": handle.name, "snapshot": snapshot_id}
     params |= {"vm_name": manifest.vm_name}
     params |= {"expect": list(request.expect)} if request.expect else {}
-    return ctx.jobs.submit("check", f"snapshot:{snapshot_id}", body, policy=policy, params=params)
+    vm = f"{CHECK_VM_PREFIX}{snapshot_id}"
+    return ctx.jobs.submit(CHECK_KIND, vm, body, policy=policy, params=params)
 
 
 def policy_request(snapshot_id: str, rules: RestoreCheck) -> CheckRequest:

@@ -43,7 +43,7 @@ from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError, EngineError
 from engine.daemon import maintenance, sdnotify, sites
-from engine.daemon.checks import policy_request, start_check
+from engine.daemon.checks import CHECK_KIND, CHECK_VM_PREFIX, policy_request, start_check
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
 from engine.daemon.notifications import PolicyRun, Senders
@@ -320,7 +320,8 @@ class Service:
         last: dict[str, datetime] = {}
         for history in histories:
             for vm, when in (await asyncio.to_thread(history.last_success)).items():
-                last[vm] = max(when, last.get(vm, when))
+                if not vm.startswith(CHECK_VM_PREFIX):  # a check's, as in _finished
+                    last[vm] = max(when, last.get(vm, when))
         for vm, when in last.items():
             self.metrics.restore_last_success(vm, when.timestamp())
         log.info("history.loaded", jobs=len(docs), vms=len(last))
@@ -627,7 +628,7 @@ class Service:
         self.metrics.job_finished(
             view.kind,
             view.state,
-            view.vm,
+            None if view.kind == CHECK_KIND else view.vm,  # a gauge per snapshot: never
             bytes_read=summary.bytes_read,
             bytes_stored=summary.bytes_stored,
             seconds=view.outcome.seconds if isinstance(view.outcome, BackupOutcome) else 0.0,
@@ -640,7 +641,7 @@ class Service:
             self.metrics.set_store_usage(
                 store, info.pack_bytes, info.dedup_ratio, info.compression_ratio
             )
-        mailed = view.kind in ("gc", "verify") or (view.kind == "check" and view.policy is None)
+        mailed = view.kind in ("gc", "verify") or (view.kind == CHECK_KIND and view.policy is None)
         if mailed and view.state != "succeeded":  # a policy's check: in its run's digest
             await self.notifications.maintenance(summary, self.config.maintenance)
         for listener in self.listeners:

@@ -274,6 +274,11 @@ async def test_the_daemon_checks_after_a_policy_s_backup_on_request_and_on_sched
             )
             assert weekly.params["expect"] == ["/sda/etc/hostname"]
             assert weekly.summary["outcome"] == "passed"
+            # the VM's last success is its backup's; a check has no gauge of its own
+            metrics = service.metrics.render()[0].decode().splitlines()
+            gauges = [m for m in metrics if m.startswith("tessera_last_success")]
+            assert any('vm="web1"' in m for m in gauges), gauges
+            assert not any("snapshot:" in m for m in gauges), gauges
 
 
 def _same_file(a: Path, b: Path) -> bool:
