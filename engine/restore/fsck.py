@@ -59,6 +59,7 @@ NOT_FOUND: Final = 127  # the shell's status for a command it cannot find
 OUTPUT_TAIL: Final = 16384  # bytes of a checker's output kept (a damaged fs can print MBs)
 OUTPUT_LINES: Final = 40  # lines of it kept in the result
 STATUS_MARK: Final = "tessera-check-status="
+BY_ID: Final = "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_hd"  # udev's link to drive <index>
 
 
 def check(g: Any, fs: Filesystem) -> FsCheck:
@@ -74,7 +75,7 @@ def check(g: Any, fs: Filesystem) -> FsCheck:
         except RuntimeError as e:  # never checked mounted: a checker would see it change
             return _result(fs, "failed", problem=f"cannot unmount it for the check: {e}")
     try:
-        status, output = _run(g, [*argv, fs.device])
+        status, output = _run(g, list(argv), _kernel_path(g, fs.device))
     finally:
         remount = _remount(g, fs, mountpoint)
     return _verdict(fs, argv, status, output, remount)
@@ -106,11 +107,28 @@ def lookup(g: Any, path: str) -> PathCheck:
     return PathCheck(path, True, kind=kind_of(mode))
 
 
-def _run(g: Any, argv: list[str]) -> tuple[int, str]:
-    """Run ``argv`` in the appliance; its exit status and the tail of its output."""
-    script = (
-        f"{{ {shlex.join(argv)} </dev/null; echo {STATUS_MARK}$?; }} 2>&1 | tail -c {OUTPUT_TAIL}"
-    )
+def _kernel_path(g: Any, device: str) -> str:
+    """A path of the appliance's kernel for libguestfs's ``device``.
+
+    libguestfs names the disks in the order they were added (/dev/sda, /dev/sdb …) and
+    translates those names in every call; the kernel names them in the order it found them,
+    which can differ (the appliance's own disk found first: the first disk is then
+    /dev/sdb). ``debug sh`` gets no translation, so a disk or partition is named by the link
+    udev makes from the drive's index (``scsi-0QEMU_QEMU_HARDDISK_hd<index>[-part<n>]``);
+    a logical volume's /dev/VG/LV is the kernel's own name."""
+    if device in g.list_partitions():
+        index = g.device_index(g.part_to_dev(device))
+        return f"{BY_ID}{index}-part{g.part_to_partnum(device)}"
+    if device in g.list_devices():
+        return f"{BY_ID}{g.device_index(device)}"
+    return device
+
+
+def _run(g: Any, argv: list[str], device: str) -> tuple[int, str]:
+    """Run ``argv`` on ``device`` (a path of the appliance's kernel, a link resolved first)
+    in the appliance; its exit status and the tail of its output."""
+    command = f'{shlex.join(argv)} "$(readlink -f {shlex.quote(device)})" </dev/null'
+    script = f"{{ {command}; echo {STATUS_MARK}$?; }} 2>&1 | tail -c {OUTPUT_TAIL}"
     text: str = g.debug("sh", [script])
     body, _, last = text.rstrip("\n").rpartition(STATUS_MARK)
     try:

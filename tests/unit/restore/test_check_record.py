@@ -1,13 +1,15 @@
 """The record of a restore check beside its snapshot (``engine.restore.record``), what a
 checker's exit status means (``engine.restore.fsck``) and the expected paths a check takes.
-The checks themselves run in an appliance: ``tests/integration/test_check.py``."""
+The checks themselves run in an appliance: ``tests/integration/test_check.py``; which kernel
+device a checker opens is tested here on the names libguestfs gives (the kernel's order, which
+decides when they differ, cannot be chosen from outside the appliance)."""
 
 import pytest
 
 from engine.cli.main import main
 from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.restore.check import check_expected
-from engine.restore.fsck import _meaning
+from engine.restore.fsck import _kernel_path, _meaning
 from engine.restore.record import (
     RECORD_NAME,
     CheckRecord,
@@ -96,3 +98,36 @@ def test_an_expected_path_must_be_one_of_the_tree(
     code = main(["snapshots", "check", "3f2a", "--store", "/nonexistent", "--expect", path])
     assert code == 2
     assert "give an absolute path of the tree" in capsys.readouterr().err
+
+
+class TwoDisks:
+    """libguestfs's answers for two added drives, the second partitioned."""
+
+    def list_devices(self) -> list[str]:
+        return ["/dev/sda", "/dev/sdb"]
+
+    def list_partitions(self) -> list[str]:
+        return ["/dev/sdb1", "/dev/sdb2"]
+
+    def part_to_dev(self, partition: str) -> str:
+        return partition[:-1]
+
+    def part_to_partnum(self, partition: str) -> int:
+        return int(partition[-1])
+
+    def device_index(self, device: str) -> int:
+        return self.list_devices().index(device)
+
+
+@pytest.mark.parametrize(
+    ("device", "path"),
+    [
+        ("/dev/sda", "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_hd0"),
+        ("/dev/sdb2", "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_hd1-part2"),
+        ("/dev/vg0/lv0", "/dev/vg0/lv0"),
+    ],
+)
+def test_a_checker_opens_the_drive_by_its_index_not_libguestfs_s_name(
+    device: str, path: str
+) -> None:
+    assert _kernel_path(TwoDisks(), device) == path
