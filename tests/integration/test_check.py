@@ -1,17 +1,18 @@
 """``tessera snapshots check``: a restore point proved usable without restoring it.
 
-Two disk images made by libguestfs (``tests.guest_images``: MBR, ext4, XFS, NTFS, an ext4 LVM
-volume) are backed up with the CLI: one clean, one whose ext4 block bitmap was zeroed with
-plain Python before the backup (it still mounts; only a checker sees it). Through the
-appliance: the clean snapshot passes with every filesystem checked by its own checker in
-no-write mode and the expected paths present, and the check changes nothing in the store
-(the packs and snapshots byte for byte, ``store verify`` clean, the restore identical to the
-image); an expected path that is not there fails the check naming it; the damaged ext4 fails
-it naming the filesystem and e2fsck's finding. ``tessera snapshots`` shows each verdict.
-In the daemon (``Service`` with an in-memory hypervisor whose VM's disk is the clean image's
-ext4): a policy with ``restore_check`` checks the restore point its backup made, as a job of
-its own, ``POST /v1/snapshots/{id}/check`` checks one on request, and the maintenance
-schedule's ``restore_check`` checks the newest one of each VM with its policy's paths.
+Two disk images of the lab's guest layout (``plugins.lab.guest_disk``, built by libguestfs:
+MBR, ext4, XFS, NTFS, an ext4 LVM volume) are backed up with the CLI: one clean, one whose
+ext4 block bitmap was zeroed with plain Python before the backup (it still mounts; only a
+checker sees it). Through the appliance: the clean snapshot passes with every filesystem
+checked by its own checker in no-write mode and the expected paths present, and the check
+changes nothing in the store (the packs and snapshots byte for byte, ``store verify``
+clean, the restore identical to the image); an expected path that is not there fails the
+check naming it; the damaged ext4 fails it naming the filesystem and e2fsck's finding.
+``tessera snapshots`` shows each verdict. In the daemon (``Service`` with an in-memory
+hypervisor whose VM's disk is the clean image's ext4): a policy with ``restore_check``
+checks the restore point its backup made, as a job of its own, ``POST
+/v1/snapshots/{id}/check`` checks one on request, and the maintenance schedule's
+``restore_check`` checks the newest one of each VM with its policy's paths.
 
 The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``, see
 ``test_files.py``); each check is one appliance boot.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -31,9 +33,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.api.server import build_app
+from engine.core.units import MiB
 from engine.daemon import maintenance
+from plugins.lab.guest_disk import MIN_SIZE, PARTITIONS
 from tests.daemon_setup import daemon_config, running
-from tests.guest_images import SDA1_OFFSET, make_disk, zero_ext4_block_bitmap
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
 from tests.memory import MemoryDisk, MemoryVm
 
@@ -46,6 +49,7 @@ ENV = {
     "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg",
 }
 RECORD = "restore-check.json"
+SDA1_OFFSET = PARTITIONS[0][0] * MiB  # where the ext4 of /dev/sda1 starts in the image
 
 
 def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -77,14 +81,14 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("check")
-    files = {
-        "/sda1/etc/hostname": b"check-lab\n",
-        "/sda2/srv/www/index.html": b"<h1>xfs</h1>\n",
-        "/sda3/Users/doc.txt": b"ntfs document\r\n" * 100,
-        "/vg0-lv0/var/log/app.log": b"lvm line\n" * 1000,
-    }
     image = tmp / "check-vm.raw"
-    make_disk(image, files, tmp)
+    subprocess.run(  # the lab's guest layout, built by libguestfs (ENV: force_tcg)
+        [sys.executable, "-m", "plugins.lab.guest_disk", image, "check-vm", str(MIN_SIZE)],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        timeout=600,
+    )
     broken = tmp / "broken-vm.raw"
     shutil.copyfile(image, broken)
     zero_ext4_block_bitmap(broken)
@@ -94,6 +98,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     ok("backup", "image", broken, "--store", store, "--vm", "broken-vm", "--level", "full")
     broken.unlink()
     return Lab(store, image, _snapshot_of(store, "check-vm"), _snapshot_of(store, "broken-vm"))
+
+
+def zero_ext4_block_bitmap(image: Path, offset: int = SDA1_OFFSET) -> int:
+    """Overwrite the block bitmap of block group 0 of the ext4 filesystem at ``offset`` of
+    ``image`` with zeros (every block free, the group's checksum wrong): the filesystem still
+    mounts, and ``e2fsck -n`` reports block bitmap differences. Returns the bitmap's offset
+    in the image."""
+    with image.open("r+b") as f:
+        f.seek(offset + 1024)  # the superblock
+        sb = f.read(1024)
+        assert struct.unpack_from("<H", sb, 0x38)[0] == 0xEF53, "not an ext2/3/4 superblock"
+        first_data_block, log_block_size = struct.unpack_from("<II", sb, 0x14)
+        block = 1024 << log_block_size
+        f.seek(offset + (first_data_block + 1) * block)  # the group descriptors follow it
+        (bitmap_block,) = struct.unpack_from("<I", f.read(32), 0)  # bg_block_bitmap_lo
+        where = offset + bitmap_block * block
+        f.seek(where)
+        f.write(bytes(block))
+    return where
 
 
 def _snapshot_of(store: Path, vm: str) -> str:
