@@ -12,7 +12,8 @@ check naming it; the damaged ext4 fails it naming the filesystem and e2fsck's fi
 hypervisor whose VM's disk is the clean image's ext4): a policy with ``restore_check``
 checks the restore point its backup made, as a job of its own, ``POST
 /v1/snapshots/{id}/check`` checks one on request, and the maintenance schedule's
-``restore_check`` checks the newest one of each VM with its policy's paths.
+``restore_check`` checks the newest one of each VM with its policy's paths. An appliance that
+does not boot in time leaves an ``error`` record.
 
 The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``, see
 ``test_files.py``); each check is one appliance boot.
@@ -302,6 +303,16 @@ async def test_the_daemon_checks_after_a_policy_s_backup_on_request_and_on_sched
             gauges = [m for m in metrics if m.startswith("tessera_last_success")]
             assert any('vm="web1"' in m for m in gauges), gauges
             assert not any("snapshot:" in m for m in gauges), gauges
+
+
+def test_a_check_that_cannot_boot_its_appliance_is_recorded_as_an_error(lab: Lab) -> None:
+    proc = tessera("snapshots", "check", lab.clean, "--store", lab.store, "--launch-timeout", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the appliance did not start within 1 s" in proc.stdout, proc.stdout
+    line, listed = _listed(lab.store, lab.clean)
+    assert f"ERROR {listed['time'][:10]}" in line, line
+    assert listed["outcome"] == "error" and listed["filesystems"] == []
+    assert listed["error"].startswith(f"snapshot {lab.clean}: the appliance did not start")
 
 
 def _same_file(a: Path, b: Path) -> bool:
