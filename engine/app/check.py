@@ -61,7 +61,7 @@ def check_lines(record: CheckRecord) -> list[str]:
         state = {"ok": "ok", "failed": "FAILED"}.get(f.state, f.state)
         what = f.problem or f.checker
         lines.append(f"{f.name:<{width}}  {f.fstype:<6}  {f.device:<16}  {state:<9}  {what}")
-        lines += [f"    {line}" for line in f.output.splitlines()]
+        lines += [f"    {line}".rstrip() for line in f.output.splitlines()]
     for p in record.paths:
         lines.append(
             f"{p.path}  " + (f"present ({p.kind})" if p.present else f"MISSING ({p.problem})")
