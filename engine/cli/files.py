@@ -9,6 +9,10 @@ The tree has one directory per guest filesystem, named from its device (``/sda1`
     tessera files ls 3f2a9c1e --store /srv/tessera/store /sda1/etc
     tessera files get 3f2a9c1e --store /srv/tessera/store /sda1/etc/fstab --to /tmp/out
     tessera mount 3f2a9c1e /mnt/web1 --store /srv/tessera/store
+
+``tessera snapshots check SNAPSHOT`` checks a restore point through the same appliance
+(``engine.restore.check``): each filesystem's checker in no-write mode, expected paths, the
+verdict recorded beside the snapshot and shown by ``tessera snapshots``.
 """
 
 import argparse
@@ -39,7 +43,7 @@ def register(
     sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     add_key_options: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Add ``files`` (ls, find, get) and ``mount`` to the parser."""
+    """Add ``files`` (ls, find, get), ``mount`` and ``snapshots check`` to the parser."""
     files = sub.add_parser(
         "files",
         help="list, find and copy out files of a restore point without restoring the VM "
@@ -82,3 +86,37 @@ def register(
     mount.add_argument("directory", type=Path, metavar="DIR", help="an empty directory")
     add_key_options(mount)
     mount.set_defaults(func=Handler("files", "cmd_mount"))
+
+    check = _actions_of(sub.choices["snapshots"]).add_parser(
+        "check",
+        help="prove a restore point usable: check its filesystems read-only in an appliance "
+        "VM (fsck in no-write mode) and that expected paths exist; the result is recorded "
+        "on the snapshot (shown by `tessera snapshots`)",
+        description="Boots an appliance VM (libguestfs) on the snapshot's disks served "
+        "read-only from the store, runs each filesystem's own checker in no-write mode "
+        "(e2fsck -f -n, xfs_repair -n, ntfsfix --no-action, fsck.fat -n, btrfs check "
+        "--readonly) and looks up each --expect path. Nothing of the backup is written: the "
+        "verdict is a file beside the snapshot (restore-check.json). Exit status 0 when the "
+        "check passed, 1 when it failed or could not run.",
+    )
+    _common(check)
+    check.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a path of the tree that must exist, e.g. /sda1/etc/hostname (repeatable)",
+    )
+    check.add_argument("--json", action="store_true")
+    add_key_options(check)
+    check.set_defaults(func=Handler("files", "cmd_check"))
+
+
+def _actions_of(
+    parser: argparse.ArgumentParser,
+) -> "argparse._SubParsersAction[argparse.ArgumentParser]":
+    """The ACTION subparsers of ``parser`` (``snapshots``: made by ``engine.cli.maint``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest="snapshots_command", metavar="ACTION")

@@ -15,7 +15,12 @@ Requests and answers::
     {"op": "find", "path": P, "pattern": GLOB|null}         → {"ok": [path…]}
     {"op": "get", "path": P, "dest": DIR}                   → {"ok": files written}
     {"op": "mount", "dir": DIR}  → {"event": "mounted"}, then {"ok": null} once unmounted
+    {"op": "check", "filesystems": [filesystem…], "expect": [P…]}
+                                  → {"ok": {"filesystems": [fscheck…], "paths": [path…]}}
     {"op": "quit"}                                          → {"ok": null}, exit
+
+``check`` runs each filesystem's own checker in its no-write mode (``engine.restore.fsck``) on
+the unmounted filesystem, then mounts it read-only again, and looks up the expected paths.
 
 A failed request answers ``{"error": TEXT}`` and the helper goes on; end of input ends it.
 
@@ -35,7 +40,8 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 from engine.io import guestfs as guestfs_bindings
-from engine.restore.tree import Entry, Filesystem
+from engine.restore import fsck
+from engine.restore.tree import Entry, Filesystem, kind_of
 
 COPY_SIZE = 1 << 20  # bytes moved per read of a download's pipe
 
@@ -87,6 +93,12 @@ def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
         _answer(out, {"event": "mounted"})
         g.mount_local_run()  # until unmounted
         return None
+    if op == "check":
+        filesystems = [Filesystem(**f) for f in request["filesystems"]]
+        return {
+            "filesystems": [asdict(fsck.check(g, f)) for f in filesystems],
+            "paths": [asdict(fsck.lookup(g, p)) for p in request["expect"]],
+        }
     raise ConfigError(message=f"unknown request {op!r}")
 
 
@@ -136,20 +148,10 @@ def _disk_of_lv(g: Any, lv: str, partitions: set[str]) -> str | None:
     return None
 
 
-def _kind(mode: int) -> str:
-    if stat_mod.S_ISDIR(mode):
-        return "dir"
-    if stat_mod.S_ISREG(mode):
-        return "file"
-    if stat_mod.S_ISLNK(mode):
-        return "link"
-    return "other"
-
-
 def _entry(g: Any, path: str, name: str, st: dict[str, int]) -> Entry:
     mode = st["st_mode"]
     target = g.readlink(path) if stat_mod.S_ISLNK(mode) else ""
-    return Entry(name, _kind(mode), st["st_size"], mode, st["st_mtime_sec"], target)
+    return Entry(name, kind_of(mode), st["st_size"], mode, st["st_mtime_sec"], target)
 
 
 def _ls(g: Any, path: str) -> list[Entry]:
