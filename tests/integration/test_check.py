@@ -37,6 +37,7 @@ from engine.api.server import build_app
 from engine.core.units import MiB
 from engine.daemon import maintenance
 from plugins.lab.guest_disk import MIN_SIZE, PARTITIONS
+from tests.cli import Cli
 from tests.daemon_setup import daemon_config, running
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
 from tests.memory import MemoryDisk, MemoryVm
@@ -51,24 +52,8 @@ ENV = {
 }
 RECORD = "restore-check.json"
 SDA1_OFFSET = PARTITIONS[0][0] * MiB  # where the ext4 of /dev/sda1 starts in the image
-
-
-def tessera(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=900,
-        check=False,
-    )
-
-
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+CLI = Cli(passphrase="test-pass", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}, timeout=900)
+tessera, ok = CLI.run, CLI.ok
 
 
 class Lab:
