@@ -11,8 +11,8 @@ A test module binds one ``Cli`` (its passphrase, timeout) and takes its runners:
 
 Every run is ``python -m engine.cli.main ARGS`` from the repository root with the test's
 environment plus the ``Cli``'s ``env``, ``TESSERA_PASSPHRASE`` (when the ``Cli`` has one) and
-the run's ``env``; arguments may be paths. ``no_traceback=True`` also fails the test on a Python traceback in stderr (a CLI
-error is a sentence, never a traceback).
+the run's ``env``; arguments may be paths. ``no_traceback=True`` also fails the test on a
+Python traceback in stderr (a CLI error is a sentence, never a traceback).
 """
 
 import asyncio
