@@ -10,16 +10,16 @@ A test module binds one ``Cli`` (its passphrase, timeout) and takes its runners:
     code, out, err = await CLI.arun("backup", …)  # the same from a coroutine
 
 Every run is ``python -m engine.cli.main ARGS`` from the repository root with the test's
-environment plus ``TESSERA_PASSPHRASE`` (when the ``Cli`` has one) and ``env``; arguments may
-be paths. ``no_traceback=True`` also fails the test on a Python traceback in stderr (a CLI
-error is a sentence, never a traceback).
+environment plus the ``Cli``'s ``env``, ``TESSERA_PASSPHRASE`` (when the ``Cli`` has one) and
+the run's ``env``; arguments may be paths. ``no_traceback=True`` also fails the test on a
+Python traceback in stderr (a CLI error is a sentence, never a traceback).
 """
 
 import asyncio
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,10 @@ class Cli:
     passphrase: str | None = None
     timeout: float = 300
     no_traceback: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # for every run (e.g. force_tcg)
 
     def environment(self, env: dict[str, str] | None = None) -> dict[str, str]:
-        base = {**os.environ}
+        base = {**os.environ, **self.env}
         if self.passphrase is not None:
             base["TESSERA_PASSPHRASE"] = self.passphrase
         return {**base, **(env or {})}

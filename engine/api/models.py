@@ -53,6 +53,15 @@ class StandbyRefreshRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=T
     store: str | None = None
 
 
+class CheckRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/snapshots/{id}/check`` (the body may be empty): restore verification of one
+    snapshot, as ``tessera snapshots check`` (``engine.app.check``)."""
+
+    expect: tuple[str, ...] | None = None  # paths of the tree that must exist: /sda1/etc/x
+    disks: tuple[str, ...] | None = None  # disk names or ids; None: all
+    launch_timeout: float | None = None  # seconds for the appliance's boot; None: 300
+
+
 class ExportRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``POST /v1/exports``: one disk of a snapshot served over NBD by the daemon."""
 

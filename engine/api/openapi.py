@@ -10,6 +10,7 @@ import msgspec
 
 from engine.api.models import (
     BackupRequest,
+    CheckRequest,
     ExportRequest,
     FilesRequest,
     GcRequest,
@@ -100,6 +101,16 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("Protect or unprotect a snapshot", body="ProtectRequest")
         | {"parameters": _id("id")}
     },
+    "/v1/snapshots/{id}/check": {
+        "post": _op(
+            "Check a restore point read-only in an appliance VM (fsck in no-write mode, "
+            "expected paths); a check job, its record on the snapshot",
+            body="CheckRequest",
+            ok="202",
+            body_required=False,
+        )
+        | {"parameters": _id("id") + _op("", params=("store",))["parameters"]}
+    },
     "/v1/store": {
         "get": _op("Store space: logical, unique, shared, stored bytes", params=("store",))
     },
@@ -183,6 +194,7 @@ def document() -> dict[str, Any]:
             ProtectRequest,
             GcRequest,
             StandbyRefreshRequest,
+            CheckRequest,
             ExportRequest,
             FilesRequest,
         ),

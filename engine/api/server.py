@@ -8,11 +8,12 @@ with a 4xx status naming what was wrong; an unexpected fault is a 500 with a sho
 (the traceback goes to the log, never to the client).
 
 Routes (``GET /v1/openapi.json`` describes them): status, vms, policies (+ run now), jobs
-(+ cancel), backups, restores, snapshots (+ protect), store usage, NBD exports (``POST
-/v1/exports`` starts one, ``GET /v1/exports`` lists them; ``engine.daemon.exports``), file
-browsing sessions (``POST /v1/snapshots/{id}/files`` opens one; ``GET /v1/files/{session}``
-with ``?wait=SECONDS``, ``…/ls``, ``…/find``, ``…/download`` streams a file or a directory as
-tar; ``DELETE`` ends it; ``engine.daemon.browse``), and ``/metrics``.
+(+ cancel), backups, restores, snapshots (+ protect, + check: restore verification as a job,
+its last record in each snapshot's document), store usage, NBD exports (``POST /v1/exports``
+starts one, ``GET /v1/exports`` lists them; ``engine.daemon.exports``), file browsing
+sessions (``POST /v1/snapshots/{id}/files`` opens one; ``GET /v1/files/{session}`` with
+``?wait=SECONDS``, ``…/ls``, ``…/find``, ``…/download`` streams a file or a directory as tar;
+``DELETE`` ends it; ``engine.daemon.browse``), and ``/metrics``.
 """
 
 import asyncio
@@ -33,6 +34,7 @@ from aiohttp import web
 
 from engine.api.models import (
     BackupRequest,
+    CheckRequest,
     ExportRequest,
     FilesRequest,
     GcRequest,
@@ -40,18 +42,21 @@ from engine.api.models import (
     RestoreRequest,
     StandbyRefreshRequest,
 )
+from engine.app import check as app_check
 from engine.app.standby import StandbyRequest
 from engine.config.policy import Standby
 from engine.config.types import Duration
 from engine.core.errors import ConfigError, EngineError, SnapshotNotFound, StoreError
 from engine.daemon import exports, maintenance, sites
 from engine.daemon.browse import NotReady, SessionsFull
+from engine.daemon.checks import start_check
 from engine.daemon.jobs import AlreadyEnded, Busy, ShuttingDown
 from engine.daemon.service import Service
 from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
 from engine.replication.state import PeerState, state_dir
 from engine.restore.files import BadPath, PathNotFound
+from engine.restore.record import CheckRecord, read_record
 from engine.store.manifest import Manifest
 
 log = structlog.get_logger("tessera.api")
@@ -138,7 +143,8 @@ async def _body(request: web.Request, kind: type[Any]) -> Any:
     return msgspec.json.decode(raw or b"{}", type=kind)
 
 
-def snapshot_doc(m: Manifest, protected: bool) -> dict[str, Any]:
+def snapshot_doc(m: Manifest, protected: bool, check: CheckRecord | None = None) -> dict[str, Any]:
+    """A snapshot's document; ``check`` is its last restore check's record (None: never)."""
     return {
         "id": m.snapshot_id,
         "time": m.time,
@@ -151,6 +157,7 @@ def snapshot_doc(m: Manifest, protected: bool) -> dict[str, Any]:
             {"id": d.disk_id, "name": d.name, "size": d.size, "data_bytes": d.data_bytes}
             for d in m.disks
         ],
+        "check": check.doc() if check is not None else None,
     }
 
 
@@ -176,6 +183,7 @@ def build_app(service: Service, tokens: tuple[bytes, ...] | None = None) -> web.
             web.get(f"{API}/snapshots", snapshots),
             web.get(f"{API}/snapshots/{{id}}", snapshot),
             web.post(f"{API}/snapshots/{{id}}/protect", protect),
+            web.post(f"{API}/snapshots/{{id}}/check", check_snapshot),
             web.get(f"{API}/store", store),
             web.post(f"{API}/maintenance/{{kind}}", start_maintenance),
             web.get(f"{API}/replication", replication),
@@ -369,7 +377,11 @@ async def snapshots(request: web.Request) -> web.Response:
         st = handle.store
         entries = st.snapshots(request.query.get("vm"))
         return [
-            snapshot_doc(st.manifest(e.snapshot_id), is_protected(st.layout, e.snapshot_id))
+            snapshot_doc(
+                st.manifest(e.snapshot_id),
+                is_protected(st.layout, e.snapshot_id),
+                read_record(st.layout, e.snapshot_id),
+            )
             for e in entries
         ]
 
@@ -381,7 +393,9 @@ async def snapshot(request: web.Request) -> web.Response:
     st = handle.store
     snapshot_id = st.resolve(request.match_info["id"])
     manifest = await asyncio.to_thread(st.manifest, snapshot_id)
-    doc = snapshot_doc(manifest, is_protected(st.layout, snapshot_id))
+    doc = snapshot_doc(
+        manifest, is_protected(st.layout, snapshot_id), read_record(st.layout, snapshot_id)
+    )
     doc["tags"] = dict(manifest.tags)
     return web.json_response(doc)
 
@@ -392,6 +406,18 @@ async def protect(request: web.Request) -> web.Response:
     snapshot_id = handle.store.resolve(request.match_info["id"])
     await asyncio.to_thread(set_protected, handle.store, snapshot_id, body.protected)
     return web.json_response({"id": snapshot_id, "protected": body.protected})
+
+
+async def check_snapshot(request: web.Request) -> web.Response:
+    """Restore verification of one snapshot as a ``check`` job (``engine.daemon.checks``);
+    202 with the job, whose summary is the record it leaves on the snapshot."""
+    handle = _service(request).store(request.query.get("store"))
+    body: CheckRequest = await _body(request, CheckRequest)
+    asked = app_check.CheckRequest(
+        request.match_info["id"], body.disks or (), body.expect or (), body.launch_timeout
+    )
+    view = start_check(_service(request), handle, asked)
+    return web.json_response({"jobs": [view.doc()]}, status=202)
 
 
 async def store(request: web.Request) -> web.Response:

@@ -24,6 +24,8 @@ restore itself, so a step added here (a limit, a metric, a recovery) reaches eve
                  site's engine).
 - ``maintenance`` ``GcOptions`` / ``VerifyOptions`` → ``GcResult`` / ``VerifyResult``, off the
                  loop; a verify's report lines.
+- ``check``    ``CheckRequest`` → ``CheckRecord`` (restore verification: a snapshot's filesystems
+                 checked read-only in an appliance, recorded on it); its report lines.
 - ``passphrase`` where a store passphrase comes from.
 - ``summaries``  the document of a typed outcome (what the API shows and job history keeps).
 

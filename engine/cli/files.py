@@ -13,6 +13,10 @@ The tree has one directory per guest filesystem, named from its device (``/sda1`
 
 With ``--config``, ``files`` goes through the daemon when it answers (a browsing session of
 its API), else reads the configuration's store here; ``mount`` always runs here.
+
+``tessera snapshots check SNAPSHOT`` checks a restore point through the same appliance
+(``engine.restore.check``): each filesystem's checker in no-write mode, expected paths, the
+verdict recorded beside the snapshot and shown by ``tessera snapshots``.
 """
 
 import argparse
@@ -56,7 +60,7 @@ def register(
     sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
     add_key_options: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Add ``files`` (ls, find, get) and ``mount`` to the parser."""
+    """Add ``files`` (ls, find, get), ``mount`` and ``snapshots check`` to the parser."""
     files = sub.add_parser(
         "files",
         help="list, find and copy out files of a restore point without restoring the VM "
@@ -99,3 +103,37 @@ def register(
     mount.add_argument("directory", type=Path, metavar="DIR", help="an empty directory")
     add_key_options(mount)
     mount.set_defaults(func=Handler("files", "cmd_mount"))
+
+    check = _actions_of(sub.choices["snapshots"]).add_parser(
+        "check",
+        help="prove a restore point usable: check its filesystems read-only in an appliance "
+        "VM (fsck in no-write mode) and that expected paths exist; the result is recorded "
+        "on the snapshot (shown by `tessera snapshots`)",
+        description="Boots an appliance VM (libguestfs) on the snapshot's disks served "
+        "read-only from the store, runs each filesystem's own checker in no-write mode "
+        "(e2fsck -f -n, xfs_repair -n, ntfsfix --no-action, fsck.fat -n, btrfs check "
+        "--readonly) and looks up each --expect path. Nothing of the backup is written: the "
+        "verdict is a file beside the snapshot (restore-check.json). Exit status 0 when the "
+        "check passed, 1 when it failed or could not run.",
+    )
+    _common(check, daemon=False)
+    check.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a path of the tree that must exist, e.g. /sda1/etc/hostname (repeatable)",
+    )
+    check.add_argument("--json", action="store_true")
+    add_key_options(check)
+    check.set_defaults(func=Handler("files", "cmd_check"))
+
+
+def _actions_of(
+    parser: argparse.ArgumentParser,
+) -> "argparse._SubParsersAction[argparse.ArgumentParser]":
+    """The ACTION subparsers of ``parser`` (``snapshots``: made by ``engine.cli.maint``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return parser.add_subparsers(dest="snapshots_command", metavar="ACTION")

@@ -64,6 +64,12 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
     ),
     "snapshots protect": (f"tessera snapshots protect 3f2a9c1e --store {S}",),
     "snapshots unprotect": (f"tessera snapshots unprotect 3f2a9c1e --store {S}",),
+    "snapshots check": (
+        f"tessera snapshots check 3f2a9c1e --store {S}",
+        f"tessera snapshots check 3f2a9c1e --store {S} --expect /sda1/etc/hostname "
+        "--expect /vg0-lv0/var/lib/pgsql",
+        f"tessera snapshots check 3f2a9c1e --store {S} --disk web1-data --json",
+    ),
     "snapshots removed": (f"tessera snapshots removed --store {S}",),
     "snapshots unremove": (f"tessera snapshots unremove 3f2a9c1e --store {S}",),
     "restore": (

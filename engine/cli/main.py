@@ -227,7 +227,7 @@ def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _add_restore_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("snapshots", help="list restore points (or protect one: ACTION)")
+    p = sub.add_parser("snapshots", help="list restore points (or protect or check one: ACTION)")
     where = p.add_mutually_exclusive_group()  # required unless an ACTION says otherwise
     where.add_argument("--store", type=Path)
     where.add_argument("--config", type=Path, help="use the configuration's store")

@@ -180,6 +180,9 @@ class MaintenanceSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     repack_threshold: float = 0.5  # repack packs whose live share is below this
     verify: Schedule | None = None  # e.g. "sat 04:00"
     verify_percent: float = 10.0  # share of the packs read per run, oldest-verified first
+    # restore verification of the newest snapshot of every VM (engine.daemon.checks), e.g.
+    # "sun 05:00"; each with its policy's restore_check.expect
+    restore_check: Schedule | None = None
     notify: tuple[str, ...] = ()  # e-mail addresses for findings
     webhooks: tuple[str, ...] = ()  # names of ``webhooks`` entries for findings
 

@@ -3,7 +3,8 @@
 A policy says which VMs (``selection``), when (``schedule``: calendar expressions), at which
 level (``level``), through which read path (``flow``), how long to keep restore points
 (``retention``, applied by ``engine.maint.retention``), where to replicate, which peer keeps a
-cold standby, and who hears about it. Short forms the loader accepts: ``schedule: daily 02:00``
+cold standby, whether each new restore point is checked (``restore_check``), and who hears
+about it. Short forms the loader accepts: ``schedule: daily 02:00``
 for a one-element list, ``level: differential`` for ``level: {default: differential}``,
 ``notifications.on: failure`` for a one-element list.
 """
@@ -107,6 +108,24 @@ class Standby(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     name_suffix: str = "-standby"
 
 
+class RestoreCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Restore verification (``engine.restore.check``): with ``after_backup``, each restore
+    point a backup of the policy makes is checked right after it — its filesystems checked
+    read-only in an appliance VM (each one's fsck in no-write mode) and the ``expect``-ed
+    paths of its tree (``/sda1/etc/hostname``) looked up — as a ``check`` job; the verdict is
+    recorded on the snapshot. ``disks`` (names or ids; empty: all) limits the disks served."""
+
+    after_backup: bool = True
+    expect: tuple[str, ...] = ()
+    disks: tuple[str, ...] = ()
+    launch_timeout: Duration | None = None  # the appliance's boot; None: 300 s
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.expect if not p.startswith("/") or p.count("/") < 2]
+        if bad:
+            raise ValueError(f"expect: {bad[0]!r} is not a path of the tree (/sda1/etc/hostname)")
+
+
 class Notifications(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Who hears of a run: after each run, one digest mail to ``to`` and one call to each
     of ``webhooks`` (names of the daemon config's ``webhooks``), when the run raised an
@@ -135,6 +154,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     retention: Retention = Retention()
     replication: tuple[ReplicationTarget, ...] = ()
     standby: Standby | None = None
+    restore_check: RestoreCheck | None = None
     notifications: Notifications = Notifications()
 
     def __post_init__(self) -> None:

@@ -1,12 +1,14 @@
-"""Scheduled store maintenance in the daemon: garbage collection and verify.
+"""Scheduled store maintenance in the daemon: garbage collection, verify and restore checks.
 
 ``config.maintenance`` gives calendar expressions (``gc: "sun 03:00"``, ``verify: "sat
-04:00"``); each becomes a scheduled *task* with the same scheduler rules as policies (no
-overlap, misfire grace, state file ``<scheduler state>-maintenance.json``). A run is a job
-of the ``JobManager`` (kind ``gc`` or ``verify``, its "VM" ``store:<name>``), so it shows in
-``tessera jobs`` with its log and summary, and it runs beside backups: GC honours the leases
-of running backups (``engine.maint.gc``), verify reads a read-only view. A verify with
-findings or a failed run is e-mailed to ``maintenance.notify``.
+04:00"``, ``restore_check: "sun 05:00"``); each becomes a scheduled *task* with the same
+scheduler rules as policies (no overlap, misfire grace, state file
+``<scheduler state>-maintenance.json``). A run is a job of the ``JobManager`` (kind ``gc``
+or ``verify``, its "VM" ``store:<name>``), so it shows in ``tessera jobs`` with its log and
+summary, and it runs beside backups: GC honours the leases of running backups
+(``engine.maint.gc``), verify reads a read-only view. A verify with findings or a failed
+run is e-mailed to ``maintenance.notify``. A restore check run is one ``check`` job per VM
+(``engine.daemon.checks.start_newest``: its newest snapshot).
 
 The work runs in a thread (``engine.app.maintenance``: both are blocking, resumable store
 walks); a daemon stop waits for
@@ -26,6 +28,7 @@ from engine.app.stores import JobStore
 from engine.app.summaries import gc_doc, verify_doc
 from engine.config.models import MaintenanceSection
 from engine.core.errors import ConfigError
+from engine.daemon import checks
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import JobView
 from engine.maint.gc import GcOptions
@@ -40,7 +43,7 @@ class Task:
     """What the scheduler needs (``name``, ``calendars``) plus what to run."""
 
     name: str  # "maintenance/gc"
-    kind: str  # gc | verify
+    kind: str  # gc | verify | check
     calendars: tuple[Calendar, ...] = field(default_factory=tuple)
 
 
@@ -50,12 +53,18 @@ def tasks(section: MaintenanceSection) -> list[Task]:
         out.append(Task("maintenance/gc", "gc", (section.gc.calendar,)))
     if section.verify is not None:
         out.append(Task("maintenance/verify", "verify", (section.verify.calendar,)))
+    if section.restore_check is not None:
+        calendar = section.restore_check.calendar
+        out.append(Task("maintenance/restore-check", "check", (calendar,)))
     return out
 
 
 async def run_task(ctx: DaemonContext, task: Task) -> None:
     """One run of ``task`` on every store, as daemon jobs; returns when they have ended."""
-    views = [start(ctx, task.kind, handle) for handle in ctx.stores.values()]
+    if task.kind == "check":
+        views = [v for handle in ctx.stores.values() for v in checks.start_newest(ctx, handle)]
+    else:
+        views = [start(ctx, task.kind, handle) for handle in ctx.stores.values()]
     waits = [v.task for v in views if v.task is not None]
     if waits:
         await asyncio.wait(waits)

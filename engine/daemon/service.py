@@ -45,6 +45,7 @@ from engine.config.models import Config, StoreSection
 from engine.config.policy import Policy
 from engine.core.errors import ConfigError, EngineError
 from engine.daemon import browse, exports, maintenance, sdnotify, sites
+from engine.daemon.checks import CHECK_KIND, CHECK_VM_PREFIX, policy_request, start_check
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import FINISHED_KEPT, JobManager, JobView
 from engine.daemon.notifications import PolicyRun, Senders
@@ -333,7 +334,8 @@ class Service:
         last: dict[str, datetime] = {}
         for history in histories:
             for vm, when in (await asyncio.to_thread(history.last_success)).items():
-                last[vm] = max(when, last.get(vm, when))
+                if not vm.startswith(CHECK_VM_PREFIX):  # a check's, as in _finished
+                    last[vm] = max(when, last.get(vm, when))
         for vm, when in last.items():
             self.metrics.restore_last_success(vm, when.timestamp())
         log.info("history.loaded", jobs=len(docs), vms=len(last))
@@ -546,13 +548,20 @@ class Service:
             if outcome.manifest is None:
                 return
             snapshot = outcome.manifest.snapshot_id
-            pushes = [
+            after = [
                 sites.start_replication(self, policy, vm, snapshot, target.peer)
                 for target in policy.replication
                 if target.mode == "push"
             ]
-            run.views += pushes
-            waits = [p.task for p in pushes if p.task is not None]
+            checks = policy.restore_check
+            if checks is not None and checks.after_backup:  # beside the replications
+                try:
+                    request = policy_request(snapshot, checks)
+                    after.append(start_check(self, handle, request, policy=policy.name))
+                except EngineError as e:  # the daemon stopping, the snapshot pruned meanwhile
+                    run.problems.append(f"{vm}: restore check of {snapshot} not started: {e}")
+            run.views += after
+            waits = [p.task for p in after if p.task is not None]
             if waits:
                 await asyncio.wait(waits)
 
@@ -623,8 +632,9 @@ class Service:
 
     async def _finished(self, view: JobView) -> None:
         """The job history, metrics, the store gauges and, for maintenance that failed or
-        found damage, the mail and webhooks of ``maintenance`` for a job that ended (a
-        policy's jobs are told of in its run's digest: ``send_digest``)."""
+        found damage (a restore check not a policy's included), the mail and webhooks of
+        ``maintenance`` for a job that ended (a policy's jobs are told of in its run's
+        digest: ``send_digest``)."""
         history = self._history_for(view)
         if history is not None:
             await self._history_write(history.record, view.history_row())
@@ -632,7 +642,7 @@ class Service:
         self.metrics.job_finished(
             view.kind,
             view.state,
-            view.vm,
+            None if view.kind == CHECK_KIND else view.vm,  # a gauge per snapshot: never
             bytes_read=summary.bytes_read,
             bytes_stored=summary.bytes_stored,
             seconds=view.outcome.seconds if isinstance(view.outcome, BackupOutcome) else 0.0,
@@ -645,7 +655,8 @@ class Service:
             self.metrics.set_store_usage(
                 store, info.pack_bytes, info.dedup_ratio, info.compression_ratio
             )
-        if view.kind in ("gc", "verify") and view.state != "succeeded":
+        mailed = view.kind in ("gc", "verify") or (view.kind == CHECK_KIND and view.policy is None)
+        if mailed and view.state != "succeeded":  # a policy's check: in its run's digest
             await self.notifications.maintenance(summary, self.config.maintenance)
         for listener in self.listeners:
             await listener(view)

@@ -16,7 +16,10 @@ running NBD export, what a local image and a device attached to the DataMover sh
 by ``plugins.local`` and ``plugins.ovirt``), ``export`` (``SnapshotExport``: one disk of a
 snapshot as an NBD backend) with ``overlay`` (its copy-on-write layer), ``files``
 (``GuestTree``: the guest filesystems of a snapshot read in a libguestfs appliance, driven
-through the helper process ``appliance``; ``tree`` holds what the two exchange).
+through the helper process ``appliance``; ``tree`` holds what the two exchange), ``check``
+(restore verification: every filesystem of a snapshot checked by its own checker in no-write
+mode inside the appliance — ``fsck``, run by the helper — and expected paths looked up; the
+verdict, a ``CheckRecord``, kept beside the snapshot by ``record``).
 
 Invariants:
 

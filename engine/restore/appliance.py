@@ -18,7 +18,12 @@ Requests and answers::
     {"op": "download", "path": P, "file": F}   → {"ok": bytes}  (a regular file into F)
     {"op": "tar", "path": P, "file": F}        → {"ok": bytes}  (a directory as tar into F)
     {"op": "mount", "dir": DIR}  → {"event": "mounted"}, then {"ok": null} once unmounted
+    {"op": "check", "filesystems": [filesystem…], "expect": [P…]}
+                                  → {"ok": {"filesystems": [fscheck…], "paths": [path…]}}
     {"op": "quit"}                                          → {"ok": null}, exit
+
+``check`` runs each filesystem's own checker in its no-write mode (``engine.restore.fsck``) on
+the unmounted filesystem, then mounts it read-only again, and looks up the expected paths.
 
 A failed request answers ``{"error": TEXT, "errno": N}`` (``errno``: ENOENT or ENOTDIR for
 a path that is not there, else 0) and the helper goes on; end of input ends it.
@@ -43,7 +48,8 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 from engine.io import guestfs as guestfs_bindings
-from engine.restore.tree import Entry, Filesystem
+from engine.restore import fsck
+from engine.restore.tree import Entry, Filesystem, kind_of
 
 COPY_SIZE = 1 << 20  # bytes moved per read of a download's pipe
 
@@ -94,19 +100,19 @@ def _serve(g: Any, op: str, request: dict[str, Any], out: Any) -> object:
         g.launch()
         found = _mount_all(g, request["disks"])
         return {"qemu": g.get_pid(), "filesystems": [asdict(f) for f in found]}
-    if op == "ls":
-        return [asdict(e) for e in _ls(g, request["path"])]
-    if op == "find":
-        return _find(g, request["path"], request.get("pattern"))
-    if op == "get":
-        return _get(g, request["path"], Path(request["dest"]))
-    if op in _TRANSFERS:
-        return _TRANSFERS[op](g, request)
+    if op in _READS:
+        return _READS[op](g, request)
     if op == "mount":
         g.mount_local(request["dir"], readonly=True)
         _answer(out, {"event": "mounted"})
         g.mount_local_run()  # until unmounted
         return None
+    if op == "check":
+        filesystems = [Filesystem(**f) for f in request["filesystems"]]
+        return {
+            "filesystems": [asdict(fsck.check(g, f)) for f in filesystems],
+            "paths": [asdict(fsck.lookup(g, p)) for p in request["expect"]],
+        }
     raise ConfigError(message=f"unknown request {op!r}")
 
 
@@ -129,7 +135,10 @@ def _op_tar(g: Any, request: dict[str, Any]) -> object:
     return Path(request["file"]).stat().st_size
 
 
-_TRANSFERS: dict[str, Callable[[Any, dict[str, Any]], object]] = {
+_READS: dict[str, Callable[[Any, dict[str, Any]], object]] = {  # requests that only read
+    "ls": lambda g, r: [asdict(e) for e in _ls(g, r["path"])],
+    "find": lambda g, r: _find(g, r["path"], r.get("pattern")),
+    "get": lambda g, r: _get(g, r["path"], Path(r["dest"])),
     "stat": _op_stat,
     "download": _op_download,
     "tar": _op_tar,
@@ -182,20 +191,10 @@ def _disk_of_lv(g: Any, lv: str, partitions: set[str]) -> str | None:
     return None
 
 
-def _kind(mode: int) -> str:
-    if stat_mod.S_ISDIR(mode):
-        return "dir"
-    if stat_mod.S_ISREG(mode):
-        return "file"
-    if stat_mod.S_ISLNK(mode):
-        return "link"
-    return "other"
-
-
 def _entry(g: Any, path: str, name: str, st: dict[str, int]) -> Entry:
     mode = st["st_mode"]
     target = g.readlink(path) if stat_mod.S_ISLNK(mode) else ""
-    return Entry(name, _kind(mode), st["st_size"], mode, st["st_mtime_sec"], target)
+    return Entry(name, kind_of(mode), st["st_size"], mode, st["st_mtime_sec"], target)
 
 
 def _ls(g: Any, path: str) -> list[Entry]:

@@ -43,6 +43,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Final
 
@@ -53,7 +54,7 @@ from engine.io import guestfs as guestfs_bindings
 from engine.io.nbd.serve import Listener, serve
 from engine.io.nbd.server import ExportSpec
 from engine.restore.export import SnapshotExport
-from engine.restore.tree import Entry, Filesystem
+from engine.restore.tree import Entry, Filesystem, FsCheck, PathCheck
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import ChunkReader
 from engine.workers.pool import CpuPool
@@ -301,6 +302,18 @@ class GuestTree:
         (``fusermount -u DIR`` or ``umount DIR``); ``ready`` is called once it is there."""
         self._events = {"mounted": ready}
         await self._request("mount", dir=str(directory.resolve()))
+
+    async def check(self, expect: Sequence[str] = ()) -> tuple[list[FsCheck], list[PathCheck]]:
+        """Check every filesystem with its own checker in no-write mode, and look up the
+        ``expect``-ed paths (``engine.restore.fsck``); the filesystems stay as they were."""
+        paths = [self._check(p) for p in expect]
+        found = await self._request(
+            "check", filesystems=[asdict(f) for f in self.filesystems], expect=paths
+        )
+        return (
+            [FsCheck(**f) for f in found["filesystems"]],
+            [PathCheck(**p) for p in found["paths"]],
+        )
 
 
 async def tree_end(helper: asyncio.subprocess.Process, qemu: int | None = None) -> None:

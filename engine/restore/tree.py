@@ -1,6 +1,8 @@
 """What the file-level restore's two processes exchange (``engine.restore.files`` and its
-helper ``engine.restore.appliance``): a guest filesystem and a directory entry."""
+helper ``engine.restore.appliance``): a guest filesystem, a directory entry, and what a
+check of a restore point found (``FsCheck``, ``PathCheck``)."""
 
+import stat
 from dataclasses import dataclass
 
 
@@ -26,3 +28,39 @@ class Entry:
     mode: int
     mtime: int
     target: str = ""  # a link's
+
+
+@dataclass(frozen=True, slots=True)
+class FsCheck:
+    """One filesystem checked by ``check``: its checker's verdict in no-write mode."""
+
+    name: str  # as in Filesystem
+    device: str
+    fstype: str
+    disk: str
+    state: str  # ok | failed | unchecked (no checker for its type in the appliance)
+    checker: str = ""  # the command run: "e2fsck -f -n", "xfs_repair -n" …
+    exit_status: int | None = None
+    problem: str = ""  # what is wrong, one line; empty when ok
+    output: str = ""  # the checker's last lines (bounded), kept for a failed check
+
+
+@dataclass(frozen=True, slots=True)
+class PathCheck:
+    """One expected path of ``check``: there or not."""
+
+    path: str
+    present: bool
+    kind: str = ""  # file, dir, link, other
+    problem: str = ""  # why it is missing, as the appliance said
+
+
+def kind_of(mode: int) -> str:
+    """An ``Entry``'s kind from its ``st_mode``."""
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "other"

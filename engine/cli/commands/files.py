@@ -1,7 +1,7 @@
-"""What ``tessera files`` and ``tessera mount`` run (their options: ``engine.cli.files``):
-the store opened read-only (so they run beside the daemon), the snapshot share-locked while
-its disks are read (prune skips it), the disks served to an appliance VM
-(``engine.restore.files.GuestTree``).
+"""What ``tessera files``, ``tessera mount`` and ``tessera snapshots check`` run (their
+options: ``engine.cli.files``): the store opened read-only (so they run beside the daemon),
+the snapshot share-locked while its disks are read (prune skips it), the disks served to an
+appliance VM (``engine.restore.files.GuestTree``; for check, ``engine.restore.check``).
 
 ``files`` with ``--config`` goes through the daemon when one answers on the configuration's
 socket, as ``backup vm`` does (``--direct`` reads here anyway): a browsing session of its API
@@ -12,6 +12,7 @@ the session deleted at the end, also on an error or Ctrl-C."""
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import stat
 import subprocess
@@ -22,11 +23,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from engine.app.check import CheckRequest, check_lines, check_restore_point
 from engine.cli.commands.stores import open_store
-from engine.cli.exits import EXIT_OK
+from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.core.units import human_bytes
 from engine.jobs.restore import select_disks
+from engine.restore.check import check_expected
 from engine.restore.files import GuestTree
 from engine.restore.tree import Entry, Filesystem
 from engine.store.chunk_store import Store
@@ -232,3 +235,23 @@ def _ls_line(entry: Entry) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime))
     link = f" -> {entry.target}" if entry.target else ""
     return f"{stat.filemode(entry.mode)} {entry.size:>12} {when} {entry.name}{link}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``snapshots check``: exit 0 when the check passed, 1 when it failed or could not run
+    (the record says which; it is written either way)."""
+    check_expected(args.expect)  # before the store opens and the appliance boots
+    with open_store(args, writable=False) as store:
+        try:
+            request = CheckRequest(
+                args.snapshot, tuple(args.disk or ()), tuple(args.expect), args.launch_timeout
+            )
+            record = aio.run(check_restore_point(store, request))
+        except SnapshotNotFound as e:
+            raise ConfigError(message=f"snapshots check: {e}") from None
+    if args.json:
+        print(json.dumps(record.doc(), indent=2))
+    else:
+        for line in check_lines(record):
+            print(line)
+    return EXIT_OK if record.outcome == "passed" else EXIT_FAILED

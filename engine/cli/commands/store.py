@@ -13,6 +13,7 @@ from engine.cli.times import human_time
 from engine.core.errors import ConfigError
 from engine.core.units import human_bytes
 from engine.maint.prune import is_protected
+from engine.restore.record import read_record, record_cell
 from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
 from engine.store.layout import ENCRYPTION_NONE
@@ -100,22 +101,27 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         damage = {
             m.snapshot_id: damage_of(store.layout, store.index, m.snapshot_id) for m in manifests
         }
+        checks = {m.snapshot_id: read_record(store.layout, m.snapshot_id) for m in manifests}
     if args.json:
-        docs = [
-            snapshot_doc(m)
-            | {"protected": m.snapshot_id in protected, "damaged": damage[m.snapshot_id]}
-            for m in manifests
-        ]
+        docs = []
+        for m in manifests:
+            record = checks[m.snapshot_id]
+            docs.append(
+                snapshot_doc(m)
+                | {"protected": m.snapshot_id in protected, "damaged": damage[m.snapshot_id]}
+                | {"check": record.doc() if record is not None else None}
+            )
         print(json.dumps(docs, indent=2))
         return EXIT_OK
     print(
         f"{'ID':<16}  {'TIME':<{TIME_WIDTH}}  {'VM':<24}  {'LEVEL':<12}  {'DISKS':>5}  {'SIZE':>10}"
-        "  PROTECTED  DAMAGED"
+        f"  {'CHECKED':<17}  PROTECTED  DAMAGED"
     )
     for m in manifests:
         line = (
             f"{m.snapshot_id:<16}  {human_time(m.time)}  {m.vm_name[:24]:<24}  {m.level:<12}  "
             f"{len(m.disks):>5}  {human_bytes(m.size):>10}"
+            f"  {record_cell(checks[m.snapshot_id]):<17}"
             f"  {'yes' if m.snapshot_id in protected else '':<9}"
             + _damage_cell(damage[m.snapshot_id])
         )

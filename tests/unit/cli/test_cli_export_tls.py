@@ -95,3 +95,11 @@ def test_uris_say_nbds_when_clients_must_speak_tls() -> None:
         "nbds://127.0.0.1:10809/",
         "nbds+unix:///?socket=/run/x.sock",
     ]
+
+
+def test_the_help_names_the_files_the_server_reads() -> None:
+    from engine.cli import export as options
+    from engine.io.nbd import tls
+
+    names = (options.CA_CERT, options.SERVER_CERT, options.SERVER_KEY)
+    assert names == (tls.CA_CERT, tls.SERVER_CERT, tls.SERVER_KEY)

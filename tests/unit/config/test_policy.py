@@ -33,8 +33,12 @@ def test_example_config_and_policy_load_together() -> None:
     assert policy.notifications.webhooks == ("ops-chat",)
     assert config.webhook("ops-chat").format == "slack"
     assert config.maintenance.webhooks == ("ops-chat",)
+    assert config.maintenance.restore_check == "sun 05:00"
     assert policy.standby is not None
     assert policy.standby.cluster == "DR"
+    assert policy.restore_check is not None
+    assert policy.restore_check.after_backup
+    assert policy.restore_check.expect == ("/sda1/etc/hostname",)
     assert loaded.policy_files == {"daily-prod": EXAMPLE_POLICIES / "daily.yaml"}
 
 
@@ -192,6 +196,11 @@ def _policy_file(tmp_path: Path, text: str) -> Path:
             "password_file, the path of a file holding the password",
         ),
         (("name: nightly\n", ""), "(top level): Object missing required field `name`"),
+        (
+            ("name: nightly\n", "name: nightly\nrestore_check:\n  expect: [etc/hostname]\n"),
+            "restore_check (line 2): expect: 'etc/hostname' is not a path of the tree "
+            "(/sda1/etc/hostname)",
+        ),
     ],
 )
 def test_bad_policy_files(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
