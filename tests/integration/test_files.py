@@ -31,6 +31,7 @@ from engine.store.chunk_store import Store
 from engine.store.pack import pack_path
 from engine.workers import make_cpu_pool
 from plugins.lab.guest_disk import MIN_SIZE, guest_files
+from tests.cli import Cli
 
 pytestmark = pytest.mark.integration
 
@@ -41,24 +42,8 @@ ENV = {
     "TESSERA_PASSPHRASE": PASSPHRASE,
     "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg",
 }
-
-
-def tessera(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def ok(*args: str | Path) -> str:
-    proc = tessera(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+CLI = Cli(passphrase=PASSPHRASE, env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}, timeout=600)
+tessera, ok = CLI.run, CLI.ok
 
 
 class Lab:
