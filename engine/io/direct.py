@@ -116,7 +116,7 @@ class DirectImage:
         block device."""
         name = os.fspath(path)
         try:
-            fd, kind, size = await _in_thread(_open, name, lambda opened: opened[0])
+            fd, kind, size = await _in_thread(open_raw, name, lambda opened: opened[0])
         except OSError as e:
             raise DirectImageError(disk=disk, path=name, reason=errno_text(e)) from e
         if fd is None:
@@ -231,9 +231,10 @@ async def _in_thread(opener: Callable[[str], T], path: str, fd_of: Callable[[T],
         raise
 
 
-def _open(path: str) -> tuple[int | None, str, int]:
-    """(fd, kind, size), or (None, why not, 0) for what is not a raw image."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def open_raw(path: str, flags: int = os.O_RDONLY) -> tuple[int | None, str, int]:
+    """(fd, kind, size) of ``path`` opened with ``flags`` (and O_CLOEXEC), or (None, why
+    not, 0) for what is not a raw image (a regular file or a block device)."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISREG(mode):

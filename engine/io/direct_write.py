@@ -38,14 +38,13 @@ import ctypes
 import errno
 import fcntl
 import os
-import stat
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Self
 
 from engine.core.units import MiB
-from engine.io.direct import DirectImageError, errno_text
+from engine.io.direct import DirectImageError, errno_text, open_raw
 from engine.util.inbox import Inbox
 
 FALLOC_FL_KEEP_SIZE: Final = 0x01
@@ -88,7 +87,7 @@ class DirectWritable:
         neither a regular file nor a block device, or is smaller than ``size``."""
         name = os.fspath(path)
         try:
-            fd, kind, found = await asyncio.to_thread(_open, name)
+            fd, kind, found = await asyncio.to_thread(open_raw, name, os.O_WRONLY)
         except OSError as e:
             raise DirectImageError(disk=disk, path=name, reason=errno_text(e)) from e
         if fd is None:
@@ -123,22 +122,6 @@ class DirectWritable:
         fd, self._fd = self._fd, None
         if fd is not None:
             await asyncio.to_thread(os.close, fd)
-
-
-def _open(path: str) -> tuple[int | None, str, int]:
-    """(fd, kind, size), or (None, why not, 0) for what is not a raw image."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISREG(mode):
-            return fd, "file", os.fstat(fd).st_size
-        if stat.S_ISBLK(mode):
-            return fd, "block device", os.lseek(fd, 0, os.SEEK_END)
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None, "not a regular file or block device", 0
 
 
 class DirectWriter:

@@ -24,8 +24,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.api.server import build_app
 from engine.core.units import MiB
 from engine.daemon import maintenance
-from plugins.lab.guest_disk import MIN_SIZE, PARTITIONS
+from plugins.lab.guest_disk import PARTITIONS, build_apart
 from tests.cli import Cli
 from tests.daemon_setup import daemon_config, running
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
@@ -68,13 +66,7 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("check")
     image = tmp / "check-vm.raw"
-    subprocess.run(  # the lab's guest layout, built by libguestfs (ENV: force_tcg)
-        [sys.executable, "-m", "plugins.lab.guest_disk", image, "check-vm", str(MIN_SIZE)],
-        cwd=ROOT,
-        env=ENV,
-        check=True,
-        timeout=600,
-    )
+    build_apart(image, "check-vm", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
     broken = tmp / "broken-vm.raw"
     shutil.copyfile(image, broken)
     zero_ext4_block_bitmap(broken)

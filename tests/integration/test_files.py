@@ -30,7 +30,7 @@ from engine.restore.files import ApplianceError, GuestTree
 from engine.store.chunk_store import Store
 from engine.store.pack import pack_path
 from engine.workers import make_cpu_pool
-from plugins.lab.guest_disk import MIN_SIZE, guest_files
+from plugins.lab.guest_disk import build_apart, guest_files
 from tests.cli import Cli
 
 pytestmark = pytest.mark.integration
@@ -57,13 +57,7 @@ class Lab:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("files")
     image = tmp / "files-vm.raw"
-    subprocess.run(  # the lab's guest layout, built by libguestfs (ENV: force_tcg)
-        [sys.executable, "-m", "plugins.lab.guest_disk", image, "files-vm", str(MIN_SIZE)],
-        cwd=ROOT,
-        env=ENV,
-        check=True,
-        timeout=600,
-    )
+    build_apart(image, "files-vm", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
     files = guest_files("files-vm")
     store = tmp / "store"
     ok("store", "init", store)
