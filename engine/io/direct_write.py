@@ -14,6 +14,15 @@ raw images::
       │                                          flush()              fdatasync
       └── close()                                (writers are closed by whoever opened them)
 
+**O_DIRECT.** Each writer also opens the image with ``O_DIRECT`` and writes aligned slots
+(every chunk; ``ALIGN``) through a page-aligned bounce buffer of its own (the pool's arena is
+not page-aligned): the copy is a ``ctypes.memmove`` off the GIL. Through the page cache a
+restore only dirtied pages and the final ``fdatasync`` then wrote them all: measured on a
+2-disk, 1.9 GiB restore, 6.2 s through the cache, 4.2 s with a ``POSIX_FADV_DONTNEED`` after
+each write (it starts the writeback), 2.3 s with O_DIRECT (qemu-nbd with ``cache=none``:
+2.4 s). A file system that refuses O_DIRECT (tmpfs, some FUSE) and the unaligned last slot
+of a disk go through the cache with that hint.
+
 **Zeroes.** A regular file gets a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``: reads as
 zeros, takes no space), a block device ``BLKZEROOUT`` (the device zeroes, unmapping where it
 can); where neither is supported (``EOPNOTSUPP``, ``EINVAL``, ``ENOTTY``) zeros are written,
@@ -37,6 +46,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -51,6 +61,9 @@ FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 BLKZEROOUT: Final = 0x127F  # _IO(0x12, 127): zero a byte range of a block device
 ZERO_PIECE: Final = MiB  # zeros written at once where the file system cannot punch holes
+# O_DIRECT needs offsets, lengths and memory aligned to the device's logical block: 4096
+# covers 512- and 4K-sector devices. Chunks are; a disk's short last slot is not.
+ALIGN: Final = 4096
 # errnos that mean "not supported here": fall back to writing zeros
 UNSUPPORTED: Final = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
 
@@ -109,14 +122,14 @@ class DirectWritable:
             )
 
     async def open_writer(self) -> "DirectWriter":
-        """A new writer on a descriptor of its own (one per concurrent caller)."""
+        """A new writer on descriptors of its own (one per concurrent caller)."""
         if self._fd is None:
             raise DirectImageError(disk=self.disk, path=self.path, reason="closed")
         try:
-            fd = await asyncio.to_thread(os.open, self.path, os.O_WRONLY | os.O_CLOEXEC)
+            fd, direct = await asyncio.to_thread(_open_writer, self.path)
         except OSError as e:
             raise DirectImageError(disk=self.disk, path=self.path, reason=errno_text(e)) from e
-        return DirectWriter(self, fd)
+        return DirectWriter(self, fd, direct)
 
     async def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -124,13 +137,41 @@ class DirectWritable:
             await asyncio.to_thread(os.close, fd)
 
 
+def _open_writer(path: str) -> tuple[int, int | None]:
+    """(a buffered descriptor, an O_DIRECT one or None where the file system refuses it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            os.close(fd)
+            raise
+        direct = None  # tmpfs and some FUSE file systems: the page cache it is
+    return fd, direct
+
+
+def _copy(bounce: mmap.mmap, data: memoryview) -> None:
+    """``data`` into the start of ``bounce``; a writable (pool) buffer is copied by
+    ``ctypes.memmove``, which lets go of the GIL meanwhile."""
+    n = len(data)
+    if data.readonly or not data.c_contiguous:
+        bounce[:n] = data
+        return
+    src = (ctypes.c_char * n).from_buffer(data)
+    dst = (ctypes.c_char * n).from_buffer(bounce)
+    ctypes.memmove(dst, src, n)
+    del src, dst  # the buffers' exports end here (an exported mmap cannot be closed)
+
+
 class DirectWriter:
     """One writer of a ``DirectWritable`` (an ``engine.sources.types.DiskWriter``): not
     shared between concurrent callers; ``close`` (idempotent) after the last write."""
 
-    def __init__(self, image: DirectWritable, fd: int) -> None:
+    def __init__(self, image: DirectWritable, fd: int, direct: int | None = None) -> None:
         self._image = image
         self._fd: int | None = fd
+        self._direct = direct  # O_DIRECT, for aligned writes through ``_bounce``
+        self._bounce: mmap.mmap | None = None  # page-aligned; grown to the largest write
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tessera-write")
         self._inbox = Inbox()
 
@@ -170,6 +211,28 @@ class DirectWriter:
         await self._run(self._sync, fd)
 
     def _write(self, fd: int, offset: int, data: memoryview) -> None:
+        length = len(data)
+        if self._direct is not None and offset % ALIGN == 0 and length % ALIGN == 0:
+            if self._bounce is None or len(self._bounce) < length:
+                if self._bounce is not None:
+                    self._bounce.close()
+                self._bounce = mmap.mmap(-1, length)
+            _copy(self._bounce, data)
+            try:
+                with memoryview(self._bounce)[:length] as aligned:
+                    self._pwrite_all(self._direct, offset, aligned)
+            except DirectWriteError as e:
+                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct)  # refused after all: the page cache from now on
+                self._direct = None
+            else:
+                return
+        self._pwrite_all(fd, offset, data)
+        with contextlib.suppress(OSError):  # a hint: start writing it back now (see above)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    def _pwrite_all(self, fd: int, offset: int, data: memoryview) -> None:
         done, length = 0, len(data)
         while done < length:
             with data[done:] as rest:
@@ -194,7 +257,7 @@ class DirectWriter:
             return
         zeros = memoryview(bytes(min(ZERO_PIECE, length)))
         for start in range(offset, offset + length, ZERO_PIECE):
-            self._write(fd, start, zeros[: min(ZERO_PIECE, offset + length - start)])
+            self._pwrite_all(fd, start, zeros[: min(ZERO_PIECE, offset + length - start)])
 
     def _sync(self, fd: int) -> None:
         try:
@@ -208,7 +271,16 @@ class DirectWriter:
             return
         try:
             with contextlib.suppress(OSError):
-                await self._inbox.wrap(self._thread.submit(os.close, fd))
+                await self._inbox.wrap(self._thread.submit(self._close, fd))
         finally:
             self._thread.shutdown(wait=False)
             self._inbox.close()
+
+    def _close(self, fd: int) -> None:
+        direct, self._direct = self._direct, None
+        bounce, self._bounce = self._bounce, None
+        if bounce is not None:
+            bounce.close()
+        if direct is not None:
+            os.close(direct)
+        os.close(fd)
