@@ -32,14 +32,17 @@ import structlog
 from engine.app.export import ExportTarget, resolve_export, serve_export, uris
 from engine.app.stores import JobStore
 from engine.config.models import Config
-from engine.core.errors import EngineError
+from engine.core.errors import ConfigError, EngineError
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import JobView
 from engine.io.nbd.serve import Listener, ServerStats
+from engine.io.qemu import MAX_SOCKET_PATH
+from engine.jobs.journal import new_job_id
 
 log = structlog.get_logger("tessera.exports")
 
 KIND: Final = "export"
+JOB_ID_LENGTH: Final = len(new_job_id())  # a socket is named after its job
 # How long ``start`` waits for the export to listen (a DiskMap opened, a socket bound).
 READY_TIMEOUT: Final = 60.0
 
@@ -61,6 +64,18 @@ class ExportAsked:
 
 def socket_dir(config: Config) -> Path:
     return config.serve.sockets(config.api.socket)
+
+
+def check_socket_dir(directory: Path) -> None:
+    """ConfigError unless an export's socket in ``directory`` fits a unix socket address
+    (``sockaddr_un``: 107 bytes and a NUL on Linux): a client could not reach a longer one."""
+    longest = directory / f"{'0' * JOB_ID_LENGTH}.sock"
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            message=f"export sockets in {directory} would have paths of "
+            f"{len(os.fsencode(longest))} bytes; a unix socket's holds at most "
+            f"{MAX_SOCKET_PATH}: set serve.run_dir to a shorter directory"
+        )
 
 
 def overlay_dir(config: Config) -> Path:
@@ -108,6 +123,7 @@ async def start(ctx: DaemonContext, asked: ExportAsked) -> JobView:
     """Submit the export and return its job once it serves. ConfigError or SnapshotNotFound
     (4xx) for what the request named wrong, before any job; ``ExportFailed`` when the job
     ended before serving (its error says why)."""
+    check_socket_dir(socket_dir(ctx.config))
     handle = ctx.store(asked.store)
     target = await asyncio.to_thread(resolve_export, handle.store, asked.snapshot, asked.disk)
     sockets = await asyncio.to_thread(private_dir, socket_dir(ctx.config))

@@ -23,10 +23,12 @@ environment): this machine's nested KVM hangs booting a guest.
 import asyncio
 import io
 import json
+import shutil
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,13 +93,16 @@ async def daemon(tmp_path: Path, backup: Backup) -> AsyncIterator[tuple[Daemon, 
     """``tessera run`` on the backup's store; state (overlays, downloads) under ``tmp_path``."""
     (tmp_path / "pass").write_text(PASSPHRASE + "\n")
     (tmp_path / "state").mkdir()
+    run_dir = Path(tempfile.mkdtemp(prefix="tsr-", dir="/tmp"))
     config = tmp_path / "config.yaml"
     config.write_text(
         "stores:\n"
         f"  - name: main\n    path: {backup.store}\n    passphrase_file: {tmp_path / 'pass'}\n"
         f"api:\n  socket: {tmp_path / 'api.sock'}\n"
         f"scheduler:\n  state_file: {tmp_path / 'state' / 'scheduler.json'}\n"
-        "serve:\n  files_sessions: 1\n"
+        # the export sockets: a short directory (a unix socket's path holds 107 bytes, and
+        # tmp_path's can be long)
+        f"serve:\n  files_sessions: 1\n  run_dir: {run_dir}\n"
     )
     daemon = Daemon(config, tmp_path / "daemon.log", env=TCG_ENV)
     await daemon.start()
@@ -106,6 +111,7 @@ async def daemon(tmp_path: Path, backup: Backup) -> AsyncIterator[tuple[Daemon, 
     finally:
         code = await daemon.stop()
         await daemon.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
     assert code == 0, daemon.log.read_text()[-5000:]
 
 

@@ -3,8 +3,11 @@ the next start; nothing else in those directories is touched."""
 
 from pathlib import Path
 
+import pytest
+
 from engine.config.models import ApiSection, Config, SchedulerSection
-from engine.daemon.exports import overlay_dir, socket_dir, sweep
+from engine.core.errors import ConfigError
+from engine.daemon.exports import check_socket_dir, overlay_dir, socket_dir, sweep
 
 
 def test_sweep_removes_sockets_overlays_and_download_dirs_only(tmp_path: Path) -> None:
@@ -34,3 +37,13 @@ def test_sweep_removes_sockets_overlays_and_download_dirs_only(tmp_path: Path) -
     assert not any(p.exists() for p in [*left, downloads])
     assert all(p.read_bytes() == b"keep" for p in kept)
     assert sweep(config) == []
+
+
+def test_a_socket_dir_too_long_for_a_unix_socket_is_refused_naming_the_setting() -> None:
+
+    check_socket_dir(Path("/run/tessera/exports"))  # fits
+    long = Path("/srv/" + "d" * 80 + "/exports")
+    with pytest.raises(ConfigError) as info:
+        check_socket_dir(long)
+    assert "set serve.run_dir to a shorter directory" in str(info.value)
+    assert str(long) in str(info.value)
