@@ -1,11 +1,16 @@
 """Synchronous snapshot write/read helpers for store tests (the async pipeline is separate)."""
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
+import select
 import signal
+import struct
+import time
 from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -112,3 +117,37 @@ def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
             yield logs
     finally:
         structlog.configure(**saved)
+
+
+IN_CREATE = 0x100  # inotify(7)
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
+
+
+def wait_created(directory: Path, suffix: str, timeout: float) -> str | None:
+    """The name of a file ending in ``suffix`` that is or comes to be in ``directory``
+    (inotify: woken by the creation itself, no polling); None after ``timeout`` seconds."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+        there = [n for n in os.listdir(directory) if n.endswith(suffix)]
+        if there:
+            return there[0]
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            data, at = os.read(fd, 65536), 0
+            while at < len(data):
+                _, _, _, length = _INOTIFY_EVENT.unpack_from(data, at)
+                start = at + _INOTIFY_EVENT.size
+                name = data[start : start + length].rstrip(b"\0").decode()
+                if name.endswith(suffix):
+                    return name
+                at = start + length
+        return None
+    finally:
+        os.close(fd)

@@ -76,7 +76,11 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/v1/jobs/{id}": {
-        "get": _op("One job: state, per-disk progress, log") | {"parameters": _id("id")}
+        "get": _op(
+            "One job: state, per-disk progress, log; wait=SECONDS holds the answer until the "
+            "job has ended (at most 300 s)"
+        )
+        | {"parameters": _id("id") + _op("", params=("wait",))["parameters"]}
     },
     "/v1/jobs/{id}/cancel": {
         "post": _op("Cancel a running job (409 once it has ended)", ok="202")

@@ -284,7 +284,12 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 async def job(request: web.Request) -> web.Response:
+    """One job; with ``?wait=SECONDS`` (at most ``MAX_WAIT``) answered once it has ended or
+    the time is up, whichever comes first (a client waits without polling)."""
     view = _service(request).jobs.get(request.match_info["id"])
+    wait = _number(request, "wait")
+    if wait and view.task is not None and not view.task.done():
+        await asyncio.wait([view.task], timeout=min(wait, MAX_WAIT))
     return web.json_response(view.doc(lines=True))
 
 

@@ -139,12 +139,9 @@ class Api:
     async def ended(self, job: str) -> dict[str, Any]:
         """The job once it has ended (the daemon cancels at once; its cleanup takes a
         moment: an appliance shuts down)."""
-        for _ in range(600):
-            doc: dict[str, Any] = await self.call("GET", f"/v1/jobs/{job}")
-            if doc["finished"] is not None:
-                return doc
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"job {job} did not end: {doc}")
+        doc: dict[str, Any] = await self.call("GET", f"/v1/jobs/{job}", wait="60")
+        assert doc["finished"] is not None, f"job {job} did not end: {doc}"
+        return doc
 
 
 @pytest.fixture

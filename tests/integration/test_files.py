@@ -32,6 +32,7 @@ from engine.store.pack import pack_path
 from engine.workers import make_cpu_pool
 from plugins.lab.guest_disk import build_apart, guest_files
 from tests.cli import Cli
+from tests.helpers import wait_created
 
 pytestmark = pytest.mark.integration
 
@@ -233,9 +234,12 @@ async def _three_faults(store_path: Path, lab: Lab, full: Path, out: Path, damag
                 # is ended with the tree though it was no longer the helper's child
                 qemu = tree.qemu
                 assert qemu is not None and qemu in _qemus("")
+                (out / "data").mkdir()
+                started = asyncio.create_task(
+                    asyncio.to_thread(wait_created, out / "data", ".partial", 120)
+                )
                 copy = asyncio.create_task(tree.get("/sda1/data", out))
-                while not copy.done() and not list(out.glob("data/.*.partial")):
-                    await asyncio.sleep(0.01)  # the copy has started
+                assert await started, "the copy never started"  # its .partial is there
                 os.kill(tree._helper.pid, signal.SIGKILL)
                 with pytest.raises(ApplianceError) as e:
                     await copy
