@@ -259,6 +259,28 @@ class S3Client:
             raise self._error("GetObject", key, e) from e
         return got
 
+    def get_to(self, key: str, out: IO[bytes], block: int = 1024 * 1024) -> int | None:
+        """Copy a whole object into the file ``out``, ``block`` bytes at a time (a pack
+        fetched into the store's cache: never the whole object in memory): the bytes
+        copied, or None if the object does not exist."""
+        try:
+            r = self._s3.get_object(Bucket=self.endpoint.bucket, Key=key)
+            body = r["Body"]
+            got = 0
+            try:
+                while chunk := body.read(block):
+                    out.write(chunk)
+                    got += len(chunk)
+            finally:
+                body.close()
+        except ClientError as e:
+            if self._code(e) in ("NoSuchKey", "404"):
+                return None
+            raise self._error("GetObject", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("GetObject", key, e) from e
+        return got
+
     def get_tail(self, key: str, length: int) -> tuple[int, bytes] | None:
         """(object size, its last ``length`` bytes, or all of it if smaller) with one suffix
         GET (``Range: bytes=-N``); None if the object does not exist."""

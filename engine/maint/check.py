@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.core.errors import CorruptPack, EngineError, SnapshotNotFound
+from engine.core.errors import CorruptPack, EngineError, PackMissing, SnapshotNotFound
 from engine.core.ids import CHUNK_ID_SIZE, ZERO_ID, short
 from engine.store import format as fmt
 from engine.store.damage import Damage
 from engine.store.locks import reading_snapshot
-from engine.store.pack import pack_path, read_trailer
+from engine.store.pack import read_trailer
 
 if TYPE_CHECKING:
     from engine.store.chunk_store import Store
@@ -50,15 +50,12 @@ class CheckResult:
 
 
 def pack_problems(store: "Store") -> dict[str, str]:
-    """Indexed packs whose file is missing or not the indexed size, with the reason."""
-    on_disk = store.layout.pack_files()
+    """Indexed packs that are missing where packs live (``packs/`` or the bucket) or are
+    not the indexed size, with the reason."""
+    there = store.pack_sizes()
     bad: dict[str, str] = {}
     for row in store.index.packs():
-        path = on_disk.get(row.name)
-        try:
-            size = path.stat().st_size if path else None
-        except FileNotFoundError:  # GC retired it since the listing
-            size = None
+        size = there.get(row.name)
         if size != row.size:
             state = "is missing" if size is None else f"has {size} bytes, expected {row.size}"
             bad[row.name] = f"pack {row.name} {state}"
@@ -78,11 +75,12 @@ def trailer_problems(store: "Store", skip: Mapping[str, str]) -> dict[str, str]:
     for row in store.index.packs():
         if row.name in skip:
             continue
-        path = pack_path(store.layout.packs, row.name)
         try:
-            _, entries = read_trailer(path, row.name)
+            _, entries = store.pack_trailer(row.name)
+        except (FileNotFoundError, PackMissing):  # GC retired it since the listing
+            continue
         except CorruptPack as e:
-            if path.exists():  # else GC retired it since the listing
+            if store.index.pack_size(row.name) is not None:  # else GC retired it meanwhile
                 bad[row.name] = f"pack {row.name}: damaged trailer ({e.fields['reason']})"
             continue
         if len(entries) != row.records:

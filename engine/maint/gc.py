@@ -54,11 +54,11 @@ from engine.store import manifest as manifest_mod
 from engine.store.codec import check_crc
 from engine.store.diskmap import DiskMap
 from engine.store.failure import write_failure
-from engine.store.layout import MANIFEST_NAME, Layout
+from engine.store.layout import MANIFEST_NAME, REMOTE_TRASH, Layout
 from engine.store.manifest import Manifest
 from engine.store.pack import PACK_SUFFIX, PackWriter, SealedPack, pack_path
 from engine.util import failpoints
-from engine.util.fs import fsync_dir
+from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
     from engine.store.chunk_store import Store
@@ -452,7 +452,7 @@ class _Run:
         """Append every record located in pack ``name`` to the open new pack, CRC checked;
         the new pack is sealed and committed whenever full (also in the middle of a source)."""
         index, pack_size = self.store.index, self.store.config.pack_size
-        with pack_path(self.layout.packs, name).open("rb") as f:
+        with self.store.pack_file(name).open("rb") as f:
             after = b""
             while rows := index.pack_rows(name, after, _BATCH):
                 self.pace()
@@ -485,7 +485,10 @@ class _Run:
                 raise
             self.result.packs_written += 1
             failpoints.hit("gc.repack.sealed")
+            self.store.publish_pack(sealed)  # in a bucket: uploaded before it is indexed
         self._retire(sealed, self.sources, self.complete)
+        if sealed is not None:
+            self.store.note_indexed(sealed)
         self.writer, self.sources, self.complete = None, [], []
 
     def _plan_dry(self) -> None:
@@ -515,7 +518,14 @@ class _Run:
             trash.mkdir()
             fsync_dir(self.layout.root)
         stamp = int(self.opts.now().timestamp())
+        remote = self.store.remote is not None
         for name in retire:
+            if remote:  # the object stays in the bucket until the grace period is over
+                size = self.store.index.pack_size(name) or 0
+                marker = trash / f"{stamp}-{name}{REMOTE_TRASH}"
+                failpoints.hit("gc.retire.before_link")
+                atomic_write(marker, b"%d\n" % size, "gc.retire.marker")
+                continue
             link = trash / f"{stamp}-{name}{PACK_SUFFIX}"
             if not link.exists():
                 failpoints.hit("gc.retire.before_link")
@@ -528,6 +538,9 @@ class _Run:
         for name in retire:
             path = pack_path(self.layout.packs, name)
             failpoints.hit("gc.retire.before_unlink")
+            if remote:
+                self.store.remote.forget(name)  # type: ignore[union-attr]
+                continue
             path.unlink()
             fsync_dir(path.parent, "gc.retire.before_unlink_fsync")
         failpoints.hit("gc.retire.unlinked")
@@ -550,17 +563,30 @@ class _Run:
     def _empty_trash_plan(self) -> None:
         for path in self._expired_trash():
             self.result.trash_deleted += 1
-            self.result.trash_bytes_freed += path.stat().st_size
+            self.result.trash_bytes_freed += _trash_size(path)
 
     def empty_trash(self) -> None:
         if self.opts.dry_run:
             return
         expired = self._expired_trash()
+        in_bucket = [p.stem.partition("-")[2] for p in expired if p.suffix == REMOTE_TRASH]
+        if in_bucket:  # the objects first, in batches: a marker never outlives its object
+            self.store.delete_packs(in_bucket)
         for n, path in enumerate(expired):
-            size = path.stat().st_size
+            size = _trash_size(path)
             path.unlink()
             self.result.trash_deleted += 1
             self.result.trash_bytes_freed += size
             self.progress("trash", n + 1, len(expired))
         if expired:
             fsync_dir(self.layout.trash)
+
+
+def _trash_size(path: Path) -> int:
+    """The bytes a trash entry frees: the pack file, or the size a bucket's marker holds."""
+    if path.suffix != REMOTE_TRASH:
+        return path.stat().st_size
+    try:
+        return int(path.read_bytes() or b"0")
+    except ValueError:
+        return 0

@@ -134,11 +134,14 @@ def _reseal(store: "Store", scan: PackScan) -> Resealed:
     reason = f"damaged trailer ({scan.trailer})"
     _write_note(store, scan.name, old, reason, replaced_by=sealed.name, kept=len(sealed.entries))
     failpoints.hit("repair.reseal.noted")
+    store.publish_pack(sealed)
     store.index.replace_packs(
         SealedPack(sealed.name, sealed.size, sealed.entries), [scan.name], [scan.name]
     )
     failpoints.hit("repair.reseal.committed")
+    store.note_indexed(sealed)
     _move(store, old)
+    store.delete_packs([scan.name])
     return Resealed(scan.name, sealed.name, len(sealed.entries), lost, lost_chunks, reason)
 
 
@@ -146,7 +149,9 @@ def _quarantine(store: "Store", name: str, path: Path, reason: str) -> Quarantin
     """Move a pack to ``STORE/quarantine/`` beside a note (written first, so a moved pack
     always has one; a crash in between leaves the pack in place for the next repair)."""
     _write_note(store, name, path, reason)
-    return Quarantined(name, reason, str(_move(store, path)))
+    moved = _move(store, path)
+    store.delete_packs([name])  # a pack in a bucket: the copy moved is the evidence kept
+    return Quarantined(name, reason, str(moved))
 
 
 def _write_note(store: "Store", name: str, path: Path, reason: str, **more: object) -> None:

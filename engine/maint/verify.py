@@ -60,8 +60,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from engine.core.errors import (
+    CorruptPack,
     CorruptRecord,
     IntegrityError,
+    ObjectStoreError,
+    PackMissing,
     SnapshotNotFound,
     StoreError,
 )
@@ -79,7 +82,6 @@ from engine.store.damage import DAMAGED_NAME, Damage, remove_damage, still_bad, 
 from engine.store.dbfiles import describe, os_reason, quick_check
 from engine.store.index import BadChunk, Location
 from engine.store.locks import reading_snapshot
-from engine.store.pack import pack_path
 from engine.util import failpoints
 from engine.util.fs import fsync_dir
 
@@ -364,7 +366,7 @@ def _data_step(
         with ThreadPoolExecutor(opts.threads, thread_name_prefix="verify") as pool:
             for n, name in enumerate(todo):
                 bad = _verify_pack(store, name, crc_only, pool, result)
-                if pack_path(store.layout.packs, name).exists():
+                if store.index.pack_size(name) is not None:  # else GC retired it meanwhile
                     read.add(name)
                 if name not in bad_packs:
                     _check_trailer(store, name, result)
@@ -393,7 +395,10 @@ def _check_trailer(store: "Store", name: str, result: VerifyResult) -> None:
         for page in _pack_rows(store, name)
         for cid, loc in page
     }
-    path = pack_path(store.layout.packs, name)
+    try:
+        path = store.pack_file(name)
+    except (FileNotFoundError, StoreError):  # retired by GC since; or reported missing
+        return
     why = trailer_mismatch(path, name, rows)
     if why is not None and path.exists():
         result.findings.append(
@@ -449,9 +454,12 @@ def _verify_pack(
     bad: list[BadChunk] = []
     broken: str | None = None
     try:
-        fd = os.open(pack_path(store.layout.packs, name), os.O_RDONLY)
-    except FileNotFoundError:
+        fd = store.open_pack(name)
+    except (FileNotFoundError, PackMissing):
         broken = f"pack {name} is missing"
+        fd = -1
+    except (CorruptPack, ObjectStoreError) as e:  # a bucket's copy of another size; S3
+        broken = f"pack {name} is unreadable: {e}"
         fd = -1
     try:
 

@@ -7,6 +7,7 @@ every record put so far is in a sealed pack whose index entries are durable — 
 of the commit order (see ``SnapshotWriter.commit``).
 """
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -50,19 +51,23 @@ from engine.store.layout import (
     MIN_PACK_SIZE,
     STORE_FORMAT,
     Layout,
+    RemoteConfig,
     StoreConfig,
     check_zstd_level,
 )
 from engine.store.leases import Lease, LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
-from engine.store.pack import PackWriter, SealedPack, pack_path
-from engine.store.recovery import RecoveryReport, index_packs, recover
+from engine.store.pack import PackEntry, PackWriter, SealedPack, pack_path, read_trailer
+from engine.store.recovery import RecoveryReport, index_packs, index_remote, recover
 from engine.store.scan import Decode
 from engine.store.snapshot import SnapshotWriter
+from engine.util import failpoints
 from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
+    from engine.io.s3 import S3Endpoint
     from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
+    from engine.store.remote import PackCache
 
 log = structlog.get_logger("tessera.store")
 
@@ -120,10 +125,12 @@ class Store:
         writable: bool,
         lock: locks.WriterLock | None,
         caches: Path | None = None,
+        remote: "PackCache | None" = None,
     ):
         """``caches``: a directory holding temporary ``index.db`` / ``catalog.db`` built by a
         read-only open because the store's own are missing or damaged (see ``dbfiles``);
-        removed on close."""
+        removed on close. ``remote``: where sealed packs live when they live in a bucket
+        (``engine.store.remote``); closed with the store."""
         self.path = layout.root
         self.layout = layout
         self.config = config
@@ -132,6 +139,7 @@ class Store:
         self._lock_file = lock
         self.codec = Codec(keys, config.zstd_level)
         self._caches = caches
+        self.remote = remote
         index = caches / "index.db" if caches and (caches / "index.db").exists() else None
         catalog = caches / "catalog.db" if caches and (caches / "catalog.db").exists() else None
         self.index = Index(index or layout.index, readonly=not writable)
@@ -170,6 +178,8 @@ class Store:
         kdf: KdfParams | None = None,
         keys: StoreKeys | None = None,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        remote: RemoteConfig | None = None,
+        s3_key: tuple[str, str] | None = None,
     ) -> StoreConfig:
         """Create a new store at ``path`` (which must be absent or an empty directory).
 
@@ -177,7 +187,10 @@ class Store:
         (a replica given keys without a data key is *encrypted-only*: it checks CRCs, stores
         and serves records, but cannot read them). ``zstd_level``: what new records are
         compressed with (``MIN_ZSTD_LEVEL``..``MAX_ZSTD_LEVEL``; the store docstring gives
-        the measured trade-off)."""
+        the measured trade-off). ``remote``: keep sealed packs in that S3 bucket
+        (``engine.store.remote``) with ``s3_key`` (access key, secret); the bucket is
+        probed and the prefix claimed (refused when it holds a store) before anything is
+        written here."""
         validate_chunk_size(chunk_size)
         check_zstd_level(zstd_level, path)
         if encryption not in ENCRYPTIONS:
@@ -186,6 +199,8 @@ class Store:
             raise StoreError(path=path, reason=f"pack size must be at least {MIN_PACK_SIZE}")
         if path.exists() and any(path.iterdir()):
             raise StoreError(path=path, reason="exists and is not empty")
+        if remote is not None and s3_key is None:
+            raise StoreError(path=path, reason=f"packs in {remote.url} need an S3 key")
         layout = Layout(path)
         config = StoreConfig(
             format=STORE_FORMAT,
@@ -195,13 +210,22 @@ class Store:
             pack_size=pack_size,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             zstd_level=zstd_level,
+            remote=remote,
         )
+        if remote is not None:
+            assert s3_key is not None
+            _claim_bucket(config, remote, *s3_key)
         if keys is None:
             keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
         path.mkdir(parents=True, exist_ok=True)
         for d in (layout.packs, layout.packs / "tmp", layout.snapshots):
             d.mkdir(exist_ok=True)
         write_key_file(key_file or layout.default_key_file, keys, config.store_id, passphrase, kdf)
+        if remote is not None:
+            assert s3_key is not None
+            from engine.store.remote import write_credentials  # noqa: PLC0415 - botocore
+
+            write_credentials(layout, *s3_key)
         Index(layout.index).close()
         Catalog(layout.catalog).close()
         atomic_write(layout.config, config.dump(), "store.init")  # written last: store exists
@@ -226,7 +250,10 @@ class Store:
         keys = read_key_file(key_file or layout.default_key_file, config.store_id, passphrase)
         lock = locks.WriterLock(path) if writable else None
         caches: Path | None = None
+        remote: PackCache | None = None
         try:
+            if config.remote is not None:
+                remote = _open_remote(layout, config, config.remote)
             with dbfiles.os_errors(path), dbfiles.sqlite_errors(layout.index):
                 problems = _db_problems(layout)
                 if writable:
@@ -235,11 +262,16 @@ class Store:
                     caches = Path(tempfile.mkdtemp(prefix="tessera-caches-"))
                     for name in problems:  # empty, so __init__ opens them; filled below
                         (Index if name == layout.index.name else Catalog)(caches / name).close()
-                store = cls(layout, config, keys, writable, lock, caches)
+                store = cls(layout, config, keys, writable, lock, caches, remote)
                 store.db_problems = {} if writable else problems  # writable: rebuilt
                 if writable:
                     store.report = recover(
-                        layout, store.index, store.catalog, store.manifest, store._decode()
+                        layout,
+                        store.index,
+                        store.catalog,
+                        store.manifest,
+                        store._decode(),
+                        store.remote,
                     )
                     store.report.files = files
                     if store.report.indexed_packs:  # they may have healed bad chunks
@@ -247,6 +279,8 @@ class Store:
                 elif caches is not None:
                     store._build_caches(caches)
         except BaseException:
+            if remote is not None:
+                remote.close()
             if lock is not None:
                 lock.release()
             if caches is not None:
@@ -269,7 +303,10 @@ class Store:
                 self.index.close()
                 index = Index(caches / name)
                 try:
-                    index_packs(index, self.layout.pack_files(), self._decode(), self.report)
+                    if self.remote is not None:
+                        index_remote(index, self.remote, set(), self._decode(), self.report)
+                    else:
+                        index_packs(index, self.layout.pack_files(), self._decode(), self.report)
                 finally:
                     index.close()
                 self.index = Index(caches / name, readonly=True)
@@ -302,6 +339,8 @@ class Store:
             self._sealer.shutdown(wait=True)
             self.index.close()
             self.catalog.close()
+            if self.remote is not None:
+                self.remote.close()
             if self._caches is not None:
                 shutil.rmtree(self._caches, ignore_errors=True)
             if self._lock_file is not None:
@@ -434,9 +473,8 @@ class Store:
         loc = self.index.lookup(chunk_id)
         if loc is None:
             raise ChunkMissing(chunk=short(chunk_id), context="")
-        path = pack_path(self.layout.packs, loc.pack)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = self.open_pack(loc.pack)
         except FileNotFoundError:
             # GC may have repacked the chunk and retired the pack since the lookup.
             moved = self.index.lookup(chunk_id)
@@ -471,7 +509,7 @@ class Store:
                 f"{len(out)}-byte buffer"
             )
         try:
-            fd = os.open(pack_path(self.layout.packs, loc.pack), os.O_RDONLY | os.O_CLOEXEC)
+            fd = self.open_pack(loc.pack)
         except FileNotFoundError:
             # GC repacked the chunk and retired the pack since planning: ask the index.
             moved = self.index.lookup(chunk_id)
@@ -489,6 +527,90 @@ class Store:
                 chunk=short(chunk_id), pack=loc.pack, offset=loc.offset, reason="pack is truncated"
             )
         return n, loc.pack, loc.offset
+
+    def open_pack(self, name: str) -> int:
+        """A read-only file descriptor of sealed pack ``name`` (from the cache, fetched
+        first when the pack lives in a bucket). FileNotFoundError when it is not there (in
+        a bucket: no longer indexed, so GC retired it since the caller's lookup);
+        ``PackMissing`` when an indexed pack is not in its bucket."""
+        if self.remote is None:
+            return os.open(pack_path(self.layout.packs, name), os.O_RDONLY | os.O_CLOEXEC)
+        for _ in range(3):  # the cache may evict it between the fetch and the open
+            size = self.index.pack_size(name)
+            if size is None:
+                raise FileNotFoundError(name)
+            path = self.remote.local(name, size)
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+        raise StoreError(
+            path=self.path,
+            reason=f"pack {name} left the cache three times while being opened "
+            f"(cache bound {self.remote.limit} bytes is too small for this load)",
+        )
+
+    def pack_file(self, name: str) -> Path:
+        """The local file of sealed, indexed pack ``name``: in ``packs/``, fetched into the
+        cache first when the pack lives in a bucket (it may be evicted again later: open it
+        at once). For maintenance that reads whole packs (verify, repack, repair)."""
+        if self.remote is None:
+            return pack_path(self.layout.packs, name)
+        size = self.index.pack_size(name)
+        if size is None:
+            raise StoreError(path=self.path, reason=f"pack {name} is not indexed")
+        return self.remote.local(name, size)
+
+    def pack_trailer(self, name: str) -> "tuple[int, list[PackEntry]]":
+        """(size, trailer entries) of sealed pack ``name`` where packs live (in a bucket:
+        one ranged GET of its tail). ``CorruptPack``; FileNotFoundError or ``PackMissing``
+        when it is not there."""
+        if self.remote is None:
+            path = pack_path(self.layout.packs, name)
+            if not path.exists():
+                raise FileNotFoundError(path)
+            return read_trailer(path, name)
+        from engine.store.objects import read_trailer as read_object_trailer  # noqa: PLC0415
+
+        return read_object_trailer(self.remote.objects, name)
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Every sealed pack where packs live (``packs/``, or the bucket) by name: its size.
+        One listing (paged on S3)."""
+        if self.remote is None:
+            out = {}
+            for name, path in self.layout.pack_files().items():
+                with contextlib.suppress(FileNotFoundError):
+                    out[name] = path.stat().st_size
+            return out
+        return {p.name: p.size for p in self.remote.objects.list()}
+
+    def publish_pack(self, sealed: SealedPack) -> None:
+        """Make a pack sealed in ``packs/`` durable where packs live before it is indexed:
+        nothing to do in a local store; in a bucket, an upload intent, then the upload
+        (``engine.store.remote``). Raises on failure (the caller abandons the pack)."""
+        if self.remote is None:
+            return
+        self.index.intend_upload(sealed.name, int(datetime.now(UTC).timestamp()))
+        failpoints.hit("store.remote.before_put")
+        self.remote.upload(sealed.name)
+        failpoints.hit("store.remote.after_put")
+
+    def note_indexed(self, sealed: SealedPack) -> None:
+        """A pack sealed in ``packs/`` was published and indexed: a store in a bucket keeps
+        it in its cache (trimmed to the bound)."""
+        if self.remote is not None:
+            self.remote.added(sealed.name, sealed.size)
+
+    def delete_packs(self, names: list[str]) -> None:
+        """Delete packs no longer indexed from where packs live: a bucket's objects (in
+        batches) and their cached copies; nothing in a local store, whose callers move the
+        files themselves (GC's trash, repair's quarantine)."""
+        if self.remote is None or not names:
+            return
+        for name in names:
+            self.remote.forget(name)
+        self.remote.objects.delete(names)
 
     @staticmethod
     def _fit(out: memoryview, record: bytes, chunk_id: bytes) -> int:
@@ -565,6 +687,7 @@ class Store:
         with self._index_addition():
             try:
                 sealed = writer.seal()
+                self.publish_pack(sealed)
                 healed = self.index.add_pack(sealed)
             except BaseException as e:  # every failure abandons: flush(since=…) relies on it
                 with self._wlock:
@@ -577,6 +700,7 @@ class Store:
                     p = self._pending.get(entry.chunk_id)
                     if p is not None and p.writer is writer:
                         del self._pending[entry.chunk_id]
+        self.note_indexed(sealed)
         self._healed(healed)
 
     def _healed(self, healed: list[ChunkId]) -> None:
@@ -597,9 +721,12 @@ class Store:
             log.info("store.undamaged", store=str(self.path), snapshots=cleared)
 
     def add_sealed_pack(self, sealed: SealedPack) -> None:
-        """Index a pack written by someone else (repack, replication receiver)."""
+        """Index a pack written into ``packs/`` by someone else (replication receiver, repair),
+        published first where packs live (``publish_pack``)."""
+        self.publish_pack(sealed)
         with self._index_addition():
             healed = self.index.add_pack(sealed)
+        self.note_indexed(sealed)
         self._healed(healed)
 
     # --- snapshots ---------------------------------------------------------------------------
@@ -751,6 +878,34 @@ def _info(path: Path, config: StoreConfig, index: Index, catalog: Catalog) -> St
         snapshots=len(snaps),
         logical_bytes=sum(s.data_bytes for s in snaps),
     )
+
+
+def _remote_endpoint(config: RemoteConfig, access_key: str, secret_key: str) -> "S3Endpoint":
+    from engine.io.s3 import S3Endpoint  # noqa: PLC0415 - botocore: only for a bucket
+
+    return S3Endpoint(config.endpoint, config.bucket, access_key, secret_key, config.region)
+
+
+def _claim_bucket(config: StoreConfig, remote: RemoteConfig, access: str, secret: str) -> None:
+    """``init`` of a store in a bucket: probe it and claim the prefix (``remote``)."""
+    from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
+    from engine.store.remote import claim_prefix  # noqa: PLC0415
+
+    packs = S3Packs.open(_remote_endpoint(remote, access, secret), remote.prefix)
+    try:
+        claim_prefix(packs, config.store_id)
+    finally:
+        packs.close()
+
+
+def _open_remote(layout: Layout, config: StoreConfig, remote: RemoteConfig) -> "PackCache":
+    """The cache of a store whose packs live in a bucket, the bucket probed (S3 code is
+    loaded only for such a store)."""
+    from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
+    from engine.store.remote import PackCache, endpoint  # noqa: PLC0415
+
+    packs = S3Packs.open(endpoint(layout, remote), remote.prefix)
+    return PackCache(layout.packs, packs, remote.cache_bytes, config.pack_size)
 
 
 def _db_problems(layout: Layout) -> dict[str, str]:

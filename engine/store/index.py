@@ -10,6 +10,8 @@ Tables::
 
     packs(id, name, size, records)                            one row per sealed pack
     chunks(id BLOB 32, pack, offset, length, plain, condemned) one row per record, WITHOUT ROWID
+    bad_chunks(id, pack, offset, reason, since)               verify's findings (below)
+    uploads(name, started)                                    packs being put in a bucket
 
 A sealed pack's entries are added in one transaction with ``synchronous=FULL``, so after
 ``add_pack`` returns the entries are durable. A chunk id seen in two packs keeps its first
@@ -66,6 +68,17 @@ CREATE TABLE IF NOT EXISTS bad_chunks(
     since TEXT NOT NULL
 ) WITHOUT ROWID;
 """
+_UPLOADS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads(
+    name TEXT PRIMARY KEY,
+    started INTEGER NOT NULL
+);
+"""
+# uploads: a store whose packs live in a bucket (``engine.store.remote``) records the intent
+# to upload a sealed pack here, durably, before the PUT; indexing the pack (``add_pack``,
+# ``replace_packs``) clears it in the same transaction. What open = recover finds left names
+# a pack whose upload a killed writer began: never reclaimed while in flight, and never kept
+# forever after.
 # bad_chunks: chunks verify found damaged (pack/offset: the bad record; NULL: missing). A bad
 # chunk does not deduplicate (``has`` is false), so the next writer that produces its data
 # stores a good record; ``add_pack`` repoints the row to it and drops the id from the list
@@ -132,7 +145,7 @@ class Index:
         self.note: str | None = None  # how a read-only open had to degrade (a full disk)
         conn = self._conn()
         if not readonly:
-            conn.executescript(_SCHEMA + _BAD_SCHEMA)
+            conn.executescript(_SCHEMA + _BAD_SCHEMA + _UPLOADS_SCHEMA)
             if not self._has_condemned(conn):  # a store from before GC: add the column
                 conn.execute("ALTER TABLE chunks ADD COLUMN condemned INTEGER NOT NULL DEFAULT 0")
         # ``has``: 1 if live. A read-only open of an older index may lack the column/table.
@@ -243,6 +256,7 @@ class Index:
                             (pack_id,),
                         ).fetchall()
                     ]
+                conn.execute("DELETE FROM uploads WHERE name = ?", (sealed.name,))
                 failpoints.hit("store.index.before_commit")
                 conn.execute("COMMIT")
             except BaseException:
@@ -414,6 +428,7 @@ class Index:
             ids = pack_ids(conn, sources)
             moved = 0
             if sealed is not None:
+                conn.execute("DELETE FROM uploads WHERE name = ?", (sealed.name,))
                 new_id = conn.execute(
                     "INSERT INTO packs(name, size, records) VALUES (?, ?, ?)",
                     (sealed.name, sealed.size, len(sealed.entries)),
@@ -513,6 +528,35 @@ class Index:
             "SELECT id, pack, offset, reason, since FROM bad_chunks ORDER BY id"
         ).fetchall()
         return [BadChunk(ChunkId(cid), *rest) for cid, *rest in rows]
+
+    # --- upload intents (a store whose packs live in a bucket) ------------------------------
+
+    def intend_upload(self, name: str, now: int) -> None:
+        """Record, durably, that pack ``name`` is about to be uploaded (see ``uploads``)."""
+        self._write(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO uploads(name, started) VALUES (?, ?)", (name, now)
+            )
+        )
+
+    def end_upload(self, names: Iterable[str]) -> None:
+        """Forget intents (their packs were indexed, or their objects removed)."""
+        self._write(
+            lambda c: c.executemany("DELETE FROM uploads WHERE name = ?", ((n,) for n in names))
+        )
+
+    def uploads(self) -> dict[str, int]:
+        """Upload intents not cleared: {pack name: unix time the upload began}."""
+        conn = self._conn()
+        if not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'uploads'"
+        ).fetchone():
+            return {}  # a read-only open of an index from before buckets
+        return dict(conn.execute("SELECT name, started FROM uploads").fetchall())
+
+    def pack_size(self, name: str) -> int | None:
+        row = self._conn().execute("SELECT size FROM packs WHERE name = ?", (name,)).fetchone()
+        return None if row is None else int(row[0])
 
     def packs(self) -> list[PackRow]:
         rows = self._conn().execute("SELECT name, size, records FROM packs ORDER BY id")

@@ -10,9 +10,13 @@
       index.db               chunk index (SQLite WAL), rebuildable from packs
       catalog.db             snapshot catalog (SQLite WAL), rebuildable from manifests
       packs/tmp/*.pack.tmp   the open pack (discarded by recovery)
-      packs/nn/<name>.pack   sealed packs
+      packs/nn/<name>.pack   sealed packs (a store whose packs live in a bucket: the cache
+                             of packs written and read lately, ``engine.store.remote``)
+      keys/s3.json           such a store's S3 access key and secret (0600)
       snapshots/<id>/        DiskMaps (disk-<n>.dmap) and the manifest (commit point)
       trash/<t>-<name>.pack  packs GC retired at unix time t, deleted after the grace period
+      trash/<t>-<name>.remote  the same for a pack in a bucket (its size; the object is
+                             deleted after the grace period)
       gc/                    GC's lock and work database (temporary; rebuilt by each run)
       quarantine/<name>.pack packs repair took out of use, each beside <name>.json (why; the
                              pack that replaced it, when its intact records were re-sealed)
@@ -31,6 +35,8 @@ from engine.core.errors import StoreError
 STORE_FORMAT: Final = 1
 CONFIG_NAME: Final = "config.json"
 MANIFEST_NAME: Final = "manifest"
+# GC's trash entry for a pack in a bucket: ``<t>-<name>.remote`` holding its size.
+REMOTE_TRASH: Final = ".remote"
 
 # What a new store's ``StoreConfig`` holds unless told otherwise, and what it may hold. Here,
 # beside it, rather than in ``chunk_store``: the command line offers these choices before it
@@ -50,6 +56,27 @@ MIN_ZSTD_LEVEL: Final = -7
 MAX_ZSTD_LEVEL: Final = 19
 
 
+# A store whose packs live in a bucket keeps this much of them in ``packs/`` (its cache),
+# unless ``RemoteConfig.cache_bytes`` says otherwise; never less than two packs.
+DEFAULT_CACHE_BYTES: Final = 4 * 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Where a store's sealed packs live when not in ``packs/``: an S3 bucket (the key is
+    in ``keys/s3.json``, never here)."""
+
+    endpoint: str  # http(s)://host:port
+    bucket: str
+    prefix: str = ""  # ends with "/" when set: several stores may share a bucket
+    region: str = "us-east-1"
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     format: int
@@ -62,11 +89,16 @@ class StoreConfig:
     # frame decodes alike). Written to config.json only when it is not the default, so a
     # store made with defaults stays readable by releases that predate the setting.
     zstd_level: int = DEFAULT_ZSTD_LEVEL
+    # Packs in a bucket (``engine.store.remote``); None: in ``packs/``. Written only when
+    # set, like ``zstd_level``.
+    remote: RemoteConfig | None = None
 
     def dump(self) -> bytes:
         doc = asdict(self)
         if self.zstd_level == DEFAULT_ZSTD_LEVEL:
             del doc["zstd_level"]
+        if self.remote is None:
+            del doc["remote"]
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     @classmethod
@@ -74,6 +106,8 @@ class StoreConfig:
         path = root / CONFIG_NAME
         try:
             doc = json.loads(path.read_bytes())
+            if doc.get("remote") is not None:
+                doc["remote"] = RemoteConfig(**doc["remote"])
             config = cls(**doc)
         except FileNotFoundError:
             raise StoreError(path=root, reason="not a Tessera store (no config.json)") from None
@@ -135,10 +169,12 @@ class Layout:
         return self.root / "quarantine"
 
     def trash_files(self) -> dict[str, Path]:
-        """Packs in the trash by pack name (``<unix time>-<name>.pack``)."""
+        """Packs in the trash by pack name (``<unix time>-<name>.pack``, or ``.remote`` for
+        a pack in a bucket)."""
         if not self.trash.exists():
             return {}
-        return {p.stem.partition("-")[2]: p for p in self.trash.glob("*-*.pack")}
+        found = [*self.trash.glob("*-*.pack"), *self.trash.glob(f"*-*{REMOTE_TRASH}")]
+        return {p.stem.partition("-")[2]: p for p in found}
 
     def snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snapshots / snapshot_id
@@ -151,6 +187,11 @@ class Layout:
             return set()
         return {p.parent.name for p in self.snapshots.glob(f"*/{MANIFEST_NAME}")}
 
+    @property
+    def s3_credentials(self) -> Path:
+        return self.root / "keys" / "s3.json"
+
     def pack_files(self) -> dict[str, Path]:
-        """Sealed pack files on disk by name."""
+        """Sealed pack files on disk by name (in a store whose packs live in a bucket: the
+        cached ones)."""
         return {p.stem: p for p in self.packs.glob("??/*.pack")}

@@ -6,7 +6,8 @@ and delete retired ones in batches::
 
     PackObjects     put (create-only)  read (range),  stat  list  delete (batch)  counters
                                        read_into,
-                                       read_tail
+                                       read_tail,
+                                       fetch (whole)
     ------------    -----------------  -------------  ----  ----  --------------  ---------
     LocalPacks      link(2) into        pread          stat  glob  unlink + fsync  per call,
                     packs/nn/ (EEXIST)                             dir             per pack
@@ -59,7 +60,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import IO, Final, Protocol
 
 import structlog
 
@@ -167,6 +168,11 @@ class PackObjects(Protocol):
         trailers (``read_trailer``); ``PackMissing``."""
         ...
 
+    def fetch(self, name: str, out: IO[bytes]) -> int:
+        """Copy the whole pack into the file ``out`` (the store's cache), a block at a time;
+        the bytes copied. ``PackMissing``."""
+        ...
+
     def stat(self, name: str) -> PackStat | None:
         """The pack's size, or None if it is not there."""
         ...
@@ -189,6 +195,14 @@ def _check_name(name: str) -> None:
 
 def _same_file_content(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and _file_md5(a) == _file_md5(b)
+
+
+def _copy(src: IO[bytes], out: IO[bytes]) -> int:
+    n = 0
+    while block := src.read(4 * 1024 * 1024):
+        out.write(block)
+        n += len(block)
+    return n
 
 
 def _file_md5(path: Path) -> str:
@@ -289,6 +303,17 @@ class LocalPacks:
             os.close(fd)
         self._counters.moved("get", len(data))
         return size, data
+
+    def fetch(self, name: str, out: IO[bytes]) -> int:
+        _check_name(name)
+        self._counters.request("get")
+        try:
+            with pack_path(self.packs_dir, name).open("rb") as f:
+                n = _copy(f, out)
+        except FileNotFoundError:
+            raise PackMissing(pack=name, where=self.where) from None
+        self._counters.moved("get", n)
+        return n
 
     def stat(self, name: str) -> PackStat | None:
         _check_name(name)
@@ -465,6 +490,13 @@ class S3Packs:
             raise PackMissing(pack=name, where=self.where)
         self._counters.moved("get", len(got[1]))
         return got
+
+    def fetch(self, name: str, out: IO[bytes]) -> int:
+        n = self.client.get_to(self.key(name), out)
+        if n is None:
+            raise PackMissing(pack=name, where=self.where)
+        self._counters.moved("get", n)
+        return n
 
     def stat(self, name: str) -> PackStat | None:
         info = self.client.head(self.key(name))

@@ -19,6 +19,9 @@ Runs under the writer lock, before any job, so nothing it removes can be in use:
 5. snapshot directories without a manifest (a crash before the commit point) are deleted;
 6. the catalog is reconciled with the manifests on disk.
 
+A store whose packs live in a bucket (``remote``) recovers steps 2-4 against the bucket's
+listing instead of ``packs/``, which is only its cache: ``engine.store.remote`` says how.
+
 (The SQLite files themselves — a missing or damaged ``index.db`` or ``catalog.db`` — are
 dealt with by ``Store.open`` before this runs: see ``dbfiles``.)
 """
@@ -29,8 +32,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.core.errors import CorruptPack
+from engine.core.errors import CorruptPack, PackExists
 from engine.store.catalog import Catalog
 from engine.store.index import Index
 from engine.store.layout import Layout
@@ -39,10 +43,16 @@ from engine.store.pack import PACK_SUFFIX, SealedPack, read_trailer
 from engine.store.scan import Decode, PackScan, scan_pack
 from engine.util.fs import fsync_dir, remove_tmp_files
 
+if TYPE_CHECKING:
+    from engine.store.remote import PackCache
+
 
 @dataclass
 class RecoveryReport:
     removed_temp_files: list[str] = field(default_factory=list)
+    uploaded_packs: list[str] = field(default_factory=list)  # sealed here, put by recovery
+    removed_uploads: list[str] = field(default_factory=list)  # objects of killed uploads
+    dropped_cache: list[str] = field(default_factory=list)  # cached copies of another size
     dropped_packs: list[str] = field(default_factory=list)  # "name: reason, N chunks"
     indexed_packs: list[str] = field(default_factory=list)
     gc_finished: list[str] = field(default_factory=list)  # "pack N: ..." (a GC was killed)
@@ -66,6 +76,9 @@ class RecoveryReport:
 
     def lines(self) -> list[str]:
         out = [f"removed temp file {p}" for p in self.removed_temp_files]
+        out += [f"uploaded pack {p} (sealed before a crash)" for p in self.uploaded_packs]
+        out += [f"deleted object of an unfinished upload: pack {p}" for p in self.removed_uploads]
+        out += [f"dropped cached copy {p}" for p in self.dropped_cache]
         out += [f"indexed pack {p} from its trailer" for p in self.indexed_packs]
         out += self.gc_finished
         out += [
@@ -96,14 +109,34 @@ def recover(
     catalog: Catalog,
     load: Callable[[str], Manifest],
     decode: Decode | None = None,
+    remote: "PackCache | None" = None,
 ) -> RecoveryReport:
     """Recover as the module docstring says. ``decode`` (the store's codec, when it holds
-    the data key) also checks the records of a pack indexed by scanning."""
+    the data key) also checks the records of a pack indexed by scanning. ``remote``: the
+    packs live in that bucket (``engine.store.remote``)."""
     report = RecoveryReport()
     report.removed_temp_files = [
         str(p.relative_to(layout.root)) for p in remove_tmp_files(layout.root)
     ]
+    if remote is not None:
+        _recover_remote(layout, index, remote, decode, report)
+    else:
+        _recover_local(layout, index, decode, report)
 
+    if layout.snapshots.exists():
+        for d in sorted(layout.snapshots.iterdir()):
+            if d.is_dir() and not (d / "manifest").exists():
+                shutil.rmtree(d)
+                report.discarded_snapshots.append(d.name)
+    report.catalog_added, report.catalog_removed = catalog.reconcile(
+        layout.committed_snapshots(), load
+    )
+    return report
+
+
+def _recover_local(
+    layout: Layout, index: Index, decode: Decode | None, report: RecoveryReport
+) -> None:
     on_disk = layout.pack_files()
     for row in index.packs():
         path = on_disk.get(row.name)
@@ -131,15 +164,97 @@ def recover(
         _finish_quarantine(layout, name, unindexed[name])
         report.quarantine_finished.append(name)
 
-    if layout.snapshots.exists():
-        for d in sorted(layout.snapshots.iterdir()):
-            if d.is_dir() and not (d / "manifest").exists():
-                shutil.rmtree(d)
-                report.discarded_snapshots.append(d.name)
-    report.catalog_added, report.catalog_removed = catalog.reconcile(
-        layout.committed_snapshots(), load
+
+def _recover_remote(
+    layout: Layout, index: Index, remote: "PackCache", decode: Decode | None, report: RecoveryReport
+) -> None:
+    """Steps 2-4 for packs in a bucket (``engine.store.remote`` lists what they do)."""
+    in_bucket = {p.name: p.size for p in remote.objects.list()}
+    cached = layout.pack_files()
+    trashed = layout.trash_files()
+    quarantined = (
+        {p.stem for p in layout.quarantine.glob("*.json")} if layout.quarantine.exists() else set()
     )
-    return report
+    known = {row.name for row in index.packs()}
+    # Sealed here, never indexed: upload (its own earlier upload counts) so step 4 indexes it.
+    for name, path in sorted(cached.items()):
+        if name in known or name in trashed or name in quarantined:
+            continue
+        local_size = path.stat().st_size
+        if in_bucket.get(name) == local_size:
+            continue
+        index.intend_upload(name, int(path.stat().st_mtime))
+        try:
+            remote.upload(name)
+        except PackExists:  # the bucket's pack of that name is the one indexed below
+            remote.forget(name)
+            cached.pop(name)
+            report.dropped_cache.append(f"{name} ({local_size} bytes, another in the bucket)")
+            continue
+        in_bucket[name] = local_size
+        report.uploaded_packs.append(name)
+    for row in index.packs():
+        size: int | None = in_bucket.get(row.name)
+        if size != row.size:
+            reason = "missing" if size is None else f"{size} bytes, expected {row.size}"
+            n = index.drop_pack(row.name)
+            report.dropped_packs.append(f"{row.name} ({reason} in {remote.where}, {n} chunks)")
+            known.discard(row.name)
+        copy = cached.get(row.name)
+        if copy is not None and (size != row.size or copy.stat().st_size != row.size):
+            remote.forget(row.name)
+            cached.pop(row.name)
+            report.dropped_cache.append(
+                f"{row.name} ({copy.stat().st_size if copy.exists() else 0} bytes)"
+            )
+    for name, trash in sorted(trashed.items()):
+        if name in known:  # the GC that left the marker did not commit: the pack stays
+            trash.unlink()
+            fsync_dir(trash.parent)
+            report.gc_finished.append(f"pack {name}: interrupted GC undone (trash marker removed)")
+        elif name in cached:  # the GC committed: the cached copy goes, the object waits
+            remote.forget(name)
+            cached.pop(name)
+            report.gc_finished.append(f"pack {name}: interrupted GC finished (moved to trash)")
+    # Intents of packs that are neither indexed nor here: a killed upload; remove the object.
+    stale = [n for n in index.uploads() if n not in known and n not in cached]
+    if stale:
+        remote.objects.delete(stale)
+        report.removed_uploads += sorted(stale)
+        for name in stale:
+            in_bucket.pop(name, None)
+    index.end_upload([*stale, *(n for n in index.uploads() if n in known)])
+    unknown = {n for n in in_bucket if n not in known and n not in trashed and n not in quarantined}
+    index_remote(index, remote, unknown, decode, report, in_bucket)
+
+
+def index_remote(
+    index: Index,
+    remote: "PackCache",
+    names: set[str],
+    decode: Decode | None,
+    report: RecoveryReport,
+    sizes: dict[str, int] | None = None,
+) -> None:
+    """Index packs of a bucket from their trailers (one ranged GET of each tail); a pack
+    whose trailer is damaged is fetched into the cache and scanned (``index_packs``).
+    ``names`` empty: every pack in the bucket (a read-only open rebuilding its index)."""
+    from engine.store.objects import read_trailer as read_remote_trailer  # noqa: PLC0415
+
+    if sizes is None:
+        sizes = {p.name: p.size for p in remote.objects.list()}
+    if not names:
+        names = set(sizes)
+    damaged = {}
+    for name in sorted(names):
+        try:
+            size, entries = read_remote_trailer(remote.objects, name)
+        except CorruptPack:
+            damaged[name] = remote.local(name, sizes[name])
+            continue
+        index.add_pack(SealedPack(name, size, entries))
+        report.indexed_packs.append(name)
+    index_packs(index, damaged, decode, report)
 
 
 def index_packs(

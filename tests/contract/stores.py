@@ -1,13 +1,15 @@
 """The implementations the store contract suite runs, one factory each.
 
 ``STORES`` maps an implementation's name to a context manager factory
-``factory(tmp_path)`` giving a ``StoreHarness``: the store under test as its users type it
+``factory(tmp_path, request)`` giving a ``StoreHarness``: the store under test as its users type it
 (``BackupStore``: a ``ChunkReader`` and a ``ChunkWriter``), and the faults the suite needs
 from outside the protocols (verify's bad-chunk marks, a record or manifest damaged where
 the store keeps it). ``test_store.py`` runs every test with every factory.
 
 Implementations: ``Store`` on a temporary directory with AES-GCM records and with plaintext
-records, and ``tests.memory_store.MemoryStore``.
+records, ``Store`` with its packs in a bucket of a real Ceph RGW (``tests.s3.rgw``) and a
+cache bound of two packs (so reads fetch evicted packs again), and
+``tests.memory_store.MemoryStore``.
 """
 
 from collections.abc import Callable, Iterator
@@ -16,12 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
+import pytest
+
 from engine.core.ids import ChunkId
 from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.index import BadChunk
 from engine.store.keys import StoreKeys
-from engine.store.layout import ENCRYPTION_AES, Layout
+from engine.io.s3 import S3Endpoint
+from engine.store.layout import ENCRYPTION_AES, Layout, RemoteConfig
+from engine.store.objects import S3Packs
 from engine.store.leases import LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.protocols import BackupStore
@@ -91,12 +97,22 @@ class StoreOnDisk:
     def damage(self, chunk_id: ChunkId) -> None:
         loc = self.real.locate(chunk_id)
         assert loc is not None, "damage a chunk of a committed snapshot"
+        at = loc.offset + fmt.RECORD_HEADER.size + 1
+        if self.real.remote is not None:  # the object in the bucket, and no cached copy
+            objects = self.real.remote.objects
+            assert isinstance(objects, S3Packs)
+            data = bytearray(objects.read(loc.pack, 0, 1 << 40))
+            _flip(data, at)
+            objects.client.delete([objects.key(loc.pack)])
+            objects.client.put(objects.key(loc.pack), bytes(data))
+            self.real.remote.forget(loc.pack)
+            return
         path = self.real.layout.pack_files()[loc.pack]
         with path.open("r+b") as f:
-            f.seek(loc.offset + fmt.RECORD_HEADER.size + 1)
+            f.seek(at)
             byte = bytearray(f.read(1))
             _flip(byte, 0)
-            f.seek(loc.offset + fmt.RECORD_HEADER.size + 1)
+            f.seek(at)
             f.write(byte)
 
     def tamper_manifest(self, snapshot_id: str) -> None:
@@ -137,9 +153,12 @@ class StoreInMemory:
         return _leftovers(self.memory.layout, self.memory.leases, committed)
 
 
-def on_disk(encryption: str) -> Callable[[Path], AbstractContextManager[StoreHarness]]:
+Factory = Callable[[Path, pytest.FixtureRequest], AbstractContextManager[StoreHarness]]
+
+
+def on_disk(encryption: str) -> Factory:
     @contextmanager
-    def factory(tmp_path: Path) -> Iterator[StoreHarness]:
+    def factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHarness]:
         path = tmp_path / "store"
         Store.init(
             path,
@@ -156,12 +175,31 @@ def on_disk(encryption: str) -> Callable[[Path], AbstractContextManager[StoreHar
 
 
 @contextmanager
-def in_memory(tmp_path: Path) -> Iterator[StoreHarness]:
+def in_bucket(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHarness]:
+    bucket: S3Endpoint = request.getfixturevalue("s3_bucket")
+    path = tmp_path / "store"
+    pack_size = 1024 * 1024
+    Store.init(
+        path,
+        chunk_size=CHUNK,
+        pack_size=pack_size,
+        passphrase=PASSPHRASE,
+        kdf=CHEAP_KDF,
+        remote=RemoteConfig(bucket.url, bucket.bucket, "stores/a/", cache_bytes=2 * pack_size),
+        s3_key=(bucket.access_key, bucket.secret_key),
+    )
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        yield StoreOnDisk(store)
+
+
+@contextmanager
+def in_memory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHarness]:
     yield StoreInMemory(MemoryStore(tmp_path / "memory", chunk_size=CHUNK))
 
 
-STORES: Final[dict[str, Callable[[Path], AbstractContextManager[StoreHarness]]]] = {
+STORES: Final[dict[str, Factory]] = {
     "store-aes": on_disk(ENCRYPTION_AES),
     "store-plain": on_disk("none"),
+    "store-s3": in_bucket,
     "memory": in_memory,
 }

@@ -78,7 +78,7 @@ class Refused(Exception):
 
 @pytest.fixture(params=list(STORES))
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreHarness]:
-    with STORES[request.param](tmp_path) as h:
+    with STORES[request.param](tmp_path, request) as h:
         yield h
 
 

@@ -1,0 +1,241 @@
+"""A store whose sealed packs live in an S3 bucket: ``STORE/packs/`` is their cache (issue 18).
+
+Everything else stays in the store directory as in a local store (config, key file, index,
+catalog, snapshots, trash, journal); only sealed packs move. ``config.json`` names the bucket
+(``layout.RemoteConfig``: endpoint, bucket, prefix, region, cache bound) and
+``keys/s3.json`` (0600) holds the access key and secret; neither is ever logged.
+
+Write order — the store's rule 1, one step longer::
+
+    records → pack sealed in packs/ (fsync, rename, fsync dir)
+            → upload intent (index row ``uploads``, durable)
+            → PUT create-only (If-None-Match: *)
+            → index entries, intent cleared (one transaction)
+            → DiskMaps → manifest
+
+So every indexed pack is in the bucket, and a pack being uploaded is named by an intent row
+until it is indexed. The local copy stays in the cache until evicted.
+
+Reads: a record of a cached pack is read from its file. A pack not in the cache is fetched
+whole (one streamed GET into ``packs/tmp/``, fsynced, its size checked against the index,
+renamed into place): restores and repacks read a pack's records in store order, so one GET of
+a pack serves all its reads, and concurrent readers of one pack wait for a single fetch.
+After every upload and fetch the cache is trimmed to its bound, least recently used first,
+never the pack used last: a reader with the file open reads on (unlinking an open file is
+safe), and one that finds it gone fetches it again (``Store.get_record``).
+
+Recovery (``recovery.recover`` with a cache) lists the bucket instead of ``packs/``:
+
+- a sealed pack in the cache that is not indexed (a writer killed between seal and index, or
+  a pack abandoned after a failed index commit) is uploaded — create-only, so its own earlier
+  upload counts as done — and indexed, as a local store indexes it from its trailer;
+- an index row whose object is missing or has another size is dropped and reported; a cached
+  copy whose size differs from its row is deleted (only the cache was wrong);
+- an intent whose pack is neither indexed nor in the cache (the writer was killed mid-upload
+  and its local copy is gone) has its object deleted: nothing refers to it, and nothing
+  is left that GC would keep forever;
+- an object in the bucket that the index does not know, that no intent names and that is not
+  in the trash is indexed from its trailer (one ranged GET of its tail): this is how an
+  index is rebuilt from the bucket.
+
+GC retires a pack in a bucket by a marker ``trash/<t>-<name>.remote`` (its size) instead of
+a link; the object is deleted, in ``DeleteObjects`` batches, once the grace period is over.
+
+Not yet (docs/DESIGN.md §4.1 has the plan): manifests and DiskMaps in the bucket and a
+re-attach from the bucket alone, object lock, leases and the writer lock in the bucket
+(until then one DataMover writes a bucket prefix: ``init`` refuses a prefix that holds a
+store), request budgets.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from engine.core.errors import CorruptPack, PackMissing, StoreError
+from engine.io.s3 import S3Endpoint
+from engine.store.layout import Layout, RemoteConfig
+from engine.store.objects import PackObjects, S3Packs
+from engine.store.pack import PACK_SUFFIX, pack_path
+from engine.util.fs import TMP_SUFFIX, atomic_write
+
+log = structlog.get_logger("tessera.store")
+
+# The marker a store leaves in its bucket prefix at init: a second store is refused there.
+STORE_MARKER: Final = "tessera-store.json"
+
+
+def write_credentials(layout: Layout, access_key: str, secret_key: str) -> None:
+    """``keys/s3.json``, readable by the owner only."""
+    path = layout.s3_credentials
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.dumps({"access_key": access_key, "secret_key": secret_key}).encode() + b"\n"
+    atomic_write(path, doc, "store.s3_credentials")  # 0600, as every atomic_write
+
+
+def endpoint(layout: Layout, remote: RemoteConfig) -> S3Endpoint:
+    """The bucket's endpoint with the key from ``keys/s3.json``; StoreError naming the file
+    when it is missing or unreadable (never its content)."""
+    path = layout.s3_credentials
+    try:
+        doc = json.loads(path.read_bytes())
+        access, secret = doc["access_key"], doc["secret_key"]
+        if not isinstance(access, str) or not isinstance(secret, str):
+            raise TypeError("access_key and secret_key must be strings")
+    except FileNotFoundError:
+        raise StoreError(
+            path=layout.root, reason=f"the S3 key of {remote.url} is missing ({path})"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"the S3 key file {path} is unreadable ({type(e).__name__})"
+        raise StoreError(path=layout.root, reason=reason) from None
+    return S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region)
+
+
+def claim_prefix(packs: S3Packs, store_id: str) -> None:
+    """At init: leave the store's marker under the prefix, create-only; StoreError when the
+    prefix already holds a store (its id named), so two stores never share one."""
+    key = f"{packs.prefix}{STORE_MARKER}"
+    body = json.dumps({"store_id": store_id}).encode() + b"\n"
+    if packs.client.put_new(key, body, len(body)) is not None:
+        return
+    try:
+        there = json.loads(packs.client.get_range(key, 0, 4096) or b"{}").get("store_id")
+    except ValueError:
+        there = None
+    raise StoreError(
+        path=packs.where,
+        reason=f"already holds store {there or '(unreadable marker)'}: a bucket prefix holds "
+        "one store (choose another prefix)",
+    )
+
+
+class PackCache:
+    """``packs/`` as a bounded cache of the packs in ``objects``. Thread-safe."""
+
+    def __init__(self, packs_dir: Path, objects: PackObjects, limit: int, pack_size: int):
+        self.packs_dir = packs_dir
+        self.objects = objects
+        # Never less than two packs: the one a reader uses and the one just fetched.
+        self.limit = max(limit, 2 * pack_size)
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, int] = OrderedDict()  # cached packs, least recent first
+        self._fetching: dict[str, Future[Path]] = {}
+        self.fetches = 0
+        self.evictions = 0
+        cached = []
+        for path in packs_dir.glob(f"??/*{PACK_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                cached.append((st.st_mtime, path.stem, st.st_size))
+        for _, name, size in sorted(cached):
+            self._lru[name] = size
+
+    @property
+    def where(self) -> str:
+        return self.objects.where
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return sum(self._lru.values())
+
+    def close(self) -> None:
+        self.objects.close()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def upload(self, name: str) -> None:
+        """Put the sealed pack ``packs/nn/<name>.pack`` into the bucket (create-only; the
+        same content already there is success). The caller recorded the intent first."""
+        self.objects.put(name, pack_path(self.packs_dir, name))
+
+    def added(self, name: str, size: int) -> None:
+        """A pack sealed here was uploaded and indexed: cache it, trim the cache."""
+        with self._lock:
+            self._lru[name] = size
+            self._lru.move_to_end(name)
+        self.trim()
+
+    def forget(self, name: str) -> None:
+        """GC retired or repair quarantined the pack: drop its cached copy, if any."""
+        with self._lock:
+            self._lru.pop(name, None)
+        pack_path(self.packs_dir, name).unlink(missing_ok=True)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def local(self, name: str, size: int) -> Path:
+        """The path of pack ``name`` in the cache, fetched first when it is not there (one
+        fetch for concurrent callers). ``size``: its size by the index, checked. Raises
+        ``PackMissing`` / ``ObjectStoreError`` naming the bucket, ``CorruptPack`` when the
+        object's size differs from the index's."""
+        path = pack_path(self.packs_dir, name)
+        with self._lock:
+            if name in self._lru and path.exists():
+                self._lru.move_to_end(name)
+                return path
+            fut = self._fetching.get(name)
+            leader = fut is None
+            if fut is None:
+                fut = self._fetching[name] = Future()
+        if not leader:
+            return fut.result()
+        try:
+            self._fetch(name, size, path)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        else:
+            fut.set_result(path)
+        finally:
+            with self._lock:
+                del self._fetching[name]
+        self.trim()
+        return path
+
+    def _fetch(self, name: str, size: int, path: Path) -> None:
+        # Unique: a read-only open (verify) may fetch the same pack beside the writer.
+        tmp = self.packs_dir / "tmp" / f"{name}{PACK_SUFFIX}.get-{secrets.token_hex(4)}{TMP_SUFFIX}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tmp.open("wb") as f:
+                got = self.objects.fetch(name, f)
+                f.flush()
+                # A cached copy is read as the pack itself: never a torn one after a crash.
+                os.fsync(f.fileno())
+            if got != size:
+                raise CorruptPack(
+                    pack=name,
+                    reason=f"{self.where} holds {got} bytes of it, the index says {size}",
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self._lru[name] = size
+            self._lru.move_to_end(name)
+            self.fetches += 1
+        log.debug("store.pack_fetched", where=self.where, pack=name, bytes=size)
+
+    def trim(self) -> None:
+        """Evict least recently used packs until the cache fits its bound (never the last)."""
+        while True:
+            with self._lock:
+                if len(self._lru) <= 1 or sum(self._lru.values()) <= self.limit:
+                    return
+                name, _ = self._lru.popitem(last=False)
+                self.evictions += 1
+            pack_path(self.packs_dir, name).unlink(missing_ok=True)
+
+    def missing(self, name: str) -> PackMissing:
+        return PackMissing(pack=name, where=self.where)
