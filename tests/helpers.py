@@ -10,6 +10,7 @@ import signal
 import struct
 import time
 from collections.abc import Callable, Iterator, MutableMapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,16 @@ from engine.store.manifest import Manifest
 
 
 def write_snapshot(
-    store: Store, vm: str, disks: dict[str, bytes], level: str = "full", config: bytes | None = None
+    store: Store,
+    vm: str,
+    disks: dict[str, bytes],
+    level: str = "full",
+    config: bytes | None = None,
+    time: datetime | None = None,
 ) -> Manifest:
     """Back up in-memory disks slot by slot through the store's own codec; commit."""
     size = store.config.chunk_size
-    with store.begin_snapshot(vm_id=vm, vm_name=vm, level=level) as snap:
+    with store.begin_snapshot(vm_id=vm, vm_name=vm, level=level, time=time) as snap:
         if config is not None:
             snap.set_config("json", config)
         for disk_id, data in disks.items():

@@ -304,7 +304,7 @@ class Store:
                 index = Index(caches / name)
                 try:
                     if self.remote is not None:
-                        index_remote(index, self.remote, set(), self._decode(), self.report)
+                        index_remote(index, self.remote, None, self._decode(), self.report)
                     else:
                         index_packs(index, self.layout.pack_files(), self._decode(), self.report)
                 finally:

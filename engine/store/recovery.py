@@ -231,19 +231,19 @@ def _recover_remote(
 def index_remote(
     index: Index,
     remote: "PackCache",
-    names: set[str],
+    names: set[str] | None,
     decode: Decode | None,
     report: RecoveryReport,
     sizes: dict[str, int] | None = None,
 ) -> None:
     """Index packs of a bucket from their trailers (one ranged GET of each tail); a pack
     whose trailer is damaged is fetched into the cache and scanned (``index_packs``).
-    ``names`` empty: every pack in the bucket (a read-only open rebuilding its index)."""
+    ``names`` None: every pack in the bucket (a read-only open rebuilding its index)."""
     from engine.store.objects import read_trailer as read_remote_trailer  # noqa: PLC0415
 
     if sizes is None:
         sizes = {p.name: p.size for p in remote.objects.list()}
-    if not names:
+    if names is None:
         names = set(sizes)
     damaged = {}
     for name in sorted(names):

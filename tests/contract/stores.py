@@ -21,15 +21,15 @@ from typing import Final, Protocol
 import pytest
 
 from engine.core.ids import ChunkId
+from engine.io.s3 import S3Endpoint
 from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.index import BadChunk
 from engine.store.keys import StoreKeys
-from engine.io.s3 import S3Endpoint
 from engine.store.layout import ENCRYPTION_AES, Layout, RemoteConfig
-from engine.store.objects import S3Packs
 from engine.store.leases import LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
+from engine.store.objects import S3Packs
 from engine.store.protocols import BackupStore
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.memory_store import MemoryStore

@@ -6,15 +6,23 @@ in a pack GC repacks. GC pauses at a chosen step (its thread blocks in the failp
 the backup runs its remaining steps, or the backup runs its first steps before GC starts.
 Whatever the interleaving, every committed snapshot must read back exactly and the store
 must verify clean, also after a final GC with no session live.
+
+The same race runs on a store whose packs live in a bucket of a real Ceph RGW
+(``engine.store.remote``; a copy of the template's bucket per case), for every GC step with
+the backup paused after its ``has`` and after its ``put``: GC then retires packs by trash
+markers and repacks through the cache, and uploads its new packs before indexing them.
 """
 
+import json
 import random
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,11 +33,13 @@ from engine.maint.prune import prune
 from engine.maint.retention import Rules
 from engine.store.chunk_store import Store
 from engine.store.diskmap import DiskMapWriter
+from engine.store.layout import RemoteConfig
 from engine.store.manifest import Manifest
 from engine.store.snapshot import SnapshotWriter
 from engine.util import failpoints
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk
+from tests.s3.rgw import BucketFactory, Rgw, empty_and_remove_bucket
 
 CHUNK = 64 * 1024
 NOW = datetime.now(UTC) + timedelta(days=8)  # every pruned snapshot is past its grace
@@ -71,11 +81,19 @@ def run_gc(store: Store) -> GcResult:
     )
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_template(
+    path: Path, remote: RemoteConfig | None = None, key: tuple[str, str] | None = None
+) -> None:
     """A1's garbage condemned (deferred by a lease), A2 pruned and past its grace."""
-    path = tmp_path_factory.mktemp("gc-race") / "store"
-    Store.init(path, chunk_size=CHUNK, pack_size=1024 * 1024, passphrase=PASSPHRASE, kdf=CHEAP_KDF)
+    Store.init(
+        path,
+        chunk_size=CHUNK,
+        pack_size=1024 * 1024,
+        passphrase=PASSPHRASE,
+        kdf=CHEAP_KDF,
+        remote=remote,
+        s3_key=key,
+    )
     t0 = datetime(2026, 11, 1, tzinfo=UTC)
     with Store.open(path, passphrase=PASSPHRASE) as store:
         snapshot(store, "a1", A1, t0)
@@ -87,7 +105,28 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
         snapshot(store, "vm", A2, t0)
         snapshot(store, "vm", A2[::2], t0 + timedelta(days=1))
         prune(store, Rules(keep_last=1), vm="vm")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gc-race") / "store"
+    build_template(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def s3_template(
+    tmp_path_factory: pytest.TempPathFactory, rgw: Rgw, rgw_admin: Any
+) -> Iterator[tuple[Path, str]]:
+    """The template with its packs in a bucket of its own: (store directory, bucket)."""
+    bucket = "t-" + secrets.token_hex(8)
+    rgw_admin.create_bucket(Bucket=bucket)
+    try:
+        path = tmp_path_factory.mktemp("gc-race-s3") / "store"
+        build_template(path, RemoteConfig(rgw.url, bucket, "st/"), (rgw.access_key, rgw.secret_key))
+        yield path, bucket
+    finally:
+        empty_and_remove_bucket(rgw_admin, bucket)
 
 
 class Pause:
@@ -163,10 +202,54 @@ def store_copy(template: Path, tmp_path: Path) -> Iterator[Store]:
         store.close()
 
 
+@pytest.fixture
+def s3_store_copy(
+    s3_template: tuple[Path, str], s3_buckets: BucketFactory, rgw_admin: Any, tmp_path: Path
+) -> Iterator[Store]:
+    """A copy of the S3 template: its directory, and its bucket's objects (server-side)."""
+    template, source = s3_template
+    target = s3_buckets().bucket
+    for page in rgw_admin.get_paginator("list_objects_v2").paginate(Bucket=source):
+        for o in page.get("Contents", []):
+            rgw_admin.copy_object(
+                Bucket=target, Key=o["Key"], CopySource={"Bucket": source, "Key": o["Key"]}
+            )
+    path = tmp_path / "store"
+    shutil.copytree(template, path)
+    config = json.loads((path / "config.json").read_bytes())
+    config["remote"]["bucket"] = target
+    (path / "config.json").write_text(json.dumps(config))
+    store = Store.open(path, passphrase=PASSPHRASE)
+    try:
+        yield store
+    finally:
+        failpoints.install(None)
+        store.close()
+
+
 @pytest.mark.parametrize("step", range(BACKUP_STEPS))
 @pytest.mark.parametrize("point", GC_POINTS)
 def test_gc_never_loses_a_referenced_chunk(store_copy: Store, point: str, step: int) -> None:
-    store = store_copy
+    race(store_copy, point, step)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("step", [2, 3])  # GC starts after the backup's has(); after its put()
+@pytest.mark.parametrize("point", GC_POINTS)
+def test_gc_never_loses_a_referenced_chunk_in_a_bucket(
+    s3_store_copy: Store, point: str, step: int
+) -> None:
+    store = s3_store_copy
+    race(store, point, step)
+    assert store.remote is not None
+    objects = {p.name for p in store.remote.objects.list()}
+    indexed = {p.name for p in store.index.packs()}
+    assert indexed <= objects, "every indexed pack is in the bucket"
+    assert objects <= indexed | set(store.layout.trash_files()), "no object GC forgot"
+    assert not store.index.uploads()
+
+
+def race(store: Store, point: str, step: int) -> None:
     kept = [store.manifest(e.snapshot_id) for e in store.snapshots()]
     backup = Backup(store)
     steps = backup.steps()

@@ -1,0 +1,287 @@
+"""A store whose packs live in a bucket of a real Ceph RGW (``engine.store.remote``).
+
+What users rely on, beyond the store contract (``tests/contract/test_store.py`` runs on such
+a store too):
+
+- ``packs/`` is a cache bounded by its setting: a snapshot many times the bound is written
+  and read back whole, evicted packs are fetched again, and the bucket holds every pack;
+- a writer SIGKILLed anywhere around an upload leaves a store whose committed snapshots read
+  back, that verifies clean, and whose bucket holds no object the index does not know — also
+  when the killed writer's local copy of the pack is gone (its upload intent names it);
+- the index rebuilds from the bucket when ``index.db`` and the cache are both gone;
+- GC retires packs with trash markers and deletes their objects after the grace period;
+  verify finds a damaged object and names its pack;
+- a prefix holding a store is refused at init; a wrong key or a missing key file is a clear
+  error naming the bucket or the file.
+"""
+
+import json
+import random
+import shutil
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.core.errors import ObjectStoreError, StoreError
+from engine.io.s3 import S3Endpoint
+from engine.maint.check import check_store
+from engine.maint.gc import GcOptions, gc
+from engine.maint.prune import prune
+from engine.maint.retention import Rules
+from engine.store.chunk_store import Store
+from engine.store.layout import RemoteConfig
+from engine.store.objects import S3Packs
+from engine.store.pack import pack_path
+from tests.conftest import CHEAP_KDF, PASSPHRASE
+from tests.helpers import read_disk, realistic_bytes, write_snapshot
+from tests.integration.crash_writer import disks_b
+from tests.integration.test_store_crash import run_writer
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 64 * 1024
+PACK = 1024 * 1024
+
+
+def init(path: Path, bucket: S3Endpoint, cache_packs: int = 2, prefix: str = "st/") -> None:
+    Store.init(
+        path,
+        chunk_size=CHUNK,
+        pack_size=PACK,
+        passphrase=PASSPHRASE,
+        kdf=CHEAP_KDF,
+        remote=RemoteConfig(bucket.url, bucket.bucket, prefix, cache_bytes=cache_packs * PACK),
+        s3_key=(bucket.access_key, bucket.secret_key),
+    )
+
+
+def in_bucket(store: Store) -> dict[str, int]:
+    assert store.remote is not None
+    return {p.name: p.size for p in store.remote.objects.list()}
+
+
+def assert_bucket_matches_index(store: Store) -> None:
+    """Every object is an indexed pack (or waits in the trash), every indexed pack is there."""
+    indexed = {p.name: p.size for p in store.index.packs()}
+    objects = in_bucket(store)
+    trashed = set(store.layout.trash_files())
+    assert {n: s for n, s in objects.items() if n not in trashed} == indexed
+    assert not store.index.uploads()
+
+
+@pytest.fixture
+def s3_store(tmp_path: Path, s3_bucket: S3Endpoint) -> tuple[Path, str, bytes]:
+    """A store in a bucket with snapshot A (24 chunks, a few packs) committed."""
+    path = tmp_path / "store"
+    init(path, s3_bucket)
+    disk_a = realistic_bytes(24 * CHUNK, seed=100)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        m = write_snapshot(store, "vm-a", {"d0": disk_a})
+    return path, m.snapshot_id, disk_a
+
+
+def test_a_snapshot_many_times_the_cache_reads_back_through_fetches(
+    tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    path = tmp_path / "store"
+    init(path, s3_bucket, cache_packs=2)
+    disk = realistic_bytes(16 * CHUNK, seed=1) + bytes(CHUNK) + _random(96 * CHUNK, seed=2)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        m = write_snapshot(store, "vm", {"d0": disk})
+        assert store.remote is not None
+        packs = store.index.packs()
+        assert len(packs) >= 6, "the snapshot must span several times the cache"
+        assert store.remote.cached_bytes <= store.remote.limit
+        assert len(store.layout.pack_files()) <= 2
+        assert in_bucket(store) == {p.name: p.size for p in packs}
+        puts = store.remote.objects.counters.snapshot()["put"]
+        assert puts.requests == len(packs) + 2  # + the probe: a create-only PUT, refused again
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.remote is not None
+        assert read_disk(store, m) == disk
+        assert store.remote.fetches >= len(packs) - 2
+        assert store.remote.cached_bytes <= store.remote.limit
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+        assert_bucket_matches_index(store)
+
+
+def _random(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+KILL_POINTS = [
+    ("store.pack.after_dir_fsync", 1),  # sealed here, no intent yet
+    ("store.remote.before_put", 1),  # intent durable, nothing sent
+    ("store.remote.after_put", 1),  # in the bucket, not indexed
+    ("store.index.before_commit", 1),
+    ("store.index.after_commit", 1),
+    ("store.remote.after_put", 2),
+    ("store.manifest.after_rename", 1),  # committed
+]
+
+
+@pytest.mark.parametrize(("point", "nth"), KILL_POINTS, ids=[f"{p}#{n}" for p, n in KILL_POINTS])
+def test_a_writer_killed_around_an_upload_loses_nothing_and_leaves_no_orphan(
+    s3_store: tuple[Path, str, bytes], point: str, nth: int
+) -> None:
+    path, snap_a, disk_a = s3_store
+    proc = run_writer(path, point, nth, 7)
+    assert proc.returncode == -signal.SIGKILL, f"never reached: {proc.stdout}{proc.stderr}"
+    committed = point == "store.manifest.after_rename"
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert not store.report.problems, store.report.lines()
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+        names = {e.vm_name: e.snapshot_id for e in store.snapshots()}
+        assert ("vm-b" in names) == committed
+        if committed:
+            mb = store.manifest(names["vm-b"])
+            for i, data in enumerate(disks_b(7, CHUNK).values()):
+                assert read_disk(store, mb, i) == data
+        assert_bucket_matches_index(store)
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+        disk_c = realistic_bytes(6 * CHUNK, seed=8)
+        mc = write_snapshot(store, "vm-c", {"d0": disk_c})
+        assert read_disk(store, mc) == disk_c
+        assert_bucket_matches_index(store)
+
+
+def test_a_killed_upload_whose_local_copy_is_gone_is_deleted_from_the_bucket(
+    s3_store: tuple[Path, str, bytes],
+) -> None:
+    path, snap_a, disk_a = s3_store
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        before = set(in_bucket(store))
+        indexed = {p.name for p in store.index.packs()}
+    assert run_writer(path, "store.remote.after_put", 1, 7).returncode == -signal.SIGKILL
+    orphans = [p for name, p in cached_packs(path).items() if name not in indexed]
+    assert len(orphans) == 1, "the killed writer's pack is sealed here and uploaded"
+    name = orphans[0].stem
+    orphans[0].unlink()  # the local copy is lost (a cache disk replaced, say)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.report.removed_uploads == [name], store.report.lines()
+        assert name not in in_bucket(store)
+        assert set(in_bucket(store)) == before
+        assert_bucket_matches_index(store)
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+
+
+def cached_packs(path: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (path / "packs").glob("??/*.pack")}
+
+
+def test_the_index_rebuilds_from_the_bucket_when_it_and_the_cache_are_gone(
+    s3_store: tuple[Path, str, bytes],
+) -> None:
+    path, snap_a, disk_a = s3_store
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        disk_b = realistic_bytes(40 * CHUNK, seed=5)
+        mb = write_snapshot(store, "vm-b", {"d0": disk_b})
+        rows = sorted((p.name, p.size, p.records) for p in store.index.packs())
+    for p in path.glob("index.db*"):
+        p.unlink()
+    shutil.rmtree(path / "packs")
+    (path / "packs" / "tmp").mkdir(parents=True)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert sorted((p.name, p.size, p.records) for p in store.index.packs()) == rows
+        assert len(store.report.indexed_packs) == len(rows)
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+        assert read_disk(store, mb) == disk_b
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+
+
+def test_gc_retires_by_markers_and_deletes_objects_after_the_grace(
+    tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    path = tmp_path / "store"
+    init(path, s3_bucket, cache_packs=2)
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    old = _random(48 * CHUNK, seed=3)  # 3 packs of its own
+    kept = realistic_bytes(16 * CHUNK, seed=4)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        write_snapshot(store, "vm", {"d0": old}, time=t0)
+        mk = write_snapshot(store, "vm", {"d0": kept}, time=t0 + timedelta(days=1))
+        prune(store, Rules(keep_last=1))
+        objects_before = set(in_bucket(store))
+        now = datetime.now(UTC) + timedelta(days=30)  # the removal's grace is over
+        opts = GcOptions(now=lambda: now, young_pack_margin=timedelta(0))
+        first = gc(store, opts)
+        assert first.packs_trashed >= 3
+        markers = list(store.layout.trash.glob("*.remote"))
+        assert len(markers) == first.packs_trashed
+        assert set(in_bucket(store)) == objects_before, "objects wait for the grace period"
+        assert read_disk(store, mk) == kept
+        later = now + timedelta(days=30)
+        second = gc(store, GcOptions(now=lambda: later, young_pack_margin=timedelta(0)))
+        assert second.trash_deleted == first.packs_trashed
+        assert second.trash_bytes_freed == first.bytes_retired
+        assert not list(store.layout.trash.glob("*.remote"))
+        assert_bucket_matches_index(store)
+        assert read_disk(store, mk) == kept
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+
+
+def test_verify_names_a_damaged_object(s3_store: tuple[Path, str, bytes]) -> None:
+    path, _, _ = s3_store
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.remote is not None
+        objects = store.remote.objects
+        assert isinstance(objects, S3Packs)
+        name = store.index.packs()[0].name
+        data = bytearray(objects.read(name, 0, 1 << 30))
+        data[200] ^= 0xFF
+        objects.client.delete([objects.key(name)])
+        objects.client.put(objects.key(name), bytes(data))
+        store.remote.forget(name)
+        result = check_store(store, data=True)
+        assert not result.ok
+        assert any(name in f.message for f in result.findings), result.findings
+
+
+def test_a_prefix_holding_a_store_is_refused(tmp_path: Path, s3_bucket: S3Endpoint) -> None:
+    init(tmp_path / "one", s3_bucket, prefix="p/")
+    store_id = json.loads((tmp_path / "one" / "config.json").read_bytes())["store_id"]
+    with pytest.raises(StoreError, match=f"already holds store {store_id}"):
+        init(tmp_path / "two", s3_bucket, prefix="p/")
+    assert not (tmp_path / "two").exists(), "nothing is written here before the bucket agrees"
+    init(tmp_path / "three", s3_bucket, prefix="q/")  # another prefix is another store
+
+
+def test_a_wrong_key_or_a_missing_key_file_is_a_clear_error(
+    s3_store: tuple[Path, str, bytes], s3_bucket: S3Endpoint
+) -> None:
+    path, _, _ = s3_store
+    keyfile = path / "keys" / "s3.json"
+    assert keyfile.stat().st_mode & 0o077 == 0
+    saved = keyfile.read_bytes()
+    keyfile.write_text(json.dumps({"access_key": s3_bucket.access_key, "secret_key": "wrong"}))
+    with pytest.raises(ObjectStoreError) as e:
+        Store.open(path, passphrase=PASSPHRASE)
+    assert s3_bucket.bucket in str(e.value) and "wrong" not in str(e.value)
+    keyfile.unlink()
+    with pytest.raises(StoreError, match=r"S3 key .* is missing"):
+        Store.open(path, passphrase=PASSPHRASE)
+    keyfile.write_bytes(saved)
+    with Store.open(path, passphrase=PASSPHRASE, writable=False) as store:
+        assert store.snapshots()
+
+
+def test_cached_copy_of_the_wrong_size_is_dropped_not_the_pack(
+    s3_store: tuple[Path, str, bytes],
+) -> None:
+    path, snap_a, disk_a = s3_store
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        name = store.index.packs()[0].name
+        store.pack_file(name)  # cached
+    copy = pack_path(path / "packs", name)
+    with copy.open("r+b") as f:
+        f.truncate(100)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert any(name in line for line in store.report.dropped_cache)
+        assert not store.report.dropped_packs
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
