@@ -128,6 +128,24 @@ def pack_size(text: str) -> int:
     return value
 
 
+def s3_url(text: str) -> tuple[str, str]:
+    """``s3://BUCKET[/PREFIX]`` → (bucket, prefix ending in "/" or empty)."""
+    if not text.startswith("s3://"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not s3://BUCKET[/PREFIX]")
+    bucket, _, prefix = text.removeprefix("s3://").partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise argparse.ArgumentTypeError(f"{bucket!r} is not an S3 bucket name")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def http_url(text: str) -> str:
+    """An http(s) endpoint URL."""
+    if not re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not http(s)://HOST[:PORT]")
+    return text.rstrip("/")
+
+
 def byte_rate(text: str) -> "ByteSize":
     """Bytes per second, ≥ 1 (``50MiB``)."""
     # Here, not at the top: the configuration types (msgspec, calendars) load only when this

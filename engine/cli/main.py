@@ -34,6 +34,7 @@ from engine.pipeline.defaults import DEFAULT_DISKS_AT_ONCE, DEFAULT_READERS
 from engine.sched.level import LEVELS
 from engine.store.dbfiles import describe, os_reason
 from engine.store.layout import (
+    DEFAULT_CACHE_BYTES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_SIZE,
     DEFAULT_ZSTD_LEVEL,
@@ -142,6 +143,27 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         help=f"compression of new records, {MIN_ZSTD_LEVEL} (fastest) to {MAX_ZSTD_LEVEL} "
         f"(smallest); default {DEFAULT_ZSTD_LEVEL}. On VM images level 1 stores ~10 %% more "
         "than 3 for ~1.5x the speed",
+    )
+    p.add_argument(
+        "--s3",
+        type=cli_args.s3_url,
+        metavar="s3://BUCKET[/PREFIX]",
+        help="keep sealed packs in this S3 bucket (Ceph RGW or any S3 with conditional "
+        "create); PATH keeps the index, catalog, snapshots and a cache of packs. The key "
+        "comes from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and is kept in "
+        "PATH/keys/s3.json (0600)",
+    )
+    p.add_argument(
+        "--s3-endpoint", type=cli_args.http_url, metavar="URL", help="the S3 endpoint (with --s3)"
+    )
+    p.add_argument("--s3-region", default="us-east-1", help="with --s3 (default us-east-1)")
+    p.add_argument(
+        "--cache-size",
+        type=cli_args.size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="SIZE",
+        help="with --s3: packs kept in PATH/packs, recently written and read first "
+        f"(default {human_bytes(DEFAULT_CACHE_BYTES)}; never less than two packs)",
     )
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_init"))

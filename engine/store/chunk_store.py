@@ -88,6 +88,9 @@ class StoreInfo:
     pack_bytes: int  # bytes of pack files (records + headers + trailers)
     snapshots: int
     logical_bytes: int  # data bytes referenced by all snapshots
+    # Where sealed packs live when not in the store's packs/: "s3://bucket/prefix at URL
+    # (cache N bytes)"; None for a local store.
+    packs_in: str | None = None
 
     @property
     def dedup_ratio(self) -> float:
@@ -877,6 +880,12 @@ def _info(path: Path, config: StoreConfig, index: Index, catalog: Catalog) -> St
         pack_bytes=stats.pack_bytes,
         snapshots=len(snaps),
         logical_bytes=sum(s.data_bytes for s in snaps),
+        packs_in=(
+            f"{config.remote.url} at {config.remote.endpoint} (cache "
+            f"{config.remote.cache_bytes} bytes in packs/)"
+            if config.remote is not None
+            else None
+        ),
     )
 
 

@@ -3,6 +3,7 @@ options: ``engine.cli.main``)."""
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 
 from engine.app.passphrase import resolve_passphrase
@@ -16,11 +17,12 @@ from engine.maint.prune import is_protected
 from engine.restore.record import read_record, record_cell
 from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
-from engine.store.layout import ENCRYPTION_NONE
+from engine.store.layout import ENCRYPTION_NONE, RemoteConfig
 from engine.store.manifest import Manifest
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:
+    remote, s3_key = _remote(args)
     passphrase = None
     if args.encryption != ENCRYPTION_NONE:
         passphrase = resolve_passphrase(args.passphrase_file, confirm=True)
@@ -32,9 +34,16 @@ def cmd_store_init(args: argparse.Namespace) -> int:
         key_file=args.key_file,
         passphrase=passphrase,
         zstd_level=args.zstd_level,
+        remote=remote,
+        s3_key=s3_key,
     )
     key = args.key_file or args.path / "keys" / "key"
     print(f"created store {args.path} (id {config.store_id})")
+    if remote is not None:
+        print(
+            f"  packs in {remote.url} at {remote.endpoint}; cache of "
+            f"{human_bytes(remote.cache_bytes)} in {args.path / 'packs'}"
+        )
     print(
         f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
     )
@@ -42,6 +51,24 @@ def cmd_store_init(args: argparse.Namespace) -> int:
     if args.encryption != ENCRYPTION_NONE:
         print("  keep a copy of the key file and the passphrase: without both the data is lost")
     return EXIT_OK
+
+
+def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, str] | None]:
+    if args.s3 is None:
+        if args.s3_endpoint is not None:
+            raise ConfigError(message="store init: --s3-endpoint needs --s3 s3://BUCKET[/PREFIX]")
+        return None, None
+    if args.s3_endpoint is None:
+        raise ConfigError(message="store init: --s3 needs --s3-endpoint URL")
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise ConfigError(
+            message="store init --s3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the "
+            "bucket's key (it is kept in the store's keys/s3.json, readable by its owner only)"
+        )
+    bucket, prefix = args.s3
+    remote = RemoteConfig(args.s3_endpoint, bucket, prefix, args.s3_region, args.cache_size)
+    return remote, (access, secret)
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
@@ -64,6 +91,7 @@ def cmd_store_info(args: argparse.Namespace) -> int:
         ("format", f"{info.format}, encryption {info.encryption}, zstd level {info.zstd_level}"),
         ("chunk size", human_bytes(info.chunk_size)),
         ("pack size", human_bytes(info.pack_size)),
+        *([("packs in", info.packs_in)] if info.packs_in else []),
         ("snapshots", str(info.snapshots)),
         ("packs", f"{info.packs} ({human_bytes(info.pack_bytes)})"),
         ("chunks", str(info.chunks)),
