@@ -1,9 +1,10 @@
 """``make bench``: every figure printed as ``bench: NAME VALUE UNIT`` for scripts, and all of
 them written to ``bench-data/summary.json`` (name → value and unit, plus the machine).
 
-``python -m tests.bench [store] [pipeline] [ovirt] [replication] [gc] [verify] [cli] [export]`` runs
-only those parts; ``pipeline`` alone takes the CPU limits from ``--cpu-limit MB/s`` and
-``--restore-limit MB/s`` (else the ratios against them are meaningless).
+``python -m tests.bench [store] [pipeline] [ovirt] [replication] [gc] [verify] [cli] [export]
+[parallel-restore] [s3]`` runs only those parts; ``pipeline`` alone takes the CPU limits from
+``--cpu-limit MB/s`` and ``--restore-limit MB/s`` (else the ratios against them are
+meaningless).
 """
 
 import json
@@ -20,6 +21,7 @@ from tests.bench import (
     parallel_restore_bench,
     pipeline_bench,
     replication_bench,
+    s3_bench,
     store_bench,
     verify_bench,
 )
@@ -65,6 +67,8 @@ def main() -> int:
         export_bench.run(report)
     if not only or "parallel-restore" in only:
         parallel_restore_bench.run(report)
+    if not only or "s3" in only:
+        s3_bench.run(report)
     summary = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -1,0 +1,138 @@
+"""A store whose packs live in a bucket (issue 18), against the same store on local disk, in
+the same run: a real single-node Ceph RGW on loopback (``tests.s3.rgw``), the pipeline
+bench's 1 GiB image (real files, zeros, 256 MiB incompressible), medians of 3 rounds
+interleaved (local, then bucket: a slow moment of the machine hits both).
+
+- ``s3_backup_seconds`` / ``local_backup_seconds``: a full ``backup image`` (wall, the CLI's);
+- ``s3_backup_vs_local``: local seconds over bucket seconds, the rate's fraction (target
+  ≥ 0.8);
+- ``s3_restore_seconds`` / ``local_restore_seconds``: ``restore --format raw`` of that
+  snapshot; the bucket's with its cache emptied first, so every pack comes from RGW;
+- ``s3_restore_vs_local``: the same fraction for restores (target ≥ 0.8);
+- ``s3_puts_per_gib_stored``: PUT requests of the backup per GiB of packs stored, against
+  ``s3_one_object_per_chunk_per_gib`` (a PUT per stored chunk, PBS's way):
+  ``s3_requests_vs_object_per_chunk`` is their ratio (target ≤ 1/16).
+
+The RGW shares the machine's two cores with Tessera, as it would not in production: its
+CPU use is part of what the ratios measure.
+
+    python -m tests.bench s3
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.bench.data import CACHE
+from tests.bench.pipeline_bench import ENV, ROOT, mixed_image
+from tests.s3.rgw import Rgw, empty_and_remove_bucket, start_rgw, stop_rgw
+
+Report = Callable[[str, float, str], None]
+ROUNDS = 3
+GiB = 1024**3
+
+
+def run(report: Report) -> None:
+    work = CACHE / "s3"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    image = mixed_image(CACHE / "mixed-1g-a.qcow2", 1, seed=1)
+    rgw = start_rgw()
+    admin = rgw.botocore()
+    bucket = "bench"
+    admin.create_bucket(Bucket=bucket)
+    try:
+        times: dict[str, list[float]] = {k: [] for k in ("lb", "lr", "sb", "sr")}
+        puts: list[float] = []
+        per_chunk: list[float] = []
+        for n in range(ROUNDS):
+            local = work / f"local-{n}"
+            cli(["store", "init", local], rgw)
+            times["lb"].append(
+                timed(["backup", "image", image, "--store", local, "--level", "full"], rgw)
+            )
+            times["lr"].append(restore(local, work / "out-local", rgw))
+            shutil.rmtree(local)
+
+            s3 = work / f"s3-{n}"
+            prefix = f"round-{n}"
+            cli(
+                ["store", "init", s3, "--s3", f"s3://{bucket}/{prefix}", "--s3-endpoint", rgw.url],
+                rgw,
+            )
+            times["sb"].append(
+                timed(["backup", "image", image, "--store", s3, "--level", "full"], rgw)
+            )
+            info = json.loads(cli(["store", "info", s3, "--json"], rgw))
+            packs = count(admin, bucket, f"{prefix}/packs/")
+            stored_gib = info["pack_bytes"] / GiB
+            puts.append(packs / stored_gib)
+            per_chunk.append(info["chunks"] / stored_gib)
+            for cached in (s3 / "packs").glob("??/*.pack"):  # every pack from RGW
+                cached.unlink()
+            times["sr"].append(restore(s3, work / "out-s3", rgw))
+            shutil.rmtree(s3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        report("local_backup_seconds", med["lb"], "s")
+        report("s3_backup_seconds", med["sb"], "s")
+        report("s3_backup_vs_local", med["lb"] / med["sb"], "ratio")
+        report("local_restore_seconds", med["lr"], "s")
+        report("s3_restore_seconds", med["sr"], "s")
+        report("s3_restore_vs_local", med["lr"] / med["sr"], "ratio")
+        report("s3_puts_per_gib_stored", statistics.median(puts), "requests")
+        report("s3_one_object_per_chunk_per_gib", statistics.median(per_chunk), "requests")
+        report(
+            "s3_requests_vs_object_per_chunk",
+            statistics.median(puts) / statistics.median(per_chunk),
+            "ratio",
+        )
+    finally:
+        empty_and_remove_bucket(admin, bucket)
+        admin.close()
+        stop_rgw(rgw)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cli(args: list[object], rgw: Rgw) -> str:
+    env = {**ENV, "AWS_ACCESS_KEY_ID": rgw.access_key, "AWS_SECRET_ACCESS_KEY": rgw.secret_key}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"tessera {args}: {proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def timed(args: list[object], rgw: Rgw) -> float:
+    t = time.perf_counter()
+    cli(args, rgw)
+    return time.perf_counter() - t
+
+
+def restore(store: Path, out: Path, rgw: Rgw) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    snap = json.loads(cli(["snapshots", "--store", store, "--json"], rgw))[0]["id"]
+    seconds = timed(["restore", snap, "--store", store, "--to", out, "--format", "raw"], rgw)
+    shutil.rmtree(out)
+    os.sync()
+    return seconds
+
+
+def count(client: object, bucket: str, prefix: str) -> int:
+    n = 0
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)  # type: ignore[attr-defined]
+    for page in pages:
+        n += len(page.get("Contents", []))
+    return n
