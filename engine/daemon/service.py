@@ -57,12 +57,13 @@ from engine.maint.prune import MANUAL_HELD, prune
 from engine.maint.retention import Rules
 from engine.maint.verify import VerifyResult
 from engine.obs.digest import RunSummary
-from engine.obs.metrics import Metrics
+from engine.obs.metrics import Metrics, ObjectStoreCounts
 from engine.obs.summary import DiskSummary, JobSummary
 from engine.sched.clock import Clock, SystemClock
 from engine.sched.scheduler import Event, Scheduler
 from engine.sources import registry
 from engine.sources.types import disk_labels
+from engine.store.chunk_store import Store
 from engine.util.limits import Limits
 
 log = structlog.get_logger("tessera.daemon")
@@ -287,6 +288,8 @@ class Service:
         for line in recovered:
             log.warning("job.recovered", store=section.name, detail=line)
         self.stores[section.name] = handle
+        if handle.store.remote is not None:
+            self.metrics.watch_object_store(section.name, partial(_bucket_counts, handle.store))
         self.histories[section.name] = JobHistory(section.path / HISTORY_FILE)
         return handle
 
@@ -660,6 +663,18 @@ class Service:
             await self.notifications.maintenance(summary, self.config.maintenance)
         for listener in self.listeners:
             await listener(view)
+
+
+def _bucket_counts(store: Store) -> ObjectStoreCounts:
+    """A store in a bucket: its request counters and cache, for ``/metrics``."""
+    assert store.remote is not None
+    counts = store.remote.objects.counters.snapshot()
+    return ObjectStoreCounts(
+        requests={k: c.requests for k, c in counts.items()},
+        bytes={k: c.bytes for k, c in counts.items()},
+        cache_bytes=store.remote.cached_bytes,
+        fetches=store.remote.fetches,
+    )
 
 
 def _journal_record(journal: Journal, job_id: str) -> JobRecord | None:

@@ -15,7 +15,16 @@ tessera_last_success_timestamp_seconds         gauge      vm     (unix time of t
 tessera_store_used_bytes                       gauge      store  (bytes of pack files)
 tessera_store_dedup_ratio                      gauge      store  (logical / unique)
 tessera_store_compression_ratio                gauge      store  (unique / stored)
+tessera_object_store_requests_total            counter    store, kind (HTTP requests sent to
+                                                                  the bucket: put, get, head,
+                                                                  list, delete, other)
+tessera_object_store_bytes_total               counter    store, kind (payload bytes)
+tessera_store_cache_bytes                      gauge      store  (packs cached locally)
+tessera_store_cache_fetches_total              counter    store  (packs fetched into it)
 =============================================  =========  ====================================
+
+The ``object_store`` and ``cache`` families exist for stores whose packs live in a bucket
+(``watch_object_store``), read from the store's own counters at each scrape.
 
 Counters kept elsewhere (syslog drops, mail failures) are exported with ``watch_counter``,
 read at each scrape. ``render()`` returns the body and content type for an aiohttp handler::
@@ -26,6 +35,7 @@ read at each scrape. ``render()`` returns the body and content type for an aioht
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,7 +45,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 SUCCEEDED = "succeeded"  # engine.jobs.states.State.SUCCEEDED (obs sits below jobs)
@@ -54,6 +64,48 @@ class _Watched(Collector):
 
     def describe(self) -> Iterable[CounterMetricFamily]:
         yield CounterMetricFamily(self.name, self.documentation)
+
+
+@dataclass(frozen=True)
+class ObjectStoreCounts:
+    """What ``watch_object_store`` reads: requests and payload bytes by kind, the cache."""
+
+    requests: dict[str, int]
+    bytes: dict[str, int]
+    cache_bytes: int
+    fetches: int
+
+
+class _ObjectStores(Collector):
+    def __init__(self) -> None:
+        self.stores: dict[str, Callable[[], ObjectStoreCounts]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "tessera_object_store_requests",
+            "HTTP requests sent to the store's bucket, retries and probes included",
+            labels=["store", "kind"],
+        )
+        moved = CounterMetricFamily(
+            "tessera_object_store_bytes", "Payload bytes put to and read from the bucket",
+            labels=["store", "kind"],
+        )  # fmt: skip
+        cache = GaugeMetricFamily(
+            "tessera_store_cache_bytes", "Bytes of packs cached locally", labels=["store"]
+        )
+        fetches = CounterMetricFamily(
+            "tessera_store_cache_fetches", "Packs fetched from the bucket into the cache",
+            labels=["store"],
+        )  # fmt: skip
+        for store, read in sorted(self.stores.items()):
+            counts = read()
+            for kind, n in sorted(counts.requests.items()):
+                requests.add_metric([store, kind], n)
+            for kind, n in sorted(counts.bytes.items()):
+                moved.add_metric([store, kind], n)
+            cache.add_metric([store], counts.cache_bytes)
+            fetches.add_metric([store], counts.fetches)
+        yield from (requests, moved, cache, fetches)
 
 
 class Metrics:
@@ -96,6 +148,8 @@ class Metrics:
         self.store_compression = Gauge(
             "tessera_store_compression_ratio", "Unique / stored bytes", ["store"], registry=r
         )
+        self._object_stores = _ObjectStores()
+        r.register(self._object_stores)
 
     def job_started(self, kind: str) -> None:
         self.jobs_running.labels(kind=kind).inc()
@@ -142,6 +196,11 @@ class Metrics:
         """Export a counter kept elsewhere (``read`` is called at each scrape; it must be
         cheap and never raise), e.g. ``SyslogForwarder.dropped``, ``Notifier.failed``."""
         self.registry.register(_Watched(name, documentation, read))
+
+    def watch_object_store(self, store: str, read: Callable[[], ObjectStoreCounts]) -> None:
+        """Export a bucket's request counters and its store's cache (``read`` at each
+        scrape: cheap, never raising)."""
+        self._object_stores.stores[store] = read
 
     def render(self) -> tuple[bytes, str]:
         """(exposition body, its content type) for the ``/metrics`` handler."""

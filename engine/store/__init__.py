@@ -19,15 +19,18 @@ snapshot; the store drops healed chunks from them), ``snapshot`` (commit order),
 ``protocols`` (the ``ChunkReader``, ``ChunkWriter`` and ``BackupStore`` its users type
 against; ``Store`` fits them), ``objects`` (``PackObjects``: where sealed packs live, a
 directory or an S3 bucket through ``engine.io.s3``, create-only puts, ranged reads, batched
-deletes, request counters, a bucket probed at open; issue 18's first piece, docs/DESIGN.md
-§4.1 — the ``Store`` does not use it yet). The checker that reads through the store
+deletes, request counters, a bucket probed at open), ``remote`` (a store whose sealed packs
+live in an S3 bucket: ``packs/`` as their bounded cache, upload intents, the bucket's side
+of recovery; docs/DESIGN.md §4.1). The checker that reads through the store
 (``engine.maint.check``) and the rest of maintenance sit above this package; nothing here
 imports them.
 
 Invariants:
 
-1. One write order: records → pack sealed (fsync, rename, fsync dir) → index entries durable
-   → DiskMaps → manifest (tmp+fsync+rename+fsync dir). No manifest, no snapshot.
+1. One write order: records → pack sealed (fsync, rename, fsync dir) → [in a bucket: upload
+   intent durable → PUT create-only] → index entries durable (and the intent cleared) →
+   DiskMaps → manifest (tmp+fsync+rename+fsync dir). No manifest, no snapshot; every
+   indexed pack is where packs live.
 2. Open = recover (writer only): a missing or damaged index.db / catalog.db rebuilt (a
    damaged one moved aside, never deleted), temp files deleted, index rows of missing/short
    packs dropped and reported, unindexed sealed packs indexed from their trailers — or, with
@@ -95,6 +98,10 @@ GC protocol (``engine.maint.gc``; the danger is a session that finds a chunk wit
    deletion back; a session begun after the stamp could not find it.
 5. Packs: no rows → linked into ``trash/`` and forgotten; sparse → live records copied into
    a new sealed pack, then link into trash → one index transaction (rows move) → unlink.
+   In a bucket: the new pack is uploaded (intent first) before that transaction, the trash
+   entry is a marker ``<t>-<name>.remote`` instead of a link, "unlink" drops the cached copy,
+   and emptying the trash deletes the objects (``DeleteObjects`` batches) before the markers.
+   An object is never deleted while indexed or named by an upload intent of a live writer.
    Open = recover finishes or undoes a half-retired pack; the trash is emptied after the
    grace period (the undo window against a mistaken or malicious prune).
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import ObjectStoreError, StoreError
+from engine.daemon.service import _bucket_counts as bucket_counts
 from engine.io.s3 import S3Endpoint
 from engine.maint.check import check_store
 from engine.maint.gc import GcOptions, gc
@@ -98,6 +99,9 @@ def test_a_snapshot_many_times_the_cache_reads_back_through_fetches(
         assert in_bucket(store) == {p.name: p.size for p in packs}
         puts = store.remote.objects.counters.snapshot()["put"]
         assert puts.requests == len(packs) + 2  # + the probe: a create-only PUT, refused again
+        counts = bucket_counts(store)  # what the daemon's /metrics exports
+        assert counts.requests["put"] == puts.requests and counts.bytes["put"] == puts.bytes
+        assert counts.cache_bytes == store.remote.cached_bytes
     with Store.open(path, passphrase=PASSPHRASE) as store:
         assert store.remote is not None
         assert read_disk(store, m) == disk

@@ -3,7 +3,7 @@
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.obs.metrics import Metrics
+from engine.obs.metrics import Metrics, ObjectStoreCounts
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -62,3 +62,21 @@ def test_registries_are_private() -> None:
     assert samples(second).get(("tessera_jobs_running", (("kind", "backup"),))) is None
     global_names = {m.name for m in REGISTRY.collect()}
     assert not any(name.startswith("tessera_") for name in global_names)
+
+
+def test_object_store_counters_are_read_at_each_scrape() -> None:
+    metrics = Metrics()
+    counts = {"put": 3, "get": 0}
+    metrics.watch_object_store(
+        "site-a",
+        lambda: ObjectStoreCounts(
+            requests=dict(counts), bytes={"put": 3 << 26}, cache_bytes=1 << 27, fetches=2
+        ),
+    )
+    counts["get"] = 5
+    s = samples(metrics)
+    assert s["tessera_object_store_requests_total", (("kind", "put"), ("store", "site-a"))] == 3
+    assert s["tessera_object_store_requests_total", (("kind", "get"), ("store", "site-a"))] == 5
+    assert s["tessera_object_store_bytes_total", (("kind", "put"), ("store", "site-a"))] == 3 << 26
+    assert s["tessera_store_cache_bytes", (("store", "site-a"),)] == 1 << 27
+    assert s["tessera_store_cache_fetches_total", (("store", "site-a"),)] == 2
