@@ -169,6 +169,25 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p.set_defaults(func=Handler("store", "cmd_store_init"))
 
     p = ssub.add_parser(
+        "attach",
+        help="make PATH a store on an S3 bucket prefix another DataMover wrote (the bucket "
+        "alone: configuration, key file, snapshots and packs come from it)",
+    )
+    p.add_argument("path", type=Path)
+    p.add_argument("--s3", type=cli_args.s3_url, required=True, metavar="s3://BUCKET[/PREFIX]")
+    p.add_argument("--s3-endpoint", type=cli_args.http_url, required=True, metavar="URL")
+    p.add_argument("--s3-region", default="us-east-1")
+    p.add_argument(
+        "--cache-size",
+        type=cli_args.size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="SIZE",
+        help=f"packs kept in PATH/packs (default {human_bytes(DEFAULT_CACHE_BYTES)})",
+    )
+    _add_key_options(p)
+    p.set_defaults(func=Handler("store", "cmd_store_attach"))
+
+    p = ssub.add_parser(
         "info", help="format, sizes, dedup and compression ratios (no key or passphrase needed)"
     )
     p.add_argument("path", type=Path)

@@ -208,6 +208,7 @@ def prune(
             why = _remove_one(store.layout, catalog, d, rules)
             if why is None:
                 result.removed.append(d.snapshot_id)
+                store.snapshot_removed(d.snapshot_id)
             else:
                 result.skipped[d.snapshot_id] = why
         return result
@@ -329,3 +330,4 @@ def unremove(store: "Store", snapshot_id: str) -> None:
         record.unlink(missing_ok=True)
         fsync_dir(dest)
         catalog.add(store.manifest(snapshot_id))
+        store.snapshot_restored(snapshot_id)

@@ -233,7 +233,18 @@ class Store:
         Catalog(layout.catalog).close()
         atomic_write(layout.config, config.dump(), "store.init")  # written last: store exists
         fsync_dir(path.parent)
+        if remote is not None:
+            assert s3_key is not None
+            _publish(layout, remote, s3_key, key_file or layout.default_key_file)
         return config
+
+    @staticmethod
+    def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreConfig:
+        """Make ``path`` a store on a bucket prefix that holds one (``remote.attach``): the
+        bucket alone suffices; the first writable open rebuilds the index and catalog."""
+        from engine.store.remote import attach  # noqa: PLC0415 - botocore: only for a bucket
+
+        return attach(path, remote, s3_key)
 
     @classmethod
     def open(
@@ -760,6 +771,7 @@ class Store:
             raise write_failure(
                 self.path, f"manifest {path.name} of {manifest.snapshot_id}", e
             ) from e
+        self._put_snapshot(manifest.snapshot_id)
         # The manifest is the commit point: from here on the snapshot exists. The catalog is
         # a cache; a failure to list it there must not turn a committed backup into a failed
         # one. It is reconciled with the manifests on the next listing (and on open).
@@ -773,6 +785,51 @@ class Store:
                 snapshot=manifest.snapshot_id,
                 error=str(write_failure(self.path, "catalog.db", e)),
             )
+
+    def _put_snapshot(self, snapshot_id: str) -> None:
+        """A store in a bucket puts a committed snapshot there too; a failure is a warning
+        (committed here; the next writer's open puts it: ``remote.unsent_snapshots``)."""
+        if self.remote is None:
+            return
+        from engine.store.remote import put_snapshot  # noqa: PLC0415
+
+        try:
+            put_snapshot(self.remote.objects, self.layout, snapshot_id)
+        except (OSError, StoreError) as e:
+            log.warning(
+                "store.snapshot_not_in_bucket",
+                store=str(self.path),
+                snapshot=snapshot_id,
+                where=self.remote.where,
+                error=str(e),
+            )
+
+    def snapshot_removed(self, snapshot_id: str) -> None:
+        """Prune removed the snapshot (moved it to ``removed/``): a store in a bucket deletes
+        its copy there, so a re-attach never brings it back. A failure is a warning."""
+        if self.remote is None:
+            return
+        from engine.store.remote import IN_BUCKET, drop_snapshot  # noqa: PLC0415
+
+        try:
+            drop_snapshot(self.remote.objects, snapshot_id)
+            (self.layout.root / "removed" / snapshot_id / IN_BUCKET).unlink(missing_ok=True)
+        except (OSError, StoreError) as e:
+            log.warning(
+                "store.removed_snapshot_left_in_bucket",
+                store=str(self.path),
+                snapshot=snapshot_id,
+                where=self.remote.where,
+                error=str(e),
+            )
+
+    def snapshot_restored(self, snapshot_id: str) -> None:
+        """A removal was undone: a store in a bucket puts the snapshot there again."""
+        if self.remote is not None:
+            from engine.store.remote import IN_BUCKET  # noqa: PLC0415
+
+            (self.layout.snapshot_dir(snapshot_id) / IN_BUCKET).unlink(missing_ok=True)
+            self._put_snapshot(snapshot_id)
 
     def _reconcile_catalog(self) -> None:
         """Bring the catalog up to date after a failed ``catalog.add`` (writer only)."""
@@ -903,6 +960,18 @@ def _claim_bucket(config: StoreConfig, remote: RemoteConfig, access: str, secret
     packs = S3Packs.open(_remote_endpoint(remote, access, secret), remote.prefix)
     try:
         claim_prefix(packs, config.store_id)
+    finally:
+        packs.close()
+
+
+def _publish(layout: Layout, remote: RemoteConfig, s3_key: tuple[str, str], key_file: Path) -> None:
+    """``init`` of a store in a bucket: its configuration and key file go there too."""
+    from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
+    from engine.store.remote import publish_store  # noqa: PLC0415
+
+    packs = S3Packs.open(_remote_endpoint(remote, *s3_key), remote.prefix)
+    try:
+        publish_store(packs, layout, key_file)
     finally:
         packs.close()
 

@@ -515,6 +515,31 @@ class S3Packs:
         if keys:
             self.client.delete(keys)
 
+    # --- the store's other objects (``engine.store.remote``): keys relative to the prefix --
+
+    def put_file(self, key: str, source: Path) -> None:
+        """Store a file as ``<prefix><key>``, create-only: a key already there is left as
+        is (these objects never change once written: a retry finds its own)."""
+        with source.open("rb") as f:
+            self.client.put_new(self.prefix + key, f, source.stat().st_size)
+
+    def get_file(self, key: str, dest: Path) -> bool:
+        """Copy ``<prefix><key>`` into the new file ``dest``; False if it does not exist."""
+        with dest.open("xb") as f:
+            got = self.client.get_to(self.prefix + key, f)
+        if got is None:
+            dest.unlink()
+            return False
+        return True
+
+    def keys(self, under: str) -> Iterator[str]:
+        """Keys under ``<prefix><under>``, relative to the prefix, a page at a time."""
+        for info in self.client.list_objects(self.prefix + under):
+            yield info.key[len(self.prefix) :]
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        self.client.delete([self.prefix + k for k in keys])
+
     def close(self) -> None:
         self.client.close()
 

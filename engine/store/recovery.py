@@ -53,6 +53,7 @@ class RecoveryReport:
     uploaded_packs: list[str] = field(default_factory=list)  # sealed here, put by recovery
     removed_uploads: list[str] = field(default_factory=list)  # objects of killed uploads
     dropped_cache: list[str] = field(default_factory=list)  # cached copies of another size
+    uploaded_snapshots: list[str] = field(default_factory=list)  # put in the bucket late
     dropped_packs: list[str] = field(default_factory=list)  # "name: reason, N chunks"
     indexed_packs: list[str] = field(default_factory=list)
     gc_finished: list[str] = field(default_factory=list)  # "pack N: ..." (a GC was killed)
@@ -79,6 +80,7 @@ class RecoveryReport:
         out += [f"uploaded pack {p} (sealed before a crash)" for p in self.uploaded_packs]
         out += [f"deleted object of an unfinished upload: pack {p}" for p in self.removed_uploads]
         out += [f"dropped cached copy {p}" for p in self.dropped_cache]
+        out += [f"put snapshot {s} in the bucket" for s in self.uploaded_snapshots]
         out += [f"indexed pack {p} from its trailer" for p in self.indexed_packs]
         out += self.gc_finished
         out += [
@@ -131,7 +133,20 @@ def recover(
     report.catalog_added, report.catalog_removed = catalog.reconcile(
         layout.committed_snapshots(), load
     )
+    if remote is not None:
+        _finish_bucket_copies(layout, remote, report)
     return report
+
+
+def _finish_bucket_copies(layout: Layout, remote: "PackCache", report: RecoveryReport) -> None:
+    """A store in a bucket: its configuration and key file are there (an init that failed
+    to put them), and every committed snapshot (a put that failed or was killed)."""
+    from engine.store.remote import publish_store, put_snapshot, unsent_snapshots  # noqa: PLC0415
+
+    publish_store(remote.objects, layout, layout.default_key_file)
+    for sid in unsent_snapshots(layout):
+        put_snapshot(remote.objects, layout, sid)
+        report.uploaded_snapshots.append(sid)
 
 
 def _recover_local(

@@ -48,9 +48,11 @@ store), request budgets.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
+import shutil
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -61,10 +63,10 @@ import structlog
 
 from engine.core.errors import CorruptPack, PackMissing, StoreError
 from engine.io.s3 import S3Endpoint
-from engine.store.layout import Layout, RemoteConfig
-from engine.store.objects import PackObjects, S3Packs
+from engine.store.layout import MANIFEST_NAME, Layout, RemoteConfig, StoreConfig
+from engine.store.objects import S3Packs
 from engine.store.pack import PACK_SUFFIX, pack_path
-from engine.util.fs import TMP_SUFFIX, atomic_write
+from engine.util.fs import TMP_SUFFIX, atomic_write, fsync_dir
 
 log = structlog.get_logger("tessera.store")
 
@@ -117,10 +119,114 @@ def claim_prefix(packs: S3Packs, store_id: str) -> None:
     )
 
 
+# --- what else the bucket holds: enough to re-attach it alone -------------------------------
+#
+#   <prefix>tessera-store.json        the claim (store id), create-only at init
+#   <prefix>config.json               the store's configuration (``StoreConfig``)
+#   <prefix>keys/key                  the key file, sealed by the passphrase (when the store
+#                                     keeps it in keys/key; one kept elsewhere stays there)
+#   <prefix>snapshots/<id>/disk-N.dmap, manifest
+#                                     each committed snapshot, the manifest last
+#
+# A snapshot is put after its local commit (``Store.commit_manifest``); ``IN_BUCKET`` in its
+# directory says it is there, and a writer's open puts every committed snapshot without it
+# (a failed or killed put). Prune deletes a removed snapshot's objects; undoing the removal
+# puts them again.
+
+IN_BUCKET: Final = ".in-bucket"
+CONFIG_KEY: Final = "config.json"
+KEY_KEY: Final = "keys/key"
+SNAPSHOTS: Final = "snapshots/"
+
+
+def publish_store(packs: S3Packs, layout: Layout, key_file: Path) -> None:
+    """At init, after the claim: the configuration, and the key file when the store keeps
+    it (``keys/key``; a key kept elsewhere on purpose is not copied)."""
+    packs.put_file(CONFIG_KEY, layout.config)
+    if key_file == layout.default_key_file and key_file.exists():
+        packs.put_file(KEY_KEY, key_file)
+
+
+def put_snapshot(packs: S3Packs, layout: Layout, snapshot_id: str) -> None:
+    """Put a committed snapshot's DiskMaps, then its manifest, then mark it ``IN_BUCKET``."""
+    d = layout.snapshot_dir(snapshot_id)
+    files = [*sorted(d.glob("*.dmap")), d / MANIFEST_NAME]
+    for f in files:
+        packs.put_file(f"{SNAPSHOTS}{snapshot_id}/{f.name}", f)
+    (d / IN_BUCKET).touch()
+
+
+def drop_snapshot(packs: S3Packs, snapshot_id: str) -> None:
+    """Delete a removed snapshot's objects, the manifest first."""
+    keys = sorted(
+        packs.keys(f"{SNAPSHOTS}{snapshot_id}/"), key=lambda k: not k.endswith("/manifest")
+    )
+    for key in keys:  # one by one: the manifest gone first, never DiskMaps without it
+        packs.delete_keys([key])
+
+
+def unsent_snapshots(layout: Layout) -> list[str]:
+    """Committed snapshots not marked ``IN_BUCKET`` (their put failed or was killed)."""
+    return sorted(
+        s for s in layout.committed_snapshots() if not (layout.snapshot_dir(s) / IN_BUCKET).exists()
+    )
+
+
+def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreConfig:
+    """Make ``path`` (absent or empty) a store on the bucket prefix another DataMover wrote:
+    its configuration, key file (when the bucket has it) and committed snapshots come from
+    the bucket; the index and catalog are rebuilt by the first writable open (from the packs'
+    trailers and the manifests). Returns the configuration. StoreError when the prefix holds
+    no store."""
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(path=path, reason="exists and is not empty")
+    access, secret = s3_key
+    packs = S3Packs.open(
+        S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region), remote.prefix
+    )
+    try:
+        layout = Layout(path)
+        staging = path.with_name(path.name + ".attaching")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        tmp = Layout(staging)
+        if not packs.get_file(CONFIG_KEY, tmp.config):
+            raise StoreError(path=packs.where, reason="holds no Tessera store (no config.json)")
+        config = StoreConfig.load(staging)
+        (staging / "keys").mkdir()
+        packs.get_file(KEY_KEY, tmp.default_key_file)
+        for d in (tmp.packs, tmp.packs / "tmp", tmp.snapshots):
+            d.mkdir(parents=True, exist_ok=True)
+        for key in packs.keys(SNAPSHOTS):
+            sid, _, name = key[len(SNAPSHOTS) :].partition("/")
+            target = tmp.snapshot_dir(sid)
+            target.mkdir(exist_ok=True)
+            packs.get_file(key, target / name)
+        for sid in tmp.committed_snapshots():
+            (tmp.snapshot_dir(sid) / IN_BUCKET).touch()
+        for d in tmp.snapshots.iterdir():  # DiskMaps of a snapshot whose manifest is gone
+            if not (d / MANIFEST_NAME).exists():
+                shutil.rmtree(d)
+        write_credentials(tmp, access, secret)
+        config = dataclasses.replace(config, remote=remote)
+        atomic_write(tmp.config, config.dump(), "store.attach")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.rmdir()
+        os.rename(staging, path)  # the attach's commit point: all of it, or nothing
+        fsync_dir(path.parent)
+        log.info(
+            "store.attached", store=str(layout.root), where=packs.where, store_id=config.store_id
+        )
+        return config
+    finally:
+        packs.close()
+
+
 class PackCache:
     """``packs/`` as a bounded cache of the packs in ``objects``. Thread-safe."""
 
-    def __init__(self, packs_dir: Path, objects: PackObjects, limit: int, pack_size: int):
+    def __init__(self, packs_dir: Path, objects: S3Packs, limit: int, pack_size: int):
         self.packs_dir = packs_dir
         self.objects = objects
         # Never less than two packs: the one a reader uses and the one just fetched.

@@ -1,7 +1,9 @@
 """``tessera store init --s3``: a store whose packs live in a bucket of a real Ceph RGW, used
-through the command line as a user would (backup, restore, export, verify, info)."""
+through the command line as a user would (backup, restore, verify, info), and ``tessera store
+attach`` of that bucket alone on a new DataMover after the first one is lost."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -51,6 +53,19 @@ def test_backup_restore_verify_through_a_bucket(tmp_path: Path, s3_bucket: S3End
 
     proc = tessera("store", "verify", store, "--data")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # The DataMover is lost: a new one attaches the bucket alone and restores the same bytes.
+    shutil.rmtree(store)
+    again = tmp_path / "attached"
+    url = f"s3://{s3_bucket.bucket}/site-a"
+    attach = ["store", "attach", again, "--s3", url, "--s3-endpoint", s3_bucket.url]
+    proc = tessera(*attach, env=key_env(s3_bucket))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 snapshots" in proc.stdout, proc.stdout
+    out.unlink()
+    proc = tessera("restore", snap, "--store", again, "--to", out, "--format", "raw")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    subprocess.run(["qemu-img", "compare", "-q", image, out], check=True)
 
 
 def test_init_without_the_key_or_the_endpoint_is_refused(

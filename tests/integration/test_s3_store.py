@@ -289,3 +289,58 @@ def test_cached_copy_of_the_wrong_size_is_dropped_not_the_pack(
         assert any(name in line for line in store.report.dropped_cache)
         assert not store.report.dropped_packs
         assert read_disk(store, store.manifest(snap_a)) == disk_a
+
+
+def test_the_bucket_alone_re_attaches_and_restores_byte_identical(
+    s3_store: tuple[Path, str, bytes], tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    path, snap_a, disk_a = s3_store
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        t0 = datetime(2026, 11, 1, tzinfo=UTC)
+        gone = write_snapshot(store, "vm-b", {"d0": realistic_bytes(4 * CHUNK, seed=6)}, time=t0)
+        disk_b = realistic_bytes(40 * CHUNK, seed=5)
+        mb = write_snapshot(store, "vm-b", {"d0": disk_b}, time=t0 + timedelta(days=1))
+        assert prune(store, Rules(keep_last=1), vm="vm-b").removed == [gone.snapshot_id]
+        assert store.remote is not None
+        assert not list(store.remote.objects.keys(f"snapshots/{gone.snapshot_id}/"))
+        rows = sorted((p.name, p.size, p.records) for p in store.index.packs())
+    shutil.rmtree(path)  # the DataMover is gone: only the bucket is left
+    new = tmp_path / "attached"
+    remote = RemoteConfig(s3_bucket.url, s3_bucket.bucket, "st/")
+    config = Store.attach(new, remote, (s3_bucket.access_key, s3_bucket.secret_key))
+    assert config.remote == remote
+    with Store.open(new, passphrase=PASSPHRASE) as store:
+        assert sorted((p.name, p.size, p.records) for p in store.index.packs()) == rows
+        assert {e.snapshot_id for e in store.snapshots()} == {snap_a, mb.snapshot_id}
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+        assert read_disk(store, store.manifest(mb.snapshot_id)) == disk_b
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+        disk_d = realistic_bytes(6 * CHUNK, seed=9)  # and it writes on
+        md = write_snapshot(store, "vm-d", {"d0": disk_d})
+        assert read_disk(store, md) == disk_d
+    with pytest.raises(StoreError, match="not empty"):
+        Store.attach(new, remote, (s3_bucket.access_key, s3_bucket.secret_key))
+    empty = RemoteConfig(s3_bucket.url, s3_bucket.bucket, "elsewhere/")
+    with pytest.raises(StoreError, match="holds no Tessera store"):
+        Store.attach(tmp_path / "none", empty, (s3_bucket.access_key, s3_bucket.secret_key))
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_snapshot_whose_put_failed_is_put_by_the_next_open(
+    s3_store: tuple[Path, str, bytes], tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    path, snap_a, _ = s3_store
+    marker = path / "snapshots" / snap_a / ".in-bucket"
+    assert marker.exists()
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.remote is not None
+        store.snapshot_removed(snap_a)  # as if its put never happened: gone from the bucket
+        (path / "snapshots" / snap_a / ".in-bucket").unlink()
+        assert not list(store.remote.objects.keys(f"snapshots/{snap_a}/"))
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.report.uploaded_snapshots == [snap_a]
+        assert store.remote is not None
+        keys = sorted(store.remote.objects.keys(f"snapshots/{snap_a}/"))
+        assert keys == [f"snapshots/{snap_a}/disk-0.dmap", f"snapshots/{snap_a}/manifest"]
+    assert marker.exists()

@@ -53,17 +53,30 @@ def cmd_store_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store_attach(args: argparse.Namespace) -> int:
+    remote, s3_key = _remote(args)
+    assert remote is not None  # --s3 and --s3-endpoint are required options
+    assert s3_key is not None
+    config = Store.attach(args.path, remote, s3_key)
+    print(f"attached store {args.path} (id {config.store_id}) to {remote.url} at {remote.endpoint}")
+    with open_store(args, writable=True) as store:  # rebuilds the index and catalog
+        info = store.info()
+    print(f"  {info.snapshots} snapshots, {info.packs} packs ({human_bytes(info.pack_bytes)})")
+    return EXIT_OK
+
+
 def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, str] | None]:
     if args.s3 is None:
         if args.s3_endpoint is not None:
-            raise ConfigError(message="store init: --s3-endpoint needs --s3 s3://BUCKET[/PREFIX]")
+            raise ConfigError(message=f"store {args.store_command}: --s3-endpoint needs --s3")
         return None, None
     if args.s3_endpoint is None:
-        raise ConfigError(message="store init: --s3 needs --s3-endpoint URL")
+        raise ConfigError(message=f"store {args.store_command}: --s3 needs --s3-endpoint URL")
     access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not access or not secret:
         raise ConfigError(
-            message="store init --s3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to the "
+            message=f"store {args.store_command} --s3: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY to the "
             "bucket's key (it is kept in the store's keys/s3.json, readable by its owner only)"
         )
     bucket, prefix = args.s3
