@@ -43,6 +43,7 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… tessera store attach {S} "
         "--s3 s3://backups/site-a --s3-endpoint https://rgw.example.net:7480",
     ),
+    "store break-lock": (f"tessera store break-lock {S}",),
     "store info": (f"tessera store info {S}", f"tessera store info {S} --json"),
     "store rebuild-index": (f"tessera store rebuild-index {S}",),
     "store verify": (

@@ -188,6 +188,14 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p.set_defaults(func=Handler("store", "cmd_store_attach"))
 
     p = ssub.add_parser(
+        "break-lock",
+        help="remove the writer lock of the bucket a store's packs live in, left by a "
+        "DataMover that is gone for good (never while it may still run)",
+    )
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=Handler("store", "cmd_store_break_lock"))
+
+    p = ssub.add_parser(
         "info", help="format, sizes, dedup and compression ratios (no key or passphrase needed)"
     )
     p.add_argument("path", type=Path)

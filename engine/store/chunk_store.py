@@ -239,6 +239,25 @@ class Store:
         return config
 
     @staticmethod
+    def break_bucket_lock(path: Path) -> str | None:
+        """Remove the writer lock of the bucket prefix a store's packs live in, whoever
+        holds it (``remote``: for an operator who knows that DataMover is gone); who held
+        it, or None. StoreError for a store whose packs are not in a bucket."""
+        from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore
+        from engine.store.remote import break_writer_lock, describe_holder, endpoint  # noqa: PLC0415
+
+        layout = Layout(path)
+        config = StoreConfig.load(path)
+        if config.remote is None:
+            raise StoreError(path=path, reason="keeps its packs here: it has no bucket lock")
+        packs = S3Packs.open(endpoint(layout, config.remote), config.remote.prefix)
+        try:
+            held = break_writer_lock(packs)
+        finally:
+            packs.close()
+        return None if held is None else describe_holder(held)
+
+    @staticmethod
     def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreConfig:
         """Make ``path`` a store on a bucket prefix that holds one (``remote.attach``): the
         bucket alone suffices; the first writable open rebuilds the index and catalog."""
@@ -267,7 +286,7 @@ class Store:
         remote: PackCache | None = None
         try:
             if config.remote is not None:
-                remote = _open_remote(layout, config, config.remote)
+                remote = _open_remote(layout, config, config.remote, writable)
             with dbfiles.os_errors(path), dbfiles.sqlite_errors(layout.index):
                 problems = _db_problems(layout)
                 if writable:
@@ -976,14 +995,23 @@ def _publish(layout: Layout, remote: RemoteConfig, s3_key: tuple[str, str], key_
         packs.close()
 
 
-def _open_remote(layout: Layout, config: StoreConfig, remote: RemoteConfig) -> "PackCache":
-    """The cache of a store whose packs live in a bucket, the bucket probed (S3 code is
-    loaded only for such a store)."""
+def _open_remote(
+    layout: Layout, config: StoreConfig, remote: RemoteConfig, writable: bool
+) -> "PackCache":
+    """The cache of a store whose packs live in a bucket, the bucket probed and, for a
+    writer, its writer lock taken (S3 code is loaded only for such a store)."""
     from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
-    from engine.store.remote import PackCache, endpoint  # noqa: PLC0415
+    from engine.store.remote import PackCache, endpoint, take_writer_lock  # noqa: PLC0415
 
     packs = S3Packs.open(endpoint(layout, remote), remote.prefix)
-    return PackCache(layout.packs, packs, remote.cache_bytes, config.pack_size)
+    try:
+        if writable:
+            take_writer_lock(packs, layout)
+    except BaseException:
+        packs.close()
+        raise
+    lock = layout if writable else None
+    return PackCache(layout.packs, packs, remote.cache_bytes, config.pack_size, lock)
 
 
 def _db_problems(layout: Layout) -> dict[str, str]:

@@ -53,15 +53,17 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import structlog
 
-from engine.core.errors import CorruptPack, PackMissing, StoreError
+from engine.core.errors import CorruptPack, PackMissing, StoreError, StoreLocked
 from engine.io.s3 import S3Endpoint
 from engine.store.layout import MANIFEST_NAME, Layout, RemoteConfig, StoreConfig
 from engine.store.objects import S3Packs
@@ -223,12 +225,109 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
         packs.close()
 
 
+# --- the writer lock in the bucket -----------------------------------------------------------
+#
+# One DataMover writes a bucket prefix at a time (its GC deletes objects another writer's
+# index might name). A writable open takes ``<prefix>writer.json`` create-only: who (host,
+# machine id, store directory, pid) and since when; close deletes it. Found held by this
+# same store directory on this same machine, it is left by a writer of ours that was killed
+# (the local flock proves no other process here holds the store): taken over. Held by any
+# other, the open is refused naming the holder; ``tessera store break-lock`` removes it
+# once an operator knows that DataMover is gone. Never taken over on a timer: a paused or
+# partitioned writer that comes back must not find a second writer in its store.
+
+WRITER_LOCK: Final = "writer.json"
+
+
+def _machine_id() -> str:
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def writer_identity(layout: Layout) -> dict[str, str]:
+    return {
+        "host": socket.gethostname(),
+        "machine": _machine_id(),
+        "store": str(layout.root.resolve()),
+    }
+
+
+def describe_holder(doc: dict[str, object]) -> str:
+    return (
+        f"the DataMover {doc.get('host', '?')} (store directory {doc.get('store', '?')}, "
+        f"pid {doc.get('pid', '?')}, since {doc.get('since', '?')})"
+    )
+
+
+def read_writer_lock(packs: S3Packs) -> dict[str, object] | None:
+    raw = packs.client.get_range(packs.prefix + WRITER_LOCK, 0, 64 * 1024)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return {"host": "(unreadable lock)"}
+    return doc if isinstance(doc, dict) else {"host": "(unreadable lock)"}
+
+
+def take_writer_lock(packs: S3Packs, layout: Layout) -> None:
+    """Hold the bucket prefix's writer lock (above); StoreLocked naming the holder."""
+    me = writer_identity(layout)
+    doc = {**me, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    body = json.dumps(doc).encode() + b"\n"
+    key = packs.prefix + WRITER_LOCK
+    if packs.client.put_new(key, body, len(body)) is not None:
+        return
+    held = read_writer_lock(packs)
+    if held is not None and all(held.get(k) == v for k, v in me.items()):
+        log.warning("store.bucket_lock_taken_over", where=packs.where, was=describe_holder(held))
+        packs.client.put(key, body)
+        return
+    raise StoreLocked(
+        path=packs.where,
+        reason=f"is written by {describe_holder(held or {})}; one DataMover writes a bucket "
+        "prefix at a time. If that DataMover is gone for good, `tessera store break-lock` "
+        "this store",
+    )
+
+
+def release_writer_lock(packs: S3Packs, layout: Layout) -> None:
+    """Delete the lock if it is still ours (best effort: a close must not fail on it)."""
+    try:
+        held = read_writer_lock(packs)
+        me = writer_identity(layout)
+        if held is not None and all(held.get(k) == v for k, v in me.items()):
+            packs.delete_keys([WRITER_LOCK])
+    except (StoreError, OSError) as e:
+        log.warning("store.bucket_lock_not_released", where=packs.where, error=str(e))
+
+
+def break_writer_lock(packs: S3Packs) -> dict[str, object] | None:
+    """Remove the prefix's writer lock whoever holds it; what it said, or None."""
+    held = read_writer_lock(packs)
+    if held is not None:
+        packs.delete_keys([WRITER_LOCK])
+    return held
+
+
 class PackCache:
     """``packs/`` as a bounded cache of the packs in ``objects``. Thread-safe."""
 
-    def __init__(self, packs_dir: Path, objects: S3Packs, limit: int, pack_size: int):
+    def __init__(
+        self,
+        packs_dir: Path,
+        objects: S3Packs,
+        limit: int,
+        pack_size: int,
+        lock: Layout | None = None,
+    ):
+        """``lock``: the writer's store layout, whose writer lock in the bucket this cache
+        holds (released on close); None for a read-only open."""
         self.packs_dir = packs_dir
         self.objects = objects
+        self._lock_layout = lock
         # Never less than two packs: the one a reader uses and the one just fetched.
         self.limit = max(limit, 2 * pack_size)
         self._lock = threading.Lock()
@@ -254,6 +353,9 @@ class PackCache:
             return sum(self._lru.values())
 
     def close(self) -> None:
+        if self._lock_layout is not None:
+            release_writer_lock(self.objects, self._lock_layout)
+            self._lock_layout = None
         self.objects.close()
 
     # --- writing ---------------------------------------------------------------------------

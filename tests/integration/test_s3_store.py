@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import ObjectStoreError, StoreError
+from engine.core.errors import ObjectStoreError, StoreError, StoreLocked
 from engine.daemon.service import _bucket_counts as bucket_counts
 from engine.io.s3 import S3Endpoint
 from engine.maint.check import check_store
@@ -90,15 +90,17 @@ def test_a_snapshot_many_times_the_cache_reads_back_through_fetches(
     init(path, s3_bucket, cache_packs=2)
     disk = realistic_bytes(16 * CHUNK, seed=1) + bytes(CHUNK) + _random(96 * CHUNK, seed=2)
     with Store.open(path, passphrase=PASSPHRASE) as store:
-        m = write_snapshot(store, "vm", {"d0": disk})
         assert store.remote is not None
+        at_open = store.remote.objects.counters.snapshot()["put"].requests  # probe, lock
+        m = write_snapshot(store, "vm", {"d0": disk})
         packs = store.index.packs()
         assert len(packs) >= 6, "the snapshot must span several times the cache"
         assert store.remote.cached_bytes <= store.remote.limit
         assert len(store.layout.pack_files()) <= 2
         assert in_bucket(store) == {p.name: p.size for p in packs}
         puts = store.remote.objects.counters.snapshot()["put"]
-        assert puts.requests == len(packs) + 2  # + the probe: a create-only PUT, refused again
+        snapshot_files = 2  # its DiskMap and manifest
+        assert puts.requests - at_open == len(packs) + snapshot_files
         counts = bucket_counts(store)  # what the daemon's /metrics exports
         assert counts.requests["put"] == puts.requests and counts.bytes["put"] == puts.bytes
         assert counts.cache_bytes == store.remote.cached_bytes
@@ -344,3 +346,34 @@ def test_a_snapshot_whose_put_failed_is_put_by_the_next_open(
         keys = sorted(store.remote.objects.keys(f"snapshots/{snap_a}/"))
         assert keys == [f"snapshots/{snap_a}/disk-0.dmap", f"snapshots/{snap_a}/manifest"]
     assert marker.exists()
+
+
+def test_one_datamover_writes_a_prefix_at_a_time(
+    s3_store: tuple[Path, str, bytes], tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    """A second store directory on the same prefix (another DataMover) is refused while the
+    first holds the bucket's writer lock, reads meanwhile, and writes once it is released;
+    a killed writer's own directory takes its lock over; break-lock frees a dead holder's."""
+    path, snap_a, disk_a = s3_store
+    other = tmp_path / "other"
+    shutil.copytree(path, other)  # as a second DataMover would have it after an attach
+    with Store.open(path, passphrase=PASSPHRASE):
+        with pytest.raises(StoreLocked) as e:
+            Store.open(other, passphrase=PASSPHRASE)
+        assert str(path.resolve()) in str(e.value) and "break-lock" in str(e.value)
+        with Store.open(other, passphrase=PASSPHRASE, writable=False) as reader:
+            assert read_disk(reader, reader.manifest(snap_a)) == disk_a
+    with Store.open(other, passphrase=PASSPHRASE):  # released by the first's close
+        pass
+    # A writer of the first directory is killed while it holds the lock …
+    assert run_writer(path, "store.remote.after_put", 1, 7).returncode == -signal.SIGKILL
+    with pytest.raises(StoreLocked):  # … which still keeps any other directory out,
+        Store.open(other, passphrase=PASSPHRASE)
+    with Store.open(path, passphrase=PASSPHRASE) as store:  # … while its own takes it over
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+    assert run_writer(path, "store.remote.after_put", 1, 8).returncode == -signal.SIGKILL
+    held = Store.break_bucket_lock(other)  # the first DataMover is gone for good
+    assert held is not None and str(path.resolve()) in held
+    assert Store.break_bucket_lock(other) is None
+    with Store.open(other, passphrase=PASSPHRASE) as store:
+        assert read_disk(store, store.manifest(snap_a)) == disk_a

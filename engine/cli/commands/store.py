@@ -65,6 +65,12 @@ def cmd_store_attach(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store_break_lock(args: argparse.Namespace) -> int:
+    held = Store.break_bucket_lock(args.path)
+    print("no writer lock in the bucket" if held is None else f"removed the lock of {held}")
+    return EXIT_OK
+
+
 def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, str] | None]:
     if args.s3 is None:
         if args.s3_endpoint is not None:
