@@ -34,7 +34,7 @@ snapshots held by ``reading_snapshot``. Thread-safe: consumers call it from exec
 import collections
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,6 +149,9 @@ class MemoryStore:
             raise ValueError("the ZERO id has no stored chunk; callers produce zeros")
         record, pack, offset = self.get_record(chunk_id)
         return self.codec.decode(record, chunk_id, pack, offset)
+
+    def prefetch(self, packs: Sequence[str]) -> None:
+        pass  # everything is in memory
 
     def bad_chunk_ids(self) -> set[bytes]:
         with self._lock:

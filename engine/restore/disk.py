@@ -235,6 +235,7 @@ class _Restore:
         base = self.base.iter_blocks() if self.base is not None else None
         windows = plan_disk(self.diskmap.iter_blocks(), self.store.locate, self.geometry, base=base)
         while (plan := await _blocking(_next_or_none, windows)) is not None:
+            self.store.prefetch([group.pack for group in plan.packs])
             await plans.put(plan)
         await plans.put(None)
 

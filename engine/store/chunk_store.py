@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -155,13 +155,19 @@ class Store:
         self._wlock = threading.Lock()
         self._open: PackWriter | None = None
         self._pending: dict[bytes, _Pending] = {}
-        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-sealer")
+        # One sealer: a local seal is an fsync, and a second would only queue behind it. In a
+        # bucket two, so one pack's PUT overlaps the next one's seal and PUT.
+        sealers = 1 if remote is None else 2
+        self._sealer = ThreadPoolExecutor(max_workers=sealers, thread_name_prefix="pack-sealer")
         self._sealing: list[Future[None]] = []
         self._abandoned = 0  # packs given up after a failed write (``_abandon_locked``)
-        # Index additions, counted like a seqlock (odd while one is under way), and per thread
-        # the last id ``has`` found absent with the count it saw: ``put`` of that id skips its
-        # own index lookup when the count is unchanged (``_absent_still``).
+        # Index additions: every start and end counted (``_index_changes``) and how many are
+        # under way; per thread the last id ``has`` found absent with the count it saw: ``put``
+        # of that id skips its own index lookup when the count is unchanged and no addition
+        # runs (``_absent_still``). Additions may overlap (two sealers, a replication
+        # receiver's ``add_sealed_pack``).
         self._index_changes = 0
+        self._additions_running = 0
         self._absent = threading.local()
         self._last_abandoned: StoreWriteError | None = None
         self._catalog_stale = False  # a manifest was committed but catalog.add failed
@@ -404,26 +410,29 @@ class Store:
         """Under ``_wlock``: this thread's last ``has`` found ``chunk_id`` absent, and no index
         addition began or ended since. Then the index cannot hold it now (this process is the
         only writer: ``locks``), and ``put`` spares the second SQLite lookup of every new
-        chunk (~15 µs with the GIL held; ``make bench``). A count that is odd (an addition
-        under way) or has moved sends ``put`` to the index as before. Only additions count:
+        chunk (~15 µs with the GIL held; ``make bench``). An addition under way, or a count
+        that has moved, sends ``put`` to the index as before. Only additions count:
         the other flips to present (GC's judge un-condemning a chunk, verify unmarking a bad
         one) can at worst make ``put`` store a second copy, which ``Index.add_pack`` leaves
         unindexed (dead bytes that GC reclaims) — as when such a flip fell between ``put``'s
         own lookup and its pack's indexing before."""
         last = getattr(self._absent, "last", None)
         changes = self._index_changes
-        return last is not None and last[0] == chunk_id and last[1] == changes and not changes & 1
+        running = self._additions_running
+        return last is not None and last[0] == chunk_id and last[1] == changes and not running
 
     @contextmanager
     def _index_addition(self) -> Iterator[None]:
         """Around every addition of entries to the index (see ``_absent_still``)."""
         with self._wlock:
             self._index_changes += 1
+            self._additions_running += 1
         try:
             yield
         finally:
             with self._wlock:
                 self._index_changes += 1
+                self._additions_running -= 1
 
     def put(self, chunk_id: ChunkId, record: bytes | bytearray | memoryview) -> bool:
         """Append a verified record unless its chunk is already stored; True if written."""
@@ -582,6 +591,12 @@ class Store:
             reason=f"pack {name} left the cache three times while being opened "
             f"(cache bound {self.remote.limit} bytes is too small for this load)",
         )
+
+    def prefetch(self, packs: Sequence[str]) -> None:
+        """A hint (``ChunkReader.prefetch``): a store in a bucket fetches these packs into
+        its cache in the background (``PackCache.prefetch``); a local store ignores it."""
+        if self.remote is not None:
+            self.remote.prefetch([(n, s) for n in packs if (s := self.index.pack_size(n))])
 
     def pack_file(self, name: str) -> Path:
         """The local file of sealed, indexed pack ``name``: in ``packs/``, fetched into the

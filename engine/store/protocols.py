@@ -28,6 +28,7 @@ DiskMaps and ``SnapshotWriter`` are files, so another implementation (the in-mem
 suite ``tests/contract/test_store.py``. Every method may block (SQLite, file reads).
 """
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -70,6 +71,12 @@ class ChunkReader(Protocol):
 
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The verified plaintext; raises an integrity error, never returns wrong bytes."""
+        ...
+
+    def prefetch(self, packs: Sequence[str]) -> None:
+        """A hint: these packs will be read soon, in this order (a restore's planner gives
+        each window's). A store whose packs are far (a bucket) starts fetching them in the
+        background; others ignore it. Never blocks, never raises."""
         ...
 
     def snapshots(self, vm: str | None = None) -> list[CatalogEntry]:

@@ -164,12 +164,13 @@ def test_a_killed_upload_whose_local_copy_is_gone_is_deleted_from_the_bucket(
         indexed = {p.name for p in store.index.packs()}
     assert run_writer(path, "store.remote.after_put", 1, 7).returncode == -signal.SIGKILL
     orphans = [p for name, p in cached_packs(path).items() if name not in indexed]
-    assert len(orphans) == 1, "the killed writer's pack is sealed here and uploaded"
-    name = orphans[0].stem
-    orphans[0].unlink()  # the local copy is lost (a cache disk replaced, say)
+    with Store.open(path, passphrase=PASSPHRASE, writable=False) as store:
+        uploaded = [p.stem for p in orphans if p.stem in in_bucket(store)]
+    assert uploaded, "the killed writer's packs are uploaded (two sealers), not indexed"
+    for copy in orphans:  # the local copies are lost (a cache disk replaced, say)
+        copy.unlink()
     with Store.open(path, passphrase=PASSPHRASE) as store:
-        assert store.report.removed_uploads == [name], store.report.lines()
-        assert name not in in_bucket(store)
+        assert set(uploaded) <= set(store.report.removed_uploads), store.report.lines()
         assert set(in_bucket(store)) == before
         assert_bucket_matches_index(store)
         assert read_disk(store, store.manifest(snap_a)) == disk_a
