@@ -165,6 +165,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         help="with --s3: packs kept in PATH/packs, recently written and read first "
         f"(default {human_bytes(DEFAULT_CACHE_BYTES)}; never less than two packs)",
     )
+    _add_budget_options(p)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_init"))
 
@@ -184,6 +185,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         metavar="SIZE",
         help=f"packs kept in PATH/packs (default {human_bytes(DEFAULT_CACHE_BYTES)})",
     )
+    _add_budget_options(p)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_attach"))
 
@@ -210,6 +212,25 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("path", type=Path)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_rebuild_index"))
+
+
+def _add_budget_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--s3-requests-per-second",
+        type=cli_args.positive_float,
+        default=0,
+        metavar="N",
+        help="with --s3: requests sent to the bucket at most per second, retries included "
+        "(default 0: no limit)",
+    )
+    p.add_argument(
+        "--s3-requests-per-month",
+        type=cli_args.positive_int,
+        default=0,
+        metavar="N",
+        help="with --s3: refuse work once N requests were sent in a calendar month (UTC; "
+        "default no limit); kept in config.json, where it can be raised",
+    )
 
 
 def _add_job_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -93,6 +93,12 @@ class ObjectStoreUnreachable(ObjectStoreError):
     retryable = True
 
 
+class BudgetSpent(StoreError):
+    """A store's monthly request budget for its bucket is spent (``engine.store.budget``)."""
+
+    template = "store {path}: {reason}"
+
+
 class ObjectStoreUnfit(StoreError):
     """A bucket lacks what packs need (found by probing at open): names the endpoint, the
     bucket and the capability."""

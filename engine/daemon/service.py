@@ -669,11 +669,14 @@ def _bucket_counts(store: Store) -> ObjectStoreCounts:
     """A store in a bucket: its request counters and cache, for ``/metrics``."""
     assert store.remote is not None
     counts = store.remote.objects.counters.snapshot()
+    budget = store.remote.objects.budget
     return ObjectStoreCounts(
         requests={k: c.requests for k, c in counts.items()},
         bytes={k: c.bytes for k, c in counts.items()},
         cache_bytes=store.remote.cached_bytes,
         fetches=store.remote.fetches,
+        month_requests=budget.used()[1] if budget is not None else 0,
+        month_budget=budget.per_month if budget is not None else 0,
     )
 
 

@@ -21,6 +21,8 @@ tessera_object_store_requests_total            counter    store, kind (HTTP requ
 tessera_object_store_bytes_total               counter    store, kind (payload bytes)
 tessera_store_cache_bytes                      gauge      store  (packs cached locally)
 tessera_store_cache_fetches_total              counter    store  (packs fetched into it)
+tessera_object_store_month_requests            gauge      store  (this month, UTC)
+tessera_object_store_month_budget              gauge      store  (0: no budget)
 =============================================  =========  ====================================
 
 The ``object_store`` and ``cache`` families exist for stores whose packs live in a bucket
@@ -74,6 +76,8 @@ class ObjectStoreCounts:
     bytes: dict[str, int]
     cache_bytes: int
     fetches: int
+    month_requests: int = 0  # sent this calendar month (UTC), by every process
+    month_budget: int = 0  # requests_per_month; 0: none
 
 
 class _ObjectStores(Collector):
@@ -97,6 +101,16 @@ class _ObjectStores(Collector):
             "tessera_store_cache_fetches", "Packs fetched from the bucket into the cache",
             labels=["store"],
         )  # fmt: skip
+        month = GaugeMetricFamily(
+            "tessera_object_store_month_requests",
+            "Requests sent to the bucket this calendar month (UTC), by every process",
+            labels=["store"],
+        )
+        budget = GaugeMetricFamily(
+            "tessera_object_store_month_budget",
+            "The store's monthly request budget (0: none)",
+            labels=["store"],
+        )
         for store, read in sorted(self.stores.items()):
             counts = read()
             for kind, n in sorted(counts.requests.items()):
@@ -105,7 +119,9 @@ class _ObjectStores(Collector):
                 moved.add_metric([store, kind], n)
             cache.add_metric([store], counts.cache_bytes)
             fetches.add_metric([store], counts.fetches)
-        yield from (requests, moved, cache, fetches)
+            month.add_metric([store], counts.month_requests)
+            budget.add_metric([store], counts.month_budget)
+        yield from (requests, moved, cache, fetches, month, budget)
 
 
 class Metrics:

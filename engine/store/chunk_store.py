@@ -1015,10 +1015,12 @@ def _open_remote(
 ) -> "PackCache":
     """The cache of a store whose packs live in a bucket, the bucket probed and, for a
     writer, its writer lock taken (S3 code is loaded only for such a store)."""
+    from engine.store.budget import RequestBudget  # noqa: PLC0415
     from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
     from engine.store.remote import PackCache, endpoint, take_writer_lock  # noqa: PLC0415
 
-    packs = S3Packs.open(endpoint(layout, remote), remote.prefix)
+    budget = RequestBudget(layout.root, remote.requests_per_second, remote.requests_per_month)
+    packs = S3Packs.open(endpoint(layout, remote), remote.prefix, budget)
     try:
         if writable:
             take_writer_lock(packs, layout)

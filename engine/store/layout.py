@@ -71,6 +71,9 @@ class RemoteConfig:
     prefix: str = ""  # ends with "/" when set: several stores may share a bucket
     region: str = "us-east-1"
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    # Request budgets (``engine.store.budget``); 0: no limit.
+    requests_per_second: float = 0
+    requests_per_month: int = 0
 
     @property
     def url(self) -> str:

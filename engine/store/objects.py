@@ -73,6 +73,7 @@ from engine.core.errors import (
 )
 from engine.io.s3 import S3Client, S3Endpoint
 from engine.store import format as fmt
+from engine.store.budget import RequestBudget
 from engine.store.pack import (
     PACK_SUFFIX,
     PackEntry,
@@ -365,24 +366,41 @@ class S3Packs:
 
     Make it with ``open`` (which probes the bucket); the caller closes it."""
 
-    def __init__(self, endpoint: S3Endpoint, prefix: str, capabilities: Capabilities | None):
+    def __init__(
+        self,
+        endpoint: S3Endpoint,
+        prefix: str,
+        capabilities: Capabilities | None,
+        budget: RequestBudget | None = None,
+    ):
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         self.endpoint = endpoint
         self.prefix = prefix
         self.capabilities = capabilities
+        self.budget = budget
         self._counters = RequestCounters()
         self.client = S3Client(endpoint, on_send=self._sent)
 
     def _sent(self, operation: str) -> None:
         self._counters.request(_S3_KINDS.get(operation, "other"))
+        if self.budget is not None:
+            self.budget.sent()  # may wait for a token: requests per second
+
+    def _admit(self) -> None:
+        if self.budget is not None:
+            self.budget.admit()  # BudgetSpent: the month's requests are spent
 
     @classmethod
-    def open(cls, endpoint: S3Endpoint, prefix: str = "") -> "S3Packs":
+    def open(
+        cls, endpoint: S3Endpoint, prefix: str = "", budget: RequestBudget | None = None
+    ) -> "S3Packs":
         """Open a bucket for packs after probing it; raises ``ObjectStoreUnfit`` naming the
-        endpoint, bucket and missing capability (or ``ObjectStoreError`` if it fails)."""
-        packs = cls(endpoint, prefix, None)
+        endpoint, bucket and missing capability (or ``ObjectStoreError`` if it fails), and
+        ``BudgetSpent`` when ``budget`` (requests per second and month) allows no more."""
+        packs = cls(endpoint, prefix, None, budget)
         try:
+            packs._admit()
             packs.capabilities = packs._probe()
         except BaseException:
             packs.close()
@@ -457,6 +475,7 @@ class S3Packs:
         return f"{self.prefix}packs/{name[:2]}/{name}{PACK_SUFFIX}"
 
     def put(self, name: str, source: Path) -> None:
+        self._admit()
         key = self.key(name)
         size = source.stat().st_size
         with source.open("rb") as f:
@@ -471,6 +490,7 @@ class S3Packs:
             raise PackExists(pack=name, where=self.where)
 
     def read(self, name: str, offset: int, length: int) -> bytes:
+        self._admit()
         data = self.client.get_range(self.key(name), offset, length)
         if data is None:
             raise PackMissing(pack=name, where=self.where)
@@ -478,6 +498,7 @@ class S3Packs:
         return data
 
     def read_into(self, name: str, offset: int, out: memoryview) -> int:
+        self._admit()
         n = self.client.get_range_into(self.key(name), offset, out)
         if n is None:
             raise PackMissing(pack=name, where=self.where)
@@ -485,6 +506,7 @@ class S3Packs:
         return n
 
     def read_tail(self, name: str, length: int) -> tuple[int, bytes]:
+        self._admit()
         got = self.client.get_tail(self.key(name), length)
         if got is None:
             raise PackMissing(pack=name, where=self.where)
@@ -492,6 +514,7 @@ class S3Packs:
         return got
 
     def fetch(self, name: str, out: IO[bytes]) -> int:
+        self._admit()
         n = self.client.get_to(self.key(name), out)
         if n is None:
             raise PackMissing(pack=name, where=self.where)
@@ -499,10 +522,12 @@ class S3Packs:
         return n
 
     def stat(self, name: str) -> PackStat | None:
+        self._admit()
         info = self.client.head(self.key(name))
         return None if info is None else PackStat(name, info.size)
 
     def list(self) -> Iterator[PackStat]:
+        self._admit()
         base = f"{self.prefix}packs/"
         for info in self.client.list_objects(base):
             shard, _, leaf = info.key[len(base) :].partition("/")
@@ -511,6 +536,7 @@ class S3Packs:
                 yield PackStat(name, info.size)
 
     def delete(self, names: Iterable[str]) -> None:
+        self._admit()
         keys = [self.key(n) for n in names]
         if keys:
             self.client.delete(keys)
@@ -520,11 +546,13 @@ class S3Packs:
     def put_file(self, key: str, source: Path) -> None:
         """Store a file as ``<prefix><key>``, create-only: a key already there is left as
         is (these objects never change once written: a retry finds its own)."""
+        self._admit()
         with source.open("rb") as f:
             self.client.put_new(self.prefix + key, f, source.stat().st_size)
 
     def get_file(self, key: str, dest: Path) -> bool:
         """Copy ``<prefix><key>`` into the new file ``dest``; False if it does not exist."""
+        self._admit()
         with dest.open("xb") as f:
             got = self.client.get_to(self.prefix + key, f)
         if got is None:
@@ -534,10 +562,12 @@ class S3Packs:
 
     def keys(self, under: str) -> Iterator[str]:
         """Keys under ``<prefix><under>``, relative to the prefix, a page at a time."""
+        self._admit()
         for info in self.client.list_objects(self.prefix + under):
             yield info.key[len(self.prefix) :]
 
     def delete_keys(self, keys: Iterable[str]) -> None:
+        self._admit()
         self.client.delete([self.prefix + k for k in keys])
 
     def close(self) -> None:

@@ -367,6 +367,8 @@ class PackCache:
         if self._lock_layout is not None:
             release_writer_lock(self.objects, self._lock_layout)
             self._lock_layout = None
+        if self.objects.budget is not None:
+            self.objects.budget.flush()
         self.objects.close()
 
     # --- writing ---------------------------------------------------------------------------

@@ -53,6 +53,9 @@ def test_backup_restore_verify_through_a_bucket(tmp_path: Path, s3_bucket: S3End
 
     proc = tessera("store", "verify", store, "--data")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = tessera("store", "status", store)
+    assert status.returncode == 0, status.stderr
+    assert f"s3://{s3_bucket.bucket}/site-a/" in status.stdout and "budget none" in status.stdout
 
     # The DataMover is lost: a new one attaches the bucket alone and restores the same bytes.
     shutil.rmtree(store)

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.errors import ObjectStoreError, StoreError, StoreLocked
+from engine.core.errors import (
+    BudgetSpent,
+    ObjectStoreError,
+    StoreError,
+    StoreLocked,
+    StoreWriteError,
+)
 from engine.daemon.service import _bucket_counts as bucket_counts
 from engine.io.s3 import S3Endpoint
 from engine.maint.check import check_store
@@ -378,3 +384,32 @@ def test_one_datamover_writes_a_prefix_at_a_time(
     assert Store.break_bucket_lock(other) is None
     with Store.open(other, passphrase=PASSPHRASE) as store:
         assert read_disk(store, store.manifest(snap_a)) == disk_a
+
+
+def test_a_spent_month_budget_refuses_work_by_name_and_loses_nothing(
+    s3_store: tuple[Path, str, bytes],
+) -> None:
+    path, snap_a, disk_a = s3_store
+    config = json.loads((path / "config.json").read_text())
+    config["remote"]["requests_per_month"] = 60
+    (path / "config.json").write_text(json.dumps(config))
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert store.remote is not None and store.remote.objects.budget is not None
+        counts = bucket_counts(store)
+        assert counts.month_budget == 60
+        assert counts.month_requests == store.remote.objects.budget.used()[1] > 0
+        spent = "request budget of 60 a month is spent"  # a refused upload fails its snapshot
+        with pytest.raises((BudgetSpent, StoreWriteError), match=spent):
+            for seed in range(100):  # each snapshot: a pack, its intent, DiskMap, manifest
+                write_snapshot(store, f"vm-{seed}", {"d0": _random(20 * CHUNK, seed=seed)})
+    with pytest.raises(BudgetSpent):  # even an open must not send what the budget forbids
+        Store.open(path, passphrase=PASSPHRASE)
+    config["remote"]["requests_per_month"] = 0  # the operator raises it
+    (path / "config.json").write_text(json.dumps(config))
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        assert read_disk(store, store.manifest(snap_a)) == disk_a
+        for e in store.snapshots():
+            read_disk(store, store.manifest(e.snapshot_id))
+        result = check_store(store, data=True)
+        assert result.ok, result.findings
+        assert_bucket_matches_index(store)

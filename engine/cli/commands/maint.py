@@ -4,6 +4,7 @@
 import argparse
 import json
 from datetime import tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.cli.commands.stores import open_store
@@ -16,6 +17,7 @@ from engine.core.units import human_bytes
 from engine.maint.prune import PruneResult, prune, removed_snapshots, set_protected, unremove
 from engine.maint.retention import Rules
 from engine.maint.usage import StoreUsage, Usage, store_usage
+from engine.store.chunk_store import Store
 from engine.store.layout import Layout
 
 # --- prune ---------------------------------------------------------------------------------
@@ -176,11 +178,36 @@ def cmd_unremove(args: argparse.Namespace) -> int:
 def cmd_store_status(args: argparse.Namespace) -> int:
     with open_store(args, False) as store:
         usage = store_usage(store)
+        bucket = _bucket_line(store)
     if args.json:
-        print(json.dumps(usage.doc(), indent=2))
+        doc = usage.doc()
+        if bucket is not None:
+            doc["bucket"] = bucket
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
     _print_status(usage, args.snapshots)
+    if bucket is not None:
+        budget = bucket["month_budget"] or "none"
+        print(
+            f"bucket     {bucket['where']}: {bucket['month_requests']} requests in "
+            f"{bucket['month']} (UTC; budget {budget}), cache {human_bytes(bucket['cache_bytes'])}"
+        )
     return EXIT_OK
+
+
+def _bucket_line(store: Store) -> dict[str, Any] | None:
+    """A store in a bucket: where, this month's requests and budget, the cache."""
+    if store.remote is None or store.remote.objects.budget is None:
+        return None
+    budget = store.remote.objects.budget
+    month, used = budget.used()
+    return {
+        "where": store.remote.where,
+        "month": month,
+        "month_requests": used,
+        "month_budget": budget.per_month,
+        "cache_bytes": store.remote.cached_bytes,
+    }
 
 
 _VM = 2 + 16 + 1 + TIME_WIDTH  # the VM column holds a snapshot's indented id, mark, time

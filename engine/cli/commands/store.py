@@ -86,7 +86,15 @@ def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, s
             "bucket's key (it is kept in the store's keys/s3.json, readable by its owner only)"
         )
     bucket, prefix = args.s3
-    remote = RemoteConfig(args.s3_endpoint, bucket, prefix, args.s3_region, args.cache_size)
+    remote = RemoteConfig(
+        args.s3_endpoint,
+        bucket,
+        prefix,
+        args.s3_region,
+        args.cache_size,
+        requests_per_second=args.s3_requests_per_second,
+        requests_per_month=args.s3_requests_per_month,
+    )
     return remote, (access, secret)
 
 
