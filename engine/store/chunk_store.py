@@ -1020,7 +1020,7 @@ def _open_remote(
     from engine.store.remote import PackCache, endpoint, take_writer_lock  # noqa: PLC0415
 
     budget = RequestBudget(layout.root, remote.requests_per_second, remote.requests_per_month)
-    packs = S3Packs.open(endpoint(layout, remote), remote.prefix, budget)
+    packs = S3Packs.open(endpoint(layout, remote), remote.prefix, budget, probe=writable)
     try:
         if writable:
             take_writer_lock(packs, layout)

@@ -32,7 +32,8 @@ Invariants:
 4. Every request is counted by kind (``put``, ``get``, ``head``, ``list``, ``delete``,
    ``other``) with the payload bytes it moved: on S3 each HTTP request sent, retries and
    probes included, because that is what request budgets and bills count.
-5. An S3 bucket is probed at open (``S3Packs.open``): a create-only PUT of a probe object
+5. An S3 bucket is probed at open for writing (``S3Packs.open``; a reader checks only that
+   the bucket exists): a create-only PUT of a probe object
    succeeds and a second one is refused, a ranged GET returns just the range, and the probe
    is removed (every version of it, in a versioned bucket). A bucket that fails any of it
    is refused with ``ObjectStoreUnfit`` naming the endpoint, the bucket and the capability.
@@ -393,23 +394,29 @@ class S3Packs:
 
     @classmethod
     def open(
-        cls, endpoint: S3Endpoint, prefix: str = "", budget: RequestBudget | None = None
+        cls,
+        endpoint: S3Endpoint,
+        prefix: str = "",
+        budget: RequestBudget | None = None,
+        probe: bool = True,
     ) -> "S3Packs":
         """Open a bucket for packs after probing it; raises ``ObjectStoreUnfit`` naming the
         endpoint, bucket and missing capability (or ``ObjectStoreError`` if it fails), and
-        ``BudgetSpent`` when ``budget`` (requests per second and month) allows no more."""
+        ``BudgetSpent`` when ``budget`` (requests per second and month) allows no more.
+        ``probe`` False (a reader, which never puts): only that the bucket exists is
+        checked, one request instead of seven; ``capabilities`` stays None."""
         packs = cls(endpoint, prefix, None, budget)
         try:
             packs._admit()
-            packs.capabilities = packs._probe()
+            if probe:
+                packs.capabilities = packs._probe()
+            elif not packs.client.bucket_exists():
+                raise packs._unfit("bucket", "it does not exist (or this key cannot see it)")
         except BaseException:
             packs.close()
             raise
-        log.info(
-            "store.s3_opened",
-            where=packs.where,
-            object_lock=packs.capabilities.object_lock,
-        )
+        lock = packs.capabilities.object_lock if packs.capabilities else "(not probed)"
+        log.info("store.s3_opened", where=packs.where, object_lock=lock)
         return packs
 
     def _unfit(self, capability: str, reason: str) -> ObjectStoreUnfit:

@@ -55,7 +55,7 @@ import secrets
 import shutil
 import socket
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -341,7 +341,9 @@ class PackCache:
         # Background fetches of packs a reader announced (``prefetch``): a few at a time,
         # never more than the cache holds beside the pack in use.
         self._prefetcher = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
-        self._ahead: set[str] = set()
+        self._ahead: dict[str, int] = {}  # being prefetched: name → size
+        self._wanted: deque[tuple[str, int]] = deque()  # announced, not started yet
+        self._unread: dict[str, int] = {}  # prefetched, not asked for by a reader yet
         self.prefetched = 0
         self.fetches = 0
         self.evictions = 0
@@ -389,6 +391,7 @@ class PackCache:
         """GC retired or repair quarantined the pack: drop its cached copy, if any."""
         with self._lock:
             self._lru.pop(name, None)
+            self._unread.pop(name, None)
         pack_path(self.packs_dir, name).unlink(missing_ok=True)
 
     # --- reading ---------------------------------------------------------------------------
@@ -400,6 +403,7 @@ class PackCache:
         object's size differs from the index's."""
         path = pack_path(self.packs_dir, name)
         with self._lock:
+            self._unread.pop(name, None)
             if name in self._lru and path.exists():
                 self._lru.move_to_end(name)
                 return path
@@ -449,33 +453,73 @@ class PackCache:
         log.debug("store.pack_fetched", where=self.where, pack=name, bytes=size)
 
     def prefetch(self, packs: list[tuple[str, int]]) -> None:
-        """Start fetching (name, size) packs not cached yet in the background, in order, as
-        long as they fit the cache beside the one in use; never blocks nor raises (a failed
-        prefetch is logged; the reader's own fetch will say what is wrong)."""
+        """Queue (name, size) packs to fetch in the background, in order: at most
+        ``PREFETCH_AHEAD`` under way, never more bytes than the cache holds beside the pack
+        in use (a prefetched pack must not evict one not read yet). Each finished prefetch
+        starts the next. Never blocks nor raises (a failed prefetch is logged; the reader's
+        own fetch says what is wrong)."""
         with self._lock:
-            room = self.limit - max(self._lru.values(), default=0)
-            todo = []
+            queued = {n for n, _ in self._wanted}
             for name, size in packs:
-                if name in self._lru or name in self._fetching or name in self._ahead:
-                    continue
-                if len(self._ahead) >= PREFETCH_AHEAD or size > room:
-                    break
-                room -= size
-                self._ahead.add(name)
-                todo.append((name, size))
+                if name not in queued and name not in self._ahead:
+                    self._wanted.append((name, size))
+                    queued.add(name)
+            todo = self._pump_locked()
         for name, size in todo:
             self._prefetcher.submit(self._prefetch_one, name, size)
 
+    def _pump_locked(self) -> list[tuple[str, int]]:
+        held = sum(self._ahead.values()) + sum(self._unread.values())
+        room = self.limit - max(self._lru.values(), default=0) - held
+        todo = []
+        while self._wanted and len(self._ahead) < PREFETCH_AHEAD:
+            name, size = self._wanted[0]
+            if name in self._lru or name in self._fetching:
+                self._wanted.popleft()
+                continue
+            if size > room:
+                break
+            self._wanted.popleft()
+            room -= size
+            self._ahead[name] = size
+            todo.append((name, size))
+        return todo
+
     def _prefetch_one(self, name: str, size: int) -> None:
         try:
-            self.local(name, size)
-            with self._lock:
-                self.prefetched += 1
+            self._fetch_ahead(name, size)
         except Exception as e:  # noqa: BLE001 - a hint: the reader's fetch reports it
             log.info("store.prefetch_failed", where=self.where, pack=name, error=str(e))
         finally:
             with self._lock:
-                self._ahead.discard(name)
+                self._ahead.pop(name, None)
+                todo = self._pump_locked()
+        for next_name, next_size in todo:
+            with contextlib.suppress(RuntimeError):  # shut down: the store is closing
+                self._prefetcher.submit(self._prefetch_one, next_name, next_size)
+
+    def _fetch_ahead(self, name: str, size: int) -> None:
+        """``local`` for the prefetcher: the pack counts as unread until a reader asks."""
+        path = pack_path(self.packs_dir, name)
+        with self._lock:
+            if name in self._lru or name in self._fetching:
+                return
+            fut: Future[Path] = Future()
+            self._fetching[name] = fut
+        try:
+            self._fetch(name, size, path)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        else:
+            fut.set_result(path)
+            with self._lock:
+                self._unread[name] = size
+                self.prefetched += 1
+        finally:
+            with self._lock:
+                del self._fetching[name]
+        self.trim()
 
     def trim(self) -> None:
         """Evict least recently used packs until the cache fits its bound (never the last)."""
@@ -484,6 +528,7 @@ class PackCache:
                 if len(self._lru) <= 1 or sum(self._lru.values()) <= self.limit:
                     return
                 name, _ = self._lru.popitem(last=False)
+                self._unread.pop(name, None)
                 self.evictions += 1
             pack_path(self.packs_dir, name).unlink(missing_ok=True)
 

@@ -413,3 +413,24 @@ def test_a_spent_month_budget_refuses_work_by_name_and_loses_nothing(
         result = check_store(store, data=True)
         assert result.ok, result.findings
         assert_bucket_matches_index(store)
+
+
+def test_a_restore_prefetches_the_packs_it_announced_within_the_cache(
+    tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    path = tmp_path / "store"
+    init(path, s3_bucket, cache_packs=3)
+    disk = _random(100 * CHUNK, seed=11)  # ~7 packs of 1 MiB
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        m = write_snapshot(store, "vm", {"d0": disk})
+        names = [p.name for p in store.index.packs()]
+    for copy in cached_packs(path).values():
+        copy.unlink()
+    with Store.open(path, passphrase=PASSPHRASE, writable=False) as store:
+        assert store.remote is not None
+        store.prefetch(names)  # what a restore's planner says of each window
+        first = store.pack_file(names[0])  # waits for that pack's fetch, if under way
+        assert first.exists()
+        assert read_disk(store, m) == disk
+        assert store.remote.prefetched >= 1
+        assert store.remote.cached_bytes <= store.remote.limit
