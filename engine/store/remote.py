@@ -65,6 +65,7 @@ import structlog
 
 from engine.core.errors import CorruptPack, PackMissing, StoreError, StoreLocked
 from engine.io.s3 import S3Endpoint
+from engine.store.failure import write_failure
 from engine.store.layout import MANIFEST_NAME, Layout, RemoteConfig, StoreConfig
 from engine.store.objects import S3Packs
 from engine.store.pack import PACK_SUFFIX, pack_path
@@ -443,6 +444,10 @@ class PackCache:
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, path)
+        except OSError as e:  # the cache's disk (full, failing): named, never a bare errno
+            tmp.unlink(missing_ok=True)
+            store = self.packs_dir.parent
+            raise write_failure(store, f"the cached copy of pack {name}", e, size) from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

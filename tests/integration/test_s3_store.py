@@ -19,6 +19,7 @@ import json
 import random
 import shutil
 import signal
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -434,3 +435,36 @@ def test_a_restore_prefetches_the_packs_it_announced_within_the_cache(
         assert read_disk(store, m) == disk
         assert store.remote.prefetched >= 1
         assert store.remote.cached_bytes <= store.remote.limit
+
+
+def test_a_full_cache_disk_fails_the_read_by_name_and_keeps_nothing_torn(
+    tmp_path: Path, s3_bucket: S3Endpoint
+) -> None:
+    """The store directory (and so the cache) on a small tmpfs that fills up: reading a pack
+    that must be fetched fails naming the pack, ENOSPC and the free space; no partial copy is
+    left; once space is back the same read works."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tessera-test", small], check=True)
+    try:
+        path = small / "store"
+        init(path, s3_bucket, cache_packs=2)
+        disk = _random(40 * CHUNK, seed=12)  # ~3 packs
+        with Store.open(path, passphrase=PASSPHRASE) as store:
+            m = write_snapshot(store, "vm", {"d0": disk})
+        for copy in cached_packs(path).values():
+            copy.unlink()
+        filler = small / "filler"
+        free = shutil.disk_usage(small).free
+        filler.write_bytes(b"\0" * (free - 64 * 1024))
+        with Store.open(path, passphrase=PASSPHRASE, writable=False) as store:
+            with pytest.raises(StoreWriteError) as e:
+                read_disk(store, m)
+            text = str(e.value)
+            assert "cached copy of pack" in text and "ENOSPC" in text and "free" in text, text
+            assert not list((path / "packs" / "tmp").iterdir())
+            assert not cached_packs(path)
+            filler.unlink()
+            assert read_disk(store, m) == disk
+    finally:
+        subprocess.run(["umount", small], check=True)
