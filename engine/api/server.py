@@ -56,7 +56,7 @@ from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
 from engine.replication.state import PeerState, state_dir
 from engine.restore.files import BadPath, PathNotFound
-from engine.restore.record import CheckRecord, read_record
+from engine.restore.record import LastCheck, read_record
 from engine.store.manifest import Manifest
 
 log = structlog.get_logger("tessera.api")
@@ -143,8 +143,9 @@ async def _body(request: web.Request, kind: type[Any]) -> Any:
     return msgspec.json.decode(raw or b"{}", type=kind)
 
 
-def snapshot_doc(m: Manifest, protected: bool, check: CheckRecord | None = None) -> dict[str, Any]:
-    """A snapshot's document; ``check`` is its last restore check's record (None: never)."""
+def snapshot_doc(m: Manifest, protected: bool, check: LastCheck = None) -> dict[str, Any]:
+    """A snapshot's document; ``check`` is its last restore check's record (None: never;
+    an unreadable record file: ``{"outcome": "unreadable", "error": …}``)."""
     return {
         "id": m.snapshot_id,
         "time": m.time,
