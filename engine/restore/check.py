@@ -38,6 +38,7 @@ from engine.restore.record import CheckRecord, Outcome, RecordNotSaved, write_re
 from engine.restore.tree import FsCheck, PathCheck
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util import failpoints
 from engine.workers import make_cpu_pool
 from engine.workers.pool import CpuPool
 
@@ -118,6 +119,7 @@ async def check_snapshot(
         async with GuestTree.open(
             store, pool, manifest, disks, launch_timeout=launch_timeout
         ) as tree:
+            failpoints.hit("restore.check.appliance_up")  # crash tests: a kill mid-check
             filesystems, paths = await tree.check(expect)
     except ApplianceError as e:
         error = str(e)

@@ -23,8 +23,11 @@ data untouched and ``store verify`` clean; EIO at each window of the atomic writ
 edited record — ``tessera snapshots`` lists it ``UNREADABLE`` (naming the file, not its
 content), the next check replaces it; a CLI SIGKILLed between writing the record and
 renaming it — the ``.tmp`` it leaves is read by nothing, ``store verify`` stays clean, the
-next check replaces both. Those checks that need no verdict of a booted appliance take
-``--launch-timeout 1`` (an ``error`` record, recorded the same way) and boot nothing.
+next check replaces both; a CLI SIGKILLed while its appliance is up — the helper and its
+qemu end by themselves, the record and store are as they were, the next check works; a
+daemon's check job whose record write fails ends failed saying both. Those checks that need
+no verdict of a booted appliance take ``--launch-timeout 1`` (an ``error`` record, recorded
+the same way) and boot nothing.
 
 The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``, see
 ``test_files.py``); each check is one appliance boot.
@@ -34,10 +37,12 @@ import errno
 import hashlib
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.api.server import build_app
 from engine.core.units import MiB
 from engine.daemon import maintenance
+from engine.restore.files import APPLIANCE_PREFIX
 from plugins.lab.guest_disk import PARTITIONS, build_apart
 from tests.cli import Cli
 from tests.daemon_setup import daemon_config, running
@@ -336,14 +342,16 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def _run_module(module: str, *args: object) -> subprocess.CompletedProcess[str]:
+def _run_module(
+    module: str, *args: object, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m module ARGS`` (a CLI wrapper of ``tests``) as ``tessera`` runs here."""
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=ENV,
+        env=ENV | (env or {}),
         timeout=300,
         check=False,
     )
@@ -452,6 +460,64 @@ def test_a_check_killed_before_its_record_is_renamed_leaves_nothing_that_matters
     _cheap_check(lab.store, lab.damaged)  # the next check takes the tmp's name over
     assert _leftovers(lab.store, lab.damaged) == [RECORD]
     assert json.loads(record.read_bytes())["time"] >= listed["time"]
+
+
+def test_a_check_killed_while_its_appliance_runs_leaves_nothing_behind(lab: Lab) -> None:
+    _cheap_check(lab.store, lab.damaged)
+    record = lab.store / "snapshots" / lab.damaged / RECORD
+    earlier = record.read_bytes()
+    before = _store_data(lab.store)
+    # its own TMPDIR tells this check's helper and qemu from any other (short: the disks'
+    # sockets go there; the appliance cache stays where it is)
+    scratch = Path(tempfile.mkdtemp(prefix="tck-", dir="/tmp"))
+    try:
+        env = {"TMPDIR": str(scratch), "LIBGUESTFS_CACHEDIR": "/var/tmp"}
+        proc = _run_module(
+            "tests.integration.kill_backup", "restore.check.appliance_up", 1,
+            "--", "snapshots", "check", lab.damaged, "--store", lab.store, env=env,
+        )  # fmt: skip
+        assert proc.returncode == -9, proc.stdout + proc.stderr
+        # the helper (a session of its own) sees its requests end, shuts its appliance down
+        left = _processes_with(f"TMPDIR={scratch}")
+        for pid in left:
+            assert _gone(pid, timeout=120), f"pid {pid} outlived the killed check: {left}"
+        assert _processes_with(f"TMPDIR={scratch}") == []
+        # what stays is the killed CLI's socket directory in its TMPDIR, nothing in the store
+        assert [p.name.startswith(APPLIANCE_PREFIX) for p in scratch.iterdir()] == [True]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert record.read_bytes() == earlier
+    assert _leftovers(lab.store, lab.damaged) == [RECORD]
+    assert _store_data(lab.store) == before
+    _cheap_check(lab.store, lab.damaged)
+    assert _leftovers(lab.store, lab.damaged) == [RECORD]
+
+
+def _processes_with(variable: str) -> list[int]:
+    """The pids whose environment holds ``variable`` (NAME=VALUE)."""
+    found = []
+    needle = variable.encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if needle in environ:
+                found.append(int(entry.name))
+    return found
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` (not a child) ends within ``timeout`` s (a pidfd: woken by its end)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 async def test_a_daemon_check_whose_record_cannot_be_written_ends_failed_saying_both(
