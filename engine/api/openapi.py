@@ -169,7 +169,10 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": {
             "summary": "A file (application/octet-stream), or a directory as a tar archive "
             "(application/x-tar, chunked), streamed as the appliance writes it, with an RFC 6266 "
-            "Content-Disposition (a file also with its Content-Length)",
+            "Content-Disposition (a file also with its Content-Length). A transfer that fails "
+            "before its first byte (e.g. the daemon's state dir full) is an error answer; after "
+            "it the connection is cut: a body short of its Content-Length or without its last "
+            "chunk is a failed download",
             "parameters": _id("session") + _query("path", required=True),
             "responses": {
                 "200": {
@@ -177,6 +180,7 @@ PATHS: dict[str, dict[str, Any]] = {
                     "content": {"application/octet-stream": {}, "application/x-tar": {}},
                 },
                 "4XX": _ERROR,
+                "5XX": _ERROR,
             },
         }
     },

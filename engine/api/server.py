@@ -56,7 +56,7 @@ from engine.maint.prune import is_protected, set_protected
 from engine.maint.usage import store_usage
 from engine.replication.state import PeerState, state_dir
 from engine.restore.files import BadPath, PathNotFound
-from engine.restore.record import CheckRecord, read_record
+from engine.restore.record import LastCheck, read_record
 from engine.store.manifest import Manifest
 
 log = structlog.get_logger("tessera.api")
@@ -143,8 +143,9 @@ async def _body(request: web.Request, kind: type[Any]) -> Any:
     return msgspec.json.decode(raw or b"{}", type=kind)
 
 
-def snapshot_doc(m: Manifest, protected: bool, check: CheckRecord | None = None) -> dict[str, Any]:
-    """A snapshot's document; ``check`` is its last restore check's record (None: never)."""
+def snapshot_doc(m: Manifest, protected: bool, check: LastCheck = None) -> dict[str, Any]:
+    """A snapshot's document; ``check`` is its last restore check's record (None: never;
+    an unreadable record file: ``{"outcome": "unreadable", "error": …}``)."""
     return {
         "id": m.snapshot_id,
         "time": m.time,
@@ -545,9 +546,20 @@ async def files_find(request: web.Request) -> web.Response:
 
 async def files_download(request: web.Request) -> web.StreamResponse:
     """A file as itself (with its length), a directory as ``application/x-tar`` (chunked):
-    streamed while the appliance's helper writes it (``engine.daemon.browse.Download``)."""
+    streamed while the appliance's helper writes it (``engine.daemon.browse.Download``). A
+    transfer that fails before its first byte is an error answer (the JSON error names the
+    staging file and the errno); after it, the connection is cut: the client sees a body
+    short of its Content-Length or a chunked body without its end, never a whole-looking one."""
     got = await _service(request).sessions.download(request.match_info["session"], _path(request))
     try:
+        blocks = got.blocks()
+        # the first block before the headers: a transfer that fails before its first byte
+        # (the state dir already full) is an error answer, not a 200 cut short
+        try:
+            first = await anext(blocks, b"")
+        except EngineError:
+            await blocks.aclose()
+            raise
         response = web.StreamResponse(
             headers={
                 "Content-Type": got.content_type,
@@ -561,10 +573,18 @@ async def files_download(request: web.Request) -> web.StreamResponse:
             response.enable_chunked_encoding()
         await response.prepare(request)
         try:
-            async for block in got.blocks():
-                await response.write(block)
+            # one block behind: the staging file is closed (its space free) before the
+            # client has the last byte, or sees the cut
+            last = first
+            async for block in blocks:
+                await response.write(last)
+                last = block
+            got.close()
+            if last:  # an empty file has none
+                await response.write(last)
         except EngineError as e:  # the headers are out: the client sees the stream cut short
             log.warning("api.download_failed", path=request.path, error=str(e))
+            got.close()
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -8,13 +8,15 @@ backup, ``POST /v1/snapshots/{id}/check``).
 
 What a record says in lines of text (``check_lines``) is written here once, for the terminal
 and the daemon's job log; its document (``CheckRecord.doc``) is what the API shows and the
-job history keeps.
+job history keeps. A check whose record could not be written raises ``RecordNotSaved``
+with the record: callers report the verdict *and* that it was not saved (``not_saved_line``),
+and end as failed (an unrecorded check is not a proved restore point on the listing).
 """
 
 from dataclasses import dataclass
 
 from engine.restore.check import check, check_expected
-from engine.restore.record import CheckRecord
+from engine.restore.record import CheckRecord, RecordNotSaved
 from engine.store.chunk_store import Store
 from engine.workers.pool import CpuPool
 
@@ -39,8 +41,8 @@ async def check_restore_point(
 ) -> CheckRecord:
     """Check the snapshot and record the result on it (``engine.restore.check.check``;
     ``pool``: the caller's, else one of its own). Raises SnapshotNotFound, ConfigError
-    (libguestfs missing); an appliance that cannot run is an ``error`` record, not an
-    exception."""
+    (libguestfs missing), RecordNotSaved (the check ran; its ``record`` could not be
+    written); an appliance that cannot run is an ``error`` record, not an exception."""
     request.check()
     return await check(
         store,
@@ -71,3 +73,8 @@ def check_lines(record: CheckRecord) -> list[str]:
         f"{record.duration:.0f} s: {record.summary()}"
     )
     return lines
+
+
+def not_saved_line(error: RecordNotSaved) -> str:
+    """The line that follows a check's report when its record could not be written."""
+    return f"the check's verdict above was NOT recorded: {error}"

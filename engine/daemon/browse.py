@@ -17,7 +17,11 @@ session, not per request::
                         <serve.state_dir>/files/<session>/ (0700), unlinked once written;
                         the caller reads it as it grows (``Download.blocks``) and streams
                         it: nothing holds a whole file in memory, the first byte need not
-                        wait for the last, a client that leaves leaves nothing behind
+                        wait for the last, a client that leaves leaves nothing behind.
+                        A write that fails (the state dir full: ENOSPC) fails the helper's
+                        request naming the file and the errno; the file goes all the same,
+                        the session stays ready, and the reader raises after the bytes
+                        written (the API answers an error before any byte, else cuts)
 
 At most ``serve.files_sessions`` sessions at once (``SessionsFull``, the API's 503); a
 request to a session still booting or ended is ``NotReady`` (409); the last ``ENDED_KEPT``
@@ -32,7 +36,7 @@ import collections
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -111,7 +115,7 @@ class Download:
         self.done = asyncio.Event()  # the helper has answered
         self.error: BaseException | None = None  # what it answered, when it failed
 
-    async def blocks(self) -> AsyncIterator[bytes]:
+    async def blocks(self) -> AsyncGenerator[bytes, None]:
         """The bytes, ``DOWNLOAD_BLOCK`` at a time, as the helper writes them; raises the
         helper's error (ApplianceError) if the transfer failed."""
         sent = 0
@@ -133,7 +137,10 @@ class Download:
             raise ConfigError(message=f"{self.name}: {sent} bytes written of {self.size}")
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the staging file (idempotent): its space is free once the helper is done."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 class Sessions:
@@ -303,6 +310,13 @@ class Sessions:
                         await tree.tar(path, file)
                 except Exception as e:  # noqa: BLE001 - the reader raises it, not the group
                     got.error = e
+                    log.warning(
+                        "files.download_failed",
+                        session=session.id,
+                        path=path,
+                        file=str(file),
+                        error=str(e),
+                    )
                 finally:
                     with contextlib.suppress(OSError):
                         file.unlink()

@@ -13,18 +13,21 @@ jobs`` with its report lines and its record as the summary. It is started:
   restore point of every VM in every store (``start_newest``), each with the expected paths
   of the policy that made it (its manifest's ``policy`` tag), if that policy names any.
 
-A check that fails or cannot run ends the job ``failed``; the record says why.
+A check that fails or cannot run ends the job ``failed``; the record says why. A check
+whose record cannot be written (a full or failing store filesystem) ends ``failed`` too, its
+report and summary the verdict all the same, its error naming the record's file and errno.
 """
 
 from typing import Any, Final
 
 import structlog
 
-from engine.app.check import CheckRequest, check_lines, check_restore_point
+from engine.app.check import CheckRequest, check_lines, check_restore_point, not_saved_line
 from engine.app.stores import JobStore
 from engine.config.policy import RestoreCheck
 from engine.daemon.context import DaemonContext
 from engine.daemon.jobs import Busy, JobView
+from engine.restore.record import RecordNotSaved
 from engine.store.manifest import POLICY_TAG
 
 log = structlog.get_logger("tessera.checks")
@@ -50,12 +53,20 @@ def start_check(
     request = CheckRequest(snapshot_id, request.disks, request.expect, request.launch_timeout)
 
     async def body(view: JobView) -> tuple[str, dict[str, Any]]:
-        record = await check_restore_point(handle.store, request, handle.pool)
+        not_saved: RecordNotSaved | None = None
+        try:
+            record = await check_restore_point(handle.store, request, handle.pool)
+        except RecordNotSaved as e:
+            record, not_saved = e.record, e
         view.outcome = record
         for line in check_lines(record):
             view.say(line)
         if record.outcome != "passed":
             view.error = record.summary()
+        if not_saved is not None:
+            view.say(not_saved_line(not_saved))
+            view.error = f"{record.summary()}; {not_saved_line(not_saved)}"
+            return "failed", record.doc()
         return ("succeeded" if record.outcome == "passed" else "failed"), record.doc()
 
     params: dict[str, Any] = {"store": handle.name, "snapshot": snapshot_id}

@@ -124,15 +124,26 @@ def _op_stat(g: Any, request: dict[str, Any]) -> object:
 def _op_download(g: Any, request: dict[str, Any]) -> object:
     if not stat_mod.S_ISREG(g.lstatns(request["path"])["st_mode"]):
         raise ConfigError(message=f"{request['path']} is not a regular file")
-    g.download(request["path"], request["file"])
-    return Path(request["file"]).stat().st_size
+    return _stage(g.download, request["path"], Path(request["file"]))
 
 
 def _op_tar(g: Any, request: dict[str, Any]) -> object:
     if not stat_mod.S_ISDIR(g.lstatns(request["path"])["st_mode"]):
         raise ConfigError(message=f"{request['path']} is not a directory")
-    g.tar_out(request["path"], request["file"])
-    return Path(request["file"]).stat().st_size
+    return _stage(g.tar_out, request["path"], Path(request["file"]))
+
+
+def _stage(send: Callable[[str, str], None], src: str, file: Path) -> int:
+    """``send(src, DEST)`` (libguestfs ``download`` or ``tar_out``) into ``file``, the
+    daemon's staging file of a download (``engine.daemon.browse``); returns its size. A
+    failing write of ``file`` (its filesystem full) is our own error naming ``file`` and the
+    errno; what was written stays for the daemon's reader (it sends it, then cuts the
+    stream) and the daemon removes the file."""
+    try:
+        _receive(send, src, file)
+    except (RuntimeError, OSError) as e:
+        raise ApplianceRequestError(f"copying {src} to {file}: {_why(e)}") from None
+    return file.stat().st_size
 
 
 _READS: dict[str, Callable[[Any, dict[str, Any]], object]] = {  # requests that only read
@@ -250,18 +261,32 @@ def _download(g: Any, src: str, out: Path, written: int) -> None:
     """Copy the file ``src`` of the tree to ``out``, through ``.NAME.partial`` beside it
     renamed when complete: a file that is there is whole. When the copy fails (a full or
     failing destination, a read error from the snapshot) the partial copy is removed and the
-    error names both ends; a helper killed mid-copy leaves only the ``.partial`` file.
-
-    libguestfs writes into a pipe and a thread here writes the file: a failing destination
-    is then our own ``OSError`` with its errno (libguestfs would say only "file receive
-    cancelled"), and closing the pipe stops the transfer."""
+    error names both ends; a helper killed mid-copy leaves only the ``.partial`` file."""
     partial = out.with_name(f".{out.name}.partial")
+    try:
+        _receive(g.download, src, partial)
+        partial.rename(out)
+    except (RuntimeError, OSError) as e:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        before = f"; {written} files were copied before it" if written else ""
+        raise ApplianceRequestError(
+            f"copying {src} to {out}: {_why(e)}; nothing of it kept{before}"
+        ) from None
+
+
+def _receive(send: Callable[[str, str], None], src: str, file: Path) -> None:
+    """``send(src, DEST)`` written into ``file`` (made or truncated). libguestfs writes into
+    a pipe and a thread here writes the file: a failing destination is then our own
+    ``OSError`` with its errno (libguestfs would say only "file receive cancelled"), and
+    closing the pipe stops the transfer. Raises that OSError, or libguestfs's RuntimeError
+    (a read error in the appliance)."""
     failed: list[OSError] = []
     r, w = os.pipe()
 
     def write_out() -> None:
         try:
-            with os.fdopen(r, "rb", buffering=0) as pipe, partial.open("wb") as f:
+            with os.fdopen(r, "rb", buffering=0) as pipe, file.open("wb") as f:
                 while data := pipe.read(COPY_SIZE):
                     f.write(data)
         except OSError as e:  # the pipe is closed with it: libguestfs's writes fail
@@ -271,21 +296,24 @@ def _download(g: Any, src: str, out: Path, written: int) -> None:
     writer.start()
     try:
         try:
-            g.download(src, f"/dev/fd/{w}")
+            send(src, f"/dev/fd/{w}")
         finally:
             os.close(w)
             writer.join()
-        if failed:
-            raise failed[0]
-        partial.rename(out)
-    except (RuntimeError, OSError) as e:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        reason = failed[0].strerror if failed and failed[0].strerror else str(e)
-        before = f"; {written} files were copied before it" if written else ""
-        raise ApplianceRequestError(
-            f"copying {src} to {out}: {reason} (nothing of it kept{before})"
-        ) from None
+    except RuntimeError:
+        if failed:  # libguestfs's error is only the echo of ours
+            raise failed[0] from None
+        raise
+    if failed:
+        raise failed[0]
+
+
+def _why(error: BaseException) -> str:
+    """An error's text: an OSError's ``strerror (ENAME)``, libguestfs's message as it is."""
+    if isinstance(error, OSError) and error.strerror:
+        name = errno.errorcode.get(error.errno or 0, "")
+        return f"{error.strerror} ({name})" if name else error.strerror
+    return str(error)
 
 
 class ApplianceRequestError(Exception):

@@ -19,7 +19,9 @@ since an unproven restore point is worth knowing about too. A missing libguestfs
 ``ConfigError`` and records nothing (the machine is at fault, not the snapshot).
 
 The store is only read: the exports are read-only, the record is the one file written
-(``engine.restore.record``), and the manifest is never touched.
+(``engine.restore.record``), and the manifest is never touched. A record that cannot be
+written (ENOSPC, EIO) raises ``RecordNotSaved`` carrying the verdict: the check's finding is
+never lost with its file.
 """
 
 import time
@@ -32,10 +34,11 @@ import structlog
 
 from engine.core.errors import ConfigError, SnapshotNotFound
 from engine.restore.files import ApplianceError, GuestTree
-from engine.restore.record import CheckRecord, Outcome, write_record
+from engine.restore.record import CheckRecord, Outcome, RecordNotSaved, write_record
 from engine.restore.tree import FsCheck, PathCheck
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
+from engine.util import failpoints
 from engine.workers import make_cpu_pool
 from engine.workers.pool import CpuPool
 
@@ -54,7 +57,7 @@ async def check(
     """Check ``snapshot`` (id or unique prefix) of ``store`` — only ``disks`` (ids or names)
     when given — and record the result; the snapshot is share-locked meanwhile (prune skips
     it). ``pool`` decodes (the caller's, left open: the daemon's store pool); without one a
-    pool of its own. Raises SnapshotNotFound, ConfigError."""
+    pool of its own. Raises SnapshotNotFound, ConfigError, RecordNotSaved (with the record)."""
     check_expected(expect)
     snapshot_id = store.resolve(snapshot)
     manifest = store.manifest(snapshot_id)
@@ -105,7 +108,8 @@ async def check_snapshot(
     launch_timeout: float | None = None,
 ) -> CheckRecord:
     """Check ``disks`` of ``manifest`` in an appliance and write the record (module
-    docstring). The caller holds the snapshot's share lock and owns store and pool."""
+    docstring). The caller holds the snapshot's share lock and owns store and pool. Raises
+    RecordNotSaved (its ``record`` the verdict) when the record cannot be written."""
     started = datetime.now(UTC)
     clock = time.monotonic()
     filesystems: list[FsCheck] = []
@@ -115,6 +119,7 @@ async def check_snapshot(
         async with GuestTree.open(
             store, pool, manifest, disks, launch_timeout=launch_timeout
         ) as tree:
+            failpoints.hit("restore.check.appliance_up")  # crash tests: a kill mid-check
             filesystems, paths = await tree.check(expect)
     except ApplianceError as e:
         error = str(e)
@@ -132,7 +137,6 @@ async def check_snapshot(
         problems=problems,
         error=error,
     )
-    write_record(store.layout, record)
     log.info(
         "check.done",
         snapshot=record.snapshot,
@@ -141,6 +145,11 @@ async def check_snapshot(
         error=error or None,
         seconds=record.duration,
     )
+    try:
+        write_record(store.layout, record)
+    except RecordNotSaved as e:
+        log.warning("check.record_not_saved", snapshot=record.snapshot, error=str(e))
+        raise
     return record
 
 

@@ -49,10 +49,11 @@ from typing import Any, ClassVar, Final
 
 import structlog
 
-from engine.core.errors import EngineError
+from engine.core.errors import ConfigError, EngineError
 from engine.io import guestfs as guestfs_bindings
 from engine.io.nbd.serve import Listener, serve
 from engine.io.nbd.server import ExportSpec
+from engine.io.qemu import MAX_SOCKET_PATH
 from engine.restore.export import SnapshotExport
 from engine.restore.tree import Entry, Filesystem, FsCheck, PathCheck
 from engine.store.manifest import DiskEntry, Manifest
@@ -98,6 +99,19 @@ def check_path(path: str) -> str:
 _NOT_THERE: Final = (2, 20)  # ENOENT, ENOTDIR
 
 
+def check_socket_room(disks: int) -> None:
+    """ConfigError unless the disks' NBD sockets, in a directory ``tempfile`` makes (under
+    ``$TMPDIR``), fit a unix socket address (``sockaddr_un``: 107 bytes): a deeper TMPDIR
+    would fail later as a bare ``AF_UNIX path too long``."""
+    longest = Path(tempfile.gettempdir()) / f"{APPLIANCE_PREFIX}{'x' * 8}" / f"disk{disks}.sock"
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            message=f"the appliance's disk sockets would have paths of {len(os.fsencode(longest))}"
+            f" bytes under the temporary directory {tempfile.gettempdir()}; a unix socket's holds"
+            f" at most {MAX_SOCKET_PATH}: set TMPDIR to a shorter directory"
+        )
+
+
 class GuestTree:
     """The filesystems of a snapshot's disks, mounted read-only in an appliance; build with
     ``open``. Paths are POSIX paths of the tree (``/sda1/etc/hostname``)."""
@@ -131,6 +145,7 @@ class GuestTree:
         block exits (then the helper and its appliance are ended and the exports stopped).
         The caller holds the snapshot (``store.reading_snapshot``) and owns store and pool."""
         guestfs_bindings.load()  # here: a missing package is a ConfigError, not a dead helper
+        check_socket_room(len(disks))
         snapshot = manifest.snapshot_id
         workdir = Path(tempfile.mkdtemp(prefix=APPLIANCE_PREFIX))
         try:

@@ -12,7 +12,11 @@ daemon told to stop cancels a running export and exits cleanly.
 Files: one session (one appliance boot, ~30 s under TCG) for every assertion — the
 filesystems, ``ls``, ``find``, downloads of a file (byte for byte, with its name and length
 in the headers) and of a directory as tar, a path with ``..`` (400), a missing path (404), a
-client leaving mid-download, a second session beyond ``serve.files_sessions`` (503); its end
+client leaving mid-download, a second session beyond ``serve.files_sessions`` (503); a full
+state dir (``serve.state_dir`` is a tmpfs here, filled with a file): a download that runs out
+of room is cut (the client sees a body short of its Content-Length), the log names the
+staging file and ENOSPC, the file is gone, a smaller download then works, and one with no
+room at all is an error answer (502 naming the file and ENOSPC) before any byte; its end
 leaves no qemu under the daemon. Then ``tessera files get --config`` goes through the
 daemon (a session of its own, deleted at the end).
 
@@ -23,6 +27,7 @@ environment): this machine's nested KVM hangs booting a guest.
 import asyncio
 import io
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -37,9 +42,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.core.units import MiB
 from plugins.lab.guest_disk import MIN_SIZE, guest_files
 from tests.e2e.test_daemon import ENV, ROOT, Daemon, tessera
 from tests.integration.images import identical, run
+from tests.integration.test_direct_writes import tiny_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -90,10 +97,12 @@ def backup(tmp_path_factory: pytest.TempPathFactory) -> Backup:
 
 @pytest.fixture
 async def daemon(tmp_path: Path, backup: Backup) -> AsyncIterator[tuple[Daemon, Path]]:
-    """``tessera run`` on the backup's store; state (overlays, downloads) under ``tmp_path``."""
+    """``tessera run`` on the backup's store; ``serve.state_dir`` (overlays, downloads) a
+    24 MiB tmpfs at ``tmp_path / "serve"`` (a test can fill it), the rest under ``tmp_path``."""
     (tmp_path / "pass").write_text(PASSPHRASE + "\n")
     (tmp_path / "state").mkdir()
     run_dir = Path(tempfile.mkdtemp(prefix="tsr-", dir="/tmp"))
+    serve = tmp_path / "serve"
     config = tmp_path / "config.yaml"
     config.write_text(
         "stores:\n"
@@ -102,16 +111,17 @@ async def daemon(tmp_path: Path, backup: Backup) -> AsyncIterator[tuple[Daemon, 
         f"scheduler:\n  state_file: {tmp_path / 'state' / 'scheduler.json'}\n"
         # the export sockets: a short directory (a unix socket's path holds 107 bytes, and
         # tmp_path's can be long)
-        f"serve:\n  files_sessions: 1\n  run_dir: {run_dir}\n"
+        f"serve:\n  files_sessions: 1\n  run_dir: {run_dir}\n  state_dir: {serve}\n"
     )
-    daemon = Daemon(config, tmp_path / "daemon.log", env=TCG_ENV)
-    await daemon.start()
-    try:
-        yield daemon, tmp_path / "api.sock"
-    finally:
-        code = await daemon.stop()
-        await daemon.kill()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with tiny_tmpfs(serve, "24m"):
+        daemon = Daemon(config, tmp_path / "daemon.log", env=TCG_ENV)
+        await daemon.start()
+        try:
+            yield daemon, tmp_path / "api.sock"
+        finally:
+            code = await daemon.stop()
+            await daemon.kill()
+            shutil.rmtree(run_dir, ignore_errors=True)
     assert code == 0, daemon.log.read_text()[-5000:]
 
 
@@ -178,7 +188,7 @@ async def test_export_jobs_serve_the_snapshot_until_cancelled(
     assert [e["uri"] for e in listed] == [first["uri"], second_uri]
     second = listed[1]
     assert second["writable"] is True
-    overlay = tmp_path / "state" / "overlays" / f"{second['job']}.cow"
+    overlay = tmp_path / "serve" / "overlays" / f"{second['job']}.cow"
     assert overlay.exists()
     info = json.loads(await asyncio.to_thread(run, "nbdinfo", "--json", second_uri))
     assert info["exports"][0]["export-size"] == backup.restored.stat().st_size
@@ -287,7 +297,7 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     assert (await api.call("GET", f"{base}/ls", path="/sda3/Users"))["entries"][0]["name"] == (
         "doc.txt"
     )
-    downloads = proc.config.parent / "state" / "files" / session
+    downloads = proc.config.parent / "serve" / "files" / session
     assert list(downloads.iterdir()) == []
     # a client that leaves in the middle of a download: the session goes on (the next request
     # waits for that transfer to end), and the transfer leaves nothing behind
@@ -301,13 +311,44 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     assert sorted(e["name"] for e in www["entries"]) == ["big.bin", "index.html"]
     assert list(downloads.iterdir()) == []
 
+    # a full state dir: a download that runs out of room mid-way is cut short, visibly
+    serve = proc.config.parent / "serve"
+    filler = _fill(serve / "filler", leave=1 * MiB)
+    big = backup.files["/sda2/srv/www/big.bin"]
+    async with api.session.get(
+        f"http://tessera{base}/download", params={"path": "/sda2/srv/www/big.bin"}
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == str(len(big))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    (failed,) = proc.events("files.download_failed")
+    assert failed["path"] == "/sda2/srv/www/big.bin", failed
+    assert failed["file"].startswith(f"{downloads}/download-"), failed
+    assert f"copying /sda2/srv/www/big.bin to {failed['file']}: " in failed["error"], failed
+    assert "No space left on device (ENOSPC)" in failed["error"], failed
+    assert list(downloads.iterdir()) == []  # the partial file is gone
+    # the session goes on: a smaller download fits, whole
+    data, _ = await api.download(session, "/sda1/etc/hostname")
+    assert data == backup.files["/sda1/etc/hostname"]
+    # no room at all: an error answer before any byte, naming the file and the errno
+    more = _fill(serve / "filler2", leave=0)
+    refused = await api.call("GET", f"{base}/download", status=502, path="/sda1/etc/hostname")
+    assert f"to {downloads}/download-" in refused["error"], refused
+    assert "No space left on device (ENOSPC)" in refused["error"], refused
+    assert list(downloads.iterdir()) == []
+    filler.unlink()
+    more.unlink()
+    data, _ = await api.download(session, "/sda1/data/random.bin")
+    assert data == backup.files["/sda1/data/random.bin"]
+
     assert proc.proc is not None
     assert _qemus_under(proc.proc.pid), "the appliance runs under the daemon"
     ended = await api.call("DELETE", base, status=202)
     assert ended["kind"] == "files"
     job = await api.ended(session)
     assert job["state"] == "cancelled", job
-    assert job["summary"] == {"requests": 10}, job  # those that reached the appliance
+    assert job["summary"] == {"requests": 14}, job  # those that reached the appliance
     assert not _qemus_under(proc.proc.pid), "the appliance's qemu outlived its session"
     assert not downloads.exists()
     assert (await api.call("GET", base))["state"] == "ended"
@@ -331,6 +372,15 @@ async def test_a_files_session_browses_and_downloads_then_ends_with_its_applianc
     # the CLI deleted its session on the way out; the appliance shuts down meanwhile
     assert (await api.ended(jobs[1]["id"]))["state"] == "cancelled"
     assert not _qemus_under(proc.proc.pid)
+
+
+def _fill(path: Path, leave: int) -> Path:
+    """A file at ``path`` taking all but ``leave`` bytes of its filesystem's free space."""
+    st = os.statvfs(path.parent)
+    size = st.f_bavail * st.f_frsize - leave
+    with path.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return path
 
 
 def _qemus_under(pid: int) -> list[int]:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from engine.app.check import CheckRequest, check_lines, check_restore_point
+from engine.app.check import CheckRequest, check_lines, check_restore_point, not_saved_line
 from engine.cli.commands.stores import open_store
 from engine.cli.exits import EXIT_FAILED, EXIT_OK
 from engine.core.errors import ConfigError, SnapshotNotFound
@@ -31,6 +31,7 @@ from engine.core.units import human_bytes
 from engine.jobs.restore import select_disks
 from engine.restore.check import check_expected
 from engine.restore.files import GuestTree
+from engine.restore.record import RecordNotSaved
 from engine.restore.tree import Entry, Filesystem
 from engine.store.chunk_store import Store
 from engine.store.manifest import DiskEntry, Manifest
@@ -239,8 +240,11 @@ def _ls_line(entry: Entry) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``snapshots check``: exit 0 when the check passed, 1 when it failed or could not run
-    (the record says which; it is written either way)."""
+    (the record says which; it is written either way), and 1 when its record could not be
+    written: the verdict is printed all the same, the error (naming the file and the errno)
+    on standard error."""
     check_expected(args.expect)  # before the store opens and the appliance boots
+    not_saved: RecordNotSaved | None = None
     with open_store(args, writable=False) as store:
         try:
             request = CheckRequest(
@@ -249,9 +253,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             record = aio.run(check_restore_point(store, request))
         except SnapshotNotFound as e:
             raise ConfigError(message=f"snapshots check: {e}") from None
+        except RecordNotSaved as e:
+            record, not_saved = e.record, e
     if args.json:
         print(json.dumps(record.doc(), indent=2))
     else:
         for line in check_lines(record):
             print(line)
+    if not_saved is not None:
+        sys.stdout.flush()  # the verdict first, then why it is not on the snapshot
+        print(f"tessera: {not_saved_line(not_saved)}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK if record.outcome == "passed" else EXIT_FAILED

@@ -1,18 +1,26 @@
-"""The record of a restore check beside its snapshot (``engine.restore.record``), what a
-checker's exit status means (``engine.restore.fsck``) and the expected paths a check takes.
+"""The record of a restore check beside its snapshot (``engine.restore.record``) — read back,
+unreadable without a traceback, never torn by a failing write (ENOSPC or EIO at each of
+``atomic_write``'s failpoints) —, what a checker's exit status means (``engine.restore.fsck``)
+and the expected paths a check takes.
 The checks themselves run in an appliance: ``tests/integration/test_check.py``; which kernel
 device a checker opens is tested here on the names libguestfs gives (the kernel's order, which
 decides when they differ, cannot be chosen from outside the appliance)."""
 
+import json
+import os
+from dataclasses import replace
+
 import pytest
 
 from engine.cli.main import main
-from engine.core.errors import ConfigError, SnapshotNotFound
+from engine.core.errors import ConfigError, SnapshotNotFound, StoreWriteError
 from engine.restore.check import check_expected
 from engine.restore.fsck import _kernel_path, _meaning
 from engine.restore.record import (
     RECORD_NAME,
     CheckRecord,
+    RecordNotSaved,
+    UnreadableRecord,
     read_record,
     record_cell,
     record_path,
@@ -21,6 +29,7 @@ from engine.restore.record import (
 from engine.restore.tree import FsCheck, PathCheck
 from engine.store.chunk_store import Store
 from tests.conftest import StoreFactory
+from tests.faults.harness import FAULTS, Inject, installed
 from tests.helpers import write_snapshot
 
 
@@ -67,11 +76,94 @@ def test_a_record_is_not_written_for_a_snapshot_that_is_gone(make_store: StoreFa
     assert not record_path(store.layout, sid).exists()
 
 
-def test_an_unreadable_record_is_no_check(make_store: StoreFactory) -> None:
+SECRET = "hunter2-in-the-record"
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "empty (truncated)"),
+        (b"\n  \n", "empty (truncated)"),
+        (b'{"snapshot": "' + SECRET.encode(), "not JSON (line 1, column 14)"),
+        (b"\xff\xfe" + SECRET.encode(), "not UTF-8 text"),
+        (f'["{SECRET}"]'.encode(), "not a JSON object"),
+        (b'{"snapshot": "S", "time": 5, "outcome": "passed", "duration": 1}', "field 'time'"),
+        (b'{"snapshot": "S", "time": "t", "outcome": "' + SECRET.encode() + b'", "duration": 1}',
+         "field 'outcome' is none of passed, failed, error"),
+        (b'{"snapshot": "S", "time": "t", "outcome": "passed", "duration": "1"}',
+         "field 'duration' is missing or not a number"),
+        (b'{"snapshot": "S", "time": "t", "outcome": "passed", "duration": 1, "filesystems":'
+         b' [{"' + SECRET.encode() + b'": 1}]}', "a filesystem or path entry has unknown fields"),
+        (b'{"snapshot": "S", "time": "t", "outcome": "passed", "duration": 1, "paths": {}}',
+         "field 'paths' is missing or not a list"),
+        (b'{"snapshot": "other", "time": "t", "outcome": "passed", "duration": 1}',
+         "it is the record of another snapshot"),
+        (b"[" * 100_000, "not JSON"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_record_is_shown_as_such_naming_the_file_not_its_content(
+    make_store: StoreFactory, content: bytes, why: str
+) -> None:
     store: Store = make_store()
     sid = write_snapshot(store, "vm", {"d": bytes(4096)}).snapshot_id
-    record_path(store.layout, sid).write_text('{"snapshot": "x"')
-    assert read_record(store.layout, sid) is None
+    path = record_path(store.layout, sid)
+    path.write_bytes(content.replace(b'"S"', json.dumps(sid).encode()))
+    found = read_record(store.layout, sid)
+    assert isinstance(found, UnreadableRecord), found
+    assert found.reason.startswith(f"{path}: "), found.reason
+    assert why in found.reason, found.reason
+    assert SECRET not in found.reason
+    assert record_cell(found) == "UNREADABLE"
+    assert found.doc() == {"outcome": "unreadable", "error": found.reason}
+    # the next check replaces it
+    write_record(store.layout, failed_record(sid))
+    assert read_record(store.layout, sid) == failed_record(sid)
+
+
+def test_a_record_that_is_a_directory_is_unreadable_not_a_traceback(
+    make_store: StoreFactory,
+) -> None:
+    store: Store = make_store()
+    sid = write_snapshot(store, "vm", {"d": bytes(4096)}).snapshot_id
+    record_path(store.layout, sid).mkdir()
+    found = read_record(store.layout, sid)
+    assert isinstance(found, UnreadableRecord)
+    assert found.reason == f"{record_path(store.layout, sid)}: Is a directory"
+
+
+POINTS = ("mid_write", "before_fsync", "before_rename", "after_rename", "before_dir_fsync")
+
+
+@pytest.mark.parametrize("kind", ["ENOSPC", "EIO"])
+@pytest.mark.parametrize("point", POINTS)
+def test_a_record_write_that_fails_names_the_file_and_errno_and_tears_nothing(
+    make_store: StoreFactory, point: str, kind: str
+) -> None:
+    """A failure at each window of the atomic write: the error names the record's file and
+    the errno and carries the verdict; the record on disk is the earlier one or (a failure
+    after the rename) the new one, whole either way; no temporary file is left."""
+    store: Store = make_store()
+    sid = write_snapshot(store, "vm", {"d": bytes(4096)}).snapshot_id
+    earlier = failed_record(sid)
+    write_record(store.layout, earlier)
+    before = record_path(store.layout, sid).read_bytes()
+    new = replace(earlier, outcome="passed", problems=[], time="2026-12-08T05:00:00+00:00")
+    with installed(Inject(f"restore.check_record.{point}", 1, kind)):
+        with pytest.raises(RecordNotSaved) as raised:
+            write_record(store.layout, new)
+    error = raised.value
+    assert isinstance(error, StoreWriteError)
+    assert error.record == new
+    assert str(record_path(store.layout, sid)) in str(error)
+    assert f"restore-check record of snapshot {sid}" in str(error)
+    assert f"{os.strerror(FAULTS[kind])} ({kind})" in str(error), str(error)
+    after = read_record(store.layout, sid)
+    assert after == (new if point in ("after_rename", "before_dir_fsync") else earlier)
+    if after == earlier:
+        assert record_path(store.layout, sid).read_bytes() == before
+    assert sorted(
+        p.name for p in store.layout.snapshot_dir(sid).iterdir() if "check" in p.name
+    ) == [RECORD_NAME]
 
 
 @pytest.mark.parametrize(
