@@ -141,9 +141,15 @@ def recover(
 def _finish_bucket_copies(layout: Layout, remote: "PackCache", report: RecoveryReport) -> None:
     """A store in a bucket: its configuration and key file are there (an init that failed
     to put them), and every committed snapshot (a put that failed or was killed)."""
-    from engine.store.remote import publish_store, put_snapshot, unsent_snapshots  # noqa: PLC0415
+    from engine.store.remote import (  # noqa: PLC0415
+        publish_store,
+        put_snapshot,
+        store_published,
+        unsent_snapshots,
+    )
 
-    publish_store(remote.objects, layout, layout.default_key_file)
+    if not store_published(layout):
+        publish_store(remote.objects, layout, layout.default_key_file)
     for sid in unsent_snapshots(layout):
         put_snapshot(remote.objects, layout, sid)
         report.uploaded_snapshots.append(sid)

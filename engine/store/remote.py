@@ -136,10 +136,11 @@ def claim_prefix(packs: S3Packs, store_id: str) -> None:
 #   <prefix>snapshots/<id>/disk-N.dmap, manifest
 #                                     each committed snapshot, the manifest last
 #
-# A snapshot is put after its local commit (``Store.commit_manifest``); ``IN_BUCKET`` in its
-# directory says it is there, and a writer's open puts every committed snapshot without it
-# (a failed or killed put). Prune deletes a removed snapshot's objects; undoing the removal
-# puts them again.
+# ``IN_BUCKET`` in the store directory says configuration and key file are there (a writer's
+# open puts them otherwise). A snapshot is put after its local commit
+# (``Store.commit_manifest``); ``IN_BUCKET`` in its directory says it is there, and a
+# writer's open puts every committed snapshot without it (a failed or killed put). Prune
+# deletes a removed snapshot's objects; undoing the removal puts them again.
 
 IN_BUCKET: Final = ".in-bucket"
 CONFIG_KEY: Final = "config.json"
@@ -153,6 +154,11 @@ def publish_store(packs: S3Packs, layout: Layout, key_file: Path) -> None:
     packs.put_file(CONFIG_KEY, layout.config)
     if key_file == layout.default_key_file and key_file.exists():
         packs.put_file(KEY_KEY, key_file)
+    (layout.root / IN_BUCKET).touch()  # done: a writer's open need not put them again
+
+
+def store_published(layout: Layout) -> bool:
+    return (layout.root / IN_BUCKET).exists()
 
 
 def put_snapshot(packs: S3Packs, layout: Layout, snapshot_id: str) -> None:
@@ -212,6 +218,7 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
             packs.get_file(key, target / name)
         for sid in tmp.committed_snapshots():
             (tmp.snapshot_dir(sid) / IN_BUCKET).touch()
+        (staging / IN_BUCKET).touch()
         for d in tmp.snapshots.iterdir():  # DiskMaps of a snapshot whose manifest is gone
             if not (d / MANIFEST_NAME).exists():
                 shutil.rmtree(d)
