@@ -36,12 +36,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera store init {S}",
         f"tessera store init {S} --chunk-size 4M --zstd-level 1",
         f"tessera store init {S} --key-file /root/tessera.key --passphrase-file /root/pass",
-        f"AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… tessera store init {S} "
-        "--s3 s3://backups/site-a --s3-endpoint https://rgw.example.net:7480 --cache-size 20G",
+        f"tessera store init {S} --s3 s3://backups/site-a --s3-endpoint https://rgw.example.net "
+        "--cache-size 20G",
     ),
     "store attach": (
-        f"AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… tessera store attach {S} "
-        "--s3 s3://backups/site-a --s3-endpoint https://rgw.example.net:7480",
+        f"tessera store attach {S} --s3 s3://backups/site-a --s3-endpoint https://rgw.example.net",
     ),
     "store break-lock": (f"tessera store break-lock {S}",),
     "store info": (f"tessera store info {S}", f"tessera store info {S} --json"),

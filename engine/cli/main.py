@@ -144,28 +144,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         f"(smallest); default {DEFAULT_ZSTD_LEVEL}. On VM images level 1 stores ~10 %% more "
         "than 3 for ~1.5x the speed",
     )
-    p.add_argument(
-        "--s3",
-        type=cli_args.s3_url,
-        metavar="s3://BUCKET[/PREFIX]",
-        help="keep sealed packs in this S3 bucket (Ceph RGW or any S3 with conditional "
-        "create); PATH keeps the index, catalog, snapshots and a cache of packs. The key "
-        "comes from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and is kept in "
-        "PATH/keys/s3.json (0600)",
-    )
-    p.add_argument(
-        "--s3-endpoint", type=cli_args.http_url, metavar="URL", help="the S3 endpoint (with --s3)"
-    )
-    p.add_argument("--s3-region", default="us-east-1", help="with --s3 (default us-east-1)")
-    p.add_argument(
-        "--cache-size",
-        type=cli_args.size,
-        default=DEFAULT_CACHE_BYTES,
-        metavar="SIZE",
-        help="with --s3: packs kept in PATH/packs, recently written and read first "
-        f"(default {human_bytes(DEFAULT_CACHE_BYTES)}; never less than two packs)",
-    )
-    _add_budget_options(p)
+    _add_s3_options(p, attach=False)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_init"))
 
@@ -175,17 +154,7 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         "alone: configuration, key file, snapshots and packs come from it)",
     )
     p.add_argument("path", type=Path)
-    p.add_argument("--s3", type=cli_args.s3_url, required=True, metavar="s3://BUCKET[/PREFIX]")
-    p.add_argument("--s3-endpoint", type=cli_args.http_url, required=True, metavar="URL")
-    p.add_argument("--s3-region", default="us-east-1")
-    p.add_argument(
-        "--cache-size",
-        type=cli_args.size,
-        default=DEFAULT_CACHE_BYTES,
-        metavar="SIZE",
-        help=f"packs kept in PATH/packs (default {human_bytes(DEFAULT_CACHE_BYTES)})",
-    )
-    _add_budget_options(p)
+    _add_s3_options(p, attach=True)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_attach"))
 
@@ -212,6 +181,39 @@ def _add_store_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("path", type=Path)
     _add_key_options(p)
     p.set_defaults(func=Handler("store", "cmd_store_rebuild_index"))
+
+
+def _add_s3_options(p: argparse.ArgumentParser, attach: bool) -> None:
+    """The bucket of ``store init --s3`` (optional) and ``store attach`` (required)."""
+    p.add_argument(
+        "--s3",
+        type=cli_args.s3_url,
+        required=attach,
+        metavar="s3://BUCKET[/PREFIX]",
+        help="the bucket prefix the store's packs, configuration and snapshots are in"
+        if attach
+        else "keep sealed packs in this S3 bucket (Ceph RGW or any S3 with conditional "
+        "create); PATH keeps the index, catalog, snapshots and a cache of packs. The key "
+        "comes from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and is kept in "
+        "PATH/keys/s3.json (0600)",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        type=cli_args.http_url,
+        required=attach,
+        metavar="URL",
+        help="the S3 endpoint" + ("" if attach else " (with --s3)"),
+    )
+    p.add_argument("--s3-region", default="us-east-1", help="default us-east-1")
+    p.add_argument(
+        "--cache-size",
+        type=cli_args.size,
+        default=DEFAULT_CACHE_BYTES,
+        metavar="SIZE",
+        help="packs kept in PATH/packs, recently written and read first "
+        f"(default {human_bytes(DEFAULT_CACHE_BYTES)}; never less than two packs)",
+    )
+    _add_budget_options(p)
 
 
 def _add_budget_options(p: argparse.ArgumentParser) -> None:

@@ -421,6 +421,12 @@ class PackCache:
                 fut = self._fetching[name] = Future()
         if not leader:
             return fut.result()
+        self._lead(name, size, path, fut, ahead=False)
+        return path
+
+    def _lead(self, name: str, size: int, path: Path, fut: "Future[Path]", ahead: bool) -> None:
+        """Fetch for every caller waiting on ``fut`` (registered in ``_fetching``); a
+        prefetch (``ahead``) leaves the pack counted unread until a reader asks for it."""
         try:
             self._fetch(name, size, path)
         except BaseException as e:
@@ -428,11 +434,14 @@ class PackCache:
             raise
         else:
             fut.set_result(path)
+            if ahead:
+                with self._lock:
+                    self._unread[name] = size
+                    self.prefetched += 1
         finally:
             with self._lock:
                 del self._fetching[name]
         self.trim()
-        return path
 
     def _fetch(self, name: str, size: int, path: Path) -> None:
         # Unique: a read-only open (verify) may fetch the same pack beside the writer.
@@ -518,20 +527,7 @@ class PackCache:
                 return
             fut: Future[Path] = Future()
             self._fetching[name] = fut
-        try:
-            self._fetch(name, size, path)
-        except BaseException as e:
-            fut.set_exception(e)
-            raise
-        else:
-            fut.set_result(path)
-            with self._lock:
-                self._unread[name] = size
-                self.prefetched += 1
-        finally:
-            with self._lock:
-                del self._fetching[name]
-        self.trim()
+        self._lead(name, size, path, fut, ahead=True)
 
     def trim(self) -> None:
         """Evict least recently used packs until the cache fits its bound (never the last)."""
