@@ -14,6 +14,7 @@ import asyncio
 import os
 import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -29,11 +30,13 @@ from engine.replication.receiver import RECEIVER, Handler, PeerServer, build_pee
 from engine.replication.sender import Sender
 from engine.replication.state import PeerState
 from engine.store.chunk_store import Store
+from engine.store.layout import RemoteConfig
 from engine.store.manifest import Manifest
 from engine.util import failpoints
 from engine.util.retry import RetryPolicy
-from tests.conftest import StoreFactory
+from tests.conftest import CHEAP_KDF, PASSPHRASE, StoreFactory
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
+from tests.s3.rgw import BucketFactory
 from tests.unit.replication.support import Pki, Proxy, init_replica, make_pki, receiver, target
 
 pytestmark = pytest.mark.integration
@@ -87,8 +90,44 @@ def pair(make_store: StoreFactory, tmp_path: Path) -> tuple[Store, Store]:
     replica.close()
 
 
+@pytest.fixture
+def bucket_pair(tmp_path: Path, s3_buckets: BucketFactory) -> Iterator[tuple[Store, Store]]:
+    """A sender whose packs live in one bucket, a replica whose packs live in another."""
+    a, b = s3_buckets(), s3_buckets()
+    path = tmp_path / "site-a"
+    Store.init(
+        path,
+        chunk_size=CHUNK,
+        pack_size=1024 * 1024,
+        passphrase=PASSPHRASE,
+        kdf=CHEAP_KDF,
+        remote=RemoteConfig(a.url, a.bucket, "origin/", cache_bytes=2 * 1024 * 1024),
+        s3_key=(a.access_key, a.secret_key),
+    )
+    sender = Store.open(path, passphrase=PASSPHRASE)
+    replica = init_replica(tmp_path / "site-b", sender, pack_size=1024 * 1024, bucket=b)
+    yield sender, replica
+    replica.close()
+    sender.close()
+
+
 async def test_full_then_incremental(pair: tuple[Store, Store], pki: Pki) -> None:
-    sender, replica = pair
+    await full_then_incremental(*pair, pki)
+
+
+async def test_full_then_incremental_between_buckets(
+    bucket_pair: tuple[Store, Store], pki: Pki
+) -> None:
+    """The same between two stores whose packs live in buckets of a real RGW: the sender
+    reads records through its cache, the receiver uploads the packs it seals."""
+    sender, replica = bucket_pair
+    await full_then_incremental(sender, replica, pki)
+    assert replica.remote is not None
+    in_bucket = {p.name for p in replica.remote.objects.list()}
+    assert in_bucket == {p.name for p in replica.index.packs()}
+
+
+async def full_then_incremental(sender: Store, replica: Store, pki: Pki) -> None:
     v1 = {"root": disk_v1(), "data": realistic_bytes(8 * CHUNK + 4096, seed=9)}
     m1 = write_snapshot(sender, "vm1", v1, config=CONFIG)
     chunks, missing_bytes = record_bytes(sender, m1)

@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.io.s3 import S3Endpoint
 from engine.replication import tls
 from engine.replication.receiver import RECEIVER, PeerReceiver, PeerServer, build_peer_app
 from engine.replication.sender import PeerTarget
 from engine.store import format as fmt
 from engine.store.chunk_store import Store
 from engine.store.keys import StoreKeys, read_key_file
-from engine.store.layout import StoreConfig
+from engine.store.layout import RemoteConfig, StoreConfig
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 
 
@@ -48,9 +49,14 @@ def store_keys(store: Store) -> StoreKeys:
 
 
 def init_replica(
-    path: Path, origin: Store, encrypted_only: bool = False, pack_size: int | None = None
+    path: Path,
+    origin: Store,
+    encrypted_only: bool = False,
+    pack_size: int | None = None,
+    bucket: S3Endpoint | None = None,
 ) -> Store:
-    """A store sharing ``origin``'s keys (without the data key if ``encrypted_only``)."""
+    """A store sharing ``origin``'s keys (without the data key if ``encrypted_only``); its
+    packs in ``bucket`` when given."""
     keys = store_keys(origin)
     if encrypted_only:
         keys = StoreKeys(id_key=keys.id_key, mac_key=keys.mac_key, data_key=None)
@@ -63,6 +69,8 @@ def init_replica(
         passphrase=PASSPHRASE,
         kdf=CHEAP_KDF,
         keys=keys,
+        remote=None if bucket is None else RemoteConfig(bucket.url, bucket.bucket, "replica/"),
+        s3_key=None if bucket is None else (bucket.access_key, bucket.secret_key),
     )
     return Store.open(path, passphrase=PASSPHRASE)
 
