@@ -13,6 +13,11 @@ interleaved (local, then bucket: a slow moment of the machine hits both).
   seconds (their summary lines), without the CLI's start and the store's open and close —
   where a bucket costs ~0.5 s more per run (a writer's probe, lock and listing at ~45 ms per
   small request on RGW, measured 2026-12-07) that a long backup amortises;
+- ``s3_backup_best`` / ``s3_restore_best``: the most ``…_vs_local`` could be on this machine,
+  where RGW (radosgw, ceph-osd, ceph-mon, ceph-mgr) shares the cores: the local run's wall
+  seconds over the least the bucket's run could take doing its CPU work and RGW's (their CPU
+  seconds / cores), capped at 1; ``rgw_cpu_seconds_per_gib_backup`` / ``…_restore``: RGW's
+  CPU per GiB of the image;
 - ``s3_puts_per_gib_stored``: PUT requests of the backup per GiB of packs stored, against
   ``s3_one_object_per_chunk_per_gib`` (a PUT per stored chunk, PBS's way):
   ``s3_requests_vs_object_per_chunk`` is their ratio (target ≤ 1/16).
@@ -26,6 +31,7 @@ CPU use is part of what the ratios measure.
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -98,6 +104,13 @@ def run(report: Report) -> None:
         job = {k: statistics.median(v) for k, v in jobs.items()}
         report("s3_backup_job_vs_local", job["lb"] / job["sb"], "ratio")
         report("s3_restore_job_vs_local", job["lr"] / job["sr"], "ratio")
+        cores = os.cpu_count() or 1
+        image_gib = image_bytes(image) / GiB
+        for what, k in (("backup", "b"), ("restore", "r")):
+            ours, theirs = statistics.median(CPU["s" + k]), statistics.median(CPU["r" + k])
+            least = (ours + theirs) / cores
+            report(f"s3_{what}_best", min(1.0, med["l" + k] / least), "ratio")
+            report(f"rgw_cpu_seconds_per_gib_{what}", theirs / image_gib, "s")
         report("s3_puts_per_gib_stored", statistics.median(puts), "requests")
         report("s3_one_object_per_chunk_per_gib", statistics.median(per_chunk), "requests")
         report(
@@ -131,11 +144,19 @@ JOB_SECONDS = re.compile(r"succeeded: .*?, ([\d.]+) s,")
 Times = dict[str, list[float]]
 
 
+CPU: Times = {k: [] for k in ("sb", "sr", "rb", "rr")}  # the bucket runs': ours, RGW's
+
+
 def run_into(times: Times, jobs: Times, key: str, args: list[object], rgw: Rgw) -> None:
-    """Run the CLI: its wall seconds into ``times``, its job's own seconds into ``jobs``."""
+    """Run the CLI: its wall seconds into ``times``, its job's own seconds into ``jobs``
+    (for the bucket's runs, the CPU seconds of the CLI and of RGW into ``CPU``)."""
+    ours, theirs = children_cpu(), rgw_cpu()
     t = time.perf_counter()
     out = cli(args, rgw)
     times[key].append(time.perf_counter() - t)
+    if key in ("sb", "sr"):
+        CPU[key].append(children_cpu() - ours)
+        CPU["r" + key[1]].append(rgw_cpu() - theirs)
     m = JOB_SECONDS.search(out)
     assert m, out
     jobs[key].append(float(m.group(1)))
@@ -149,6 +170,34 @@ def restore(store: Path, out: Path, rgw: Rgw, times: Times, jobs: Times, key: st
     run_into(times, jobs, key, args, rgw)
     shutil.rmtree(out)
     os.sync()
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def rgw_cpu() -> float:
+    """CPU seconds of every running Ceph daemon (RGW and the cluster behind it)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].partition("(")[2]
+            if name in ("radosgw", "ceph-osd", "ceph-mon", "ceph-mgr"):
+                parts = fields[1].split()
+                total += (int(parts[11]) + int(parts[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def image_bytes(image: Path) -> int:
+    out = subprocess.run(
+        ["qemu-img", "info", "--output=json", image], capture_output=True, text=True, check=True
+    ).stdout
+    return int(json.loads(out)["virtual-size"])
 
 
 def count(client: object, bucket: str, prefix: str) -> int:
