@@ -609,7 +609,7 @@ class Store:
             raise StoreError(path=self.path, reason=f"pack {name} is not indexed")
         return self.remote.local(name, size)
 
-    def pack_trailer(self, name: str) -> "tuple[int, list[PackEntry]]":
+    def pack_trailer(self, name: str) -> tuple[int, list[PackEntry]]:
         """(size, trailer entries) of sealed pack ``name`` where packs live (in a bucket:
         one ranged GET of its tail). ``CorruptPack``; FileNotFoundError or ``PackMissing``
         when it is not there."""
