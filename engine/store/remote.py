@@ -198,9 +198,9 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
     packs = S3Packs.open(
         S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region), remote.prefix
     )
+    layout = Layout(path)
+    staging = path.with_name(path.name + ".attaching")
     try:
-        layout = Layout(path)
-        staging = path.with_name(path.name + ".attaching")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         tmp = Layout(staging)
@@ -234,6 +234,9 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
             "store.attached", store=str(layout.root), where=packs.where, store_id=config.store_id
         )
         return config
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-attached stays
+        raise
     finally:
         packs.close()
 

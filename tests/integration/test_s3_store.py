@@ -335,6 +335,7 @@ def test_the_bucket_alone_re_attaches_and_restores_byte_identical(
     with pytest.raises(StoreError, match="holds no Tessera store"):
         Store.attach(tmp_path / "none", empty, (s3_bucket.access_key, s3_bucket.secret_key))
     assert not (tmp_path / "none").exists()
+    assert not (tmp_path / "none.attaching").exists()
 
 
 def test_a_snapshot_whose_put_failed_is_put_by_the_next_open(
