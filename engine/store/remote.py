@@ -230,15 +230,13 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
             path.rmdir()
         os.rename(staging, path)  # the attach's commit point: all of it, or nothing
         fsync_dir(path.parent)
-        log.info(
-            "store.attached", store=str(layout.root), where=packs.where, store_id=config.store_id
-        )
-        return config
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-attached stays
         raise
     finally:
         packs.close()
+    log.info("store.attached", store=str(layout.root), where=remote.url, store_id=config.store_id)
+    return config
 
 
 # --- the writer lock in the bucket -----------------------------------------------------------
