@@ -1,19 +1,19 @@
 """``tessera snapshots check``: a restore point proved usable without restoring it.
 
-Two disk images of the lab's guest layout (``plugins.lab.guest_disk``, built by libguestfs:
-MBR, ext4, XFS, NTFS, an ext4 LVM volume) are backed up with the CLI: one clean, one whose
-ext4 block bitmap was zeroed with plain Python before the backup (it still mounts; only a
-checker sees it). Through the appliance: the clean snapshot passes with every filesystem
-checked by its own checker in no-write mode and the expected paths present, and the check
-changes nothing in the store (the packs and snapshots byte for byte, ``store verify``
-clean, the restore identical to the image); an expected path that is not there fails the
-check naming it; the damaged ext4 fails it naming the filesystem and e2fsck's finding.
-``tessera snapshots`` shows each verdict. In the daemon (``Service`` with an in-memory
-hypervisor whose VM's disk is the clean image's ext4): a policy with ``restore_check``
-checks the restore point its backup made, as a job of its own, ``POST
+Two copies of the lab's guest disk (``plugins.lab.guest_disk``, built by libguestfs once per
+session: ``tests.guest_disks``; MBR, ext4, XFS, NTFS, an ext4 LVM volume) are backed up with
+the CLI: one clean, one whose ext4 block bitmap was zeroed with plain Python before the
+backup (it still mounts; only a checker sees it). Through the appliance: the clean snapshot
+passes with every filesystem checked by its own checker in no-write mode and the expected
+paths present, and the check changes nothing in the store (the packs and snapshots byte for
+byte, ``store verify`` clean, the restore identical to the image); an expected path that is
+not there fails the check naming it; the damaged ext4 fails it naming the filesystem and
+e2fsck's finding. ``tessera snapshots`` shows each verdict. In the daemon (``Service`` with
+an in-memory hypervisor whose VM's disk is the clean image's ext4): a policy with
+``restore_check`` checks the restore point its backup made, as a job of its own, ``POST
 /v1/snapshots/{id}/check`` checks one on request, and the maintenance schedule's
-``restore_check`` checks the newest one of each VM with its policy's paths. An appliance that
-does not boot in time leaves an ``error`` record.
+``restore_check`` checks the newest one of each VM with its policy's paths. An appliance
+that does not boot in time leaves an ``error`` record.
 
 The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``, see
 ``test_files.py``); each check is one appliance boot.
@@ -22,7 +22,6 @@ The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``, see
 import hashlib
 import json
 import os
-import shutil
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,9 +33,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.api.server import build_app
 from engine.core.units import MiB
 from engine.daemon import maintenance
-from plugins.lab.guest_disk import PARTITIONS, build_apart
+from plugins.lab.guest_disk import PARTITIONS
 from tests.cli import Cli
 from tests.daemon_setup import daemon_config, running
+from tests.guest_disks import guest_disk_copy
 from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
 from tests.memory import MemoryDisk, MemoryVm
 
@@ -65,10 +65,8 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("check")
-    image = tmp / "check-vm.raw"
-    build_apart(image, "check-vm", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
-    broken = tmp / "broken-vm.raw"
-    shutil.copyfile(image, broken)
+    image = guest_disk_copy(tmp_path_factory, tmp / "check-vm.raw")
+    broken = guest_disk_copy(tmp_path_factory, tmp / "broken-vm.raw")
     zero_ext4_block_bitmap(broken)
     store = tmp / "store"
     ok("store", "init", store)
