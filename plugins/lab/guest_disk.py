@@ -21,9 +21,7 @@ in the environment makes it emulate (~30 s instead of ~3 s).
 """
 
 import asyncio
-import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +41,6 @@ FILESYSTEMS: Final = {  # tree name → (device, mkfs type)
     "vg0-lv0": ("/dev/vg0/lv0", "ext4"),
 }
 LINK: Final = ("/sda1/etc/name-link", "hostname")  # a symlink, and where it points
-BUILD_TIMEOUT: Final = 600.0  # an emulated (TCG) appliance on a busy 2-core machine: ~60 s
 
 
 class GuestDiskError(Exception):
@@ -123,25 +120,6 @@ async def build_guest_disk(raw: Path, name: str, size: int) -> None:
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise GuestDiskError(f"{raw}: building the guest layout failed: {err.decode().strip()}")
-
-
-def build_apart(
-    raw: Path, name: str, size: int = MIN_SIZE, env: dict[str, str] | None = None
-) -> None:
-    """``build`` in a process of its own, waited for (tests' fixtures; ``env`` adds to the
-    environment, e.g. ``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``); GuestDiskError with its
-    error output when it fails."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "plugins.lab.guest_disk", str(raw), name, str(size)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=BUILD_TIMEOUT,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise GuestDiskError(f"{raw}: building the guest layout failed: {proc.stderr.strip()}")
 
 
 if __name__ == "__main__":

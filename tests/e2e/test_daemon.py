@@ -26,12 +26,13 @@ import pytest
 
 from engine.core.units import MiB
 from engine.jobs.history import INTERRUPTED
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
 from tests.integration.test_smtp import Mailbox, smtp_server
 from tests.integration.test_syslog import StreamReceiver
+from tests.lab_disks import build_once
 from tests.ovirt.test_faults import assert_clean
 from tests.unit.obs.rfc5424 import Parsed, parse
 
@@ -156,13 +157,16 @@ class Daemon:
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path]]:
+async def lab(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[FakeEngine, Path]]:
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     probe = FakeEngine(SEED, engine_dir)
     disks = {d.alias: d for d in probe.inventory.disks.values()}
     images = {alias: tmp_path / f"{alias}.qcow2" for alias in disks}
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(
                 alias,
@@ -174,7 +178,6 @@ async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path]]:
             )
             for alias, path in images.items()
         ],
-        tmp_path / "work",
     )
     async with ImageioDaemon(base_dir=tmp_path) as imageio:
         engine = FakeEngine(

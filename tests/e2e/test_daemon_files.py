@@ -3,7 +3,8 @@ in a browsing session (issue 17: "also as a daemon job with the API", "through t
 so a later web page can browse and download").
 
 The store holds a backup (made with the CLI) of the lab's guest disk
-(``plugins.lab.guest_disk``: ext4, XFS, NTFS, LVM); ``tessera run`` serves it. Exports:
+(``plugins.lab.guest_disk``: ext4, XFS, NTFS, LVM; built once per session:
+``tests.guest_disks``); ``tessera run`` serves it. Exports:
 ``nbdcopy`` from the daemon's socket equals ``tessera restore`` of the snapshot; a second
 export of the same snapshot serves at the same time; ``tessera export --config`` goes
 through the daemon; a writable export's overlay lives in the daemon's state directory and
@@ -30,8 +31,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator
@@ -43,8 +42,9 @@ import aiohttp
 import pytest
 
 from engine.core.units import MiB
-from plugins.lab.guest_disk import MIN_SIZE, guest_files
-from tests.e2e.test_daemon import ENV, ROOT, Daemon, tessera
+from plugins.lab.guest_disk import guest_files
+from tests.e2e.test_daemon import ENV, Daemon, tessera
+from tests.guest_disks import NAME, guest_disk_copy
 from tests.integration.images import identical, run
 from tests.integration.test_direct_writes import tiny_tmpfs
 
@@ -71,15 +71,8 @@ async def ok(*args: str | Path) -> str:
 @pytest.fixture(scope="module")
 def backup(tmp_path_factory: pytest.TempPathFactory) -> Backup:
     tmp = tmp_path_factory.mktemp("files")
-    image = tmp / "files-vm.raw"
-    subprocess.run(  # the lab's guest layout, built by libguestfs (force_tcg)
-        [sys.executable, "-m", "plugins.lab.guest_disk", image, "files-vm", str(MIN_SIZE)],
-        cwd=ROOT,
-        env=TCG_ENV,
-        check=True,
-        timeout=600,
-    )
-    files = guest_files("files-vm")
+    image = guest_disk_copy(tmp_path_factory, tmp / "files-vm.raw")
+    files = guest_files(NAME)
 
     async def back_up() -> Backup:
         store = tmp / "store"

@@ -1,19 +1,16 @@
 """``tessera snapshots check``: a restore point proved usable without restoring it.
 
-Two disk images of the lab's guest layout (``plugins.lab.guest_disk``, built by libguestfs:
-MBR, ext4, XFS, NTFS, an ext4 LVM volume) are backed up with the CLI: one clean, one whose
-ext4 block bitmap was zeroed with plain Python before the backup (it still mounts; only a
-checker sees it). Through the appliance: the clean snapshot passes with every filesystem
-checked by its own checker in no-write mode and the expected paths present, and the check
-changes nothing in the store (the packs and snapshots byte for byte, ``store verify``
-clean, the restore identical to the image); an expected path that is not there fails the
-check naming it; the damaged ext4 fails it naming the filesystem and e2fsck's finding.
-``tessera snapshots`` shows each verdict. In the daemon (``Service`` with an in-memory
-hypervisor whose VM's disk is the clean image's ext4): a policy with ``restore_check``
-checks the restore point its backup made, as a job of its own, ``POST
-/v1/snapshots/{id}/check`` checks one on request, and the maintenance schedule's
-``restore_check`` checks the newest one of each VM with its policy's paths. An appliance that
-does not boot in time leaves an ``error`` record.
+Two copies of the lab's guest disk (``plugins.lab.guest_disk``, built by libguestfs once per
+session: ``tests.guest_disks``; MBR, ext4, XFS, NTFS, an ext4 LVM volume) are backed up with
+the CLI: one clean, one whose ext4 block bitmap was zeroed with plain Python before the
+backup (it still mounts; only a checker sees it). Through the appliance: the clean snapshot
+passes with every filesystem checked by its own checker in no-write mode and the expected
+paths present, and the check changes nothing in the store (the packs and snapshots byte for
+byte, ``store verify`` clean, the restore identical to the image); an expected path that is
+not there fails the check naming it; the damaged ext4 fails it naming the filesystem and
+e2fsck's finding. ``tessera snapshots`` shows each verdict. An appliance that does not
+boot in time leaves an ``error`` record. The daemon's checks are in ``test_check_daemon.py``
+(a module of its own, so that xdist's ``--dist loadfile`` can run it beside these).
 
 Faults of the record (``engine.restore.record``), on the real CLI: a store on a full tmpfs
 (a real ENOSPC) — the check's verdict is printed, exit 1, the error names the record's file
@@ -43,7 +40,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +48,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine.api.server import build_app
 from engine.core.units import MiB
-from engine.daemon import maintenance
 from engine.restore.files import APPLIANCE_PREFIX
-from plugins.lab.guest_disk import PARTITIONS, build_apart
+from plugins.lab.guest_disk import PARTITIONS
 from tests.cli import Cli
-from tests.daemon_setup import daemon_config, running
+from tests.daemon_setup import running
 from tests.faults.harness import Inject
 from tests.faults.harness import installed as failing
+from tests.guest_disks import guest_disk_copy
 from tests.integration.test_direct_writes import tiny_tmpfs
-from tests.integration.test_new_hypervisor import MemoryHypervisor, installed
-from tests.memory import MemoryDisk, MemoryVm
 
 pytestmark = pytest.mark.integration
 
@@ -88,10 +82,8 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("check")
-    image = tmp / "check-vm.raw"
-    build_apart(image, "check-vm", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
-    broken = tmp / "broken-vm.raw"
-    shutil.copyfile(image, broken)
+    image = guest_disk_copy(tmp_path_factory, tmp / "check-vm.raw")
+    broken = guest_disk_copy(tmp_path_factory, tmp / "broken-vm.raw")
     zero_ext4_block_bitmap(broken)
     store = tmp / "store"
     ok("store", "init", store)
@@ -227,82 +219,6 @@ def test_a_damaged_filesystem_fails_the_check_naming_it_and_why(lab: Lab) -> Non
     assert "FAILED" in line, line
     text = tessera("snapshots", "--store", lab.store).stdout
     assert f"FAILED {record['time'][:10]}" in text
-
-
-@pytest.mark.timeout(1800)  # three appliance boots under TCG
-async def test_the_daemon_checks_after_a_policy_s_backup_on_request_and_on_schedule(
-    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")  # for the helper
-    with lab.image.open("rb") as f:  # the ext4 of sda1 as a whole disk: /sda in the tree
-        f.seek(SDA1_OFFSET)
-        disk = MemoryDisk("d1", "web1_os", bytearray(f.read(64 << 20)))
-    (tmp_path / "engine-password").write_text("unused\n")
-    config = daemon_config(
-        tmp_path,
-        "check-daemon",
-        "engines:\n  - name: mem\n    url: memory://\n    username: nobody\n"
-        f"    password_file: {tmp_path / 'engine-password'}\n    plugin: memory\n"
-        'maintenance:\n  restore_check: "sun 05:00"\n',
-    )
-    (tmp_path / "policies.d").mkdir()
-    (tmp_path / "policies.d" / "nightly.yaml").write_text(
-        "name: nightly\nselection:\n  vms: [web1]\n"
-        "restore_check:\n  after_backup: true\n  expect: [/sda/etc/hostname]\n"
-    )
-    with installed(MemoryHypervisor({"web1": MemoryVm("vm-1", "web1", [disk])})):
-        async with running(config) as service:
-            (policy,) = service.policies
-            await service.run_policy(policy, datetime.now(UTC))
-            backup, check = sorted(service.jobs.jobs(), key=lambda v: (v.created, v.kind))
-            assert (backup.kind, backup.state) == ("backup", "succeeded"), backup.error
-            snapshot = backup.outcome.manifest.snapshot_id  # type: ignore[union-attr]
-            assert (check.kind, check.vm, check.policy) == (
-                "check",
-                f"snapshot:{snapshot}",
-                "nightly",
-            )
-            assert check.state == "succeeded", (check.error, check.lines)
-            summary = check.summary
-            assert summary["outcome"] == "passed", summary
-            assert [(f["name"], f["state"]) for f in summary["filesystems"]] == [("sda", "ok")]
-            assert summary["paths"][0]["path"] == "/sda/etc/hostname"
-            assert summary["paths"][0]["present"] is True
-
-            async with TestClient(TestServer(build_app(service))) as client:
-                response = await client.post(
-                    f"/v1/snapshots/{snapshot[:8]}/check", json={"expect": ["/sda/etc/machine-id"]}
-                )
-                assert response.status == 202, await response.text()
-                (job,) = (await response.json())["jobs"]
-                asked = service.jobs.get(job["id"])
-                assert asked.task is not None
-                await asked.task
-                assert asked.state == "failed"
-                assert "missing /sda/etc/machine-id" in asked.error, asked.error
-                doc = await (await client.get(f"/v1/snapshots/{snapshot}")).json()
-                assert doc["check"]["outcome"] == "failed", doc
-                assert doc["check"]["time"] >= summary["time"]
-                (listed,) = await (await client.get("/v1/snapshots")).json()
-                assert listed["check"] == doc["check"]
-
-            # the weekly run: the newest restore point of each VM, its policy's expect
-            (task,) = maintenance.tasks(service.config.maintenance)
-            before = {v.job_id for v in service.jobs.jobs()}
-            await maintenance.run_task(service, task)
-            (weekly,) = [v for v in service.jobs.jobs() if v.job_id not in before]
-            assert (weekly.kind, weekly.vm, weekly.state) == (
-                "check",
-                f"snapshot:{snapshot}",
-                "succeeded",
-            )
-            assert weekly.params["expect"] == ["/sda/etc/hostname"]
-            assert weekly.summary["outcome"] == "passed"
-            # the VM's last success is its backup's; a check has no gauge of its own
-            metrics = service.metrics.render()[0].decode().splitlines()
-            gauges = [m for m in metrics if m.startswith("tessera_last_success")]
-            assert any('vm="web1"' in m for m in gauges), gauges
-            assert not any("snapshot:" in m for m in gauges), gauges
 
 
 def test_a_check_that_cannot_boot_its_appliance_is_recorded_as_an_error(lab: Lab) -> None:

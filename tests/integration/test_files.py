@@ -1,9 +1,10 @@
 """``tessera files`` and ``tessera mount``: files out of a backup without restoring the VM.
 
 A disk image made by libguestfs (the real tools, not ours: the lab's guest layout,
-``plugins.lab.guest_disk``) with an MBR partition table and the filesystems an admin's VMs
-hold: ext4, XFS, NTFS, and an ext4 volume of an LVM volume group, each with files of random
-bytes larger than a chunk, a symlink, nested directories.
+``plugins.lab.guest_disk``, built once per session: ``tests.guest_disks``) with an MBR
+partition table and the filesystems an admin's VMs hold: ext4, XFS, NTFS, and an ext4 volume
+of an LVM volume group, each with files of random bytes larger than a chunk, a symlink,
+nested directories.
 It is backed up with the CLI; then through the appliance: ``files ls`` names every filesystem
 with its type and lists directories; ``files get`` brings files and whole directories back
 byte for byte; ``files find`` matches names; ``mount`` shows the same tree through FUSE,
@@ -30,8 +31,9 @@ from engine.restore.files import ApplianceError, GuestTree
 from engine.store.chunk_store import Store
 from engine.store.pack import pack_path
 from engine.workers import make_cpu_pool
-from plugins.lab.guest_disk import build_apart, guest_files
+from plugins.lab.guest_disk import guest_files
 from tests.cli import Cli
+from tests.guest_disks import NAME, guest_disk_copy
 from tests.helpers import wait_created
 
 pytestmark = pytest.mark.integration
@@ -57,9 +59,8 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     tmp = tmp_path_factory.mktemp("files")
-    image = tmp / "files-vm.raw"
-    build_apart(image, "files-vm", env={"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"})
-    files = guest_files("files-vm")
+    image = guest_disk_copy(tmp_path_factory, tmp / "files-vm.raw")
+    files = guest_files(NAME)
     store = tmp / "store"
     ok("store", "init", store)
     ok("backup", "image", image, "--store", store, "--vm", "files-vm", "--level", "full")

@@ -2,7 +2,9 @@
 and NTFS partitions; an ext4 volume of an LVM volume group: ``plugins.lab.guest_disk``) is
 backed up through the lab's engine and the real ovirt-imageio with ``tessera backup vm``;
 then every one of its files comes back byte-identical through ``files get`` and through
-``mount`` (FUSE), both in one appliance.
+``mount`` (FUSE), both in one appliance. The disk is the lab's build for that seed
+(``build_disks``, shared with the other appliance tests: ``tests.guest_disks``), made qcow2 by
+the lab's ``finish_image`` as ``build_disks`` does.
 
 The appliance runs emulated (``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``): this machine's KVM is
 nested and does not boot a Linux guest.
@@ -16,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.units import GiB
 from engine.restore.files import GuestTree
 from engine.store.chunk_store import Store
 from engine.workers import make_cpu_pool
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import finish_image
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.guest_disk import LINK, guest_files
 from plugins.lab.imageio import ImageioDaemon
 from tests.cli import Cli
+from tests.guest_disks import NAME, SIZE, guest_disk_copy
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +37,25 @@ SEED = Seed(
     vms=(
         VmSeed(
             name="files01",
-            disks=(DiskSeed("files01_os", 1 * GiB, bootable=True, layout="partitioned"),),
+            disks=(DiskSeed(NAME, SIZE, bootable=True, layout="partitioned"),),
         ),
     )
 )
 
 
 @pytest.fixture
-async def backed_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+async def backed_up(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """The store holding a full backup of files01, taken through the lab's engine."""
     monkeypatch.setenv("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     (disk,) = FakeEngine(SEED, engine_dir).inventory.disks.values()
-    image = tmp_path / "files01_os.qcow2"
-    request = DiskRequest(disk.alias, image, "qcow2", disk.provisioned_size, layout=disk.layout)
-    await build_disks([request], tmp_path / "work")
+    assert (disk.alias, disk.provisioned_size, disk.layout) == (NAME, SIZE, "partitioned")
+    raw = await asyncio.to_thread(guest_disk_copy, tmp_path_factory, tmp_path / f"{NAME}.raw")
+    image = tmp_path / f"{NAME}.qcow2"
+    await finish_image(raw, image, "qcow2", disk.provisioned_size)
     async with ImageioDaemon(base_dir=tmp_path) as daemon:
         engine = FakeEngine(SEED, engine_dir, images={disk.id: image}, imageio=daemon)
         async with engine:
@@ -73,7 +78,7 @@ async def backed_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 async def test_a_lab_vms_files_come_back_through_get_and_mount(
     backed_up: Path, tmp_path: Path
 ) -> None:
-    files = guest_files("files01_os")
+    files = guest_files(NAME)
     with Store.open(backed_up, passphrase=PASSPHRASE.encode(), writable=False) as store:
         (entry,) = store.snapshots()
         manifest = store.manifest(entry.snapshot_id)

@@ -23,7 +23,7 @@ from engine.config.models import DataMoverSection, EngineSection
 from engine.core.units import MiB
 from engine.io.exports import export_records
 from engine.io.qemu import QemuNbd
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.devices import mounts_under
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
@@ -33,6 +33,7 @@ from plugins.ovirt.datamover import OvirtAttachError, find_devices, wait_device
 from plugins.ovirt.sources import vm_sources
 from tests.contract.harness import nbd_servers_of
 from tests.integration.images import identical, qemu_io, reference
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import ROOT, tessera
 from tests.unit.io import leaks
 
@@ -126,13 +127,15 @@ class Lab:
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
-    async with attach_lab(tmp_path) as made:
+async def lab(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
+    async with attach_lab(tmp_path, tmp_path_factory) as made:
         yield made
 
 
 @contextlib.asynccontextmanager
-async def attach_lab(tmp_path: Path) -> AsyncIterator[Lab]:
+async def attach_lab(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Lab]:
     """vm1 (two disks) and the DataMover in a lab with no imageio; the store initialised.
     Also used by ``test_idle_transfers`` (the slow first disk in the LAN-free flow)."""
     before = leaks.children()
@@ -144,7 +147,8 @@ async def attach_lab(tmp_path: Path) -> AsyncIterator[Lab]:
         alias: tmp_path / f"{alias}.{'qcow2' if d.format == 'cow' else 'raw'}"
         for alias, d in disks.items()
     }
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(
                 alias,
@@ -156,7 +160,6 @@ async def attach_lab(tmp_path: Path) -> AsyncIterator[Lab]:
             )
             for alias, path in images.items()
         ],
-        tmp_path / "work",
     )
     engine = FakeEngine(
         SEED,

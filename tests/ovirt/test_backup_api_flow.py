@@ -11,12 +11,13 @@ import ovirtsdk4 as sdk
 import pytest
 
 from engine.core.units import MiB
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
 from tests.cli import Cli
 from tests.integration.images import identical, qemu_io, reference
+from tests.lab_disks import build_once
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,9 @@ SEED = Seed(
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
+async def lab(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     probe = FakeEngine(SEED, engine_dir)  # only to learn the disk ids the seed gets
@@ -48,7 +51,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str,
         alias: tmp_path / f"{alias}.{'qcow2' if d.format == 'cow' else 'raw'}"
         for alias, d in disks.items()
     }
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(
                 alias,
@@ -60,7 +64,6 @@ async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str,
             )
             for alias, path in images.items()
         ],
-        tmp_path / "work",
     )
     async with ImageioDaemon(base_dir=tmp_path) as daemon:
         engine = FakeEngine(

@@ -13,12 +13,13 @@ import pytest
 
 from engine.core.units import KiB, MiB
 from engine.io import qemu
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
 from plugins.ovirt import volumes
 from tests.integration.images import identical, reference, run
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import tessera
 from tests.unit.io import leaks
 
@@ -43,7 +44,7 @@ Lab = tuple[FakeEngine, Path, dict[str, Path]]
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
     before = leaks.children()
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
@@ -52,7 +53,8 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     images = {
         a: tmp_path / f"{a}.{'qcow2' if d.format == 'cow' else 'raw'}" for a, d in disks.items()
     }
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(
                 a,
@@ -64,7 +66,6 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
             )
             for a, p in images.items()
         ],
-        tmp_path / "work",
     )
     # Data scattered over the sparse raw disk: more than the lab's chunk, less than its size.
     for i, offset in enumerate((0, 7 * MiB, 40 * MiB, 127 * MiB)):

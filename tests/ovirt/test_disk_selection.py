@@ -17,7 +17,7 @@ import pytest
 
 from engine.core.units import MiB
 from engine.sources.selection import NoDiskSelected
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
@@ -26,6 +26,7 @@ from plugins.ovirt.client import EngineClient
 from plugins.ovirt.inventory import DiskRef, VmRef
 from tests.daemon_setup import running
 from tests.integration.images import identical, qemu_io, reference
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import tessera
 from tests.ovirt.test_plan import engine_state
 
@@ -51,19 +52,19 @@ NEW_DISK = "disk not in the parent snapshot: full read"
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
     images = {
         "vm1_os": tmp_path / "vm1_os.qcow2",
         "vm1_data": tmp_path / "vm1_data.qcow2",
         "vm1_scratch": tmp_path / "vm1_scratch.raw",
     }
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest("vm1_os", images["vm1_os"], "qcow2", 160 * MiB, template=True, vm="vm1"),
             DiskRequest("vm1_data", images["vm1_data"], "qcow2", 128 * MiB, vm="vm1"),
             DiskRequest("vm1_scratch", images["vm1_scratch"], "raw", 128 * MiB, vm="vm1"),
         ],
-        tmp_path / "work",
     )
     (tmp_path / "engine").mkdir()
     async with ImageioDaemon(base_dir=tmp_path) as daemon:

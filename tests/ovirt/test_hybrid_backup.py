@@ -19,7 +19,7 @@ from ovirtsdk4 import types
 
 from engine.core.units import MiB
 from engine.io import qemu
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.hybrid import DESCRIPTION
 from plugins.lab.engine.records import SNAPSHOT_CREATED, SNAPSHOT_REMOVED
 from plugins.lab.engine.server import FakeEngine
@@ -29,6 +29,7 @@ from plugins.ovirt.engine_ca import EngineCa
 from plugins.ovirt.imageio import ImageioDisk
 from tests.integration.images import identical, qemu_io, reference
 from tests.lab.polling import polls
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import SEED, tessera
 from tests.ovirt.test_faults import assert_clean
 
@@ -44,13 +45,14 @@ Lab = tuple[FakeEngine, Path, dict[str, Path]]
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     disks = {d.alias: d for d in FakeEngine(HYBRID, engine_dir).inventory.disks.values()}
     fmt = {a: "qcow2" if d.format == "cow" else "raw" for a, d in disks.items()}
     images = {a: tmp_path / f"{a}.{fmt[a]}" for a in disks}
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(
                 a,
@@ -62,7 +64,6 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
             )
             for a, p in images.items()
         ],
-        tmp_path / "work",
     )
     async with (
         ImageioDaemon(base_dir=tmp_path) as daemon,

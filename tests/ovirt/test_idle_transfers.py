@@ -72,8 +72,10 @@ async def test_slow_first_disk_does_not_lose_the_second(
 
 
 @pytest.mark.integration
-async def test_slow_first_disk_in_the_attach_flow(tmp_path: Path) -> None:
-    async with attach_lab(tmp_path) as lab:
+async def test_slow_first_disk_in_the_attach_flow(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    async with attach_lab(tmp_path, tmp_path_factory) as lab:
         engine = lab.engine
         assert engine.devices is not None
         engine.faults.inactivity_timeout = IDLE

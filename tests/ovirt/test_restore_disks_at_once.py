@@ -122,8 +122,10 @@ async def test_a_disk_cancelled_by_the_engine_fails_the_restore_naming_it(
     assert all(p.startswith(("finished", "cancelled", "paused")) for p in after.transfers)
 
 
-async def test_both_disks_are_plugged_into_the_datamover_at_once(tmp_path: Path) -> None:
-    async with attach_lab(tmp_path) as made:
+async def test_both_disks_are_plugged_into_the_datamover_at_once(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    async with attach_lab(tmp_path, tmp_path_factory) as made:
         lab: AttachLab = made
         refs = {a: reference(p, tmp_path / f"ref-{a}.raw") for a, p in lab.images.items()}
         config = lab.config("config.yaml")

@@ -108,8 +108,10 @@ async def test_a_standby_in_a_missing_cluster_fails_before_any_disk(
     assert await asyncio.to_thread(view, engine) == before
 
 
-async def test_the_datamover_flow_checks_first(tmp_path: Path) -> None:
-    async with test_attach_flow.attach_lab(tmp_path) as made:
+async def test_the_datamover_flow_checks_first(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    async with test_attach_flow.attach_lab(tmp_path, tmp_path_factory) as made:
         config = made.config("config.yaml")
         code, out, err = await tessera(
             "backup", "vm", "vm1", "--flow", "snapshot-attach", "--config", config

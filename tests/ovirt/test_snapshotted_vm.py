@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from engine.core.units import MiB
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
 from tests.integration.images import identical, qemu_io, reference
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import tessera
 from tests.unit.io import leaks
 
@@ -40,7 +41,9 @@ SNAPSHOT_ID = lab_id("snapshot", f"vm1/{SNAPSHOT}")
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
+async def lab(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
     before = leaks.children()
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
@@ -51,12 +54,12 @@ async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str,
     }
     fmt = {a: "qcow2" if d.format == "cow" else "raw" for a, d in disks.items()}
     images = {a: tmp_path / f"{a}.{fmt[a]}" for a in disks}
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest(a, p, fmt[a], disks[a].provisioned_size, a.endswith("_os"), "vm1")
             for a, p in images.items()
         ],
-        tmp_path / "work",
     )
     async with (
         ImageioDaemon(base_dir=tmp_path) as daemon,

@@ -19,12 +19,13 @@ import ovirtsdk4 as sdk
 import pytest
 
 from engine.core.units import MiB
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine import FakeEngine, demo_seed, sso
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed
 from plugins.lab.imageio import ImageioDaemon
 from plugins.ovirt.client import MAX_API_CALLS, EngineClient, EngineConfig
 from tests.integration.images import identical, reference
+from tests.lab_disks import build_once
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,7 +197,9 @@ async def tessera(*args: str | Path) -> tuple[int, str]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("flow", ["backup-api", "snapshot-imageio"])
-async def test_a_backup_outlives_many_tokens(tmp_path: Path, flow: str) -> None:
+async def test_a_backup_outlives_many_tokens(
+    tmp_path: Path, flow: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Tokens live six token checks: every backup step meets expired tokens and goes on."""
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
@@ -217,7 +220,7 @@ async def test_a_backup_outlives_many_tokens(tmp_path: Path, flow: str) -> None:
         )
         for alias, path in images.items()
     ]
-    await build_disks(requests, tmp_path / "work")
+    await build_once(tmp_path_factory, requests)
     refs = {a: reference(p, tmp_path / f"ref-{a}.raw") for a, p in images.items()}
     async with (
         ImageioDaemon(base_dir=tmp_path) as daemon,

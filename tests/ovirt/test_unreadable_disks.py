@@ -13,13 +13,14 @@ import pytest
 
 from engine.config.models import EngineSection
 from engine.core.units import GiB, MiB
-from plugins.lab.disks import DiskRequest, build_disks
+from plugins.lab.disks import DiskRequest
 from plugins.lab.engine.server import FakeEngine
 from plugins.lab.engine.state import DiskSeed, Seed, VmSeed, lab_id
 from plugins.lab.imageio import ImageioDaemon
 from plugins.ovirt import inventory
 from plugins.ovirt.client import EngineClient, EngineConfig
 from tests.integration.images import identical, reference
+from tests.lab_disks import build_once
 from tests.ovirt.test_backup_api_flow import tessera
 
 pytestmark = pytest.mark.integration
@@ -56,14 +57,16 @@ OS, QUORUM, LUN = (lab_id("disk", a) for a in ("vm1_os", "vm1_quorum", "vm1_lun"
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
+async def lab(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[FakeEngine, Path, dict[str, Path]]]:
     images = {"vm1_os": tmp_path / "vm1_os.qcow2", "vm1_quorum": tmp_path / "vm1_quorum.raw"}
-    await build_disks(
+    await build_once(
+        tmp_path_factory,
         [
             DiskRequest("vm1_os", images["vm1_os"], "qcow2", 160 * MiB, template=True, vm="vm1"),
             DiskRequest("vm1_quorum", images["vm1_quorum"], "raw", 128 * MiB, vm="vm1"),
         ],
-        tmp_path / "work",
     )
     (tmp_path / "engine").mkdir()
     async with ImageioDaemon(base_dir=tmp_path) as daemon:
