@@ -1,9 +1,13 @@
 """A store whose sealed packs live in an S3 bucket: ``STORE/packs/`` is their cache (issue 18).
 
 Everything else stays in the store directory as in a local store (config, key file, index,
-catalog, snapshots, trash, journal); only sealed packs move. ``config.json`` names the bucket
-(``layout.RemoteConfig``: endpoint, bucket, prefix, region, cache bound) and
-``keys/s3.json`` (0600) holds the access key and secret; neither is ever logged.
+catalog, snapshots, trash, journal); only sealed packs move, and the bucket also keeps a copy
+of the configuration, the key file and every committed snapshot, so that it alone can be
+re-attached (``attach``; the layout is below). ``config.json`` names the bucket
+(``layout.RemoteConfig``: endpoint, bucket, prefix, region, cache bound, request budgets)
+and ``keys/s3.json`` (0600) holds the access key and secret; neither is ever logged. One
+DataMover writes a prefix at a time (the writer lock, below); request budgets:
+``engine.store.budget``.
 
 Write order — the store's rule 1, one step longer::
 
@@ -20,6 +24,8 @@ Reads: a record of a cached pack is read from its file. A pack not in the cache 
 whole (one streamed GET into ``packs/tmp/``, fsynced, its size checked against the index,
 renamed into place): restores and repacks read a pack's records in store order, so one GET of
 a pack serves all its reads, and concurrent readers of one pack wait for a single fetch.
+Readers may announce the packs they will read (``prefetch``): they are fetched in the
+background, two at a time.
 After every upload and fetch the cache is trimmed to its bound, least recently used first,
 never the pack used last: a reader with the file open reads on (unlinking an open file is
 safe), and one that finds it gone fetches it again (``Store.get_record``).
@@ -41,10 +47,10 @@ Recovery (``recovery.recover`` with a cache) lists the bucket instead of ``packs
 GC retires a pack in a bucket by a marker ``trash/<t>-<name>.remote`` (its size) instead of
 a link; the object is deleted, in ``DeleteObjects`` batches, once the grace period is over.
 
-Not yet (docs/DESIGN.md §4.1 has the plan): manifests and DiskMaps in the bucket and a
-re-attach from the bucket alone, object lock, leases and the writer lock in the bucket
-(until then one DataMover writes a bucket prefix: ``init`` refuses a prefix that holds a
-store), request budgets.
+Not yet (docs/DESIGN.md §4.1 has the plan): object lock (RGW 16 ignores ``If-None-Match``
+in the versioned buckets object lock needs: such buckets are refused at the probe), and
+several DataMovers writing one pool (leases in the bucket; the writer lock refuses a second
+writer until then).
 """
 
 import contextlib
