@@ -65,9 +65,8 @@ from engine.util import failpoints
 from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
-    from engine.io.s3 import S3Endpoint
     from engine.store.protocols import BackupStore, ChunkReader, ChunkWriter
-    from engine.store.remote import PackCache
+    from engine.store.remote import InitBucket, PackCache
 
 log = structlog.get_logger("tessera.store")
 
@@ -221,27 +220,27 @@ class Store:
             zstd_level=zstd_level,
             remote=remote,
         )
-        if remote is not None:
-            assert s3_key is not None
-            _claim_bucket(config, remote, *s3_key)
         if keys is None:
             keys = StoreKeys.generate(encrypted=encryption == ENCRYPTION_AES)
-        path.mkdir(parents=True, exist_ok=True)
-        for d in (layout.packs, layout.packs / "tmp", layout.snapshots):
-            d.mkdir(exist_ok=True)
-        write_key_file(key_file or layout.default_key_file, keys, config.store_id, passphrase, kdf)
-        if remote is not None:
-            assert s3_key is not None
-            from engine.store.remote import write_credentials  # noqa: PLC0415 - botocore
-
-            write_credentials(layout, *s3_key)
-        Index(layout.index).close()
-        Catalog(layout.catalog).close()
-        atomic_write(layout.config, config.dump(), "store.init")  # written last: store exists
-        fsync_dir(path.parent)
-        if remote is not None:
-            assert s3_key is not None
-            _publish(layout, remote, s3_key, key_file or layout.default_key_file)
+        with contextlib.ExitStack() as stack:
+            bucket = None
+            if remote is not None:  # probed and claimed before anything is written here
+                assert s3_key is not None
+                bucket = stack.enter_context(_claimed_bucket(config, remote, s3_key))
+            path.mkdir(parents=True, exist_ok=True)
+            for d in (layout.packs, layout.packs / "tmp", layout.snapshots):
+                d.mkdir(exist_ok=True)
+            key_path = key_file or layout.default_key_file
+            write_key_file(key_path, keys, config.store_id, passphrase, kdf)
+            if bucket is not None:
+                assert s3_key is not None
+                bucket.write_credentials(layout, *s3_key)
+            Index(layout.index).close()
+            Catalog(layout.catalog).close()
+            atomic_write(layout.config, config.dump(), "store.init")  # written last: it exists
+            fsync_dir(path.parent)
+            if bucket is not None:
+                bucket.publish(layout, key_path)
         return config
 
     @staticmethod
@@ -578,10 +577,14 @@ class Store:
         if self.remote is None:
             return os.open(pack_path(self.layout.packs, name), os.O_RDONLY | os.O_CLOEXEC)
         for _ in range(3):  # the cache may evict it between the fetch and the open
-            size = self.index.pack_size(name)
-            if size is None:
-                raise FileNotFoundError(name)
-            path = self.remote.local(name, size)
+            # A cached pack needs no index query (one per record read would be a hot-path
+            # SQLite lookup); only a fetch needs the size the index holds.
+            path = self.remote.cached(name)
+            if path is None:
+                size = self.index.pack_size(name)
+                if size is None:
+                    raise FileNotFoundError(name)
+                path = self.remote.local(name, size)
             try:
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -980,34 +983,19 @@ def _info(path: Path, config: StoreConfig, index: Index, catalog: Catalog) -> St
     )
 
 
-def _remote_endpoint(config: RemoteConfig, access_key: str, secret_key: str) -> "S3Endpoint":
-    from engine.io.s3 import S3Endpoint  # noqa: PLC0415 - botocore: only for a bucket
+@contextmanager
+def _claimed_bucket(
+    config: StoreConfig, remote: RemoteConfig, s3_key: tuple[str, str]
+) -> "Iterator[InitBucket]":
+    """``init`` of a store in a bucket: the bucket probed and its prefix claimed, open for
+    the rest of the init (one probe, not one per step; S3 code loads only for a bucket)."""
+    from engine.store.remote import InitBucket  # noqa: PLC0415 - botocore: only for a bucket
 
-    return S3Endpoint(config.endpoint, config.bucket, access_key, secret_key, config.region)
-
-
-def _claim_bucket(config: StoreConfig, remote: RemoteConfig, access: str, secret: str) -> None:
-    """``init`` of a store in a bucket: probe it and claim the prefix (``remote``)."""
-    from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
-    from engine.store.remote import claim_prefix  # noqa: PLC0415
-
-    packs = S3Packs.open(_remote_endpoint(remote, access, secret), remote.prefix)
+    bucket = InitBucket.claim(remote, s3_key, config.store_id)
     try:
-        claim_prefix(packs, config.store_id)
+        yield bucket
     finally:
-        packs.close()
-
-
-def _publish(layout: Layout, remote: RemoteConfig, s3_key: tuple[str, str], key_file: Path) -> None:
-    """``init`` of a store in a bucket: its configuration and key file go there too."""
-    from engine.store.objects import S3Packs  # noqa: PLC0415 - botocore: only for a bucket
-    from engine.store.remote import publish_store  # noqa: PLC0415
-
-    packs = S3Packs.open(_remote_endpoint(remote, *s3_key), remote.prefix)
-    try:
-        publish_store(packs, layout, key_file)
-    finally:
-        packs.close()
+        bucket.close()
 
 
 def _open_remote(

@@ -332,6 +332,35 @@ def break_writer_lock(packs: S3Packs) -> dict[str, object] | None:
     return held
 
 
+class InitBucket:
+    """The bucket of a store being created (``Store.init``): probed and claimed first, then
+    given the key file's copy and the configuration once the local store exists."""
+
+    def __init__(self, packs: S3Packs):
+        self.packs = packs
+
+    @classmethod
+    def claim(cls, remote: RemoteConfig, s3_key: tuple[str, str], store_id: str) -> "InitBucket":
+        access, secret = s3_key
+        where = S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region)
+        packs = S3Packs.open(where, remote.prefix)
+        try:
+            claim_prefix(packs, store_id)
+        except BaseException:
+            packs.close()
+            raise
+        return cls(packs)
+
+    def write_credentials(self, layout: Layout, access_key: str, secret_key: str) -> None:
+        write_credentials(layout, access_key, secret_key)
+
+    def publish(self, layout: Layout, key_file: Path) -> None:
+        publish_store(self.packs, layout, key_file)
+
+    def close(self) -> None:
+        self.packs.close()
+
+
 class PackCache:
     """``packs/`` as a bounded cache of the packs in ``objects``. Thread-safe."""
 
@@ -410,6 +439,15 @@ class PackCache:
         pack_path(self.packs_dir, name).unlink(missing_ok=True)
 
     # --- reading ---------------------------------------------------------------------------
+
+    def cached(self, name: str) -> Path | None:
+        """The path of pack ``name`` if the cache holds it (marked used), else None."""
+        with self._lock:
+            if name not in self._lru:
+                return None
+            self._unread.pop(name, None)
+            self._lru.move_to_end(name)
+        return pack_path(self.packs_dir, name)
 
     def local(self, name: str, size: int) -> Path:
         """The path of pack ``name`` in the cache, fetched first when it is not there (one
