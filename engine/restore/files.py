@@ -345,9 +345,43 @@ async def tree_end(helper: asyncio.subprocess.Process, qemu: int | None = None) 
                 await helper.wait()
     _kill_tree(helper.pid)  # still there, or a qemu it left behind
     await helper.wait()
-    if qemu is not None and _is_qemu(qemu):
+    if qemu is not None:
+        await _end_orphan(qemu)
+
+
+async def _end_orphan(pid: int) -> None:
+    """SIGKILL the appliance's qemu ``pid`` if it is still one, and wait until it has exited.
+
+    It is no child of ours, so it cannot be reaped here: a pidfd (held before the check, so
+    the pid cannot be reused under us) becomes readable once every thread of it has exited.
+    A SIGKILLed qemu takes a while to tear its memory down; returning before that let a
+    caller see it still running after the tree had ended."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not _is_qemu(pid):
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(qemu, signal.SIGKILL)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(fd, _settle, exited)
+        try:
+            async with asyncio.timeout(HELPER_EXIT_TIMEOUT):
+                await exited
+        except TimeoutError:
+            log.warning("appliance.qemu_outlived_kill", pid=pid, waited_s=HELPER_EXIT_TIMEOUT)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _is_qemu(pid: int) -> bool:
