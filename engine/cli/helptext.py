@@ -38,6 +38,8 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         f"tessera store init {S} --key-file /root/tessera.key --passphrase-file /root/pass",
         f"tessera store init {S} --s3 s3://backups/site-a --s3-endpoint https://rgw.example.net "
         "--cache-size 20G",
+        f"tessera store init {S} --s3 s3://locked/site-a --s3-endpoint https://rgw.example.net "
+        "--object-lock compliance --lock-for 30d",
     ),
     "store attach": (
         f"tessera store attach {S} --s3 s3://backups/site-a --s3-endpoint https://rgw.example.net",

@@ -214,6 +214,21 @@ def _add_s3_options(p: argparse.ArgumentParser, attach: bool) -> None:
         f"(default {human_bytes(DEFAULT_CACHE_BYTES)}; never less than two packs)",
     )
     _add_budget_options(p)
+    if attach:
+        return  # the object lock is the bucket's store's, in its config.json
+    p.add_argument(
+        "--object-lock",
+        choices=("governance", "compliance"),
+        help="with --s3: lock every object put in the bucket (S3 object lock; the bucket "
+        "must be created with it and have no default retention). governance: only a key "
+        "allowed to bypass it can delete early; compliance: nobody can",
+    )
+    p.add_argument(
+        "--lock-for",
+        metavar="DURATION",
+        help="with --object-lock: how long each snapshot stays locked from its backup "
+        "(e.g. 30d, 12h, 2w); prune keeps a snapshot, and GC its packs, until then",
+    )
 
 
 def _add_budget_options(p: argparse.ArgumentParser) -> None:

@@ -43,6 +43,7 @@ The client is thread-safe (botocore clients are; the connection pool holds
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import IO, Any, Final
 
 import botocore.session
@@ -80,6 +81,25 @@ class ObjectInfo:
     key: str
     size: int
     etag: str  # as the server sent it, without the quotes
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One version of a key in a versioned bucket (``versions``), or a delete marker."""
+
+    key: str
+    version_id: str
+    marker: bool  # a delete marker, not an object
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """An object lock retention: its mode (``GOVERNANCE`` or ``COMPLIANCE``) and date."""
+
+    mode: str
+    until: datetime
 
 
 def _etag(value: object) -> str:
@@ -173,6 +193,70 @@ class S3Client:
             raise self._error("PutObject", key, e) from e
         return _etag(r.get("ETag"))
 
+    def put_version(
+        self, key: str, body: bytes | IO[bytes], length: int, lock: Lock | None = None
+    ) -> str:
+        """An unconditional PUT in a versioned bucket, with ``lock`` as its retention when
+        given (mode and date in the same request: the version is never unlocked); the new
+        version's id."""
+        args: dict[str, object] = {
+            "Bucket": self.endpoint.bucket,
+            "Key": key,
+            "Body": body,
+            "ContentLength": length,
+        }
+        if lock is not None:
+            args["ObjectLockMode"] = lock.mode
+            args["ObjectLockRetainUntilDate"] = lock.until
+        try:
+            r = self._s3.put_object(**args)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error("PutObject", key, e) from e
+        version = r.get("VersionId")
+        if not version:
+            raise ObjectStoreError(
+                endpoint=self.endpoint.url,
+                bucket=self.endpoint.bucket,
+                key=key,
+                op="PutObject",
+                code="NoVersionId",
+                reason="the bucket returned no version id (is versioning on?)",
+            )
+        return str(version)
+
+    def retain(self, key: str, lock: Lock, version_id: str | None = None) -> None:
+        """Set (extend) the retention of ``key``'s version (the current one when None).
+        Never with the governance bypass: a date is only ever moved later."""
+        args: dict[str, object] = {
+            "Bucket": self.endpoint.bucket,
+            "Key": key,
+            "Retention": {"Mode": lock.mode, "RetainUntilDate": lock.until},
+        }
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            self._s3.put_object_retention(**args)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error("PutObjectRetention", key, e) from e
+
+    def retention(self, key: str, version_id: str | None = None) -> Lock | None:
+        """The retention of ``key``'s version (the current one when None); None if it has
+        none or the object does not exist."""
+        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Key": key}
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            r = self._s3.head_object(**args)
+        except ClientError as e:
+            if self._status(e) == 404:
+                return None
+            raise self._error("HeadObject", key, e) from e
+        except BotoCoreError as e:
+            raise self._error("HeadObject", key, e) from e
+        until = r.get("ObjectLockRetainUntilDate")
+        mode = r.get("ObjectLockMode")
+        return Lock(str(mode), until) if mode and until else None
+
     def put(self, key: str, body: bytes) -> str:
         """An unconditional PUT (probes, small documents); its ETag."""
         try:
@@ -181,16 +265,20 @@ class S3Client:
             raise self._error("PutObject", key, e) from e
         return _etag(r.get("ETag"))
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes | None:
-        """Bytes ``offset .. offset+length`` of an object (fewer where it ends sooner, b""
-        past its end); None if the object does not exist."""
+    def get_range(
+        self, key: str, offset: int, length: int, version_id: str | None = None
+    ) -> bytes | None:
+        """Bytes ``offset .. offset+length`` of an object (of that version of it, when
+        given; fewer where it ends sooner, b"" past its end); None if it does not exist."""
         if length <= 0:
             return b""
+        args: dict[str, object] = {"VersionId": version_id} if version_id else {}
         try:
             r = self._s3.get_object(
                 Bucket=self.endpoint.bucket,
                 Key=key,
                 Range=f"bytes={offset}-{offset + length - 1}",
+                **args,
             )
             if not r.get("ContentRange"):
                 # The server sent the whole object: a gateway that ignores ranges would make
@@ -210,7 +298,7 @@ class S3Client:
             finally:
                 body.close()
         except ClientError as e:
-            if self._code(e) in ("NoSuchKey", "404"):
+            if self._code(e) in ("NoSuchKey", "NoSuchVersion", "404"):
                 return None
             if self._code(e) == "InvalidRange" or self._status(e) == 416:
                 return b""
@@ -380,14 +468,51 @@ class S3Client:
         except (ClientError, BotoCoreError) as e:
             raise self._error("DeleteObject", key, e) from e
 
-    def versions(self, key: str) -> list[str]:
-        """Version ids (and delete markers) of exactly ``key`` (versioned buckets)."""
-        try:
-            r = self._s3.list_object_versions(Bucket=self.endpoint.bucket, Prefix=key)
-        except (ClientError, BotoCoreError) as e:
-            raise self._error("ListObjectVersions", key, e) from e
-        found = [*r.get("Versions", []), *r.get("DeleteMarkers", [])]
-        return [v["VersionId"] for v in found if v["Key"] == key and v.get("VersionId")]
+    def versions(self, key: str) -> list[Version]:
+        """The versions of exactly ``key`` (a versioned bucket), newest first as S3 lists
+        them, then its delete markers (every page)."""
+        objects: list[Version] = []
+        markers: list[Version] = []
+        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Prefix": key}
+        while True:
+            try:
+                r = self._s3.list_object_versions(**args)
+            except (ClientError, BotoCoreError) as e:
+                raise self._error("ListObjectVersions", key, e) from e
+            for v in r.get("Versions", []):
+                if v["Key"] == key and v.get("VersionId"):
+                    size, etag = int(v.get("Size", 0)), _etag(v.get("ETag"))
+                    objects.append(Version(key, v["VersionId"], False, size, etag))
+            for v in r.get("DeleteMarkers", []):
+                if v["Key"] == key and v.get("VersionId"):
+                    markers.append(Version(key, v["VersionId"], True, 0, ""))
+            if not r.get("IsTruncated"):
+                return objects + markers
+            args["KeyMarker"] = r.get("NextKeyMarker")
+            args["VersionIdMarker"] = r.get("NextVersionIdMarker")
+
+    def delete_versions(self, versions: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """Delete (key, version id) pairs for good, ``MAX_DELETE_BATCH`` per DeleteObjects;
+        never with the governance bypass. The ones the server refused (a version still
+        locked): (key, version id, error code)."""
+        refused: list[tuple[str, str, str]] = []
+        for start in range(0, len(versions), MAX_DELETE_BATCH):
+            batch = versions[start : start + MAX_DELETE_BATCH]
+            try:
+                r = self._s3.delete_objects(
+                    Bucket=self.endpoint.bucket,
+                    Delete={
+                        "Objects": [{"Key": k, "VersionId": v} for k, v in batch],
+                        "Quiet": True,
+                    },
+                )
+            except (ClientError, BotoCoreError) as e:
+                raise self._error("DeleteObjects", f"{batch[0][0]} (+{len(batch) - 1})", e) from e
+            for err in r.get("Errors") or []:
+                refused.append(
+                    (err.get("Key", "?"), err.get("VersionId", "?"), err.get("Code", "?"))
+                )
+        return refused
 
     # --- the bucket ------------------------------------------------------------------------
 

@@ -54,9 +54,16 @@ from engine.store import manifest as manifest_mod
 from engine.store.codec import check_crc
 from engine.store.diskmap import DiskMap
 from engine.store.failure import write_failure
-from engine.store.layout import MANIFEST_NAME, REMOTE_TRASH, Layout
+from engine.store.layout import (
+    MANIFEST_NAME,
+    REMOTE_TRASH,
+    Layout,
+    read_remote_trash,
+    remote_trash,
+)
 from engine.store.manifest import Manifest
 from engine.store.pack import PACK_SUFFIX, PackWriter, SealedPack, pack_path
+from engine.store.retention import when
 from engine.util import failpoints
 from engine.util.fs import atomic_write, fsync_dir
 
@@ -126,6 +133,10 @@ class GcResult:
     deleted_chunks: int = 0
     deferred_chunks: int = 0  # condemned, kept because a lease older than that is live
     packs_trashed: int = 0  # without a live record
+    # Packs in a bucket with object lock kept in the trash past the grace period because
+    # their lock date is not yet past (or the bucket refused the delete), and the latest date.
+    lock_waiting: int = 0
+    lock_waits_until: int | None = None
     packs_repacked: int = 0
     packs_written: int = 0
     bytes_copied: int = 0
@@ -160,6 +171,15 @@ class GcResult:
             f"{self.bytes_retired} pack bytes to trash)"
         )
         out.append(f"{what}empty {self.trash_deleted} trash files ({self.trash_bytes_freed} bytes)")
+        if self.lock_waiting:
+            until = (
+                ""
+                if self.lock_waits_until is None
+                else f", the last until {when(self.lock_waits_until)}"
+            )
+            out.append(
+                f"{self.lock_waiting} packs in the bucket wait for their object lock dates{until}"
+            )
         out += [f"live session: {s}" for s in self.leases]
         out += [f"note: {n}" for n in self.notes]
         return out
@@ -519,12 +539,13 @@ class _Run:
             fsync_dir(self.layout.root)
         stamp = int(self.opts.now().timestamp())
         remote = self.store.remote is not None
+        dates = self.store.index.locks(retire) if remote else {}
         for name in retire:
             if remote:  # the object stays in the bucket until the grace period is over
                 size = self.store.index.pack_size(name) or 0
                 marker = trash / f"{stamp}-{name}{REMOTE_TRASH}"
                 failpoints.hit("gc.retire.before_link")
-                atomic_write(marker, b"%d\n" % size, "gc.retire.marker")
+                atomic_write(marker, remote_trash(size, dates.get(name)), "gc.retire.marker")
                 continue
             link = trash / f"{stamp}-{name}{PACK_SUFFIX}"
             if not link.exists():
@@ -548,17 +569,31 @@ class _Run:
     # --- 6: trash -----------------------------------------------------------------------------
 
     def _expired_trash(self) -> list[Path]:
+        """Trash entries past the grace period whose object lock date (a pack in a bucket
+        with object lock) is past too; the ones waiting for their date are counted in
+        ``result.lock_waiting`` with the latest date."""
         now = self.opts.now().timestamp()
         grace = self.opts.grace.total_seconds()
         expired = []
+        self.result.lock_waiting, self.result.lock_waits_until = 0, None
         for path in self.layout.trash_files().values():
             try:
                 stamp = int(path.name.partition("-")[0])
             except ValueError:
                 continue
-            if stamp + grace <= now:
-                expired.append(path)
+            if stamp + grace > now:
+                continue
+            until = read_remote_trash(path)[1] if path.suffix == REMOTE_TRASH else None
+            if until is not None and until > now:
+                self._waits_for(until)
+                continue
+            expired.append(path)
         return sorted(expired)
+
+    def _waits_for(self, until: int) -> None:
+        self.result.lock_waiting += 1
+        last = self.result.lock_waits_until
+        self.result.lock_waits_until = until if last is None else max(last, until)
 
     def _empty_trash_plan(self) -> None:
         for path in self._expired_trash():
@@ -571,7 +606,13 @@ class _Run:
         expired = self._expired_trash()
         in_bucket = [p.stem.partition("-")[2] for p in expired if p.suffix == REMOTE_TRASH]
         if in_bucket:  # the objects first, in batches: a marker never outlives its object
-            self.store.delete_packs(in_bucket)
+            # A pack the bucket refuses to delete is still locked there (a date we did not
+            # know, a clock behind the bucket's): its marker stays for the next GC.
+            refused = set(self.store.delete_packs(in_bucket, keep_refused=False))
+            for path in [p for p in expired if p.stem.partition("-")[2] in refused]:
+                expired.remove(path)
+                self.result.lock_waiting += 1
+            self.store.index.forget_locks(n for n in in_bucket if n not in refused)
         for n, path in enumerate(expired):
             size = _trash_size(path)
             path.unlink()
@@ -586,7 +627,4 @@ def _trash_size(path: Path) -> int:
     """The bytes a trash entry frees: the pack file, or the size a bucket's marker holds."""
     if path.suffix != REMOTE_TRASH:
         return path.stat().st_size
-    try:
-        return int(path.read_bytes() or b"0")
-    except ValueError:
-        return 0
+    return read_remote_trash(path)[0]

@@ -57,8 +57,9 @@ from typing import TYPE_CHECKING, Final
 from engine.core.errors import SnapshotNotFound, StoreError, StoreLocked
 from engine.maint.retention import Candidate, Decision, Rules, plan
 from engine.store.catalog import Catalog
-from engine.store.layout import MANIFEST_NAME, Layout
+from engine.store.layout import MANIFEST_NAME, Layout, snapshot_lock
 from engine.store.manifest import ORIGIN_MANUAL, ORIGIN_TAG
+from engine.store.retention import when
 from engine.util.fs import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
@@ -202,9 +203,13 @@ def prune(
         if added or removed:
             result.notes.append(f"catalog reconciled with manifests: +{added} -{removed}")
         result.decisions = plan(candidates(store, vm, hold_manual=hold_manual), rules, now, tz)
+        locked = _locked(store.layout, result.to_remove, now)
+        result.skipped.update(locked)
         if dry_run:
             return result
         for d in result.to_remove:
+            if d.snapshot_id in locked:
+                continue
             why = _remove_one(store.layout, catalog, d, rules)
             if why is None:
                 result.removed.append(d.snapshot_id)
@@ -212,6 +217,17 @@ def prune(
             else:
                 result.skipped[d.snapshot_id] = why
         return result
+
+
+def _locked(layout: Layout, decisions: list[Decision], now: datetime) -> dict[str, str]:
+    """Snapshots the rules would remove whose objects in a bucket with object lock are
+    locked past ``now`` (``engine.store.retention``): kept, saying until when."""
+    out = {}
+    for d in decisions:
+        until = snapshot_lock(layout.snapshot_dir(d.snapshot_id))
+        if until is not None and until > now.timestamp():
+            out[d.snapshot_id] = f"object lock: kept in the bucket until {when(until)}"
+    return out
 
 
 @contextmanager

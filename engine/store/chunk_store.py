@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -48,6 +49,7 @@ from engine.store.layout import (
     DEFAULT_ZSTD_LEVEL,
     ENCRYPTION_AES,
     ENCRYPTIONS,
+    IN_BUCKET,
     MIN_PACK_SIZE,
     STORE_FORMAT,
     Layout,
@@ -59,6 +61,7 @@ from engine.store.leases import Lease, LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackEntry, PackWriter, SealedPack, pack_path, read_trailer
 from engine.store.recovery import RecoveryReport, index_packs, index_remote, recover
+from engine.store.retention import describe_duration
 from engine.store.scan import Decode
 from engine.store.snapshot import SnapshotWriter
 from engine.util import failpoints
@@ -255,7 +258,8 @@ class Store:
         config = StoreConfig.load(path)
         if config.remote is None:
             raise StoreError(path=path, reason="keeps its packs here: it has no bucket lock")
-        packs = S3Packs.open(endpoint(layout, config.remote), config.remote.prefix)
+        where = endpoint(layout, config.remote)
+        packs = S3Packs.open(where, config.remote.prefix, lock=config.remote.lock)
         try:
             held = break_writer_lock(packs)
         finally:
@@ -644,8 +648,10 @@ class Store:
             return
         self.index.intend_upload(sealed.name, int(datetime.now(UTC).timestamp()))
         failpoints.hit("store.remote.before_put")
-        self.remote.upload(sealed.name)
+        until = self.remote.upload(sealed.name)
         failpoints.hit("store.remote.after_put")
+        if until is not None:  # object lock: the date, for renewals and GC
+            self.index.set_locks({sealed.name: until})
 
     def note_indexed(self, sealed: SealedPack) -> None:
         """A pack sealed in ``packs/`` was published and indexed: a store in a bucket keeps
@@ -653,15 +659,22 @@ class Store:
         if self.remote is not None:
             self.remote.added(sealed.name, sealed.size)
 
-    def delete_packs(self, names: list[str]) -> None:
+    def delete_packs(self, names: list[str], keep_refused: bool = True) -> list[str]:
         """Delete packs no longer indexed from where packs live: a bucket's objects (in
         batches) and their cached copies; nothing in a local store, whose callers move the
-        files themselves (GC's trash, repair's quarantine)."""
+        files themselves (GC's trash, repair's quarantine). Returns the names a bucket
+        with object lock refused (still locked); ``keep_refused``: leave each a GC trash
+        marker with its date, so GC deletes it once the date is past."""
         if self.remote is None or not names:
-            return
+            return []
         for name in names:
             self.remote.forget(name)
-        self.remote.objects.delete(names)
+        refused = self.remote.objects.delete(names)
+        if refused and keep_refused:
+            from engine.store.remote import leave_for_gc  # noqa: PLC0415
+
+            leave_for_gc(self.layout, self.index, refused)
+        return refused
 
     @staticmethod
     def _fit(out: memoryview, record: bytes, chunk_id: bytes) -> int:
@@ -809,6 +822,7 @@ class Store:
                 self.path, f"manifest {path.name} of {manifest.snapshot_id}", e
             ) from e
         self._put_snapshot(manifest.snapshot_id)
+        self._renew_locks(manifest)
         # The manifest is the commit point: from here on the snapshot exists. The catalog is
         # a cache; a failure to list it there must not turn a committed backup into a failed
         # one. It is reconciled with the manifests on the next listing (and on open).
@@ -841,12 +855,56 @@ class Store:
                 error=str(e),
             )
 
+    def _renew_locks(self, manifest: Manifest) -> None:
+        """Object lock (``engine.store.retention``): every pack the committed snapshot
+        needs, and the configuration and key file, locked until at least now + the lock
+        duration; those whose recorded date falls short (or is unknown) are renewed to
+        ``date(now)``. A failure is a warning naming how many are short: the next commit
+        renews them (their recorded dates stay old)."""
+        lock = None if self.remote is None else self.remote.objects.lock
+        if lock is None:
+            return
+        from engine.store.remote import CONFIG_KEY, KEY_KEY  # noqa: PLC0415
+
+        now = time.time()
+        names: set[str] = {CONFIG_KEY}
+        if self.layout.default_key_file.exists():  # put in the bucket at init (``publish_store``)
+            names.add(KEY_KEY)
+        for disk in manifest.disks:
+            with self.open_diskmap(manifest, disk) as dm:
+                ids: list[bytes] = sorted({cid for _, cid in dm.iter_ids() if any(cid)})
+            names.update(self.index.packs_of(ids).values())
+        dates = self.index.locks(names)
+        short = sorted(n for n in names if not lock.covers(dates.get(n), now))
+        until = lock.date(now)
+        renewed: dict[str, int] = {}
+        try:
+            for name in short:
+                if name in (CONFIG_KEY, KEY_KEY):
+                    self.remote.objects.retain_key(name, until)  # type: ignore[union-attr]
+                else:
+                    self.remote.objects.retain(name, until)  # type: ignore[union-attr]
+                renewed[name] = until
+        except (OSError, StoreError) as e:
+            log.warning(
+                "store.locks_not_renewed",
+                store=str(self.path),
+                snapshot=manifest.snapshot_id,
+                short=len(short) - len(renewed),
+                error=str(e),
+            )
+        finally:
+            if renewed:
+                self.index.set_locks(renewed)
+        if renewed:
+            log.info("store.locks_renewed", snapshot=manifest.snapshot_id, objects=len(renewed))
+
     def snapshot_removed(self, snapshot_id: str) -> None:
         """Prune removed the snapshot (moved it to ``removed/``): a store in a bucket deletes
         its copy there, so a re-attach never brings it back. A failure is a warning."""
         if self.remote is None:
             return
-        from engine.store.remote import IN_BUCKET, drop_snapshot  # noqa: PLC0415
+        from engine.store.remote import drop_snapshot  # noqa: PLC0415
 
         try:
             drop_snapshot(self.remote.objects, snapshot_id)
@@ -863,8 +921,6 @@ class Store:
     def snapshot_restored(self, snapshot_id: str) -> None:
         """A removal was undone: a store in a bucket puts the snapshot there again."""
         if self.remote is not None:
-            from engine.store.remote import IN_BUCKET  # noqa: PLC0415
-
             (self.layout.snapshot_dir(snapshot_id) / IN_BUCKET).unlink(missing_ok=True)
             self._put_snapshot(snapshot_id)
 
@@ -976,7 +1032,12 @@ def _info(path: Path, config: StoreConfig, index: Index, catalog: Catalog) -> St
         logical_bytes=sum(s.data_bytes for s in snaps),
         packs_in=(
             f"{config.remote.url} at {config.remote.endpoint} (cache "
-            f"{config.remote.cache_bytes} bytes in packs/)"
+            f"{config.remote.cache_bytes} bytes in packs/"
+            + (
+                f"; object lock {lock.mode} {describe_duration(lock.seconds)})"
+                if (lock := config.remote.lock) is not None
+                else ")"
+            )
             if config.remote is not None
             else None
         ),
@@ -1008,15 +1069,15 @@ def _open_remote(
     from engine.store.remote import PackCache, endpoint, take_writer_lock  # noqa: PLC0415
 
     budget = RequestBudget(layout.root, remote.requests_per_second, remote.requests_per_month)
-    packs = S3Packs.open(endpoint(layout, remote), remote.prefix, budget, probe=writable)
+    where = endpoint(layout, remote)
+    packs = S3Packs.open(where, remote.prefix, budget, probe=writable, lock=remote.lock)
     try:
-        if writable:
-            take_writer_lock(packs, layout)
+        version = take_writer_lock(packs, layout) if writable else None
     except BaseException:
         packs.close()
         raise
     lock = layout if writable else None
-    return PackCache(layout.packs, packs, remote.cache_bytes, config.pack_size, lock)
+    return PackCache(layout.packs, packs, remote.cache_bytes, config.pack_size, lock, version)
 
 
 def _db_problems(layout: Layout) -> dict[str, str]:

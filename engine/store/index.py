@@ -12,6 +12,7 @@ Tables::
     chunks(id BLOB 32, pack, offset, length, plain, condemned) one row per record, WITHOUT ROWID
     bad_chunks(id, pack, offset, reason, since)               verify's findings (below)
     uploads(name, started)                                    packs being put in a bucket
+    locks(name, until)                                        object lock dates in a bucket
 
 A sealed pack's entries are added in one transaction with ``synchronous=FULL``, so after
 ``add_pack`` returns the entries are durable. A chunk id seen in two packs keeps its first
@@ -74,6 +75,16 @@ CREATE TABLE IF NOT EXISTS uploads(
     started INTEGER NOT NULL
 );
 """
+_LOCKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS locks(
+    name TEXT PRIMARY KEY,
+    until INTEGER NOT NULL
+);
+"""
+# locks: in a bucket with object lock (``engine.store.retention``), the date each pack (by
+# name) and each other store object (by key: config.json, keys/key) is locked until, as last
+# put or renewed. A missing row is an unknown date (an index rebuilt from the bucket): the
+# next renewal sets it. Rows of packs that are gone are harmless and dropped by GC.
 # uploads: a store whose packs live in a bucket (``engine.store.remote``) records the intent
 # to upload a sealed pack here, durably, before the PUT; indexing the pack (``add_pack``,
 # ``replace_packs``) clears it in the same transaction. What open = recover finds left names
@@ -145,7 +156,7 @@ class Index:
         self.note: str | None = None  # how a read-only open had to degrade (a full disk)
         conn = self._conn()
         if not readonly:
-            conn.executescript(_SCHEMA + _BAD_SCHEMA + _UPLOADS_SCHEMA)
+            conn.executescript(_SCHEMA + _BAD_SCHEMA + _UPLOADS_SCHEMA + _LOCKS_SCHEMA)
             if not self._has_condemned(conn):  # a store from before GC: add the column
                 conn.execute("ALTER TABLE chunks ADD COLUMN condemned INTEGER NOT NULL DEFAULT 0")
         # ``has``: 1 if live. A read-only open of an older index may lack the column/table.
@@ -553,6 +564,41 @@ class Index:
         ).fetchone():
             return {}  # a read-only open of an index from before buckets
         return dict(conn.execute("SELECT name, started FROM uploads").fetchall())
+
+    # --- object lock dates (a store in a bucket with object lock) ----------------------------
+
+    def set_locks(self, dates: dict[str, int]) -> None:
+        """Record lock dates {pack name or key: epoch seconds} (see ``locks``)."""
+        self._write(
+            lambda c: c.executemany(
+                "INSERT INTO locks(name, until) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET until = max(until, excluded.until)",
+                dates.items(),
+            )
+        )
+
+    def locks(self, names: Iterable[str]) -> dict[str, int]:
+        """The recorded lock dates of ``names`` (unknown ones are absent)."""
+        conn = self._conn()
+        if not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'locks'"
+        ).fetchone():
+            return {}  # a read-only open of an index from before object lock
+        wanted = list(names)
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), _IN_BATCH):
+            batch = wanted[i : i + _IN_BATCH]
+            marks = ",".join("?" * len(batch))
+            out.update(
+                conn.execute(f"SELECT name, until FROM locks WHERE name IN ({marks})", batch)
+            )
+        return out
+
+    def forget_locks(self, names: Iterable[str]) -> None:
+        """Drop the dates of objects deleted from the bucket."""
+        self._write(
+            lambda c: c.executemany("DELETE FROM locks WHERE name = ?", ((n,) for n in names))
+        )
 
     def pack_size(self, name: str) -> int | None:
         row = self._conn().execute("SELECT size FROM packs WHERE name = ?", (name,)).fetchone()

@@ -31,12 +31,42 @@ from pathlib import Path
 from typing import Final
 
 from engine.core.errors import StoreError
+from engine.store.retention import LockPolicy
 
 STORE_FORMAT: Final = 1
 CONFIG_NAME: Final = "config.json"
 MANIFEST_NAME: Final = "manifest"
-# GC's trash entry for a pack in a bucket: ``<t>-<name>.remote`` holding its size.
+# GC's trash entry for a pack in a bucket: ``<t>-<name>.remote`` holding its size and, with
+# object lock, the date it is locked until (``engine.store.retention``): "<size> [<until>]".
 REMOTE_TRASH: Final = ".remote"
+# In a store in a bucket: the store's (and a snapshot's) objects are in the bucket too
+# (``engine.store.remote``); a snapshot's marker holds its object lock date, if any.
+IN_BUCKET: Final = ".in-bucket"
+
+
+def snapshot_lock(snapshot_dir: Path) -> int | None:
+    """The date a snapshot's objects in the bucket are locked until (its ``IN_BUCKET``
+    marker), or None: not locked, not in the bucket yet, or a marker from before."""
+    try:
+        text = (snapshot_dir / IN_BUCKET).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def remote_trash(size: int, until: int | None) -> bytes:
+    """The content of a ``.remote`` trash marker."""
+    return b"%d\n" % size if until is None else b"%d %d\n" % (size, until)
+
+
+def read_remote_trash(path: Path) -> tuple[int, int | None]:
+    """(size, lock date or None) of a ``.remote`` trash marker; (0, None) if unreadable."""
+    try:
+        fields = path.read_bytes().split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return 0, None
+
 
 # What a new store's ``StoreConfig`` holds unless told otherwise, and what it may hold. Here,
 # beside it, rather than in ``chunk_store``: the command line offers these choices before it
@@ -74,10 +104,18 @@ class RemoteConfig:
     # Request budgets (``engine.store.budget``); 0: no limit.
     requests_per_second: float = 0
     requests_per_month: int = 0
+    # Object lock (``engine.store.retention``): "" (none), "GOVERNANCE" or "COMPLIANCE", and
+    # how long every object written is kept at least.
+    object_lock: str = ""
+    lock_seconds: int = 0
 
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def lock(self) -> LockPolicy | None:
+        return LockPolicy(self.object_lock, self.lock_seconds) if self.object_lock else None
 
 
 @dataclass(frozen=True)

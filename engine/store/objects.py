@@ -51,6 +51,7 @@ Every method may block (file or network I/O); the store calls them from executor
 Both implementations are thread-safe.
 """
 
+import builtins
 import errno
 import hashlib
 import os
@@ -58,8 +59,10 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Final, Protocol
 
@@ -72,7 +75,7 @@ from engine.core.errors import (
     PackExists,
     PackMissing,
 )
-from engine.io.s3 import S3Client, S3Endpoint
+from engine.io.s3 import Lock, S3Client, S3Endpoint
 from engine.store import format as fmt
 from engine.store.budget import RequestBudget
 from engine.store.pack import (
@@ -83,6 +86,7 @@ from engine.store.pack import (
     parse_footer,
     parse_trailer,
 )
+from engine.store.retention import LockPolicy
 from engine.util.fs import TMP_SUFFIX, fsync_dir
 
 log = structlog.get_logger("tessera.store")
@@ -96,6 +100,7 @@ _S3_KINDS: Final = {
     "ListObjectsV2": "list",
     "DeleteObjects": "delete",
     "DeleteObject": "delete",
+    "ListObjectVersions": "list",
 }
 _NAME: Final = re.compile(r"[0-9a-f]{32}")
 PROBE_PREFIX: Final = "probe/"  # under the store's prefix; probe objects live for one open
@@ -150,10 +155,11 @@ class PackObjects(Protocol):
     @property
     def counters(self) -> RequestCounters: ...
 
-    def put(self, name: str, source: Path) -> None:
+    def put(self, name: str, source: Path) -> int | None:
         """Store the sealed pack file ``source`` (complete and fsynced; the caller may delete
         it afterwards) as ``name``, create-only. Raises ``PackExists`` when ``name`` holds
-        other content; the same content is success (a retry)."""
+        other content; the same content is success (a retry). Its object lock date (epoch
+        seconds) in a bucket with object lock (``engine.store.retention``), else None."""
         ...
 
     def read(self, name: str, offset: int, length: int) -> bytes:
@@ -183,8 +189,9 @@ class PackObjects(Protocol):
         """Every pack, a bounded page at a time (no whole listing in memory)."""
         ...
 
-    def delete(self, names: Iterable[str]) -> None:
-        """Delete packs, in batches; names that are not there are not an error."""
+    def delete(self, names: Iterable[str]) -> builtins.list[str]:
+        """Delete packs, in batches; names that are not there are not an error. The names
+        left because a version of them is still locked (object lock), else []."""
         ...
 
     def close(self) -> None: ...
@@ -231,7 +238,7 @@ class LocalPacks:
     def counters(self) -> RequestCounters:
         return self._counters
 
-    def put(self, name: str, source: Path) -> None:
+    def put(self, name: str, source: Path) -> int | None:
         _check_name(name)
         final = pack_path(self.packs_dir, name)
         self._counters.request("put")
@@ -261,6 +268,7 @@ class LocalPacks:
                 tmp.unlink(missing_ok=True)
         fsync_dir(final.parent)
         self._counters.moved("put", size)
+        return None
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         _check_name(name)
@@ -334,7 +342,7 @@ class LocalPacks:
                 except FileNotFoundError:  # deleted while listing
                     continue
 
-    def delete(self, names: Iterable[str]) -> None:
+    def delete(self, names: Iterable[str]) -> builtins.list[str]:
         shards: set[Path] = set()
         for name in names:
             _check_name(name)
@@ -345,6 +353,7 @@ class LocalPacks:
         for shard in shards:
             if shard.exists():
                 fsync_dir(shard)
+        return []
 
     def close(self) -> None:
         pass
@@ -373,11 +382,13 @@ class S3Packs:
         prefix: str,
         capabilities: Capabilities | None,
         budget: RequestBudget | None = None,
+        lock: LockPolicy | None = None,
     ):
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         self.endpoint = endpoint
         self.prefix = prefix
+        self.lock = lock  # object lock: every object put is locked (``engine.store.retention``)
         self.capabilities = capabilities
         self.budget = budget
         self._counters = RequestCounters()
@@ -399,13 +410,16 @@ class S3Packs:
         prefix: str = "",
         budget: RequestBudget | None = None,
         probe: bool = True,
+        lock: LockPolicy | None = None,
     ) -> "S3Packs":
         """Open a bucket for packs after probing it; raises ``ObjectStoreUnfit`` naming the
         endpoint, bucket and missing capability (or ``ObjectStoreError`` if it fails), and
         ``BudgetSpent`` when ``budget`` (requests per second and month) allows no more.
         ``probe`` False (a reader, which never puts): only that the bucket exists is
-        checked, one request instead of seven; ``capabilities`` stays None."""
-        packs = cls(endpoint, prefix, None, budget)
+        checked, one request instead of seven; ``capabilities`` stays None. ``lock``: the
+        store locks what it puts, so the bucket must have object lock (and no default
+        retention: the store dates each object itself), and is versioned."""
+        packs = cls(endpoint, prefix, None, budget, lock)
         try:
             packs._admit()
             if probe:
@@ -415,8 +429,8 @@ class S3Packs:
         except BaseException:
             packs.close()
             raise
-        lock = packs.capabilities.object_lock if packs.capabilities else "(not probed)"
-        log.info("store.s3_opened", where=packs.where, object_lock=lock)
+        found = packs.capabilities.object_lock if packs.capabilities else "(not probed)"
+        log.info("store.s3_opened", where=packs.where, object_lock=found)
         return packs
 
     def _unfit(self, capability: str, reason: str) -> ObjectStoreUnfit:
@@ -430,8 +444,11 @@ class S3Packs:
     def _probe(self) -> Capabilities:
         if not self.client.bucket_exists():
             raise self._unfit("bucket", "it does not exist (or this key cannot see it)")
-        lock = _describe_lock(self.client.object_lock())
+        conf = self.client.object_lock()
+        lock = _describe_lock(conf)
         versioning = self.client.versioning()
+        if self.lock is not None:
+            return self._probe_locked(conf, lock, versioning)
         key = f"{self.prefix}{PROBE_PREFIX}{secrets.token_hex(16)}"
         first = b"tessera capability probe: create-only PUT, ranged GET"
         try:
@@ -446,7 +463,7 @@ class S3Packs:
                         " (the bucket is versioned; Ceph RGW 16 ignores If-None-Match: * in "
                         "versioned buckets"
                         + (f"; object lock: {lock}, which turns versioning on" if lock else "")
-                        + ")"
+                        + "; a store made with --object-lock works in such a bucket)"
                     )
                 raise self._unfit("conditional create (If-None-Match: * on PutObject)", why)
             got = self.client.get_range(key, 8, 10)
@@ -456,6 +473,47 @@ class S3Packs:
             self._remove_probe(key, versioned=versioning is not None)
         return Capabilities(True, True, lock, versioning)
 
+    def _probe_locked(
+        self, conf: dict[str, object] | None, lock: str | None, versioning: str | None
+    ) -> Capabilities:
+        """A store with object lock: the bucket must have it enabled (S3 allows that only
+        when the bucket is created) with no default retention (the store dates each object
+        itself, and its lock and probe objects must be deletable); the probe's versions
+        must list oldest last and a ranged GET must return just the range."""
+        if lock is None:
+            raise self._unfit(
+                "object lock",
+                "the bucket has none, and S3 enables it only when a bucket is created: "
+                "create one with object lock (e.g. `aws s3api create-bucket "
+                "--object-lock-enabled-for-bucket`)",
+            )
+        rule = conf.get("Rule") if conf else None
+        if rule:
+            raise self._unfit(
+                "object lock without a default retention",
+                f"the bucket has a default retention ({lock}); Tessera dates each object "
+                "itself and keeps its lock objects deletable: remove the bucket's default "
+                "retention rule",
+            )
+        if versioning != "Enabled":
+            raise self._unfit("versioning", f"object lock is on but versioning is {versioning}")
+        key = f"{self.prefix}{PROBE_PREFIX}{secrets.token_hex(16)}"
+        first = b"tessera capability probe: versions, ranged GET"
+        try:
+            one = self.client.put_version(key, first, len(first))
+            two = self.client.put_version(key, b"second", 6)
+            order = [v.version_id for v in self.client.versions(key) if not v.marker]
+            if order != [two, one]:
+                raise self._unfit(
+                    "version listing", f"two versions of {key} listed as {order}, not newest first"
+                )
+            got = self.client.get_range(key, 8, 10, version_id=one)
+            if got != first[8:18]:
+                raise self._unfit("ranged GET", f"bytes 8..18 of the probe came back as {got!r}")
+        finally:
+            self._remove_probe(key, versioned=True)
+        return Capabilities(False, True, lock, versioning)
+
     def _remove_probe(self, key: str, versioned: bool) -> None:
         if not versioned:
             self.client.delete([key])
@@ -464,8 +522,7 @@ class S3Packs:
         # marker: remove each version. A bucket with a default retention locks the probe
         # too: it stays (a few bytes under probe/) until its date, and we say so.
         try:
-            for version in self.client.versions(key):
-                self.client.delete_version(key, version)
+            self.client.delete_versions([(key, v.version_id) for v in self.client.versions(key)])
         except ObjectStoreError as e:
             log.warning("store.s3_probe_kept", where=self.where, key=key, error=str(e))
 
@@ -481,20 +538,46 @@ class S3Packs:
         _check_name(name)
         return f"{self.prefix}packs/{name[:2]}/{name}{PACK_SUFFIX}"
 
-    def put(self, name: str, source: Path) -> None:
+    def put(self, name: str, source: Path) -> int | None:
+        """Put a sealed pack (create-only, as invariant 1); its lock date (epoch seconds)
+        in a store with object lock, else None."""
         self._admit()
         key = self.key(name)
         size = source.stat().st_size
+        if self.lock is not None:
+            return self._put_locked(name, key, source, size)
         with source.open("rb") as f:
             etag = self.client.put_new(key, f, size)
         self._counters.moved("put", size)
         if etag is not None:
-            return
+            return None
         # The key exists: our own earlier attempt (a retry whose first answer was lost, a
         # re-upload after a crash) or another pack. A single PUT's ETag is its body's MD5.
         there = self.client.head(key)
         if there is None or there.size != size or there.etag != _file_md5(source):
             raise PackExists(pack=name, where=self.where)
+        return None
+
+    def _put_locked(self, name: str, key: str, source: Path, size: int) -> int:
+        """Create-only in a versioned bucket, where RGW 16 ignores ``If-None-Match``: PUT
+        (locked from the first byte stored), then list the key's versions. Ours being the
+        oldest, the name was new. An older version with the same size and MD5 is our own
+        earlier attempt (ours is a locked duplicate, deleted with the pack); other content
+        is ``PackExists`` (only a second writer could cause it, which the writer lock keeps
+        out: a broken lock, said loudly)."""
+        assert self.lock is not None
+        until = self.lock.date(time.time())
+        with source.open("rb") as f:
+            mine = self.client.put_version(key, f, size, Lock(self.lock.mode, _dt(until)))
+        self._counters.moved("put", size)
+        self._admit()
+        versions = [v for v in self.client.versions(key) if not v.marker]
+        oldest = versions[-1] if versions else None
+        if oldest is None or oldest.version_id == mine:
+            return until
+        if oldest.size != size or oldest.etag != _file_md5(source):
+            raise PackExists(pack=name, where=self.where)
+        return until
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         self._admit()
@@ -542,20 +625,66 @@ class S3Packs:
             if leaf.endswith(PACK_SUFFIX) and _NAME.fullmatch(name) and shard == name[:2]:
                 yield PackStat(name, info.size)
 
-    def delete(self, names: Iterable[str]) -> None:
+    def delete(self, names: Iterable[str]) -> builtins.list[str]:
+        """Delete packs in batches; the names the bucket refused because a version of them
+        is still locked (object lock: every version is deleted, the rest of a refused
+        pack's versions too, so it is retried whole)."""
         self._admit()
-        keys = [self.key(n) for n in names]
-        if keys:
-            self.client.delete(keys)
+        keys = {self.key(n): n for n in names}
+        if not keys:
+            return []
+        if self.lock is None:
+            self.client.delete([*keys])
+            return []
+        return sorted({keys[k] for k in self._delete_versions(keys)})
+
+    def _delete_versions(self, keys: Iterable[str]) -> set[str]:
+        """Every version and delete marker of ``keys`` (one listing per key), in batches;
+        the keys with a version the bucket refused (still locked)."""
+        pairs = []
+        for key in keys:
+            self._admit()
+            pairs += [(key, v.version_id) for v in self.client.versions(key)]
+        self._admit()
+        refused = self.client.delete_versions(pairs)
+        for key, version, code in refused:
+            log.info(
+                "store.s3_delete_refused", where=self.where, key=key, version=version, code=code
+            )
+        return {key for key, _, _ in refused}
+
+    def retain(self, name: str, until: int) -> None:
+        """Move pack ``name``'s lock date to ``until`` (object lock; only ever later)."""
+        assert self.lock is not None
+        self._admit()
+        self.client.retain(self.key(name), Lock(self.lock.mode, _dt(until)))
+
+    def retain_key(self, key: str, until: int) -> None:
+        """``retain`` for ``<prefix><key>`` (the configuration, the key file)."""
+        assert self.lock is not None
+        self._admit()
+        self.client.retain(self.prefix + key, Lock(self.lock.mode, _dt(until)))
 
     # --- the store's other objects (``engine.store.remote``): keys relative to the prefix --
 
-    def put_file(self, key: str, source: Path) -> None:
+    def put_file(self, key: str, source: Path) -> int | None:
         """Store a file as ``<prefix><key>``, create-only: a key already there is left as
-        is (these objects never change once written: a retry finds its own)."""
+        is (these objects never change once written: a retry finds its own). Its lock date
+        with object lock (a HEAD first: one writer holds the prefix, so no race), else None."""
         self._admit()
+        if self.lock is not None:
+            there = self.client.retention(self.prefix + key)
+            if there is not None:
+                return int(there.until.timestamp())
+            self._admit()
+            until = self.lock.date(time.time())
+            with source.open("rb") as f:
+                lock = Lock(self.lock.mode, _dt(until))
+                self.client.put_version(self.prefix + key, f, source.stat().st_size, lock)
+            return until
         with source.open("rb") as f:
             self.client.put_new(self.prefix + key, f, source.stat().st_size)
+        return None
 
     def get_file(self, key: str, dest: Path) -> bool:
         """Copy ``<prefix><key>`` into the new file ``dest``; False if it does not exist."""
@@ -574,8 +703,23 @@ class S3Packs:
             yield info.key[len(self.prefix) :]
 
     def delete_keys(self, keys: Iterable[str]) -> None:
+        """Delete ``<prefix><key>`` objects (every version, with object lock); raises
+        ``ObjectStoreError`` naming a key the bucket refused (still locked)."""
         self._admit()
-        self.client.delete([self.prefix + k for k in keys])
+        full = [self.prefix + k for k in keys]
+        if self.lock is None:
+            self.client.delete(full)
+            return
+        refused = sorted(self._delete_versions(full))
+        if refused:
+            raise ObjectStoreError(
+                endpoint=self.endpoint.url,
+                bucket=self.endpoint.bucket,
+                key=refused[0],
+                op="DeleteObjects",
+                code="AccessDenied",
+                reason=f"still locked ({len(refused)} of {len(full)} keys refused)",
+            )
 
     def close(self) -> None:
         self.client.close()
@@ -600,6 +744,10 @@ def read_trailer(packs: PackObjects, name: str) -> tuple[int, list[PackEntry]]:
     if len(trailer) != count * fmt.TRAILER_ENTRY.size:
         raise CorruptPack(pack=name, reason="trailer read short (pack truncated or changed)")
     return size, parse_trailer(name, trailer, crc, trailer_offset)
+
+
+def _dt(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _describe_lock(conf: dict[str, object] | None) -> str | None:

@@ -237,16 +237,34 @@ def _recover_remote(
             remote.forget(name)
             cached.pop(name)
             report.gc_finished.append(f"pack {name}: interrupted GC finished (moved to trash)")
-    # Intents of packs that are neither indexed nor here: a killed upload; remove the object.
+    _end_killed_uploads(layout, index, remote, known, cached, in_bucket, report)
+    unknown = {n for n in in_bucket if n not in known and n not in trashed and n not in quarantined}
+    index_remote(index, remote, unknown, decode, report, in_bucket)
+
+
+def _end_killed_uploads(
+    layout: Layout,
+    index: Index,
+    remote: "PackCache",
+    known: set[str],
+    cached: dict[str, Path],
+    in_bucket: dict[str, int],
+    report: RecoveryReport,
+) -> None:
+    """Intents of packs neither indexed nor cached (a killed upload): their objects are
+    deleted — with object lock the bucket keeps them until their dates, and a GC trash
+    marker each has GC delete them then. Intents of indexed packs are cleared."""
+    from engine.store.remote import leave_for_gc  # noqa: PLC0415 - botocore: only for a bucket
+
     stale = [n for n in index.uploads() if n not in known and n not in cached]
     if stale:
-        remote.objects.delete(stale)
+        locked = remote.objects.delete(stale)
+        if locked:
+            leave_for_gc(layout, index, locked)
         report.removed_uploads += sorted(stale)
         for name in stale:
             in_bucket.pop(name, None)
     index.end_upload([*stale, *(n for n in index.uploads() if n in known)])
-    unknown = {n for n in in_bucket if n not in known and n not in trashed and n not in quarantined}
-    index_remote(index, remote, unknown, decode, report, in_bucket)
 
 
 def index_remote(

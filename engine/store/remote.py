@@ -61,6 +61,7 @@ import secrets
 import shutil
 import socket
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -72,7 +73,16 @@ import structlog
 from engine.core.errors import CorruptPack, PackMissing, StoreError, StoreLocked
 from engine.io.s3 import S3Endpoint
 from engine.store.failure import write_failure
-from engine.store.layout import MANIFEST_NAME, Layout, RemoteConfig, StoreConfig
+from engine.store.index import Index
+from engine.store.layout import (
+    IN_BUCKET,
+    MANIFEST_NAME,
+    REMOTE_TRASH,
+    Layout,
+    RemoteConfig,
+    StoreConfig,
+    remote_trash,
+)
 from engine.store.objects import S3Packs
 from engine.store.pack import PACK_SUFFIX, pack_path
 from engine.util.fs import TMP_SUFFIX, atomic_write, fsync_dir
@@ -120,17 +130,30 @@ def claim_prefix(packs: S3Packs, store_id: str) -> None:
     prefix already holds a store (its id named), so two stores never share one."""
     key = f"{packs.prefix}{STORE_MARKER}"
     body = json.dumps({"store_id": store_id}).encode() + b"\n"
-    if packs.client.put_new(key, body, len(body)) is not None:
-        return
-    try:
-        there = json.loads(packs.client.get_range(key, 0, 4096) or b"{}").get("store_id")
-    except ValueError:
-        there = None
+    if packs.lock is None:
+        if packs.client.put_new(key, body, len(body)) is not None:
+            return
+        there = _store_id(packs.client.get_range(key, 0, 4096))
+    else:  # versioned: the oldest version is the claim (``S3Packs._put_locked``)
+        mine = packs.client.put_version(key, body, len(body))
+        oldest = [v for v in packs.client.versions(key) if not v.marker][-1]
+        if oldest.version_id == mine:
+            return
+        there = _store_id(packs.client.get_range(key, 0, 4096, oldest.version_id))
+        packs.client.delete_versions([(key, mine)])
     raise StoreError(
         path=packs.where,
         reason=f"already holds store {there or '(unreadable marker)'}: a bucket prefix holds "
         "one store (choose another prefix)",
     )
+
+
+def _store_id(raw: bytes | None) -> str | None:
+    try:
+        found = json.loads(raw or b"{}").get("store_id")
+    except (ValueError, AttributeError):
+        return None
+    return str(found) if found else None
 
 
 # --- what else the bucket holds: enough to re-attach it alone -------------------------------
@@ -148,7 +171,6 @@ def claim_prefix(packs: S3Packs, store_id: str) -> None:
 # writer's open puts every committed snapshot without it (a failed or killed put). Prune
 # deletes a removed snapshot's objects; undoing the removal puts them again.
 
-IN_BUCKET: Final = ".in-bucket"
 CONFIG_KEY: Final = "config.json"
 KEY_KEY: Final = "keys/key"
 SNAPSHOTS: Final = "snapshots/"
@@ -168,12 +190,13 @@ def store_published(layout: Layout) -> bool:
 
 
 def put_snapshot(packs: S3Packs, layout: Layout, snapshot_id: str) -> None:
-    """Put a committed snapshot's DiskMaps, then its manifest, then mark it ``IN_BUCKET``."""
+    """Put a committed snapshot's DiskMaps, then its manifest, then mark it ``IN_BUCKET``;
+    with object lock the marker holds the date its objects are locked until."""
     d = layout.snapshot_dir(snapshot_id)
     files = [*sorted(d.glob("*.dmap")), d / MANIFEST_NAME]
-    for f in files:
-        packs.put_file(f"{SNAPSHOTS}{snapshot_id}/{f.name}", f)
-    (d / IN_BUCKET).touch()
+    dates = [packs.put_file(f"{SNAPSHOTS}{snapshot_id}/{f.name}", f) for f in files]
+    until = max((u for u in dates if u is not None), default=None)
+    atomic_write(d / IN_BUCKET, b"" if until is None else f"{until}\n".encode(), "store.in_bucket")
 
 
 def drop_snapshot(packs: S3Packs, snapshot_id: str) -> None:
@@ -201,8 +224,10 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
     if path.exists() and any(path.iterdir()):
         raise StoreError(path=path, reason="exists and is not empty")
     access, secret = s3_key
-    packs = S3Packs.open(
-        S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region), remote.prefix
+    packs = S3Packs.open(  # only read here (the first writable open probes it)
+        S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region),
+        remote.prefix,
+        probe=False,
     )
     layout = Layout(path)
     staging = path.with_name(path.name + ".attaching")
@@ -222,8 +247,18 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
             target = tmp.snapshot_dir(sid)
             target.mkdir(exist_ok=True)
             packs.get_file(key, target / name)
+        was = config.remote
+        if was is not None:  # the bucket's object lock is the store's, whatever was asked
+            remote = dataclasses.replace(
+                remote, object_lock=was.object_lock, lock_seconds=was.lock_seconds
+            )
         for sid in tmp.committed_snapshots():
-            (tmp.snapshot_dir(sid) / IN_BUCKET).touch()
+            until = None
+            if remote.lock is not None:  # the date prune waits for: the manifest's
+                held = packs.client.retention(f"{packs.prefix}{SNAPSHOTS}{sid}/{MANIFEST_NAME}")
+                until = None if held is None else int(held.until.timestamp())
+            marker = b"" if until is None else f"{until}\n".encode()
+            atomic_write(tmp.snapshot_dir(sid) / IN_BUCKET, marker, "store.attach")
         (staging / IN_BUCKET).touch()
         for d in tmp.snapshots.iterdir():  # DiskMaps of a snapshot whose manifest is gone
             if not (d / MANIFEST_NAME).exists():
@@ -281,8 +316,7 @@ def describe_holder(doc: dict[str, object]) -> str:
     )
 
 
-def read_writer_lock(packs: S3Packs) -> dict[str, object] | None:
-    raw = packs.client.get_range(packs.prefix + WRITER_LOCK, 0, 64 * 1024)
+def _parse_lock(raw: bytes | None) -> dict[str, object] | None:
     if raw is None:
         return None
     try:
@@ -292,20 +326,68 @@ def read_writer_lock(packs: S3Packs) -> dict[str, object] | None:
     return doc if isinstance(doc, dict) else {"host": "(unreadable lock)"}
 
 
-def take_writer_lock(packs: S3Packs, layout: Layout) -> None:
-    """Hold the bucket prefix's writer lock (above); StoreLocked naming the holder."""
+def _lock_versions(packs: S3Packs) -> list[str]:
+    """In a versioned bucket: the writer lock's versions, newest first. Each is a writer's
+    claim; the oldest holds the lock (a claim is deleted for good when its writer lets go)."""
+    key = packs.prefix + WRITER_LOCK
+    return [v.version_id for v in packs.client.versions(key) if not v.marker]
+
+
+def read_writer_lock(packs: S3Packs) -> dict[str, object] | None:
+    key = packs.prefix + WRITER_LOCK
+    if packs.lock is None:
+        return _parse_lock(packs.client.get_range(key, 0, 64 * 1024))
+    held = _lock_versions(packs)
+    return _parse_lock(packs.client.get_range(key, 0, 64 * 1024, held[-1])) if held else None
+
+
+def take_writer_lock(packs: S3Packs, layout: Layout) -> str | None:
+    """Hold the bucket prefix's writer lock (above); StoreLocked naming the holder. Returns
+    the version id of our claim in a versioned bucket (object lock), for the release.
+
+    A versioned bucket (RGW 16 ignores ``If-None-Match`` there) settles it by versions:
+    each writer PUTs its claim as a new version of ``writer.json`` and then lists the
+    versions; the oldest is the holder, and every contender sees the same oldest. A loser
+    deletes its own version; the holder's is deleted (for good, by id) when it lets go."""
     me = writer_identity(layout)
     doc = {**me, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
     body = json.dumps(doc).encode() + b"\n"
     key = packs.prefix + WRITER_LOCK
+    if packs.lock is not None:
+        return _take_versioned(packs, key, body, me)
     if packs.client.put_new(key, body, len(body)) is not None:
-        return
+        return None
     held = read_writer_lock(packs)
     if held is not None and all(held.get(k) == v for k, v in me.items()):
         log.warning("store.bucket_lock_taken_over", where=packs.where, was=describe_holder(held))
         packs.client.put(key, body)
-        return
-    raise StoreLocked(
+        return None
+    raise _locked(packs, held)
+
+
+def _take_versioned(packs: S3Packs, key: str, body: bytes, me: dict[str, str]) -> str:
+    mine = packs.client.put_version(key, body, len(body))
+    try:
+        while True:
+            held = _lock_versions(packs)
+            if held and held[-1] == mine:
+                return mine
+            holder = held[-1] if held else None
+            doc = _parse_lock(packs.client.get_range(key, 0, 64 * 1024, holder))
+            if holder is None or doc is None or not all(doc.get(k) == v for k, v in me.items()):
+                raise _locked(packs, doc)
+            # A claim of this store directory on this machine: its process is gone (the
+            # store's own file lock is ours), so it is taken over.
+            log.warning("store.bucket_lock_taken_over", where=packs.where, was=describe_holder(doc))
+            packs.client.delete_versions([(key, holder)])
+    except BaseException:
+        with contextlib.suppress(StoreError):
+            packs.client.delete_versions([(key, mine)])
+        raise
+
+
+def _locked(packs: S3Packs, held: dict[str, object] | None) -> StoreLocked:
+    return StoreLocked(
         path=packs.where,
         reason=f"is written by {describe_holder(held or {})}; one DataMover writes a bucket "
         "prefix at a time. If that DataMover is gone for good, `tessera store break-lock` "
@@ -313,9 +395,13 @@ def take_writer_lock(packs: S3Packs, layout: Layout) -> None:
     )
 
 
-def release_writer_lock(packs: S3Packs, layout: Layout) -> None:
-    """Delete the lock if it is still ours (best effort: a close must not fail on it)."""
+def release_writer_lock(packs: S3Packs, layout: Layout, version: str | None = None) -> None:
+    """Delete the lock if it is still ours (best effort: a close must not fail on it);
+    ``version``: our claim in a versioned bucket (``take_writer_lock``)."""
     try:
+        if version is not None:
+            packs.client.delete_versions([(packs.prefix + WRITER_LOCK, version)])
+            return
         held = read_writer_lock(packs)
         me = writer_identity(layout)
         if held is not None and all(held.get(k) == v for k, v in me.items()):
@@ -325,11 +411,29 @@ def release_writer_lock(packs: S3Packs, layout: Layout) -> None:
 
 
 def break_writer_lock(packs: S3Packs) -> dict[str, object] | None:
-    """Remove the prefix's writer lock whoever holds it; what it said, or None."""
+    """Remove the prefix's writer lock whoever holds it; what it said, or None. In a
+    versioned bucket every claim goes (the holder's and any a killed contender left)."""
     held = read_writer_lock(packs)
-    if held is not None:
+    if packs.lock is not None:
+        key = packs.prefix + WRITER_LOCK
+        packs.client.delete_versions([(key, v) for v in _lock_versions(packs)])
+    elif held is not None:
         packs.delete_keys([WRITER_LOCK])
     return held
+
+
+def leave_for_gc(layout: Layout, index: Index, names: list[str]) -> None:
+    """Packs the bucket would not delete yet (object lock): a GC trash marker each, with its
+    size and recorded date, so GC deletes it once the date is past (``engine.maint.gc``)."""
+    layout.trash.mkdir(exist_ok=True)
+    stamp = int(time.time())
+    dates = index.locks(names)
+    for name in names:
+        size = index.pack_size(name) or 0
+        marker = layout.trash / f"{stamp}-{name}{REMOTE_TRASH}"
+        atomic_write(marker, remote_trash(size, dates.get(name)), "store.locked_trash")
+        log.info("store.pack_left_locked", pack=name, until=dates.get(name), where=str(layout.root))
+    fsync_dir(layout.trash)
 
 
 class InitBucket:
@@ -343,7 +447,7 @@ class InitBucket:
     def claim(cls, remote: RemoteConfig, s3_key: tuple[str, str], store_id: str) -> "InitBucket":
         access, secret = s3_key
         where = S3Endpoint(remote.endpoint, remote.bucket, access, secret, remote.region)
-        packs = S3Packs.open(where, remote.prefix)
+        packs = S3Packs.open(where, remote.prefix, lock=remote.lock)
         try:
             claim_prefix(packs, store_id)
         except BaseException:
@@ -371,12 +475,15 @@ class PackCache:
         limit: int,
         pack_size: int,
         lock: Layout | None = None,
+        lock_version: str | None = None,
     ):
         """``lock``: the writer's store layout, whose writer lock in the bucket this cache
-        holds (released on close); None for a read-only open."""
+        holds (released on close; ``lock_version``: its claim in a versioned bucket); None
+        for a read-only open."""
         self.packs_dir = packs_dir
         self.objects = objects
         self._lock_layout = lock
+        self._lock_version = lock_version
         # Never less than two packs: the one a reader uses and the one just fetched.
         self.limit = max(limit, 2 * pack_size)
         self._lock = threading.Lock()
@@ -411,7 +518,7 @@ class PackCache:
     def close(self) -> None:
         self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self._lock_layout is not None:
-            release_writer_lock(self.objects, self._lock_layout)
+            release_writer_lock(self.objects, self._lock_layout, self._lock_version)
             self._lock_layout = None
         if self.objects.budget is not None:
             self.objects.budget.flush()
@@ -419,10 +526,11 @@ class PackCache:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def upload(self, name: str) -> None:
+    def upload(self, name: str) -> int | None:
         """Put the sealed pack ``packs/nn/<name>.pack`` into the bucket (create-only; the
-        same content already there is success). The caller recorded the intent first."""
-        self.objects.put(name, pack_path(self.packs_dir, name))
+        same content already there is success). The caller recorded the intent first. Its
+        lock date with object lock (``engine.store.retention``), else None."""
+        return self.objects.put(name, pack_path(self.packs_dir, name))
 
     def added(self, name: str, size: int) -> None:
         """A pack sealed here was uploaded and indexed: cache it, trim the cache."""

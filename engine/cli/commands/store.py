@@ -19,6 +19,7 @@ from engine.store.chunk_store import Store
 from engine.store.damage import damage_of
 from engine.store.layout import ENCRYPTION_NONE, RemoteConfig
 from engine.store.manifest import Manifest
+from engine.store.retention import describe_duration, parse_duration
 
 
 def cmd_store_init(args: argparse.Namespace) -> int:
@@ -44,6 +45,11 @@ def cmd_store_init(args: argparse.Namespace) -> int:
             f"  packs in {remote.url} at {remote.endpoint}; cache of "
             f"{human_bytes(remote.cache_bytes)} in {args.path / 'packs'}"
         )
+        if remote.lock is not None:
+            print(
+                f"  object lock {remote.lock.mode}: every snapshot kept at least "
+                f"{describe_duration(remote.lock.seconds)} from its backup"
+            )
     print(
         f"  chunk size {human_bytes(config.chunk_size)}, pack size {human_bytes(config.pack_size)}"
     )
@@ -86,6 +92,7 @@ def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, s
             "bucket's key (it is kept in the store's keys/s3.json, readable by its owner only)"
         )
     bucket, prefix = args.s3
+    mode, seconds = _object_lock(args)
     remote = RemoteConfig(
         args.s3_endpoint,
         bucket,
@@ -94,8 +101,22 @@ def _remote(args: argparse.Namespace) -> tuple[RemoteConfig | None, tuple[str, s
         args.cache_size,
         requests_per_second=args.s3_requests_per_second,
         requests_per_month=args.s3_requests_per_month,
+        object_lock=mode,
+        lock_seconds=seconds,
     )
     return remote, (access, secret)
+
+
+def _object_lock(args: argparse.Namespace) -> tuple[str, int]:
+    mode, duration = getattr(args, "object_lock", None), getattr(args, "lock_for", None)
+    if mode is None and duration is None:
+        return "", 0
+    if mode is None or duration is None:
+        raise ConfigError(message="store init: --object-lock and --lock-for go together")
+    try:
+        return mode.upper(), parse_duration(duration)
+    except ValueError as e:
+        raise ConfigError(message=f"store init --lock-for: {e}") from None
 
 
 def cmd_store_info(args: argparse.Namespace) -> int:
