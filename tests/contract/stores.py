@@ -8,8 +8,9 @@ the store keeps it). ``test_store.py`` runs every test with every factory.
 
 Implementations: ``Store`` on a temporary directory with AES-GCM records and with plaintext
 records, ``Store`` with its packs in a bucket of a real Ceph RGW (``tests.s3.rgw``) and a
-cache bound of two packs (so reads fetch evicted packs again), and
-``tests.memory_store.MemoryStore``.
+cache bound of two packs (so reads fetch evicted packs again), the same in a bucket with
+object lock (a versioned bucket: create-only and the writer lock by versions, every object
+locked; ``engine.store.retention``), and ``tests.memory_store.MemoryStore``.
 """
 
 from collections.abc import Callable, Iterator
@@ -174,22 +175,37 @@ def on_disk(encryption: str) -> Factory:
     return factory
 
 
-@contextmanager
-def in_bucket(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHarness]:
-    bucket: S3Endpoint = request.getfixturevalue("s3_bucket")
-    path = tmp_path / "store"
-    pack_size = 1024 * 1024
-    Store.init(
-        path,
-        chunk_size=CHUNK,
-        pack_size=pack_size,
-        passphrase=PASSPHRASE,
-        kdf=CHEAP_KDF,
-        remote=RemoteConfig(bucket.url, bucket.bucket, "stores/a/", cache_bytes=2 * pack_size),
-        s3_key=(bucket.access_key, bucket.secret_key),
-    )
-    with Store.open(path, passphrase=PASSPHRASE) as store:
-        yield StoreOnDisk(store)
+def in_bucket(object_lock: str = "") -> Factory:
+    """A store whose packs are in a bucket; with ``object_lock`` a bucket made with object
+    lock and a store locking everything for a day (GOVERNANCE: the test's cleanup may
+    bypass it, COMPLIANCE could not be undone)."""
+
+    @contextmanager
+    def factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreHarness]:
+        bucket: S3Endpoint = request.getfixturevalue("s3_buckets")(object_lock=bool(object_lock))
+        path = tmp_path / "store"
+        pack_size = 1024 * 1024
+        remote = RemoteConfig(
+            bucket.url,
+            bucket.bucket,
+            "stores/a/",
+            cache_bytes=2 * pack_size,
+            object_lock=object_lock,
+            lock_seconds=86400 if object_lock else 0,
+        )
+        Store.init(
+            path,
+            chunk_size=CHUNK,
+            pack_size=pack_size,
+            passphrase=PASSPHRASE,
+            kdf=CHEAP_KDF,
+            remote=remote,
+            s3_key=(bucket.access_key, bucket.secret_key),
+        )
+        with Store.open(path, passphrase=PASSPHRASE) as store:
+            yield StoreOnDisk(store)
+
+    return factory
 
 
 @contextmanager
@@ -200,6 +216,7 @@ def in_memory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreH
 STORES: Final[dict[str, Factory]] = {
     "store-aes": on_disk(ENCRYPTION_AES),
     "store-plain": on_disk("none"),
-    "store-s3": in_bucket,
+    "store-s3": in_bucket(),
+    "store-s3-locked": in_bucket("GOVERNANCE"),
     "memory": in_memory,
 }

@@ -1,7 +1,9 @@
 """The ``PackObjects`` contract (``engine.store.objects``): where sealed packs live.
 
 Every implementation runs these tests through the ``packs`` fixture: ``LocalPacks`` (a
-directory) and ``S3Packs`` (a bucket of a real Ceph RGW, ``tests.s3.rgw``, under a prefix).
+directory) and ``S3Packs`` (a bucket of a real Ceph RGW, ``tests.s3.rgw``, under a prefix),
+also in a bucket with object lock (versioned: RGW 16 ignores ``If-None-Match`` there, so
+create-only rests on the versions' order).
 What users rely on, from the module's docstring:
 
 - A sealed pack put reads back by byte ranges exactly (header, records, trailer, footer),
@@ -35,18 +37,22 @@ from engine.store import format as fmt
 from engine.store.objects import TAIL_READ, LocalPacks, PackObjects, S3Packs, read_trailer
 from engine.store.pack import PackWriter, SealedPack, new_pack_name, pack_path
 from engine.store.pack import read_trailer as read_file_trailer
+from engine.store.retention import LockPolicy
 
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "s3-locked"])
 def packs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PackObjects]:
     objects: PackObjects
     if request.param == "local":
         objects = LocalPacks(tmp_path / "store" / "packs")
-    else:
+    elif request.param == "s3":
         bucket: S3Endpoint = request.getfixturevalue("s3_bucket")
         objects = S3Packs.open(bucket, prefix="stores/a")
+    else:  # object lock: versioned, create-only by versions, every pack locked for a day
+        bucket = request.getfixturevalue("s3_buckets")(object_lock=True)
+        objects = S3Packs.open(bucket, prefix="stores/a", lock=LockPolicy("GOVERNANCE", 86400))
     try:
         yield objects
     finally:
@@ -92,9 +98,17 @@ def test_put_then_read_ranges_stat_list_delete(packs: PackObjects, tmp_path: Pat
     assert fmt.PACK_FOOTER.unpack(footer)[2] == len(records)
     assert [(s.name, s.size) for s in packs.list()] == [(name, len(data))]
 
-    packs.delete([name])
+    if locked(packs):  # a locked pack is never deleted: the bucket refuses, and we say so
+        assert packs.delete([name]) == [name]
+        assert packs.read(name, 0, len(data)) == data
+        return
+    assert packs.delete([name]) == []
     assert packs.stat(name) is None
     assert list(packs.list()) == []
+
+
+def locked(packs: PackObjects) -> bool:
+    return isinstance(packs, S3Packs) and packs.lock is not None
 
 
 def test_list_names_every_pack(packs: PackObjects, tmp_path: Path) -> None:
@@ -104,8 +118,9 @@ def test_list_names_every_pack(packs: PackObjects, tmp_path: Path) -> None:
         packs.put(name, path)
         put[name] = path.stat().st_size
     assert {s.name: s.size for s in packs.list()} == put
-    packs.delete(sorted(put)[:2])
-    assert {s.name for s in packs.list()} == set(sorted(put)[2:])
+    refused = packs.delete(sorted(put)[:2])
+    assert refused == (sorted(put)[:2] if locked(packs) else [])
+    assert {s.name for s in packs.list()} == set(sorted(put)[0 if locked(packs) else 2 :])
 
 
 def test_create_only_refuses_other_content_and_keeps_the_first(
@@ -215,13 +230,16 @@ def test_counters_count_requests_and_bytes(packs: PackObjects, tmp_path: Path) -
     delta = {
         k: (after[k].requests - before[k].requests, after[k].bytes - before[k].bytes) for k in after
     }
+    # With object lock a put lists the versions and sets the lock (other: PutObjectRetention),
+    # and a delete lists the versions first.
+    lists, other = (3, 1) if locked(packs) else (1, 0)
     assert delta == {
         "put": (1, size),
         "get": (3, 180),
         "head": (1, 0),
-        "list": (1, 0),
+        "list": (lists, 0),
         "delete": (1, 0),
-        "other": (0, 0),
+        "other": (other, 0),
     }
 
 
