@@ -649,9 +649,9 @@ class Store:
         self.index.intend_upload(sealed.name, int(datetime.now(UTC).timestamp()))
         failpoints.hit("store.remote.before_put")
         until = self.remote.upload(sealed.name)
-        failpoints.hit("store.remote.after_put")
         if until is not None:  # object lock: the date, for renewals and GC
             self.index.set_locks({sealed.name: until})
+        failpoints.hit("store.remote.after_put")
 
     def note_indexed(self, sealed: SealedPack) -> None:
         """A pack sealed in ``packs/`` was published and indexed: a store in a bucket keeps
@@ -673,7 +673,7 @@ class Store:
         if refused and keep_refused:
             from engine.store.remote import leave_for_gc  # noqa: PLC0415
 
-            leave_for_gc(self.layout, self.index, refused)
+            leave_for_gc(self.layout, self.index, self.remote.objects, refused)
         return refused
 
     @staticmethod

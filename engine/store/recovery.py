@@ -260,7 +260,7 @@ def _end_killed_uploads(
     if stale:
         locked = remote.objects.delete(stale)
         if locked:
-            leave_for_gc(layout, index, locked)
+            leave_for_gc(layout, index, remote.objects, locked)
         report.removed_uploads += sorted(stale)
         for name in stale:
             in_bucket.pop(name, None)

@@ -422,13 +422,16 @@ def break_writer_lock(packs: S3Packs) -> dict[str, object] | None:
     return held
 
 
-def leave_for_gc(layout: Layout, index: Index, names: list[str]) -> None:
+def leave_for_gc(layout: Layout, index: Index, objects: S3Packs, names: list[str]) -> None:
     """Packs the bucket would not delete yet (object lock): a GC trash marker each, with its
-    size and recorded date, so GC deletes it once the date is past (``engine.maint.gc``)."""
+    size and date (recorded, else asked of the bucket: a writer killed before it recorded
+    it), so GC deletes it once the date is past (``engine.maint.gc``)."""
     layout.trash.mkdir(exist_ok=True)
     stamp = int(time.time())
     dates = index.locks(names)
     for name in names:
+        if name not in dates and (held := objects.client.retention(objects.key(name))):
+            dates[name] = int(held.until.timestamp())
         size = index.pack_size(name) or 0
         marker = layout.trash / f"{stamp}-{name}{REMOTE_TRASH}"
         atomic_write(marker, remote_trash(size, dates.get(name)), "store.locked_trash")
