@@ -37,12 +37,14 @@ Invariants:
    succeeds and a second one is refused, a ranged GET returns just the range, and the probe
    is removed (every version of it, in a versioned bucket). A bucket that fails any of it
    is refused with ``ObjectStoreUnfit`` naming the endpoint, the bucket and the capability.
-   Object lock and versioning are detected and reported (``Capabilities``); using object
-   lock is a later piece. Ceph RGW 16 ignores ``If-None-Match: *`` in a versioned bucket
-   (measured: the second PUT makes a new current version), and object lock turns versioning
-   on, so on RGW 16 a bucket with object lock fails the probe today, with an error saying
-   so (docs/DESIGN.md §4.1 has the plan). In a bucket with a default retention the probe
-   object is locked too and stays until its date (a warning says so).
+   Object lock and versioning are detected and reported (``Capabilities``). Ceph RGW 16
+   ignores ``If-None-Match: *`` in a versioned bucket (measured: the second PUT makes a new
+   current version), and object lock turns versioning on: a store without object lock is
+   refused there (the error says ``--object-lock`` works). ``S3Packs(lock=...)`` (a store
+   with object lock) requires the bucket's object lock with no default retention, and
+   probes that versions list newest first; its ``put`` is create-only by versions and
+   locks the pack (``_put_locked``), its ``delete`` removes every version and returns the
+   packs the bucket refused (still locked): a locked pack is never deleted.
 
 Keys on S3 mirror the directory: ``<prefix>packs/<nn>/<name>.pack``. What the store keeps
 beside packs (index, catalog, snapshots) is not here: see docs/DESIGN.md §4.1 for the plan.

@@ -47,10 +47,18 @@ Recovery (``recovery.recover`` with a cache) lists the bucket instead of ``packs
 GC retires a pack in a bucket by a marker ``trash/<t>-<name>.remote`` (its size) instead of
 a link; the object is deleted, in ``DeleteObjects`` batches, once the grace period is over.
 
-Not yet (docs/DESIGN.md §4.1 has the plan): object lock (RGW 16 ignores ``If-None-Match``
-in the versioned buckets object lock needs: such buckets are refused at the probe), and
-several DataMovers writing one pool (leases in the bucket; the writer lock refuses a second
-writer until then).
+Object lock (``--object-lock MODE --lock-for DURATION`` at init; ``engine.store.retention``
+has the dates and the promise): the bucket must have been created with object lock, which
+turns versioning on, and RGW 16 ignores ``If-None-Match`` in versioned buckets. So there,
+create-only rests on the order of versions (``S3Packs._put_locked``: PUT, list the key's
+versions, lock ours only if it is the oldest, else delete it), and so do the claim and the
+writer lock (below). Every object put is locked; a commit renews the packs its snapshot
+shares with older ones; a delete removes every version and is refused by the bucket while
+one is locked: GC keeps the pack's trash marker (with its date) and retries, and a pack
+that repair or recovery would delete gets such a marker (``leave_for_gc``).
+
+Not yet (docs/DESIGN.md §4.1): several DataMovers writing one pool (leases in the bucket;
+the writer lock refuses a second writer until then).
 """
 
 import contextlib
@@ -283,7 +291,8 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
 # --- the writer lock in the bucket -----------------------------------------------------------
 #
 # One DataMover writes a bucket prefix at a time (its GC deletes objects another writer's
-# index might name). A writable open takes ``<prefix>writer.json`` create-only: who (host,
+# index might name). A writable open takes ``<prefix>writer.json`` create-only (in a
+# versioned bucket: as a new version, the oldest version holding it): who (host,
 # machine id, store directory, pid) and since when; close deletes it. Found held by this
 # same store directory on this same machine, it is left by a writer of ours that was killed
 # (the local flock proves no other process here holds the store): taken over. Held by any
