@@ -162,6 +162,17 @@ class S3Client:
             )
         return ObjectStoreError(**where, op=op, code=type(e).__name__, reason=str(e))
 
+    def _fault(self, op: str, key: str, code: str, reason: str) -> ObjectStoreError:
+        """An error of ours (not the server's) about ``key``, named as ``_error`` names."""
+        return ObjectStoreError(
+            endpoint=self.endpoint.url,
+            bucket=self.endpoint.bucket,
+            key=key,
+            op=op,
+            code=code,
+            reason=reason,
+        )
+
     @staticmethod
     def _code(e: ClientError) -> str:
         return str(e.response.get("Error", {}).get("Code", ""))
@@ -214,13 +225,11 @@ class S3Client:
             raise self._error("PutObject", key, e) from e
         version = r.get("VersionId")
         if not version:
-            raise ObjectStoreError(
-                endpoint=self.endpoint.url,
-                bucket=self.endpoint.bucket,
-                key=key,
-                op="PutObject",
-                code="NoVersionId",
-                reason="the bucket returned no version id (is versioning on?)",
+            raise self._fault(
+                "PutObject",
+                key,
+                "NoVersionId",
+                "the bucket returned no version id (is versioning on?)",
             )
         return str(version)
 
@@ -284,13 +293,11 @@ class S3Client:
                 # The server sent the whole object: a gateway that ignores ranges would make
                 # every record read fetch a whole pack. Probing at open refuses such a bucket.
                 r["Body"].close()
-                raise ObjectStoreError(
-                    endpoint=self.endpoint.url,
-                    bucket=self.endpoint.bucket,
-                    key=key,
-                    op="GetObject",
-                    code="RangeIgnored",
-                    reason=f"asked bytes {offset}+{length}, got the whole object",
+                raise self._fault(
+                    "GetObject",
+                    key,
+                    "RangeIgnored",
+                    f"asked bytes {offset}+{length}, got the whole object",
                 )
             body = r["Body"]
             try:
@@ -321,13 +328,11 @@ class S3Client:
             body = r["Body"]
             try:
                 if not r.get("ContentRange"):
-                    raise ObjectStoreError(
-                        endpoint=self.endpoint.url,
-                        bucket=self.endpoint.bucket,
-                        key=key,
-                        op="GetObject",
-                        code="RangeIgnored",
-                        reason=f"asked bytes {offset}+{len(out)}, got the whole object",
+                    raise self._fault(
+                        "GetObject",
+                        key,
+                        "RangeIgnored",
+                        f"asked bytes {offset}+{len(out)}, got the whole object",
                     )
                 got = 0
                 while got < len(out):
@@ -390,13 +395,11 @@ class S3Client:
         content_range = str(r.get("ContentRange") or "")  # "bytes 10-99/100"
         size = int(content_range.rpartition("/")[2]) if content_range else len(data)
         if len(data) > length:
-            raise ObjectStoreError(
-                endpoint=self.endpoint.url,
-                bucket=self.endpoint.bucket,
-                key=key,
-                op="GetObject",
-                code="RangeIgnored",
-                reason=f"asked the last {length} bytes, got {len(data)}",
+            raise self._fault(
+                "GetObject",
+                key,
+                "RangeIgnored",
+                f"asked the last {length} bytes, got {len(data)}",
             )
         return size, data
 
@@ -448,25 +451,12 @@ class S3Client:
             errors = r.get("Errors") or []
             if errors:
                 first = errors[0]
-                raise ObjectStoreError(
-                    endpoint=self.endpoint.url,
-                    bucket=self.endpoint.bucket,
-                    key=first.get("Key", "?"),
-                    op="DeleteObjects",
-                    code=first.get("Code", "?"),
-                    reason=f"{first.get('Message', '')} ({len(errors)} of {len(batch)} "
-                    "keys refused)",
+                raise self._fault(
+                    "DeleteObjects",
+                    first.get("Key", "?"),
+                    first.get("Code", "?"),
+                    f"{first.get('Message', '')} ({len(errors)} of {len(batch)} keys refused)",
                 )
-
-    def delete_version(self, key: str, version_id: str | None) -> None:
-        """Delete one object (one version of it in a versioned bucket)."""
-        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Key": key}
-        if version_id:
-            args["VersionId"] = version_id
-        try:
-            self._s3.delete_object(**args)
-        except (ClientError, BotoCoreError) as e:
-            raise self._error("DeleteObject", key, e) from e
 
     def versions(self, key: str) -> list[Version]:
         """The versions of exactly ``key`` (a versioned bucket), newest first as S3 lists

@@ -21,7 +21,8 @@ against; ``Store`` fits them), ``objects`` (``PackObjects``: where sealed packs 
 directory or an S3 bucket through ``engine.io.s3``, create-only puts, ranged reads, batched
 deletes, request counters, a bucket probed at open), ``remote`` (a store whose sealed packs
 live in an S3 bucket: ``packs/`` as their bounded cache, upload intents, the bucket's side
-of recovery; docs/DESIGN.md §4.1). The checker that reads through the store
+of recovery; docs/DESIGN.md §4.1), ``retention`` (object lock in such a bucket: lock dates
+by generation, renewal at commit). The checker that reads through the store
 (``engine.maint.check``) and the rest of maintenance sit above this package; nothing here
 imports them.
 
@@ -100,7 +101,9 @@ GC protocol (``engine.maint.gc``; the danger is a session that finds a chunk wit
    a new sealed pack, then link into trash → one index transaction (rows move) → unlink.
    In a bucket: the new pack is uploaded (intent first) before that transaction, the trash
    entry is a marker ``<t>-<name>.remote`` instead of a link, "unlink" drops the cached copy,
-   and emptying the trash deletes the objects (``DeleteObjects`` batches) before the markers.
+   and emptying the trash deletes the objects (``DeleteObjects`` batches) before the markers;
+   with object lock a marker also holds the pack's date and stays until it is past and the
+   bucket has let the delete through.
    An object is never deleted while indexed or named by an upload intent of a live writer.
    Open = recover finishes or undoes a half-retired pack; the trash is emptied after the
    grace period (the undo window against a mistaken or malicious prune).
