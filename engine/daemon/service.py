@@ -612,6 +612,7 @@ class Service:
                 rules=rules.describe(),
                 removed=result.removed,
                 skipped=result.skipped,
+                locked=result.locked,
                 kept_manual=[d.snapshot_id for d in result.decisions if MANUAL_HELD in d.reasons],
             )
 

@@ -164,6 +164,9 @@ class PruneResult:
     dry_run: bool
     removed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # snapshot id → why not removed
+    # Snapshot id → until when its objects are locked in the bucket (object lock): kept by
+    # design, not a failure.
+    locked: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -204,7 +207,7 @@ def prune(
             result.notes.append(f"catalog reconciled with manifests: +{added} -{removed}")
         result.decisions = plan(candidates(store, vm, hold_manual=hold_manual), rules, now, tz)
         locked = _locked(store.layout, result.to_remove, now)
-        result.skipped.update(locked)
+        result.locked.update(locked)
         if dry_run:
             return result
         for d in result.to_remove:

@@ -12,6 +12,7 @@ import pytest
 from engine.io.s3 import S3Endpoint
 from tests.cli import Cli
 from tests.integration.images import make_fs_qcow2
+from tests.s3.rgw import BucketFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -92,3 +93,34 @@ def test_init_without_the_key_or_the_endpoint_is_refused(
     )  # fmt: skip
     assert proc.returncode != 0 and "does not exist" in proc.stderr, proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_an_immutable_store_from_the_command_line(
+    tmp_path: Path, s3_buckets: BucketFactory
+) -> None:
+    """``--object-lock`` with ``--lock-for``: the store says what it promises, backs up and
+    restores, and ``prune`` keeps the locked snapshot saying until when."""
+    bucket = s3_buckets(object_lock=True)
+    store = tmp_path / "store"
+    base = [
+        "store", "init", store, "--pack-size", "1M",
+        "--s3", f"s3://{bucket.bucket}/site-a", "--s3-endpoint", bucket.url,
+    ]  # fmt: skip
+    proc = tessera(*base, "--object-lock", "governance", env=key_env(bucket))
+    assert proc.returncode != 0 and "--lock-for" in proc.stderr, proc.stderr
+    proc = tessera(*base, "--object-lock", "governance", "--lock-for", "soon", env=key_env(bucket))
+    assert proc.returncode != 0 and "not a duration" in proc.stderr, proc.stderr
+    assert not store.exists()
+    proc = tessera(*base, "--object-lock", "governance", "--lock-for", "2d", env=key_env(bucket))
+    assert proc.returncode == 0, proc.stderr
+    assert "object lock GOVERNANCE: every snapshot kept at least 2d" in proc.stdout
+    assert "object lock GOVERNANCE 2d" in tessera("store", "info", store).stdout
+    image = make_fs_qcow2(tmp_path, "disk", size_mib=64)
+    for _ in range(2):
+        proc = tessera("backup", "image", image, "--store", store, "--level", "full")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = tessera("prune", "--store", store, "--keep-last", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "locked" in proc.stdout and "object lock: kept in the bucket until" in proc.stdout
+    assert "1 kept by object lock" in proc.stdout, proc.stdout
+    assert len(json.loads(tessera("snapshots", "--store", store, "--json").stdout)) == 2

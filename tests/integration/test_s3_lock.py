@@ -154,7 +154,7 @@ def test_prune_keeps_a_locked_snapshot_and_gc_says_which_date_it_waits_for(
         for dry_run in (True, False):
             result = prune(store, Rules(keep_last=1), dry_run=dry_run)
             assert result.removed == []
-            why = result.skipped[ma.snapshot_id]
+            why = result.locked[ma.snapshot_id]
             assert (
                 "object lock" in why
                 and datetime.fromtimestamp(until, UTC).strftime("%Y-%m-%d %H:%M:%S") in why
@@ -211,7 +211,7 @@ def test_renewal_then_everything_goes_once_the_dates_are_past(
         wait_past(snapshot_lock(store.layout.snapshot_dir(ma.snapshot_id)) or 0)
         wait_past(max(store.index.locks(a_packs).values()))
         result = prune(store, Rules(keep_last=1), vm="vm")
-        assert result.removed == [ma.snapshot_id], result.skipped
+        assert result.removed == [ma.snapshot_id], result.locked
         assert not list(objects(store).keys(f"snapshots/{ma.snapshot_id}/"))
         done = gc(store, GcOptions(grace=timedelta(0), young_pack_margin=timedelta(0)))
         assert done.lock_waiting == 0 and done.trash_deleted >= len(a_packs), done.lines()

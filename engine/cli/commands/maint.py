@@ -80,11 +80,17 @@ def prune_doc(result: PruneResult) -> dict[str, object]:
                     if d.snapshot_id in result.skipped
                     else {}
                 ),
+                **(
+                    {"locked": result.locked[d.snapshot_id]}
+                    if d.snapshot_id in result.locked
+                    else {}
+                ),
             }
             for d in result.decisions
         ],
         "removed": result.removed,
         "skipped": result.skipped,
+        "locked": result.locked,
         "notes": result.notes,
     }
 
@@ -108,6 +114,9 @@ def _print_prune(result: PruneResult, tz: tzinfo | None) -> None:
         why = ", ".join(d.reasons)
         if d.snapshot_id in result.skipped:
             why += f" — not removed: {result.skipped[d.snapshot_id]}"
+        if d.snapshot_id in result.locked:
+            action = "locked"
+            why += f" — kept: {result.locked[d.snapshot_id]}"
         print(f"  {action:<6}  {d.snapshot_id:<16}  {human_time(d.time, tz)}  {why}")
     n_remove, n_keep = len(result.to_remove), len(result.decisions) - len(result.to_remove)
     if result.dry_run:
@@ -116,6 +125,7 @@ def _print_prune(result: PruneResult, tz: tzinfo | None) -> None:
     print(
         f"removed {len(result.removed)} snapshots, kept {n_keep}"
         + (f", {len(result.skipped)} could not be removed" if result.skipped else "")
+        + (f", {len(result.locked)} kept by object lock" if result.locked else "")
         + "; their data is freed by the next GC after the grace period"
     )
 
