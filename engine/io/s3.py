@@ -22,6 +22,9 @@ would have to replace; nothing else in the store sees botocore.
 Settings, each for a reason (RGW's traps: docs/DESIGN.md §4.1):
 
 - path-style addressing: endpoints are often IP addresses, with no DNS for bucket hosts;
+- payload signing only over plain http: over https TLS already protects the body, and
+  hashing it for SigV4 costs SHA-256 on both ends (measured on RGW 16, loopback: RGW's CPU
+  per GiB backed up 2.5 → 2.1 s, the backup's ratio to a local store 0.54 → 0.59);
 - ``request_checksum_calculation`` / ``response_checksum_validation`` = "when_required":
   botocore ≥ 1.36 otherwise sends CRC32 trailers in ``aws-chunked`` bodies over https,
   which RGW 16 does not parse;
@@ -117,7 +120,12 @@ class S3Client:
         self.attempts = attempts
         self._on_send = on_send
         config = Config(
-            s3={"addressing_style": "path"},
+            # Unsigned bodies over https only (TLS protects them; above). Over plain http
+            # the signature is the body's only end-to-end check.
+            s3={
+                "addressing_style": "path",
+                "payload_signing_enabled": not endpoint.url.startswith("https://"),
+            },
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             connect_timeout=CONNECT_TIMEOUT,

@@ -3,6 +3,8 @@ a real Ceph RGW (``tests.s3.rgw``): probing at open, object lock detection, batc
 paginated listing, and errors that name endpoint, bucket, key and S3 code. What both
 implementations share is the contract suite (tests/contract/test_pack_objects.py)."""
 
+import dataclasses
+import hashlib
 import socket
 from typing import Any
 
@@ -169,3 +171,39 @@ def test_an_endpoint_that_does_not_answer_is_unreachable_and_retryable() -> None
     assert f"127.0.0.1:{port}" in str(e.value)
     assert "bucket-x" in str(e.value)
     assert "connection" in str(e.value)
+
+
+class _Stop(Exception):
+    """Raised by a ``before-send`` hook: the request is looked at, never sent."""
+
+
+def test_bodies_are_signed_over_http_and_left_to_tls_over_https(s3_bucket: S3Endpoint) -> None:
+    """Over plain http the SigV4 signature covers the body's SHA-256 (its only end-to-end
+    check); over https it is ``UNSIGNED-PAYLOAD`` (TLS protects it, and hashing it costs
+    both ends a SHA-256 pass)."""
+    body = b"x" * 1000
+    seen: list[str] = []
+
+    def look(request: Any, **_: object) -> None:
+        seen.append(request.headers["X-Amz-Content-SHA256"].decode())
+
+    client = S3Client(s3_bucket)
+    client._s3.meta.events.register("before-send.s3.PutObject", look)
+    try:
+        assert client.put_new("signed", body, len(body)) is not None
+    finally:
+        client.close()
+    assert seen == [hashlib.sha256(body).hexdigest()]
+
+    def stop(request: Any, **kw: object) -> None:
+        look(request)
+        raise _Stop
+
+    tls = S3Client(dataclasses.replace(s3_bucket, url="https://127.0.0.1:9"), attempts=1)
+    tls._s3.meta.events.register("before-send.s3.PutObject", stop)
+    try:
+        with pytest.raises(_Stop):
+            tls.put_new("unsigned", body, len(body))
+    finally:
+        tls.close()
+    assert seen[1:] == ["UNSIGNED-PAYLOAD"]
