@@ -306,6 +306,8 @@ class Store:
                         (Index if name == layout.index.name else Catalog)(caches / name).close()
                 store = cls(layout, config, keys, writable, lock, caches, remote)
                 store.db_problems = {} if writable else problems  # writable: rebuilt
+                if remote is not None:  # after an OS crash, before anything reads the cache
+                    remote.drop_after_reboot(lambda n: store.index.pack_size(n) is not None)
                 if writable:
                     store.report = recover(
                         layout,
