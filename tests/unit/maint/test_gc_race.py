@@ -10,7 +10,9 @@ must verify clean, also after a final GC with no session live.
 The same race runs on a store whose packs live in a bucket of a real Ceph RGW
 (``engine.store.remote``; a copy of the template's bucket per case), for every GC step with
 the backup paused after its ``has`` and after its ``put``: GC then retires packs by trash
-markers and repacks through the cache, and uploads its new packs before indexing them.
+markers and repacks through the cache, and uploads its new packs before indexing them. And
+again in a bucket with object lock (``engine.store.retention``): what the race writes is
+locked, so GC must keep the markers of the packs the bucket refuses to delete.
 """
 
 import json
@@ -202,13 +204,20 @@ def store_copy(template: Path, tmp_path: Path) -> Iterator[Store]:
         store.close()
 
 
-@pytest.fixture
+@pytest.fixture(params=["plain", "locked"])
 def s3_store_copy(
-    s3_template: tuple[Path, str], s3_buckets: BucketFactory, rgw_admin: Any, tmp_path: Path
+    request: pytest.FixtureRequest,
+    s3_template: tuple[Path, str],
+    s3_buckets: BucketFactory,
+    rgw_admin: Any,
+    tmp_path: Path,
 ) -> Iterator[Store]:
-    """A copy of the S3 template: its directory, and its bucket's objects (server-side)."""
+    """A copy of the S3 template: its directory, and its bucket's objects (server-side).
+    ``locked``: into a bucket with object lock, the store locking what it writes for a day
+    (the template's copies are not locked: GC deletes those and must keep the new ones)."""
     template, source = s3_template
-    target = s3_buckets().bucket
+    locked = request.param == "locked"
+    target = s3_buckets(object_lock=locked).bucket
     for page in rgw_admin.get_paginator("list_objects_v2").paginate(Bucket=source):
         for o in page.get("Contents", []):
             rgw_admin.copy_object(
@@ -218,6 +227,8 @@ def s3_store_copy(
     shutil.copytree(template, path)
     config = json.loads((path / "config.json").read_bytes())
     config["remote"]["bucket"] = target
+    if locked:
+        config["remote"].update(object_lock="GOVERNANCE", lock_seconds=86400)
     (path / "config.json").write_text(json.dumps(config))
     store = Store.open(path, passphrase=PASSPHRASE)
     try:
