@@ -422,6 +422,32 @@ class S3Client:
             raise self._error("HeadObject", key, e) from e
         return ObjectInfo(key, int(r["ContentLength"]), _etag(r.get("ETag")))
 
+    def hidden(self, prefix: str) -> dict[str, list[str]]:
+        """In a versioned bucket: keys under ``prefix`` whose latest entry is a delete
+        marker while a version of the object is still there (a plain DELETE hides an object
+        without removing it), each with the ids of its delete markers. One listing of every
+        version, a page (1000) at a time."""
+        markers: dict[str, list[str]] = {}
+        latest_marker: set[str] = set()
+        has_object: set[str] = set()
+        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Prefix": prefix}
+        while True:
+            try:
+                r = self._s3.list_object_versions(**args)
+            except (ClientError, BotoCoreError) as e:
+                raise self._error("ListObjectVersions", prefix + "*", e) from e
+            for v in r.get("Versions", []):
+                has_object.add(v["Key"])
+            for m in r.get("DeleteMarkers", []):
+                markers.setdefault(m["Key"], []).append(m["VersionId"])
+                if m.get("IsLatest"):
+                    latest_marker.add(m["Key"])
+            if not r.get("IsTruncated"):
+                break
+            args["KeyMarker"] = r.get("NextKeyMarker")
+            args["VersionIdMarker"] = r.get("NextVersionIdMarker")
+        return {k: markers[k] for k in sorted(latest_marker & has_object)}
+
     def list_objects(self, prefix: str, page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order, a page (≤ ``page_size``) at a time."""
         token: str | None = None

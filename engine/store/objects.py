@@ -103,6 +103,7 @@ _S3_KINDS: Final = {
     "DeleteObjects": "delete",
     "DeleteObject": "delete",
     "ListObjectVersions": "list",
+    "PutObjectRetention": "other",
 }
 _NAME: Final = re.compile(r"[0-9a-f]{32}")
 PROBE_PREFIX: Final = "probe/"  # under the store's prefix; probe objects live for one open
@@ -667,6 +668,30 @@ class S3Packs:
                 "store.s3_delete_refused", where=self.where, key=key, version=version, code=code
             )
         return {key for key, _, _ in refused}
+
+    def unhide(self) -> builtins.list[str]:
+        """In a versioned bucket (object lock): remove the delete markers that hide objects
+        under the prefix (a plain DELETE — a mistake, or an attacker without the power to
+        delete a locked version — only adds a marker; removing it makes the version current
+        again). The keys made visible again, relative to the prefix."""
+        self._admit()
+        hidden = self.client.hidden(self.prefix)
+        pairs = [(key, m) for key, ms in hidden.items() for m in ms]
+        if pairs:
+            self._admit()
+            refused = self.client.delete_versions(pairs)
+            if refused:
+                key, _, code = refused[0]
+                raise ObjectStoreError(
+                    endpoint=self.endpoint.url,
+                    bucket=self.endpoint.bucket,
+                    key=key,
+                    op="DeleteObjects",
+                    code=code,
+                    reason=f"a delete marker hiding it could not be removed ({len(refused)} "
+                    "refused)",
+                )
+        return [k[len(self.prefix) :] for k in hidden]
 
     def retain(self, name: str, until: int) -> None:
         """Move pack ``name``'s lock date to ``until`` (object lock; only ever later)."""

@@ -52,6 +52,7 @@ class RecoveryReport:
     removed_temp_files: list[str] = field(default_factory=list)
     uploaded_packs: list[str] = field(default_factory=list)  # sealed here, put by recovery
     removed_uploads: list[str] = field(default_factory=list)  # objects of killed uploads
+    unhidden: list[str] = field(default_factory=list)  # keys a delete marker hid (object lock)
     dropped_cache: list[str] = field(default_factory=list)  # cached copies of another size
     uploaded_snapshots: list[str] = field(default_factory=list)  # put in the bucket late
     dropped_packs: list[str] = field(default_factory=list)  # "name: reason, N chunks"
@@ -70,6 +71,10 @@ class RecoveryReport:
         """Findings an operator must hear about (the rest is routine crash cleanup)."""
         return (
             list(self.files)
+            + [
+                f"{k}: deleted in the bucket but kept by its object lock; made visible again"
+                for k in self.unhidden
+            ]
             + [f"dropped index entries of pack {p}" for p in self.dropped_packs]
             + [scanned_line(s) for s in self.scanned]
             + [f"unreadable pack {p}" for p in self.unreadable_packs]
@@ -190,6 +195,8 @@ def _recover_remote(
     layout: Layout, index: Index, remote: "PackCache", decode: Decode | None, report: RecoveryReport
 ) -> None:
     """Steps 2-4 for packs in a bucket (``engine.store.remote`` lists what they do)."""
+    if remote.objects.lock is not None:  # before anything is judged missing
+        report.unhidden = remote.objects.unhide()
     in_bucket = {p.name: p.size for p in remote.objects.list()}
     cached = layout.pack_files()
     trashed = layout.trash_files()

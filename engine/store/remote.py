@@ -44,7 +44,10 @@ Recovery (``recovery.recover`` with a cache) lists the bucket instead of ``packs
   is left that GC would keep forever;
 - an object in the bucket that the index does not know, that no intent names and that is not
   in the trash is indexed from its trailer (one ranged GET of its tail): this is how an
-  index is rebuilt from the bucket.
+  index is rebuilt from the bucket;
+- with object lock, first: an object hidden by a delete marker (a plain DELETE, by mistake or
+  by an attacker who cannot delete a locked version) is made visible again by removing the
+  marker, and reported as a problem (``S3Packs.unhide``; ``attach`` does the same).
 
 GC retires a pack in a bucket by a marker ``trash/<t>-<name>.remote`` (its size) instead of
 a link; the object is deleted, in ``DeleteObjects`` batches, once the grace period is over.
@@ -257,6 +260,9 @@ def attach(path: Path, remote: RemoteConfig, s3_key: tuple[str, str]) -> StoreCo
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         tmp = Layout(staging)
+        if packs.client.versioning() == "Enabled":  # object lock: nothing hidden is left out
+            for key in packs.unhide():
+                log.warning("store.attach_unhidden", where=packs.where, key=key)
         if not packs.get_file(CONFIG_KEY, tmp.config):
             raise StoreError(path=packs.where, reason="holds no Tessera store (no config.json)")
         config = StoreConfig.load(staging)
@@ -371,7 +377,9 @@ def take_writer_lock(packs: S3Packs, layout: Layout) -> str | None:
     A versioned bucket (RGW 16 ignores ``If-None-Match`` there) settles it by versions:
     each writer PUTs its claim as a new version of ``writer.json`` and then lists the
     versions; the oldest is the holder, and every contender sees the same oldest. A loser
-    deletes its own version; the holder's is deleted (for good, by id) when it lets go."""
+    deletes its own version; the holder's is deleted (for good, by id) when it lets go. A
+    contender killed between its PUT and its delete leaves a claim that holds the lock once
+    the holder lets go: the refusal names it, and ``tessera store break-lock`` removes it."""
     me = writer_identity(layout)
     doc = {**me, "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
     body = json.dumps(doc).encode() + b"\n"

@@ -363,3 +363,50 @@ def test_an_unfit_bucket_is_refused_saying_why(
         init(tmp_path / "c", locked)
     assert "default retention" in str(e.value) and "GOVERNANCE 1 days" in str(e.value)
     assert not (tmp_path / "c").exists()
+
+
+def test_objects_an_attacker_deleted_are_kept_by_the_lock_and_come_back(
+    tmp_path: Path, locked_bucket: S3Endpoint, rgw_admin: Any
+) -> None:
+    """A key that may delete (but not bypass the lock) deletes every object of the store:
+    each plain DELETE only hides a locked version behind a delete marker. The next writable
+    open makes them visible again and says so; nothing is dropped from the index, every
+    snapshot reads back; and the bucket alone still re-attaches after the same attack."""
+    path = tmp_path / "store"
+    init(path, locked_bucket)
+    disk = realistic_bytes(24 * CHUNK, seed=11)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        m = write_snapshot(store, "vm", {"d0": disk})
+        packs = {p.name for p in store.index.packs()}
+
+    def attack() -> int:
+        keys = [
+            o["Key"]
+            for page in rgw_admin.get_paginator("list_objects_v2").paginate(
+                Bucket=locked_bucket.bucket
+            )
+            for o in page.get("Contents", [])
+        ]
+        for key in keys:
+            rgw_admin.delete_object(Bucket=locked_bucket.bucket, Key=key)
+        return len(keys)
+
+    assert attack() >= len(packs) + 4
+    for copy in cached_packs(path).values():
+        copy.unlink()  # nothing to fall back on here either
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        unhidden = set(store.report.unhidden)
+        assert {objects(store).key(n)[len("st/") :] for n in packs} <= unhidden
+        assert f"snapshots/{m.snapshot_id}/manifest" in unhidden
+        assert any("kept by its object lock" in line for line in store.report.problems)
+        assert not store.report.dropped_packs
+        assert {p.name for p in store.index.packs()} == packs
+        assert read_disk(store, m) == disk
+        assert check_store(store, data=True).ok
+    shutil.rmtree(path)
+    attack()
+    new = tmp_path / "attached"
+    key = (locked_bucket.access_key, locked_bucket.secret_key)
+    Store.attach(new, RemoteConfig(locked_bucket.url, locked_bucket.bucket, "st/"), key)
+    with Store.open(new, passphrase=PASSPHRASE) as store:
+        assert read_disk(store, store.manifest(m.snapshot_id)) == disk
