@@ -52,6 +52,7 @@ import contextlib
 import faulthandler
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,7 @@ WARN_AFTER: Final = 240.0  # pytest-timeout ends a worker at 300 s
 SESSION_LIMIT: Final = 60 * 60.0
 STALL_LIMIT: Final = 10 * 60.0  # no test started or ended: pytest-timeout ends one at 300 s
 POLL: Final = 5.0
+EXIT_WAIT: Final = 10.0  # seconds a dead worker gets to finish exiting before it is described
 DUMP_WAIT: Final = 3.0  # at most, for the workers' faulthandler to write
 EXIT_STATUS: Final = 3
 LOW_SPACE: Final = 2 << 30  # bytes free for temporary files below which the run is reported
@@ -408,6 +410,7 @@ def _how_it_ended(directory: Path, name: str) -> str:
     parts = []
     for path in sorted(directory.glob(f"{name}.*.stacks")):
         pid = int(path.name.split(".")[1])
+        _wait_exited(pid, EXIT_WAIT)
         try:
             fields = _stat(pid)
         except (OSError, IndexError):
@@ -427,6 +430,22 @@ def _how_it_ended(directory: Path, name: str) -> str:
         else:
             parts.append("no fatal error written (SIGKILL, os._exit, or a killed process)")
     return "; ".join(parts) or "no stack file names it"
+
+
+def _wait_exited(pid: int, timeout: float) -> None:
+    """Wait until ``pid`` has exited (a zombie, or reaped), at most ``timeout`` seconds: xdist
+    reports a worker down as soon as its pipe closes, while a SIGKILLed worker may still be
+    tearing down (state R), which would hide its signal."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # reaped already
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(timeout * 1000)  # readable once every thread of it has exited
+    finally:
+        os.close(fd)
 
 
 def _wait_status(status: int) -> str:
