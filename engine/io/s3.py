@@ -259,17 +259,9 @@ class S3Client:
     def retention(self, key: str, version_id: str | None = None) -> Lock | None:
         """The retention of ``key``'s version (the current one when None); None if it has
         none or the object does not exist."""
-        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Key": key}
-        if version_id:
-            args["VersionId"] = version_id
-        try:
-            r = self._s3.head_object(**args)
-        except ClientError as e:
-            if self._status(e) == 404:
-                return None
-            raise self._error("HeadObject", key, e) from e
-        except BotoCoreError as e:
-            raise self._error("HeadObject", key, e) from e
+        r = self._head(key, version_id)
+        if r is None:
+            return None
         until = r.get("ObjectLockRetainUntilDate")
         mode = r.get("ObjectLockMode")
         return Lock(str(mode), until) if mode and until else None
@@ -412,15 +404,23 @@ class S3Client:
         return size, data
 
     def head(self, key: str) -> ObjectInfo | None:
+        r = self._head(key)
+        return None if r is None else ObjectInfo(key, int(r["ContentLength"]), _etag(r.get("ETag")))
+
+    def _head(self, key: str, version_id: str | None = None) -> dict[str, Any] | None:
+        """HeadObject's answer for ``key`` (that version of it), or None: not there."""
+        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Key": key}
+        if version_id:
+            args["VersionId"] = version_id
         try:
-            r = self._s3.head_object(Bucket=self.endpoint.bucket, Key=key)
+            r: dict[str, Any] = self._s3.head_object(**args)
         except ClientError as e:
             if self._status(e) == 404:
                 return None
             raise self._error("HeadObject", key, e) from e
         except BotoCoreError as e:
             raise self._error("HeadObject", key, e) from e
-        return ObjectInfo(key, int(r["ContentLength"]), _etag(r.get("ETag")))
+        return r
 
     def hidden(self, prefix: str) -> dict[str, list[str]]:
         """In a versioned bucket: keys under ``prefix`` whose latest entry is a delete
