@@ -28,6 +28,7 @@ import structlog
 from engine.core.errors import (
     ChunkMissing,
     CorruptRecord,
+    EngineError,
     SnapshotNotFound,
     StoreError,
     StoreWriteError,
@@ -61,7 +62,7 @@ from engine.store.leases import Lease, LeaseRegistry
 from engine.store.manifest import DiskEntry, Manifest
 from engine.store.pack import PackEntry, PackWriter, SealedPack, pack_path, read_trailer
 from engine.store.recovery import RecoveryReport, index_packs, index_remote, recover
-from engine.store.retention import describe_duration
+from engine.store.retention import LockPolicy, describe_duration
 from engine.store.scan import Decode
 from engine.store.snapshot import SnapshotWriter
 from engine.util import failpoints
@@ -861,11 +862,23 @@ class Store:
         """Object lock (``engine.store.retention``): every pack the committed snapshot
         needs, and the configuration and key file, locked until at least now + the lock
         duration; those whose recorded date falls short (or is unknown) are renewed to
-        ``date(now)``. A failure is a warning naming how many are short: the next commit
-        renews them (their recorded dates stay old)."""
+        ``date(now)``. A failure (the bucket, the index) is a warning: the snapshot is
+        committed and stays so, and the next commit renews what is still short (what was
+        renewed is recorded, the rest keeps its old date)."""
         lock = None if self.remote is None else self.remote.objects.lock
         if lock is None:
             return
+        try:
+            self._renew_locks_of(manifest, lock)
+        except (OSError, sqlite3.Error, EngineError) as e:  # committed: never fail it now
+            log.warning(
+                "store.locks_not_renewed",
+                store=str(self.path),
+                snapshot=manifest.snapshot_id,
+                error=str(e),
+            )
+
+    def _renew_locks_of(self, manifest: Manifest, lock: LockPolicy) -> None:
         from engine.store.remote import CONFIG_KEY, KEY_KEY  # noqa: PLC0415
 
         now = time.time()
@@ -882,24 +895,16 @@ class Store:
         renewed: dict[str, int] = {}
         try:
             for name in short:
+                failpoints.hit("store.locks.before_renew")
                 if name in (CONFIG_KEY, KEY_KEY):
                     self.remote.objects.retain_key(name, until)  # type: ignore[union-attr]
                 else:
                     self.remote.objects.retain(name, until)  # type: ignore[union-attr]
                 renewed[name] = until
-        except (OSError, StoreError) as e:
-            log.warning(
-                "store.locks_not_renewed",
-                store=str(self.path),
-                snapshot=manifest.snapshot_id,
-                short=len(short) - len(renewed),
-                error=str(e),
-            )
-        finally:
+        finally:  # what was renewed is recorded, also when a renewal failed
             if renewed:
                 self.index.set_locks(renewed)
-        if renewed:
-            log.info("store.locks_renewed", snapshot=manifest.snapshot_id, objects=len(renewed))
+                log.info("store.locks_renewed", snapshot=manifest.snapshot_id, objects=len(renewed))
 
     def snapshot_removed(self, snapshot_id: str) -> None:
         """Prune removed the snapshot (moved it to ``removed/``): a store in a bucket deletes

@@ -16,6 +16,7 @@ What users rely on (the store and pack contracts run on such a bucket too):
 - a bucket unfit for the store is refused at open, saying why.
 """
 
+import errno
 import shutil
 import signal
 import threading
@@ -36,6 +37,7 @@ from engine.store.chunk_store import Store
 from engine.store.layout import RemoteConfig, snapshot_lock
 from engine.store.objects import S3Packs
 from engine.store.retention import LockPolicy
+from engine.util import failpoints
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
 from tests.integration.test_s3_store import cached_packs
@@ -410,3 +412,39 @@ def test_objects_an_attacker_deleted_are_kept_by_the_lock_and_come_back(
     Store.attach(new, RemoteConfig(locked_bucket.url, locked_bucket.bucket, "st/"), key)
     with Store.open(new, passphrase=PASSPHRASE) as store:
         assert read_disk(store, store.manifest(m.snapshot_id)) == disk
+
+
+def test_a_failed_renewal_leaves_the_backup_committed_and_the_next_one_renews(
+    tmp_path: Path, locked_bucket: S3Endpoint
+) -> None:
+    """The bucket failing a PutObjectRetention after the manifest is the commit point: the
+    snapshot stays committed, the dates recorded stay what the bucket holds, and the next
+    commit renews what is still short."""
+    path = tmp_path / "store"
+    init(path, locked_bucket, seconds=4)
+    shared = realistic_bytes(16 * CHUNK, seed=12)
+    with Store.open(path, passphrase=PASSPHRASE) as store:
+        ma = write_snapshot(store, "vm", {"d0": shared})
+        packs = _packs_of(store, ma)
+        first = store.index.locks(packs)
+        wait_past(max(first.values()) - 4)  # the next backup must renew them
+
+        def fail(name: str) -> None:
+            if name == "store.locks.before_renew":
+                raise OSError(errno.EIO, "the bucket did not answer")
+
+        failpoints.install(fail)
+        try:
+            mb = write_snapshot(store, "vm", {"d0": shared})
+        finally:
+            failpoints.install(None)
+        assert mb.snapshot_id in {e.snapshot_id for e in store.snapshots()}
+        assert store.index.locks(packs) == first  # nothing renewed, nothing recorded
+        for name in packs:
+            key = objects(store).key(name)[len(objects(store).prefix) :]
+            assert lock_of(store, key) == ("GOVERNANCE", first[name])
+        mc = write_snapshot(store, "vm", {"d0": shared})
+        renewed = store.index.locks(packs)
+        assert all(renewed[n] > first[n] for n in packs)
+        for m in (ma, mb, mc):
+            assert read_disk(store, m) == shared
