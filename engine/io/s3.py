@@ -430,23 +430,27 @@ class S3Client:
         markers: dict[str, list[str]] = {}
         latest_marker: set[str] = set()
         has_object: set[str] = set()
-        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Prefix": prefix}
-        while True:
-            try:
-                r = self._s3.list_object_versions(**args)
-            except (ClientError, BotoCoreError) as e:
-                raise self._error("ListObjectVersions", prefix + "*", e) from e
-            for v in r.get("Versions", []):
-                has_object.add(v["Key"])
-            for m in r.get("DeleteMarkers", []):
+        for page in self._version_pages(prefix):
+            has_object.update(v["Key"] for v in page.get("Versions", []))
+            for m in page.get("DeleteMarkers", []):
                 markers.setdefault(m["Key"], []).append(m["VersionId"])
                 if m.get("IsLatest"):
                     latest_marker.add(m["Key"])
-            if not r.get("IsTruncated"):
-                break
-            args["KeyMarker"] = r.get("NextKeyMarker")
-            args["VersionIdMarker"] = r.get("NextVersionIdMarker")
         return {k: markers[k] for k in sorted(latest_marker & has_object)}
+
+    def _version_pages(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """ListObjectVersions under ``prefix``, every page."""
+        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Prefix": prefix}
+        while True:
+            try:
+                page: dict[str, Any] = self._s3.list_object_versions(**args)
+            except (ClientError, BotoCoreError) as e:
+                raise self._error("ListObjectVersions", prefix + "*", e) from e
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            args["KeyMarker"] = page.get("NextKeyMarker")
+            args["VersionIdMarker"] = page.get("NextVersionIdMarker")
 
     def list_objects(self, prefix: str, page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order, a page (≤ ``page_size``) at a time."""
@@ -497,23 +501,15 @@ class S3Client:
         them, then its delete markers (every page)."""
         objects: list[Version] = []
         markers: list[Version] = []
-        args: dict[str, object] = {"Bucket": self.endpoint.bucket, "Prefix": key}
-        while True:
-            try:
-                r = self._s3.list_object_versions(**args)
-            except (ClientError, BotoCoreError) as e:
-                raise self._error("ListObjectVersions", key, e) from e
-            for v in r.get("Versions", []):
+        for page in self._version_pages(key):
+            for v in page.get("Versions", []):
                 if v["Key"] == key and v.get("VersionId"):
                     size, etag = int(v.get("Size", 0)), _etag(v.get("ETag"))
                     objects.append(Version(key, v["VersionId"], False, size, etag))
-            for v in r.get("DeleteMarkers", []):
+            for v in page.get("DeleteMarkers", []):
                 if v["Key"] == key and v.get("VersionId"):
                     markers.append(Version(key, v["VersionId"], True, 0, ""))
-            if not r.get("IsTruncated"):
-                return objects + markers
-            args["KeyMarker"] = r.get("NextKeyMarker")
-            args["VersionIdMarker"] = r.get("NextVersionIdMarker")
+        return objects + markers
 
     def delete_versions(self, versions: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
         """Delete (key, version id) pairs for good, ``MAX_DELETE_BATCH`` per DeleteObjects;

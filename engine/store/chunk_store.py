@@ -14,7 +14,6 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -881,7 +880,7 @@ class Store:
     def _renew_locks_of(self, manifest: Manifest, lock: LockPolicy) -> None:
         from engine.store.remote import CONFIG_KEY, KEY_KEY  # noqa: PLC0415
 
-        now = time.time()
+        now = self.remote.objects.clock()  # type: ignore[union-attr]
         names: set[str] = {CONFIG_KEY}
         if self.layout.default_key_file.exists():  # put in the bucket at init (``publish_store``)
             names.add(KEY_KEY)

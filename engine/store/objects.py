@@ -62,7 +62,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -392,6 +392,8 @@ class S3Packs:
         self.endpoint = endpoint
         self.prefix = prefix
         self.lock = lock  # object lock: every object put is locked (``engine.store.retention``)
+        # The clock lock dates are reckoned from (tests move it; the bucket keeps its own).
+        self.clock: Callable[[], float] = time.time
         self.capabilities = capabilities
         self.budget = budget
         self._counters = RequestCounters()
@@ -578,7 +580,7 @@ class S3Packs:
         versions = [v for v in self.client.versions(key) if not v.marker]
         oldest = versions[-1] if versions else None
         if oldest is None or oldest.version_id == mine:
-            until = self.lock.date(time.time())
+            until = self.lock.date(self.clock())
             self._admit()
             self.client.retain(key, Lock(self.lock.mode, _dt(until)), mine)
             return until
@@ -590,7 +592,7 @@ class S3Packs:
         there = self.client.retention(key, oldest.version_id)
         if there is not None:
             return int(there.until.timestamp())
-        until = self.lock.date(time.time())  # our attempt, killed before its lock: lock it now
+        until = self.lock.date(self.clock())  # our attempt, killed before its lock: lock it now
         self._admit()
         self.client.retain(key, Lock(self.lock.mode, _dt(until)), oldest.version_id)
         return until
@@ -717,7 +719,7 @@ class S3Packs:
             if there is not None:
                 return int(there.until.timestamp())
             self._admit()
-            until = self.lock.date(time.time())
+            until = self.lock.date(self.clock())
             with source.open("rb") as f:
                 lock = Lock(self.lock.mode, _dt(until))
                 self.client.put_version(self.prefix + key, f, source.stat().st_size, lock)

@@ -465,7 +465,10 @@ def leave_for_gc(layout: Layout, index: Index, objects: S3Packs, names: list[str
             dates[name] = int(held.until.timestamp())
         size = index.pack_size(name) or 0
         marker = layout.trash / f"{stamp}-{name}{REMOTE_TRASH}"
-        atomic_write(marker, remote_trash(size, dates.get(name)), "store.locked_trash")
+        try:
+            atomic_write(marker, remote_trash(size, dates.get(name)), "store.locked_trash")
+        except OSError as e:  # named; the pack stays in the bucket, retried by the caller
+            raise write_failure(layout.root, f"trash marker {marker.name}", e) from e
         log.info("store.pack_left_locked", pack=name, until=dates.get(name), where=str(layout.root))
     fsync_dir(layout.trash)
 

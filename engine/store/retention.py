@@ -20,6 +20,9 @@ every pack of the snapshot whose date is before ``commit + DURATION`` to ``date(
 packs still referenced are ever renewed: one no snapshot needs keeps its last date and is
 deleted by GC once it is past.
 
+Dates are reckoned from ``S3Packs.clock`` (the wall clock; tests move it on), the bucket
+enforces them by its own.
+
 So: prune keeps a snapshot until its own date (and says which), GC deletes a retired pack
 only after its date (and says which it waits for), and the bucket refuses a delete of a
 locked version whatever our clock says (GC then keeps the pack's trash marker and retries).

@@ -22,12 +22,13 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.core.errors import ObjectStoreUnfit, StoreLocked
+from engine.core.errors import ObjectStoreUnfit, StoreLocked, StoreWriteError
 from engine.io.s3 import S3Endpoint
 from engine.maint.check import check_store
 from engine.maint.gc import GcOptions, gc
@@ -41,6 +42,7 @@ from engine.util import failpoints
 from tests.conftest import CHEAP_KDF, PASSPHRASE
 from tests.helpers import read_disk, realistic_bytes, write_snapshot
 from tests.integration.test_s3_store import cached_packs
+from tests.integration.test_s3_store import init as init_store
 from tests.integration.test_store_crash import run_writer
 from tests.s3.rgw import BucketFactory
 
@@ -52,22 +54,7 @@ DAY = 86400
 
 
 def init(path: Path, bucket: S3Endpoint, seconds: int = DAY, mode: str = "GOVERNANCE") -> None:
-    Store.init(
-        path,
-        chunk_size=CHUNK,
-        pack_size=PACK,
-        passphrase=PASSPHRASE,
-        kdf=CHEAP_KDF,
-        remote=remote(bucket, seconds, mode),
-        s3_key=(bucket.access_key, bucket.secret_key),
-    )
-
-
-def remote(bucket: S3Endpoint, seconds: int = DAY, mode: str = "GOVERNANCE") -> RemoteConfig:
-    return RemoteConfig(
-        bucket.url, bucket.bucket, "st/", cache_bytes=2 * PACK, object_lock=mode,
-        lock_seconds=seconds,
-    )  # fmt: skip
+    init_store(path, bucket, object_lock=mode, lock_seconds=seconds)
 
 
 def objects(store: Store) -> S3Packs:
@@ -89,10 +76,14 @@ def pack_versions(store: Store) -> dict[str, int]:
     return out
 
 
-def wait_past(epoch: int) -> None:
-    """Wait (in real time: the bucket's clock is what enforces a lock) until ``epoch``."""
-    while (left := epoch + 0.05 - time.time()) > 0:
-        time.sleep(left)
+def wait_past(admin: Any, bucket: S3Endpoint, epoch: int) -> None:
+    """Until the bucket's own clock (the Date of its answers: what enforces a lock) has
+    passed ``epoch``: a condition polled on the bucket, each HeadBucket its own pace."""
+    while True:
+        answer = admin.head_bucket(Bucket=bucket.bucket)
+        date = parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
+        if date.timestamp() > epoch:
+            return
 
 
 @pytest.fixture
@@ -130,7 +121,20 @@ def test_every_object_is_locked_and_a_locked_pack_is_never_deleted(
         version = client.versions(key)[0].version_id
         refused = client.delete_versions([(key, version)])
         assert [(k, c) for k, _, c in refused] == [(key, "AccessDenied")]
-        # ... nor can the store: a pack it would delete waits in the trash for GC.
+
+        # ... nor can the store: a pack it would delete waits in the trash for GC; a full
+        # disk under that marker is named.
+        def full(name: str) -> None:
+            if name == "store.locked_trash.before_fsync":
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        failpoints.install(full)
+        try:
+            with pytest.raises(StoreWriteError, match=f"trash marker .*{packs[0]}"):
+                store.delete_packs([packs[0]])
+        finally:
+            failpoints.install(None)
+        assert not list(store.layout.trash.glob("*.remote*"))
         assert store.delete_packs([packs[0]]) == [packs[0]]
         markers = list(store.layout.trash.glob(f"*-{packs[0]}.remote"))
         assert len(markers) == 1 and markers[0].read_text().split()[1] == str(dates[packs[0]])
@@ -186,10 +190,11 @@ def test_prune_keeps_a_locked_snapshot_and_gc_says_which_date_it_waits_for(
 
 
 def test_renewal_then_everything_goes_once_the_dates_are_past(
-    tmp_path: Path, locked_bucket: S3Endpoint
+    tmp_path: Path, locked_bucket: S3Endpoint, rgw_admin: Any
 ) -> None:
     """A short lock (4 s, generations of 1 s): a backup deduplicating against older packs
-    renews them; once every date is past, prune and GC delete it all, every version."""
+    renews them (the store's clock moved on); once every date is past by the bucket's clock,
+    prune and GC delete it all, every version."""
     path = tmp_path / "store"
     init(path, locked_bucket, seconds=4)
     shared = realistic_bytes(16 * CHUNK, seed=4)
@@ -201,7 +206,9 @@ def test_renewal_then_everything_goes_once_the_dates_are_past(
         b_packs = _packs_of(store, mb)
         assert not a_packs & b_packs
         first = store.index.locks(b_packs)
-        wait_past(max(first.values()) - 4)  # B's packs no longer cover a backup made now
+        # A backup 4 s later by the store's clock: B's packs no longer cover it (no waiting:
+        # the dates it asks for lie further in the future, which the bucket takes).
+        objects(store).clock = lambda: time.time() + 4
         mc = write_snapshot(store, "vm", {"d0": shared})  # deduplicated: renews B's packs
         assert _packs_of(store, mc) == b_packs
         renewed = store.index.locks(b_packs)
@@ -210,8 +217,11 @@ def test_renewal_then_everything_goes_once_the_dates_are_past(
             key = objects(store).key(name)[len(objects(store).prefix) :]
             assert lock_of(store, key) == ("GOVERNANCE", renewed[name])
         # Every date of A past: prune removes it (its objects too), GC deletes its packs.
-        wait_past(snapshot_lock(store.layout.snapshot_dir(ma.snapshot_id)) or 0)
-        wait_past(max(store.index.locks(a_packs).values()))
+        objects(store).clock = time.time
+        wait_past(
+            rgw_admin, locked_bucket, snapshot_lock(store.layout.snapshot_dir(ma.snapshot_id)) or 0
+        )
+        wait_past(rgw_admin, locked_bucket, max(store.index.locks(a_packs).values()))
         result = prune(store, Rules(keep_last=1), vm="vm")
         assert result.removed == [ma.snapshot_id], result.locked
         assert not list(objects(store).keys(f"snapshots/{ma.snapshot_id}/"))
@@ -284,7 +294,7 @@ def test_one_writer_at_a_time_by_versions(tmp_path: Path, locked_bucket: S3Endpo
 
 
 def test_a_killed_upload_is_deleted_once_its_date_is_past(
-    tmp_path: Path, locked_bucket: S3Endpoint
+    tmp_path: Path, locked_bucket: S3Endpoint, rgw_admin: Any
 ) -> None:
     path = tmp_path / "store"
     init(path, locked_bucket, seconds=3)
@@ -305,7 +315,9 @@ def test_a_killed_upload_is_deleted_once_its_date_is_past(
         assert {p.stem for p in orphans} <= set(markers)
         early = gc(store, GcOptions(grace=timedelta(0), young_pack_margin=timedelta(0)))
         assert early.lock_waiting == len(markers) and early.trash_deleted == 0
-        wait_past(max(int(m.read_text().split()[1]) for m in markers.values()))
+        wait_past(
+            rgw_admin, locked_bucket, max(int(m.read_text().split()[1]) for m in markers.values())
+        )
         result = gc(store, GcOptions(grace=timedelta(0), young_pack_margin=timedelta(0)))
         assert result.lock_waiting == 0 and result.trash_deleted == len(markers), result.lines()
         assert set(pack_versions(store)) == {p.name for p in store.index.packs()}
@@ -427,7 +439,7 @@ def test_a_failed_renewal_leaves_the_backup_committed_and_the_next_one_renews(
         ma = write_snapshot(store, "vm", {"d0": shared})
         packs = _packs_of(store, ma)
         first = store.index.locks(packs)
-        wait_past(max(first.values()) - 4)  # the next backup must renew them
+        objects(store).clock = lambda: time.time() + 4  # the next backup must renew them
 
         def fail(name: str) -> None:
             if name == "store.locks.before_renew":

@@ -53,14 +53,31 @@ CHUNK = 64 * 1024
 PACK = 1024 * 1024
 
 
-def init(path: Path, bucket: S3Endpoint, cache_packs: int = 2, prefix: str = "st/") -> None:
+def init(
+    path: Path,
+    bucket: S3Endpoint,
+    cache_packs: int = 2,
+    prefix: str = "st/",
+    object_lock: str = "",
+    lock_seconds: int = 0,
+) -> None:
+    """A store of 64 KiB chunks and 1 MiB packs in ``bucket`` (``object_lock``: locking
+    what it puts for ``lock_seconds``)."""
+    remote = RemoteConfig(
+        bucket.url,
+        bucket.bucket,
+        prefix,
+        cache_bytes=cache_packs * PACK,
+        object_lock=object_lock,
+        lock_seconds=lock_seconds,
+    )
     Store.init(
         path,
         chunk_size=CHUNK,
         pack_size=PACK,
         passphrase=PASSPHRASE,
         kdf=CHEAP_KDF,
-        remote=RemoteConfig(bucket.url, bucket.bucket, prefix, cache_bytes=cache_packs * PACK),
+        remote=remote,
         s3_key=(bucket.access_key, bucket.secret_key),
     )
 
